@@ -1,0 +1,273 @@
+"""The DMA ledger: every buffer the device may touch comes from here.
+
+Memory is page-aligned, mapped at an IOVA the ledger chose inside the IOMMU's
+usable ranges (``VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE``), never in a reserved
+hole. A :class:`DmaBuffer` is a handle (slot, generation); after ``free`` the
+handle is stale and every use raises ``stale-handle``. Memory is zeroed before
+it is unmapped and freed. The IOVA is not part of the public API: only the
+broker asks the ledger for it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from nvmevfio.errors import Refused, StaleHandle
+
+PAGE_SIZE = mmap.PAGESIZE
+_MAP_HUGETLB = 0x40000  # Linux MAP_HUGETLB (x86, arm64)
+# IOVA 0 and the page above it are never handed out: a zero PRP is the
+# classic symptom of a missing address, and must fault, not hit a buffer.
+DEFAULT_IOVA_FLOOR = 1 << 20
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+class IovaAllocator:
+    """First-fit allocator over inclusive ``(start, end)`` ranges, with coalescing on free.
+
+    Pure: it knows nothing of VFIO. Holes between ranges are never returned.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]], page_size: int = PAGE_SIZE,
+                 floor: int = DEFAULT_IOVA_FLOOR) -> None:
+        self.page_size = page_size
+        free: list[tuple[int, int]] = []  # [start, end) half-open, sorted, disjoint
+        for start, end_incl in sorted(ranges):
+            lo = align_up(max(start, floor), page_size)
+            hi = (end_incl + 1) // page_size * page_size
+            if hi > lo:
+                free.append((lo, hi))
+        self._free = free
+        self.total = sum(hi - lo for lo, hi in free)
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(hi - lo for lo, hi in self._free)
+
+    @property
+    def free_extents(self) -> list[tuple[int, int]]:
+        """Free extents as half-open ``(start, end)`` pairs."""
+        return list(self._free)
+
+    def alloc(self, size: int, alignment: int | None = None) -> int:
+        alignment = max(alignment or self.page_size, self.page_size)
+        size = align_up(size, self.page_size)
+        for i, (lo, hi) in enumerate(self._free):
+            start = align_up(lo, alignment)
+            if start + size <= hi:
+                pieces = []
+                if start > lo:
+                    pieces.append((lo, start))
+                if start + size < hi:
+                    pieces.append((start + size, hi))
+                self._free[i : i + 1] = pieces
+                return start
+        raise Refused(
+            "iova-exhausted",
+            f"no free IOVA extent of {size:#x} bytes (alignment {alignment:#x}); "
+            f"{self.free_bytes:#x} bytes free in {len(self._free)} extents",
+            size=size, free=self.free_bytes,
+        )
+
+    def free(self, iova: int, size: int) -> None:
+        size = align_up(size, self.page_size)
+        end = iova + size
+        i = bisect.bisect_left(self._free, (iova, end))
+        if (i > 0 and self._free[i - 1][1] > iova) or (i < len(self._free) and self._free[i][0] < end):
+            raise ValueError(f"IOVA [{iova:#x}, {end:#x}) is already free")
+        lo, hi = iova, end
+        if i < len(self._free) and self._free[i][0] == hi:
+            hi = self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][1] == lo:
+            lo = self._free.pop(i - 1)[0]
+            i -= 1
+        self._free.insert(i, (lo, hi))
+
+
+class DmaMapper(Protocol):
+    """What maps host memory into the device's IOVA space (a VFIO container, or the simulator)."""
+
+    def map_dma(self, vaddr: int, iova: int, size: int, device_writable: bool = True) -> None: ...
+    def unmap_dma(self, iova: int, size: int) -> None: ...
+
+
+class _Memory:
+    """One page-aligned anonymous mapping. Public buffers use Python's mmap, which
+    refuses to close while a numpy view of it exists: a freed buffer's memory is
+    scrubbed and unmapped from the IOMMU at once, and released from the process
+    only once the caller's last view is gone, so a stale view can never crash."""
+
+    def __init__(self, size: int, hugetlb: bool = False) -> None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        if hugetlb:
+            flags |= _MAP_HUGETLB
+        self.size = size
+        self._mm: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+        self.array = np.frombuffer(self._mm, dtype=np.uint8)
+        self.addr = int(self.array.ctypes.data)
+
+    def try_release(self) -> bool:
+        if self._mm is None:
+            return True
+        self.array = np.empty(0, dtype=np.uint8)
+        try:
+            self._mm.close()
+        except BufferError:
+            return False  # a caller still holds a view; retried on later frees
+        self._mm = None
+        return True
+
+
+@dataclass(eq=False)
+class _Slot:
+    generation: int = 0
+    mem: _Memory | None = None
+    iova: int = 0
+    size: int = 0
+    owner: str = ""
+    in_flight: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class DmaBuffer:
+    """A handle to ledger memory. Holds no address; the ledger checks its generation on every use."""
+
+    slot: int
+    generation: int
+    size: int
+    owner: str
+    _ledger: DmaLedger = field(repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The buffer's bytes as a writable uint8 numpy array (zero copy)."""
+        return self._ledger.array(self)
+
+    @property
+    def live(self) -> bool:
+        return self._ledger.is_live(self)
+
+
+class DmaLedger:
+    def __init__(self, mapper: DmaMapper, ranges: list[tuple[int, int]], *,
+                 page_size: int = PAGE_SIZE, hugetlb: bool = False) -> None:
+        self._mapper = mapper
+        self.page_size = page_size
+        self.hugetlb = hugetlb
+        self.iovas = IovaAllocator(ranges, page_size)
+        self._slots: list[_Slot] = []
+        self._vacant: list[int] = []
+        self._zombies: list[_Memory] = []
+
+    # -- allocation ---------------------------------------------------------
+    def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
+              alignment: int | None = None) -> DmaBuffer:
+        if size <= 0:
+            raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
+        mapped = align_up(size, self.page_size)
+        iova = self.iovas.alloc(mapped, alignment)
+        try:
+            mem = _Memory(mapped, self.hugetlb)
+        except BaseException:
+            self.iovas.free(iova, mapped)
+            raise
+        try:
+            self._mapper.map_dma(mem.addr, iova, mapped, device_writable)
+        except BaseException:
+            self.iovas.free(iova, mapped)
+            mem.try_release()
+            raise
+        if self._vacant:
+            index = self._vacant.pop()
+        else:
+            index = len(self._slots)
+            self._slots.append(_Slot())
+        slot = self._slots[index]
+        slot.mem, slot.iova, slot.size, slot.owner, slot.in_flight = mem, iova, size, owner, 0
+        return DmaBuffer(index, slot.generation, size, owner, self)
+
+    def free(self, buf: DmaBuffer) -> None:
+        slot = self._live_slot(buf)
+        if slot.in_flight:
+            raise Refused("buffer-in-flight",
+                          f"buffer slot {buf.slot} has {slot.in_flight} command(s) in flight",
+                          slot=buf.slot)
+        self._release(buf.slot, slot)
+
+    def _release(self, index: int, slot: _Slot) -> None:
+        mem = slot.mem
+        assert mem is not None  # _live_slot guarantees it; internal invariant
+        mem.array.fill(0)  # scrub before the memory leaves the ledger
+        mapped = align_up(slot.size, self.page_size)
+        slot.generation += 1  # every outstanding handle is stale from here on
+        slot.mem = None
+        self._vacant.append(index)
+        try:
+            self._mapper.unmap_dma(slot.iova, mapped)
+        finally:
+            self.iovas.free(slot.iova, mapped)
+            if not mem.try_release():
+                self._zombies.append(mem)
+            self._zombies = [z for z in self._zombies if not z.try_release()]
+
+    def close(self) -> None:
+        """Free every live buffer (in-flight ones too: the device is gone)."""
+        for index, slot in enumerate(self._slots):
+            if slot.mem is not None:
+                slot.in_flight = 0
+                self._release(index, slot)
+
+    # -- lookups ---------------------------------------------------------------
+    def _live_slot(self, buf: DmaBuffer) -> _Slot:
+        if buf._ledger is not self or buf.slot >= len(self._slots):
+            raise StaleHandle(f"buffer handle {buf.slot}/{buf.generation} is not from this ledger",
+                              slot=buf.slot, generation=buf.generation)
+        slot = self._slots[buf.slot]
+        if slot.generation != buf.generation or slot.mem is None:
+            raise StaleHandle(
+                f"buffer handle slot {buf.slot} generation {buf.generation} is stale "
+                f"(slot is at generation {slot.generation})",
+                slot=buf.slot, generation=buf.generation, current=slot.generation,
+            )
+        return slot
+
+    def is_live(self, buf: DmaBuffer) -> bool:
+        try:
+            self._live_slot(buf)
+        except StaleHandle:
+            return False
+        return True
+
+    def array(self, buf: DmaBuffer) -> np.ndarray:
+        slot = self._live_slot(buf)
+        assert slot.mem is not None
+        return slot.mem.array[: buf.size]
+
+    def iova(self, buf: DmaBuffer) -> int:
+        """The buffer's device address. For the broker only; never handed to callers."""
+        return self._live_slot(buf).iova
+
+    def pin(self, buf: DmaBuffer) -> None:
+        self._live_slot(buf).in_flight += 1
+
+    def unpin(self, buf: DmaBuffer) -> None:
+        slot = self._live_slot(buf)
+        slot.in_flight = max(0, slot.in_flight - 1)
+
+    def live_buffers(self) -> int:
+        return sum(1 for s in self._slots if s.mem is not None)
+
+    def owner_of_iova(self, iova: int, length: int) -> tuple[int, int] | None:
+        """The (slot, generation) of the live buffer holding [iova, iova+length), if one does."""
+        for index, slot in enumerate(self._slots):
+            if slot.mem is not None and slot.iova <= iova and iova + length <= slot.iova + slot.mem.size:
+                return index, slot.generation
+        return None

@@ -1,0 +1,354 @@
+"""VFIO: container, group and device for one PCI function (linux/vfio.h).
+
+``open_function(address)`` does the whole dance: IOMMU group from sysfs, the
+container with a type1 IOMMU (v2 preferred), the device fd, BAR0 mapped, and the
+PCI command register with memory space and bus master enabled. Everything closes
+in reverse order (context managers).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvmevfio._ffi import check, const, ffi, lib
+from nvmevfio.errors import ShimError, VfioError
+from nvmevfio.mmio import BarMmio
+
+SYSFS_PCI = Path("/sys/bus/pci/devices")
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 1 << 1
+PCI_COMMAND_MASTER = 1 << 2
+PCI_COMMAND_INTX_DISABLE = 1 << 10
+_MAX_CAPS = 64
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    index: int
+    flags: int
+    size: int
+    offset: int
+    sparse: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def mmap_ok(self) -> bool:
+        return bool(self.flags & const("VFIO_REGION_INFO_FLAG_MMAP"))
+
+
+@dataclass(frozen=True)
+class IrqInfo:
+    index: int
+    flags: int
+    count: int
+
+
+@dataclass(frozen=True)
+class IommuInfo:
+    flags: int
+    iova_pgsizes: int
+    ranges: tuple[tuple[int, int], ...]
+    dma_avail: int | None
+
+    @property
+    def min_page_size(self) -> int:
+        pgs = self.iova_pgsizes
+        return pgs & -pgs if pgs else 4096
+
+
+class Container:
+    """An open /dev/vfio/vfio with (after a group joined) a type1 IOMMU set."""
+
+    def __init__(self, path: str = "/dev/vfio/vfio") -> None:
+        self.path = path
+        self.fd = check(lib.nv_container_open(path.encode()), "open VFIO container", path,
+                        "is the vfio module loaded and are you root?")
+        self.iommu_type: int | None = None
+
+    def check_extension(self, extension: int) -> bool:
+        return check(lib.nv_container_check_extension(self.fd, extension), "VFIO_CHECK_EXTENSION",
+                     self.path) > 0
+
+    def set_iommu(self) -> int:
+        """VFIO_SET_IOMMU with the best type the kernel offers: type1v2, then type1."""
+        for name in ("VFIO_TYPE1v2_IOMMU", "VFIO_TYPE1_IOMMU", "VFIO_NOIOMMU_IOMMU"):
+            kind = const(name)
+            if self.check_extension(kind):
+                check(lib.nv_container_set_iommu(self.fd, kind), "VFIO_SET_IOMMU", f"{self.path} ({name})")
+                self.iommu_type = kind
+                return kind
+        raise VfioError("the VFIO container supports no type1 IOMMU (is the IOMMU enabled?)",
+                        reason="no-iommu-type")
+
+    @property
+    def noiommu(self) -> bool:
+        return self.iommu_type == const("VFIO_NOIOMMU_IOMMU")
+
+    def iommu_info(self) -> IommuInfo:
+        info = ffi.new("struct nv_iommu_info *")
+        ranges = ffi.new("struct nv_iova_range[]", _MAX_CAPS)
+        check(lib.nv_iommu_info(self.fd, info, ranges, _MAX_CAPS), "VFIO_IOMMU_GET_INFO", self.path)
+        n = min(info.nr_ranges, _MAX_CAPS)
+        got = tuple((int(ranges[i].start), int(ranges[i].end)) for i in range(n))
+        if not got:  # kernels before 5.4 report no ranges: assume the 48-bit space
+            got = ((0, (1 << 48) - 1),)
+        avail = None if info.dma_avail == 0xFFFFFFFF else int(info.dma_avail)
+        return IommuInfo(int(info.flags), int(info.iova_pgsizes), got, avail)
+
+    def map_dma(self, vaddr: int, iova: int, size: int, device_writable: bool = True) -> None:
+        check(lib.nv_dma_map(self.fd, vaddr, iova, size, int(device_writable)), "VFIO_IOMMU_MAP_DMA",
+              f"iova {iova:#x}+{size:#x}")
+
+    def unmap_dma(self, iova: int, size: int) -> None:
+        check(lib.nv_dma_unmap(self.fd, iova, size), "VFIO_IOMMU_UNMAP_DMA", f"iova {iova:#x}+{size:#x}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            lib.nv_close(self.fd)
+            self.fd = -1
+
+
+class Group:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = check(lib.nv_group_open(path.encode()), "open VFIO group", path,
+                        "is the function bound to vfio-pci (`nvmevfio bind`) and are you root?")
+        self.attached = False
+
+    def status(self) -> int:
+        flags = ffi.new("uint32_t *")
+        check(lib.nv_group_status(self.fd, flags), "VFIO_GROUP_GET_STATUS", self.path)
+        return int(flags[0])
+
+    @property
+    def viable(self) -> bool:
+        return bool(self.status() & const("VFIO_GROUP_FLAGS_VIABLE"))
+
+    def attach(self, container: Container) -> None:
+        if not self.viable:
+            raise VfioError(
+                f"VFIO group {self.path} is not viable: every device in the IOMMU group must be "
+                "bound to vfio-pci (or have no driver)", reason="group-not-viable")
+        check(lib.nv_group_set_container(self.fd, container.fd), "VFIO_GROUP_SET_CONTAINER", self.path)
+        self.attached = True
+
+    def get_device(self, address: str) -> int:
+        return check(lib.nv_group_get_device(self.fd, address.encode()), "VFIO_GROUP_GET_DEVICE_FD",
+                     f"{address} in {self.path}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.attached:
+                lib.nv_group_unset_container(self.fd)
+                self.attached = False
+            lib.nv_close(self.fd)
+            self.fd = -1
+
+
+class Device:
+    """A VFIO device fd: regions, config space, BAR mapping, IRQs, reset."""
+
+    def __init__(self, fd: int, address: str) -> None:
+        self.fd = fd
+        self.address = address
+        info = ffi.new("struct nv_device_info *")
+        check(lib.nv_device_info(fd, info), "VFIO_DEVICE_GET_INFO", address)
+        self.flags = int(info.flags)
+        self.num_regions = int(info.num_regions)
+        self.num_irqs = int(info.num_irqs)
+        self._maps: list[tuple[Any, int]] = []
+        self.eventfds: list[int] = []
+
+    @property
+    def can_reset(self) -> bool:
+        return bool(self.flags & const("VFIO_DEVICE_FLAGS_RESET"))
+
+    def region(self, index: int) -> RegionInfo:
+        info = ffi.new("struct nv_region_info *")
+        areas = ffi.new("struct nv_sparse_area[]", _MAX_CAPS)
+        check(lib.nv_region_info(self.fd, index, info, areas, _MAX_CAPS), "VFIO_DEVICE_GET_REGION_INFO",
+              f"{self.address} region {index}")
+        sparse = tuple((int(areas[i].offset), int(areas[i].size)) for i in range(min(info.nr_sparse, _MAX_CAPS)))
+        return RegionInfo(int(info.index), int(info.flags), int(info.size), int(info.offset), sparse)
+
+    def irq(self, index: int) -> IrqInfo:
+        info = ffi.new("struct nv_irq_info *")
+        check(lib.nv_irq_info(self.fd, index, info), "VFIO_DEVICE_GET_IRQ_INFO", f"{self.address} irq {index}")
+        return IrqInfo(int(info.index), int(info.flags), int(info.count))
+
+    # -- config space ------------------------------------------------------------
+    def config_read(self, offset: int, width: int) -> int:
+        region = self.region(const("VFIO_PCI_CONFIG_REGION_INDEX"))
+        buf = ffi.new("uint8_t[]", width)
+        check(lib.nv_region_pread(self.fd, region.offset + offset, buf, width), "config read",
+              f"{self.address} +{offset:#x}")
+        return int.from_bytes(bytes(ffi.buffer(buf, width)), "little")
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        region = self.region(const("VFIO_PCI_CONFIG_REGION_INDEX"))
+        data = value.to_bytes(width, "little")
+        check(lib.nv_region_pwrite(self.fd, region.offset + offset, data, width), "config write",
+              f"{self.address} +{offset:#x}")
+
+    def enable_bus_master(self) -> int:
+        """Set memory space and bus master in the PCI command register; returns the new value."""
+        cmd = self.config_read(PCI_COMMAND, 2)
+        new = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+        if new != cmd:
+            self.config_write(PCI_COMMAND, 2, new)
+        return self.config_read(PCI_COMMAND, 2)
+
+    # -- BAR ---------------------------------------------------------------------
+    def map_bar(self, index: int = 0) -> BarMmio:
+        region = self.region(index)
+        if region.size == 0:
+            raise VfioError(f"{self.address} BAR{index} is not implemented", reason="bar-missing")
+        if not region.mmap_ok:
+            raise VfioError(f"{self.address} BAR{index} cannot be mmapped", reason="bar-not-mappable")
+        out = ffi.new("void **")
+        try:
+            check(lib.nv_region_mmap(self.fd, region.offset, region.size, 1, out), "mmap", f"{self.address} BAR{index}")
+            size = region.size
+        except ShimError:
+            # Older kernels refuse mapping the MSI-X table: map the sparse area at offset 0
+            # (the registers and doorbells come first in an NVMe BAR0).
+            first = next((a for a in region.sparse if a[0] == 0), None)
+            if first is None:
+                raise
+            check(lib.nv_region_mmap(self.fd, region.offset, first[1], 1, out), "mmap",
+                  f"{self.address} BAR{index} sparse area")
+            size = first[1]
+        self._maps.append((out[0], size))
+        return BarMmio(out[0], size)
+
+    # -- interrupts --------------------------------------------------------------
+    def enable_msix(self, count: int) -> list[int]:
+        """Attach ``count`` fresh eventfds to MSI-X vectors 0..count-1."""
+        index = const("VFIO_PCI_MSIX_IRQ_INDEX")
+        info = self.irq(index)
+        if count > info.count:
+            raise VfioError(f"{self.address} has {info.count} MSI-X vectors, {count} asked",
+                            reason="msix-vectors", available=info.count)
+        self.disable_msix()
+        fds = [check(lib.nv_eventfd_open(), "eventfd", self.address) for _ in range(count)]
+        try:
+            check(lib.nv_irq_set_eventfds(self.fd, index, 0, count, ffi.new("int32_t[]", fds)),
+                  "VFIO_DEVICE_SET_IRQS (MSI-X eventfds)", self.address)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.eventfds = fds
+        return fds
+
+    def disable_msix(self) -> None:
+        if self.eventfds:
+            lib.nv_irq_disable(self.fd, const("VFIO_PCI_MSIX_IRQ_INDEX"))
+            for fd in self.eventfds:
+                os.close(fd)
+            self.eventfds = []
+
+    def reset(self) -> bool:
+        """VFIO_DEVICE_RESET when the device supports it; returns whether it was done."""
+        if not self.can_reset:
+            return False
+        check(lib.nv_device_reset(self.fd), "VFIO_DEVICE_RESET", self.address)
+        return True
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.disable_msix()
+        for ptr, size in self._maps:
+            lib.nv_munmap(ptr, size)
+        self._maps = []
+        lib.nv_close(self.fd)
+        self.fd = -1
+
+
+def wait_eventfds(fds: list[int], timeout_s: float) -> int:
+    """Block until one of ``fds`` is readable (mask of the ready ones, 0 on timeout); drains them."""
+    arr = ffi.new("int32_t[]", fds)
+    mask = ffi.new("uint32_t *")
+    ready = check(lib.nv_eventfd_wait(arr, len(fds), int(timeout_s * 1000), mask), "poll", "MSI-X eventfds")
+    if not ready:
+        return 0
+    count = ffi.new("uint64_t *")
+    for i, fd in enumerate(fds):
+        if mask[0] & (1 << i):
+            check(lib.nv_eventfd_read(fd, count), "read", "MSI-X eventfd")
+    return int(mask[0])
+
+
+def iommu_group_of(address: str) -> str:
+    """The /dev/vfio path of a function's IOMMU group (noiommu groups included)."""
+    link = SYSFS_PCI / address / "iommu_group"
+    if not link.exists():
+        raise VfioError(f"{address} has no IOMMU group: is the IOMMU on (intel_iommu=on / amd_iommu=on)?",
+                        reason="no-iommu-group", address=address)
+    group = os.path.basename(os.readlink(link))
+    for path in (f"/dev/vfio/{group}", f"/dev/vfio/noiommu-{group}"):
+        if os.path.exists(path):
+            return path
+    raise VfioError(f"{address}: /dev/vfio/{group} does not exist; bind the function to vfio-pci "
+                    f"first (`nvmevfio bind {address}`)", reason="not-bound-to-vfio", address=address)
+
+
+@dataclass
+class VfioFunction:
+    """One PCI function opened through VFIO: container, group, device, BAR0."""
+
+    address: str
+    container: Container
+    group: Group
+    device: Device
+    bar0: BarMmio
+    iommu: IommuInfo
+    pci_command: int
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.device.close()
+        self.group.close()
+        self.container.close()
+
+    def __enter__(self) -> VfioFunction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_function(address: str, *, reset: bool = False) -> VfioFunction:
+    """Open a PCI function bound to vfio-pci: group, container, type1 IOMMU, device, BAR0, bus master."""
+    from nvmevfio.pci import normalize_address
+
+    address = normalize_address(address)
+    group_path = iommu_group_of(address)
+    container = Container()
+    group = device = None
+    try:
+        group = Group(group_path)
+        group.attach(container)
+        container.set_iommu()
+        if container.noiommu:
+            raise VfioError("no-IOMMU VFIO mode is not supported yet: the device would see physical "
+                            "addresses; enable the IOMMU", reason="noiommu-unsupported")
+        device = Device(group.get_device(address), address)
+        if reset:
+            device.reset()
+        bar0 = device.map_bar(0)
+        command = device.enable_bus_master()
+        return VfioFunction(address, container, group, device, bar0, container.iommu_info(), command)
+    except BaseException:
+        if device is not None:
+            device.close()
+        if group is not None:
+            group.close()
+        container.close()
+        raise

@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""The nvmevfio test guest: a QEMU q35 machine with an emulated Intel IOMMU and
+one or more emulated NVMe controllers, where the controllers bind to vfio-pci
+exactly as on a server. Runs one command inside and returns its exit status
+and output.
+
+Standard library only (it runs before and outside the package). The guest's
+root file system is the host's ``/`` shared read-only over 9p, so the guest
+runs the host's Python, virtual environment and checkout at the same paths;
+the checkout, the virtual environment and a per-run writable I/O folder are
+shared as their own 9p mounts so that a checkout under /tmp (hidden by the
+guest's tmpfs) is visible too.
+
+    python tools/guest.py run -- nvmevfio list
+    python tools/guest.py run --ctrl 'ns=64M,ns=32M:4096;mdts=0' -- pytest tests/vm
+    python tools/guest.py run --kernel-driver -- sh -c 'ls /dev/nvme*'
+
+See ``--help``. Build prerequisites: ``tools/setup-host.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("NVMEVFIO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+             / "nvmevfio")
+START = "NVMEVFIO-PAYLOAD-START"
+END = "NVMEVFIO-PAYLOAD-END"
+FAIL = "NVMEVFIO-GUEST-FAIL"
+# Modules the guest needs; their dependencies are resolved from modules.dep.
+MOD_9P = ["virtio_pci", "9pnet_virtio", "9p"]
+MOD_VFIO = ["vfio-pci", "vfio_iommu_type1"]
+MOD_NVME = ["nvme"]
+MOD_EXTRA = ["ext4"]
+NVME_CLASS = "0x010802"
+
+
+class GuestError(RuntimeError):
+    """The guest could not be built, booted, or did not finish in time."""
+
+
+@dataclasses.dataclass
+class Namespace:
+    size: int = 64 << 20
+    block_size: int = 512
+    image: str | None = None  # a host file; a fresh sparse one when None
+
+    @classmethod
+    def parse(cls, text: str) -> Namespace:
+        """``SIZE[:BLOCKSIZE][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``1G@/var/tmp/disk.img``."""
+        image = None
+        if "@" in text:
+            text, image = text.split("@", 1)
+        size_s, _, bs = text.partition(":")
+        return cls(parse_size(size_s) if size_s else 64 << 20, int(bs) if bs else 512, image)
+
+
+@dataclasses.dataclass
+class Controller:
+    namespaces: list[Namespace] = dataclasses.field(default_factory=lambda: [Namespace()])
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Controller:
+        """``ns=64M,ns=32M:4096;mdts=0;max_ioqpairs=4`` (namespaces, then QEMU nvme options)."""
+        nss: list[Namespace] = []
+        opts: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            if part.startswith("ns="):
+                nss += [Namespace.parse(x.removeprefix("ns=")) for x in part.split(",")]
+            else:
+                for kv in part.split(","):
+                    key, _, value = kv.partition("=")
+                    opts[key] = value
+        return cls(nss or [Namespace()], opts)
+
+
+@dataclasses.dataclass
+class GuestResult:
+    returncode: int
+    output: str  # what the payload printed (stdout and stderr, interleaved)
+    console: str  # the whole serial console
+    boot_seconds: float
+    seconds: float
+    attempts: int
+    io_dir: Path
+    config: dict
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.I)
+    if m is None:
+        raise ValueError(f"bad size {text!r} (e.g. 64M, 1G)")
+    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+
+
+# ---------------------------------------------------------------- kernel, initramfs
+def kernel_paths() -> tuple[Path, Path, str]:
+    root = CACHE / "kernel"
+    images = sorted((root / "boot").glob("vmlinuz-*")) if (root / "boot").exists() else []
+    if not images:
+        raise GuestError(f"no guest kernel in {root}: run tools/setup-host.sh (as root) first")
+    version = images[-1].name.removeprefix("vmlinuz-")
+    return images[-1], root / "lib/modules" / version, version
+
+
+def module_closure(moddir: Path, names: list[str]) -> list[str]:
+    """Module paths (relative to moddir) for ``names`` and their dependencies, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise GuestError(f"module {name} is not in the guest kernel's modules.dep")
+        visit(by_name[key])
+    return order
+
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+fail() { echo "NVMEVFIO-GUEST-FAIL: $*"; echo o > /proc/sysrq-trigger; sleep 10; }
+for m in $(cat /modules-9p); do insmod /mod/$(basename $m) || fail "insmod $m"; done
+mkdir -p /io /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 io /io || fail "mount io share"
+. /io/guest.sh
+fail "guest.sh returned"
+"""
+
+
+def build_initramfs() -> Path:
+    kernel, moddir, version = kernel_paths()
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        raise GuestError("busybox is missing: apt-get install busybox-static (tools/setup-host.sh)")
+    nine = module_closure(moddir, MOD_9P)
+    rest = module_closure(moddir, MOD_VFIO + MOD_NVME + MOD_EXTRA)
+    key = hashlib.sha256("\n".join([INIT, version, *nine, *rest, Path(busybox).read_bytes().hex()[:64]]).encode())
+    out = CACHE / f"initramfs-{version}-{key.hexdigest()[:12]}.cpio.gz"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for d in ("bin", "mod", "proc", "sys", "dev", "io", "newroot"):
+            (root / d).mkdir()
+        shutil.copy2(busybox, root / "bin/busybox")
+        for m in dict.fromkeys(nine + rest):
+            shutil.copy2(moddir / m, root / "mod" / Path(m).name)
+        (root / "modules-9p").write_text("\n".join(nine) + "\n")
+        (root / "init").write_text(INIT)
+        (root / "init").chmod(0o755)
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
+                              capture_output=True, check=True).stdout
+    tmp_out = out.with_suffix(".tmp")
+    with gzip.open(tmp_out, "wb", compresslevel=1) as f:
+        f.write(cpio)
+    tmp_out.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], addresses: list[str],
+                  kernel_driver: bool, moddir: Path, command: list[str], cwd: str,
+                  env: dict[str, str]) -> str:
+    vfio = module_closure(moddir, MOD_VFIO)
+    nvme = module_closure(moddir, MOD_NVME)
+    extra = module_closure(moddir, MOD_EXTRA)
+    q = shlex.quote
+    lines = [
+        "mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /newroot"
+        " || fail 'mount host root'",
+        "mount -t proc proc /newroot/proc && mount -t sysfs sys /newroot/sys"
+        " && mount -t devtmpfs dev /newroot/dev || fail 'mount proc/sys/dev'",
+        "mount -t tmpfs -o mode=1777 tmp /newroot/tmp && mount -t tmpfs run /newroot/run || fail 'mount tmpfs'",
+        f"mkdir -p /newroot{q(str(io_dir))} && mount --bind /io /newroot{q(str(io_dir))} || fail 'bind io'",
+    ]
+    for tag, path, ro in shares:
+        opts = "trans=virtio,version=9p2000.L,msize=262144" + (",ro" if ro else "")
+        lines.append(f"mkdir -p /newroot{q(str(path))} 2>/dev/null; mount -t 9p -o {opts} {tag} "
+                     f"/newroot{q(str(path))} || fail 'mount {tag} at {path}'")
+
+    def insmod(mods: list[str]) -> list[str]:
+        return [f"insmod /mod/{Path(m).name} 2>/dev/null || grep -q '^{Path(m).name.split('.ko')[0].replace('-', '_')} '"
+                f" /proc/modules || fail 'insmod {Path(m).name}'" for m in mods]
+
+    lines += insmod(vfio)
+    if kernel_driver:
+        lines += insmod(nvme)
+    else:
+        for addr in addresses:
+            lines += [f"echo vfio-pci > /sys/bus/pci/devices/{addr}/driver_override || fail 'override {addr}'",
+                      f"echo {addr} > /sys/bus/pci/drivers_probe || fail 'probe {addr}'"]
+        lines += insmod(nvme)
+    lines += insmod(extra)
+    if kernel_driver:  # wait for the namespaces' block devices
+        lines.append("i=0; while [ $i -lt 100 ] && ! ls /dev/nvme*n1 >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done")
+    envs = " ".join(f"{k}={q(v)}" for k, v in env.items())
+    inner = f"cd {q(cwd)} && exec {' '.join(q(c) for c in command)}"
+    lines += [
+        f"echo {START}",
+        f"chroot /newroot /usr/bin/env -i {envs} /bin/sh -c {q(inner)} </dev/null 2>&1",
+        "rc=$?",
+        "echo $rc > /io/rc",
+        "sync",
+        f'echo "{END} rc=$rc"',
+        "echo o > /proc/sysrq-trigger",
+        "sleep 10",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _venv_root() -> Path | None:
+    exe = Path(os.environ.get("VIRTUAL_ENV") or sys.prefix)
+    return exe if (exe / "pyvenv.cfg").exists() else None
+
+
+def run(command: list[str], *, controllers: list[Controller] | None = None, kernel_driver: bool = False,
+        timeout: float = 900.0, boot_timeout: float = 90.0, accel: str = "tcg", memory: str = "2048",
+        smp: int = 2, append: str = "", env: dict[str, str] | None = None, cwd: str | None = None,
+        io_dir: Path | None = None, echo: bool = False, retries: int = 1, iommu: bool = True) -> GuestResult:
+    """Boot the guest, run ``command`` in it, return its exit status and output.
+
+    ``io_dir`` (created when None) is writable from the guest at the same path;
+    images are created there. A guest that dies before reaching the payload is
+    retried ``retries`` times; one that does not finish within ``timeout`` raises.
+    """
+    controllers = controllers if controllers is not None else [Controller()]
+    kernel, moddir, _ = kernel_paths()
+    initrd = build_initramfs()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise GuestError("qemu-system-x86_64 is missing: run tools/setup-host.sh")
+    io_dir = Path(io_dir or tempfile.mkdtemp(prefix="nvmevfio-guest-", dir=os.environ.get("NVMEVFIO_IO_ROOT")))
+    io_dir.mkdir(parents=True, exist_ok=True)
+    io_dir.chmod(0o777)
+
+    # Shares: the checkout, the virtual environment (when outside it), and the cwd's repo.
+    shares: list[tuple[str, Path, bool]] = []
+    wanted = [REPO]
+    venv = _venv_root()
+    if venv is not None and REPO not in venv.parents:
+        wanted.append(venv)
+    for i, path in enumerate(wanted):
+        shares.append((f"share{i}", path, True))
+
+    qargs = [qemu, "-machine", "q35,kernel-irqchip=split", "-m", memory, "-smp", str(smp),
+             "-nographic", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+             "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+             "-virtfs", f"local,path={io_dir},mount_tag=io,security_model=none,multidevs=remap"]
+    if accel == "kvm":
+        qargs += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        qargs += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if iommu:
+        qargs += ["-device", "intel-iommu,intremap=on"]
+    for tag, path, ro in shares:
+        qargs += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
+                  + (",readonly=on" if ro else "")]
+    config: dict = {"controllers": [], "io_dir": str(io_dir), "kernel_driver": kernel_driver}
+    addresses = []
+    for ci, ctrl in enumerate(controllers):
+        addr = f"0000:00:{0x10 + ci:02x}.0"
+        addresses.append(addr)
+        cid = f"nvme{ci}"
+        opts = {"serial": f"NVMEVFIO{ci:04d}", **ctrl.options}
+        ctrl_cfg = {"address": addr, "id": cid, "options": opts, "namespaces": []}
+        dev = f"nvme,id={cid},addr={0x10 + ci:#x}," + ",".join(f"{k}={v}" for k, v in opts.items())
+        qargs += ["-device", dev]
+        for ni, ns in enumerate(ctrl.namespaces):
+            image = Path(ns.image) if ns.image else io_dir / f"{cid}n{ni + 1}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(ns.size)
+            drive = f"{cid}d{ni + 1}"
+            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,file.locking=off",
+                      "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
+                      f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"]
+            ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,
+                                           "block_size": ns.block_size})
+        config["controllers"].append(ctrl_cfg)
+    (io_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    genv = {
+        "PATH": ":".join([str(venv / "bin")] if venv else []) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/tmp", "TERM": "dumb", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+        "NVMEVFIO_IN_GUEST": "1", "NVMEVFIO_GUEST_CONFIG": str(io_dir / "config.json"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if venv:
+        genv["VIRTUAL_ENV"] = str(venv)
+    genv.update(env or {})
+    script = _guest_script(io_dir=io_dir, shares=shares, addresses=addresses, kernel_driver=kernel_driver,
+                           moddir=moddir, command=command, cwd=cwd or os.getcwd(), env=genv)
+    (io_dir / "guest.sh").write_text(script)
+    kappend = "console=ttyS0 intel_iommu=on panic=-1 quiet clocksource=tsc tsc=reliable " + append
+    qargs += ["-append", kappend.strip()]
+
+    started = time.monotonic()
+    for attempt in range(1, retries + 2):
+        (io_dir / "rc").unlink(missing_ok=True)
+        result = _boot(qargs, io_dir, timeout, boot_timeout, echo)
+        if result is not None:
+            console, boot_s = result
+            rc_file = io_dir / "rc"
+            output = _payload_output(console)
+            if not rc_file.exists():
+                raise GuestError(f"the guest reached the payload but left no exit status\n{console[-3000:]}")
+            return GuestResult(int(rc_file.read_text().strip() or 1), output, console, boot_s,
+                               time.monotonic() - started, attempt, io_dir, config)
+        if echo:
+            print(f"guest: attempt {attempt} never reached the payload; retrying", file=sys.stderr)
+    raise GuestError(f"the guest never reached the payload in {retries + 1} attempts "
+                     f"(see {io_dir / 'console.log'})")
+
+
+def _payload_output(console: str) -> str:
+    text = console.replace("\r\n", "\n")
+    start = text.find(START + "\n")
+    end = text.rfind(END)
+    if start < 0:
+        return ""
+    body = text[start + len(START) + 1 : end if end >= 0 else len(text)]
+    return body
+
+
+def _boot(qargs: list[str], io_dir: Path, timeout: float, boot_timeout: float,
+          echo: bool) -> tuple[str, float] | None:
+    """One boot. Returns (console, seconds to payload), or None when the payload was never reached."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(qargs, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    buf = io.StringIO()
+    reached = threading.Event()
+    failed = threading.Event()
+    boot_s = [0.0]
+    in_payload = [False]
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            buf.write(line)
+            if START in line and not reached.is_set():
+                boot_s[0] = time.monotonic() - t0
+                reached.set()
+                in_payload[0] = True
+                continue
+            if FAIL in line:
+                failed.set()
+            if END in line:
+                in_payload[0] = False
+            if echo and in_payload[0]:
+                sys.stdout.write(line.replace("\r\n", "\n"))
+                sys.stdout.flush()
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - t0
+            if not reached.is_set() and (elapsed > boot_timeout or failed.is_set()):
+                proc.kill()
+                break
+            if elapsed > timeout:
+                proc.kill()
+                proc.wait()
+                th.join(5)
+                (io_dir / "console.log").write_text(buf.getvalue())
+                raise GuestError(f"the guest did not finish within {timeout:.0f} s (console: {io_dir / 'console.log'})"
+                                 f"\n{buf.getvalue()[-3000:]}")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        th.join(5)
+    console = buf.getvalue()
+    (io_dir / "console.log").write_text(console)
+    if not reached.is_set():
+        return None
+    if failed.is_set() and END not in console:
+        raise GuestError(f"guest setup failed: {console[-3000:]}")
+    return console, boot_s[0]
+
+
+# ---------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/guest.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="boot the guest and run a command in it")
+    r.add_argument("--ctrl", action="append", default=[],
+                   help="a controller: 'ns=SIZE[:BS][@IMAGE],...;QEMU_OPT=V,...' (repeatable; default one 64M ns)")
+    r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
+    r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")
+    r.add_argument("--accel", choices=["tcg", "kvm"], default=os.environ.get("NVMEVFIO_ACCEL", "tcg"),
+                   help="tcg (default: nested KVM hangs on these hosts) or kvm")
+    r.add_argument("--timeout", type=float, default=900.0, help="hard limit for the whole run, seconds")
+    r.add_argument("--memory", default="2048")
+    r.add_argument("--append", default="", help="extra kernel command line")
+    r.add_argument("--io-dir", type=Path, help="the writable folder shared with the guest (default: a new temp dir)")
+    r.add_argument("--quiet", action="store_true", help="print the output at the end, not as it comes")
+    r.add_argument("command", nargs="+")
+    sub.add_parser("build", help="build (or check) the initramfs in the cache and print its path")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            print(build_initramfs())
+            return 0
+        ctrls = [Controller.parse(c) for c in args.ctrl] or None
+        res = run(args.command, controllers=ctrls, kernel_driver=args.kernel_driver, timeout=args.timeout,
+                  accel=args.accel, memory=args.memory, append=args.append, io_dir=args.io_dir,
+                  echo=not args.quiet, iommu=not args.no_iommu)
+    except GuestError as exc:
+        print(f"guest: {exc}", file=sys.stderr)
+        return 125
+    if args.quiet:
+        sys.stdout.write(res.output)
+    print(f"guest: exit {res.returncode}; boot {res.boot_seconds:.1f} s, total {res.seconds:.1f} s, "
+          f"attempts {res.attempts}; io {res.io_dir}", file=sys.stderr)
+    return res.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
