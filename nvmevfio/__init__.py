@@ -1,5 +1,40 @@
-"""nvmevfio: a userspace NVMe driver in Python over VFIO."""
+"""nvmevfio: a userspace NVMe driver in Python over VFIO.
+
+    import nvmevfio
+    with nvmevfio.open("0000:00:04.0", nsid=1) as dev:
+        dev.write_blocks(0, b"\\x00" * dev.block_size)
+        data = dev.read_blocks(0, 1)
+"""
 
 from nvmevfio._version import __version__
+from nvmevfio.errors import (
+    CommandError,
+    CommandTimeout,
+    ControllerFatal,
+    ControllerTimeout,
+    DeviceInUse,
+    NvmeVfioError,
+    Refused,
+    StaleHandle,
+)
 
-__all__ = ["__version__"]
+
+def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]  # noqa: A001
+    """Open a namespace for block access; see :func:`nvmevfio.blockdev.open`."""
+    from nvmevfio.blockdev import open as _open
+
+    return _open(address, nsid, **kwargs)
+
+
+__all__ = [
+    "CommandError",
+    "CommandTimeout",
+    "ControllerFatal",
+    "ControllerTimeout",
+    "DeviceInUse",
+    "NvmeVfioError",
+    "Refused",
+    "StaleHandle",
+    "__version__",
+    "open",
+]

@@ -352,3 +352,19 @@ def open_function(address: str, *, reset: bool = False) -> VfioFunction:
             group.close()
         container.close()
         raise
+
+
+class VfioIrq:
+    """MSI-X completions through VFIO eventfds (the broker's IrqWaiter)."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def vectors(self, count: int) -> None:
+        self.device.enable_msix(count)
+
+    def wait(self, vector: int, timeout_s: float) -> bool:
+        return bool(wait_eventfds([self.device.eventfds[vector]], timeout_s))
+
+    def close(self) -> None:
+        self.device.disable_msix()

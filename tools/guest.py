@@ -305,7 +305,7 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                 with open(image, "wb") as f:
                     f.truncate(ns.size)
             drive = f"{cid}d{ni + 1}"
-            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,file.locking=off",
+            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,file.locking=off",
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"]
             ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,

@@ -1,0 +1,194 @@
+"""Block access to one namespace: ``nvmevfio.open(address, nsid=1)``.
+
+``BlockDevice`` binds, enables, identifies and creates I/O queues on entry and
+shuts the controller down on exit. Data goes in and out as numpy uint8 arrays or
+any bytes-like object; the batched form keeps many commands in flight.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.broker import Completion
+from nvmevfio.dma import DmaBuffer
+from nvmevfio.errors import Refused
+from nvmevfio.provider import ControllerSession, Provider, open_controller
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    address: str
+    nsid: int
+    block_size: int
+    block_count: int
+    capacity_bytes: int
+    max_transfer_bytes: int
+    model: str
+    serial: str
+    firmware: str
+    queue_depth: int
+    completion_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BlockDevice:
+    def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
+                 irq: bool = False, queues: int = 1) -> None:
+        self.provider = provider
+        self.nsid = nsid
+        try:
+            if provider.state != "ready":
+                provider.enable()
+            ctrl = provider.identify_controller()
+            depth = provider.create_io_queues(queues, queue_depth, irq=irq)
+            ns = provider.namespace(nsid)
+        except BaseException:
+            provider.close()
+            raise
+        self.info = DeviceInfo(
+            address=address, nsid=nsid, block_size=ns.block_size, block_count=ns.size_blocks,
+            capacity_bytes=ns.size_bytes, max_transfer_bytes=provider.max_transfer,
+            model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
+            queue_depth=depth, completion_mode="irq" if irq else "poll")
+        self.block_size = ns.block_size
+        self.block_count = ns.size_blocks
+
+    # -- synchronous ----------------------------------------------------------------
+    def read_blocks(self, lba: int, count: int) -> np.ndarray:
+        return self.provider.read(self.nsid, lba, count)
+
+    def write_blocks(self, lba: int, data: Any) -> int:
+        return self.provider.write(self.nsid, lba, data)
+
+    def flush(self) -> None:
+        self.provider.flush(self.nsid)
+
+    def write_zeroes(self, lba: int, count: int) -> None:
+        self.provider.write_zeroes(self.nsid, lba, count)
+
+    def deallocate(self, lba: int, count: int) -> None:
+        self.provider.deallocate(self.nsid, lba, count)
+
+    # -- zero copy and batches ------------------------------------------------------------
+    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
+        return self.provider.alloc_buffer(nbytes)
+
+    def free_buffer(self, buf: DmaBuffer) -> None:
+        self.provider.free_buffer(buf)
+
+    def read_into(self, lba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+        self.provider.read_into(self.nsid, lba, count, buf, offset)
+
+    def write_from(self, lba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+        self.provider.write_from(self.nsid, lba, count, buf, offset)
+
+    def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> list[int]:
+        """Post a batch of reads (one doorbell); returns their tags. Collect with :meth:`reap`."""
+        return self.provider.submit("read", self.nsid, lbas, counts, buf, offsets, qid=qid)
+
+    def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> list[int]:
+        return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
+
+    def reap(self, minimum: int = 1, qid: int = 1, timeout_s: float | None = None) -> list[Completion]:
+        return self.provider.reap(minimum, qid=qid, timeout_s=timeout_s)
+
+    def in_flight(self, qid: int = 1) -> int:
+        return self.provider.in_flight(qid)
+
+    def capacity(self, qid: int = 1) -> int:
+        return self.provider.capacity(qid)
+
+    def file(self) -> BlockFile:
+        """A file-like view of the namespace (io.RawIOBase)."""
+        return BlockFile(self)
+
+    def close(self) -> None:
+        self.provider.close()
+
+    def __enter__(self) -> BlockDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlockFile(io.RawIOBase):
+    """``io.RawIOBase`` over a namespace: read, readinto, write, seek, tell.
+
+    Aligned requests go straight to the device; unaligned ones read-modify-write
+    the edge blocks. Writing past the end of the namespace is refused.
+    """
+
+    def __init__(self, dev: BlockDevice) -> None:
+        super().__init__()
+        self.dev = dev
+        self.size = dev.info.capacity_bytes
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        n = max(0, min(len(mv), self.size - self.pos))
+        if n == 0:
+            return 0
+        bs = self.dev.block_size
+        first, last = self.pos // bs, (self.pos + n + bs - 1) // bs
+        data = self.dev.read_blocks(first, last - first)
+        skip = self.pos - first * bs
+        mv[:n] = data[skip : skip + n]
+        self.pos += n
+        return n
+
+    def write(self, b: Any) -> int:
+        mv = np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8)
+        n = len(mv)
+        if n == 0:
+            return 0
+        if self.pos + n > self.size:
+            raise Refused("window-past-namespace-end", f"write of {n} bytes at {self.pos} passes the end of the "
+                          f"namespace ({self.size} bytes)", offset=self.pos, length=n)
+        bs = self.dev.block_size
+        first, last = self.pos // bs, (self.pos + n + bs - 1) // bs
+        if self.pos % bs == 0 and n % bs == 0:
+            self.dev.write_blocks(first, mv)
+        else:
+            buf = np.empty((last - first) * bs, dtype=np.uint8)
+            buf[:bs] = self.dev.read_blocks(first, 1)
+            if last - 1 > first:
+                buf[-bs:] = self.dev.read_blocks(last - 1, 1)
+            skip = self.pos - first * bs
+            buf[skip : skip + n] = mv
+            self.dev.write_blocks(first, buf)
+        self.pos += n
+        return n
+
+
+def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
+         reset: bool = False) -> BlockDevice:  # noqa: A001 - mirrors io.open
+    """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci)."""
+    session: ControllerSession = open_controller(address, reset=reset)
+    return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues)

@@ -1,0 +1,318 @@
+"""NVMe data structures: the 64-byte SQE and 16-byte CQE as numpy dtypes, opcodes,
+status codes with their specification names, and IDENTIFY / log page parsing.
+
+Field names of parsed structures follow nvme-cli's JSON output (``nvme id-ctrl -o json``).
+Section numbers refer to the NVMe Base Specification 2.0 and NVM Command Set 1.0.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+import numpy as np
+
+# 4.2 Submission Queue Entry (64 bytes)
+SQE = np.dtype([
+    ("opc", "<u1"), ("flags", "<u1"), ("cid", "<u2"), ("nsid", "<u4"),
+    ("cdw2", "<u4"), ("cdw3", "<u4"), ("mptr", "<u8"), ("prp1", "<u8"), ("prp2", "<u8"),
+    ("cdw10", "<u4"), ("cdw11", "<u4"), ("cdw12", "<u4"), ("cdw13", "<u4"), ("cdw14", "<u4"), ("cdw15", "<u4"),
+])
+# 4.2.2 Completion Queue Entry (16 bytes)
+CQE = np.dtype([("dw0", "<u4"), ("dw1", "<u4"), ("sqhd", "<u2"), ("sqid", "<u2"), ("cid", "<u2"),
+                ("status", "<u2")])
+if SQE.itemsize != 64 or CQE.itemsize != 16:  # pragma: no cover - a dtype typo
+    raise ImportError(f"SQE is {SQE.itemsize} bytes and CQE {CQE.itemsize}: expected 64 and 16")
+SQES_LOG2 = 6
+CQES_LOG2 = 4
+
+
+class AdminOpcode(enum.IntEnum):
+    DELETE_IO_SQ = 0x00
+    CREATE_IO_SQ = 0x01
+    GET_LOG_PAGE = 0x02
+    DELETE_IO_CQ = 0x04
+    CREATE_IO_CQ = 0x05
+    IDENTIFY = 0x06
+    ABORT = 0x08
+    SET_FEATURES = 0x09
+    GET_FEATURES = 0x0A
+    ASYNC_EVENT_REQUEST = 0x0C
+
+
+class IoOpcode(enum.IntEnum):
+    FLUSH = 0x00
+    WRITE = 0x01
+    READ = 0x02
+    WRITE_ZEROES = 0x08
+    DATASET_MANAGEMENT = 0x09
+
+
+class Cns(enum.IntEnum):
+    NAMESPACE = 0x00
+    CONTROLLER = 0x01
+    ACTIVE_NAMESPACE_LIST = 0x02
+
+
+class LogPage(enum.IntEnum):
+    ERROR = 0x01
+    SMART = 0x02
+    FIRMWARE_SLOT = 0x03
+
+
+class Feature(enum.IntEnum):
+    ARBITRATION = 0x01
+    POWER_MANAGEMENT = 0x02
+    LBA_RANGE_TYPE = 0x03
+    TEMPERATURE_THRESHOLD = 0x04
+    ERROR_RECOVERY = 0x05
+    VOLATILE_WRITE_CACHE = 0x06
+    NUMBER_OF_QUEUES = 0x07
+    INTERRUPT_COALESCING = 0x08
+    INTERRUPT_VECTOR_CONFIGURATION = 0x09
+    WRITE_ATOMICITY_NORMAL = 0x0A
+    ASYNC_EVENT_CONFIGURATION = 0x0B
+    AUTONOMOUS_POWER_STATE_TRANSITION = 0x0C
+    HOST_MEMORY_BUFFER = 0x0D
+    TIMESTAMP = 0x0E
+    KEEP_ALIVE_TIMER = 0x0F
+
+
+FEATURE_NAMES = {f.value: f.name.replace("_", " ").title() for f in Feature}
+FEATURE_NAMES[0x07] = "Number of Queues"
+
+# 4.2.3 Status Field: SCT and SC names
+SCT_NAMES = {0: "Generic Command Status", 1: "Command Specific Status", 2: "Media and Data Integrity Errors",
+             3: "Path Related Status", 7: "Vendor Specific"}
+_GENERIC = {
+    0x00: "Successful Completion", 0x01: "Invalid Command Opcode", 0x02: "Invalid Field in Command",
+    0x03: "Command ID Conflict", 0x04: "Data Transfer Error",
+    0x05: "Commands Aborted due to Power Loss Notification", 0x06: "Internal Error",
+    0x07: "Command Abort Requested", 0x08: "Command Aborted due to SQ Deletion",
+    0x09: "Command Aborted due to Failed Fused Command", 0x0A: "Command Aborted due to Missing Fused Command",
+    0x0B: "Invalid Namespace or Format", 0x0C: "Command Sequence Error", 0x0D: "Invalid SGL Segment Descriptor",
+    0x0E: "Invalid Number of SGL Descriptors", 0x0F: "Data SGL Length Invalid",
+    0x10: "Metadata SGL Length Invalid", 0x11: "SGL Descriptor Type Invalid",
+    0x12: "Invalid Use of Controller Memory Buffer", 0x13: "PRP Offset Invalid",
+    0x14: "Atomic Write Unit Exceeded", 0x15: "Operation Denied", 0x16: "SGL Offset Invalid",
+    0x18: "Host Identifier Inconsistent Format", 0x19: "Keep Alive Timer Expired",
+    0x1A: "Keep Alive Timeout Invalid", 0x1B: "Command Aborted due to Preempt and Abort",
+    0x1C: "Sanitize Failed", 0x1D: "Sanitize In Progress", 0x1E: "SGL Data Block Granularity Invalid",
+    0x1F: "Command Not Supported for Queue in CMB", 0x20: "Namespace is Write Protected",
+    0x21: "Command Interrupted", 0x22: "Transient Transport Error",
+    0x80: "LBA Out of Range", 0x81: "Capacity Exceeded", 0x82: "Namespace Not Ready",
+    0x83: "Reservation Conflict", 0x84: "Format In Progress",
+}
+_COMMAND_SPECIFIC = {
+    0x00: "Completion Queue Invalid", 0x01: "Invalid Queue Identifier", 0x02: "Invalid Queue Size",
+    0x03: "Abort Command Limit Exceeded", 0x05: "Asynchronous Event Request Limit Exceeded",
+    0x06: "Invalid Firmware Slot", 0x07: "Invalid Firmware Image", 0x08: "Invalid Interrupt Vector",
+    0x09: "Invalid Log Page", 0x0A: "Invalid Format", 0x0B: "Firmware Activation Requires Conventional Reset",
+    0x0C: "Invalid Queue Deletion", 0x0D: "Feature Identifier Not Saveable", 0x0E: "Feature Not Changeable",
+    0x0F: "Feature Not Namespace Specific", 0x10: "Firmware Activation Requires NVM Subsystem Reset",
+    0x11: "Firmware Activation Requires Controller Level Reset",
+    0x12: "Firmware Activation Requires Maximum Time Violation", 0x13: "Firmware Activation Prohibited",
+    0x14: "Overlapping Range", 0x15: "Namespace Insufficient Capacity",
+    0x16: "Namespace Identifier Unavailable", 0x18: "Namespace Already Attached",
+    0x19: "Namespace Is Private", 0x1A: "Namespace Not Attached", 0x1B: "Thin Provisioning Not Supported",
+    0x1C: "Controller List Invalid", 0x1D: "Device Self-test In Progress",
+    0x1E: "Boot Partition Write Prohibited", 0x1F: "Invalid Controller Identifier",
+    0x20: "Invalid Secondary Controller State", 0x21: "Invalid Number of Controller Resources",
+    0x22: "Invalid Resource Identifier", 0x23: "Sanitize Prohibited While Persistent Memory Region is Enabled",
+    0x24: "ANA Group Identifier Invalid", 0x25: "ANA Attach Failed",
+    0x80: "Conflicting Attributes", 0x81: "Invalid Protection Information",
+    0x82: "Attempted Write to Read Only Range",
+}
+_MEDIA = {
+    0x80: "Write Fault", 0x81: "Unrecovered Read Error", 0x82: "End-to-end Guard Check Error",
+    0x83: "End-to-end Application Tag Check Error", 0x84: "End-to-end Reference Tag Check Error",
+    0x85: "Compare Failure", 0x86: "Access Denied", 0x87: "Deallocated or Unwritten Logical Block",
+}
+_PATH = {
+    0x00: "Internal Path Error", 0x01: "Asymmetric Access Persistent Loss",
+    0x02: "Asymmetric Access Inaccessible", 0x03: "Asymmetric Access Transition",
+    0x60: "Controller Pathing Error", 0x70: "Host Pathing Error", 0x71: "Command Aborted By Host",
+}
+_BY_SCT = {0: _GENERIC, 1: _COMMAND_SPECIFIC, 2: _MEDIA, 3: _PATH}
+
+
+def status_name(sct: int, sc: int) -> str:
+    if sct == 7:
+        return f"Vendor Specific status {sc:#04x}"
+    return _BY_SCT.get(sct, {}).get(sc, f"Unknown status (SCT {sct:#x}, SC {sc:#04x})")
+
+
+def sct_name(sct: int) -> str:
+    return SCT_NAMES.get(sct, f"Reserved SCT {sct:#x}")
+
+
+def split_status(status: int) -> tuple[int, int, int, int, int, int]:
+    """CQE DW3[31:16] -> (phase, sc, sct, crd, more, dnr)."""
+    return (status & 1, (status >> 1) & 0xFF, (status >> 9) & 0x7, (status >> 12) & 0x3,
+            (status >> 14) & 1, (status >> 15) & 1)
+
+
+# ----------------------------------------------------------------- structure parsing
+def _le(buf: bytes, lo: int, hi: int) -> int:
+    return int.from_bytes(buf[lo:hi], "little")
+
+
+def _ascii(buf: bytes, lo: int, hi: int) -> str:
+    return buf[lo:hi].decode("ascii", "replace")
+
+
+def _parse(buf: bytes, table: list[tuple[str, int, int, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, lo, hi, kind in table:
+        if kind == "s":
+            out[name] = _ascii(buf, lo, hi)
+        elif kind == "hex":
+            out[name] = buf[lo:hi].hex()
+        elif kind == "hexrev":
+            out[name] = buf[lo:hi][::-1].hex()
+        elif kind == "uuid":
+            out[name] = str(uuid.UUID(bytes=bytes(buf[lo:hi])))
+        else:
+            out[name] = _le(buf, lo, hi)
+    return out
+
+
+# Identify Controller data structure (Figure 275), in nvme-cli's field order and names.
+ID_CTRL = [
+    ("vid", 0, 2, "u"), ("ssvid", 2, 4, "u"), ("sn", 4, 24, "s"), ("mn", 24, 64, "s"), ("fr", 64, 72, "s"),
+    ("rab", 72, 73, "u"), ("ieee", 73, 76, "u"), ("cmic", 76, 77, "u"), ("mdts", 77, 78, "u"),
+    ("cntlid", 78, 80, "u"), ("ver", 80, 84, "u"), ("rtd3r", 84, 88, "u"), ("rtd3e", 88, 92, "u"),
+    ("oaes", 92, 96, "u"), ("ctratt", 96, 100, "u"), ("rrls", 100, 102, "u"), ("cntrltype", 111, 112, "u"),
+    ("fguid", 112, 128, "uuid"), ("crdt1", 128, 130, "u"), ("crdt2", 130, 132, "u"), ("crdt3", 132, 134, "u"),
+    ("nvmsr", 253, 254, "u"), ("vwci", 254, 255, "u"), ("mec", 255, 256, "u"),
+    ("oacs", 256, 258, "u"), ("acl", 258, 259, "u"), ("aerl", 259, 260, "u"), ("frmw", 260, 261, "u"),
+    ("lpa", 261, 262, "u"), ("elpe", 262, 263, "u"), ("npss", 263, 264, "u"), ("avscc", 264, 265, "u"),
+    ("apsta", 265, 266, "u"), ("wctemp", 266, 268, "u"), ("cctemp", 268, 270, "u"), ("mtfa", 270, 272, "u"),
+    ("hmpre", 272, 276, "u"), ("hmmin", 276, 280, "u"), ("tnvmcap", 280, 296, "u"), ("unvmcap", 296, 312, "u"),
+    ("rpmbs", 312, 316, "u"), ("edstt", 316, 318, "u"), ("dsto", 318, 319, "u"), ("fwug", 319, 320, "u"),
+    ("kas", 320, 322, "u"), ("hctma", 322, 324, "u"), ("mntmt", 324, 326, "u"), ("mxtmt", 326, 328, "u"),
+    ("sanicap", 328, 332, "u"), ("hmminds", 332, 336, "u"), ("hmmaxd", 336, 338, "u"),
+    ("nsetidmax", 338, 340, "u"), ("endgidmax", 340, 342, "u"), ("anatt", 342, 343, "u"),
+    ("anacap", 343, 344, "u"), ("anagrpmax", 344, 348, "u"), ("nanagrpid", 348, 352, "u"),
+    ("pels", 352, 356, "u"), ("domainid", 356, 358, "u"), ("megcap", 368, 384, "u"),
+    ("sqes", 512, 513, "u"), ("cqes", 513, 514, "u"), ("maxcmd", 514, 516, "u"), ("nn", 516, 520, "u"),
+    ("oncs", 520, 522, "u"), ("fuses", 522, 524, "u"), ("fna", 524, 525, "u"), ("vwc", 525, 526, "u"),
+    ("awun", 526, 528, "u"), ("awupf", 528, 530, "u"), ("icsvscc", 530, 531, "u"), ("nwpc", 531, 532, "u"),
+    ("acwu", 532, 534, "u"), ("ocfs", 534, 536, "u"), ("sgls", 536, 540, "u"), ("mnan", 540, 544, "u"),
+    ("maxdna", 544, 560, "u"), ("maxcna", 560, 564, "u"), ("subnqn", 768, 1024, "s"),
+    ("ioccsz", 1792, 1796, "u"), ("iorcsz", 1796, 1800, "u"), ("icdoff", 1800, 1802, "u"),
+    ("fcatt", 1802, 1803, "u"), ("msdbd", 1803, 1804, "u"), ("ofcs", 1804, 1806, "u"),
+]
+# Power State Descriptor (Figure 276), 32 bytes each from offset 2048.
+PSD = [
+    ("max_power", 0, 2, "u"), ("flags", 3, 4, "u"), ("entry_lat", 4, 8, "u"), ("exit_lat", 8, 12, "u"),
+    ("read_tput", 12, 13, "u"), ("read_lat", 13, 14, "u"), ("write_tput", 14, 15, "u"),
+    ("write_lat", 15, 16, "u"), ("idle_power", 16, 18, "u"), ("idle_scale", 18, 19, "u"),
+    ("active_power", 20, 22, "u"), ("active_power_work", 22, 23, "u"), ("active_scale", 22, 23, "u"),
+]
+
+
+def parse_identify_controller(buf: bytes) -> dict[str, Any]:
+    if len(buf) < 4096:
+        raise ValueError(f"Identify Controller data is 4096 bytes, got {len(buf)}")
+    out = _parse(buf, ID_CTRL)
+    out["subnqn"] = out["subnqn"].rstrip("\x00")
+    psds = []
+    for i in range(out["npss"] + 1):
+        ps = _parse(buf[2048 + 32 * i : 2048 + 32 * (i + 1)], PSD)
+        ps["idle_scale"] = (ps["idle_scale"] >> 6) & 3
+        ps["active_scale"] = (ps["active_scale"] >> 6) & 3
+        ps["active_power_work"] &= 7
+        ps["read_tput"] &= 0x1F
+        ps["read_lat"] &= 0x1F
+        ps["write_tput"] &= 0x1F
+        ps["write_lat"] &= 0x1F
+        psds.append(ps)
+    out["psds"] = psds
+    return out
+
+
+# Identify Namespace data structure, NVM command set (NVM Command Set spec, Figure 97).
+ID_NS = [
+    ("nsze", 0, 8, "u"), ("ncap", 8, 16, "u"), ("nuse", 16, 24, "u"), ("nsfeat", 24, 25, "u"),
+    ("nlbaf", 25, 26, "u"), ("flbas", 26, 27, "u"), ("mc", 27, 28, "u"), ("dpc", 28, 29, "u"),
+    ("dps", 29, 30, "u"), ("nmic", 30, 31, "u"), ("rescap", 31, 32, "u"), ("fpi", 32, 33, "u"),
+    ("dlfeat", 33, 34, "u"), ("nawun", 34, 36, "u"), ("nawupf", 36, 38, "u"), ("nacwu", 38, 40, "u"),
+    ("nabsn", 40, 42, "u"), ("nabo", 42, 44, "u"), ("nabspf", 44, 46, "u"), ("noiob", 46, 48, "u"),
+    ("nvmcap", 48, 64, "u"), ("nsattr", 99, 100, "u"), ("nvmsetid", 100, 102, "u"),
+    ("npwg", 64, 66, "u"), ("npwa", 66, 68, "u"), ("npdg", 68, 70, "u"), ("npda", 70, 72, "u"),
+    ("nows", 72, 74, "u"), ("mssrl", 74, 76, "u"), ("mcl", 76, 80, "u"), ("msrc", 80, 81, "u"),
+    ("nulbaf", 81, 82, "u"), ("anagrpid", 92, 96, "u"), ("endgid", 102, 104, "u"),
+    ("eui64", 120, 128, "hex"), ("nguid", 104, 120, "hex"),
+]
+
+
+def parse_identify_namespace(buf: bytes) -> dict[str, Any]:
+    if len(buf) < 4096:
+        raise ValueError(f"Identify Namespace data is 4096 bytes, got {len(buf)}")
+    out = _parse(buf, ID_NS)
+    lbafs = []
+    for i in range(out["nlbaf"] + 1):
+        d = _le(buf, 128 + 4 * i, 132 + 4 * i)
+        lbafs.append({"ms": d & 0xFFFF, "ds": (d >> 16) & 0xFF, "rp": (d >> 24) & 0x3})
+    out["lbafs"] = lbafs
+    return out
+
+
+def flbas_index(flbas: int, nlbaf: int) -> int:
+    """The LBA format in use: FLBAS bits 3:0, plus bits 6:5 as high bits when NLBAF > 16."""
+    low = flbas & 0xF
+    return low | (((flbas >> 5) & 0x3) << 4) if nlbaf >= 16 else low
+
+
+def parse_active_namespaces(buf: bytes) -> list[int]:
+    ids = np.frombuffer(bytes(buf[:4096]), dtype="<u4")
+    nz = ids[ids != 0]
+    return [int(x) for x in nz]
+
+
+# SMART / Health Information log (Figure 207); 128-bit counters become ints.
+SMART = [
+    ("critical_warning", 0, 1, "u"), ("temperature", 1, 3, "u"), ("avail_spare", 3, 4, "u"),
+    ("spare_thresh", 4, 5, "u"), ("percent_used", 5, 6, "u"),
+    ("endurance_grp_critical_warning_summary", 6, 7, "u"),
+    ("data_units_read", 32, 48, "u"), ("data_units_written", 48, 64, "u"),
+    ("host_read_commands", 64, 80, "u"), ("host_write_commands", 80, 96, "u"),
+    ("controller_busy_time", 96, 112, "u"), ("power_cycles", 112, 128, "u"),
+    ("power_on_hours", 128, 144, "u"), ("unsafe_shutdowns", 144, 160, "u"),
+    ("media_errors", 160, 176, "u"), ("num_err_log_entries", 176, 192, "u"),
+    ("warning_temp_time", 192, 196, "u"), ("critical_comp_time", 196, 200, "u"),
+] + [(f"temperature_sensor_{i + 1}", 200 + 2 * i, 202 + 2 * i, "u") for i in range(8)] + [
+    ("thm_temp1_trans_count", 216, 220, "u"), ("thm_temp2_trans_count", 220, 224, "u"),
+    ("thm_temp1_total_time", 224, 228, "u"), ("thm_temp2_total_time", 228, 232, "u"),
+]
+
+
+def parse_smart_log(buf: bytes) -> dict[str, Any]:
+    return _parse(buf, SMART)
+
+
+ERROR_ENTRY = [
+    ("error_count", 0, 8, "u"), ("sqid", 8, 10, "u"), ("cmdid", 10, 12, "u"), ("status_field", 12, 14, "u"),
+    ("parm_error_location", 14, 16, "u"), ("lba", 16, 24, "u"), ("nsid", 24, 28, "u"), ("vs", 28, 29, "u"),
+    ("trtype", 29, 30, "u"), ("cs", 32, 40, "u"), ("trtype_spec_info", 40, 42, "u"),
+]
+
+
+def parse_error_log(buf: bytes) -> list[dict[str, Any]]:
+    entries = []
+    for i in range(len(buf) // 64):
+        e = _parse(buf[64 * i : 64 * (i + 1)], ERROR_ENTRY)
+        e["phase_tag"] = e["status_field"] & 1
+        e["status_field"] >>= 1
+        entries.append(e)
+    return entries
+
+
+def parse_firmware_log(buf: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {"afi": buf[0]}
+    for i in range(7):
+        raw = bytes(buf[8 + 8 * i : 16 + 8 * i])
+        out[f"frs{i + 1}"] = raw.decode("ascii", "replace") if any(raw) else ""
+    return out

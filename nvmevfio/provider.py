@@ -1,0 +1,218 @@
+"""The Provider: what callers get. Verbs carry no address.
+
+No verb takes an IOVA, a physical address, a PRP, a queue base, an arbitrary admin
+opcode, a doorbell offset or value. What remains is non-addressing: namespace id,
+LBA, block count, the data itself, and DMA buffer *handles* (slot + generation)
+from :meth:`alloc_buffer`, whose device address stays inside the broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.broker import Broker, Completion, Namespace
+from nvmevfio.dma import DmaBuffer
+from nvmevfio.errors import Refused
+from nvmevfio.nvme import regs
+from nvmevfio.nvme.controller import Registers
+from nvmevfio.nvme.spec import IoOpcode, LogPage
+
+# Registers a caller may write through write_register(); everything else is the broker's.
+_WRITABLE = {"INTMS": regs.INTMS, "INTMC": regs.INTMC}
+_REGISTER_OFFSETS = {"CAP": regs.CAP, "VS": regs.VS, "INTMS": regs.INTMS, "INTMC": regs.INTMC, "CC": regs.CC,
+                     "CSTS": regs.CSTS, "NSSR": regs.NSSR, "AQA": regs.AQA, "ASQ": regs.ASQ, "ACQ": regs.ACQ}
+
+
+class Provider:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    # -- controller -------------------------------------------------------------------
+    def bind(self) -> Registers:
+        """Read CAP, VS, CC, CSTS; writes nothing."""
+        return self._broker.bind()
+
+    def registers(self) -> Registers:
+        return self._broker.registers()
+
+    @property
+    def state(self) -> str:
+        return self._broker.state.value
+
+    def reset(self) -> None:
+        self._broker.reset()
+
+    def enable(self) -> Registers:
+        return self._broker.enable()
+
+    def shutdown(self) -> None:
+        self._broker.shutdown()
+
+    def write_register(self, name: str, value: int) -> None:
+        """Write a caller-claimable register (INTMS/INTMC). CC and queue registers are the broker's."""
+        name = name.upper()
+        if name == "CC" and value & 1:
+            raise Refused("cc-enable-raw-blocked", "CC.EN is set only by enable(), which authors the admin "
+                          "queues first", register=name, value=value)
+        if name not in _WRITABLE:
+            raise Refused("register-write-unclaimed", f"register {name} is owned by the broker and cannot be "
+                          "written by a caller", register=name, value=value)
+        self._broker._require_ready()
+        self._broker.mmio.write32(_WRITABLE[name], value & 0xFFFFFFFF)
+
+    # -- admin ------------------------------------------------------------------------
+    def identify_controller(self) -> dict[str, Any]:
+        return self._broker.identify_controller()
+
+    def identify_namespace(self, nsid: int) -> Namespace:
+        return self._broker.identify_namespace(nsid)
+
+    def active_namespaces(self) -> list[int]:
+        return self._broker.active_namespaces()
+
+    def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False) -> int:
+        from nvmevfio.broker import DEFAULT_IO_DEPTH
+
+        return self._broker.create_io_queues(count, depth or min(DEFAULT_IO_DEPTH, self._broker.ctrl.mqes),
+                                             irq=irq)
+
+    def get_log_page(self, page: str | int, *, entries: int = 64) -> bytes:
+        """``smart``, ``error`` (``entries`` 64-byte entries) or ``firmware``."""
+        lid, length = {
+            "smart": (LogPage.SMART, 512), "error": (LogPage.ERROR, 64 * entries),
+            "firmware": (LogPage.FIRMWARE_SLOT, 512),
+        }.get(page, (None, 0)) if isinstance(page, str) else (page, 512)
+        if lid not in (LogPage.SMART, LogPage.ERROR, LogPage.FIRMWARE_SLOT):
+            raise Refused("unsupported-log-page", f"log page {page!r}: use smart, error or firmware", page=page)
+        return self._broker.get_log_page(int(lid), length)
+
+    def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0) -> int:
+        return self._broker.get_features(fid, sel=sel, nsid=nsid)
+
+    @property
+    def max_transfer(self) -> int:
+        return self._broker.max_transfer
+
+    @property
+    def mqes(self) -> int:
+        return self._broker.ctrl.mqes
+
+    # -- data -------------------------------------------------------------------------
+    def namespace(self, nsid: int) -> Namespace:
+        return self._broker.namespace(nsid)
+
+    def read(self, nsid: int, slba: int, count: int) -> np.ndarray:
+        return self._broker.read(nsid, slba, count)
+
+    def write(self, nsid: int, slba: int, data: Any) -> int:
+        return self._broker.write(nsid, slba, data)
+
+    def flush(self, nsid: int) -> None:
+        self._broker.flush(nsid)
+
+    def write_zeroes(self, nsid: int, slba: int, count: int) -> None:
+        self._broker.write_zeroes(nsid, slba, count)
+
+    def deallocate(self, nsid: int, slba: int, count: int) -> None:
+        self._broker.deallocate(nsid, slba, count)
+
+    # -- zero-copy buffers and batches ------------------------------------------------
+    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
+        """A DMA buffer handle; its bytes are ``buf.array``. Free it with :meth:`free_buffer`."""
+        return self._broker.ledger.alloc(nbytes, owner="caller")
+
+    def free_buffer(self, buf: DmaBuffer) -> None:
+        """Scrub, unmap and free; the handle is stale afterwards. Refused while commands use it."""
+        self._broker.ledger.free(buf)
+
+    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+        self._broker.transfer(IoOpcode.READ, nsid, slba, count, buf, offset)
+
+    def write_from(self, nsid: int, slba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+        self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset)
+
+    def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, *,
+               qid: int = 1) -> list[int]:
+        """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns tags."""
+        opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
+        if opcode is None:
+            raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
+        return self._broker.submit_rw(opcode, nsid, np.atleast_1d(slbas), np.atleast_1d(counts), buf,
+                                      np.atleast_1d(offsets), qid=qid)
+
+    def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> list[Completion]:
+        """Completions of batched commands (at least ``minimum`` while any are in flight)."""
+        return self._broker.reap(qid, minimum, timeout_s)
+
+    def in_flight(self, qid: int = 1) -> int:
+        return self._broker.in_flight(qid)
+
+    def capacity(self, qid: int = 1) -> int:
+        return self._broker.capacity(qid)
+
+    def close(self) -> None:
+        self._broker.close()
+
+
+class ControllerSession(Provider):
+    """A Provider over a PCI function opened through VFIO; closing shuts the controller
+    down (CC.SHN) and releases the ledger and the VFIO fds in order."""
+
+    def __init__(self, broker: Broker, function: Any, ledger: Any) -> None:
+        super().__init__(broker)
+        self._function = function
+        self._ledger = ledger
+        self.address: str = function.address
+
+    @property
+    def iommu(self) -> Any:
+        return self._function.iommu
+
+    @property
+    def pci_command(self) -> int:
+        return int(self._function.pci_command)
+
+    @property
+    def bar0_size(self) -> int:
+        return int(self._function.bar0.size)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            try:
+                self._ledger.close()
+            finally:
+                self._function.close()
+
+    def __enter__(self) -> ControllerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_controller(address: str, *, reset: bool = False, staging_bytes: int | None = None,
+                    command_timeout_s: float | None = None) -> ControllerSession:
+    """Open a controller bound to vfio-pci: VFIO function, DMA ledger over its IOVA ranges, broker.
+
+    The controller is only bound (registers read); call ``enable()`` next.
+    """
+    from nvmevfio import broker as _b
+    from nvmevfio.dma import PAGE_SIZE, DmaLedger
+    from nvmevfio.vfio import VfioIrq, open_function
+
+    fn = open_function(address, reset=reset)
+    try:
+        ledger = DmaLedger(fn.container, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size))
+        br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
+                       staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
+                       command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S)
+        session = ControllerSession(br, fn, ledger)
+        session.bind()
+        return session
+    except BaseException:
+        fn.close()
+        raise

@@ -1,0 +1,347 @@
+"""A simulated NVMe controller behind the same seams as the real one.
+
+Registers live in an :class:`~nvmevfio.mmio.ArrayMmio` (every write logged);
+DMA goes through :class:`SimDma`, which plays the IOMMU: the controller can only
+reach IOVAs the ledger mapped, and an access outside them is a recorded fault.
+Commands run synchronously when their SQ tail doorbell is written. Faults can be
+injected: a controller that never becomes ready, CSTS.CFS on enable, an error
+status for the next command of an opcode, completions that never arrive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nvmevfio.mmio import ArrayMmio
+from nvmevfio.nvme import regs
+from nvmevfio.nvme.regs import CAP_, CC_, CSTS_
+from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, IoOpcode
+
+
+class SimFault(Exception):
+    """The simulated device touched an IOVA nobody mapped (an IOMMU fault on real hardware)."""
+
+
+class SimDma:
+    """The simulator's IOMMU: IOVA -> host memory, as mapped by the ledger."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, tuple[int, int, bool]] = {}
+        self.faults: list[tuple[int, int]] = []
+        self.map_calls = 0
+        self.unmap_calls = 0
+
+    def map_dma(self, vaddr: int, iova: int, size: int, device_writable: bool = True) -> None:
+        for base, (_, sz, _) in self.maps.items():
+            if iova < base + sz and base < iova + size:
+                raise SimFault(f"IOVA {iova:#x}+{size:#x} overlaps a mapping at {base:#x}")
+        self.maps[iova] = (vaddr, size, device_writable)
+        self.map_calls += 1
+
+    def unmap_dma(self, iova: int, size: int) -> None:
+        if self.maps.get(iova, (0, -1, False))[1] != size:
+            raise SimFault(f"unmap of {iova:#x}+{size:#x} does not match a mapping")
+        del self.maps[iova]
+        self.unmap_calls += 1
+
+    def view(self, iova: int, length: int, write: bool = False) -> np.ndarray:
+        for base, (vaddr, size, writable) in self.maps.items():
+            if base <= iova and iova + length <= base + size:
+                if write and not writable:
+                    break
+                buf = (ctypes.c_uint8 * length).from_address(vaddr + iova - base)
+                return np.ctypeslib.as_array(buf)
+        self.faults.append((iova, length))
+        raise SimFault(f"device access to unmapped IOVA {iova:#x}+{length:#x}")
+
+
+@dataclass
+class SimNamespace:
+    blocks: int
+    block_size: int = 512
+    metadata: int = 0
+    data: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data = np.zeros(self.blocks * self.block_size, dtype=np.uint8)
+
+
+@dataclass
+class _Queue:
+    base: int
+    depth: int
+    cqid: int = 0  # SQ: its CQ
+    head: int = 0
+    tail: int = 0
+    phase: int = 1  # CQ only
+
+
+class SimController:
+    BAR_SIZE = 0x4000
+
+    def __init__(self, namespaces: list[SimNamespace] | None = None, *, mqes: int = 1023, mdts: int = 5,
+                 to: int = 2, dstrd: int = 0, max_queues: int = 8, oncs: int = 0x0C) -> None:
+        self.dma = SimDma()
+        self.mmio = ArrayMmio(self.BAR_SIZE, on_write=self._on_write)
+        self.namespaces = namespaces if namespaces is not None else [SimNamespace(2048)]
+        self.mdts = mdts
+        self.max_queues = max_queues
+        self.oncs = oncs
+        cap = regs.pack({CAP_.MQES: mqes, CAP_.CQR: 1, CAP_.TO: to, CAP_.DSTRD: dstrd, CAP_.CSS: 1,
+                         CAP_.MPSMIN: 0, CAP_.MPSMAX: 4})
+        self.mmio.regs[0:8].view(np.uint64)[0] = cap
+        self.mmio.poke32(regs.VS, 0x00010400)
+        self.sqs: dict[int, _Queue] = {}
+        self.cqs: dict[int, _Queue] = {}
+        self.dstrd = dstrd
+        # fault injection
+        self.never_ready = False
+        self.fatal_on_enable = False
+        self.swallow_completions = False
+        self.fail_next: dict[int, tuple[int, int]] = {}  # opcode -> (sct, sc), I/O and admin alike
+        self.commands: list[tuple[int, int, int]] = []  # (qid, opcode, nsid) executed
+
+    # ------------------------------------------------------------------ registers
+    def _reg(self, off: int) -> int:
+        return self.mmio.read32(off)
+
+    def _on_write(self, off: int, width: int, value: int) -> None:
+        if off >= regs.DOORBELL_BASE:
+            self._doorbell(off, value)
+            return
+        if width == 8:
+            self.mmio.regs[off : off + 8].view(np.uint64)[0] = value
+            return
+        if off == regs.CC:
+            self._cc(value)
+        elif off in (regs.INTMS, regs.INTMC):
+            pass
+        elif off in (regs.AQA, regs.ASQ, regs.ASQ + 4, regs.ACQ, regs.ACQ + 4):
+            self.mmio.poke32(off, value)
+
+    def _cc(self, value: int) -> None:
+        old = self._reg(regs.CC)
+        self.mmio.poke32(regs.CC, value)
+        csts = self._reg(regs.CSTS)
+        if regs.get(value, CC_.EN) and not regs.get(old, CC_.EN):
+            if self.fatal_on_enable:
+                csts = regs.put(csts, CSTS_.CFS, 1)
+            elif not self.never_ready:
+                aqa = self._reg(regs.AQA)
+                asq = self._reg(regs.ASQ) | self._reg(regs.ASQ + 4) << 32
+                acq = self._reg(regs.ACQ) | self._reg(regs.ACQ + 4) << 32
+                self.sqs = {0: _Queue(asq, regs.get(aqa, regs.AQA_.ASQS) + 1, 0)}
+                self.cqs = {0: _Queue(acq, regs.get(aqa, regs.AQA_.ACQS) + 1)}
+                csts = regs.put(csts, CSTS_.RDY, 1)
+        elif not regs.get(value, CC_.EN) and regs.get(old, CC_.EN):
+            self.sqs, self.cqs = {}, {}
+            csts = regs.put(regs.put(csts, CSTS_.RDY, 0), CSTS_.SHST, 0)
+        if regs.get(value, CC_.SHN) and not regs.get(old, CC_.SHN):
+            csts = regs.put(csts, CSTS_.SHST, regs.SHST_COMPLETE)
+        self.mmio.poke32(regs.CSTS, csts)
+
+    def _doorbell(self, off: int, value: int) -> None:
+        index = (off - regs.DOORBELL_BASE) // (4 << self.dstrd)
+        qid, is_cq = divmod(index, 2)
+        if is_cq:
+            if qid in self.cqs:
+                self.cqs[qid].head = value
+            return
+        sq = self.sqs.get(qid)
+        if sq is None:
+            return
+        sq.tail = value
+        ring = self.dma.view(sq.base, sq.depth * 64).view(SQE)
+        while sq.head != sq.tail:
+            e = ring[sq.head].copy()
+            sq.head = (sq.head + 1) % sq.depth
+            self._execute(qid, sq, e)
+
+    # ------------------------------------------------------------------ commands
+    def _complete(self, sq: _Queue, sqid: int, cid: int, sct: int = 0, sc: int = 0, dw0: int = 0) -> None:
+        if self.swallow_completions:
+            return
+        cq = self.cqs[sq.cqid]
+        ring = self.dma.view(cq.base, cq.depth * 16, write=True).view(CQE)
+        entry = np.zeros(1, dtype=CQE)
+        entry["dw0"] = dw0
+        entry["sqhd"] = sq.head
+        entry["sqid"] = sqid
+        entry["cid"] = cid
+        entry["status"] = (sct << 9) | (sc << 1) | cq.phase
+        ring[cq.tail] = entry[0]
+        cq.tail = (cq.tail + 1) % cq.depth
+        if cq.tail == 0:
+            cq.phase ^= 1
+
+    def _page_size(self) -> int:
+        return 1 << (12 + regs.get(self._reg(regs.CC), CC_.MPS))
+
+    def _segments(self, prp1: int, prp2: int, length: int) -> list[tuple[int, int]]:
+        """Walk PRP1/PRP2/PRP lists like a controller does."""
+        ps = self._page_size()
+        first = min(length, ps - prp1 % ps)
+        segs = [(prp1, first)]
+        left = length - first
+        if left == 0:
+            return segs
+        if left <= ps:
+            return [*segs, (prp2, left)]
+        per = ps // 8
+        lst = prp2
+        while left > 0:
+            entries = self.dma.view(lst, per * 8).view(np.uint64)
+            for i in range(per):
+                if i == per - 1 and left > ps:
+                    lst = int(entries[i])
+                    break
+                take = min(ps, left)
+                segs.append((int(entries[i]), take))
+                left -= take
+                if left == 0:
+                    break
+        return segs
+
+    def _dma_out(self, prp1: int, prp2: int, data: np.ndarray) -> None:
+        pos = 0
+        for iova, n in self._segments(prp1, prp2, len(data)):
+            self.dma.view(iova, n, write=True)[:] = data[pos : pos + n]
+            pos += n
+
+    def _dma_in(self, prp1: int, prp2: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.uint8)
+        pos = 0
+        for iova, n in self._segments(prp1, prp2, length):
+            out[pos : pos + n] = self.dma.view(iova, n)
+            pos += n
+        return out
+
+    def _execute(self, qid: int, sq: _Queue, e: np.ndarray) -> None:
+        opc, cid, nsid = int(e["opc"]), int(e["cid"]), int(e["nsid"])
+        self.commands.append((qid, opc, nsid))
+        if opc in self.fail_next:
+            sct, sc = self.fail_next.pop(opc)
+            self._complete(sq, qid, cid, sct, sc)
+            return
+        try:
+            dw0, sct, sc = (self._admin if qid == 0 else self._io)(e, opc, nsid)
+        except SimFault:
+            dw0, sct, sc = 0, 0, 0x04  # Data Transfer Error
+        self._complete(sq, qid, cid, sct, sc, dw0)
+
+    def identify_controller(self) -> np.ndarray:
+        d = np.zeros(4096, dtype=np.uint8)
+        d[0:2].view("<u2")[0] = 0x1B36
+        d[2:4].view("<u2")[0] = 0x1AF4
+        d[4:24] = np.frombuffer(b"SIM0001".ljust(20), np.uint8)
+        d[24:64] = np.frombuffer(b"nvmevfio simulated controller".ljust(40), np.uint8)
+        d[64:72] = np.frombuffer(b"1.0".ljust(8), np.uint8)
+        d[77] = self.mdts
+        d[80:84].view("<u4")[0] = 0x10400
+        d[512], d[513] = 0x66, 0x44
+        d[516:520].view("<u4")[0] = len(self.namespaces)
+        d[520:522].view("<u2")[0] = self.oncs
+        d[525] = 1
+        return d
+
+    def _admin(self, e: np.ndarray, opc: int, nsid: int) -> tuple[int, int, int]:
+        cdw10, cdw11 = int(e["cdw10"]), int(e["cdw11"])
+        prp1, prp2 = int(e["prp1"]), int(e["prp2"])
+        if opc == AdminOpcode.IDENTIFY:
+            cns = cdw10 & 0xFF
+            if cns == 1:
+                self._dma_out(prp1, prp2, self.identify_controller())
+            elif cns == 0:
+                d = np.zeros(4096, dtype=np.uint8)
+                if 1 <= nsid <= len(self.namespaces):
+                    ns = self.namespaces[nsid - 1]
+                    d[0:8].view("<u8")[0] = ns.blocks
+                    d[8:16].view("<u8")[0] = ns.blocks
+                    d[16:24].view("<u8")[0] = ns.blocks
+                    d[25] = 0
+                    d[128:132].view("<u4")[0] = (ns.block_size.bit_length() - 1) << 16 | ns.metadata
+                elif nsid != 0xFFFFFFFF:
+                    return 0, 0, 0x0B
+                self._dma_out(prp1, prp2, d)
+            elif cns == 2:
+                d = np.zeros(1024, dtype="<u4")
+                ids = [i + 1 for i in range(len(self.namespaces)) if i + 1 > nsid]
+                d[: len(ids)] = ids
+                self._dma_out(prp1, prp2, d.view(np.uint8))
+            else:
+                return 0, 0, 0x02
+            return 0, 0, 0
+        if opc == AdminOpcode.SET_FEATURES:
+            if cdw10 & 0xFF == 0x07:
+                n = self.max_queues - 1
+                return n | n << 16, 0, 0
+            return 0, 0, 0
+        if opc == AdminOpcode.GET_FEATURES:
+            return {0x07: (self.max_queues - 1) * 0x10001, 0x06: 1}.get(cdw10 & 0xFF, 0), 0, 0
+        if opc == AdminOpcode.GET_LOG_PAGE:
+            lid = cdw10 & 0xFF
+            length = ((cdw10 >> 16) + 1) * 4
+            d = np.zeros(length, dtype=np.uint8)
+            if lid == 0x02:
+                d[1:3].view("<u2")[0] = 300
+                d[3] = 100
+            elif lid == 0x03:
+                d[0] = 1
+                d[8:16] = np.frombuffer(b"1.0".ljust(8), np.uint8)
+            elif lid != 0x01:
+                return 0, 1, 0x09
+            self._dma_out(prp1, prp2, d)
+            return 0, 0, 0
+        if opc == AdminOpcode.CREATE_IO_CQ:
+            qid, depth = cdw10 & 0xFFFF, (cdw10 >> 16) + 1
+            if qid in self.cqs or qid == 0 or qid > self.max_queues:
+                return 0, 1, 0x01
+            self.cqs[qid] = _Queue(prp1, depth)
+            return 0, 0, 0
+        if opc == AdminOpcode.CREATE_IO_SQ:
+            qid, depth, cqid = cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11 >> 16
+            if cqid not in self.cqs:
+                return 0, 1, 0x00
+            if qid in self.sqs or qid == 0:
+                return 0, 1, 0x01
+            self.sqs[qid] = _Queue(prp1, depth, cqid)
+            return 0, 0, 0
+        if opc == AdminOpcode.DELETE_IO_SQ:
+            self.sqs.pop(cdw10 & 0xFFFF, None)
+            return 0, 0, 0
+        if opc == AdminOpcode.DELETE_IO_CQ:
+            self.cqs.pop(cdw10 & 0xFFFF, None)
+            return 0, 0, 0
+        return 0, 0, 0x01
+
+    def _io(self, e: np.ndarray, opc: int, nsid: int) -> tuple[int, int, int]:
+        if not 1 <= nsid <= len(self.namespaces):
+            return 0, 0, 0x0B
+        ns = self.namespaces[nsid - 1]
+        slba = int(e["cdw10"]) | int(e["cdw11"]) << 32
+        nlb = (int(e["cdw12"]) & 0xFFFF) + 1
+        if opc == IoOpcode.FLUSH:
+            return 0, 0, 0
+        if opc == IoOpcode.DATASET_MANAGEMENT:
+            nr = (int(e["cdw10"]) & 0xFF) + 1
+            rng = self._dma_in(int(e["prp1"]), int(e["prp2"]), nr * 16).view(
+                [("cattr", "<u4"), ("nlb", "<u4"), ("slba", "<u8")])
+            for r in rng:
+                lo = int(r["slba"]) * ns.block_size
+                ns.data[lo : lo + int(r["nlb"]) * ns.block_size] = 0
+            return 0, 0, 0
+        if slba + nlb > ns.blocks:
+            return 0, 0, 0x80
+        lo, hi = slba * ns.block_size, (slba + nlb) * ns.block_size
+        if opc == IoOpcode.WRITE_ZEROES:
+            ns.data[lo:hi] = 0
+        elif opc == IoOpcode.READ:
+            self._dma_out(int(e["prp1"]), int(e["prp2"]), ns.data[lo:hi])
+        elif opc == IoOpcode.WRITE:
+            ns.data[lo:hi] = self._dma_in(int(e["prp1"]), int(e["prp2"]), hi - lo)
+        else:
+            return 0, 0, 0x01
+        return 0, 0, 0
