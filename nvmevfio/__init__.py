@@ -19,7 +19,7 @@ from nvmevfio.errors import (
 )
 
 
-def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]  # noqa: A001
+def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
     """Open a namespace for block access; see :func:`nvmevfio.blockdev.open`."""
     from nvmevfio.blockdev import open as _open
 

@@ -188,7 +188,7 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False) -> BlockDevice:  # noqa: A001 - mirrors io.open
+         reset: bool = False) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci)."""
     session: ControllerSession = open_controller(address, reset=reset)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues)

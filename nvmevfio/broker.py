@@ -460,14 +460,26 @@ class Broker:
                     self.ledger.free(b)
                 raise
             self.io.append(qp)
+        self.refresh_namespaces()
         return depth
 
     # ============================================================ I/O validation
+    def refresh_namespaces(self) -> dict[int, Namespace]:
+        """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O
+        validation afterwards is a lookup that never touches the device."""
+        self.namespaces = {}
+        for nsid in self.active_namespaces():
+            self.identify_namespace(nsid)
+        return self.namespaces
+
     def namespace(self, nsid: int) -> Namespace:
+        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
         self._require_ready()
         ns = self.namespaces.get(nsid)
         if ns is None:
-            ns = self.identify_namespace(nsid)
+            raise Refused("namespace-inactive",
+                          f"namespace {nsid} is not active on this controller (active: "
+                          f"{sorted(self.namespaces) or 'none'})", nsid=nsid, active=sorted(self.namespaces))
         if ns.metadata_size:
             raise Refused("unsupported-lba-format",
                           f"namespace {nsid} uses LBA format {ns.lba_format} with {ns.metadata_size} bytes of "

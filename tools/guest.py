@@ -161,7 +161,7 @@ fail "guest.sh returned"
 
 
 def build_initramfs() -> Path:
-    kernel, moddir, version = kernel_paths()
+    _, moddir, version = kernel_paths()
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         raise GuestError("busybox is missing: apt-get install busybox-static (tools/setup-host.sh)")
@@ -213,8 +213,12 @@ def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], address
                      f"/newroot{q(str(path))} || fail 'mount {tag} at {path}'")
 
     def insmod(mods: list[str]) -> list[str]:
-        return [f"insmod /mod/{Path(m).name} 2>/dev/null || grep -q '^{Path(m).name.split('.ko')[0].replace('-', '_')} '"
-                f" /proc/modules || fail 'insmod {Path(m).name}'" for m in mods]
+        out = []
+        for m in mods:
+            name = Path(m).name
+            loaded = name.split(".ko")[0].replace("-", "_")
+            out.append(f"insmod /mod/{name} 2>/dev/null || grep -q '^{loaded} ' /proc/modules || fail 'insmod {name}'")
+        return out
 
     lines += insmod(vfio)
     if kernel_driver:
@@ -305,7 +309,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                 with open(image, "wb") as f:
                     f.truncate(ns.size)
             drive = f"{cid}d{ni + 1}"
-            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,file.locking=off",
+            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,"
+                      "file.locking=off",
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"]
             ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,
@@ -314,7 +319,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
     (io_dir / "config.json").write_text(json.dumps(config, indent=2))
 
     genv = {
-        "PATH": ":".join([str(venv / "bin")] if venv else []) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": ":".join([*([str(venv / "bin")] if venv else []),
+                          "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]),
         "HOME": "/tmp", "TERM": "dumb", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
         "NVMEVFIO_IN_GUEST": "1", "NVMEVFIO_GUEST_CONFIG": str(io_dir / "config.json"),
         "PYTHONUNBUFFERED": "1",

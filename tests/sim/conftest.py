@@ -1,0 +1,33 @@
+import pytest
+
+from nvmevfio.broker import Broker
+from nvmevfio.dma import DmaLedger
+from nvmevfio.provider import Provider
+from nvmevfio.sim.controller import SimController, SimNamespace
+
+
+class Rig:
+    def __init__(self, namespaces=None, **kw):
+        self.sim = SimController(namespaces if namespaces is not None else
+                                 [SimNamespace(4096), SimNamespace(1024, 4096)], **kw)
+        self.ledger = DmaLedger(self.sim.dma, [(0, (1 << 40) - 1)])
+        self.broker = Broker(self.sim.mmio, self.ledger, command_timeout_s=0.5)
+        self.p = Provider(self.broker)
+
+    def ready(self, depth=16):
+        self.p.bind()
+        self.p.enable()
+        self.p.identify_controller()
+        self.p.create_io_queues(1, depth)
+        return self.p
+
+    def mark(self):
+        return (len(self.sim.mmio.writes), len(self.sim.commands))
+
+    def unchanged_since(self, mark):
+        return (len(self.sim.mmio.writes), len(self.sim.commands)) == mark
+
+
+@pytest.fixture
+def rig():
+    return Rig()
