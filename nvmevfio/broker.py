@@ -25,7 +25,10 @@ from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
 DEFAULT_IO_DEPTH = 128
-UNLIMITED_MDTS_CAP = 8 << 20  # per-command transfer when MDTS=0 ("no limit")
+# Per-command transfer cap, also when MDTS=0 ("no limit"). Linux caps at 4 MiB too
+# (NVME_MAX_KB_SZ); QEMU's model fails larger transfers whose pages are not
+# physically contiguous (its scatter list is bounded by IOV_MAX = 1024 pages).
+UNLIMITED_MDTS_CAP = 4 << 20
 DEFAULT_STAGING = 8 << 20
 COMMAND_TIMEOUT_S = 30.0
 MAX_NLB = 1 << 16  # NLB is a 16-bit 0's based field
@@ -494,8 +497,17 @@ class Broker:
                           f"blocks {slba}..{slba + count - 1} are outside namespace {ns.nsid} "
                           f"(0..{ns.size_blocks - 1})", slba=slba, count=count, nsze=ns.size_blocks)
 
-    def max_blocks(self, ns: Namespace) -> int:
-        return max(1, min(self.max_transfer // ns.block_size, MAX_NLB))
+    @property
+    def max_pages(self) -> int:
+        """Memory pages one command may touch: MDTS counts bytes, but a transfer at an
+        in-page offset touches one page more; devices bound their scatter lists by
+        pages (QEMU fails at 1025), so the page count is the limit that holds."""
+        return max(1, self.max_transfer // self.page_size)
+
+    def max_blocks(self, ns: Namespace, in_page_offset: int = 0) -> int:
+        """Blocks per command for data starting at ``in_page_offset`` within a page."""
+        limit = self.max_transfer - (self.page_size if in_page_offset % self.page_size else 0)
+        return max(1, min(limit // ns.block_size, MAX_NLB))
 
     # ============================================================ I/O: batched submit / reap
     def submit_rw(self, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray, buf: DmaBuffer,
@@ -532,6 +544,16 @@ class Broker:
         if n > qp.capacity:
             raise Refused("queue-full", f"queue {qid} has room for {qp.capacity} commands, {n} asked",
                           qid=qid, free=qp.capacity, wanted=n)
+        base = self.ledger.iova(buf)
+        iovas = base + offsets
+        lengths = counts * bs
+        ps = self.page_size
+        first = ps - iovas % ps
+        pages = np.where(lengths <= first, 1, 1 + -(-(lengths - first) // ps))
+        if (pages > self.max_pages).any():
+            raise Refused("count-out-of-range", f"a command would touch more than {self.max_pages} memory pages "
+                          f"(MDTS); at an in-page offset it carries at most {self.max_blocks(ns, 4)} blocks",
+                          max_pages=self.max_pages)
         cids = self._take_cids(qp, n)
         entries = np.zeros(n, dtype=SQE)
         entries["opc"] = opcode
@@ -540,12 +562,6 @@ class Broker:
         entries["cdw10"] = slbas & 0xFFFFFFFF
         entries["cdw11"] = slbas >> 32
         entries["cdw12"] = counts - 1
-        base = self.ledger.iova(buf)
-        iovas = base + offsets
-        lengths = counts * bs
-        ps = self.page_size
-        first = ps - iovas % ps
-        pages = np.where(lengths <= first, 1, 1 + -(-(lengths - first) // ps))
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
         for i in np.flatnonzero(pages > 2).tolist():
@@ -616,7 +632,7 @@ class Broker:
         self.ledger.iova(buf)
         if qp.in_flight:
             raise Refused("queue-busy", f"queue {qid} has {qp.in_flight} batched commands in flight; reap them first")
-        step = self.max_blocks(ns)
+        step = self.max_blocks(ns, self.ledger.iova(buf) + offset)
         starts = np.arange(slba, slba + count, step, dtype=np.int64)
         counts = np.minimum(step, slba + count - starts)
         offs = offset + (starts - slba) * ns.block_size

@@ -1,6 +1,7 @@
 """Data path against the simulator: PRP lists walked by the model, batches, long runs."""
 
 import numpy as np
+import pytest
 
 from nvmevfio.blockdev import BlockDevice
 
@@ -81,3 +82,28 @@ def test_blockdevice_and_file(rig):
     assert not dev.read_blocks(0, 2).any()
     dev.close()
     assert rig.p.state == "shutdown"
+
+
+def test_page_limit_per_command():
+    """A command touches at most max_transfer/page_size pages: at an in-page offset it
+    carries one page less; transfer() splits accordingly, a batch entry is refused."""
+    from conftest import Rig
+
+    from nvmevfio.errors import Refused
+    from nvmevfio.sim.controller import SimNamespace
+
+    r = Rig([SimNamespace(32768)], mdts=0)
+    p = r.ready()
+    size = p.max_transfer
+    buf = p.alloc_buffer(2 * size)
+    buf.array[:] = np.random.default_rng(4).integers(0, 256, buf.size, dtype=np.uint8)
+    m = r.mark()
+    with pytest.raises(Refused) as ei:
+        p.submit("write", 1, [0], [size // 512], buf, [4])
+    assert ei.value.reason == "count-out-of-range" and r.unchanged_since(m)
+    p.submit("write", 1, [0], [(size - 4096) // 512], buf, [4])
+    assert [c.status for c in p.reap(1)] == [0]
+    before = len(r.sim.commands)
+    p.write_from(1, 0, 2 * size // 512 - 8, buf, 0x200)  # unaligned: split into 3 commands, not 2
+    assert len(r.sim.commands) - before == 3
+    np.testing.assert_array_equal(p.read(1, 0, 2 * size // 512 - 8), buf.array[0x200 : 0x200 + 2 * size - 4096])

@@ -1,0 +1,52 @@
+"""Guest-tier fixtures. These tests run inside the QEMU guest (tools/guest.py),
+against QEMU's NVMe model through real VFIO and the emulated Intel IOMMU."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _config() -> dict:
+    path = os.environ.get("NVMEVFIO_GUEST_CONFIG")
+    if not path or not Path(path).exists():
+        raise RuntimeError("tests/vm runs inside the test guest: use tests/test_guest_tier.py or tools/guest.py")
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def guest():
+    return _config()
+
+
+@pytest.fixture(scope="session")
+def io_dir(guest):
+    return Path(guest["io_dir"])
+
+
+def controller(guest, role: str) -> dict:
+    """The controller the host configured for ``role`` (its QEMU serial names the role)."""
+    for c in guest["controllers"]:
+        if c["options"].get("serial") == role:
+            return c
+    raise LookupError(f"no controller with role {role} in {guest['controllers']}")
+
+
+@pytest.fixture(scope="session")
+def data_ctrl(guest):
+    """Controller with a 512-byte and a 4096-byte namespace and MDTS=0 (chained PRP lists)."""
+    return controller(guest, "nvmevfio-data")
+
+
+@pytest.fixture(scope="session")
+def small_ctrl(guest):
+    """Controller with MDTS=5 (128 KiB) and 4 I/O queue pairs: splits, binding, kernel cross-checks."""
+    return controller(guest, "nvmevfio-small")
+
+
+def record(io_dir: Path, name: str, entry: dict) -> None:
+    """Append to a manifest the host checks against the backing images after the guest exits."""
+    path = io_dir / f"{name}.jsonl"
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")

@@ -1,0 +1,43 @@
+"""nvmevfio and the kernel nvme driver agree on the same controller, both ways."""
+
+import subprocess
+import time
+
+import numpy as np
+
+import nvmevfio
+from nvmevfio import pci
+
+
+def _blockdev(address: str) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        fn = pci.get_function(address)
+        names = [ns.name for ns in fn.namespaces if ns.nsid == 1]
+        if names:
+            return "/dev/" + names[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no block device for {address}")
+
+
+def test_kernel_reads_nvmevfio_writes_and_back(small_ctrl, io_dir):
+    addr = small_ctrl["address"]
+    ours = np.random.default_rng(21).integers(0, 256, 1 << 20, dtype=np.uint8)
+    with nvmevfio.open(addr, 1) as dev:
+        dev.write_blocks(4096, ours)
+        dev.flush()
+    pci.unbind(addr)
+    try:
+        bdev = _blockdev(addr)
+        got = subprocess.run(["dd", f"if={bdev}", "bs=512", "skip=4096", "count=2048", "iflag=direct",
+                              "status=none"], check=True, capture_output=True).stdout
+        assert got == ours.tobytes()
+        theirs = np.random.default_rng(22).integers(0, 256, 256 << 10, dtype=np.uint8).tobytes()
+        src = io_dir / "kernel-write.bin"
+        src.write_bytes(theirs)
+        subprocess.run(["dd", f"if={src}", f"of={bdev}", "bs=512", "seek=9000", "oflag=direct", "conv=fsync",
+                        "status=none"], check=True)
+    finally:
+        pci.bind(addr, force=True)
+    with nvmevfio.open(addr, 1) as dev:
+        assert dev.read_blocks(9000, len(theirs) // 512).tobytes() == theirs

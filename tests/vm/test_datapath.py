@@ -1,0 +1,170 @@
+"""The broker's data path through real VFIO and the vIOMMU, against QEMU's NVMe model."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from conftest import record
+
+import nvmevfio
+from nvmevfio.errors import Refused
+from nvmevfio.provider import open_controller
+
+
+@pytest.fixture(params=["poll", "irq"])
+def dev(request, data_ctrl):
+    with nvmevfio.open(data_ctrl["address"], 1, irq=request.param == "irq", queue_depth=64) as d:
+        yield d
+
+
+def test_info(dev):
+    i = dev.info
+    assert (i.block_size, i.block_count, i.capacity_bytes) == (512, 131072, 64 << 20)
+    assert i.model == "QEMU NVMe Ctrl" and i.serial == "nvmevfio-data" and i.max_transfer_bytes == 4 << 20
+
+
+def test_chained_prp_lists_one_command(dev):
+    """MDTS=0 (capped at 4 MiB = 1024 pages): one aligned 4 MiB command is PRP1 + 1023 list
+    entries, a full list page chained to a second; the device walks the chain. At an in-page
+    offset a command may touch no more pages, so the broker refuses 4 MiB there."""
+    from nvmevfio.nvme import prp
+
+    size = 4 << 20
+    assert dev.info.max_transfer_bytes == size
+    assert prp.list_pages_needed(0, size, 4096) == 2
+    assert prp.list_pages_needed(0x600, size - 4096, 4096) == 2
+    buf = dev.alloc_buffer(size + 4096)
+    buf.array[:] = np.random.default_rng(5).integers(0, 256, buf.size, dtype=np.uint8)
+    dev.submit_writes([2048], [size // 512], buf, [0])
+    assert [c.status for c in dev.reap(1)] == [0]
+    assert np.array_equal(dev.read_blocks(2048, size // 512), buf.array[:size])
+    out = dev.alloc_buffer(size + 4096)
+    dev.submit_reads([2048], [(size - 4096) // 512], out, [0x600])  # chained read at an offset
+    assert [c.status for c in dev.reap(1)] == [0]
+    assert np.array_equal(out.array[0x600 : 0x600 + size - 4096], buf.array[: size - 4096])
+    with pytest.raises(Refused) as ei:
+        dev.submit_reads([2048], [size // 512], out, [0x600])
+    assert ei.value.reason == "count-out-of-range"
+    dev.read_into(2048, size // 512, out, 0x600)  # the synchronous form splits it instead
+    assert np.array_equal(out.array[0x600 : 0x600 + size], buf.array[:size])
+    dev.free_buffer(buf)
+    dev.free_buffer(out)
+
+
+def test_offsets_inside_pages(dev):
+    buf = dev.alloc_buffer(64 << 10)
+    buf.array[:] = 0
+    buf.array[0x204 : 0x204 + 3 * 4096 + 512] = 0x5A
+    dev.write_from(300, 3 * 8 + 1, buf, 0x204)  # PRP1 offset 0x204, spans a list
+    assert (dev.read_blocks(300, 25) == 0x5A).all()
+    dev.free_buffer(buf)
+
+
+def test_zeroes_and_deallocate(dev):
+    dev.write_blocks(4096, np.full(64 * 512, 0xEE, dtype=np.uint8))
+    dev.write_zeroes(4096, 32)
+    got = dev.read_blocks(4096, 64)
+    assert not got[: 32 * 512].any() and (got[32 * 512 :] == 0xEE).all()
+    dev.deallocate(4096 + 32, 32)  # QEMU reports DLFEAT=1: deallocated blocks read as zeroes
+    assert not dev.read_blocks(4096, 64).any()
+
+
+def test_20000_commands_depth_16(data_ctrl):
+    """The CQ phase tag wraps >1000 times: every byte of every command checked."""
+    with nvmevfio.open(data_ctrl["address"], 1, queue_depth=16) as dev:
+        per = dev.capacity()  # 15: one slot stays free
+        assert per == 15
+        wbuf = dev.alloc_buffer(per * 512)
+        rbuf = dev.alloc_buffer(per * 512)
+        base = 20000
+        done = 0
+        rounds = 0
+        while done < 20000:
+            pattern = (np.arange(per * 512, dtype=np.uint32) * 31 + rounds).astype(np.uint8)
+            wbuf.array[:] = pattern
+            lbas = base + (rounds * per + np.arange(per)) % 8192
+            dev.submit_writes(lbas, np.ones(per), wbuf, np.arange(per) * 512)
+            assert all(c.status == 0 for c in dev.reap(per))
+            dev.submit_reads(lbas, np.ones(per), rbuf, np.arange(per) * 512)
+            assert all(c.status == 0 for c in dev.reap(per))
+            assert np.array_equal(rbuf.array, pattern), rounds
+            done += 2 * per
+            rounds += 1
+        assert dev.provider._broker.commands_completed >= 20000
+
+
+def test_4096_byte_namespace(data_ctrl, io_dir):
+    with nvmevfio.open(data_ctrl["address"], 2) as dev:
+        assert dev.block_size == 4096 and dev.block_count == (32 << 20) // 4096
+        data = np.random.default_rng(9).integers(0, 256, 300 * 4096, dtype=np.uint8)
+        dev.write_blocks(dev.block_count - 300, data)
+        assert np.array_equal(dev.read_blocks(dev.block_count - 300, 300), data)
+        with pytest.raises(Refused) as ei:
+            dev.write_blocks(0, b"\0" * 512)
+        assert ei.value.reason == "length-mismatch"
+        dev.flush()
+        record(io_dir, "images", {"address": data_ctrl["address"], "nsid": 2,
+                                  "offset": (dev.block_count - 300) * 4096, "length": len(data),
+                                  "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+
+
+def test_mdts_split_small_controller(small_ctrl):
+    with nvmevfio.open(small_ctrl["address"], 1) as dev:
+        assert dev.info.max_transfer_bytes == 128 << 10
+        before = dev.provider._broker.commands_completed
+        data = np.random.default_rng(11).integers(0, 256, 1 << 20, dtype=np.uint8)
+        dev.write_blocks(0, data)
+        assert dev.provider._broker.commands_completed - before == 8  # 1 MiB / 128 KiB
+        assert np.array_equal(dev.read_blocks(0, 2048), data)
+
+
+def test_refusals_post_nothing(data_ctrl):
+    """After a refusal, the next command's CQE.SQHD advanced by exactly one: nothing else was posted."""
+    with nvmevfio.open(data_ctrl["address"], 1, queue_depth=32) as dev:
+        br = dev.provider._broker
+        sq = br.io[0].sq
+        dev.write_blocks(10, np.full(512, 0x11, dtype=np.uint8))
+        head0, tail0, done0 = sq.head, sq.tail, br.commands_completed
+        cases = [
+            ("window-past-namespace-end", lambda: dev.write_blocks(dev.block_count, b"\0" * 512)),
+            ("length-mismatch", lambda: dev.write_blocks(10, b"\0" * 100)),
+            ("count-out-of-range", lambda: dev.read_blocks(10, 0)),
+            ("namespace-inactive", lambda: dev.provider.read(7, 0, 1)),
+        ]
+        for reason, fn in cases:
+            with pytest.raises(Refused) as ei:
+                fn()
+            assert ei.value.reason == reason
+        assert (sq.head, sq.tail, br.commands_completed) == (head0, tail0, done0)
+        got = dev.read_blocks(10, 1)
+        assert (got == 0x11).all()  # the refused writes left the data alone
+        assert sq.head == (head0 + 1) % sq.depth  # the device saw exactly one new command
+
+
+def test_stale_handle_and_scrub(data_ctrl):
+    with nvmevfio.open(data_ctrl["address"], 1) as dev:
+        buf = dev.alloc_buffer(8192)
+        view = buf.array
+        dev.read_into(0, 16, buf)
+        view[:] = 0x77
+        dev.free_buffer(buf)
+        assert not view.any()  # scrubbed before it was unmapped
+        with pytest.raises(Refused) as ei:
+            dev.read_into(0, 16, buf)
+        assert ei.value.reason == "stale-handle"
+
+
+def test_admin_verbs(data_ctrl):
+    with open_controller(data_ctrl["address"]) as s:
+        s.enable()
+        c = s.identify_controller()
+        assert c["vid"] == 0x1B36 and c["sn"].strip() == "nvmevfio-data"
+        assert s.active_namespaces() == [1, 2]
+        smart = s.get_log_page("smart")
+        assert len(smart) == 512 and 250 < int.from_bytes(smart[1:3], "little") < 400  # Kelvin
+        assert len(s.get_log_page("error", entries=4)) == 256
+        assert s.get_log_page("firmware")[0] & 0x7 == 1  # AFI: slot 1 active
+        nq = s.get_features(0x07)
+        assert (nq & 0xFFFF) + 1 >= 1
+        s.shutdown()
+        assert s.state == "shutdown"
