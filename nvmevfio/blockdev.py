@@ -60,6 +60,10 @@ class BlockDevice:
         self.block_count = ns.size_blocks
 
     # -- synchronous ----------------------------------------------------------------
+    def check_window(self, lba: int, count: int) -> None:
+        """Refuse a window outside the namespace before anything is sent."""
+        self.provider.check_window(self.nsid, lba, count)
+
     def read_blocks(self, lba: int, count: int) -> np.ndarray:
         return self.provider.read(self.nsid, lba, count)
 

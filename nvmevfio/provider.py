@@ -66,6 +66,11 @@ class Provider:
     def identify_controller(self) -> dict[str, Any]:
         return self._broker.identify_controller()
 
+    @property
+    def id_ctrl(self) -> dict[str, Any]:
+        """The last Identify Controller data (identifies now when there is none)."""
+        return self._broker.id_ctrl or self._broker.identify_controller()
+
     def identify_namespace(self, nsid: int) -> Namespace:
         return self._broker.identify_namespace(nsid)
 
@@ -102,6 +107,10 @@ class Provider:
     # -- data -------------------------------------------------------------------------
     def namespace(self, nsid: int) -> Namespace:
         return self._broker.namespace(nsid)
+
+    def check_window(self, nsid: int, slba: int, count: int) -> None:
+        """Refuse (window-past-namespace-end / count-out-of-range) without touching the device."""
+        self._broker.check_window(self._broker.namespace(nsid), slba, count)
 
     def read(self, nsid: int, slba: int, count: int) -> np.ndarray:
         return self._broker.read(nsid, slba, count)

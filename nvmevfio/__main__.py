@@ -1,0 +1,5 @@
+"""``python -m nvmevfio``: the command line."""
+
+from nvmevfio.cli import main
+
+main(prog_name="nvmevfio")

@@ -1,0 +1,756 @@
+"""The ``nvmevfio`` command line.
+
+Output follows nvme-cli's conventions: ``-o json`` for scripts (the field names of
+``nvme id-ctrl/id-ns/smart-log -o json``), ``-n`` for the namespace id. Errors are
+one line with the refusal reason or the NVMe status name and what to do next,
+and a non-zero exit code; ``-v`` adds detail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import click
+
+from nvmevfio._version import __version__
+from nvmevfio.errors import CommandError, DeviceInUse, NvmeVfioError, Refused, ShimError
+
+EXIT_ERROR, EXIT_REFUSED, EXIT_DEVICE, EXIT_SETUP = 1, 3, 4, 5
+PROGRESS_MIN = 4 << 20  # show a progress bar on transfers larger than this
+CHUNK = 4 << 20
+
+JSON_STR_FIELDS = {"tnvmcap", "unvmcap", "megcap", "maxdna", "nvmcap"}  # 128-bit values, as nvme-cli prints them
+SMART_STR_FIELDS = {"data_units_read", "data_units_written", "host_read_commands", "host_write_commands",
+                    "controller_busy_time", "power_cycles", "power_on_hours", "unsafe_shutdowns", "media_errors",
+                    "num_err_log_entries"}
+ID_CTRL_HEX = {"vid", "ssvid", "ver", "oaes", "ctratt", "oacs", "frmw", "lpa", "sanicap", "oncs", "fuses", "fna",
+               "vwc", "sgls", "ieee", "cmic", "nvmsr", "vwci", "mec", "anacap", "ctrattr", "ocfs"}
+ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc"}
+
+
+# ------------------------------------------------------------------ plumbing
+class Ctx:
+    verbose = False
+
+
+def _fail(msg: str, code: int, detail: str = "") -> None:
+    click.echo(f"nvmevfio: error: {msg}", err=True)
+    if detail and Ctx.verbose:
+        click.echo(detail, err=True)
+    sys.exit(code)
+
+
+def _hint(exc: NvmeVfioError) -> str:
+    reason = exc.reason
+    if reason in ("not-bound-to-vfio", "group-not-viable"):
+        return "bind it first: nvmevfio bind <address>"
+    if isinstance(exc, ShimError) and exc.errno in (1, 13):
+        return "run as root (VFIO needs it)"
+    if reason == "window-past-namespace-end":
+        return "check the namespace size with: nvmevfio id-ns <address>"
+    if reason == "length-mismatch":
+        return "transfer whole blocks (see the block size in nvmevfio id-ns), or use --pad"
+    if reason == "device-in-use":
+        return "unmount/release it, or use --force"
+    if reason == "no-iommu-group":
+        return "enable the IOMMU (intel_iommu=on / amd_iommu=on on the kernel command line)"
+    return ""
+
+
+@contextlib.contextmanager
+def errors() -> Iterator[None]:
+    """Expected failures become one line and an exit code; no traceback unless -v."""
+    import traceback
+
+    try:
+        yield
+    except DeviceInUse as exc:
+        _fail(f"{exc} — {_hint(exc)}", EXIT_REFUSED, traceback.format_exc())
+    except Refused as exc:
+        hint = _hint(exc)
+        _fail(f"refused: {exc}{' — ' + hint if hint else ''}", EXIT_REFUSED, traceback.format_exc())
+    except CommandError as exc:
+        _fail(f"{exc}", EXIT_DEVICE, traceback.format_exc())
+    except NvmeVfioError as exc:
+        hint = _hint(exc)
+        code = EXIT_SETUP if exc.reason in ("not-bound-to-vfio", "no-iommu-group", "group-not-viable",
+                                            "bad-address", "no-such-function", "not-nvme") else EXIT_ERROR
+        _fail(f"{exc}{' — ' + hint if hint else ''}", code, traceback.format_exc())
+    except (OSError, ValueError) as exc:
+        _fail(str(exc), EXIT_ERROR, traceback.format_exc())
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        _fail("this needs root: VFIO device files and sysfs binding are root-only (try sudo)", EXIT_SETUP)
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _address(address: str) -> str:
+    from nvmevfio.pci import normalize_address
+
+    with errors():
+        return normalize_address(address)
+
+
+def _check_bound(address: str) -> None:
+    from nvmevfio.pci import get_function
+
+    with errors():
+        fn = get_function(address)
+    if fn.driver != "vfio-pci":
+        _fail(f"{address} is bound to {fn.driver or 'no driver'}, not vfio-pci — bind it first: "
+              f"nvmevfio bind {address}", EXIT_SETUP)
+
+
+@contextlib.contextmanager
+def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
+    """An enabled controller session; shut down (CC.SHN) on exit."""
+    from nvmevfio.provider import open_controller
+
+    _need_root()
+    address = _address(address)
+    _check_bound(address)
+    with errors():
+        s = open_controller(address)
+        try:
+            if enable:
+                s.enable()
+                s.identify_controller()
+            yield s
+        finally:
+            s.close()
+
+
+@contextlib.contextmanager
+def blockdev(address: str, nsid: int, **kw: Any) -> Iterator[Any]:
+    from nvmevfio.blockdev import open as bopen
+
+    _need_root()
+    address = _address(address)
+    _check_bound(address)
+    with errors():
+        dev = bopen(address, nsid, **kw)
+        try:
+            yield dev
+        finally:
+            dev.close()
+
+
+def _progress(total: int, label: str) -> Any:
+    if total > PROGRESS_MIN and sys.stderr.isatty():
+        return click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
+    return contextlib.nullcontext(None)
+
+
+address_arg = click.argument("address")
+output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(["normal", "json"]), default="normal",
+                          show_default=True, help="output format")
+nsid_opt = click.option("-n", "--namespace-id", "nsid", type=int, default=1, show_default=True,
+                        help="namespace id")
+
+
+class AliasedGroup(click.Group):
+    aliases = {"identify": "id-ctrl"}
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        _, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else None), cmd, rest
+
+
+@click.group(cls=AliasedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="nvmevfio")
+@click.option("-v", "--verbose", is_flag=True, help="more detail on errors (tracebacks)")
+def main(verbose: bool) -> None:
+    """nvmevfio: a userspace NVMe driver over VFIO.
+
+    ADDRESS is a PCI address, 0000:00:04.0 or 00:04.0. The controller must be bound
+    to vfio-pci (`nvmevfio bind ADDRESS`), and commands need root.
+
+    \b
+    Example:
+      nvmevfio list
+      nvmevfio bind 00:04.0
+      nvmevfio id-ctrl 00:04.0 -o json
+      nvmevfio perf 00:04.0 -w randread -q 32 -s 4096 -t 10
+    """
+    Ctx.verbose = verbose
+
+
+# ------------------------------------------------------------------ discovery and binding
+@main.command("list")
+@output_opt
+def list_cmd(fmt: str) -> None:
+    """List NVMe functions: address, ids, model, driver, IOMMU group, namespaces and mounts.
+
+    \b
+    Example: nvmevfio list -o json
+    """
+    from nvmevfio.pci import list_functions
+
+    with errors():
+        fns = list_functions()
+    if fmt == "json":
+        _emit_json({"Functions": [f.to_dict() for f in fns]})
+        return
+    if not fns:
+        click.echo("no NVMe functions (PCI class 0x010802) found")
+        return
+    click.echo(f"{'Address':<13} {'Vendor:Device':<13} {'Driver':<9} {'Group':>5} {'NUMA':>4}  Model")
+    click.echo(f"{'-' * 13} {'-' * 13} {'-' * 9} {'-' * 5} {'-' * 4}  {'-' * 30}")
+    for f in fns:
+        group = "-" if f.iommu_group is None else str(f.iommu_group)
+        numa = "-" if f.numa_node is None else str(f.numa_node)
+        click.echo(f"{f.address:<13} {f.vendor_id:04x}:{f.device_id:04x}     {f.driver or '-':<9} {group:>5} "
+                   f"{numa:>4}  {f.vendor + ' ' if f.vendor else ''}{f.model}")
+        for ns in f.namespaces:
+            use = ", ".join([f"mounted on {m}" for m in ns.mounts] + (["swap"] if ns.swap else [])
+                            + [f"held by {h}" for h in ns.holders])
+            gb = ns.size_bytes / 1e9
+            click.echo(f"{'':<13}   /dev/{ns.name} nsid {ns.nsid} {gb:.2f} GB{'  ' + use if use else ''}")
+
+
+@main.command()
+@address_arg
+@click.option("--force", is_flag=True, help="bind even if a namespace is mounted, swap or held")
+def bind(address: str, force: bool) -> None:
+    """Move a function to vfio-pci (for nvmevfio).
+
+    \b
+    Example: nvmevfio bind 00:04.0
+    """
+    from nvmevfio import pci
+
+    _need_root()
+    with errors():
+        fn = pci.bind(address, force=force)
+    group = f", IOMMU group {fn.iommu_group} (/dev/vfio/{fn.iommu_group})" if fn.iommu_group is not None else ""
+    click.echo(f"{fn.address}: bound to {fn.driver}{group}")
+
+
+@main.command()
+@address_arg
+def unbind(address: str) -> None:
+    """Give a function back to the kernel nvme driver.
+
+    \b
+    Example: nvmevfio unbind 00:04.0
+    """
+    from nvmevfio import pci
+
+    _need_root()
+    with errors():
+        fn = pci.unbind(address)
+    click.echo(f"{fn.address}: bound to {fn.driver}")
+
+
+# ------------------------------------------------------------------ registers and identify
+@main.command("show-regs")
+@address_arg
+@output_opt
+def show_regs(address: str, fmt: str) -> None:
+    """Decode CAP, VS, CC, CSTS (read only) and show the IOMMU's usable IOVA ranges.
+
+    \b
+    Example: nvmevfio show-regs 00:04.0
+    """
+    from nvmevfio.nvme import regs
+
+    with controller(address, enable=False) as s:
+        r = s.registers()
+        iommu = s.iommu
+        info = {"address": s.address, "cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts,
+                "version": regs.version_string(r.vs), "decoded": r.decoded(), "bar0_size": s.bar0_size,
+                "pci_command": s.pci_command, "iova_pgsizes": iommu.iova_pgsizes,
+                "iova_ranges": [{"start": a, "end": b} for a, b in iommu.ranges]}
+    if fmt == "json":
+        _emit_json(info)
+        return
+    click.echo(f"{info['address']}: NVMe {info['version']}, BAR0 {info['bar0_size']:#x} bytes, "
+               f"PCI command {info['pci_command']:#06x}")
+    for name in ("cap", "vs", "cc", "csts"):
+        fields = " ".join(f"{k}={v:#x}" for k, v in info["decoded"][name].items())
+        click.echo(f"{name:<5}: {info[name]:#018x}  {fields}")
+    cap = info["decoded"]["cap"]
+    pages = f"{4 << (10 + cap['MPSMIN'])}..{4 << (10 + cap['MPSMAX'])}"
+    click.echo(f"        timeout {cap['TO'] * 500} ms, doorbell stride {4 << cap['DSTRD']} B, "
+               f"MQES {cap['MQES'] + 1} entries, page size {pages} B")
+    click.echo(f"iommu: page sizes {iommu.iova_pgsizes:#x}")
+    for a, b in iommu.ranges:
+        click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)")
+
+
+def _nvme_cli_json(d: dict[str, Any], str_fields: set[str]) -> dict[str, Any]:
+    return {k: (str(v) if k in str_fields else v) for k, v in d.items()}
+
+
+@main.command("id-ctrl")
+@address_arg
+@output_opt
+def id_ctrl(address: str, fmt: str) -> None:
+    """Identify Controller (CNS 01h); alias: identify.
+
+    \b
+    Example: nvmevfio id-ctrl 00:04.0 -o json
+    """
+    with controller(address) as s, errors():
+        c = s.identify_controller()
+    if fmt == "json":
+        _emit_json(_nvme_cli_json(c, JSON_STR_FIELDS))
+        return
+    click.echo("NVME Identify Controller:")
+    for k, v in c.items():
+        if k == "psds":
+            continue
+        if k == "ieee":
+            v = f"{v:06x}"
+        elif k in ID_CTRL_HEX and isinstance(v, int):
+            v = hex(v)
+        click.echo(f"{k:<10}: {v}")
+    for i, ps in enumerate(c["psds"]):
+        click.echo(f"ps {i:>4} : mp:{ps['max_power'] / 100:.2f}W {'non-' if not ps['flags'] & 2 else ''}operational "
+                   f"enlat:{ps['entry_lat']} exlat:{ps['exit_lat']} rrt:{ps['read_tput']} rrl:{ps['read_lat']}")
+        click.echo(f"{'':10}rwt:{ps['write_tput']} rwl:{ps['write_lat']} idle_power:{ps['idle_power']} "
+                   f"active_power:{ps['active_power']}")
+
+
+@main.command("id-ns")
+@address_arg
+@nsid_opt
+@output_opt
+def id_ns(address: str, nsid: int, fmt: str) -> None:
+    """Identify Namespace (CNS 00h).
+
+    \b
+    Example: nvmevfio id-ns 00:04.0 -n 1
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        n = s.identify_namespace(nsid).identify
+    if fmt == "json":
+        _emit_json(_nvme_cli_json(n, JSON_STR_FIELDS))
+        return
+    click.echo(f"NVME Identify Namespace {nsid}:")
+    in_use = spec.flbas_index(n["flbas"], n["nlbaf"])
+    for k, v in n.items():
+        if k == "lbafs":
+            continue
+        click.echo(f"{k:<8}: {hex(v) if k in ID_NS_HEX and v else v}")
+    for i, f in enumerate(n["lbafs"]):
+        click.echo(f"lbaf {i:>2} : ms:{f['ms']:<3} lbads:{f['ds']:<2} rp:{f['rp']} {'(in use)' if i == in_use else ''}")
+
+
+@main.command("list-ns")
+@address_arg
+@output_opt
+def list_ns(address: str, fmt: str) -> None:
+    """Active namespace ids (CNS 02h).
+
+    \b
+    Example: nvmevfio list-ns 00:04.0
+    """
+    with controller(address) as s, errors():
+        ids = s.active_namespaces()
+    if fmt == "json":
+        _emit_json({"nsid_list": [{"nsid": i} for i in ids]})
+        return
+    for i, nsid in enumerate(ids):
+        click.echo(f"[{i:>4}]:{nsid:#x}")
+
+
+# ------------------------------------------------------------------ data
+def _window(dev: Any, lba: int | None, count: int | None, offset: int | None, size: int | None) -> tuple[int, int]:
+    bs = dev.block_size
+    if offset is not None or size is not None:
+        if lba is not None or count is not None:
+            _fail("give either --lba/--count or --offset/--size, not both", EXIT_ERROR)
+        offset = offset or 0
+        if size is None:
+            _fail("--offset needs --size", EXIT_ERROR)
+        assert size is not None
+        if offset % bs or size % bs:
+            _fail(f"refused: --offset {offset} / --size {size} are not multiples of the {bs}-byte block "
+                  "[length-mismatch]", EXIT_REFUSED)
+        return offset // bs, size // bs
+    return (lba or 0), (count if count is not None else 1)
+
+
+@main.command()
+@address_arg
+@nsid_opt
+@click.option("-s", "--lba", type=int, help="first logical block")
+@click.option("-c", "--count", type=int, help="number of blocks (default 1)")
+@click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
+@click.option("--size", type=int, help="bytes to read (a multiple of the block size)")
+@click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="output file (default: stdout)")
+@click.option("--hexdump", is_flag=True, help="print a hex dump instead of raw bytes")
+def read(address: str, nsid: int, lba: int | None, count: int | None, offset: int | None, size: int | None,
+         data: str, hexdump: bool) -> None:
+    """Read blocks to a file or stdout.
+
+    \b
+    Example: nvmevfio read 00:04.0 -n 1 --lba 0 --count 8 --hexdump
+             nvmevfio read 00:04.0 --offset 0 --size 1048576 -d out.bin
+    """
+    with blockdev(address, nsid) as dev, errors():
+        first, n = _window(dev, lba, count, offset, size)
+        dev.check_window(first, n)
+        per = max(1, CHUNK // dev.block_size)
+        out = sys.stdout.buffer if data == "-" else open(data, "wb")  # noqa: SIM115
+        try:
+            with _progress(n * dev.block_size, "reading") as bar:
+                for start in range(first, first + n, per):
+                    k = min(per, first + n - start)
+                    chunk = dev.read_blocks(start, k)
+                    if hexdump:
+                        _hexdump(out, chunk.tobytes(), (start - first) * dev.block_size)
+                    else:
+                        out.write(chunk.tobytes())
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+            else:
+                out.flush()
+
+
+def _hexdump(out: Any, data: bytes, base: int) -> None:
+    lines = []
+    for i in range(0, len(data), 16):
+        row = data[i : i + 16]
+        hx = " ".join(f"{b:02x}" for b in row)
+        asc = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        lines.append(f"{base + i:08x}  {hx:<47}  |{asc}|\n")
+    out.write("".join(lines).encode())
+
+
+@main.command()
+@address_arg
+@nsid_opt
+@click.option("-s", "--lba", type=int, help="first logical block")
+@click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
+@click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="input file (default: stdin)")
+@click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
+def write(address: str, nsid: int, lba: int | None, offset: int | None, data: str, pad: bool) -> None:
+    """Write a file (or stdin) at a block address.
+
+    \b
+    Example: nvmevfio write 00:04.0 -n 1 --lba 100 -d image.bin
+             head -c 4096 /dev/urandom | nvmevfio write 00:04.0 --lba 0
+    """
+    import numpy as np
+
+    src = sys.stdin.buffer if data == "-" else open(data, "rb")  # noqa: SIM115
+    try:
+        payload = src.read()
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    with blockdev(address, nsid) as dev, errors():
+        bs = dev.block_size
+        if offset is not None:
+            if lba is not None:
+                _fail("give either --lba or --offset, not both", EXIT_ERROR)
+            if offset % bs:
+                _fail(f"refused: --offset {offset} is not a multiple of the {bs}-byte block [length-mismatch]",
+                      EXIT_REFUSED)
+            lba = offset // bs
+        lba = lba or 0
+        if not payload:
+            _fail("refused: no data to write [length-mismatch]", EXIT_REFUSED)
+        if len(payload) % bs:
+            if not pad:
+                _fail(f"refused: {len(payload)} bytes is not a multiple of the {bs}-byte block; the last block "
+                      f"would be partial [length-mismatch] — use --pad to zero-fill it", EXIT_REFUSED)
+            payload += b"\0" * (bs - len(payload) % bs)
+        arr = np.frombuffer(payload, dtype=np.uint8)
+        n = len(arr) // bs
+        dev.check_window(lba, n)
+        per = max(1, CHUNK // bs)
+        with _progress(len(arr), "writing") as bar:
+            for start in range(0, n, per):
+                k = min(per, n - start)
+                dev.write_blocks(lba + start, arr[start * bs : (start + k) * bs])
+                if bar is not None:
+                    bar.update(k * bs)
+    click.echo(f"wrote {n} blocks ({n * bs} bytes) at LBA {lba}", err=True)
+
+
+@main.command()
+@address_arg
+@nsid_opt
+def flush(address: str, nsid: int) -> None:
+    """Flush the volatile write cache of a namespace.
+
+    \b
+    Example: nvmevfio flush 00:04.0 -n 1
+    """
+    with blockdev(address, nsid) as dev, errors():
+        dev.flush()
+    click.echo(f"NVMe Flush: success (nsid {nsid})")
+
+
+def _range_command(verb: str, fn: Callable[[Any, int, int], None]) -> Callable[..., None]:
+    @address_arg
+    @nsid_opt
+    @click.option("-s", "--lba", type=int, required=True, help="first logical block")
+    @click.option("-c", "--count", type=int, required=True, help="number of blocks")
+    def cmd(address: str, nsid: int, lba: int, count: int) -> None:
+        with blockdev(address, nsid) as dev, errors():
+            fn(dev, lba, count)
+        click.echo(f"NVMe {verb}: success (nsid {nsid}, LBA {lba}, {count} blocks)")
+
+    return cmd
+
+
+main.command("write-zeroes", help="Write Zeroes over a range of blocks.\n\n\b\nExample: nvmevfio write-zeroes "
+             "00:04.0 -n 1 --lba 0 --count 2048")(_range_command("Write Zeroes", lambda d, s, c: d.write_zeroes(s, c)))
+main.command("deallocate", help="Deallocate (TRIM: Dataset Management) a range of blocks.\n\n\b\nExample: "
+             "nvmevfio deallocate 00:04.0 -n 1 --lba 0 --count 2048")(
+    _range_command("Deallocate", lambda d, s, c: d.deallocate(s, c)))
+
+
+# ------------------------------------------------------------------ logs and features
+SMART_LABELS = [
+    ("critical_warning", "critical_warning"), ("temperature", "temperature"),
+    ("avail_spare", "available_spare"), ("spare_thresh", "available_spare_threshold"),
+    ("percent_used", "percentage_used"),
+    ("endurance_grp_critical_warning_summary", "endurance group critical warning summary"),
+    ("data_units_read", "Data Units Read"), ("data_units_written", "Data Units Written"),
+    ("host_read_commands", "host_read_commands"), ("host_write_commands", "host_write_commands"),
+    ("controller_busy_time", "controller_busy_time"), ("power_cycles", "power_cycles"),
+    ("power_on_hours", "power_on_hours"), ("unsafe_shutdowns", "unsafe_shutdowns"),
+    ("media_errors", "media_errors"), ("num_err_log_entries", "num_err_log_entries"),
+    ("warning_temp_time", "Warning Temperature Time"), ("critical_comp_time", "Critical Composite Temperature Time"),
+    ("thm_temp1_trans_count", "Thermal Management T1 Trans Count"),
+    ("thm_temp2_trans_count", "Thermal Management T2 Trans Count"),
+    ("thm_temp1_total_time", "Thermal Management T1 Total Time"),
+    ("thm_temp2_total_time", "Thermal Management T2 Total Time"),
+]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} PB"  # pragma: no cover
+
+
+@main.command("smart-log")
+@address_arg
+@output_opt
+def smart_log(address: str, fmt: str) -> None:
+    """SMART / Health Information log (log page 02h).
+
+    \b
+    Example: nvmevfio smart-log 00:04.0 -o json
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        d = spec.parse_smart_log(s.get_log_page("smart"))
+    sensors = {f"temperature_sensor_{i}" for i in range(1, 9)}
+    d = {k: v for k, v in d.items() if k not in sensors or v}  # nvme-cli prints sensors that report
+    if fmt == "json":
+        _emit_json(_nvme_cli_json(d, SMART_STR_FIELDS))
+        return
+    click.echo("Smart Log for NVME device:" + _address(address) + " namespace-id:ffffffff")
+    for key, label in SMART_LABELS:
+        v = d[key]
+        if key == "temperature":
+            text = f"{v - 273}°C ({v} Kelvin)"
+        elif key in ("avail_spare", "spare_thresh", "percent_used"):
+            text = f"{v}%"
+        elif key in ("data_units_read", "data_units_written"):
+            text = f"{v} ({_human_bytes(v * 512 * 1000)})"
+        else:
+            text = str(v)
+        click.echo(f"{label:<40}: {text}")
+    for i in range(1, 9):
+        if f"temperature_sensor_{i}" in d:
+            v = d[f"temperature_sensor_{i}"]
+            click.echo(f"{'Temperature Sensor ' + str(i):<40}: {v - 273}°C ({v} Kelvin)")
+
+
+@main.command("error-log")
+@address_arg
+@click.option("-e", "--log-entries", "entries", type=click.IntRange(1, 256), default=64, show_default=True)
+@output_opt
+def error_log(address: str, entries: int, fmt: str) -> None:
+    """Error Information log (log page 01h).
+
+    \b
+    Example: nvmevfio error-log 00:04.0 -e 4
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        elpe = s.id_ctrl["elpe"] + 1
+        log = spec.parse_error_log(s.get_log_page("error", entries=min(entries, elpe)))
+    if fmt == "json":
+        _emit_json({"errors": log})
+        return
+    click.echo(f"Error Log Entries for device:{_address(address)} entries:{len(log)}")
+    click.echo(".................")
+    for i, e in enumerate(log):
+        click.echo(f" Entry[{i:>2}]   \n.................")
+        sct, sc = (e["status_field"] >> 8) & 7, e["status_field"] & 0xFF
+        for k, v in e.items():
+            text = f"{v}({spec.status_name(sct, sc)})" if k == "status_field" else v
+            click.echo(f"{k:<16}: {text}")
+        click.echo(".................")
+
+
+@main.command("fw-log")
+@address_arg
+@output_opt
+def fw_log(address: str, fmt: str) -> None:
+    """Firmware Slot Information log (log page 03h).
+
+    \b
+    Example: nvmevfio fw-log 00:04.0
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        d = spec.parse_firmware_log(s.get_log_page("firmware"))
+    if fmt == "json":
+        _emit_json({k: v for k, v in d.items() if k == "afi" or v})
+        return
+    click.echo(f"Firmware Log for device:{_address(address)}")
+    click.echo(f"afi  : {d['afi']:#x}")
+    for i in range(1, 8):
+        if d[f"frs{i}"]:
+            click.echo(f"frs{i} : {d[f'frs{i}']}")
+
+
+@main.command("get-feature")
+@address_arg
+@click.option("-f", "--feature-id", "fid", type=click.IntRange(1, 255), required=True, help="feature identifier")
+@click.option("-s", "--sel", type=click.IntRange(0, 3), default=0, show_default=True,
+              help="0 current, 1 default, 2 saved, 3 supported capabilities")
+@click.option("-n", "--namespace-id", "nsid", type=int, default=0, show_default=True)
+@output_opt
+def get_feature(address: str, fid: int, sel: int, nsid: int, fmt: str) -> None:
+    """Get Features (admin opcode 0Ah).
+
+    \b
+    Example: nvmevfio get-feature 00:04.0 -f 7
+    """
+    from nvmevfio.nvme.spec import FEATURE_NAMES
+
+    with controller(address) as s, errors():
+        value = s.get_features(fid, sel=sel, nsid=nsid)
+    name = FEATURE_NAMES.get(fid, "Unknown")
+    if fmt == "json":
+        _emit_json({"feature_id": fid, "name": name, "sel": sel, "value": value})
+        return
+    which = ["Current", "Default", "Saved", "Supported capabilities"][sel]
+    click.echo(f"get-feature:{fid:#04x} ({name}), {which} value:{value:#010x}")
+
+
+# ------------------------------------------------------------------ controller state
+@main.command()
+@address_arg
+def reset(address: str) -> None:
+    """Controller reset: CC.EN=0 and wait CSTS.RDY=0 (bounded by CAP.TO).
+
+    \b
+    Example: nvmevfio reset 00:04.0
+    """
+    with controller(address, enable=False) as s, errors():
+        s.reset()
+        csts = s.registers().csts
+    click.echo(f"{_address(address)}: controller disabled (CSTS={csts:#010x})")
+
+
+@main.command()
+@address_arg
+def shutdown(address: str) -> None:
+    """Normal shutdown: CC.SHN=01b and wait CSTS.SHST=10b.
+
+    \b
+    Example: nvmevfio shutdown 00:04.0
+    """
+    with controller(address) as s, errors():
+        s.shutdown()
+        csts = s.registers().csts
+    click.echo(f"{_address(address)}: shutdown complete (CSTS={csts:#010x})")
+
+
+# ------------------------------------------------------------------ perf
+@main.command()
+@address_arg
+@nsid_opt
+@click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw"]),
+              default="randread", show_default=True)
+@click.option("-q", "--queue-depth", type=click.IntRange(1, 4095), default=1, show_default=True)
+@click.option("-s", "--io-size", type=int, default=4096, show_default=True, help="bytes per I/O")
+@click.option("-t", "--time", "seconds", type=float, help="seconds to run (default 5 unless -n)")
+@click.option("-n", "--count", "count", type=int, help="number of I/Os to run")
+@click.option("--range", "lba_range", help="LBA range START:END to use (default: the whole namespace)")
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
+              help="completions by polling or MSI-X interrupts")
+@click.option("-M", "--rwmixread", type=click.IntRange(0, 100), default=50, show_default=True,
+              help="percentage of reads for randrw")
+@output_opt
+def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
+         count: int | None, lba_range: str | None, mode: str, rwmixread: int, fmt: str) -> None:
+    """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
+
+    \b
+    Example: nvmevfio perf 00:04.0 -w randread -q 32 -s 4096 -t 10
+             nvmevfio perf 00:04.0 -w write -q 8 -s 131072 -n 10000 -o json
+    """
+    from nvmevfio import perf as perfmod
+
+    rng = None
+    if lba_range:
+        try:
+            a, b = (int(x, 0) for x in lba_range.split(":"))
+            rng = (a, b)
+        except ValueError:
+            _fail(f"--range {lba_range!r}: expected START:END", EXIT_ERROR)
+    live = sys.stderr.isatty() and fmt == "normal"
+
+    def status(elapsed: float, ios: int) -> None:
+        click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
+
+    with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096)) as dev, \
+            errors():
+        res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+                          count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None)
+    if live:
+        click.echo("", err=True)
+    if fmt == "json":
+        _emit_json(res.to_dict())
+        return
+    click.echo(f"{_address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, QD {res.queue_depth}, "
+               f"{res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, {res.writes} writes), "
+               f"{res.errors} errors")
+    click.echo(f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
+               f"{'p99(us)':>10} {'p99.9(us)':>10}")
+    click.echo(f"{res.iops:12.1f} {res.mib_per_s:10.2f} {res.lat_mean_us:10.1f} {res.lat_min_us:10.1f} "
+               f"{res.lat_max_us:10.1f} {res.lat_p50_us:10.1f} {res.lat_p99_us:10.1f} {res.lat_p999_us:10.1f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
