@@ -699,7 +699,8 @@ def shutdown(address: str) -> None:
 # ------------------------------------------------------------------ perf
 @main.command()
 @address_arg
-@nsid_opt
+@click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
+              help="namespace id (-n is the I/O count here, as in spdk_nvme_perf)")
 @click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw"]),
               default="randread", show_default=True)
 @click.option("-q", "--queue-depth", type=click.IntRange(1, 4095), default=1, show_default=True)

@@ -1,0 +1,44 @@
+"""CLI checks that need no device: every command has help with an example, unique
+options, the alias, the version, and clear errors for bad input."""
+
+import warnings
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from nvmevfio import __version__
+from nvmevfio.cli import main
+
+COMMANDS = sorted(main.commands)
+
+
+def test_version():
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"nvmevfio, version {__version__}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_has_example_and_unique_options(name):
+    cmd = main.commands[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # click warns on a duplicated option
+        r = CliRunner().invoke(main, [name, "--help"])
+    assert r.exit_code == 0 and "Example" in r.output, name
+    opts = [o for p in cmd.params if isinstance(p, click.Option) for o in p.opts]
+    assert len(opts) == len(set(opts)), name
+
+
+def test_identify_alias():
+    r = CliRunner().invoke(main, ["identify", "--help"])
+    assert r.exit_code == 0 and "Identify Controller" in r.output
+
+
+def test_bad_address_is_one_line():
+    r = CliRunner().invoke(main, ["id-ctrl", "zz:zz"])
+    assert r.exit_code == 5 and r.stderr.count("\n") == 1 and "not a PCI address" in r.stderr
+
+
+def test_list_with_no_devices_is_not_an_error():
+    r = CliRunner().invoke(main, ["list", "-o", "json"])
+    assert r.exit_code == 0 and "Functions" in r.output
