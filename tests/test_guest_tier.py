@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _controllers():
     return [
-        guestlib.Controller([guestlib.Namespace(64 << 20, 512), guestlib.Namespace(32 << 20, 4096)],
+        guestlib.Controller([guestlib.Namespace(64 << 20, 512), guestlib.Namespace(32 << 20, 4096),
+                             guestlib.Namespace(8 << 20, 512, metadata=8)],
                             {"serial": "nvmevfio-data", "mdts": "0"}),
         guestlib.Controller([guestlib.Namespace(64 << 20, 512)],
                             {"serial": "nvmevfio-small", "mdts": "5", "max_ioqpairs": "4"}),

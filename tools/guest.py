@@ -60,15 +60,17 @@ class Namespace:
     size: int = 64 << 20
     block_size: int = 512
     image: str | None = None  # a host file; a fresh sparse one when None
+    metadata: int = 0  # bytes of metadata per block (QEMU nvme-ns ms=)
 
     @classmethod
     def parse(cls, text: str) -> Namespace:
-        """``SIZE[:BLOCKSIZE][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``1G@/var/tmp/disk.img``."""
+        """``SIZE[:BLOCKSIZE[:MS]][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``8M:512:8``, ``1G@/var/tmp/d.img``."""
         image = None
         if "@" in text:
             text, image = text.split("@", 1)
-        size_s, _, bs = text.partition(":")
-        return cls(parse_size(size_s) if size_s else 64 << 20, int(bs) if bs else 512, image)
+        size_s, _, rest = text.partition(":")
+        bs, _, ms = rest.partition(":")
+        return cls(parse_size(size_s) if size_s else 64 << 20, int(bs) if bs else 512, image, int(ms or 0))
 
 
 @dataclasses.dataclass
@@ -312,9 +314,10 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
             qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,"
                       "file.locking=off",
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
-                      f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"]
+                      f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"
+                      + (f",ms={ns.metadata}" if ns.metadata else "")]
             ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,
-                                           "block_size": ns.block_size})
+                                           "block_size": ns.block_size, "metadata": ns.metadata})
         config["controllers"].append(ctrl_cfg)
     (io_dir / "config.json").write_text(json.dumps(config, indent=2))
 

@@ -159,7 +159,7 @@ def test_admin_verbs(data_ctrl):
         s.enable()
         c = s.identify_controller()
         assert c["vid"] == 0x1B36 and c["sn"].strip() == "nvmevfio-data"
-        assert s.active_namespaces() == [1, 2]
+        assert s.active_namespaces() == [1, 2, 3]
         smart = s.get_log_page("smart")
         assert len(smart) == 512 and 250 < int.from_bytes(smart[1:3], "little") < 400  # Kelvin
         assert len(s.get_log_page("error", entries=4)) == 256
@@ -168,3 +168,46 @@ def test_admin_verbs(data_ctrl):
         assert (nq & 0xFFFF) + 1 >= 1
         s.shutdown()
         assert s.state == "shutdown"
+
+
+def test_metadata_format_refused(data_ctrl):
+    """Namespace 3 is formatted with 8 bytes of metadata per block (QEMU nvme-ns ms=8)."""
+    with open_controller(data_ctrl["address"]) as s:
+        s.enable()
+        s.create_io_queues(1, 16)
+        ns = s.identify_namespace(3)
+        assert ns.metadata_size == 8 and ns.block_size == 512
+        with pytest.raises(Refused) as ei:
+            s.read(3, 0, 1)
+        assert ei.value.reason == "unsupported-lba-format"
+        with pytest.raises(Refused) as ei:
+            s.write(3, 0, b"\0" * 512)
+        assert ei.value.reason == "unsupported-lba-format"
+        assert s.read(1, 0, 1).size == 512  # the controller is fine
+
+
+def test_file_adapter_copyfileobj(small_ctrl, io_dir):
+    import shutil
+
+    src = io_dir / "copy-src.bin"
+    src.write_bytes(np.random.default_rng(3).integers(0, 256, (3 << 20) + 1234, dtype=np.uint8).tobytes())
+    with nvmevfio.open(small_ctrl["address"], 1) as dev:
+        f = dev.file()
+        f.seek(777)  # unaligned start: edge blocks are read-modify-written
+        with src.open("rb") as fin:
+            shutil.copyfileobj(fin, f)
+        assert f.tell() == 777 + src.stat().st_size
+        f.seek(777)
+        assert f.read(src.stat().st_size) == src.read_bytes()
+        f.seek(0, 2)
+        assert f.tell() == dev.info.capacity_bytes and f.read(10) == b""
+
+
+def test_device_reset_and_reenable(data_ctrl):
+    from nvmevfio import vfio
+
+    with vfio.open_function(data_ctrl["address"], reset=True) as fn:
+        assert fn.device.can_reset  # QEMU's NVMe function supports FLR
+        assert fn.device.reset()
+    with nvmevfio.open(data_ctrl["address"], 1, reset=True) as dev:
+        assert dev.read_blocks(0, 1).size == 512

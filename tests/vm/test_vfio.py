@@ -6,8 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from nvmevfio import dma, pci, vfio
+from nvmevfio.cli import main
 from nvmevfio.errors import DeviceInUse
 from nvmevfio.nvme import regs
 
@@ -88,6 +90,12 @@ def test_bind_unbind_roundtrip_and_in_use_refusal(small_ctrl):
             pci.bind(addr)
         assert str(mnt) in str(ei.value) and dev in str(ei.value)
         assert pci.get_function(addr).driver == "nvme"  # nothing moved
+        listed = {f.address: f for f in pci.list_functions()}[addr]
+        assert listed.namespaces[0].mounts == [str(mnt)]
+        r = CliRunner().invoke(main, ["list"])
+        assert f"{dev} nsid 1" in r.output and f"mounted on {mnt}" in r.output
+        r = CliRunner().invoke(main, ["bind", addr])
+        assert r.exit_code == 3 and "--force" in r.stderr and str(mnt) in r.stderr
     finally:
         _sh(f"umount {mnt}")
     fn = pci.bind(addr)
