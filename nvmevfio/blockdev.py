@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio.broker import Completion
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.provider import ControllerSession, Provider, open_controller
@@ -92,14 +91,14 @@ class BlockDevice:
     def write_from(self, lba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
         self.provider.write_from(self.nsid, lba, count, buf, offset)
 
-    def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> list[int]:
+    def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> np.ndarray:
         """Post a batch of reads (one doorbell); returns their tags. Collect with :meth:`reap`."""
         return self.provider.submit("read", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
-    def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> list[int]:
+    def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> np.ndarray:
         return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
-    def reap(self, minimum: int = 1, qid: int = 1, timeout_s: float | None = None) -> list[Completion]:
+    def reap(self, minimum: int = 1, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
         return self.provider.reap(minimum, qid=qid, timeout_s=timeout_s)
 
     def in_flight(self, qid: int = 1) -> int:

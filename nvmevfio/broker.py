@@ -20,7 +20,7 @@ from nvmevfio.errors import CommandError, CommandTimeout, ControllerFatal, Refus
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
-from nvmevfio.nvme.queue import CompletionQueue, SubmissionQueue
+from nvmevfio.nvme.queue import COMPLETION, CommandTable, CompletionQueue, SubmissionQueue
 from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
@@ -61,23 +61,6 @@ class Namespace:
         return self.size_blocks * self.block_size
 
 
-@dataclass
-class Completion:
-    tag: int
-    cid: int
-    result: int  # DW0
-    status: int  # CQE status field without the phase bit
-    latency_s: float
-
-
-@dataclass
-class _Pending:
-    tag: int
-    name: str
-    buffer: DmaBuffer | None
-    submitted: float
-
-
 class QueuePair:
     """An I/O (or admin) SQ/CQ pair with its command ids, PRP-list pages and in-flight table."""
 
@@ -91,17 +74,15 @@ class QueuePair:
         self.prp_pages = prp_pages_per_cmd
         self.prp_array = prp_array  # uint64 view of the PRP-list memory
         self.page_size = page_size
-        ncids = sq.depth - 1
-        self.free_cids: list[int] = list(range(ncids - 1, -1, -1))
-        self.pending: dict[int, _Pending] = {}
+        self.table = CommandTable(sq.depth - 1)  # one SQ slot always stays empty
 
     @property
     def in_flight(self) -> int:
-        return len(self.pending)
+        return self.table.in_flight
 
     @property
     def capacity(self) -> int:
-        return min(len(self.free_cids), self.sq.free)
+        return min(self.table.free, self.sq.free)
 
     def prp_list_iovas(self, cid: int) -> list[int]:
         base = self.prp_base + cid * self.prp_pages * self.page_size
@@ -174,10 +155,9 @@ class Broker:
 
     def _drop_queues(self) -> None:
         for qp in [*self.io, *([self.admin] if self.admin else [])]:
-            for p in qp.pending.values():
-                if p.buffer is not None and p.buffer.live:
-                    self.ledger.unpin(p.buffer)
-            qp.pending.clear()
+            busy = qp.table.busy_cids()
+            for slot, gen, n in qp.table.buffer_counts(busy):
+                self.ledger.unpin(slot, gen, n)
             for buf in qp.buffers:
                 if buf.live:
                     self.ledger.free(buf)
@@ -263,25 +243,19 @@ class Broker:
         self._tag += 1
         return self._tag
 
-    def _post(self, qp: QueuePair, entries: np.ndarray, names: list[str], buffers: list[DmaBuffer | None],
-              cids: list[int]) -> list[int]:
-        """Post entries (cids already assigned and written) and record them in flight. No doorbell."""
+    def _post(self, qp: QueuePair, entries: np.ndarray, cids: np.ndarray, buf: DmaBuffer | None) -> np.ndarray:
+        """Post entries (cids assigned, PRPs authored) and record them in flight. No doorbell."""
         qp.sq.post(entries)
-        now = self.clock()
-        tags = []
-        for cid, name, buf in zip(cids, names, buffers):
-            tag = self._next_tag()
-            if buf is not None:
-                self.ledger.pin(buf)
-            qp.pending[cid] = _Pending(tag, name, buf, now)
-            tags.append(tag)
-        return tags
+        if buf is not None:
+            self.ledger.pin(buf, len(cids))
+        return qp.table.record(cids, int(entries["opc"][0]), buf.slot if buf is not None else -1,
+                               buf.generation if buf is not None else 0, self.clock())
 
-    def _take_cids(self, qp: QueuePair, n: int) -> list[int]:
+    def _take_cids(self, qp: QueuePair, n: int) -> np.ndarray:
         if n > qp.capacity:
             raise Refused("queue-full", f"queue {qp.qid} has room for {qp.capacity} more commands, {n} asked",
                           qid=qp.qid, free=qp.capacity, wanted=n)
-        return [qp.free_cids.pop() for _ in range(n)]
+        return qp.table.take(n)
 
     # ============================================================ completions
     def _wait_pending(self, qp: QueuePair, deadline: float) -> None:
@@ -304,38 +278,45 @@ class Broker:
 
     def _timeout(self, qp: QueuePair) -> None:
         self.ctrl.check_fatal()
-        oldest = min(qp.pending.values(), key=lambda p: p.submitted, default=None)
+        busy = qp.table.busy_cids()
+        oldest = int(busy[np.argmin(qp.table.submitted[busy])]) if len(busy) else None
+        what = f" (oldest: opcode {int(qp.table.opcode[oldest]):#04x}, cid {oldest})" if oldest is not None else ""
         raise CommandTimeout(
             f"queue {qp.qid}: no completion within {self.command_timeout_s:.0f} s for "
-            f"{len(qp.pending)} command(s){f' (oldest: {oldest.name})' if oldest else ''}; "
-            f"CSTS={self.ctrl.csts():#010x}", qid=qp.qid, in_flight=len(qp.pending))
+            f"{len(busy)} command(s){what}; CSTS={self.ctrl.csts():#010x}", qid=qp.qid, in_flight=len(busy))
 
-    def _reap(self, qp: QueuePair, minimum: int, timeout_s: float | None) -> list[Completion]:
-        """Reap at least ``minimum`` completions (all that are ready), one CQ head doorbell per batch."""
-        out: list[Completion] = []
+    def _reap(self, qp: QueuePair, minimum: int, timeout_s: float | None) -> np.ndarray:
+        """Reap at least ``minimum`` completions (all that are ready), one CQ head doorbell per batch.
+
+        Returns a structured array of ``nvme.queue.COMPLETION``: tag, cid, opcode, result,
+        status (without the phase tag), latency_s."""
+        parts = []
+        got = 0
         deadline = self.clock() + (self.command_timeout_s if timeout_s is None else timeout_s)
         while True:
             cqes = qp.cq.reap()
             if len(cqes):
                 qp.cq.ring_head()
                 qp.sq.update_head(int(cqes["sqhd"][-1]))
-                now = self.clock()
-                for cid, dw0, status in zip(cqes["cid"].tolist(), cqes["dw0"].tolist(), cqes["status"].tolist()):
-                    p = qp.pending.pop(cid, None)
-                    if p is None:
-                        raise ControllerFatal(f"queue {qp.qid}: completion for unknown command id {cid}",
-                                              qid=qp.qid, cid=cid)
-                    qp.free_cids.append(cid)
-                    if p.buffer is not None and p.buffer.live:
-                        self.ledger.unpin(p.buffer)
-                    out.append(Completion(p.tag, cid, dw0, status >> 1, now - p.submitted))
-                self.commands_completed += len(cqes)
-            if len(out) >= minimum or not qp.pending:
-                return out
+                cids = cqes["cid"].astype(np.int64)
+                try:
+                    counts = qp.table.buffer_counts(cids) if (cids < qp.table.size).all() else []
+                    done = qp.table.retire(cqes, self.clock())
+                except ValueError as exc:
+                    raise ControllerFatal(f"queue {qp.qid}: {exc}", qid=qp.qid) from exc
+                for slot, gen, n in counts:
+                    self.ledger.unpin(slot, gen, n)
+                parts.append(done)
+                got += len(done)
+                self.commands_completed += len(done)
+            if got >= minimum or not qp.in_flight:
+                if len(parts) == 1:
+                    return parts[0]
+                return np.concatenate(parts) if parts else np.empty(0, dtype=COMPLETION)
             self._wait_pending(qp, deadline)
 
-    def _raise_for(self, c: Completion, name: str, **context: Any) -> None:
-        _, sc, sct, _, more, dnr = spec.split_status(c.status << 1)
+    def _raise_for(self, c: np.void, name: str, **context: Any) -> None:
+        _, sc, sct, _, more, dnr = spec.split_status(int(c["status"]) << 1)
         raise CommandError(name, sct, sc, bool(dnr), sct_name=spec.sct_name(sct),
                            sc_name=spec.status_name(sct, sc), more=bool(more), **context)
 
@@ -343,17 +324,12 @@ class Broker:
         qp = self.admin
         if qp is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
-        [cid] = self._take_cids(qp, 1)
-        e["cid"] = cid
-        if buf is not None:
-            self._attach_data(qp, e, cid, buf, 0, length)
-        [tag] = self._post(qp, e, [name], [buf], [cid])
-        qp.sq.ring_doorbell()
+        tag = self._submit_one(qp, e, buf, length)
         for c in self._reap(qp, 1, None):
-            if c.tag == tag:
-                if c.status:
+            if c["tag"] == tag:
+                if c["status"]:
                     self._raise_for(c, name)
-                return c.result
+                return int(c["result"])
         raise ControllerFatal(f"admin command {name} was not completed")  # pragma: no cover
 
     # ============================================================ admin verbs
@@ -511,7 +487,7 @@ class Broker:
 
     # ============================================================ I/O: batched submit / reap
     def submit_rw(self, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray, buf: DmaBuffer,
-                  offsets: np.ndarray, *, qid: int = 1, doorbell: bool = True) -> list[int]:
+                  offsets: np.ndarray, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
         """Post a batch of READ or WRITE commands into ``buf`` at ``offsets`` and ring the SQ tail doorbell once.
 
         Every command is validated (window, MDTS, buffer bounds, handle) before any is posted.
@@ -525,36 +501,51 @@ class Broker:
         offsets = np.asarray(offsets, dtype=np.int64)
         n = len(slbas)
         if n == 0:
-            return []
+            return np.empty(0, dtype=np.int64)
         if not (len(counts) == len(offsets) == n):
             raise Refused("length-mismatch", "slbas, counts and offsets differ in length")
         size = buf.size
-        self.ledger.iova(buf)  # stale-handle check before anything else
+        base = self.ledger.iova(buf)  # stale-handle check before anything else
         limit = self.max_blocks(ns)
         bs = ns.block_size
-        if (counts <= 0).any() or (counts > limit).any():
+        if counts.min() < 1 or counts.max() > limit:
             raise Refused("count-out-of-range", f"block counts must be 1..{limit} per command (MDTS)",
                           limit=limit)
-        if (slbas < 0).any() or (slbas + counts > ns.size_blocks).any():
-            bad = int(np.flatnonzero((slbas < 0) | (slbas + counts > ns.size_blocks))[0])
+        ends = slbas + counts
+        if slbas.min() < 0 or ends.max() > ns.size_blocks:
+            bad = int(np.flatnonzero((slbas < 0) | (ends > ns.size_blocks))[0])
             self.check_window(ns, int(slbas[bad]), int(counts[bad]))
-        if (offsets < 0).any() or (offsets % 4).any() or (offsets + counts * bs > size).any():
+        lengths = counts * bs
+        if offsets.min() < 0 or (offsets & 3).any() or (offsets + lengths).max() > size:
             raise Refused("length-mismatch", f"a transfer falls outside its {size}-byte buffer or is not dword "
                           "aligned", size=size)
         if n > qp.capacity:
             raise Refused("queue-full", f"queue {qid} has room for {qp.capacity} commands, {n} asked",
                           qid=qid, free=qp.capacity, wanted=n)
-        base = self.ledger.iova(buf)
-        iovas = base + offsets
-        lengths = counts * bs
         ps = self.page_size
-        first = ps - iovas % ps
-        pages = np.where(lengths <= first, 1, 1 + -(-(lengths - first) // ps))
-        if (pages > self.max_pages).any():
+        iovas = base + offsets
+        # memory pages each transfer touches: from the start of PRP1's page to the last byte
+        pages = (iovas % ps + lengths + ps - 1) // ps
+        if pages.max() > self.max_pages:
             raise Refused("count-out-of-range", f"a command would touch more than {self.max_pages} memory pages "
                           f"(MDTS); at an in-page offset it carries at most {self.max_blocks(ns, 4)} blocks",
                           max_pages=self.max_pages)
         cids = self._take_cids(qp, n)
+        try:
+            entries = self._author_rw(qp, opcode, nsid, slbas, counts, cids, iovas, lengths, pages)
+        except BaseException:
+            qp.table.give_back(cids)
+            raise
+        tags = self._post(qp, entries, cids, buf)
+        if doorbell:
+            qp.sq.ring_doorbell()
+        return tags
+
+    def _author_rw(self, qp: QueuePair, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
+                   cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray) -> np.ndarray:
+        """The SQEs of a READ/WRITE batch: fields vectorized, PRP lists only where needed."""
+        n = len(cids)
+        ps = self.page_size
         entries = np.zeros(n, dtype=SQE)
         entries["opc"] = opcode
         entries["cid"] = cids
@@ -565,15 +556,11 @@ class Broker:
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
         for i in np.flatnonzero(pages > 2).tolist():
-            cid = cids[i]
+            cid = int(cids[i])
             p = prp.build(int(iovas[i]), int(lengths[i]), ps, qp.prp_list_iovas(cid))
             qp.write_prp_lists(cid, p.lists)
             entries["prp2"][i] = p.prp2
-        name = "Read" if opcode == IoOpcode.READ else "Write"
-        tags = self._post(qp, entries, [name] * n, [buf] * n, cids)
-        if doorbell:
-            qp.sq.ring_doorbell()
-        return tags
+        return entries
 
     def _queue(self, qid: int) -> QueuePair:
         self._require_io()
@@ -585,7 +572,7 @@ class Broker:
     def ring(self, qid: int = 1) -> None:
         self._queue(qid).sq.ring_doorbell()
 
-    def reap(self, qid: int = 1, minimum: int = 1, timeout_s: float | None = None) -> list[Completion]:
+    def reap(self, qid: int = 1, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:
         qp = self._queue(qid)
         return self._reap(qp, min(minimum, qp.in_flight), timeout_s)
 
@@ -595,25 +582,30 @@ class Broker:
     def capacity(self, qid: int = 1) -> int:
         return self._queue(qid).capacity
 
-    def _submit_one(self, qp: QueuePair, e: np.ndarray, name: str, buf: DmaBuffer | None = None,
-                    length: int = 0) -> int:
-        [cid] = self._take_cids(qp, 1)
+    def _submit_one(self, qp: QueuePair, e: np.ndarray, buf: DmaBuffer | None = None, length: int = 0) -> int:
+        """Author one command (cid, PRPs), post it and ring the SQ tail doorbell; returns its tag."""
+        cids = self._take_cids(qp, 1)
+        cid = int(cids[0])
         e["cid"] = cid
         if buf is not None:
-            self._attach_data(qp, e, cid, buf, 0, length)
-        [tag] = self._post(qp, e, [name], [buf], [cid])
+            try:
+                self._attach_data(qp, e, cid, buf, 0, length)
+            except BaseException:
+                qp.table.give_back(cids)
+                raise
+        [tag] = self._post(qp, e, cids, buf)
         qp.sq.ring_doorbell()
-        return tag
+        return int(tag)
 
     def _sync(self, qp: QueuePair, tags: list[int], name: str, **context: Any) -> None:
         """Reap until every tag completed; raise for the first error (after reaping the whole batch)."""
         want = set(tags)
-        failed: Completion | None = None
+        failed = None
         while want:
             for c in self._reap(qp, 1, None):
-                if c.tag in want:
-                    want.discard(c.tag)
-                    if c.status and failed is None:
+                if int(c["tag"]) in want:
+                    want.discard(int(c["tag"]))
+                    if c["status"] and failed is None:
                         failed = c
         if failed is not None:
             self._raise_for(failed, name, **context)
@@ -638,21 +630,22 @@ class Broker:
         offs = offset + (starts - slba) * ns.block_size
         name = "Read" if opcode == IoOpcode.READ else "Write"
         pos = 0
-        tags: list[int] = []
-        failed: Completion | None = None
-        while pos < len(starts) or tags:
+        outstanding = 0  # the queue was idle, so every completion on it is ours
+        failed = None
+        while pos < len(starts) or outstanding:
             room = qp.capacity
             if pos < len(starts) and room and failed is None:
                 k = min(room, len(starts) - pos)
-                tags += self.submit_rw(opcode, nsid, starts[pos : pos + k], counts[pos : pos + k], buf,
-                                       offs[pos : pos + k], qid=qid)
+                outstanding += len(self.submit_rw(opcode, nsid, starts[pos : pos + k], counts[pos : pos + k], buf,
+                                                  offs[pos : pos + k], qid=qid))
                 pos += k
-            for c in self._reap(qp, 1, None):
-                tags.remove(c.tag)
-                if c.status and failed is None:
-                    failed = c
-            if failed is not None and not tags:
-                self._raise_for(failed, name, nsid=nsid, slba=slba, count=count)
+            done = self._reap(qp, 1, None)
+            outstanding -= len(done)
+            bad = np.flatnonzero(done["status"])
+            if len(bad) and failed is None:
+                failed = done[bad[0]]
+        if failed is not None:
+            self._raise_for(failed, name, nsid=nsid, slba=slba, count=count)
 
     def _staging_buf(self) -> DmaBuffer:
         if self._staging is None or not self._staging.live:
@@ -699,7 +692,7 @@ class Broker:
     def flush(self, nsid: int, qid: int = 1) -> None:
         qp = self._queue(qid)
         self.namespace(nsid)
-        tag = self._submit_one(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid), "Flush")
+        tag = self._submit_one(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid))
         self._sync(qp, [tag], "Flush", nsid=nsid)
 
     def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
@@ -711,7 +704,7 @@ class Broker:
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
             tag = self._submit_one(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF,
-                                                 cdw11=start >> 32, cdw12=k - 1), "Write Zeroes")
+                                                 cdw11=start >> 32, cdw12=k - 1))
             self._sync(qp, [tag], "Write Zeroes", nsid=nsid, slba=start, count=k)
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
@@ -733,7 +726,7 @@ class Broker:
         arr[:] = 0
         arr[: rng.nbytes] = rng.view(np.uint8)
         tag = self._submit_one(qp, self._sqe(IoOpcode.DATASET_MANAGEMENT, nsid=nsid, cdw10=len(rng) - 1,
-                                             cdw11=1 << 2), "Dataset Management (Deallocate)", buf, rng.nbytes)
+                                             cdw11=1 << 2), buf, rng.nbytes)
         self._sync(qp, [tag], "Dataset Management (Deallocate)", nsid=nsid, slba=slba, count=count)
 
     def close(self) -> None:

@@ -255,12 +255,16 @@ class DmaLedger:
         """The buffer's device address. For the broker only; never handed to callers."""
         return self._live_slot(buf).iova
 
-    def pin(self, buf: DmaBuffer) -> None:
-        self._live_slot(buf).in_flight += 1
+    def pin(self, buf: DmaBuffer, commands: int = 1) -> None:
+        """Count commands in flight on ``buf``; free() refuses it until they complete."""
+        self._live_slot(buf).in_flight += commands
 
-    def unpin(self, buf: DmaBuffer) -> None:
-        slot = self._live_slot(buf)
-        slot.in_flight = max(0, slot.in_flight - 1)
+    def unpin(self, slot: int, generation: int, commands: int = 1) -> None:
+        """The device is done with ``commands`` commands on buffer (slot, generation)."""
+        if 0 <= slot < len(self._slots):
+            s = self._slots[slot]
+            if s.generation == generation and s.mem is not None:
+                s.in_flight = max(0, s.in_flight - commands)
 
     def live_buffers(self) -> int:
         return sum(1 for s in self._slots if s.mem is not None)

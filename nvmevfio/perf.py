@@ -64,13 +64,16 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     rng = np.random.default_rng(seed)
     buf = dev.alloc_buffer(queue_depth * io_size)
     buf.array[:] = rng.integers(0, 256, buf.size, dtype=np.uint8)
-    free = list(range(queue_depth))
-    slot_of: dict[int, tuple[int, bool]] = {}  # tag -> (buffer slot, is a read)
+    # Per-command state lives in arrays indexed by tag (tags grow by one per command; at
+    # most queue_depth are in flight, so a ring of tags cannot collide).
+    ring = 1 << max(10, (4 * queue_depth).bit_length())
+    slot_of = np.zeros(ring, dtype=np.int64)
+    read_of = np.zeros(ring, dtype=bool)
+    free = np.arange(queue_depth, dtype=np.int64)  # a stack of free buffer slots
+    nfree = queue_depth
     lat = np.empty(1 << 16, dtype=np.float64)
-    nlat = 0
-    reads = writes = errors = 0
-    seq = 0
-    issued = 0
+    nlat = reads = errors = 0
+    seq = issued = in_flight = 0
     t0 = time.perf_counter()
     end = t0 + seconds if seconds is not None else float("inf")
     next_status = t0 + 1.0
@@ -78,10 +81,10 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         while True:
             now = time.perf_counter()
             stop = now >= end or (count is not None and issued >= count)
-            if not stop and free:
-                k = len(free) if count is None else min(len(free), count - issued)
-                slots = np.array(free[:k])
-                del free[:k]
+            if not stop and nfree:
+                k = nfree if count is None else min(nfree, count - issued)
+                slots = free[nfree - k : nfree].copy()
+                nfree -= k
                 if workload.startswith("rand"):
                     lbas = lo + rng.integers(0, slots_n, k)
                 else:
@@ -89,36 +92,41 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
                     seq += k
                 if workload == "randrw":
                     is_read = rng.integers(0, 100, k) < rwmixread
+                    groups = [(True, is_read), (False, ~is_read)]
                 else:
-                    is_read = np.full(k, workload in ("randread", "read"))
-                for want_read in (True, False):
-                    sel = is_read == want_read
-                    if not sel.any():
+                    groups = [(workload in ("randread", "read"), slice(None))]
+                for want_read, sel in groups:
+                    sl = slots[sel]
+                    if not len(sl):
                         continue
                     submit = dev.submit_reads if want_read else dev.submit_writes
-                    tags = submit(lbas[sel], np.full(int(sel.sum()), nlb), buf, slots[sel] * io_size)
-                    slot_of.update((t, (s, want_read)) for t, s in zip(tags, slots[sel].tolist()))
+                    tags = submit(lbas[sel], np.full(len(sl), nlb), buf, sl * io_size)
+                    slot_of[tags % ring] = sl
+                    read_of[tags % ring] = want_read
                 issued += k
-            if not slot_of:
+                in_flight += k
+            if not in_flight:
                 break
-            for c in dev.reap(1):
-                slot, was_read = slot_of.pop(c.tag)
-                free.append(slot)
-                reads += was_read
-                writes += not was_read
-                if c.status:
-                    errors += 1
-                if nlat == len(lat):
-                    lat = np.resize(lat, 2 * len(lat))
-                lat[nlat] = c.latency_s
-                nlat += 1
+            done = dev.reap(1)
+            m = len(done)
+            idx = done["tag"] % ring
+            free[nfree : nfree + m] = slot_of[idx]
+            nfree += m
+            in_flight -= m
+            reads += int(read_of[idx].sum())
+            errors += int(np.count_nonzero(done["status"]))
+            if nlat + m > len(lat):
+                lat = np.resize(lat, 2 * (nlat + m))
+            lat[nlat : nlat + m] = done["latency_s"]
+            nlat += m
             if status is not None and now >= next_status:
                 status(now - t0, nlat)
                 next_status = now + 1.0
     finally:
         elapsed = time.perf_counter() - t0
-        if not slot_of:
+        if not in_flight:
             dev.free_buffer(buf)
+    writes = nlat - reads
     us = lat[:nlat] * 1e6
     pct = np.percentile(us, [50, 99, 99.9]) if nlat else np.zeros(3)
     return PerfResult(

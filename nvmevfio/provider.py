@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio.broker import Broker, Completion, Namespace
+from nvmevfio.broker import Broker, Namespace
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import regs
@@ -143,16 +143,19 @@ class Provider:
         self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset)
 
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, *,
-               qid: int = 1) -> list[int]:
-        """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns tags."""
+               qid: int = 1) -> np.ndarray:
+        """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
+        tags (int64 array; ``reap()`` reports each tag once)."""
         opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
         if opcode is None:
             raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
         return self._broker.submit_rw(opcode, nsid, np.atleast_1d(slbas), np.atleast_1d(counts), buf,
                                       np.atleast_1d(offsets), qid=qid)
 
-    def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> list[Completion]:
-        """Completions of batched commands (at least ``minimum`` while any are in flight)."""
+    def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
+        """Completions of batched commands (at least ``minimum`` while any are in flight), as a
+        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``status``
+        (without the phase tag; 0 is success), ``latency_s``."""
         return self._broker.reap(qid, minimum, timeout_s)
 
     def in_flight(self, qid: int = 1) -> int:

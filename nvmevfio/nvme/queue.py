@@ -114,3 +114,92 @@ class CompletionQueue:
     def ring_head(self) -> None:
         """Tell the controller the entries up to the head are consumed: the CQ head doorbell."""
         self.mmio.doorbell(self.doorbell, self.head)
+
+
+# What reap() returns: one record per completed command.
+COMPLETION = np.dtype([("tag", "<i8"), ("cid", "<u2"), ("opcode", "<u1"), ("result", "<u4"), ("status", "<u2"),
+                       ("latency_s", "<f8")])
+
+
+class CommandTable:
+    """Command ids and what is in flight under each, kept in numpy arrays so that a batch
+    of N commands is recorded and retired with a fixed number of vectorized operations."""
+
+    def __init__(self, ncids: int) -> None:
+        self.size = ncids
+        self._stack = np.arange(ncids - 1, -1, -1, dtype=np.int64)  # free cids, next one last
+        self._top = ncids
+        self.busy = np.zeros(ncids, dtype=bool)
+        self.tag = np.zeros(ncids, dtype=np.int64)
+        self.opcode = np.zeros(ncids, dtype=np.uint8)
+        self.submitted = np.zeros(ncids, dtype=np.float64)
+        self.buf_slot = np.full(ncids, -1, dtype=np.int64)
+        self.buf_gen = np.zeros(ncids, dtype=np.int64)
+        self.next_tag = 1
+        self.in_flight = 0
+
+    @property
+    def free(self) -> int:
+        return self._top
+
+    def take(self, n: int) -> np.ndarray:
+        """Pop ``n`` free command ids (the caller checked ``free``)."""
+        if n > self._top:
+            raise ValueError(f"{n} command ids asked, {self._top} free")
+        cids = self._stack[self._top - n : self._top][::-1].copy()
+        self._top -= n
+        return cids
+
+    def give_back(self, cids: np.ndarray) -> None:
+        """Return ids that were taken but never posted."""
+        n = len(cids)
+        self._stack[self._top : self._top + n] = cids[::-1]
+        self._top += n
+
+    def record(self, cids: np.ndarray, opcode: int, buf_slot: int, buf_gen: int, now: float) -> np.ndarray:
+        """Mark posted commands in flight; returns their tags (unique over the queue's life)."""
+        n = len(cids)
+        tags = self.next_tag + np.arange(n, dtype=np.int64)
+        self.next_tag += n
+        self.busy[cids] = True
+        self.tag[cids] = tags
+        self.opcode[cids] = opcode
+        self.submitted[cids] = now
+        self.buf_slot[cids] = buf_slot
+        self.buf_gen[cids] = buf_gen
+        self.in_flight += n
+        return tags
+
+    def retire(self, cqes: np.ndarray, now: float) -> np.ndarray:
+        """Turn CQEs into completion records (dtype COMPLETION) and free their ids. Raises
+        ValueError for a CQE whose command id is not in flight (a controller bug)."""
+        cids = cqes["cid"].astype(np.int64)
+        n = len(cids)
+        if int(cids.max()) >= self.size or not self.busy[cids].all() or (n > 1 and len(set(cids.tolist())) != n):
+            raise ValueError(f"completion for a command id not in flight: {cids.tolist()}")
+        out = np.empty(n, dtype=COMPLETION)
+        out["tag"] = self.tag[cids]
+        out["cid"] = cids
+        out["opcode"] = self.opcode[cids]
+        out["result"] = cqes["dw0"]
+        out["status"] = cqes["status"] >> 1  # without the phase tag
+        out["latency_s"] = now - self.submitted[cids]
+        self.busy[cids] = False
+        self._stack[self._top : self._top + n] = cids
+        self._top += n
+        self.in_flight -= n
+        return out
+
+    def buffer_counts(self, cids: np.ndarray) -> list[tuple[int, int, int]]:
+        """(slot, generation, commands) per buffer used by ``cids`` (for unpinning)."""
+        slots, gens = self.buf_slot[cids], self.buf_gen[cids]
+        if len(slots) and (slots == slots[0]).all() and (gens == gens[0]).all():  # the usual batch: one buffer
+            return [(int(slots[0]), int(gens[0]), len(slots))] if slots[0] >= 0 else []
+        counts: dict[tuple[int, int], int] = {}
+        for key in zip(slots.tolist(), gens.tolist()):
+            if key[0] >= 0:
+                counts[key] = counts.get(key, 0) + 1
+        return [(sl, g, c) for (sl, g), c in counts.items()]
+
+    def busy_cids(self) -> np.ndarray:
+        return np.flatnonzero(self.busy)

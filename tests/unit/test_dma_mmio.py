@@ -91,11 +91,17 @@ def test_scrub_before_unmap():
 def test_in_flight_buffer_refused():
     led, _ = _ledger()
     b = led.alloc(4096)
-    led.pin(b)
+    led.pin(b, 2)
     with pytest.raises(Refused) as ei:
         led.free(b)
     assert ei.value.reason == "buffer-in-flight"
-    led.unpin(b)
+    led.unpin(b.slot, b.generation, 1)
+    with pytest.raises(Refused):
+        led.free(b)  # one command still in flight
+    led.unpin(b.slot, b.generation + 1, 1)  # a stale generation changes nothing
+    with pytest.raises(Refused):
+        led.free(b)
+    led.unpin(b.slot, b.generation, 1)
     led.free(b)
     assert led.live_buffers() == 0
 

@@ -106,3 +106,29 @@ def test_timeout_and_mps():
     assert regs.choose_mps(cap, 4096) == 0
     assert regs.choose_mps(cap, 65536) == 4
     assert regs.choose_mps(regs.pack({regs.CAP_.MPSMIN: 1, regs.CAP_.MPSMAX: 2}), 4096) == 1
+
+
+def test_command_table_batches():
+    from nvmevfio.nvme.queue import CommandTable
+
+    t = CommandTable(4)
+    cids = t.take(3)
+    assert cids.tolist() == [0, 1, 2] and t.free == 1
+    tags = t.record(cids, 0x02, 5, 1, now=10.0)
+    assert tags.tolist() == [1, 2, 3] and t.in_flight == 3
+    cqes = np.zeros(2, dtype=CQE)
+    cqes["cid"] = [2, 0]
+    cqes["dw0"] = [7, 8]
+    cqes["status"] = [(0x80 << 1) | 1, 1]  # LBA Out of Range, then success
+    assert t.buffer_counts(np.array([2, 0])) == [(5, 1, 2)]
+    done = t.retire(cqes, now=10.5)
+    assert done["tag"].tolist() == [3, 1] and done["status"].tolist() == [0x80, 0] and done["result"].tolist() == [7, 8]
+    assert done["latency_s"].tolist() == [0.5, 0.5] and done["opcode"].tolist() == [2, 2]
+    assert t.in_flight == 1 and t.free == 3 and t.busy_cids().tolist() == [1]
+    with pytest.raises(ValueError, match="not in flight"):
+        t.retire(cqes[:1], now=11.0)  # cid 2 again
+    again = t.take(3)
+    assert sorted(again.tolist()) == [0, 2, 3]
+    t.give_back(again)
+    assert t.free == 3
+    assert t.record(t.take(1), 1, -1, 0, 12.0).tolist() == [4]  # tags keep counting
