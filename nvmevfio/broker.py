@@ -695,12 +695,17 @@ class Broker:
         tag = self._submit_one(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid))
         self._sync(qp, [tag], "Flush", nsid=nsid)
 
-    def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
+    def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int, what: str) -> QueuePair:
+        """Checks shared by the range commands: queue, namespace, window, and ONCS support."""
         qp = self._queue(qid)
-        ns = self.namespace(nsid)
-        self.check_window(ns, slba, count)
-        if not (self.id_ctrl or {}).get("oncs", 0) & ONCS_WRITE_ZEROES:
-            raise Refused("unsupported-command", "the controller does not support Write Zeroes (ONCS bit 3)")
+        self.check_window(self.namespace(nsid), slba, count)
+        if not (self.id_ctrl or {}).get("oncs", 0) & oncs_bit:
+            raise Refused("unsupported-command", f"the controller does not support {what} "
+                          f"(ONCS bit {oncs_bit.bit_length() - 1})")
+        return qp
+
+    def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
+        qp = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
             tag = self._submit_one(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF,
@@ -709,11 +714,7 @@ class Broker:
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Dataset Management with the Deallocate attribute (ranges of up to 2^32-1 blocks)."""
-        qp = self._queue(qid)
-        ns = self.namespace(nsid)
-        self.check_window(ns, slba, count)
-        if not (self.id_ctrl or {}).get("oncs", 0) & ONCS_DSM:
-            raise Refused("unsupported-command", "the controller does not support Dataset Management (ONCS bit 2)")
+        qp = self._range_command(qid, nsid, slba, count, ONCS_DSM, "Dataset Management")
         per = 0xFFFFFFFF
         starts = list(range(slba, slba + count, per))
         rng = np.zeros(len(starts), dtype=[("cattr", "<u4"), ("nlb", "<u4"), ("slba", "<u8")])

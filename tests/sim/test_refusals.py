@@ -118,3 +118,14 @@ def test_device_error_is_typed(rig):
                                                     "Media and Data Integrity Errors")
     assert "Read failed: Unrecovered Read Error" in str(e)
     np.testing.assert_array_equal(p.read(1, 0, 1), 0)  # the queue keeps working
+
+
+def test_unsupported_range_commands():
+    from conftest import Rig
+
+    r = Rig(oncs=0)
+    p = r.ready()
+    e = refused(r, "unsupported-command", p.write_zeroes, 1, 0, 8)
+    assert "Write Zeroes (ONCS bit 3)" in str(e)
+    e = refused(r, "unsupported-command", p.deallocate, 1, 0, 8)
+    assert "Dataset Management (ONCS bit 2)" in str(e)
