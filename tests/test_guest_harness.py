@@ -1,0 +1,38 @@
+"""tools/guest.py: argument parsing, module ordering, and that a guest which never reaches
+its payload is retried once and then fails loudly (CI must fail, never skip)."""
+
+import guest
+import pytest
+
+
+def test_parse_size_and_controllers():
+    assert guest.parse_size("64M") == 64 << 20 and guest.parse_size("1G") == 1 << 30 and guest.parse_size("512") == 512
+    with pytest.raises(ValueError):
+        guest.parse_size("lots")
+    c = guest.Controller.parse("ns=64M,ns=32M:4096,ns=8M:512:8@/var/tmp/x.img;mdts=0,max_ioqpairs=4")
+    assert [(n.size, n.block_size, n.metadata, n.image) for n in c.namespaces] == [
+        (64 << 20, 512, 0, None), (32 << 20, 4096, 0, None), (8 << 20, 512, 8, "/var/tmp/x.img")]
+    assert c.options == {"mdts": "0", "max_ioqpairs": "4"}
+    assert len(guest.Controller.parse("mdts=5").namespaces) == 1  # a default namespace
+
+
+def test_module_closure_orders_dependencies_first():
+    _, moddir, _ = guest.kernel_paths()
+    order = guest.module_closure(moddir, ["vfio-pci"])
+    names = [p.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_") for p in order]
+    assert names[-1] == "vfio_pci" and names.index("vfio") < names.index("vfio_pci_core") < names.index("vfio_pci")
+    with pytest.raises(guest.GuestError):
+        guest.module_closure(moddir, ["no_such_module"])
+
+
+def test_guest_that_never_reaches_the_payload_raises(tmp_path):
+    # rdinit=/nonexistent: the kernel panics before our init runs; panic=-1 powers off.
+    with pytest.raises(guest.GuestError, match="never reached the payload in 2 attempts"):
+        guest.run(["true"], io_dir=tmp_path, append="rdinit=/nonexistent", boot_timeout=60, timeout=120)
+    assert (tmp_path / "console.log").exists()
+
+
+def test_payload_exit_status_and_output(tmp_path):
+    res = guest.run(["sh", "-c", "echo hello from the guest; ls /dev/vfio; exit 7"], io_dir=tmp_path)
+    assert res.returncode == 7 and "hello from the guest" in res.output and res.attempts == 1
+    assert "vfio" in res.output  # the controller was bound to vfio-pci before the payload
