@@ -196,7 +196,7 @@ def build_initramfs() -> Path:
 # ---------------------------------------------------------------- the run
 def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], addresses: list[str],
                   kernel_driver: bool, moddir: Path, command: list[str], cwd: str,
-                  env: dict[str, str]) -> str:
+                  env: dict[str, str], nvme_params: str = "") -> str:
     vfio = module_closure(moddir, MOD_VFIO)
     nvme = module_closure(moddir, MOD_NVME)
     extra = module_closure(moddir, MOD_EXTRA)
@@ -214,22 +214,24 @@ def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], address
         lines.append(f"mkdir -p /newroot{q(str(path))} 2>/dev/null; mount -t 9p -o {opts} {tag} "
                      f"/newroot{q(str(path))} || fail 'mount {tag} at {path}'")
 
-    def insmod(mods: list[str]) -> list[str]:
+    def insmod(mods: list[str], params: str = "") -> list[str]:
         out = []
         for m in mods:
             name = Path(m).name
             loaded = name.split(".ko")[0].replace("-", "_")
-            out.append(f"insmod /mod/{name} 2>/dev/null || grep -q '^{loaded} ' /proc/modules || fail 'insmod {name}'")
+            args = f" {params}" if params and loaded == "nvme" else ""
+            out.append(f"insmod /mod/{name}{args} 2>/dev/null || grep -q '^{loaded} ' /proc/modules"
+                       f" || fail 'insmod {name}'")
         return out
 
     lines += insmod(vfio)
     if kernel_driver:
-        lines += insmod(nvme)
+        lines += insmod(nvme, nvme_params)
     else:
         for addr in addresses:
             lines += [f"echo vfio-pci > /sys/bus/pci/devices/{addr}/driver_override || fail 'override {addr}'",
                       f"echo {addr} > /sys/bus/pci/drivers_probe || fail 'probe {addr}'"]
-        lines += insmod(nvme)
+        lines += insmod(nvme, nvme_params)
     lines += insmod(extra)
     if kernel_driver:  # wait for the namespaces' block devices
         lines.append("i=0; while [ $i -lt 100 ] && ! ls /dev/nvme*n1 >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done")
@@ -256,11 +258,13 @@ def _venv_root() -> Path | None:
 def run(command: list[str], *, controllers: list[Controller] | None = None, kernel_driver: bool = False,
         timeout: float = 900.0, boot_timeout: float = 90.0, accel: str = "tcg", memory: str = "2048",
         smp: int = 2, append: str = "", env: dict[str, str] | None = None, cwd: str | None = None,
-        io_dir: Path | None = None, echo: bool = False, retries: int = 1, iommu: bool = True) -> GuestResult:
+        io_dir: Path | None = None, echo: bool = False, retries: int = 1, iommu: bool = True,
+        nvme_params: str = "") -> GuestResult:
     """Boot the guest, run ``command`` in it, return its exit status and output.
 
     ``io_dir`` (created when None) is writable from the guest at the same path;
-    images are created there. A guest that dies before reaching the payload is
+    images are created there. ``nvme_params`` go to the kernel nvme module (e.g.
+    ``poll_queues=1``). A guest that dies before reaching the payload is
     retried ``retries`` times; one that does not finish within ``timeout`` raises.
     """
     controllers = controllers if controllers is not None else [Controller()]
@@ -332,7 +336,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         genv["VIRTUAL_ENV"] = str(venv)
     genv.update(env or {})
     script = _guest_script(io_dir=io_dir, shares=shares, addresses=addresses, kernel_driver=kernel_driver,
-                           moddir=moddir, command=command, cwd=cwd or os.getcwd(), env=genv)
+                           moddir=moddir, command=command, cwd=cwd or os.getcwd(), env=genv,
+                           nvme_params=nvme_params)
     (io_dir / "guest.sh").write_text(script)
     kappend = "console=ttyS0 intel_iommu=on panic=-1 quiet clocksource=tsc tsc=reliable " + append
     qargs += ["-append", kappend.strip()]
@@ -433,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--ctrl", action="append", default=[],
                    help="a controller: 'ns=SIZE[:BS][@IMAGE],...;QEMU_OPT=V,...' (repeatable; default one 64M ns)")
     r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
+    r.add_argument("--nvme-params", default="", help="kernel nvme module parameters, e.g. poll_queues=1")
     r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")
     r.add_argument("--accel", choices=["tcg", "kvm"], default=os.environ.get("NVMEVFIO_ACCEL", "tcg"),
                    help="tcg (default: nested KVM hangs on these hosts) or kvm")
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         ctrls = [Controller.parse(c) for c in args.ctrl] or None
         res = run(args.command, controllers=ctrls, kernel_driver=args.kernel_driver, timeout=args.timeout,
                   accel=args.accel, memory=args.memory, append=args.append, io_dir=args.io_dir,
-                  echo=not args.quiet, iommu=not args.no_iommu)
+                  echo=not args.quiet, iommu=not args.no_iommu, nvme_params=args.nvme_params)
     except GuestError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 125
