@@ -15,7 +15,8 @@ if [ "$(id -u)" != 0 ]; then
     log "must run as root (apt-get, /dev/vfio, sysfs binding)"; exit 1
 fi
 
-apt_pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs nvme-cli pciutils udev fio python3-venv)
+apt_pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs nvme-cli pciutils udev fio
+          python3-venv python3-dev gcc libc6-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
