@@ -327,6 +327,29 @@ int nv_dma_unmap(int container_fd, uint64_t iova, uint64_t size)
     return unmap.size == size ? 0 : -EFAULT;
 }
 
+/* ---- memory ---- */
+
+int nv_mem_alloc(uint64_t size, int hugetlb, void **out)
+{
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE;
+    if (hugetlb)
+        flags |= MAP_HUGETLB;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED)
+        return NEG_ERRNO();
+    /* VFIO_IOMMU_MAP_DMA pins the pages anyway; locking also keeps them out of swap
+     * between allocation and mapping. A lock failure (RLIMIT_MEMLOCK) is not fatal. */
+    (void)mlock(p, size);
+    *out = p;
+    return 0;
+}
+
+int nv_mem_free(void *addr, uint64_t size)
+{
+    (void)munlock(addr, size);
+    return munmap(addr, size) < 0 ? NEG_ERRNO() : 0;
+}
+
 /* ---- eventfds ---- */
 
 int nv_eventfd_open(void)

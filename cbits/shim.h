@@ -78,6 +78,11 @@ int nv_iommu_info(int container_fd, struct nv_iommu_info *out,
 int nv_dma_map(int container_fd, uint64_t vaddr, uint64_t iova, uint64_t size, int device_writable);
 int nv_dma_unmap(int container_fd, uint64_t iova, uint64_t size);
 
+/* Page-aligned anonymous memory, populated and locked; 2 MiB hugetlb pages on request
+ * (size must then be a multiple of 2 MiB). */
+int nv_mem_alloc(uint64_t size, int hugetlb, void **out);
+int nv_mem_free(void *addr, uint64_t size);
+
 /* Eventfds for MSI-X. */
 int nv_eventfd_open(void);
 int nv_eventfd_read(int fd, uint64_t *count);

@@ -191,7 +191,11 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False) -> BlockDevice:
-    """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci)."""
-    session: ControllerSession = open_controller(address, reset=reset)
+         reset: bool = False, hugetlb: bool = False) -> BlockDevice:
+    """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
+
+    ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
+    CAP.MQES+1); ``reset``: VFIO function reset first; ``hugetlb``: 2 MiB pages for the broker's
+    queues and staging memory."""
+    session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues)

@@ -20,7 +20,7 @@ import numpy as np
 from nvmevfio.errors import Refused, StaleHandle
 
 PAGE_SIZE = mmap.PAGESIZE
-_MAP_HUGETLB = 0x40000  # Linux MAP_HUGETLB (x86, arm64)
+HUGE_PAGE = 2 << 20  # broker-private memory uses 2 MiB pages when the ledger asks for hugetlb
 # IOVA 0 and the page above it are never handed out: a zero PRP is the
 # classic symptom of a missing address, and must fault, not hit a buffer.
 DEFAULT_IOVA_FLOOR = 1 << 20
@@ -100,15 +100,13 @@ class DmaMapper(Protocol):
 
 
 class _Memory:
-    """One page-aligned anonymous mapping. Public buffers use Python's mmap, which
-    refuses to close while a numpy view of it exists: a freed buffer's memory is
-    scrubbed and unmapped from the IOMMU at once, and released from the process
-    only once the caller's last view is gone, so a stale view can never crash."""
+    """Caller-visible memory: one page-aligned anonymous mapping from Python's mmap, which
+    refuses to close while a numpy view of it exists. A freed buffer's memory is scrubbed
+    and unmapped from the IOMMU at once, and released from the process only once the
+    caller's last view is gone, so a stale view can never crash."""
 
-    def __init__(self, size: int, hugetlb: bool = False) -> None:
+    def __init__(self, size: int) -> None:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        if hugetlb:
-            flags |= _MAP_HUGETLB
         self.size = size
         self._mm: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
@@ -126,10 +124,35 @@ class _Memory:
         return True
 
 
+class _PrivateMemory:
+    """Broker-private memory (queues, PRP lists, staging) from the C shim: populated,
+    locked, hugetlb on request. Its views never leave the broker, so it is released
+    as soon as it is freed."""
+
+    def __init__(self, size: int, hugetlb: bool = False) -> None:
+        from nvmevfio._ffi import check, ffi, lib
+
+        self._lib = lib
+        out = ffi.new("void **")
+        check(lib.nv_mem_alloc(size, int(hugetlb), out), "mmap anonymous memory", f"{size:#x} bytes",
+              "hugetlb pages reserved? (/proc/sys/vm/nr_hugepages)" if hugetlb else "")
+        self._ptr = out[0]
+        self.size = size
+        self.addr = int(ffi.cast("uintptr_t", self._ptr))
+        self.array = np.frombuffer(ffi.buffer(self._ptr, size), dtype=np.uint8)
+
+    def try_release(self) -> bool:
+        if self._ptr is not None:
+            self.array = np.empty(0, dtype=np.uint8)
+            self._lib.nv_mem_free(self._ptr, self.size)
+            self._ptr = None
+        return True
+
+
 @dataclass(eq=False)
 class _Slot:
     generation: int = 0
-    mem: _Memory | None = None
+    mem: _Memory | _PrivateMemory | None = None
     iova: int = 0
     size: int = 0
     owner: str = ""
@@ -159,6 +182,7 @@ class DmaBuffer:
 class DmaLedger:
     def __init__(self, mapper: DmaMapper, ranges: list[tuple[int, int]], *,
                  page_size: int = PAGE_SIZE, hugetlb: bool = False) -> None:
+        """``hugetlb``: back broker-private memory (queues, PRP lists, staging) with 2 MiB pages."""
         self._mapper = mapper
         self.page_size = page_size
         self.hugetlb = hugetlb
@@ -172,10 +196,12 @@ class DmaLedger:
               alignment: int | None = None) -> DmaBuffer:
         if size <= 0:
             raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
-        mapped = align_up(size, self.page_size)
+        private = owner.startswith("broker:")
+        huge = self.hugetlb and private
+        mapped = align_up(size, HUGE_PAGE if huge else self.page_size)
         iova = self.iovas.alloc(mapped, alignment)
         try:
-            mem = _Memory(mapped, self.hugetlb)
+            mem: _Memory | _PrivateMemory = _PrivateMemory(mapped, huge) if private else _Memory(mapped)
         except BaseException:
             self.iovas.free(iova, mapped)
             raise
@@ -206,7 +232,7 @@ class DmaLedger:
         mem = slot.mem
         assert mem is not None  # _live_slot guarantees it; internal invariant
         mem.array.fill(0)  # scrub before the memory leaves the ledger
-        mapped = align_up(slot.size, self.page_size)
+        mapped = mem.size
         slot.generation += 1  # every outstanding handle is stale from here on
         slot.mem = None
         self._vacant.append(index)

@@ -207,10 +207,12 @@ class ControllerSession(Provider):
 
 
 def open_controller(address: str, *, reset: bool = False, staging_bytes: int | None = None,
-                    command_timeout_s: float | None = None) -> ControllerSession:
+                    command_timeout_s: float | None = None, hugetlb: bool = False) -> ControllerSession:
     """Open a controller bound to vfio-pci: VFIO function, DMA ledger over its IOVA ranges, broker.
 
-    The controller is only bound (registers read); call ``enable()`` next.
+    The controller is only bound (registers read); call ``enable()`` next. ``hugetlb`` backs the
+    broker's queues, PRP lists and staging buffer with 2 MiB pages (reserve them first:
+    /proc/sys/vm/nr_hugepages).
     """
     from nvmevfio import broker as _b
     from nvmevfio.dma import PAGE_SIZE, DmaLedger
@@ -218,7 +220,8 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
 
     fn = open_function(address, reset=reset)
     try:
-        ledger = DmaLedger(fn.container, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size))
+        ledger = DmaLedger(fn.container, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size),
+                           hugetlb=hugetlb)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
                        command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S)

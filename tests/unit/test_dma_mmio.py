@@ -146,3 +146,16 @@ def test_ffi_version_and_errors():
         _ffi.check(_ffi.lib.nv_group_open(b"/nonexistent/vfio/42"), "open VFIO group", "/nonexistent/vfio/42")
     assert ei.value.errno == 2 and "ENOENT" in str(ei.value) and "/nonexistent/vfio/42" in str(ei.value)
     assert _ffi.const("VFIO_TYPE1v2_IOMMU") == 3
+
+
+def test_private_memory_comes_from_the_shim():
+    led, sim = _ledger()
+    b = led.alloc(10000, owner="broker:sq")
+    a = b.array
+    assert len(a) == 10000 and a.ctypes.data % 4096 == 0
+    a[:] = 5
+    iova = led.iova(b)
+    vaddr, size, _ = sim.maps[iova]
+    assert vaddr == a.ctypes.data and size == 12288
+    led.free(b)
+    assert sim.maps == {}

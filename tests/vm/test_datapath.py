@@ -211,3 +211,23 @@ def test_device_reset_and_reenable(data_ctrl):
         assert fn.device.reset()
     with nvmevfio.open(data_ctrl["address"], 1, reset=True) as dev:
         assert dev.read_blocks(0, 1).size == 512
+
+
+def test_hugetlb_backed_queues(data_ctrl):
+    from pathlib import Path
+
+    def free_huge():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+        raise AssertionError("no HugePages_Free")
+
+    Path("/proc/sys/vm/nr_hugepages").write_text("64")
+    before = free_huge()
+    assert before >= 16
+    with nvmevfio.open(data_ctrl["address"], 1, hugetlb=True) as dev:
+        assert free_huge() < before  # the admin/I/O queues and PRP lists sit in huge pages
+        data = np.random.default_rng(12).integers(0, 256, 1 << 20, dtype=np.uint8)
+        dev.write_blocks(40000, data)
+        assert np.array_equal(dev.read_blocks(40000, 2048), data)
+    assert free_huge() == before  # all returned
