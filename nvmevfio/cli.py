@@ -712,9 +712,11 @@ def shutdown(address: str) -> None:
               help="completions by polling or MSI-X interrupts")
 @click.option("-M", "--rwmixread", type=click.IntRange(0, 100), default=50, show_default=True,
               help="percentage of reads for randrw")
+@click.option("--ramp", "ramp", type=float, default=0.0, show_default=True,
+              help="seconds to run first, unmeasured (like fio --ramp_time)")
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
-         count: int | None, lba_range: str | None, mode: str, rwmixread: int, fmt: str) -> None:
+         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -738,7 +740,8 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096)) as dev, \
             errors():
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
-                          count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None)
+                          count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
+                          ramp_s=ramp)
     if live:
         click.echo("", err=True)
     if fmt == "json":

@@ -43,8 +43,15 @@ class PerfResult:
 
 def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
         seconds: float | None = 5.0, count: int | None = None, lba_range: tuple[int, int] | None = None,
-        rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None) -> PerfResult:
-    """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures."""
+        rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None,
+        ramp_s: float = 0.0) -> PerfResult:
+    """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
+
+    ``ramp_s``: run the workload this long first, unmeasured (like fio's ramp_time), so that
+    caches, the interpreter and, in an emulated guest, the translated code are warm."""
+    if ramp_s > 0:
+        run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=ramp_s,
+            lba_range=lba_range, rwmixread=rwmixread, seed=seed + 1)
     if workload not in WORKLOADS:
         raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
     bs = dev.block_size
@@ -64,16 +71,16 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     rng = np.random.default_rng(seed)
     buf = dev.alloc_buffer(queue_depth * io_size)
     buf.array[:] = rng.integers(0, 256, buf.size, dtype=np.uint8)
-    # Per-command state lives in arrays indexed by tag (tags grow by one per command; at
-    # most queue_depth are in flight, so a ring of tags cannot collide).
-    ring = 1 << max(10, (4 * queue_depth).bit_length())
-    slot_of = np.zeros(ring, dtype=np.int64)
-    read_of = np.zeros(ring, dtype=bool)
-    free = np.arange(queue_depth, dtype=np.int64)  # a stack of free buffer slots
-    nfree = queue_depth
-    lat = np.empty(1 << 16, dtype=np.float64)
+    rand = workload.startswith("rand")
+    chunk = 1 << 16  # random start LBAs (and read/write choices) are drawn from numpy this many at a time
+    lba_pool: list[int] = []
+    mix_pool: list[int] = []
+    free = list(range(queue_depth))  # buffer slots; slot k is bytes [k * io_size, (k + 1) * io_size)
+    slot_of: dict[int, tuple[int, bool]] = {}  # tag -> (slot, is a read)
+    lat: list[np.ndarray] = []
     nlat = reads = errors = 0
-    seq = issued = in_flight = 0
+    seq = issued = 0
+    default_read = workload in ("randread", "read")
     t0 = time.perf_counter()
     end = t0 + seconds if seconds is not None else float("inf")
     next_status = t0 + 1.0
@@ -81,53 +88,53 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         while True:
             now = time.perf_counter()
             stop = now >= end or (count is not None and issued >= count)
-            if not stop and nfree:
-                k = nfree if count is None else min(nfree, count - issued)
-                slots = free[nfree - k : nfree].copy()
-                nfree -= k
-                if workload.startswith("rand"):
-                    lbas = lo + rng.integers(0, slots_n, k)
+            if not stop and free:
+                k = len(free) if count is None else min(len(free), count - issued)
+                slots = free[-k:]
+                del free[-k:]
+                if rand:
+                    if len(lba_pool) < k:
+                        lba_pool += (lo + rng.integers(0, slots_n, chunk)).tolist()
+                    lbas = lba_pool[-k:]
+                    del lba_pool[-k:]
                 else:
-                    lbas = lo + ((seq + np.arange(k)) % aligned) * nlb
+                    lbas = [lo + ((seq + i) % aligned) * nlb for i in range(k)]
                     seq += k
                 if workload == "randrw":
-                    is_read = rng.integers(0, 100, k) < rwmixread
-                    groups = [(True, is_read), (False, ~is_read)]
+                    if len(mix_pool) < k:
+                        mix_pool += rng.integers(0, 100, chunk).tolist()
+                    kinds = [m < rwmixread for m in mix_pool[-k:]]
+                    del mix_pool[-k:]
+                    groups = [(want, [i for i in range(k) if kinds[i] == want]) for want in (True, False)]
+                    groups = [(want, [slots[i] for i in pick], [lbas[i] for i in pick]) for want, pick in groups
+                              if pick]
                 else:
-                    groups = [(workload in ("randread", "read"), slice(None))]
-                for want_read, sel in groups:
-                    sl = slots[sel]
-                    if not len(sl):
-                        continue
+                    groups = [(default_read, slots, lbas)]
+                for want_read, sl, lb in groups:
                     submit = dev.submit_reads if want_read else dev.submit_writes
-                    tags = submit(lbas[sel], np.full(len(sl), nlb), buf, sl * io_size)
-                    slot_of[tags % ring] = sl
-                    read_of[tags % ring] = want_read
+                    tags = submit(lb, [nlb] * len(sl), buf, [x * io_size for x in sl])
+                    slot_of.update(zip(tags.tolist(), ((x, want_read) for x in sl)))
                 issued += k
-                in_flight += k
-            if not in_flight:
+            if not slot_of:
                 break
             done = dev.reap(1)
-            m = len(done)
-            idx = done["tag"] % ring
-            free[nfree : nfree + m] = slot_of[idx]
-            nfree += m
-            in_flight -= m
-            reads += int(read_of[idx].sum())
+            for tag in done["tag"].tolist():
+                slot, was_read = slot_of.pop(tag)
+                free.append(slot)
+                reads += was_read
             errors += int(np.count_nonzero(done["status"]))
-            if nlat + m > len(lat):
-                lat = np.resize(lat, 2 * (nlat + m))
-            lat[nlat : nlat + m] = done["latency_s"]
-            nlat += m
+            lat.append(done["latency_s"])
+            nlat += len(done)
             if status is not None and now >= next_status:
                 status(now - t0, nlat)
                 next_status = now + 1.0
     finally:
         elapsed = time.perf_counter() - t0
-        if not in_flight:
+        if not slot_of:
             dev.free_buffer(buf)
     writes = nlat - reads
-    us = lat[:nlat] * 1e6
+    latencies = np.concatenate(lat) if lat else np.empty(0)
+    us = latencies * 1e6
     pct = np.percentile(us, [50, 99, 99.9]) if nlat else np.zeros(3)
     return PerfResult(
         workload=workload, io_size=io_size, queue_depth=queue_depth, mode=dev.info.completion_mode,

@@ -149,8 +149,7 @@ class Provider:
         opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
         if opcode is None:
             raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
-        return self._broker.submit_rw(opcode, nsid, np.atleast_1d(slbas), np.atleast_1d(counts), buf,
-                                      np.atleast_1d(offsets), qid=qid)
+        return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid)
 
     def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
         """Completions of batched commands (at least ``minimum`` while any are in flight), as a

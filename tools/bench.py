@@ -66,7 +66,7 @@ def nvmevfio_round(addr: str, seconds: float) -> dict:
         res[name] = {}
         for mode in ("poll", "irq"):
             out = subprocess.run([sys.executable, "-m", "nvmevfio", "perf", addr, "-w", rw, "-q", str(qd), "-s",
-                                  str(bs), "-t", str(seconds), "--mode", mode, "-o", "json"],
+                                  str(bs), "-t", str(seconds), "--ramp", "1", "--mode", mode, "-o", "json"],
                                  check=True, capture_output=True, text=True).stdout
             d = json.loads(out)
             res[name][mode] = {"iops": d["iops"], "mib_per_s": d["mib_per_s"], "lat_p50_us": d["lat_p50_us"]}

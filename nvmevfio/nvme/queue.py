@@ -13,7 +13,11 @@ import numpy as np
 
 from nvmevfio.errors import Refused
 from nvmevfio.mmio import Mmio
-from nvmevfio.nvme.spec import CQE, SQE
+from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
+
+# Up to this many entries, scanning phase tags and retiring commands entry by entry in
+# Python costs less than numpy's fixed per-call overhead; beyond it the vectorized path runs.
+SCALAR_BATCH = 8
 
 
 def ring_used(head: int, tail: int, depth: int) -> int:
@@ -41,6 +45,7 @@ class SubmissionQueue:
         self.tail = 0  # next slot the host writes
         self.head = 0  # last SQ head the controller reported (CQE.SQHD)
         self.rung = 0  # tail value last written to the doorbell
+        self._bytes = memoryview(ring.view(np.uint8))
 
     @property
     def free(self) -> int:
@@ -56,6 +61,16 @@ class SubmissionQueue:
         self.ring[slots] = entries
         self.tail = (self.tail + n) % self.depth
         return slots
+
+    def post_one(self, fields: tuple[int, ...]) -> int:
+        """Pack one entry (fields in ``spec.SQE_STRUCT`` order) into the ring at the tail (no
+        doorbell). Returns its slot."""
+        if self.free < 1:
+            raise Refused("queue-full", f"SQ {self.qid} is full", qid=self.qid, free=0, wanted=1)
+        slot = self.tail
+        SQE_STRUCT.pack_into(self._bytes, slot * 64, *fields)
+        self.tail = slot + 1 if slot + 1 < self.depth else 0
+        return slot
 
     def ring_doorbell(self) -> None:
         """Publish every posted entry: the SQ tail doorbell (store barrier inside Mmio.doorbell)."""
@@ -80,10 +95,11 @@ class CompletionQueue:
         self.head = 0
         self.phase = 1  # the controller writes phase 1 on its first pass (3.3.3.2.2)
         self._status = ring["status"]
+        self._words = memoryview(ring.view(np.uint16))  # status of entry i is word 8*i + 7
 
     def pending(self) -> bool:
         """Is the entry at the head new? (its phase tag equals the expected phase)."""
-        return (int(self._status[self.head]) & 1) == self.phase
+        return (self._words[self.head * 8 + 7] & 1) == self.phase
 
     def _run(self, start: int, phase: int, limit: int) -> int:
         """Length of the run of entries from ``start`` whose phase tag is ``phase``."""
@@ -94,21 +110,32 @@ class CompletionQueue:
     def reap(self, limit: int | None = None) -> np.ndarray:
         """Consume every new completion (up to ``limit``); returns a copy of them. No doorbell."""
         limit = self.depth if limit is None else min(limit, self.depth)
-        first = self._run(self.head, self.phase, min(limit, self.depth - self.head))
-        n = first
-        if self.head + first == self.depth and first < limit:
-            n += self._run(0, self.phase ^ 1, limit - first)
+        words, depth = self._words, self.depth
+        # Phase tags of the first few entries one by one (cheap in Python) ...
+        n, h, phase = 0, self.head, self.phase
+        while n < limit and n < SCALAR_BATCH and (words[h * 8 + 7] & 1) == phase:
+            n += 1
+            h += 1
+            if h == depth:
+                h, phase = 0, phase ^ 1
+        # ... and the rest of a long run vectorized.
+        if n == SCALAR_BATCH and n < limit:
+            more = self._run(h, phase, min(limit - n, depth - h))
+            n += more
+            if h + more == depth and n < limit:
+                n += self._run(0, phase ^ 1, limit - n)
         if n == 0:
             return np.empty(0, dtype=CQE)
         # The phase tags were read above; the rest of each entry must not be read
         # from before the phase tag was seen (the device writes the whole entry,
         # the tag last in effect): a read barrier between the two.
         self.mmio.rmb()
-        slots = ring_slots(self.head, n, self.depth)
-        out = self.ring[slots].copy()
-        if self.head + n >= self.depth:
+        start = self.head
+        # when wrapped: one fancy-indexed copy (concatenating structured arrays is slow)
+        out = self.ring[start : start + n].copy() if start + n <= depth else self.ring[ring_slots(start, n, depth)]
+        if start + n >= depth:
             self.phase ^= 1  # the head wrapped: new entries now carry the other phase
-        self.head = (self.head + n) % self.depth
+        self.head = (start + n) % depth
         return out
 
     def ring_head(self) -> None:
@@ -170,12 +197,34 @@ class CommandTable:
         self.in_flight += n
         return tags
 
-    def retire(self, cqes: np.ndarray, now: float) -> np.ndarray:
-        """Turn CQEs into completion records (dtype COMPLETION) and free their ids. Raises
-        ValueError for a CQE whose command id is not in flight (a controller bug)."""
+    def record_one(self, cid: int, opcode: int, buf_slot: int, buf_gen: int, now: float) -> int:
+        """``record`` for a single command, without numpy's per-call overhead."""
+        tag = self.next_tag
+        self.next_tag += 1
+        self.busy[cid] = True
+        self.tag[cid] = tag
+        self.opcode[cid] = opcode
+        self.submitted[cid] = now
+        self.buf_slot[cid] = buf_slot
+        self.buf_gen[cid] = buf_gen
+        self.in_flight += 1
+        return tag
+
+    def take_one(self) -> int:
+        if self._top < 1:
+            raise ValueError("no free command id")
+        self._top -= 1
+        return int(self._stack[self._top])
+
+    def retire(self, cqes: np.ndarray, now: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Turn CQEs into completion records (dtype COMPLETION) and free their ids; also
+        returns (buffer slot, generation, commands) per buffer the commands used, for
+        unpinning. Raises ValueError for a CQE whose command id is not in flight."""
+        n = len(cqes)
+        if n <= SCALAR_BATCH:
+            return self._retire_small(cqes, now)
         cids = cqes["cid"].astype(np.int64)
-        n = len(cids)
-        if int(cids.max()) >= self.size or not self.busy[cids].all() or (n > 1 and len(set(cids.tolist())) != n):
+        if int(cids.max()) >= self.size or not self.busy[cids].all() or len(set(cids.tolist())) != n:
             raise ValueError(f"completion for a command id not in flight: {cids.tolist()}")
         out = np.empty(n, dtype=COMPLETION)
         out["tag"] = self.tag[cids]
@@ -184,11 +233,30 @@ class CommandTable:
         out["result"] = cqes["dw0"]
         out["status"] = cqes["status"] >> 1  # without the phase tag
         out["latency_s"] = now - self.submitted[cids]
+        counts = self.buffer_counts(cids)
         self.busy[cids] = False
         self._stack[self._top : self._top + n] = cids
         self._top += n
         self.in_flight -= n
-        return out
+        return out, counts
+
+    def _retire_small(self, cqes: np.ndarray, now: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        rows = []
+        counts: dict[tuple[int, int], int] = {}
+        busy, stack = self.busy, self._stack
+        for dw0, _dw1, _sqhd, _sqid, cid, status in cqes.tolist():
+            if cid >= self.size or not busy[cid]:
+                raise ValueError(f"completion for a command id not in flight: {cid}")
+            busy[cid] = False
+            rows.append((int(self.tag[cid]), cid, int(self.opcode[cid]), dw0, status >> 1,
+                         now - float(self.submitted[cid])))
+            key = (int(self.buf_slot[cid]), int(self.buf_gen[cid]))
+            if key[0] >= 0:
+                counts[key] = counts.get(key, 0) + 1
+            stack[self._top] = cid
+            self._top += 1
+            self.in_flight -= 1
+        return np.array(rows, dtype=COMPLETION), [(s, g, c) for (s, g), c in counts.items()]
 
     def buffer_counts(self, cids: np.ndarray) -> list[tuple[int, int, int]]:
         """(slot, generation, commands) per buffer used by ``cids`` (for unpinning)."""

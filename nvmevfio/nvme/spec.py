@@ -8,6 +8,7 @@ Section numbers refer to the NVMe Base Specification 2.0 and NVM Command Set 1.0
 from __future__ import annotations
 
 import enum
+import struct
 import uuid
 from typing import Any
 
@@ -22,8 +23,14 @@ SQE = np.dtype([
 # 4.2.2 Completion Queue Entry (16 bytes)
 CQE = np.dtype([("dw0", "<u4"), ("dw1", "<u4"), ("sqhd", "<u2"), ("sqid", "<u2"), ("cid", "<u2"),
                 ("status", "<u2")])
+# The same layouts as struct formats, for packing single entries without numpy's per-call cost.
+SQE_STRUCT = struct.Struct("<BBHIIIQQQIIIIII")
+CQE_STRUCT = struct.Struct("<IIHHHH")
 if SQE.itemsize != 64 or CQE.itemsize != 16:  # pragma: no cover - a dtype typo
     raise ImportError(f"SQE is {SQE.itemsize} bytes and CQE {CQE.itemsize}: expected 64 and 16")
+if SQE_STRUCT.size != 64 or CQE_STRUCT.size != 16 or \
+        len(SQE.names) != len(SQE_STRUCT.format) - 1 or len(CQE.names) != len(CQE_STRUCT.format) - 1:
+    raise ImportError("SQE/CQE struct formats do not match their dtypes")  # pragma: no cover
 SQES_LOG2 = 6
 CQES_LOG2 = 4
 

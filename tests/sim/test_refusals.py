@@ -129,3 +129,42 @@ def test_unsupported_range_commands():
     assert "Write Zeroes (ONCS bit 3)" in str(e)
     e = refused(r, "unsupported-command", p.deallocate, 1, 0, 8)
     assert "Dataset Management (ONCS bit 2)" in str(e)
+
+
+@pytest.mark.parametrize("n", [2, 12])  # the entry-by-entry path and the vectorized one
+def test_batch_refusals_name_the_first_bad_command(rig, n):
+    p = rig.ready(depth=32)
+    buf = p.alloc_buffer(n * 512)
+    lbas, counts, offs = np.arange(n), np.ones(n, dtype=np.int64), np.arange(n) * 512
+    cases = []
+    c = counts.copy()
+    c[-1] = 0
+    cases.append(("count-out-of-range", lbas, c, offs))
+    s_ = lbas.copy()
+    s_[-1] = 4096
+    cases.append(("window-past-namespace-end", s_, counts, offs))
+    o = offs.copy()
+    o[-1] = n * 512  # past the buffer
+    cases.append(("length-mismatch", lbas, counts, o))
+    o2 = offs.copy()
+    o2[0] = 2  # not dword aligned
+    cases.append(("length-mismatch", lbas, counts, o2))
+    for reason, sl, cn, of in cases:
+        e = refused(rig, reason, p.submit, "write", 1, sl, cn, buf, of)
+        assert e.reason == reason
+    # two bad commands: the first one's rule is reported
+    s2, c2 = lbas.copy(), counts.copy()
+    s2[0], c2[1] = 4096, 0
+    assert refused(rig, "window-past-namespace-end", p.submit, "write", 1, s2, c2, buf, offs)
+
+
+def test_large_batch_roundtrip_and_reap(rig):
+    p = rig.ready(depth=64)
+    n = 40
+    buf = p.alloc_buffer(n * 512)
+    buf.array[:] = np.repeat(np.arange(n, dtype=np.uint8), 512)
+    tags = p.submit("write", 1, np.arange(n) * 3, np.ones(n), buf, np.arange(n) * 512)
+    done = p.reap(n)
+    assert len(done) == n and sorted(done["tag"].tolist()) == sorted(tags.tolist()) and not done["status"].any()
+    for i in (0, 17, 39):
+        assert (p.read(1, 3 * i, 1) == i).all()

@@ -121,7 +121,8 @@ def test_command_table_batches():
     cqes["dw0"] = [7, 8]
     cqes["status"] = [(0x80 << 1) | 1, 1]  # LBA Out of Range, then success
     assert t.buffer_counts(np.array([2, 0])) == [(5, 1, 2)]
-    done = t.retire(cqes, now=10.5)
+    done, counts = t.retire(cqes, now=10.5)
+    assert counts == [(5, 1, 2)]
     assert done["tag"].tolist() == [3, 1] and done["status"].tolist() == [0x80, 0] and done["result"].tolist() == [7, 8]
     assert done["latency_s"].tolist() == [0.5, 0.5] and done["opcode"].tolist() == [2, 2]
     assert t.in_flight == 1 and t.free == 3 and t.busy_cids().tolist() == [1]
@@ -132,3 +133,35 @@ def test_command_table_batches():
     t.give_back(again)
     assert t.free == 3
     assert t.record(t.take(1), 1, -1, 0, 12.0).tolist() == [4]  # tags keep counting
+
+
+def test_cq_long_run_crosses_scalar_scan_and_wraps():
+    from nvmevfio.nvme.queue import SCALAR_BATCH
+
+    depth = 32
+    ring = np.zeros(depth, dtype=CQE)
+    cq = CompletionQueue(1, ring, ArrayMmio(0x2000), 0x100C)
+    for s in range(20):
+        _cqe(ring, s, s, 1)
+    assert len(cq.reap(limit=3)) == 3  # scalar scan only
+    got = cq.reap()
+    assert got["cid"].tolist() == list(range(3, 20)) and cq.head == 20 and SCALAR_BATCH < 20 - 3
+    for i in range(25):  # 12 to the end of the ring, 13 after the wrap with phase 0
+        slot = (20 + i) % depth
+        _cqe(ring, slot, 100 + i, 1 if slot >= 20 else 0)
+    got = cq.reap()
+    assert got["cid"].tolist() == [100 + i for i in range(25)] and cq.head == 13 and cq.phase == 0
+    assert len(cq.reap()) == 0 and not cq.pending()
+
+
+def test_sq_post_one_packs_the_same_bytes_as_the_dtype():
+    from nvmevfio.nvme.spec import SQE_STRUCT
+
+    mmio = ArrayMmio(0x2000)
+    a = SubmissionQueue(1, np.zeros(4, dtype=SQE), mmio, 0x1008)
+    b = np.zeros(1, dtype=SQE)
+    fields = (0x02, 0, 7, 1, 0, 0, 0, 0x12345000, 0x12346000, 0xDEADBEEF, 0x1, 15, 0, 0, 0)
+    for name, v in zip(SQE.names, fields):
+        b[name] = v
+    assert a.post_one(fields) == 0 and a.tail == 1
+    assert a.ring[0].tobytes() == b.tobytes() and SQE_STRUCT.size == 64

@@ -1,0 +1,61 @@
+"""The perf load generator against the simulator: counts, mixes and ranges are exact."""
+
+import numpy as np
+import pytest
+
+from nvmevfio import perf
+from nvmevfio.blockdev import BlockDevice
+from nvmevfio.errors import Refused
+
+
+@pytest.fixture
+def dev(rig):
+    return BlockDevice(rig.p, 1, queue_depth=64)
+
+
+@pytest.mark.parametrize("qd", [1, 7, 32])
+@pytest.mark.parametrize("workload", perf.WORKLOADS)
+def test_counts_and_mix(dev, rig, workload, qd):
+    before = len(rig.sim.commands)
+    r = perf.run(dev, workload=workload, queue_depth=qd, count=500, io_size=1024, lba_range=(100, 1100))
+    assert r.ios == 500 and r.errors == 0 and r.reads + r.writes == 500
+    assert len(rig.sim.commands) - before == 500
+    if workload in ("randread", "read"):
+        assert r.writes == 0
+    elif workload in ("randwrite", "write"):
+        assert r.reads == 0
+    else:
+        assert 150 < r.reads < 350
+    lbas = [int(rig.broker.io[0].sq.ring["cdw10"][i]) for i in range(rig.broker.io[0].sq.depth)]
+    assert all(lba == 0 or 100 <= lba <= 1100 - 2 for lba in lbas)
+    assert 0 < r.lat_min_us <= r.lat_p50_us <= r.lat_p999_us <= r.lat_max_us
+
+
+def test_sequential_wraps_in_range(dev, rig):
+    perf.run(dev, workload="write", queue_depth=4, count=40, io_size=4096, lba_range=(0, 80))
+    # 10 positions of 8 blocks: every one written at least once, nothing outside
+    written = rig.sim.namespaces[0].data[: 80 * 512]
+    assert written.any()
+    assert not rig.sim.namespaces[0].data[80 * 512 :].any()
+
+
+def test_refusals(dev):
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, workload="trim", count=1)
+    assert ei.value.reason == "unsupported-workload"
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, io_size=1000, count=1)
+    assert ei.value.reason == "length-mismatch"
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, queue_depth=1000, count=1)
+    assert ei.value.reason == "count-out-of-range"
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, lba_range=(4000, 5000), count=1)
+    assert ei.value.reason == "window-past-namespace-end"
+    assert np.isfinite(perf.run(dev, count=10).iops)
+
+
+def test_ramp_is_not_measured(dev, rig):
+    before = len(rig.sim.commands)
+    r = perf.run(dev, count=100, ramp_s=0.2)
+    assert r.ios == 100 and len(rig.sim.commands) - before > 100
