@@ -604,11 +604,24 @@ class Broker:
         entries["cdw12"] = counts - 1
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
-        for i in np.flatnonzero(pages > 2).tolist():
-            cid = int(cids[i])
-            p = prp.build(int(iovas[i]), int(lengths[i]), ps, qp.prp_list_iovas(cid))
-            qp.write_prp_lists(cid, p.lists)
-            entries["prp2"][i] = p.prp2
+        listed = np.flatnonzero(pages > 2)
+        if len(listed):
+            per = ps // 8
+            one_page = listed[pages[listed] - 1 <= per]
+            if len(one_page):
+                # PRP lists that fit one list page, for the whole batch at once: row k of the
+                # list area holds command k's data pages after the first (4.1.1), zero beyond.
+                want = pages[one_page] - 1
+                col = np.arange(1, int(want.max()) + 1)
+                rows = (iovas[one_page] - iovas[one_page] % ps)[:, None] + ps * col
+                area = qp.prp_array.reshape(qp.table.size, qp.prp_pages * per)
+                area[cids[one_page], : len(col)] = np.where(col <= want[:, None], rows, 0)
+                entries["prp2"][one_page] = qp.prp_base + cids[one_page] * (qp.prp_pages * ps)
+            for i in listed[pages[listed] - 1 > per].tolist():  # chained lists: one by one
+                cid = int(cids[i])
+                p = prp.build(int(iovas[i]), int(lengths[i]), ps, qp.prp_list_iovas(cid))
+                qp.write_prp_lists(cid, p.lists)
+                entries["prp2"][i] = p.prp2
         return entries
 
     def _queue(self, qid: int) -> QueuePair:
