@@ -294,10 +294,3 @@ class DmaLedger:
 
     def live_buffers(self) -> int:
         return sum(1 for s in self._slots if s.mem is not None)
-
-    def owner_of_iova(self, iova: int, length: int) -> tuple[int, int] | None:
-        """The (slot, generation) of the live buffer holding [iova, iova+length), if one does."""
-        for index, slot in enumerate(self._slots):
-            if slot.mem is not None and slot.iova <= iova and iova + length <= slot.iova + slot.mem.size:
-                return index, slot.generation
-        return None

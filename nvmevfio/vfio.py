@@ -8,6 +8,7 @@ in reverse order (context managers).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,17 +180,20 @@ class Device:
         return IrqInfo(int(info.index), int(info.flags), int(info.count))
 
     # -- config space ------------------------------------------------------------
+    @functools.cached_property
+    def _config_offset(self) -> int:
+        """Where PCI config space sits in the device fd (VFIO_PCI_CONFIG_REGION_INDEX)."""
+        return self.region(const("VFIO_PCI_CONFIG_REGION_INDEX")).offset
+
     def config_read(self, offset: int, width: int) -> int:
-        region = self.region(const("VFIO_PCI_CONFIG_REGION_INDEX"))
         buf = ffi.new("uint8_t[]", width)
-        check(lib.nv_region_pread(self.fd, region.offset + offset, buf, width), "config read",
+        check(lib.nv_region_pread(self.fd, self._config_offset + offset, buf, width), "config read",
               f"{self.address} +{offset:#x}")
         return int.from_bytes(bytes(ffi.buffer(buf, width)), "little")
 
     def config_write(self, offset: int, width: int, value: int) -> None:
-        region = self.region(const("VFIO_PCI_CONFIG_REGION_INDEX"))
         data = value.to_bytes(width, "little")
-        check(lib.nv_region_pwrite(self.fd, region.offset + offset, data, width), "config write",
+        check(lib.nv_region_pwrite(self.fd, self._config_offset + offset, data, width), "config write",
               f"{self.address} +{offset:#x}")
 
     def enable_bus_master(self) -> int:

@@ -3,6 +3,7 @@ against QEMU's NVMe model through real VFIO and the emulated Intel IOMMU."""
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,18 @@ def record(io_dir: Path, name: str, entry: dict) -> None:
     path = io_dir / f"{name}.jsonl"
     with path.open("a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def kernel_blockdev(address: str, nsid: int = 1, timeout_s: float = 10.0) -> str:
+    """Hand ``address`` to the kernel nvme driver and return its namespace's block device
+    (``/dev/nvmeXnY``) once it appears."""
+    from nvmevfio import pci
+
+    pci.unbind(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = [ns.name for ns in pci.get_function(address).namespaces if ns.nsid == nsid]
+        if names and Path(f"/dev/{names[0]}").exists():
+            return f"/dev/{names[0]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no block device appeared for {address} namespace {nsid}")

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import kernel_blockdev
 
 from nvmevfio import pci
 from nvmevfio.cli import main
@@ -48,14 +47,8 @@ def addr(small_ctrl):
 
 
 def _kernel_ctrl(addr):
-    pci.unbind(addr)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        names = list(Path(f"/sys/bus/pci/devices/{addr}/nvme").glob("nvme*"))
-        if names and Path(f"/dev/{names[0].name}n1").exists():
-            return f"/dev/{names[0].name}"
-        time.sleep(0.05)
-    raise AssertionError("kernel nvme device did not appear")
+    """The kernel's controller character device (/dev/nvmeX) for ``addr``."""
+    return kernel_blockdev(addr).rsplit("n", 1)[0]
 
 
 def _same(ours, theirs, skip=()):

@@ -1,23 +1,12 @@
 """nvmevfio and the kernel nvme driver agree on the same controller, both ways."""
 
 import subprocess
-import time
 
 import numpy as np
+from conftest import kernel_blockdev
 
 import nvmevfio
 from nvmevfio import pci
-
-
-def _blockdev(address: str) -> str:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        fn = pci.get_function(address)
-        names = [ns.name for ns in fn.namespaces if ns.nsid == 1]
-        if names:
-            return "/dev/" + names[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no block device for {address}")
 
 
 def test_kernel_reads_nvmevfio_writes_and_back(small_ctrl, io_dir):
@@ -26,9 +15,8 @@ def test_kernel_reads_nvmevfio_writes_and_back(small_ctrl, io_dir):
     with nvmevfio.open(addr, 1) as dev:
         dev.write_blocks(4096, ours)
         dev.flush()
-    pci.unbind(addr)
+    bdev = kernel_blockdev(addr)
     try:
-        bdev = _blockdev(addr)
         got = subprocess.run(["dd", f"if={bdev}", "bs=512", "skip=4096", "count=2048", "iflag=direct",
                               "status=none"], check=True, capture_output=True).stdout
         assert got == ours.tobytes()

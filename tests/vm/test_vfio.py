@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import kernel_blockdev
 
 from nvmevfio import dma, pci, vfio
 from nvmevfio.cli import main
@@ -58,30 +59,16 @@ def _sh(cmd: str) -> str:
     return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
 
 
-def _blockdev(address: str) -> str:
-    for _ in range(100):
-        fn = pci.get_function(address)
-        if fn.namespaces:
-            return "/dev/" + fn.namespaces[0].name
-        import time
-
-        time.sleep(0.05)
-    raise AssertionError(f"no block device appeared for {address}")
-
-
 def test_bind_unbind_roundtrip_and_in_use_refusal(small_ctrl):
     addr = small_ctrl["address"]
-    fn = pci.unbind(addr)
-    assert fn.driver == "nvme"
-    dev = _blockdev(addr)
-    assert Path(dev).exists()
+    dev = kernel_blockdev(addr)
+    assert pci.get_function(addr).driver == "nvme" and Path(dev).exists()
     fn = pci.bind(addr)
     assert fn.driver == "vfio-pci" and not Path(dev).exists()
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group"))
     assert Path(f"/dev/vfio/{group}").exists()
     # mounted filesystem under the kernel driver: bind is refused, naming the mount
-    pci.unbind(addr)
-    dev = _blockdev(addr)
+    dev = kernel_blockdev(addr)
     mnt = Path("/tmp/nvmevfio-mnt")
     mnt.mkdir(exist_ok=True)
     _sh(f"mkfs.ext4 -q -F {dev} && mount {dev} {mnt}")
