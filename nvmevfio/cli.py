@@ -9,6 +9,7 @@ and a non-zero exit code; ``-v`` adds detail.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -412,7 +413,7 @@ def read(address: str, nsid: int, lba: int | None, count: int | None, offset: in
         dev.check_window(first, n)
         per = max(1, CHUNK // dev.block_size)
         out = sys.stdout.buffer if data == "-" else open(data, "wb")  # noqa: SIM115
-        try:
+        try:  # a reader that stops early (| head) is not an error: BrokenPipeError ends quietly below
             with _progress(n * dev.block_size, "reading") as bar:
                 for start in range(first, first + n, per):
                     k = min(per, first + n - start)
@@ -423,11 +424,15 @@ def read(address: str, nsid: int, lba: int | None, count: int | None, offset: in
                         out.write(chunk.tobytes())
                     if bar is not None:
                         bar.update(len(chunk))
+        except BrokenPipeError:
+            # Send what is left to /dev/null so the interpreter's final flush does not fail too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
             else:
-                out.flush()
+                with contextlib.suppress(BrokenPipeError):
+                    out.flush()
 
 
 def _hexdump(out: Any, data: bytes, base: int) -> None:
@@ -451,18 +456,24 @@ def _hexdump(out: Any, data: bytes, base: int) -> None:
 def write(address: str, nsid: int, lba: int | None, offset: int | None, data: str, pad: bool) -> None:
     """Write a file (or stdin) at a block address.
 
+    A file is checked whole (size, window, partial last block) before the first block is
+    written, then streamed; stdin is read to its end first, for the same reason.
+
     \b
     Example: nvmevfio write 00:04.0 -n 1 --lba 100 -d image.bin
              head -c 4096 /dev/urandom | nvmevfio write 00:04.0 --lba 0
     """
     import numpy as np
 
-    src = sys.stdin.buffer if data == "-" else open(data, "rb")  # noqa: SIM115
-    try:
-        payload = src.read()
-    finally:
-        if src is not sys.stdin.buffer:
-            src.close()
+    if data == "-":
+        payload: bytes | None = sys.stdin.buffer.read()
+        total = len(payload)
+    else:
+        payload = None
+        try:
+            total = os.path.getsize(data)
+        except OSError as exc:
+            _fail(f"cannot read {data}: {exc.strerror}", EXIT_ERROR)
     with blockdev(address, nsid) as dev, errors():
         bs = dev.block_size
         if offset is not None:
@@ -473,21 +484,25 @@ def write(address: str, nsid: int, lba: int | None, offset: int | None, data: st
                       EXIT_REFUSED)
             lba = offset // bs
         lba = lba or 0
-        if not payload:
+        if not total:
             _fail("refused: no data to write [length-mismatch]", EXIT_REFUSED)
-        if len(payload) % bs:
-            if not pad:
-                _fail(f"refused: {len(payload)} bytes is not a multiple of the {bs}-byte block; the last block "
-                      f"would be partial [length-mismatch] — use --pad to zero-fill it", EXIT_REFUSED)
-            payload += b"\0" * (bs - len(payload) % bs)
-        arr = np.frombuffer(payload, dtype=np.uint8)
-        n = len(arr) // bs
+        if total % bs and not pad:
+            _fail(f"refused: {total} bytes is not a multiple of the {bs}-byte block; the last block "
+                  f"would be partial [length-mismatch] — use --pad to zero-fill it", EXIT_REFUSED)
+        n = -(-total // bs)
         dev.check_window(lba, n)
-        per = max(1, CHUNK // bs)
-        with _progress(len(arr), "writing") as bar:
-            for start in range(0, n, per):
-                k = min(per, n - start)
-                dev.write_blocks(lba + start, arr[start * bs : (start + k) * bs])
+        src = io.BytesIO(payload) if payload is not None else open(data, "rb")  # noqa: SIM115
+        with src, _progress(n * bs, "writing") as bar:
+            done = 0
+            while done < n:
+                chunk = src.read(min(CHUNK // bs, n - done) * bs)
+                if not chunk:
+                    _fail(f"{data} shrank while it was being written ({done} blocks written)", EXIT_ERROR)
+                if len(chunk) % bs:  # only the last chunk, and only with --pad
+                    chunk += b"\0" * (bs - len(chunk) % bs)
+                k = len(chunk) // bs
+                dev.write_blocks(lba + done, np.frombuffer(chunk, dtype=np.uint8))
+                done += k
                 if bar is not None:
                     bar.update(k * bs)
     click.echo(f"wrote {n} blocks ({n * bs} bytes) at LBA {lba}", err=True)

@@ -204,3 +204,27 @@ def test_perf(addr, workload, mode):
 def test_perf_human(addr):
     out = nv("perf", addr, "-w", "read", "-q", 4, "-s", 131072, "-t", 1, real=True).stdout.decode()
     assert "IOPS" in out and "p99.9(us)" in out and "read, 131072 B, QD 4, poll" in out
+
+
+def test_read_into_a_closed_pipe_ends_quietly(addr):
+    p = subprocess.Popen([sys.executable, "-m", "nvmevfio", "read", addr, "--lba", "0", "--count", "65536"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(100)) == 100
+    p.stdout.close()  # like `| head -c 100`
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and b"Broken pipe" not in err and b"Traceback" not in err
+
+
+def test_file_write_refused_before_anything_is_written(addr, io_dir):
+    nv("write-zeroes", addr, "--lba", 130000, "--count", 1072)
+    partial = io_dir / "partial.bin"
+    partial.write_bytes(b"\x5a" * (3 * 512 + 100))
+    r = nv("write", addr, "--lba", 130000, "-d", partial, check=False)
+    assert r.returncode == 3 and b"partial" in r.stderr
+    too_big = io_dir / "too-big.bin"
+    too_big.write_bytes(b"\x5a" * (2000 * 512))  # 130000 + 2000 > 131072 blocks
+    r = nv("write", addr, "--lba", 130000, "-d", too_big, check=False)
+    assert r.returncode == 3 and b"window-past-namespace-end" in r.stderr
+    assert nv("read", addr, "--lba", 130000, "--count", 1072).stdout == b"\0" * (1072 * 512)
+    nv("write", addr, "--lba", 130000, "--pad", "-d", partial)
+    assert nv("read", addr, "--lba", 130000, "--count", 4).stdout == b"\x5a" * (3 * 512 + 100) + b"\0" * 412
