@@ -36,3 +36,10 @@ def test_payload_exit_status_and_output(tmp_path):
     res = guest.run(["sh", "-c", "echo hello from the guest; ls /dev/vfio; exit 7"], io_dir=tmp_path)
     assert res.returncode == 7 and "hello from the guest" in res.output and res.attempts == 1
     assert "vfio" in res.output  # the controller was bound to vfio-pci before the payload
+
+
+def test_kernel_driver_mode(tmp_path):
+    res = guest.run(["sh", "-c", "readlink /sys/bus/pci/devices/0000:00:10.0/driver; ls /dev/nvme0n1"],
+                    io_dir=tmp_path, kernel_driver=True, nvme_params="poll_queues=1")
+    assert res.returncode == 0, res.output
+    assert res.output.split() == ["../../../bus/pci/drivers/nvme", "/dev/nvme0n1"]
