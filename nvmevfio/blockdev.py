@@ -162,7 +162,7 @@ class BlockFile(io.RawIOBase):
         first, last = self.pos // bs, (self.pos + n + bs - 1) // bs
         data = self.dev.read_blocks(first, last - first)
         skip = self.pos - first * bs
-        mv[:n] = data[skip : skip + n]
+        np.frombuffer(mv, dtype=np.uint8, count=n)[:] = data[skip : skip + n]
         self.pos += n
         return n
 

@@ -265,16 +265,17 @@ class Broker:
     def _wait_pending(self, qp: QueuePair, deadline: float) -> None:
         """Wait until the CQ has a new entry (MSI-X eventfd or polling), bounded by ``deadline``."""
         cq = qp.cq
-        use_irq = self.irq_mode and cq.vector is not None and self.irq is not None
+        irq, vector = self.irq, cq.vector
+        use_irq = self.irq_mode and vector is not None and irq is not None
         spins = 0
         while not cq.pending():
-            if use_irq:
+            if use_irq and irq is not None and vector is not None:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     self._timeout(qp)
                 # The eventfd counts interrupts raised since the last wait, so a
                 # completion that landed between pending() and here is not lost.
-                self.irq.wait(cq.vector, min(remaining, 0.5))  # type: ignore[union-attr]
+                irq.wait(vector, min(remaining, 0.5))
                 continue
             spins += 1
             if spins & 0xFF == 0 and self.clock() > deadline:
@@ -608,7 +609,7 @@ class Broker:
         if len(listed):
             per = ps // 8
             one_page = listed[pages[listed] - 1 <= per]
-            if len(one_page):
+            if len(one_page) and qp.prp_array is not None:
                 # PRP lists that fit one list page, for the whole batch at once: row k of the
                 # list area holds command k's data pages after the first (4.1.1), zero beyond.
                 want = pages[one_page] - 1

@@ -465,11 +465,11 @@ def write(address: str, nsid: int, lba: int | None, offset: int | None, data: st
     """
     import numpy as np
 
+    payload: bytes | None = None
     if data == "-":
-        payload: bytes | None = sys.stdin.buffer.read()
-        total = len(payload)
+        stdin_data = sys.stdin.buffer.read()
+        payload, total = stdin_data, len(stdin_data)
     else:
-        payload = None
         try:
             total = os.path.getsize(data)
         except OSError as exc:

@@ -189,7 +189,7 @@ class DmaLedger:
         self.iovas = IovaAllocator(ranges, page_size)
         self._slots: list[_Slot] = []
         self._vacant: list[int] = []
-        self._zombies: list[_Memory] = []
+        self._zombies: list[_Memory | _PrivateMemory] = []
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,

@@ -105,8 +105,8 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
                         mix_pool += rng.integers(0, 100, chunk).tolist()
                     kinds = [m < rwmixread for m in mix_pool[-k:]]
                     del mix_pool[-k:]
-                    groups = [(want, [i for i in range(k) if kinds[i] == want]) for want in (True, False)]
-                    groups = [(want, [slots[i] for i in pick], [lbas[i] for i in pick]) for want, pick in groups
+                    picks = [(want, [i for i in range(k) if kinds[i] == want]) for want in (True, False)]
+                    groups = [(want, [slots[i] for i in pick], [lbas[i] for i in pick]) for want, pick in picks
                               if pick]
                 else:
                     groups = [(default_read, slots, lbas)]

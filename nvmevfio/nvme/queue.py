@@ -45,7 +45,7 @@ class SubmissionQueue:
         self.tail = 0  # next slot the host writes
         self.head = 0  # last SQ head the controller reported (CQE.SQHD)
         self.rung = 0  # tail value last written to the doorbell
-        self._bytes = memoryview(ring.view(np.uint8))
+        self._bytes = ring.view(np.uint8).data  # a writable memoryview of the ring
 
     @property
     def free(self) -> int:
@@ -95,7 +95,7 @@ class CompletionQueue:
         self.head = 0
         self.phase = 1  # the controller writes phase 1 on its first pass (3.3.3.2.2)
         self._status = ring["status"]
-        self._words = memoryview(ring.view(np.uint16))  # status of entry i is word 8*i + 7
+        self._words = ring.view(np.uint16).data  # status of entry i is word 8*i + 7
 
     def pending(self) -> bool:
         """Is the entry at the head new? (its phase tag equals the expected phase)."""

@@ -29,7 +29,7 @@ CQE_STRUCT = struct.Struct("<IIHHHH")
 if SQE.itemsize != 64 or CQE.itemsize != 16:  # pragma: no cover - a dtype typo
     raise ImportError(f"SQE is {SQE.itemsize} bytes and CQE {CQE.itemsize}: expected 64 and 16")
 if SQE_STRUCT.size != 64 or CQE_STRUCT.size != 16 or \
-        len(SQE.names) != len(SQE_STRUCT.format) - 1 or len(CQE.names) != len(CQE_STRUCT.format) - 1:
+        len(SQE.fields or ()) != len(SQE_STRUCT.format) - 1 or len(CQE.fields or ()) != len(CQE_STRUCT.format) - 1:
     raise ImportError("SQE/CQE struct formats do not match their dtypes")  # pragma: no cover
 SQES_LOG2 = 6
 CQES_LOG2 = 4
