@@ -37,8 +37,21 @@ ONCS_WRITE_ZEROES = 1 << 3
 ONCS_DSM = 1 << 2
 
 
-def _ints(x: Any) -> list[int]:
-    return x.tolist() if isinstance(x, np.ndarray) else [int(v) for v in x]
+def _int_array(x: Any, what: str) -> np.ndarray:
+    """LBAs, counts or offsets as int64; integral floats (np.ones) are fine, fractions are refused."""
+    a = np.asarray(x)
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64, copy=False).reshape(-1)
+    if a.dtype.kind != "f" or not np.isfinite(a).all() or (a != np.floor(a)).any():
+        raise Refused("invalid-argument", f"{what} must be whole numbers, got {a.tolist()!r:.80}", what=what)
+    return a.astype(np.int64).reshape(-1)
+
+
+def _ints(x: Any, what: str) -> list[int]:
+    """The same, as Python ints, without numpy for plain lists of ints."""
+    if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+        return list(x)
+    return _int_array(x, what).tolist()
 
 
 class IrqWaiter(Protocol):
@@ -525,7 +538,7 @@ class Broker:
         if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
             raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
         base = self.ledger.iova(buf)  # stale-handle check before anything else
-        slbas, counts, offsets = (np.atleast_1d(x) if not isinstance(x, (list, tuple)) else x
+        slbas, counts, offsets = (x if isinstance(x, (list, tuple)) else np.atleast_1d(x)
                                   for x in (slbas, counts, offsets))
         n = len(slbas)
         if not (len(counts) == len(offsets) == n):
@@ -533,11 +546,11 @@ class Broker:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         if n <= SCALAR_BATCH:
-            return self._submit_small(qp, ns, opcode, base, buf, _ints(slbas), _ints(counts), _ints(offsets),
-                                      doorbell)
-        slbas = np.asarray(slbas, dtype=np.int64)
-        counts = np.asarray(counts, dtype=np.int64)
-        offsets = np.asarray(offsets, dtype=np.int64)
+            return self._submit_small(qp, ns, opcode, base, buf, _ints(slbas, "LBAs"), _ints(counts, "counts"),
+                                      _ints(offsets, "offsets"), doorbell)
+        slbas = _int_array(slbas, "LBAs")
+        counts = _int_array(counts, "counts")
+        offsets = _int_array(offsets, "offsets")
         ps = self.page_size
         lengths = counts * ns.block_size
         iovas = base + offsets

@@ -44,7 +44,7 @@ def test_guest_suite_passes(vm_run):
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    # the whole guest suite is 51 tests; a subset only when NVMEVFIO_VM_PYTEST_ARGS selects one
+    # the whole guest suite is 53 tests; a subset only when NVMEVFIO_VM_PYTEST_ARGS selects one
     minimum = 1 if os.environ.get("NVMEVFIO_VM_PYTEST_ARGS") else 45
     assert counts["tests"] >= minimum and counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
 

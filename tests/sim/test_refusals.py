@@ -168,3 +168,16 @@ def test_large_batch_roundtrip_and_reap(rig):
     assert len(done) == n and sorted(done["tag"].tolist()) == sorted(tags.tolist()) and not done["status"].any()
     for i in (0, 17, 39):
         assert (p.read(1, 3 * i, 1) == i).all()
+
+
+@pytest.mark.parametrize("n", [3, 12])  # both batch paths take the same inputs
+def test_batch_inputs_integral_floats_ok_fractions_refused(rig, n):
+    p = rig.ready(depth=32)
+    buf = p.alloc_buffer(n * 512)
+    buf.array[:] = 9
+    p.submit("write", 1, np.arange(n, dtype=np.float64), np.ones(n), buf, np.arange(n) * 512.0)
+    assert not p.reap(n)["status"].any() and (p.read(1, 0, n) == 9).all()
+    e = refused(rig, "invalid-argument", p.submit, "read", 1, np.arange(n) + 0.5, np.ones(n), buf,
+                np.arange(n) * 512)
+    assert "LBAs must be whole numbers" in str(e)
+    refused(rig, "invalid-argument", p.submit, "read", 1, np.arange(n), np.full(n, np.nan), buf, np.arange(n) * 512)

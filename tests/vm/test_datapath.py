@@ -231,3 +231,24 @@ def test_hugetlb_backed_queues(data_ctrl):
         dev.write_blocks(40000, data)
         assert np.array_equal(dev.read_blocks(40000, 2048), data)
     assert free_huge() == before  # all returned
+
+
+@pytest.mark.parametrize("irq", [False, True])
+def test_several_queue_pairs(small_ctrl, irq):
+    """Three I/O queue pairs (MSI-X vectors 1..3 in irq mode); commands on each queue complete
+    on that queue, and a fourth queue does not exist."""
+    with nvmevfio.open(small_ctrl["address"], 1, queues=3, queue_depth=8, irq=irq) as dev:
+        buf = dev.alloc_buffer(3 * 7 * 512)
+        buf.array[:] = np.repeat(np.arange(21, dtype=np.uint8), 512)
+        for qid in (1, 2, 3):
+            base = (qid - 1) * 7
+            dev.submit_writes(1000 + base + np.arange(7), np.ones(7), buf, (base + np.arange(7)) * 512, qid=qid)
+        for qid in (1, 2, 3):
+            done = dev.reap(7, qid=qid)
+            assert len(done) == 7 and not done["status"].any()
+            assert dev.in_flight(qid) == 0
+        got = dev.read_blocks(1000, 21)
+        assert np.array_equal(got, buf.array)
+        with pytest.raises(Refused) as ei:
+            dev.submit_reads([0], [1], buf, [0], qid=4)
+        assert ei.value.reason == "io-queues-not-created"
