@@ -105,13 +105,18 @@ class QueuePair:
         base = self.prp_base + cid * self.prp_pages * self.page_size
         return [base + k * self.page_size for k in range(self.prp_pages)]
 
-    def write_prp_lists(self, cid: int, lists: tuple[np.ndarray, ...]) -> None:
-        if self.prp_array is None:
-            raise Refused("count-out-of-range", "this queue has no PRP-list pages")
-        per = self.page_size // 8
-        base = cid * self.prp_pages * per
-        for k, page in enumerate(lists):
-            self.prp_array[base + k * per : base + k * per + len(page)] = page
+    def author_prps(self, cid: int, iova: int, length: int) -> tuple[int, int]:
+        """PRP1 and PRP2 for command ``cid``, writing its PRP-list pages (in this queue's list
+        area) when the transfer needs them."""
+        p = prp.build(iova, length, self.page_size, self.prp_list_iovas(cid))
+        if p.lists:
+            if self.prp_array is None:
+                raise Refused("count-out-of-range", "this queue has no PRP-list pages")
+            per = self.page_size // 8
+            base = cid * self.prp_pages * per
+            for k, page in enumerate(p.lists):
+                self.prp_array[base + k * per : base + k * per + len(page)] = page
+        return p.prp1, p.prp2
 
 
 class Broker:
@@ -135,7 +140,6 @@ class Broker:
         self.max_transfer = 0
         self._staging: DmaBuffer | None = None
         self._scratch: DmaBuffer | None = None
-        self._tag = 0
         self.irq_mode = False
         self.commands_completed = 0
 
@@ -250,15 +254,7 @@ class Broker:
             raise Refused("count-out-of-range",
                           f"{length} bytes need {need} PRP-list pages; this queue has {qp.prp_pages} per command",
                           length=length)
-        p = prp.build(iova, length, self.page_size, qp.prp_list_iovas(cid) if need else ())
-        if p.lists:
-            qp.write_prp_lists(cid, p.lists)
-        e["prp1"] = p.prp1
-        e["prp2"] = p.prp2
-
-    def _next_tag(self) -> int:
-        self._tag += 1
-        return self._tag
+        e["prp1"], e["prp2"] = qp.author_prps(cid, iova, length)
 
     def _post(self, qp: QueuePair, entries: np.ndarray, cids: np.ndarray, buf: DmaBuffer | None) -> np.ndarray:
         """Post entries (cids assigned, PRPs authored) and record them in flight. No doorbell."""
@@ -268,10 +264,14 @@ class Broker:
         return qp.table.record(cids, int(entries["opc"][0]), buf.slot if buf is not None else -1,
                                buf.generation if buf is not None else 0, self.clock())
 
-    def _take_cids(self, qp: QueuePair, n: int) -> np.ndarray:
+    @staticmethod
+    def _require_room(qp: QueuePair, n: int) -> None:
         if n > qp.capacity:
             raise Refused("queue-full", f"queue {qp.qid} has room for {qp.capacity} more commands, {n} asked",
                           qid=qp.qid, free=qp.capacity, wanted=n)
+
+    def _take_cids(self, qp: QueuePair, n: int) -> np.ndarray:
+        self._require_room(qp, n)
         return qp.table.take(n)
 
     # ============================================================ completions
@@ -560,9 +560,6 @@ class Broker:
                 or (offsets + lengths).max() > buf.size or pages.max() > self.max_pages):
             for s_, c_, o_ in zip(slbas.tolist(), counts.tolist(), offsets.tolist()):
                 self._check_rw(ns, base, buf.size, s_, c_, o_)  # raises for the first bad command
-        if n > qp.capacity:
-            raise Refused("queue-full", f"queue {qid} has room for {qp.capacity} commands, {n} asked",
-                          qid=qid, free=qp.capacity, wanted=n)
         cids = self._take_cids(qp, n)
         try:
             entries = self._author_rw(qp, opcode, ns.nsid, slbas, counts, cids, iovas, lengths, pages)
@@ -579,9 +576,7 @@ class Broker:
         """submit_rw for a few commands: validated, packed into the ring and recorded one by one."""
         checked = [self._check_rw(ns, base, buf.size, s_, c_, o_) for s_, c_, o_ in zip(slbas, counts, offsets)]
         n = len(checked)
-        if n > qp.capacity:
-            raise Refused("queue-full", f"queue {qp.qid} has room for {qp.capacity} commands, {n} asked",
-                          qid=qp.qid, free=qp.capacity, wanted=n)
+        self._require_room(qp, n)
         self.ledger.pin(buf, n)
         ps = self.page_size
         now = self.clock()
@@ -593,9 +588,7 @@ class Broker:
             elif pages == 2:
                 prp2 = iova - iova % ps + ps
             else:
-                p = prp.build(iova, length, ps, qp.prp_list_iovas(cid))
-                qp.write_prp_lists(cid, p.lists)
-                prp2 = p.prp2
+                _, prp2 = qp.author_prps(cid, iova, length)
             # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
             qp.sq.post_one((opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
                             count - 1, 0, 0, 0))
@@ -632,10 +625,7 @@ class Broker:
                 area[cids[one_page], : len(col)] = np.where(col <= want[:, None], rows, 0)
                 entries["prp2"][one_page] = qp.prp_base + cids[one_page] * (qp.prp_pages * ps)
             for i in listed[pages[listed] - 1 > per].tolist():  # chained lists: one by one
-                cid = int(cids[i])
-                p = prp.build(int(iovas[i]), int(lengths[i]), ps, qp.prp_list_iovas(cid))
-                qp.write_prp_lists(cid, p.lists)
-                entries["prp2"][i] = p.prp2
+                _, entries["prp2"][i] = qp.author_prps(int(cids[i]), int(iovas[i]), int(lengths[i]))
         return entries
 
     def _queue(self, qid: int) -> QueuePair:
@@ -697,10 +687,10 @@ class Broker:
         if offset < 0 or offset + count * ns.block_size > buf.size:
             raise Refused("length-mismatch", f"{count} blocks of {ns.block_size} bytes do not fit the "
                           f"{buf.size}-byte buffer at offset {offset}", count=count, size=buf.size)
-        self.ledger.iova(buf)
+        base = self.ledger.iova(buf)  # stale-handle check
         if qp.in_flight:
             raise Refused("queue-busy", f"queue {qid} has {qp.in_flight} batched commands in flight; reap them first")
-        step = self.max_blocks(ns, self.ledger.iova(buf) + offset)
+        step = self.max_blocks(ns, base + offset)
         starts = np.arange(slba, slba + count, step, dtype=np.int64)
         counts = np.minimum(step, slba + count - starts)
         offs = offset + (starts - slba) * ns.block_size
