@@ -24,11 +24,12 @@ def _version() -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef((HERE / "shim.h").read_text())
+# The simulator's doorbell (nv_doorbell_fn): a Python callback, declared for cffi only.
+ffibuilder.cdef((HERE / "shim.h").read_text() + '\nextern "Python" void nv_py_doorbell(void *, uint64_t, uint32_t);\n')
 ffibuilder.set_source(
     "nvmevfio._cbits",
     "#include <stdint.h>\n#include <stddef.h>\n#include \"shim.h\"\n",
-    sources=[str((HERE / "shim.c").relative_to(ROOT))],
+    sources=[str((HERE / name).relative_to(ROOT)) for name in ("shim.c", "qpair.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     define_macros=[("NVMEVFIO_VERSION", '"' + _version() + '"')],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

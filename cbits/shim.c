@@ -3,7 +3,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -356,43 +355,6 @@ int nv_eventfd_open(void)
 {
     int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     return fd < 0 ? NEG_ERRNO() : fd;
-}
-
-int nv_eventfd_read(int fd, uint64_t *count)
-{
-    ssize_t n = read(fd, count, sizeof(*count));
-    if (n < 0) {
-        if (errno == EAGAIN) {
-            *count = 0;
-            return 0;
-        }
-        return NEG_ERRNO();
-    }
-    return 0;
-}
-
-int nv_eventfd_wait(const int32_t *fds, uint32_t nfds, int timeout_ms, uint32_t *ready_mask)
-{
-    struct pollfd p[32];
-    if (nfds == 0 || nfds > 32)
-        return -EINVAL;
-    for (uint32_t i = 0; i < nfds; i++) {
-        p[i].fd = fds[i];
-        p[i].events = POLLIN;
-        p[i].revents = 0;
-    }
-    int r;
-    do {
-        r = poll(p, nfds, timeout_ms);
-    } while (r < 0 && errno == EINTR);
-    if (r < 0)
-        return NEG_ERRNO();
-    uint32_t mask = 0;
-    for (uint32_t i = 0; i < nfds; i++)
-        if (p[i].revents & POLLIN)
-            mask |= 1u << i;
-    *ready_mask = mask;
-    return r > 0 ? 1 : 0;
 }
 
 /* ---- MMIO and barriers ---- */

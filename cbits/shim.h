@@ -85,9 +85,6 @@ int nv_mem_free(void *addr, uint64_t size);
 
 /* Eventfds for MSI-X. */
 int nv_eventfd_open(void);
-int nv_eventfd_read(int fd, uint64_t *count);
-/* 1: readable, 0: timed out. Waits on every fd at once. */
-int nv_eventfd_wait(const int32_t *fds, uint32_t nfds, int timeout_ms, uint32_t *ready_mask);
 
 /* MMIO: each is one volatile access of exactly that width. */
 uint32_t nv_mmio_read32(const void *base, uint64_t offset);
@@ -103,3 +100,205 @@ void nv_mb(void);    /* full fence */
 /* Doorbell: a store barrier, then one 32-bit MMIO write (so the device sees every
  * queue entry written before it). */
 void nv_doorbell(void *base, uint64_t offset, uint32_t value);
+
+/* ==== Queue pairs: the per-command hot path (NVMe Base Spec 2.0, 3.3 and 4.1) ====
+ *
+ * Python pays per batch, C per command. The broker (Python) authors every address
+ * the device sees: queue bases, PRP1/PRP2 and PRP-list pages arrive here finished,
+ * either inside whole SQEs (nv_qp_post) or as a table of pre-authored PRPs for the
+ * slots of a registered buffer (nv_prp_slot). C copies them into the ring, keeps
+ * the ring indexes, command ids and in-flight table, writes doorbells and reaps
+ * completions. It never derives an address of its own. */
+
+struct nv_sqe {            /* 4.2: Submission Queue Entry, 64 bytes */
+    uint8_t opc;
+    uint8_t flags;
+    uint16_t cid;
+    uint32_t nsid;
+    uint32_t cdw2;
+    uint32_t cdw3;
+    uint64_t mptr;
+    uint64_t prp1;
+    uint64_t prp2;
+    uint32_t cdw10;
+    uint32_t cdw11;
+    uint32_t cdw12;
+    uint32_t cdw13;
+    uint32_t cdw14;
+    uint32_t cdw15;
+};
+
+struct nv_cqe {            /* 4.2.2: Completion Queue Entry, 16 bytes */
+    uint32_t dw0;
+    uint32_t dw1;
+    uint16_t sqhd;
+    uint16_t sqid;
+    uint16_t cid;
+    uint16_t status;       /* bit 0: phase tag */
+};
+
+struct nv_completion {     /* one completed command, as reap returns it (numpy: queue.COMPLETION) */
+    int64_t tag;           /* unique over the queue's life, from 1 */
+    double latency_s;      /* post to reap */
+    uint32_t result;       /* CQE DW0 */
+    uint32_t cookie;       /* what the poster attached (a registered-buffer slot in perf) */
+    uint16_t cid;
+    uint16_t status;       /* CQE status without the phase tag: 0 is success */
+    uint8_t opcode;
+    uint8_t pad[3];
+};
+
+struct nv_unpin {          /* reaped commands per DMA buffer (slot, generation), for the ledger */
+    int64_t slot;
+    int64_t generation;
+    int64_t commands;
+};
+
+struct nv_prp_slot {       /* a registered-buffer slot's PRPs, authored once by the broker */
+    uint64_t prp1;         /* the slot's first byte */
+    uint64_t prp2_page;    /* PRP2 when a transfer touches exactly two memory pages */
+    uint64_t prp2_list;    /* PRP2 (a PRP-list pointer) when it touches more */
+};
+
+/* The simulator's doorbell: called instead of an MMIO store when set. */
+typedef void (*nv_doorbell_fn)(void *ctx, uint64_t offset, uint32_t value);
+
+struct nv_qp {
+    /* set up by nv_qp_new / nv_qp_set_*; read-only afterwards */
+    uint32_t qid;
+    uint32_t depth;            /* entries per ring */
+    uint32_t ncids;            /* depth - 1: one SQ slot always stays empty (3.3.1.5) */
+    struct nv_sqe *sq;         /* broker-owned ring memory */
+    struct nv_cqe *cq;
+    uint8_t *bar;              /* mapped BAR0 */
+    uint64_t sq_db;            /* SQ y Tail Doorbell offset in BAR0 (from CAP.DSTRD) */
+    uint64_t cq_db;            /* CQ y Head Doorbell offset */
+    nv_doorbell_fn hook;       /* not NULL: doorbells go here (the simulator), not to BAR0 */
+    void *hook_ctx;
+    uint32_t *shadow_sq;       /* Doorbell Buffer Config (admin 7Ch) shadow doorbells and */
+    uint32_t *shadow_cq;       /* EventIdx entries for this queue; NULL when off */
+    uint32_t *eventidx_sq;
+    uint32_t *eventidx_cq;
+    int irq_fd;                /* MSI-X eventfd of this queue's CQ, -1: poll */
+    /* ring state */
+    uint32_t sq_tail;          /* next slot the host writes */
+    uint32_t sq_head;          /* last SQ head the controller reported (CQE.SQHD) */
+    uint32_t sq_rung;          /* tail value last published */
+    uint32_t cq_head;
+    uint32_t cq_phase;         /* the phase tag of new entries: 1 on the first pass (3.3.3.2.2) */
+    uint32_t cq_rung;          /* head value last published */
+    /* command ids */
+    uint32_t free_top;         /* free ids on the stack */
+    uint32_t in_flight;
+    int64_t next_tag;
+    uint32_t bad_cid;          /* the command id of the last completion not in flight */
+    /* counters */
+    uint64_t posted;
+    uint64_t completed;
+    uint64_t sq_mmio;          /* SQ tail doorbell MMIO writes */
+    uint64_t cq_mmio;          /* CQ head doorbell MMIO writes */
+    uint64_t sq_shadow_only;   /* SQ tail updates the EventIdx rule let go without MMIO */
+    uint64_t cq_shadow_only;
+    /* the in-flight table, ncids entries each */
+    uint16_t *free_stack;
+    uint8_t *busy;             /* 0: free, 1: taken (not yet posted), 2: in flight */
+    uint8_t *opcode;
+    int64_t *tag;
+    int64_t *submit_ns;
+    int64_t *buf_slot;
+    int64_t *buf_gen;
+    uint32_t *cookie;
+};
+
+/* A queue pair over broker-owned rings of `depth` entries; NULL when out of memory. */
+struct nv_qp *nv_qp_new(uint32_t qid, uint32_t depth, void *sq, void *cq, void *bar,
+                        uint64_t sq_db, uint64_t cq_db);
+void nv_qp_free(struct nv_qp *qp);
+void nv_qp_set_hook(struct nv_qp *qp, nv_doorbell_fn fn, void *ctx);
+/* Shadow doorbell and EventIdx entries of this queue (NULLs turn them off). */
+void nv_qp_set_shadow(struct nv_qp *qp, void *shadow_sq, void *shadow_cq, void *eventidx_sq, void *eventidx_cq);
+/* Commands that can be posted now: free command ids and free SQ slots. */
+uint32_t nv_qp_capacity(const struct nv_qp *qp);
+/* Reserve n command ids (-EBUSY when fewer are free), or hand back ids never posted. */
+int nv_qp_take(struct nv_qp *qp, uint32_t n, uint16_t *cids);
+int nv_qp_untake(struct nv_qp *qp, uint32_t n, const uint16_t *cids);
+/* Copy n finished SQEs (ids from nv_qp_take) into the SQ at the tail and record them in
+ * flight against DMA buffer (slot, gen) (-1: none). No doorbell. Returns the first tag. */
+int64_t nv_qp_post(struct nv_qp *qp, const struct nv_sqe *entries, uint32_t n, int64_t buf_slot, int64_t buf_gen);
+/* Post n READ/WRITE commands into slots of a registered buffer whose PRPs the broker
+ * authored (nv_prp_slot); the transfer's page count picks PRP2. Ids are taken here.
+ * No doorbell. Returns the first tag, or -EBUSY when the queue lacks room. */
+int64_t nv_qp_post_slots(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint32_t n, const uint64_t *slba,
+                         const uint32_t *nlb, const uint32_t *slot, const struct nv_prp_slot *prps,
+                         uint32_t block_size, uint32_t page_size, int64_t buf_slot, int64_t buf_gen);
+/* Publish the SQ tail: shadow doorbell + EventIdx rule, or the MMIO doorbell. 1: MMIO written. */
+int nv_qp_ring_sq(struct nv_qp *qp);
+/* Consume up to max ready completions (no doorbell); free their ids; per-buffer counts
+ * go to unpin (nunpin set). Returns the count, or -EPROTO for a completion whose id is
+ * not in flight (bad_cid names it; the entries before it were consumed). */
+int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct nv_unpin *unpin,
+               uint32_t max_unpin, uint32_t *nunpin);
+/* Publish the CQ head: shadow doorbell + EventIdx rule, or the MMIO doorbell. 1: MMIO written. */
+int nv_qp_ring_cq(struct nv_qp *qp);
+/* Is the entry at the CQ head new? */
+int nv_qp_pending(const struct nv_qp *qp);
+/* Wait until a completion is pending: spin, or poll(2) on the MSI-X eventfd. 1: pending, 0: timed out. */
+int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns);
+/* Reap (ringing the CQ head once per batch) until at least `min` completions or the
+ * timeout. Returns the count reaped (fewer than min: timed out) or -EPROTO. */
+int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, uint32_t min, int64_t timeout_ns,
+                    struct nv_unpin *unpin, uint32_t max_unpin, uint32_t *nunpin);
+/* One command, start to end: post, ring, wait, reap. The entry's cid is one from nv_qp_take
+ * (its PRP-list pages are authored), or 0xFFFF to take one here. The queue must be idle
+ * (-EBUSY). -ETIMEDOUT leaves the command in flight against buffer (slot, gen). */
+int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
+               struct nv_completion *out);
+/* CLOCK_MONOTONIC in nanoseconds. */
+int64_t nv_now_ns(void);
+
+/* ==== perf: a closed loop in C (in the manner of spdk_nvme_perf) ==== */
+
+/* Latency histogram: log-linear buckets in nanoseconds, fio's layout (64 per power of two). */
+uint32_t nv_hist_bucket(uint64_t ns);
+uint32_t nv_hist_buckets(void);
+
+struct nv_perf {
+    /* the workload, validated by Python */
+    uint32_t nsid;
+    uint32_t nlb;              /* blocks per I/O */
+    uint32_t block_size;
+    uint32_t page_size;
+    uint64_t lba_lo;           /* first LBA of the range */
+    uint64_t positions;        /* random: valid start LBAs; sequential: I/O-sized steps in the range */
+    uint32_t random;
+    uint32_t read_pct;         /* 100: reads only, 0: writes only */
+    uint32_t depth;
+    uint32_t nslots;           /* registered-buffer slots (>= depth) */
+    uint64_t max_ios;          /* 0: until time runs out */
+    const struct nv_prp_slot *prps;
+    int64_t buf_slot;
+    int64_t buf_gen;
+    int64_t timeout_ns;        /* no completion for this long: give up (-ETIMEDOUT) */
+    /* state kept between slices */
+    uint64_t rng;
+    uint64_t seq;
+    uint64_t issued;
+    uint32_t *free_slots;      /* nslots entries */
+    uint32_t nfree;
+    /* results */
+    uint64_t ios;
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t errors;
+    uint64_t lat_sum_ns;
+    uint64_t lat_min_ns;
+    uint64_t lat_max_ns;
+    uint16_t first_error_status;
+    uint8_t first_error_opcode;
+    uint64_t *hist;            /* nv_hist_buckets() entries */
+};
+
+/* Run the loop for slice_ns (keeping the queue full), or with drain=1 stop issuing and
+ * reap what is in flight. Returns 1 when the workload is finished (max_ios done or
+ * drained), 0 when the slice ended, or -errno. */
+int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain);

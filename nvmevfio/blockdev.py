@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from nvmevfio.broker import RegisteredBuffer
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
+from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.provider import ControllerSession, Provider, open_controller
 
 
@@ -31,6 +33,7 @@ class DeviceInfo:
     firmware: str
     queue_depth: int
     completion_mode: str
+    shadow_doorbells: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,14 +41,14 @@ class DeviceInfo:
 
 class BlockDevice:
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
-                 irq: bool = False, queues: int = 1) -> None:
+                 irq: bool = False, queues: int = 1, shadow_doorbells: bool = True) -> None:
         self.provider = provider
         self.nsid = nsid
         try:
             if provider.state != "ready":
                 provider.enable()
             ctrl = provider.identify_controller()
-            depth = provider.create_io_queues(queues, queue_depth, irq=irq)
+            depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells)
             ns = provider.namespace(nsid)
         except BaseException:
             provider.close()
@@ -54,7 +57,8 @@ class BlockDevice:
             address=address, nsid=nsid, block_size=ns.block_size, block_count=ns.size_blocks,
             capacity_bytes=ns.size_bytes, max_transfer_bytes=provider.max_transfer,
             model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
-            queue_depth=depth, completion_mode="irq" if irq else "poll")
+            queue_depth=depth, completion_mode="irq" if irq else "poll",
+            shadow_doorbells=provider.shadow_doorbells)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
 
@@ -85,27 +89,48 @@ class BlockDevice:
     def free_buffer(self, buf: DmaBuffer) -> None:
         self.provider.free_buffer(buf)
 
-    def read_into(self, lba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
+        """Register ``buf`` as slots of ``slot_size`` bytes whose PRPs the broker authors once (like
+        io_uring's fixed buffers). Pass the registration wherever a buffer goes; offsets into it
+        are then multiples of ``slot_size``. Freeing the buffer drops the registration."""
+        return self.provider.register_buffer(buf, slot_size)
+
+    def unregister_buffer(self, reg: RegisteredBuffer) -> None:
+        self.provider.unregister_buffer(reg)
+
+    def read_into(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
+        """Read into a DMA buffer; one command (the usual case) is one C call that posts it and
+        waits for its completion (spinning, or on the MSI-X eventfd)."""
         self.provider.read_into(self.nsid, lba, count, buf, offset)
 
-    def write_from(self, lba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+    def write_from(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
         self.provider.write_from(self.nsid, lba, count, buf, offset)
 
-    def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> np.ndarray:
+    def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
+                     qid: int = 1) -> np.ndarray:
         """Post a batch of reads (one doorbell); returns their tags. Collect with :meth:`reap`."""
         return self.provider.submit("read", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
-    def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, qid: int = 1) -> np.ndarray:
+    def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
+                      qid: int = 1) -> np.ndarray:
         return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
     def reap(self, minimum: int = 1, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
         return self.provider.reap(minimum, qid=qid, timeout_s=timeout_s)
+
+    def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
+        """SQ/CQ doorbell MMIO writes and shadow-only updates of an I/O queue pair, and its ring state."""
+        return self.provider.doorbell_counters(qid)
 
     def in_flight(self, qid: int = 1) -> int:
         return self.provider.in_flight(qid)
 
     def capacity(self, qid: int = 1) -> int:
         return self.provider.capacity(qid)
+
+    def perf_loop(self, reg: RegisteredBuffer, **workload: Any) -> PerfLoop:
+        """A workload for the C closed loop (what ``nvmevfio.perf.run`` drives)."""
+        return self.provider.perf_loop(self.nsid, reg, **workload)
 
     def file(self) -> BlockFile:
         """A file-like view of the namespace (io.RawIOBase)."""
@@ -191,11 +216,13 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False, hugetlb: bool = False) -> BlockDevice:
+         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
     CAP.MQES+1); ``reset``: VFIO function reset first; ``hugetlb``: 2 MiB pages for the broker's
-    queues and staging memory."""
+    queues and staging memory; ``shadow_doorbells``: use Doorbell Buffer Config when the
+    controller offers it (MMIO doorbells only when the EventIdx rule asks for them)."""
     session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb)
-    return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues)
+    return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
+                       shadow_doorbells=shadow_doorbells)

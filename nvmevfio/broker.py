@@ -16,12 +16,12 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
-from nvmevfio.errors import CommandError, CommandTimeout, ControllerFatal, Refused
+from nvmevfio.errors import CommandError, CommandTimeout, Refused
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
-from nvmevfio.nvme.queue import COMPLETION, SCALAR_BATCH, CommandTable, CompletionQueue, SubmissionQueue
-from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, Cns, IoOpcode
+from nvmevfio.nvme.queue import CID_TAKE, PRP_SLOT, PerfLoop, QueuePair
+from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
 DEFAULT_IO_DEPTH = 128
@@ -35,6 +35,9 @@ MAX_NLB = 1 << 16  # NLB is a 16-bit 0's based field
 DSM_MAX_RANGES = 256
 ONCS_WRITE_ZEROES = 1 << 3
 ONCS_DSM = 1 << 2
+OACS_DBBUF = 1 << 8  # Doorbell Buffer Config supported (Identify Controller OACS bit 8)
+# Up to this many entries a batch is packed entry by entry (cheaper than numpy's per-call cost).
+SCALAR_BATCH = 8
 
 
 def _int_array(x: Any, what: str) -> np.ndarray:
@@ -55,10 +58,10 @@ def _ints(x: Any, what: str) -> list[int]:
 
 
 class IrqWaiter(Protocol):
-    """MSI-X: block until ``vector`` fires or ``timeout_s`` passes."""
+    """MSI-X: one eventfd per vector; the C queue pair waits on it with poll(2)."""
 
     def vectors(self, count: int) -> None: ...
-    def wait(self, vector: int, timeout_s: float) -> bool: ...
+    def fd(self, vector: int) -> int: ...
     def close(self) -> None: ...
 
 
@@ -78,28 +81,28 @@ class Namespace:
         return self.size_blocks * self.block_size
 
 
-class QueuePair:
-    """An I/O (or admin) SQ/CQ pair with its command ids, PRP-list pages and in-flight table."""
+class BrokerQueue:
+    """An I/O (or admin) queue pair: the C rings and command table (``ring``) plus the broker's
+    PRP-list pages for it, one set per command id."""
 
-    def __init__(self, qid: int, sq: SubmissionQueue, cq: CompletionQueue, buffers: list[DmaBuffer],
-                 prp_base: int, prp_pages_per_cmd: int, prp_array: np.ndarray | None, page_size: int) -> None:
+    def __init__(self, qid: int, ring: QueuePair, buffers: list[DmaBuffer], prp_base: int, prp_pages_per_cmd: int,
+                 prp_array: np.ndarray | None, page_size: int) -> None:
         self.qid = qid
-        self.sq = sq
-        self.cq = cq
+        self.ring = ring
         self.buffers = buffers
         self.prp_base = prp_base
         self.prp_pages = prp_pages_per_cmd
         self.prp_array = prp_array  # uint64 view of the PRP-list memory
         self.page_size = page_size
-        self.table = CommandTable(sq.depth - 1)  # one SQ slot always stays empty
+        self.packed = bytearray(ring.depth * SQE.itemsize)  # small batches are packed here, then posted
 
     @property
     def in_flight(self) -> int:
-        return self.table.in_flight
+        return self.ring.in_flight
 
     @property
     def capacity(self) -> int:
-        return min(self.table.free, self.sq.free)
+        return self.ring.capacity
 
     def prp_list_iovas(self, cid: int) -> list[int]:
         base = self.prp_base + cid * self.prp_pages * self.page_size
@@ -119,6 +122,27 @@ class QueuePair:
         return p.prp1, p.prp2
 
 
+@dataclass(frozen=True, eq=False)
+class RegisteredBuffer:
+    """A DMA buffer registered with the broker, cut into equal slots whose PRP entries and
+    PRP-list pages were authored once (like io_uring's fixed buffers). A command names a slot;
+    the C path copies the slot's pre-authored PRPs. Holds no address a caller can use."""
+
+    buffer: DmaBuffer
+    slot_size: int
+    slots: int
+    prps: np.ndarray = field(repr=False)  # PRP_SLOT per slot
+    _lists: DmaBuffer | None = field(repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.buffer.array
+
+    @property
+    def size(self) -> int:
+        return self.buffer.size
+
+
 class Broker:
     def __init__(self, mmio: Mmio, ledger: DmaLedger, *, irq: IrqWaiter | None = None,
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
@@ -132,8 +156,8 @@ class Broker:
         self.staging_bytes = staging_bytes
         self.command_timeout_s = command_timeout_s
         self.clock = clock
-        self.admin: QueuePair | None = None
-        self.io: list[QueuePair] = []
+        self.admin: BrokerQueue | None = None
+        self.io: list[BrokerQueue] = []
         self.page_size = 4096  # controller memory page size (CC.MPS), set at enable
         self.id_ctrl: dict[str, Any] | None = None
         self.namespaces: dict[int, Namespace] = {}
@@ -142,6 +166,11 @@ class Broker:
         self._scratch: DmaBuffer | None = None
         self.irq_mode = False
         self.commands_completed = 0
+        # Shadow doorbells (Doorbell Buffer Config, 5.8): broker-owned pages, used when the
+        # controller offers them (OACS bit 8) and ``shadow_doorbells`` is on.
+        self.shadow_doorbells = True
+        self._dbbuf: tuple[DmaBuffer, DmaBuffer] | None = None
+        self._registered: dict[tuple[int, int], RegisteredBuffer] = {}
 
     # ============================================================ controller state
     def bind(self) -> Registers:
@@ -161,7 +190,7 @@ class Broker:
             raise Refused("controller-not-enabled",
                           f"controller is {self.ctrl.state.value}: enable it first", state=self.ctrl.state.value)
 
-    def _require_io(self) -> QueuePair:
+    def _require_io(self) -> BrokerQueue:
         self._require_ready()
         if not self.io:
             raise Refused("io-queues-not-created", "no I/O queues: call create_io_queues() first")
@@ -176,9 +205,10 @@ class Broker:
 
     def _drop_queues(self) -> None:
         for qp in [*self.io, *([self.admin] if self.admin else [])]:
-            busy = qp.table.busy_cids()
-            for slot, gen, n in qp.table.buffer_counts(busy):
-                self.ledger.unpin(slot, gen, n)
+            busy = qp.ring.busy_cids()
+            for slot, gen in zip(qp.ring.buf_slot[busy].tolist(), qp.ring.buf_gen[busy].tolist()):
+                if slot >= 0:
+                    self.ledger.unpin(slot, gen, 1)
             for buf in qp.buffers:
                 if buf.live:
                     self.ledger.free(buf)
@@ -189,11 +219,15 @@ class Broker:
             if buf is not None and buf.live:
                 self.ledger.free(buf)
             setattr(self, name, None)
+        for b in self._dbbuf or ():
+            if b.live:
+                self.ledger.free(b)
+        self._dbbuf = None
         if self.irq is not None and self.irq_mode:
             self.irq.close()
         self.irq_mode = False
 
-    def _new_queue_pair(self, qid: int, depth: int, prp_pages_per_cmd: int, vector: int | None) -> QueuePair:
+    def _new_queue_pair(self, qid: int, depth: int, prp_pages_per_cmd: int, vector: int | None) -> BrokerQueue:
         sq_buf = self.ledger.alloc(depth * SQE.itemsize, owner="broker:sq")
         cq_buf = self.ledger.alloc(depth * CQE.itemsize, owner="broker:cq")
         bufs = [sq_buf, cq_buf]
@@ -205,9 +239,15 @@ class Broker:
             bufs.append(prp_buf)
             prp_base = self.ledger.iova(prp_buf)
             prp_array = prp_buf.array.view(np.uint64)
-        sq = SubmissionQueue(qid, sq_buf.array.view(SQE), self.mmio, self.ctrl.doorbell(qid, False))
-        cq = CompletionQueue(qid, cq_buf.array.view(CQE), self.mmio, self.ctrl.doorbell(qid, True), vector)
-        return QueuePair(qid, sq, cq, bufs, prp_base, prp_pages_per_cmd, prp_array, self.page_size)
+        ring = QueuePair(qid, sq_buf.array.view(SQE), cq_buf.array.view(CQE), self.mmio,
+                         self.ctrl.doorbell(qid, False), self.ctrl.doorbell(qid, True))
+        if vector is not None and self.irq is not None:
+            ring.set_irq(self.irq.fd(vector), vector)
+        if qid and self._dbbuf is not None:
+            shadow, eventidx = (b.array.view(np.uint32) for b in self._dbbuf)
+            stride = 1 << regs.get(self.ctrl.cap, regs.CAP_.DSTRD)  # in dwords, as the doorbell registers
+            ring.set_shadow(shadow, eventidx, 2 * qid * stride, (2 * qid + 1) * stride)
+        return BrokerQueue(qid, ring, bufs, prp_base, prp_pages_per_cmd, prp_array, self.page_size)
 
     def enable(self, *, admin_depth: int = ADMIN_DEPTH) -> Registers:
         """Disable, author the admin queues from the ledger, pick CC, enable, wait RDY (CAP.TO)."""
@@ -245,91 +285,86 @@ class Broker:
             e[k] = v
         return e
 
-    def _attach_data(self, qp: QueuePair, e: np.ndarray, cid: int, buf: DmaBuffer, offset: int,
-                     length: int) -> None:
-        """Author PRP1/PRP2 (and PRP-list pages) for ``length`` bytes of ``buf`` from ``offset``."""
-        iova = self.ledger.iova(buf) + offset
+    def _author_one(self, qp: BrokerQueue, e: np.ndarray, buf: DmaBuffer, length: int) -> np.ndarray | None:
+        """Author PRP1/PRP2 for ``length`` bytes of ``buf``. When PRP-list pages are needed, a
+        command id is taken first (its list pages hold them) and returned."""
+        iova = self.ledger.iova(buf)
         need = prp.list_pages_needed(iova, length, self.page_size)
         if need > qp.prp_pages:
             raise Refused("count-out-of-range",
                           f"{length} bytes need {need} PRP-list pages; this queue has {qp.prp_pages} per command",
                           length=length)
-        e["prp1"], e["prp2"] = qp.author_prps(cid, iova, length)
-
-    def _post(self, qp: QueuePair, entries: np.ndarray, cids: np.ndarray, buf: DmaBuffer | None) -> np.ndarray:
-        """Post entries (cids assigned, PRPs authored) and record them in flight. No doorbell."""
-        qp.sq.post(entries)
-        if buf is not None:
-            self.ledger.pin(buf, len(cids))
-        return qp.table.record(cids, int(entries["opc"][0]), buf.slot if buf is not None else -1,
-                               buf.generation if buf is not None else 0, self.clock())
+        cids = None
+        if need:
+            if qp.in_flight:
+                self._refuse_busy(qp)
+            cids = qp.ring.take(1)
+            e["cid"] = cids[0]
+        e["prp1"], e["prp2"] = qp.author_prps(int(e["cid"][0]) if need else 0, iova, length)
+        return cids
 
     @staticmethod
-    def _require_room(qp: QueuePair, n: int) -> None:
+    def _refuse_busy(qp: BrokerQueue) -> None:
+        raise Refused("queue-busy", f"queue {qp.qid} has {qp.in_flight} batched commands in flight; reap them "
+                      "first", qid=qp.qid, in_flight=qp.in_flight)
+
+    def _exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
+              **context: Any) -> int:
+        """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
+        CQ doorbell); returns its DW0. Raises CommandError for an error status."""
+        e["cid"] = CID_TAKE
+        cids = self._author_one(qp, e, buf, length) if buf is not None else None
+        slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
+        try:
+            c = qp.ring.exec(e, self.command_timeout_s, slot, gen)
+        except BaseException:
+            if cids is not None and qp.ring.busy[int(cids[0])] == 1:  # taken, never posted
+                qp.ring.untake(cids)
+            raise
+        return self._finish(qp, c, buf, name, **context)
+
+    def _finish(self, qp: BrokerQueue, c: np.void | None, buf: DmaBuffer | None, name: str, **context: Any) -> int:
+        if c is None:
+            if buf is not None:
+                self.ledger.pin(buf, 1)  # still in flight: the device may yet DMA into it
+            self._timeout(qp)
+        assert c is not None  # _timeout raised otherwise
+        self.commands_completed += 1
+        if c["status"]:
+            self._raise_for(c, name, **context)
+        return int(c["result"])
+
+    @staticmethod
+    def _require_room(qp: BrokerQueue, n: int) -> None:
         if n > qp.capacity:
             raise Refused("queue-full", f"queue {qp.qid} has room for {qp.capacity} more commands, {n} asked",
                           qid=qp.qid, free=qp.capacity, wanted=n)
 
-    def _take_cids(self, qp: QueuePair, n: int) -> np.ndarray:
-        self._require_room(qp, n)
-        return qp.table.take(n)
-
     # ============================================================ completions
-    def _wait_pending(self, qp: QueuePair, deadline: float) -> None:
-        """Wait until the CQ has a new entry (MSI-X eventfd or polling), bounded by ``deadline``."""
-        cq = qp.cq
-        irq, vector = self.irq, cq.vector
-        use_irq = self.irq_mode and vector is not None and irq is not None
-        spins = 0
-        while not cq.pending():
-            if use_irq and irq is not None and vector is not None:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    self._timeout(qp)
-                # The eventfd counts interrupts raised since the last wait, so a
-                # completion that landed between pending() and here is not lost.
-                irq.wait(vector, min(remaining, 0.5))
-                continue
-            spins += 1
-            if spins & 0xFF == 0 and self.clock() > deadline:
-                self._timeout(qp)
-
-    def _timeout(self, qp: QueuePair) -> None:
+    def _timeout(self, qp: BrokerQueue) -> None:
         self.ctrl.check_fatal()
-        busy = qp.table.busy_cids()
-        oldest = int(busy[np.argmin(qp.table.submitted[busy])]) if len(busy) else None
-        what = f" (oldest: opcode {int(qp.table.opcode[oldest]):#04x}, cid {oldest})" if oldest is not None else ""
+        ring = qp.ring
+        busy = ring.busy_cids()
+        oldest = int(busy[np.argmin(ring.submit_ns[busy])]) if len(busy) else None
+        what = f" (oldest: opcode {int(ring.opcode[oldest]):#04x}, cid {oldest})" if oldest is not None else ""
         raise CommandTimeout(
             f"queue {qp.qid}: no completion within {self.command_timeout_s:.0f} s for "
             f"{len(busy)} command(s){what}; CSTS={self.ctrl.csts():#010x}", qid=qp.qid, in_flight=len(busy))
 
-    def _reap(self, qp: QueuePair, minimum: int, timeout_s: float | None) -> np.ndarray:
-        """Reap at least ``minimum`` completions (all that are ready), one CQ head doorbell per batch.
+    def _reap(self, qp: BrokerQueue, minimum: int, timeout_s: float | None) -> np.ndarray:
+        """Reap at least ``minimum`` completions (all that are ready), one CQ head doorbell per batch,
+        waiting in C (spinning, or on the MSI-X eventfd).
 
-        Returns a structured array of ``nvme.queue.COMPLETION``: tag, cid, opcode, result,
-        status (without the phase tag), latency_s."""
-        parts = []
-        got = 0
-        deadline = self.clock() + (self.command_timeout_s if timeout_s is None else timeout_s)
-        while True:
-            cqes = qp.cq.reap()
-            if len(cqes):
-                qp.cq.ring_head()
-                qp.sq.update_head(int(cqes["sqhd"][-1]))
-                try:
-                    done, counts = qp.table.retire(cqes, self.clock())
-                except ValueError as exc:
-                    raise ControllerFatal(f"queue {qp.qid}: {exc}", qid=qp.qid) from exc
-                for slot, gen, n in counts:
-                    self.ledger.unpin(slot, gen, n)
-                parts.append(done)
-                got += len(done)
-                self.commands_completed += len(done)
-            if got >= minimum or not qp.in_flight:
-                if len(parts) == 1:
-                    return parts[0]
-                return np.concatenate(parts) if parts else np.empty(0, dtype=COMPLETION)
-            self._wait_pending(qp, deadline)
+        Returns a structured array of ``nvme.queue.COMPLETION``: tag, latency_s, result, cookie, cid,
+        status (without the phase tag), opcode. When the wait times out with some completions
+        reaped, those are returned (nothing is lost); with none, CommandTimeout."""
+        done, runs = qp.ring.reap_wait(minimum, self.command_timeout_s if timeout_s is None else timeout_s)
+        for slot, gen, n in runs:
+            self.ledger.unpin(slot, gen, n)
+        self.commands_completed += len(done)
+        if len(done) == 0 and minimum > 0 and qp.in_flight:
+            self._timeout(qp)
+        return done
 
     def _raise_for(self, c: np.void, name: str, **context: Any) -> None:
         _, sc, sct, _, more, dnr = spec.split_status(int(c["status"]) << 1)
@@ -340,13 +375,7 @@ class Broker:
         qp = self.admin
         if qp is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
-        tag = self._submit_one(qp, e, buf, length)
-        for c in self._reap(qp, 1, None):
-            if c["tag"] == tag:
-                if c["status"]:
-                    self._raise_for(c, name)
-                return int(c["result"])
-        raise ControllerFatal(f"admin command {name} was not completed")  # pragma: no cover
+        return self._exec(qp, e, name, buf, length)
 
     # ============================================================ admin verbs
     def _scratch_buf(self) -> DmaBuffer:
@@ -413,8 +442,11 @@ class Broker:
         return self._admin_sync(self._sqe(AdminOpcode.GET_FEATURES, nsid=nsid, cdw10=fid | (sel << 8),
                                           cdw11=cdw11), f"Get Features {fid:#04x}")
 
-    def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False) -> int:
-        """Set Features Number of Queues, then CREATE I/O CQ before SQ for each pair. Returns the depth used."""
+    def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False,
+                         shadow_doorbells: bool = True) -> int:
+        """Set Features Number of Queues, Doorbell Buffer Config when the controller has it (OACS
+        bit 8) and ``shadow_doorbells`` is on, then CREATE I/O CQ before SQ for each pair. Returns
+        the depth used."""
         self._require_ready()
         if self.io:
             raise Refused("io-queues-exist", f"{len(self.io)} I/O queue pair(s) already created")
@@ -437,6 +469,9 @@ class Broker:
             assert self.irq is not None
             self.irq.vectors(count + 1)
             self.irq_mode = True
+        self.shadow_doorbells = shadow_doorbells
+        if shadow_doorbells and (self.id_ctrl or {}).get("oacs", 0) & OACS_DBBUF and self._dbbuf is None:
+            self._configure_doorbell_buffer()
         per_cmd = prp.list_pages_needed(0, self.max_transfer, self.page_size) if self.max_transfer else 1
         for i in range(count):
             qid = i + 1
@@ -457,6 +492,26 @@ class Broker:
             self.io.append(qp)
         self.refresh_namespaces()
         return depth
+
+    def _configure_doorbell_buffer(self) -> None:
+        """Doorbell Buffer Config (admin 7Ch, 5.8): a shadow doorbell page (PRP1) and an EventIdx page
+        (PRP2), both broker-owned and zeroed. I/O queues created afterwards publish their SQ tail and
+        CQ head there, and write the MMIO doorbell only when the EventIdx rule says the controller
+        needs it. The admin queue keeps MMIO doorbells, as in Linux."""
+        shadow = self.ledger.alloc(self.page_size, owner="broker:dbbuf-shadow")
+        eventidx = self.ledger.alloc(self.page_size, owner="broker:dbbuf-eventidx")
+        try:
+            self._admin_sync(self._sqe(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=self.ledger.iova(shadow),
+                                       prp2=self.ledger.iova(eventidx)), "Doorbell Buffer Config")
+        except BaseException:
+            self.ledger.free(shadow)
+            self.ledger.free(eventidx)
+            raise
+        self._dbbuf = (shadow, eventidx)
+
+    @property
+    def shadow_doorbells_active(self) -> bool:
+        return self._dbbuf is not None
 
     # ============================================================ I/O validation
     def refresh_namespaces(self) -> dict[int, Namespace]:
@@ -524,20 +579,25 @@ class Broker:
                           f"{self.max_blocks(ns, 4)} blocks", max_pages=self.max_pages)
         return iova, length, pages
 
-    def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, *,
-                  qid: int = 1, doorbell: bool = True) -> np.ndarray:
+    def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
+                  offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
         """Post a batch of READ or WRITE commands into ``buf`` at ``offsets`` and ring the SQ tail
         doorbell once. Returns their tags.
 
         Every command is validated (window, MDTS, buffer bounds, handle) before any is posted; a
-        refusal names the first command that breaks a rule. Small batches are authored entry by
-        entry (cheaper than numpy's per-call overhead), larger ones vectorized.
+        refusal names the first command that breaks a rule. Small batches are packed entry by
+        entry (cheaper than numpy's per-call overhead), larger ones authored vectorized; either
+        way one C call copies them into the ring. With a registered buffer the offsets name its
+        slots and the C path copies the slots' pre-authored PRPs.
         """
         qp = self._queue(qid)
         ns = self.namespace(nsid)
         if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
             raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
-        base = self.ledger.iova(buf)  # stale-handle check before anything else
+        reg = buf if isinstance(buf, RegisteredBuffer) else None
+        handle = self._registration(reg).buffer if reg is not None else buf
+        assert isinstance(handle, DmaBuffer)
+        base = self.ledger.iova(handle)  # stale-handle check before anything else
         slbas, counts, offsets = (x if isinstance(x, (list, tuple)) else np.atleast_1d(x)
                                   for x in (slbas, counts, offsets))
         n = len(slbas)
@@ -545,8 +605,11 @@ class Broker:
             raise Refused("length-mismatch", "slbas, counts and offsets differ in length")
         if n == 0:
             return np.empty(0, dtype=np.int64)
+        if reg is not None:
+            return self._submit_registered(qp, ns, opcode, reg, _int_array(slbas, "LBAs"),
+                                           _int_array(counts, "counts"), _int_array(offsets, "offsets"), doorbell)
         if n <= SCALAR_BATCH:
-            return self._submit_small(qp, ns, opcode, base, buf, _ints(slbas, "LBAs"), _ints(counts, "counts"),
+            return self._submit_small(qp, ns, opcode, base, handle, _ints(slbas, "LBAs"), _ints(counts, "counts"),
                                       _ints(offsets, "offsets"), doorbell)
         slbas = _int_array(slbas, "LBAs")
         counts = _int_array(counts, "counts")
@@ -557,47 +620,132 @@ class Broker:
         pages = (iovas % ps + lengths + ps - 1) // ps
         if (counts.min() < 1 or counts.max() > self.max_blocks(ns) or slbas.min() < 0
                 or (slbas + counts).max() > ns.size_blocks or offsets.min() < 0 or (offsets & 3).any()
-                or (offsets + lengths).max() > buf.size or pages.max() > self.max_pages):
+                or (offsets + lengths).max() > handle.size or pages.max() > self.max_pages):
             for s_, c_, o_ in zip(slbas.tolist(), counts.tolist(), offsets.tolist()):
-                self._check_rw(ns, base, buf.size, s_, c_, o_)  # raises for the first bad command
-        cids = self._take_cids(qp, n)
+                self._check_rw(ns, base, handle.size, s_, c_, o_)  # raises for the first bad command
+        cids = qp.ring.take(n)
         try:
-            entries = self._author_rw(qp, opcode, ns.nsid, slbas, counts, cids, iovas, lengths, pages)
+            entries = self._author_rw(qp, opcode, ns.nsid, slbas, counts, cids.astype(np.int64), iovas, lengths,
+                                      pages)
+            first = qp.ring.post(entries, n, handle.slot, handle.generation)
         except BaseException:
-            qp.table.give_back(cids)
+            qp.ring.untake(cids)
             raise
-        tags = self._post(qp, entries, cids, buf)
-        if doorbell:
-            qp.sq.ring_doorbell()
-        return tags
+        return self._posted(qp, handle, first, n, doorbell)
 
-    def _submit_small(self, qp: QueuePair, ns: Namespace, opcode: int, base: int, buf: DmaBuffer,
+    def _posted(self, qp: BrokerQueue, buf: DmaBuffer, first_tag: int, n: int, doorbell: bool) -> np.ndarray:
+        """Book-keeping after a batch was posted: pin its buffer, ring the SQ tail doorbell once."""
+        self.ledger.pin(buf, n)
+        if doorbell:
+            qp.ring.ring_sq()
+        return np.arange(first_tag, first_tag + n, dtype=np.int64)
+
+    def _submit_small(self, qp: BrokerQueue, ns: Namespace, opcode: int, base: int, buf: DmaBuffer,
                       slbas: list[int], counts: list[int], offsets: list[int], doorbell: bool) -> np.ndarray:
-        """submit_rw for a few commands: validated, packed into the ring and recorded one by one."""
+        """submit_rw for a few commands: validated and packed one by one, posted in one C call."""
         checked = [self._check_rw(ns, base, buf.size, s_, c_, o_) for s_, c_, o_ in zip(slbas, counts, offsets)]
         n = len(checked)
-        self._require_room(qp, n)
-        self.ledger.pin(buf, n)
-        ps = self.page_size
-        now = self.clock()
-        tags = []
-        for slba, count, (iova, length, pages) in zip(slbas, counts, checked):
-            cid = qp.table.take_one()
-            if pages == 1:
-                prp2 = 0
-            elif pages == 2:
-                prp2 = iova - iova % ps + ps
-            else:
-                _, prp2 = qp.author_prps(cid, iova, length)
-            # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
-            qp.sq.post_one((opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
-                            count - 1, 0, 0, 0))
-            tags.append(qp.table.record_one(cid, opcode, buf.slot, buf.generation, now))
-        if doorbell:
-            qp.sq.ring_doorbell()
-        return np.array(tags, dtype=np.int64)
+        cids = qp.ring.take(n)
+        try:
+            ps = self.page_size
+            packed = qp.packed
+            for i, (slba, count, (iova, length, pages)) in enumerate(zip(slbas, counts, checked)):
+                cid = int(cids[i])
+                if pages == 1:
+                    prp2 = 0
+                elif pages == 2:
+                    prp2 = iova - iova % ps + ps
+                else:
+                    _, prp2 = qp.author_prps(cid, iova, length)
+                # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
+                SQE_STRUCT.pack_into(packed, i * 64, opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2,
+                                     slba & 0xFFFFFFFF, slba >> 32, count - 1, 0, 0, 0)
+            first = qp.ring.post(packed, n, buf.slot, buf.generation)
+        except BaseException:
+            qp.ring.untake(cids)
+            raise
+        return self._posted(qp, buf, first, n, doorbell)
 
-    def _author_rw(self, qp: QueuePair, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
+    def _submit_registered(self, qp: BrokerQueue, ns: Namespace, opcode: int, reg: RegisteredBuffer,
+                           slbas: np.ndarray, counts: np.ndarray, offsets: np.ndarray, doorbell: bool) -> np.ndarray:
+        """READ/WRITE into slots of a registered buffer: validated here, posted by C with the
+        slots' pre-authored PRPs."""
+        slots = offsets // reg.slot_size
+        if (counts.min() < 1 or counts.max() > self.max_blocks(ns) or slbas.min() < 0
+                or (slbas + counts).max() > ns.size_blocks):
+            for s_, c_ in zip(slbas.tolist(), counts.tolist()):
+                self._check_rw(ns, 0, counts.max() * ns.block_size, s_, c_, 0)  # raises for the first bad command
+        if offsets.min() < 0 or (offsets % reg.slot_size).any() or slots.max() >= reg.slots:
+            raise Refused("length-mismatch", f"offsets into a registered buffer name its slots: multiples of "
+                          f"{reg.slot_size} below {reg.slots * reg.slot_size}", slot_size=reg.slot_size)
+        if (counts * ns.block_size).max() > reg.slot_size:
+            raise Refused("length-mismatch", f"a transfer of {int(counts.max()) * ns.block_size} bytes does not fit "
+                          f"a {reg.slot_size}-byte slot", slot_size=reg.slot_size)
+        self._require_room(qp, len(slbas))
+        buf = reg.buffer
+        first = qp.ring.post_slots(opcode, ns.nsid, slbas.astype(np.uint64), counts.astype(np.uint32),
+                                   slots.astype(np.uint32), reg.prps, ns.block_size, self.page_size, buf.slot,
+                                   buf.generation)
+        return self._posted(qp, buf, first, len(slbas), doorbell)
+
+    # ============================================================ registered buffers
+    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
+        """Cut ``buf`` into slots of ``slot_size`` bytes (a multiple of the memory page size, at most
+        one PRP-list page of entries) and author every slot's PRP1, PRP2 and PRP-list page once."""
+        self._require_ready()
+        base = self.ledger.iova(buf)
+        ps = self.page_size
+        per = ps // 8
+        limit = min(self.max_pages, per + 1) * ps
+        if slot_size <= 0 or slot_size % ps or slot_size > limit or slot_size > buf.size:
+            raise Refused("length-mismatch", f"slot size {slot_size}: a multiple of the {ps}-byte memory page, "
+                          f"at most {limit} bytes (MDTS, one PRP-list page) and the buffer's {buf.size}",
+                          slot_size=slot_size)
+        if (buf.slot, buf.generation) in self._registered:
+            raise Refused("buffer-registered", f"buffer slot {buf.slot} is already registered", slot=buf.slot)
+        nslots = buf.size // slot_size
+        pages = slot_size // ps
+        starts = base + slot_size * np.arange(nslots, dtype=np.uint64)
+        prps = np.zeros(nslots, dtype=PRP_SLOT)
+        prps["prp1"] = starts
+        prps["prp2_page"] = starts + ps if pages >= 2 else 0
+        lists = None
+        if pages > 2:
+            # One PRP-list page per slot: the slot's pages after the first (4.1.1), zero beyond.
+            lists = self.ledger.alloc(nslots * ps, owner="broker:prp-registered", device_writable=False)
+            table = lists.array.view(np.uint64).reshape(nslots, per)
+            table[:, : pages - 1] = starts[:, None] + ps * np.arange(1, pages, dtype=np.uint64)
+            prps["prp2_list"] = self.ledger.iova(lists) + ps * np.arange(nslots, dtype=np.uint64)
+        prps.flags.writeable = False
+        reg = RegisteredBuffer(buf, slot_size, nslots, prps, lists)
+        self._registered[(buf.slot, buf.generation)] = reg
+        return reg
+
+    def _registration(self, reg: RegisteredBuffer) -> RegisteredBuffer:
+        buf = reg.buffer
+        if self._registered.get((buf.slot, buf.generation)) is not reg:
+            self.ledger.iova(buf)  # stale-handle when the buffer itself was freed
+            raise Refused("stale-handle", f"buffer slot {buf.slot} is no longer registered", slot=buf.slot)
+        return reg
+
+    def unregister_buffer(self, reg: RegisteredBuffer) -> None:
+        """Drop a registration (its PRP-list pages are scrubbed and freed); refused while in flight."""
+        self._registration(reg)
+        buf = reg.buffer
+        if self.ledger.in_flight(buf):
+            raise Refused("buffer-in-flight", f"buffer slot {buf.slot} has commands in flight", slot=buf.slot)
+        del self._registered[(buf.slot, buf.generation)]
+        if reg._lists is not None and reg._lists.live:
+            self.ledger.free(reg._lists)
+
+    def free_buffer(self, buf: DmaBuffer) -> None:
+        """Scrub, unmap and free a caller's buffer (and drop its registration, if any)."""
+        reg = self._registered.get((buf.slot, buf.generation))
+        if reg is not None and self.ledger.is_live(buf):
+            self.unregister_buffer(reg)
+        self.ledger.free(buf)
+
+    def _author_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
                    cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray) -> np.ndarray:
         """The SQEs of a READ/WRITE batch: fields vectorized, PRP lists only where needed."""
         n = len(cids)
@@ -621,14 +769,14 @@ class Broker:
                 want = pages[one_page] - 1
                 col = np.arange(1, int(want.max()) + 1)
                 rows = (iovas[one_page] - iovas[one_page] % ps)[:, None] + ps * col
-                area = qp.prp_array.reshape(qp.table.size, qp.prp_pages * per)
+                area = qp.prp_array.reshape(qp.ring.ncids, qp.prp_pages * per)
                 area[cids[one_page], : len(col)] = np.where(col <= want[:, None], rows, 0)
                 entries["prp2"][one_page] = qp.prp_base + cids[one_page] * (qp.prp_pages * ps)
             for i in listed[pages[listed] - 1 > per].tolist():  # chained lists: one by one
                 _, entries["prp2"][i] = qp.author_prps(int(cids[i]), int(iovas[i]), int(lengths[i]))
         return entries
 
-    def _queue(self, qid: int) -> QueuePair:
+    def _queue(self, qid: int) -> BrokerQueue:
         self._require_io()
         if not 1 <= qid <= len(self.io):
             raise Refused("io-queues-not-created", f"I/O queue {qid} does not exist ({len(self.io)} created)",
@@ -636,7 +784,7 @@ class Broker:
         return self.io[qid - 1]
 
     def ring(self, qid: int = 1) -> None:
-        self._queue(qid).sq.ring_doorbell()
+        self._queue(qid).ring.ring_sq()
 
     def reap(self, qid: int = 1, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:
         qp = self._queue(qid)
@@ -648,53 +796,78 @@ class Broker:
     def capacity(self, qid: int = 1) -> int:
         return self._queue(qid).capacity
 
-    def _submit_one(self, qp: QueuePair, e: np.ndarray, buf: DmaBuffer | None = None, length: int = 0) -> int:
-        """Author one command (cid, PRPs), post it and ring the SQ tail doorbell; returns its tag."""
-        cids = self._take_cids(qp, 1)
-        cid = int(cids[0])
-        e["cid"] = cid
-        if buf is not None:
-            try:
-                self._attach_data(qp, e, cid, buf, 0, length)
-            except BaseException:
-                qp.table.give_back(cids)
-                raise
-        [tag] = self._post(qp, e, cids, buf)
-        qp.sq.ring_doorbell()
-        return int(tag)
-
-    def _sync(self, qp: QueuePair, tags: list[int], name: str, **context: Any) -> None:
-        """Reap until every tag completed; raise for the first error (after reaping the whole batch)."""
-        want = set(tags)
-        failed = None
-        while want:
-            for c in self._reap(qp, 1, None):
-                if int(c["tag"]) in want:
-                    want.discard(int(c["tag"]))
-                    if c["status"] and failed is None:
-                        failed = c
-        if failed is not None:
-            self._raise_for(failed, name, **context)
+    def perf_loop(self, nsid: int, reg: RegisteredBuffer, *, io_size: int, lba_range: tuple[int, int],
+                  random: bool, read_pct: int, depth: int, max_ios: int = 0, seed: int = 1,
+                  qid: int = 1) -> PerfLoop:
+        """Validate a workload once, then hand it to the C closed loop: LBAs ``lba_range`` (half
+        open), ``io_size`` bytes per I/O, ``depth`` in flight, each in a slot of ``reg``."""
+        qp = self._queue(qid)
+        ns = self.namespace(nsid)
+        self._registration(reg)
+        self.ledger.iova(reg.buffer)
+        bs = ns.block_size
+        if io_size <= 0 or io_size % bs or io_size > reg.slot_size:
+            raise Refused("length-mismatch", f"I/O size {io_size}: a positive multiple of the {bs}-byte block, "
+                          f"at most the {reg.slot_size}-byte slot", io_size=io_size)
+        nlb = io_size // bs
+        if nlb > self.max_blocks(ns):
+            raise Refused("count-out-of-range", f"I/O size {io_size} is more than one command carries "
+                          f"({self.max_blocks(ns) * bs} bytes, MDTS)", io_size=io_size)
+        lo, hi = lba_range
+        self.check_window(ns, lo, hi - lo)
+        if hi - lo < nlb:
+            raise Refused("window-past-namespace-end", f"range {lo}..{hi} holds no {io_size}-byte I/O")
+        if not 1 <= depth <= min(qp.ring.ncids, reg.slots):
+            raise Refused("count-out-of-range", f"queue depth {depth} outside 1..{min(qp.ring.ncids, reg.slots)} "
+                          "(queue entries - 1, buffer slots)", depth=depth)
+        if not 0 <= read_pct <= 100 or max_ios < 0:
+            raise Refused("invalid-argument", f"read percentage {read_pct} / I/O count {max_ios} out of range")
+        if qp.in_flight:
+            self._refuse_busy(qp)
+        positions = hi - lo - nlb + 1 if random else (hi - lo) // nlb
+        return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
+                        block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
+                        read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
+                        timeout_s=self.command_timeout_s)
 
     # ============================================================ I/O: synchronous helpers
-    def transfer(self, opcode: int, nsid: int, slba: int, count: int, buf: DmaBuffer, offset: int = 0,
-                 qid: int = 1) -> None:
-        """READ or WRITE ``count`` blocks between ``buf[offset:]`` and the namespace, split by MDTS,
-        keeping as many commands in flight as the queue allows."""
+    def transfer(self, opcode: int, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer,
+                 offset: int = 0, qid: int = 1) -> None:
+        """READ or WRITE ``count`` blocks between ``buf[offset:]`` and the namespace. One command is
+        one C call (post, doorbell, wait, reap); a longer transfer is split by MDTS, keeping as many
+        commands in flight as the queue allows."""
         qp = self._queue(qid)
         ns = self.namespace(nsid)
         self.check_window(ns, slba, count)
-        if offset < 0 or offset + count * ns.block_size > buf.size:
+        reg = buf if isinstance(buf, RegisteredBuffer) else None
+        handle = self._registration(reg).buffer if reg is not None else buf
+        assert isinstance(handle, DmaBuffer)
+        length = count * ns.block_size
+        if offset < 0 or offset + length > handle.size:
             raise Refused("length-mismatch", f"{count} blocks of {ns.block_size} bytes do not fit the "
-                          f"{buf.size}-byte buffer at offset {offset}", count=count, size=buf.size)
-        base = self.ledger.iova(buf)  # stale-handle check
+                          f"{handle.size}-byte buffer at offset {offset}", count=count, size=handle.size)
+        base = self.ledger.iova(handle)  # stale-handle check
         if qp.in_flight:
-            raise Refused("queue-busy", f"queue {qid} has {qp.in_flight} batched commands in flight; reap them first")
-        step = self.max_blocks(ns, base + offset)
+            self._refuse_busy(qp)
+        name = "Read" if opcode == IoOpcode.READ else "Write"
+        ps = self.page_size
+        iova = base + offset
+        pages = (iova % ps + length + ps - 1) // ps
+        if pages <= 2 and count <= MAX_NLB and offset & 3 == 0:
+            # The common case: one command without a PRP list, one C call.
+            prp2 = iova - iova % ps + ps if pages == 2 else 0
+            c = qp.ring.exec_packed((opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
+                                     count - 1, 0, 0, 0), self.command_timeout_s, handle.slot, handle.generation)
+            self._finish(qp, c, handle, name, nsid=nsid, slba=slba, count=count)
+            return
+        if reg is not None and offset % reg.slot_size == 0 and length <= reg.slot_size:
+            self._sync_batch(qp, self.submit_rw(opcode, nsid, [slba], [count], reg, [offset], qid=qid), name,
+                             nsid=nsid, slba=slba, count=count)
+            return
+        step = self.max_blocks(ns, iova)
         starts = np.arange(slba, slba + count, step, dtype=np.int64)
         counts = np.minimum(step, slba + count - starts)
         offs = offset + (starts - slba) * ns.block_size
-        name = "Read" if opcode == IoOpcode.READ else "Write"
         pos = 0
         outstanding = 0  # the queue was idle, so every completion on it is ours
         failed = None
@@ -702,8 +875,8 @@ class Broker:
             room = qp.capacity
             if pos < len(starts) and room and failed is None:
                 k = min(room, len(starts) - pos)
-                outstanding += len(self.submit_rw(opcode, nsid, starts[pos : pos + k], counts[pos : pos + k], buf,
-                                                  offs[pos : pos + k], qid=qid))
+                outstanding += len(self.submit_rw(opcode, nsid, starts[pos : pos + k], counts[pos : pos + k],
+                                                  handle, offs[pos : pos + k], qid=qid))
                 pos += k
             done = self._reap(qp, 1, None)
             outstanding -= len(done)
@@ -712,6 +885,19 @@ class Broker:
                 failed = done[bad[0]]
         if failed is not None:
             self._raise_for(failed, name, nsid=nsid, slba=slba, count=count)
+
+    def _sync_batch(self, qp: BrokerQueue, tags: np.ndarray, name: str, **context: Any) -> None:
+        """Reap a batch posted on an idle queue; raise for its first error."""
+        left = len(tags)
+        failed = None
+        while left:
+            done = self._reap(qp, left, None)
+            left -= len(done)
+            bad = np.flatnonzero(done["status"])
+            if len(bad) and failed is None:
+                failed = done[bad[0]]
+        if failed is not None:
+            self._raise_for(failed, name, **context)
 
     def _staging_buf(self) -> DmaBuffer:
         if self._staging is None or not self._staging.live:
@@ -758,10 +944,9 @@ class Broker:
     def flush(self, nsid: int, qid: int = 1) -> None:
         qp = self._queue(qid)
         self.namespace(nsid)
-        tag = self._submit_one(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid))
-        self._sync(qp, [tag], "Flush", nsid=nsid)
+        self._exec(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid), "Flush", nsid=nsid)
 
-    def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int, what: str) -> QueuePair:
+    def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int, what: str) -> BrokerQueue:
         """Checks shared by the range commands: queue, namespace, window, and ONCS support."""
         qp = self._queue(qid)
         self.check_window(self.namespace(nsid), slba, count)
@@ -774,9 +959,8 @@ class Broker:
         qp = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
-            tag = self._submit_one(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF,
-                                                 cdw11=start >> 32, cdw12=k - 1))
-            self._sync(qp, [tag], "Write Zeroes", nsid=nsid, slba=start, count=k)
+            self._exec(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF, cdw11=start >> 32,
+                                     cdw12=k - 1), "Write Zeroes", nsid=nsid, slba=start, count=k)
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Dataset Management with the Deallocate attribute (ranges of up to 2^32-1 blocks)."""
@@ -792,9 +976,8 @@ class Broker:
         arr = buf.array
         arr[:] = 0
         arr[: rng.nbytes] = rng.view(np.uint8)
-        tag = self._submit_one(qp, self._sqe(IoOpcode.DATASET_MANAGEMENT, nsid=nsid, cdw10=len(rng) - 1,
-                                             cdw11=1 << 2), buf, rng.nbytes)
-        self._sync(qp, [tag], "Dataset Management (Deallocate)", nsid=nsid, slba=slba, count=count)
+        self._exec(qp, self._sqe(IoOpcode.DATASET_MANAGEMENT, nsid=nsid, cdw10=len(rng) - 1, cdw11=1 << 2),
+                   "Dataset Management (Deallocate)", buf, rng.nbytes, nsid=nsid, slba=slba, count=count)
 
     def close(self) -> None:
         """Shut down if enabled (best effort), then release every broker buffer."""

@@ -326,6 +326,11 @@ def id_ctrl(address: str, fmt: str) -> None:
                    f"enlat:{ps['entry_lat']} exlat:{ps['exit_lat']} rrt:{ps['read_tput']} rrl:{ps['read_lat']}")
         click.echo(f"{'':10}rwt:{ps['write_tput']} rwl:{ps['write_lat']} idle_power:{ps['idle_power']} "
                    f"active_power:{ps['active_power']}")
+    if c["oacs"] & (1 << 8):
+        click.echo("shadow doorbells: supported (OACS bit 8, Doorbell Buffer Config); nvmevfio's I/O queues use "
+                   "them unless --no-shadow-doorbells / open(shadow_doorbells=False)")
+    else:
+        click.echo("shadow doorbells: not supported (OACS bit 8 clear); every doorbell is an MMIO write")
 
 
 @main.command("id-ns")
@@ -729,9 +734,12 @@ def shutdown(address: str) -> None:
               help="percentage of reads for randrw")
 @click.option("--ramp", "ramp", type=float, default=0.0, show_default=True,
               help="seconds to run first, unmeasured (like fio --ramp_time)")
+@click.option("--shadow-doorbells/--no-shadow-doorbells", "shadow", default=True, show_default=True,
+              help="Doorbell Buffer Config when the controller offers it (MMIO doorbells only when needed)")
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
-         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, fmt: str) -> None:
+         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
+         fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -752,8 +760,8 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     def status(elapsed: float, ios: int) -> None:
         click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
 
-    with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096)) as dev, \
-            errors():
+    with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
+                  shadow_doorbells=shadow) as dev, errors():
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
                           ramp_s=ramp)
@@ -765,6 +773,8 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     click.echo(f"{_address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, QD {res.queue_depth}, "
                f"{res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, {res.writes} writes), "
                f"{res.errors} errors")
+    click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes {res.sq_doorbell_mmio} SQ "
+               f"tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} updates without MMIO")
     click.echo(f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
                f"{'p99(us)':>10} {'p99.9(us)':>10}")
     click.echo(f"{res.iops:12.1f} {res.mib_per_s:10.2f} {res.lat_mean_us:10.1f} {res.lat_min_us:10.1f} "

@@ -292,5 +292,9 @@ class DmaLedger:
             if s.generation == generation and s.mem is not None:
                 s.in_flight = max(0, s.in_flight - commands)
 
+    def in_flight(self, buf: DmaBuffer) -> int:
+        """Commands in flight on ``buf`` (pinned)."""
+        return self._live_slot(buf).in_flight
+
     def live_buffers(self) -> int:
         return sum(1 for s in self._slots if s.mem is not None)

@@ -38,6 +38,7 @@ class BarMmio:
         self._lib = lib
         self._base = ffi.cast("void *", base) if isinstance(base, int) else base
         self.size = size
+        self.base = ffi.cast("uint8_t *", self._base)  # where the C queue pairs store doorbells
 
     def read32(self, offset: int) -> int:
         _check_access(self.size, offset, 4)

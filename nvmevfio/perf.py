@@ -1,6 +1,7 @@
-"""A load generator in the manner of spdk_nvme_perf and fio, over the batched
-submit/reap path: every free queue slot is refilled in one batch (one SQ
-doorbell), every reap takes all ready completions (one CQ doorbell).
+"""A load generator in the manner of spdk_nvme_perf and fio: Python validates the
+workload and reports; the closed loop runs in C (cbits/qpair.c, ``nv_perf_run``),
+refilling every free slot in one batch (one SQ doorbell) and reaping every ready
+completion at once (one CQ doorbell), into a log-linear latency histogram.
 """
 
 from __future__ import annotations
@@ -36,9 +37,42 @@ class PerfResult:
     lat_p99_us: float
     lat_p999_us: float
     errors: int
+    shadow_doorbells: bool = False
+    sq_doorbell_mmio: int = 0  # SQ tail doorbell MMIO writes during the run
+    cq_doorbell_mmio: int = 0
+    shadow_only_updates: int = 0  # doorbell updates the EventIdx rule let go without MMIO
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# fio's log-linear latency histogram (stat.h FIO_IO_U_PLAT_*): values below 128 ns exact, then
+# 64 buckets per power of two. The C loop fills it (nv_hist_bucket); these read it back.
+HIST_BITS = 6
+HIST_VAL = 1 << HIST_BITS
+
+
+def bucket_value(idx: int) -> float:
+    """The latency (ns) a histogram bucket stands for: its midpoint (fio's plat_idx_to_val)."""
+    if idx < 2 * HIST_VAL:
+        return float(idx)
+    error_bits = (idx >> HIST_BITS) - 1
+    base = 1 << (error_bits + HIST_BITS)
+    return base + (idx % HIST_VAL + 0.5) * (1 << error_bits)
+
+
+def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
+    """Latency percentiles (ns) from a histogram: the first bucket whose cumulative count reaches
+    pct% of the total (fio's method)."""
+    total = int(hist.sum())
+    if total == 0:
+        return [0.0 for _ in pcts]
+    cum = np.cumsum(hist)
+    out = []
+    for pct in pcts:
+        want = max(1, int(np.ceil(total * pct / 100.0)))
+        out.append(bucket_value(int(np.searchsorted(cum, want))))
+    return out
 
 
 def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
@@ -47,99 +81,70 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         ramp_s: float = 0.0) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
-    ``ramp_s``: run the workload this long first, unmeasured (like fio's ramp_time), so that
-    caches, the interpreter and, in an emulated guest, the translated code are warm."""
-    if ramp_s > 0:
-        run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=ramp_s,
-            lba_range=lba_range, rwmixread=rwmixread, seed=seed + 1)
+    Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
+    LBAs, keeps ``queue_depth`` commands in flight in the slots of a registered buffer and records
+    latencies into a histogram. ``status(elapsed, ios)`` is called about once a second.
+    ``ramp_s``: run this long first, unmeasured (like fio's ramp_time)."""
     if workload not in WORKLOADS:
         raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
     bs = dev.block_size
     if io_size <= 0 or io_size % bs:
         raise Refused("length-mismatch", f"I/O size {io_size} is not a positive multiple of the {bs}-byte block")
-    nlb = io_size // bs
     lo, hi = lba_range or (0, dev.block_count)
-    if not (0 <= lo < hi <= dev.block_count) or hi - lo < nlb:
+    if not (0 <= lo < hi <= dev.block_count) or hi - lo < io_size // bs:
         raise Refused("window-past-namespace-end", f"range {lo}..{hi} does not fit the namespace "
                       f"(0..{dev.block_count}) or one {io_size}-byte I/O")
     if not 1 <= queue_depth <= dev.capacity():
         raise Refused("count-out-of-range", f"queue depth {queue_depth} outside 1..{dev.capacity()}")
+    if count is not None and count < 1:
+        raise Refused("count-out-of-range", f"I/O count {count} must be positive")
     if seconds is None and count is None:
         seconds = 5.0
-    slots_n = hi - lo - nlb + 1  # valid start LBAs
-    aligned = (hi - lo) // nlb  # sequential positions
-    rng = np.random.default_rng(seed)
-    buf = dev.alloc_buffer(queue_depth * io_size)
-    buf.array[:] = rng.integers(0, 256, buf.size, dtype=np.uint8)
-    rand = workload.startswith("rand")
-    chunk = 1 << 16  # random start LBAs (and read/write choices) are drawn from numpy this many at a time
-    lba_pool: list[int] = []
-    mix_pool: list[int] = []
-    free = list(range(queue_depth))  # buffer slots; slot k is bytes [k * io_size, (k + 1) * io_size)
-    slot_of: dict[int, tuple[int, bool]] = {}  # tag -> (slot, is a read)
-    lat: list[np.ndarray] = []
-    nlat = reads = errors = 0
-    seq = issued = 0
-    default_read = workload in ("randread", "read")
-    t0 = time.perf_counter()
-    end = t0 + seconds if seconds is not None else float("inf")
-    next_status = t0 + 1.0
+    read_pct = {"randread": 100, "read": 100, "randwrite": 0, "write": 0}.get(workload, rwmixread)
+    page = 4096
+    slot_size = (io_size + page - 1) // page * page
+    buf = dev.alloc_buffer(queue_depth * slot_size)
+    buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
+    reg = dev.register_buffer(buf, slot_size)
+    loop = dev.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
+                         read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed)
+    counters = ("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")
+    clean = False
     try:
-        while True:
+        if ramp_s > 0:
+            t_ramp = time.perf_counter() + ramp_s
+            while time.perf_counter() < t_ramp and not loop.step(min(0.25, ramp_s)):
+                pass
+            loop.reset_stats()
+        before = dev.doorbell_counters()
+        t0 = time.perf_counter()
+        end = t0 + seconds if seconds is not None else float("inf")
+        finished = False
+        while not finished:
             now = time.perf_counter()
-            stop = now >= end or (count is not None and issued >= count)
-            if not stop and free:
-                k = len(free) if count is None else min(len(free), count - issued)
-                slots = free[-k:]
-                del free[-k:]
-                if rand:
-                    if len(lba_pool) < k:
-                        lba_pool += (lo + rng.integers(0, slots_n, chunk)).tolist()
-                    lbas = lba_pool[-k:]
-                    del lba_pool[-k:]
-                else:
-                    lbas = [lo + ((seq + i) % aligned) * nlb for i in range(k)]
-                    seq += k
-                if workload == "randrw":
-                    if len(mix_pool) < k:
-                        mix_pool += rng.integers(0, 100, chunk).tolist()
-                    kinds = [m < rwmixread for m in mix_pool[-k:]]
-                    del mix_pool[-k:]
-                    picks = [(want, [i for i in range(k) if kinds[i] == want]) for want in (True, False)]
-                    groups = [(want, [slots[i] for i in pick], [lbas[i] for i in pick]) for want, pick in picks
-                              if pick]
-                else:
-                    groups = [(default_read, slots, lbas)]
-                for want_read, sl, lb in groups:
-                    submit = dev.submit_reads if want_read else dev.submit_writes
-                    tags = submit(lb, [nlb] * len(sl), buf, [x * io_size for x in sl])
-                    slot_of.update(zip(tags.tolist(), ((x, want_read) for x in sl)))
-                issued += k
-            if not slot_of:
+            if now >= end:
                 break
-            done = dev.reap(1)
-            for tag in done["tag"].tolist():
-                slot, was_read = slot_of.pop(tag)
-                free.append(slot)
-                reads += was_read
-            errors += int(np.count_nonzero(done["status"]))
-            lat.append(done["latency_s"])
-            nlat += len(done)
-            if status is not None and now >= next_status:
-                status(now - t0, nlat)
-                next_status = now + 1.0
-    finally:
+            finished = loop.step(min(1.0, end - now))
+            if status is not None:
+                status(time.perf_counter() - t0, loop.stats()["ios"])
+        loop.drain()
         elapsed = time.perf_counter() - t0
-        if not slot_of:
+        after = dev.doorbell_counters()
+        db = {k: after[k] - before[k] for k in counters}
+        clean = True
+    finally:
+        if clean:
             dev.free_buffer(buf)
-    writes = nlat - reads
-    latencies = np.concatenate(lat) if lat else np.empty(0)
-    us = latencies * 1e6
-    pct = np.percentile(us, [50, 99, 99.9]) if nlat else np.zeros(3)
+    st = loop.stats()
+    n = st["ios"]
+    # a bucket stands for its midpoint: keep the figures inside what was measured
+    p50, p99, p999 = (min(max(v, st["lat_min_ns"]), st["lat_max_ns"]) / 1000 if n else 0.0
+                      for v in percentiles(loop.hist, [50, 99, 99.9]))
     return PerfResult(
         workload=workload, io_size=io_size, queue_depth=queue_depth, mode=dev.info.completion_mode,
-        seconds=elapsed, ios=nlat, reads=reads, writes=writes, iops=nlat / elapsed if elapsed else 0.0,
-        mib_per_s=nlat * io_size / elapsed / (1 << 20) if elapsed else 0.0,
-        lat_mean_us=float(us.mean()) if nlat else 0.0, lat_min_us=float(us.min()) if nlat else 0.0,
-        lat_max_us=float(us.max()) if nlat else 0.0, lat_p50_us=float(pct[0]), lat_p99_us=float(pct[1]),
-        lat_p999_us=float(pct[2]), errors=errors)
+        seconds=elapsed, ios=n, reads=st["reads"], writes=st["writes"], iops=n / elapsed if elapsed else 0.0,
+        mib_per_s=n * io_size / elapsed / (1 << 20) if elapsed else 0.0,
+        lat_mean_us=st["lat_sum_ns"] / n / 1000 if n else 0.0, lat_min_us=st["lat_min_ns"] / 1000 if n else 0.0,
+        lat_max_us=st["lat_max_ns"] / 1000 if n else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,
+        errors=st["errors"], shadow_doorbells=dev.info.shadow_doorbells, sq_doorbell_mmio=db["sq_mmio"],
+        cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"])

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio.broker import Broker, Namespace
+from nvmevfio.broker import Broker, Namespace, RegisteredBuffer
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import regs
 from nvmevfio.nvme.controller import Registers
+from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.nvme.spec import IoOpcode, LogPage
 
 # Registers a caller may write through write_register(); everything else is the broker's.
@@ -77,11 +78,21 @@ class Provider:
     def active_namespaces(self) -> list[int]:
         return self._broker.active_namespaces()
 
-    def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False) -> int:
+    def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False,
+                         shadow_doorbells: bool = True) -> int:
         from nvmevfio.broker import DEFAULT_IO_DEPTH
 
         return self._broker.create_io_queues(count, depth or min(DEFAULT_IO_DEPTH, self._broker.ctrl.mqes),
-                                             irq=irq)
+                                             irq=irq, shadow_doorbells=shadow_doorbells)
+
+    @property
+    def shadow_doorbells(self) -> bool:
+        """Are the I/O queues' doorbells shadowed (Doorbell Buffer Config in use)?"""
+        return self._broker.shadow_doorbells_active
+
+    def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
+        """MMIO doorbell writes and shadow-only updates of an I/O queue pair, with its ring state."""
+        return self._broker._queue(qid).ring.state()
 
     def get_log_page(self, page: str | int, *, entries: int = 64) -> bytes:
         """``smart``, ``error`` (``entries`` 64-byte entries) or ``firmware``."""
@@ -133,16 +144,30 @@ class Provider:
         return self._broker.ledger.alloc(nbytes, owner="caller")
 
     def free_buffer(self, buf: DmaBuffer) -> None:
-        """Scrub, unmap and free; the handle is stale afterwards. Refused while commands use it."""
-        self._broker.ledger.free(buf)
+        """Scrub, unmap and free (dropping its registration); the handle is stale afterwards.
+        Refused while commands use it."""
+        self._broker.free_buffer(buf)
 
-    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
+        """Register ``buf`` cut into ``slot_size``-byte slots: the broker authors every slot's PRPs
+        once, and commands into a slot (offsets that are multiples of ``slot_size``) copy them."""
+        return self._broker.register_buffer(buf, slot_size)
+
+    def unregister_buffer(self, reg: RegisteredBuffer) -> None:
+        self._broker.unregister_buffer(reg)
+
+    def perf_loop(self, nsid: int, reg: RegisteredBuffer, **workload: Any) -> PerfLoop:
+        """A validated workload for the C closed loop (see ``Broker.perf_loop``)."""
+        return self._broker.perf_loop(nsid, reg, **workload)
+
+    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
         self._broker.transfer(IoOpcode.READ, nsid, slba, count, buf, offset)
 
-    def write_from(self, nsid: int, slba: int, count: int, buf: DmaBuffer, offset: int = 0) -> None:
+    def write_from(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer,
+                   offset: int = 0) -> None:
         self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset)
 
-    def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer, offsets: Any, *,
+    def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:
         """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
         tags (int64 array; ``reap()`` reports each tag once)."""

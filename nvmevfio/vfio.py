@@ -272,20 +272,6 @@ class Device:
         self.fd = -1
 
 
-def wait_eventfds(fds: list[int], timeout_s: float) -> int:
-    """Block until one of ``fds`` is readable (mask of the ready ones, 0 on timeout); drains them."""
-    arr = ffi.new("int32_t[]", fds)
-    mask = ffi.new("uint32_t *")
-    ready = check(lib.nv_eventfd_wait(arr, len(fds), int(timeout_s * 1000), mask), "poll", "MSI-X eventfds")
-    if not ready:
-        return 0
-    count = ffi.new("uint64_t *")
-    for i, fd in enumerate(fds):
-        if mask[0] & (1 << i):
-            check(lib.nv_eventfd_read(fd, count), "read", "MSI-X eventfd")
-    return int(mask[0])
-
-
 def iommu_group_of(address: str) -> str:
     """The /dev/vfio path of a function's IOMMU group (noiommu groups included)."""
     link = SYSFS_PCI / address / "iommu_group"
@@ -367,8 +353,9 @@ class VfioIrq:
     def vectors(self, count: int) -> None:
         self.device.enable_msix(count)
 
-    def wait(self, vector: int, timeout_s: float) -> bool:
-        return bool(wait_eventfds([self.device.eventfds[vector]], timeout_s))
+    def fd(self, vector: int) -> int:
+        """The eventfd MSI-X ``vector`` signals (the C queue pair polls it)."""
+        return int(self.device.eventfds[vector])
 
     def close(self) -> None:
         self.device.disable_msix()

@@ -52,8 +52,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
 fi
 if ! "$venv/bin/python" -c 'import nvmevfio._ffi' 2>/dev/null \
-   || [ "$here/cbits/shim.c" -nt "$venv/.nvmevfio-installed" ] \
-   || [ "$here/cbits/shim.h" -nt "$venv/.nvmevfio-installed" ] \
+   || [ -n "$(find "$here/cbits" -newer "$venv/.nvmevfio-installed" -type f 2>/dev/null)" ] \
    || [ "$here/pyproject.toml" -nt "$venv/.nvmevfio-installed" ]; then
     log "installing nvmevfio into $venv"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null

@@ -1,23 +1,25 @@
-"""Submission and completion queues over numpy rings (NVMe base spec 2.0, 3.3.1).
+"""Queue pairs: the rings, command ids and in-flight table live in C (cbits/qpair.c).
 
-One hardware action per method: ``post`` writes entries into host memory,
-``ring`` writes the SQ tail doorbell, ``reap`` consumes completions from host
-memory, ``ring_head`` writes the CQ head doorbell. Batches pay Python's fixed
-costs once: ``post`` copies N entries with one fancy-indexed assignment, ``reap``
-finds every new completion with a few vectorized operations.
+Python pays per batch, C per command. One hardware action per method: ``post``
+copies finished entries into the SQ, ``ring_sq`` writes the SQ tail doorbell,
+``reap`` consumes completions, ``ring_cq`` writes the CQ head doorbell. The broker
+authors every address inside the entries (or the PRP table of a registered buffer);
+this class only moves them. The simulator drives the very same C code: its doorbells
+reach the simulated controller through a callback instead of an MMIO store.
 """
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
 import numpy as np
 
-from nvmevfio.errors import Refused
-from nvmevfio.mmio import Mmio
+from nvmevfio._ffi import ffi, lib
+from nvmevfio.errors import CommandTimeout, ControllerFatal, Refused, ShimError
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
 
-# Up to this many entries, scanning phase tags and retiring commands entry by entry in
-# Python costs less than numpy's fixed per-call overhead; beyond it the vectorized path runs.
-SCALAR_BATCH = 8
+CID_TAKE = 0xFFFF  # nv_qp_exec: take a command id in C
 
 
 def ring_used(head: int, tail: int, depth: int) -> int:
@@ -29,245 +31,323 @@ def ring_free(head: int, tail: int, depth: int) -> int:
     return depth - 1 - ring_used(head, tail, depth)
 
 
-def ring_slots(start: int, count: int, depth: int) -> np.ndarray:
-    return (start + np.arange(count)) % depth
+def _struct_dtype(ctype: str, fields: list[tuple[str, str]]) -> np.dtype:
+    """A numpy dtype laid out exactly like a C struct of the shim (offsets from cffi)."""
+    return np.dtype({"names": [n for n, _ in fields], "formats": [f for _, f in fields],
+                     "offsets": [ffi.offsetof(ctype, n) for n, _ in fields], "itemsize": ffi.sizeof(ctype)})
 
 
-class SubmissionQueue:
-    def __init__(self, qid: int, ring: np.ndarray, mmio: Mmio, doorbell: int) -> None:
-        if ring.dtype != SQE:
-            raise TypeError("an SQ ring is an array of SQE")
-        self.qid = qid
-        self.ring = ring
-        self.depth = len(ring)
+# What reap() returns: one record per completed command (struct nv_completion).
+COMPLETION = _struct_dtype("struct nv_completion", [
+    ("tag", "<i8"), ("latency_s", "<f8"), ("result", "<u4"), ("cookie", "<u4"), ("cid", "<u2"),
+    ("status", "<u2"), ("opcode", "<u1")])
+UNPIN = _struct_dtype("struct nv_unpin", [("slot", "<i8"), ("generation", "<i8"), ("commands", "<i8")])
+# A registered-buffer slot's PRPs (struct nv_prp_slot), authored once by the broker.
+PRP_SLOT = _struct_dtype("struct nv_prp_slot", [("prp1", "<u8"), ("prp2_page", "<u8"), ("prp2_list", "<u8")])
+if ffi.sizeof("struct nv_sqe") != SQE.itemsize or ffi.sizeof("struct nv_cqe") != CQE.itemsize:
+    raise ImportError("the shim's SQE/CQE sizes differ from spec.SQE/CQE")  # pragma: no cover
+
+
+@ffi.def_extern()  # type: ignore[misc]
+def nv_py_doorbell(ctx: Any, offset: int, value: int) -> None:
+    """A doorbell write from C, for a queue pair over a simulated controller."""
+    hook: DoorbellHook = ffi.from_handle(ctx)
+    try:
+        hook.mmio.doorbell(int(offset), int(value))
+    except BaseException as exc:  # carried back across C, raised when the C call returns
+        hook.error = exc
+
+
+class DoorbellHook:
+    def __init__(self, mmio: Any) -> None:
         self.mmio = mmio
-        self.doorbell = doorbell
-        self.tail = 0  # next slot the host writes
-        self.head = 0  # last SQ head the controller reported (CQE.SQHD)
-        self.rung = 0  # tail value last written to the doorbell
-        self._bytes = ring.view(np.uint8).data  # a writable memoryview of the ring
+        self.error: BaseException | None = None
+        self.handle = ffi.new_handle(self)
+
+    def check(self) -> None:
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+
+def _ptr(arr: np.ndarray) -> Any:
+    return ffi.cast("void *", arr.ctypes.data)
+
+
+class QueuePair:
+    """An SQ/CQ pair over broker-owned ring memory, driven by the C hot path.
+
+    ``mmio`` is the controller's register block: a mapped BAR (``BarMmio``: doorbells are
+    MMIO stores in C) or any other ``Mmio`` (the simulator's: doorbells call back into
+    Python). The per-command-id table is exposed read-only as numpy views (``busy``,
+    ``opcode``, ``submit_ns``, ``buf_slot``, ``buf_gen``)."""
+
+    def __init__(self, qid: int, sq_ring: np.ndarray, cq_ring: np.ndarray, mmio: Any, sq_doorbell: int,
+                 cq_doorbell: int, irq_fd: int = -1) -> None:
+        if sq_ring.dtype != SQE or cq_ring.dtype != CQE or len(sq_ring) != len(cq_ring):
+            raise TypeError("a queue pair is an SQE ring and a CQE ring of the same depth")
+        self.qid = qid
+        self.depth = len(sq_ring)
+        self.sq_ring, self.cq_ring = sq_ring, cq_ring  # kept alive: C points into them
+        bar = getattr(mmio, "base", None)
+        qp = lib.nv_qp_new(qid, self.depth, _ptr(sq_ring), _ptr(cq_ring), bar if bar is not None else ffi.NULL,
+                           sq_doorbell, cq_doorbell)
+        if qp == ffi.NULL:
+            raise MemoryError(f"queue pair {qid}: no memory for a {self.depth}-entry command table")
+        self._qp = ffi.gc(qp, lib.nv_qp_free)
+        self._hook: DoorbellHook | None = None
+        if bar is None:
+            self._hook = DoorbellHook(mmio)
+            lib.nv_qp_set_hook(self._qp, lib.nv_py_doorbell, self._hook.handle)
+        self._qp.irq_fd = irq_fd
+        self.vector: int | None = None
+        n = self.depth - 1
+        self.ncids = n
+
+        def view(field: str, dtype: str) -> np.ndarray:
+            a = np.frombuffer(ffi.buffer(getattr(self._qp, field), n * np.dtype(dtype).itemsize), dtype=dtype)
+            a.flags.writeable = False
+            return a
+
+        self.busy = view("busy", "u1")
+        self.opcode = view("opcode", "u1")
+        self.submit_ns = view("submit_ns", "<i8")
+        self.buf_slot = view("buf_slot", "<i8")
+        self.buf_gen = view("buf_gen", "<i8")
+        self._cids = ffi.new("uint16_t[]", n)
+        self._done = np.empty(n, dtype=COMPLETION)
+        self._unpin = np.empty(n, dtype=UNPIN)
+        self._done_p = ffi.cast("struct nv_completion *", self._done.ctypes.data)
+        self._unpin_p = ffi.cast("struct nv_unpin *", self._unpin.ctypes.data)
+        self._nunpin = ffi.new("uint32_t *")
+        self._one = ffi.new("struct nv_completion *")
+        self._one_record = np.frombuffer(ffi.buffer(self._one), dtype=COMPLETION)[0]
+        self._one_sqe = ffi.new("struct nv_sqe *")
+        self._one_sqe_p = self._one_sqe
+        self._one_sqe_buf = ffi.buffer(self._one_sqe)
+        self._shadow: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return int(self._qp.in_flight)
 
     @property
-    def free(self) -> int:
-        return ring_free(self.head, self.tail, self.depth)
+    def capacity(self) -> int:
+        """Commands that can be posted now (free ids and free SQ slots)."""
+        return int(lib.nv_qp_capacity(self._qp))
 
-    def post(self, entries: np.ndarray) -> np.ndarray:
-        """Copy entries into the ring at the tail (no doorbell). Returns the slots used."""
-        n = len(entries)
-        if n > self.free:
-            raise Refused("queue-full", f"SQ {self.qid} has {self.free} free slots, {n} entries to post",
-                          qid=self.qid, free=self.free, wanted=n)
-        slots = ring_slots(self.tail, n, self.depth)
-        self.ring[slots] = entries
-        self.tail = (self.tail + n) % self.depth
-        return slots
-
-    def post_one(self, fields: tuple[int, ...]) -> int:
-        """Pack one entry (fields in ``spec.SQE_STRUCT`` order) into the ring at the tail (no
-        doorbell). Returns its slot."""
-        if self.free < 1:
-            raise Refused("queue-full", f"SQ {self.qid} is full", qid=self.qid, free=0, wanted=1)
-        slot = self.tail
-        SQE_STRUCT.pack_into(self._bytes, slot * 64, *fields)
-        self.tail = slot + 1 if slot + 1 < self.depth else 0
-        return slot
-
-    def ring_doorbell(self) -> None:
-        """Publish every posted entry: the SQ tail doorbell (store barrier inside Mmio.doorbell)."""
-        if self.tail != self.rung:
-            self.mmio.doorbell(self.doorbell, self.tail)
-            self.rung = self.tail
-
-    def update_head(self, sqhd: int) -> None:
-        self.head = int(sqhd) % self.depth
-
-
-class CompletionQueue:
-    def __init__(self, qid: int, ring: np.ndarray, mmio: Mmio, doorbell: int, vector: int | None = None) -> None:
-        if ring.dtype != CQE:
-            raise TypeError("a CQ ring is an array of CQE")
-        self.qid = qid
-        self.ring = ring
-        self.depth = len(ring)
-        self.mmio = mmio
-        self.doorbell = doorbell
-        self.vector = vector
-        self.head = 0
-        self.phase = 1  # the controller writes phase 1 on its first pass (3.3.3.2.2)
-        self._status = ring["status"]
-        self._words = ring.view(np.uint16).data  # status of entry i is word 8*i + 7
-
-    def pending(self) -> bool:
-        """Is the entry at the head new? (its phase tag equals the expected phase)."""
-        return (self._words[self.head * 8 + 7] & 1) == self.phase
-
-    def _run(self, start: int, phase: int, limit: int) -> int:
-        """Length of the run of entries from ``start`` whose phase tag is ``phase``."""
-        seg = self._status[start : start + limit] & 1
-        mismatch = np.flatnonzero(seg != phase)
-        return int(mismatch[0]) if len(mismatch) else len(seg)
-
-    def reap(self, limit: int | None = None) -> np.ndarray:
-        """Consume every new completion (up to ``limit``); returns a copy of them. No doorbell."""
-        limit = self.depth if limit is None else min(limit, self.depth)
-        words, depth = self._words, self.depth
-        # Phase tags of the first few entries one by one (cheap in Python) ...
-        n, h, phase = 0, self.head, self.phase
-        while n < limit and n < SCALAR_BATCH and (words[h * 8 + 7] & 1) == phase:
-            n += 1
-            h += 1
-            if h == depth:
-                h, phase = 0, phase ^ 1
-        # ... and the rest of a long run vectorized.
-        if n == SCALAR_BATCH and n < limit:
-            more = self._run(h, phase, min(limit - n, depth - h))
-            n += more
-            if h + more == depth and n < limit:
-                n += self._run(0, phase ^ 1, limit - n)
-        if n == 0:
-            return np.empty(0, dtype=CQE)
-        # The phase tags were read above; the rest of each entry must not be read
-        # from before the phase tag was seen (the device writes the whole entry,
-        # the tag last in effect): a read barrier between the two.
-        self.mmio.rmb()
-        start = self.head
-        # when wrapped: one fancy-indexed copy (concatenating structured arrays is slow)
-        out = self.ring[start : start + n].copy() if start + n <= depth else self.ring[ring_slots(start, n, depth)]
-        if start + n >= depth:
-            self.phase ^= 1  # the head wrapped: new entries now carry the other phase
-        self.head = (start + n) % depth
-        return out
-
-    def ring_head(self) -> None:
-        """Tell the controller the entries up to the head are consumed: the CQ head doorbell."""
-        self.mmio.doorbell(self.doorbell, self.head)
-
-
-# What reap() returns: one record per completed command.
-COMPLETION = np.dtype([("tag", "<i8"), ("cid", "<u2"), ("opcode", "<u1"), ("result", "<u4"), ("status", "<u2"),
-                       ("latency_s", "<f8")])
-
-
-class CommandTable:
-    """Command ids and what is in flight under each, kept in numpy arrays so that a batch
-    of N commands is recorded and retired with a fixed number of vectorized operations."""
-
-    def __init__(self, ncids: int) -> None:
-        self.size = ncids
-        self._stack = np.arange(ncids - 1, -1, -1, dtype=np.int64)  # free cids, next one last
-        self._top = ncids
-        self.busy = np.zeros(ncids, dtype=bool)
-        self.tag = np.zeros(ncids, dtype=np.int64)
-        self.opcode = np.zeros(ncids, dtype=np.uint8)
-        self.submitted = np.zeros(ncids, dtype=np.float64)
-        self.buf_slot = np.full(ncids, -1, dtype=np.int64)
-        self.buf_gen = np.zeros(ncids, dtype=np.int64)
-        self.next_tag = 1
-        self.in_flight = 0
-
-    @property
-    def free(self) -> int:
-        return self._top
-
-    def take(self, n: int) -> np.ndarray:
-        """Pop ``n`` free command ids (the caller checked ``free``)."""
-        if n > self._top:
-            raise ValueError(f"{n} command ids asked, {self._top} free")
-        cids = self._stack[self._top - n : self._top][::-1].copy()
-        self._top -= n
-        return cids
-
-    def give_back(self, cids: np.ndarray) -> None:
-        """Return ids that were taken but never posted."""
-        n = len(cids)
-        self._stack[self._top : self._top + n] = cids[::-1]
-        self._top += n
-
-    def record(self, cids: np.ndarray, opcode: int, buf_slot: int, buf_gen: int, now: float) -> np.ndarray:
-        """Mark posted commands in flight; returns their tags (unique over the queue's life)."""
-        n = len(cids)
-        tags = self.next_tag + np.arange(n, dtype=np.int64)
-        self.next_tag += n
-        self.busy[cids] = True
-        self.tag[cids] = tags
-        self.opcode[cids] = opcode
-        self.submitted[cids] = now
-        self.buf_slot[cids] = buf_slot
-        self.buf_gen[cids] = buf_gen
-        self.in_flight += n
-        return tags
-
-    def record_one(self, cid: int, opcode: int, buf_slot: int, buf_gen: int, now: float) -> int:
-        """``record`` for a single command, without numpy's per-call overhead."""
-        tag = self.next_tag
-        self.next_tag += 1
-        self.busy[cid] = True
-        self.tag[cid] = tag
-        self.opcode[cid] = opcode
-        self.submitted[cid] = now
-        self.buf_slot[cid] = buf_slot
-        self.buf_gen[cid] = buf_gen
-        self.in_flight += 1
-        return tag
-
-    def take_one(self) -> int:
-        if self._top < 1:
-            raise ValueError("no free command id")
-        self._top -= 1
-        return int(self._stack[self._top])
-
-    def retire(self, cqes: np.ndarray, now: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """Turn CQEs into completion records (dtype COMPLETION) and free their ids; also
-        returns (buffer slot, generation, commands) per buffer the commands used, for
-        unpinning. Raises ValueError for a CQE whose command id is not in flight."""
-        n = len(cqes)
-        if n <= SCALAR_BATCH:
-            return self._retire_small(cqes, now)
-        cids = cqes["cid"].astype(np.int64)
-        if int(cids.max()) >= self.size or not self.busy[cids].all() or len(set(cids.tolist())) != n:
-            raise ValueError(f"completion for a command id not in flight: {cids.tolist()}")
-        out = np.empty(n, dtype=COMPLETION)
-        out["tag"] = self.tag[cids]
-        out["cid"] = cids
-        out["opcode"] = self.opcode[cids]
-        out["result"] = cqes["dw0"]
-        out["status"] = cqes["status"] >> 1  # without the phase tag
-        out["latency_s"] = now - self.submitted[cids]
-        counts = self.buffer_counts(cids)
-        self.busy[cids] = False
-        self._stack[self._top : self._top + n] = cids
-        self._top += n
-        self.in_flight -= n
-        return out, counts
-
-    def _retire_small(self, cqes: np.ndarray, now: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        rows = []
-        counts: dict[tuple[int, int], int] = {}
-        busy, stack = self.busy, self._stack
-        for dw0, _dw1, _sqhd, _sqid, cid, status in cqes.tolist():
-            if cid >= self.size or not busy[cid]:
-                raise ValueError(f"completion for a command id not in flight: {cid}")
-            busy[cid] = False
-            rows.append((int(self.tag[cid]), cid, int(self.opcode[cid]), dw0, status >> 1,
-                         now - float(self.submitted[cid])))
-            key = (int(self.buf_slot[cid]), int(self.buf_gen[cid]))
-            if key[0] >= 0:
-                counts[key] = counts.get(key, 0) + 1
-            stack[self._top] = cid
-            self._top += 1
-            self.in_flight -= 1
-        return np.array(rows, dtype=COMPLETION), [(s, g, c) for (s, g), c in counts.items()]
-
-    def buffer_counts(self, cids: np.ndarray) -> list[tuple[int, int, int]]:
-        """(slot, generation, commands) per buffer used by ``cids`` (for unpinning)."""
-        slots, gens = self.buf_slot[cids], self.buf_gen[cids]
-        if len(slots) and (slots == slots[0]).all() and (gens == gens[0]).all():  # the usual batch: one buffer
-            return [(int(slots[0]), int(gens[0]), len(slots))] if slots[0] >= 0 else []
-        counts: dict[tuple[int, int], int] = {}
-        for key in zip(slots.tolist(), gens.tolist()):
-            if key[0] >= 0:
-                counts[key] = counts.get(key, 0) + 1
-        return [(sl, g, c) for (sl, g), c in counts.items()]
+    def state(self) -> dict[str, int]:
+        """Ring indexes and counters, for tests and ``show-regs``."""
+        q = self._qp
+        return {k: int(getattr(q, k)) for k in (
+            "sq_tail", "sq_head", "sq_rung", "cq_head", "cq_phase", "cq_rung", "free_top", "in_flight", "next_tag",
+            "posted", "completed", "sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")}
 
     def busy_cids(self) -> np.ndarray:
-        return np.flatnonzero(self.busy)
+        """Command ids in flight."""
+        return np.flatnonzero(self.busy == 2)
+
+    def set_irq(self, fd: int, vector: int) -> None:
+        self._qp.irq_fd = fd
+        self.vector = vector
+
+    def set_shadow(self, shadow: np.ndarray | None, eventidx: np.ndarray | None, sq_index: int,
+                   cq_index: int) -> None:
+        """Shadow doorbells (Doorbell Buffer Config): ``shadow``/``eventidx`` are the broker's uint32
+        pages; this queue's entries sit at the doorbell register indexes (5.8)."""
+        if shadow is None or eventidx is None:
+            lib.nv_qp_set_shadow(self._qp, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
+            self._shadow = None
+            return
+        self._shadow = (shadow, eventidx)
+        base_s, base_e = shadow.ctypes.data, eventidx.ctypes.data
+        lib.nv_qp_set_shadow(self._qp, ffi.cast("void *", base_s + 4 * sq_index),
+                             ffi.cast("void *", base_s + 4 * cq_index), ffi.cast("void *", base_e + 4 * sq_index),
+                             ffi.cast("void *", base_e + 4 * cq_index))
+
+    @property
+    def shadow_doorbells(self) -> bool:
+        return self._shadow is not None
+
+    # -- submission ---------------------------------------------------------------------------
+    def take(self, n: int) -> np.ndarray:
+        """Reserve ``n`` command ids (uint16); ``queue-full`` when fewer are free."""
+        if lib.nv_qp_take(self._qp, n, self._cids) < 0:
+            raise Refused("queue-full", f"queue {self.qid} has room for {self.capacity} more commands, {n} asked",
+                          qid=self.qid, free=self.capacity, wanted=n)
+        return np.frombuffer(ffi.buffer(self._cids, 2 * n), dtype=np.uint16).copy()
+
+    def untake(self, cids: np.ndarray) -> None:
+        """Hand back ids that were taken but never posted."""
+        c = np.ascontiguousarray(cids, dtype=np.uint16)
+        r = lib.nv_qp_untake(self._qp, len(c), ffi.cast("uint16_t *", c.ctypes.data))
+        if r < 0:
+            raise ShimError("nv_qp_untake", f"queue {self.qid}", -r, "only ids taken and not posted go back")
+
+    def post(self, entries: Any, n: int, buf_slot: int = -1, buf_gen: int = 0) -> int:
+        """Copy ``n`` finished SQEs (a numpy SQE array or a bytes-like buffer of them, ids from
+        :meth:`take`) into the SQ; no doorbell. Returns the first of their consecutive tags."""
+        src = ffi.cast("struct nv_sqe *", entries.ctypes.data) if isinstance(entries, np.ndarray) \
+            else ffi.from_buffer("struct nv_sqe[]", entries)
+        first = int(lib.nv_qp_post(self._qp, src, n, buf_slot, buf_gen))
+        if first < 0:
+            raise ShimError("nv_qp_post", f"queue {self.qid}", -first, "entries must carry ids from take()")
+        return first
+
+    def post_slots(self, opcode: int, nsid: int, slbas: np.ndarray, nlbs: np.ndarray, slots: np.ndarray,
+                   prps: np.ndarray, block_size: int, page_size: int, buf_slot: int, buf_gen: int) -> int:
+        """Post READ/WRITE commands into slots of a registered buffer (PRPs from ``prps``, a
+        PRP_SLOT array the broker authored); no doorbell. Returns the first tag."""
+        first = int(lib.nv_qp_post_slots(
+            self._qp, opcode, nsid, len(slbas), ffi.cast("uint64_t *", slbas.ctypes.data),
+            ffi.cast("uint32_t *", nlbs.ctypes.data), ffi.cast("uint32_t *", slots.ctypes.data),
+            ffi.cast("struct nv_prp_slot *", prps.ctypes.data), block_size, page_size, buf_slot, buf_gen))
+        if first < 0:
+            raise Refused("queue-full", f"queue {self.qid} has room for {self.capacity} more commands, "
+                          f"{len(slbas)} asked", qid=self.qid, free=self.capacity, wanted=len(slbas))
+        return first
+
+    def ring_sq(self) -> bool:
+        """Publish posted entries: the SQ tail doorbell (or its shadow). True when MMIO was written."""
+        r = bool(lib.nv_qp_ring_sq(self._qp))
+        if self._hook is not None:
+            self._hook.check()
+        return r
+
+    # -- completion ---------------------------------------------------------------------------
+    def pending(self) -> bool:
+        return bool(lib.nv_qp_pending(self._qp))
+
+    def _completions(self, r: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        if self._hook is not None:
+            self._hook.check()
+        if r < 0:
+            if r == -errno.EPROTO:
+                raise ControllerFatal(f"queue {self.qid}: completion for command id {int(self._qp.bad_cid)}, "
+                                      "which is not in flight", qid=self.qid, cid=int(self._qp.bad_cid))
+            raise ShimError("nv_qp_reap", f"queue {self.qid}", -r)
+        done = self._done[:r].copy()
+        k = int(self._nunpin[0])
+        runs = [(int(s), int(g), int(c)) for s, g, c in self._unpin[:k].tolist()] if k else []
+        return done, runs
+
+    def reap(self, limit: int | None = None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Consume every ready completion (up to ``limit``); no doorbell. Returns the COMPLETION
+        records and (buffer slot, generation, commands) per buffer they used."""
+        self._nunpin[0] = 0
+        r = lib.nv_qp_reap(self._qp, self._done_p, min(limit or self.ncids, self.ncids), self._unpin_p,
+                           self.ncids, self._nunpin)
+        return self._completions(r)
+
+    def ring_cq(self) -> bool:
+        """Tell the controller the entries up to the head are consumed: the CQ head doorbell."""
+        r = bool(lib.nv_qp_ring_cq(self._qp))
+        if self._hook is not None:
+            self._hook.check()
+        return r
+
+    def reap_wait(self, minimum: int, timeout_s: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Reap (one CQ head doorbell per batch) until ``minimum`` completions or the timeout; waits
+        in C by spinning or on the MSI-X eventfd. Fewer than ``minimum`` back means it timed out."""
+        r = lib.nv_qp_reap_wait(self._qp, self._done_p, self.ncids, minimum, int(timeout_s * 1e9), self._unpin_p,
+                                self.ncids, self._nunpin)
+        return self._completions(r)
+
+    def exec(self, entry: np.ndarray, timeout_s: float, buf_slot: int = -1, buf_gen: int = 0) -> np.void | None:
+        """One command start to end on an idle queue: post, ring, wait, reap (one C call). The
+        entry's cid is one from :meth:`take`, or CID_TAKE. Returns its COMPLETION record, or None
+        when it timed out (the command stays in flight)."""
+        r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
+                           int(timeout_s * 1e9), self._one)
+        return self._exec_result(r)
+
+    def _exec_result(self, r: int) -> np.void | None:
+        if self._hook is not None:
+            self._hook.check()
+        if r == -errno.ETIMEDOUT:
+            return None
+        if r == -errno.EBUSY:
+            raise Refused("queue-busy", f"queue {self.qid} has {self.in_flight} batched commands in flight; "
+                          "reap them first", qid=self.qid, in_flight=self.in_flight)
+        if r < 0:
+            self._completions(r)
+        return self._one_record.copy()
+
+    def exec_packed(self, fields: tuple[int, ...], timeout_s: float, buf_slot: int = -1,
+                    buf_gen: int = 0) -> np.void | None:
+        """:meth:`exec` for an entry given as ``spec.SQE_STRUCT`` fields (packed without numpy)."""
+        SQE_STRUCT.pack_into(self._one_sqe_buf, 0, *fields)
+        r = lib.nv_qp_exec(self._qp, self._one_sqe_p, buf_slot, buf_gen, int(timeout_s * 1e9), self._one)
+        return self._exec_result(r)
+
+    # -- perf -----------------------------------------------------------------------------------
+    def perf_run(self, perf: Any, slice_s: float, drain: bool) -> int:
+        r = int(lib.nv_perf_run(self._qp, perf, int(slice_s * 1e9), int(drain)))
+        if self._hook is not None:
+            self._hook.check()
+        return r
+
+
+class PerfLoop:
+    """A closed-loop workload in C (``nv_perf_run``) on one queue pair: LBAs generated in C
+    (random or sequential, read/write/mix), the queue kept full, latencies recorded into a
+    log-linear histogram. Commands use the slots of a registered buffer, whose PRPs the
+    broker authored; C picks a free slot per command and copies its PRPs."""
+
+    def __init__(self, ring: QueuePair, prps: np.ndarray, buf_slot: int, buf_gen: int, *, nsid: int, nlb: int,
+                 block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
+                 depth: int, max_ios: int, seed: int, timeout_s: float) -> None:
+        self.ring = ring
+        self.prps = prps
+        self.hist = np.zeros(int(lib.nv_hist_buckets()), dtype=np.uint64)
+        self.free_slots = np.arange(len(prps) - 1, -1, -1, dtype=np.uint32)
+        p = ffi.new("struct nv_perf *")
+        p.nsid, p.nlb, p.block_size, p.page_size = nsid, nlb, block_size, page_size
+        p.lba_lo, p.positions, p.random, p.read_pct = lba_lo, positions, int(random), read_pct
+        p.depth, p.nslots, p.max_ios = depth, len(prps), max_ios
+        p.prps = ffi.cast("struct nv_prp_slot *", prps.ctypes.data)
+        p.buf_slot, p.buf_gen = buf_slot, buf_gen
+        p.timeout_ns = int(timeout_s * 1e9)
+        p.rng = seed & 0xFFFFFFFFFFFFFFFF
+        p.free_slots = ffi.cast("uint32_t *", self.free_slots.ctypes.data)
+        p.nfree = len(prps)
+        p.hist = ffi.cast("uint64_t *", self.hist.ctypes.data)
+        self._p = p
+        self.reset_stats()
+
+    def step(self, slice_s: float) -> bool:
+        """Run for ``slice_s`` (the queue stays full). True when the I/O count is reached and drained."""
+        return self._run(slice_s, False)
+
+    def drain(self) -> None:
+        """Stop issuing; reap what is in flight."""
+        self._run(0.0, True)
+
+    def _run(self, slice_s: float, drain: bool) -> bool:
+        r = self.ring.perf_run(self._p, slice_s, drain)
+        if r == -errno.ETIMEDOUT:
+            raise CommandTimeout(f"queue {self.ring.qid}: perf: no completion within "
+                                 f"{self._p.timeout_ns / 1e9:.0f} s ({self.ring.in_flight} commands in flight)",
+                                 qid=self.ring.qid, in_flight=self.ring.in_flight)
+        if r == -errno.EPROTO:
+            self.ring._completions(r)
+        if r < 0:
+            raise ShimError("nv_perf_run", f"queue {self.ring.qid}", -r)
+        return r == 1
+
+    def reset_stats(self) -> None:
+        """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
+        count towards the I/O count from here on."""
+        p = self._p
+        p.issued = self.ring.in_flight
+        p.ios = p.reads = p.writes = p.errors = p.lat_sum_ns = p.lat_max_ns = 0
+        p.lat_min_ns = 0xFFFFFFFFFFFFFFFF
+        p.first_error_status = p.first_error_opcode = 0
+        self.hist[:] = 0
+
+    def stats(self) -> dict[str, int]:
+        p = self._p
+        return {k: int(getattr(p, k)) for k in ("ios", "reads", "writes", "errors", "lat_sum_ns", "lat_min_ns",
+                                                 "lat_max_ns", "issued", "first_error_status",
+                                                 "first_error_opcode")}

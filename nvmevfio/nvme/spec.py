@@ -46,6 +46,7 @@ class AdminOpcode(enum.IntEnum):
     SET_FEATURES = 0x09
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
+    DOORBELL_BUFFER_CONFIG = 0x7C
 
 
 class IoOpcode(enum.IntEnum):

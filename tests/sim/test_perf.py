@@ -26,7 +26,7 @@ def test_counts_and_mix(dev, rig, workload, qd):
         assert r.reads == 0
     else:
         assert 150 < r.reads < 350
-    lbas = [int(rig.broker.io[0].sq.ring["cdw10"][i]) for i in range(rig.broker.io[0].sq.depth)]
+    lbas = rig.broker.io[0].ring.sq_ring["cdw10"].tolist()
     assert all(lba == 0 or 100 <= lba <= 1100 - 2 for lba in lbas)
     assert 0 < r.lat_min_us <= r.lat_p50_us <= r.lat_p999_us <= r.lat_max_us
 

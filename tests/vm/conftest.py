@@ -6,7 +6,10 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import nvmevfio
 
 
 def _config() -> dict:
@@ -44,6 +47,22 @@ def data_ctrl(guest):
 def small_ctrl(guest):
     """Controller with MDTS=5 (128 KiB) and 4 I/O queue pairs: splits, binding, kernel cross-checks."""
     return controller(guest, "nvmevfio-small")
+
+
+@pytest.fixture(params=["poll", "irq", "poll-mmio", "irq-mmio"])
+def dev(request, data_ctrl):
+    """Every data test in both completion modes, with shadow doorbells on and off (-mmio)."""
+    mode = request.param
+    with nvmevfio.open(data_ctrl["address"], 1, irq=mode.startswith("irq"), queue_depth=64,
+                       shadow_doorbells=not mode.endswith("mmio")) as d:
+        assert d.info.shadow_doorbells == (not mode.endswith("mmio"))  # QEMU offers Doorbell Buffer Config
+        yield d
+        st = d.provider.doorbell_counters()
+        if d.info.shadow_doorbells:
+            shadow, _ = (b.array.view(np.uint32) for b in d.provider._broker._dbbuf)
+            assert shadow[2] == st["sq_tail"] and shadow[3] == st["cq_head"]  # queue 1, DSTRD 0
+        else:
+            assert st["sq_shadow_only"] == st["cq_shadow_only"] == 0
 
 
 def record(io_dir: Path, name: str, entry: dict) -> None:

@@ -106,6 +106,7 @@ def test_human_identify(addr):
     out = nv("identify", addr).stdout.decode()
     assert out.startswith("NVME Identify Controller:") and "vid       : 0x1b36" in out
     assert "sn        : nvmevfio-small" in out
+    assert "shadow doorbells: supported (OACS bit 8" in out  # QEMU's model has Doorbell Buffer Config
     ns = nv("id-ns", addr, "-n", 1).stdout.decode()
     assert "NVME Identify Namespace 1:" in ns and "(in use)" in ns and "nsze    : 0x20000" in ns
     assert nv("list-ns", addr).stdout.decode().strip() == "[   0]:0x1"
@@ -199,11 +200,21 @@ def test_perf(addr, workload, mode):
         assert 400 < d["reads"] < 1100
     assert 50 < d["iops"] < 1_000_000 and d["mib_per_s"] == pytest.approx(d["iops"] * 4096 / 2**20, rel=1e-6)
     assert 0 < d["lat_min_us"] <= d["lat_p50_us"] <= d["lat_p99_us"] <= d["lat_p999_us"] <= d["lat_max_us"]
+    # one SQ doorbell per batch at most: far fewer MMIO writes than commands
+    assert d["shadow_doorbells"] and 0 < d["sq_doorbell_mmio"] + d["shadow_only_updates"]
+    assert d["sq_doorbell_mmio"] <= 1500
+
+
+def test_perf_without_shadow_doorbells(addr):
+    d = nvj("perf", addr, "-w", "randread", "-q", 16, "-n", 2000, "--no-shadow-doorbells")
+    assert d["ios"] == 2000 and d["errors"] == 0 and not d["shadow_doorbells"] and d["shadow_only_updates"] == 0
+    assert 0 < d["sq_doorbell_mmio"] <= 2000 and 0 < d["cq_doorbell_mmio"] <= 2000
 
 
 def test_perf_human(addr):
     out = nv("perf", addr, "-w", "read", "-q", 4, "-s", 131072, "-t", 1, real=True).stdout.decode()
     assert "IOPS" in out and "p99.9(us)" in out and "read, 131072 B, QD 4, poll" in out
+    assert "doorbells: shadow on, MMIO writes" in out
 
 
 def test_read_into_a_closed_pipe_ends_quietly(addr):

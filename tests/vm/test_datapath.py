@@ -11,12 +11,6 @@ from nvmevfio.errors import Refused
 from nvmevfio.provider import open_controller
 
 
-@pytest.fixture(params=["poll", "irq"])
-def dev(request, data_ctrl):
-    with nvmevfio.open(data_ctrl["address"], 1, irq=request.param == "irq", queue_depth=64) as d:
-        yield d
-
-
 def test_info(dev):
     i = dev.info
     assert (i.block_size, i.block_count, i.capacity_bytes) == (512, 131072, 64 << 20)
@@ -122,9 +116,9 @@ def test_refusals_post_nothing(data_ctrl):
     """After a refusal, the next command's CQE.SQHD advanced by exactly one: nothing else was posted."""
     with nvmevfio.open(data_ctrl["address"], 1, queue_depth=32) as dev:
         br = dev.provider._broker
-        sq = br.io[0].sq
+        ring = br.io[0].ring
         dev.write_blocks(10, np.full(512, 0x11, dtype=np.uint8))
-        head0, tail0, done0 = sq.head, sq.tail, br.commands_completed
+        st0, done0 = ring.state(), br.commands_completed
         cases = [
             ("window-past-namespace-end", lambda: dev.write_blocks(dev.block_count, b"\0" * 512)),
             ("length-mismatch", lambda: dev.write_blocks(10, b"\0" * 100)),
@@ -135,10 +129,11 @@ def test_refusals_post_nothing(data_ctrl):
             with pytest.raises(Refused) as ei:
                 fn()
             assert ei.value.reason == reason
-        assert (sq.head, sq.tail, br.commands_completed) == (head0, tail0, done0)
+        assert ring.state() == st0 and br.commands_completed == done0
         got = dev.read_blocks(10, 1)
         assert (got == 0x11).all()  # the refused writes left the data alone
-        assert sq.head == (head0 + 1) % sq.depth  # the device saw exactly one new command
+        st = ring.state()  # the device saw exactly one new command
+        assert st["sq_head"] == (st0["sq_head"] + 1) % ring.depth and st["posted"] == st0["posted"] + 1
 
 
 def test_stale_handle_and_scrub(data_ctrl):
@@ -252,3 +247,51 @@ def test_several_queue_pairs(small_ctrl, irq):
         with pytest.raises(Refused) as ei:
             dev.submit_reads([0], [1], buf, [0], qid=4)
         assert ei.value.reason == "io-queues-not-created"
+
+
+def test_registered_buffer_slots(dev):
+    """Registered buffers: PRPs authored once per slot (one page, two pages, a PRP list); batches
+    and the synchronous form name slots; bytes read back equal bytes written."""
+    for slot_size, nlb in ((4096, 8), (8192, 16), (64 << 10, 128), (64 << 10, 100)):
+        buf = dev.alloc_buffer(8 * slot_size)
+        reg = dev.register_buffer(buf, slot_size)
+        assert reg.slots == 8
+        data = np.random.default_rng(slot_size + nlb).integers(0, 256, buf.size, dtype=np.uint8)
+        reg.array[:] = data
+        lbas = 4000 + np.arange(8) * nlb
+        tags = dev.submit_writes(lbas, np.full(8, nlb), reg, np.arange(8) * slot_size)
+        done = dev.reap(8)
+        assert sorted(done["tag"].tolist()) == sorted(tags.tolist()) and not done["status"].any()
+        reg.array[:] = 0
+        dev.submit_reads(lbas[::-1], np.full(8, nlb), reg, np.arange(8) * slot_size)  # slots reversed
+        assert not dev.reap(8)["status"].any()
+        for k in range(8):
+            got = reg.array[k * slot_size : k * slot_size + nlb * 512]
+            want = data[(7 - k) * slot_size : (7 - k) * slot_size + nlb * 512]
+            assert np.array_equal(got, want), (slot_size, k)
+        dev.read_into(int(lbas[3]), nlb, reg, 5 * slot_size)  # the synchronous form, into slot 5
+        assert np.array_equal(reg.array[5 * slot_size : 5 * slot_size + nlb * 512],
+                              data[3 * slot_size : 3 * slot_size + nlb * 512])
+        with pytest.raises(Refused) as ei:
+            dev.submit_reads([0], [1], reg, [100])  # not a slot
+        assert ei.value.reason == "length-mismatch"
+        dev.free_buffer(buf)  # drops the registration
+        with pytest.raises(Refused) as ei:
+            dev.submit_reads([0], [1], reg, [0])
+        assert ei.value.reason == "stale-handle"
+
+
+def test_perf_loop_writes_what_its_slots_hold(dev):
+    """The C closed loop posts real commands with the broker's PRPs: after a sequential write
+    run, every I/O-sized chunk of the range holds one of the perf buffer's slots."""
+    from nvmevfio import perf
+
+    lo, hi, io = 6000, 6000 + 64 * 8, 4096
+    r = perf.run(dev, workload="write", io_size=io, queue_depth=8, count=256, lba_range=(lo, hi), seed=77)
+    assert (r.ios, r.writes, r.reads, r.errors) == (256, 256, 0, 0)
+    slots = np.random.default_rng(77).integers(0, 256, 8 * io, dtype=np.uint8).reshape(8, io)
+    got = dev.read_blocks(lo, hi - lo).reshape(-1, io)
+    for chunk in got:
+        assert (slots == chunk).all(axis=1).any()
+    r = perf.run(dev, workload="randread", io_size=io, queue_depth=16, seconds=0.5)
+    assert r.ios > 16 and r.errors == 0 and r.lat_min_us <= r.lat_p50_us <= r.lat_p99_us <= r.lat_max_us
