@@ -200,8 +200,8 @@ def test_perf(addr, workload, mode):
         assert 400 < d["reads"] < 1100
     assert 50 < d["iops"] < 1_000_000 and d["mib_per_s"] == pytest.approx(d["iops"] * 4096 / 2**20, rel=1e-6)
     assert 0 < d["lat_min_us"] <= d["lat_p50_us"] <= d["lat_p99_us"] <= d["lat_p999_us"] <= d["lat_max_us"]
-    # one SQ doorbell per batch at most: far fewer MMIO writes than commands
-    assert d["shadow_doorbells"] and 0 < d["sq_doorbell_mmio"] + d["shadow_only_updates"]
+    # at most one SQ tail doorbell per batch: never more MMIO writes than commands
+    assert d["shadow_doorbells"] and d["sq_doorbell_mmio"] + d["shadow_only_updates"] > 0
     assert d["sq_doorbell_mmio"] <= 1500
 
 
