@@ -323,16 +323,19 @@ class Broker:
             raise
         return self._finish(qp, c, buf, name, **context)
 
-    def _finish(self, qp: BrokerQueue, c: np.void | None, buf: DmaBuffer | None, name: str, **context: Any) -> int:
+    def _finish(self, qp: BrokerQueue, c: tuple[int, int] | None, buf: DmaBuffer | None, name: str,
+                **context: Any) -> int:
+        """The outcome of one executed command, (status, DW0): DW0, or CommandError / CommandTimeout."""
         if c is None:
             if buf is not None:
                 self.ledger.pin(buf, 1)  # still in flight: the device may yet DMA into it
             self._timeout(qp)
-        assert c is not None  # _timeout raised otherwise
+            raise AssertionError("unreachable: _timeout raises")  # pragma: no cover
+        status, result = c
         self.commands_completed += 1
-        if c["status"]:
-            self._raise_for(c, name, **context)
-        return int(c["result"])
+        if status:
+            self._raise_for(status, name, **context)
+        return int(result)
 
     @staticmethod
     def _require_room(qp: BrokerQueue, n: int) -> None:
@@ -366,8 +369,9 @@ class Broker:
             self._timeout(qp)
         return done
 
-    def _raise_for(self, c: np.void, name: str, **context: Any) -> None:
-        _, sc, sct, _, more, dnr = spec.split_status(int(c["status"]) << 1)
+    def _raise_for(self, status: int, name: str, **context: Any) -> None:
+        """CommandError for a completion status (without the phase tag)."""
+        _, sc, sct, _, more, dnr = spec.split_status(int(status) << 1)
         raise CommandError(name, sct, sc, bool(dnr), sct_name=spec.sct_name(sct),
                            sc_name=spec.status_name(sct, sc), more=bool(more), **context)
 
@@ -884,7 +888,7 @@ class Broker:
             if len(bad) and failed is None:
                 failed = done[bad[0]]
         if failed is not None:
-            self._raise_for(failed, name, nsid=nsid, slba=slba, count=count)
+            self._raise_for(failed["status"], name, nsid=nsid, slba=slba, count=count)
 
     def _sync_batch(self, qp: BrokerQueue, tags: np.ndarray, name: str, **context: Any) -> None:
         """Reap a batch posted on an idle queue; raise for its first error."""
@@ -897,7 +901,7 @@ class Broker:
             if len(bad) and failed is None:
                 failed = done[bad[0]]
         if failed is not None:
-            self._raise_for(failed, name, **context)
+            self._raise_for(failed["status"], name, **context)
 
     def _staging_buf(self) -> DmaBuffer:
         if self._staging is None or not self._staging.live:

@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
 """nvmevfio against the kernel nvme driver, in one guest boot, on one device (A/B/A).
 
-    .venv/bin/python tools/bench.py                 # default matrix, 5 s per run, 1 GiB image
-    .venv/bin/python tools/bench.py --seconds 15 --json results.json
+    .venv/bin/python tools/bench.py                          # the matrix, 5 s per run, median of 3 boots
+    .venv/bin/python tools/bench.py --boots 1 --seconds 3    # a quick look
+    .venv/bin/python tools/bench.py --sweep --plot docs/sweep.png --json sweep.json
 
 Round A: the kernel driver (loaded with poll_queues=1) measured with fio; round B: the
-controller is bound to vfio-pci and measured with `nvmevfio perf` in poll and irq modes;
-round A': back to the kernel, measured again. Ratios are nvmevfio / mean(A, A'), each mode
-against its match: poll against fio io_uring --hipri (polled queues), irq against fio
-io_uring (interrupts), and both against psync QD1 as the plainest baseline. The guest
-boots with clocksource=tsc (see vm-notes: the HPET fallback distorts timings). Absolute
-numbers under TCG mean little; the ratios are the point. Host load distorts them: run it
-on an idle machine.
+controller is bound to vfio-pci and measured with `nvmevfio perf` (polling and MSI-X, shadow
+doorbells on and off); round A': back to the kernel, measured again. Ratios are
+nvmevfio / mean(A, A'), each mode against its match: poll against fio io_uring --hipri
+(polled queues), irq against fio io_uring (interrupts). The Python row compares a Python
+loop of `dev.read_into` (QD1, 4 KiB random) with a Python loop of `os.preadv` on the O_DIRECT
+kernel block device, the Python user's alternative.
+
+`--sweep` runs randread 4 KiB at QD 1, 2, 4, ... 256 for both drivers (polled) and writes a
+JSON of the figures and a PNG plot (matplotlib) of IOPS and p99 latency against depth.
+
+The guest boots with clocksource=tsc (see vm-notes: the HPET fallback distorts timings).
+Absolute numbers under TCG mean little; the ratios are the point. Host load distorts them:
+run it on an idle machine. Each boot is a fresh guest; the report is the median over boots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,23 +43,78 @@ MATRIX = [
     ("randwrite-4k-qd32", "randwrite", 4096, 32),
     ("read-128k-qd8", "read", 131072, 8),
 ]
+SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+PY_ROW = "python-read_into-4k-qd1"
+# the bars of issue 7: (row, ratio key from ratios(), what it compares, minimum ratio)
+BARS = [
+    ("randread-4k-qd32", "poll", "poll vs kernel io_uring --hipri", 2.2),
+    ("randwrite-4k-qd32", "poll", "poll vs kernel io_uring --hipri", 2.0),
+    ("randread-4k-qd1", "poll", "poll vs kernel io_uring --hipri", 1.6),
+    ("read-128k-qd8", "poll_vs_irq", "poll vs kernel io_uring", 1.8),
+    ("randread-4k-qd32", "irq", "irq vs kernel io_uring", 2.0),
+    (PY_ROW, "python", "read_into vs os.preadv loop", 1.3),
+]
 
 
+# ---------------------------------------------------------------------- inside the guest
 def fio(dev: str, rw: str, bs: int, qd: int, engine: str, seconds: float, hipri: bool) -> dict:
     args = ["fio", "--name=bench", f"--filename={dev}", "--direct=1", "--time_based", f"--runtime={seconds}",
-            "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", f"--ioengine={engine}",
-            f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}"]
+            "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", "--lat_percentiles=1",
+            f"--ioengine={engine}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}"]
     if hipri:
         args.append("--hipri=1")
     out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     job = out["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
+    pct = side["lat_ns"].get("percentile", {})
     return {"iops": side["iops"], "mib_per_s": side["bw_bytes"] / (1 << 20),
-            "lat_p50_us": side["clat_ns"]["percentile"].get("50.000000", 0) / 1000}
+            "lat_p50_us": pct.get("50.000000", 0) / 1000, "lat_p99_us": pct.get("99.000000", 0) / 1000}
 
 
-def kernel_round(dev: str, seconds: float) -> dict:
-    res = {}
+def python_preadv(dev: str, seconds: float, size_bytes: int) -> dict:
+    """A Python loop of os.preadv on the O_DIRECT block device: 4 KiB random reads, QD1."""
+    import numpy as np
+
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)  # page aligned, as O_DIRECT needs
+    offsets = (np.random.default_rng(3).integers(0, size_bytes // 4096, 1 << 16) * 4096).tolist()
+    try:
+        n = _timed_loop(lambda off: os.preadv(fd, [buf], off), offsets, seconds)
+    finally:
+        os.close(fd)
+    return {"iops": n / seconds}
+
+
+def python_read_into(addr: str, seconds: float) -> dict:
+    """A Python loop of BlockDevice.read_into: 4 KiB random reads, QD1, polled."""
+    import numpy as np
+
+    import nvmevfio
+
+    with nvmevfio.open(addr, 1, queue_depth=2) as dev:
+        buf = dev.alloc_buffer(4096)
+        lbas = (np.random.default_rng(3).integers(0, dev.block_count // 8, 1 << 16) * 8).tolist()
+        n = _timed_loop(lambda lba: dev.read_into(lba, 8, buf), lbas, seconds)
+    return {"iops": n / seconds}
+
+
+def _timed_loop(op, args: list, seconds: float) -> int:
+    """Call ``op`` over ``args`` (cycling) for ``seconds`` after a one-second warm-up; the count."""
+    for stop_after in (1.0, seconds):
+        n = 0
+        end = time.perf_counter() + stop_after
+        while True:
+            for a in args[:256]:
+                op(a)
+            n += 256
+            args = args[256:] + args[:256]
+            if time.perf_counter() >= end:
+                break
+    return n
+
+
+def kernel_round(dev: str, seconds: float, size_bytes: int) -> dict:
+    res: dict = {}
     for name, rw, bs, qd in MATRIX:
         res[name] = {
             "io_uring_irq": fio(dev, rw, bs, qd, "io_uring", seconds, False),
@@ -57,74 +122,148 @@ def kernel_round(dev: str, seconds: float) -> dict:
         }
         if qd == 1:
             res[name]["psync"] = fio(dev, rw, bs, 1, "psync", seconds, False)
+    res[PY_ROW] = {"python": python_preadv(dev, seconds, size_bytes)}
     return res
+
+
+def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True) -> dict:
+    args = [sys.executable, "-m", "nvmevfio", "perf", addr, "-w", rw, "-q", str(qd), "-s", str(bs), "-t",
+            str(seconds), "--ramp", "1", "--mode", mode, "-o", "json"]
+    if not shadow:
+        args.append("--no-shadow-doorbells")
+    d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
+                              "cq_doorbell_mmio", "shadow_only_updates")}
 
 
 def nvmevfio_round(addr: str, seconds: float) -> dict:
-    res = {}
+    res: dict = {}
     for name, rw, bs, qd in MATRIX:
-        res[name] = {}
-        for mode in ("poll", "irq"):
-            out = subprocess.run([sys.executable, "-m", "nvmevfio", "perf", addr, "-w", rw, "-q", str(qd), "-s",
-                                  str(bs), "-t", str(seconds), "--ramp", "1", "--mode", mode, "-o", "json"],
-                                 check=True, capture_output=True, text=True).stdout
-            d = json.loads(out)
-            res[name][mode] = {"iops": d["iops"], "mib_per_s": d["mib_per_s"], "lat_p50_us": d["lat_p50_us"]}
+        res[name] = {"poll": perf(addr, rw, bs, qd, seconds, "poll"), "irq": perf(addr, rw, bs, qd, seconds, "irq"),
+                     "poll_mmio": perf(addr, rw, bs, qd, seconds, "poll", shadow=False)}
+    res[PY_ROW] = {"python": python_read_into(addr, seconds)}
     return res
 
 
-def in_guest(seconds: float, out_path: Path) -> int:
+def sweep_round(addr: str, dev_of, seconds: float) -> dict:
+    """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
     from nvmevfio import pci
 
-    [fn] = [f for f in pci.list_functions()]
+    out: dict = {"kernel": {}, "nvmevfio": {}}
+    dev = dev_of()
+    for qd in SWEEP_DEPTHS:
+        out["kernel"][qd] = fio(dev, "randread", 4096, qd, "io_uring", seconds, True)
+    pci.bind(addr)
+    for qd in SWEEP_DEPTHS:
+        out["nvmevfio"][qd] = perf(addr, "randread", 4096, qd, seconds, "poll")
+    pci.unbind(addr)
+    return out
+
+
+def in_guest(seconds: float, out_path: Path, sweep: bool) -> int:
+    from nvmevfio import pci
+
+    [fn] = list(pci.list_functions())
     addr = fn.address
 
     def kernel_dev() -> str:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
-            if names:
+            if names and Path("/dev/" + names[0]).exists():
                 return "/dev/" + names[0]
             time.sleep(0.05)
         raise RuntimeError("no kernel block device")
 
     t0 = time.time()
-    a1 = kernel_round(kernel_dev(), seconds)
+    if sweep:
+        out_path.write_text(json.dumps({"sweep": sweep_round(addr, kernel_dev, seconds),
+                                        "seconds": time.time() - t0}, indent=2))
+        return 0
+    dev = kernel_dev()
+    size = int(Path(f"/sys/class/block/{Path(dev).name}/size").read_text()) * 512
+    a1 = kernel_round(dev, seconds, size)
     pci.bind(addr)
     b = nvmevfio_round(addr, seconds)
     pci.unbind(addr)
-    a2 = kernel_round(kernel_dev(), seconds)
+    a2 = kernel_round(kernel_dev(), seconds, size)
     out_path.write_text(json.dumps({"A": a1, "B": b, "A2": a2, "seconds": time.time() - t0}, indent=2))
     return 0
 
 
-def report(data: dict) -> str:
-    lines = [f"{'workload':<20} {'kernel psync':>12} {'kernel irq':>11} {'kernel poll':>12} {'nvmevfio irq':>13} "
-             f"{'nvmevfio poll':>14} {'irq ratio':>10} {'poll ratio':>11}  (IOPS; ratio = nvmevfio / kernel)"]
-    for name, *_ in MATRIX:
-        def k(mode: str, name: str = name) -> float | None:
-            vals = [data[r][name][mode]["iops"] for r in ("A", "A2") if mode in data[r][name]]
-            return sum(vals) / len(vals) if vals else None
+# ---------------------------------------------------------------------- on the host
+def ratios(boot: dict) -> dict:
+    """Per row and mode pairing: nvmevfio IOPS / mean of the kernel's A and A' IOPS."""
+    def k(row: str, mode: str) -> float:
+        return statistics.mean(boot[r][row][mode]["iops"] for r in ("A", "A2"))
 
-        ps, ki, kp = k("psync"), k("io_uring_irq"), k("io_uring_poll")
-        ni, np_ = data["B"][name]["irq"]["iops"], data["B"][name]["poll"]["iops"]
-        lines.append(f"{name:<20} {ps or 0:>12.0f} {ki:>11.0f} {kp:>12.0f} {ni:>13.0f} {np_:>14.0f} "
-                     f"{ni / ki:>10.2f} {np_ / kp:>11.2f}")
-        spread = [data[r][name]["io_uring_poll"]["iops"] for r in ("A", "A2")]
-        lines.append(f"{'':<20} A/A' spread (poll): {spread[0]:.0f} / {spread[1]:.0f}")
+    out = {}
+    for row, *_ in MATRIX:
+        out[row] = {"poll": boot["B"][row]["poll"]["iops"] / k(row, "io_uring_poll"),
+                    "poll_mmio": boot["B"][row]["poll_mmio"]["iops"] / k(row, "io_uring_poll"),
+                    "irq": boot["B"][row]["irq"]["iops"] / k(row, "io_uring_irq"),
+                    "poll_vs_irq": boot["B"][row]["poll"]["iops"] / k(row, "io_uring_irq")}
+    out[PY_ROW] = {"python": boot["B"][PY_ROW]["python"]["iops"] / k(PY_ROW, "python")}
+    return out
+
+
+def report(boots: list[dict]) -> str:
+    per = [ratios(b) for b in boots]
+
+    def med(row: str, key: str) -> float:
+        return statistics.median(r[row][key] for r in per)
+
+    def iops(side: str, row: str, mode: str) -> float:
+        if side == "K":
+            return statistics.median(statistics.mean(b[r][row][mode]["iops"] for r in ("A", "A2")) for b in boots)
+        return statistics.median(b["B"][row][mode]["iops"] for b in boots)
+
+    lines = [f"median of {len(boots)} boot(s); IOPS; ratio = nvmevfio / kernel (mean of A and A') in the matching mode",
+             f"{'workload':<24} {'k irq':>8} {'k poll':>8} {'nv irq':>8} {'nv poll':>8} {'nv mmio':>8} "
+             f"{'irq':>6} {'poll':>6} {'mmio':>6}  A/A' poll spread (per boot)"]
+    for row, *_ in MATRIX:
+        spread = ", ".join(f"{b['A'][row]['io_uring_poll']['iops']:.0f}/{b['A2'][row]['io_uring_poll']['iops']:.0f}"
+                           for b in boots)
+        figures = " ".join(f"{iops(side, row, mode):>8.0f}" for side, mode in (
+            ("K", "io_uring_irq"), ("K", "io_uring_poll"), ("B", "irq"), ("B", "poll"), ("B", "poll_mmio")))
+        lines.append(f"{row:<24} {figures} {med(row, 'irq'):>6.2f} {med(row, 'poll'):>6.2f} "
+                     f"{med(row, 'poll_mmio'):>6.2f}  {spread}")
+    lines.append(f"{PY_ROW:<24} os.preadv loop {iops('K', PY_ROW, 'python'):.0f}, read_into loop "
+                 f"{iops('B', PY_ROW, 'python'):.0f}: ratio {med(PY_ROW, 'python'):.2f}")
+    lines.append("bars (issue 7):")
+    for row, key, what, bar in BARS:
+        got = med(row, key)
+        lines.append(f"  {row:<24} {what:<34} {got:5.2f} (bar {bar:.1f}) {'met' if got >= bar else 'NOT MET'}")
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    ap.add_argument("--size", default="1G", help="namespace size (filled with random data)")
-    ap.add_argument("--json", type=Path, help="also write the raw results here")
-    ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.in_guest:
-        return in_guest(args.seconds, args.in_guest)
+def plot_sweep(sweep: dict, path: Path) -> None:
+    """IOPS and p99 latency against queue depth, both drivers (matplotlib, PNG)."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, label in (("kernel", "kernel nvme, io_uring --hipri"), ("nvmevfio", "nvmevfio perf, poll")):
+        qds = sorted(sweep[name], key=int)  # JSON keys: depths as strings
+        ax1.plot([int(q) for q in qds], [sweep[name][q]["iops"] for q in qds], "o-", label=label)
+        ax2.plot([int(q) for q in qds], [sweep[name][q]["lat_p99_us"] for q in qds], "o-", label=label)
+    for ax, title, unit in ((ax1, "IOPS", "IOPS"), (ax2, "p99 latency", "µs")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("queue depth")
+        ax.set_ylabel(unit)
+        ax.set_title(f"randread 4 KiB: {title}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax2.set_yscale("log")
+    fig.suptitle("QEMU NVMe behind an emulated IOMMU, TCG guest (same boot, same device)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def boot_once(args: argparse.Namespace, sweep: bool) -> dict:
     import tempfile
 
     import guest
@@ -135,20 +274,52 @@ def main() -> int:
     size = guest.parse_size(args.size)
     rng = np.random.default_rng(0)
     with image.open("wb") as f:
-        for _ in range(size // (64 << 20) or 1):
+        for _ in range(max(1, size // (64 << 20))):
             f.write(rng.integers(0, 256, min(size, 64 << 20), dtype=np.uint8).tobytes())
     ctrl = guest.Controller([guest.Namespace(size, 512, str(image))], {"serial": "nvmevfio-bench"})
     out = io_dir / "results.json"
-    res = guest.run([sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds),
-                     "--in-guest", str(out)], controllers=[ctrl], kernel_driver=True, io_dir=io_dir,
-                    nvme_params="poll_queues=1", timeout=3600, echo=True)
-    if res.returncode != 0 or not out.exists():
-        print(res.output, file=sys.stderr)
-        return res.returncode or 1
-    data = json.loads(out.read_text())
-    print(report(data))
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=2))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
+    if sweep:
+        cmd.append("--sweep")
+    try:
+        res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
+                        timeout=3600, echo=True)
+        if res.returncode != 0 or not out.exists():
+            raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
+        return json.loads(out.read_text())
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    ap.add_argument("--size", default="1G", help="namespace size (filled with random data)")
+    ap.add_argument("--boots", type=int, default=3, help="guest boots; the report is the median")
+    ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..256) instead of the matrix")
+    ap.add_argument("--plot", type=Path, help="with --sweep: the PNG to write (default: sweep.png)")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.in_guest:
+        return in_guest(args.seconds, args.in_guest, args.sweep)
+    if args.sweep:
+        data = boot_once(args, True)
+        plot_sweep(data["sweep"], args.plot or Path("sweep.png"))
+        for name in ("kernel", "nvmevfio"):
+            figures = data["sweep"][name].items()
+            print(f"{name:<9}", " ".join(f"QD{q}: {v['iops']:.0f} IOPS p99 {v['lat_p99_us']:.0f} us"
+                                         for q, v in figures))
+        if args.json:
+            args.json.write_text(json.dumps(data, indent=2))
+        return 0
+    boots = []
+    for i in range(args.boots):
+        print(f"boot {i + 1} of {args.boots}", file=sys.stderr)
+        boots.append(boot_once(args, False))
+        if args.json:
+            args.json.write_text(json.dumps({"boots": boots}, indent=2))
+    print(report(boots))
     return 0
 
 

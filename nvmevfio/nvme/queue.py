@@ -121,7 +121,6 @@ class QueuePair:
         self._unpin_p = ffi.cast("struct nv_unpin *", self._unpin.ctypes.data)
         self._nunpin = ffi.new("uint32_t *")
         self._one = ffi.new("struct nv_completion *")
-        self._one_record = np.frombuffer(ffi.buffer(self._one), dtype=COMPLETION)[0]
         self._one_sqe = ffi.new("struct nv_sqe *")
         self._one_sqe_p = self._one_sqe
         self._one_sqe_buf = ffi.buffer(self._one_sqe)
@@ -254,15 +253,16 @@ class QueuePair:
                                 self.ncids, self._nunpin)
         return self._completions(r)
 
-    def exec(self, entry: np.ndarray, timeout_s: float, buf_slot: int = -1, buf_gen: int = 0) -> np.void | None:
+    def exec(self, entry: np.ndarray, timeout_s: float, buf_slot: int = -1,
+             buf_gen: int = 0) -> tuple[int, int] | None:
         """One command start to end on an idle queue: post, ring, wait, reap (one C call). The
-        entry's cid is one from :meth:`take`, or CID_TAKE. Returns its COMPLETION record, or None
-        when it timed out (the command stays in flight)."""
+        entry's cid is one from :meth:`take`, or CID_TAKE. Returns its (status without the phase
+        tag, DW0), or None when it timed out (the command stays in flight)."""
         r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
                            int(timeout_s * 1e9), self._one)
         return self._exec_result(r)
 
-    def _exec_result(self, r: int) -> np.void | None:
+    def _exec_result(self, r: int) -> tuple[int, int] | None:
         if self._hook is not None:
             self._hook.check()
         if r == -errno.ETIMEDOUT:
@@ -272,10 +272,10 @@ class QueuePair:
                           "reap them first", qid=self.qid, in_flight=self.in_flight)
         if r < 0:
             self._completions(r)
-        return self._one_record.copy()
+        return self._one.status, self._one.result
 
     def exec_packed(self, fields: tuple[int, ...], timeout_s: float, buf_slot: int = -1,
-                    buf_gen: int = 0) -> np.void | None:
+                    buf_gen: int = 0) -> tuple[int, int] | None:
         """:meth:`exec` for an entry given as ``spec.SQE_STRUCT`` fields (packed without numpy)."""
         SQE_STRUCT.pack_into(self._one_sqe_buf, 0, *fields)
         r = lib.nv_qp_exec(self._qp, self._one_sqe_p, buf_slot, buf_gen, int(timeout_s * 1e9), self._one)

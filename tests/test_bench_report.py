@@ -1,0 +1,41 @@
+"""tools/bench.py's host side on made-up figures: ratios against the mean of A and A', the
+median over boots, the bars, and the sweep plot (a real PNG)."""
+
+import bench  # tools/bench.py
+
+
+def _boot(scale: float) -> dict:
+    def k(iops: float) -> dict:
+        return {"iops": iops}
+
+    kernel = {row: {"io_uring_irq": k(1000), "io_uring_poll": k(2000)} for row, *_ in bench.MATRIX}
+    kernel[bench.PY_ROW] = {"python": k(500)}
+    kernel2 = {row: {"io_uring_irq": k(3000), "io_uring_poll": k(2000)} for row, *_ in bench.MATRIX}
+    kernel2[bench.PY_ROW] = {"python": k(500)}
+    mine = {row: {"poll": k(5000 * scale), "irq": k(4000 * scale), "poll_mmio": k(4500 * scale)}
+            for row, *_ in bench.MATRIX}
+    mine[bench.PY_ROW] = {"python": k(700 * scale)}
+    return {"A": kernel, "A2": kernel2, "B": mine}
+
+
+def test_ratios_and_median_over_boots():
+    r = bench.ratios(_boot(1.0))
+    row = bench.MATRIX[0][0]
+    # kernel irq mean (1000 + 3000) / 2 = 2000, poll 2000
+    assert r[row] == {"poll": 2.5, "poll_mmio": 2.25, "irq": 2.0, "poll_vs_irq": 2.5}
+    assert r[bench.PY_ROW] == {"python": 1.4}
+    text = bench.report([_boot(0.5), _boot(1.0), _boot(2.0)])  # the median boot is the middle one
+    assert "median of 3 boot(s)" in text
+    assert "randread-4k-qd32         poll vs kernel io_uring --hipri     2.50 (bar 2.2) met" in text
+    assert "python-read_into-4k-qd1  read_into vs os.preadv loop         1.40 (bar 1.3) met" in text
+    low = bench.report([_boot(0.5)])
+    assert "1.25 (bar 2.2) NOT MET" in low
+
+
+def test_sweep_plot_is_a_png(tmp_path):
+    sweep = {name: {str(q): {"iops": 1000.0 * q * f, "lat_p99_us": 40.0 * q} for q in bench.SWEEP_DEPTHS}
+             for name, f in (("kernel", 1), ("nvmevfio", 2))}
+    out = tmp_path / "sweep.png"
+    bench.plot_sweep(sweep, out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
