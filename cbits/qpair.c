@@ -61,8 +61,10 @@ struct nv_qp *nv_qp_new(uint32_t qid, uint32_t depth, void *sq, void *cq, void *
     qp->buf_slot = calloc(n, sizeof(int64_t));
     qp->buf_gen = calloc(n, sizeof(int64_t));
     qp->cookie = calloc(n, sizeof(uint32_t));
+    qp->saved = calloc(n, sizeof(struct nv_sqe));
+    qp->retries = calloc(n, 1);
     if (!qp->free_stack || !qp->busy || !qp->opcode || !qp->tag || !qp->submit_ns || !qp->buf_slot ||
-        !qp->buf_gen || !qp->cookie) {
+        !qp->buf_gen || !qp->cookie || !qp->saved || !qp->retries) {
         nv_qp_free(qp);
         return NULL;
     }
@@ -85,6 +87,8 @@ void nv_qp_free(struct nv_qp *qp)
     free(qp->buf_slot);
     free(qp->buf_gen);
     free(qp->cookie);
+    free(qp->saved);
+    free(qp->retries);
     free(qp);
 }
 
@@ -139,9 +143,13 @@ int nv_qp_untake(struct nv_qp *qp, uint32_t n, const uint16_t *cids)
     return 0;
 }
 
-static inline void record(struct nv_qp *qp, uint16_t cid, uint8_t opc, int64_t now, int64_t buf_slot,
+static inline void record(struct nv_qp *qp, const struct nv_sqe *e, int64_t now, int64_t buf_slot,
                           int64_t buf_gen, uint32_t cookie)
 {
+    uint16_t cid = e->cid;
+    uint8_t opc = e->opc;
+    qp->saved[cid] = *e;
+    qp->retries[cid] = 0;
     qp->busy[cid] = CID_IN_FLIGHT;
     qp->opcode[cid] = opc;
     qp->tag[cid] = qp->next_tag++;
@@ -170,7 +178,7 @@ int64_t nv_qp_post(struct nv_qp *qp, const struct nv_sqe *entries, uint32_t n, i
     for (uint32_t i = 0; i < n; i++) {
         memcpy(&qp->sq[qp->sq_tail], &entries[i], sizeof(struct nv_sqe));
         advance_tail(qp);
-        record(qp, entries[i].cid, entries[i].opc, now, buf_slot, buf_gen, 0);
+        record(qp, &entries[i], now, buf_slot, buf_gen, 0);
     }
     qp->in_flight += n;
     qp->posted += n;
@@ -198,7 +206,7 @@ static inline void post_slot(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint6
     e->cdw11 = (uint32_t)(slba >> 32);
     e->cdw12 = nlb - 1;  /* NLB is 0's based */
     advance_tail(qp);
-    record(qp, cid, opc, now, buf_slot, buf_gen, slot);
+    record(qp, e, now, buf_slot, buf_gen, slot);
 }
 
 int64_t nv_qp_post_slots(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint32_t n, const uint64_t *slba,
@@ -368,16 +376,38 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
     return (int)n;
 }
 
+/* CSTS while waiting: all ones means the device is gone (surprise removal), CFS that the
+ * controller hit a fatal error; either way no completion will come. */
+static inline int csts_bad(const struct nv_qp *qp)
+{
+    if (!qp->csts)
+        return 0;
+    uint32_t v = *(const volatile uint32_t *)qp->csts;
+    if (v == 0xFFFFFFFFu)
+        return -ENODEV;
+    return (v & 2u) ? -EIO : 0;  /* CSTS.CFS is bit 1 */
+}
+
+#define CSTS_EVERY_NS 1000000LL
+
 int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
 {
     if (nv_qp_pending(qp))
         return 1;
-    int64_t deadline = nv_now_ns() + timeout_ns;
+    int64_t now = nv_now_ns();
+    int64_t deadline = now + timeout_ns;
+    int64_t next_csts = now + CSTS_EVERY_NS;
     if (qp->irq_fd >= 0) {
         for (;;) {
-            int64_t left = deadline - nv_now_ns();
+            now = nv_now_ns();
+            int64_t left = deadline - now;
             if (left <= 0)
                 return nv_qp_pending(qp);
+            int bad = csts_bad(qp);
+            if (bad)
+                return nv_qp_pending(qp) ? 1 : bad;
+            if (qp->csts && left > 100 * CSTS_EVERY_NS)
+                left = 100 * CSTS_EVERY_NS;  /* look at CSTS at least every 100 ms while asleep */
             struct pollfd p = {.fd = qp->irq_fd, .events = POLLIN};
             int r = poll(&p, 1, (int)((left + 999999) / 1000000));
             if (r < 0 && errno != EINTR)
@@ -396,8 +426,17 @@ int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
     for (uint32_t spins = 0;; spins++) {
         if (nv_qp_pending(qp))
             return 1;
-        if ((spins & 0x3F) == 0x3F && nv_now_ns() >= deadline)
-            return nv_qp_pending(qp);
+        if ((spins & 0x3F) == 0x3F) {
+            now = nv_now_ns();
+            if (now >= deadline)
+                return nv_qp_pending(qp);
+            if (now >= next_csts) {
+                next_csts = now + CSTS_EVERY_NS;
+                int bad = csts_bad(qp);
+                if (bad)
+                    return nv_qp_pending(qp) ? 1 : bad;
+            }
+        }
     }
 }
 
@@ -454,6 +493,52 @@ int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t
     if (got < 0)
         return got;
     return got == 1 ? 0 : -ETIMEDOUT;
+}
+
+/* ==== recovery: after a controller reset ==== */
+
+void nv_qp_reset_rings(struct nv_qp *qp)
+{
+    qp->sq_tail = qp->sq_head = qp->sq_rung = 0;
+    qp->cq_head = qp->cq_rung = 0;
+    qp->cq_phase = 1;
+}
+
+int nv_qp_repost(struct nv_qp *qp, uint32_t max_retries, uint16_t *over, uint32_t *nover)
+{
+    int64_t now = nv_now_ns();
+    uint32_t n = 0;
+    *nover = 0;
+    for (uint32_t cid = 0; cid < qp->ncids; cid++) {
+        if (qp->busy[cid] != CID_IN_FLIGHT)
+            continue;
+        if (qp->retries[cid] >= max_retries) {
+            over[(*nover)++] = (uint16_t)cid;
+            continue;
+        }
+        qp->retries[cid]++;
+        qp->sq[qp->sq_tail] = qp->saved[cid];  /* the broker's entry, exactly as first posted */
+        advance_tail(qp);
+        qp->submit_ns[cid] = now;
+        n++;
+    }
+    qp->posted += n;
+    return (int)n;
+}
+
+int nv_qp_cancel(struct nv_qp *qp, uint16_t cid, uint16_t status, struct nv_completion *out)
+{
+    if (cid >= qp->ncids || qp->busy[cid] != CID_IN_FLIGHT)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    out->tag = qp->tag[cid];
+    out->latency_s = (double)(nv_now_ns() - qp->submit_ns[cid]) * 1e-9;
+    out->cookie = qp->cookie[cid];
+    out->cid = cid;
+    out->status = status;
+    out->opcode = qp->opcode[cid];
+    retire(qp, cid);
+    return 0;
 }
 
 /* ==== latency histogram: fio's log-linear layout (stat.h, FIO_IO_U_PLAT_*) ==== */

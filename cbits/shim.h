@@ -180,6 +180,7 @@ struct nv_qp {
     uint32_t *eventidx_sq;
     uint32_t *eventidx_cq;
     int irq_fd;                /* MSI-X eventfd of this queue's CQ, -1: poll */
+    const uint32_t *csts;      /* CSTS, read while waiting: all ones (device gone) or CFS end the wait; NULL: not watched */
     /* ring state */
     uint32_t sq_tail;          /* next slot the host writes */
     uint32_t sq_head;          /* last SQ head the controller reported (CQE.SQHD) */
@@ -208,6 +209,8 @@ struct nv_qp {
     int64_t *buf_slot;
     int64_t *buf_gen;
     uint32_t *cookie;
+    struct nv_sqe *saved;      /* each in-flight command's entry, for requeueing after a controller reset */
+    uint8_t *retries;          /* times each in-flight command was requeued */
 };
 
 /* A queue pair over broker-owned rings of `depth` entries; NULL when out of memory. */
@@ -242,7 +245,8 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
 int nv_qp_ring_cq(struct nv_qp *qp);
 /* Is the entry at the CQ head new? */
 int nv_qp_pending(const struct nv_qp *qp);
-/* Wait until a completion is pending: spin, or poll(2) on the MSI-X eventfd. 1: pending, 0: timed out. */
+/* Wait until a completion is pending: spin, or poll(2) on the MSI-X eventfd. 1: pending, 0: timed
+ * out, -ENODEV: CSTS reads all ones (surprise removal), -EIO: CSTS.CFS (both checked each ms). */
 int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns);
 /* Reap (ringing the CQ head once per batch) until at least `min` completions or the
  * timeout. Returns the count reaped (fewer than min: timed out) or -EPROTO. */
@@ -253,6 +257,16 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
  * (-EBUSY). -ETIMEDOUT leaves the command in flight against buffer (slot, gen). */
 int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
                struct nv_completion *out);
+/* Controller reset, step 1: every ring index back to the start (the broker zeroed the ring memory
+ * and re-created the queue); the in-flight table is kept. */
+void nv_qp_reset_rings(struct nv_qp *qp);
+/* Controller reset, step 2: copy every in-flight command's saved entry into the SQ again (same
+ * id, same tag), except those already requeued max_retries times, whose ids go to over (nover
+ * set; the caller cancels them). No doorbell. Returns the count requeued. */
+int nv_qp_repost(struct nv_qp *qp, uint32_t max_retries, uint16_t *over, uint32_t *nover);
+/* End an in-flight command without a completion from the device (after CC.EN=0): its record,
+ * with the given status, goes to out and its id is freed. -EINVAL when cid is not in flight. */
+int nv_qp_cancel(struct nv_qp *qp, uint16_t cid, uint16_t status, struct nv_completion *out);
 /* CLOCK_MONOTONIC in nanoseconds. */
 int64_t nv_now_ns(void);
 

@@ -9,18 +9,28 @@ posts no entry and rings no doorbell.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
-from nvmevfio.errors import CommandError, CommandTimeout, Refused
+from nvmevfio.errors import (
+    CommandError,
+    CommandTimeout,
+    ControllerFailed,
+    ControllerFatal,
+    DeviceGone,
+    Refused,
+)
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
-from nvmevfio.nvme.queue import CID_TAKE, PRP_SLOT, PerfLoop, QueuePair
+from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueuePair
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
@@ -38,6 +48,16 @@ ONCS_DSM = 1 << 2
 OACS_DBBUF = 1 << 8  # Doorbell Buffer Config supported (Identify Controller OACS bit 8)
 # Up to this many entries a batch is packed entry by entry (cheaper than numpy's per-call cost).
 SCALAR_BATCH = 8
+# Recovery (Linux's nvme driver keeps to the same shape: timeout -> abort -> reset -> requeue).
+MAX_RETRIES = 5  # requeues of one command across resets, and retries of a transient status
+RESET_LIMIT = 3  # controller resets within RESET_WINDOW_S before the controller is declared failed
+RESET_WINDOW_S = 60.0
+ABORT_TIMEOUT_S = 2.0  # how long an Abort (admin 08h) may take before the broker resets instead
+# A command ended by the broker after a reset (no device completion): Command Abort Requested, DNR.
+CANCELLED_STATUS = (1 << 14) | 0x07
+# Generic statuses worth retrying when DNR=0 (NVMe 2.0 Figure 101): Command Abort Requested,
+# Command Interrupted, Transient Transport Error, Namespace Not Ready.
+TRANSIENT = {0x07, 0x21, 0x22, 0x82}
 
 
 def _int_array(x: Any, what: str) -> np.ndarray:
@@ -95,6 +115,9 @@ class BrokerQueue:
         self.prp_array = prp_array  # uint64 view of the PRP-list memory
         self.page_size = page_size
         self.packed = bytearray(ring.depth * SQE.itemsize)  # small batches are packed here, then posted
+        self.cancelled: list[np.ndarray] = []  # records of commands the broker ended (reap returns them first)
+        self.lock = threading.RLock()  # one thread at a time per queue pair; others are refused queue-busy
+        self.vector: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -171,6 +194,17 @@ class Broker:
         self.shadow_doorbells = True
         self._dbbuf: tuple[DmaBuffer, DmaBuffer] | None = None
         self._registered: dict[tuple[int, int], RegisteredBuffer] = {}
+        # recovery
+        self.sleep: Callable[[float], None] = time.sleep
+        self.resets = 0
+        self.aborts = 0
+        self.retries = 0
+        self._reset_times: list[float] = []
+        self.failed: str | None = None  # why the controller was declared failed (every call refused)
+        self.gone = False  # BAR0 read all ones: the device is gone
+        self._cc = 0
+        self._irq_queues = False
+        self.changed_namespaces: set[int] = set()
 
     # ============================================================ controller state
     def bind(self) -> Registers:
@@ -184,6 +218,11 @@ class Broker:
         return self.ctrl.registers()
 
     def _require_ready(self) -> None:
+        if self.gone:
+            raise Refused("device-gone", "the device is gone (BAR0 reads all ones); close it", state="gone")
+        if self.failed is not None:
+            raise Refused("controller-failed", f"the controller was declared failed ({self.failed}); reopen it",
+                          why=self.failed)
         if self.ctrl.state is State.FATAL:
             raise Refused("controller-fatal", "controller is in fatal state (CSTS.CFS was set); reset it")
         if self.ctrl.state is not State.READY or self.admin is None:
@@ -243,6 +282,9 @@ class Broker:
                          self.ctrl.doorbell(qid, False), self.ctrl.doorbell(qid, True))
         if vector is not None and self.irq is not None:
             ring.set_irq(self.irq.fd(vector), vector)
+        csts = getattr(self.mmio, "register_address", None)
+        if csts is not None:
+            ring.watch_csts(csts(regs.CSTS))
         if qid and self._dbbuf is not None:
             shadow, eventidx = (b.array.view(np.uint32) for b in self._dbbuf)
             stride = 1 << regs.get(self.ctrl.cap, regs.CAP_.DSTRD)  # in dwords, as the doorbell registers
@@ -260,6 +302,8 @@ class Broker:
         admin_depth = min(admin_depth, self.ctrl.mqes, 4096)
         cc = self.ctrl.choose_cc(self.host_page_size)
         self.page_size = 1 << (12 + regs.get(cc, regs.CC_.MPS))
+        self._cc = cc
+        self.failed, self._reset_times, self.changed_namespaces = None, [], set()
         self.admin = self._new_queue_pair(0, admin_depth, 1, None)
         self.ctrl.arm_admin_queues(self.ledger.iova(self.admin.buffers[0]), self.ledger.iova(self.admin.buffers[1]),
                                    admin_depth, admin_depth)
@@ -308,34 +352,80 @@ class Broker:
         raise Refused("queue-busy", f"queue {qp.qid} has {qp.in_flight} batched commands in flight; reap them "
                       "first", qid=qp.qid, in_flight=qp.in_flight)
 
+    @contextlib.contextmanager
+    def _using(self, qp: BrokerQueue) -> Iterator[None]:
+        """One thread at a time on a queue pair: a second thread is refused, never interleaved."""
+        if not qp.lock.acquire(blocking=False):
+            raise Refused("queue-busy", f"queue {qp.qid} is in use by another thread: give each thread its own "
+                          "queue (open(queues=N), qid=...)", qid=qp.qid)
+        try:
+            yield
+        finally:
+            qp.lock.release()
+
     def _exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
               **context: Any) -> int:
         """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
-        CQ doorbell); returns its DW0. Raises CommandError for an error status."""
-        e["cid"] = CID_TAKE
-        cids = self._author_one(qp, e, buf, length) if buf is not None else None
-        slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
-        try:
-            c = qp.ring.exec(e, self.command_timeout_s, slot, gen)
-        except BaseException:
-            if cids is not None and qp.ring.busy[int(cids[0])] == 1:  # taken, never posted
-                qp.ring.untake(cids)
-            raise
-        return self._finish(qp, c, buf, name, **context)
+        CQ doorbell); returns its DW0. A transient status (DNR=0) is retried with a backoff; a
+        timeout goes through abort / reset (see :meth:`_settle`). Raises CommandError otherwise."""
+        with self._using(qp):
+            for attempt in range(MAX_RETRIES + 1):
+                e["cid"] = CID_TAKE
+                cids = self._author_one(qp, e, buf, length) if buf is not None else None
+                slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
+                try:
+                    c = qp.ring.exec(e, self.command_timeout_s, slot, gen)
+                except (ControllerFatal, DeviceGone) as exc:
+                    c = self._wait_failed(qp, exc, buf)
+                except BaseException:
+                    if cids is not None and qp.ring.busy[int(cids[0])] == 1:  # taken, never posted
+                        qp.ring.untake(cids)
+                    raise
+                status, result = self._settle(qp, c, buf)
+                if not self._retry(status, attempt):
+                    break
+            return self._outcome(status, result, name, **context)
 
-    def _finish(self, qp: BrokerQueue, c: tuple[int, int] | None, buf: DmaBuffer | None, name: str,
-                **context: Any) -> int:
-        """The outcome of one executed command, (status, DW0): DW0, or CommandError / CommandTimeout."""
-        if c is None:
-            if buf is not None:
-                self.ledger.pin(buf, 1)  # still in flight: the device may yet DMA into it
-            self._timeout(qp)
-            raise AssertionError("unreachable: _timeout raises")  # pragma: no cover
-        status, result = c
+    def _retry(self, status: int, attempt: int) -> bool:
+        """Retry a transient status (DNR=0) after a short backoff, up to MAX_RETRIES times."""
+        if not status or status & (1 << 14) or (status >> 8) & 7 or status & 0xFF not in TRANSIENT \
+                or attempt >= MAX_RETRIES:
+            return False
+        self.retries += 1
+        self.sleep(0.001 * (1 << attempt))
+        return True
+
+    def _outcome(self, status: int, result: int, name: str, **context: Any) -> int:
         self.commands_completed += 1
+        if status == CANCELLED_STATUS:
+            raise CommandTimeout(f"{name}: no completion within {self.command_timeout_s:g} s; the controller was "
+                                 "reset and the command not retried", status=status, **context)
         if status:
             self._raise_for(status, name, **context)
         return int(result)
+
+    def _settle(self, qp: BrokerQueue, c: tuple[int, int] | None, buf: DmaBuffer | None) -> tuple[int, int]:
+        """The (status, DW0) of the one command an idle queue executed. None means it timed out:
+        the buffer stays pinned (the device may still DMA into it), the broker aborts or resets,
+        and the command ends exactly once: requeued and completed, or cancelled."""
+        if c is not None:
+            return c
+        if buf is not None:
+            self.ledger.pin(buf, 1)  # still in flight: quarantined until it ends
+        self._recover_timeout(qp)
+        done = self._reap(qp, 1, None)
+        return int(done["status"][0]), int(done["result"][0])
+
+    def _wait_failed(self, qp: BrokerQueue, exc: BaseException, buf: DmaBuffer | None) -> tuple[int, int] | None:
+        """A C wait ended on CSTS: all ones (the device is gone) or CFS (reset; the command was requeued)."""
+        if isinstance(exc, DeviceGone):
+            self._gone()
+            raise exc
+        if buf is not None:
+            self.ledger.pin(buf, 1)  # requeued by the reset: quarantined until it ends
+        self._reset_controller("CSTS.CFS set")
+        done = self._reap(qp, 1, None)
+        return int(done["status"][0]), int(done["result"][0])
 
     @staticmethod
     def _require_room(qp: BrokerQueue, n: int) -> None:
@@ -344,30 +434,167 @@ class Broker:
                           qid=qp.qid, free=qp.capacity, wanted=n)
 
     # ============================================================ completions
-    def _timeout(self, qp: BrokerQueue) -> None:
-        self.ctrl.check_fatal()
-        ring = qp.ring
-        busy = ring.busy_cids()
-        oldest = int(busy[np.argmin(ring.submit_ns[busy])]) if len(busy) else None
-        what = f" (oldest: opcode {int(ring.opcode[oldest]):#04x}, cid {oldest})" if oldest is not None else ""
-        raise CommandTimeout(
-            f"queue {qp.qid}: no completion within {self.command_timeout_s:.0f} s for "
-            f"{len(busy)} command(s){what}; CSTS={self.ctrl.csts():#010x}", qid=qp.qid, in_flight=len(busy))
-
     def _reap(self, qp: BrokerQueue, minimum: int, timeout_s: float | None) -> np.ndarray:
         """Reap at least ``minimum`` completions (all that are ready), one CQ head doorbell per batch,
         waiting in C (spinning, or on the MSI-X eventfd).
 
         Returns a structured array of ``nvme.queue.COMPLETION``: tag, latency_s, result, cookie, cid,
-        status (without the phase tag), opcode. When the wait times out with some completions
-        reaped, those are returned (nothing is lost); with none, CommandTimeout."""
-        done, runs = qp.ring.reap_wait(minimum, self.command_timeout_s if timeout_s is None else timeout_s)
-        for slot, gen, n in runs:
-            self.ledger.unpin(slot, gen, n)
-        self.commands_completed += len(done)
-        if len(done) == 0 and minimum > 0 and qp.in_flight:
-            self._timeout(qp)
-        return done
+        status (without the phase tag), opcode; commands the broker ended after a reset come first.
+        A command older than the command timeout triggers recovery (abort, then reset); a
+        caller's shorter ``timeout_s`` only bounds this call's wait."""
+        parts = self._take_cancelled(qp)
+        got = sum(len(p) for p in parts)
+        wait_s = self.command_timeout_s if timeout_s is None else timeout_s
+        while qp.in_flight:
+            try:
+                done, runs = qp.ring.reap_wait(max(0, minimum - got), wait_s)
+            except DeviceGone:
+                self._gone()
+                raise
+            except ControllerFatal as exc:
+                if not exc.context.get("cfs"):
+                    raise
+                self._reset_controller("CSTS.CFS set")
+                more = self._take_cancelled(qp)
+                parts += more
+                got += sum(len(p) for p in more)
+                continue
+            for slot, gen, n in runs:
+                self.ledger.unpin(slot, gen, n)
+            self.commands_completed += len(done)
+            parts.append(done)
+            got += len(done)
+            if got >= minimum or not qp.in_flight:
+                break
+            # the wait ran out short of the minimum
+            if qp.ring.oldest_age_s() >= self.command_timeout_s:
+                self._recover_timeout(qp)
+                more = self._take_cancelled(qp)
+                parts += more
+                got += sum(len(p) for p in more)
+            elif timeout_s is not None:
+                break  # the caller's own wait ran out; nothing is late yet
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=COMPLETION)
+
+    @staticmethod
+    def _take_cancelled(qp: BrokerQueue) -> list[np.ndarray]:
+        out, qp.cancelled = qp.cancelled, []
+        return out
+
+    # ============================================================ recovery
+    def _recover_timeout(self, qp: BrokerQueue) -> None:
+        """A command is late: Abort (admin 08h) the oldest one of an I/O queue; when the controller
+        does not honour it (QEMU never does) or the abort itself is late, reset the controller.
+        An honoured abort ends the command with Command Abort Requested (DNR=0): the synchronous
+        path retries it, a batch reports it."""
+        csts = self.ctrl.csts()
+        if csts == 0xFFFFFFFF:
+            self._gone()
+            raise DeviceGone(f"queue {qp.qid}: CSTS reads all ones: the device is gone", qid=qp.qid)
+        busy = qp.ring.busy_cids()
+        if qp.qid and len(busy) and not regs.get(csts, regs.CSTS_.CFS):
+            oldest = int(busy[np.argmin(qp.ring.submit_ns[busy])])
+            self.aborts += 1
+            saved, self.command_timeout_s = self.command_timeout_s, min(self.command_timeout_s, ABORT_TIMEOUT_S)
+            try:
+                dw0 = self._admin_sync(self._sqe(AdminOpcode.ABORT, cdw10=qp.qid | (oldest << 16)), "Abort")
+                honoured = not dw0 & 1  # DW0 bit 0: 1 = the command was not aborted
+            except (CommandTimeout, CommandError):
+                honoured = False
+            finally:
+                self.command_timeout_s = saved
+            if honoured and qp.ring.wait_s(self.command_timeout_s):
+                return
+        self._reset_controller(f"no completion on queue {qp.qid} within {self.command_timeout_s:g} s")
+
+    def _reset_controller(self, why: str) -> None:
+        """Controller reset with everything in flight kept: CC.EN=0 and wait CSTS.RDY=0 (the device no
+        longer touches host memory), scrub the rings, re-enable with the same broker-owned queue
+        memory, restore shadow doorbells and the I/O queues, re-identify namespaces, then requeue
+        every in-flight command (same id and tag) or, past MAX_RETRIES or on a namespace whose
+        geometry changed, cancel it. At most RESET_LIMIT resets within RESET_WINDOW_S."""
+        now = self.clock()
+        self._reset_times = [t for t in self._reset_times if now - t < RESET_WINDOW_S]
+        if len(self._reset_times) >= RESET_LIMIT:
+            self._fail(f"{RESET_LIMIT} controller resets within {RESET_WINDOW_S:g} s; last: {why}")
+        self._reset_times.append(now)
+        self.resets += 1
+        admin = self.admin
+        if admin is None:
+            raise Refused("controller-not-enabled", "controller is not enabled")
+        try:
+            self.ctrl.disable()
+        except ControllerFatal as exc:
+            if self.ctrl.csts() == 0xFFFFFFFF:
+                self._gone()
+                raise DeviceGone("CSTS reads all ones during a controller reset: the device is gone") from exc
+            raise
+        # CSTS.RDY=0: the controller no longer reads or writes host memory.
+        for cid in admin.ring.busy_cids().tolist():  # admin commands are not replayed
+            admin.cancelled.append(self._cancel(admin, cid))
+        for qp in [admin, *self.io]:
+            for b in qp.buffers[:2]:
+                b.array[:] = 0  # SQ and CQ memory scrubbed before the controller sees it again
+            qp.ring.reset_rings()
+        for b in self._dbbuf or ():
+            b.array[:] = 0
+        self.ctrl.arm_admin_queues(self.ledger.iova(admin.buffers[0]), self.ledger.iova(admin.buffers[1]),
+                                   admin.ring.depth, admin.ring.depth)
+        self.ctrl.enable(self._cc)
+        if self.io:
+            self._set_number_of_queues(len(self.io))
+            if self._dbbuf is not None:
+                self._doorbell_buffer_config(*self._dbbuf)
+            for qp in self.io:
+                self._create_queue_on_device(qp)
+            before = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
+            self.refresh_namespaces()
+            after = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
+            self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
+        for qp in self.io:
+            busy = qp.ring.busy_cids()
+            stale = busy[np.isin(qp.ring.saved["nsid"][busy], list(self.changed_namespaces))]
+            for cid in stale.tolist():
+                qp.cancelled.append(self._cancel(qp, cid))
+            _, over = qp.ring.repost(MAX_RETRIES)
+            for cid in over:
+                qp.cancelled.append(self._cancel(qp, cid))
+            qp.ring.ring_sq()
+
+    def _cancel(self, qp: BrokerQueue, cid: int) -> np.ndarray:
+        """End an in-flight command the device will never complete (the controller is disabled):
+        its buffer leaves quarantine, the caller gets CANCELLED_STATUS."""
+        record, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
+        if slot >= 0:
+            self.ledger.unpin(slot, gen, 1)
+        return record
+
+    def _fail(self, why: str) -> None:
+        """Give up: disable the controller if it answers, end everything in flight, refuse every call."""
+        self.failed = why
+        try:
+            self.ctrl.disable()
+            disabled = True
+        except Exception:
+            disabled = False  # a live controller may still DMA: leave its buffers pinned (quarantined)
+        for qp in [*self.io, *([self.admin] if self.admin else [])]:
+            for cid in qp.ring.busy_cids().tolist():
+                _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
+                if disabled and slot >= 0:
+                    self.ledger.unpin(slot, gen, 1)
+        raise ControllerFailed(f"controller declared failed: {why}; reopen the device", why=why)
+
+    def _gone(self) -> None:
+        """The device is gone: no register access can help. End everything in flight (its memory is
+        unmapped from the IOMMU when the device is closed), refuse every later call."""
+        self.gone = True
+        for qp in [*self.io, *([self.admin] if self.admin else [])]:
+            for cid in qp.ring.busy_cids().tolist():
+                _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
+                if slot >= 0:
+                    self.ledger.unpin(slot, gen, 1)  # no device left to DMA into it
 
     def _raise_for(self, status: int, name: str, **context: Any) -> None:
         """CommandError for a completion status (without the phase tag)."""
@@ -463,12 +690,7 @@ class Broker:
             raise Refused("irq-unavailable", "MSI-X completions need a VFIO device (no interrupt source)")
         if self.id_ctrl is None:
             self.identify_controller()
-        got = self._admin_sync(self._sqe(AdminOpcode.SET_FEATURES, cdw10=spec.Feature.NUMBER_OF_QUEUES,
-                                         cdw11=(count - 1) | ((count - 1) << 16)), "Set Features Number of Queues")
-        allowed = min((got & 0xFFFF) + 1, (got >> 16) + 1)
-        if allowed < count:
-            raise Refused("count-out-of-range", f"controller allows {allowed} I/O queue pairs, {count} asked",
-                          allowed=allowed)
+        self._set_number_of_queues(count)
         if irq:
             assert self.irq is not None
             self.irq.vectors(count + 1)
@@ -481,14 +703,9 @@ class Broker:
             qid = i + 1
             vector = qid if irq else None
             qp = self._new_queue_pair(qid, depth, per_cmd, vector)
-            cq_iova = self.ledger.iova(qp.buffers[1])
-            sq_iova = self.ledger.iova(qp.buffers[0])
-            cdw11 = 1 | ((1 << 1) | (qid << 16) if irq else 0)  # PC=1, IEN, IV
+            qp.vector = vector
             try:
-                self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_CQ, prp1=cq_iova,
-                                           cdw10=qid | ((depth - 1) << 16), cdw11=cdw11), "Create I/O CQ")
-                self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_SQ, prp1=sq_iova,
-                                           cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16)), "Create I/O SQ")
+                self._create_queue_on_device(qp)
             except BaseException:
                 for b in qp.buffers:
                     self.ledger.free(b)
@@ -496,6 +713,27 @@ class Broker:
             self.io.append(qp)
         self.refresh_namespaces()
         return depth
+
+    def _set_number_of_queues(self, count: int) -> None:
+        got = self._admin_sync(self._sqe(AdminOpcode.SET_FEATURES, cdw10=spec.Feature.NUMBER_OF_QUEUES,
+                                         cdw11=(count - 1) | ((count - 1) << 16)), "Set Features Number of Queues")
+        allowed = min((got & 0xFFFF) + 1, (got >> 16) + 1)
+        if allowed < count:
+            raise Refused("count-out-of-range", f"controller allows {allowed} I/O queue pairs, {count} asked",
+                          allowed=allowed)
+
+    def _create_queue_on_device(self, qp: BrokerQueue) -> None:
+        """CREATE I/O CQ, then CREATE I/O SQ, over the queue pair's broker-owned memory."""
+        qid, depth = qp.qid, qp.ring.depth
+        cdw11 = 1 | ((1 << 1) | (qp.vector << 16) if qp.vector is not None else 0)  # PC=1, IEN, IV
+        self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_CQ, prp1=self.ledger.iova(qp.buffers[1]),
+                                   cdw10=qid | ((depth - 1) << 16), cdw11=cdw11), "Create I/O CQ")
+        self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_SQ, prp1=self.ledger.iova(qp.buffers[0]),
+                                   cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16)), "Create I/O SQ")
+
+    def _doorbell_buffer_config(self, shadow: DmaBuffer, eventidx: DmaBuffer) -> None:
+        self._admin_sync(self._sqe(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=self.ledger.iova(shadow),
+                                   prp2=self.ledger.iova(eventidx)), "Doorbell Buffer Config")
 
     def _configure_doorbell_buffer(self) -> None:
         """Doorbell Buffer Config (admin 7Ch, 5.8): a shadow doorbell page (PRP1) and an EventIdx page
@@ -505,8 +743,7 @@ class Broker:
         shadow = self.ledger.alloc(self.page_size, owner="broker:dbbuf-shadow")
         eventidx = self.ledger.alloc(self.page_size, owner="broker:dbbuf-eventidx")
         try:
-            self._admin_sync(self._sqe(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=self.ledger.iova(shadow),
-                                       prp2=self.ledger.iova(eventidx)), "Doorbell Buffer Config")
+            self._doorbell_buffer_config(shadow, eventidx)
         except BaseException:
             self.ledger.free(shadow)
             self.ledger.free(eventidx)
@@ -529,6 +766,9 @@ class Broker:
     def namespace(self, nsid: int) -> Namespace:
         """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
         self._require_ready()
+        if nsid in self.changed_namespaces:
+            raise Refused("namespace-changed", f"namespace {nsid} changed size or format across a controller "
+                          "reset; I/O to it is refused until the device is reopened", nsid=nsid)
         ns = self.namespaces.get(nsid)
         if ns is None:
             raise Refused("namespace-inactive",
@@ -585,6 +825,12 @@ class Broker:
 
     def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
                   offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
+        """Post a batch of READ or WRITE commands (see :meth:`_submit_rw`); one thread per queue."""
+        with self._using(self._queue(qid)):
+            return self._submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, doorbell=doorbell)
+
+    def _submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
+                   offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
         """Post a batch of READ or WRITE commands into ``buf`` at ``offsets`` and ring the SQ tail
         doorbell once. Returns their tags.
 
@@ -792,7 +1038,8 @@ class Broker:
 
     def reap(self, qid: int = 1, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:
         qp = self._queue(qid)
-        return self._reap(qp, min(minimum, qp.in_flight), timeout_s)
+        with self._using(qp):
+            return self._reap(qp, min(minimum, qp.in_flight + sum(len(c) for c in qp.cancelled)), timeout_s)
 
     def in_flight(self, qid: int = 1) -> int:
         return self._queue(qid).in_flight
@@ -841,6 +1088,11 @@ class Broker:
         one C call (post, doorbell, wait, reap); a longer transfer is split by MDTS, keeping as many
         commands in flight as the queue allows."""
         qp = self._queue(qid)
+        with self._using(qp):
+            self._transfer(qp, opcode, nsid, slba, count, buf, offset)
+
+    def _transfer(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int,
+                  buf: DmaBuffer | RegisteredBuffer, offset: int) -> None:
         ns = self.namespace(nsid)
         self.check_window(ns, slba, count)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
@@ -860,10 +1112,27 @@ class Broker:
         if pages <= 2 and count <= MAX_NLB and offset & 3 == 0:
             # The common case: one command without a PRP list, one C call.
             prp2 = iova - iova % ps + ps if pages == 2 else 0
-            c = qp.ring.exec_packed((opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
-                                     count - 1, 0, 0, 0), self.command_timeout_s, handle.slot, handle.generation)
-            self._finish(qp, c, handle, name, nsid=nsid, slba=slba, count=count)
+            fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32, count - 1,
+                      0, 0, 0)
+            for attempt in range(MAX_RETRIES + 1):
+                try:
+                    c = qp.ring.exec_packed(fields, self.command_timeout_s, handle.slot, handle.generation)
+                except (ControllerFatal, DeviceGone) as exc:
+                    c = self._wait_failed(qp, exc, handle)
+                if c is not None and not c[0]:
+                    self.commands_completed += 1
+                    return
+                status, result = self._settle(qp, c, handle)
+                if not self._retry(status, attempt):
+                    break
+            self._outcome(status, result, name, nsid=nsid, slba=slba, count=count)
             return
+        self._transfer_split(qp, ns, opcode, slba, count, handle, reg, offset, iova, name)
+
+    def _transfer_split(self, qp: BrokerQueue, ns: Namespace, opcode: int, slba: int, count: int,
+                        handle: DmaBuffer, reg: RegisteredBuffer | None, offset: int, iova: int, name: str) -> None:
+        """transfer() for a command with a PRP list, or several commands split by MDTS."""
+        nsid, qid, length = ns.nsid, qp.qid, count * ns.block_size
         if reg is not None and offset % reg.slot_size == 0 and length <= reg.slot_size:
             self._sync_batch(qp, self.submit_rw(opcode, nsid, [slba], [count], reg, [offset], qid=qid), name,
                              nsid=nsid, slba=slba, count=count)
@@ -984,9 +1253,10 @@ class Broker:
                    "Dataset Management (Deallocate)", buf, rng.nbytes, nsid=nsid, slba=slba, count=count)
 
     def close(self) -> None:
-        """Shut down if enabled (best effort), then release every broker buffer."""
+        """Shut down if enabled (best effort), then release every broker buffer. A device that is
+        gone or failed is not touched: its memory is released (unmapped from the IOMMU first)."""
         try:
-            if self.ctrl.state is State.READY:
+            if self.ctrl.state is State.READY and not self.gone and self.failed is None:
                 self.shutdown()
         finally:
             self._drop_queues()

@@ -106,6 +106,18 @@ class CommandTimeout(ControllerError):
     reason = "command-timeout"
 
 
+class DeviceGone(ControllerError):
+    """BAR0 reads all ones (CSTS == 0xFFFFFFFF): the device was removed or fell off the bus."""
+
+    reason = "device-gone"
+
+
+class ControllerFailed(ControllerError):
+    """Recovery gave up (too many controller resets in a short time); reopen the device."""
+
+    reason = "controller-failed"
+
+
 class CommandError(NvmeVfioError):
     """A completion with non-zero status (NVMe base spec 4.2.3, Status Field)."""
 

@@ -36,9 +36,15 @@ class BarMmio:
         from nvmevfio._ffi import ffi, lib
 
         self._lib = lib
+        self._ffi = ffi
         self._base = ffi.cast("void *", base) if isinstance(base, int) else base
         self.size = size
         self.base = ffi.cast("uint8_t *", self._base)  # where the C queue pairs store doorbells
+
+    def register_address(self, offset: int) -> int:
+        """The virtual address of a register (the C queue pairs read CSTS there while waiting)."""
+        _check_access(self.size, offset, 4)
+        return int(self._ffi.cast("uintptr_t", self._base)) + offset
 
     def read32(self, offset: int) -> int:
         _check_access(self.size, offset, 4)
@@ -84,6 +90,11 @@ class ArrayMmio:
         _check_access(self.size, offset, width)
         dtype = np.uint32 if width == 4 else np.uint64
         return self.regs[offset : offset + width].view(dtype)
+
+    def register_address(self, offset: int) -> int:
+        """Where a register lives in the numpy register file (the C queue pairs read CSTS there)."""
+        _check_access(self.size, offset, 4)
+        return int(self.regs.ctypes.data) + offset
 
     def read32(self, offset: int) -> int:
         return int(self._view(offset, 4)[0])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from nvmevfio._ffi import ffi, lib
-from nvmevfio.errors import CommandTimeout, ControllerFatal, Refused, ShimError
+from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, Refused, ShimError
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
 
 CID_TAKE = 0xFFFF  # nv_qp_exec: take a command id in C
@@ -74,6 +74,16 @@ def _ptr(arr: np.ndarray) -> Any:
     return ffi.cast("void *", arr.ctypes.data)
 
 
+def wait_error(r: int, qid: int) -> None:
+    """Raise for a negative result of a C wait: the device gone, CSTS.CFS, or another errno."""
+    if r == -errno.ENODEV:
+        raise DeviceGone(f"queue {qid}: CSTS reads all ones while waiting for completions: the device is gone",
+                         qid=qid)
+    if r == -errno.EIO:
+        raise ControllerFatal(f"queue {qid}: CSTS.CFS set while waiting for completions", qid=qid, cfs=True)
+    raise ShimError("nv_qp wait", f"queue {qid}", -r)
+
+
 class QueuePair:
     """An SQ/CQ pair over broker-owned ring memory, driven by the C hot path.
 
@@ -125,6 +135,10 @@ class QueuePair:
         self._one_sqe_p = self._one_sqe
         self._one_sqe_buf = ffi.buffer(self._one_sqe)
         self._shadow: tuple[np.ndarray, np.ndarray] | None = None
+        self.saved = np.frombuffer(ffi.buffer(self._qp.saved, n * SQE.itemsize), dtype=SQE)  # entries in flight
+        self.saved.flags.writeable = False
+        self._over = ffi.new("uint16_t[]", n)
+        self._csts: Any = None
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -146,6 +160,11 @@ class QueuePair:
     def busy_cids(self) -> np.ndarray:
         """Command ids in flight."""
         return np.flatnonzero(self.busy == 2)
+
+    def watch_csts(self, address: int) -> None:
+        """Read CSTS at ``address`` (the mapped register) while waiting: all ones or CFS end a wait."""
+        self._csts = ffi.cast("const uint32_t *", address)
+        self._qp.csts = self._csts
 
     def set_irq(self, fd: int, vector: int) -> None:
         self._qp.irq_fd = fd
@@ -215,6 +234,18 @@ class QueuePair:
         return r
 
     # -- completion ---------------------------------------------------------------------------
+    def oldest_age_s(self) -> float:
+        """How long the oldest in-flight command has been waiting (0 when none)."""
+        busy = self.busy_cids()
+        return (int(lib.nv_now_ns()) - int(self.submit_ns[busy].min())) / 1e9 if len(busy) else 0.0
+
+    def wait_s(self, timeout_s: float) -> bool:
+        """Wait (spin or eventfd) until a completion is pending; False on timeout."""
+        r = int(lib.nv_qp_wait(self._qp, int(timeout_s * 1e9)))
+        if r < 0:
+            wait_error(r, self.qid)
+        return r == 1
+
     def pending(self) -> bool:
         return bool(lib.nv_qp_pending(self._qp))
 
@@ -225,7 +256,7 @@ class QueuePair:
             if r == -errno.EPROTO:
                 raise ControllerFatal(f"queue {self.qid}: completion for command id {int(self._qp.bad_cid)}, "
                                       "which is not in flight", qid=self.qid, cid=int(self._qp.bad_cid))
-            raise ShimError("nv_qp_reap", f"queue {self.qid}", -r)
+            wait_error(r, self.qid)
         done = self._done[:r].copy()
         k = int(self._nunpin[0])
         runs = [(int(s), int(g), int(c)) for s, g, c in self._unpin[:k].tolist()] if k else []
@@ -281,6 +312,27 @@ class QueuePair:
         r = lib.nv_qp_exec(self._qp, self._one_sqe_p, buf_slot, buf_gen, int(timeout_s * 1e9), self._one)
         return self._exec_result(r)
 
+    # -- recovery --------------------------------------------------------------------------------
+    def reset_rings(self) -> None:
+        """After the broker zeroed the ring memory and the controller was reset: indexes to 0."""
+        lib.nv_qp_reset_rings(self._qp)
+
+    def repost(self, max_retries: int) -> tuple[int, list[int]]:
+        """Requeue every in-flight command (same id and tag); returns the count and the ids that
+        were already requeued ``max_retries`` times (not requeued: cancel them). No doorbell."""
+        nover = ffi.new("uint32_t *")
+        n = int(lib.nv_qp_repost(self._qp, max_retries, self._over, nover))
+        return n, [int(self._over[i]) for i in range(nover[0])]
+
+    def cancel(self, cid: int, status: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """End in-flight command ``cid`` with ``status`` (no device completion: the controller was
+        disabled). Returns its COMPLETION record and its buffer (slot, generation)."""
+        slot, gen = int(self.buf_slot[cid]), int(self.buf_gen[cid])
+        out = ffi.new("struct nv_completion *")
+        if lib.nv_qp_cancel(self._qp, cid, status, out) < 0:
+            raise ValueError(f"queue {self.qid}: command id {cid} is not in flight")
+        return np.frombuffer(ffi.buffer(out), dtype=COMPLETION).copy(), (slot, gen)
+
     # -- perf -----------------------------------------------------------------------------------
     def perf_run(self, perf: Any, slice_s: float, drain: bool) -> int:
         r = int(lib.nv_perf_run(self._qp, perf, int(slice_s * 1e9), int(drain)))
@@ -330,10 +382,8 @@ class PerfLoop:
             raise CommandTimeout(f"queue {self.ring.qid}: perf: no completion within "
                                  f"{self._p.timeout_ns / 1e9:.0f} s ({self.ring.in_flight} commands in flight)",
                                  qid=self.ring.qid, in_flight=self.ring.in_flight)
-        if r == -errno.EPROTO:
-            self.ring._completions(r)
         if r < 0:
-            raise ShimError("nv_perf_run", f"queue {self.ring.qid}", -r)
+            self.ring._completions(r)
         return r == 1
 
     def reset_stats(self) -> None:

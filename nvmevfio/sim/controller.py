@@ -4,8 +4,10 @@ Registers live in an :class:`~nvmevfio.mmio.ArrayMmio` (every write logged);
 DMA goes through :class:`SimDma`, which plays the IOMMU: the controller can only
 reach IOVAs the ledger mapped, and an access outside them is a recorded fault.
 Commands run synchronously when their SQ tail doorbell is written. Faults can be
-injected: a controller that never becomes ready, CSTS.CFS on enable, an error
-status for the next command of an opcode, completions that never arrive.
+injected: a controller that never becomes ready, CSTS.CFS on enable or at any
+moment, an error status for the next command of an opcode, completions that never
+arrive (all, or the next N: held until an honoured Abort or a reset), Abort honoured
+or not (QEMU never honours it), and surprise removal (every register reads all ones).
 """
 
 from __future__ import annotations
@@ -101,6 +103,11 @@ class SimController:
         self.never_ready = False
         self.fatal_on_enable = False
         self.swallow_completions = False
+        self.drop_next = 0  # hold back the completions of the next N commands
+        self.held: list[tuple[_Queue, int, int]] = []  # (sq, qid, cid) whose completion was held back
+        self.honour_abort = False  # Abort (08h): complete the held command with Command Abort Requested
+        self.removed = False
+        self.resets = 0
         self.fail_next: dict[int, tuple[int, int]] = {}  # opcode -> (sct, sc), I/O and admin alike
         self.commands: list[tuple[int, int, int]] = []  # (qid, opcode, nsid) executed
 
@@ -108,7 +115,18 @@ class SimController:
     def _reg(self, off: int) -> int:
         return self.mmio.read32(off)
 
+    def raise_cfs(self) -> None:
+        """CSTS.CFS=1, as a controller that hit a fatal error (cleared by CC.EN=0)."""
+        self.mmio.poke32(regs.CSTS, regs.put(self._reg(regs.CSTS), CSTS_.CFS, 1))
+
+    def remove(self) -> None:
+        """Surprise removal: every register reads all ones and writes go nowhere."""
+        self.removed = True
+        self.mmio.regs[:] = 0xFF
+
     def _on_write(self, off: int, width: int, value: int) -> None:
+        if self.removed:
+            return
         if off >= regs.DOORBELL_BASE:
             self._doorbell(off, value)
             return
@@ -137,8 +155,9 @@ class SimController:
                 self.cqs = {0: _Queue(acq, regs.get(aqa, regs.AQA_.ACQS) + 1)}
                 csts = regs.put(csts, CSTS_.RDY, 1)
         elif not regs.get(value, CC_.EN) and regs.get(old, CC_.EN):
-            self.sqs, self.cqs = {}, {}
-            csts = regs.put(regs.put(csts, CSTS_.RDY, 0), CSTS_.SHST, 0)
+            self.sqs, self.cqs, self.held = {}, {}, []
+            self.resets += 1
+            csts = regs.put(regs.put(regs.put(csts, CSTS_.RDY, 0), CSTS_.SHST, 0), CSTS_.CFS, 0)
         if regs.get(value, CC_.SHN) and not regs.get(old, CC_.SHN):
             csts = regs.put(csts, CSTS_.SHST, regs.SHST_COMPLETE)
         self.mmio.poke32(regs.CSTS, csts)
@@ -163,6 +182,10 @@ class SimController:
     # ------------------------------------------------------------------ commands
     def _complete(self, sq: _Queue, sqid: int, cid: int, sct: int = 0, sc: int = 0, dw0: int = 0) -> None:
         if self.swallow_completions:
+            return
+        if self.drop_next and sqid:
+            self.drop_next -= 1
+            self.held.append((sq, sqid, cid))
             return
         cq = self.cqs[sq.cqid]
         ring = self.dma.view(cq.base, cq.depth * 16, write=True).view(CQE)
@@ -309,6 +332,16 @@ class SimController:
                 return 0, 1, 0x01
             self.sqs[qid] = _Queue(prp1, depth, cqid)
             return 0, 0, 0
+        if opc == AdminOpcode.ABORT:
+            sqid, cid = cdw10 & 0xFFFF, cdw10 >> 16
+            hit = [h for h in self.held if h[1] == sqid and h[2] == cid]
+            if not (self.honour_abort and hit):
+                return 1, 0, 0  # DW0 bit 0 set: not aborted
+            self.held.remove(hit[0])
+            self._complete(hit[0][0], sqid, cid, 0, 0x07)  # Command Abort Requested
+            return 0, 0, 0
+        if opc == AdminOpcode.DOORBELL_BUFFER_CONFIG:
+            return 0, 0, 0x01  # not offered (OACS bit 8 clear): Invalid Command Opcode
         if opc == AdminOpcode.DELETE_IO_SQ:
             self.sqs.pop(cdw10 & 0xFFFF, None)
             return 0, 0, 0

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from nvmevfio.errors import CommandError, CommandTimeout, Refused
+from nvmevfio.errors import CommandError, Refused
 
 
 def refused(rig, reason, fn, *a, **kw):
@@ -77,9 +77,8 @@ def test_queue_full_and_in_flight(rig):
     p.submit("read", 1, [0, 1, 2], [1, 1, 1], buf, [0, 512, 1024])
     refused(rig, "queue-full", p.submit, "read", 1, [3], [1], buf, [1536])
     refused(rig, "buffer-in-flight", p.free_buffer, buf)
-    with pytest.raises(CommandTimeout) as ei:
-        p.reap(3, timeout_s=0.05)
-    assert ei.value.reason == "command-timeout"
+    # a caller's short wait only bounds the wait: nothing is late yet, so nothing is recovered
+    assert len(p.reap(3, timeout_s=0.05)) == 0 and rig.broker.resets == 0 and p.in_flight() == 3
 
 
 def test_stale_handle(rig):

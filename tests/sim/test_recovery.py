@@ -1,0 +1,164 @@
+"""Recovery against injected faults: timeouts -> abort -> reset -> requeue, transient retries,
+CSTS.CFS, surprise removal, the reset budget, one thread per queue. Every command ends exactly
+once, no ids or pins leak, and a buffer in flight is never freed before the controller is
+disabled."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from nvmevfio import broker as brokermod
+from nvmevfio.errors import CommandError, CommandTimeout, ControllerFailed, DeviceGone, Refused
+from nvmevfio.nvme.spec import AdminOpcode, IoOpcode
+
+
+@pytest.fixture
+def p(rig):
+    rig.broker.command_timeout_s = 0.2
+    return rig.ready(depth=16)
+
+
+def fill(p, lba, n, seed):
+    data = np.random.default_rng(seed).integers(0, 256, n * 512, dtype=np.uint8)
+    p.write(1, lba, data)
+    return data
+
+
+def admin_ops(rig):
+    return [c[1] for c in rig.sim.commands if c[0] == 0]
+
+
+def no_leaks(rig, p):
+    qp = rig.broker.io[0]
+    st = qp.ring.state()
+    assert st["in_flight"] == 0 and st["free_top"] == qp.ring.ncids and not qp.cancelled
+    assert all(s.in_flight == 0 for s in rig.ledger._slots if s.mem is not None)
+
+
+def test_timeout_abort_not_honoured_resets_and_requeues(rig, p):
+    data = fill(p, 100, 8, 1)
+    buf = p.alloc_buffer(4096)
+    rig.sim.drop_next = 1  # the device loses this read's completion
+    t0 = time.monotonic()
+    p.read_into(1, 100, 8, buf)  # times out, aborts (not honoured), resets, requeues, completes
+    assert time.monotonic() - t0 < 2
+    assert np.array_equal(buf.array, data)
+    b = rig.broker
+    assert (b.aborts, b.resets, rig.sim.resets) == (1, 1, 1)
+    assert AdminOpcode.ABORT in admin_ops(rig)
+    reads = [c for c in rig.sim.commands if c[0] == 1 and c[1] == IoOpcode.READ]
+    assert len(reads) == 2  # the original and its one requeue
+    no_leaks(rig, p)
+    p.write(1, 200, data)  # the queues work after the reset
+    assert np.array_equal(p.read(1, 200, 8), data)
+
+
+def test_abort_honoured_is_retried_without_a_reset(rig, p):
+    data = fill(p, 300, 8, 2)
+    rig.sim.drop_next, rig.sim.honour_abort = 1, True
+    assert np.array_equal(p.read(1, 300, 8), data)
+    assert (rig.broker.aborts, rig.broker.resets, rig.broker.retries) == (1, 0, 1)
+    no_leaks(rig, p)
+
+
+def test_batch_every_tag_ends_exactly_once_across_a_reset(rig, p):
+    buf = p.alloc_buffer(8 * 4096)
+    buf.array[:] = np.repeat(np.arange(8, dtype=np.uint8) + 1, 4096)
+    rig.sim.drop_next = 3  # three of the writes lose their completions
+    tags = p.submit("write", 1, np.arange(8) * 8, np.full(8, 8), buf, np.arange(8) * 4096)
+    tags = np.concatenate([tags, p.submit("read", 1, [0], [8], buf, [0])])
+    with pytest.raises(Refused) as ei:
+        p.free_buffer(buf)  # quarantined while in flight
+    assert ei.value.reason == "buffer-in-flight"
+    done = p.reap(9)
+    assert sorted(done["tag"].tolist()) == sorted(tags.tolist()) and not done["status"].any()
+    assert rig.broker.resets == 1
+    no_leaks(rig, p)
+    for k in range(8):
+        assert (p.read(1, k * 8, 8) == k + 1).all()
+    p.free_buffer(buf)
+
+
+def test_retry_budget_then_a_named_error(rig, p, monkeypatch):
+    monkeypatch.setattr(brokermod, "RESET_LIMIT", 100)
+    fill(p, 0, 8, 3)
+    rig.sim.drop_next = 100  # the device never completes I/O again
+    buf = p.alloc_buffer(4096)
+    with pytest.raises(CommandTimeout) as ei:
+        p.read_into(1, 0, 8, buf)
+    assert ei.value.reason == "command-timeout" and "not retried" in str(ei.value)
+    reads = [c for c in rig.sim.commands if c[0] == 1 and c[1] == IoOpcode.READ]
+    assert len(reads) == 1 + brokermod.MAX_RETRIES and rig.broker.resets == brokermod.MAX_RETRIES + 1
+    no_leaks(rig, p)
+    p.free_buffer(buf)  # out of quarantine: the controller was disabled before it was cancelled
+
+
+def test_reset_budget_declares_the_controller_failed(rig, p):
+    rig.sim.drop_next = 100
+    buf = p.alloc_buffer(4096)
+    with pytest.raises(ControllerFailed) as ei:
+        p.read_into(1, 0, 8, buf)
+    assert ei.value.reason == "controller-failed" and rig.broker.resets == brokermod.RESET_LIMIT
+    with pytest.raises(Refused) as ei:
+        p.read(1, 0, 1)
+    assert ei.value.reason == "controller-failed"
+    no_leaks(rig, p)
+    p.free_buffer(buf)
+
+
+def test_transient_status_retried_media_error_reported(rig, p):
+    data = fill(p, 400, 8, 4)
+    rig.sim.fail_next[IoOpcode.READ] = (0, 0x82)  # Namespace Not Ready, DNR=0
+    assert np.array_equal(p.read(1, 400, 8), data) and rig.broker.retries == 1
+    rig.sim.fail_next[IoOpcode.READ] = (2, 0x81)  # Unrecovered Read Error: at once, with the LBA
+    with pytest.raises(CommandError) as ei:
+        p.read(1, 400, 8)
+    assert ei.value.context["slba"] == 400 and "Unrecovered Read Error" in str(ei.value)
+    assert rig.broker.retries == 1
+
+
+def test_cfs_mid_io_resets_and_completes(rig, p):
+    data = fill(p, 500, 8, 5)
+    rig.sim.drop_next = 1
+    buf = p.alloc_buffer(4096)
+    timer = threading.Timer(0.05, rig.sim.raise_cfs)
+    timer.start()
+    rig.broker.command_timeout_s = 10.0  # CFS, not the timeout, must end the wait
+    t0 = time.monotonic()
+    p.read_into(1, 500, 8, buf)
+    timer.join()
+    assert time.monotonic() - t0 < 2 and rig.broker.resets == 1 and rig.broker.aborts == 0
+    assert np.array_equal(buf.array, data)
+    no_leaks(rig, p)
+
+
+def test_surprise_removal_fails_fast_and_closes(rig, p):
+    rig.sim.drop_next = 1
+    buf = p.alloc_buffer(4096)
+    rig.broker.command_timeout_s = 30.0
+    threading.Timer(0.05, rig.sim.remove).start()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceGone) as ei:
+        p.read_into(1, 0, 8, buf)
+    assert ei.value.reason == "device-gone" and time.monotonic() - t0 < 1
+    with pytest.raises(Refused) as ei:
+        p.read(1, 0, 1)
+    assert ei.value.reason == "device-gone"
+    no_leaks(rig, p)
+    p.close()  # no spinning on all-ones registers, nothing raised
+
+
+def test_one_thread_per_queue(rig, p):
+    rig.sim.drop_next = 1
+    rig.broker.command_timeout_s = 0.5
+    buf = p.alloc_buffer(8192)
+    t = threading.Thread(target=p.read_into, args=(1, 0, 8, buf))
+    t.start()
+    time.sleep(0.1)
+    with pytest.raises(Refused) as ei:
+        p.read_into(1, 8, 8, buf, 4096)
+    assert ei.value.reason == "queue-busy" and "another thread" in str(ei.value)
+    t.join()
+    p.read_into(1, 8, 8, buf, 4096)  # free again
