@@ -216,13 +216,17 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True) -> BlockDevice:
+         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True,
+         command_timeout_s: float | None = None) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
     CAP.MQES+1); ``reset``: VFIO function reset first; ``hugetlb``: 2 MiB pages for the broker's
     queues and staging memory; ``shadow_doorbells``: use Doorbell Buffer Config when the
-    controller offers it (MMIO doorbells only when the EventIdx rule asks for them)."""
-    session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb)
+    controller offers it (MMIO doorbells only when the EventIdx rule asks for them);
+    ``command_timeout_s``: how long a command may take (default 30 s) before the broker aborts
+    it, then resets the controller and requeues what was in flight."""
+    session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb,
+                                                 command_timeout_s=command_timeout_s)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
                        shadow_doorbells=shadow_doorbells)

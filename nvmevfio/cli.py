@@ -112,6 +112,13 @@ def _check_bound(address: str) -> None:
               f"nvmevfio bind {address}", EXIT_SETUP)
 
 
+def _timeout() -> float | None:
+    """The group's --timeout, if given."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return root.params.get("timeout") if root is not None else None
+
+
 @contextlib.contextmanager
 def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
     """An enabled controller session; shut down (CC.SHN) on exit."""
@@ -121,7 +128,7 @@ def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        s = open_controller(address)
+        s = open_controller(address, command_timeout_s=_timeout())
         try:
             if enable:
                 s.enable()
@@ -139,7 +146,7 @@ def blockdev(address: str, nsid: int, **kw: Any) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        dev = bopen(address, nsid, **kw)
+        dev = bopen(address, nsid, command_timeout_s=_timeout(), **kw)
         try:
             yield dev
         finally:
@@ -175,7 +182,11 @@ class AliasedGroup(click.Group):
 @click.group(cls=AliasedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="nvmevfio")
 @click.option("-v", "--verbose", is_flag=True, help="more detail on errors (tracebacks)")
-def main(verbose: bool) -> None:
+@click.option("--timeout", "timeout", type=click.FloatRange(min=0.01), default=None,
+              help="command timeout in seconds (default 30): a late command is aborted, then the controller "
+                   "is reset and the command requeued")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, timeout: float | None) -> None:
     """nvmevfio: a userspace NVMe driver over VFIO.
 
     ADDRESS is a PCI address, 0000:00:04.0 or 00:04.0. The controller must be bound

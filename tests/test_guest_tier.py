@@ -23,6 +23,9 @@ def _controllers():
                             {"serial": "nvmevfio-data", "mdts": "0"}),
         guestlib.Controller([guestlib.Namespace(64 << 20, 512)],
                             {"serial": "nvmevfio-small", "mdts": "5", "max_ioqpairs": "4"}),
+        # QEMU's drive throttling makes commands slow enough to time out for real (recovery tests)
+        guestlib.Controller([guestlib.Namespace(8 << 20, 512, drive="throttling.iops-total=40")],
+                            {"serial": "nvmevfio-slow"}),
     ]
 
 

@@ -61,6 +61,7 @@ class Namespace:
     block_size: int = 512
     image: str | None = None  # a host file; a fresh sparse one when None
     metadata: int = 0  # bytes of metadata per block (QEMU nvme-ns ms=)
+    drive: str = ""  # extra QEMU -drive options, e.g. "throttling.iops-total=20" (slow commands, for timeouts)
 
     @classmethod
     def parse(cls, text: str) -> Namespace:
@@ -316,7 +317,7 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                     f.truncate(ns.size)
             drive = f"{cid}d{ni + 1}"
             qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,"
-                      "file.locking=off",
+                      "file.locking=off" + (f",{ns.drive}" if ns.drive else ""),
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"
                       + (f",ms={ns.metadata}" if ns.metadata else "")]

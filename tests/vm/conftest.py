@@ -65,6 +65,12 @@ def dev(request, data_ctrl):
             assert st["sq_shadow_only"] == st["cq_shadow_only"] == 0
 
 
+@pytest.fixture(scope="session")
+def slow_ctrl(guest):
+    """Controller whose namespace QEMU throttles (40 IOPS): real command timeouts."""
+    return controller(guest, "nvmevfio-slow")
+
+
 def record(io_dir: Path, name: str, entry: dict) -> None:
     """Append to a manifest the host checks against the backing images after the guest exits."""
     path = io_dir / f"{name}.jsonl"
