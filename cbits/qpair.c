@@ -261,32 +261,33 @@ static inline int shadow_update(volatile uint32_t *shadow, volatile uint32_t *ev
     return need_event((uint16_t)ev, (uint16_t)value, (uint16_t)old);
 }
 
-int nv_qp_ring_sq(struct nv_qp *qp)
+/* Publish a new doorbell value (SQ tail or CQ head) once: through the shadow doorbell when
+ * configured, and by MMIO only when the EventIdx rule asks for it. 1: MMIO written. */
+static inline int publish(struct nv_qp *qp, uint32_t value, uint32_t *rung, uint32_t *shadow,
+                          uint32_t *eventidx, uint64_t db, uint64_t *mmio_count, uint64_t *shadow_count)
 {
-    if (qp->sq_tail == qp->sq_rung)
+    if (value == *rung)
         return 0;
-    qp->sq_rung = qp->sq_tail;
-    if (qp->shadow_sq && !shadow_update(qp->shadow_sq, qp->eventidx_sq, qp->sq_tail)) {
-        qp->sq_shadow_only++;
+    *rung = value;
+    if (shadow && !shadow_update(shadow, eventidx, value)) {
+        (*shadow_count)++;
         return 0;
     }
-    mmio_doorbell(qp, qp->sq_db, qp->sq_tail);
-    qp->sq_mmio++;
+    mmio_doorbell(qp, db, value);
+    (*mmio_count)++;
     return 1;
+}
+
+int nv_qp_ring_sq(struct nv_qp *qp)
+{
+    return publish(qp, qp->sq_tail, &qp->sq_rung, qp->shadow_sq, qp->eventidx_sq, qp->sq_db, &qp->sq_mmio,
+                   &qp->sq_shadow_only);
 }
 
 int nv_qp_ring_cq(struct nv_qp *qp)
 {
-    if (qp->cq_head == qp->cq_rung)
-        return 0;
-    qp->cq_rung = qp->cq_head;
-    if (qp->shadow_cq && !shadow_update(qp->shadow_cq, qp->eventidx_cq, qp->cq_head)) {
-        qp->cq_shadow_only++;
-        return 0;
-    }
-    mmio_doorbell(qp, qp->cq_db, qp->cq_head);
-    qp->cq_mmio++;
-    return 1;
+    return publish(qp, qp->cq_head, &qp->cq_rung, qp->shadow_cq, qp->eventidx_cq, qp->cq_db, &qp->cq_mmio,
+                   &qp->cq_shadow_only);
 }
 
 /* ---- completions ---- */

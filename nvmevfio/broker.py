@@ -205,6 +205,7 @@ class Broker:
         self._cc = 0
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
+        self._hot: dict[int, Namespace] = {}  # namespaces ready for I/O: the synchronous hot path's lookup
 
     # ============================================================ controller state
     def bind(self) -> Registers:
@@ -243,6 +244,7 @@ class Broker:
         self._drop_queues()
 
     def _drop_queues(self) -> None:
+        self._hot = {}
         for qp in [*self.io, *([self.admin] if self.admin else [])]:
             busy = qp.ring.busy_cids()
             for slot, gen in zip(qp.ring.buf_slot[busy].tolist(), qp.ring.buf_gen[busy].tolist()):
@@ -521,6 +523,7 @@ class Broker:
             self._fail(f"{RESET_LIMIT} controller resets within {RESET_WINDOW_S:g} s; last: {why}")
         self._reset_times.append(now)
         self.resets += 1
+        self._hot = {}
         admin = self.admin
         if admin is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
@@ -562,6 +565,7 @@ class Broker:
             for cid in over:
                 qp.cancelled.append(self._cancel(qp, cid))
             qp.ring.ring_sq()
+        self._update_hot()
 
     def _cancel(self, qp: BrokerQueue, cid: int) -> np.ndarray:
         """End an in-flight command the device will never complete (the controller is disabled):
@@ -574,6 +578,7 @@ class Broker:
     def _fail(self, why: str) -> None:
         """Give up: disable the controller if it answers, end everything in flight, refuse every call."""
         self.failed = why
+        self._hot = {}
         try:
             self.ctrl.disable()
             disabled = True
@@ -590,6 +595,7 @@ class Broker:
         """The device is gone: no register access can help. End everything in flight (its memory is
         unmapped from the IOMMU when the device is closed), refuse every later call."""
         self.gone = True
+        self._hot = {}
         for qp in [*self.io, *([self.admin] if self.admin else [])]:
             for cid in qp.ring.busy_cids().tolist():
                 _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
@@ -649,11 +655,13 @@ class Broker:
         ident = spec.parse_identify_namespace(raw)
         if ident["nsze"] == 0:
             self.namespaces.pop(nsid, None)
+            self._update_hot()
             raise Refused("namespace-inactive", f"namespace {nsid} is not active (NSZE=0)", nsid=nsid)
         idx = spec.flbas_index(ident["flbas"], ident["nlbaf"])
         lbaf = ident["lbafs"][idx]
         ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident)
         self.namespaces[nsid] = ns
+        self._update_hot()
         return ns
 
     def get_log_page(self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0) -> bytes:
@@ -761,7 +769,14 @@ class Broker:
         self.namespaces = {}
         for nsid in self.active_namespaces():
             self.identify_namespace(nsid)
+        self._update_hot()
         return self.namespaces
+
+    def _update_hot(self) -> None:
+        """The namespaces the synchronous hot path may use without further checks."""
+        ready = self.io and self.ctrl.state is State.READY and not self.gone and self.failed is None
+        self._hot = {n: ns for n, ns in self.namespaces.items()
+                     if not ns.metadata_size and n not in self.changed_namespaces} if ready else {}
 
     def namespace(self, nsid: int) -> Namespace:
         """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
@@ -1087,9 +1102,48 @@ class Broker:
         """READ or WRITE ``count`` blocks between ``buf[offset:]`` and the namespace. One command is
         one C call (post, doorbell, wait, reap); a longer transfer is split by MDTS, keeping as many
         commands in flight as the queue allows."""
+        # The hot path: an I/O-ready namespace, a plain DMA buffer, a window and a buffer range that
+        # fit, one or two memory pages (no PRP list): one C call. Whatever fails these tests takes
+        # the checked path below, which refuses with the named reason.
+        ns = self._hot.get(nsid)
+        if (ns is not None and type(buf) is DmaBuffer and 0 < count <= MAX_NLB and slba >= 0
+                and slba + count <= ns.size_blocks and offset >= 0 and not offset & 3 and 0 < qid <= len(self.io)):
+            length = count * ns.block_size
+            iova = self.ledger.live_iova(buf)
+            ps = self.page_size
+            if iova is not None and offset + length <= buf.size and length <= 2 * ps - (iova + offset) % ps:
+                qp = self.io[qid - 1]
+                if qp.lock.acquire(False):
+                    try:
+                        iova += offset
+                        prp2 = iova - iova % ps + ps if length > ps - iova % ps else 0
+                        fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
+                                  count - 1, 0, 0, 0)
+                        self._exec_fields(qp, fields, buf, opcode, nsid, slba, count)
+                        return
+                    finally:
+                        qp.lock.release()
         qp = self._queue(qid)
         with self._using(qp):
             self._transfer(qp, opcode, nsid, slba, count, buf, offset)
+
+    def _exec_fields(self, qp: BrokerQueue, fields: tuple[int, ...], buf: DmaBuffer, opcode: int, nsid: int,
+                     slba: int, count: int) -> None:
+        """One READ/WRITE without a PRP list, start to end in one C call; transient statuses retried,
+        a timeout recovered (abort, reset, requeue)."""
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                c = qp.ring.exec_packed(fields, self.command_timeout_s, buf.slot, buf.generation)
+            except (ControllerFatal, DeviceGone) as exc:
+                c = self._wait_failed(qp, exc, buf)
+            if c is not None and not c[0]:
+                self.commands_completed += 1
+                return
+            status, result = self._settle(qp, c, buf)
+            if not self._retry(status, attempt):
+                break
+        self._outcome(status, result, "Read" if opcode == IoOpcode.READ else "Write", nsid=nsid, slba=slba,
+                      count=count)
 
     def _transfer(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int,
                   buf: DmaBuffer | RegisteredBuffer, offset: int) -> None:
@@ -1114,18 +1168,7 @@ class Broker:
             prp2 = iova - iova % ps + ps if pages == 2 else 0
             fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32, count - 1,
                       0, 0, 0)
-            for attempt in range(MAX_RETRIES + 1):
-                try:
-                    c = qp.ring.exec_packed(fields, self.command_timeout_s, handle.slot, handle.generation)
-                except (ControllerFatal, DeviceGone) as exc:
-                    c = self._wait_failed(qp, exc, handle)
-                if c is not None and not c[0]:
-                    self.commands_completed += 1
-                    return
-                status, result = self._settle(qp, c, handle)
-                if not self._retry(status, attempt):
-                    break
-            self._outcome(status, result, name, nsid=nsid, slba=slba, count=count)
+            self._exec_fields(qp, fields, handle, opcode, nsid, slba, count)
             return
         self._transfer_split(qp, ns, opcode, slba, count, handle, reg, offset, iova, name)
 

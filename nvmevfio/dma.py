@@ -281,6 +281,15 @@ class DmaLedger:
         """The buffer's device address. For the broker only; never handed to callers."""
         return self._live_slot(buf).iova
 
+    def live_iova(self, buf: DmaBuffer) -> int | None:
+        """``iova()`` for the hot path: None (instead of a refusal) when the handle is not live."""
+        slots = self._slots
+        if buf._ledger is self and buf.slot < len(slots):
+            slot = slots[buf.slot]
+            if slot.generation == buf.generation and slot.mem is not None:
+                return slot.iova
+        return None
+
     def pin(self, buf: DmaBuffer, commands: int = 1) -> None:
         """Count commands in flight on ``buf``; free() refuses it until they complete."""
         self._live_slot(buf).in_flight += commands

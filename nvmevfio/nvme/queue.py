@@ -310,6 +310,8 @@ class QueuePair:
         """:meth:`exec` for an entry given as ``spec.SQE_STRUCT`` fields (packed without numpy)."""
         SQE_STRUCT.pack_into(self._one_sqe_buf, 0, *fields)
         r = lib.nv_qp_exec(self._qp, self._one_sqe_p, buf_slot, buf_gen, int(timeout_s * 1e9), self._one)
+        if r == 0 and self._hook is None:
+            return self._one.status, self._one.result
         return self._exec_result(r)
 
     # -- recovery --------------------------------------------------------------------------------
