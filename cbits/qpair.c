@@ -598,6 +598,7 @@ static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
     qp->in_flight += k;
     qp->posted += k;
     p->issued += k;
+    p->fills++;
     nv_qp_ring_sq(qp);  /* one SQ tail doorbell per batch */
 }
 
@@ -637,8 +638,10 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
         p->free_slots[p->nfree++] = qp->cookie[cid];
         retire(qp, (uint16_t)cid);
     }
-    if (n)
+    if (n) {
+        p->reaps++;
         nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch */
+    }
     return (int)n;
 }
 
@@ -668,6 +671,7 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
             if (!drain && end - now < left)
                 left = end - now;
             int w = nv_qp_wait(qp, left);
+            p->wait_ns += (uint64_t)(nv_now_ns() - now);
             if (w < 0)
                 return w;
         }

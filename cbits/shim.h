@@ -309,6 +309,9 @@ struct nv_perf {
     uint64_t lat_max_ns;
     uint16_t first_error_status;
     uint8_t first_error_opcode;
+    uint64_t wait_ns;          /* time spent waiting for the device (spinning or asleep on the eventfd) */
+    uint64_t fills;            /* SQ batches posted (one SQ tail doorbell each) */
+    uint64_t reaps;            /* CQ batches reaped (one CQ head doorbell each) */
     uint64_t *hist;            /* nv_hist_buckets() entries */
 };
 

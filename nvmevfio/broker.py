@@ -10,11 +10,12 @@ posts no entry and rings no doorbell.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 import numpy as np
 
@@ -68,6 +69,16 @@ def _int_array(x: Any, what: str) -> np.ndarray:
     if a.dtype.kind != "f" or not np.isfinite(a).all() or (a != np.floor(a)).any():
         raise Refused("invalid-argument", f"{what} must be whole numbers, got {a.tolist()!r:.80}", what=what)
     return a.astype(np.int64).reshape(-1)
+
+
+def _whole(x: Any, what: str) -> int:
+    """One LBA, count or offset: an int or numpy integer (not a bool, not a float); else refused."""
+    if not isinstance(x, (bool, np.bool_)):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise Refused("invalid-argument", f"{what} must be a whole number, got {x!r:.40}", what=what)
 
 
 def _ints(x: Any, what: str) -> list[int]:
@@ -781,6 +792,7 @@ class Broker:
     def namespace(self, nsid: int) -> Namespace:
         """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
         self._require_ready()
+        nsid = _whole(nsid, "the namespace id")
         if nsid in self.changed_namespaces:
             raise Refused("namespace-changed", f"namespace {nsid} changed size or format across a controller "
                           "reset; I/O to it is refused until the device is reopened", nsid=nsid)
@@ -795,13 +807,16 @@ class Broker:
                           "metadata per block; only formats without metadata are supported", nsid=nsid)
         return ns
 
-    def check_window(self, ns: Namespace, slba: int, count: int) -> None:
+    def check_window(self, ns: Namespace, slba: int, count: int) -> tuple[int, int]:
+        """Refuse a window outside the namespace; returns (slba, count) as Python ints."""
+        slba, count = _whole(slba, "the LBA"), _whole(count, "the block count")
         if count <= 0:
             raise Refused("count-out-of-range", f"block count {count} must be positive", count=count)
         if slba < 0 or slba + count > ns.size_blocks:
             raise Refused("window-past-namespace-end",
                           f"blocks {slba}..{slba + count - 1} are outside namespace {ns.nsid} "
                           f"(0..{ns.size_blocks - 1})", slba=slba, count=count, nsze=ns.size_blocks)
+        return slba, count
 
     @property
     def max_pages(self) -> int:
@@ -860,9 +875,8 @@ class Broker:
         if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
             raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
-        handle = self._registration(reg).buffer if reg is not None else buf
-        assert isinstance(handle, DmaBuffer)
-        base = self.ledger.iova(handle)  # stale-handle check before anything else
+        handle = self._registration(reg).buffer if reg is not None else cast(DmaBuffer, buf)
+        base = self.ledger.iova(handle)  # a live handle (stale or foreign: refused) before anything else
         slbas, counts, offsets = (x if isinstance(x, (list, tuple)) else np.atleast_1d(x)
                                   for x in (slbas, counts, offsets))
         n = len(slbas)
@@ -1079,8 +1093,8 @@ class Broker:
         if nlb > self.max_blocks(ns):
             raise Refused("count-out-of-range", f"I/O size {io_size} is more than one command carries "
                           f"({self.max_blocks(ns) * bs} bytes, MDTS)", io_size=io_size)
-        lo, hi = lba_range
-        self.check_window(ns, lo, hi - lo)
+        lo, span = self.check_window(ns, lba_range[0], lba_range[1] - lba_range[0])
+        hi = lo + span
         if hi - lo < nlb:
             raise Refused("window-past-namespace-end", f"range {lo}..{hi} holds no {io_size}-byte I/O")
         if not 1 <= depth <= min(qp.ring.ncids, reg.slots):
@@ -1105,8 +1119,9 @@ class Broker:
         # The hot path: an I/O-ready namespace, a plain DMA buffer, a window and a buffer range that
         # fit, one or two memory pages (no PRP list): one C call. Whatever fails these tests takes
         # the checked path below, which refuses with the named reason.
-        ns = self._hot.get(nsid)
-        if (ns is not None and type(buf) is DmaBuffer and 0 < count <= MAX_NLB and slba >= 0
+        ns = self._hot.get(nsid) if type(nsid) is int else None
+        if (ns is not None and type(slba) is int and type(count) is int and type(offset) is int
+                and type(buf) is DmaBuffer and 0 < count <= MAX_NLB and slba >= 0
                 and slba + count <= ns.size_blocks and offset >= 0 and not offset & 3 and 0 < qid <= len(self.io)):
             length = count * ns.block_size
             iova = self.ledger.live_iova(buf)
@@ -1148,10 +1163,11 @@ class Broker:
     def _transfer(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int,
                   buf: DmaBuffer | RegisteredBuffer, offset: int) -> None:
         ns = self.namespace(nsid)
-        self.check_window(ns, slba, count)
+        slba, count = self.check_window(ns, slba, count)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
-        handle = self._registration(reg).buffer if reg is not None else buf
-        assert isinstance(handle, DmaBuffer)
+        handle = self._registration(reg).buffer if reg is not None else cast(DmaBuffer, buf)
+        self.ledger.iova(handle)  # a live handle (refused otherwise) before its size is trusted
+        offset = _whole(offset, "the buffer offset")
         length = count * ns.block_size
         if offset < 0 or offset + length > handle.size:
             raise Refused("length-mismatch", f"{count} blocks of {ns.block_size} bytes do not fit the "
@@ -1225,7 +1241,7 @@ class Broker:
         """Read ``count`` blocks into a new uint8 array (through the broker's staging buffer)."""
         self._queue(qid)
         ns = self.namespace(nsid)
-        self.check_window(ns, slba, count)
+        slba, count = self.check_window(ns, slba, count)
         out = np.empty(count * ns.block_size, dtype=np.uint8)
         stage = self._staging_buf()
         per = stage.size // ns.block_size
@@ -1240,14 +1256,17 @@ class Broker:
         """Write whole blocks from a bytes-like or numpy object; returns the block count."""
         self._queue(qid)
         ns = self.namespace(nsid)
-        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8) if not isinstance(data, np.ndarray) \
-            else data.reshape(-1).view(np.uint8)
+        try:
+            src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8) if not isinstance(data, np.ndarray) \
+                else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        except (TypeError, ValueError) as exc:
+            raise Refused("invalid-argument", f"data must be a contiguous bytes-like object or a numpy array of "
+                          f"plain numbers ({exc})", type=type(data).__name__) from exc
         if len(src) == 0 or len(src) % ns.block_size:
             raise Refused("length-mismatch", f"{len(src)} bytes is not a positive multiple of the "
                           f"{ns.block_size}-byte block size of namespace {nsid}", length=len(src),
                           block_size=ns.block_size)
-        count = len(src) // ns.block_size
-        self.check_window(ns, slba, count)
+        slba, count = self.check_window(ns, slba, len(src) // ns.block_size)
         stage = self._staging_buf()
         per = stage.size // ns.block_size
         arr = stage.array
@@ -1262,17 +1281,19 @@ class Broker:
         self.namespace(nsid)
         self._exec(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid), "Flush", nsid=nsid)
 
-    def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int, what: str) -> BrokerQueue:
-        """Checks shared by the range commands: queue, namespace, window, and ONCS support."""
+    def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int,
+                       what: str) -> tuple[BrokerQueue, int, int]:
+        """Checks shared by the range commands: queue, namespace, window, and ONCS support.
+        Returns the queue and the window as Python ints."""
         qp = self._queue(qid)
-        self.check_window(self.namespace(nsid), slba, count)
+        slba, count = self.check_window(self.namespace(nsid), slba, count)
         if not (self.id_ctrl or {}).get("oncs", 0) & oncs_bit:
             raise Refused("unsupported-command", f"the controller does not support {what} "
                           f"(ONCS bit {oncs_bit.bit_length() - 1})")
-        return qp
+        return qp, slba, count
 
     def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
-        qp = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
+        qp, slba, count = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
             self._exec(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF, cdw11=start >> 32,
@@ -1280,7 +1301,7 @@ class Broker:
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Dataset Management with the Deallocate attribute (ranges of up to 2^32-1 blocks)."""
-        qp = self._range_command(qid, nsid, slba, count, ONCS_DSM, "Dataset Management")
+        qp, slba, count = self._range_command(qid, nsid, slba, count, ONCS_DSM, "Dataset Management")
         per = 0xFFFFFFFF
         starts = list(range(slba, slba + count, per))
         rng = np.zeros(len(starts), dtype=[("cattr", "<u4"), ("nlb", "<u4"), ("slba", "<u8")])

@@ -786,6 +786,8 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                f"{res.errors} errors")
     click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes {res.sq_doorbell_mmio} SQ "
                f"tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} updates without MMIO")
+    click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.ios_per_submit:.1f} "
+               f"commands per submit, {res.ios_per_reap:.1f} per reap")
     click.echo(f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
                f"{'p99(us)':>10} {'p99.9(us)':>10}")
     click.echo(f"{res.iops:12.1f} {res.mib_per_s:10.2f} {res.lat_mean_us:10.1f} {res.lat_min_us:10.1f} "

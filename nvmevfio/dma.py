@@ -253,6 +253,9 @@ class DmaLedger:
 
     # -- lookups ---------------------------------------------------------------
     def _live_slot(self, buf: DmaBuffer) -> _Slot:
+        if not isinstance(buf, DmaBuffer):
+            raise Refused("invalid-argument", f"not a DMA buffer handle: {type(buf).__name__}",
+                          type=type(buf).__name__)
         if buf._ledger is not self or buf.slot >= len(self._slots):
             raise StaleHandle(f"buffer handle {buf.slot}/{buf.generation} is not from this ledger",
                               slot=buf.slot, generation=buf.generation)

@@ -41,6 +41,9 @@ class PerfResult:
     sq_doorbell_mmio: int = 0  # SQ tail doorbell MMIO writes during the run
     cq_doorbell_mmio: int = 0
     shadow_only_updates: int = 0  # doorbell updates the EventIdx rule let go without MMIO
+    wait_pct: float = 0.0  # share of the run the C loop spent waiting for the device (the profile)
+    ios_per_submit: float = 0.0  # commands per SQ batch (per SQ tail doorbell)
+    ios_per_reap: float = 0.0  # completions per CQ batch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,4 +150,6 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         lat_mean_us=st["lat_sum_ns"] / n / 1000 if n else 0.0, lat_min_us=st["lat_min_ns"] / 1000 if n else 0.0,
         lat_max_us=st["lat_max_ns"] / 1000 if n else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,
         errors=st["errors"], shadow_doorbells=dev.info.shadow_doorbells, sq_doorbell_mmio=db["sq_mmio"],
-        cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"])
+        cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"],
+        wait_pct=100.0 * st["wait_ns"] / 1e9 / elapsed if elapsed else 0.0,
+        ios_per_submit=n / st["fills"] if st["fills"] else 0.0, ios_per_reap=n / st["reaps"] if st["reaps"] else 0.0)

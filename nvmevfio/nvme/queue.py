@@ -396,10 +396,11 @@ class PerfLoop:
         p.ios = p.reads = p.writes = p.errors = p.lat_sum_ns = p.lat_max_ns = 0
         p.lat_min_ns = 0xFFFFFFFFFFFFFFFF
         p.first_error_status = p.first_error_opcode = 0
+        p.wait_ns = p.fills = p.reaps = 0
         self.hist[:] = 0
 
     def stats(self) -> dict[str, int]:
         p = self._p
         return {k: int(getattr(p, k)) for k in ("ios", "reads", "writes", "errors", "lat_sum_ns", "lat_min_ns",
                                                  "lat_max_ns", "issued", "first_error_status",
-                                                 "first_error_opcode")}
+                                                 "first_error_opcode", "wait_ns", "fills", "reaps")}
