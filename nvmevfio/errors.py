@@ -139,6 +139,8 @@ class CommandError(NvmeVfioError):
             f"{command} failed: {sc_name} (SCT {sct:#x} {sct_name}, SC {sc:#04x})"
             f"{', DNR' if dnr else ''}{', MORE' if more else ''}"
         )
+        if "slba" in context:  # which blocks: a media error is about them
+            msg += f" at LBA {context['slba']}" + (f" (+{context['count']} blocks)" if "count" in context else "")
         super().__init__(msg, command=command, sct=sct, sc=sc, dnr=dnr, **context)
         self.command = command
         self.sct = sct

@@ -16,7 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _controllers():
+BLKDEBUG = """\
+[inject-error]
+event = "read_aio"
+errno = "5"
+sector = "100"
+once = "off"
+
+[inject-error]
+event = "write_aio"
+errno = "5"
+sector = "200"
+once = "off"
+"""
+
+
+def _controllers(io_dir):
+    cfg = io_dir / "blkdebug.cfg"  # reads of sector 100 and writes of sector 200 fail with EIO
+    cfg.write_text(BLKDEBUG)
     return [
         guestlib.Controller([guestlib.Namespace(64 << 20, 512), guestlib.Namespace(32 << 20, 4096),
                              guestlib.Namespace(8 << 20, 512, metadata=8)],
@@ -26,6 +43,7 @@ def _controllers():
         # QEMU's drive throttling makes commands slow enough to time out for real (recovery tests)
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, drive="throttling.iops-total=40")],
                             {"serial": "nvmevfio-slow"}),
+        guestlib.Controller([guestlib.Namespace(8 << 20, 512, blkdebug=str(cfg))], {"serial": "nvmevfio-faulty"}),
     ]
 
 
@@ -36,7 +54,7 @@ def vm_run(tmp_path_factory):
     extra = os.environ.get("NVMEVFIO_VM_PYTEST_ARGS", "").split()
     res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA", "tests/vm",
                         f"--junitxml={junit}", *extra],
-                       controllers=_controllers(), io_dir=io_dir, cwd=str(ROOT), timeout=1500, echo=False)
+                       controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(ROOT), timeout=1500, echo=False)
     print(res.output)
     return res, junit
 

@@ -62,6 +62,7 @@ class Namespace:
     image: str | None = None  # a host file; a fresh sparse one when None
     metadata: int = 0  # bytes of metadata per block (QEMU nvme-ns ms=)
     drive: str = ""  # extra QEMU -drive options, e.g. "throttling.iops-total=20" (slow commands, for timeouts)
+    blkdebug: str = ""  # a QEMU blkdebug config file: inject I/O errors (media errors) at chosen sectors
 
     @classmethod
     def parse(cls, text: str) -> Namespace:
@@ -316,8 +317,9 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                 with open(image, "wb") as f:
                     f.truncate(ns.size)
             drive = f"{cid}d{ni + 1}"
-            qargs += ["-drive", f"file={image},if=none,id={drive},format=raw,cache=writeback,discard=unmap,"
-                      "file.locking=off" + (f",{ns.drive}" if ns.drive else ""),
+            source = f"file=blkdebug:{ns.blkdebug}:{image}" if ns.blkdebug else f"file={image},file.locking=off"
+            qargs += ["-drive", f"{source},if=none,id={drive},format=raw,cache=writeback,discard=unmap"
+                      + (f",{ns.drive}" if ns.drive else ""),
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"
                       + (f",ms={ns.metadata}" if ns.metadata else "")]

@@ -71,6 +71,12 @@ def slow_ctrl(guest):
     return controller(guest, "nvmevfio-slow")
 
 
+@pytest.fixture(scope="session")
+def faulty_ctrl(guest):
+    """Controller whose drive fails reads of LBA 100 and writes of LBA 200 (QEMU blkdebug, EIO)."""
+    return controller(guest, "nvmevfio-faulty")
+
+
 def record(io_dir: Path, name: str, entry: dict) -> None:
     """Append to a manifest the host checks against the backing images after the guest exits."""
     path = io_dir / f"{name}.jsonl"

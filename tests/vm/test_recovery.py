@@ -6,9 +6,11 @@ backing image."""
 import hashlib
 
 import numpy as np
+import pytest
 from conftest import record
 
 import nvmevfio
+from nvmevfio.errors import CommandError
 
 
 def test_timeout_abort_reset_requeue_keeps_every_byte(slow_ctrl, io_dir):
@@ -33,3 +35,25 @@ def test_timeout_abort_reset_requeue_keeps_every_byte(slow_ctrl, io_dir):
         dev.flush()
     record(io_dir, "images", {"address": slow_ctrl["address"], "nsid": 1, "offset": 0, "length": len(data),
                               "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+
+
+def test_media_errors_name_the_status_and_lba(faulty_ctrl):
+    """QEMU turns the injected EIO into Unrecovered Read Error / Write Fault for that command only:
+    the caller gets the status name and the LBA at once (no retry), the rest of the batch is fine."""
+    with nvmevfio.open(faulty_ctrl["address"], 1) as dev:
+        br = dev.provider._broker
+        buf = dev.alloc_buffer(3 * 512)
+        tags = dev.submit_reads([99, 100, 101], [1, 1, 1], buf, [0, 512, 1024])
+        done = dev.reap(3)
+        status = dict(zip(done["tag"].tolist(), done["status"].tolist()))
+        assert [status[t] for t in tags.tolist()] == [0, (2 << 8) | 0x81, 0]  # SCT 2h, SC 81h
+        with pytest.raises(CommandError) as ei:
+            dev.read_blocks(100, 1)
+        e = ei.value
+        assert (e.sct, e.sc, e.context["slba"]) == (2, 0x81, 100) and "Unrecovered Read Error" in str(e)
+        assert br.retries == 0 and br.resets == 0
+        with pytest.raises(CommandError) as ei:
+            dev.write_blocks(200, np.zeros(512, np.uint8))
+        assert ei.value.sct == 2 and ei.value.context["slba"] == 200
+        dev.write_blocks(201, np.full(512, 7, np.uint8))  # its neighbour is fine
+        assert (dev.read_blocks(201, 1) == 7).all()
