@@ -7,7 +7,7 @@ completion at once (one CQ doorbell), into a log-linear latency histogram.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -44,6 +44,9 @@ class PerfResult:
     wait_pct: float = 0.0  # share of the run the C loop spent waiting for the device (the profile)
     ios_per_submit: float = 0.0  # commands per SQ batch (per SQ tail doorbell)
     ios_per_reap: float = 0.0  # completions per CQ batch
+    verify: bool = False
+    verified_blocks: int = 0  # blocks read back whose header and CRC32C were checked
+    mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +84,7 @@ def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
 def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
         seconds: float | None = 5.0, count: int | None = None, lba_range: tuple[int, int] | None = None,
         rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None,
-        ramp_s: float = 0.0) -> PerfResult:
+        ramp_s: float = 0.0, verify: bool = False) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
@@ -104,6 +107,9 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     if seconds is None and count is None:
         seconds = 5.0
     read_pct = {"randread": 100, "read": 100, "randwrite": 0, "write": 0}.get(workload, rwmixread)
+    if verify:
+        return _run_verify(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+                           count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed, status=status)
     page = 4096
     slot_size = (io_size + page - 1) // page * page
     buf = dev.alloc_buffer(queue_depth * slot_size)
@@ -153,3 +159,118 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"],
         wait_pct=100.0 * st["wait_ns"] / 1e9 / elapsed if elapsed else 0.0,
         ios_per_submit=n / st["fills"] if st["fills"] else 0.0, ios_per_reap=n / st["reaps"] if st["reaps"] else 0.0)
+
+
+# ---------------------------------------------------------------------- verify (like fio's verify)
+VERIFY_MAGIC = 0x4656564E  # "NVVF"
+# Every block written in verify mode starts with this header; the CRC32C covers the rest of the block.
+VERIFY_HEADER = np.dtype([("magic", "<u4"), ("crc", "<u4"), ("lba", "<u8"), ("seq", "<u8"), ("pad", "<u8")])
+
+
+def _run_verify(dev: BlockDevice, *, workload: str, io_size: int, queue_depth: int, seconds: float | None,
+                count: int | None, lo: int, hi: int, read_pct: int, seed: int,
+                status: Callable[[float, int], None] | None) -> PerfResult:
+    """The verify workload, driven from Python over the batched path: every written block carries
+    its LBA, a sequence number and a CRC32C (the ``crc32c`` package) of its payload; every block
+    read back that this run wrote is checked against what was last written there. I/Os go to
+    I/O-sized positions in the range, never two at once to the same one."""
+    import crc32c
+
+    bs = dev.block_size
+    nlb = io_size // bs
+    positions = (hi - lo) // nlb
+    if queue_depth > positions:
+        raise Refused("count-out-of-range", f"queue depth {queue_depth} exceeds the {positions} I/O positions "
+                      "of the range (verify never overlaps two I/Os)")
+    rng = np.random.default_rng(seed)
+    buf = dev.alloc_buffer(queue_depth * io_size)
+    arr = buf.array
+    expected: dict[int, tuple[int, int]] = {}  # lba -> (seq, crc) of the last completed write
+    busy: set[int] = set()
+    pending: dict[int, tuple[int, int, bool, list[tuple[int, int]]]] = {}  # tag -> (slot, pos, is read, headers)
+    free = list(range(queue_depth))
+    seq = verified = issued = done_n = reads = errors = 0
+    mismatches: list[tuple[int, tuple[int, int, int], tuple[int, int, int, int]]] = []
+    lat: list[np.ndarray] = []
+    sequential = not workload.startswith("rand")
+    cursor = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds if seconds is not None else float("inf")
+    next_status = t0 + 1.0
+    while True:
+        now = time.perf_counter()
+        stop = now >= end or (count is not None and issued >= count)
+        while not stop and free and len(busy) < positions:
+            if sequential:
+                pos = cursor % positions
+                cursor += 1
+                if pos in busy:
+                    break
+            else:
+                pos = int(rng.integers(0, positions))
+                if pos in busy:
+                    continue
+            slot = free.pop()
+            lba = lo + pos * nlb
+            is_read = bool(read_pct >= 100 or (read_pct > 0 and rng.integers(0, 100) < read_pct))
+            view = arr[slot * io_size : (slot + 1) * io_size]
+            headers: list[tuple[int, int]] = []
+            if not is_read:
+                view[:] = rng.integers(0, 256, io_size, dtype=np.uint8)
+                for b in range(nlb):
+                    seq += 1
+                    block = view[b * bs : (b + 1) * bs]
+                    crc = crc32c.crc32c(block[VERIFY_HEADER.itemsize :].tobytes())
+                    block[: VERIFY_HEADER.itemsize] = np.array([(VERIFY_MAGIC, crc, lba + b, seq, 0)],
+                                                               dtype=VERIFY_HEADER).view(np.uint8)
+                    headers.append((seq, crc))
+            submit = dev.submit_reads if is_read else dev.submit_writes
+            [tag] = submit([lba], [nlb], buf, [slot * io_size]).tolist()
+            pending[tag] = (slot, pos, is_read, headers)
+            busy.add(pos)
+            issued += 1
+            stop = count is not None and issued >= count
+        if not pending:
+            break
+        completed = dev.reap(1)
+        lat.append(completed["latency_s"])
+        for tag, st in zip(completed["tag"].tolist(), completed["status"].tolist()):
+            slot, pos, is_read, headers = pending.pop(tag)
+            lba = lo + pos * nlb
+            done_n += 1
+            if st:
+                errors += 1
+            elif is_read:
+                reads += 1
+                view = arr[slot * io_size : (slot + 1) * io_size]
+                for b in range(nlb):
+                    want = expected.get(lba + b)
+                    if want is None:
+                        continue  # not written by this run: nothing to compare
+                    block = view[b * bs : (b + 1) * bs]
+                    h = block[: VERIFY_HEADER.itemsize].view(VERIFY_HEADER)[0]
+                    crc = crc32c.crc32c(block[VERIFY_HEADER.itemsize :].tobytes())
+                    found = (int(h["magic"]), int(h["lba"]), int(h["seq"]), int(h["crc"]))
+                    if found != (VERIFY_MAGIC, lba + b, want[0], want[1]) or crc != want[1]:
+                        mismatches.append((lba + b, (lba + b, want[0], want[1]), found))
+                    verified += 1
+            else:
+                for b, (sq, crc) in enumerate(headers):
+                    expected[lba + b] = (sq, crc)
+            busy.discard(pos)
+            free.append(slot)
+        if status is not None and now >= next_status:
+            status(now - t0, done_n)
+            next_status = now + 1.0
+    elapsed = time.perf_counter() - t0
+    dev.free_buffer(buf)
+    us = np.concatenate(lat) * 1e6 if lat else np.zeros(0)
+    p50, p99, p999 = (float(v) for v in np.percentile(us, [50, 99, 99.9])) if len(us) else (0.0, 0.0, 0.0)
+    return PerfResult(
+        workload=workload, io_size=io_size, queue_depth=queue_depth, mode=dev.info.completion_mode,
+        seconds=elapsed, ios=done_n, reads=reads, writes=done_n - reads - errors,
+        iops=done_n / elapsed if elapsed else 0.0, mib_per_s=done_n * io_size / elapsed / (1 << 20) if elapsed else 0.0,
+        lat_mean_us=float(us.mean()) if len(us) else 0.0, lat_min_us=float(us.min()) if len(us) else 0.0,
+        lat_max_us=float(us.max()) if len(us) else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,
+        errors=errors, shadow_doorbells=dev.info.shadow_doorbells, verify=True, verified_blocks=verified,
+        mismatches=mismatches)

@@ -107,6 +107,7 @@ class SimController:
         self.held: list[tuple[_Queue, int, int]] = []  # (sq, qid, cid) whose completion was held back
         self.honour_abort = False  # Abort (08h): complete the held command with Command Abort Requested
         self.removed = False
+        self.corrupt_read_lba: int | None = None  # READs return this LBA with one payload bit flipped
         self.resets = 0
         self.fail_next: dict[int, tuple[int, int]] = {}  # opcode -> (sct, sc), I/O and admin alike
         self.commands: list[tuple[int, int, int]] = []  # (qid, opcode, nsid) executed
@@ -372,7 +373,12 @@ class SimController:
         if opc == IoOpcode.WRITE_ZEROES:
             ns.data[lo:hi] = 0
         elif opc == IoOpcode.READ:
-            self._dma_out(int(e["prp1"]), int(e["prp2"]), ns.data[lo:hi])
+            out = ns.data[lo:hi]
+            bad = self.corrupt_read_lba
+            if bad is not None and slba <= bad < slba + nlb:
+                out = out.copy()
+                out[(bad - slba) * ns.block_size + ns.block_size // 2] ^= 1
+            self._dma_out(int(e["prp1"]), int(e["prp2"]), out)
         elif opc == IoOpcode.WRITE:
             ns.data[lo:hi] = self._dma_in(int(e["prp1"]), int(e["prp2"]), hi - lo)
         else:

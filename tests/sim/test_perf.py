@@ -59,3 +59,14 @@ def test_ramp_is_not_measured(dev, rig):
     before = len(rig.sim.commands)
     r = perf.run(dev, count=100, ramp_s=0.2)
     assert r.ios == 100 and len(rig.sim.commands) - before > 100
+
+
+def test_verify_clean_then_a_corruption_is_named(dev, rig):
+    r = perf.run(dev, workload="randrw", queue_depth=4, count=600, io_size=1024, lba_range=(0, 64), verify=True)
+    assert r.verify and r.errors == 0 and r.mismatches == [] and r.verified_blocks > 100
+    assert r.reads + r.writes == r.ios == 600
+    rig.sim.corrupt_read_lba = 10  # the device returns LBA 10 with one payload bit flipped
+    r = perf.run(dev, workload="randrw", queue_depth=4, count=600, io_size=1024, lba_range=(0, 64), verify=True)
+    assert r.mismatches and {m[0] for m in r.mismatches} == {10}
+    _, want, found = r.mismatches[0]
+    assert found[:3] == (perf.VERIFY_MAGIC, 10, want[1])  # the header is intact: the CRC32C caught it

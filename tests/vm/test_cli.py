@@ -205,6 +205,15 @@ def test_perf(addr, workload, mode):
     assert d["sq_doorbell_mmio"] <= 1500
 
 
+@pytest.mark.parametrize("mode", ["poll", "irq"])
+def test_perf_verify_soak(addr, mode):
+    """The integrity soak: 60 s of random reads and writes, every block read back checked (CRC32C)."""
+    d = nvj("perf", addr, "-w", "randrw", "-q", 16, "-s", 4096, "--verify", "-t", 60, "--range", "90000:120000",
+            "--mode", mode)
+    assert d["verify"] and d["mismatches"] == [] and d["errors"] == 0
+    assert d["verified_blocks"] > 1000 and d["reads"] > 100 and d["writes"] > 100 and d["seconds"] >= 60
+
+
 def test_perf_without_shadow_doorbells(addr):
     d = nvj("perf", addr, "-w", "randread", "-q", 16, "-n", 2000, "--no-shadow-doorbells")
     assert d["ios"] == 2000 and d["errors"] == 0 and not d["shadow_doorbells"] and d["shadow_only_updates"] == 0
