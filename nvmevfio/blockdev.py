@@ -98,13 +98,15 @@ class BlockDevice:
     def unregister_buffer(self, reg: RegisteredBuffer) -> None:
         self.provider.unregister_buffer(reg)
 
-    def read_into(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
+    def read_into(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0,
+                  qid: int = 1) -> None:
         """Read into a DMA buffer; one command (the usual case) is one C call that posts it and
         waits for its completion (spinning, or on the MSI-X eventfd)."""
-        self.provider.read_into(self.nsid, lba, count, buf, offset)
+        self.provider.read_into(self.nsid, lba, count, buf, offset, qid=qid)
 
-    def write_from(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
-        self.provider.write_from(self.nsid, lba, count, buf, offset)
+    def write_from(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0,
+                   qid: int = 1) -> None:
+        self.provider.write_from(self.nsid, lba, count, buf, offset, qid=qid)
 
     def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
                      qid: int = 1) -> np.ndarray:

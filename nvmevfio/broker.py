@@ -1019,6 +1019,14 @@ class Broker:
 
     def free_buffer(self, buf: DmaBuffer) -> None:
         """Scrub, unmap and free a caller's buffer (and drop its registration, if any)."""
+        if self.ledger.is_live(buf):
+            # The C in-flight tables are the truth: a command interrupted between its C call and
+            # the ledger's pin still holds the buffer.
+            for qp in [*self.io, *([self.admin] if self.admin else [])]:
+                busy = qp.ring.busy_cids()
+                if ((qp.ring.buf_slot[busy] == buf.slot) & (qp.ring.buf_gen[busy] == buf.generation)).any():
+                    raise Refused("buffer-in-flight", f"buffer slot {buf.slot} has commands in flight on queue "
+                                  f"{qp.qid}", slot=buf.slot, qid=qp.qid)
         reg = self._registered.get((buf.slot, buf.generation))
         if reg is not None and self.ledger.is_live(buf):
             self.unregister_buffer(reg)
@@ -1317,10 +1325,15 @@ class Broker:
                    "Dataset Management (Deallocate)", buf, rng.nbytes, nsid=nsid, slba=slba, count=count)
 
     def close(self) -> None:
-        """Shut down if enabled (best effort), then release every broker buffer. A device that is
-        gone or failed is not touched: its memory is released (unmapped from the IOMMU first)."""
+        """Shut down if enabled (best effort), then release every broker buffer. When the shutdown
+        fails (an interrupted caller, a late command), CC.EN=0 first, so that the controller stops
+        touching memory before it is unmapped. A device that is gone is not touched."""
         try:
             if self.ctrl.state is State.READY and not self.gone and self.failed is None:
                 self.shutdown()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.ctrl.disable()
+            raise
         finally:
             self._drop_queues()

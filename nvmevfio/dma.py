@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -190,10 +191,15 @@ class DmaLedger:
         self._slots: list[_Slot] = []
         self._vacant: list[int] = []
         self._zombies: list[_Memory | _PrivateMemory] = []
+        self._lock = threading.Lock()  # alloc and free may come from several threads (one per queue)
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
               alignment: int | None = None) -> DmaBuffer:
+        with self._lock:
+            return self._alloc(size, owner, device_writable, alignment)
+
+    def _alloc(self, size: int, owner: str, device_writable: bool, alignment: int | None) -> DmaBuffer:
         if size <= 0:
             raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
         private = owner.startswith("broker:")
@@ -221,6 +227,10 @@ class DmaLedger:
         return DmaBuffer(index, slot.generation, size, owner, self)
 
     def free(self, buf: DmaBuffer) -> None:
+        with self._lock:
+            self._free(buf)
+
+    def _free(self, buf: DmaBuffer) -> None:
         slot = self._live_slot(buf)
         if slot.in_flight:
             raise Refused("buffer-in-flight",

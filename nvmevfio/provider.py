@@ -160,12 +160,13 @@ class Provider:
         """A validated workload for the C closed loop (see ``Broker.perf_loop``)."""
         return self._broker.perf_loop(nsid, reg, **workload)
 
-    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0) -> None:
-        self._broker.transfer(IoOpcode.READ, nsid, slba, count, buf, offset)
+    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0, *,
+                  qid: int = 1) -> None:
+        self._broker.transfer(IoOpcode.READ, nsid, slba, count, buf, offset, qid)
 
     def write_from(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer,
-                   offset: int = 0) -> None:
-        self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset)
+                   offset: int = 0, *, qid: int = 1) -> None:
+        self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset, qid)
 
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:

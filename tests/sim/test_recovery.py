@@ -162,3 +162,27 @@ def test_one_thread_per_queue(rig, p):
     assert ei.value.reason == "queue-busy" and "another thread" in str(ei.value)
     t.join()
     p.read_into(1, 8, 8, buf, 4096)  # free again
+
+
+def test_interrupted_caller_leaves_the_queue_consistent(rig, p):
+    """A KeyboardInterrupt between posting a batch and the device seeing its doorbell: the caller
+    sees the interrupt, the buffer stays in flight, and the next reap recovers every command."""
+    data = fill(p, 600, 8, 6)
+    real = rig.sim._doorbell
+
+    def interrupted(off, value):
+        rig.sim._doorbell = real
+        raise KeyboardInterrupt
+
+    rig.sim._doorbell = interrupted
+    buf = p.alloc_buffer(4096)
+    with pytest.raises(KeyboardInterrupt):
+        p.submit("read", 1, [600], [8], buf, [0])
+    with pytest.raises(Refused) as ei:
+        p.free_buffer(buf)
+    assert ei.value.reason == "buffer-in-flight"
+    done = p.reap(1)  # the device never saw the doorbell: timeout, abort, reset, requeue
+    assert len(done) == 1 and done["status"][0] == 0 and rig.broker.resets == 1
+    assert np.array_equal(buf.array, data)
+    no_leaks(rig, p)
+    p.free_buffer(buf)
