@@ -1116,7 +1116,19 @@ class Broker:
         return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
-                        timeout_s=self.command_timeout_s)
+                        timeout_s=self.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc))
+
+    def _loop_recover(self, qp: BrokerQueue, exc: BaseException) -> list[np.ndarray]:
+        """Recovery for the C perf loop: abort/reset for a late command, reset for CSTS.CFS; the
+        records of commands it had to end go back to the loop."""
+        if isinstance(exc, DeviceGone):
+            self._gone()
+            raise exc
+        if isinstance(exc, CommandTimeout):
+            self._recover_timeout(qp)
+        else:
+            self._reset_controller("CSTS.CFS set")
+        return self._take_cancelled(qp)
 
     # ============================================================ I/O: synchronous helpers
     def transfer(self, opcode: int, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer,

@@ -11,7 +11,7 @@ reach the simulated controller through a callback instead of an MMIO store.
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -351,8 +351,12 @@ class PerfLoop:
 
     def __init__(self, ring: QueuePair, prps: np.ndarray, buf_slot: int, buf_gen: int, *, nsid: int, nlb: int,
                  block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
-                 depth: int, max_ios: int, seed: int, timeout_s: float) -> None:
+                 depth: int, max_ios: int, seed: int, timeout_s: float,
+                 recover: Callable[[BaseException], list[np.ndarray]] | None = None) -> None:
+        """``recover``: the broker's answer to a late command, CSTS.CFS or a gone device (abort,
+        reset, requeue); it returns the records of commands it ended, whose slots come back here."""
         self.ring = ring
+        self._recover = recover
         self.prps = prps
         self.hist = np.zeros(int(lib.nv_hist_buckets()), dtype=np.uint64)
         self.free_slots = np.arange(len(prps) - 1, -1, -1, dtype=np.uint32)
@@ -375,18 +379,42 @@ class PerfLoop:
         return self._run(slice_s, False)
 
     def drain(self) -> None:
-        """Stop issuing; reap what is in flight."""
-        self._run(0.0, True)
+        """Stop issuing; reap what is in flight (recovering late commands on the way)."""
+        while not self._run(0.0, True):
+            pass
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         r = self.ring.perf_run(self._p, slice_s, drain)
-        if r == -errno.ETIMEDOUT:
-            raise CommandTimeout(f"queue {self.ring.qid}: perf: no completion within "
-                                 f"{self._p.timeout_ns / 1e9:.0f} s ({self.ring.in_flight} commands in flight)",
-                                 qid=self.ring.qid, in_flight=self.ring.in_flight)
-        if r < 0:
+        if r >= 0:
+            return r == 1
+        try:
+            if r == -errno.ETIMEDOUT:
+                raise CommandTimeout(f"queue {self.ring.qid}: perf: no completion within "
+                                     f"{self._p.timeout_ns / 1e9:.0f} s ({self.ring.in_flight} commands in flight)",
+                                     qid=self.ring.qid, in_flight=self.ring.in_flight)
             self.ring._completions(r)
-        return r == 1
+        except (CommandTimeout, ControllerFatal, DeviceGone) as exc:
+            if self._recover is None or (isinstance(exc, ControllerFatal) and not exc.context.get("cfs")):
+                raise
+            for records in self._recover(exc):
+                self._ended(records)
+        return False
+
+    def _ended(self, records: np.ndarray) -> None:
+        """Commands the broker ended after a reset: errors, and their slots free again."""
+        p = self._p
+        for cookie, status, opcode in zip(records["cookie"].tolist(), records["status"].tolist(),
+                                          records["opcode"].tolist()):
+            self.free_slots[p.nfree] = cookie
+            p.nfree += 1
+            if not p.errors:
+                p.first_error_status, p.first_error_opcode = status, opcode
+            p.errors += 1
+            p.ios += 1
+            if opcode == 0x02:
+                p.reads += 1
+            else:
+                p.writes += 1
 
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they

@@ -186,3 +186,17 @@ def test_interrupted_caller_leaves_the_queue_consistent(rig, p):
     assert np.array_equal(buf.array, data)
     no_leaks(rig, p)
     p.free_buffer(buf)
+
+
+def test_perf_loop_recovers(rig):
+    """The C closed loop meets lost completions: abort, reset, requeue, and the run completes."""
+    from nvmevfio import perf
+    from nvmevfio.blockdev import BlockDevice
+
+    rig.broker.command_timeout_s = 0.2
+    dev = BlockDevice(rig.p, 1, queue_depth=16)
+    p = rig.p
+    rig.sim.drop_next = 2
+    r = perf.run(dev, workload="randwrite", queue_depth=8, count=200, io_size=1024, lba_range=(0, 512))
+    assert (r.ios, r.errors) == (200, 0) and rig.broker.resets == 1
+    no_leaks(rig, p)
