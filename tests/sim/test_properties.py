@@ -150,7 +150,7 @@ class DeviceModel(RuleBasedStateMachine):
             assert self.dev.in_flight() == 0
 
 
-DeviceModel.TestCase.settings = settings(max_examples=220, stateful_step_count=50, deadline=None,
+DeviceModel.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
                                          suppress_health_check=list(HealthCheck))
 TestDeviceModel = DeviceModel.TestCase
 
