@@ -157,4 +157,5 @@ TestDeviceModel = DeviceModel.TestCase
 
 def test_enough_calls_were_generated():
     """Runs after TestDeviceModel (file order): at least 10,000 calls went through the checks."""
+    print(f"{CALLS} generated calls")
     assert CALLS >= 10_000, CALLS
