@@ -57,3 +57,15 @@ def test_media_errors_name_the_status_and_lba(faulty_ctrl):
         assert ei.value.sct == 2 and ei.value.context["slba"] == 200
         dev.write_blocks(201, np.full(512, 7, np.uint8))  # its neighbour is fine
         assert (dev.read_blocks(201, 1) == 7).all()
+
+
+def test_perf_loop_recovers_on_the_device(slow_ctrl):
+    """The C closed loop on the throttled drive: the last commands time out, the broker aborts and
+    resets, the loop gets them back requeued, and the run ends with every I/O done and no error."""
+    from nvmevfio import perf
+
+    with nvmevfio.open(slow_ctrl["address"], 1, queue_depth=32, command_timeout_s=0.4) as dev:
+        br = dev.provider._broker
+        r = perf.run(dev, workload="randwrite", io_size=4096, queue_depth=20, count=20, lba_range=(4096, 8192))
+        assert (r.ios, r.errors) == (20, 0) and br.resets >= 1 and br.failed is None
+        assert dev.doorbell_counters()["in_flight"] == 0
