@@ -303,7 +303,7 @@ def test_one_thread_per_queue(small_ctrl, irq):
     synchronous I/O mixed; every byte is checked, and a thread entering a busy queue is refused."""
     import threading
 
-    with nvmevfio.open(small_ctrl["address"], 1, queues=4, queue_depth=16, irq=irq) as dev:
+    with nvmevfio.open(small_ctrl["address"], 1, queues=4, queue_depth=17, irq=irq) as dev:  # 16 usable
         errors = []
 
         def worker(qid: int) -> None:
