@@ -645,11 +645,22 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
     return (int)n;
 }
 
+/* Submit time of the oldest command in flight (INT64_MAX when none). */
+static int64_t oldest_submit(const struct nv_qp *qp)
+{
+    int64_t oldest = INT64_MAX;
+    for (uint32_t cid = 0; cid < qp->ncids; cid++)
+        if (qp->busy[cid] == CID_IN_FLIGHT && qp->submit_ns[cid] < oldest)
+            oldest = qp->submit_ns[cid];
+    return oldest;
+}
+
+#define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */
+
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
 {
     int64_t start = nv_now_ns();
     int64_t end = start + slice_ns;
-    int64_t last_progress = start;
     for (;;) {
         int finished = drain || (p->max_ios && p->issued >= p->max_ios);
         if (!finished)
@@ -660,14 +671,14 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
         if (qp->in_flight == 0 && finished)
             return 1;
         int64_t now = nv_now_ns();
-        if (r > 0)
-            last_progress = now;
         if (!drain && now >= end)
             return 0;
         if (r == 0) {
-            int64_t left = p->timeout_ns - (now - last_progress);
-            if (left <= 0)
-                return -ETIMEDOUT;  /* nothing completed for timeout_ns: the commands stay in flight */
+            /* A command older than the timeout is late, however busy the queue is otherwise:
+             * it stays in flight and the broker recovers it (abort, reset, requeue). */
+            if (now - oldest_submit(qp) >= p->timeout_ns)
+                return -ETIMEDOUT;
+            int64_t left = AGE_CHECK_NS;
             if (!drain && end - now < left)
                 left = end - now;
             int w = nv_qp_wait(qp, left);

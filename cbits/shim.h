@@ -292,7 +292,7 @@ struct nv_perf {
     const struct nv_prp_slot *prps;
     int64_t buf_slot;
     int64_t buf_gen;
-    int64_t timeout_ns;        /* no completion for this long: give up (-ETIMEDOUT) */
+    int64_t timeout_ns;        /* a command in flight this long is late: -ETIMEDOUT (the broker recovers) */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

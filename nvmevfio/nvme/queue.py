@@ -389,8 +389,8 @@ class PerfLoop:
             return r == 1
         try:
             if r == -errno.ETIMEDOUT:
-                raise CommandTimeout(f"queue {self.ring.qid}: perf: no completion within "
-                                     f"{self._p.timeout_ns / 1e9:.0f} s ({self.ring.in_flight} commands in flight)",
+                raise CommandTimeout(f"queue {self.ring.qid}: perf: a command took longer than "
+                                     f"{self._p.timeout_ns / 1e9:g} s ({self.ring.in_flight} commands in flight)",
                                      qid=self.ring.qid, in_flight=self.ring.in_flight)
             self.ring._completions(r)
         except (CommandTimeout, ControllerFatal, DeviceGone) as exc:
