@@ -229,6 +229,11 @@ class Broker:
     def registers(self) -> Registers:
         return self.ctrl.registers()
 
+    @property
+    def _all_queues(self) -> list[BrokerQueue]:
+        """The I/O queue pairs, then the admin queue pair (when there is one)."""
+        return [*self.io, *([self.admin] if self.admin else [])]
+
     def _require_ready(self) -> None:
         if self.gone:
             raise Refused("device-gone", "the device is gone (BAR0 reads all ones); close it", state="gone")
@@ -256,7 +261,7 @@ class Broker:
 
     def _drop_queues(self) -> None:
         self._hot = {}
-        for qp in [*self.io, *([self.admin] if self.admin else [])]:
+        for qp in self._all_queues:
             busy = qp.ring.busy_cids()
             for slot, gen in zip(qp.ring.buf_slot[busy].tolist(), qp.ring.buf_gen[busy].tolist()):
                 if slot >= 0:
@@ -377,7 +382,7 @@ class Broker:
             qp.lock.release()
 
     def _exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
-              **context: Any) -> int:
+              timeout_s: float | None = None, **context: Any) -> int:
         """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
         CQ doorbell); returns its DW0. A transient status (DNR=0) is retried with a backoff; a
         timeout goes through abort / reset (see :meth:`_settle`). Raises CommandError otherwise."""
@@ -387,7 +392,7 @@ class Broker:
                 cids = self._author_one(qp, e, buf, length) if buf is not None else None
                 slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
                 try:
-                    c = qp.ring.exec(e, self.command_timeout_s, slot, gen)
+                    c = qp.ring.exec(e, timeout_s or self.command_timeout_s, slot, gen)
                 except (ControllerFatal, DeviceGone) as exc:
                     c = self._wait_failed(qp, exc, buf)
                 except BaseException:
@@ -510,14 +515,12 @@ class Broker:
         if qp.qid and len(busy) and not regs.get(csts, regs.CSTS_.CFS):
             oldest = int(busy[np.argmin(qp.ring.submit_ns[busy])])
             self.aborts += 1
-            saved, self.command_timeout_s = self.command_timeout_s, min(self.command_timeout_s, ABORT_TIMEOUT_S)
             try:
-                dw0 = self._admin_sync(self._sqe(AdminOpcode.ABORT, cdw10=qp.qid | (oldest << 16)), "Abort")
+                dw0 = self._admin_sync(self._sqe(AdminOpcode.ABORT, cdw10=qp.qid | (oldest << 16)), "Abort",
+                                       timeout_s=min(self.command_timeout_s, ABORT_TIMEOUT_S))
                 honoured = not dw0 & 1  # DW0 bit 0: 1 = the command was not aborted
             except (CommandTimeout, CommandError):
                 honoured = False
-            finally:
-                self.command_timeout_s = saved
             if honoured and qp.ring.wait_s(self.command_timeout_s):
                 return
         self._reset_controller(f"no completion on queue {qp.qid} within {self.command_timeout_s:g} s")
@@ -595,11 +598,7 @@ class Broker:
             disabled = True
         except Exception:
             disabled = False  # a live controller may still DMA: leave its buffers pinned (quarantined)
-        for qp in [*self.io, *([self.admin] if self.admin else [])]:
-            for cid in qp.ring.busy_cids().tolist():
-                _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
-                if disabled and slot >= 0:
-                    self.ledger.unpin(slot, gen, 1)
+        self._end_all(release=disabled)
         raise ControllerFailed(f"controller declared failed: {why}; reopen the device", why=why)
 
     def _gone(self) -> None:
@@ -607,11 +606,16 @@ class Broker:
         unmapped from the IOMMU when the device is closed), refuse every later call."""
         self.gone = True
         self._hot = {}
-        for qp in [*self.io, *([self.admin] if self.admin else [])]:
+        self._end_all(release=True)  # no device left to DMA into their buffers
+
+    def _end_all(self, *, release: bool) -> None:
+        """Cancel every command in flight on every queue; ``release`` unpins their buffers (only when
+        the device can no longer DMA into them)."""
+        for qp in self._all_queues:
             for cid in qp.ring.busy_cids().tolist():
                 _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
-                if slot >= 0:
-                    self.ledger.unpin(slot, gen, 1)  # no device left to DMA into it
+                if release and slot >= 0:
+                    self.ledger.unpin(slot, gen, 1)
 
     def _raise_for(self, status: int, name: str, **context: Any) -> None:
         """CommandError for a completion status (without the phase tag)."""
@@ -619,11 +623,12 @@ class Broker:
         raise CommandError(name, sct, sc, bool(dnr), sct_name=spec.sct_name(sct),
                            sc_name=spec.status_name(sct, sc), more=bool(more), **context)
 
-    def _admin_sync(self, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0) -> int:
+    def _admin_sync(self, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
+                    timeout_s: float | None = None) -> int:
         qp = self.admin
         if qp is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
-        return self._exec(qp, e, name, buf, length)
+        return self._exec(qp, e, name, buf, length, timeout_s=timeout_s)
 
     # ============================================================ admin verbs
     def _scratch_buf(self) -> DmaBuffer:
@@ -1022,7 +1027,7 @@ class Broker:
         if self.ledger.is_live(buf):
             # The C in-flight tables are the truth: a command interrupted between its C call and
             # the ledger's pin still holds the buffer.
-            for qp in [*self.io, *([self.admin] if self.admin else [])]:
+            for qp in self._all_queues:
                 busy = qp.ring.busy_cids()
                 if ((qp.ring.buf_slot[busy] == buf.slot) & (qp.ring.buf_gen[busy] == buf.generation)).any():
                     raise Refused("buffer-in-flight", f"buffer slot {buf.slot} has commands in flight on queue "
