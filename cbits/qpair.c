@@ -586,10 +586,9 @@ static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
     int64_t now = nv_now_ns();
     for (uint32_t i = 0; i < k; i++) {
         uint64_t lba;
-        if (p->random)
-            lba = p->lba_lo + splitmix64(&p->rng) % p->positions;
-        else
-            lba = p->lba_lo + (p->seq++ % p->positions) * p->nlb;
+        /* positions are I/O-sized and aligned, for random and sequential alike */
+        uint64_t pos = p->random ? splitmix64(&p->rng) % p->positions : p->seq++ % p->positions;
+        lba = p->lba_lo + pos * p->nlb;
         int is_read = p->read_pct >= 100 ? 1 : p->read_pct == 0 ? 0 : (splitmix64(&p->rng) % 100) < p->read_pct;
         uint32_t slot = p->free_slots[--p->nfree];
         post_slot(qp, is_read ? 0x02 : 0x01, p->nsid, lba, p->nlb, slot, p->prps, p->block_size, p->page_size,

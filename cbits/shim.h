@@ -283,7 +283,7 @@ struct nv_perf {
     uint32_t block_size;
     uint32_t page_size;
     uint64_t lba_lo;           /* first LBA of the range */
-    uint64_t positions;        /* random: valid start LBAs; sequential: I/O-sized steps in the range */
+    uint64_t positions;        /* I/O-sized, aligned steps in the range (random and sequential) */
     uint32_t random;
     uint32_t read_pct;         /* 100: reads only, 0: writes only */
     uint32_t depth;

@@ -1117,7 +1117,10 @@ class Broker:
             raise Refused("invalid-argument", f"read percentage {read_pct} / I/O count {max_ios} out of range")
         if qp.in_flight:
             self._refuse_busy(qp)
-        positions = hi - lo - nlb + 1 if random else (hi - lo) // nlb
+        # I/O-sized positions, random or sequential: offsets aligned to the I/O size, as fio's
+        # blockalign default and spdk_nvme_perf do (an unaligned 4 KiB write costs the backing
+        # store a read-modify-write of two pages, which measured the store, not the driver).
+        positions = (hi - lo) // nlb
         return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
