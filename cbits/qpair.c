@@ -378,9 +378,15 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
 }
 
 /* CSTS while waiting: all ones means the device is gone (surprise removal), CFS that the
- * controller hit a fatal error; either way no completion will come. */
+ * controller hit a fatal error; either way no completion will come. The stop flag means the
+ * kernel asked for the device back. */
 static inline int csts_bad(const struct nv_qp *qp)
 {
+    /* The broker's stop flag, written by the thread that answers VFIO's device request: the
+     * device is about to be released, so no completion will be waited for. volatile: another
+     * thread writes it while this loop runs. */
+    if (qp->stop && *(const volatile int32_t *)qp->stop)
+        return -ENODEV;
     if (!qp->csts)
         return 0;
     uint32_t v = *(const volatile uint32_t *)qp->csts;

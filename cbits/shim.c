@@ -42,6 +42,7 @@ static const struct nv_named nv_consts[] = {
     {"VFIO_PCI_INTX_IRQ_INDEX", VFIO_PCI_INTX_IRQ_INDEX},
     {"VFIO_PCI_MSI_IRQ_INDEX", VFIO_PCI_MSI_IRQ_INDEX},
     {"VFIO_PCI_MSIX_IRQ_INDEX", VFIO_PCI_MSIX_IRQ_INDEX},
+    {"VFIO_PCI_REQ_IRQ_INDEX", VFIO_PCI_REQ_IRQ_INDEX},
     {"VFIO_IRQ_INFO_EVENTFD", VFIO_IRQ_INFO_EVENTFD},
     {"VFIO_IOMMU_INFO_PGSIZES", VFIO_IOMMU_INFO_PGSIZES},
     {"VFIO_IOMMU_INFO_CAPS", VFIO_IOMMU_INFO_CAPS},
@@ -259,6 +260,18 @@ int nv_region_mmap(int device_fd, uint64_t offset, uint64_t size, int writable, 
 int nv_munmap(void *addr, uint64_t size)
 {
     return munmap(addr, size) < 0 ? NEG_ERRNO() : 0;
+}
+
+int nv_map_ones(void *addr, uint64_t size)
+{
+    /* MAP_FIXED replaces the device mapping in one step: the VFIO device file loses the
+     * reference this mapping held (so the kernel can take the device back), and the range
+     * now reads all ones, what a removed PCIe device returns, instead of faulting. */
+    void *p = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NEG_ERRNO();
+    memset(p, 0xFF, size);
+    return 0;
 }
 
 /* ---- type1 IOMMU ---- */

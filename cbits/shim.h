@@ -71,6 +71,8 @@ int nv_region_pread(int device_fd, uint64_t offset, void *buf, uint32_t len);
 int nv_region_pwrite(int device_fd, uint64_t offset, const void *buf, uint32_t len);
 int nv_region_mmap(int device_fd, uint64_t offset, uint64_t size, int writable, void **out);
 int nv_munmap(void *addr, uint64_t size);
+/* Replace a BAR mapping with anonymous memory reading all ones (the device was handed back). */
+int nv_map_ones(void *addr, uint64_t size);
 
 /* Type1 IOMMU. */
 int nv_iommu_info(int container_fd, struct nv_iommu_info *out,
@@ -181,6 +183,8 @@ struct nv_qp {
     uint32_t *eventidx_cq;
     int irq_fd;                /* MSI-X eventfd of this queue's CQ, -1: poll */
     const uint32_t *csts;      /* CSTS, read while waiting: all ones (device gone) or CFS end the wait; NULL: not watched */
+    const int32_t *stop;       /* set by another thread when the device is taken away (VFIO device request):
+                                  ends every wait with -ENODEV; NULL: not watched */
     /* ring state */
     uint32_t sq_tail;          /* next slot the host writes */
     uint32_t sq_head;          /* last SQ head the controller reported (CQE.SQHD) */

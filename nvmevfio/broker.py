@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, NoReturn, Protocol, cast
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from nvmevfio.errors import (
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
-from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueuePair
+from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueuePair, StopFlag
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
@@ -212,7 +212,9 @@ class Broker:
         self.retries = 0
         self._reset_times: list[float] = []
         self.failed: str | None = None  # why the controller was declared failed (every call refused)
-        self.gone = False  # BAR0 read all ones: the device is gone
+        self.gone = False  # BAR0 read all ones, or the device was handed back: the device is gone
+        self.gone_why = "BAR0 reads all ones"
+        self._stop = StopFlag()  # set when the device is taken away: ends every C wait at once
         self._cc = 0
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
@@ -234,9 +236,13 @@ class Broker:
         """The I/O queue pairs, then the admin queue pair (when there is one)."""
         return [*self.io, *([self.admin] if self.admin else [])]
 
-    def _require_ready(self) -> None:
+    def _refuse_gone(self) -> None:
         if self.gone:
-            raise Refused("device-gone", "the device is gone (BAR0 reads all ones); close it", state="gone")
+            raise Refused("device-gone", f"the device is gone ({self.gone_why}); close it", state="gone",
+                          why=self.gone_why)
+
+    def _require_ready(self) -> None:
+        self._refuse_gone()
         if self.failed is not None:
             raise Refused("controller-failed", f"the controller was declared failed ({self.failed}); reopen it",
                           why=self.failed)
@@ -303,6 +309,7 @@ class Broker:
         csts = getattr(self.mmio, "register_address", None)
         if csts is not None:
             ring.watch_csts(csts(regs.CSTS))
+        ring.watch_stop(self._stop)
         if qid and self._dbbuf is not None:
             shadow, eventidx = (b.array.view(np.uint32) for b in self._dbbuf)
             stride = 1 << regs.get(self.ctrl.cap, regs.CAP_.DSTRD)  # in dwords, as the doorbell registers
@@ -374,6 +381,7 @@ class Broker:
     def _using(self, qp: BrokerQueue) -> Iterator[None]:
         """One thread at a time on a queue pair: a second thread is refused, never interleaved."""
         if not qp.lock.acquire(blocking=False):
+            self._refuse_gone()  # held by the thread releasing the device: say so
             raise Refused("queue-busy", f"queue {qp.qid} is in use by another thread: give each thread its own "
                           "queue (open(queues=N), qid=...)", qid=qp.qid)
         try:
@@ -437,8 +445,7 @@ class Broker:
     def _wait_failed(self, qp: BrokerQueue, exc: BaseException, buf: DmaBuffer | None) -> tuple[int, int] | None:
         """A C wait ended on CSTS: all ones (the device is gone) or CFS (reset; the command was requeued)."""
         if isinstance(exc, DeviceGone):
-            self._gone()
-            raise exc
+            self._gone_raise(exc)
         if buf is not None:
             self.ledger.pin(buf, 1)  # requeued by the reset: quarantined until it ends
         self._reset_controller("CSTS.CFS set")
@@ -466,9 +473,8 @@ class Broker:
         while qp.in_flight:
             try:
                 done, runs = qp.ring.reap_wait(max(0, minimum - got), wait_s)
-            except DeviceGone:
-                self._gone()
-                raise
+            except DeviceGone as exc:
+                self._gone_raise(exc)
             except ControllerFatal as exc:
                 if not exc.context.get("cfs"):
                     raise
@@ -601,21 +607,66 @@ class Broker:
         self._end_all(release=disabled)
         raise ControllerFailed(f"controller declared failed: {why}; reopen the device", why=why)
 
+    def _gone_raise(self, exc: DeviceGone) -> NoReturn:
+        """A C wait saw the device gone: end everything, and say why (all ones, or the device was
+        taken away while this thread waited)."""
+        released = self.gone  # device_removed() came first: the wait ended on the stop flag
+        self._gone()
+        if released:
+            raise DeviceGone(f"the device is gone ({self.gone_why})", why=self.gone_why, **exc.context) from exc
+        raise exc
+
     def _gone(self) -> None:
         """The device is gone: no register access can help. End everything in flight (its memory is
-        unmapped from the IOMMU when the device is closed), refuse every later call."""
+        unmapped from the IOMMU when the device is closed), refuse every later call. A queue another
+        thread is using is left to that thread: the stop flag ends its wait, and it ends its own."""
         self.gone = True
         self._hot = {}
-        self._end_all(release=True)  # no device left to DMA into their buffers
+        self._stop.set()
+        for qp in self._all_queues:
+            if qp.lock.acquire(blocking=False):  # re-entrant: this thread's own queue too
+                try:
+                    self._end_queue(qp, release=True)  # no device left to DMA into their buffers
+                finally:
+                    qp.lock.release()
+
+    def device_removed(self, why: str, timeout_s: float = 3.0) -> list[int]:
+        """The device is being taken away (VFIO's device request: hot-unplug, unbind, ``remove``).
+        Every C wait ends at once (the stop flag), each queue is taken from the thread using it
+        (which sees ``DeviceGone``), everything in flight ends with ``device-gone``, and every later
+        call is refused before touching the device. The caller then releases the VFIO fds.
+        Returns the ids of queues whose thread did not let go within ``timeout_s`` (normally none)."""
+        self.gone_why = why
+        self.gone = True  # new calls are refused from here on
+        self._hot = {}
+        self._stop.set()  # every C wait ends now; each waiting thread ends its own queue
+        deadline = time.monotonic() + timeout_s
+        held, stuck = [], []
+        for qp in self._all_queues:
+            if qp.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held.append(qp)
+            else:
+                stuck.append(qp.qid)
+        try:
+            for qp in held:
+                self._end_queue(qp, release=True)  # the device can no longer DMA into their buffers
+                qp.ring.set_irq(-1, qp.ring.vector)  # its eventfd is about to be closed
+        finally:
+            for qp in held:
+                qp.lock.release()
+        return stuck
 
     def _end_all(self, *, release: bool) -> None:
         """Cancel every command in flight on every queue; ``release`` unpins their buffers (only when
         the device can no longer DMA into them)."""
         for qp in self._all_queues:
-            for cid in qp.ring.busy_cids().tolist():
-                _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
-                if release and slot >= 0:
-                    self.ledger.unpin(slot, gen, 1)
+            self._end_queue(qp, release=release)
+
+    def _end_queue(self, qp: BrokerQueue, *, release: bool) -> None:
+        for cid in qp.ring.busy_cids().tolist():
+            _, (slot, gen) = qp.ring.cancel(cid, CANCELLED_STATUS)
+            if release and slot >= 0:
+                self.ledger.unpin(slot, gen, 1)
 
     def _raise_for(self, status: int, name: str, **context: Any) -> None:
         """CommandError for a completion status (without the phase tag)."""
@@ -1124,14 +1175,14 @@ class Broker:
         return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
-                        timeout_s=self.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc))
+                        timeout_s=self.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc),
+                        guard=lambda: self._using(qp))
 
     def _loop_recover(self, qp: BrokerQueue, exc: BaseException) -> list[np.ndarray]:
         """Recovery for the C perf loop: abort/reset for a late command, reset for CSTS.CFS; the
         records of commands it had to end go back to the loop."""
         if isinstance(exc, DeviceGone):
-            self._gone()
-            raise exc
+            self._gone_raise(exc)
         if isinstance(exc, CommandTimeout):
             self._recover_timeout(qp)
         else:

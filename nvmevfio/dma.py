@@ -192,6 +192,7 @@ class DmaLedger:
         self._vacant: list[int] = []
         self._zombies: list[_Memory | _PrivateMemory] = []
         self._lock = threading.Lock()  # alloc and free may come from several threads (one per queue)
+        self.detached = False  # the container is closed: its IOMMU mappings went with it
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
@@ -247,12 +248,20 @@ class DmaLedger:
         slot.mem = None
         self._vacant.append(index)
         try:
-            self._mapper.unmap_dma(slot.iova, mapped)
+            if not self.detached:
+                self._mapper.unmap_dma(slot.iova, mapped)
         finally:
             self.iovas.free(slot.iova, mapped)
             if not mem.try_release():
                 self._zombies.append(mem)
             self._zombies = [z for z in self._zombies if not z.try_release()]
+
+    def detach(self) -> None:
+        """The IOMMU mappings are gone with the VFIO container (the device was handed back to the
+        kernel): from now on frees scrub and release host memory without unmapping. Host memory
+        stays valid, so a caller's array over a buffer never faults."""
+        with self._lock:
+            self.detached = True
 
     def close(self) -> None:
         """Free every live buffer (in-flight ones too: the device is gone)."""

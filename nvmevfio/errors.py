@@ -107,7 +107,8 @@ class CommandTimeout(ControllerError):
 
 
 class DeviceGone(ControllerError):
-    """BAR0 reads all ones (CSTS == 0xFFFFFFFF): the device was removed or fell off the bus."""
+    """BAR0 reads all ones (CSTS == 0xFFFFFFFF): the device was removed or fell off the bus; or
+    the kernel asked for it back (VFIO device request) and it was released."""
 
     reason = "device-gone"
 

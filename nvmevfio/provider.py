@@ -8,7 +8,11 @@ from :meth:`alloc_buffer`, whose device address stays inside the broker.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+import select
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,6 +23,12 @@ from nvmevfio.nvme import regs
 from nvmevfio.nvme.controller import Registers
 from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.nvme.spec import IoOpcode, LogPage
+
+log = logging.getLogger("nvmevfio")
+
+# How long the device-request thread waits for a queue's thread to let go before releasing anyway.
+RELEASE_WAIT_S = 3.0
+REQUEST_WHY = "the kernel asked for the device back (VFIO device request: hot-unplug, unbind or remove)"
 
 # Registers a caller may write through write_register(); everything else is the broker's.
 _WRITABLE = {"INTMS": regs.INTMS, "INTMC": regs.INTMC}
@@ -202,6 +212,54 @@ class ControllerSession(Provider):
         self._function = function
         self._ledger = ledger
         self.address: str = function.address
+        self.released: str | None = None  # why the device was handed back to the kernel
+        self.on_release: Callable[[str], None] | None = None  # called (from the watcher thread) after it
+        self._release_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._wake = -1
+        request_fd = function.device.enable_request()
+        if request_fd is not None:
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC)
+            self._watcher = threading.Thread(target=self._watch_request, args=(request_fd,),
+                                             name=f"nvmevfio-request-{self.address}", daemon=True)
+            self._watcher.start()
+
+    def _watch_request(self, request_fd: int) -> None:
+        """Wait for VFIO's device request (or close()); on a request, give the device back."""
+        poller = select.poll()
+        poller.register(request_fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake in ready:
+                return
+            if request_fd in ready:
+                try:
+                    self.release(REQUEST_WHY)
+                except Exception:  # released anyway (see release); a thread has no caller to tell
+                    log.exception("%s: error while releasing the device", self.address)
+                return
+
+    def release(self, why: str) -> None:
+        """Give the device back to the kernel now, whatever is running: in-flight commands end with
+        ``device-gone`` (threads waiting on them get ``DeviceGone``), every later call is refused
+        ``device-gone``, the IOMMU mappings and VFIO fds are released. Host memory stays valid: a
+        caller's buffer array never faults; ``close()`` frees it. Called by the device-request
+        watcher; callable directly."""
+        stuck: list[int] = []
+        with self._release_lock:
+            if self.released is not None:
+                return
+            self.released = why
+            try:
+                stuck = self._broker.device_removed(why, RELEASE_WAIT_S)
+            finally:  # whatever happened above, the kernel gets its device back
+                self._ledger.detach()
+                self._function.release()
+        log.warning("%s released: %s%s", self.address, why,
+                    f" (queue(s) {stuck} still busy in their thread)" if stuck else "")
+        if self.on_release is not None:
+            self.on_release(why)
 
     @property
     def iommu(self) -> Any:
@@ -216,13 +274,20 @@ class ControllerSession(Provider):
         return int(self._function.bar0.size)
 
     def close(self) -> None:
-        try:
-            super().close()
-        finally:
+        if self._watcher is not None:
+            os.eventfd_write(self._wake, 1)
+            if self._watcher is not threading.current_thread():
+                self._watcher.join()
+            os.close(self._wake)
+            self._watcher = None
+        with self._release_lock:
             try:
-                self._ledger.close()
+                super().close()
             finally:
-                self._function.close()
+                try:
+                    self._ledger.close()
+                finally:
+                    self._function.close()
 
     def __enter__(self) -> ControllerSession:
         return self

@@ -161,6 +161,7 @@ class Device:
         self.num_irqs = int(info.num_irqs)
         self._maps: list[tuple[Any, int]] = []
         self.eventfds: list[int] = []
+        self.request_fd = -1  # VFIO device request eventfd (enable_request)
 
     @property
     def can_reset(self) -> bool:
@@ -254,6 +255,31 @@ class Device:
                 os.close(fd)
             self.eventfds = []
 
+    def enable_request(self) -> int | None:
+        """An eventfd on VFIO's device request interrupt (VFIO_PCI_REQ_IRQ_INDEX): the kernel signals
+        it when it wants the device back (hot-unplug, unbind, ``remove``) and waits until every fd
+        and mapping of the device is released. None when the device has no such interrupt."""
+        index = const("VFIO_PCI_REQ_IRQ_INDEX")
+        if index >= self.num_irqs or self.irq(index).count < 1:
+            return None
+        fd = check(lib.nv_eventfd_open(), "eventfd", self.address)
+        try:
+            check(lib.nv_irq_set_eventfds(self.fd, index, 0, 1, ffi.new("int32_t[]", [fd])),
+                  "VFIO_DEVICE_SET_IRQS (device request eventfd)", self.address)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.request_fd = fd
+        return fd
+
+    def detach_bars(self) -> None:
+        """Drop the BAR mappings' hold on the device: each becomes anonymous memory reading all
+        ones (a removed device's answer), so a late register access reads "gone", never faults.
+        Those few pages stay mapped until the process exits."""
+        for ptr, size in self._maps:
+            check(lib.nv_map_ones(ptr, size), "mmap (BAR detach)", self.address)
+        self._maps = []
+
     def reset(self) -> bool:
         """VFIO_DEVICE_RESET when the device supports it; returns whether it was done."""
         if not self.can_reset:
@@ -265,6 +291,10 @@ class Device:
         if self.fd < 0:
             return
         self.disable_msix()
+        if self.request_fd >= 0:
+            lib.nv_irq_disable(self.fd, const("VFIO_PCI_REQ_IRQ_INDEX"))
+            os.close(self.request_fd)
+            self.request_fd = -1
         for ptr, size in self._maps:
             lib.nv_munmap(ptr, size)
         self._maps = []
@@ -306,6 +336,14 @@ class VfioFunction:
         self.device.close()
         self.group.close()
         self.container.close()
+
+    def release(self) -> None:
+        """Hand the device back to the kernel now: BAR mappings replaced by all-ones memory, then
+        the device, group and container fds closed (the IOMMU mappings go with the container)."""
+        if self._closed:
+            return
+        self.device.detach_bars()
+        self.close()
 
     def __enter__(self) -> VfioFunction:
         return self

@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,9 @@ class Namespace:
 class Controller:
     namespaces: list[Namespace] = dataclasses.field(default_factory=lambda: [Namespace()])
     options: dict[str, str] = dataclasses.field(default_factory=dict)
+    # behind its own hot-pluggable PCIe root port: the guest can have it removed through the
+    # QEMU monitor (device_del; see QmpRelay), as a server's hot-unplug
+    hotplug: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Controller:
@@ -301,16 +305,25 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
     for tag, path, ro in shares:
         qargs += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
                   + (",readonly=on" if ro else "")]
+    qmp_sock = io_dir / "qmp.sock"
+    qargs += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     config: dict = {"controllers": [], "io_dir": str(io_dir), "kernel_driver": kernel_driver}
     addresses = []
+    buses = 0  # secondary buses the firmware numbers in slot order, one per root port
     for ci, ctrl in enumerate(controllers):
-        addr = f"0000:00:{0x10 + ci:02x}.0"
-        addresses.append(addr)
         cid = f"nvme{ci}"
         opts = {"serial": f"NVMEVFIO{ci:04d}", **ctrl.options}
-        ctrl_cfg = {"address": addr, "id": cid, "options": opts, "namespaces": []}
-        dev = f"nvme,id={cid},addr={0x10 + ci:#x}," + ",".join(f"{k}={v}" for k, v in opts.items())
-        qargs += ["-device", dev]
+        dev = f"nvme,id={cid}," + ",".join(f"{k}={v}" for k, v in opts.items())
+        if ctrl.hotplug:
+            buses += 1
+            addr = f"0000:{buses:02x}:00.0"
+            qargs += ["-device", f"pcie-root-port,id=rp{ci},chassis={ci + 1},slot={ci + 1},addr={0x10 + ci:#x}",
+                      "-device", f"{dev},bus=rp{ci}"]
+        else:
+            addr = f"0000:00:{0x10 + ci:02x}.0"
+            qargs += ["-device", f"{dev},addr={0x10 + ci:#x}"]
+        addresses.append(addr)
+        ctrl_cfg = {"address": addr, "id": cid, "options": opts, "namespaces": [], "hotplug": ctrl.hotplug}
         for ni, ns in enumerate(ctrl.namespaces):
             image = Path(ns.image) if ns.image else io_dir / f"{cid}n{ni + 1}.img"
             if not image.exists():
@@ -404,8 +417,10 @@ def _boot(qargs: list[str], io_dir: Path, timeout: float, boot_timeout: float,
 
     th = threading.Thread(target=pump, daemon=True)
     th.start()
+    relay = QmpRelay(io_dir)
     try:
         while proc.poll() is None:
+            relay.serve()
             elapsed = time.monotonic() - t0
             if not reached.is_set() and (elapsed > boot_timeout or failed.is_set()):
                 proc.kill()
@@ -419,6 +434,7 @@ def _boot(qargs: list[str], io_dir: Path, timeout: float, boot_timeout: float,
                                  f"\n{buf.getvalue()[-3000:]}")
             time.sleep(0.05)
     finally:
+        relay.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
@@ -430,6 +446,89 @@ def _boot(qargs: list[str], io_dir: Path, timeout: float, boot_timeout: float,
     if failed.is_set() and END not in console:
         raise GuestError(f"guest setup failed: {console[-3000:]}")
     return console, boot_s[0]
+
+
+# ---------------------------------------------------------------- the QEMU monitor, for the guest
+class QmpRelay:
+    """Lets the guest drive the QEMU monitor (QMP), as an operator would from the host: a guest
+    writes ``qmp-<name>.request`` (a QMP command as JSON) into the shared io folder; the host runs
+    it and writes the answer to ``qmp-<name>.reply``. Every QMP event (DEVICE_DELETED...) is
+    appended to ``qmp-events.jsonl`` there. Served from the host's wait loop while the guest runs."""
+
+    def __init__(self, io_dir: Path) -> None:
+        self.io_dir = io_dir
+        self.sock: socket.socket | None = None
+        self.pending = b""
+
+    def _connect(self) -> socket.socket:
+        if self.sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(self.io_dir / "qmp.sock"))
+            self.sock = sock
+            self._read_message()  # the greeting
+            self._send({"execute": "qmp_capabilities"})
+            self._answer()
+        return self.sock
+
+    def _send(self, msg: dict) -> None:
+        assert self.sock is not None
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _read_message(self) -> dict:
+        assert self.sock is not None
+        while b"\n" not in self.pending:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise GuestError("the QEMU monitor closed its socket")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+    def _answer(self) -> dict:
+        """The next reply; events read on the way are logged."""
+        while True:
+            msg = self._read_message()
+            if "event" in msg:
+                self._log_event(msg)
+            else:
+                return msg
+
+    def _log_event(self, msg: dict) -> None:
+        with (self.io_dir / "qmp-events.jsonl").open("a") as f:
+            f.write(json.dumps(msg) + "\n")
+
+    def serve(self) -> None:
+        for req in sorted(self.io_dir.glob("qmp-*.request")):
+            try:
+                self._connect()
+                self._send(json.loads(req.read_text()))
+                answer = self._answer()
+            except (OSError, ValueError, GuestError) as exc:
+                answer = {"error": {"class": "HostRelayError", "desc": str(exc)}}
+            tmp = req.with_suffix(".tmp")
+            tmp.write_text(json.dumps(answer))
+            tmp.rename(req.with_suffix(".reply"))
+            req.unlink()
+        if self.sock is not None:  # events that came without a request
+            self.sock.setblocking(False)
+            try:
+                while True:
+                    chunk = self.sock.recv(65536)
+                    if not chunk:
+                        break
+                    self.pending += chunk
+            except BlockingIOError:
+                pass
+            finally:
+                self.sock.settimeout(10)
+            while b"\n" in self.pending:
+                self._log_event(self._read_message())
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 # ---------------------------------------------------------------- command line

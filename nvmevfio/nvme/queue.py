@@ -10,6 +10,7 @@ reach the simulated controller through a callback instead of an MMIO store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import Any, Callable
 
@@ -20,6 +21,20 @@ from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, Refused
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
 
 CID_TAKE = 0xFFFF  # nv_qp_exec: take a command id in C
+
+
+class StopFlag:
+    """A flag every watching queue pair's C wait reads (``nv_qp.stop``): set, it ends them all with
+    -ENODEV, so that another thread can take the device away without waiting out a timeout."""
+
+    def __init__(self) -> None:
+        self.ptr = ffi.new("int32_t *")
+
+    def set(self) -> None:
+        self.ptr[0] = 1
+
+    def __bool__(self) -> bool:
+        return bool(self.ptr[0])
 
 
 def ring_used(head: int, tail: int, depth: int) -> int:
@@ -139,6 +154,7 @@ class QueuePair:
         self.saved.flags.writeable = False
         self._over = ffi.new("uint16_t[]", n)
         self._csts: Any = None
+        self._stop: Any = None
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -166,7 +182,13 @@ class QueuePair:
         self._csts = ffi.cast("const uint32_t *", address)
         self._qp.csts = self._csts
 
-    def set_irq(self, fd: int, vector: int) -> None:
+    def watch_stop(self, flag: StopFlag) -> None:
+        """Watch ``flag`` while waiting: once set, every wait ends as if the device were gone
+        (another thread is giving the device back to the kernel)."""
+        self._stop = flag
+        self._qp.stop = flag.ptr
+
+    def set_irq(self, fd: int, vector: int | None) -> None:
         self._qp.irq_fd = fd
         self.vector = vector
 
@@ -352,11 +374,14 @@ class PerfLoop:
     def __init__(self, ring: QueuePair, prps: np.ndarray, buf_slot: int, buf_gen: int, *, nsid: int, nlb: int,
                  block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
                  depth: int, max_ios: int, seed: int, timeout_s: float,
-                 recover: Callable[[BaseException], list[np.ndarray]] | None = None) -> None:
+                 recover: Callable[[BaseException], list[np.ndarray]] | None = None,
+                 guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None) -> None:
         """``recover``: the broker's answer to a late command, CSTS.CFS or a gone device (abort,
-        reset, requeue); it returns the records of commands it ended, whose slots come back here."""
+        reset, requeue); it returns the records of commands it ended, whose slots come back here.
+        ``guard``: held around each run (the broker's one-thread-per-queue lock)."""
         self.ring = ring
         self._recover = recover
+        self._guard = guard or contextlib.nullcontext
         self.prps = prps
         self.hist = np.zeros(int(lib.nv_hist_buckets()), dtype=np.uint64)
         self.free_slots = np.arange(len(prps) - 1, -1, -1, dtype=np.uint32)
@@ -384,6 +409,10 @@ class PerfLoop:
             pass
 
     def _run(self, slice_s: float, drain: bool) -> bool:
+        with self._guard():
+            return self._run_held(slice_s, drain)
+
+    def _run_held(self, slice_s: float, drain: bool) -> bool:
         r = self.ring.perf_run(self._p, slice_s, drain)
         if r >= 0:
             return r == 1

@@ -150,6 +150,40 @@ def test_surprise_removal_fails_fast_and_closes(rig, p):
     p.close()  # no spinning on all-ones registers, nothing raised
 
 
+def test_device_request_ends_waits_and_refuses(rig, p):
+    """VFIO's device request (the kernel wants the device back): a thread waiting on a command
+    that will never complete is woken at once with device-gone, a batch in flight on another
+    queue ends, and every later call is refused naming why, before touching the device."""
+    rig.sim.drop_next = 1
+    buf = p.alloc_buffer(4096)
+    rig.broker.command_timeout_s = 30.0
+    seen: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            p.read_into(1, 0, 8, buf)
+        except BaseException as exc:  # the test inspects it
+            seen.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.1)
+    assert rig.broker.io[0].in_flight == 1
+    t0 = time.monotonic()
+    stuck = rig.broker.device_removed("the kernel asked for the device back (test)")
+    t.join(2)
+    assert not t.is_alive() and stuck == [] and time.monotonic() - t0 < 1
+    assert isinstance(seen[0], DeviceGone) and seen[0].reason == "device-gone"
+    commands = len(rig.sim.commands)
+    with pytest.raises(Refused) as ei:
+        p.read(1, 0, 1)
+    assert ei.value.reason == "device-gone" and "asked for the device back" in str(ei.value)
+    assert len(rig.sim.commands) == commands  # refused before anything reached the device
+    no_leaks(rig, p)
+    p.free_buffer(buf)  # unpinned: the device can no longer DMA into it
+    p.close()
+
+
 def test_one_thread_per_queue(rig, p):
     rig.sim.drop_next = 1
     rig.broker.command_timeout_s = 0.5

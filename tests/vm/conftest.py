@@ -77,6 +77,41 @@ def faulty_ctrl(guest):
     return controller(guest, "nvmevfio-faulty")
 
 
+@pytest.fixture(scope="session")
+def hotplug_ctrl(guest):
+    """Controller behind its own hot-pluggable PCIe root port (removal tests; used only there)."""
+    return controller(guest, "nvmevfio-hotplug")
+
+
+def qmp(io_dir: Path, execute: str, arguments: dict | None = None, timeout_s: float = 30.0) -> dict:
+    """Run a QEMU monitor command from the host, as an operator would (tools/guest.py QmpRelay)."""
+    name = f"qmp-{time.monotonic_ns()}"
+    part = io_dir / f"{name}.part"
+    part.write_text(json.dumps({"execute": execute, **({"arguments": arguments} if arguments else {})}))
+    part.rename(io_dir / f"{name}.request")
+    reply = io_dir / f"{name}.reply"
+    deadline = time.monotonic() + timeout_s
+    while not reply.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the host did not answer QMP {execute} within {timeout_s} s")
+        time.sleep(0.05)
+    return json.loads(reply.read_text())
+
+
+def qmp_event(io_dir: Path, event: str, timeout_s: float = 30.0, **data: str) -> dict:
+    """Wait for a QEMU monitor event (relayed by the host) whose data has ``data``'s values."""
+    path = io_dir / "qmp-events.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                e = json.loads(line)
+                if e.get("event") == event and all(e.get("data", {}).get(k) == v for k, v in data.items()):
+                    return e
+        time.sleep(0.1)
+    raise AssertionError(f"no QMP event {event} {data} within {timeout_s} s")
+
+
 def record(io_dir: Path, name: str, entry: dict) -> None:
     """Append to a manifest the host checks against the backing images after the guest exits."""
     path = io_dir / f"{name}.jsonl"

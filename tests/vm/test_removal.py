@@ -1,0 +1,115 @@
+"""The kernel takes the device back while nvmevfio uses it: VFIO's device request interrupt
+(`echo 1 > remove`, unbind) and a hot-unplug through the QEMU monitor (device_del on a
+hot-pluggable PCIe root port). nvmevfio fails its in-flight work with device-gone and releases
+the device within 5 s, so the removal completes; nothing hangs. These tests run in file order
+on a controller of their own (nvmevfio-hotplug)."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import qmp, qmp_event
+
+import nvmevfio
+from nvmevfio import pci
+from nvmevfio.errors import DeviceGone, NvmeVfioError, Refused
+
+
+def _wait_for(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _holds_vfio_device(pid: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any("vfio-device" in os.readlink(fd) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+def test_kernel_remove_request_releases_the_device(hotplug_ctrl):
+    addr = hotplug_ctrl["address"]
+    sysfs = Path(f"/sys/bus/pci/devices/{addr}")
+    data = np.random.default_rng(41).integers(0, 256, 64 * 512, dtype=np.uint8)
+    dev = nvmevfio.open(addr, 1, queue_depth=32)
+    dev.write_blocks(0, data)
+    dev.flush()
+    seen: list[BaseException] = []
+    reads = [0]
+
+    def reader() -> None:
+        try:
+            while True:
+                assert np.array_equal(dev.read_blocks(0, 64), data)
+                reads[0] += 1
+        except (DeviceGone, Refused) as exc:
+            seen.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    _wait_for(lambda: reads[0] >= 3, 30, "the reader did not get going")
+    t0 = time.monotonic()
+    # the kernel's removal blocks in vfio-pci until the device is released (device request)
+    subprocess.run(["sh", "-c", f"echo 1 > {sysfs}/remove"], check=True, timeout=60)
+    took = time.monotonic() - t0
+    t.join(10)
+    assert not t.is_alive(), "the I/O thread is stuck"
+    assert took < 5, f"the removal waited {took:.1f} s for nvmevfio"
+    assert not sysfs.exists()
+    assert seen and seen[0].reason == "device-gone", seen
+    assert dev.provider.released and "asked for the device back" in dev.provider.released
+    with pytest.raises(Refused) as ei:
+        dev.read_blocks(0, 1)
+    assert ei.value.reason == "device-gone" and "asked for the device back" in str(ei.value)
+    dev.close()  # nothing left to release; no error
+
+    # The device comes back on a rescan (the kernel nvme driver takes it); it holds the data.
+    subprocess.run(["sh", "-c", "echo 1 > /sys/bus/pci/rescan"], check=True, timeout=60)
+    _wait_for(sysfs.exists, 30, f"{addr} did not come back on a rescan")
+    pci.bind(addr, force=False)
+    with nvmevfio.open(addr, 1) as dev2:
+        assert np.array_equal(dev2.read_blocks(0, 64), data)
+
+
+def test_hot_unplug_while_perf_runs(hotplug_ctrl, io_dir):
+    """device_del on the root port: the guest's pciehp removes the function (after its 5 s
+    attention-button delay), vfio-pci asks for the device back, `nvmevfio perf` ends with a
+    clear error, and QEMU finishes deleting the device."""
+    addr, qid = hotplug_ctrl["address"], hotplug_ctrl["id"]
+    if pci.get_function(addr).driver != "vfio-pci":
+        pci.bind(addr)
+    log = Path("/tmp/perf-unplug.err")
+    with log.open("w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "perf", addr, "-w", "randrw", "-q", "16",
+                                 "-t", "120"], stdout=subprocess.PIPE, stderr=errf, text=True)
+    try:
+        # perf has the device once it holds a VFIO device fd (imports take seconds under TCG)
+        _wait_for(lambda: proc.poll() is not None or _holds_vfio_device(proc.pid), 60, "perf did not start")
+        time.sleep(2)  # enabled, queues created, I/O running
+        assert proc.poll() is None, log.read_text()
+        reply = qmp(io_dir, "device_del", {"id": qid})
+        assert "return" in reply, reply
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - t0
+    err = log.read_text()
+    assert proc.returncode not in (0, None), out
+    assert "device is gone" in err and "asked for the device back" in err, err
+    assert "Traceback" not in err
+    qmp_event(io_dir, "DEVICE_DELETED", 60, device=qid)  # QEMU completed the unplug
+    assert not Path(f"/sys/bus/pci/devices/{addr}").exists()
+    assert took < 15, f"perf took {took:.1f} s to end (pciehp waits 5 s before removing)"
+    with pytest.raises(NvmeVfioError):
+        nvmevfio.open(addr, 1)
