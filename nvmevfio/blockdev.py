@@ -73,14 +73,16 @@ class BlockDevice:
     def write_blocks(self, lba: int, data: Any) -> int:
         return self.provider.write(self.nsid, lba, data)
 
-    def flush(self) -> None:
-        self.provider.flush(self.nsid)
+    def flush(self, qid: int = 1) -> None:
+        self.provider.flush(self.nsid, qid=qid)
 
-    def write_zeroes(self, lba: int, count: int) -> None:
-        self.provider.write_zeroes(self.nsid, lba, count)
+    def write_zeroes(self, lba: int, count: int, *, deallocate: bool = False, qid: int = 1) -> None:
+        """Write Zeroes; ``deallocate`` sets DEAC (the controller may deallocate the blocks, which
+        still read as zeros)."""
+        self.provider.write_zeroes(self.nsid, lba, count, deallocate=deallocate, qid=qid)
 
-    def deallocate(self, lba: int, count: int) -> None:
-        self.provider.deallocate(self.nsid, lba, count)
+    def deallocate(self, lba: int, count: int, qid: int = 1) -> None:
+        self.provider.deallocate(self.nsid, lba, count, qid=qid)
 
     # -- zero copy and batches ------------------------------------------------------------
     def alloc_buffer(self, nbytes: int) -> DmaBuffer:

@@ -1371,12 +1371,15 @@ class Broker:
                           f"(ONCS bit {oncs_bit.bit_length() - 1})")
         return qp, slba, count
 
-    def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
+    def write_zeroes(self, nsid: int, slba: int, count: int, qid: int = 1, *, deallocate: bool = False) -> None:
+        """Write Zeroes; ``deallocate`` sets CDW12.DEAC (bit 25, NVM Command Set 3.2.8): the
+        controller may deallocate the blocks, and they still read as zeros."""
         qp, slba, count = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
+        deac = (1 << 25) if deallocate else 0
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
             self._exec(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF, cdw11=start >> 32,
-                                     cdw12=k - 1), "Write Zeroes", nsid=nsid, slba=start, count=k)
+                                     cdw12=deac | (k - 1)), "Write Zeroes", nsid=nsid, slba=start, count=k)
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Dataset Management with the Deallocate attribute (ranges of up to 2^32-1 blocks)."""

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -725,6 +726,88 @@ def shutdown(address: str) -> None:
         s.shutdown()
         csts = s.registers().csts
     click.echo(f"{_address(address)}: shutdown complete (CSTS={csts:#010x})")
+
+
+# ------------------------------------------------------------------ NBD export
+@main.command()
+@address_arg
+@nsid_opt
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Unix socket to serve on (default /run/nvmevfio/nbd-ADDRESS-nNSID.sock)")
+@click.option("--port", type=click.IntRange(1, 65535), help="serve on loopback TCP 127.0.0.1:PORT instead")
+@click.option("--read-only", "readonly", is_flag=True, help="export read-only")
+@click.option("--queues", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="I/O queue pairs: one per request in progress (nbdkit's parallel threads)")
+@click.option("--background", is_flag=True,
+              help="start nbdkit detached, wait until the device is open, print how to attach, return")
+@click.option("--stop", is_flag=True, help="stop the background export of ADDRESS / -n (SIGTERM; the device "
+                                           "is shut down cleanly)")
+@click.option("--pidfile", type=click.Path(path_type=Path),
+              help="nbdkit's pid file (default /run/nvmevfio/nbd-ADDRESS-nNSID.pid)")
+@output_opt
+def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, readonly: bool, queues: int,
+        background: bool, stop: bool, pidfile: Path | None, fmt: str) -> None:
+    """Serve a namespace over NBD (nbdkit with nvmevfio's Python plugin), to use it as a disk.
+
+    Runs in the foreground (Ctrl-C stops it) unless --background. Attach it with nbd-client,
+    then mkfs and mount as any disk. Flush, trim (Deallocate), write-zeroes, FUA and
+    multi-conn are offered; block size and max transfer are advertised.
+
+    \b
+    Example: nvmevfio nbd 00:04.0 --background
+             nbd-client -unix /run/nvmevfio/nbd-0000:00:04.0-n1.sock /dev/nbd0 -b 512
+             mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt
+             nvmevfio nbd 00:04.0 --stop
+    """
+    from nvmevfio import nbd as nbdmod
+
+    address = _address(address)
+    pidfile = pidfile or nbdmod.default_pidfile(address, nsid)
+    if stop:
+        with errors():
+            pid = nbdmod.stop(pidfile)
+        click.echo(f"{address} nsid {nsid}: NBD export stopped (nbdkit {pid})")
+        return
+    if socket_path is not None and port is not None:
+        _fail("--socket and --port exclude each other", EXIT_ERROR)
+    if port is None:
+        socket_path = socket_path or nbdmod.default_socket(address, nsid)
+    with errors():
+        want = nbdmod.nbdkit_python_version()
+    if want != sys.version_info[:2]:
+        _fail(f"nbdkit's Python plugin embeds Python {want[0]}.{want[1]}, this environment is "
+              f"{sys.version_info[0]}.{sys.version_info[1]}: install nvmevfio for Python {want[0]}.{want[1]}",
+              EXIT_SETUP)
+    with controller(address) as s, errors():
+        block_size = s.namespace(nsid).block_size
+    nbdmod.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    ready = pidfile.with_suffix(".ready")
+    ready.unlink(missing_ok=True)
+    cmd = nbdmod.nbdkit_command(address, nsid, socket=socket_path, port=port, readonly=readonly, queues=queues,
+                                block_size=block_size, pidfile=pidfile, ready=ready if background else None,
+                                verbose=Ctx.verbose)
+    where = f"unix:{socket_path}" if socket_path is not None else f"nbd://127.0.0.1:{port}"
+    attach = (f"nbd-client -unix {socket_path} /dev/nbd0 -b {min(block_size, 4096)}" if socket_path is not None
+              else f"nbd-client 127.0.0.1 {port} /dev/nbd0 -b {min(block_size, 4096)}")
+    if not background:
+        click.echo(f"{address} nsid {nsid}: serving NBD on {where} (Ctrl-C stops); attach: {attach}", err=True)
+        os.execvpe(cmd[0], cmd, nbdmod.nbdkit_env())
+    log = pidfile.with_suffix(".log")
+    import subprocess
+
+    with log.open("ab") as logf:
+        proc = subprocess.Popen(cmd, env=nbdmod.nbdkit_env(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    with errors():
+        info = nbdmod.wait_ready(proc, ready, log, timeout_s=120)
+    info.update({"socket": str(socket_path) if socket_path else None, "port": port, "pidfile": str(pidfile),
+                 "log": str(log), "attach": attach, "read_only": readonly, "queues": queues})
+    if fmt == "json":
+        _emit_json(info)
+        return
+    click.echo(f"{address} nsid {nsid}: serving NBD on {where} (nbdkit pid {info['pid']}, log {log})")
+    click.echo(f"attach: {attach}")
+    click.echo(f"stop:   nvmevfio nbd {address} -n {nsid} --stop")
 
 
 # ------------------------------------------------------------------ perf

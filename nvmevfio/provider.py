@@ -139,14 +139,14 @@ class Provider:
     def write(self, nsid: int, slba: int, data: Any) -> int:
         return self._broker.write(nsid, slba, data)
 
-    def flush(self, nsid: int) -> None:
-        self._broker.flush(nsid)
+    def flush(self, nsid: int, *, qid: int = 1) -> None:
+        self._broker.flush(nsid, qid)
 
-    def write_zeroes(self, nsid: int, slba: int, count: int) -> None:
-        self._broker.write_zeroes(nsid, slba, count)
+    def write_zeroes(self, nsid: int, slba: int, count: int, *, deallocate: bool = False, qid: int = 1) -> None:
+        self._broker.write_zeroes(nsid, slba, count, qid, deallocate=deallocate)
 
-    def deallocate(self, nsid: int, slba: int, count: int) -> None:
-        self._broker.deallocate(nsid, slba, count)
+    def deallocate(self, nsid: int, slba: int, count: int, *, qid: int = 1) -> None:
+        self._broker.deallocate(nsid, slba, count, qid)
 
     # -- zero-copy buffers and batches ------------------------------------------------
     def alloc_buffer(self, nbytes: int) -> DmaBuffer:

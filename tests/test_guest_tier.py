@@ -44,6 +44,8 @@ def _controllers(io_dir):
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, drive="throttling.iops-total=40")],
                             {"serial": "nvmevfio-slow"}),
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, blkdebug=str(cfg))], {"serial": "nvmevfio-faulty"}),
+        # the NBD export tests: ext4 through nbdkit and the kernel's nbd driver
+        guestlib.Controller([guestlib.Namespace(256 << 20, 512)], {"serial": "nvmevfio-nbd"}),
         # on its own hot-pluggable PCIe root port: removal and hot-unplug tests (device_del)
         guestlib.Controller([guestlib.Namespace(8 << 20, 512)], {"serial": "nvmevfio-hotplug"}, hotplug=True),
     ]

@@ -48,7 +48,7 @@ FAIL = "NVMEVFIO-GUEST-FAIL"
 MOD_9P = ["virtio_pci", "9pnet_virtio", "9p"]
 MOD_VFIO = ["vfio-pci", "vfio_iommu_type1"]
 MOD_NVME = ["nvme"]
-MOD_EXTRA = ["ext4", "crc32c_generic"]  # ext4 loads crc32c by name (a soft dependency)
+MOD_EXTRA = ["ext4", "crc32c_generic", "nbd"]  # ext4 loads crc32c by name (a soft dependency)
 NVME_CLASS = "0x010802"
 
 

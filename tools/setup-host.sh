@@ -16,6 +16,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 apt_pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs nvme-cli pciutils udev fio
+          nbdkit nbdkit-plugin-python nbd-client
           python3-venv python3-dev gcc libc6-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do

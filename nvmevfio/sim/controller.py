@@ -111,6 +111,7 @@ class SimController:
         self.resets = 0
         self.fail_next: dict[int, tuple[int, int]] = {}  # opcode -> (sct, sc), I/O and admin alike
         self.commands: list[tuple[int, int, int]] = []  # (qid, opcode, nsid) executed
+        self.last_sqe: dict[int, np.ndarray] = {}  # opcode -> the last entry executed with it
 
     # ------------------------------------------------------------------ registers
     def _reg(self, off: int) -> int:
@@ -246,6 +247,7 @@ class SimController:
     def _execute(self, qid: int, sq: _Queue, e: np.ndarray) -> None:
         opc, cid, nsid = int(e["opc"]), int(e["cid"]), int(e["nsid"])
         self.commands.append((qid, opc, nsid))
+        self.last_sqe[opc] = e.copy()
         if opc in self.fail_next:
             sct, sc = self.fail_next.pop(opc)
             self._complete(sq, qid, cid, sct, sc)

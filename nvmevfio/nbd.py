@@ -1,0 +1,281 @@
+"""A namespace as an NBD export, so that the kernel sees a block device (``/dev/nbdN``) on top of
+nvmevfio: the logic the nbdkit plugin (``nvmevfio/nbd_plugin.py``) calls, and how ``nvmevfio nbd``
+starts nbdkit with it.
+
+Threads: nbdkit runs the plugin in its parallel thread model. Every request takes a *lane* — an
+I/O queue pair and a DMA buffer of its own — from a pool, so concurrent requests run on
+different queues at once (the C waits release the GIL), and a queue is never shared by two
+threads (the broker's rule). One copy per request: nbdkit hands the plugin its own buffer, which
+the device cannot see, so data moves through the lane's DMA buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.blockdev import BlockDevice
+from nvmevfio.dma import DmaBuffer
+from nvmevfio.errors import CommandError, NvmeVfioError, Refused
+
+CHUNK_BYTES = 1 << 20  # the most one lane moves per command (less when MDTS is smaller)
+DEFAULT_QUEUES = 4
+RUN_DIR = Path("/run/nvmevfio")
+PLUGIN = Path(__file__).with_name("nbd_plugin.py")
+
+# NVMe status (SCT, SC) -> errno for the NBD client; everything else is EIO.
+_STATUS_ERRNO = {
+    (0, 0x02): errno.EINVAL,  # Invalid Field in Command
+    (0, 0x80): errno.EINVAL,  # LBA Out of Range
+    (0, 0x81): errno.ENOSPC,  # Capacity Exceeded
+    (1, 0x80): errno.EINVAL,  # Conflicting Attributes
+    (2, 0x82): errno.EROFS,  # Attempted Write to Read Only Range
+}
+_REFUSED_ERRNO = {"read-only": errno.EROFS, "window-past-namespace-end": errno.ENOSPC}
+
+
+class ExportError(Exception):
+    """A request that failed: ``errno`` goes to the NBD client, the message (with the NVMe status
+    name and LBA when the device answered) to nbdkit's log."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno an NBD client gets for a failure: EIO for media errors and anything the device
+    did, EINVAL/ENOSPC/EROFS where the NVMe status or the refusal says so."""
+    if isinstance(exc, CommandError):
+        return _STATUS_ERRNO.get((exc.sct, exc.sc), errno.EIO)
+    if isinstance(exc, Refused):
+        return _REFUSED_ERRNO.get(exc.reason, errno.EINVAL)
+    return errno.EIO
+
+
+@contextlib.contextmanager
+def _errors(what: str, offset: int, length: int) -> Iterator[None]:
+    try:
+        yield
+    except ExportError:
+        raise
+    except NvmeVfioError as exc:
+        raise ExportError(errno_for(exc), f"{what} at byte {offset} (+{length}): {exc}") from exc
+
+
+@dataclass
+class _Lane:
+    qid: int
+    buf: DmaBuffer
+
+
+class Export:
+    """Namespace ``dev`` as NBD requests (byte offsets and lengths). Reads may be unaligned;
+    writes, trims and zeroes take whole blocks (``nvmevfio nbd`` puts nbdkit's blocksize filter
+    in front when the block is larger than the client's 512 bytes)."""
+
+    def __init__(self, dev: BlockDevice, *, queues: int = 1, readonly: bool = False) -> None:
+        self.dev = dev
+        self.readonly = readonly
+        self.block_size = dev.block_size
+        self.size = dev.block_count * dev.block_size
+        mdts = dev.info.max_transfer_bytes or CHUNK_BYTES
+        self.chunk = max(self.block_size, min(CHUNK_BYTES, mdts) // self.block_size * self.block_size)
+        self.max_transfer = dev.info.max_transfer_bytes
+        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        self._all = [_Lane(q, dev.alloc_buffer(self.chunk)) for q in range(1, queues + 1)]
+        for lane in self._all:
+            self._lanes.put(lane)
+
+    @contextlib.contextmanager
+    def _lane(self) -> Iterator[_Lane]:
+        lane = self._lanes.get()  # blocks while every queue is busy with another request
+        try:
+            yield lane
+        finally:
+            self._lanes.put(lane)
+
+    def block_sizes(self) -> tuple[int, int, int]:
+        """(minimum, preferred, maximum) request sizes for nbdkit's block_size callback: the
+        logical block, a page (or the block), and the controller's max transfer (MDTS)."""
+        return self.block_size, max(self.block_size, 4096), self.max_transfer or 0xFFFFFFFF
+
+    def _blocks(self, what: str, offset: int, length: int) -> tuple[int, int]:
+        bs = self.block_size
+        if offset % bs or length % bs:
+            raise ExportError(errno.EINVAL, f"{what} at byte {offset} (+{length}) is not in whole {bs}-byte "
+                              f"blocks (attach with nbd-client -b {bs})")
+        return offset // bs, length // bs
+
+    def pread(self, out: Any, offset: int) -> None:
+        """Fill ``out`` (a writable buffer) from byte ``offset``."""
+        view = np.frombuffer(out, dtype=np.uint8)
+        bs, n, done = self.block_size, len(view), 0
+        with self._lane() as lane, _errors("read", offset, n):
+            arr = lane.buf.array
+            while done < n:
+                pos = offset + done
+                first, skip = divmod(pos, bs)
+                take = min(n - done, self.chunk - skip)
+                count = -(-(skip + take) // bs)
+                self.dev.read_into(first, count, lane.buf, qid=lane.qid)
+                view[done : done + take] = arr[skip : skip + take]
+                done += take
+
+    def pwrite(self, data: Any, offset: int) -> None:
+        view = np.frombuffer(data, dtype=np.uint8)
+        lba, _ = self._blocks("write", offset, len(view))
+        bs = self.block_size
+        with self._lane() as lane, _errors("write", offset, len(view)):
+            arr = lane.buf.array
+            for start in range(0, len(view), self.chunk):
+                piece = view[start : start + self.chunk]
+                arr[: len(piece)] = piece
+                self.dev.write_from(lba + start // bs, len(piece) // bs, lane.buf, qid=lane.qid)
+
+    def flush(self) -> None:
+        """NVMe Flush: the namespace's volatile write cache, whatever queue wrote (so multi-conn holds)."""
+        with self._lane() as lane, _errors("flush", 0, 0):
+            self.dev.flush(qid=lane.qid)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Dataset Management / Deallocate of the whole blocks inside the range (trim is advisory)."""
+        bs = self.block_size
+        first, end = -(-offset // bs), (offset + length) // bs
+        if end <= first:
+            return
+        with self._lane() as lane, _errors("trim", offset, length):
+            self.dev.deallocate(first, end - first, qid=lane.qid)
+
+    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        """Write Zeroes; with ``may_trim``, DEAC lets the controller deallocate (still reads zeros)."""
+        lba, count = self._blocks("zero", offset, length)
+        with self._lane() as lane, _errors("zero", offset, length):
+            self.dev.write_zeroes(lba, count, deallocate=may_trim, qid=lane.qid)
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+def open_export(address: str, nsid: int = 1, *, queues: int = DEFAULT_QUEUES, readonly: bool = False,
+                queue_depth: int | None = None) -> Export:
+    """Open the namespace directly (nvmevfio.open) with ``queues`` I/O queue pairs, one per lane."""
+    import nvmevfio
+
+    dev = nvmevfio.open(address, nsid, queues=queues, queue_depth=queue_depth)
+    try:
+        return Export(dev, queues=queues, readonly=readonly)
+    except BaseException:
+        dev.close()
+        raise
+
+
+# ------------------------------------------------------------------ starting nbdkit
+def default_socket(address: str, nsid: int) -> Path:
+    return RUN_DIR / f"nbd-{address}-n{nsid}.sock"
+
+
+def default_pidfile(address: str, nsid: int) -> Path:
+    return RUN_DIR / f"nbd-{address}-n{nsid}.pid"
+
+
+def nbdkit_python_version() -> tuple[int, int]:
+    """The Python version nbdkit's python plugin embeds (it must match this interpreter's: the
+    plugin imports nvmevfio, numpy and cffi from this environment)."""
+    exe = shutil.which("nbdkit")
+    if exe is None:
+        raise NvmeVfioError("nbdkit is not installed (Debian: apt install nbdkit nbdkit-plugin-python)",
+                            reason="nbdkit-missing")
+    res = subprocess.run([exe, "python", "--dump-plugin"], capture_output=True, text=True)
+    m = re.search(r"^python_version=(\d+)\.(\d+)", res.stdout, re.M)
+    if res.returncode or m is None:
+        raise NvmeVfioError("nbdkit has no python plugin (Debian: apt install nbdkit-plugin-python): "
+                            f"{res.stderr.strip()}", reason="nbdkit-missing")
+    return int(m.group(1)), int(m.group(2))
+
+
+def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | None, readonly: bool,
+                   queues: int, block_size: int, pidfile: Path | None = None,
+                   ready: Path | None = None, verbose: bool = False) -> list[str]:
+    """The nbdkit command line: foreground, the python plugin with nvmevfio's plugin script,
+    a Unix socket (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes."""
+    cmd = ["nbdkit", "--foreground", "--threads", str(max(queues, 1) * 2)]
+    if socket is not None:
+        cmd += ["--unix", str(socket)]
+    else:
+        cmd += ["--ipaddr", "127.0.0.1", "--port", str(port)]
+    if readonly:
+        cmd.append("--readonly")
+    if pidfile is not None:
+        cmd += ["--pidfile", str(pidfile)]
+    if verbose:
+        cmd.append("--verbose")
+    if block_size > 512:  # NBD clients speak 512-byte sectors unless told: read-modify-write for them
+        cmd += ["--filter=blocksize"]
+    cmd += ["python", str(PLUGIN), f"address={address}", f"nsid={nsid}", f"queues={queues}"]
+    if ready is not None:
+        cmd.append(f"ready={ready}")
+    if block_size > 512:
+        cmd.append(f"minblock={block_size}")
+    return cmd
+
+
+def nbdkit_env() -> dict[str, str]:
+    """nbdkit's embedded Python finds nvmevfio and its dependencies where this interpreter does
+    (nvmevfio's own folder first: an editable install is found through a .pth import hook, which
+    PYTHONPATH entries do not run)."""
+    env = dict(os.environ)
+    paths = [str(Path(__file__).resolve().parent.parent), *(p for p in sys.path if p and Path(p).exists())]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> dict[str, Any]:
+    """Wait until the plugin has the device open (it writes ``ready``), or nbdkit exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready.exists():
+            with contextlib.suppress(ValueError):
+                return dict(json.loads(ready.read_text()))
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            raise NvmeVfioError(f"nbdkit exited ({proc.returncode}) before the export was ready:\n{tail}",
+                                reason="nbdkit-failed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    raise NvmeVfioError(f"nbdkit did not get the export ready within {timeout_s:g} s (log: {log})",
+                        reason="nbdkit-failed")
+
+
+def stop(pidfile: Path, timeout_s: float = 30.0) -> int:
+    """SIGTERM the nbdkit of ``pidfile`` (it closes the device: CC.SHN) and wait for it; its pid."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise NvmeVfioError(f"no running export: {pidfile}: {exc}", reason="not-running") from exc
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pidfile.unlink(missing_ok=True)
+            return pid
+        time.sleep(0.05)
+    raise NvmeVfioError(f"nbdkit {pid} did not exit within {timeout_s:g} s", reason="nbdkit-failed")
