@@ -378,15 +378,20 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
 }
 
 /* CSTS while waiting: all ones means the device is gone (surprise removal), CFS that the
- * controller hit a fatal error; either way no completion will come. The stop flag means the
- * kernel asked for the device back. */
+ * controller hit a fatal error; either way no completion will come. The broker's stop flag:
+ * 1, the kernel asked for the device back; 2, another thread is resetting the controller. */
 static inline int csts_bad(const struct nv_qp *qp)
 {
     /* The broker's stop flag, written by the thread that answers VFIO's device request: the
      * device is about to be released, so no completion will be waited for. volatile: another
      * thread writes it while this loop runs. */
-    if (qp->stop && *(const volatile int32_t *)qp->stop)
-        return -ENODEV;
+    if (qp->stop) {
+        int32_t stop = *(const volatile int32_t *)qp->stop;
+        if (stop == 1)
+            return -ENODEV;
+        if (stop == 2)
+            return -EAGAIN;  /* another thread is resetting the controller: let go of the queue */
+    }
     if (!qp->csts)
         return 0;
     uint32_t v = *(const volatile uint32_t *)qp->csts;
@@ -413,8 +418,8 @@ int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
             int bad = csts_bad(qp);
             if (bad)
                 return nv_qp_pending(qp) ? 1 : bad;
-            if (qp->csts && left > 100 * CSTS_EVERY_NS)
-                left = 100 * CSTS_EVERY_NS;  /* look at CSTS at least every 100 ms while asleep */
+            if ((qp->csts || qp->stop) && left > 100 * CSTS_EVERY_NS)
+                left = 100 * CSTS_EVERY_NS;  /* look at CSTS and the stop flag every 100 ms asleep */
             struct pollfd p = {.fd = qp->irq_fd, .events = POLLIN};
             int r = poll(&p, 1, (int)((left + 999999) / 1000000));
             if (r < 0 && errno != EINTR)
@@ -469,7 +474,7 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
             return (int)got;
         int w = nv_qp_wait(qp, left);
         if (w < 0)
-            return w;
+            return got ? (int)got : w;  /* what was reaped is reported; the error comes next call */
         if (w == 0)
             return (int)got;
     }

@@ -183,8 +183,9 @@ struct nv_qp {
     uint32_t *eventidx_cq;
     int irq_fd;                /* MSI-X eventfd of this queue's CQ, -1: poll */
     const uint32_t *csts;      /* CSTS, read while waiting: all ones (device gone) or CFS end the wait; NULL: not watched */
-    const int32_t *stop;       /* set by another thread when the device is taken away (VFIO device request):
-                                  ends every wait with -ENODEV; NULL: not watched */
+    const int32_t *stop;       /* the broker's stop flag, set by another thread: 1 the device is taken away
+                                  (VFIO device request), every wait ends with -ENODEV; 2 a controller
+                                  reset is coming, every wait ends with -EAGAIN; NULL: not watched */
     /* ring state */
     uint32_t sq_tail;          /* next slot the host writes */
     uint32_t sq_head;          /* last SQ head the controller reported (CQE.SQHD) */

@@ -25,7 +25,9 @@ from nvmevfio.errors import (
     CommandTimeout,
     ControllerFailed,
     ControllerFatal,
+    ControllerTimeout,
     DeviceGone,
+    QueuePaused,
     Refused,
 )
 from nvmevfio.mmio import Mmio
@@ -128,6 +130,7 @@ class BrokerQueue:
         self.packed = bytearray(ring.depth * SQE.itemsize)  # small batches are packed here, then posted
         self.cancelled: list[np.ndarray] = []  # records of commands the broker ended (reap returns them first)
         self.lock = threading.RLock()  # one thread at a time per queue pair; others are refused queue-busy
+        self.owner: int | None = None  # the thread holding ``lock`` (a controller reset needs to know)
         self.vector: int | None = None
 
     @property
@@ -215,6 +218,12 @@ class Broker:
         self.gone = False  # BAR0 read all ones, or the device was handed back: the device is gone
         self.gone_why = "BAR0 reads all ones"
         self._stop = StopFlag()  # set when the device is taken away: ends every C wait at once
+        # A controller reset with several threads: the resetting thread pauses every queue (their C
+        # waits end with -EAGAIN), each other thread parks (touches no queue) until it is done.
+        self._reset_lock = threading.Lock()
+        self._parking = threading.Condition()
+        self._parked: set[int] = set()  # threads parked for a reset
+        self._resetter: int | None = None
         self._cc = 0
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
@@ -379,15 +388,61 @@ class Broker:
 
     @contextlib.contextmanager
     def _using(self, qp: BrokerQueue) -> Iterator[None]:
-        """One thread at a time on a queue pair: a second thread is refused, never interleaved."""
+        """One thread at a time on a queue pair: a second thread is refused (``queue-busy``), never
+        interleaved. Waits instead while a controller reset holds the queue, and for the admin
+        queue (the broker's own: another thread's admin command ends soon)."""
+        me = threading.get_ident()
         if not qp.lock.acquire(blocking=False):
             self._refuse_gone()  # held by the thread releasing the device: say so
-            raise Refused("queue-busy", f"queue {qp.qid} is in use by another thread: give each thread its own "
-                          "queue (open(queues=N), qid=...)", qid=qp.qid)
+            if self._resetter == me and qp.owner in self._parked:
+                yield  # the reset works on a parked thread's queue: that thread touches nothing now
+                return
+            if not self._wait_for_queue(qp):
+                raise Refused("queue-busy", f"queue {qp.qid} is in use by another thread: give each thread its "
+                              "own queue (open(queues=N), qid=...)", qid=qp.qid)
+        outer, qp.owner = qp.owner, me
         try:
             yield
         finally:
+            qp.owner = outer
             qp.lock.release()
+
+    def _wait_for_queue(self, qp: BrokerQueue) -> bool:
+        """Wait for a queue held by a controller reset or (admin) another thread's command; parked
+        while a reset runs. False: an I/O queue another thread is using (refuse)."""
+        if qp.qid and not self._stop.paused:
+            return False
+        deadline = time.monotonic() + self._park_limit_s()
+        while time.monotonic() < deadline:
+            if self._stop.paused:
+                self._park()
+            if qp.lock.acquire(timeout=0.002):
+                return True
+            self._refuse_gone()
+        return False
+
+    def _park_limit_s(self) -> float:
+        """How long a thread waits for another's reset: its abort, CAP.TO twice, re-creating queues."""
+        return 2 * self.command_timeout_s + 2 * self.ctrl.timeout_s + 10
+
+    def _park(self) -> None:
+        """Another thread is resetting the controller: touch no queue until it is done (it requeues
+        or cancels this thread's commands in flight, whatever queue they are on), then carry on."""
+        me = threading.get_ident()
+        with self._parking:
+            self._parked.add(me)
+            self._parking.notify_all()
+            try:
+                done = self._parking.wait_for(lambda: not self._stop.paused, timeout=self._park_limit_s())
+            finally:
+                self._parked.discard(me)
+        self._refuse_gone()
+        if self.failed is not None:
+            raise Refused("controller-failed", f"the controller was declared failed ({self.failed}); reopen it",
+                          why=self.failed)
+        if not done:
+            raise ControllerTimeout(f"a controller reset by another thread did not finish within "
+                                    f"{self._park_limit_s():g} s")
 
     def _exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
               timeout_s: float | None = None, **context: Any) -> int:
@@ -401,7 +456,7 @@ class Broker:
                 slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
                 try:
                     c = qp.ring.exec(e, timeout_s or self.command_timeout_s, slot, gen)
-                except (ControllerFatal, DeviceGone) as exc:
+                except (ControllerFatal, DeviceGone, QueuePaused) as exc:
                     c = self._wait_failed(qp, exc, buf)
                 except BaseException:
                     if cids is not None and qp.ring.busy[int(cids[0])] == 1:  # taken, never posted
@@ -443,12 +498,16 @@ class Broker:
         return int(done["status"][0]), int(done["result"][0])
 
     def _wait_failed(self, qp: BrokerQueue, exc: BaseException, buf: DmaBuffer | None) -> tuple[int, int] | None:
-        """A C wait ended on CSTS: all ones (the device is gone) or CFS (reset; the command was requeued)."""
+        """A C wait ended on CSTS: all ones (the device is gone) or CFS (reset; the command was
+        requeued); or another thread is resetting (park; the command was requeued)."""
         if isinstance(exc, DeviceGone):
             self._gone_raise(exc)
         if buf is not None:
             self.ledger.pin(buf, 1)  # requeued by the reset: quarantined until it ends
-        self._reset_controller("CSTS.CFS set")
+        if isinstance(exc, QueuePaused):
+            self._park()
+        else:
+            self._reset_controller("CSTS.CFS set")
         done = self._reap(qp, 1, None)
         return int(done["status"][0]), int(done["result"][0])
 
@@ -475,10 +534,13 @@ class Broker:
                 done, runs = qp.ring.reap_wait(max(0, minimum - got), wait_s)
             except DeviceGone as exc:
                 self._gone_raise(exc)
-            except ControllerFatal as exc:
-                if not exc.context.get("cfs"):
+            except (ControllerFatal, QueuePaused) as exc:
+                if isinstance(exc, QueuePaused):
+                    self._park()  # another thread's reset requeued (or cancelled) ours
+                elif not exc.context.get("cfs"):
                     raise
-                self._reset_controller("CSTS.CFS set")
+                else:
+                    self._reset_controller("CSTS.CFS set")
                 more = self._take_cancelled(qp)
                 parts += more
                 got += sum(len(p) for p in more)
@@ -517,6 +579,7 @@ class Broker:
         if csts == 0xFFFFFFFF:
             self._gone()
             raise DeviceGone(f"queue {qp.qid}: CSTS reads all ones: the device is gone", qid=qp.qid)
+        resets = self.resets
         busy = qp.ring.busy_cids()
         if qp.qid and len(busy) and not regs.get(csts, regs.CSTS_.CFS):
             oldest = int(busy[np.argmin(qp.ring.submit_ns[busy])])
@@ -527,11 +590,50 @@ class Broker:
                 honoured = not dw0 & 1  # DW0 bit 0: 1 = the command was not aborted
             except (CommandTimeout, CommandError):
                 honoured = False
-            if honoured and qp.ring.wait_s(self.command_timeout_s):
+            if self.resets != resets:
+                return  # another thread reset the controller meanwhile: the late command was requeued
+            try:
+                if honoured and qp.ring.wait_s(self.command_timeout_s):
+                    return
+            except QueuePaused:
+                self._park()
                 return
         self._reset_controller(f"no completion on queue {qp.qid} within {self.command_timeout_s:g} s")
 
     def _reset_controller(self, why: str) -> None:
+        """Reset the controller (see :meth:`_reset_paused`) with every other thread out of the way:
+        their waits are ended (the stop flag's pause), and each queue is either taken or held by a
+        parked thread. A thread that finds a reset already running parks instead: that reset
+        requeues its commands too."""
+        me = threading.get_ident()
+        if not self._reset_lock.acquire(blocking=False):
+            self._park()
+            return
+        held: list[BrokerQueue] = []
+        try:
+            self._resetter = me
+            self._stop.pause()
+            deadline = time.monotonic() + self._park_limit_s()
+            for q in self._all_queues:
+                while not q.lock.acquire(timeout=0.002):
+                    with self._parking:
+                        if q.owner in self._parked:
+                            break  # its thread is parked: it touches nothing until the reset is done
+                    if time.monotonic() > deadline:
+                        self._fail(f"queue {q.qid} stayed busy in its thread during a controller reset")
+                else:
+                    held.append(q)
+            self._reset_paused(why)
+        finally:
+            self._resetter = None
+            with self._parking:
+                self._stop.resume()
+                self._parking.notify_all()
+            for q in held:
+                q.lock.release()
+            self._reset_lock.release()
+
+    def _reset_paused(self, why: str) -> None:
         """Controller reset with everything in flight kept: CC.EN=0 and wait CSTS.RDY=0 (the device no
         longer touches host memory), scrub the rings, re-enable with the same broker-owned queue
         memory, restore shadow doorbells and the I/O queues, re-identify namespaces, then requeue
@@ -1183,7 +1285,9 @@ class Broker:
         records of commands it had to end go back to the loop."""
         if isinstance(exc, DeviceGone):
             self._gone_raise(exc)
-        if isinstance(exc, CommandTimeout):
+        if isinstance(exc, QueuePaused):
+            self._park()
+        elif isinstance(exc, CommandTimeout):
             self._recover_timeout(qp)
         else:
             self._reset_controller("CSTS.CFS set")
@@ -1208,6 +1312,7 @@ class Broker:
             if iova is not None and offset + length <= buf.size and length <= 2 * ps - (iova + offset) % ps:
                 qp = self.io[qid - 1]
                 if qp.lock.acquire(False):
+                    qp.owner = threading.get_ident()
                     try:
                         iova += offset
                         prp2 = iova - iova % ps + ps if length > ps - iova % ps else 0
@@ -1216,6 +1321,7 @@ class Broker:
                         self._exec_fields(qp, fields, buf, opcode, nsid, slba, count)
                         return
                     finally:
+                        qp.owner = None
                         qp.lock.release()
         qp = self._queue(qid)
         with self._using(qp):
@@ -1228,7 +1334,7 @@ class Broker:
         for attempt in range(MAX_RETRIES + 1):
             try:
                 c = qp.ring.exec_packed(fields, self.command_timeout_s, buf.slot, buf.generation)
-            except (ControllerFatal, DeviceGone) as exc:
+            except (ControllerFatal, DeviceGone, QueuePaused) as exc:
                 c = self._wait_failed(qp, exc, buf)
             if c is not None and not c[0]:
                 self.commands_completed += 1

@@ -779,7 +779,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
               f"{sys.version_info[0]}.{sys.version_info[1]}: install nvmevfio for Python {want[0]}.{want[1]}",
               EXIT_SETUP)
     with controller(address) as s, errors():
-        block_size = s.namespace(nsid).block_size
+        block_size = s.identify_namespace(nsid).block_size
     nbdmod.RUN_DIR.mkdir(parents=True, exist_ok=True)
     ready = pidfile.with_suffix(".ready")
     ready.unlink(missing_ok=True)

@@ -113,6 +113,13 @@ class DeviceGone(ControllerError):
     reason = "device-gone"
 
 
+class QueuePaused(ControllerError):
+    """A wait ended because another thread is resetting the controller (internal: the broker parks
+    the queue until the reset is done, then carries on; callers do not see it)."""
+
+    reason = "queue-paused"
+
+
 class ControllerFailed(ControllerError):
     """Recovery gave up (too many controller resets in a short time); reopen the device."""
 

@@ -17,24 +17,40 @@ from typing import Any, Callable
 import numpy as np
 
 from nvmevfio._ffi import ffi, lib
-from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, Refused, ShimError
+from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, QueuePaused, Refused, ShimError
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
 
 CID_TAKE = 0xFFFF  # nv_qp_exec: take a command id in C
 
 
 class StopFlag:
-    """A flag every watching queue pair's C wait reads (``nv_qp.stop``): set, it ends them all with
-    -ENODEV, so that another thread can take the device away without waiting out a timeout."""
+    """A flag every watching queue pair's C wait reads (``nv_qp.stop``), so that one thread can
+    take every queue from the threads waiting on them: ``set()`` (the device is taken away) ends
+    the waits with -ENODEV for good; ``pause()`` (a controller reset is coming) ends them with
+    -EAGAIN until ``resume()``."""
+
+    GONE, PAUSED = 1, 2
 
     def __init__(self) -> None:
         self.ptr = ffi.new("int32_t *")
 
     def set(self) -> None:
-        self.ptr[0] = 1
+        self.ptr[0] = self.GONE
+
+    def pause(self) -> None:
+        if self.ptr[0] == 0:
+            self.ptr[0] = self.PAUSED
+
+    def resume(self) -> None:
+        if self.ptr[0] == self.PAUSED:
+            self.ptr[0] = 0
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.ptr[0] == self.PAUSED)
 
     def __bool__(self) -> bool:
-        return bool(self.ptr[0])
+        return bool(self.ptr[0] == self.GONE)
 
 
 def ring_used(head: int, tail: int, depth: int) -> int:
@@ -96,6 +112,8 @@ def wait_error(r: int, qid: int) -> None:
                          qid=qid)
     if r == -errno.EIO:
         raise ControllerFatal(f"queue {qid}: CSTS.CFS set while waiting for completions", qid=qid, cfs=True)
+    if r == -errno.EAGAIN:
+        raise QueuePaused(f"queue {qid}: another thread is resetting the controller", qid=qid)
     raise ShimError("nv_qp wait", f"queue {qid}", -r)
 
 
@@ -422,7 +440,7 @@ class PerfLoop:
                                      f"{self._p.timeout_ns / 1e9:g} s ({self.ring.in_flight} commands in flight)",
                                      qid=self.ring.qid, in_flight=self.ring.in_flight)
             self.ring._completions(r)
-        except (CommandTimeout, ControllerFatal, DeviceGone) as exc:
+        except (CommandTimeout, ControllerFatal, DeviceGone, QueuePaused) as exc:
             if self._recover is None or (isinstance(exc, ControllerFatal) and not exc.context.get("cfs")):
                 raise
             for records in self._recover(exc):
