@@ -785,7 +785,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     ready.unlink(missing_ok=True)
     cmd = nbdmod.nbdkit_command(address, nsid, socket=socket_path, port=port, readonly=readonly, queues=queues,
                                 block_size=block_size, pidfile=pidfile, ready=ready if background else None,
-                                verbose=Ctx.verbose)
+                                verbose=Ctx.verbose, foreground=not background)
     where = f"unix:{socket_path}" if socket_path is not None else f"nbd://127.0.0.1:{port}"
     attach = (f"nbd-client -unix {socket_path} /dev/nbd0 -b {min(block_size, 4096)}" if socket_path is not None
               else f"nbd-client 127.0.0.1 {port} /dev/nbd0 -b {min(block_size, 4096)}")
@@ -795,11 +795,11 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     log = pidfile.with_suffix(".log")
     import subprocess
 
-    with log.open("ab") as logf:
-        proc = subprocess.Popen(cmd, env=nbdmod.nbdkit_env(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
+    pidfile.unlink(missing_ok=True)
+    with log.open("ab") as logf:  # nbdkit forks into the background itself once its socket is bound
+        proc = subprocess.Popen(cmd, env=nbdmod.nbdkit_env(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
     with errors():
-        info = nbdmod.wait_ready(proc, ready, log, timeout_s=120)
+        info = nbdmod.wait_ready(proc, pidfile, ready, log, timeout_s=120)
     info.update({"socket": str(socket_path) if socket_path else None, "port": port, "pidfile": str(pidfile),
                  "log": str(log), "attach": attach, "read_only": readonly, "queues": queues})
     if fmt == "json":

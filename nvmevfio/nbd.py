@@ -211,10 +211,11 @@ def nbdkit_python_version() -> tuple[int, int]:
 
 def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | None, readonly: bool,
                    queues: int, block_size: int, pidfile: Path | None = None,
-                   ready: Path | None = None, verbose: bool = False) -> list[str]:
-    """The nbdkit command line: foreground, the python plugin with nvmevfio's plugin script,
-    a Unix socket (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes."""
-    cmd = ["nbdkit", "--foreground", "--threads", str(max(queues, 1) * 2)]
+                   ready: Path | None = None, verbose: bool = False, foreground: bool = True) -> list[str]:
+    """The nbdkit command line: the python plugin with nvmevfio's plugin script, a Unix socket
+    (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes; in the
+    foreground, or forking into the background itself (its log still to stderr)."""
+    cmd = ["nbdkit", "--foreground" if foreground else "--log=stderr", "--threads", str(max(queues, 1) * 2)]
     if socket is not None:
         cmd += ["--unix", str(socket)]
     else:
@@ -245,19 +246,38 @@ def nbdkit_env() -> dict[str, str]:
     return env
 
 
-def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> dict[str, Any]:
-    """Wait until the plugin has the device open (it writes ``ready``), or nbdkit exits."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_ready(proc: subprocess.Popen[bytes], pidfile: Path, ready: Path, log: Path,
+               timeout_s: float) -> dict[str, Any]:
+    """Wait until the plugin has the device open (it writes ``ready``), or nbdkit gives up: the
+    command fails before forking, or the forked server exits (its log says why)."""
     deadline = time.monotonic() + timeout_s
+
+    def failed(what: str) -> NvmeVfioError:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        return NvmeVfioError(f"nbdkit {what} before the export was ready:\n{tail}", reason="nbdkit-failed")
+
     while time.monotonic() < deadline:
         if ready.exists():
             with contextlib.suppress(ValueError):
                 return dict(json.loads(ready.read_text()))
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-            raise NvmeVfioError(f"nbdkit exited ({proc.returncode}) before the export was ready:\n{tail}",
-                                reason="nbdkit-failed")
+        code = proc.poll()
+        if code:  # the command itself failed (before forking into the background)
+            raise failed(f"exited ({code})")
+        if code == 0:  # forked: watch the server it left behind
+            with contextlib.suppress(OSError, ValueError):
+                if not _alive(int(pidfile.read_text().strip())):
+                    raise failed("exited")
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
     raise NvmeVfioError(f"nbdkit did not get the export ready within {timeout_s:g} s (log: {log})",
                         reason="nbdkit-failed")
 
@@ -272,9 +292,7 @@ def stop(pidfile: Path, timeout_s: float = 30.0) -> int:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             pidfile.unlink(missing_ok=True)
             return pid
         time.sleep(0.05)

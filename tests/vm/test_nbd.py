@@ -57,6 +57,16 @@ def detach() -> None:
     sh("nbd-client", "-d", NBD, timeout=60)
 
 
+@pytest.fixture
+def cleanup(nbd_ctrl):
+    """Whatever a test leaves behind: unmounted, detached, the export stopped."""
+    yield
+    subprocess.run(["umount", str(MNT)], capture_output=True, timeout=120)
+    subprocess.run(["nbd-client", "-d", NBD], capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", nbd_ctrl["address"], "--stop"], capture_output=True,
+                   timeout=120)
+
+
 def mount() -> None:
     MNT.mkdir(exist_ok=True)
     sh("mount", "-t", "ext4", NBD, str(MNT))
@@ -79,7 +89,7 @@ def sizes(n: int, seed: int) -> list[int]:
     return out
 
 
-def test_filesystem_tree_survives_a_server_restart(nbd_ctrl, io_dir):
+def test_filesystem_tree_survives_a_server_restart(nbd_ctrl, io_dir, cleanup):
     addr = nbd_ctrl["address"]
     info = start(addr)
     attach(info)
@@ -114,7 +124,7 @@ def test_filesystem_tree_survives_a_server_restart(nbd_ctrl, io_dir):
     record(io_dir, "nbd", {"files": 2000, "bytes": total, "write_s": write_s})
 
 
-def test_fsynced_files_survive_a_server_kill(nbd_ctrl):
+def test_fsynced_files_survive_a_server_kill(nbd_ctrl, cleanup):
     addr = nbd_ctrl["address"]
     info = start(addr)
     attach(info)
@@ -180,7 +190,7 @@ def _extents(path: Path) -> list[tuple[int, int]]:
     return ext
 
 
-def test_fstrim_deallocates_and_fio_verifies(nbd_ctrl, io_dir):
+def test_fstrim_deallocates_and_fio_verifies(nbd_ctrl, io_dir, cleanup):
     addr = nbd_ctrl["address"]
     info = start(addr)
     attach(info)
