@@ -781,6 +781,9 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     with controller(address) as s, errors():
         block_size = s.identify_namespace(nsid).block_size
     nbdmod.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    if socket_path is not None:
+        with errors():
+            nbdmod.clear_stale_socket(socket_path)
     ready = pidfile.with_suffix(".ready")
     ready.unlink(missing_ok=True)
     cmd = nbdmod.nbdkit_command(address, nsid, socket=socket_path, port=port, readonly=readonly, queues=queues,

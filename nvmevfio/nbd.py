@@ -19,6 +19,7 @@ import queue
 import re
 import shutil
 import signal
+import socket as socketmod
 import subprocess
 import sys
 import time
@@ -280,6 +281,21 @@ def wait_ready(proc: subprocess.Popen[bytes], pidfile: Path, ready: Path, log: P
         os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
     raise NvmeVfioError(f"nbdkit did not get the export ready within {timeout_s:g} s (log: {log})",
                         reason="nbdkit-failed")
+
+
+def clear_stale_socket(path: Path) -> None:
+    """Remove a Unix socket a stopped server left behind; refuse one that a server still answers on."""
+    if not path.exists():
+        return
+    probe = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise NvmeVfioError(f"{path}: a server is already listening there (stop it first)", reason="export-running")
 
 
 def stop(pidfile: Path, timeout_s: float = 30.0) -> int:
