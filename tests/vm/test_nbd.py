@@ -159,12 +159,15 @@ def test_fsynced_files_survive_a_server_kill(nbd_ctrl, cleanup):
         assert time.monotonic() < deadline and t.is_alive(), "the writer did not get going"
         time.sleep(0.05)
     os.kill(info["pid"], signal.SIGKILL)  # mid-I/O
-    t.join(120)
     stop_writing.set()
-    t.join(30)
-    assert not t.is_alive(), "the writer hung on the dead export"
-    subprocess.run(["umount", str(MNT)], capture_output=True, timeout=120)  # the journal is aborted
+    t.join(20)
+    # Disconnecting fails whatever the kernel still holds for the dead server (a write-back the
+    # writer's fsync may wait on), as an operator would after a server crash.
     detach()
+    t.join(60)
+    assert not t.is_alive(), "the writer hung on the dead export"
+    if subprocess.run(["umount", str(MNT)], capture_output=True, timeout=120).returncode:  # journal aborted
+        sh("umount", "-l", str(MNT))
     Path(info["pidfile"]).unlink(missing_ok=True)
 
     info = start(addr)  # the controller was left enabled by the killed process: reopened cleanly
