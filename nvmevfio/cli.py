@@ -738,6 +738,8 @@ def shutdown(address: str) -> None:
 @click.option("--read-only", "readonly", is_flag=True, help="export read-only")
 @click.option("--queues", type=click.IntRange(1, 64), default=4, show_default=True,
               help="I/O queue pairs: one per request in progress (nbdkit's parallel threads)")
+@click.option("--mode", type=click.Choice(["irq", "poll"]), default="irq", show_default=True,
+              help="completions by MSI-X interrupts, or polling (a spinning CPU per busy queue)")
 @click.option("--background", is_flag=True,
               help="start nbdkit detached, wait until the device is open, print how to attach, return")
 @click.option("--stop", is_flag=True, help="stop the background export of ADDRESS / -n (SIGTERM; the device "
@@ -746,7 +748,7 @@ def shutdown(address: str) -> None:
               help="nbdkit's pid file (default /run/nvmevfio/nbd-ADDRESS-nNSID.pid)")
 @output_opt
 def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, readonly: bool, queues: int,
-        background: bool, stop: bool, pidfile: Path | None, fmt: str) -> None:
+        mode: str, background: bool, stop: bool, pidfile: Path | None, fmt: str) -> None:
     """Serve a namespace over NBD (nbdkit with nvmevfio's Python plugin), to use it as a disk.
 
     Runs in the foreground (Ctrl-C stops it) unless --background. Attach it with nbd-client,
@@ -788,7 +790,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     ready.unlink(missing_ok=True)
     cmd = nbdmod.nbdkit_command(address, nsid, socket=socket_path, port=port, readonly=readonly, queues=queues,
                                 block_size=block_size, pidfile=pidfile, ready=ready if background else None,
-                                verbose=Ctx.verbose, foreground=not background)
+                                verbose=Ctx.verbose, foreground=not background, mode=mode)
     where = f"unix:{socket_path}" if socket_path is not None else f"nbd://127.0.0.1:{port}"
     attach = (f"nbd-client -unix {socket_path} /dev/nbd0 -b {min(block_size, 4096)}" if socket_path is not None
               else f"nbd-client 127.0.0.1 {port} /dev/nbd0 -b {min(block_size, 4096)}")
@@ -804,7 +806,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     with errors():
         info = nbdmod.wait_ready(proc, pidfile, ready, log, timeout_s=120)
     info.update({"socket": str(socket_path) if socket_path else None, "port": port, "pidfile": str(pidfile),
-                 "log": str(log), "attach": attach, "read_only": readonly, "queues": queues})
+                 "log": str(log), "attach": attach, "read_only": readonly, "queues": queues, "mode": mode})
     if fmt == "json":
         _emit_json(info)
         return

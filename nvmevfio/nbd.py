@@ -174,11 +174,13 @@ class Export:
 
 
 def open_export(address: str, nsid: int = 1, *, queues: int = DEFAULT_QUEUES, readonly: bool = False,
-                queue_depth: int | None = None) -> Export:
-    """Open the namespace directly (nvmevfio.open) with ``queues`` I/O queue pairs, one per lane."""
+                queue_depth: int | None = None, irq: bool = True) -> Export:
+    """Open the namespace directly (nvmevfio.open) with ``queues`` I/O queue pairs, one per lane.
+    ``irq``: completions by MSI-X (the default: a server shares the CPUs with its clients, and a
+    polling lane would spin one of them); False polls."""
     import nvmevfio
 
-    dev = nvmevfio.open(address, nsid, queues=queues, queue_depth=queue_depth)
+    dev = nvmevfio.open(address, nsid, queues=queues, queue_depth=queue_depth, irq=irq)
     try:
         return Export(dev, queues=queues, readonly=readonly)
     except BaseException:
@@ -212,7 +214,8 @@ def nbdkit_python_version() -> tuple[int, int]:
 
 def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | None, readonly: bool,
                    queues: int, block_size: int, pidfile: Path | None = None,
-                   ready: Path | None = None, verbose: bool = False, foreground: bool = True) -> list[str]:
+                   ready: Path | None = None, verbose: bool = False, foreground: bool = True,
+                   mode: str = "irq") -> list[str]:
     """The nbdkit command line: the python plugin with nvmevfio's plugin script, a Unix socket
     (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes; in the
     foreground, or forking into the background itself (its log still to stderr)."""
@@ -229,7 +232,7 @@ def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | 
         cmd.append("--verbose")
     if block_size > 512:  # NBD clients speak 512-byte sectors unless told: read-modify-write for them
         cmd += ["--filter=blocksize"]
-    cmd += ["python", str(PLUGIN), f"address={address}", f"nsid={nsid}", f"queues={queues}"]
+    cmd += ["python", str(PLUGIN), f"address={address}", f"nsid={nsid}", f"queues={queues}", f"mode={mode}"]
     if ready is not None:
         cmd.append(f"ready={ready}")
     if block_size > 512:

@@ -1,6 +1,7 @@
 """The nbdkit plugin: one NVMe namespace through nvmevfio as an NBD export.
 
-    nbdkit python /path/to/nvmevfio/nbd_plugin.py address=0000:01:00.0 [nsid=1] [queues=4] [ready=PATH]
+    nbdkit python /path/to/nvmevfio/nbd_plugin.py address=0000:01:00.0 [nsid=1] [queues=4] [mode=irq|poll]
+        [queue_depth=N] [ready=PATH]
 
 ``nvmevfio nbd`` writes this command line (and sets PYTHONPATH so that nbdkit's embedded
 Python finds nvmevfio). The device is opened after nbdkit forks (``after_fork``): DMA memory
@@ -24,8 +25,8 @@ from nvmevfio.nbd import DEFAULT_QUEUES, Export, ExportError, open_export
 API_VERSION = 2
 Handle = dict[str, bool]  # per connection: whether it is read-only
 
-_config = {"nsid": "1", "queues": str(DEFAULT_QUEUES)}
-_KEYS = {"address", "nsid", "queues", "ready", "queue_depth"}
+_config = {"nsid": "1", "queues": str(DEFAULT_QUEUES), "mode": "irq"}
+_KEYS = {"address", "nsid", "queues", "ready", "queue_depth", "mode"}
 _export: Export | None = None
 
 
@@ -38,6 +39,8 @@ def config(key: str, value: str) -> None:
 def config_complete() -> None:
     if "address" not in _config:
         raise ValueError("address=DOMAIN:BUS:DEVICE.FUNCTION is required")
+    if _config["mode"] not in ("irq", "poll"):
+        raise ValueError(f"mode={_config['mode']}: irq or poll")
 
 
 def thread_model() -> int:
@@ -48,7 +51,7 @@ def after_fork() -> None:
     global _export
     depth = int(_config["queue_depth"]) if "queue_depth" in _config else None
     _export = open_export(_config["address"], int(_config["nsid"]), queues=int(_config["queues"]),
-                          queue_depth=depth)
+                          queue_depth=depth, irq=_config["mode"] == "irq")
     if "ready" in _config:  # for `nvmevfio nbd --background`: the export is up
         tmp = Path(_config["ready"] + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "address": _config["address"], "nsid": int(_config["nsid"]),

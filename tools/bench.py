@@ -45,6 +45,7 @@ MATRIX = [
 ]
 SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 PY_ROW = "python-read_into-4k-qd1"
+FS_ROW = "ext4-fio-randrw-4k-qd1"  # informational: kernel nvme + ext4 against nvmevfio nbd + nbd + ext4
 # the bars of issue 7: (row, ratio key from ratios(), what it compares, minimum ratio)
 BARS = [
     ("randread-4k-qd32", "poll", "poll vs kernel io_uring --hipri", 2.2),
@@ -145,6 +146,41 @@ def nvmevfio_round(addr: str, seconds: float) -> dict:
     return res
 
 
+FS_JOB = ["--size=32M", "--rw=randrw", "--bs=4k", "--ioengine=psync", "--direct=1", "--verify=crc32c",
+          "--do_verify=1", "--verify_fatal=1"]
+MNT = "/tmp/bench-fs"
+
+
+def fio_fs(dev: str) -> dict:
+    """The informational filesystem row: ext4 on ``dev``, fio randrw 4 KiB (QD1, psync, O_DIRECT,
+    verify=crc32c) on a file in it; the same job as tests/vm/test_nbd.py."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev], check=True)
+    os.makedirs(MNT, exist_ok=True)
+    subprocess.run(["mount", "-t", "ext4", dev, MNT], check=True)
+    try:
+        out = subprocess.run(["fio", "--name=fs", f"--directory={MNT}", *FS_JOB, "--output-format=json"],
+                             check=True, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["umount", MNT], check=True)
+    job = json.loads(out)["jobs"][0]
+    return {"read_iops": job["read"]["iops"], "write_iops": job["write"]["iops"], "errors": job["error"]}
+
+
+def nbd_fio_fs(addr: str) -> dict:
+    """fio_fs through `nvmevfio nbd` (nbdkit + the plugin) and the kernel's nbd driver."""
+    info = json.loads(subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--background", "-o", "json"],
+                                     check=True, capture_output=True, text=True).stdout)
+    try:
+        subprocess.run(["nbd-client", "-unix", info["socket"], "/dev/nbd0", "-b", "512"], check=True,
+                       capture_output=True)
+        try:
+            return fio_fs("/dev/nbd0")
+        finally:
+            subprocess.run(["nbd-client", "-d", "/dev/nbd0"], check=True, capture_output=True)
+    finally:
+        subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop"], check=True, capture_output=True)
+
+
 def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
     from nvmevfio import pci
@@ -185,8 +221,10 @@ def in_guest(seconds: float, out_path: Path, sweep: bool) -> int:
     a1 = kernel_round(dev, seconds, size)
     pci.bind(addr)
     b = nvmevfio_round(addr, seconds)
+    b[FS_ROW] = nbd_fio_fs(addr)  # after the block rows: it writes a filesystem over the random data
     pci.unbind(addr)
     a2 = kernel_round(kernel_dev(), seconds, size)
+    a2[FS_ROW] = fio_fs(kernel_dev())
     out_path.write_text(json.dumps({"A": a1, "B": b, "A2": a2, "seconds": time.time() - t0}, indent=2))
     return 0
 
@@ -230,6 +268,14 @@ def report(boots: list[dict]) -> str:
                      f"{med(row, 'poll_mmio'):>6.2f}  {spread}")
     lines.append(f"{PY_ROW:<24} os.preadv loop {iops('K', PY_ROW, 'python'):.0f}, read_into loop "
                  f"{iops('B', PY_ROW, 'python'):.0f}: ratio {med(PY_ROW, 'python'):.2f}")
+    fs = [b for b in boots if FS_ROW in b["B"] and FS_ROW in b["A2"]]
+    if fs:
+        def fs_iops(side: str, key: str) -> float:
+            return statistics.median(b[side][FS_ROW][key] for b in fs)
+
+        lines.append(f"{FS_ROW:<24} (informational, fio verify=crc32c on a file) kernel nvme ext4 "
+                     f"{fs_iops('A2', 'read_iops'):.0f} read / {fs_iops('A2', 'write_iops'):.0f} write IOPS; "
+                     f"nvmevfio nbd ext4 {fs_iops('B', 'read_iops'):.0f} / {fs_iops('B', 'write_iops'):.0f}")
     lines.append("bars (issue 7):")
     for row, key, what, bar in BARS:
         got = med(row, key)

@@ -123,7 +123,7 @@ def test_plugin_glue(rig, monkeypatch):
     plugin.config("queues", "2")
     plugin.config_complete()
     monkeypatch.setattr(plugin, "open_export",
-                        lambda address, nsid, queues, queue_depth: nbd.Export(
+                        lambda address, nsid, queues, queue_depth, irq: nbd.Export(
                             BlockDevice(rig.p, nsid, queue_depth=8, queues=queues), queues=queues))
     plugin.after_fork()
     h = plugin.open(False)
