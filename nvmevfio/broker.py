@@ -37,6 +37,16 @@ from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueueP
 from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
 
 ADMIN_DEPTH = 32
+# Passthrough: the dwords a caller may set, and the commands the broker owns (it authors the
+# addresses they carry, or its ledger and queues depend on them); refused `broker-owned-command`.
+PASSTHRU_DWORDS = ("cdw2", "cdw3", "cdw10", "cdw11", "cdw12", "cdw13", "cdw14", "cdw15")
+PASSTHRU_MAX = 2 << 20  # one PRP-list page per admin command
+BROKER_OWNED_ADMIN = {
+    0x00: "Delete I/O Submission Queue", 0x01: "Create I/O Submission Queue",
+    0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x08: "Abort",
+    0x0C: "Asynchronous Event Request", 0x7C: "Doorbell Buffer Config",
+}
+BROKER_OWNED_FEATURES = {0x07: "Number of Queues", 0x0D: "Host Memory Buffer"}
 DEFAULT_IO_DEPTH = 128
 # Per-command transfer cap, also when MDTS=0 ("no limit"). Linux caps at 4 MiB too
 # (NVME_MAX_KB_SZ); QEMU's model fails larger transfers whose pages are not
@@ -112,6 +122,11 @@ class Namespace:
     @property
     def size_bytes(self) -> int:
         return self.size_blocks * self.block_size
+
+    @property
+    def extended_lba(self) -> bool:
+        """FLBAS bit 4: metadata travels at the end of each block's data (no metadata pointer)."""
+        return bool(int(self.identify.get("flbas", 0)) & 0x10)
 
 
 class BrokerQueue:
@@ -445,7 +460,7 @@ class Broker:
                                     f"{self._park_limit_s():g} s")
 
     def _exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
-              timeout_s: float | None = None, **context: Any) -> int:
+              timeout_s: float | None = None, retry: bool = True, **context: Any) -> int:
         """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
         CQ doorbell); returns its DW0. A transient status (DNR=0) is retried with a backoff; a
         timeout goes through abort / reset (see :meth:`_settle`). Raises CommandError otherwise."""
@@ -463,7 +478,7 @@ class Broker:
                         qp.ring.untake(cids)
                     raise
                 status, result = self._settle(qp, c, buf)
-                if not self._retry(status, attempt):
+                if not retry or not self._retry(status, attempt):
                     break
             return self._outcome(status, result, name, **context)
 
@@ -842,6 +857,72 @@ class Broker:
         e = self._sqe(AdminOpcode.GET_LOG_PAGE, nsid=nsid, cdw10=lid | ((numd & 0xFFFF) << 16),
                       cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32)
         return self._admin_read(e, f"Get Log Page {lid:#04x}", length)
+
+    def passthru(self, qid: int, opcode: int, *, nsid: int = 0, cdws: dict[str, int] | None = None,
+                 data: Any = None, data_len: int = 0, timeout_s: float | None = None) -> tuple[int, bytes | None]:
+        """Any command the broker does not own, on the admin queue (``qid`` 0) or an I/O queue: the
+        caller gives CDW2/3/10..15 (``cdws``, by name), the bytes to send (``data``) or the length
+        to receive (``data_len``), never an address; the broker copies through a buffer of its own
+        and authors DPTR. Returns (DW0, the bytes received or None). No retries: the status is the
+        device's. Refused before the device sees anything: commands whose addresses or state the
+        broker owns (:data:`BROKER_OWNED_ADMIN`, Set Features :data:`BROKER_OWNED_FEATURES`),
+        fused or SGL commands (CDW0 FUSE/PSDT), and data commands on a namespace whose metadata
+        needs a metadata pointer; all with reason ``broker-owned-command``."""
+        self._require_ready()
+        qp = self.admin if qid == 0 else self._queue(qid)
+        opcode = _whole(opcode, "the opcode")
+        if not 0 <= opcode <= 0xFF:
+            raise Refused("invalid-argument", f"opcode {opcode:#x} is not a byte", opcode=opcode)
+        words = {k: _whole(v, k) for k, v in (cdws or {}).items()}
+        for k, v in words.items():
+            if k not in PASSTHRU_DWORDS:
+                raise Refused("invalid-argument", f"{k}: passthrough takes {', '.join(PASSTHRU_DWORDS)} (the broker "
+                              "authors CDW0, PRP1/PRP2 and the metadata pointer)", field=k)
+            if not 0 <= v <= 0xFFFFFFFF:
+                raise Refused("invalid-argument", f"{k}={v:#x} is not a 32-bit value", field=k)
+        nsid = _whole(nsid, "the namespace id")
+        if not 0 <= nsid <= 0xFFFFFFFF:
+            raise Refused("invalid-argument", f"namespace id {nsid:#x} is not a 32-bit value", nsid=nsid)
+        name = (f"Admin passthru {opcode:#04x}" if qid == 0 else f"I/O passthru {opcode:#04x}")
+        owned = self._broker_owned(qid, opcode, words.get("cdw10", 0), nsid)
+        if owned:
+            raise Refused("broker-owned-command", f"{name}: {owned} is the broker's (it authors the addresses "
+                          "and state the command carries); use the provider's verbs", opcode=opcode)
+        if data is not None and data_len:
+            raise Refused("invalid-argument", "give data (to send) or data_len (to receive), not both")
+        payload = None if data is None else np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        length = len(payload) if payload is not None else _whole(data_len, "data_len")
+        limit = min(self.max_transfer or UNLIMITED_MDTS_CAP, PASSTHRU_MAX)
+        if not 0 <= length <= limit:
+            raise Refused("length-mismatch", f"{length} bytes: passthrough moves at most {limit} (MDTS)",
+                          length=length, limit=limit)
+        buf = self.ledger.alloc(align_up(max(length, 1), self.page_size), owner="broker:passthru") if length \
+            else None
+        try:
+            if buf is not None:
+                buf.array[:] = 0
+                if payload is not None:
+                    buf.array[:length] = payload
+            e = self._sqe(opcode, nsid=nsid, **words)
+            dw0 = self._exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False, opcode=opcode)
+            return dw0, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
+        finally:
+            if buf is not None and self.ledger.in_flight(buf) == 0:
+                self.ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close
+
+    def _broker_owned(self, qid: int, opcode: int, cdw10: int, nsid: int) -> str:
+        """Why a passthrough command is the broker's ('' when it is not)."""
+        if qid == 0:
+            if opcode in BROKER_OWNED_ADMIN:
+                return BROKER_OWNED_ADMIN[opcode]
+            if opcode == AdminOpcode.SET_FEATURES and cdw10 & 0xFF in BROKER_OWNED_FEATURES:
+                return f"Set Features {BROKER_OWNED_FEATURES[cdw10 & 0xFF]}"
+            return ""
+        ns = self.namespaces.get(nsid)
+        if ns is not None and ns.metadata_size and opcode & 3 and not ns.extended_lba:
+            return f"a data command on namespace {nsid}, whose {ns.metadata_size}-byte metadata needs a metadata " \
+                   "pointer"
+        return ""
 
     def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0, cdw11: int = 0) -> int:
         self._require_ready()

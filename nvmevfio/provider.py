@@ -139,6 +139,20 @@ class Provider:
     def write(self, nsid: int, slba: int, data: Any) -> int:
         return self._broker.write(nsid, slba, data)
 
+    def admin_passthru(self, opcode: int, *, nsid: int = 0, data: Any = None, data_len: int = 0,
+                       timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:
+        """Any admin command the broker does not own (vendor-specific C0h-FFh included): CDW2/3 and
+        CDW10..15 as ``cdw10=...``; ``data`` (bytes to send) or ``data_len`` (bytes to receive),
+        never an address. Returns (DW0, the bytes received or None); a status raises CommandError."""
+        return self._broker.passthru(0, opcode, nsid=nsid, cdws=cdws, data=data, data_len=data_len,
+                                     timeout_s=timeout_s)
+
+    def io_passthru(self, opcode: int, *, nsid: int = 1, data: Any = None, data_len: int = 0, qid: int = 1,
+                    timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:
+        """:meth:`admin_passthru` for an I/O queue (``qid``)."""
+        return self._broker.passthru(qid, opcode, nsid=nsid, cdws=cdws, data=data, data_len=data_len,
+                                     timeout_s=timeout_s)
+
     def flush(self, nsid: int, *, qid: int = 1) -> None:
         self._broker.flush(nsid, qid)
 

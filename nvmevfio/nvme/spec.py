@@ -57,6 +57,29 @@ class IoOpcode(enum.IntEnum):
     DATASET_MANAGEMENT = 0x09
 
 
+# Command names for passthrough output (NVMe base / NVM command set opcode tables, as nvme-cli).
+ADMIN_COMMAND_NAMES = {
+    0x00: "Delete I/O Submission Queue", 0x01: "Create I/O Submission Queue", 0x02: "Get Log Page",
+    0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x06: "Identify", 0x08: "Abort",
+    0x09: "Set Features", 0x0A: "Get Features", 0x0C: "Asynchronous Event Request", 0x0D: "Namespace Management",
+    0x10: "Firmware Commit", 0x11: "Firmware Image Download", 0x14: "Device Self-test",
+    0x15: "Namespace Attachment", 0x18: "Keep Alive", 0x19: "Directive Send", 0x1A: "Directive Receive",
+    0x1C: "Virtualization Management", 0x1D: "NVMe-MI Send", 0x1E: "NVMe-MI Receive", 0x7C: "Doorbell Buffer Config",
+    0x80: "Format NVM", 0x81: "Security Send", 0x82: "Security Receive", 0x84: "Sanitize", 0x86: "Get LBA Status",
+}
+IO_COMMAND_NAMES = {
+    0x00: "Flush", 0x01: "Write", 0x02: "Read", 0x04: "Write Uncorrectable", 0x05: "Compare", 0x08: "Write Zeroes",
+    0x09: "Dataset Management", 0x0C: "Verify", 0x0D: "Reservation Register", 0x0E: "Reservation Report",
+    0x11: "Reservation Acquire", 0x15: "Reservation Release", 0x19: "Copy",
+}
+
+
+def command_name(admin: bool, opcode: int) -> str:
+    """The command's name, "Vendor Specific" for C0h-FFh, else "Unknown"."""
+    name = (ADMIN_COMMAND_NAMES if admin else IO_COMMAND_NAMES).get(opcode)
+    return name or ("Vendor Specific" if opcode >= 0xC0 else "Unknown")
+
+
 class Cns(enum.IntEnum):
     NAMESPACE = 0x00
     CONTROLLER = 0x01
