@@ -160,7 +160,21 @@ def _progress(total: int, label: str) -> Any:
     return contextlib.nullcontext(None)
 
 
-address_arg = click.argument("address")
+def _complete_address(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of ADDRESS: the NVMe functions on this machine (pyudev), with their driver."""
+    from click.shell_completion import CompletionItem
+
+    from nvmevfio.pci import list_functions
+
+    try:
+        fns = list_functions()
+    except Exception:  # completion must never fail loudly
+        return []
+    return [CompletionItem(f.address, help=f"{f.driver or 'no driver'} {f.model or ''}".strip())
+            for f in fns if f.address.startswith(incomplete) or f.address[5:].startswith(incomplete)]
+
+
+address_arg = click.argument("address", shell_complete=_complete_address)
 output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(["normal", "json"]), default="normal",
                           show_default=True, help="output format")
 nsid_opt = click.option("-n", "--namespace-id", "nsid", type=int, default=1, show_default=True,

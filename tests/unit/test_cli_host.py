@@ -42,3 +42,23 @@ def test_bad_address_is_one_line():
 def test_list_with_no_devices_is_not_an_error():
     r = CliRunner().invoke(main, ["list", "-o", "json"])
     assert r.exit_code == 0 and "Functions" in r.output
+
+
+def test_shell_completion_script_and_commands():
+    """click's shell completion: the bash script, and commands completed by prefix."""
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "nvmevfio")
+    src = subprocess.run([exe], env={**os.environ, "_NVMEVFIO_COMPLETE": "bash_source"}, capture_output=True,
+                         text=True, timeout=60)
+    assert src.returncode == 0 and "_nvmevfio_completion" in src.stdout and "complete " in src.stdout
+    got = subprocess.run([exe], env={**os.environ, "_NVMEVFIO_COMPLETE": "bash_complete", "COMP_WORDS": "nvmevfio id-",
+                                     "COMP_CWORD": "1"}, capture_output=True, text=True, timeout=60)
+    words = {line.split(",", 1)[1] for line in got.stdout.splitlines() if "," in line}
+    assert words == {"id-ctrl", "id-ns"}
+    got = subprocess.run([exe], env={**os.environ, "_NVMEVFIO_COMPLETE": "bash_complete",
+                                     "COMP_WORDS": "nvmevfio io-passthru 00:04.0 --cdw1", "COMP_CWORD": "3"},
+                         capture_output=True, text=True, timeout=60)
+    assert {line.split(",", 1)[1] for line in got.stdout.splitlines()} == {f"--cdw1{i}" for i in range(6)}
