@@ -230,10 +230,10 @@ class ControllerSession(Provider):
         self.on_release: Callable[[str], None] | None = None  # called (from the watcher thread) after it
         self._release_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
-        self._wake = -1
+        self._wake = self._wake_w = -1
         request_fd = function.device.enable_request()
         if request_fd is not None:
-            self._wake = os.eventfd(0, os.EFD_CLOEXEC)
+            self._wake, self._wake_w = os.pipe()  # close() writes a byte: the watcher returns
             self._watcher = threading.Thread(target=self._watch_request, args=(request_fd,),
                                              name=f"nvmevfio-request-{self.address}", daemon=True)
             self._watcher.start()
@@ -289,10 +289,11 @@ class ControllerSession(Provider):
 
     def close(self) -> None:
         if self._watcher is not None:
-            os.eventfd_write(self._wake, 1)
+            os.write(self._wake_w, b"x")
             if self._watcher is not threading.current_thread():
                 self._watcher.join()
             os.close(self._wake)
+            os.close(self._wake_w)
             self._watcher = None
         with self._release_lock:
             try:

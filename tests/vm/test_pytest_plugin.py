@@ -1,0 +1,72 @@
+"""The pytest plugin against QEMU's NVMe model: an example test file run through it, with and
+without --nvme-allow-destructive, and its refusal of a device whose namespace is mounted."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from conftest import controller, kernel_blockdev
+
+from nvmevfio import pci
+
+EXAMPLE = '''
+import numpy as np
+import pytest
+
+def test_identify(nvme_controller):
+    assert nvme_controller.identify_controller()["mn"].strip() == "QEMU NVMe Ctrl"
+
+def test_read(nvme_namespace):
+    assert nvme_namespace.read_blocks(0, 8).size == 8 * nvme_namespace.block_size
+
+@pytest.mark.nvme_destructive
+def test_write_read_back(nvme_namespace, nvme_buffer):
+    data = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)
+    nvme_buffer.array[:4096] = data
+    nvme_namespace.write_from(64, 4096 // nvme_namespace.block_size, nvme_buffer)
+    assert np.array_equal(nvme_namespace.read_blocks(64, 4096 // nvme_namespace.block_size), data)
+'''
+
+
+def run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    junit = tmp_path / "junit.xml"
+    junit.unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}",
+                        str(tmp_path / "test_example.py"), *args], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    counts = {}
+    if junit.exists():
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    return r, counts
+
+
+def test_example_file_through_the_plugin(guest, tmp_path):
+    addr = controller(guest, "nvmevfio-nbd")["address"]
+    (tmp_path / "test_example.py").write_text(EXAMPLE)
+    r, counts = run(tmp_path, "--nvme", addr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert counts == {"tests": 3, "failures": 0, "errors": 0, "skipped": 1}, r.stdout
+    assert "pass --nvme-allow-destructive" in r.stdout
+    r, counts = run(tmp_path, "--nvme", addr, "--nvme-allow-destructive")
+    assert r.returncode == 0 and counts == {"tests": 3, "failures": 0, "errors": 0, "skipped": 0}, r.stdout
+
+
+def test_a_mounted_namespace_is_refused(guest, tmp_path):
+    addr = controller(guest, "nvmevfio-nbd")["address"]
+    (tmp_path / "test_example.py").write_text(EXAMPLE)
+    dev = kernel_blockdev(addr)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, timeout=300)
+    subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
+    try:
+        r, _ = run(tmp_path, "--nvme", addr, "--nvme-allow-destructive")
+        assert r.returncode == 4, r.stdout + r.stderr  # pytest's usage error: nothing ran
+        assert f"refusing {addr}" in r.stdout + r.stderr and "mounted on" in r.stdout + r.stderr
+        assert pci.get_function(addr).driver == "nvme"  # not taken from the kernel
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+        pci.bind(addr)
