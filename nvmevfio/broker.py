@@ -41,6 +41,7 @@ ADMIN_DEPTH = 32
 # addresses they carry, or its ledger and queues depend on them); refused `broker-owned-command`.
 PASSTHRU_DWORDS = ("cdw2", "cdw3", "cdw10", "cdw11", "cdw12", "cdw13", "cdw14", "cdw15")
 PASSTHRU_MAX = 2 << 20  # one PRP-list page per admin command
+FORMAT_TIMEOUT_S = 600.0  # Format NVM and Sanitize may take long on real media
 BROKER_OWNED_ADMIN = {
     0x00: "Delete I/O Submission Queue", 0x01: "Create I/O Submission Queue",
     0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x08: "Abort",
@@ -859,7 +860,8 @@ class Broker:
         return self._admin_read(e, f"Get Log Page {lid:#04x}", length)
 
     def passthru(self, qid: int, opcode: int, *, nsid: int = 0, cdws: dict[str, int] | None = None,
-                 data: Any = None, data_len: int = 0, timeout_s: float | None = None) -> tuple[int, bytes | None]:
+                 data: Any = None, data_len: int = 0, timeout_s: float | None = None,
+                 name: str | None = None) -> tuple[int, bytes | None]:
         """Any command the broker does not own, on the admin queue (``qid`` 0) or an I/O queue: the
         caller gives CDW2/3/10..15 (``cdws``, by name), the bytes to send (``data``) or the length
         to receive (``data_len``), never an address; the broker copies through a buffer of its own
@@ -883,7 +885,7 @@ class Broker:
         nsid = _whole(nsid, "the namespace id")
         if not 0 <= nsid <= 0xFFFFFFFF:
             raise Refused("invalid-argument", f"namespace id {nsid:#x} is not a 32-bit value", nsid=nsid)
-        name = (f"Admin passthru {opcode:#04x}" if qid == 0 else f"I/O passthru {opcode:#04x}")
+        name = name or (f"Admin passthru {opcode:#04x}" if qid == 0 else f"I/O passthru {opcode:#04x}")
         owned = self._broker_owned(qid, opcode, words.get("cdw10", 0), nsid)
         if owned:
             raise Refused("broker-owned-command", f"{name}: {owned} is the broker's (it authors the addresses "
@@ -909,6 +911,119 @@ class Broker:
         finally:
             if buf is not None and self.ledger.in_flight(buf) == 0:
                 self.ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close
+
+    # ------------------------------------------------------------ the everyday admin and NVM commands
+    # Each is a named passthrough: the broker's buffer and DPTR, its refusals, the device's status.
+    def set_features(self, fid: int, value: int = 0, *, cdw12: int = 0, save: bool = False, nsid: int = 0,
+                     data: Any = None) -> int:
+        """Set Features (admin 09h): ``value`` is CDW11, ``save`` sets CDW10.SV; returns DW0."""
+        fid = _whole(fid, "the feature id")
+        if not 0 < fid <= 0xFF:
+            raise Refused("invalid-feature", f"feature id {fid:#x} out of range", fid=fid)
+        return self.passthru(0, AdminOpcode.SET_FEATURES, nsid=nsid, data=data, name=f"Set Features {fid:#04x}",
+                             cdws={"cdw10": fid | (int(bool(save)) << 31), "cdw11": value, "cdw12": cdw12})[0]
+
+    def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: int = 0, mset: int = 0,
+                   timeout_s: float | None = None) -> dict[int, Namespace]:
+        """Format NVM (admin 80h), then re-identify: a namespace whose geometry changed is refused
+        for I/O (``namespace-changed``) until the device is reopened. Refused while I/O is in flight."""
+        for name, v, hi in (("lbaf", lbaf, 63), ("ses", ses, 7), ("pi", pi, 7), ("pil", pil, 1), ("mset", mset, 1)):
+            if not 0 <= _whole(v, name) <= hi:
+                raise Refused("invalid-argument", f"{name}={v} outside 0..{hi}", field=name)
+        for qp in self.io:
+            if qp.in_flight:
+                self._refuse_busy(qp)
+        cdw10 = (lbaf & 0xF) | (mset << 4) | (pi << 5) | (pil << 8) | (ses << 9) | ((lbaf >> 4) << 12)
+        before = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
+        try:
+            self.passthru(0, AdminOpcode.FORMAT_NVM, nsid=nsid, cdws={"cdw10": cdw10}, name="Format NVM",
+                          timeout_s=timeout_s or max(self.command_timeout_s, FORMAT_TIMEOUT_S))
+        finally:
+            self.refresh_namespaces()
+            after = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
+            self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
+            self._update_hot()
+        return self.namespaces
+
+    def compare(self, nsid: int, slba: int, data: Any, qid: int = 1) -> None:
+        """Compare (NVM 05h): the device checks the blocks against ``data``; a difference raises
+        CommandError Compare Failure."""
+        ns = self.namespace(nsid)
+        payload = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        if not len(payload) or len(payload) % ns.block_size:
+            raise Refused("length-mismatch", f"{len(payload)} bytes: whole {ns.block_size}-byte blocks",
+                          length=len(payload))
+        slba, count = self.check_window(ns, slba, len(payload) // ns.block_size)
+        self.passthru(qid, IoOpcode.COMPARE, nsid=nsid, data=payload, name="Compare",
+                      cdws={"cdw10": slba & 0xFFFFFFFF, "cdw11": slba >> 32, "cdw12": count - 1})
+
+    def verify(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
+        """Verify (NVM 0Ch): the device reads and checks the blocks, transferring nothing."""
+        slba, count = self.check_window(self.namespace(nsid), slba, count)
+        if count > MAX_NLB:
+            raise Refused("count-out-of-range", f"{count} blocks: Verify takes at most {MAX_NLB}", count=count)
+        self.passthru(qid, IoOpcode.VERIFY, nsid=nsid, name="Verify",
+                      cdws={"cdw10": slba & 0xFFFFFFFF, "cdw11": slba >> 32, "cdw12": count - 1})
+
+    def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
+        """Namespace Management, create (admin 0Dh, SEL 0); returns the new namespace id."""
+        host = np.zeros(4096, dtype=np.uint8)
+        host[0:8] = np.frombuffer(int(nsze).to_bytes(8, "little"), np.uint8)
+        host[8:16] = np.frombuffer(int(ncap).to_bytes(8, "little"), np.uint8)
+        host[26], host[29], host[30] = flbas, dps, nmic
+        return self.passthru(0, AdminOpcode.NAMESPACE_MANAGEMENT, data=host, cdws={"cdw10": 0},
+                             name="Namespace Management (create)")[0]
+
+    def delete_namespace(self, nsid: int) -> None:
+        self.passthru(0, AdminOpcode.NAMESPACE_MANAGEMENT, nsid=nsid, cdws={"cdw10": 1},
+                      name="Namespace Management (delete)")
+        self.refresh_namespaces()
+
+    def attach_namespace(self, nsid: int, controllers: list[int], *, detach: bool = False) -> None:
+        """Namespace Attachment (admin 15h): attach (SEL 0) or detach (SEL 1) to controller ids."""
+        ids = [_whole(c, "a controller id") for c in controllers]
+        if not 0 < len(ids) <= 2047 or not all(0 <= c <= 0xFFFF for c in ids):
+            raise Refused("invalid-argument", f"controller list {ids}: 1..2047 ids of 16 bits")
+        lst = np.zeros(4096 // 2, dtype="<u2")
+        lst[0], lst[1 : 1 + len(ids)] = len(ids), ids
+        self.passthru(0, AdminOpcode.NAMESPACE_ATTACHMENT, nsid=nsid, data=lst.view(np.uint8),
+                      cdws={"cdw10": int(detach)}, name=f"Namespace Attachment ({'detach' if detach else 'attach'})")
+        self.refresh_namespaces()
+
+    def sanitize(self, sanact: int, *, ause: bool = False, owpass: int = 0, oipbp: bool = False,
+                 no_dealloc: bool = False, ovrpat: int = 0) -> None:
+        """Sanitize (admin 84h): SANACT 1 exit failure, 2 block erase, 3 overwrite, 4 crypto erase."""
+        if sanact not in (1, 2, 3, 4) or not 0 <= owpass <= 15:
+            raise Refused("invalid-argument", f"sanact {sanact} (1..4) / owpass {owpass} (0..15) out of range")
+        cdw10 = sanact | (int(ause) << 3) | (owpass << 4) | (int(oipbp) << 8) | (int(no_dealloc) << 9)
+        self.passthru(0, AdminOpcode.SANITIZE, cdws={"cdw10": cdw10, "cdw11": ovrpat}, name="Sanitize")
+
+    def firmware_download(self, image: Any, *, offset: int = 0, xfer: int = 4096) -> int:
+        """Firmware Image Download (admin 11h) in ``xfer``-byte pieces from byte ``offset``; returns
+        the pieces sent."""
+        data = np.frombuffer(memoryview(image).cast("B"), dtype=np.uint8)
+        if not len(data) or len(data) % 4 or offset % 4 or xfer <= 0 or xfer % 4:
+            raise Refused("length-mismatch", "firmware image, offset and transfer size must be whole dwords")
+        pieces = 0
+        for start in range(0, len(data), xfer):
+            piece = data[start : start + xfer]
+            self.passthru(0, AdminOpcode.FIRMWARE_IMAGE_DOWNLOAD, data=piece, name="Firmware Image Download",
+                          cdws={"cdw10": len(piece) // 4 - 1, "cdw11": (offset + start) // 4})
+            pieces += 1
+        return pieces
+
+    def firmware_commit(self, slot: int, action: int, *, bpid: int = 0) -> int:
+        """Firmware Commit (admin 10h); returns DW0."""
+        if not 0 <= slot <= 7 or not 0 <= action <= 7 or bpid not in (0, 1):
+            raise Refused("invalid-argument", f"slot {slot} (0..7) / action {action} (0..7) / bpid {bpid} (0..1)")
+        return self.passthru(0, AdminOpcode.FIRMWARE_COMMIT, cdws={"cdw10": slot | (action << 3) | (bpid << 31)},
+                             name="Firmware Commit")[0]
+
+    def device_self_test(self, stc: int, *, nsid: int = 0xFFFFFFFF) -> None:
+        """Device Self-test (admin 14h): STC 1 short, 2 extended, 0Eh vendor, 0Fh abort."""
+        if stc not in (1, 2, 0xE, 0xF):
+            raise Refused("invalid-argument", f"self-test code {stc:#x}: 1, 2, 0xe or 0xf")
+        self.passthru(0, AdminOpcode.DEVICE_SELF_TEST, nsid=nsid, cdws={"cdw10": stc}, name="Device Self-test")
 
     def _broker_owned(self, qid: int, opcode: int, cdw10: int, nsid: int) -> str:
         """Why a passthrough command is the broker's ('' when it is not)."""
@@ -1033,8 +1148,8 @@ class Broker:
         self._require_ready()
         nsid = _whole(nsid, "the namespace id")
         if nsid in self.changed_namespaces:
-            raise Refused("namespace-changed", f"namespace {nsid} changed size or format across a controller "
-                          "reset; I/O to it is refused until the device is reopened", nsid=nsid)
+            raise Refused("namespace-changed", f"namespace {nsid} changed size or format (a controller reset or "
+                          "Format NVM); I/O to it is refused until the device is reopened", nsid=nsid)
         ns = self.namespaces.get(nsid)
         if ns is None:
             raise Refused("namespace-inactive",

@@ -114,6 +114,56 @@ class Provider:
             raise Refused("unsupported-log-page", f"log page {page!r}: use smart, error or firmware", page=page)
         return self._broker.get_log_page(int(lid), length)
 
+    def get_log(self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0) -> bytes:
+        """Any log page: ``length`` bytes (a multiple of 4, up to 1 MiB) from byte ``offset`` (LPO)."""
+        return self._broker.get_log_page(lid, length, nsid=nsid, offset=offset)
+
+    def set_features(self, fid: int, value: int = 0, *, cdw12: int = 0, save: bool = False, nsid: int = 0,
+                     data: Any = None) -> int:
+        """Set Features (``value`` is CDW11; ``save`` keeps it across resets); Number of Queues and
+        Host Memory Buffer are the broker's (refused). Returns DW0."""
+        return self._broker.set_features(fid, value, cdw12=cdw12, save=save, nsid=nsid, data=data)
+
+    def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: int = 0, mset: int = 0,
+                   timeout_s: float | None = None) -> dict[int, Namespace]:
+        """Format NVM, then the namespaces re-identified (I/O to one whose geometry changed is refused
+        until reopened). Returns the namespace table."""
+        return self._broker.format_nvm(nsid, lbaf, ses=ses, pi=pi, pil=pil, mset=mset, timeout_s=timeout_s)
+
+    def compare(self, nsid: int, slba: int, data: Any, *, qid: int = 1) -> None:
+        self._broker.compare(nsid, slba, data, qid)
+
+    def verify(self, nsid: int, slba: int, count: int, *, qid: int = 1) -> None:
+        self._broker.verify(nsid, slba, count, qid)
+
+    def refresh_namespaces(self) -> dict[int, Namespace]:
+        """Re-identify every active namespace (ns-rescan)."""
+        return self._broker.refresh_namespaces()
+
+    def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
+        return self._broker.create_namespace(nsze, ncap, flbas, dps=dps, nmic=nmic)
+
+    def delete_namespace(self, nsid: int) -> None:
+        self._broker.delete_namespace(nsid)
+
+    def attach_namespace(self, nsid: int, controllers: list[int]) -> None:
+        self._broker.attach_namespace(nsid, controllers)
+
+    def detach_namespace(self, nsid: int, controllers: list[int]) -> None:
+        self._broker.attach_namespace(nsid, controllers, detach=True)
+
+    def sanitize(self, sanact: int, **options: Any) -> None:
+        self._broker.sanitize(sanact, **options)
+
+    def firmware_download(self, image: Any, *, offset: int = 0, xfer: int = 4096) -> int:
+        return self._broker.firmware_download(image, offset=offset, xfer=xfer)
+
+    def firmware_commit(self, slot: int, action: int, *, bpid: int = 0) -> int:
+        return self._broker.firmware_commit(slot, action, bpid=bpid)
+
+    def device_self_test(self, stc: int, *, nsid: int = 0xFFFFFFFF) -> None:
+        self._broker.device_self_test(stc, nsid=nsid)
+
     def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0) -> int:
         return self._broker.get_features(fid, sel=sel, nsid=nsid)
 

@@ -46,15 +46,24 @@ class AdminOpcode(enum.IntEnum):
     SET_FEATURES = 0x09
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
+    NAMESPACE_MANAGEMENT = 0x0D
+    FIRMWARE_COMMIT = 0x10
+    FIRMWARE_IMAGE_DOWNLOAD = 0x11
+    DEVICE_SELF_TEST = 0x14
+    NAMESPACE_ATTACHMENT = 0x15
     DOORBELL_BUFFER_CONFIG = 0x7C
+    FORMAT_NVM = 0x80
+    SANITIZE = 0x84
 
 
 class IoOpcode(enum.IntEnum):
     FLUSH = 0x00
     WRITE = 0x01
     READ = 0x02
+    COMPARE = 0x05
     WRITE_ZEROES = 0x08
     DATASET_MANAGEMENT = 0x09
+    VERIFY = 0x0C
 
 
 # Command names for passthrough output (NVMe base / NVM command set opcode tables, as nvme-cli).

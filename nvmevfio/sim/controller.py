@@ -374,6 +374,11 @@ class SimController:
         lo, hi = slba * ns.block_size, (slba + nlb) * ns.block_size
         if opc == IoOpcode.WRITE_ZEROES:
             ns.data[lo:hi] = 0
+        elif opc == IoOpcode.VERIFY:
+            pass  # nothing is transferred; the blocks are readable
+        elif opc == IoOpcode.COMPARE:
+            if not np.array_equal(self._dma_in(int(e["prp1"]), int(e["prp2"]), hi - lo), ns.data[lo:hi]):
+                return 0, 2, 0x85  # Compare Failure
         elif opc == IoOpcode.READ:
             out = ns.data[lo:hi]
             bad = self.corrupt_read_lba

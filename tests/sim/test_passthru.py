@@ -73,3 +73,39 @@ def test_passthru_buffers_are_freed(p, rig):
     for _ in range(5):
         p.admin_passthru(AdminOpcode.IDENTIFY, cdw10=1, data_len=4096)
     assert rig.ledger.live_buffers() == before
+
+
+def test_compare_and_verify(p, rig):
+    data = np.random.default_rng(6).integers(0, 256, 8 * 512, dtype=np.uint8)
+    p.write(1, 300, data)
+    p.compare(1, 300, data)
+    changed = data.copy()
+    changed[100] ^= 1
+    with pytest.raises(CommandError) as ei:
+        p.compare(1, 300, changed)
+    assert ei.value.sc_name == "Compare Failure" and ei.value.context["opcode"] == IoOpcode.COMPARE
+    p.verify(1, 300, 8)
+    assert rig.sim.commands[-1][1] == IoOpcode.VERIFY
+    with pytest.raises(Refused) as ei:
+        p.compare(1, 300, data[:100])
+    assert ei.value.reason == "length-mismatch"
+
+
+def test_set_features_and_get_log(p, rig):
+    with pytest.raises(Refused) as ei:
+        p.set_features(0x07, 0x00010001)  # Number of Queues: the broker's
+    assert ei.value.reason == "broker-owned-command"
+    assert p.get_log(0x02, 512) == p.get_log_page("smart")
+    e = rig.sim.last_sqe[AdminOpcode.GET_LOG_PAGE]
+    assert int(e["cdw10"]) == 0x02 | (127 << 16)
+
+
+def test_commands_the_controller_lacks_come_back_with_its_status(p, rig):
+    for call in (lambda: p.sanitize(2), lambda: p.device_self_test(1), lambda: p.firmware_commit(1, 1),
+                 lambda: p.firmware_download(bytes(8192), xfer=4096), lambda: p.create_namespace(100, 100)):
+        with pytest.raises(CommandError) as ei:
+            call()
+        assert ei.value.sc_name == "Invalid Command Opcode"
+    with pytest.raises(Refused):
+        p.sanitize(9)
+    p.identify_controller()  # nothing broke
