@@ -6,6 +6,7 @@ the bytes the guest wrote."""
 import hashlib
 import json
 import os
+import shlex
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -55,7 +56,7 @@ def _controllers(io_dir):
 def vm_run(tmp_path_factory):
     io_dir = tmp_path_factory.mktemp("guest")
     junit = io_dir / "junit.xml"
-    extra = os.environ.get("NVMEVFIO_VM_PYTEST_ARGS", "").split()
+    extra = shlex.split(os.environ.get("NVMEVFIO_VM_PYTEST_ARGS", ""))  # quoting as in a shell
     res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA", "tests/vm",
                         f"--junitxml={junit}", *extra],
                        controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(ROOT), timeout=1500, echo=False)

@@ -63,7 +63,9 @@ def test_compare_verify_id_ns_all_rescan(data_ctrl, tmp_path):
     assert r.returncode == 4 and "Compare Failure" in r.stderr, r.stderr
     ok("verify", addr, "-n", "1", "--start-block", "0", "--block-count", "255")
     docs = json.loads(ok("id-ns", addr, "--all", "-o", "json"))
-    assert [d["nsze"] for d in docs] == [ns["size"] // ns["block_size"] for ns in data_ctrl["namespaces"]]
+    # QEMU sizes a namespace with metadata as the image over (block + metadata) bytes
+    assert [d["nsze"] for d in docs] == [ns["size"] // (ns["block_size"] + ns["metadata"])
+                                         for ns in data_ctrl["namespaces"]]
     rescan = json.loads(ok("ns-rescan", addr, "-o", "json"))["namespaces"]
     assert [r["nsid"] for r in rescan] == [ns["nsid"] for ns in data_ctrl["namespaces"]]
 
