@@ -872,6 +872,8 @@ class Broker:
         needs a metadata pointer; all with reason ``broker-owned-command``."""
         self._require_ready()
         qp = self.admin if qid == 0 else self._queue(qid)
+        if qp is None:
+            raise Refused("controller-not-enabled", "controller is not enabled")
         opcode = _whole(opcode, "the opcode")
         if not 0 <= opcode <= 0xFF:
             raise Refused("invalid-argument", f"opcode {opcode:#x} is not a byte", opcode=opcode)

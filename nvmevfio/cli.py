@@ -788,7 +788,7 @@ def get_log(address: str, lid: int, length: int, offset: int, nsid: int, raw_bin
     if fmt == "json":
         _emit_json({"log_id": lid, "length": length, "offset": offset, "data": data.hex()})
         return
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     if raw_binary:
         out.write(data)
     else:
@@ -1017,7 +1017,7 @@ def _log_command(lid: int, length: int, what: str) -> Callable[..., None]:
         if fmt == "json":
             _emit_json({"log_id": lid, "data": data.hex()})
             return
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         if raw_binary:
             out.write(data)
         else:
@@ -1146,7 +1146,7 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
         if latency:
             click.echo(f"latency: {kind} {name}: {took_us:.0f} us", err=True)
         if data is not None:
-            out = click.get_binary_stream("stdout")
+            out = sys.stdout.buffer
             if raw_binary:
                 out.write(data)
             else:
