@@ -266,11 +266,14 @@ class Broker:
             raise Refused("device-gone", f"the device is gone ({self.gone_why}); close it", state="gone",
                           why=self.gone_why)
 
-    def _require_ready(self) -> None:
-        self._refuse_gone()
+    def _refuse_failed(self) -> None:
         if self.failed is not None:
             raise Refused("controller-failed", f"the controller was declared failed ({self.failed}); reopen it",
                           why=self.failed)
+
+    def _require_ready(self) -> None:
+        self._refuse_gone()
+        self._refuse_failed()
         if self.ctrl.state is State.FATAL:
             raise Refused("controller-fatal", "controller is in fatal state (CSTS.CFS was set); reset it")
         if self.ctrl.state is not State.READY or self.admin is None:
@@ -453,9 +456,7 @@ class Broker:
             finally:
                 self._parked.discard(me)
         self._refuse_gone()
-        if self.failed is not None:
-            raise Refused("controller-failed", f"the controller was declared failed ({self.failed}); reopen it",
-                          why=self.failed)
+        self._refuse_failed()
         if not done:
             raise ControllerTimeout(f"a controller reset by another thread did not finish within "
                                     f"{self._park_limit_s():g} s")
@@ -690,10 +691,7 @@ class Broker:
                 self._doorbell_buffer_config(*self._dbbuf)
             for qp in self.io:
                 self._create_queue_on_device(qp)
-            before = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
-            self.refresh_namespaces()
-            after = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
-            self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
+            self._reidentify()
         for qp in self.io:
             busy = qp.ring.busy_cids()
             stale = busy[np.isin(qp.ring.saved["nsid"][busy], list(self.changed_namespaces))]
@@ -734,19 +732,28 @@ class Broker:
             raise DeviceGone(f"the device is gone ({self.gone_why})", why=self.gone_why, **exc.context) from exc
         raise exc
 
-    def _gone(self) -> None:
-        """The device is gone: no register access can help. End everything in flight (its memory is
-        unmapped from the IOMMU when the device is closed), refuse every later call. A queue another
-        thread is using is left to that thread: the stop flag ends its wait, and it ends its own."""
+    def _gone(self, wait_s: float = 0.0, *, drop_irq: bool = False) -> list[int]:
+        """The device is gone: no register access can help. Refuse every later call, end every C
+        wait (the stop flag), and end what is in flight (its memory is unmapped from the IOMMU when
+        the device is closed) on each queue this thread can take within ``wait_s`` (re-entrant: its
+        own queue too); a thread that keeps its queue ends its own when its wait returns.
+        ``drop_irq``: the eventfds are about to be closed. Returns the queues not taken."""
         self.gone = True
         self._hot = {}
         self._stop.set()
+        deadline = time.monotonic() + wait_s
+        stuck = []
         for qp in self._all_queues:
-            if qp.lock.acquire(blocking=False):  # re-entrant: this thread's own queue too
-                try:
-                    self._end_queue(qp, release=True)  # no device left to DMA into their buffers
-                finally:
-                    qp.lock.release()
+            if not qp.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                stuck.append(qp.qid)
+                continue
+            try:
+                self._end_queue(qp, release=True)  # no device left to DMA into their buffers
+                if drop_irq:
+                    qp.ring.set_irq(-1, qp.ring.vector)
+            finally:
+                qp.lock.release()
+        return stuck
 
     def device_removed(self, why: str, timeout_s: float = 3.0) -> list[int]:
         """The device is being taken away (VFIO's device request: hot-unplug, unbind, ``remove``).
@@ -755,24 +762,7 @@ class Broker:
         call is refused before touching the device. The caller then releases the VFIO fds.
         Returns the ids of queues whose thread did not let go within ``timeout_s`` (normally none)."""
         self.gone_why = why
-        self.gone = True  # new calls are refused from here on
-        self._hot = {}
-        self._stop.set()  # every C wait ends now; each waiting thread ends its own queue
-        deadline = time.monotonic() + timeout_s
-        held, stuck = [], []
-        for qp in self._all_queues:
-            if qp.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                held.append(qp)
-            else:
-                stuck.append(qp.qid)
-        try:
-            for qp in held:
-                self._end_queue(qp, release=True)  # the device can no longer DMA into their buffers
-                qp.ring.set_irq(-1, qp.ring.vector)  # its eventfd is about to be closed
-        finally:
-            for qp in held:
-                qp.lock.release()
-        return stuck
+        return self._gone(timeout_s, drop_irq=True)
 
     def _end_all(self, *, release: bool) -> None:
         """Cancel every command in flight on every queue; ``release`` unpins their buffers (only when
@@ -936,16 +926,24 @@ class Broker:
             if qp.in_flight:
                 self._refuse_busy(qp)
         cdw10 = (lbaf & 0xF) | (mset << 4) | (pi << 5) | (pil << 8) | (ses << 9) | ((lbaf >> 4) << 12)
-        before = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
         try:
             self.passthru(0, AdminOpcode.FORMAT_NVM, nsid=nsid, cdws={"cdw10": cdw10}, name="Format NVM",
                           timeout_s=timeout_s or max(self.command_timeout_s, FORMAT_TIMEOUT_S))
         finally:
-            self.refresh_namespaces()
-            after = {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
-            self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
+            self._reidentify()
             self._update_hot()
         return self.namespaces
+
+    def _reidentify(self) -> None:
+        """Identify the namespaces again; one whose size or format changed is refused for I/O
+        (``namespace-changed``) until the device is reopened."""
+        def geometry() -> dict[int, tuple[int, int, int]]:
+            return {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
+
+        before = geometry()
+        self.refresh_namespaces()
+        after = geometry()
+        self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
 
     def compare(self, nsid: int, slba: int, data: Any, qid: int = 1) -> None:
         """Compare (NVM 05h): the device checks the blocks against ``data``; a difference raises

@@ -494,6 +494,19 @@ def read(address: str, nsid: int, lba: int | None, count: int | None, offset: in
                     out.flush()
 
 
+def _write_data(data: bytes, raw: bool, header: str = "", base: int = 0) -> None:
+    """Received data to stdout: raw bytes (-b), or a header line (if any) and a hex dump."""
+    if header and not raw:
+        click.echo(header)
+    sys.stdout.flush()  # the header's text before the bytes written under it
+    out = sys.stdout.buffer
+    if raw:
+        out.write(data)
+    else:
+        _hexdump(out, data, base)
+    out.flush()
+
+
 def _hexdump(out: Any, data: bytes, base: int) -> None:
     lines = []
     for i in range(0, len(data), 16):
@@ -788,13 +801,7 @@ def get_log(address: str, lid: int, length: int, offset: int, nsid: int, raw_bin
     if fmt == "json":
         _emit_json({"log_id": lid, "length": length, "offset": offset, "data": data.hex()})
         return
-    out = sys.stdout.buffer
-    if raw_binary:
-        out.write(data)
-    else:
-        click.echo(f"Device:{_address(address)} log-id:{lid} namespace-id:{nsid:#x}")
-        _hexdump(out, data, offset)
-    out.flush()
+    _write_data(data, raw_binary, f"Device:{_address(address)} log-id:{lid} namespace-id:{nsid:#x}", offset)
 
 
 @main.command("format")
@@ -1017,13 +1024,7 @@ def _log_command(lid: int, length: int, what: str) -> Callable[..., None]:
         if fmt == "json":
             _emit_json({"log_id": lid, "data": data.hex()})
             return
-        out = sys.stdout.buffer
-        if raw_binary:
-            out.write(data)
-        else:
-            click.echo(f"{what} for device:{_address(address)}")
-            _hexdump(out, data, 0)
-        out.flush()
+        _write_data(data, raw_binary, f"{what} for device:{_address(address)}")
 
     return cmd
 
@@ -1146,12 +1147,7 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
         if latency:
             click.echo(f"latency: {kind} {name}: {took_us:.0f} us", err=True)
         if data is not None:
-            out = sys.stdout.buffer
-            if raw_binary:
-                out.write(data)
-            else:
-                _hexdump(out, data, 0)
-            out.flush()
+            _write_data(data, raw_binary)
 
     return cmd
 
