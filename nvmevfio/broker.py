@@ -240,6 +240,7 @@ class Broker:
         self._parking = threading.Condition()
         self._parked: set[int] = set()  # threads parked for a reset
         self._resetter: int | None = None
+        self._resetting = False  # a reset is running: other threads park (the pause only kicks them out of C)
         self._cc = 0
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
@@ -429,11 +430,11 @@ class Broker:
     def _wait_for_queue(self, qp: BrokerQueue) -> bool:
         """Wait for a queue held by a controller reset or (admin) another thread's command; parked
         while a reset runs. False: an I/O queue another thread is using (refuse)."""
-        if qp.qid and not self._stop.paused:
+        if qp.qid and not self._resetting:
             return False
         deadline = time.monotonic() + self._park_limit_s()
         while time.monotonic() < deadline:
-            if self._stop.paused:
+            if self._resetting:
                 self._park()
             if qp.lock.acquire(timeout=0.002):
                 return True
@@ -452,7 +453,7 @@ class Broker:
             self._parked.add(me)
             self._parking.notify_all()
             try:
-                done = self._parking.wait_for(lambda: not self._stop.paused, timeout=self._park_limit_s())
+                done = self._parking.wait_for(lambda: not self._resetting, timeout=self._park_limit_s())
             finally:
                 self._parked.discard(me)
         self._refuse_gone()
@@ -629,7 +630,8 @@ class Broker:
         held: list[BrokerQueue] = []
         try:
             self._resetter = me
-            self._stop.pause()
+            self._resetting = True
+            self._stop.pause()  # every C wait of another thread ends; that thread parks
             deadline = time.monotonic() + self._park_limit_s()
             for q in self._all_queues:
                 while not q.lock.acquire(timeout=0.002):
@@ -640,11 +642,15 @@ class Broker:
                         self._fail(f"queue {q.qid} stayed busy in its thread during a controller reset")
                 else:
                     held.append(q)
+            # Every queue is this thread's or a parked thread's: the reset's own admin commands
+            # must wait normally, so the pause ends here (the others stay parked on _resetting).
+            self._stop.resume()
             self._reset_paused(why)
         finally:
             self._resetter = None
             with self._parking:
                 self._stop.resume()
+                self._resetting = False
                 self._parking.notify_all()
             for q in held:
                 q.lock.release()
