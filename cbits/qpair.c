@@ -16,10 +16,14 @@
 #include "shim.h"
 
 #define NV_CID_TAKE 0xFFFF
-/* busy[cid]: a command id is free, taken (its PRP-list pages being authored), or in flight */
+/* busy[cid]: a command id is free, taken (its PRP-list pages being authored), in flight, or
+ * standing (an Asynchronous Event Request: outstanding until the controller has an event) */
 #define CID_FREE 0
 #define CID_TAKEN 1
 #define CID_IN_FLIGHT 2
+#define CID_STANDING 3
+#define NV_EVENTS_MAX 16
+#define CID_DIVERTED (-2)  /* consume(): a standing command's completion, kept in events */
 
 _Static_assert(sizeof(struct nv_sqe) == 64, "an SQE is 64 bytes");
 _Static_assert(sizeof(struct nv_cqe) == 16, "a CQE is 16 bytes");
@@ -302,15 +306,17 @@ int nv_qp_pending(const struct nv_qp *qp)
     return (cqe_status(qp, qp->cq_head) & 1) == qp->cq_phase;
 }
 
-/* Consume the entry at the head (the caller saw its phase tag). Returns its cid, or -1
- * when the id is not in flight. */
+static void keep_event(struct nv_qp *qp, uint16_t cid, const struct nv_cqe *cqe);
+
+/* Consume the entry at the head (the caller saw its phase tag). Returns its cid, -1 when the
+ * id is not in flight, or CID_DIVERTED for a standing command's (kept in events). */
 static inline int consume(struct nv_qp *qp, struct nv_cqe *cqe)
 {
     /* The phase tag was read first; the rest of the entry must not be read from before
      * it (the device writes the whole entry, the tag last in effect): read barrier. */
     nv_rmb();
     *cqe = qp->cq[qp->cq_head];
-    if (cqe->cid >= qp->ncids || qp->busy[cqe->cid] != CID_IN_FLIGHT) {
+    if (cqe->cid >= qp->ncids || (qp->busy[cqe->cid] != CID_IN_FLIGHT && qp->busy[cqe->cid] != CID_STANDING)) {
         qp->bad_cid = cqe->cid;
         return -1;
     }
@@ -319,6 +325,10 @@ static inline int consume(struct nv_qp *qp, struct nv_cqe *cqe)
         qp->cq_phase ^= 1;  /* the head wrapped: new entries carry the other phase */
     }
     qp->sq_head = cqe->sqhd % qp->depth;
+    if (qp->busy[cqe->cid] == CID_STANDING) {
+        keep_event(qp, cqe->cid, cqe);
+        return CID_DIVERTED;
+    }
     return cqe->cid;
 }
 
@@ -358,6 +368,8 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
     while (n < max && nv_qp_pending(qp)) {
         struct nv_cqe cqe;
         int cid = consume(qp, &cqe);
+        if (cid == CID_DIVERTED)
+            continue;
         if (cid < 0)
             return -EPROTO;
         if (n == 0)
@@ -465,8 +477,7 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
             return r;
         }
         got += (uint32_t)r;
-        if (r > 0)
-            nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch */
+        nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch (none when the head did not move) */
         if (got >= min || got >= max || qp->in_flight == 0)
             return (int)got;
         int64_t left = deadline - nv_now_ns();
@@ -505,6 +516,61 @@ int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t
     if (got < 0)
         return got;
     return got == 1 ? 0 : -ETIMEDOUT;
+}
+
+/* ==== standing commands: Asynchronous Event Requests (5.2) ==== */
+
+static void keep_event(struct nv_qp *qp, uint16_t cid, const struct nv_cqe *cqe)
+{
+    struct nv_completion *c = &qp->events[qp->nevents < NV_EVENTS_MAX ? qp->nevents++ : NV_EVENTS_MAX - 1];
+    memset(c, 0, sizeof(*c));
+    c->tag = qp->tag[cid];
+    c->latency_s = (double)(nv_now_ns() - qp->submit_ns[cid]) * 1e-9;
+    c->result = cqe->dw0;
+    c->cookie = qp->cookie[cid];
+    c->cid = cid;
+    c->status = cqe->status >> 1;
+    c->opcode = qp->opcode[cid];
+    qp->busy[cid] = CID_FREE;
+    qp->free_stack[qp->free_top++] = cid;
+    qp->standing--;
+    qp->completed++;
+}
+
+int nv_qp_make_standing(struct nv_qp *qp, uint16_t cid)
+{
+    if (cid >= qp->ncids || qp->busy[cid] != CID_IN_FLIGHT)
+        return -EINVAL;
+    /* every standing command's completion must fit in events until taken */
+    if (qp->standing + qp->nevents >= NV_EVENTS_MAX)
+        return -ENOSPC;
+    qp->busy[cid] = CID_STANDING;
+    qp->in_flight--;
+    qp->standing++;
+    return 0;
+}
+
+int nv_qp_take_events(struct nv_qp *qp, struct nv_completion *out, uint32_t max)
+{
+    uint32_t n = qp->nevents < max ? qp->nevents : max;
+    memcpy(out, qp->events, n * sizeof(*out));
+    memmove(qp->events, qp->events + n, (qp->nevents - n) * sizeof(*out));
+    qp->nevents -= n;
+    return (int)n;
+}
+
+int nv_qp_drop_standing(struct nv_qp *qp)
+{
+    int n = 0;
+    for (uint32_t cid = 0; cid < qp->ncids; cid++) {
+        if (qp->busy[cid] != CID_STANDING)
+            continue;
+        qp->busy[cid] = CID_FREE;
+        qp->free_stack[qp->free_top++] = (uint16_t)cid;
+        n++;
+    }
+    qp->standing = 0;
+    return n;
 }
 
 /* ==== recovery: after a controller reset ==== */
@@ -619,6 +685,8 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
     while (nv_qp_pending(qp)) {
         struct nv_cqe cqe;
         int cid = consume(qp, &cqe);
+        if (cid == CID_DIVERTED)
+            continue;
         if (cid < 0) {
             nv_qp_ring_cq(qp);
             return -EPROTO;

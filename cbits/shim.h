@@ -198,6 +198,10 @@ struct nv_qp {
     uint32_t in_flight;
     int64_t next_tag;
     uint32_t bad_cid;          /* the command id of the last completion not in flight */
+    uint32_t standing;         /* standing commands (Asynchronous Event Requests): posted, never late,
+                                  not counted in in_flight; their completions go to events */
+    uint32_t nevents;          /* completions of standing commands not yet taken (nv_qp_take_events) */
+    struct nv_completion events[16];
     /* counters */
     uint64_t posted;
     uint64_t completed;
@@ -207,7 +211,7 @@ struct nv_qp {
     uint64_t cq_shadow_only;
     /* the in-flight table, ncids entries each */
     uint16_t *free_stack;
-    uint8_t *busy;             /* 0: free, 1: taken (not yet posted), 2: in flight */
+    uint8_t *busy;             /* 0: free, 1: taken (not yet posted), 2: in flight, 3: standing */
     uint8_t *opcode;
     int64_t *tag;
     int64_t *submit_ns;
@@ -262,6 +266,15 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
  * (-EBUSY). -ETIMEDOUT leaves the command in flight against buffer (slot, gen). */
 int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
                struct nv_completion *out);
+/* Make in-flight command cid a standing one (an Asynchronous Event Request, 5.2): it is no
+ * longer counted in in_flight nor ever late; its completion, whenever a reap meets it, is
+ * kept aside (at most 16) for nv_qp_take_events, not returned by the reap. -EINVAL when cid
+ * is not in flight, -ENOSPC when 16 are standing already. */
+int nv_qp_make_standing(struct nv_qp *qp, uint16_t cid);
+/* Move the kept completions of standing commands to out (up to max); returns the count. */
+int nv_qp_take_events(struct nv_qp *qp, struct nv_completion *out, uint32_t max);
+/* After CC.EN=0 the controller forgets standing commands: free their ids. Returns the count. */
+int nv_qp_drop_standing(struct nv_qp *qp);
 /* Controller reset, step 1: every ring index back to the start (the broker zeroed the ring memory
  * and re-created the queue); the in-flight table is kept. */
 void nv_qp_reset_rings(struct nv_qp *qp);

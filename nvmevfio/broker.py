@@ -10,15 +10,18 @@ posts no entry and rings no doorbell.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn, Protocol, cast
 
 import numpy as np
 
+from nvmevfio import events
 from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
 from nvmevfio.errors import (
     CommandError,
@@ -27,6 +30,7 @@ from nvmevfio.errors import (
     ControllerFatal,
     ControllerTimeout,
     DeviceGone,
+    NvmeVfioError,
     QueuePaused,
     Refused,
 )
@@ -34,9 +38,16 @@ from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
 from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueuePair, StopFlag
-from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
+from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, Feature, IoOpcode
+
+log = logging.getLogger("nvmevfio")
 
 ADMIN_DEPTH = 32
+# Asynchronous Event Requests kept outstanding (at most AERL+1), events kept for poll_events()
+# (the oldest are dropped past it; callbacks see every one), how often a watcher looks.
+MAX_AERS = 4
+EVENT_BACKLOG = 256
+EVENT_POLL_S = 0.02
 # Passthrough: the dwords a caller may set, and the commands the broker owns (it authors the
 # addresses they carry, or its ledger and queues depend on them); refused `broker-owned-command`.
 PASSTHRU_DWORDS = ("cdw2", "cdw3", "cdw10", "cdw11", "cdw12", "cdw13", "cdw14", "cdw15")
@@ -245,6 +256,22 @@ class Broker:
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
         self._hot: dict[int, Namespace] = {}  # namespaces ready for I/O: the synchronous hot path's lookup
+        # Asynchronous events (5.2): Asynchronous Event Requests stay outstanding on the admin queue
+        # (standing commands in C, never late); each event's log page is read (clearing it) and
+        # the event delivered to poll_events() and the callbacks.
+        self.async_events = True  # arm them after the first Identify Controller
+        self.aec: int | None = None  # the Asynchronous Event Configuration set (None: not set)
+        self.events_off: str | None = None  # why no more AERs are posted (the controller refused one)
+        self._aer_limit = MAX_AERS
+        self._events_armed = False
+        self._servicing = False
+        self._event_buf: DmaBuffer | None = None
+        self.events: deque[events.AsyncEvent] = deque(maxlen=EVENT_BACKLOG)
+        self.events_seen = 0
+        self._event_cond = threading.Condition()
+        self._event_callbacks: list[Callable[[events.AsyncEvent], None]] = []
+        self._watch: threading.Thread | None = None
+        self._watch_stop = threading.Event()
 
     # ============================================================ controller state
     def bind(self) -> Registers:
@@ -275,6 +302,9 @@ class Broker:
     def _require_ready(self) -> None:
         self._refuse_gone()
         self._refuse_failed()
+        if (self.ctrl.state is not State.READY or self.admin is None) and self._resetting \
+                and self._resetter != threading.get_ident():
+            self._park()  # another thread's controller reset has it disabled for now: wait for it
         if self.ctrl.state is State.FATAL:
             raise Refused("controller-fatal", "controller is in fatal state (CSTS.CFS was set); reset it")
         if self.ctrl.state is not State.READY or self.admin is None:
@@ -296,6 +326,7 @@ class Broker:
 
     def _drop_queues(self) -> None:
         self._hot = {}
+        self._events_armed, self.aec, self.events_off, self._aer_limit = False, None, None, MAX_AERS
         for qp in self._all_queues:
             busy = qp.ring.busy_cids()
             for slot, gen in zip(qp.ring.buf_slot[busy].tolist(), qp.ring.buf_gen[busy].tolist()):
@@ -306,7 +337,7 @@ class Broker:
                     self.ledger.free(buf)
         self.io = []
         self.admin = None
-        for name in ("_staging", "_scratch"):
+        for name in ("_staging", "_scratch", "_event_buf"):
             buf = getattr(self, name)
             if buf is not None and buf.live:
                 self.ledger.free(buf)
@@ -483,7 +514,10 @@ class Broker:
                 status, result = self._settle(qp, c, buf)
                 if not retry or not self._retry(status, attempt):
                     break
-            return self._outcome(status, result, name, **context)
+            dw0 = self._outcome(status, result, name, **context)
+        if qp is self.admin and qp.ring.nevents and buf is not self._scratch:
+            self._service_events_quietly()  # _admin_read does it once it has copied the scratch data out
+        return dw0
 
     def _retry(self, status: int, attempt: int) -> bool:
         """Retry a transient status (DNR=0) after a short backoff, up to MAX_RETRIES times."""
@@ -682,6 +716,7 @@ class Broker:
         # CSTS.RDY=0: the controller no longer reads or writes host memory.
         for cid in admin.ring.busy_cids().tolist():  # admin commands are not replayed
             admin.cancelled.append(self._cancel(admin, cid))
+        admin.ring.drop_standing()  # the controller forgot its Asynchronous Event Requests
         for qp in [admin, *self.io]:
             for b in qp.buffers[:2]:
                 b.array[:] = 0  # SQ and CQ memory scrubbed before the controller sees it again
@@ -708,6 +743,8 @@ class Broker:
                 qp.cancelled.append(self._cancel(qp, cid))
             qp.ring.ring_sq()
         self._update_hot()
+        if self._events_armed:
+            self._arm_events()  # Asynchronous Event Configuration and AERs again
 
     def _cancel(self, qp: BrokerQueue, cid: int) -> np.ndarray:
         """End an in-flight command the device will never complete (the controller is disabled):
@@ -809,7 +846,10 @@ class Broker:
         arr = buf.array
         arr[:length] = 0
         self._admin_sync(e, name, buf, length)
-        return bytes(arr[:length])
+        data = bytes(arr[:length])
+        if self.admin is not None and self.admin.ring.nevents:
+            self._service_events_quietly()
+        return data
 
     def identify_controller(self) -> dict[str, Any]:
         self._require_ready()
@@ -819,7 +859,164 @@ class Broker:
         mdts = self.id_ctrl["mdts"]
         mpsmin = 1 << (12 + regs.get(self.ctrl.cap, regs.CAP_.MPSMIN))
         self.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
+        if self.async_events and not self._events_armed:
+            self._arm_events()
         return self.id_ctrl
+
+    # ============================================================ asynchronous events (5.2)
+    def _arm_events(self) -> None:
+        """Asynchronous Event Configuration (Set Features 0Bh: the SMART/health critical warnings,
+        and the notices OAES offers), then Asynchronous Event Requests outstanding."""
+        qp, ident = self.admin, self.id_ctrl
+        if qp is None or ident is None:
+            return
+        aec = spec.AEC_SMART_WARNINGS | (int(ident["oaes"]) & spec.AEC_NOTICES_FROM_OAES)
+        try:
+            self._exec(qp, self._sqe(AdminOpcode.SET_FEATURES, cdw10=Feature.ASYNC_EVENT_CONFIGURATION, cdw11=aec),
+                       "Set Features (Asynchronous Event Configuration)")
+            self.aec = aec
+        except CommandError as exc:  # events still come, as the controller's defaults allow
+            self.aec = None
+            log.info("Asynchronous Event Configuration not set: %s", exc)
+        self._events_armed = True
+        self._post_aers()
+
+    def _post_aers(self) -> None:
+        """Asynchronous Event Requests outstanding up to AERL+1 (at most MAX_AERS): standing commands,
+        never late, beside which every other admin command runs. One SQ doorbell."""
+        qp, ident = self.admin, self.id_ctrl
+        if qp is None or ident is None or self.events_off is not None:
+            return
+        want = min(int(ident["aerl"]) + 1, self._aer_limit)
+        with self._using(qp):
+            posted = 0
+            while qp.ring.standing + qp.ring.nevents < want and qp.capacity > 1:  # one id kept for commands
+                qp.ring.post_standing(self._sqe(AdminOpcode.ASYNC_EVENT_REQUEST))
+                posted += 1
+            if posted:
+                qp.ring.ring_sq()
+
+    def _event_log(self, lid: int) -> bytes:
+        """The log page an event names, read with RAE=0 (which clears the event, 5.16.1) into a
+        buffer of its own (the scratch buffer may hold another command's data)."""
+        length = spec.async_event_log_bytes(lid, int((self.id_ctrl or {}).get("elpe", 0)))
+        if self._event_buf is None or not self._event_buf.live:
+            self._event_buf = self.ledger.alloc(4096, owner="broker:events")
+        buf = self._event_buf
+        buf.array[:length] = 0
+        e = self._sqe(AdminOpcode.GET_LOG_PAGE, nsid=0xFFFFFFFF, cdw10=lid | ((length // 4 - 1) << 16))
+        self._admin_sync(e, f"Get Log Page {lid:#04x} (asynchronous event)", buf, length)
+        return bytes(buf.array[:length])
+
+    def _handle_event(self, rec: np.ndarray) -> events.AsyncEvent | None:
+        """One AER completion: decode it, read its log page, refresh the namespaces it changed."""
+        status, dw0 = int(rec["status"]), int(rec["result"])
+        if status:
+            _, sc, sct, _, _, _ = spec.split_status(status << 1)
+            if (sct, sc) == (1, 0x05):  # Asynchronous Event Request Limit Exceeded: post fewer
+                self._aer_limit = max(1, self._aer_limit - 1)
+            elif status != CANCELLED_STATUS:
+                self.events_off = f"{spec.status_name(sct, sc)} (SCT {sct:#x}, SC {sc:#04x})"
+                log.info("Asynchronous Event Request refused: %s; events are off", self.events_off)
+            return None
+        _, _, lid = spec.split_async_event(dw0)
+        try:
+            data, why = self._event_log(lid), ""
+        except CommandError as exc:
+            data, why = b"", str(exc)
+        ev = events.decode(dw0, data, why)
+        if ev.namespace_changed:
+            self._reidentify(vanished_changed=False)  # the namespace table follows the controller's
+        return ev
+
+    def _service_events(self) -> None:
+        """Take the AER completions C kept aside, handle each, post AERs again, then deliver the
+        events (outside the admin queue's lock)."""
+        qp = self.admin
+        if qp is None or self._servicing or self._resetting or not self._events_armed:
+            return
+        new: list[events.AsyncEvent] = []
+        with self._using(qp):
+            if self._servicing:
+                return
+            self._servicing = True
+            try:
+                if qp.ring.pending() and not qp.in_flight:
+                    qp.ring.reap()  # only standing commands are outstanding: their completions go aside
+                    qp.ring.ring_cq()
+                while True:
+                    recs = qp.ring.take_events()
+                    if not len(recs):
+                        break
+                    new += [ev for ev in map(self._handle_event, recs) if ev is not None]
+                self._post_aers()
+            finally:
+                self._servicing = False
+        with self._event_cond:
+            self.events.extend(new)
+            self.events_seen += len(new)
+            self._event_cond.notify_all()
+        for ev in new:
+            for callback in list(self._event_callbacks):
+                try:
+                    callback(ev)
+                except Exception:  # a caller's callback must not break the broker
+                    log.exception("asynchronous event callback %r failed", callback)
+
+    def _service_events_quietly(self) -> None:
+        """Service events after another admin command: a failure here is logged, not raised into
+        that command's caller (its own command succeeded)."""
+        try:
+            self._service_events()
+        except NvmeVfioError as exc:
+            log.warning("asynchronous events: %s", exc)
+
+    def poll_events(self, timeout_s: float = 0.0) -> list[events.AsyncEvent]:
+        """Events that arrived and were not taken yet, waiting up to ``timeout_s`` for one; taken."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._require_ready()
+            with self._event_cond:
+                if self.events:
+                    out = list(self.events)
+                    self.events.clear()
+                    return out
+            qp = self.admin
+            if qp is not None and (qp.ring.pending() or qp.ring.nevents):
+                self._service_events()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            with self._event_cond:  # another thread's servicing notifies; else look again soon
+                self._event_cond.wait(min(EVENT_POLL_S, left))
+
+    def on_event(self, callback: Callable[[events.AsyncEvent], None]) -> None:
+        """Call ``callback(event)`` for every event from now on; a watcher thread services the
+        admin queue every EVENT_POLL_S while no other command does."""
+        self._event_callbacks.append(callback)
+        if self._watch is None:
+            self._watch_stop.clear()
+            self._watch = threading.Thread(target=self._watch_events, name="nvmevfio-events", daemon=True)
+            self._watch.start()
+
+    def _watch_events(self) -> None:
+        while not self._watch_stop.wait(EVENT_POLL_S):
+            qp = self.admin
+            if qp is None or self.gone or self.failed is not None:
+                continue
+            if qp.ring.pending() or qp.ring.nevents:
+                try:
+                    self._service_events()
+                except NvmeVfioError as exc:
+                    log.warning("asynchronous events: %s", exc)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch_stop.set()
+            if self._watch is not threading.current_thread():
+                self._watch.join(timeout=5)
+            self._watch = None
 
     def active_namespaces(self) -> list[int]:
         self._require_ready()
@@ -940,16 +1137,20 @@ class Broker:
             self._update_hot()
         return self.namespaces
 
-    def _reidentify(self) -> None:
+    def _reidentify(self, *, vanished_changed: bool = True) -> None:
         """Identify the namespaces again; one whose size or format changed is refused for I/O
-        (``namespace-changed``) until the device is reopened."""
+        (``namespace-changed``) until the device is reopened. ``vanished_changed``: so is one
+        that is no longer active (after a reset); otherwise (a namespace notice: detached or
+        deleted) it is just inactive, and usable again when it comes back unchanged."""
         def geometry() -> dict[int, tuple[int, int, int]]:
             return {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in self.namespaces.items()}
 
         before = geometry()
         self.refresh_namespaces()
         after = geometry()
-        self.changed_namespaces |= {n for n in before if before[n] != after.get(n)}
+        self.changed_namespaces |= {n for n in before if before[n] != after.get(n)
+                                    and (vanished_changed or n in after)}
+        self._update_hot()
 
     def compare(self, nsid: int, slba: int, data: Any, qid: int = 1) -> None:
         """Compare (NVM 05h): the device checks the blocks against ``data``; a difference raises
@@ -1710,6 +1911,7 @@ class Broker:
         """Shut down if enabled (best effort), then release every broker buffer. When the shutdown
         fails (an interrupted caller, a late command), CC.EN=0 first, so that the controller stops
         touching memory before it is unmapped. A device that is gone is not touched."""
+        self._stop_watch()
         try:
             if self.ctrl.state is State.READY and not self.gone and self.failed is None:
                 self.shutdown()

@@ -1330,5 +1330,49 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_DEVICE)
 
 
+@main.command("monitor")
+@address_arg
+@click.option("-c", "--count", type=click.IntRange(min=1), help="exit after this many events")
+@click.option("-d", "--duration", type=click.FloatRange(min=0), help="exit after this many seconds")
+@output_opt
+def monitor(address: str, count: int | None, duration: float | None, fmt: str) -> None:
+    """Print asynchronous events as they arrive (Asynchronous Event Request, admin opcode 0Ch).
+
+    The broker keeps AERs outstanding, reads the log page each event names (which clears it) and
+    re-identifies the namespaces on a namespace notice. Runs until Ctrl-C, --count events or
+    --duration seconds; exit 0. With -o json, one JSON object a line (JSON Lines). The controller
+    is this command's while it runs.
+
+    \b
+    Example: nvmevfio monitor 00:04.0 -o json --count 1
+    """
+    import time
+
+    seen = 0
+    deadline = None if duration is None else time.monotonic() + duration
+    with controller(address) as s, errors():
+        cfg = s.event_config
+        if cfg["events_off"]:
+            _fail(f"the controller refused Asynchronous Event Requests: {cfg['events_off']}", EXIT_DEVICE)
+        aec = f"{cfg['aec']:#x}" if cfg["aec"] is not None else "not set"
+        click.echo(f"monitoring {_address(address)}: {cfg['outstanding']} Asynchronous Event Requests "
+                   f"outstanding, Asynchronous Event Configuration {aec}; Ctrl-C to stop", err=True)
+        try:
+            while (count is None or seen < count) and (deadline is None or time.monotonic() < deadline):
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                for ev in s.poll_events(wait):
+                    if fmt == "json":
+                        click.echo(json.dumps(ev.as_dict()))
+                    else:
+                        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev.time))
+                        click.echo(f"{stamp} {_address(address)}: {ev}")
+                    seen += 1
+                    if count is not None and seen >= count:
+                        break
+        except KeyboardInterrupt:
+            pass
+    click.echo(f"{seen} event{'s' if seen != 1 else ''}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from nvmevfio.broker import Broker, Namespace, RegisteredBuffer
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
+from nvmevfio.events import AsyncEvent
 from nvmevfio.nvme import regs
 from nvmevfio.nvme.controller import Registers
 from nvmevfio.nvme.queue import PerfLoop
@@ -139,6 +141,34 @@ class Provider:
     def refresh_namespaces(self) -> dict[int, Namespace]:
         """Re-identify every active namespace (ns-rescan)."""
         return self._broker.refresh_namespaces()
+
+    # -- asynchronous events ------------------------------------------------------------
+    # The broker keeps Asynchronous Event Requests outstanding once the controller is identified;
+    # each event's log page is read (which clears it) and a namespace notice refreshes the
+    # namespace table before the event is delivered.
+    def poll_events(self, timeout_s: float = 0.0) -> list[AsyncEvent]:
+        """The events that arrived and were not taken yet, waiting up to ``timeout_s`` for one."""
+        return self._broker.poll_events(timeout_s)
+
+    def events(self, timeout_s: float | None = None) -> Iterator[AsyncEvent]:
+        """Yield events as they arrive; stop once ``timeout_s`` passes without one (None: never)."""
+        while True:
+            got = self._broker.poll_events(1.0 if timeout_s is None else timeout_s)
+            if not got and timeout_s is not None:
+                return
+            yield from got
+
+    def on_event(self, callback: Callable[[AsyncEvent], None]) -> None:
+        """Call ``callback(event)`` for every event from now on (from a watcher thread, or from the
+        thread whose admin command met the event)."""
+        self._broker.on_event(callback)
+
+    @property
+    def event_config(self) -> dict[str, Any]:
+        """The Asynchronous Event Configuration set, AERs outstanding, and why events are off."""
+        b = self._broker
+        return {"aec": b.aec, "outstanding": b.admin.ring.standing if b.admin else 0,
+                "events_seen": b.events_seen, "events_off": b.events_off}
 
     def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
         return self._broker.create_namespace(nsze, ncap, flbas, dps=dps, nmic=nmic)

@@ -180,6 +180,16 @@ class QueuePair:
         return int(self._qp.in_flight)
 
     @property
+    def standing(self) -> int:
+        """Standing commands (Asynchronous Event Requests) outstanding; not counted in ``in_flight``."""
+        return int(self._qp.standing)
+
+    @property
+    def nevents(self) -> int:
+        """Completions of standing commands kept aside, not yet taken (:meth:`take_events`)."""
+        return int(self._qp.nevents)
+
+    @property
     def capacity(self) -> int:
         """Commands that can be posted now (free ids and free SQ slots)."""
         return int(lib.nv_qp_capacity(self._qp))
@@ -188,7 +198,8 @@ class QueuePair:
         """Ring indexes and counters, for tests and ``show-regs``."""
         q = self._qp
         return {k: int(getattr(q, k)) for k in (
-            "sq_tail", "sq_head", "sq_rung", "cq_head", "cq_phase", "cq_rung", "free_top", "in_flight", "next_tag",
+            "sq_tail", "sq_head", "sq_rung", "cq_head", "cq_phase", "cq_rung", "free_top", "in_flight", "standing",
+            "nevents", "next_tag",
             "posted", "completed", "sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")}
 
     def busy_cids(self) -> np.ndarray:
@@ -265,6 +276,28 @@ class QueuePair:
             raise Refused("queue-full", f"queue {self.qid} has room for {self.capacity} more commands, "
                           f"{len(slbas)} asked", qid=self.qid, free=self.capacity, wanted=len(slbas))
         return first
+
+    def post_standing(self, entry: np.ndarray) -> int:
+        """Post one entry (no data pointer) as a standing command: an Asynchronous Event Request,
+        outstanding until the controller has an event, never late, not in ``in_flight``. Its
+        completion is kept aside for :meth:`take_events`. No doorbell. Returns its command id."""
+        cid = self.take(1)
+        entry["cid"] = cid[0]
+        self.post(entry, 1)
+        r = lib.nv_qp_make_standing(self._qp, int(cid[0]))
+        if r < 0:  # pragma: no cover - the broker keeps fewer than 16 standing
+            raise ShimError("nv_qp_make_standing", f"queue {self.qid}", -r, "at most 16 standing commands")
+        return int(cid[0])
+
+    def take_events(self) -> np.ndarray:
+        """The COMPLETION records of standing commands that completed, oldest first (and forget them)."""
+        out = np.empty(16, dtype=COMPLETION)
+        n = int(lib.nv_qp_take_events(self._qp, ffi.cast("struct nv_completion *", out.ctypes.data), 16))
+        return out[:n].copy()
+
+    def drop_standing(self) -> int:
+        """After CC.EN=0 (the controller forgot them): free the standing commands' ids."""
+        return int(lib.nv_qp_drop_standing(self._qp))
 
     def ring_sq(self) -> bool:
         """Publish posted entries: the SQ tail doorbell (or its shadow). True when MMIO was written."""

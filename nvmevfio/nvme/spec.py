@@ -356,3 +356,54 @@ def parse_firmware_log(buf: bytes) -> dict[str, Any]:
         raw = bytes(buf[8 + 8 * i : 16 + 8 * i])
         out[f"frs{i + 1}"] = raw.decode("ascii", "replace") if any(raw) else ""
     return out
+
+
+# ---------------------------------------------------------------- Asynchronous Events (5.2)
+# Completion DW0 of an Asynchronous Event Request (Figure 149): bits 2:0 Asynchronous Event
+# Type, 15:8 Asynchronous Event Information, 23:16 Log Page Identifier.
+AER_TYPE_NAMES = {0: "Error status", 1: "SMART / Health status", 2: "Notice", 6: "I/O Command specific status",
+                  7: "Vendor specific"}
+AER_INFO_NAMES = {
+    0: {0: "Write to Invalid Doorbell Register", 1: "Invalid Doorbell Write Value", 2: "Diagnostic Failure",
+        3: "Persistent Internal Error", 4: "Transient Internal Error", 5: "Firmware Image Load Error"},
+    1: {0: "NVM subsystem Reliability", 1: "Temperature Threshold", 2: "Spare Below Threshold"},
+    2: {0: "Namespace Attribute Changed", 1: "Firmware Activation Starting", 2: "Telemetry Log Changed",
+        3: "Asymmetric Namespace Access Change", 4: "Predictable Latency Event Aggregate Log Change",
+        5: "LBA Status Information Alert", 6: "Endurance Group Event Aggregate Log Page Change",
+        7: "Normal NVM Subsystem Shutdown", 0xF0: "Discovery Log Page Change"},
+    6: {0: "Reservation Log Page Available", 1: "Sanitize Operation Completed",
+        2: "Sanitize Operation Completed With Unexpected Deallocation"},
+}
+AER_TYPE_NOTICE, AER_INFO_NS_ATTR_CHANGED = 2, 0
+LOG_PAGE_NAMES = {0x01: "Error Information", 0x02: "SMART / Health Information", 0x03: "Firmware Slot Information",
+                  0x04: "Changed Namespace List", 0x05: "Commands Supported and Effects", 0x06: "Device Self-test",
+                  0x07: "Telemetry Host-Initiated", 0x08: "Telemetry Controller-Initiated",
+                  0x0C: "Asymmetric Namespace Access", 0x0D: "Persistent Event Log",
+                  0x80: "Reservation Notification", 0x81: "Sanitize Status"}
+# bytes to read of the log page an event names (the error log: 64 bytes an entry, ELPE+1 entries)
+AER_LOG_BYTES = {0x02: 512, 0x03: 512, 0x04: 4096, 0x80: 64, 0x81: 512}
+# Asynchronous Event Configuration (Set Features 0Bh, Figure 316): SMART/health critical
+# warnings in bits 7:0 (the five the spec defines), notices in bits 31:8 as OAES offers them.
+AEC_SMART_WARNINGS = 0x1F
+AEC_NOTICES_FROM_OAES = 0x7F00  # namespace attribute, firmware activation, telemetry, ANA, PLEA, LBA status, EGEA
+
+
+def split_async_event(dw0: int) -> tuple[int, int, int]:
+    """(type, information, log page identifier) of an Asynchronous Event Request's DW0."""
+    return dw0 & 0x7, (dw0 >> 8) & 0xFF, (dw0 >> 16) & 0xFF
+
+
+def async_event_names(dw0: int) -> tuple[str, str, str]:
+    """Names of an event's type, information and log page, as the specification gives them."""
+    t, info, lid = split_async_event(dw0)
+    return (AER_TYPE_NAMES.get(t, f"Reserved ({t})"),
+            AER_INFO_NAMES.get(t, {}).get(info, f"Vendor specific ({info:#04x})" if t == 7 or info >= 0xF0
+                                          else f"Reserved ({info:#04x})"),
+            LOG_PAGE_NAMES.get(lid, f"Vendor specific ({lid:#04x})" if lid >= 0xC0 else f"Log page {lid:#04x}"))
+
+
+def async_event_log_bytes(lid: int, elpe: int) -> int:
+    """How much of the log page an event names the host reads (which clears the event, RAE=0)."""
+    if lid == 0x01:
+        return 64 * (min(elpe, 63) + 1)
+    return AER_LOG_BYTES.get(lid, 512)

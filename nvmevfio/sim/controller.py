@@ -112,6 +112,17 @@ class SimController:
         self.fail_next: dict[int, tuple[int, int]] = {}  # opcode -> (sct, sc), I/O and admin alike
         self.commands: list[tuple[int, int, int]] = []  # (qid, opcode, nsid) executed
         self.last_sqe: dict[int, np.ndarray] = {}  # opcode -> the last entry executed with it
+        # Asynchronous events (5.2): AERs held until an event; events queued while none is
+        # outstanding; an event type stays masked until its log page is read with RAE=0.
+        self.aerl = 3  # 0's based
+        self.aers: list[tuple[_Queue, int]] = []  # (admin SQ, cid) outstanding
+        self.pending_events: list[int] = []  # DW0s waiting for an AER
+        self.masked_types: set[int] = set()
+        self.aec = 0  # Asynchronous Event Configuration (Set Features 0Bh)
+        self.temperature = 300  # Kelvin, as the SMART log reports it
+        self.over_temp_threshold = 343
+        self.changed_nsids: list[int] = []  # the Changed Namespace List log (04h)
+        self.detached: set[int] = set()  # namespace ids detached from this controller
 
     # ------------------------------------------------------------------ registers
     def _reg(self, off: int) -> int:
@@ -157,7 +168,7 @@ class SimController:
                 self.cqs = {0: _Queue(acq, regs.get(aqa, regs.AQA_.ACQS) + 1)}
                 csts = regs.put(csts, CSTS_.RDY, 1)
         elif not regs.get(value, CC_.EN) and regs.get(old, CC_.EN):
-            self.sqs, self.cqs, self.held = {}, {}, []
+            self.sqs, self.cqs, self.held, self.aers, self.masked_types = {}, {}, [], [], set()
             self.resets += 1
             csts = regs.put(regs.put(regs.put(csts, CSTS_.RDY, 0), CSTS_.SHST, 0), CSTS_.CFS, 0)
         if regs.get(value, CC_.SHN) and not regs.get(old, CC_.SHN):
@@ -252,11 +263,41 @@ class SimController:
             sct, sc = self.fail_next.pop(opc)
             self._complete(sq, qid, cid, sct, sc)
             return
+        if qid == 0 and opc == AdminOpcode.ASYNC_EVENT_REQUEST:
+            if len(self.aers) > self.aerl:
+                self._complete(sq, qid, cid, 1, 0x05)  # Asynchronous Event Request Limit Exceeded
+                return
+            self.aers.append((sq, cid))  # completes when an event comes
+            self._deliver_events()
+            return
         try:
             dw0, sct, sc = (self._admin if qid == 0 else self._io)(e, opc, nsid)
         except SimFault:
             dw0, sct, sc = 0, 0, 0x04  # Data Transfer Error
         self._complete(sq, qid, cid, sct, sc, dw0)
+
+    # ------------------------------------------------------------------ asynchronous events
+    def raise_event(self, type_: int, info: int, lid: int) -> None:
+        """An asynchronous event: completes an outstanding AER, or waits for one."""
+        self.pending_events.append(type_ | info << 8 | lid << 16)
+        self._deliver_events()
+
+    def _deliver_events(self) -> None:
+        while self.aers and self.pending_events:
+            i = next((k for k, dw0 in enumerate(self.pending_events) if dw0 & 7 not in self.masked_types), None)
+            if i is None:
+                return
+            dw0 = self.pending_events.pop(i)
+            self.masked_types.add(dw0 & 7)
+            sq, cid = self.aers.pop(0)
+            self._complete(sq, 0, cid, 0, 0, dw0)
+
+    def change_namespace(self, nsid: int, *, attached: bool) -> None:
+        """Attach or detach namespace ``nsid`` behind the host's back, with its notice event."""
+        (self.detached.discard if attached else self.detached.add)(nsid)
+        self.changed_nsids.append(nsid)
+        if self.aec & (1 << 8):
+            self.raise_event(2, 0x00, 0x04)
 
     def identify_controller(self) -> np.ndarray:
         d = np.zeros(4096, dtype=np.uint8)
@@ -266,6 +307,8 @@ class SimController:
         d[24:64] = np.frombuffer(b"nvmevfio simulated controller".ljust(40), np.uint8)
         d[64:72] = np.frombuffer(b"1.0".ljust(8), np.uint8)
         d[77] = self.mdts
+        d[92:96].view("<u4")[0] = 1 << 8  # OAES: Namespace Attribute Notices
+        d[259] = self.aerl
         d[80:84].view("<u4")[0] = 0x10400
         d[512], d[513] = 0x66, 0x44
         d[516:520].view("<u4")[0] = len(self.namespaces)
@@ -282,19 +325,20 @@ class SimController:
                 self._dma_out(prp1, prp2, self.identify_controller())
             elif cns == 0:
                 d = np.zeros(4096, dtype=np.uint8)
-                if 1 <= nsid <= len(self.namespaces):
+                if 1 <= nsid <= len(self.namespaces) and nsid not in self.detached:
                     ns = self.namespaces[nsid - 1]
                     d[0:8].view("<u8")[0] = ns.blocks
                     d[8:16].view("<u8")[0] = ns.blocks
                     d[16:24].view("<u8")[0] = ns.blocks
                     d[25] = 0
                     d[128:132].view("<u4")[0] = (ns.block_size.bit_length() - 1) << 16 | ns.metadata
-                elif nsid != 0xFFFFFFFF:
+                elif nsid != 0xFFFFFFFF and nsid not in self.detached:  # an inactive one reads zeros
                     return 0, 0, 0x0B
                 self._dma_out(prp1, prp2, d)
             elif cns == 2:
                 d = np.zeros(1024, dtype="<u4")
-                ids = [i + 1 for i in range(len(self.namespaces)) if i + 1 > nsid]
+                ids = [i + 1 for i in range(len(self.namespaces))
+                       if i + 1 > nsid and i + 1 not in self.detached]
                 d[: len(ids)] = ids
                 self._dma_out(prp1, prp2, d.view(np.uint8))
             else:
@@ -304,6 +348,12 @@ class SimController:
             if cdw10 & 0xFF == 0x07:
                 n = self.max_queues - 1
                 return n | n << 16, 0, 0
+            if cdw10 & 0xFF == 0x0B:
+                self.aec = cdw11
+            if cdw10 & 0xFF == 0x04 and not (cdw11 >> 20) & 3:  # over temperature threshold
+                self.over_temp_threshold = cdw11 & 0xFFFF
+                if self.temperature >= self.over_temp_threshold and self.aec & (1 << 1):
+                    self.raise_event(1, 0x01, 0x02)  # SMART / Health status: Temperature Threshold
             return 0, 0, 0
         if opc == AdminOpcode.GET_FEATURES:
             return {0x07: (self.max_queues - 1) * 0x10001, 0x06: 1}.get(cdw10 & 0xFF, 0), 0, 0
@@ -312,14 +362,22 @@ class SimController:
             length = ((cdw10 >> 16) + 1) * 4
             d = np.zeros(length, dtype=np.uint8)
             if lid == 0x02:
-                d[1:3].view("<u2")[0] = 300
+                d[0] = 0x02 if self.temperature >= self.over_temp_threshold else 0  # critical warning: temperature
+                d[1:3].view("<u2")[0] = self.temperature
                 d[3] = 100
             elif lid == 0x03:
                 d[0] = 1
                 d[8:16] = np.frombuffer(b"1.0".ljust(8), np.uint8)
+            elif lid == 0x04:
+                changed = np.array(self.changed_nsids[: length // 4], dtype="<u4")
+                d[: 4 * len(changed)] = changed.view(np.uint8)
+                self.changed_nsids = []
             elif lid != 0x01:
                 return 0, 1, 0x09
+            if not cdw10 & (1 << 15):  # RAE=0: the event of this log page's type is cleared
+                self.masked_types.discard({0x01: 0, 0x02: 1, 0x04: 2}.get(lid, -1))
             self._dma_out(prp1, prp2, d)
+            self._deliver_events()
             return 0, 0, 0
         if opc == AdminOpcode.CREATE_IO_CQ:
             qid, depth = cdw10 & 0xFFFF, (cdw10 >> 16) + 1

@@ -76,6 +76,7 @@ def test_create_io_queues_order_and_depth(rig):
     rig.p.identify_controller()
     rig.p.create_io_queues(2, 64)
     admin = [op for q, op, _ in rig.sim.commands if q == 0]
-    # Set Features NoQ, then CQ before SQ per pair, then the namespace table (CNS 02h, CNS 00h x2)
-    assert admin[1:] == [0x09, 0x05, 0x01, 0x05, 0x01, 0x06, 0x06, 0x06]
+    # Identify, Set Features Asynchronous Event Configuration and AERL+1 (4) AERs; then Set
+    # Features NoQ, CQ before SQ per pair, the namespace table (CNS 02h, CNS 00h x2)
+    assert admin == [0x06, 0x09, 0x0C, 0x0C, 0x0C, 0x0C, 0x09, 0x05, 0x01, 0x05, 0x01, 0x06, 0x06, 0x06]
     assert rig.sim.cqs[1].depth == 64 and rig.sim.sqs[2].cqid == 2

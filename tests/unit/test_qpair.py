@@ -198,3 +198,49 @@ def test_histogram_buckets_exact():
     hist[[10, 128, 954]] = [90, 9, 1]
     assert percentiles(hist, [50, 90, 91, 99, 99.9, 100]) == [10, 10, 129, 129, 1003520, 1003520]
     assert percentiles(np.zeros(4, dtype=np.uint64), [50]) == [0.0]
+
+
+def test_standing_commands_are_kept_aside_and_never_in_flight():
+    """An Asynchronous Event Request stays outstanding: not in in_flight (an exec may run beside
+    it), its completion goes to take_events, not to a reap, and a reset drops it."""
+    qp, mmio = make(depth=8)
+    aer = entries([0], opc=0x0C)
+    cid = qp.post_standing(aer)
+    qp.ring_sq()
+    assert cid == 0 and qp.standing == 1 and qp.in_flight == 0 and qp.busy[0] == 3
+    assert mmio.writes == [(SQ_DB, 4, 1)]
+    # a normal command beside it: id 1, tail 2
+    qp.post(entries(qp.take(1)), 1)
+    qp.ring_sq()
+    assert qp.in_flight == 1 and len(qp.busy_cids()) == 1
+    complete(qp, 0, 0, 1, sqhd=2, dw0=0x00040002)  # the AER: notice, log 04h
+    complete(qp, 1, 1, 1, sqhd=2, dw0=7)
+    done, _ = qp.reap()
+    assert done["cid"].tolist() == [1] and done["result"].tolist() == [7]  # the event is not a reap result
+    qp.ring_cq()
+    assert mmio.writes[-1] == (CQ_DB, 4, 2)  # the head moved over both entries
+    st = qp.state()
+    assert (st["standing"], st["nevents"], st["in_flight"], st["cq_head"]) == (0, 1, 0, 2)
+    ev = qp.take_events()
+    assert ev["cid"].tolist() == [0] and ev["result"].tolist() == [0x00040002] and ev["opcode"].tolist() == [0x0C]
+    assert len(qp.take_events()) == 0 and qp.busy[0] == 0
+    # an event that arrives while a reap_wait waits for another command rings the CQ head too
+    aer_cid = qp.post_standing(entries([0], opc=0x0C))
+    qp.post(entries(qp.take(1)), 1)
+    qp.ring_sq()
+    complete(qp, 2, aer_cid, 1, sqhd=4, dw0=0x0101)
+    done, _ = qp.reap_wait(1, 0.01)
+    assert len(done) == 0 and qp.state()["cq_rung"] == 3 and len(qp.take_events()) == 1
+    # after CC.EN=0 the standing ids go back
+    qp.post_standing(entries([0], opc=0x0C))
+    assert qp.standing == 1 and qp.drop_standing() == 1 and qp.standing == 0
+    assert qp.capacity == 6  # 7 ids, 1 still in flight
+
+
+def test_exec_runs_beside_a_standing_command():
+    qp, _ = make(depth=4)
+    qp.post_standing(entries([0], opc=0x0C))
+    qp.ring_sq()
+    e = entries([CID_TAKE], opc=0x06)
+    assert qp.exec(e, 0.001) is None  # not refused queue-busy: the AER is not in flight; timed out
+    assert qp.in_flight == 1 and qp.standing == 1
