@@ -49,6 +49,9 @@ def _controllers(io_dir):
         guestlib.Controller([guestlib.Namespace(256 << 20, 512)], {"serial": "nvmevfio-nbd"}),
         # on its own hot-pluggable PCIe root port: removal and hot-unplug tests (device_del)
         guestlib.Controller([guestlib.Namespace(8 << 20, 512)], {"serial": "nvmevfio-hotplug"}, hotplug=True),
+        # in an NVMe subsystem (nvme-subsys): namespace attachment, and the asynchronous events it raises
+        guestlib.Controller([guestlib.Namespace(8 << 20, 512), guestlib.Namespace(8 << 20, 512)],
+                            {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
     ]
 
 

@@ -314,6 +314,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         cid = f"nvme{ci}"
         opts = {"serial": f"NVMEVFIO{ci:04d}", **ctrl.options}
         dev = f"nvme,id={cid}," + ",".join(f"{k}={v}" for k, v in opts.items())
+        if "subsys" in opts:  # the controller in an NVMe subsystem: namespace attachment works
+            qargs += ["-device", f"nvme-subsys,id={opts['subsys']},nqn={opts['subsys']}"]
         if ctrl.hotplug:
             buses += 1
             addr = f"0000:{buses:02x}:00.0"

@@ -83,6 +83,12 @@ def hotplug_ctrl(guest):
     return controller(guest, "nvmevfio-hotplug")
 
 
+@pytest.fixture(scope="session")
+def events_ctrl(guest):
+    """Controller in an NVMe subsystem, two namespaces: namespace attachment and asynchronous events."""
+    return controller(guest, "nvmevfio-events")
+
+
 def qmp(io_dir: Path, execute: str, arguments: dict | None = None, timeout_s: float = 30.0) -> dict:
     """Run a QEMU monitor command from the host, as an operator would (tools/guest.py QmpRelay)."""
     name = f"qmp-{time.monotonic_ns()}"
