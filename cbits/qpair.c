@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -734,6 +735,7 @@ static int64_t oldest_submit(const struct nv_qp *qp)
 }
 
 #define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */
+#define HYBRID_MIN_NS 2000LL    /* hybrid polling: shorter naps than this spin instead */
 
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
 {
@@ -759,6 +761,23 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
             int64_t left = AGE_CHECK_NS;
             if (!drain && end - now < left)
                 left = end - now;
+            if (p->hybrid && qp->irq_fd < 0 && p->ios) {
+                /* Hybrid polling: completions come about every mean latency / depth (Little's
+                 * law); sleep half of that, then spin. An idle vCPU gives its host core back to
+                 * the device model, which a spinning one competes with. */
+                int64_t nap = (int64_t)(p->lat_sum_ns / p->ios / (p->depth ? p->depth : 1)) / 2;
+                if (nap > left)
+                    nap = left;
+                if (nap >= HYBRID_MIN_NS && !nv_qp_pending(qp)) {
+                    if (!p->sleeps)
+                        prctl(PR_SET_TIMERSLACK, 1000UL);  /* naps of tens of us: 1 us slack, not 50 */
+                    struct timespec ts = {.tv_sec = 0, .tv_nsec = nap};
+                    nanosleep(&ts, NULL);
+                    p->sleeps++;
+                    p->wait_ns += (uint64_t)(nv_now_ns() - now);
+                    continue;
+                }
+            }
             int w = nv_qp_wait(qp, left);
             p->wait_ns += (uint64_t)(nv_now_ns() - now);
             if (w < 0)

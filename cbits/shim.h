@@ -311,6 +311,8 @@ struct nv_perf {
     int64_t buf_slot;
     int64_t buf_gen;
     int64_t timeout_ns;        /* a command in flight this long is late: -ETIMEDOUT (the broker recovers) */
+    uint32_t hybrid;           /* polling: sleep (nanosleep) about half the time to the next completion
+                                  instead of spinning the whole time, as Linux's hybrid polling */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;
@@ -328,6 +330,7 @@ struct nv_perf {
     uint16_t first_error_status;
     uint8_t first_error_opcode;
     uint64_t wait_ns;          /* time spent waiting for the device (spinning or asleep on the eventfd) */
+    uint64_t sleeps;           /* hybrid polling: sleeps taken */
     uint64_t fills;            /* SQ batches posted (one SQ tail doorbell each) */
     uint64_t reaps;            /* CQ batches reaped (one CQ head doorbell each) */
     uint64_t *hist;            /* nv_hist_buckets() entries */

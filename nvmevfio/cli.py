@@ -1259,8 +1259,9 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
 @click.option("-t", "--time", "seconds", type=float, help="seconds to run (default 5 unless -n)")
 @click.option("-n", "--count", "count", type=int, help="number of I/Os to run")
 @click.option("--range", "lba_range", help="LBA range START:END to use (default: the whole namespace)")
-@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
-              help="completions by polling or MSI-X interrupts")
+@click.option("--mode", type=click.Choice(["poll", "irq", "hybrid"]), default="poll", show_default=True,
+              help="completions by polling, MSI-X interrupts, or hybrid polling (nap about half the time to "
+                   "the next completion, then poll)")
 @click.option("-M", "--rwmixread", type=click.IntRange(0, 100), default=50, show_default=True,
               help="percentage of reads for randrw")
 @click.option("--ramp", "ramp", type=float, default=0.0, show_default=True,
@@ -1298,6 +1299,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
                   shadow_doorbells=shadow) as dev, errors():
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+                          hybrid=mode == "hybrid",
                           count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
                           ramp_s=ramp, verify=verify)
     if live:

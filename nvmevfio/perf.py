@@ -84,13 +84,14 @@ def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
 def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
         seconds: float | None = 5.0, count: int | None = None, lba_range: tuple[int, int] | None = None,
         rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None,
-        ramp_s: float = 0.0, verify: bool = False) -> PerfResult:
+        ramp_s: float = 0.0, verify: bool = False, hybrid: bool = False) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
     LBAs, keeps ``queue_depth`` commands in flight in the slots of a registered buffer and records
     latencies into a histogram. ``status(elapsed, ios)`` is called about once a second.
-    ``ramp_s``: run this long first, unmeasured (like fio's ramp_time)."""
+    ``ramp_s``: run this long first, unmeasured (like fio's ramp_time). ``hybrid``: on a polled
+    device, nap between completions instead of spinning (Linux's hybrid polling)."""
     if workload not in WORKLOADS:
         raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
     bs = dev.block_size
@@ -107,6 +108,8 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     if seconds is None and count is None:
         seconds = 5.0
     read_pct = {"randread": 100, "read": 100, "randwrite": 0, "write": 0}.get(workload, rwmixread)
+    if verify and hybrid:
+        raise Refused("invalid-argument", "verify runs its loop in Python: hybrid polling is the C loop's")
     if verify:
         return _run_verify(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                            count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed, status=status)
@@ -117,6 +120,9 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     reg = dev.register_buffer(buf, slot_size)
     loop = dev.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
                          read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed)
+    if hybrid and dev.info.completion_mode != "poll":
+        raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
+    loop.hybrid = hybrid
     counters = ("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")
     clean = False
     try:
@@ -150,8 +156,9 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     p50, p99, p999 = (min(max(v, st["lat_min_ns"]), st["lat_max_ns"]) / 1000 if n else 0.0
                       for v in percentiles(loop.hist, [50, 99, 99.9]))
     return PerfResult(
-        workload=workload, io_size=io_size, queue_depth=queue_depth, mode=dev.info.completion_mode,
-        seconds=elapsed, ios=n, reads=st["reads"], writes=st["writes"], iops=n / elapsed if elapsed else 0.0,
+        workload=workload, io_size=io_size, queue_depth=queue_depth,
+        mode="hybrid" if hybrid else dev.info.completion_mode, seconds=elapsed, ios=n, reads=st["reads"],
+        writes=st["writes"], iops=n / elapsed if elapsed else 0.0,
         mib_per_s=n * io_size / elapsed / (1 << 20) if elapsed else 0.0,
         lat_mean_us=st["lat_sum_ns"] / n / 1000 if n else 0.0, lat_min_us=st["lat_min_ns"] / 1000 if n else 0.0,
         lat_max_us=st["lat_max_ns"] / 1000 if n else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,

@@ -496,6 +496,16 @@ class PerfLoop:
             else:
                 p.writes += 1
 
+    @property
+    def hybrid(self) -> bool:
+        """Hybrid polling (a polled queue): nap about half the expected time to the next completion
+        (mean latency / depth, measured as the loop runs), then spin, instead of spinning all along."""
+        return bool(self._p.hybrid)
+
+    @hybrid.setter
+    def hybrid(self, on: bool) -> None:
+        self._p.hybrid = int(on)
+
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
         count towards the I/O count from here on."""
@@ -504,11 +514,11 @@ class PerfLoop:
         p.ios = p.reads = p.writes = p.errors = p.lat_sum_ns = p.lat_max_ns = 0
         p.lat_min_ns = 0xFFFFFFFFFFFFFFFF
         p.first_error_status = p.first_error_opcode = 0
-        p.wait_ns = p.fills = p.reaps = 0
+        p.wait_ns = p.fills = p.reaps = p.sleeps = 0
         self.hist[:] = 0
 
     def stats(self) -> dict[str, int]:
         p = self._p
         return {k: int(getattr(p, k)) for k in ("ios", "reads", "writes", "errors", "lat_sum_ns", "lat_min_ns",
                                                  "lat_max_ns", "issued", "first_error_status",
-                                                 "first_error_opcode", "wait_ns", "fills", "reaps")}
+                                                 "first_error_opcode", "wait_ns", "fills", "reaps", "sleeps")}

@@ -72,3 +72,12 @@ def test_verify_clean_then_a_corruption_is_named(dev, rig):
     assert r.mismatches and {m[0] for m in r.mismatches} == {10}
     _, want, found = r.mismatches[0]
     assert found[:3] == (perf.VERIFY_MAGIC, 10, want[1])  # the header is intact: the CRC32C caught it
+
+
+def test_hybrid_polling_counts_and_refusals(dev, rig):
+    before = len(rig.sim.commands)
+    r = perf.run(dev, workload="randrw", queue_depth=8, count=300, io_size=512, hybrid=True)
+    assert (r.ios, r.errors, r.mode) == (300, 0, "hybrid") and len(rig.sim.commands) - before == 300
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, workload="randrw", queue_depth=8, count=10, verify=True, hybrid=True)
+    assert ei.value.reason == "invalid-argument"
