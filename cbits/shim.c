@@ -85,12 +85,6 @@ int nv_container_set_iommu(int container_fd, uint32_t iommu_type)
     return ioctl(container_fd, VFIO_SET_IOMMU, (unsigned long)iommu_type) < 0 ? NEG_ERRNO() : 0;
 }
 
-int nv_group_open(const char *path)
-{
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    return fd < 0 ? NEG_ERRNO() : fd;
-}
-
 int nv_group_status(int group_fd, uint32_t *flags)
 {
     struct vfio_group_status st = { .argsz = sizeof(st) };

@@ -50,7 +50,6 @@ int nv_const(const char *name, uint64_t *value);
 int nv_container_open(const char *path);
 int nv_container_check_extension(int container_fd, uint32_t extension);
 int nv_container_set_iommu(int container_fd, uint32_t iommu_type);
-int nv_group_open(const char *path);
 int nv_group_status(int group_fd, uint32_t *flags);
 int nv_group_set_container(int group_fd, int container_fd);
 int nv_group_unset_container(int group_fd);
@@ -73,6 +72,21 @@ int nv_region_mmap(int device_fd, uint64_t offset, uint64_t size, int writable, 
 int nv_munmap(void *addr, uint64_t size);
 /* Replace a BAR mapping with anonymous memory reading all ones (the device was handed back). */
 int nv_map_ones(void *addr, uint64_t size);
+
+/* open(path, O_RDWR | O_CLOEXEC): VFIO groups, device cdevs, /dev/iommu. */
+int nv_open_rw(const char *path);
+
+/* iommufd (linux/iommufd.h) and VFIO device cdevs, Linux 6.6+ (cbits/iommufd.c). The
+ * IOVA ranges are those of the IOAS once the device is attached (reserved holes removed). */
+int nv_iommufd_destroy(int iommufd, uint32_t id);
+int nv_ioas_alloc(int iommufd, uint32_t *ioas_id);
+int nv_ioas_iova_ranges(int iommufd, uint32_t ioas_id, struct nv_iova_range *ranges, uint32_t max_ranges,
+                        uint32_t *nr_ranges, uint64_t *alignment);
+int nv_ioas_map(int iommufd, uint32_t ioas_id, uint64_t vaddr, uint64_t iova, uint64_t size,
+                int device_writable);
+int nv_ioas_unmap(int iommufd, uint32_t ioas_id, uint64_t iova, uint64_t size);
+int nv_device_bind_iommufd(int device_fd, int iommufd, uint32_t *dev_id);
+int nv_device_attach_pt(int device_fd, uint32_t pt_id);
 
 /* Type1 IOMMU. */
 int nv_iommu_info(int container_fd, struct nv_iommu_info *out,

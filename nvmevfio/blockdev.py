@@ -34,6 +34,7 @@ class DeviceInfo:
     queue_depth: int
     completion_mode: str
     shadow_doorbells: bool
+    dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "simulated"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +59,7 @@ class BlockDevice:
             capacity_bytes=ns.size_bytes, max_transfer_bytes=provider.max_transfer,
             model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
             queue_depth=depth, completion_mode="irq" if irq else "poll",
-            shadow_doorbells=provider.shadow_doorbells)
+            shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
 
@@ -221,7 +222,7 @@ class BlockFile(io.RawIOBase):
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
          reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True,
-         command_timeout_s: float | None = None) -> BlockDevice:
+         command_timeout_s: float | None = None, backend: str | None = None) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
@@ -229,8 +230,10 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
     queues and staging memory; ``shadow_doorbells``: use Doorbell Buffer Config when the
     controller offers it (MMIO doorbells only when the EventIdx rule asks for them);
     ``command_timeout_s``: how long a command may take (default 30 s) before the broker aborts
-    it, then resets the controller and requeues what was in flight."""
+    it, then resets the controller and requeues what was in flight; ``backend``: the IOMMU
+    interface, ``type1`` (VFIO container), ``iommufd`` (VFIO device cdev, Linux 6.6+) or ``auto``
+    (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a cdev)."""
     session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb,
-                                                 command_timeout_s=command_timeout_s)
+                                                 command_timeout_s=command_timeout_s, backend=backend)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
                        shadow_doorbells=shadow_doorbells)

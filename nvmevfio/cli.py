@@ -113,11 +113,15 @@ def _check_bound(address: str) -> None:
               f"nvmevfio bind {address}", EXIT_SETUP)
 
 
-def _timeout() -> float | None:
-    """The group's --timeout, if given."""
+def _root_option(name: str) -> Any:
+    """A top-level option's value (--timeout, --backend), None when not given."""
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root() if ctx is not None else None
-    return root.params.get("timeout") if root is not None else None
+    return root.params.get(name) if root is not None else None
+
+
+def _timeout() -> float | None:
+    return _root_option("timeout")
 
 
 @contextlib.contextmanager
@@ -129,7 +133,7 @@ def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        s = open_controller(address, command_timeout_s=_timeout())
+        s = open_controller(address, command_timeout_s=_timeout(), backend=_root_option("backend"))
         try:
             if enable:
                 s.enable()
@@ -147,7 +151,7 @@ def blockdev(address: str, nsid: int, **kw: Any) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        dev = bopen(address, nsid, command_timeout_s=_timeout(), **kw)
+        dev = bopen(address, nsid, command_timeout_s=_timeout(), backend=_root_option("backend"), **kw)
         try:
             yield dev
         finally:
@@ -217,8 +221,11 @@ class AliasedGroup(click.Group):
 @click.option("--timeout", "timeout", type=click.FloatRange(min=0.01), default=None,
               help="command timeout in seconds (default 30): a late command is aborted, then the controller "
                    "is reset and the command requeued")
+@click.option("--backend", type=click.Choice(["auto", "type1", "iommufd"]), default=None,
+              help="IOMMU backend: type1 (VFIO container) or iommufd (VFIO device cdev, Linux 6.6+); "
+                   "default auto (iommufd when the function has a cdev), or $NVMEVFIO_BACKEND")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool, timeout: float | None) -> None:
+def main(ctx: click.Context, verbose: bool, timeout: float | None, backend: str | None) -> None:
     """nvmevfio: a userspace NVMe driver over VFIO.
 
     ADDRESS is a PCI address, 0000:00:04.0 or 00:04.0. The controller must be bound
@@ -244,22 +251,26 @@ def list_cmd(fmt: str) -> None:
     Example: nvmevfio list -o json
     """
     from nvmevfio.pci import list_functions
+    from nvmevfio.vfio import choose_backend
 
     with errors():
         fns = list_functions()
+        # the IOMMU backend nvmevfio would open a vfio-pci function with (--backend / auto)
+        backends = {f.address: choose_backend(f.address, _root_option("backend")) if f.driver == "vfio-pci" else None
+                    for f in fns}
     if fmt == "json":
-        _emit_json({"Functions": [f.to_dict() for f in fns]})
+        _emit_json({"Functions": [{**f.to_dict(), "IommuBackend": backends[f.address]} for f in fns]})
         return
     if not fns:
         click.echo("no NVMe functions (PCI class 0x010802) found")
         return
-    click.echo(f"{'Address':<13} {'Vendor:Device':<13} {'Driver':<9} {'Group':>5} {'NUMA':>4}  Model")
-    click.echo(f"{'-' * 13} {'-' * 13} {'-' * 9} {'-' * 5} {'-' * 4}  {'-' * 30}")
+    click.echo(f"{'Address':<13} {'Vendor:Device':<13} {'Driver':<9} {'Group':>5} {'Backend':<8} {'NUMA':>4}  Model")
+    click.echo(f"{'-' * 13} {'-' * 13} {'-' * 9} {'-' * 5} {'-' * 8} {'-' * 4}  {'-' * 30}")
     for f in fns:
         group = "-" if f.iommu_group is None else str(f.iommu_group)
         numa = "-" if f.numa_node is None else str(f.numa_node)
         click.echo(f"{f.address:<13} {f.vendor_id:04x}:{f.device_id:04x}     {f.driver or '-':<9} {group:>5} "
-                   f"{numa:>4}  {f.vendor + ' ' if f.vendor else ''}{f.model}")
+                   f"{backends[f.address] or '-':<8} {numa:>4}  {f.vendor + ' ' if f.vendor else ''}{f.model}")
         for ns in f.namespaces:
             use = ", ".join([f"mounted on {m}" for m in ns.mounts] + (["swap"] if ns.swap else [])
                             + [f"held by {h}" for h in ns.holders])
@@ -318,7 +329,7 @@ def show_regs(address: str, fmt: str) -> None:
         iommu = s.iommu
         info = {"address": s.address, "cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts,
                 "version": regs.version_string(r.vs), "decoded": r.decoded(), "bar0_size": s.bar0_size,
-                "pci_command": s.pci_command, "iova_pgsizes": iommu.iova_pgsizes,
+                "pci_command": s.pci_command, "iommu_backend": iommu.backend, "iova_pgsizes": iommu.iova_pgsizes,
                 "iova_ranges": [{"start": a, "end": b} for a, b in iommu.ranges]}
     if fmt == "json":
         _emit_json(info)
@@ -332,7 +343,7 @@ def show_regs(address: str, fmt: str) -> None:
     pages = f"{4 << (10 + cap['MPSMIN'])}..{4 << (10 + cap['MPSMAX'])}"
     click.echo(f"        timeout {cap['TO'] * 500} ms, doorbell stride {4 << cap['DSTRD']} B, "
                f"MQES {cap['MQES'] + 1} entries, page size {pages} B")
-    click.echo(f"iommu: page sizes {iommu.iova_pgsizes:#x}")
+    click.echo(f"iommu: {iommu.backend}, page sizes {iommu.iova_pgsizes:#x}")
     for a, b in iommu.ranges:
         click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)")
 

@@ -102,6 +102,12 @@ class Provider:
         """Are the I/O queues' doorbells shadowed (Doorbell Buffer Config in use)?"""
         return self._broker.shadow_doorbells_active
 
+    @property
+    def dma_lane(self) -> str:
+        """How device addresses are made: ``type1`` or ``iommufd`` (an IOMMU translates the
+        broker's IOVAs), ``simulated`` for the in-process controller model."""
+        return "simulated"
+
     def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
         """MMIO doorbell writes and shadow-only updates of an I/O queue pair, with its ring state."""
         return self._broker._queue(qid).ring.state()
@@ -360,6 +366,10 @@ class ControllerSession(Provider):
         return self._function.iommu
 
     @property
+    def dma_lane(self) -> str:
+        return str(self._function.backend)
+
+    @property
     def pci_command(self) -> int:
         return int(self._function.pci_command)
 
@@ -392,20 +402,22 @@ class ControllerSession(Provider):
 
 
 def open_controller(address: str, *, reset: bool = False, staging_bytes: int | None = None,
-                    command_timeout_s: float | None = None, hugetlb: bool = False) -> ControllerSession:
+                    command_timeout_s: float | None = None, hugetlb: bool = False,
+                    backend: str | None = None) -> ControllerSession:
     """Open a controller bound to vfio-pci: VFIO function, DMA ledger over its IOVA ranges, broker.
 
     The controller is only bound (registers read); call ``enable()`` next. ``hugetlb`` backs the
     broker's queues, PRP lists and staging buffer with 2 MiB pages (reserve them first:
-    /proc/sys/vm/nr_hugepages).
+    /proc/sys/vm/nr_hugepages). ``backend``: the IOMMU interface, ``type1``, ``iommufd`` or
+    ``auto`` (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a VFIO device cdev).
     """
     from nvmevfio import broker as _b
     from nvmevfio.dma import PAGE_SIZE, DmaLedger
     from nvmevfio.vfio import VfioIrq, open_function
 
-    fn = open_function(address, reset=reset)
+    fn = open_function(address, reset=reset, backend=backend)
     try:
-        ledger = DmaLedger(fn.container, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size),
+        ledger = DmaLedger(fn.mapper, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size),
                            hugetlb=hugetlb)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,

@@ -1,14 +1,22 @@
-"""VFIO: container, group and device for one PCI function (linux/vfio.h).
+"""VFIO: the IOMMU backend and the device for one PCI function (linux/vfio.h, linux/iommufd.h).
 
-``open_function(address)`` does the whole dance: IOMMU group from sysfs, the
-container with a type1 IOMMU (v2 preferred), the device fd, BAR0 mapped, and the
-PCI command register with memory space and bus master enabled. Everything closes
-in reverse order (context managers).
+``open_function(address)`` does the whole dance, with one of two IOMMU backends:
+
+- ``type1``: IOMMU group from sysfs, the container with a type1 IOMMU (v2 preferred), the
+  device fd from the group;
+- ``iommufd`` (Linux 6.6+ with VFIO_DEVICE_CDEV): the device's cdev
+  (/dev/vfio/devices/vfioN) bound to /dev/iommu, attached to an IOAS of its own.
+
+then BAR0 mapped, and the PCI command register with memory space and bus master enabled.
+``backend="auto"`` (the default, or $NVMEVFIO_BACKEND) takes iommufd when the function has a
+cdev and /dev/iommu exists, as libvfn does, else type1. Either way the broker chooses every
+IOVA. Everything closes in reverse order (context managers).
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +60,7 @@ class IommuInfo:
     iova_pgsizes: int
     ranges: tuple[tuple[int, int], ...]
     dma_avail: int | None
+    backend: str = "type1"  # "type1" (VFIO container) or "iommufd"
 
     @property
     def min_page_size(self) -> int:
@@ -111,10 +120,71 @@ class Container:
             self.fd = -1
 
 
+IOMMUFD_PATH = "/dev/iommu"
+DEV_VFIO_DEVICES = Path("/dev/vfio/devices")
+BACKENDS = ("auto", "type1", "iommufd")
+
+
+class Iommufd:
+    """An open /dev/iommu with one I/O address space (IOAS) for the device (linux/iommufd.h).
+
+    The same two calls as a type1 container (``map_dma``/``unmap_dma``, the ledger's
+    ``DmaMapper``), done with IOMMU_IOAS_MAP at the IOVA the broker chose (FIXED_IOVA)."""
+
+    def __init__(self, path: str = IOMMUFD_PATH) -> None:
+        self.path = path
+        self.fd = check(lib.nv_open_rw(path.encode()), "open iommufd", path,
+                        "does the kernel have CONFIG_IOMMUFD, and are you root?")
+        ioas = ffi.new("uint32_t *")
+        try:
+            check(lib.nv_ioas_alloc(self.fd, ioas), "IOMMU_IOAS_ALLOC", path)
+        except BaseException:
+            lib.nv_close(self.fd)
+            raise
+        self.ioas_id = int(ioas[0])
+
+    def iommu_info(self) -> IommuInfo:
+        """IOMMU_IOAS_IOVA_RANGES: the IOAS's usable IOVA ranges (holes reserved by the attached
+        devices, such as the MSI window, already removed) and the mapping alignment."""
+        ranges = ffi.new("struct nv_iova_range[]", _MAX_CAPS)
+        nr = ffi.new("uint32_t *")
+        alignment = ffi.new("uint64_t *")
+        check(lib.nv_ioas_iova_ranges(self.fd, self.ioas_id, ranges, _MAX_CAPS, nr, alignment),
+              "IOMMU_IOAS_IOVA_RANGES", f"{self.path} IOAS {self.ioas_id}")
+        got = tuple((int(ranges[i].start), int(ranges[i].end)) for i in range(min(nr[0], _MAX_CAPS)))
+        if not got:
+            raise VfioError(f"IOAS {self.ioas_id} has no usable IOVA range", reason="no-iova-range")
+        # iommufd reports an alignment (at most PAGE_SIZE), not page sizes: the ledger maps pages.
+        return IommuInfo(0, max(int(alignment[0]), mmap.PAGESIZE), got, None, backend="iommufd")
+
+    def map_dma(self, vaddr: int, iova: int, size: int, device_writable: bool = True) -> None:
+        check(lib.nv_ioas_map(self.fd, self.ioas_id, vaddr, iova, size, int(device_writable)), "IOMMU_IOAS_MAP",
+              f"iova {iova:#x}+{size:#x}")
+
+    def unmap_dma(self, iova: int, size: int) -> None:
+        check(lib.nv_ioas_unmap(self.fd, self.ioas_id, iova, size), "IOMMU_IOAS_UNMAP", f"iova {iova:#x}+{size:#x}")
+
+    def attach(self, device_fd: int, address: str) -> int:
+        """VFIO_DEVICE_BIND_IOMMUFD, then VFIO_DEVICE_ATTACH_IOMMUFD_PT to this IOAS; returns the
+        device's iommufd object id."""
+        dev_id = ffi.new("uint32_t *")
+        check(lib.nv_device_bind_iommufd(device_fd, self.fd, dev_id), "VFIO_DEVICE_BIND_IOMMUFD", address,
+              "is another process using the device, or its IOMMU group through /dev/vfio/N?")
+        check(lib.nv_device_attach_pt(device_fd, self.ioas_id), "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+              f"{address} to IOAS {self.ioas_id}")
+        return int(dev_id[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            lib.nv_iommufd_destroy(self.fd, self.ioas_id)
+            lib.nv_close(self.fd)
+            self.fd = -1
+
+
 class Group:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = check(lib.nv_group_open(path.encode()), "open VFIO group", path,
+        self.fd = check(lib.nv_open_rw(path.encode()), "open VFIO group", path,
                         "is the function bound to vfio-pci (`nvmevfio bind`) and are you root?")
         self.attached = False
 
@@ -316,26 +386,54 @@ def iommu_group_of(address: str) -> str:
                     f"first (`nvmevfio bind {address}`)", reason="not-bound-to-vfio", address=address)
 
 
+def device_cdev_of(address: str) -> str | None:
+    """The function's VFIO device cdev (/dev/vfio/devices/vfioN), or None when the kernel made
+    none (no CONFIG_VFIO_DEVICE_CDEV, or not bound to vfio-pci)."""
+    for entry in sorted((SYSFS_PCI / address / "vfio-dev").glob("vfio*")):
+        path = DEV_VFIO_DEVICES / entry.name
+        if path.exists():
+            return str(path)
+    return None
+
+
+def choose_backend(address: str, backend: str | None = None) -> str:
+    """``type1`` or ``iommufd`` for ``address``. ``None`` reads $NVMEVFIO_BACKEND (default
+    ``auto``); ``auto`` takes iommufd when the function has a device cdev and /dev/iommu exists."""
+    wanted = (backend or os.environ.get("NVMEVFIO_BACKEND") or "auto").lower()
+    if wanted not in BACKENDS:
+        raise VfioError(f"unknown IOMMU backend {wanted!r}; choose one of {', '.join(BACKENDS)}",
+                        reason="invalid-argument", backend=wanted)
+    if wanted != "auto":
+        return wanted
+    return "iommufd" if device_cdev_of(address) and os.path.exists(IOMMUFD_PATH) else "type1"
+
+
 @dataclass
 class VfioFunction:
-    """One PCI function opened through VFIO: container, group, device, BAR0."""
+    """One PCI function opened through VFIO: its IOMMU backend (a type1 container and group, or
+    an iommufd IOAS), the device, BAR0."""
 
     address: str
-    container: Container
-    group: Group
+    mapper: Container | Iommufd
+    group: Group | None
     device: Device
     bar0: BarMmio
     iommu: IommuInfo
     pci_command: int
     _closed: bool = field(default=False, repr=False)
 
+    @property
+    def backend(self) -> str:
+        return self.iommu.backend
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.device.close()
-        self.group.close()
-        self.container.close()
+        if self.group is not None:
+            self.group.close()
+        self.mapper.close()
 
     def release(self) -> None:
         """Hand the device back to the kernel now: BAR mappings replaced by all-ones memory, then
@@ -352,11 +450,50 @@ class VfioFunction:
         self.close()
 
 
-def open_function(address: str, *, reset: bool = False) -> VfioFunction:
-    """Open a PCI function bound to vfio-pci: group, container, type1 IOMMU, device, BAR0, bus master."""
+def open_function(address: str, *, reset: bool = False, backend: str | None = None) -> VfioFunction:
+    """Open a PCI function bound to vfio-pci: IOMMU backend (see :func:`choose_backend`), device,
+    BAR0, bus master."""
     from nvmevfio.pci import normalize_address
 
     address = normalize_address(address)
+    if choose_backend(address, backend) == "iommufd":
+        return _open_iommufd(address, reset)
+    return _open_type1(address, reset)
+
+
+def _finish(address: str, mapper: Container | Iommufd, group: Group | None, device: Device,
+            reset: bool) -> VfioFunction:
+    if reset:
+        device.reset()
+    bar0 = device.map_bar(0)
+    command = device.enable_bus_master()
+    return VfioFunction(address, mapper, group, device, bar0, mapper.iommu_info(), command)
+
+
+def _open_iommufd(address: str, reset: bool) -> VfioFunction:
+    cdev = device_cdev_of(address)
+    if cdev is None:
+        raise VfioError(f"{address} has no VFIO device cdev (/dev/vfio/devices/vfioN): the kernel needs "
+                        "CONFIG_VFIO_DEVICE_CDEV and the function must be bound to vfio-pci; use the type1 "
+                        "backend otherwise", reason="no-iommufd", address=address)
+    iommufd = Iommufd()
+    fd = -1
+    device = None
+    try:
+        fd = check(lib.nv_open_rw(cdev.encode()), "open VFIO device cdev", cdev)
+        iommufd.attach(fd, address)
+        device = Device(fd, address)
+        return _finish(address, iommufd, None, device, reset)
+    except BaseException:
+        if device is not None:
+            device.close()
+        elif fd >= 0:
+            lib.nv_close(fd)
+        iommufd.close()
+        raise
+
+
+def _open_type1(address: str, reset: bool) -> VfioFunction:
     group_path = iommu_group_of(address)
     container = Container()
     group = device = None
@@ -368,11 +505,7 @@ def open_function(address: str, *, reset: bool = False) -> VfioFunction:
             raise VfioError("no-IOMMU VFIO mode is not supported yet: the device would see physical "
                             "addresses; enable the IOMMU", reason="noiommu-unsupported")
         device = Device(group.get_device(address), address)
-        if reset:
-            device.reset()
-        bar0 = device.map_bar(0)
-        command = device.enable_bus_master()
-        return VfioFunction(address, container, group, device, bar0, container.iommu_info(), command)
+        return _finish(address, container, group, device, reset)
     except BaseException:
         if device is not None:
             device.close()

@@ -30,6 +30,9 @@ def test_ratios_and_median_over_boots():
     assert "python-read_into-4k-qd1  read_into vs os.preadv loop         1.40 (bar 1.3) met" in text
     low = bench.report([_boot(0.5)])
     assert "1.25 (bar 2.2) NOT MET" in low
+    assert "nvmevfio DMA lane: type1 on guest kernel ?" in low  # results from before lanes were recorded
+    lane = bench.report([{**_boot(1.0), "lane": "iommufd", "kernel": "6.12.117-nvmevfio"}])
+    assert "nvmevfio DMA lane: iommufd on guest kernel 6.12.117-nvmevfio" in lane
 
 
 def test_sweep_plot_is_a_png(tmp_path):

@@ -43,3 +43,25 @@ def test_kernel_driver_mode(tmp_path):
                     io_dir=tmp_path, kernel_driver=True, nvme_params="poll_queues=1")
     assert res.returncode == 0, res.output
     assert res.output.split() == ["../../../bus/pci/drivers/nvme", "/dev/nvme0n1"]
+
+
+def test_custom_kernel_has_the_lanes_options_and_builtins_need_no_loading():
+    kernel, moddir, version = guest.kernel_paths("custom")
+    assert version.endswith("-nvmevfio") and kernel.exists()
+    config = (kernel.parent / f"config-{version}").read_text().splitlines()
+    for option in ("CONFIG_VFIO_NOIOMMU=y", "CONFIG_IOMMUFD=y", "CONFIG_VFIO_DEVICE_CDEV=y", "CONFIG_INTEL_IOMMU=y",
+                   "CONFIG_BLK_DEV_NVME=m", "CONFIG_BLK_DEV_NBD=y", "CONFIG_HUGETLBFS=y"):
+        assert option in config
+    # vfio-pci and 9p are built in: nothing to insmod; nvme is a module with its dependency first
+    assert guest.module_closure(moddir, ["vfio-pci", "9p", "nbd"]) == []
+    names = [p.rsplit("/", 1)[-1].split(".ko")[0] for p in guest.module_closure(moddir, ["nvme"])]
+    assert names == ["nvme-core", "nvme"]
+
+
+def test_custom_kernel_guest_offers_iommufd_and_device_cdevs(tmp_path):
+    res = guest.run(["sh", "-c", "uname -r; ls /dev/iommu /dev/vfio/devices; "
+                                 "ls /sys/bus/pci/devices/0000:00:10.0/vfio-dev"],
+                    io_dir=tmp_path, kernel="custom")
+    assert res.returncode == 0, res.output
+    release, iommu, _, cdev, vfio_dev = res.output.split()
+    assert release.endswith("-nvmevfio") and iommu == "/dev/iommu" and cdev == vfio_dev == "vfio0"

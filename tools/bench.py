@@ -220,12 +220,16 @@ def in_guest(seconds: float, out_path: Path, sweep: bool) -> int:
     size = int(Path(f"/sys/class/block/{Path(dev).name}/size").read_text()) * 512
     a1 = kernel_round(dev, seconds, size)
     pci.bind(addr)
+    from nvmevfio.vfio import choose_backend
+
+    lane = choose_backend(addr)  # what nvmevfio opens the function with: type1, or iommufd on the custom kernel
     b = nvmevfio_round(addr, seconds)
     b[FS_ROW] = nbd_fio_fs(addr)  # after the block rows: it writes a filesystem over the random data
     pci.unbind(addr)
     a2 = kernel_round(kernel_dev(), seconds, size)
     a2[FS_ROW] = fio_fs(kernel_dev())
-    out_path.write_text(json.dumps({"A": a1, "B": b, "A2": a2, "seconds": time.time() - t0}, indent=2))
+    out_path.write_text(json.dumps({"A": a1, "B": b, "A2": a2, "lane": lane, "kernel": os.uname().release,
+                                    "seconds": time.time() - t0}, indent=2))
     return 0
 
 
@@ -256,7 +260,9 @@ def report(boots: list[dict]) -> str:
             return statistics.median(statistics.mean(b[r][row][mode]["iops"] for r in ("A", "A2")) for b in boots)
         return statistics.median(b["B"][row][mode]["iops"] for b in boots)
 
+    lanes = sorted({f"{b.get('lane', 'type1')} on guest kernel {b.get('kernel', '?')}" for b in boots})
     lines = [f"median of {len(boots)} boot(s); IOPS; ratio = nvmevfio / kernel (mean of A and A') in the matching mode",
+             f"nvmevfio DMA lane: {', '.join(lanes)}",
              f"{'workload':<24} {'k irq':>8} {'k poll':>8} {'nv irq':>8} {'nv poll':>8} {'nv mmio':>8} "
              f"{'irq':>6} {'poll':>6} {'mmio':>6}  A/A' poll spread (per boot)"]
     for row, *_ in MATRIX:
@@ -329,7 +335,7 @@ def boot_once(args: argparse.Namespace, sweep: bool) -> dict:
         cmd.append("--sweep")
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
-                        timeout=3600, echo=True)
+                        timeout=3600, echo=True, kernel=args.kernel)
         if res.returncode != 0 or not out.exists():
             raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
         return json.loads(out.read_text())
@@ -345,6 +351,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..256) instead of the matrix")
     ap.add_argument("--plot", type=Path, help="with --sweep: the PNG to write (default: sweep.png)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--kernel", choices=["debian", "custom"], default="debian",
+                    help="guest kernel: debian (nvmevfio on type1) or custom (6.12: nvmevfio on iommufd)")
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_guest:

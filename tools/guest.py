@@ -119,8 +119,27 @@ def parse_size(text: str) -> int:
 
 
 # ---------------------------------------------------------------- kernel, initramfs
-def kernel_paths() -> tuple[Path, Path, str]:
-    root = CACHE / "kernel"
+KERNELS = ("debian", "custom")
+
+
+def kernel_root(kind: str = "debian") -> Path:
+    """Where the guest kernel of ``kind`` lives: Debian's 6.1 image package extracted by
+    tools/setup-host.sh (``debian``), or the 6.12 kernel tools/build-guest-kernel.sh builds with
+    VFIO_NOIOMMU, IOMMUFD and VFIO_DEVICE_CDEV (``custom``; built now if it is not cached)."""
+    if kind == "debian":
+        return CACHE / "kernel"
+    if kind != "custom":
+        raise GuestError(f"unknown guest kernel {kind!r}; choose one of {', '.join(KERNELS)}")
+    script = REPO / "tools/build-guest-kernel.sh"
+    res = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "NVMEVFIO_CACHE": str(CACHE)})
+    if res.returncode != 0:
+        raise GuestError(f"{script} failed (exit {res.returncode})")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def kernel_paths(kind: str = "debian") -> tuple[Path, Path, str]:
+    root = kernel_root(kind)
     images = sorted((root / "boot").glob("vmlinuz-*")) if (root / "boot").exists() else []
     if not images:
         raise GuestError(f"no guest kernel in {root}: run tools/setup-host.sh (as root) first")
@@ -129,9 +148,13 @@ def kernel_paths() -> tuple[Path, Path, str]:
 
 
 def module_closure(moddir: Path, names: list[str]) -> list[str]:
-    """Module paths (relative to moddir) for ``names`` and their dependencies, dependencies first."""
+    """Module paths (relative to moddir) for ``names`` and their dependencies, dependencies first.
+    Modules built into the kernel (modules.builtin) need no loading and are left out."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
+    builtin_list = moddir / "modules.builtin"
+    builtin = {Path(line).name.split(".ko")[0].replace("-", "_")
+               for line in (builtin_list.read_text().split() if builtin_list.exists() else [])}
     for line in (moddir / "modules.dep").read_text().splitlines():
         path, _, rest = line.partition(":")
         deps[path] = rest.split()
@@ -147,6 +170,8 @@ def module_closure(moddir: Path, names: list[str]) -> list[str]:
 
     for name in names:
         key = name.replace("-", "_")
+        if key in builtin and key not in by_name:
+            continue
         if key not in by_name:
             raise GuestError(f"module {name} is not in the guest kernel's modules.dep")
         visit(by_name[key])
@@ -168,8 +193,8 @@ fail "guest.sh returned"
 """
 
 
-def build_initramfs() -> Path:
-    _, moddir, version = kernel_paths()
+def build_initramfs(kernel: str = "debian") -> Path:
+    _, moddir, version = kernel_paths(kernel)
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         raise GuestError("busybox is missing: apt-get install busybox-static (tools/setup-host.sh)")
@@ -265,17 +290,19 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         timeout: float = 900.0, boot_timeout: float = 90.0, accel: str = "tcg", memory: str = "2048",
         smp: int = 2, append: str = "", env: dict[str, str] | None = None, cwd: str | None = None,
         io_dir: Path | None = None, echo: bool = False, retries: int = 1, iommu: bool = True,
-        nvme_params: str = "") -> GuestResult:
+        nvme_params: str = "", kernel: str = "debian") -> GuestResult:
     """Boot the guest, run ``command`` in it, return its exit status and output.
 
     ``io_dir`` (created when None) is writable from the guest at the same path;
     images are created there. ``nvme_params`` go to the kernel nvme module (e.g.
     ``poll_queues=1``). A guest that dies before reaching the payload is
     retried ``retries`` times; one that does not finish within ``timeout`` raises.
+    ``kernel``: ``debian`` (the stock 6.1 kernel, the default: it boots fastest) or ``custom``
+    (6.12 with no-IOMMU mode, iommufd and VFIO device cdevs; see kernel_root()).
     """
     controllers = controllers if controllers is not None else [Controller()]
-    kernel, moddir, _ = kernel_paths()
-    initrd = build_initramfs()
+    kernel_image, moddir, _ = kernel_paths(kernel)
+    initrd = build_initramfs(kernel)
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise GuestError("qemu-system-x86_64 is missing: run tools/setup-host.sh")
@@ -293,7 +320,7 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         shares.append((f"share{i}", path, True))
 
     qargs = [qemu, "-machine", "q35,kernel-irqchip=split", "-m", memory, "-smp", str(smp),
-             "-nographic", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+             "-nographic", "-no-reboot", "-kernel", str(kernel_image), "-initrd", str(initrd),
              "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
              "-virtfs", f"local,path={io_dir},mount_tag=io,security_model=none,multidevs=remap"]
     if accel == "kvm":
@@ -307,7 +334,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                   + (",readonly=on" if ro else "")]
     qmp_sock = io_dir / "qmp.sock"
     qargs += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
-    config: dict = {"controllers": [], "io_dir": str(io_dir), "kernel_driver": kernel_driver}
+    config: dict = {"controllers": [], "io_dir": str(io_dir), "kernel_driver": kernel_driver,
+                    "kernel": kernel, "iommu": iommu}
     addresses = []
     buses = 0  # secondary buses the firmware numbers in slot order, one per root port
     for ci, ctrl in enumerate(controllers):
@@ -544,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
     r.add_argument("--nvme-params", default="", help="kernel nvme module parameters, e.g. poll_queues=1")
     r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")
+    r.add_argument("--kernel", choices=KERNELS, default=os.environ.get("NVMEVFIO_GUEST_KERNEL", "debian"),
+                   help="guest kernel: debian (stock 6.1, boots fastest) or custom (6.12 built by "
+                        "tools/build-guest-kernel.sh: iommufd, VFIO device cdevs, no-IOMMU mode)")
     r.add_argument("--accel", choices=["tcg", "kvm"], default=os.environ.get("NVMEVFIO_ACCEL", "tcg"),
                    help="tcg (default: nested KVM hangs on these hosts) or kvm")
     r.add_argument("--timeout", type=float, default=900.0, help="hard limit for the whole run, seconds")
@@ -552,16 +583,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--io-dir", type=Path, help="the writable folder shared with the guest (default: a new temp dir)")
     r.add_argument("--quiet", action="store_true", help="print the output at the end, not as it comes")
     r.add_argument("command", nargs="+")
-    sub.add_parser("build", help="build (or check) the initramfs in the cache and print its path")
+    b = sub.add_parser("build", help="build (or check) the initramfs in the cache and print its path")
+    b.add_argument("--kernel", choices=KERNELS, default=os.environ.get("NVMEVFIO_GUEST_KERNEL", "debian"))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
-            print(build_initramfs())
+            print(build_initramfs(args.kernel))
             return 0
         ctrls = [Controller.parse(c) for c in args.ctrl] or None
         res = run(args.command, controllers=ctrls, kernel_driver=args.kernel_driver, timeout=args.timeout,
                   accel=args.accel, memory=args.memory, append=args.append, io_dir=args.io_dir,
-                  echo=not args.quiet, iommu=not args.no_iommu, nvme_params=args.nvme_params)
+                  echo=not args.quiet, iommu=not args.no_iommu, nvme_params=args.nvme_params, kernel=args.kernel)
     except GuestError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 125

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what nvmevfio and its test guest need on a Debian 12 host (run as root):
 # apt packages, a Python virtual environment with nvmevfio installed in it, and the
-# guest kernel (downloaded as a .deb and extracted into a cache, never installed).
+# guest kernels: Debian's (downloaded as a .deb and extracted into a cache, never
+# installed) and the custom one tools/build-guest-kernel.sh builds.
 # Idempotent: each step is skipped when its result is already present.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,7 +18,8 @@ fi
 
 apt_pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs nvme-cli pciutils udev fio
           nbdkit nbdkit-plugin-python nbd-client
-          python3-venv python3-dev gcc libc6-dev)
+          python3-venv python3-dev gcc libc6-dev
+          linux-source-6.12 make flex bison bc libelf-dev)  # the custom guest kernel (iommufd lane)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -45,6 +47,10 @@ if ! compgen -G "$stamp_dir/kernel/boot/vmlinuz-*" >/dev/null; then
     mv "$stamp_dir/kernel.new" "$stamp_dir/kernel"
     log "guest kernel $ver in $stamp_dir/kernel"
 fi
+
+# The custom guest kernel (6.12 with IOMMUFD, VFIO_DEVICE_CDEV, VFIO_NOIOMMU): built once, about
+# 10 minutes on two cores, then cached by source version and config hash.
+"$here/tools/build-guest-kernel.sh" >/dev/null
 
 # The Python environment, with nvmevfio (and its C shim) installed editable.
 py=${PYTHON:-python3}

@@ -143,7 +143,7 @@ def test_ffi_version_and_errors():
 
     assert _ffi.ffi.string(_ffi.lib.nv_version()).decode() == __version__
     with pytest.raises(ShimError) as ei:
-        _ffi.check(_ffi.lib.nv_group_open(b"/nonexistent/vfio/42"), "open VFIO group", "/nonexistent/vfio/42")
+        _ffi.check(_ffi.lib.nv_open_rw(b"/nonexistent/vfio/42"), "open VFIO group", "/nonexistent/vfio/42")
     assert ei.value.errno == 2 and "ENOENT" in str(ei.value) and "/nonexistent/vfio/42" in str(ei.value)
     assert _ffi.const("VFIO_TYPE1v2_IOMMU") == 3
 

@@ -25,6 +25,13 @@ def guest():
 
 
 @pytest.fixture(scope="session")
+def lane():
+    """The DMA lane this guest run tests (tests/test_guest_tier.py): ``type1`` on the stock Debian
+    kernel, ``iommufd`` on the custom kernel, where nvmevfio's automatic choice must be iommufd."""
+    return os.environ.get("NVMEVFIO_VM_LANE", "type1")
+
+
+@pytest.fixture(scope="session")
 def io_dir(guest):
     return Path(guest["io_dir"])
 

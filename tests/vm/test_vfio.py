@@ -1,17 +1,20 @@
 """Foundation in the guest: VFIO group/container/device, BAR0, DMA mapping in the
 IOMMU's ranges, binding between nvme and vfio-pci, and the in-use refusal."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import kernel_blockdev
 
+import nvmevfio
 from nvmevfio import dma, pci, vfio
 from nvmevfio.cli import main
-from nvmevfio.errors import DeviceInUse
+from nvmevfio.errors import DeviceInUse, VfioError
 from nvmevfio.nvme import regs
 
 
@@ -24,10 +27,14 @@ def test_list_functions(data_ctrl, small_ctrl):
         assert f.model == "QEMU NVM Express Controller" and f.vendor == "Red Hat, Inc."
 
 
-def test_open_function_reads_cap_and_vs(data_ctrl):
+def test_open_function_reads_cap_and_vs(data_ctrl, lane):
     with vfio.open_function(data_ctrl["address"]) as fn:
-        assert fn.group.viable
-        assert fn.container.iommu_type == 3  # VFIO_TYPE1v2_IOMMU
+        assert fn.backend == lane  # the automatic choice: iommufd exactly when the kernel offers a cdev
+        if lane == "type1":
+            assert fn.group.viable
+            assert fn.mapper.iommu_type == 3  # VFIO_TYPE1v2_IOMMU
+        else:
+            assert fn.group is None and isinstance(fn.mapper, vfio.Iommufd) and fn.mapper.ioas_id > 0
         assert fn.bar0.size >= 0x2000
         assert fn.pci_command & (vfio.PCI_COMMAND_MEMORY | vfio.PCI_COMMAND_MASTER) == 0x6
         assert fn.device.config_read(0, 2) == 0x1B36
@@ -43,7 +50,7 @@ def test_dma_map_inside_reported_ranges(data_ctrl):
         assert ranges and fn.iommu.iova_pgsizes & 0x1000
         # the MSI window 0xfee00000..0xfeefffff is a reserved hole on x86
         assert not any(s <= 0xFEE00000 <= e for s, e in ranges)
-        led = dma.DmaLedger(fn.container, list(ranges))
+        led = dma.DmaLedger(fn.mapper, list(ranges))
         bufs = [led.alloc(n) for n in (4096, 65536, 3 << 20)]
         for b in bufs:
             iova = led.iova(b)
@@ -53,6 +60,32 @@ def test_dma_map_inside_reported_ranges(data_ctrl):
         # unmapped for real: mapping the same IOVA again succeeds only because it was freed
         b = led.alloc(4096)
         led.free(b)
+
+
+LANE_LBA = 126_000  # test_windows, which runs last, takes in the whole namespace
+
+
+def test_both_backends_or_a_named_refusal(data_ctrl, lane):
+    """On a kernel with device cdevs both backends move data; on one without, forcing iommufd is
+    refused with its reason before anything is opened."""
+    addr = data_ctrl["address"]
+    if lane == "type1":
+        with pytest.raises(VfioError) as ei:
+            vfio.open_function(addr, backend="iommufd")
+        assert ei.value.reason == "no-iommufd" and "CONFIG_VFIO_DEVICE_CDEV" in str(ei.value)
+        return
+    pattern = np.arange(8 * 512, dtype=np.uint32).view(np.uint8)[: 8 * 512] ^ 0x5A
+    for backend in ("type1", "iommufd"):
+        with nvmevfio.open(addr, 1, backend=backend) as d:
+            assert d.info.dma_lane == backend
+            d.write_blocks(LANE_LBA, pattern)
+            assert np.array_equal(d.read_blocks(LANE_LBA, 8), pattern)
+    out = CliRunner().invoke(main, ["--backend", "type1", "show-regs", addr])
+    assert out.exit_code == 0 and "iommu: type1, page sizes" in out.output, out.output
+    out = CliRunner().invoke(main, ["show-regs", addr, "-o", "json"])
+    assert out.exit_code == 0 and json.loads(out.output)["iommu_backend"] == "iommufd", out.output
+    listed = json.loads(CliRunner().invoke(main, ["list", "-o", "json"]).output)["Functions"]
+    assert {f["address"]: f["IommuBackend"] for f in listed}[addr] == "iommufd"
 
 
 def _sh(cmd: str) -> str:
