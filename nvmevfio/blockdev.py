@@ -34,7 +34,7 @@ class DeviceInfo:
     queue_depth: int
     completion_mode: str
     shadow_doorbells: bool
-    dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "simulated"
+    dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "noiommu" (bounced), "simulated"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,7 +222,8 @@ class BlockFile(io.RawIOBase):
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
          reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True,
-         command_timeout_s: float | None = None, backend: str | None = None) -> BlockDevice:
+         command_timeout_s: float | None = None, backend: str | None = None,
+         unsafe_noiommu: bool | None = None) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
@@ -232,8 +233,11 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
     ``command_timeout_s``: how long a command may take (default 30 s) before the broker aborts
     it, then resets the controller and requeues what was in flight; ``backend``: the IOMMU
     interface, ``type1`` (VFIO container), ``iommufd`` (VFIO device cdev, Linux 6.6+) or ``auto``
-    (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a cdev)."""
+    (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a cdev); ``unsafe_noiommu``:
+    allow a function without an IOMMU (VFIO no-IOMMU mode; also $NVMEVFIO_UNSAFE_NOIOMMU=1), with
+    every caller buffer bounced through the broker's pinned pool."""
     session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb,
-                                                 command_timeout_s=command_timeout_s, backend=backend)
+                                                 command_timeout_s=command_timeout_s, backend=backend,
+                                                 unsafe_noiommu=unsafe_noiommu)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
                        shadow_doorbells=shadow_doorbells)

@@ -256,6 +256,10 @@ class Broker:
         self._irq_queues = False
         self.changed_namespaces: set[int] = set()
         self._hot: dict[int, Namespace] = {}  # namespaces ready for I/O: the synchronous hot path's lookup
+        # No-IOMMU lane (ledger.bounce): READ ranges posted, by queue and tag, until reaped; the
+        # hot path (zero copy) is off there.
+        self._bounce_reads: dict[int, dict[int, tuple[DmaBuffer, int, int]]] = {}
+        self._zero_copy = not ledger.bounce
         # Asynchronous events (5.2): Asynchronous Event Requests stay outstanding on the admin queue
         # (standing commands in C, never late); each event's log page is read (clearing it) and
         # the event delivered to poll_events() and the callbacks.
@@ -612,9 +616,35 @@ class Broker:
                 got += sum(len(p) for p in more)
             elif timeout_s is not None:
                 break  # the caller's own wait ran out; nothing is late yet
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=COMPLETION)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=COMPLETION)
+        if self._bounce_reads and len(out):
+            self._bounce_back(qp, out)
+        return out
+
+    # ============================================================ the no-IOMMU lane's bounce copies
+    def _bounce_posted(self, qp: BrokerQueue, opcode: int, buf: DmaBuffer, first_tag: int, offsets: Any,
+                       lengths: Any) -> None:
+        """No-IOMMU lane, a batch just posted (its doorbell not yet rung): a WRITE's bytes go to the
+        buffer's device-visible shadow now; a READ's range is remembered, to be copied back to
+        the caller's memory when its completion is reaped."""
+        pairs = zip(np.atleast_1d(offsets).tolist(), np.atleast_1d(lengths).tolist())
+        if opcode == IoOpcode.WRITE:
+            for off, length in pairs:
+                self.ledger.sync_for_device(buf, off, length)
+        else:
+            pending = self._bounce_reads.setdefault(qp.qid, {})
+            for i, (off, length) in enumerate(pairs):
+                pending[first_tag + i] = (buf, off, length)
+
+    def _bounce_back(self, qp: BrokerQueue, done: np.ndarray) -> None:
+        """Reaped completions: each successful READ's bytes go from the shadow to the caller."""
+        pending = self._bounce_reads.get(qp.qid)
+        if not pending:
+            return
+        for tag, status in zip(done["tag"].tolist(), done["status"].tolist()):
+            entry = pending.pop(tag, None)
+            if entry is not None and status == 0:
+                self.ledger.sync_for_cpu(*entry)
 
     @staticmethod
     def _take_cancelled(qp: BrokerQueue) -> list[np.ndarray]:
@@ -1471,6 +1501,8 @@ class Broker:
         except BaseException:
             qp.ring.untake(cids)
             raise
+        if not self._zero_copy:
+            self._bounce_posted(qp, opcode, handle, first, offsets, lengths)
         return self._posted(qp, handle, first, n, doorbell)
 
     def _posted(self, qp: BrokerQueue, buf: DmaBuffer, first_tag: int, n: int, doorbell: bool) -> np.ndarray:
@@ -1504,6 +1536,8 @@ class Broker:
         except BaseException:
             qp.ring.untake(cids)
             raise
+        if not self._zero_copy:
+            self._bounce_posted(qp, opcode, buf, first, offsets, [length for _, length, _ in checked])
         return self._posted(qp, buf, first, n, doorbell)
 
     def _submit_registered(self, qp: BrokerQueue, ns: Namespace, opcode: int, reg: RegisteredBuffer,
@@ -1526,6 +1560,8 @@ class Broker:
         first = qp.ring.post_slots(opcode, ns.nsid, slbas.astype(np.uint64), counts.astype(np.uint32),
                                    slots.astype(np.uint32), reg.prps, ns.block_size, self.page_size, buf.slot,
                                    buf.generation)
+        if not self._zero_copy:
+            self._bounce_posted(qp, opcode, buf, first, offsets, counts * ns.block_size)
         return self._posted(qp, buf, first, len(slbas), doorbell)
 
     # ============================================================ registered buffers
@@ -1677,6 +1713,9 @@ class Broker:
         # blockalign default and spdk_nvme_perf do (an unaligned 4 KiB write costs the backing
         # store a read-modify-write of two pages, which measured the store, not the driver).
         positions = (hi - lo) // nlb
+        # no-IOMMU lane: the loop writes the slots' bytes as the caller left them (its reads stay
+        # in the bounce memory, like any benchmark's)
+        self.ledger.sync_for_device(reg.buffer, 0, reg.buffer.size)
         return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
@@ -1705,7 +1744,7 @@ class Broker:
         # The hot path: an I/O-ready namespace, a plain DMA buffer, a window and a buffer range that
         # fit, one or two memory pages (no PRP list): one C call. Whatever fails these tests takes
         # the checked path below, which refuses with the named reason.
-        ns = self._hot.get(nsid) if type(nsid) is int else None
+        ns = self._hot.get(nsid) if type(nsid) is int and self._zero_copy else None
         if (ns is not None and type(slba) is int and type(count) is int and type(offset) is int
                 and type(buf) is DmaBuffer and 0 < count <= MAX_NLB and slba >= 0
                 and slba + count <= ns.size_blocks and offset >= 0 and not offset & 3 and 0 < qid <= len(self.io)):
@@ -1772,7 +1811,11 @@ class Broker:
             prp2 = iova - iova % ps + ps if pages == 2 else 0
             fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32, count - 1,
                       0, 0, 0)
+            if opcode == IoOpcode.WRITE:
+                self.ledger.sync_for_device(handle, offset, length)  # no-IOMMU lane's bounce; else nothing
             self._exec_fields(qp, fields, handle, opcode, nsid, slba, count)
+            if opcode == IoOpcode.READ:
+                self.ledger.sync_for_cpu(handle, offset, length)
             return
         self._transfer_split(qp, ns, opcode, slba, count, handle, reg, offset, iova, name)
 

@@ -81,7 +81,9 @@ def errors() -> Iterator[None]:
     except NvmeVfioError as exc:
         hint = _hint(exc)
         code = EXIT_SETUP if exc.reason in ("not-bound-to-vfio", "no-iommu-group", "group-not-viable",
-                                            "bad-address", "no-such-function", "not-nvme") else EXIT_ERROR
+                                            "bad-address", "no-such-function", "not-nvme", "no-iommufd",
+                                            "noiommu-not-allowed", "noiommu-no-hugepages",
+                                            "noiommu-no-pagemap") else EXIT_ERROR
         _fail(f"{exc}{' — ' + hint if hint else ''}", code, traceback.format_exc())
     except (OSError, ValueError) as exc:
         _fail(str(exc), EXIT_ERROR, traceback.format_exc())
@@ -133,7 +135,8 @@ def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        s = open_controller(address, command_timeout_s=_timeout(), backend=_root_option("backend"))
+        s = open_controller(address, command_timeout_s=_timeout(), backend=_root_option("backend"),
+                            unsafe_noiommu=_root_option("unsafe_noiommu") or None)
         try:
             if enable:
                 s.enable()
@@ -151,7 +154,8 @@ def blockdev(address: str, nsid: int, **kw: Any) -> Iterator[Any]:
     address = _address(address)
     _check_bound(address)
     with errors():
-        dev = bopen(address, nsid, command_timeout_s=_timeout(), backend=_root_option("backend"), **kw)
+        dev = bopen(address, nsid, command_timeout_s=_timeout(), backend=_root_option("backend"),
+                    unsafe_noiommu=_root_option("unsafe_noiommu") or None, **kw)
         try:
             yield dev
         finally:
@@ -221,11 +225,16 @@ class AliasedGroup(click.Group):
 @click.option("--timeout", "timeout", type=click.FloatRange(min=0.01), default=None,
               help="command timeout in seconds (default 30): a late command is aborted, then the controller "
                    "is reset and the command requeued")
-@click.option("--backend", type=click.Choice(["auto", "type1", "iommufd"]), default=None,
-              help="IOMMU backend: type1 (VFIO container) or iommufd (VFIO device cdev, Linux 6.6+); "
-                   "default auto (iommufd when the function has a cdev), or $NVMEVFIO_BACKEND")
+@click.option("--backend", type=click.Choice(["auto", "type1", "iommufd", "noiommu"]), default=None,
+              help="IOMMU backend: type1 (VFIO container), iommufd (VFIO device cdev, Linux 6.6+) or noiommu; "
+                   "default auto (iommufd when the function has a cdev, noiommu in a no-IOMMU group), "
+                   "or $NVMEVFIO_BACKEND")
+@click.option("--unsafe-noiommu", is_flag=True, default=None,
+              help="allow a controller without an IOMMU (VFIO no-IOMMU mode): the device can reach all memory; "
+                   "the broker bounces every buffer through its pinned pool (or NVMEVFIO_UNSAFE_NOIOMMU=1)")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool, timeout: float | None, backend: str | None) -> None:
+def main(ctx: click.Context, verbose: bool, timeout: float | None, backend: str | None,
+         unsafe_noiommu: bool | None) -> None:
     """nvmevfio: a userspace NVMe driver over VFIO.
 
     ADDRESS is a PCI address, 0000:00:04.0 or 00:04.0. The controller must be bound
@@ -343,7 +352,11 @@ def show_regs(address: str, fmt: str) -> None:
     pages = f"{4 << (10 + cap['MPSMIN'])}..{4 << (10 + cap['MPSMAX'])}"
     click.echo(f"        timeout {cap['TO'] * 500} ms, doorbell stride {4 << cap['DSTRD']} B, "
                f"MQES {cap['MQES'] + 1} entries, page size {pages} B")
-    click.echo(f"iommu: {iommu.backend}, page sizes {iommu.iova_pgsizes:#x}")
+    if iommu.backend == "noiommu":
+        click.echo("iommu: none (noiommu): the device sees physical addresses, kept inside the broker's pinned "
+                   "pool; caller buffers are bounced")
+    else:
+        click.echo(f"iommu: {iommu.backend}, page sizes {iommu.iova_pgsizes:#x}")
     for a, b in iommu.ranges:
         click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)")
 

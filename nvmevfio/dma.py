@@ -6,19 +6,28 @@ hole. A :class:`DmaBuffer` is a handle (slot, generation); after ``free`` the
 handle is stale and every use raises ``stale-handle``. Memory is zeroed before
 it is unmapped and freed. The IOVA is not part of the public API: only the
 broker asks the ledger for it.
+
+Without an IOMMU (VFIO's no-IOMMU mode) the device sees physical addresses. The ledger
+then works over a :class:`PhysicalPool`: pinned hugetlb memory whose frame numbers come
+from /proc/self/pagemap, so that a device address is a physical address inside broker
+memory. Caller buffers become *bounce* buffers, as Linux's swiotlb does: the caller's
+bytes live in ordinary memory the device never sees, and the broker copies them to
+their shadow in the pool before a write (``sync_for_device``) and back after a read
+(``sync_for_cpu``). No physical address is ever part of a result, handle or message.
 """
 
 from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
-from nvmevfio.errors import Refused, StaleHandle
+from nvmevfio.errors import Refused, StaleHandle, VfioError
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20  # broker-private memory uses 2 MiB pages when the ledger asks for hugetlb
@@ -150,14 +159,138 @@ class _PrivateMemory:
         return True
 
 
+# /proc/self/pagemap entries (Documentation/admin-guide/mm/pagemap.rst): bit 63 "present",
+# bits 0-54 the page frame number (zero unless the reader has CAP_SYS_ADMIN).
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+
+
+def frames_from_pagemap(entries: np.ndarray) -> np.ndarray:
+    """Page frame numbers from pagemap entries; 0 where a page is not present or the frame
+    number is hidden (not root). Pure."""
+    entries = np.asarray(entries, dtype=np.uint64)
+    present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
+    return np.where(present, entries & np.uint64(PAGEMAP_PFN_MASK), np.uint64(0))
+
+
+def contiguous_runs(physical: list[int], chunk: int) -> list[tuple[int, int, int]]:
+    """Runs of chunks that are contiguous both virtually (consecutive in ``physical``, the
+    physical address of each ``chunk``-byte piece of one mapping) and physically: returns
+    ``(physical start, offset in the mapping, length)`` for each. Pure."""
+    runs: list[tuple[int, int, int]] = []
+    for i, pa in enumerate(physical):
+        if runs and runs[-1][0] + runs[-1][2] == pa:
+            start, offset, length = runs[-1]
+            runs[-1] = (start, offset, length + chunk)
+        else:
+            runs.append((pa, i * chunk, chunk))
+    return runs
+
+
+def pool_ranges(runs: list[tuple[int, int, int]], page_size: int) -> list[tuple[int, int]]:
+    """The IOVA allocator's inclusive ranges for ``runs``. Where one run ends exactly where
+    another (not virtually adjacent to it) begins, the first gives up its last page, so the
+    allocator, which coalesces adjacent free space, can never hand out a range spanning both
+    (physically contiguous, but not one piece of virtual memory). Pure."""
+    starts = {start for start, _, _ in runs}
+    out = []
+    for start, _, length in runs:
+        end = start + length
+        if end in starts:
+            end -= page_size
+        if end > start:
+            out.append((start, end - 1))
+    return out
+
+
+class PhysicalPool:
+    """The no-IOMMU lane's device-visible memory: one virtually contiguous piece of memory and
+    the physical address of each 2 MiB chunk of it. ``ranges`` are its physical ranges (the
+    ledger's "IOVA" space in this lane); ``view`` gives the memory behind a range. The
+    addresses never leave the broker. :meth:`pinned` makes the real one."""
+
+    def __init__(self, array: np.ndarray, physical: list[int], release: Callable[[], object] | None = None) -> None:
+        self.array = array
+        self.size = array.size
+        self.runs = contiguous_runs(physical, HUGE_PAGE)
+        self._release = release
+
+    @classmethod
+    def pinned(cls, size: int, *, pagemap: str = "/proc/self/pagemap") -> PhysicalPool:
+        """Populated, locked hugetlb memory (huge pages stay put and are physically contiguous
+        inside each one), with every huge page's physical address from /proc/self/pagemap."""
+        size = align_up(max(size, HUGE_PAGE), HUGE_PAGE)
+        try:
+            mem = _PrivateMemory(size, hugetlb=True)
+        except OSError as exc:
+            raise VfioError(
+                f"the no-IOMMU lane needs {size >> 20} MiB of 2 MiB huge pages for its pinned pool and could not "
+                f"map them ({exc}): reserve them first, e.g. echo {size // HUGE_PAGE} > /proc/sys/vm/nr_hugepages "
+                "(or hugepages=N on the kernel command line)", reason="noiommu-no-hugepages", size=size) from None
+        try:
+            return cls(mem.array, _physical_chunks(mem.addr, size, pagemap), mem.try_release)
+        except BaseException:
+            mem.try_release()
+            raise
+
+    def ranges(self, page_size: int) -> list[tuple[int, int]]:
+        return pool_ranges(self.runs, page_size)
+
+    def view(self, start: int, size: int) -> np.ndarray:
+        """The pool memory behind physical range ``[start, start + size)`` (inside one run)."""
+        for pa, offset, length in self.runs:
+            if pa <= start and start + size <= pa + length:
+                at = offset + start - pa
+                return self.array[at : at + size]
+        raise ValueError(f"range of {size:#x} bytes is not inside one run of the pool")
+
+    def close(self) -> None:
+        self.array = np.empty(0, dtype=np.uint8)
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+def _physical_chunks(addr: int, size: int, pagemap: str) -> list[int]:
+    """The physical address of each HUGE_PAGE chunk of the mapping at ``addr``."""
+    try:
+        fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VfioError(f"cannot read {pagemap} ({exc.strerror}): the no-IOMMU lane needs it to learn the "
+                        "pool's physical addresses", reason="noiommu-no-pagemap") from None
+    try:
+        raw = [os.pread(fd, 8, (addr + i * HUGE_PAGE) // PAGE_SIZE * 8) for i in range(size // HUGE_PAGE)]
+    finally:
+        os.close(fd)
+    frames = frames_from_pagemap(np.frombuffer(b"".join(raw), dtype="<u8"))
+    if not frames.all():
+        raise VfioError(f"{pagemap} gives no page frame numbers: the no-IOMMU lane must run as root "
+                        "(CAP_SYS_ADMIN) to learn its pool's physical addresses", reason="noiommu-no-pagemap")
+    return [int(f) * PAGE_SIZE for f in frames]
+
+
+class _PoolMemory:
+    """A piece of the physical pool (broker memory the device sees in the no-IOMMU lane)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.size = array.size
+        self.addr = int(array.ctypes.data)
+
+    def try_release(self) -> bool:
+        self.array = np.empty(0, dtype=np.uint8)
+        return True
+
+
 @dataclass(eq=False)
 class _Slot:
     generation: int = 0
-    mem: _Memory | _PrivateMemory | None = None
+    mem: _Memory | _PrivateMemory | _PoolMemory | None = None
     iova: int = 0
     size: int = 0
     owner: str = ""
     in_flight: int = 0
+    shadow: _PoolMemory | None = None  # no-IOMMU lane: the device-visible copy of a caller buffer
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,15 +315,19 @@ class DmaBuffer:
 
 class DmaLedger:
     def __init__(self, mapper: DmaMapper, ranges: list[tuple[int, int]], *,
-                 page_size: int = PAGE_SIZE, hugetlb: bool = False) -> None:
-        """``hugetlb``: back broker-private memory (queues, PRP lists, staging) with 2 MiB pages."""
+                 page_size: int = PAGE_SIZE, hugetlb: bool = False, pool: PhysicalPool | None = None) -> None:
+        """``hugetlb``: back broker-private memory (queues, PRP lists, staging) with 2 MiB pages.
+        ``pool``: the no-IOMMU lane; device addresses are the pool's physical addresses (``ranges``
+        and ``mapper`` are not used), and caller buffers are bounce buffers."""
         self._mapper = mapper
         self.page_size = page_size
         self.hugetlb = hugetlb
-        self.iovas = IovaAllocator(ranges, page_size)
+        self.pool = pool
+        self.bounce = pool is not None
+        self.iovas = IovaAllocator(pool.ranges(page_size) if pool is not None else ranges, page_size)
         self._slots: list[_Slot] = []
         self._vacant: list[int] = []
-        self._zombies: list[_Memory | _PrivateMemory] = []
+        self._zombies: list[_Memory | _PrivateMemory | _PoolMemory] = []
         self._lock = threading.Lock()  # alloc and free may come from several threads (one per queue)
         self.detached = False  # the container is closed: its IOMMU mappings went with it
 
@@ -204,20 +341,27 @@ class DmaLedger:
         if size <= 0:
             raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
         private = owner.startswith("broker:")
-        huge = self.hugetlb and private
+        huge = self.hugetlb and private and self.pool is None
         mapped = align_up(size, HUGE_PAGE if huge else self.page_size)
         iova = self.iovas.alloc(mapped, alignment)
+        shadow = None
         try:
-            mem: _Memory | _PrivateMemory = _PrivateMemory(mapped, huge) if private else _Memory(mapped)
+            mem: _Memory | _PrivateMemory | _PoolMemory
+            if self.pool is not None:  # no IOMMU: pool memory, at its physical address
+                shadow = _PoolMemory(self.pool.view(iova, mapped))
+                mem = shadow if private else _Memory(mapped)
+            else:
+                mem = _PrivateMemory(mapped, huge) if private else _Memory(mapped)
         except BaseException:
             self.iovas.free(iova, mapped)
             raise
-        try:
-            self._mapper.map_dma(mem.addr, iova, mapped, device_writable)
-        except BaseException:
-            self.iovas.free(iova, mapped)
-            mem.try_release()
-            raise
+        if self.pool is None:
+            try:
+                self._mapper.map_dma(mem.addr, iova, mapped, device_writable)
+            except BaseException:
+                self.iovas.free(iova, mapped)
+                mem.try_release()
+                raise
         if self._vacant:
             index = self._vacant.pop()
         else:
@@ -225,6 +369,7 @@ class DmaLedger:
             self._slots.append(_Slot())
         slot = self._slots[index]
         slot.mem, slot.iova, slot.size, slot.owner, slot.in_flight = mem, iova, size, owner, 0
+        slot.shadow = shadow if shadow is not mem else None
         return DmaBuffer(index, slot.generation, size, owner, self)
 
     def free(self, buf: DmaBuffer) -> None:
@@ -243,12 +388,16 @@ class DmaLedger:
         mem = slot.mem
         assert mem is not None  # _live_slot guarantees it; internal invariant
         mem.array.fill(0)  # scrub before the memory leaves the ledger
+        shadow, slot.shadow = slot.shadow, None
+        if shadow is not None:  # and the bounce copy, before the pool hands it to another owner
+            shadow.array.fill(0)
+            shadow.try_release()
         mapped = mem.size
         slot.generation += 1  # every outstanding handle is stale from here on
         slot.mem = None
         self._vacant.append(index)
         try:
-            if not self.detached:
+            if not self.detached and self.pool is None:
                 self._mapper.unmap_dma(slot.iova, mapped)
         finally:
             self.iovas.free(slot.iova, mapped)
@@ -264,11 +413,28 @@ class DmaLedger:
             self.detached = True
 
     def close(self) -> None:
-        """Free every live buffer (in-flight ones too: the device is gone)."""
+        """Free every live buffer (in-flight ones too: the device is gone), then the pool."""
         for index, slot in enumerate(self._slots):
             if slot.mem is not None:
                 slot.in_flight = 0
                 self._release(index, slot)
+        if self.pool is not None:
+            self.pool.close()
+
+    # -- the no-IOMMU lane's bounce copies ----------------------------------------
+    def sync_for_device(self, buf: DmaBuffer, offset: int, length: int) -> None:
+        """Before the device reads ``buf[offset:offset+length]`` (a WRITE command): copy the
+        caller's bytes to the buffer's device-visible shadow. Nothing to do with an IOMMU."""
+        shadow = self._slots[buf.slot].shadow if self.bounce else None
+        if shadow is not None:
+            shadow.array[offset : offset + length] = self.array(buf)[offset : offset + length]
+
+    def sync_for_cpu(self, buf: DmaBuffer, offset: int, length: int) -> None:
+        """After the device wrote ``buf[offset:offset+length]`` (a READ completed): copy the
+        shadow's bytes back to the caller's memory. Nothing to do with an IOMMU."""
+        shadow = self._slots[buf.slot].shadow if self.bounce else None
+        if shadow is not None and self.is_live(buf):
+            self.array(buf)[offset : offset + length] = shadow.array[offset : offset + length]
 
     # -- lookups ---------------------------------------------------------------
     def _live_slot(self, buf: DmaBuffer) -> _Slot:

@@ -105,7 +105,8 @@ class Provider:
     @property
     def dma_lane(self) -> str:
         """How device addresses are made: ``type1`` or ``iommufd`` (an IOMMU translates the
-        broker's IOVAs), ``simulated`` for the in-process controller model."""
+        broker's IOVAs), ``noiommu`` (physical addresses inside the broker's pinned pool; caller
+        buffers are bounced), ``simulated`` for the in-process controller model."""
         return "simulated"
 
     def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
@@ -403,22 +404,31 @@ class ControllerSession(Provider):
 
 def open_controller(address: str, *, reset: bool = False, staging_bytes: int | None = None,
                     command_timeout_s: float | None = None, hugetlb: bool = False,
-                    backend: str | None = None) -> ControllerSession:
+                    backend: str | None = None, unsafe_noiommu: bool | None = None,
+                    noiommu_pool_bytes: int | None = None) -> ControllerSession:
     """Open a controller bound to vfio-pci: VFIO function, DMA ledger over its IOVA ranges, broker.
 
     The controller is only bound (registers read); call ``enable()`` next. ``hugetlb`` backs the
     broker's queues, PRP lists and staging buffer with 2 MiB pages (reserve them first:
     /proc/sys/vm/nr_hugepages). ``backend``: the IOMMU interface, ``type1``, ``iommufd`` or
     ``auto`` (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a VFIO device cdev).
+    A function in a no-IOMMU group (a machine without an IOMMU) opens only with ``unsafe_noiommu``
+    (or $NVMEVFIO_UNSAFE_NOIOMMU=1): the broker then keeps all device-visible memory in a pinned
+    pool of 2 MiB huge pages (``noiommu_pool_bytes``, default 64 MiB, or
+    $NVMEVFIO_NOIOMMU_POOL_MB) and bounces caller buffers through it.
     """
     from nvmevfio import broker as _b
-    from nvmevfio.dma import PAGE_SIZE, DmaLedger
+    from nvmevfio.dma import PAGE_SIZE, DmaLedger, PhysicalPool
     from nvmevfio.vfio import VfioIrq, open_function
 
-    fn = open_function(address, reset=reset, backend=backend)
+    fn = open_function(address, reset=reset, backend=backend, unsafe_noiommu=unsafe_noiommu)
     try:
-        ledger = DmaLedger(fn.mapper, list(fn.iommu.ranges), page_size=max(PAGE_SIZE, fn.iommu.min_page_size),
-                           hugetlb=hugetlb)
+        if fn.backend == "noiommu":
+            pool_bytes = noiommu_pool_bytes or int(os.environ.get("NVMEVFIO_NOIOMMU_POOL_MB", "64")) << 20
+            ledger = DmaLedger(fn.mapper, [], pool=PhysicalPool.pinned(pool_bytes))
+        else:
+            ledger = DmaLedger(fn.mapper, list(fn.iommu.ranges),
+                               page_size=max(PAGE_SIZE, fn.iommu.min_page_size), hugetlb=hugetlb)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
                        command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S)

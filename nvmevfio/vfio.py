@@ -16,6 +16,7 @@ IOVA. Everything closes in reverse order (context managers).
 from __future__ import annotations
 
 import functools
+import logging
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 from nvmevfio._ffi import check, const, ffi, lib
 from nvmevfio.errors import ShimError, VfioError
 from nvmevfio.mmio import BarMmio
+
+log = logging.getLogger(__name__)
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 PCI_COMMAND = 0x04
@@ -60,7 +63,7 @@ class IommuInfo:
     iova_pgsizes: int
     ranges: tuple[tuple[int, int], ...]
     dma_avail: int | None
-    backend: str = "type1"  # "type1" (VFIO container) or "iommufd"
+    backend: str = "type1"  # "type1" (VFIO container), "iommufd", or "noiommu" (no IOVA ranges)
 
     @property
     def min_page_size(self) -> int:
@@ -122,7 +125,10 @@ class Container:
 
 IOMMUFD_PATH = "/dev/iommu"
 DEV_VFIO_DEVICES = Path("/dev/vfio/devices")
-BACKENDS = ("auto", "type1", "iommufd")
+BACKENDS = ("auto", "type1", "iommufd", "noiommu")
+NOIOMMU_RISK = ("no IOMMU: the device reaches all of physical memory and nothing checks where it writes; the "
+                "broker keeps every device address inside its own pinned pool, but a faulty device or a bug "
+                "can corrupt any memory. Use it only where no IOMMU can be had (a cloud VM without a vIOMMU)")
 
 
 class Iommufd:
@@ -397,15 +403,21 @@ def device_cdev_of(address: str) -> str | None:
 
 
 def choose_backend(address: str, backend: str | None = None) -> str:
-    """``type1`` or ``iommufd`` for ``address``. ``None`` reads $NVMEVFIO_BACKEND (default
-    ``auto``); ``auto`` takes iommufd when the function has a device cdev and /dev/iommu exists."""
+    """``type1``, ``iommufd`` or ``noiommu`` for ``address``. ``None`` reads $NVMEVFIO_BACKEND
+    (default ``auto``); ``auto`` takes iommufd when the function has a device cdev and /dev/iommu
+    exists, noiommu when its group is a no-IOMMU group, else type1."""
     wanted = (backend or os.environ.get("NVMEVFIO_BACKEND") or "auto").lower()
     if wanted not in BACKENDS:
         raise VfioError(f"unknown IOMMU backend {wanted!r}; choose one of {', '.join(BACKENDS)}",
                         reason="invalid-argument", backend=wanted)
     if wanted != "auto":
         return wanted
-    return "iommufd" if device_cdev_of(address) and os.path.exists(IOMMUFD_PATH) else "type1"
+    if device_cdev_of(address) and os.path.exists(IOMMUFD_PATH):
+        return "iommufd"
+    group = SYSFS_PCI / address / "iommu_group"
+    if group.exists() and os.path.exists(f"/dev/vfio/noiommu-{os.path.basename(os.readlink(group))}"):
+        return "noiommu"  # VFIO's no-IOMMU mode (vfio.enable_unsafe_noiommu_mode=1)
+    return "type1"
 
 
 @dataclass
@@ -450,24 +462,34 @@ class VfioFunction:
         self.close()
 
 
-def open_function(address: str, *, reset: bool = False, backend: str | None = None) -> VfioFunction:
+def noiommu_allowed(unsafe_noiommu: bool | None) -> bool:
+    """The no-IOMMU opt-in: the argument, else $NVMEVFIO_UNSAFE_NOIOMMU=1."""
+    if unsafe_noiommu is not None:
+        return unsafe_noiommu
+    return os.environ.get("NVMEVFIO_UNSAFE_NOIOMMU", "") == "1"
+
+
+def open_function(address: str, *, reset: bool = False, backend: str | None = None,
+                  unsafe_noiommu: bool | None = None) -> VfioFunction:
     """Open a PCI function bound to vfio-pci: IOMMU backend (see :func:`choose_backend`), device,
-    BAR0, bus master."""
+    BAR0, bus master. A function in a no-IOMMU group opens only with ``unsafe_noiommu`` (or
+    $NVMEVFIO_UNSAFE_NOIOMMU=1); it is refused with ``noiommu-not-allowed`` otherwise."""
     from nvmevfio.pci import normalize_address
 
     address = normalize_address(address)
-    if choose_backend(address, backend) == "iommufd":
+    chosen = choose_backend(address, backend)
+    if chosen == "iommufd":
         return _open_iommufd(address, reset)
-    return _open_type1(address, reset)
+    return _open_type1(address, reset, noiommu_ok=chosen == "noiommu" and noiommu_allowed(unsafe_noiommu))
 
 
 def _finish(address: str, mapper: Container | Iommufd, group: Group | None, device: Device,
-            reset: bool) -> VfioFunction:
+            reset: bool, iommu: IommuInfo | None = None) -> VfioFunction:
     if reset:
         device.reset()
     bar0 = device.map_bar(0)
     command = device.enable_bus_master()
-    return VfioFunction(address, mapper, group, device, bar0, mapper.iommu_info(), command)
+    return VfioFunction(address, mapper, group, device, bar0, iommu or mapper.iommu_info(), command)
 
 
 def _open_iommufd(address: str, reset: bool) -> VfioFunction:
@@ -493,7 +515,7 @@ def _open_iommufd(address: str, reset: bool) -> VfioFunction:
         raise
 
 
-def _open_type1(address: str, reset: bool) -> VfioFunction:
+def _open_type1(address: str, reset: bool, noiommu_ok: bool = False) -> VfioFunction:
     group_path = iommu_group_of(address)
     container = Container()
     group = device = None
@@ -502,8 +524,14 @@ def _open_type1(address: str, reset: bool) -> VfioFunction:
         group.attach(container)
         container.set_iommu()
         if container.noiommu:
-            raise VfioError("no-IOMMU VFIO mode is not supported yet: the device would see physical "
-                            "addresses; enable the IOMMU", reason="noiommu-unsupported")
+            if not noiommu_ok:
+                raise VfioError(f"{address} is in a no-IOMMU VFIO group: {NOIOMMU_RISK}. Opt in with "
+                                "--unsafe-noiommu / open(unsafe_noiommu=True) / NVMEVFIO_UNSAFE_NOIOMMU=1",
+                                reason="noiommu-not-allowed", address=address)
+            log.warning("%s: %s", address, NOIOMMU_RISK)
+            device = Device(group.get_device(address), address)
+            # no IOVA space: the ledger's device addresses are its pinned pool's physical ones
+            return _finish(address, container, group, device, reset, IommuInfo(0, mmap.PAGESIZE, (), None, "noiommu"))
         device = Device(group.get_device(address), address)
         return _finish(address, container, group, device, reset)
     except BaseException:

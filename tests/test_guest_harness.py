@@ -65,3 +65,14 @@ def test_custom_kernel_guest_offers_iommufd_and_device_cdevs(tmp_path):
     assert res.returncode == 0, res.output
     release, iommu, _, cdev, vfio_dev = res.output.split()
     assert release.endswith("-nvmevfio") and iommu == "/dev/iommu" and cdev == vfio_dev == "vfio0"
+
+
+def test_noiommu_lane_guest_has_a_noiommu_group_and_huge_pages(tmp_path):
+    opts = guest.lane_options("noiommu")
+    assert opts["env"]["NVMEVFIO_VM_LANE"] == "noiommu" and opts["iommu"] is False
+    res = guest.run(["sh", "-c", "ls /dev/vfio; cat /proc/sys/vm/nr_hugepages; echo $NVMEVFIO_UNSAFE_NOIOMMU"],
+                    io_dir=tmp_path, **opts)
+    assert res.returncode == 0, res.output
+    assert res.output.split() == ["noiommu-0", "vfio", "768", "1"]
+    with pytest.raises(guest.GuestError, match="unknown DMA lane"):
+        guest.lane_options("sva")

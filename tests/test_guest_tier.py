@@ -55,10 +55,9 @@ def _controllers(io_dir):
     ]
 
 
-# The DMA lanes the whole guest suite runs in, and the guest kernel each needs: type1 on Debian's
-# stock kernel; iommufd (chosen automatically there) on the kernel tools/build-guest-kernel.sh
-# builds with IOMMUFD and VFIO_DEVICE_CDEV. NVMEVFIO_VM_LANES="type1" runs a subset.
-LANES = {"type1": "debian", "iommufd": "custom"}
+# The whole guest suite runs once per DMA lane (tools/guest.py LANES says how each guest boots).
+# NVMEVFIO_VM_LANES="type1" runs a subset.
+LANES = guestlib.LANES
 SELECTED = [lane for lane in LANES if lane in os.environ.get("NVMEVFIO_VM_LANES", " ".join(LANES)).split()]
 
 
@@ -71,7 +70,7 @@ def vm_run(request, tmp_path_factory):
     res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA", "tests/vm",
                         f"--junitxml={junit}", *extra],
                        controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(ROOT), timeout=1500, echo=False,
-                       kernel=LANES[lane], env={"NVMEVFIO_VM_LANE": lane})
+                       **guestlib.lane_options(lane))
     print(res.output)
     return res, junit
 

@@ -335,7 +335,7 @@ def boot_once(args: argparse.Namespace, sweep: bool) -> dict:
         cmd.append("--sweep")
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
-                        timeout=3600, echo=True, kernel=args.kernel)
+                        timeout=3600, echo=True, **guest.lane_options(args.lane))
         if res.returncode != 0 or not out.exists():
             raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
         return json.loads(out.read_text())
@@ -351,8 +351,9 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..256) instead of the matrix")
     ap.add_argument("--plot", type=Path, help="with --sweep: the PNG to write (default: sweep.png)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
-    ap.add_argument("--kernel", choices=["debian", "custom"], default="debian",
-                    help="guest kernel: debian (nvmevfio on type1) or custom (6.12: nvmevfio on iommufd)")
+    ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
+                    help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
+                         "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_guest:

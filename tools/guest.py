@@ -14,8 +14,11 @@ guest's tmpfs) is visible too.
     python tools/guest.py run -- nvmevfio list
     python tools/guest.py run --ctrl 'ns=64M,ns=32M:4096;mdts=0' -- pytest tests/vm
     python tools/guest.py run --kernel-driver -- sh -c 'ls /dev/nvme*'
+    python tools/guest.py run --lane noiommu -- nvmevfio show-regs 00:10.0   # no IOMMU, custom kernel
 
-See ``--help``. Build prerequisites: ``tools/setup-host.sh``.
+The guest kernel is Debian's stock 6.1 (``--kernel debian``, the default: it needs no
+build) or a 6.12 built for these tests (``--kernel custom``: iommufd, VFIO device cdevs,
+VFIO's no-IOMMU mode; tools/build-guest-kernel.sh, cached). See ``--help``. Build prerequisites: ``tools/setup-host.sh``.
 """
 
 from __future__ import annotations
@@ -120,6 +123,27 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- kernel, initramfs
 KERNELS = ("debian", "custom")
+# How a guest boots for each DMA lane nvmevfio has (run()'s keyword arguments): type1 on Debian's
+# stock kernel; iommufd (chosen automatically there) on the custom kernel, which has IOMMUFD and
+# VFIO_DEVICE_CDEV; no-IOMMU on the custom kernel without the emulated IOMMU, VFIO in its unsafe
+# no-IOMMU mode, 1.5 GiB of huge pages reserved for the broker's pinned pools, and the opt-in set.
+LANES: dict[str, dict] = {
+    "type1": {"kernel": "debian"},
+    "iommufd": {"kernel": "custom"},
+    "noiommu": {"kernel": "custom", "iommu": False, "memory": "3072",
+                "append": "vfio.enable_unsafe_noiommu_mode=1 hugepages=768",
+                "env": {"NVMEVFIO_UNSAFE_NOIOMMU": "1"}},
+}
+
+
+def lane_options(lane: str, env: dict[str, str] | None = None) -> dict:
+    """run()'s keyword arguments for a guest in ``lane``; ``env`` is added to the lane's, with
+    NVMEVFIO_VM_LANE naming the lane (tests/vm reads it)."""
+    if lane not in LANES:
+        raise GuestError(f"unknown DMA lane {lane!r}; choose one of {', '.join(LANES)}")
+    opts = dict(LANES[lane])
+    opts["env"] = {"NVMEVFIO_VM_LANE": lane, **opts.get("env", {}), **(env or {})}
+    return opts
 
 
 def kernel_root(kind: str = "debian") -> Path:
@@ -572,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
     r.add_argument("--nvme-params", default="", help="kernel nvme module parameters, e.g. poll_queues=1")
     r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")
+    r.add_argument("--lane", choices=list(LANES), help="boot as the guest tier does for this DMA lane "
+                   "(kernel, IOMMU, no-IOMMU mode, huge pages); overrides --kernel/--no-iommu/--memory")
     r.add_argument("--kernel", choices=KERNELS, default=os.environ.get("NVMEVFIO_GUEST_KERNEL", "debian"),
                    help="guest kernel: debian (stock 6.1, boots fastest) or custom (6.12 built by "
                         "tools/build-guest-kernel.sh: iommufd, VFIO device cdevs, no-IOMMU mode)")
@@ -591,9 +617,12 @@ def main(argv: list[str] | None = None) -> int:
             print(build_initramfs(args.kernel))
             return 0
         ctrls = [Controller.parse(c) for c in args.ctrl] or None
+        opts = {"memory": args.memory, "iommu": not args.no_iommu, "kernel": args.kernel}
+        if args.lane:
+            opts.update(lane_options(args.lane))
+        opts["append"] = " ".join(filter(None, [opts.get("append", ""), args.append]))
         res = run(args.command, controllers=ctrls, kernel_driver=args.kernel_driver, timeout=args.timeout,
-                  accel=args.accel, memory=args.memory, append=args.append, io_dir=args.io_dir,
-                  echo=not args.quiet, iommu=not args.no_iommu, nvme_params=args.nvme_params, kernel=args.kernel)
+                  accel=args.accel, io_dir=args.io_dir, echo=not args.quiet, nvme_params=args.nvme_params, **opts)
     except GuestError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 125

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nvmevfio.dma import HUGE_PAGE, PhysicalPool
 from nvmevfio.mmio import ArrayMmio
 from nvmevfio.nvme import regs
 from nvmevfio.nvme.regs import CAP_, CC_, CSTS_
@@ -48,6 +49,16 @@ class SimDma:
             raise SimFault(f"unmap of {iova:#x}+{size:#x} does not match a mapping")
         del self.maps[iova]
         self.unmap_calls += 1
+
+    def physical_pool(self, physical: list[int]) -> PhysicalPool:
+        """A stand-in for the no-IOMMU lane's pinned pool: host memory whose 2 MiB chunks the
+        simulated device sees at the made-up "physical" addresses ``physical``, and nothing else
+        (the ledger maps nothing in that lane, so a caller's own pages stay invisible)."""
+        array = np.zeros(len(physical) * HUGE_PAGE, dtype=np.uint8)
+        pool = PhysicalPool(array, physical)
+        for pa, offset, length in pool.runs:
+            self.map_dma(int(array.ctypes.data) + offset, pa, length)
+        return pool
 
     def view(self, iova: int, length: int, write: bool = False) -> np.ndarray:
         for base, (vaddr, size, writable) in self.maps.items():

@@ -7,10 +7,15 @@ from nvmevfio.sim.controller import SimController, SimNamespace
 
 
 class Rig:
-    def __init__(self, namespaces=None, **kw):
+    def __init__(self, namespaces=None, physical=None, **kw):
+        """``physical``: the no-IOMMU lane, over a pool whose 2 MiB chunks the device sees at
+        these made-up physical addresses (and nothing else)."""
         self.sim = SimController(namespaces if namespaces is not None else
                                  [SimNamespace(4096), SimNamespace(1024, 4096)], **kw)
-        self.ledger = DmaLedger(self.sim.dma, [(0, (1 << 40) - 1)])
+        if physical is None:
+            self.ledger = DmaLedger(self.sim.dma, [(0, (1 << 40) - 1)])
+        else:
+            self.ledger = DmaLedger(self.sim.dma, [], pool=self.sim.dma.physical_pool(physical))
         self.broker = Broker(self.sim.mmio, self.ledger, command_timeout_s=0.5)
         self.p = Provider(self.broker)
 

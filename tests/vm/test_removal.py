@@ -29,11 +29,14 @@ def _wait_for(cond, timeout_s: float, what: str) -> None:
 
 
 def _holds_vfio_device(pid: int) -> bool:
+    """Does ``pid`` hold a VFIO device fd: anon_inode:[vfio-device] from a group (type1,
+    no-IOMMU), or the device's cdev /dev/vfio/devices/vfioN (iommufd)?"""
     fds = Path(f"/proc/{pid}/fd")
     try:
-        return any("vfio-device" in os.readlink(fd) for fd in fds.iterdir())
+        links = [os.readlink(fd) for fd in fds.iterdir()]
     except OSError:
         return False
+    return any("vfio-device" in link or link.startswith("/dev/vfio/devices/") for link in links)
 
 
 def test_kernel_remove_request_releases_the_device(hotplug_ctrl):

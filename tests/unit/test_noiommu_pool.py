@@ -1,0 +1,42 @@
+"""The no-IOMMU lane's pure pieces: pagemap entries to frame numbers, runs of physically
+contiguous huge pages, and the allocator ranges built from them (exact values)."""
+
+import numpy as np
+import pytest
+
+from nvmevfio.dma import HUGE_PAGE, PhysicalPool, contiguous_runs, frames_from_pagemap, pool_ranges
+
+M2 = HUGE_PAGE
+A = 0x1_0000_0000
+X = 0x3_0000_0000
+
+
+def test_frames_from_pagemap():
+    present = 1 << 63
+    entries = np.array([present | 0x1234, 0x1234, present, present | (1 << 55) | 5], dtype=np.uint64)
+    # not present -> 0; present with the frame hidden (not root) -> 0; bit 55 (soft-dirty) is not the frame's
+    assert frames_from_pagemap(entries).tolist() == [0x1234, 0, 0, 5]
+
+
+def test_contiguous_runs_need_virtual_and_physical_adjacency():
+    assert contiguous_runs([A, A + M2, X, A + 2 * M2], M2) == [(A, 0, 2 * M2), (X, 2 * M2, M2),
+                                                                (A + 2 * M2, 3 * M2, M2)]
+    assert contiguous_runs([A + M2, A], M2) == [(A + M2, 0, M2), (A, M2, M2)]  # reversed: two runs
+    assert contiguous_runs([], M2) == []
+
+
+def test_pool_ranges_keep_a_guard_page_between_physically_adjacent_runs():
+    runs = contiguous_runs([A, A + M2, X, A + 2 * M2], M2)
+    # run 1 ends where run 3 starts: it gives up its last page, so freed space never coalesces across
+    assert pool_ranges(runs, 4096) == [(A, A + 2 * M2 - 4096 - 1), (X, X + M2 - 1), (A + 2 * M2, A + 3 * M2 - 1)]
+    assert pool_ranges(contiguous_runs([A, X], M2), 4096) == [(A, A + M2 - 1), (X, X + M2 - 1)]
+
+
+def test_pool_view_is_the_memory_of_its_run():
+    array = np.arange(3 * M2, dtype=np.uint64).view(np.uint8)[: 3 * M2]
+    pool = PhysicalPool(array, [X, A, A + M2])
+    assert pool.runs == [(X, 0, M2), (A, M2, 2 * M2)]
+    v = pool.view(A + M2 - 8, 16)  # spans the two chunks of run 2: one piece of memory
+    assert v.ctypes.data == array.ctypes.data + 2 * M2 - 8 and v.size == 16
+    with pytest.raises(ValueError):
+        pool.view(X + M2 - 8, 16)  # past the end of run 1
