@@ -98,6 +98,15 @@ int nv_dma_unmap(int container_fd, uint64_t iova, uint64_t size);
  * (size must then be a multiple of 2 MiB). */
 int nv_mem_alloc(uint64_t size, int hugetlb, void **out);
 int nv_mem_free(void *addr, uint64_t size);
+/* The no-IOMMU lane's pool: huge pages in a hugetlbfs memfd, mapped once (grown when the
+ * first pages are too scattered, the unwanted ones punched out), then the chosen pages
+ * mapped again in a chosen order (sorted by physical address) and locked. Free with
+ * nv_mem_free and nv_close(memfd). */
+int nv_hugepool_create(uint64_t size, int *memfd, void **out);
+int nv_hugepool_grow(int memfd, void *old, uint64_t old_size, uint64_t new_size, void **out);
+int nv_hugepool_punch(int memfd, uint64_t offset, uint64_t length);
+int nv_hugepool_arrange(int memfd, void *old, uint64_t old_size, uint64_t chunk, const uint32_t *order,
+                        uint32_t n, void **out);
 
 /* Eventfds for MSI-X. */
 int nv_eventfd_open(void);

@@ -19,6 +19,7 @@ their shadow in the pool before a write (``sync_for_device``) and back after a r
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
 import os
 import threading
@@ -28,6 +29,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from nvmevfio.errors import Refused, StaleHandle, VfioError
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20  # broker-private memory uses 2 MiB pages when the ledger asks for hugetlb
@@ -187,6 +190,38 @@ def contiguous_runs(physical: list[int], chunk: int) -> list[tuple[int, int, int
     return runs
 
 
+POOL_GROW = 4  # the pool takes at most this many times the huge pages it needs, to find contiguous runs
+POOL_WANT_RUN = 8  # huge pages (16 MiB) in one physically contiguous run are enough not to look further
+
+
+def _longest_run(physical: list[int]) -> int:
+    """Huge pages in the longest physically contiguous run among ``physical`` (any order). Pure."""
+    ordered = sorted(physical)
+    best = run = 1 if ordered else 0
+    for a, b in zip(ordered, ordered[1:]):
+        run = run + 1 if b == a + HUGE_PAGE else 1
+        best = max(best, run)
+    return best
+
+
+def choose_pages(physical: list[int], n: int) -> list[int]:
+    """Which ``n`` of the huge pages at ``physical`` (indexed as given) to keep: the longest
+    physically contiguous runs first; returned in physical order. Pure."""
+    order = sorted(range(len(physical)), key=physical.__getitem__)
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and physical[i] == physical[runs[-1][-1]] + HUGE_PAGE:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    keep: list[int] = []
+    for run in sorted(runs, key=len, reverse=True):
+        keep += run[: n - len(keep)]
+        if len(keep) == n:
+            break
+    return sorted(keep, key=physical.__getitem__)
+
+
 def pool_ranges(runs: list[tuple[int, int, int]], page_size: int) -> list[tuple[int, int]]:
     """The IOVA allocator's inclusive ranges for ``runs``. Where one run ends exactly where
     another (not virtually adjacent to it) begins, the first gives up its last page, so the
@@ -217,21 +252,60 @@ class PhysicalPool:
 
     @classmethod
     def pinned(cls, size: int, *, pagemap: str = "/proc/self/pagemap") -> PhysicalPool:
-        """Populated, locked hugetlb memory (huge pages stay put and are physically contiguous
-        inside each one), with every huge page's physical address from /proc/self/pagemap."""
+        """Locked huge pages (they stay put, and are physically contiguous inside each one) in
+        a hugetlbfs memfd, with every huge page's physical address from /proc/self/pagemap.
+        When the pages the kernel hands out are scattered, up to :data:`POOL_GROW` times as
+        many are taken and the longest physically contiguous runs kept (the rest given back).
+        The kept pages are mapped again in physical order, so that physically adjacent pages
+        are virtually adjacent too and an allocation can span them (DPDK does the same)."""
+        from nvmevfio._ffi import check, ffi, lib
+
         size = align_up(max(size, HUGE_PAGE), HUGE_PAGE)
+        n = size // HUGE_PAGE
+        fd, ptr = ffi.new("int *"), ffi.new("void **")
         try:
-            mem = _PrivateMemory(size, hugetlb=True)
+            check(lib.nv_hugepool_create(size, fd, ptr), "hugetlbfs memfd", f"{size >> 20} MiB")
         except OSError as exc:
             raise VfioError(
                 f"the no-IOMMU lane needs {size >> 20} MiB of 2 MiB huge pages for its pinned pool and could not "
-                f"map them ({exc}): reserve them first, e.g. echo {size // HUGE_PAGE} > /proc/sys/vm/nr_hugepages "
-                "(or hugepages=N on the kernel command line)", reason="noiommu-no-hugepages", size=size) from None
+                f"map them ({exc}): reserve them first, e.g. echo {n} > /proc/sys/vm/nr_hugepages "
+                "(or hugepages=N on the kernel command line, where they are least scattered)",
+                reason="noiommu-no-hugepages", size=size) from None
+        memfd, mapped, total = fd[0], ptr[0], size
         try:
-            return cls(mem.array, _physical_chunks(mem.addr, size, pagemap), mem.try_release)
+            physical = _physical_chunks(int(ffi.cast("uintptr_t", mapped)), total, pagemap)
+            while _longest_run(physical) < min(n, POOL_WANT_RUN) and total < POOL_GROW * size:
+                if lib.nv_hugepool_grow(memfd, mapped, total, total + size, ptr) < 0:
+                    break  # no more huge pages: keep what there is
+                mapped, total = ptr[0], total + size
+                physical = _physical_chunks(int(ffi.cast("uintptr_t", mapped)), total, pagemap)
+            keep = choose_pages(physical, n)
+            for index in sorted(set(range(len(physical))) - set(keep)):
+                check(lib.nv_hugepool_punch(memfd, index * HUGE_PAGE, HUGE_PAGE), "fallocate (punch)", "pool page")
+            check(lib.nv_hugepool_arrange(memfd, mapped, total, HUGE_PAGE, ffi.new("uint32_t[]", keep), n, ptr),
+                  "mmap (pool pages in physical order)", f"{size >> 20} MiB")
         except BaseException:
-            mem.try_release()
+            lib.nv_mem_free(mapped, total)
+            lib.nv_close(memfd)
             raise
+        base = ptr[0]
+
+        def release() -> None:
+            lib.nv_mem_free(base, size)
+            lib.nv_close(memfd)
+
+        try:
+            arranged = _physical_chunks(int(ffi.cast("uintptr_t", base)), size, pagemap)
+            if arranged != sorted(physical[i] for i in keep):  # the pages moved under us
+                raise VfioError("the no-IOMMU pool's huge pages moved while they were arranged",
+                                reason="noiommu-pool-moved")
+            pool = cls(np.frombuffer(ffi.buffer(base, size), dtype=np.uint8), arranged, release)
+        except BaseException:
+            release()
+            raise
+        log.debug("no-IOMMU pool: %d MiB in %d physically contiguous run(s), the longest %d MiB", size >> 20,
+                  len(pool.runs), max(length for _, _, length in pool.runs) >> 20)
+        return pool
 
     def ranges(self, page_size: int) -> list[tuple[int, int]]:
         return pool_ranges(self.runs, page_size)

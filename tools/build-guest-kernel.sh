@@ -18,7 +18,8 @@ log() { printf 'build-guest-kernel: %s\n' "$*" >&2; }
 tarball=/usr/src/$src_pkg.tar.xz
 [ -f "$tarball" ] || { log "$tarball is missing: apt-get install $src_pkg (tools/setup-host.sh)"; exit 1; }
 src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg")
-cfg_hash=$(cat "$config" "$0" | sha256sum | cut -c1-12)
+recipe=1  # bump when a change to this script changes what it builds
+cfg_hash=$( (cat "$config"; echo "recipe $recipe") | sha256sum | cut -c1-12)
 dest=$cache/kernel-custom/$src_ver-$cfg_hash
 if compgen -G "$dest/boot/vmlinuz-*" >/dev/null; then
     echo "$dest"; exit 0
@@ -55,5 +56,6 @@ cp "$build/arch/x86/boot/bzImage" "$dest.new/boot/vmlinuz-$release"
 make -s -C "$src" O="$build" INSTALL_MOD_PATH="$dest.new" modules_install >/dev/null
 cp "$build/.config" "$dest.new/boot/config-$release"
 rm -rf "$dest" && mv "$dest.new" "$dest"
+rm -rf "$build" "$src"  # 2 GB of sources and objects; a rebuild extracts again (seconds)
 log "kernel $release built in $(( $(date +%s) - start )) s: $dest"
 echo "$dest"

@@ -18,7 +18,9 @@ guest's tmpfs) is visible too.
 
 The guest kernel is Debian's stock 6.1 (``--kernel debian``, the default: it needs no
 build) or a 6.12 built for these tests (``--kernel custom``: iommufd, VFIO device cdevs,
-VFIO's no-IOMMU mode; tools/build-guest-kernel.sh, cached). See ``--help``. Build prerequisites: ``tools/setup-host.sh``.
+VFIO's no-IOMMU mode; tools/build-guest-kernel.sh, cached).
+
+See ``--help``. Build prerequisites: ``tools/setup-host.sh``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,15 @@ contiguous huge pages, and the allocator ranges built from them (exact values)."
 import numpy as np
 import pytest
 
-from nvmevfio.dma import HUGE_PAGE, PhysicalPool, contiguous_runs, frames_from_pagemap, pool_ranges
+from nvmevfio.dma import (
+    HUGE_PAGE,
+    PhysicalPool,
+    _longest_run,
+    choose_pages,
+    contiguous_runs,
+    frames_from_pagemap,
+    pool_ranges,
+)
 
 M2 = HUGE_PAGE
 A = 0x1_0000_0000
@@ -40,3 +48,12 @@ def test_pool_view_is_the_memory_of_its_run():
     assert v.ctypes.data == array.ctypes.data + 2 * M2 - 8 and v.size == 16
     with pytest.raises(ValueError):
         pool.view(X + M2 - 8, 16)  # past the end of run 1
+
+
+def test_choose_pages_keeps_the_longest_runs_in_physical_order():
+    # indices 0..5 at scattered addresses: runs {A..A+2} (idx 3,0,5), {X, X+1} (idx 1,4), {A+9} (idx 2)
+    physical = [A + M2, X, A + 9 * M2, A, X + M2, A + 2 * M2]
+    assert choose_pages(physical, 3) == [3, 0, 5]
+    assert choose_pages(physical, 4) == [3, 0, 5, 1]  # then the next longest run, cut to fit
+    assert choose_pages(physical, 6) == [3, 0, 5, 2, 1, 4]
+    assert _longest_run(physical) == 3 and _longest_run([A, A + 2 * M2]) == 1 and _longest_run([]) == 0

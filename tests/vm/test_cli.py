@@ -179,7 +179,8 @@ def test_reset_and_shutdown(addr):
 def test_errors_are_one_line_with_exit_codes(addr, data_ctrl):
     r = nv("read", addr, "--lba", 1 << 40, check=False, real=True)
     assert r.returncode == 3 and b"window-past-namespace-end" in r.stderr and b"Traceback" not in r.stderr
-    assert len(r.stderr.decode().strip().splitlines()) == 1
+    # one line (and, in the no-IOMMU lane, the warning naming its risk that every open logs)
+    assert len([line for line in r.stderr.decode().strip().splitlines() if "no IOMMU:" not in line]) == 1
     r = nv("read", addr, "-n", 9, check=False)
     assert r.returncode == 3 and b"namespace-inactive" in r.stderr
     r = nv("id-ctrl", "not-an-address", check=False)

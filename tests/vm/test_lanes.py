@@ -120,5 +120,5 @@ def test_no_physical_address_in_output_refusals_or_logs(data_ctrl, lane, monkeyp
     assert (lane == "noiommu") == bool(pools)
     for text in texts:
         for number in re.findall(r"0x[0-9a-fA-F]+|\b\d{7,}\b", text):
-            value = int(number, 0)
+            value = int(number, 16) if number.startswith("0x") else int(number)
             assert not any(pa <= value < pa + length for pa, length in pools), (number, text[:2000])
