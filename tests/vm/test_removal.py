@@ -102,7 +102,10 @@ def test_hot_unplug_while_perf_runs(hotplug_ctrl, io_dir):
         reply = qmp(io_dir, "device_del", {"id": qid})
         assert "return" in reply, reply
         t0 = time.monotonic()
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"perf still running 60 s after device_del; its stderr:\n{log.read_text()}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
