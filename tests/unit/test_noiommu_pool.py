@@ -8,11 +8,13 @@ from nvmevfio.dma import (
     HUGE_PAGE,
     PhysicalPool,
     _longest_run,
+    _physical_chunks,
     choose_pages,
     contiguous_runs,
     frames_from_pagemap,
     pool_ranges,
 )
+from nvmevfio.errors import VfioError
 
 M2 = HUGE_PAGE
 A = 0x1_0000_0000
@@ -57,3 +59,27 @@ def test_choose_pages_keeps_the_longest_runs_in_physical_order():
     assert choose_pages(physical, 4) == [3, 0, 5, 1]  # then the next longest run, cut to fit
     assert choose_pages(physical, 6) == [3, 0, 5, 2, 1, 4]
     assert _longest_run(physical) == 3 and _longest_run([A, A + 2 * M2]) == 1 and _longest_run([]) == 0
+
+
+def _free_huge_pages() -> int:
+    with open("/proc/meminfo") as f:
+        return next((int(line.split()[1]) for line in f if line.startswith("HugePages_Free:")), 0)
+
+
+def test_missing_huge_pages_are_refused_by_name():
+    want = (_free_huge_pages() + 1) * M2  # one more than the machine has free
+    with pytest.raises(VfioError) as ei:
+        PhysicalPool.pinned(want)
+    assert ei.value.reason == "noiommu-no-hugepages" and "nr_hugepages" in str(ei.value)
+
+
+def test_hidden_frame_numbers_are_refused_by_name(tmp_path):
+    """What an unprivileged reader of /proc/self/pagemap gets: present pages, frame numbers 0."""
+    fake = tmp_path / "pagemap"
+    fake.write_bytes((1 << 63).to_bytes(8, "little") * 4)
+    with pytest.raises(VfioError) as ei:
+        _physical_chunks(0, 2 * M2, str(fake))
+    assert ei.value.reason == "noiommu-no-pagemap" and "root" in str(ei.value)
+    with pytest.raises(VfioError) as ei:
+        _physical_chunks(0, M2, str(tmp_path / "missing"))
+    assert ei.value.reason == "noiommu-no-pagemap"

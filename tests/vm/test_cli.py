@@ -212,11 +212,13 @@ def test_perf(addr, workload, mode):
 
 @pytest.mark.parametrize("mode", ["poll", "irq"])
 def test_perf_verify_soak(addr, mode):
-    """The integrity soak: 60 s of random reads and writes, every block read back checked (CRC32C)."""
-    d = nvj("perf", addr, "-w", "randrw", "-q", 16, "-s", 4096, "--verify", "-t", 60, "--range", "90000:120000",
+    """The integrity soak: 60 s (NVMEVFIO_VM_SOAK_S; the guest tier's other lanes take 20) of random
+    reads and writes, every block read back checked (CRC32C)."""
+    soak_s = int(os.environ.get("NVMEVFIO_VM_SOAK_S", "60"))
+    d = nvj("perf", addr, "-w", "randrw", "-q", 16, "-s", 4096, "--verify", "-t", soak_s, "--range", "90000:120000",
             "--mode", mode)
     assert d["verify"] and d["mismatches"] == [] and d["errors"] == 0
-    assert d["verified_blocks"] > 1000 and d["reads"] > 100 and d["writes"] > 100 and d["seconds"] >= 60
+    assert d["verified_blocks"] > 1000 and d["reads"] > 100 and d["writes"] > 100 and d["seconds"] >= soak_s
 
 
 def test_perf_without_shadow_doorbells(addr):
