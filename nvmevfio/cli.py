@@ -1038,25 +1038,73 @@ def device_self_test(address: str, nsid: int, stc: int) -> None:
     click.echo("Device self-test started" if stc != 0xF else "Aborting device self-test operation")
 
 
-def _log_command(lid: int, length: int, what: str) -> Callable[..., None]:
-    @address_arg
-    @click.option("-b", "--raw-binary", is_flag=True)
-    @output_opt
-    def cmd(address: str, raw_binary: bool, fmt: str) -> None:
-        with controller(address) as s, errors():
-            data = s.get_log(lid, length)
-        if fmt == "json":
-            _emit_json({"log_id": lid, "data": data.hex()})
-            return
-        _write_data(data, raw_binary, f"{what} for device:{_address(address)}")
+def _show_decoded(d: dict[str, Any], indent: str = "") -> None:
+    """A decoded log as ``name : value`` lines (nested objects and lists indented)."""
+    width = max((len(k) for k in d), default=0)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            click.echo(f"{indent}{k}:")
+            _show_decoded(v, indent + "  ")
+        elif isinstance(v, list):
+            click.echo(f"{indent}{k}: {len(v)}")
+            for i, item in enumerate(v):
+                click.echo(f"{indent}  [{i}]")
+                _show_decoded(item, indent + "    ")
+        else:
+            shown = f"{v:#x}" if isinstance(v, int) and v > 9 else v
+            click.echo(f"{indent}{k:<{width}} : {shown}")
 
-    return cmd
+
+@main.command("sanitize-log")
+@address_arg
+@click.option("-b", "--raw-binary", is_flag=True, help="the page's 512 bytes, raw")
+@output_opt
+def sanitize_log(address: str, raw_binary: bool, fmt: str) -> None:
+    """The Sanitize Status log page (81h), decoded; ``-o json`` has nvme-cli's field names.
+
+    \b
+    Example: nvmevfio sanitize-log 00:04.0 -o json
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        data = s.get_log(0x81, 512)
+    if raw_binary:
+        _write_data(data, True, "")
+        return
+    d = spec.parse_sanitize_log(data)
+    if fmt == "json":
+        _emit_json({_address(address): d})
+        return
+    click.echo(f"Sanitize Progress Log for device:{_address(address)}")
+    _show_decoded(d)
 
 
-main.command("sanitize-log", help="The Sanitize Status log page (81h).\n\n\b\nExample: nvmevfio sanitize-log "
-             "00:04.0")(_log_command(0x81, 512, "Sanitize Progress Log"))
-main.command("self-test-log", help="The Device Self-test log page (06h).\n\n\b\nExample: nvmevfio self-test-log "
-             "00:04.0")(_log_command(0x06, 564, "Device Self Test Log"))
+@main.command("self-test-log")
+@address_arg
+@click.option("-e", "--dst-entries", type=click.IntRange(1, 20), default=20, show_default=True,
+              help="how many of the 20 results to show, newest first")
+@click.option("-b", "--raw-binary", is_flag=True, help="the page's 564 bytes, raw")
+@output_opt
+def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str) -> None:
+    """The Device Self-test log page (06h), decoded; ``-o json`` has nvme-cli's field names.
+
+    \b
+    Example: nvmevfio self-test-log 00:04.0 -e 3 -o json
+    """
+    from nvmevfio.nvme import spec
+
+    with controller(address) as s, errors():
+        data = s.get_log(0x06, 564)
+    if raw_binary:
+        _write_data(data, True, "")
+        return
+    d = spec.parse_self_test_log(data, dst_entries)
+    if fmt == "json":
+        _emit_json(d)
+        return
+    click.echo(f"Device Self Test Log for NVME device:{_address(address)}")
+    _show_decoded(d)
 
 
 # ------------------------------------------------------------------ controller state

@@ -358,6 +358,64 @@ def parse_firmware_log(buf: bytes) -> dict[str, Any]:
     return out
 
 
+# Sanitize Status log page (81h, Figure 291): SSTAT bits 2:0 status of the most recent
+# sanitize, 7:3 overwrite passes completed, bit 8 Global Data Erased. nvme-cli's JSON names.
+SANITIZE_LOG = [
+    ("sprog", 0, 2, "u"), ("sstat", 2, 4, "u"), ("cdw10_info", 4, 8, "u"), ("time_over_write", 8, 12, "u"),
+    ("time_block_erase", 12, 16, "u"), ("time_crypto_erase", 16, 20, "u"),
+    ("time_over_write_no_dealloc", 20, 24, "u"), ("time_block_erase_no_dealloc", 24, 28, "u"),
+    ("time_crypto_erase_no_dealloc", 28, 32, "u"),
+]
+SANITIZE_STATUS = {0: "NVM Subsystem has never been sanitized.",
+                   1: "Most Recent Sanitize Command Completed Successfully.",
+                   2: "Sanitize in Progress.",
+                   3: "Most Recent Sanitize Command Failed.",
+                   4: "Most Recent Sanitize Command (No-Deallocate After Sanitize) Completed Successfully."}
+
+
+def parse_sanitize_log(buf: bytes) -> dict[str, Any]:
+    """The Sanitize Status log as nvme-cli's ``sanitize-log -o json`` shows one device."""
+    raw = _parse(buf, SANITIZE_LOG)
+    sstat = raw.pop("sstat")
+    status = sstat & 0x7
+    return {"sprog": raw.pop("sprog"),
+            "sstat": {"global_erased": (sstat >> 8) & 1, "no_cmplted_passes": (sstat >> 3) & 0x1F,
+                      "status": f"({status}) {SANITIZE_STATUS.get(status, 'Unknown')}"},
+            **raw}
+
+
+# Device Self-test log page (06h, Figure 284): byte 0 the current operation, byte 1 its
+# completion (%), then 20 results of 28 bytes, newest first. nvme-cli's JSON names.
+SELF_TEST_RESULTS = 20
+SELF_TEST_RESULT = [
+    ("dsts", 0, 1, "u"), ("Segment number", 1, 2, "u"), ("Valid Diagnostic Information", 2, 3, "u"),
+    ("Power on hours", 4, 12, "u"), ("Namespace Identifier", 12, 16, "u"), ("Failing LBA", 16, 24, "u"),
+    ("Status Code Type", 24, 25, "u"), ("Status Code", 25, 26, "u"), ("Vendor Specific", 26, 28, "u"),
+]
+# the optional fields, each with the Valid Diagnostic Information bit that says it holds a value
+SELF_TEST_OPTIONAL = (("Namespace Identifier", 1), ("Failing LBA", 2), ("Status Code Type", 4), ("Status Code", 8))
+
+
+def parse_self_test_log(buf: bytes, entries: int = SELF_TEST_RESULTS) -> dict[str, Any]:
+    """The Device Self-test log as nvme-cli's ``self-test-log -o json`` shows it: a result of
+    0xF (entry not used) carries nothing else, optional fields only where VDI says so."""
+    reports = []
+    for i in range(min(entries, SELF_TEST_RESULTS)):
+        r = _parse(buf[4 + 28 * i : 32 + 28 * i], SELF_TEST_RESULT)
+        r["Status Code Type"] &= 0x7
+        report: dict[str, Any] = {"Self test result": r["dsts"] & 0xF}
+        if r["dsts"] & 0xF != 0xF:
+            vdi = r["Valid Diagnostic Information"]
+            report["Self test code"] = r["dsts"] >> 4
+            for name in ("Segment number", "Valid Diagnostic Information", "Power on hours"):
+                report[name] = r[name]
+            report.update((name, r[name]) for name, bit in SELF_TEST_OPTIONAL if vdi & bit)
+            report["Vendor Specific"] = r["Vendor Specific"]
+        reports.append(report)
+    return {"Current Device Self-Test Operation": buf[0] & 0xF, "Current Device Self-Test Completion": buf[1] & 0x7F,
+            "List of Valid Reports": reports}
+
+
 # ---------------------------------------------------------------- Asynchronous Events (5.2)
 # Completion DW0 of an Asynchronous Event Request (Figure 149): bits 2:0 Asynchronous Event
 # Type, 15:8 Asynchronous Event Information, 23:16 Log Page Identifier.

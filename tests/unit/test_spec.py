@@ -85,3 +85,46 @@ def test_error_and_firmware_logs():
 def test_short_buffers_rejected():
     with pytest.raises(ValueError):
         spec.parse_identify_controller(b"\0" * 100)
+
+
+def test_sanitize_log_as_nvme_cli_shows_it():
+    page = bytearray(512)
+    page[0:2] = (0x8000).to_bytes(2, "little")  # SPROG: half done
+    page[2:4] = (0x0100 | 2 << 3 | 2).to_bytes(2, "little")  # global erased, 2 passes, in progress
+    page[4:8] = (0x0202).to_bytes(4, "little")
+    page[8:12] = (600).to_bytes(4, "little")
+    page[28:32] = (0xFFFFFFFF).to_bytes(4, "little")
+    assert spec.parse_sanitize_log(bytes(page)) == {
+        "sprog": 0x8000,
+        "sstat": {"global_erased": 1, "no_cmplted_passes": 2, "status": "(2) Sanitize in Progress."},
+        "cdw10_info": 0x202, "time_over_write": 600, "time_block_erase": 0, "time_crypto_erase": 0,
+        "time_over_write_no_dealloc": 0, "time_block_erase_no_dealloc": 0,
+        "time_crypto_erase_no_dealloc": 0xFFFFFFFF,
+    }
+    assert spec.parse_sanitize_log(bytes(512))["sstat"]["status"] == "(0) NVM Subsystem has never been sanitized."
+
+
+def test_self_test_log_as_nvme_cli_shows_it():
+    page = bytearray(564)
+    page[0], page[1] = 0x2, 40  # an extended self-test running, 40 % done
+    r0 = 4  # newest result: short test (1), failed segment (7), NSID and LBA valid
+    page[r0] = 1 << 4 | 7
+    page[r0 + 1], page[r0 + 2] = 3, 0x3
+    page[r0 + 4 : r0 + 12] = (1234).to_bytes(8, "little")
+    page[r0 + 12 : r0 + 16] = (1).to_bytes(4, "little")
+    page[r0 + 16 : r0 + 24] = (0x10000).to_bytes(8, "little")
+    page[r0 + 24], page[r0 + 25] = 0xFA, 0x81  # SCT only bits 2:0, and not valid (VDI bit 2 clear)
+    for i in range(1, 20):
+        page[4 + 28 * i] = 0xF  # entries not used
+    d = spec.parse_self_test_log(bytes(page), entries=3)
+    assert d == {
+        "Current Device Self-Test Operation": 2, "Current Device Self-Test Completion": 40,
+        "List of Valid Reports": [
+            {"Self test result": 7, "Self test code": 1, "Segment number": 3, "Valid Diagnostic Information": 3,
+             "Power on hours": 1234, "Namespace Identifier": 1, "Failing LBA": 0x10000, "Vendor Specific": 0},
+            {"Self test result": 0xF}, {"Self test result": 0xF}],
+    }
+    page[r0 + 2] = 0xC  # now SCT and SC valid, NSID and LBA not
+    report = spec.parse_self_test_log(bytes(page), entries=1)["List of Valid Reports"][0]
+    assert report["Status Code Type"] == 2 and report["Status Code"] == 0x81 and "Failing LBA" not in report
+    assert len(spec.parse_self_test_log(bytes(page))["List of Valid Reports"]) == 20

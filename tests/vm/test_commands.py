@@ -106,3 +106,23 @@ def test_commands_qemu_lacks_give_a_status_name(small_ctrl, args):
     if r.returncode == 4:
         assert "Invalid" in r.stderr and "Traceback" not in r.stderr, r.stderr
     ok("id-ctrl", addr, "-o", "json")  # nothing broke
+
+
+def test_sanitize_and_self_test_logs_decoded_as_nvme_cli(small_ctrl):
+    """Both pages decoded with nvme-cli's JSON names, or, where this QEMU lacks the page, its
+    status name and exit 4."""
+    addr = small_ctrl["address"]
+    r = cli("sanitize-log", addr, "-o", "json")
+    if r.returncode == 0:
+        d = json.loads(r.stdout)[addr]
+        assert set(d) >= {"sprog", "sstat", "cdw10_info", "time_over_write"} and "status" in d["sstat"]
+    else:
+        assert r.returncode == 4 and "Invalid" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("self-test-log", addr, "-e", "2", "-o", "json")
+    if r.returncode == 0:
+        d = json.loads(r.stdout)
+        assert len(d["List of Valid Reports"]) == 2 and "Current Device Self-Test Operation" in d
+        text = ok("self-test-log", addr)
+        assert text.startswith(f"Device Self Test Log for NVME device:{addr}") and "List of Valid Reports: 20" in text
+    else:
+        assert r.returncode == 4 and "Invalid" in r.stderr and "Traceback" not in r.stderr, r.stderr
