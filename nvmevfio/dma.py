@@ -417,7 +417,17 @@ class DmaLedger:
         private = owner.startswith("broker:")
         huge = self.hugetlb and private and self.pool is None
         mapped = align_up(size, HUGE_PAGE if huge else self.page_size)
-        iova = self.iovas.alloc(mapped, alignment)
+        try:
+            iova = self.iovas.alloc(mapped, alignment)
+        except Refused as exc:
+            if self.pool is None or exc.reason != "iova-exhausted":
+                raise
+            longest = max(hi - lo for lo, hi in self.iovas.free_extents) if self.iovas.free_extents else 0
+            raise Refused("noiommu-contiguity",
+                          f"the no-IOMMU pool has no {mapped >> 10} KiB of physically contiguous memory free (the "
+                          f"longest free run is {longest >> 10} KiB of {self.iovas.free_bytes >> 10} KiB free): "
+                          "reserve its huge pages at boot (hugepages=N), where they are contiguous, use smaller "
+                          "buffers, or raise NVMEVFIO_NOIOMMU_POOL_MB", size=size, longest=longest) from None
         shadow = None
         try:
             mem: _Memory | _PrivateMemory | _PoolMemory

@@ -132,3 +132,14 @@ def test_no_physical_address_in_any_refusal(rig, dev):
     for text in texts:
         for number in re.findall(r"0x[0-9a-fA-F]+|\b\d{6,}\b", text):
             assert not _in_pool(rig, int(number, 0)), (number, text)
+
+
+def test_a_scattered_pool_refuses_big_buffers_by_name():
+    scattered = [A + 2 * i * HUGE_PAGE for i in range(12)]  # no two huge pages adjacent
+    rig = Rig([SimNamespace(8192)], physical=scattered, mdts=5)
+    dev = BlockDevice(rig.p, 1, queue_depth=16)
+    dev.alloc_buffer(HUGE_PAGE)  # one huge page's worth fits
+    with pytest.raises(Refused) as ei:
+        dev.alloc_buffer(HUGE_PAGE + 4096)
+    assert ei.value.reason == "noiommu-contiguity" and "hugepages=N" in str(ei.value)
+    assert "longest free run is 2048 KiB" in str(ei.value)
