@@ -22,7 +22,7 @@ from typing import Any, Callable, NoReturn, Protocol, cast
 import numpy as np
 
 from nvmevfio import events
-from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
+from nvmevfio.dma import HUGE_PAGE, DmaBuffer, DmaLedger, align_up
 from nvmevfio.errors import (
     CommandError,
     CommandTimeout,
@@ -889,6 +889,10 @@ class Broker:
         mdts = self.id_ctrl["mdts"]
         mpsmin = 1 << (12 + regs.get(self.ctrl.cap, regs.CAP_.MPSMIN))
         self.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
+        if self.ledger.bounce:
+            # no-IOMMU lane: a transfer's bounce memory must be physically contiguous, and only a
+            # huge page is sure to be
+            self.max_transfer = min(self.max_transfer, HUGE_PAGE)
         if self.async_events and not self._events_armed:
             self._arm_events()
         return self.id_ctrl
@@ -1864,8 +1868,8 @@ class Broker:
 
     def _staging_buf(self) -> DmaBuffer:
         if self._staging is None or not self._staging.live:
-            size = max(self.staging_bytes, self.max_transfer)
-            self._staging = self.ledger.alloc(size, owner="broker:staging")
+            staging = min(self.staging_bytes, HUGE_PAGE) if self.ledger.bounce else self.staging_bytes  # as above
+            self._staging = self.ledger.alloc(max(staging, self.max_transfer), owner="broker:staging")
         return self._staging
 
     def read(self, nsid: int, slba: int, count: int, qid: int = 1) -> np.ndarray:

@@ -143,3 +143,13 @@ def test_a_scattered_pool_refuses_big_buffers_by_name():
         dev.alloc_buffer(HUGE_PAGE + 4096)
     assert ei.value.reason == "noiommu-contiguity" and "hugepages=N" in str(ei.value)
     assert "longest free run is 2048 KiB" in str(ei.value)
+
+
+def test_transfers_and_staging_fit_one_huge_page():
+    rig = Rig([SimNamespace(16384)], physical=PHYSICAL, mdts=0)  # no MDTS: 4 MiB elsewhere
+    dev = BlockDevice(rig.p, 1, queue_depth=16)
+    assert dev.info.max_transfer_bytes == HUGE_PAGE
+    data = np.random.default_rng(9).integers(0, 256, 6 << 20, dtype=np.uint8)
+    dev.write_blocks(0, data)  # 6 MiB through a staging buffer of one huge page
+    assert np.array_equal(dev.read_blocks(0, (6 << 20) // 512), data)
+    assert rig.broker._staging.size == HUGE_PAGE
