@@ -257,9 +257,8 @@ class Broker:
         self.changed_namespaces: set[int] = set()
         self._hot: dict[int, Namespace] = {}  # namespaces ready for I/O: the synchronous hot path's lookup
         # No-IOMMU lane (ledger.bounce): READ ranges posted, by queue and tag, until reaped; the
-        # hot path (zero copy) is off there.
+        # hot path (zero copy) is off there (_update_hot leaves it no namespace).
         self._bounce_reads: dict[int, dict[int, tuple[DmaBuffer, int, int]]] = {}
-        self._zero_copy = not ledger.bounce
         # Asynchronous events (5.2): Asynchronous Event Requests stay outstanding on the admin queue
         # (standing commands in C, never late); each event's log page is read (clearing it) and
         # the event delivered to poll_events() and the callbacks.
@@ -1380,7 +1379,8 @@ class Broker:
 
     def _update_hot(self) -> None:
         """The namespaces the synchronous hot path may use without further checks."""
-        ready = self.io and self.ctrl.state is State.READY and not self.gone and self.failed is None
+        ready = (self.io and self.ctrl.state is State.READY and not self.gone and self.failed is None
+                 and not self.ledger.bounce)  # no-IOMMU lane: every copy goes through the checked path
         self._hot = {n: ns for n, ns in self.namespaces.items()
                      if not ns.metadata_size and n not in self.changed_namespaces} if ready else {}
 
@@ -1505,12 +1505,14 @@ class Broker:
         except BaseException:
             qp.ring.untake(cids)
             raise
-        if not self._zero_copy:
-            self._bounce_posted(qp, opcode, handle, first, offsets, lengths)
-        return self._posted(qp, handle, first, n, doorbell)
+        return self._posted(qp, handle, first, n, doorbell, opcode, offsets, lengths)
 
-    def _posted(self, qp: BrokerQueue, buf: DmaBuffer, first_tag: int, n: int, doorbell: bool) -> np.ndarray:
-        """Book-keeping after a batch was posted: pin its buffer, ring the SQ tail doorbell once."""
+    def _posted(self, qp: BrokerQueue, buf: DmaBuffer, first_tag: int, n: int, doorbell: bool, opcode: int,
+                offsets: Any, lengths: Any) -> np.ndarray:
+        """Book-keeping after a batch was posted: the no-IOMMU lane's bounce copies (before the
+        doorbell), pin its buffer, ring the SQ tail doorbell once."""
+        if self.ledger.bounce:
+            self._bounce_posted(qp, opcode, buf, first_tag, offsets, lengths)
         self.ledger.pin(buf, n)
         if doorbell:
             qp.ring.ring_sq()
@@ -1540,9 +1542,7 @@ class Broker:
         except BaseException:
             qp.ring.untake(cids)
             raise
-        if not self._zero_copy:
-            self._bounce_posted(qp, opcode, buf, first, offsets, [length for _, length, _ in checked])
-        return self._posted(qp, buf, first, n, doorbell)
+        return self._posted(qp, buf, first, n, doorbell, opcode, offsets, [length for _, length, _ in checked])
 
     def _submit_registered(self, qp: BrokerQueue, ns: Namespace, opcode: int, reg: RegisteredBuffer,
                            slbas: np.ndarray, counts: np.ndarray, offsets: np.ndarray, doorbell: bool) -> np.ndarray:
@@ -1564,9 +1564,7 @@ class Broker:
         first = qp.ring.post_slots(opcode, ns.nsid, slbas.astype(np.uint64), counts.astype(np.uint32),
                                    slots.astype(np.uint32), reg.prps, ns.block_size, self.page_size, buf.slot,
                                    buf.generation)
-        if not self._zero_copy:
-            self._bounce_posted(qp, opcode, buf, first, offsets, counts * ns.block_size)
-        return self._posted(qp, buf, first, len(slbas), doorbell)
+        return self._posted(qp, buf, first, len(slbas), doorbell, opcode, offsets, counts * ns.block_size)
 
     # ============================================================ registered buffers
     def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
@@ -1748,7 +1746,7 @@ class Broker:
         # The hot path: an I/O-ready namespace, a plain DMA buffer, a window and a buffer range that
         # fit, one or two memory pages (no PRP list): one C call. Whatever fails these tests takes
         # the checked path below, which refuses with the named reason.
-        ns = self._hot.get(nsid) if type(nsid) is int and self._zero_copy else None
+        ns = self._hot.get(nsid) if type(nsid) is int else None
         if (ns is not None and type(slba) is int and type(count) is int and type(offset) is int
                 and type(buf) is DmaBuffer and 0 < count <= MAX_NLB and slba >= 0
                 and slba + count <= ns.size_blocks and offset >= 0 and not offset & 3 and 0 < qid <= len(self.io)):
