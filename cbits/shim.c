@@ -356,9 +356,9 @@ int nv_mem_free(void *addr, uint64_t size)
     return munmap(addr, size) < 0 ? NEG_ERRNO() : 0;
 }
 
-/* The no-IOMMU lane's pool: a hugetlbfs memfd of ``size`` bytes (whole huge pages of
- * ``chunk`` bytes), populated and mapped shared once so that the caller can learn each huge
- * page's physical address. */
+/* The no-IOMMU lane's pool: a hugetlbfs memfd of ``size`` bytes (whole huge pages), populated,
+ * mapped shared and locked, so that the caller can learn each huge page's physical address
+ * and the pages stay where they are. */
 int nv_hugepool_create(uint64_t size, int *memfd, void **out)
 {
     int fd = memfd_create("nvmevfio-pool", MFD_HUGETLB | MFD_CLOEXEC);
@@ -376,63 +376,11 @@ int nv_hugepool_create(uint64_t size, int *memfd, void **out)
         return e;
     }
     /* A shared hugetlb mapping reserves its huge pages at mmap time: a shortage fails the
-     * mmap above (ENOMEM), never a later access. */
+     * mmap above (ENOMEM), never a later access. Huge pages are never swapped or migrated
+     * while mapped; the lock is belt and braces. */
+    (void)mlock(p, size);
     *memfd = fd;
     *out = p;
-    return 0;
-}
-
-/* Map the pool's huge pages again, virtually contiguous in the order ``order`` (each the
- * index of a ``chunk``-byte page of the memfd), so that pages the caller sorted by physical
- * address are contiguous both ways (DPDK remaps its huge pages the same way). The first
- * mapping (``old``) is dropped; the new one is locked. */
-int nv_hugepool_grow(int memfd, void *old, uint64_t old_size, uint64_t new_size, void **out)
-{
-    if (ftruncate(memfd, (off_t)new_size) < 0)
-        return NEG_ERRNO();
-    void *p = mmap(NULL, new_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, memfd, 0);
-    if (p == MAP_FAILED) {
-        int e = NEG_ERRNO();
-        (void)ftruncate(memfd, (off_t)old_size);  /* give the new pages back */
-        return e;
-    }
-    munmap(old, old_size);
-    *out = p;
-    return 0;
-}
-
-int nv_hugepool_punch(int memfd, uint64_t offset, uint64_t length)
-{
-    /* frees those huge pages of the memfd (hugetlbfs supports punching whole pages) */
-    return fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) < 0
-        ? NEG_ERRNO() : 0;
-}
-
-int nv_hugepool_arrange(int memfd, void *old, uint64_t old_size, uint64_t chunk, const uint32_t *order,
-                        uint32_t n, void **out)
-{
-    uint64_t size = chunk * n;
-    /* reserve address space, aligned to the huge page size, then place each page in it */
-    char *res = mmap(NULL, size + chunk, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (res == MAP_FAILED)
-        return NEG_ERRNO();
-    char *base = (char *)(((uintptr_t)res + chunk - 1) & ~(uintptr_t)(chunk - 1));
-    if (base > res)
-        munmap(res, (size_t)(base - res));
-    if (base + size < res + size + chunk)
-        munmap(base + size, (size_t)(res + size + chunk - (base + size)));
-    for (uint32_t i = 0; i < n; i++) {
-        void *p = mmap(base + (uint64_t)i * chunk, chunk, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_FIXED | MAP_POPULATE, memfd, (off_t)((uint64_t)order[i] * chunk));
-        if (p == MAP_FAILED) {
-            int e = NEG_ERRNO();
-            munmap(base, size);
-            return e;
-        }
-    }
-    munmap(old, old_size);
-    (void)mlock(base, size);  /* huge pages are never swapped; this is belt and braces */
-    *out = base;
     return 0;
 }
 
@@ -497,6 +445,21 @@ void nv_mb(void)
 #else
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 #endif
+}
+
+/* ---- the service's shared rings (nvmevfio/service/ring.py) ----
+ * Between two processes on the same machine (both CPUs, no device): the producer writes its
+ * entries with ordinary stores, then publishes the index with a store-release, so the consumer,
+ * whose load-acquire sees the new index, sees the entries too (and likewise for the consumer's
+ * head, which frees entries for the producer to overwrite). */
+uint32_t nv_load_acquire32(const void *addr)
+{
+    return __atomic_load_n((const uint32_t *)addr, __ATOMIC_ACQUIRE);
+}
+
+void nv_store_release32(void *addr, uint32_t value)
+{
+    __atomic_store_n((uint32_t *)addr, value, __ATOMIC_RELEASE);
 }
 
 void nv_doorbell(void *base, uint64_t offset, uint32_t value)

@@ -103,10 +103,6 @@ int nv_mem_free(void *addr, uint64_t size);
  * mapped again in a chosen order (sorted by physical address) and locked. Free with
  * nv_mem_free and nv_close(memfd). */
 int nv_hugepool_create(uint64_t size, int *memfd, void **out);
-int nv_hugepool_grow(int memfd, void *old, uint64_t old_size, uint64_t new_size, void **out);
-int nv_hugepool_punch(int memfd, uint64_t offset, uint64_t length);
-int nv_hugepool_arrange(int memfd, void *old, uint64_t old_size, uint64_t chunk, const uint32_t *order,
-                        uint32_t n, void **out);
 
 /* Eventfds for MSI-X. */
 int nv_eventfd_open(void);
@@ -124,6 +120,8 @@ void nv_mb(void);    /* full fence */
 
 /* Doorbell: a store barrier, then one 32-bit MMIO write (so the device sees every
  * queue entry written before it). */
+uint32_t nv_load_acquire32(const void *addr);
+void nv_store_release32(void *addr, uint32_t value);
 void nv_doorbell(void *base, uint64_t offset, uint32_t value);
 
 /* ==== Queue pairs: the per-command hot path (NVMe Base Spec 2.0, 3.3 and 4.1) ====

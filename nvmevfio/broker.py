@@ -22,7 +22,7 @@ from typing import Any, Callable, NoReturn, Protocol, cast
 import numpy as np
 
 from nvmevfio import events
-from nvmevfio.dma import HUGE_PAGE, DmaBuffer, DmaLedger, align_up
+from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
 from nvmevfio.errors import (
     CommandError,
     CommandTimeout,
@@ -354,8 +354,8 @@ class Broker:
         self.irq_mode = False
 
     def _new_queue_pair(self, qid: int, depth: int, prp_pages_per_cmd: int, vector: int | None) -> BrokerQueue:
-        sq_buf = self.ledger.alloc(depth * SQE.itemsize, owner="broker:sq")
-        cq_buf = self.ledger.alloc(depth * CQE.itemsize, owner="broker:cq")
+        sq_buf = self.ledger.alloc(depth * SQE.itemsize, owner="broker:sq", contiguous=True)
+        cq_buf = self.ledger.alloc(depth * CQE.itemsize, owner="broker:cq", contiguous=True)
         bufs = [sq_buf, cq_buf]
         prp_array = None
         prp_base = 0
@@ -393,8 +393,7 @@ class Broker:
         self._cc = cc
         self.failed, self._reset_times, self.changed_namespaces = None, [], set()
         self.admin = self._new_queue_pair(0, admin_depth, 1, None)
-        self.ctrl.arm_admin_queues(self.ledger.iova(self.admin.buffers[0]), self.ledger.iova(self.admin.buffers[1]),
-                                   admin_depth, admin_depth)
+        self._arm_admin_queues(self.admin)
         self.ctrl.enable(cc)
         return self.ctrl.registers()
 
@@ -408,7 +407,31 @@ class Broker:
         self.ctrl.shutdown(rtd3e)
         self._drop_queues()
 
+    def _arm_admin_queues(self, admin: BrokerQueue) -> None:
+        """AQA, ASQ and ACQ from the admin queue pair's ledger memory."""
+        asq, acq = (self.ledger.device_address(self.ledger.iova(b)) for b in admin.buffers[:2])
+        self.ctrl.arm_admin_queues(asq, acq, admin.ring.depth, admin.ring.depth)
+
     # ============================================================ command authoring
+    def _for_device(self, qp: BrokerQueue, sqes: np.ndarray) -> None:
+        """The no-IOMMU lane's last step before SQEs go to the ring: the ledger's pool addresses
+        in their PRP1 and PRP2, and in the entries and chain pointers of the PRP-list pages of
+        this queue that they use, become physical addresses, page by page (the pool is
+        contiguous only within a huge page). Translating twice changes nothing. With an IOMMU
+        the ledger's addresses are the device's, and this does nothing."""
+        ledger = self.ledger
+        if ledger.pool is None:
+            return
+        if qp.prp_array is not None:
+            per = qp.prp_pages * self.page_size // 8  # one command's list entries
+            listed = (sqes["prp2"] - np.uint64(qp.prp_base)) < np.uint64(qp.prp_array.size * 8)
+            if listed.any():
+                area = qp.prp_array.reshape(-1, per)
+                for cid in np.unique(sqes["cid"][listed]).tolist():
+                    ledger.translate(area[cid])
+        ledger.translate(sqes["prp1"])
+        ledger.translate(sqes["prp2"])
+
     @staticmethod
     def _sqe(opc: int, **fields: int) -> np.ndarray:
         e = np.zeros(1, dtype=SQE)
@@ -506,6 +529,7 @@ class Broker:
                 e["cid"] = CID_TAKE
                 cids = self._author_one(qp, e, buf, length) if buf is not None else None
                 slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
+                self._for_device(qp, e)
                 try:
                     c = qp.ring.exec(e, timeout_s or self.command_timeout_s, slot, gen)
                 except (ControllerFatal, DeviceGone, QueuePaused) as exc:
@@ -752,8 +776,7 @@ class Broker:
             qp.ring.reset_rings()
         for b in self._dbbuf or ():
             b.array[:] = 0
-        self.ctrl.arm_admin_queues(self.ledger.iova(admin.buffers[0]), self.ledger.iova(admin.buffers[1]),
-                                   admin.ring.depth, admin.ring.depth)
+        self._arm_admin_queues(admin)
         self.ctrl.enable(self._cc)
         if self.io:
             self._set_number_of_queues(len(self.io))
@@ -888,10 +911,6 @@ class Broker:
         mdts = self.id_ctrl["mdts"]
         mpsmin = 1 << (12 + regs.get(self.ctrl.cap, regs.CAP_.MPSMIN))
         self.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
-        if self.ledger.bounce:
-            # no-IOMMU lane: a transfer's bounce memory must be physically contiguous, and only a
-            # huge page is sure to be
-            self.max_transfer = min(self.max_transfer, HUGE_PAGE)
         if self.async_events and not self._events_armed:
             self._arm_events()
         return self.id_ctrl
@@ -1501,6 +1520,7 @@ class Broker:
         try:
             entries = self._author_rw(qp, opcode, ns.nsid, slbas, counts, cids.astype(np.int64), iovas, lengths,
                                       pages)
+            self._for_device(qp, entries)
             first = qp.ring.post(entries, n, handle.slot, handle.generation)
         except BaseException:
             qp.ring.untake(cids)
@@ -1538,6 +1558,7 @@ class Broker:
                 # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
                 SQE_STRUCT.pack_into(packed, i * 64, opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2,
                                      slba & 0xFFFFFFFF, slba >> 32, count - 1, 0, 0, 0)
+            self._for_device(qp, np.frombuffer(packed, dtype=SQE, count=n))
             first = qp.ring.post(packed, n, buf.slot, buf.generation)
         except BaseException:
             qp.ring.untake(cids)
@@ -1594,6 +1615,9 @@ class Broker:
             table = lists.array.view(np.uint64).reshape(nslots, per)
             table[:, : pages - 1] = starts[:, None] + ps * np.arange(1, pages, dtype=np.uint64)
             prps["prp2_list"] = self.ledger.iova(lists) + ps * np.arange(nslots, dtype=np.uint64)
+            self.ledger.translate(table.reshape(-1))  # the no-IOMMU lane's physical addresses; else nothing
+        for name in ("prp1", "prp2_page", "prp2_list"):
+            self.ledger.translate(prps[name])
         prps.flags.writeable = False
         reg = RegisteredBuffer(buf, slot_size, nslots, prps, lists)
         self._registered[(buf.slot, buf.generation)] = reg
@@ -1775,6 +1799,9 @@ class Broker:
                      slba: int, count: int) -> None:
         """One READ/WRITE without a PRP list, start to end in one C call; transient statuses retried,
         a timeout recovered (abort, reset, requeue)."""
+        if self.ledger.pool is not None:  # the no-IOMMU lane: PRP1 and PRP2 to physical addresses
+            fields = (*fields[:7], self.ledger.device_address(fields[7]), self.ledger.device_address(fields[8]),
+                      *fields[9:])
         for attempt in range(MAX_RETRIES + 1):
             try:
                 c = qp.ring.exec_packed(fields, self.command_timeout_s, buf.slot, buf.generation)
@@ -1866,8 +1893,7 @@ class Broker:
 
     def _staging_buf(self) -> DmaBuffer:
         if self._staging is None or not self._staging.live:
-            staging = min(self.staging_bytes, HUGE_PAGE) if self.ledger.bounce else self.staging_bytes  # as above
-            self._staging = self.ledger.alloc(max(staging, self.max_transfer), owner="broker:staging")
+            self._staging = self.ledger.alloc(max(self.staging_bytes, self.max_transfer), owner="broker:staging")
         return self._staging
 
     def read(self, nsid: int, slba: int, count: int, qid: int = 1) -> np.ndarray:

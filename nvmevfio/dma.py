@@ -9,11 +9,12 @@ broker asks the ledger for it.
 
 Without an IOMMU (VFIO's no-IOMMU mode) the device sees physical addresses. The ledger
 then works over a :class:`PhysicalPool`: pinned hugetlb memory whose frame numbers come
-from /proc/self/pagemap, so that a device address is a physical address inside broker
-memory. Caller buffers become *bounce* buffers, as Linux's swiotlb does: the caller's
-bytes live in ordinary memory the device never sees, and the broker copies them to
-their shadow in the pool before a write (``sync_for_device``) and back after a read
-(``sync_for_cpu``). No physical address is ever part of a result, handle or message.
+from /proc/self/pagemap. The ledger hands out pool addresses, and the broker translates
+each device-visible field, page by page, to the physical address inside broker memory.
+Caller buffers become *bounce* buffers, as Linux's swiotlb does: the caller's bytes live
+in ordinary memory the device never sees, and the broker copies them to their shadow in
+the pool before a write (``sync_for_device``) and back after a read (``sync_for_cpu``).
+No physical address is ever part of a result, handle or message.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from nvmevfio.errors import Refused, StaleHandle, VfioError
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = mmap.PAGESIZE
-HUGE_PAGE = 2 << 20  # broker-private memory uses 2 MiB pages when the ledger asks for hugetlb
+HUGE_SHIFT = 21
+HUGE_PAGE = 1 << HUGE_SHIFT  # broker-private memory uses 2 MiB pages when the ledger asks for hugetlb
 # IOVA 0 and the page above it are never handed out: a zero PRP is the
 # classic symptom of a missing address, and must fault, not hit a buffer.
 DEFAULT_IOVA_FLOOR = 1 << 20
@@ -190,133 +192,93 @@ def contiguous_runs(physical: list[int], chunk: int) -> list[tuple[int, int, int
     return runs
 
 
-POOL_GROW = 4  # the pool takes at most this many times the huge pages it needs, to find contiguous runs
-POOL_WANT_RUN = 8  # huge pages (16 MiB) in one physically contiguous run are enough not to look further
-
-
-def _longest_run(physical: list[int]) -> int:
-    """Huge pages in the longest physically contiguous run among ``physical`` (any order). Pure."""
-    ordered = sorted(physical)
-    best = run = 1 if ordered else 0
-    for a, b in zip(ordered, ordered[1:]):
-        run = run + 1 if b == a + HUGE_PAGE else 1
-        best = max(best, run)
-    return best
-
-
-def choose_pages(physical: list[int], n: int) -> list[int]:
-    """Which ``n`` of the huge pages at ``physical`` (indexed as given) to keep: the longest
-    physically contiguous runs first; returned in physical order. Pure."""
-    order = sorted(range(len(physical)), key=physical.__getitem__)
-    runs: list[list[int]] = []
-    for i in order:
-        if runs and physical[i] == physical[runs[-1][-1]] + HUGE_PAGE:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    keep: list[int] = []
-    for run in sorted(runs, key=len, reverse=True):
-        keep += run[: n - len(keep)]
-        if len(keep) == n:
-            break
-    return sorted(keep, key=physical.__getitem__)
-
-
-def pool_ranges(runs: list[tuple[int, int, int]], page_size: int) -> list[tuple[int, int]]:
-    """The IOVA allocator's inclusive ranges for ``runs``. Where one run ends exactly where
-    another (not virtually adjacent to it) begins, the first gives up its last page, so the
-    allocator, which coalesces adjacent free space, can never hand out a range spanning both
-    (physically contiguous, but not one piece of virtual memory). Pure."""
-    starts = {start for start, _, _ in runs}
-    out = []
-    for start, _, length in runs:
-        end = start + length
-        if end in starts:
-            end -= page_size
-        if end > start:
-            out.append((start, end - 1))
-    return out
+# The no-IOMMU lane's ledger allocates in a linear "pool address" space, one address per byte
+# of the pool's memory from POOL_BASE; the broker turns each of those into the physical address
+# the device needs (:meth:`PhysicalPool.translate`) as it authors a device-visible field. Far
+# above any physical address (2**46 = 64 TiB), so that translating twice changes nothing.
+POOL_BASE = 1 << 46
 
 
 class PhysicalPool:
-    """The no-IOMMU lane's device-visible memory: one virtually contiguous piece of memory and
-    the physical address of each 2 MiB chunk of it. ``ranges`` are its physical ranges (the
-    ledger's "IOVA" space in this lane); ``view`` gives the memory behind a range. The
+    """The no-IOMMU lane's device-visible memory: one virtually contiguous piece of pinned
+    memory, and the physical address of each 2 MiB huge page of it (``frames``). The ledger
+    allocates pool addresses (``POOL_BASE`` + offset); :meth:`translate` gives the device the
+    physical address of each, page by page. So a buffer needs no physically contiguous memory:
+    a PRP entry names one memory page, and a memory page never spans two huge pages. Only the
+    queues, which the controller reads as one piece (CAP.CQR), must not cross a huge page
+    boundary unless the pages are physically adjacent (:meth:`contiguous`). The physical
     addresses never leave the broker. :meth:`pinned` makes the real one."""
 
     def __init__(self, array: np.ndarray, physical: list[int], release: Callable[[], object] | None = None) -> None:
         self.array = array
         self.size = array.size
-        self.runs = contiguous_runs(physical, HUGE_PAGE)
+        self.frames = np.array(physical, dtype=np.uint64)
+        self.runs = contiguous_runs(physical, HUGE_PAGE)  # (physical start, offset, length): for checks
         self._release = release
 
     @classmethod
     def pinned(cls, size: int, *, pagemap: str = "/proc/self/pagemap") -> PhysicalPool:
         """Locked huge pages (they stay put, and are physically contiguous inside each one) in
-        a hugetlbfs memfd, with every huge page's physical address from /proc/self/pagemap.
-        When the pages the kernel hands out are scattered, up to :data:`POOL_GROW` times as
-        many are taken and the longest physically contiguous runs kept (the rest given back).
-        The kept pages are mapped again in physical order, so that physically adjacent pages
-        are virtually adjacent too and an allocation can span them (DPDK does the same)."""
+        a hugetlbfs memfd, with every huge page's physical address from /proc/self/pagemap."""
         from nvmevfio._ffi import check, ffi, lib
 
         size = align_up(max(size, HUGE_PAGE), HUGE_PAGE)
-        n = size // HUGE_PAGE
         fd, ptr = ffi.new("int *"), ffi.new("void **")
         try:
             check(lib.nv_hugepool_create(size, fd, ptr), "hugetlbfs memfd", f"{size >> 20} MiB")
         except OSError as exc:
             raise VfioError(
                 f"the no-IOMMU lane needs {size >> 20} MiB of 2 MiB huge pages for its pinned pool and could not "
-                f"map them ({exc}): reserve them first, e.g. echo {n} > /proc/sys/vm/nr_hugepages "
-                "(or hugepages=N on the kernel command line, where they are least scattered)",
-                reason="noiommu-no-hugepages", size=size) from None
-        memfd, mapped, total = fd[0], ptr[0], size
-        try:
-            physical = _physical_chunks(int(ffi.cast("uintptr_t", mapped)), total, pagemap)
-            while _longest_run(physical) < min(n, POOL_WANT_RUN) and total < POOL_GROW * size:
-                if lib.nv_hugepool_grow(memfd, mapped, total, total + size, ptr) < 0:
-                    break  # no more huge pages: keep what there is
-                mapped, total = ptr[0], total + size
-                physical = _physical_chunks(int(ffi.cast("uintptr_t", mapped)), total, pagemap)
-            keep = choose_pages(physical, n)
-            for index in sorted(set(range(len(physical))) - set(keep)):
-                check(lib.nv_hugepool_punch(memfd, index * HUGE_PAGE, HUGE_PAGE), "fallocate (punch)", "pool page")
-            check(lib.nv_hugepool_arrange(memfd, mapped, total, HUGE_PAGE, ffi.new("uint32_t[]", keep), n, ptr),
-                  "mmap (pool pages in physical order)", f"{size >> 20} MiB")
-        except BaseException:
-            lib.nv_mem_free(mapped, total)
-            lib.nv_close(memfd)
-            raise
-        base = ptr[0]
+                f"map them ({exc}): reserve them first, e.g. echo {size // HUGE_PAGE} > /proc/sys/vm/nr_hugepages "
+                "(or hugepages=N on the kernel command line)", reason="noiommu-no-hugepages", size=size) from None
+        memfd, base = fd[0], ptr[0]
 
         def release() -> None:
             lib.nv_mem_free(base, size)
             lib.nv_close(memfd)
 
         try:
-            arranged = _physical_chunks(int(ffi.cast("uintptr_t", base)), size, pagemap)
-            if arranged != sorted(physical[i] for i in keep):  # the pages moved under us
-                raise VfioError("the no-IOMMU pool's huge pages moved while they were arranged",
-                                reason="noiommu-pool-moved")
-            pool = cls(np.frombuffer(ffi.buffer(base, size), dtype=np.uint8), arranged, release)
+            physical = _physical_chunks(int(ffi.cast("uintptr_t", base)), size, pagemap)
+            pool = cls(np.frombuffer(ffi.buffer(base, size), dtype=np.uint8), physical, release)
         except BaseException:
             release()
             raise
-        log.debug("no-IOMMU pool: %d MiB in %d physically contiguous run(s), the longest %d MiB", size >> 20,
-                  len(pool.runs), max(length for _, _, length in pool.runs) >> 20)
+        log.debug("no-IOMMU pool: %d MiB in %d physically contiguous run(s)", size >> 20, len(pool.runs))
         return pool
 
     def ranges(self, page_size: int) -> list[tuple[int, int]]:
-        return pool_ranges(self.runs, page_size)
+        """The ledger's allocator range: the pool's addresses (inclusive end)."""
+        return [(POOL_BASE, POOL_BASE + self.size - 1)]
 
     def view(self, start: int, size: int) -> np.ndarray:
-        """The pool memory behind physical range ``[start, start + size)`` (inside one run)."""
-        for pa, offset, length in self.runs:
-            if pa <= start and start + size <= pa + length:
-                at = offset + start - pa
-                return self.array[at : at + size]
-        raise ValueError(f"range of {size:#x} bytes is not inside one run of the pool")
+        """The pool memory at pool addresses ``[start, start + size)``."""
+        at = start - POOL_BASE
+        if at < 0 or at + size > self.size:
+            raise ValueError(f"range of {size:#x} bytes is not inside the pool")
+        return self.array[at : at + size]
+
+    def contiguous(self, start: int, size: int) -> bool:
+        """Whether the device sees pool addresses ``[start, start + size)`` as one physically
+        contiguous piece (every huge page it crosses follows the one before)."""
+        first, last = (start - POOL_BASE) // HUGE_PAGE, (start - POOL_BASE + size - 1) // HUGE_PAGE
+        frames = self.frames[first : last + 1]
+        return bool((np.diff(frames.astype(np.int64)) == HUGE_PAGE).all())
+
+    def translate(self, values: np.ndarray) -> None:
+        """Pool addresses in ``values`` (uint64, in place) become physical addresses; anything
+        else (0, or an address already translated) is left as it is."""
+        rel = values - np.uint64(POOL_BASE)  # wraps around (huge) below the pool
+        inside = rel < np.uint64(self.size)
+        if inside.any():
+            r = rel[inside]
+            values[inside] = self.frames[r >> np.uint64(HUGE_SHIFT)] + (r & np.uint64(HUGE_PAGE - 1))
+
+    def translate_one(self, value: int) -> int:
+        """:meth:`translate` for one Python int."""
+        rel = value - POOL_BASE
+        if 0 <= rel < self.size:
+            return int(self.frames[rel >> HUGE_SHIFT]) + (rel & (HUGE_PAGE - 1))
+        return value
 
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)
@@ -407,27 +369,29 @@ class DmaLedger:
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
-              alignment: int | None = None) -> DmaBuffer:
+              alignment: int | None = None, contiguous: bool = False) -> DmaBuffer:
+        """``contiguous``: the device reads the buffer as one piece from its first address (a
+        queue, 4.1.3 with CAP.CQR), not page by page through PRP entries. It matters only in
+        the no-IOMMU lane, whose pool memory is contiguous within each huge page only."""
         with self._lock:
-            return self._alloc(size, owner, device_writable, alignment)
+            return self._alloc(size, owner, device_writable, alignment, contiguous)
 
-    def _alloc(self, size: int, owner: str, device_writable: bool, alignment: int | None) -> DmaBuffer:
+    def _alloc(self, size: int, owner: str, device_writable: bool, alignment: int | None,
+               contiguous: bool) -> DmaBuffer:
         if size <= 0:
             raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
         private = owner.startswith("broker:")
         huge = self.hugetlb and private and self.pool is None
         mapped = align_up(size, HUGE_PAGE if huge else self.page_size)
-        try:
-            iova = self.iovas.alloc(mapped, alignment)
-        except Refused as exc:
-            if self.pool is None or exc.reason != "iova-exhausted":
-                raise
-            longest = max(hi - lo for lo, hi in self.iovas.free_extents) if self.iovas.free_extents else 0
+        if contiguous and self.pool is not None and mapped <= HUGE_PAGE:
+            # aligned to a power of two at least its size, it cannot cross a huge page boundary
+            alignment = max(alignment or self.page_size, 1 << (mapped - 1).bit_length())
+        iova = self.iovas.alloc(mapped, alignment)
+        if contiguous and self.pool is not None and not self.pool.contiguous(iova, mapped):
+            self.iovas.free(iova, mapped)
             raise Refused("noiommu-contiguity",
-                          f"the no-IOMMU pool has no {mapped >> 10} KiB of physically contiguous memory free (the "
-                          f"longest free run is {longest >> 10} KiB of {self.iovas.free_bytes >> 10} KiB free): "
-                          "reserve its huge pages at boot (hugepages=N), where they are contiguous, use smaller "
-                          "buffers, or raise NVMEVFIO_NOIOMMU_POOL_MB", size=size, longest=longest) from None
+                          f"a {mapped >> 10} KiB queue would span huge pages of the no-IOMMU pool that are not "
+                          "physically adjacent; use a queue of at most 2 MiB", size=size)
         shadow = None
         try:
             mem: _Memory | _PrivateMemory | _PoolMemory
@@ -519,6 +483,17 @@ class DmaLedger:
         shadow = self._slots[buf.slot].shadow if self.bounce else None
         if shadow is not None and self.is_live(buf):
             self.array(buf)[offset : offset + length] = shadow.array[offset : offset + length]
+
+    def translate(self, values: np.ndarray) -> None:
+        """Ledger addresses in ``values`` (uint64, in place) become what the device must see:
+        unchanged with an IOMMU; physical addresses in the no-IOMMU lane (page by page, see
+        :class:`PhysicalPool`). Zero and already translated values stay as they are."""
+        if self.pool is not None:
+            self.pool.translate(values)
+
+    def device_address(self, iova: int) -> int:
+        """:meth:`translate` for one address."""
+        return self.pool.translate_one(iova) if self.pool is not None else iova
 
     # -- lookups ---------------------------------------------------------------
     def _live_slot(self, buf: DmaBuffer) -> _Slot:

@@ -134,22 +134,52 @@ def test_no_physical_address_in_any_refusal(rig, dev):
             assert not _in_pool(rig, int(number, 0)), (number, text)
 
 
-def test_a_scattered_pool_refuses_big_buffers_by_name():
-    scattered = [A + 2 * i * HUGE_PAGE for i in range(12)]  # no two huge pages adjacent
+def _device_addresses(rig, qp):
+    """Every device address the queue's SQEs carry, list entries and chain pointers included."""
+    sq = qp.ring.sq_ring
+    used = sq[sq["opc"] != 0]
+    out = [int(a) for a in used["prp1"]] + [int(a) for a in used["prp2"] if a]
+    if qp.prp_array is not None:
+        out += [int(a) for a in qp.prp_array if a]
+    return out
+
+
+def test_a_scattered_pool_serves_big_buffers_page_by_page():
+    """No two huge pages physically adjacent, and in falling order: a buffer of 8 MiB still
+    works, because every PRP entry names one memory page by its own physical address."""
+    scattered = [A + 2 * (11 - i) * HUGE_PAGE for i in range(12)]
+    rig = Rig([SimNamespace(32768)], physical=scattered, mdts=0)  # no MDTS: 4 MiB commands
+    dev = BlockDevice(rig.p, 1, queue_depth=16)
+    assert dev.info.max_transfer_bytes == 4 << 20  # not capped at a huge page
+    data = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8)
+    buf = dev.alloc_buffer(8 << 20)
+    buf.array[:] = data
+    dev.write_from(0, (8 << 20) // 512, buf)
+    assert np.array_equal(rig.sim.namespaces[0].data[: 8 << 20], data)
+    buf.array[:] = 0
+    dev.read_into(0, (8 << 20) // 512, buf)
+    assert np.array_equal(buf.array, data)
+    # the whole 8 MiB through the staging buffer too
+    assert np.array_equal(dev.read_blocks(0, (8 << 20) // 512), data)
+    assert rig.sim.dma.faults == []
+    addresses = _device_addresses(rig, rig.broker.io[0])
+    assert addresses and all(_in_pool(rig, a) for a in addresses)
+
+
+def test_queues_never_span_huge_pages_that_are_not_adjacent():
+    scattered = [A + 2 * i * HUGE_PAGE for i in range(12)]
     rig = Rig([SimNamespace(8192)], physical=scattered, mdts=5)
     dev = BlockDevice(rig.p, 1, queue_depth=16)
-    dev.alloc_buffer(HUGE_PAGE)  # one huge page's worth fits
-    with pytest.raises(Refused) as ei:
-        dev.alloc_buffer(HUGE_PAGE + 4096)
-    assert ei.value.reason == "noiommu-contiguity" and "hugepages=N" in str(ei.value)
-    assert "longest free run is 2048 KiB" in str(ei.value)
-
-
-def test_transfers_and_staging_fit_one_huge_page():
-    rig = Rig([SimNamespace(16384)], physical=PHYSICAL, mdts=0)  # no MDTS: 4 MiB elsewhere
-    dev = BlockDevice(rig.p, 1, queue_depth=16)
-    assert dev.info.max_transfer_bytes == HUGE_PAGE
-    data = np.random.default_rng(9).integers(0, 256, 6 << 20, dtype=np.uint8)
-    dev.write_blocks(0, data)  # 6 MiB through a staging buffer of one huge page
-    assert np.array_equal(dev.read_blocks(0, (6 << 20) // 512), data)
-    assert rig.broker._staging.size == HUGE_PAGE
+    ledger = rig.ledger
+    for _ in range(40):  # 64 KiB queues, placed among other allocations: each inside one huge page
+        ledger.alloc(12288, owner="caller")
+        q = ledger.alloc(64 << 10, owner="broker:sq", contiguous=True)
+        assert ledger.pool.contiguous(ledger.iova(q), 64 << 10)
+    with pytest.raises(Refused) as ei:  # a queue over 2 MiB needs adjacent huge pages: there are none
+        ledger.alloc(4 << 20, owner="broker:sq", contiguous=True)
+    assert ei.value.reason == "noiommu-contiguity"
+    adjacent = Rig([SimNamespace(8192)], physical=PHYSICAL, mdts=5)  # a run of 6 at the start
+    q = adjacent.ledger.alloc(4 << 20, owner="broker:sq", contiguous=True)
+    assert adjacent.ledger.pool.contiguous(adjacent.ledger.iova(q), 4 << 20)
+    dev.write_blocks(0, np.ones(4096, dtype=np.uint8))  # and the device still works
+    assert rig.sim.dma.faults == []

@@ -1,18 +1,16 @@
 """The no-IOMMU lane's pure pieces: pagemap entries to frame numbers, runs of physically
-contiguous huge pages, and the allocator ranges built from them (exact values)."""
+contiguous huge pages, and pool addresses translated to physical ones (exact values)."""
 
 import numpy as np
 import pytest
 
 from nvmevfio.dma import (
     HUGE_PAGE,
+    POOL_BASE,
     PhysicalPool,
-    _longest_run,
     _physical_chunks,
-    choose_pages,
     contiguous_runs,
     frames_from_pagemap,
-    pool_ranges,
 )
 from nvmevfio.errors import VfioError
 
@@ -35,30 +33,32 @@ def test_contiguous_runs_need_virtual_and_physical_adjacency():
     assert contiguous_runs([], M2) == []
 
 
-def test_pool_ranges_keep_a_guard_page_between_physically_adjacent_runs():
-    runs = contiguous_runs([A, A + M2, X, A + 2 * M2], M2)
-    # run 1 ends where run 3 starts: it gives up its last page, so freed space never coalesces across
-    assert pool_ranges(runs, 4096) == [(A, A + 2 * M2 - 4096 - 1), (X, X + M2 - 1), (A + 2 * M2, A + 3 * M2 - 1)]
-    assert pool_ranges(contiguous_runs([A, X], M2), 4096) == [(A, A + M2 - 1), (X, X + M2 - 1)]
-
-
-def test_pool_view_is_the_memory_of_its_run():
-    array = np.arange(3 * M2, dtype=np.uint64).view(np.uint8)[: 3 * M2]
+def test_pool_addresses_translate_page_by_page():
+    array = np.zeros(3 * M2, dtype=np.uint8)
     pool = PhysicalPool(array, [X, A, A + M2])
     assert pool.runs == [(X, 0, M2), (A, M2, 2 * M2)]
-    v = pool.view(A + M2 - 8, 16)  # spans the two chunks of run 2: one piece of memory
-    assert v.ctypes.data == array.ctypes.data + 2 * M2 - 8 and v.size == 16
+    assert pool.ranges(4096) == [(POOL_BASE, POOL_BASE + 3 * M2 - 1)]
+    values = np.array([0, POOL_BASE, POOL_BASE + M2 - 4096, POOL_BASE + M2 + 5, POOL_BASE + 3 * M2 - 8, X + 4,
+                       POOL_BASE + 3 * M2], dtype=np.uint64)
+    pool.translate(values)
+    # 0, below the pool and past its end stay; an address already physical stays (translating twice is harmless)
+    assert values.tolist() == [0, X, X + M2 - 4096, A + 5, A + 2 * M2 - 8, X + 4, POOL_BASE + 3 * M2]
+    assert pool.translate_one(POOL_BASE + M2 + 5) == A + 5 and pool.translate_one(A + 5) == A + 5
+    assert pool.translate_one(0) == 0
+
+
+def test_pool_contiguity_and_views():
+    array = np.arange(3 * M2, dtype=np.uint64).view(np.uint8)[: 3 * M2]
+    pool = PhysicalPool(array, [X, A, A + M2])
+    assert not pool.contiguous(POOL_BASE + M2 - 4096, 8192)  # X's last page, then A: not adjacent
+    assert pool.contiguous(POOL_BASE + M2, 2 * M2)  # A, A + M2
+    assert pool.contiguous(POOL_BASE + 4096, 8192)  # inside one huge page
+    v = pool.view(POOL_BASE + M2 - 8, 16)  # virtually one piece of memory, whatever the device sees
+    assert v.ctypes.data == array.ctypes.data + M2 - 8 and v.size == 16
     with pytest.raises(ValueError):
-        pool.view(X + M2 - 8, 16)  # past the end of run 1
-
-
-def test_choose_pages_keeps_the_longest_runs_in_physical_order():
-    # indices 0..5 at scattered addresses: runs {A..A+2} (idx 3,0,5), {X, X+1} (idx 1,4), {A+9} (idx 2)
-    physical = [A + M2, X, A + 9 * M2, A, X + M2, A + 2 * M2]
-    assert choose_pages(physical, 3) == [3, 0, 5]
-    assert choose_pages(physical, 4) == [3, 0, 5, 1]  # then the next longest run, cut to fit
-    assert choose_pages(physical, 6) == [3, 0, 5, 2, 1, 4]
-    assert _longest_run(physical) == 3 and _longest_run([A, A + 2 * M2]) == 1 and _longest_run([]) == 0
+        pool.view(POOL_BASE + 3 * M2 - 8, 16)  # past the end
+    with pytest.raises(ValueError):
+        pool.view(A, 16)  # a physical address is not a pool address
 
 
 def _free_huge_pages() -> int:

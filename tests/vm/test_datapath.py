@@ -11,42 +11,36 @@ from nvmevfio.errors import Refused
 from nvmevfio.provider import open_controller
 
 
-def test_info(dev, lane):
+def test_info(dev):
     i = dev.info
     assert (i.block_size, i.block_count, i.capacity_bytes) == (512, 131072, 64 << 20)
-    # no MDTS: capped at 4 MiB, or at one huge page in the no-IOMMU lane (contiguous bounce memory)
-    assert i.model == "QEMU NVMe Ctrl" and i.serial == "nvmevfio-data"
-    assert i.max_transfer_bytes == (2 << 20 if lane == "noiommu" else 4 << 20)
+    assert i.model == "QEMU NVMe Ctrl" and i.serial == "nvmevfio-data" and i.max_transfer_bytes == 4 << 20
 
 
-def test_chained_prp_lists_one_command(dev, lane):
+def test_chained_prp_lists_one_command(dev):
     """MDTS=0 (capped at 4 MiB = 1024 pages): one aligned 4 MiB command is PRP1 + 1023 list
     entries, a full list page chained to a second; the device walks the chain. At an in-page
-    offset a command may touch no more pages, so the broker refuses 4 MiB there. In the
-    no-IOMMU lane the cap is one huge page (2 MiB: one full list page), and the buffers stay
-    inside one huge page (physically contiguous bounce memory)."""
+    offset a command may touch no more pages, so the broker refuses 4 MiB there."""
     from nvmevfio.nvme import prp
 
-    size = dev.info.max_transfer_bytes
-    pad = 0 if lane == "noiommu" else 4096
-    assert size == (2 << 20 if lane == "noiommu" else 4 << 20)
-    assert prp.list_pages_needed(0, size, 4096) == size >> 21  # a chain of two pages for 4 MiB
-    assert prp.list_pages_needed(0x600, size - 4096, 4096) == size >> 21
-    buf = dev.alloc_buffer(size + pad)
+    size = 4 << 20
+    assert dev.info.max_transfer_bytes == size
+    assert prp.list_pages_needed(0, size, 4096) == 2
+    assert prp.list_pages_needed(0x600, size - 4096, 4096) == 2
+    buf = dev.alloc_buffer(size + 4096)
     buf.array[:] = np.random.default_rng(5).integers(0, 256, buf.size, dtype=np.uint8)
     dev.submit_writes([2048], [size // 512], buf, [0])
     assert dev.reap(1)["status"].tolist() == [0]
     assert np.array_equal(dev.read_blocks(2048, size // 512), buf.array[:size])
-    out = dev.alloc_buffer(size + pad)
+    out = dev.alloc_buffer(size + 4096)
     dev.submit_reads([2048], [(size - 4096) // 512], out, [0x600])  # chained read at an offset
     assert dev.reap(1)["status"].tolist() == [0]
     assert np.array_equal(out.array[0x600 : 0x600 + size - 4096], buf.array[: size - 4096])
     with pytest.raises(Refused) as ei:
         dev.submit_reads([2048], [size // 512], out, [0x600])
-    assert ei.value.reason in (("count-out-of-range",) if pad else ("count-out-of-range", "length-mismatch"))
-    if pad:
-        dev.read_into(2048, size // 512, out, 0x600)  # the synchronous form splits it instead
-        assert np.array_equal(out.array[0x600 : 0x600 + size], buf.array[:size])
+    assert ei.value.reason == "count-out-of-range"
+    dev.read_into(2048, size // 512, out, 0x600)  # the synchronous form splits it instead
+    assert np.array_equal(out.array[0x600 : 0x600 + size], buf.array[:size])
     dev.free_buffer(buf)
     dev.free_buffer(out)
 
