@@ -26,6 +26,13 @@ def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
     return _open(address, nsid, **kwargs)
 
 
+def connect(socket_path: str = "/run/nvmevfio/nvmevfio.sock", nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
+    """Block access through ``nvmevfio serve`` (no root needed); see :func:`nvmevfio.service.client.connect`."""
+    from nvmevfio.service.client import connect as _connect
+
+    return _connect(socket_path, nsid, **kwargs)
+
+
 __all__ = [
     "CommandError",
     "CommandTimeout",
@@ -36,5 +43,6 @@ __all__ = [
     "Refused",
     "StaleHandle",
     "__version__",
+    "connect",
     "open",
 ]

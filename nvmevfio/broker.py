@@ -873,9 +873,7 @@ class Broker:
 
     def _raise_for(self, status: int, name: str, **context: Any) -> None:
         """CommandError for a completion status (without the phase tag)."""
-        _, sc, sct, _, more, dnr = spec.split_status(int(status) << 1)
-        raise CommandError(name, sct, sc, bool(dnr), sct_name=spec.sct_name(sct),
-                           sc_name=spec.status_name(sct, sc), more=bool(more), **context)
+        raise spec.command_error(status, name, **context)
 
     def _admin_sync(self, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
                     timeout_s: float | None = None) -> int:
@@ -1700,6 +1698,11 @@ class Broker:
         qp = self._queue(qid)
         with self._using(qp):
             return self._reap(qp, min(minimum, qp.in_flight + sum(len(c) for c in qp.cancelled)), timeout_s)
+
+    def completion_fd(self, qid: int) -> int | None:
+        qp = self._queue(qid)
+        vector = qp.ring.vector
+        return self.irq.fd(vector) if vector is not None and self.irq is not None else None
 
     def in_flight(self, qid: int = 1) -> int:
         return self._queue(qid).in_flight

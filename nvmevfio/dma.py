@@ -20,6 +20,7 @@ No physical address is ever part of a result, handle or message.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -120,14 +121,32 @@ class _Memory:
     and unmapped from the IOMMU at once, and released from the process only once the
     caller's last view is gone, so a stale view can never crash."""
 
-    def __init__(self, size: int) -> None:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    def __init__(self, size: int, shared: bool = False) -> None:
+        """``shared``: a sealed memfd (:attr:`fd`) that another process may map too (the service
+        passes it to its client); its size is sealed, so a client cannot shrink it under the
+        broker's feet (which would fault the broker's own accesses)."""
+        populate = getattr(mmap, "MAP_POPULATE", 0)
         self.size = size
-        self._mm: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+        self.fd: int | None = None
+        if shared:
+            fd = os.memfd_create("nvmevfio-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+                self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+        else:
+            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
         self.addr = int(self.array.ctypes.data)
 
     def try_release(self) -> bool:
+        if self.fd is not None:  # the memory stays while our mapping (or a client's) does
+            os.close(self.fd)
+            self.fd = None
         if self._mm is None:
             return True
         self.array = np.empty(0, dtype=np.uint8)
@@ -369,15 +388,16 @@ class DmaLedger:
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
-              alignment: int | None = None, contiguous: bool = False) -> DmaBuffer:
+              alignment: int | None = None, contiguous: bool = False, shared: bool = False) -> DmaBuffer:
         """``contiguous``: the device reads the buffer as one piece from its first address (a
         queue, 4.1.3 with CAP.CQR), not page by page through PRP entries. It matters only in
-        the no-IOMMU lane, whose pool memory is contiguous within each huge page only."""
+        the no-IOMMU lane, whose pool memory is contiguous within each huge page only.
+        ``shared``: a caller buffer in a sealed memfd (:meth:`memfd`), for another process."""
         with self._lock:
-            return self._alloc(size, owner, device_writable, alignment, contiguous)
+            return self._alloc(size, owner, device_writable, alignment, contiguous, shared)
 
     def _alloc(self, size: int, owner: str, device_writable: bool, alignment: int | None,
-               contiguous: bool) -> DmaBuffer:
+               contiguous: bool, shared: bool = False) -> DmaBuffer:
         if size <= 0:
             raise Refused("length-mismatch", f"DMA buffer size must be positive, got {size}", size=size)
         private = owner.startswith("broker:")
@@ -397,9 +417,9 @@ class DmaLedger:
             mem: _Memory | _PrivateMemory | _PoolMemory
             if self.pool is not None:  # no IOMMU: pool memory, at its physical address
                 shadow = _PoolMemory(self.pool.view(iova, mapped))
-                mem = shadow if private else _Memory(mapped)
+                mem = shadow if private else _Memory(mapped, shared)
             else:
-                mem = _PrivateMemory(mapped, huge) if private else _Memory(mapped)
+                mem = _PrivateMemory(mapped, huge) if private else _Memory(mapped, shared)
         except BaseException:
             self.iovas.free(iova, mapped)
             raise
@@ -511,6 +531,14 @@ class DmaLedger:
                 slot=buf.slot, generation=buf.generation, current=slot.generation,
             )
         return slot
+
+    def memfd(self, buf: DmaBuffer) -> int:
+        """The memfd behind a ``shared`` buffer (the broker's; dup it to pass it on)."""
+        mem = self._live_slot(buf).mem
+        fd = getattr(mem, "fd", None)
+        if fd is None:
+            raise Refused("invalid-argument", f"buffer slot {buf.slot} is not shared memory", slot=buf.slot)
+        return int(fd)
 
     def is_live(self, buf: DmaBuffer) -> bool:
         try:

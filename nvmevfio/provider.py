@@ -250,9 +250,20 @@ class Provider:
         self._broker.deallocate(nsid, slba, count, qid)
 
     # -- zero-copy buffers and batches ------------------------------------------------
-    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
-        """A DMA buffer handle; its bytes are ``buf.array``. Free it with :meth:`free_buffer`."""
-        return self._broker.ledger.alloc(nbytes, owner="caller")
+    def alloc_buffer(self, nbytes: int, *, shared: bool = False, owner: str = "caller") -> DmaBuffer:
+        """A DMA buffer handle; its bytes are ``buf.array``. Free it with :meth:`free_buffer`.
+        ``shared``: in a sealed memfd (:meth:`buffer_memfd`) that another process may map (the
+        service hands it to its client); ``owner`` names whose it is in the ledger."""
+        return self._broker.ledger.alloc(nbytes, owner=owner, shared=shared)
+
+    def buffer_memfd(self, buf: DmaBuffer) -> int:
+        """The memfd of a ``shared`` buffer (still the ledger's: pass it on, never close it)."""
+        return self._broker.ledger.memfd(buf)
+
+    def completion_fd(self, qid: int) -> int | None:
+        """The eventfd the I/O queue's MSI-X vector signals (queues created with ``irq``), for a
+        caller's own event loop; None when the queue is polled."""
+        return self._broker.completion_fd(qid)
 
     def free_buffer(self, buf: DmaBuffer) -> None:
         """Scrub, unmap and free (dropping its registration); the handle is stale afterwards.

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from nvmevfio.errors import CommandError
+
 # 4.2 Submission Queue Entry (64 bytes)
 SQE = np.dtype([
     ("opc", "<u1"), ("flags", "<u1"), ("cid", "<u2"), ("nsid", "<u4"),
@@ -465,3 +467,10 @@ def async_event_log_bytes(lid: int, elpe: int) -> int:
     if lid == 0x01:
         return 64 * (min(elpe, 63) + 1)
     return AER_LOG_BYTES.get(lid, 512)
+
+
+def command_error(status: int, name: str, **context: Any) -> CommandError:
+    """The CommandError for a completion's status field (without the phase tag), named."""
+    _, sc, sct, _, more, dnr = split_status(int(status) << 1)
+    return CommandError(name, sct, sc, bool(dnr), sct_name=sct_name(sct), sc_name=status_name(sct, sc),
+                        more=bool(more), **context)

@@ -1,0 +1,326 @@
+"""``nvmevfio.connect()``: block access through the service, for unprivileged processes.
+
+The same verbs as :class:`nvmevfio.blockdev.BlockDevice` (info, read/write, flush, write
+zeroes, deallocate, buffers, submit/reap, file()); LBA 0 is the first block of the client's
+granted window. Buffers are memfds the daemon allocated and mapped into the IOMMU; the client
+maps them too and never learns an address. Requests go through the shared rings of
+:mod:`nvmevfio.service.ring`: one eventfd write per batch, one wait per reap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.blockdev import BlockFile, DeviceInfo
+from nvmevfio.errors import NvmeVfioError, Refused
+from nvmevfio.nvme.spec import command_error
+from nvmevfio.service import ring as rings
+from nvmevfio.service.daemon import DEFAULT_SOCKET, receive, send
+
+DEFAULT_TIMEOUT_S = 30.0
+RECORD = np.dtype([("tag", "<i8"), ("status", "<u2"), ("reason", "U24")])  # what reap() returns
+
+
+class ServiceGone(NvmeVfioError):
+    """The daemon went away (stopped, restarted or killed): reconnect with connect()."""
+
+    reason = "service-gone"
+
+
+@dataclass(eq=False)
+class ServiceBuffer:
+    """A DMA buffer of the service's: its bytes are :attr:`array` (shared with the daemon, which
+    mapped them for the device). Holds no address."""
+
+    id: int
+    generation: int
+    size: int
+    array: np.ndarray = field(repr=False)
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def live(self) -> bool:
+        return self._map is not None
+
+
+class ServiceDevice:
+    """A connection to ``nvmevfio serve``: see :func:`connect`."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, nsid: int = 1, *, lane: str = "default",
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            raise ServiceGone(f"no nvmevfio service on {socket_path} ({exc.strerror})", socket=socket_path) from None
+        self._fds: list[int] = []
+        self._ring_map: mmap.mmap | None = None
+        self._buffers: dict[int, ServiceBuffer] = {}
+        try:
+            reply, fds = self._call({"op": "hello", "nsid": nsid, "lane": lane})
+            if len(fds) != 3:
+                raise ServiceGone("the service's hello carried no ring", socket=socket_path)
+            ring_fd, self._doorbell, self._completion = fds
+            self._fds = fds
+            size = os.fstat(ring_fd).st_size
+            self._ring_map = mmap.mmap(ring_fd, size, flags=mmap.MAP_SHARED)
+            self._ring = rings.SharedRings(np.frombuffer(self._ring_map, dtype=np.uint8))
+        except BaseException:
+            self.close()
+            raise
+        info = dict(reply["info"])
+        self.writable: bool = info.pop("writable")
+        self.dma_memory: int = info.pop("dma_memory")
+        self.info = DeviceInfo(**info)
+        self.nsid = self.info.nsid
+        self.block_size = self.info.block_size
+        self.block_count = self.info.block_count
+        self._sq_tail = 0
+        self._cq_head = 0
+        self._next_tag = 1
+        self._pending: dict[int, int] = {}  # tag -> 1, submitted and not reaped
+        self._done: list[np.ndarray] = []  # reaped from the ring, not yet returned
+        self._staging: ServiceBuffer | None = None
+
+    # ------------------------------------------------------------------ control
+    def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        try:
+            send(self._sock, message)
+            reply, fds = receive(self._sock)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ServiceGone(f"the nvmevfio service went away ({exc.strerror}); reconnect") from None
+        if reply is None:
+            raise ServiceGone("the nvmevfio service went away (its socket closed); reconnect")
+        if not reply.get("ok"):
+            raise Refused(str(reply.get("reason", "refused")), str(reply.get("message", "refused by the service")))
+        return reply, fds
+
+    def status(self) -> dict[str, Any]:
+        """This session's counters (buffers, DMA bytes, requests, refusals) from the daemon."""
+        reply, _ = self._call({"op": "status"})
+        return reply
+
+    def alloc_buffer(self, nbytes: int) -> ServiceBuffer:
+        """A DMA buffer of ``nbytes`` (the grant's dma_memory caps the total)."""
+        reply, fds = self._call({"op": "alloc", "size": int(nbytes)})
+        if len(fds) != 1:
+            raise ServiceGone("the service's buffer carried no memory")
+        try:
+            size = os.fstat(fds[0]).st_size
+            mm = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fds[0])
+        buf = ServiceBuffer(reply["buffer"], reply["generation"], reply["size"],
+                            np.frombuffer(mm, dtype=np.uint8)[: reply["size"]], mm)
+        self._buffers[buf.id] = buf
+        return buf
+
+    def free_buffer(self, buf: ServiceBuffer) -> None:
+        """The daemon scrubs and unmaps it; the handle is stale afterwards."""
+        self._call({"op": "free", "buffer": buf.id, "generation": buf.generation})
+        self._buffers.pop(buf.id, None)
+        buf.array = np.empty(0, dtype=np.uint8)
+        mm, buf._map = buf._map, None
+        if mm is not None:
+            with contextlib.suppress(BufferError):  # a caller's view still refers to it: it goes with that
+                mm.close()
+
+    # ------------------------------------------------------------------ batches
+    def _submit(self, opcode: int, lbas: Any, counts: Any, buf: ServiceBuffer | None, offsets: Any) -> np.ndarray:
+        lbas = np.atleast_1d(np.asarray(lbas, dtype=np.int64))
+        counts = np.broadcast_to(np.asarray(counts, dtype=np.int64), lbas.shape)
+        offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), lbas.shape)
+        n = len(lbas)
+        if n > self.info.queue_depth:
+            raise Refused("count-out-of-range", f"{n} requests in one batch: at most the queue depth "
+                          f"{self.info.queue_depth}", count=n)
+        if (lbas < 0).any() or (counts < 0).any() or (offsets < 0).any():
+            raise Refused("out-of-window", "negative LBA, count or offset")
+        deadline = time.monotonic() + self.timeout_s
+        while self._ring.request_room(self._sq_tail) < n:  # the daemon has not taken earlier ones yet
+            self._wait(deadline)
+        entries = np.zeros(n, dtype=rings.REQUEST)
+        tags = np.arange(self._next_tag, self._next_tag + n, dtype=np.int64) & 0xFFFFFFFF
+        self._next_tag = (self._next_tag + n) & 0xFFFFFFFF or 1
+        entries["opcode"] = opcode
+        entries["tag"] = tags
+        entries["lba"] = lbas
+        entries["count"] = counts
+        entries["offset"] = offsets
+        if buf is not None:
+            entries["buffer"] = buf.id
+            entries["generation"] = buf.generation
+        self._sq_tail = self._ring.put_requests(self._sq_tail, entries)
+        try:
+            os.eventfd_write(self._doorbell, 1)  # one doorbell per batch
+        except OSError as exc:
+            raise ServiceGone(f"the nvmevfio service went away ({exc})") from None
+        self._pending.update(dict.fromkeys(tags.tolist(), 1))
+        return tags
+
+    def submit_reads(self, lbas: Any, counts: Any, buf: ServiceBuffer, offsets: Any) -> np.ndarray:
+        """Post a batch of reads (one eventfd write); returns their tags. Collect with :meth:`reap`."""
+        return self._submit(rings.READ, lbas, counts, buf, offsets)
+
+    def submit_writes(self, lbas: Any, counts: Any, buf: ServiceBuffer, offsets: Any) -> np.ndarray:
+        return self._submit(rings.WRITE, lbas, counts, buf, offsets)
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def capacity(self) -> int:
+        return self.info.queue_depth
+
+    def _wait(self, deadline: float) -> None:
+        """Until the daemon posts completions (or frees request slots), or it goes away."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused("command-timeout", f"the service did not answer within {self.timeout_s:g} s")
+        sock = self._sock.fileno()
+        ready, _, _ = select.select([self._completion, sock], [], [], left)
+        if sock in ready:
+            try:
+                data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                data = b""
+            if not data:
+                raise ServiceGone("the nvmevfio service went away (its socket closed); reconnect")
+        if self._completion in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._completion)
+
+    def _collect(self) -> int:
+        got, self._cq_head = self._ring.take_completions(self._cq_head)
+        if len(got):
+            self._done.append(got)
+        return len(got)
+
+    def reap(self, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:
+        """Completions (at least ``minimum`` while any are in flight) as records of ``tag``,
+        ``status`` (0: success; the NVMe status field otherwise) and ``reason`` (the name of
+        the service's refusal, or "")."""
+        minimum = min(minimum, len(self._pending))
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        have = sum(len(d) for d in self._done) + self._collect()
+        while have < minimum:
+            self._wait(deadline)
+            have += self._collect()
+        got = np.concatenate(self._done) if self._done else np.empty(0, dtype=rings.COMPLETION)
+        self._done = []
+        out = np.zeros(len(got), dtype=RECORD)
+        out["tag"] = got["tag"]
+        refused = got["status"] == rings.SERVICE_REFUSED
+        out["status"] = got["status"]
+        out["reason"] = [rings.REASONS[r] if f else "" for r, f in zip(got["reason"].tolist(), refused.tolist())]
+        for t in out["tag"].tolist():
+            self._pending.pop(t, None)
+        return out
+
+    # ------------------------------------------------------------------ synchronous verbs
+    def _one(self, opcode: int, lba: int, count: int, buf: ServiceBuffer | None, offset: int, name: str) -> None:
+        if self._pending:
+            raise Refused("queue-busy", f"{len(self._pending)} batched request(s) in flight; reap them first")
+        tag = int(self._submit(opcode, [lba], [count], buf, [offset])[0])
+        rec = self.reap(1)
+        row = rec[rec["tag"] == tag][0]
+        if row["reason"]:
+            raise Refused(str(row["reason"]), f"{name} of {count} block(s) at LBA {lba} refused by the service: "
+                          f"{row['reason']}", lba=lba, count=count)
+        if row["status"]:
+            raise command_error(int(row["status"]), name, slba=lba, count=count)
+
+    def read_into(self, lba: int, count: int, buf: ServiceBuffer, offset: int = 0) -> None:
+        self._split(rings.READ, lba, count, buf, offset, "Read")
+
+    def write_from(self, lba: int, count: int, buf: ServiceBuffer, offset: int = 0) -> None:
+        self._split(rings.WRITE, lba, count, buf, offset, "Write")
+
+    def _split(self, opcode: int, lba: int, count: int, buf: ServiceBuffer, offset: int, name: str) -> None:
+        step = max(1, self.info.max_transfer_bytes // self.block_size - 1)  # room for an in-page offset
+        for start in range(0, max(count, 1), step):
+            n = min(step, count - start) if count else count
+            self._one(opcode, lba + start, n, buf, offset + start * self.block_size, name)
+
+    def _staging_buf(self) -> ServiceBuffer:
+        if self._staging is None:
+            self._staging = self.alloc_buffer(min(self.info.max_transfer_bytes, 1 << 20, self.dma_memory))
+        return self._staging
+
+    def read_blocks(self, lba: int, count: int) -> np.ndarray:
+        out = np.empty(count * self.block_size, dtype=np.uint8)
+        staging = self._staging_buf()
+        per = max(1, staging.size // self.block_size)
+        for start in range(0, count, per):
+            n = min(per, count - start)
+            self.read_into(lba + start, n, staging)
+            out[start * self.block_size : (start + n) * self.block_size] = staging.array[: n * self.block_size]
+        return out
+
+    def write_blocks(self, lba: int, data: Any) -> int:
+        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        if len(src) % self.block_size:
+            raise Refused("length-mismatch", f"{len(src)} bytes is not a whole number of {self.block_size}-byte "
+                          "blocks", length=len(src))
+        count = len(src) // self.block_size
+        staging = self._staging_buf()
+        per = max(1, staging.size // self.block_size)
+        for start in range(0, count, per):
+            n = min(per, count - start)
+            staging.array[: n * self.block_size] = src[start * self.block_size : (start + n) * self.block_size]
+            self.write_from(lba + start, n, staging)
+        return count
+
+    def flush(self) -> None:
+        self._one(rings.FLUSH, 0, 0, None, 0, "Flush")
+
+    def write_zeroes(self, lba: int, count: int) -> None:
+        self._one(rings.WRITE_ZEROES, lba, count, None, 0, "Write Zeroes")
+
+    def deallocate(self, lba: int, count: int) -> None:
+        self._one(rings.DEALLOCATE, lba, count, None, 0, "Dataset Management (deallocate)")
+
+    def file(self) -> BlockFile:
+        """A seekable binary file over the window."""
+        return BlockFile(self)  # type: ignore[arg-type]  # the same verbs BlockFile uses
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """Hang up: the daemon waits for anything in flight, then scrubs this session's memory."""
+        for buf in self._buffers.values():
+            buf.array = np.empty(0, dtype=np.uint8)
+        self._buffers.clear()
+        if getattr(self, "_ring", None) is not None:
+            self._ring.close()
+        if self._ring_map is not None:
+            with contextlib.suppress(BufferError):
+                self._ring_map.close()
+            self._ring_map = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._sock.close()
+
+    def __enter__(self) -> ServiceDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, *, lane: str = "default",
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> ServiceDevice:
+    """Connect to ``nvmevfio serve`` on ``socket_path`` as whoever this process is (the daemon
+    asks the kernel): the namespace window your grant gives, LBA 0 at its start. Refused
+    ``no-grant`` without one; :class:`ServiceGone` when no daemon is there or it went away."""
+    return ServiceDevice(socket_path, nsid, lane=lane, timeout_s=timeout_s)

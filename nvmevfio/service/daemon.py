@@ -1,0 +1,586 @@
+"""``nvmevfio serve``: the broker as a service for unprivileged clients (issue #9).
+
+The daemon (root) owns the controller: it enables it, creates one NVMe I/O queue pair per
+client slot, and listens on a Unix socket. A connecting peer is who the kernel says it is
+(SO_PEERCRED); its grant (:mod:`nvmevfio.service.grants`) decides whether it may connect at
+all, which namespace window it sees (its LBA 0 is the window's first block), read-only or
+read-write, and its queue-depth and DMA-memory quotas.
+
+Control messages (JSON, one per SOCK_SEQPACKET datagram; file descriptors ride along with
+SCM_RIGHTS): ``hello`` (answered with the window's info, the ring memfd and two eventfds),
+``alloc`` (a DMA buffer: a sealed memfd the daemon mapped into the IOMMU; the client never
+learns its IOVA), ``free``, ``info``. The data path is the shared rings of
+:mod:`nvmevfio.service.ring`, one eventfd write per batch each way. Every request is checked
+against the grant before it reaches the client's own queue pair; a refusal completes it with
+a named reason. A client that goes away (SIGKILL included) loses its session: its commands
+are waited for, its buffers scrubbed and unmapped, its queue pair given to the next client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import selectors
+import signal
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.dma import DmaBuffer
+from nvmevfio.errors import CommandError, NvmeVfioError, Refused
+from nvmevfio.provider import Provider
+from nvmevfio.service import ring as rings
+from nvmevfio.service.grants import GrantsError, ServiceGrant, grant_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/nvmevfio/nvmevfio.sock"
+MAX_MESSAGE = 65536
+MAX_FDS = 4
+POLL_S = 0.0005  # with commands in flight on polled queues (no MSI-X), how often to look
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """One control message (JSON), with file descriptors (SCM_RIGHTS) when given."""
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One control message and its file descriptors; (None, []) when the peer has gone."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    if flags & socket.MSG_CTRUNC or flags & socket.MSG_TRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("control message truncated")
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("a control message is a JSON object")
+    return message, fds
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED), never from the peer."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _supplementary_groups(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def _ring_memory(size: int) -> tuple[int, mmap.mmap]:
+    """A sealed memfd (its size cannot change under the daemon) and the daemon's mapping."""
+    import fcntl
+
+    fd = os.memfd_create("nvmevfio-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected client."""
+
+    sock: socket.socket
+    pid: int
+    uid: int
+    gid: int
+    grant: ServiceGrant | None = None
+    qid: int = 0
+    depth: int = 0
+    ring: rings.SharedRings | None = None
+    ring_fd: int = -1
+    ring_map: mmap.mmap | None = None
+    doorbell: int = -1  # eventfd: the client rang (requests waiting)
+    completion: int = -1  # eventfd: the daemon posted completions
+    buffers: dict[int, DmaBuffer] = field(default_factory=dict)
+    next_buffer: int = 1
+    dma_bytes: int = 0
+    sq_head: int = 0
+    cq_tail: int = 0
+    tags: dict[int, int] = field(default_factory=dict)  # broker tag -> client tag, in flight
+    backlog: list[np.ndarray] = field(default_factory=list)  # completions the ring had no room for
+    closing: bool = False
+    requests: int = 0
+    refused: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"client pid {self.pid} uid {self.uid}"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tags)
+
+
+class Service:
+    """The daemon: :meth:`start`, then :meth:`serve` until :meth:`stop` (or SIGTERM)."""
+
+    def __init__(self, provider: Provider, grants: list[ServiceGrant], socket_path: str = DEFAULT_SOCKET, *,
+                 nsids: list[int] | None = None, clients: int = 4, queue_depth: int = 64, irq: bool = True,
+                 address: str = "") -> None:
+        self.provider = provider
+        self.grants = grants
+        self.socket_path = socket_path
+        self.clients = clients
+        self.queue_depth = queue_depth
+        self.irq = irq
+        self.address = address
+        self.sessions: dict[int, Session] = {}  # by control socket fd
+        self._free_qids: list[int] = []
+        self._selector = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.id_ctrl: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Enable the controller, one I/O queue pair per client slot, check every grant against
+        its namespace, then listen (mode 0666: the grants, not file modes, decide who gets in)."""
+        p = self.provider
+        if p.state != "ready":
+            p.enable()
+        self.id_ctrl = p.identify_controller()
+        depth = p.create_io_queues(self.clients, self.queue_depth, irq=self.irq)
+        self.queue_depth = depth
+        self._free_qids = list(range(self.clients, 0, -1))
+        for i, g in enumerate(self.grants, 1):
+            try:
+                ns = p.namespace(g.nsid)
+            except NvmeVfioError as exc:
+                raise GrantsError(f"grant {i}: namespace {g.nsid}: {exc}") from None
+            if g.first_lba + g.blocks > ns.size_blocks:
+                raise GrantsError(f"grant {i}: window {g.first_lba}+{g.blocks} passes the end of namespace "
+                                  f"{g.nsid} ({ns.size_blocks} blocks)")
+        os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)  # a stale socket of an earlier daemon
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        listener.bind(self.socket_path)
+        os.chmod(self.socket_path, 0o666)
+        listener.listen(16)
+        listener.setblocking(False)
+        self._listener = listener
+        self._selector.register(listener, selectors.EVENT_READ, ("accept", None))
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        log.info("serving %s on %s: %d client slot(s), queue depth %d, %s", self.address or "controller",
+                 self.socket_path, self.clients, depth, "MSI-X" if self._irq_fd(1) is not None else "polled")
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (thread- and signal-safe)."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def serve(self) -> None:
+        """The event loop: new connections, control messages, client doorbells, completions."""
+        while not self._stop.is_set():
+            polled = any(s.in_flight for s in self.sessions.values()) and self._irq_fd(1) is None
+            for key, _ in self._selector.select(POLL_S if polled else None):
+                kind, session = key.data
+                if kind == "accept":
+                    self._accept()
+                elif kind == "wake":
+                    os.read(self._wake_r, 64)
+                elif kind == "control":
+                    self._control(session)
+                elif kind == "doorbell":
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(session.doorbell)
+                    self._pump(session)
+                elif kind == "irq":
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(key.fd)
+            self._reap_all()
+
+    def close(self) -> None:
+        """Every session ended (commands waited for, memory scrubbed), socket removed. Once."""
+        if self._wake_r < 0:
+            return
+        for s in list(self.sessions.values()):
+            s.closing = True
+            self._finish(s)
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _irq_fd(self, qid: int) -> int | None:
+        return self.provider.completion_fd(qid) if self.irq else None
+
+    # ------------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        pid, uid, gid = peer_credentials(conn)
+        session = Session(conn, pid, uid, gid)
+        conn.setblocking(True)
+        conn.settimeout(5.0)  # a reply to a client that stopped reading does not hang the daemon
+        self.sessions[conn.fileno()] = session
+        self._selector.register(conn, selectors.EVENT_READ, ("control", session))
+
+    def _control(self, s: Session) -> None:
+        try:
+            message, fds = receive(s.sock)
+        except (OSError, ValueError) as exc:
+            log.info("%s: bad control message (%s): closing", s.name, exc)
+            message, fds = None, []
+        for fd in fds:  # clients have nothing to pass us
+            os.close(fd)
+        if message is None:
+            self._hang_up(s)
+            return
+        op = message.get("op")
+        try:
+            handler = {"hello": self._hello, "alloc": self._alloc, "free": self._free, "info": self._info,
+                       "status": self._status}.get(str(op))
+            if handler is None:
+                raise Refused("invalid-argument", f"unknown request {op!r}")
+            if op != "hello" and s.ring is None:
+                raise Refused("not-connected", "say hello first")
+            reply, out_fds = handler(s, message)
+            send(s.sock, {"ok": True, **reply}, out_fds)
+        except NvmeVfioError as exc:
+            self._reply_error(s, exc.reason, str(exc.args[0]))
+            if op == "hello":
+                self._hang_up(s)
+        except OSError as exc:
+            log.info("%s: %s: closing", s.name, exc)
+            self._hang_up(s)
+
+    def _reply_error(self, s: Session, reason: str, message: str) -> None:
+        with contextlib.suppress(OSError):
+            send(s.sock, {"ok": False, "reason": reason, "message": message})
+
+    def _hello(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        if s.ring is not None:
+            raise Refused("invalid-argument", "already connected")
+        nsid = message.get("nsid", 1)
+        lane = message.get("lane", "default")
+        mine = [g for g in self.grants if g.nsid == nsid]
+        grant = grant_for(mine, s.uid, s.gid, _supplementary_groups(s.pid))
+        if grant is None:
+            log.info("%s: no grant for namespace %s: refused", s.name, nsid)
+            raise Refused("no-grant", f"uid {s.uid} (gid {s.gid}) has no grant for namespace {nsid} on this service",
+                          uid=s.uid, nsid=nsid)
+        if lane not in grant.lanes:
+            raise Refused("lane-not-granted", f"the grant does not include the {lane!r} lane", lane=lane)
+        if lane != "default":
+            raise Refused("lane-unsupported", f"the {lane!r} lane is not served yet", lane=lane)
+        if not self._free_qids:
+            raise Refused("no-client-slot", f"all {self.clients} client slots are taken; try again later")
+        depth = max(1, min(grant.queue_depth, self.provider.capacity(1)))
+        ring_fd, ring_map = _ring_memory(rings.ring_bytes(depth))
+        s.ring_fd, s.ring_map = ring_fd, ring_map
+        s.ring = rings.SharedRings(np.frombuffer(ring_map, dtype=np.uint8), depth)
+        s.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        s.completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        s.grant, s.depth, s.qid = grant, depth, self._free_qids.pop()
+        self._selector.register(s.doorbell, selectors.EVENT_READ, ("doorbell", s))
+        irq = self._irq_fd(s.qid)
+        if irq is not None and not any(k.fd == irq for k in self._selector.get_map().values()):
+            self._selector.register(irq, selectors.EVENT_READ, ("irq", None))
+        log.info("%s: connected to namespace %d, window %d+%d (%s), queue %d, depth %d", s.name, grant.nsid,
+                 grant.first_lba, grant.blocks, "rw" if grant.writable else "ro", s.qid, depth)
+        return {"info": self._window_info(s)}, [ring_fd, s.doorbell, s.completion]
+
+    def _window_info(self, s: Session) -> dict[str, Any]:
+        g = s.grant
+        assert g is not None
+        ns = self.provider.namespace(g.nsid)
+        return {"address": self.socket_path, "nsid": g.nsid, "block_size": ns.block_size, "block_count": g.blocks,
+                "capacity_bytes": g.blocks * ns.block_size, "max_transfer_bytes": self.provider.max_transfer,
+                "model": self.id_ctrl.get("mn", "").strip(), "serial": self.id_ctrl.get("sn", "").strip(),
+                "firmware": self.id_ctrl.get("fr", "").strip(), "queue_depth": s.depth,
+                "completion_mode": "service", "shadow_doorbells": False, "dma_lane": self.provider.dma_lane,
+                "writable": g.writable, "dma_memory": g.dma_memory}
+
+    def _info(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        return {"info": self._window_info(s)}, []
+
+    def _status(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """This session's counters (and, for root, every session's)."""
+        def one(x: Session) -> dict[str, Any]:
+            return {"pid": x.pid, "uid": x.uid, "qid": x.qid, "buffers": len(x.buffers), "dma_bytes": x.dma_bytes,
+                    "in_flight": x.in_flight, "requests": x.requests, "refused": x.refused}
+        out: dict[str, Any] = {"session": one(s)}
+        if s.uid == 0:
+            out["sessions"] = [one(x) for x in self.sessions.values() if x.ring is not None]
+        return out, []
+
+    def _alloc(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        size = message.get("size")
+        assert s.grant is not None
+        if not isinstance(size, int) or size <= 0:
+            raise Refused("invalid-argument", f"buffer size {size!r}: a positive number of bytes")
+        page = mmap.PAGESIZE
+        rounded = -(-size // page) * page
+        if s.dma_bytes + rounded > s.grant.dma_memory:
+            raise Refused("quota-exceeded", f"{rounded} more bytes of DMA memory would pass the grant's "
+                          f"{s.grant.dma_memory} (in use: {s.dma_bytes})", quota=s.grant.dma_memory)
+        buf = self.provider.alloc_buffer(size, shared=True, owner=f"client:{s.uid}:{s.pid}")
+        ident = s.next_buffer
+        s.next_buffer += 1
+        s.buffers[ident] = buf
+        s.dma_bytes += rounded
+        return {"buffer": ident, "generation": buf.generation, "size": size}, [self.provider.buffer_memfd(buf)]
+
+    def _free(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        raw = message.get("buffer")
+        ident = raw if isinstance(raw, int) else -1
+        buf = s.buffers.get(ident)
+        if buf is None or buf.generation != message.get("generation"):
+            raise Refused("stale-handle", f"no buffer {raw!r} of that generation in this session")
+        self.provider.free_buffer(buf)  # scrubbed, unmapped; refused (buffer-in-flight) while commands use it
+        del s.buffers[ident]
+        s.dma_bytes -= -(-buf.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        return {}, []
+
+    # ------------------------------------------------------------------ the data path
+    def _check(self, s: Session, r: np.void) -> tuple[str, DmaBuffer | None]:
+        """The reason to refuse one request ("" to accept), and its buffer."""
+        g = s.grant
+        assert g is not None
+        opcode, lba, count = int(r["opcode"]), int(r["lba"]), int(r["count"])
+        if opcode not in rings.OPCODES:
+            return "disallowed-opcode", None
+        if opcode != rings.READ and opcode != rings.FLUSH and not g.writable:
+            return "read-only", None
+        if opcode == rings.FLUSH:
+            return "", None
+        if count < 1 or lba < 0 or lba + count > g.blocks:
+            return "out-of-window", None
+        if opcode not in (rings.READ, rings.WRITE):
+            return "", None
+        ns = self.provider.namespace(g.nsid)
+        length = count * ns.block_size
+        if length > self.provider.max_transfer:
+            return "count-out-of-range", None
+        ident = int(r["buffer"])
+        buf = s.buffers.get(ident)
+        if buf is None:  # ids are never reused: one this session was given is a freed one
+            return ("stale-generation" if 0 < ident < s.next_buffer else "invalid-region"), None
+        if buf.generation != int(r["generation"]) or not buf.live:
+            return "stale-generation", None
+        offset = int(r["offset"])
+        if offset + length > buf.size:
+            return "region-overrun", None
+        if offset & 3:
+            return "unaligned", None
+        return "", buf
+
+    def _pump(self, s: Session) -> None:
+        """Take what the client published (as many as its depth allows), check each request,
+        post the accepted reads and writes in batches on its queue pair, run the others."""
+        if s.ring is None or s.closing:
+            return
+        undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
+        limit = s.depth - s.in_flight - undelivered
+        if limit <= 0:
+            return
+        reqs, s.sq_head = s.ring.take_requests(s.sq_head, limit)
+        if not len(reqs):
+            return
+        s.requests += len(reqs)
+        g = s.grant
+        assert g is not None
+        done: list[tuple[int, int, str]] = []  # (client tag, NVMe status, refusal)
+        batch: list[tuple[int, int, int, int, DmaBuffer]] = []  # (opcode, lba, count, offset, buffer)
+        batch_tags: list[int] = []
+        for r in reqs:
+            reason, buf = self._check(s, r)
+            tag, opcode = int(r["tag"]), int(r["opcode"])
+            if reason:
+                done.append((tag, 0, reason))
+                continue
+            if buf is not None:
+                if batch and (batch[-1][0] != opcode or batch[-1][4] is not buf):
+                    self._post(s, batch, batch_tags, done)
+                    batch, batch_tags = [], []
+                batch.append((opcode, g.first_lba + int(r["lba"]), int(r["count"]), int(r["offset"]), buf))
+                batch_tags.append(tag)
+                continue
+            self._post(s, batch, batch_tags, done)
+            batch, batch_tags = [], []
+            done.append((tag, *self._run_sync(s, opcode, g.first_lba + int(r["lba"]), int(r["count"]))))
+        self._post(s, batch, batch_tags, done)
+        if done:
+            self._complete(s, done)
+
+    def _post(self, s: Session, batch: list[tuple[int, int, int, int, DmaBuffer]], tags: list[int],
+              done: list[tuple[int, int, str]]) -> None:
+        if not batch:
+            return
+        g = s.grant
+        assert g is not None
+        opcode, buf = batch[0][0], batch[0][4]
+        try:
+            posted = self.provider.submit("read" if opcode == rings.READ else "write", g.nsid,
+                                          [b[1] for b in batch], [b[2] for b in batch], buf, [b[3] for b in batch],
+                                          qid=s.qid)
+        except Refused as exc:
+            reason = exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
+            done.extend((t, 0, reason) for t in tags)
+            return
+        s.tags.update(zip(posted.tolist(), tags))
+
+    def _run_sync(self, s: Session, opcode: int, lba: int, count: int) -> tuple[int, str]:
+        """FLUSH, WRITE ZEROES or DEALLOCATE, one command: after the queue's batch has drained
+        (the broker runs them on an idle queue)."""
+        g = s.grant
+        assert g is not None
+        while s.in_flight:
+            self._reap(s, minimum=1)
+        try:
+            if opcode == rings.FLUSH:
+                self.provider.flush(g.nsid, qid=s.qid)
+            elif opcode == rings.WRITE_ZEROES:
+                self.provider.write_zeroes(g.nsid, lba, count, qid=s.qid)
+            else:
+                self.provider.deallocate(g.nsid, lba, count, qid=s.qid)
+        except CommandError as exc:
+            return (exc.dnr << 14) | (exc.sct << 8) | exc.sc, ""
+        except Refused as exc:
+            return 0, exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
+        return 0, ""
+
+    def _reap_all(self) -> None:
+        for s in list(self.sessions.values()):
+            if s.in_flight:
+                self._reap(s)
+            if s.closing and not s.in_flight:
+                self._finish(s)
+
+    def _reap(self, s: Session, minimum: int = 0) -> None:
+        done = self.provider.reap(minimum, qid=s.qid)
+        if len(done):
+            out = []
+            for tag, status in zip(done["tag"].tolist(), done["status"].tolist()):
+                client_tag = s.tags.pop(tag, None)
+                if client_tag is not None:
+                    out.append((client_tag, status, ""))
+            if out and not s.closing:
+                self._complete(s, out)
+            if not s.closing:
+                self._pump(s)  # room again: requests the depth held back
+
+    def _complete(self, s: Session, done: list[tuple[int, int, str]]) -> None:
+        entries = np.zeros(len(done), dtype=rings.COMPLETION)
+        entries["tag"] = [d[0] for d in done]
+        entries["status"] = [rings.SERVICE_REFUSED if d[2] else d[1] for d in done]
+        entries["reason"] = [rings.reason_code(d[2]) for d in done]
+        s.refused += sum(1 for d in done if d[2])
+        s.backlog.append(entries)
+        self._deliver(s)
+
+    def _deliver(self, s: Session) -> None:
+        assert s.ring is not None
+        posted = 0
+        while s.backlog:
+            room = s.ring.completion_room(s.cq_tail)
+            if room <= 0:
+                break
+            head = s.backlog[0]
+            s.cq_tail = s.ring.put_completions(s.cq_tail, head[:room])
+            posted += min(room, len(head))
+            if room >= len(head):
+                s.backlog.pop(0)
+            else:
+                s.backlog[0] = head[room:]
+        if posted:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(s.completion, 1)
+
+    # ------------------------------------------------------------------ endings
+    def _hang_up(self, s: Session) -> None:
+        """The client went away (or broke the protocol): no more requests from it; once its
+        commands complete, :meth:`_finish` scrubs and frees everything it had."""
+        if s.closing:
+            return
+        s.closing = True
+        self._selector.unregister(s.sock)
+        if s.doorbell >= 0:
+            self._selector.unregister(s.doorbell)
+        if not s.in_flight:
+            self._finish(s)
+        else:
+            log.info("%s: gone with %d command(s) in flight; waiting for them", s.name, s.in_flight)
+
+    def _finish(self, s: Session) -> None:
+        if s.in_flight:  # the daemon is stopping: wait (the broker's timeout recovery bounds it)
+            while s.in_flight:
+                self._reap(s, minimum=1)
+        for buf in s.buffers.values():
+            if buf.live:
+                self.provider.free_buffer(buf)  # scrubbed and unmapped before the memory is let go
+        s.buffers.clear()
+        if s.ring is not None:
+            s.ring.memory[:] = 0
+            s.ring.close()
+            s.ring = None
+        if s.ring_map is not None:
+            s.ring_map.close()
+            s.ring_map = None
+        for fd in (s.ring_fd, s.doorbell, s.completion):
+            if fd >= 0:
+                os.close(fd)
+        s.ring_fd = s.doorbell = s.completion = -1
+        if s.qid:
+            self._free_qids.append(s.qid)
+            s.qid = 0
+        self.sessions.pop(s.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(s.sock)
+        s.sock.close()
+        log.info("%s: session ended; its memory scrubbed and unmapped", s.name)
+
+
+def run(provider: Provider, grants: list[ServiceGrant], socket_path: str, **options: Any) -> None:
+    """Start, serve until SIGTERM or SIGINT, then end every session and close the controller."""
+    service = Service(provider, grants, socket_path, **options)
+    service.start()
+    previous = {sig: signal.signal(sig, lambda *_: service.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.close()

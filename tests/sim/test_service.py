@@ -1,0 +1,140 @@
+"""The service over the simulator: the daemon in a thread, clients over its real Unix socket,
+shared rings and memfd buffers. (The guest tier runs it against QEMU's NVMe with unprivileged
+users.)"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from conftest import Rig
+
+import nvmevfio
+from nvmevfio.errors import Refused
+from nvmevfio.service.client import ServiceGone
+from nvmevfio.service.daemon import Service
+from nvmevfio.service.grants import parse_grants
+from nvmevfio.sim.controller import SimNamespace
+
+UID = os.getuid()
+
+
+def _grants(text):
+    return parse_grants(text.replace("UID", str(UID)))
+
+
+RW = """
+[[grant]]
+uid = UID
+nsid = 1
+first_lba = 1000
+blocks = 2000
+access = "rw"
+queue_depth = 16
+dma_memory = "1M"
+"""
+
+
+@pytest.fixture
+def served(tmp_path):
+    def start(grants=RW, clients=2):
+        rig = Rig([SimNamespace(8192), SimNamespace(1024, 4096)], mdts=5)
+        service = Service(rig.p, _grants(grants), str(tmp_path / "s.sock"), clients=clients, queue_depth=32,
+                          irq=False)
+        service.start()
+        thread = threading.Thread(target=service.serve, daemon=True)
+        thread.start()
+        started.append((service, thread))
+        return rig, service, str(tmp_path / "s.sock")
+
+    started = []
+    yield start
+    for service, thread in started:
+        service.stop()
+        thread.join(10)
+        service.close()
+
+
+def test_window_bytes_and_refusals(served):
+    rig, _service, path = served()
+    ns = rig.sim.namespaces[0]
+    with nvmevfio.connect(path, 1) as dev:
+        assert (dev.info.block_count, dev.info.block_size, dev.info.queue_depth) == (2000, 512, 16)
+        assert dev.info.completion_mode == "service" and dev.writable
+        data = np.random.default_rng(1).integers(0, 256, 64 * 512, dtype=np.uint8)
+        dev.write_blocks(0, data)  # the client's LBA 0 is the window's first block
+        assert np.array_equal(ns.data[1000 * 512 : 1064 * 512], data)
+        assert np.array_equal(dev.read_blocks(0, 64), data)
+        # a batch: 10 reads in one doorbell, each its own 4 KiB of one buffer
+        buf = dev.alloc_buffer(40960)
+        tags = dev.submit_reads(np.arange(10) * 8, 8, buf, np.arange(10) * 4096)
+        done = dev.reap(10)
+        assert sorted(done["tag"].tolist()) == sorted(tags.tolist()) and not done["status"].any()
+        assert np.array_equal(buf.array[:4096], data[:4096])
+        # one block past the window: refused by name, nothing reaches the device
+        commands = len(rig.sim.commands)
+        with pytest.raises(Refused) as ei:
+            dev.read_into(1999, 2, buf)
+        assert ei.value.reason == "out-of-window" and len(rig.sim.commands) == commands
+        with pytest.raises(Refused) as ei:
+            dev.read_into(0, 8, buf, offset=40960 - 2048)
+        assert ei.value.reason == "region-overrun"
+        with pytest.raises(Refused) as ei:
+            dev.alloc_buffer(2 << 20)
+        assert ei.value.reason == "quota-exceeded"
+        dev.write_zeroes(0, 8)
+        assert not ns.data[1000 * 512 : 1008 * 512].any()
+        dev.flush()
+        # a freed buffer's handle is stale; its memory was scrubbed by the daemon
+        view = buf.array
+        dev.free_buffer(buf)
+        assert not view.any()
+        with pytest.raises(Refused) as ei:
+            dev.read_into(0, 1, buf)
+        assert ei.value.reason == "stale-generation" and len(rig.sim.commands) == commands + 2
+        assert dev.status()["session"]["refused"] == 3
+
+
+def test_read_only_grant_and_no_grant(served, tmp_path):
+    _rig, _service, path = served(RW.replace('"rw"', '"ro"'))
+    with nvmevfio.connect(path, 1) as dev:
+        buf = dev.alloc_buffer(4096)
+        dev.read_into(0, 8, buf)
+        with pytest.raises(Refused) as ei:
+            dev.write_from(0, 8, buf)
+        assert ei.value.reason == "read-only"
+    with pytest.raises(Refused) as ei:
+        nvmevfio.connect(path, 2)  # no grant for namespace 2
+    assert ei.value.reason == "no-grant"
+
+
+def test_a_client_that_goes_away_is_cleaned_up(served):
+    rig, service, path = served()
+    live = rig.broker.ledger.live_buffers()
+    dev = nvmevfio.connect(path, 1)
+    buf = dev.alloc_buffer(8192)
+    buf.array[:] = 0x5A
+    view = buf.array
+    dev.submit_writes([0, 8], 8, buf, [0, 4096])
+    dev._sock.close()  # hang up without a word, commands possibly in flight
+    for _ in range(200):
+        if not service.sessions:
+            break
+        threading.Event().wait(0.01)
+    assert not service.sessions and not view.any()  # scrubbed
+    assert rig.broker.ledger.live_buffers() == live  # its DMA memory is unmapped and freed
+    with nvmevfio.connect(path, 1) as again:  # its queue pair serves the next client
+        assert again.read_blocks(0, 1).size == 512
+
+
+def test_service_gone(served):
+    _rig, service, path = served()
+    dev = nvmevfio.connect(path, 1)
+    service.stop()
+    threading.Event().wait(0.2)
+    service.close()
+    with pytest.raises(ServiceGone) as ei:
+        dev.read_blocks(0, 1)
+    assert ei.value.reason == "service-gone"
+    with pytest.raises(ServiceGone):
+        nvmevfio.connect(path, 1)
