@@ -147,9 +147,23 @@ def controller(address: str, *, enable: bool = True) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def blockdev(address: str, nsid: int, **kw: Any) -> Iterator[Any]:
+def blockdev(address: str, nsid: int, socket_path: str | None = None, **kw: Any) -> Iterator[Any]:
+    """The namespace for a block command: opened here (root), or through ``nvmevfio serve``'s
+    socket (any user its grants name; the window's LBA 0 is block 0)."""
     from nvmevfio.blockdev import open as bopen
 
+    if socket_path:
+        from nvmevfio.service.client import connect
+
+        with errors():
+            sdev = connect(socket_path, nsid)
+            try:
+                yield sdev
+            finally:
+                sdev.close()
+        return
+    if not address:
+        _fail("give the controller's ADDRESS, or --socket to go through nvmevfio serve", EXIT_ERROR)
     _need_root()
     address = _address(address)
     _check_bound(address)
@@ -204,6 +218,10 @@ output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(["no
                           show_default=True, help="output format")
 nsid_opt = click.option("-n", "--namespace-id", "nsid", type=int, default=1, show_default=True,
                         help="namespace id")
+# The block commands: a controller's address, or --socket to go through nvmevfio serve (no root).
+block_address_arg = click.argument("address", required=False, default="", shell_complete=_complete_address)
+service_socket_opt = click.option("--socket", "service_socket", type=click.Path(dir_okay=False), default=None,
+                                  help="go through the nvmevfio serve daemon on this socket (no ADDRESS, no root)")
 
 
 class AliasedGroup(click.Group):
@@ -474,8 +492,9 @@ def _window(dev: Any, lba: int | None, count: int | None, offset: int | None, si
 
 
 @main.command()
-@address_arg
+@block_address_arg
 @nsid_opt
+@service_socket_opt
 @click.option("-s", "--lba", type=int, help="first logical block")
 @click.option("-c", "--count", type=int, help="number of blocks (default 1)")
 @click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
@@ -483,15 +502,16 @@ def _window(dev: Any, lba: int | None, count: int | None, offset: int | None, si
 @click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="output file (default: stdout)")
 @click.option("--hexdump", is_flag=True, help="print a hex dump instead of raw bytes")
-def read(address: str, nsid: int, lba: int | None, count: int | None, offset: int | None, size: int | None,
-         data: str, hexdump: bool) -> None:
+def read(address: str, nsid: int, service_socket: str | None, lba: int | None, count: int | None,
+         offset: int | None, size: int | None, data: str, hexdump: bool) -> None:
     """Read blocks to a file or stdout.
 
     \b
     Example: nvmevfio read 00:04.0 -n 1 --lba 0 --count 8 --hexdump
              nvmevfio read 00:04.0 --offset 0 --size 1048576 -d out.bin
+             nvmevfio read --socket /run/nvmevfio/nvmevfio.sock --lba 0 --hexdump
     """
-    with blockdev(address, nsid) as dev, errors():
+    with blockdev(address, nsid, service_socket) as dev, errors():
         first, n = _window(dev, lba, count, offset, size)
         dev.check_window(first, n)
         per = max(1, CHUNK // dev.block_size)
@@ -542,14 +562,16 @@ def _hexdump(out: Any, data: bytes, base: int) -> None:
 
 
 @main.command()
-@address_arg
+@block_address_arg
 @nsid_opt
+@service_socket_opt
 @click.option("-s", "--lba", type=int, help="first logical block")
 @click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
 @click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="input file (default: stdin)")
 @click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
-def write(address: str, nsid: int, lba: int | None, offset: int | None, data: str, pad: bool) -> None:
+def write(address: str, nsid: int, service_socket: str | None, lba: int | None, offset: int | None, data: str,
+          pad: bool) -> None:
     """Write a file (or stdin) at a block address.
 
     A file is checked whole (size, window, partial last block) before the first block is
@@ -570,7 +592,7 @@ def write(address: str, nsid: int, lba: int | None, offset: int | None, data: st
             total = os.path.getsize(data)
         except OSError as exc:
             _fail(f"cannot read {data}: {exc.strerror}", EXIT_ERROR)
-    with blockdev(address, nsid) as dev, errors():
+    with blockdev(address, nsid, service_socket) as dev, errors():
         bs = dev.block_size
         if offset is not None:
             if lba is not None:
@@ -605,15 +627,16 @@ def write(address: str, nsid: int, lba: int | None, offset: int | None, data: st
 
 
 @main.command()
-@address_arg
+@block_address_arg
 @nsid_opt
-def flush(address: str, nsid: int) -> None:
+@service_socket_opt
+def flush(address: str, nsid: int, service_socket: str | None) -> None:
     """Flush the volatile write cache of a namespace.
 
     \b
     Example: nvmevfio flush 00:04.0 -n 1
     """
-    with blockdev(address, nsid) as dev, errors():
+    with blockdev(address, nsid, service_socket) as dev, errors():
         dev.flush()
     click.echo(f"NVMe Flush: success (nsid {nsid})")
 
@@ -1402,6 +1425,47 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_DEVICE)
+
+
+@main.command()
+@address_arg
+@click.option("--grants", "grants_path", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="the grants file (TOML): who may use which namespace window, how")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default="/run/nvmevfio/nvmevfio.sock",
+              show_default=True, help="the Unix socket clients connect to")
+@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="client slots: one NVMe I/O queue pair each")
+@click.option("--queue-depth", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="entries per I/O queue (a client's depth is its grant's, at most this minus one)")
+@click.option("--mode", type=click.Choice(["irq", "poll"]), default="irq", show_default=True,
+              help="completions by MSI-X interrupts, or polling while commands are in flight")
+def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str) -> None:
+    """Own a controller and serve its namespaces to unprivileged clients (grants file).
+
+    Clients use nvmevfio.connect(SOCKET, nsid=…) or the block commands' --socket. Runs until
+    SIGTERM or Ctrl-C; then every session ends (its commands waited for, its memory scrubbed)
+    and the controller is shut down.
+
+    \b
+    Example: nvmevfio serve 00:04.0 --grants /etc/nvmevfio/grants.toml
+    """
+    import logging
+
+    from nvmevfio.service.daemon import run
+    from nvmevfio.service.grants import GrantsError, load_grants
+
+    try:
+        grants = load_grants(grants_path)
+    except GrantsError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="nvmevfio serve: %(message)s")
+    with controller(address, enable=False) as session, errors():
+        try:
+            run(session, grants, socket_path, clients=clients, queue_depth=queue_depth, irq=mode == "irq",
+                address=session.address)
+        except GrantsError as exc:
+            _fail(str(exc), EXIT_ERROR)
 
 
 @main.command("monitor")

@@ -136,6 +136,12 @@ class ServiceDevice:
             with contextlib.suppress(BufferError):  # a caller's view still refers to it: it goes with that
                 mm.close()
 
+    def check_window(self, lba: int, count: int) -> None:
+        """Refuse (out-of-window) blocks outside the granted window, before asking the daemon."""
+        if lba < 0 or count < 0 or lba + count > self.block_count:
+            raise Refused("out-of-window", f"LBA {lba}+{count} is outside the granted window of {self.block_count} "
+                          "blocks", lba=lba, count=count, blocks=self.block_count)
+
     # ------------------------------------------------------------------ batches
     def _submit(self, opcode: int, lbas: Any, counts: Any, buf: ServiceBuffer | None, offsets: Any) -> np.ndarray:
         lbas = np.atleast_1d(np.asarray(lbas, dtype=np.int64))
