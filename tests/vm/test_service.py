@@ -3,12 +3,14 @@ unprivileged users reach it through its socket with their grants. Every byte che
 refusals by name; a client SIGKILLed mid-I/O changes nothing for the others and its memory is
 scrubbed; after the daemon stops, the data is where the windows say, read back directly."""
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 import pytest
 
 import nvmevfio
+import nvmevfio.service.client  # loaded before a client drops its privileges
+from nvmevfio.errors import Refused
 
 ALICE, BOB, EVE, MALLORY = 1001, 1002, 1003, 1004  # rw window, ro window, no grant, rw (killed)
 A_FIRST, A_BLOCKS = 0, 8192  # 4 MiB
@@ -58,25 +62,61 @@ blocks = 1
 access = "ro"
 """
 
-# What each unprivileged client runs: one JSON line of results on stdout.
-CLIENT = r"""
-import hashlib, json, os, sys, time
-import numpy as np
-import nvmevfio
-from nvmevfio.errors import Refused
-sock, role = sys.argv[1], sys.argv[2]
-out = {"uid": os.getuid()}
-try:
+class Client:
+    """An unprivileged client: a child forked from this (root) process that drops to ``uid``
+    (setgroups, setgid, setuid: what SO_PEERCRED reports is the kernel's word) and runs
+    ``role``; its results come back as JSON lines on a pipe. Forked rather than exec'd: the
+    interpreter and its modules were already loaded (they may live where the user cannot read)."""
+
+    def __init__(self, sock: str, uid: int, role, *args) -> None:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                out = os.fdopen(w, "w", buffering=1)
+                out.write(json.dumps(role(sock, out, *args)) + "\n")
+                code = 0
+            except BaseException as exc:  # reported to the parent, which fails the test with it
+                with contextlib.suppress(Exception):
+                    os.write(w, (json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n").encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.out = os.fdopen(r)
+
+    def line(self) -> dict:
+        text = self.out.readline()
+        assert text, "the client died without a word"
+        got = json.loads(text)
+        assert "error" not in got, got["error"]
+        return got
+
+    def result(self, timeout_s: float = 600) -> dict:
+        got = self.line()
+        deadline = time.monotonic() + timeout_s
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return got
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+def alice(sock, out, seed, rounds):
     dev = nvmevfio.connect(sock, 1)
-except Refused as exc:
-    print(json.dumps({**out, "connect": exc.reason})); sys.exit(0)
-out["blocks"] = dev.info.block_count
-bs = dev.block_size
-if role == "alice":
-    rng = np.random.default_rng(int(sys.argv[3]))
+    got = {"uid": os.getuid(), "blocks": dev.info.block_count}
+    bs = dev.block_size
+    rng = np.random.default_rng(seed)
     buf = dev.alloc_buffer(1 << 20)
     h = hashlib.sha256()
-    for rnd in range(int(sys.argv[4])):
+    for rnd in range(rounds):
         for start in range(0, dev.block_count, 2048):
             data = rng.integers(0, 256, 2048 * bs, dtype=np.uint8)
             buf.array[:] = data
@@ -87,42 +127,46 @@ if role == "alice":
             dev.submit_reads(start + np.arange(32) * 64, 64, buf, np.arange(32) * 64 * bs)
             assert not dev.reap(32)["status"].any()
             assert np.array_equal(buf.array, data), "read back differs"
-            if rnd == int(sys.argv[4]) - 1:
+            if rnd == rounds - 1:
                 h.update(data.tobytes())
-    out["sha256"] = h.hexdigest()
+    got["sha256"] = h.hexdigest()
     try:
-        dev.read_into(dev.block_count - 1, 2, buf)
+        dev.read_into(dev.block_count - 1, 2, buf)  # one block past the window
     except Refused as exc:
-        out["past_window"] = exc.reason
-elif role == "bob":
+        got["past_window"] = exc.reason
+    dev.close()
+    return got
+
+
+def bob(sock, out):
+    dev = nvmevfio.connect(sock, 1)
+    got = {"uid": os.getuid(), "blocks": dev.info.block_count}
     data = dev.read_blocks(0, dev.block_count)
-    out["sha256"] = hashlib.sha256(data.tobytes()).hexdigest()
+    got["sha256"] = hashlib.sha256(data.tobytes()).hexdigest()
     try:
-        dev.write_blocks(0, data[:bs])
+        dev.write_blocks(0, data[: dev.block_size])
     except Refused as exc:
-        out["write"] = exc.reason
-elif role == "mallory":
+        got["write"] = exc.reason
+    dev.close()
+    return got
+
+
+def eve(sock, out):
+    try:
+        nvmevfio.connect(sock, 1)
+    except Refused as exc:
+        return {"uid": os.getuid(), "connect": exc.reason}
+    return {"uid": os.getuid(), "connect": "connected"}
+
+
+def mallory(sock, out):
+    dev = nvmevfio.connect(sock, 1)
     buf = dev.alloc_buffer(1 << 20)
     buf.array[:] = 0xA5
-    print(json.dumps({**out, "ready": True}), flush=True)
+    out.write(json.dumps({"ready": True}) + "\n")
     while True:  # writes until killed
         dev.submit_writes(np.arange(16) * 128, 128, buf, np.arange(16) * 65536)
         dev.reap(16)
-dev.close()
-print(json.dumps(out))
-"""
-
-
-def _client(sock: str, uid: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CLIENT, sock, *args], user=uid, group=uid, extra_groups=[],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
-                            env={**os.environ, "HOME": "/tmp"})
-
-
-def _result(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def _memfd_views(pid: int) -> list[np.ndarray]:
@@ -144,8 +188,8 @@ def _memfd_views(pid: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def service(data_ctrl, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
+def service(data_ctrl):
+    d = Path(tempfile.mkdtemp(prefix="nvmevfio-serve-", dir="/tmp"))  # every user can reach the socket
     os.chmod(d, 0o755)
     grants = d / "grants.toml"
     grants.write_text(GRANTS)
@@ -166,13 +210,10 @@ def service(data_ctrl, tmp_path_factory):
 
 def test_unprivileged_clients_with_their_grants(service):
     sock = service["socket"]
-    # prepare Bob's read-only window from the daemon's side: root's grant is one block, so write
-    # it through a temporary rw grant? No: Bob's bytes are whatever the namespace holds; his
-    # hash is compared with a direct read after the daemon stops (test_after_stop).
-    alice = _client(sock, ALICE, "alice", "7", "2")
-    bob = _client(sock, BOB, "bob")
-    eve = _client(sock, EVE, "eve")
-    a, b, e = _result(alice), _result(bob), _result(eve)
+    # Bob's bytes are whatever his window holds: his hash is compared with a direct read after
+    # the daemon stops (test_after_stop_the_data_is_where_the_windows_say).
+    clients = [Client(sock, ALICE, alice, 7, 2), Client(sock, BOB, bob), Client(sock, EVE, eve)]
+    a, b, e = (c.result() for c in clients)
     assert e == {"uid": EVE, "connect": "no-grant"}
     assert a["blocks"] == A_BLOCKS and a["past_window"] == "out-of-window"
     assert b["blocks"] == B_BLOCKS and b["write"] == "read-only"
@@ -181,17 +222,14 @@ def test_unprivileged_clients_with_their_grants(service):
 
 def test_sigkill_mid_io_leaves_others_alone_and_memory_scrubbed(service):
     sock = service["socket"]
-    mallory = _client(sock, MALLORY, "mallory")
-    assert mallory.stdout is not None
-    first = json.loads(mallory.stdout.readline())
-    assert first["ready"]
-    views = _memfd_views(mallory.pid)
+    killed = Client(sock, MALLORY, mallory)
+    assert killed.line()["ready"]
+    views = _memfd_views(killed.pid)
     assert views and all((v == 0xA5).all() for v in views if v.size == 1 << 20)
-    alice = _client(sock, ALICE, "alice", "11", "3")  # busy while Mallory dies
+    busy = Client(sock, ALICE, alice, 11, 3)  # busy while Mallory dies
     time.sleep(1.0)
-    mallory.send_signal(signal.SIGKILL)
-    mallory.wait(30)
-    a = _result(alice)
+    killed.kill()
+    a = busy.result()
     assert a["past_window"] == "out-of-window"
     service["alice"] = a
     deadline = time.monotonic() + 60
@@ -201,7 +239,7 @@ def test_sigkill_mid_io_leaves_others_alone_and_memory_scrubbed(service):
     # the daemon is still there for everyone else, and has no session of Mallory's left
     with nvmevfio.connect(sock, 1) as root:
         status = root.status()
-        assert all(s["pid"] != mallory.pid for s in status["sessions"])
+        assert all(s["pid"] != killed.pid for s in status["sessions"])
         assert root.read_blocks(0, 1).size == 512
 
 
