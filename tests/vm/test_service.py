@@ -62,6 +62,11 @@ blocks = 1
 access = "ro"
 """
 
+# What the clients use, loaded while this process may still read the interpreter's files:
+# numpy's random generator imports more on first use.
+np.random.default_rng(0).integers(0, 256, 16, dtype=np.uint8)
+
+
 class Client:
     """An unprivileged client: a child forked from this (root) process that drops to ``uid``
     (setgroups, setgid, setuid: what SO_PEERCRED reports is the kernel's word) and runs
