@@ -176,14 +176,20 @@ class BrokerQueue:
         """PRP1 and PRP2 for command ``cid``, writing its PRP-list pages (in this queue's list
         area) when the transfer needs them."""
         p = prp.build(iova, length, self.page_size, self.prp_list_iovas(cid))
-        if p.lists:
-            if self.prp_array is None:
-                raise Refused("count-out-of-range", "this queue has no PRP-list pages")
-            per = self.page_size // 8
-            base = cid * self.prp_pages * per
-            for k, page in enumerate(p.lists):
-                self.prp_array[base + k * per : base + k * per + len(page)] = page
+        self.write_lists(cid, p.lists)
         return p.prp1, p.prp2
+
+    def write_lists(self, cid: int, lists: tuple[np.ndarray, ...]) -> None:
+        """Command ``cid``'s PRP-list pages into its part of this queue's list area."""
+        if not lists:
+            return
+        if self.prp_array is None or len(lists) > self.prp_pages:
+            raise Refused("count-out-of-range", f"{len(lists)} PRP-list pages needed; this queue has "
+                          f"{self.prp_pages} per command", pages=len(lists))
+        per = self.page_size // 8
+        base = cid * self.prp_pages * per
+        for k, page in enumerate(lists):
+            self.prp_array[base + k * per : base + k * per + len(page)] = page
 
 
 @dataclass(frozen=True, eq=False)
@@ -1524,6 +1530,42 @@ class Broker:
             qp.ring.untake(cids)
             raise
         return self._posted(qp, handle, first, n, doorbell, opcode, offsets, lengths)
+
+    def submit_validated(self, qid: int, sqe: np.ndarray, pages: np.ndarray, *, doorbell: bool = True) -> int:
+        """Post one entry the Model B validator accepted (nvmevfio/service/validator.py): ``sqe``
+        is the validator's copy (its LBAs already moved into the window, PRP1 checked), ``pages``
+        the checked data-page addresses after PRP1's. The broker authors PRP2 from them, the page
+        itself or a list in this queue's own list pages, so the device never follows a list the
+        client could rewrite. The caller keeps the client's buffers from being freed until the
+        command completes. Returns its tag (one thread per queue)."""
+        qp = self._queue(qid)
+        with self._using(qp):
+            e = np.array(sqe, dtype=SQE).reshape(1)
+            cids = qp.ring.take(1)
+            try:
+                cid = int(cids[0])
+                e["cid"] = cid
+                if len(pages) <= 1:
+                    e["prp2"] = int(pages[0]) if len(pages) else 0
+                else:
+                    lists = prp.list_pages(np.asarray(pages, dtype=np.uint64), self.page_size,
+                                           qp.prp_list_iovas(cid))
+                    qp.write_lists(cid, lists)
+                    e["prp2"] = qp.prp_list_iovas(cid)[0]
+                self._for_device(qp, e)
+                first = qp.ring.post(e, 1)
+            except BaseException:
+                qp.ring.untake(cids)
+                raise
+            if doorbell:
+                qp.ring.ring_sq()
+            return first
+
+    def ring_doorbell(self, qid: int) -> None:
+        """The SQ tail doorbell of I/O queue ``qid`` (entries posted with ``doorbell=False``)."""
+        qp = self._queue(qid)
+        with self._using(qp):
+            qp.ring.ring_sq()
 
     def _posted(self, qp: BrokerQueue, buf: DmaBuffer, first_tag: int, n: int, doorbell: bool, opcode: int,
                 offsets: Any, lengths: Any) -> np.ndarray:

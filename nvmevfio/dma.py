@@ -379,12 +379,14 @@ class DmaLedger:
         self.hugetlb = hugetlb
         self.pool = pool
         self.bounce = pool is not None
-        self.iovas = IovaAllocator(pool.ranges(page_size) if pool is not None else ranges, page_size)
+        self.ranges = pool.ranges(page_size) if pool is not None else list(ranges)  # usable device addresses
+        self.iovas = IovaAllocator(self.ranges, page_size)
         self._slots: list[_Slot] = []
         self._vacant: list[int] = []
         self._zombies: list[_Memory | _PrivateMemory | _PoolMemory] = []
         self._lock = threading.Lock()  # alloc and free may come from several threads (one per queue)
         self.detached = False  # the container is closed: its IOMMU mappings went with it
+        self.version = 0  # counts allocations and frees: a snapshot of regions() is current while it holds
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
@@ -438,6 +440,7 @@ class DmaLedger:
         slot = self._slots[index]
         slot.mem, slot.iova, slot.size, slot.owner, slot.in_flight = mem, iova, size, owner, 0
         slot.shadow = shadow if shadow is not mem else None
+        self.version += 1
         return DmaBuffer(index, slot.generation, size, owner, self)
 
     def free(self, buf: DmaBuffer) -> None:
@@ -462,6 +465,7 @@ class DmaLedger:
             shadow.try_release()
         mapped = mem.size
         slot.generation += 1  # every outstanding handle is stale from here on
+        self.version += 1
         slot.mem = None
         self._vacant.append(index)
         try:
@@ -531,6 +535,13 @@ class DmaLedger:
                 slot=buf.slot, generation=buf.generation, current=slot.generation,
             )
         return slot
+
+    def regions(self) -> list[tuple[int, int, str, int]]:
+        """(device address, size, owner, generation) of every live buffer: who owns which device
+        addresses (the validator's map). The size is the one asked for: a transfer past it runs
+        past the end of the buffer, even inside its last mapped page."""
+        with self._lock:
+            return [(s.iova, s.size, s.owner, s.generation) for s in self._slots if s.mem is not None]
 
     def memfd(self, buf: DmaBuffer) -> int:
         """The memfd behind a ``shared`` buffer (the broker's; dup it to pass it on)."""

@@ -260,6 +260,39 @@ class Provider:
         """The memfd of a ``shared`` buffer (still the ledger's: pass it on, never close it)."""
         return self._broker.ledger.memfd(buf)
 
+    # -- the service's validated (Model B) lane: a client is told its own buffers' device
+    # addresses and writes its own entries; the validator checks every one before it is posted
+    @property
+    def memory_page_size(self) -> int:
+        """CC.MPS's page size: the unit of PRP entries."""
+        return self._broker.page_size
+
+    def device_address(self, buf: DmaBuffer) -> int:
+        """A buffer's device address (IOVA). Only for the validated lane, whose clients are
+        told their own buffers' addresses; nothing else in nvmevfio hands one out."""
+        return self._broker.ledger.iova(buf)
+
+    def device_regions(self) -> list[tuple[int, int, str, int]]:
+        """(device address, bytes, owner, generation) of every live DMA buffer, the broker's own
+        included: the validator's map of who owns what. ``regions_version`` changes with it."""
+        return self._broker.ledger.regions()
+
+    @property
+    def regions_version(self) -> int:
+        return self._broker.ledger.version
+
+    def device_address_ranges(self) -> list[tuple[int, int]]:
+        """The usable device address space (inclusive ranges): outside it is no IOVA at all."""
+        return list(self._broker.ledger.ranges)
+
+    def submit_validated(self, qid: int, sqe: np.ndarray, pages: np.ndarray, *, doorbell: bool = True) -> int:
+        """Post an entry the validator accepted, with PRP2 authored from its checked ``pages``."""
+        return self._broker.submit_validated(qid, sqe, pages, doorbell=doorbell)
+
+    def ring_doorbell(self, qid: int) -> None:
+        """The SQ tail doorbell of an I/O queue, after entries posted with ``doorbell=False``."""
+        self._broker.ring_doorbell(qid)
+
     def completion_fd(self, qid: int) -> int | None:
         """The eventfd the I/O queue's MSI-X vector signals (queues created with ``irq``), for a
         caller's own event loop; None when the queue is polled."""

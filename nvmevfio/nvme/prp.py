@@ -34,10 +34,13 @@ def data_pages(iova: int, length: int, page_size: int) -> int:
 def list_pages_needed(iova: int, length: int, page_size: int) -> int:
     """How many PRP list pages the transfer needs (0 for one or two data pages)."""
     n = data_pages(iova, length, page_size) - 1  # entries after PRP1
-    if n <= 1:
-        return 0
+    return 0 if n <= 1 else list_pages_for(n, page_size)
+
+
+def list_pages_for(entries: int, page_size: int) -> int:
+    """How many PRP list pages hold ``entries`` data-page entries (the chain pointers included)."""
     per = page_size // 8
-    return 1 if n <= per else 1 + -(-(n - per) // (per - 1))
+    return 1 if entries <= per else 1 + -(-(entries - per) // (per - 1))
 
 
 def build(iova: int, length: int, page_size: int, list_iovas: Sequence[int] = ()) -> Prp:
@@ -55,15 +58,23 @@ def build(iova: int, length: int, page_size: int, list_iovas: Sequence[int] = ()
     entries = base + page_size * np.arange(pages - 1, dtype=np.uint64)
     if pages == 2:
         return Prp(iova, int(entries[0]), ())
-    need = list_pages_needed(iova, length, page_size)
+    return Prp(iova, int(list_iovas[0]) if len(list_iovas) else 0, list_pages(entries, page_size, list_iovas))
+
+
+def list_pages(entries: np.ndarray, page_size: int, list_iovas: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """The PRP-list pages for data-page addresses ``entries`` (every page after PRP1's): a
+    page holds ``page_size / 8`` entries, and when more follow, its last entry points to the
+    next list page, at ``list_iovas[k + 1]`` (a chain)."""
+    n = len(entries)
+    per = page_size // 8
+    need = list_pages_for(n, page_size)
     if len(list_iovas) < need:
         raise ValueError(f"{need} PRP list pages needed, {len(list_iovas)} given")
-    per = page_size // 8
     lists = []
     pos = 0
     for k in range(need):
         last = k == need - 1
-        take = len(entries) - pos if last else per - 1
+        take = n - pos if last else per - 1
         page = np.zeros(take if last else per, dtype=np.uint64)
         page[:take] = entries[pos : pos + take]
         if not last:
@@ -72,4 +83,4 @@ def build(iova: int, length: int, page_size: int, list_iovas: Sequence[int] = ()
             page[per - 1] = list_iovas[k + 1]
         pos += take
         lists.append(page)
-    return Prp(iova, int(list_iovas[0]), tuple(lists))
+    return tuple(lists)

@@ -22,7 +22,7 @@ import numpy as np
 
 from nvmevfio.blockdev import BlockFile, DeviceInfo
 from nvmevfio.errors import NvmeVfioError, Refused
-from nvmevfio.nvme.spec import command_error
+from nvmevfio.nvme.spec import SQE, command_error
 from nvmevfio.service import ring as rings
 from nvmevfio.service.daemon import DEFAULT_SOCKET, receive, send
 
@@ -46,6 +46,7 @@ class ServiceBuffer:
     size: int
     array: np.ndarray = field(repr=False)
     _map: mmap.mmap | None = field(default=None, repr=False)
+    iova: int | None = field(default=None, repr=False)  # the validated lane only: its device address
 
     @property
     def live(self) -> bool:
@@ -75,13 +76,16 @@ class ServiceDevice:
             self._fds = fds
             size = os.fstat(ring_fd).st_size
             self._ring_map = mmap.mmap(ring_fd, size, flags=mmap.MAP_SHARED)
-            self._ring = rings.SharedRings(np.frombuffer(self._ring_map, dtype=np.uint8))
+            request = SQE if lane == "validated" else rings.REQUEST
+            self._ring = rings.SharedRings(np.frombuffer(self._ring_map, dtype=np.uint8), request=request)
         except BaseException:
             self.close()
             raise
         info = dict(reply["info"])
         self.writable: bool = info.pop("writable")
         self.dma_memory: int = info.pop("dma_memory")
+        self.lane: str = info.pop("lane")
+        self.page_size: int = info.pop("page_size")  # CC.MPS: the unit of PRP entries
         self.info = DeviceInfo(**info)
         self.nsid = self.info.nsid
         self.block_size = self.info.block_size
@@ -122,7 +126,7 @@ class ServiceDevice:
         finally:
             os.close(fds[0])
         buf = ServiceBuffer(reply["buffer"], reply["generation"], reply["size"],
-                            np.frombuffer(mm, dtype=np.uint8)[: reply["size"]], mm)
+                            np.frombuffer(mm, dtype=np.uint8)[: reply["size"]], mm, reply.get("iova"))
         self._buffers[buf.id] = buf
         return buf
 
@@ -144,6 +148,8 @@ class ServiceDevice:
 
     # ------------------------------------------------------------------ batches
     def _submit(self, opcode: int, lbas: Any, counts: Any, buf: ServiceBuffer | None, offsets: Any) -> np.ndarray:
+        if self.lane != "default":
+            raise Refused("lane-unsupported", "in the validated lane requests are raw entries: use submit_raw()")
         lbas = np.atleast_1d(np.asarray(lbas, dtype=np.int64))
         counts = np.broadcast_to(np.asarray(counts, dtype=np.int64), lbas.shape)
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), lbas.shape)
@@ -168,12 +174,37 @@ class ServiceDevice:
             entries["buffer"] = buf.id
             entries["generation"] = buf.generation
         self._sq_tail = self._ring.put_requests(self._sq_tail, entries)
+        self._ring_doorbell()
+        self._pending.update(dict.fromkeys(tags.tolist(), 1))
+        return tags
+
+    def submit_raw(self, entries: np.ndarray) -> np.ndarray:
+        """The validated (Model B) lane: publish raw 64-byte NVMe submission entries (spec.SQE
+        records, PRPs pointing at this client's buffers' ``iova``, PRP-list pages in them too)
+        and ring once. Each entry's CID is its tag in :meth:`reap`. The daemon's validator checks
+        every one before the device sees it; a refused one completes with its label."""
+        if self.lane != "validated":
+            raise Refused("lane-unsupported", "raw entries go through the validated lane: "
+                          "connect(..., lane=\"validated\")")
+        entries = np.asarray(entries, dtype=SQE).reshape(-1)
+        n = len(entries)
+        if n > self.info.queue_depth:
+            raise Refused("count-out-of-range", f"{n} entries in one batch: at most the queue depth "
+                          f"{self.info.queue_depth}", count=n)
+        deadline = time.monotonic() + self.timeout_s
+        while self._ring.request_room(self._sq_tail) < n:
+            self._wait(deadline)
+        self._sq_tail = self._ring.put_requests(self._sq_tail, entries)
+        self._ring_doorbell()
+        tags = entries["cid"].astype(np.int64)
+        self._pending.update(dict.fromkeys(tags.tolist(), 1))
+        return tags
+
+    def _ring_doorbell(self) -> None:
         try:
             os.eventfd_write(self._doorbell, 1)  # one doorbell per batch
         except OSError as exc:
             raise ServiceGone(f"the nvmevfio service went away ({exc})") from None
-        self._pending.update(dict.fromkeys(tags.tolist(), 1))
-        return tags
 
     def submit_reads(self, lbas: Any, counts: Any, buf: ServiceBuffer, offsets: Any) -> np.ndarray:
         """Post a batch of reads (one eventfd write); returns their tags. Collect with :meth:`reap`."""

@@ -35,8 +35,10 @@ import numpy as np
 
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandError, NvmeVfioError, Refused
+from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.provider import Provider
 from nvmevfio.service import ring as rings
+from nvmevfio.service import validator
 from nvmevfio.service.grants import GrantsError, ServiceGrant, grant_for
 
 log = logging.getLogger(__name__)
@@ -131,10 +133,18 @@ class Session:
     closing: bool = False
     requests: int = 0
     refused: int = 0
+    lane: str = "default"
+    serial: int = 0  # tells two sessions of one process apart
+    freed: list[validator.Region] = field(default_factory=list)  # validated lane: quarantined IOVAs
 
     @property
     def name(self) -> str:
         return f"client pid {self.pid} uid {self.uid}"
+
+    @property
+    def owner(self) -> str:
+        """This session's name in the DMA ledger (and the validator's region map)."""
+        return f"client:{self.uid}:{self.pid}:{self.serial}"
 
     @property
     def in_flight(self) -> int:
@@ -161,6 +171,7 @@ class Service:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.id_ctrl: dict[str, Any] = {}
+        self._serial = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -251,7 +262,8 @@ class Service:
         except BlockingIOError:
             return
         pid, uid, gid = peer_credentials(conn)
-        session = Session(conn, pid, uid, gid)
+        self._serial += 1
+        session = Session(conn, pid, uid, gid, serial=self._serial)
         conn.setblocking(True)
         conn.settimeout(5.0)  # a reply to a client that stopped reading does not hang the daemon
         self.sessions[conn.fileno()] = session
@@ -303,14 +315,19 @@ class Service:
                           uid=s.uid, nsid=nsid)
         if lane not in grant.lanes:
             raise Refused("lane-not-granted", f"the grant does not include the {lane!r} lane", lane=lane)
-        if lane != "default":
-            raise Refused("lane-unsupported", f"the {lane!r} lane is not served yet", lane=lane)
+        if lane not in ("default", "validated"):
+            raise Refused("lane-unsupported", f"no {lane!r} lane: default or validated", lane=lane)
+        if lane == "validated" and self.provider.dma_lane == "noiommu":
+            raise Refused("lane-unsupported", "the validated lane needs an IOMMU: without one a client's buffers "
+                          "are bounced and have no device address of their own", lane=lane)
         if not self._free_qids:
             raise Refused("no-client-slot", f"all {self.clients} client slots are taken; try again later")
         depth = max(1, min(grant.queue_depth, self.provider.capacity(1)))
-        ring_fd, ring_map = _ring_memory(rings.ring_bytes(depth))
+        request = SQE if lane == "validated" else rings.REQUEST
+        ring_fd, ring_map = _ring_memory(rings.ring_bytes(depth, request))
         s.ring_fd, s.ring_map = ring_fd, ring_map
-        s.ring = rings.SharedRings(np.frombuffer(ring_map, dtype=np.uint8), depth)
+        s.ring = rings.SharedRings(np.frombuffer(ring_map, dtype=np.uint8), depth, request)
+        s.lane = lane
         s.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         s.completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         s.grant, s.depth, s.qid = grant, depth, self._free_qids.pop()
@@ -331,7 +348,8 @@ class Service:
                 "model": self.id_ctrl.get("mn", "").strip(), "serial": self.id_ctrl.get("sn", "").strip(),
                 "firmware": self.id_ctrl.get("fr", "").strip(), "queue_depth": s.depth,
                 "completion_mode": "service", "shadow_doorbells": False, "dma_lane": self.provider.dma_lane,
-                "writable": g.writable, "dma_memory": g.dma_memory}
+                "writable": g.writable, "dma_memory": g.dma_memory, "lane": s.lane,
+                "page_size": self.provider.memory_page_size}
 
     def _info(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         return {"info": self._window_info(s)}, []
@@ -356,12 +374,15 @@ class Service:
         if s.dma_bytes + rounded > s.grant.dma_memory:
             raise Refused("quota-exceeded", f"{rounded} more bytes of DMA memory would pass the grant's "
                           f"{s.grant.dma_memory} (in use: {s.dma_bytes})", quota=s.grant.dma_memory)
-        buf = self.provider.alloc_buffer(size, shared=True, owner=f"client:{s.uid}:{s.pid}")
+        buf = self.provider.alloc_buffer(size, shared=True, owner=s.owner)
         ident = s.next_buffer
         s.next_buffer += 1
         s.buffers[ident] = buf
         s.dma_bytes += rounded
-        return {"buffer": ident, "generation": buf.generation, "size": size}, [self.provider.buffer_memfd(buf)]
+        reply: dict[str, Any] = {"buffer": ident, "generation": buf.generation, "size": size}
+        if s.lane == "validated":  # Model B: the client writes device addresses itself
+            reply["iova"] = self.provider.device_address(buf)
+        return reply, [self.provider.buffer_memfd(buf)]
 
     def _free(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         raw = message.get("buffer")
@@ -369,7 +390,12 @@ class Service:
         buf = s.buffers.get(ident)
         if buf is None or buf.generation != message.get("generation"):
             raise Refused("stale-handle", f"no buffer {raw!r} of that generation in this session")
+        if s.lane == "validated" and s.in_flight:  # its entries may name any of its buffers
+            raise Refused("buffer-in-flight", f"{s.in_flight} command(s) in flight; reap them before freeing")
+        iova = self.provider.device_address(buf) if s.lane == "validated" else 0
         self.provider.free_buffer(buf)  # scrubbed, unmapped; refused (buffer-in-flight) while commands use it
+        if s.lane == "validated":  # an entry naming it now is refused stale-generation, until reused
+            s.freed.append(validator.Region(iova, buf.size, s.owner, buf.generation, live=False))
         del s.buffers[ident]
         s.dma_bytes -= -(-buf.size // mmap.PAGESIZE) * mmap.PAGESIZE
         return {}, []
@@ -412,6 +438,9 @@ class Service:
         post the accepted reads and writes in batches on its queue pair, run the others."""
         if s.ring is None or s.closing:
             return
+        if s.lane == "validated":
+            self._pump_validated(s)
+            return
         undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
         limit = s.depth - s.in_flight - undelivered
         if limit <= 0:
@@ -444,6 +473,96 @@ class Service:
         self._post(s, batch, batch_tags, done)
         if done:
             self._complete(s, done)
+
+    # ------------------------------------------------------------------ Model B
+    def _regions(self, s: Session) -> validator.RegionMap:
+        """Who owns which device address now: every live ledger buffer, plus this session's freed
+        ones where nothing was allocated since (stale-generation rather than invalid-region)."""
+        live = [validator.Region(a, n, owner, gen) for a, n, owner, gen in self.provider.device_regions()]
+        s.freed = [f for f in s.freed if not any(r.start < f.end and f.start < r.end for r in live)]
+        return validator.RegionMap(live + s.freed)
+
+    def _reader(self, s: Session) -> Any:
+        """The validator's reader: a copy of the session's own memory (the addresses were
+        already found to be the client's)."""
+        spans = [(self.provider.device_address(b), b) for b in s.buffers.values()]
+
+        def read(iova: int, nbytes: int) -> np.ndarray:
+            for start, buf in spans:
+                if start <= iova and iova + nbytes <= start + buf.array.size:
+                    return buf.array[iova - start : iova - start + nbytes].copy()
+            raise ValueError(f"{nbytes} bytes at {iova:#x} are not the client's")  # the validator checked first
+
+        return read
+
+    def _pump_validated(self, s: Session) -> None:
+        """Model B: raw 64-byte entries from the client's ring. Each is copied out of the shared
+        page, then checked by the validator (window, opcode, namespace, every PRP and list
+        entry, ownership, bounds, alignment, chain depth); what it accepts is posted as the
+        validator's copy with PRP2 authored by the broker; a refusal completes the entry with
+        its label, and nothing of it reaches the device."""
+        assert s.ring is not None and s.grant is not None
+        undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
+        limit = s.depth - s.in_flight - undelivered
+        if limit <= 0:
+            return
+        entries, s.sq_head = s.ring.take_requests(s.sq_head, limit)
+        if not len(entries):
+            return
+        s.requests += len(entries)
+        ns = self.provider.namespace(s.grant.nsid)
+        device = validator.Device(ns.block_size, self.provider.memory_page_size, self.provider.max_transfer,
+                                  tuple(self.provider.device_address_ranges()))
+        window = s.grant.window(s.owner)
+        regions, read = self._regions(s), self._reader(s)
+        done: list[tuple[int, int, str]] = []
+        posted = 0
+        for raw in entries:
+            tag = int(raw["cid"])
+            verdict = validator.validate(raw.tobytes(), window, regions, device, read)
+            if isinstance(verdict, validator.Rejected):
+                log.info("%s: entry %d refused: %s (%s)", s.name, tag, verdict.label, verdict.reason)
+                done.append((tag, 0, verdict.label))
+                continue
+            sqe = verdict.sqe
+            opcode = int(sqe["opc"][0])
+            if opcode == IoOpcode.DATASET_MANAGEMENT:
+                if posted:
+                    self.provider.ring_doorbell(s.qid)
+                    posted = 0
+                done.append((tag, *self._dsm(s, int(sqe["cdw11"][0]), verdict.ranges)))
+                continue
+            if opcode in (IoOpcode.FLUSH, IoOpcode.WRITE_ZEROES):
+                sqe["prp1"] = sqe["prp2"] = 0  # no data pointer: nothing of the client's reaches the device
+            try:
+                broker_tag = self.provider.submit_validated(s.qid, sqe, verdict.pages, doorbell=False)
+            except Refused as exc:
+                label = "deep-prp-chain" if exc.reason == "count-out-of-range" else exc.reason  # list pages
+                done.append((tag, 0, label if label in rings.REASONS else "count-out-of-range"))
+                continue
+            s.tags[broker_tag] = tag
+            posted += 1
+        if posted:
+            self.provider.ring_doorbell(s.qid)  # one SQ tail doorbell for the batch
+        if done:
+            self._complete(s, done)
+
+    def _dsm(self, s: Session, cdw11: int, ranges: np.ndarray | None) -> tuple[int, str]:
+        """Dataset Management from the validator's checked copy of the range list: the
+        deallocate ranges (AD, CDW11 bit 2) as the broker's own commands; IDR/IDW are hints."""
+        g = s.grant
+        assert g is not None
+        while s.in_flight:
+            self._reap(s, minimum=1)
+        if not cdw11 & 0x4 or ranges is None:
+            return 0, ""
+        try:
+            for r in ranges:
+                if int(r["nlb"]):
+                    self.provider.deallocate(g.nsid, int(r["slba"]), int(r["nlb"]), qid=s.qid)
+        except CommandError as exc:
+            return (exc.dnr << 14) | (exc.sct << 8) | exc.sc, ""
+        return 0, ""
 
     def _post(self, s: Session, batch: list[tuple[int, int, int, int, DmaBuffer]], tags: list[int],
               done: list[tuple[int, int, str]]) -> None:

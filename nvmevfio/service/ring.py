@@ -41,16 +41,18 @@ OPCODES = {FLUSH: "flush", WRITE: "write", READ: "read", WRITE_ZEROES: "write-ze
 # SERVICE_REFUSED: the daemon refused the request before the device saw it, ``reason`` says why.
 SERVICE_REFUSED = 0x8000
 REASONS = ("", "out-of-window", "read-only", "invalid-region", "stale-generation", "region-overrun",
-           "unaligned", "count-out-of-range", "disallowed-opcode", "quota-exceeded", "client-gone")
+           "unaligned", "count-out-of-range", "disallowed-opcode", "quota-exceeded", "client-gone",
+           # the validated lane's (nvmevfio/service/validator.py) besides those above
+           "host-physical", "cross-owner-alias", "deep-prp-chain", "disallowed-namespace")
 
 
 def reason_code(reason: str) -> int:
     return REASONS.index(reason)
 
 
-def ring_bytes(depth: int, page: int = 4096) -> int:
-    """The memfd's size for a ring pair of ``depth`` entries each."""
-    sq = -(-depth * REQUEST.itemsize // page) * page
+def ring_bytes(depth: int, request: np.dtype = REQUEST, page: int = 4096) -> int:
+    """The memfd's size for a ring pair of ``depth`` entries each (requests of ``request``)."""
+    sq = -(-depth * request.itemsize // page) * page
     cq = -(-depth * COMPLETION.itemsize // page) * page
     return HEADER + sq + cq
 
@@ -67,9 +69,10 @@ def slots(start: int, n: int, depth: int) -> np.ndarray:
 
 class SharedRings:
     """Both rings over one mapping (a numpy uint8 array of :func:`ring_bytes` bytes). The side
-    that produces requests is the client; the daemon is the other."""
+    that produces requests is the client; the daemon is the other. ``request``: the request
+    entries' type, :data:`REQUEST`, or the 64-byte NVMe SQE in the validated lane."""
 
-    def __init__(self, memory: np.ndarray, depth: int | None = None) -> None:
+    def __init__(self, memory: np.ndarray, depth: int | None = None, request: np.dtype = REQUEST) -> None:
         from nvmevfio._ffi import ffi, lib
 
         self._lib = lib
@@ -79,10 +82,11 @@ class SharedRings:
             memory[:HEADER] = 0
             memory[_DEPTH_AT : _DEPTH_AT + 4].view("<u4")[0] = depth
         self.depth = int(memory[_DEPTH_AT : _DEPTH_AT + 4].view("<u4")[0])
-        if self.depth < 2 or ring_bytes(self.depth) > memory.size:
+        if self.depth < 1 or ring_bytes(self.depth, request) > memory.size:
             raise ValueError(f"a ring of depth {self.depth} does not fit {memory.size} bytes")
-        sq_bytes = self.depth * REQUEST.itemsize
-        self.requests = memory[HEADER : HEADER + sq_bytes].view(REQUEST)
+        self.request = request
+        sq_bytes = self.depth * request.itemsize
+        self.requests = memory[HEADER : HEADER + sq_bytes].view(request)
         cq_at = HEADER + -(-sq_bytes // 4096) * 4096
         self.completions = memory[cq_at : cq_at + self.depth * COMPLETION.itemsize].view(COMPLETION)
 
@@ -124,7 +128,7 @@ class SharedRings:
         if n > self.depth:  # a client wrote a tail more than a ring ahead: take one ring's worth
             n = self.depth
         if not n:
-            return np.empty(0, dtype=REQUEST), head
+            return np.empty(0, dtype=self.request), head
         out = self.requests[slots(head, n, self.depth)]
         head = (head + n) & 0xFFFFFFFF
         self._store(_SQ_HEAD, head)
