@@ -263,6 +263,11 @@ class Provider:
     # -- the service's validated (Model B) lane: a client is told its own buffers' device
     # addresses and writes its own entries; the validator checks every one before it is posted
     @property
+    def commands_completed(self) -> int:
+        """Every command the controller completed since this provider opened it."""
+        return self._broker.commands_completed
+
+    @property
     def memory_page_size(self) -> int:
         """CC.MPS's page size: the unit of PRP entries."""
         return self._broker.page_size

@@ -362,6 +362,7 @@ class Service:
         out: dict[str, Any] = {"session": one(s)}
         if s.uid == 0:
             out["sessions"] = [one(x) for x in self.sessions.values() if x.ring is not None]
+            out["device_commands"] = self.provider.commands_completed
         return out, []
 
     def _alloc(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:

@@ -20,11 +20,16 @@ import pytest
 import nvmevfio
 import nvmevfio.service.client  # loaded before a client drops its privileges
 from nvmevfio.errors import Refused
+from nvmevfio.nvme import prp
+from nvmevfio.nvme.spec import SQE, IoOpcode
 
 ALICE, BOB, EVE, MALLORY = 1001, 1002, 1003, 1004  # rw window, ro window, no grant, rw (killed)
+CAROL, DAVE = 1005, 1006  # the validated lane (Model B): Carol tries every hostile entry, Dave is her target
 A_FIRST, A_BLOCKS = 0, 8192  # 4 MiB
 B_FIRST, B_BLOCKS = 16384, 4096
 M_FIRST, M_BLOCKS = 32768, 4096
+C_FIRST, C_BLOCKS = 49152, 2048
+D_FIRST, D_BLOCKS = 53248, 2048
 
 GRANTS = f"""
 [[grant]]
@@ -53,6 +58,26 @@ blocks = {M_BLOCKS}
 access = "rw"
 queue_depth = 16
 dma_memory = "1M"
+
+[[grant]]
+uid = {CAROL}
+nsid = 1
+first_lba = {C_FIRST}
+blocks = {C_BLOCKS}
+access = "rw"
+queue_depth = 16
+dma_memory = "1M"
+lanes = ["validated"]
+
+[[grant]]
+uid = {DAVE}
+nsid = 1
+first_lba = {D_FIRST}
+blocks = {D_BLOCKS}
+access = "rw"
+queue_depth = 16
+dma_memory = "1M"
+lanes = ["validated"]
 
 [[grant]]
 uid = 0
@@ -164,6 +189,79 @@ def eve(sock, out):
     return {"uid": os.getuid(), "connect": "connected"}
 
 
+def _sqe(opc, slba=0, nlb=1, prp1=0, prp2=0, cid=1, nsid=1):
+    e = np.zeros(1, dtype=SQE)
+    e["opc"], e["cid"], e["nsid"], e["prp1"], e["prp2"] = opc, cid, nsid, prp1, prp2
+    e["cdw10"], e["cdw11"], e["cdw12"] = slba & 0xFFFFFFFF, slba >> 32, nlb - 1
+    return e
+
+
+def dave(sock, out, done_flag):
+    """A validated-lane client whose buffer Carol aims at: it reports the buffer's hash once
+    the parent says Carol is done."""
+    dev = nvmevfio.connect(sock, 1, lane="validated")
+    buf = dev.alloc_buffer(65536)
+    buf.array[:] = 0x5D
+    out.write(json.dumps({"iova": buf.iova}) + "\n")
+    while not os.path.exists(done_flag):
+        time.sleep(0.05)
+    return {"sha256": hashlib.sha256(buf.array.tobytes()).hexdigest()}
+
+
+def carol(sock, out, dave_iova):
+    """Model B with raw bytes in the shared ring: good entries (a PRP list in her own memory)
+    move her bytes; one hostile entry per validator label comes back with that label; a list
+    rewritten right after the doorbell moves her bytes or is refused, never Dave's."""
+    dev = nvmevfio.connect(sock, 1, lane="validated")
+    data = dev.alloc_buffer(65536)
+    lists = dev.alloc_buffer(4096)
+    short = dev.alloc_buffer(6000)
+    freed = dev.alloc_buffer(4096)
+    old = freed.iova
+    dev.free_buffer(freed)
+    got = {"good": 0}
+    payload = np.random.default_rng(5).integers(0, 256, 65536, dtype=np.uint8)
+    data.array[:] = payload
+    p = prp.build(data.iova, 65536, 4096, [lists.iova])
+    lists.array.view(np.uint64)[: len(p.lists[0])] = p.lists[0]
+    dev.submit_raw(_sqe(IoOpcode.WRITE, 0, 128, p.prp1, p.prp2, cid=1))
+    got["write"] = int(dev.reap(1)[0]["status"])
+    data.array[:] = 0
+    dev.submit_raw(_sqe(IoOpcode.READ, 0, 128, p.prp1, p.prp2, cid=2))
+    got["read"] = int(dev.reap(1)[0]["status"])
+    got["read_back"] = bool(np.array_equal(data.array, payload))
+    got["good"] += 2
+    s = short.iova
+    hostile = {
+        "out-of-window": _sqe(IoOpcode.READ, C_BLOCKS - 1, 2, s),
+        "host-physical": _sqe(IoOpcode.READ, 0, 1, 1 << 60),
+        "cross-owner-alias": _sqe(IoOpcode.READ, 0, 8, dave_iova),  # the device would write Dave's memory
+        "region-overrun": _sqe(IoOpcode.WRITE, 0, 16, s, s + 4096),
+        "unaligned": _sqe(IoOpcode.WRITE, 0, 16, s, s + 4096 + 8),
+        "deep-prp-chain": _sqe(IoOpcode.READ, 0, 8193, data.iova, lists.iova),  # past MDTS (4 MiB)
+        "stale-generation": _sqe(IoOpcode.READ, 0, 1, old),
+        "invalid-region": _sqe(IoOpcode.READ, 0, 1, s + (1 << 30)),
+        "disallowed-opcode": _sqe(0x05, 0, 1, s),
+        "disallowed-namespace": _sqe(IoOpcode.READ, 0, 1, s, nsid=2),
+    }
+    got["labels"] = {}
+    for i, (label, e) in enumerate(hostile.items()):
+        e["cid"] = 10 + i
+        dev.submit_raw(e)
+        got["labels"][label] = str(dev.reap(1)[0]["reason"])
+    # the list rewritten right after the doorbell, towards Dave's memory
+    data.array[:] = 0x77
+    page = lists.array.view(np.uint64)
+    page[: len(p.lists[0])] = p.lists[0]
+    dev.submit_raw(_sqe(IoOpcode.WRITE, 1024, 128, p.prp1, p.prp2, cid=40))
+    page[:15] = dave_iova + 4096 * (np.arange(15, dtype=np.uint64) % 16)
+    rec = dev.reap(1)[0]
+    got["toctou"] = (int(rec["status"]), str(rec["reason"]))
+    got["good"] += 0 if rec["reason"] else 1
+    dev.close()
+    return got
+
+
 def mallory(sock, out):
     dev = nvmevfio.connect(sock, 1)
     buf = dev.alloc_buffer(1 << 20)
@@ -248,6 +346,25 @@ def test_sigkill_mid_io_leaves_others_alone_and_memory_scrubbed(service):
         assert root.read_blocks(0, 1).size == 512
 
 
+def test_validated_lane_every_label_and_the_rewritten_list(service, tmp_path):
+    sock = service["socket"]
+    done_flag = str(tmp_path / "carol-done")
+    target = Client(sock, DAVE, dave, done_flag)
+    dave_iova = target.line()["iova"]
+    with nvmevfio.connect(sock, 1) as root:
+        before = root.status()["device_commands"]
+        c = Client(sock, CAROL, carol, dave_iova).result()
+        after = root.status()["device_commands"]
+    Path(done_flag).touch()
+    d = target.result()
+    assert (c["write"], c["read"], c["read_back"]) == (0, 0, True)
+    assert c["labels"] == {label: label for label in c["labels"]} and len(c["labels"]) == 10
+    assert c["toctou"] in ((0, ""), (0x8000, "cross-owner-alias"))
+    assert after - before == c["good"]  # the hostile entries never reached the device
+    assert d["sha256"] == hashlib.sha256(b"\x5d" * 65536).hexdigest()  # Dave's memory untouched
+    service["carol_toctou"] = c["toctou"]
+
+
 def test_after_stop_the_data_is_where_the_windows_say(service):
     proc = service["proc"]
     proc.send_signal(signal.SIGTERM)
@@ -259,3 +376,7 @@ def test_after_stop_the_data_is_where_the_windows_say(service):
         assert hashlib.sha256(alice.tobytes()).hexdigest() == service["alice"]["sha256"]
         bob = dev.read_blocks(B_FIRST, B_BLOCKS)
         assert hashlib.sha256(bob.tobytes()).hexdigest() == service["bob"]["sha256"]
+        carol = dev.read_blocks(C_FIRST, 128)  # Model B: her first write, moved into her window
+        assert np.array_equal(carol, np.random.default_rng(5).integers(0, 256, 65536, dtype=np.uint8))
+        if service["carol_toctou"] == (0, ""):  # the rewritten list: her bytes where the checked list said
+            assert (dev.read_blocks(C_FIRST + 1024, 128) == 0x77).all()
