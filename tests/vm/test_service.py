@@ -28,8 +28,8 @@ CAROL, DAVE = 1005, 1006  # the validated lane (Model B): Carol tries every host
 A_FIRST, A_BLOCKS = 0, 8192  # 4 MiB
 B_FIRST, B_BLOCKS = 16384, 4096
 M_FIRST, M_BLOCKS = 32768, 4096
-C_FIRST, C_BLOCKS = 49152, 2048
-D_FIRST, D_BLOCKS = 53248, 2048
+C_FIRST, C_BLOCKS = 49152, 16384  # 8 MiB: a transfer past MDTS (4 MiB) fits the window
+D_FIRST, D_BLOCKS = 65536, 2048
 
 GRANTS = f"""
 [[grant]]
@@ -203,7 +203,8 @@ def dave(sock, out, done_flag):
     buf = dev.alloc_buffer(65536)
     buf.array[:] = 0x5D
     out.write(json.dumps({"iova": buf.iova}) + "\n")
-    while not os.path.exists(done_flag):
+    deadline = time.monotonic() + 300
+    while not os.path.exists(done_flag) and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"sha256": hashlib.sha256(buf.array.tobytes()).hexdigest()}
 
@@ -297,18 +298,22 @@ def service(data_ctrl):
     grants = d / "grants.toml"
     grants.write_text(GRANTS)
     sock = str(d / "nvmevfio.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "serve", data_ctrl["address"], "--grants", str(grants),
-                             "--socket", sock, "--clients", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    log_path = d / "serve.log"
+    log_file = open(log_path, "w")  # noqa: SIM115  # the daemon's; shown when a test fails
+    proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "-v", "serve", data_ctrl["address"], "--grants",
+                             str(grants), "--socket", sock, "--clients", "4"], stdout=log_file,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not os.path.exists(sock):
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, log_path.read_text()
         assert time.monotonic() < deadline, "the daemon did not start"
         time.sleep(0.1)
-    yield {"proc": proc, "socket": sock, "address": data_ctrl["address"]}
+    yield {"proc": proc, "socket": sock, "address": data_ctrl["address"], "log": log_path}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+    log_file.close()
+    print("---- nvmevfio serve's log ----\n" + log_path.read_text()[-20000:])
 
 
 def test_unprivileged_clients_with_their_grants(service):
@@ -351,11 +356,13 @@ def test_validated_lane_every_label_and_the_rewritten_list(service, tmp_path):
     done_flag = str(tmp_path / "carol-done")
     target = Client(sock, DAVE, dave, done_flag)
     dave_iova = target.line()["iova"]
-    with nvmevfio.connect(sock, 1) as root:
-        before = root.status()["device_commands"]
-        c = Client(sock, CAROL, carol, dave_iova).result()
-        after = root.status()["device_commands"]
-    Path(done_flag).touch()
+    try:
+        with nvmevfio.connect(sock, 1) as root:
+            before = root.status()["device_commands"]
+            c = Client(sock, CAROL, carol, dave_iova).result()
+            after = root.status()["device_commands"]
+    finally:
+        Path(done_flag).touch()
     d = target.result()
     assert (c["write"], c["read"], c["read_back"]) == (0, 0, True)
     assert c["labels"] == {label: label for label in c["labels"]} and len(c["labels"]) == 10
@@ -368,7 +375,8 @@ def test_validated_lane_every_label_and_the_rewritten_list(service, tmp_path):
 def test_after_stop_the_data_is_where_the_windows_say(service):
     proc = service["proc"]
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(120)
+    out = service["log"].read_text()
     assert proc.returncode == 0, out
     assert "session ended" in out and not os.path.exists(service["socket"])
     with nvmevfio.open(service["address"], 1) as dev:
