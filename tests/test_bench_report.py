@@ -15,6 +15,7 @@ def _boot(scale: float) -> dict:
     mine = {row: {"poll": k(5000 * scale), "irq": k(4000 * scale), "poll_mmio": k(4500 * scale)}
             for row, *_ in bench.MATRIX}
     mine[bench.PY_ROW] = {"python": k(700 * scale)}
+    mine[bench.SERVICE_ROW] = {"service": k(2000 * scale * scale)}
     return {"A": kernel, "A2": kernel2, "B": mine}
 
 
@@ -24,10 +25,12 @@ def test_ratios_and_median_over_boots():
     # kernel irq mean (1000 + 3000) / 2 = 2000, poll 2000
     assert r[row] == {"poll": 2.5, "poll_mmio": 2.25, "irq": 2.0, "poll_vs_irq": 2.5}
     assert r[bench.PY_ROW] == {"python": 1.4}
+    assert r[bench.SERVICE_ROW] == {"service": 0.4}  # 2000 against in-process perf's 5000 (QD32, poll)
     text = bench.report([_boot(0.5), _boot(1.0), _boot(2.0)])  # the median boot is the middle one
     assert "median of 3 boot(s)" in text
     assert "randread-4k-qd32         poll vs kernel io_uring --hipri     2.50 (bar 2.2) met" in text
     assert "python-read_into-4k-qd1  read_into vs os.preadv loop         1.40 (bar 1.3) met" in text
+    assert "serve client vs in-process perf poll  0.40 (bar 0.7) NOT MET" in text
     low = bench.report([_boot(0.5)])
     assert "1.25 (bar 2.2) NOT MET" in low
     assert "nvmevfio DMA lane: type1 on guest kernel ?" in low  # results from before lanes were recorded

@@ -45,6 +45,7 @@ MATRIX = [
 ]
 SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 PY_ROW = "python-read_into-4k-qd1"
+SERVICE_ROW = "service-randread-4k-qd32"  # a client of `nvmevfio serve` against in-process perf (issue 9)
 FS_ROW = "ext4-fio-randrw-4k-qd1"  # informational: kernel nvme + ext4 against nvmevfio nbd + nbd + ext4
 # the bars of issue 7: (row, ratio key from ratios(), what it compares, minimum ratio)
 BARS = [
@@ -54,6 +55,7 @@ BARS = [
     ("read-128k-qd8", "poll_vs_irq", "poll vs kernel io_uring", 1.8),
     ("randread-4k-qd32", "irq", "irq vs kernel io_uring", 2.0),
     (PY_ROW, "python", "read_into vs os.preadv loop", 1.3),
+    (SERVICE_ROW, "service", "serve client vs in-process perf poll", 0.7),  # issue 9
 ]
 
 
@@ -97,6 +99,53 @@ def python_read_into(addr: str, seconds: float) -> dict:
         lbas = (np.random.default_rng(3).integers(0, dev.block_count // 8, 1 << 16) * 8).tolist()
         n = _timed_loop(lambda lba: dev.read_into(lba, 8, buf), lbas, seconds)
     return {"iops": n / seconds}
+
+
+def service_randread(addr: str, seconds: float) -> dict:
+    """4 KiB random reads at QD32 by a client of `nvmevfio serve` (shared rings, one eventfd
+    per batch each way), 32 kept in flight: every completion reaped is resubmitted at once."""
+    import tempfile
+
+    import numpy as np
+
+    import nvmevfio
+
+    d = Path(tempfile.mkdtemp(prefix="nvmevfio-bench-serve-"))
+    grants, sock = d / "grants.toml", str(d / "s.sock")
+    grants.write_text('[[grant]]\nuid = 0\nnsid = 1\nblocks = 65536\naccess = "ro"\nqueue_depth = 32\n'
+                      'dma_memory = "1M"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "serve", addr, "--grants", str(grants), "--socket",
+                             sock, "--clients", "1", "--mode", "poll"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nvmevfio serve did not start")
+            time.sleep(0.05)
+        with nvmevfio.connect(sock, 1) as dev:
+            qd, per = 32, 4096 // dev.block_size
+            buf = dev.alloc_buffer(qd * 4096)
+            rng = np.random.default_rng(9)
+            lbas = rng.integers(0, dev.block_count // per, 1 << 16) * per
+            slot_of = dict(zip(dev.submit_reads(lbas[:qd], per, buf, np.arange(qd) * 4096).tolist(), range(qd)))
+            pos, n = qd, 0
+            for stop_after, counting in ((1.0, False), (seconds, True)):
+                end = time.perf_counter() + stop_after
+                while time.perf_counter() < end:
+                    done = dev.reap(1)
+                    slots = [slot_of.pop(t) for t in done["tag"].tolist()]
+                    k = len(slots)
+                    nxt = lbas[np.arange(pos, pos + k) % len(lbas)]
+                    pos += k
+                    slot_of.update(zip(dev.submit_reads(nxt, per, buf, np.array(slots) * 4096).tolist(), slots))
+                    if counting:
+                        n += k
+            dev.reap(len(slot_of))
+        return {"iops": n / seconds}
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def _timed_loop(op, args: list, seconds: float) -> int:
@@ -143,6 +192,7 @@ def nvmevfio_round(addr: str, seconds: float) -> dict:
         res[name] = {"poll": perf(addr, rw, bs, qd, seconds, "poll"), "irq": perf(addr, rw, bs, qd, seconds, "irq"),
                      "poll_mmio": perf(addr, rw, bs, qd, seconds, "poll", shadow=False)}
     res[PY_ROW] = {"python": python_read_into(addr, seconds)}
+    res[SERVICE_ROW] = {"service": service_randread(addr, seconds)}
     return res
 
 
@@ -246,6 +296,9 @@ def ratios(boot: dict) -> dict:
                     "irq": boot["B"][row]["irq"]["iops"] / k(row, "io_uring_irq"),
                     "poll_vs_irq": boot["B"][row]["poll"]["iops"] / k(row, "io_uring_irq")}
     out[PY_ROW] = {"python": boot["B"][PY_ROW]["python"]["iops"] / k(PY_ROW, "python")}
+    if SERVICE_ROW in boot["B"]:
+        out[SERVICE_ROW] = {"service": boot["B"][SERVICE_ROW]["service"]["iops"]
+                            / boot["B"]["randread-4k-qd32"]["poll"]["iops"]}
     return out
 
 
@@ -282,8 +335,13 @@ def report(boots: list[dict]) -> str:
         lines.append(f"{FS_ROW:<24} (informational, fio verify=crc32c on a file) kernel nvme ext4 "
                      f"{fs_iops('A2', 'read_iops'):.0f} read / {fs_iops('A2', 'write_iops'):.0f} write IOPS; "
                      f"nvmevfio nbd ext4 {fs_iops('B', 'read_iops'):.0f} / {fs_iops('B', 'write_iops'):.0f}")
-    lines.append("bars (issue 7):")
+    if all(SERVICE_ROW in r for r in per):
+        lines.append(f"{SERVICE_ROW:<24} nvmevfio serve client {iops('B', SERVICE_ROW, 'service'):.0f}, in-process "
+                     f"perf poll {iops('B', 'randread-4k-qd32', 'poll'):.0f}: ratio {med(SERVICE_ROW, 'service'):.2f}")
+    lines.append("bars (issues 7 and 9):")
     for row, key, what, bar in BARS:
+        if not all(row in r for r in per):
+            continue
         got = med(row, key)
         lines.append(f"  {row:<24} {what:<34} {got:5.2f} (bar {bar:.1f}) {'met' if got >= bar else 'NOT MET'}")
     return "\n".join(lines)
