@@ -60,6 +60,7 @@ class ServiceDevice:
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout_s)  # control messages; the data path waits with select()
         try:
             self._sock.connect(socket_path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -104,6 +105,9 @@ class ServiceDevice:
             reply, fds = receive(self._sock)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ServiceGone(f"the nvmevfio service went away ({exc.strerror}); reconnect") from None
+        except TimeoutError:
+            raise ServiceGone(f"the nvmevfio service did not answer {message.get('op')!r} within "
+                              f"{self.timeout_s:g} s", reason="service-unresponsive") from None
         if reply is None:
             raise ServiceGone("the nvmevfio service went away (its socket closed); reconnect")
         if not reply.get("ok"):

@@ -292,13 +292,13 @@ def _memfd_views(pid: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def service(data_ctrl):
+def service(data_ctrl, io_dir):
     d = Path(tempfile.mkdtemp(prefix="nvmevfio-serve-", dir="/tmp"))  # every user can reach the socket
     os.chmod(d, 0o755)
     grants = d / "grants.toml"
     grants.write_text(GRANTS)
     sock = str(d / "nvmevfio.sock")
-    log_path = d / "serve.log"
+    log_path = io_dir / "serve.log"  # on the host too, after the guest is gone
     log_file = open(log_path, "w")  # noqa: SIM115  # the daemon's; shown when a test fails
     proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "-v", "serve", data_ctrl["address"], "--grants",
                              str(grants), "--socket", sock, "--clients", "4"], stdout=log_file,
