@@ -351,9 +351,9 @@ def test_sigkill_mid_io_leaves_others_alone_and_memory_scrubbed(service):
         assert root.read_blocks(0, 1).size == 512
 
 
-def test_validated_lane_every_label_and_the_rewritten_list(service, tmp_path):
+def test_validated_lane_every_label_and_the_rewritten_list(service):
     sock = service["socket"]
-    done_flag = str(tmp_path / "carol-done")
+    done_flag = str(Path(sock).parent / "carol-done")  # where Dave (uid 1006) can see it
     target = Client(sock, DAVE, dave, done_flag)
     dave_iova = target.line()["iova"]
     try:
