@@ -245,6 +245,9 @@ class ServiceDevice:
         got, self._cq_head = self._ring.take_completions(self._cq_head)
         if len(got):
             self._done.append(got)
+            if self._ring.requests_waiting(self._sq_tail):
+                # the daemon holds requests back while the completion ring is full: room again
+                self._ring_doorbell()
         return len(got)
 
     def reap(self, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:

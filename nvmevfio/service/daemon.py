@@ -223,8 +223,12 @@ class Service:
                 elif kind == "wake":
                     os.read(self._wake_r, 64)
                 elif kind == "control":
+                    if session.closing:
+                        continue
                     self._control(session)
                 elif kind == "doorbell":
+                    if session.closing:  # hung up earlier in this same batch of events: its fds are gone
+                        continue
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(session.doorbell)
                     self._pump(session)
@@ -237,9 +241,10 @@ class Service:
         """Every session ended (commands waited for, memory scrubbed), socket removed. Once."""
         if self._wake_r < 0:
             return
-        for s in list(self.sessions.values()):
-            s.closing = True
-            self._finish(s)
+        for fd, s in list(self.sessions.items()):
+            self._hang_up(s)  # no more requests; finished at once when nothing is in flight
+            if self.sessions.get(fd) is s:
+                self._finish(s)  # waits for its commands
         if self._listener is not None:
             self._selector.unregister(self._listener)
             self._listener.close()

@@ -109,6 +109,10 @@ class SharedRings:
         self._store(_SQ_TAIL, tail)
         return tail
 
+    def requests_waiting(self, tail: int) -> int:
+        """Requests published up to ``tail`` that the daemon has not taken yet."""
+        return used(self._load(_SQ_HEAD), tail)
+
     def take_completions(self, head: int) -> tuple[np.ndarray, int]:
         """Completions published since ``head`` (copied), and the new head, published."""
         n = used(head, self._load(_CQ_TAIL))
