@@ -138,3 +138,24 @@ def test_service_gone(served):
     assert ei.value.reason == "service-gone"
     with pytest.raises(ServiceGone):
         nvmevfio.connect(path, 1)
+
+
+def test_cli_block_commands_through_the_socket(served, tmp_path):
+    from click.testing import CliRunner
+
+    from nvmevfio.cli import main
+
+    rig, _service, path = served()
+    data = tmp_path / "in.bin"
+    data.write_bytes(bytes(range(256)) * 4)  # two blocks
+    runner = CliRunner()
+    res = runner.invoke(main, ["write", "--socket", path, "--lba", "5", "-d", str(data)])
+    assert res.exit_code == 0, res.output
+    assert bytes(rig.sim.namespaces[0].data[1005 * 512 : 1007 * 512]) == data.read_bytes()
+    res = runner.invoke(main, ["read", "--socket", path, "--lba", "5", "--count", "2", "-d", str(tmp_path / "o")])
+    assert res.exit_code == 0 and (tmp_path / "o").read_bytes() == data.read_bytes()
+    res = runner.invoke(main, ["read", "--socket", path, "--lba", "1999", "--count", "2"])
+    assert res.exit_code == 3 and "out-of-window" in res.output  # refused, nothing sent
+    assert runner.invoke(main, ["flush", "--socket", path]).exit_code == 0
+    res = runner.invoke(main, ["read", "--lba", "0"])
+    assert res.exit_code == 1 and "--socket" in res.output  # neither an address nor a socket
