@@ -101,7 +101,7 @@ def python_read_into(addr: str, seconds: float) -> dict:
     return {"iops": n / seconds}
 
 
-def service_randread(addr: str, seconds: float) -> dict:
+def service_randread(addr: str, seconds: float, mode: str = "poll") -> dict:
     """4 KiB random reads at QD32 by a client of `nvmevfio serve` (shared rings, one eventfd
     per batch each way), 32 kept in flight: every completion reaped is resubmitted at once."""
     import tempfile
@@ -115,7 +115,7 @@ def service_randread(addr: str, seconds: float) -> dict:
     grants.write_text('[[grant]]\nuid = 0\nnsid = 1\nblocks = 65536\naccess = "ro"\nqueue_depth = 32\n'
                       'dma_memory = "1M"\n')
     proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "serve", addr, "--grants", str(grants), "--socket",
-                             sock, "--clients", "1", "--mode", "poll"], stdout=subprocess.DEVNULL,
+                             sock, "--clients", "1", "--mode", mode], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/nvmevfio/nvmevfio.sock"
 MAX_MESSAGE = 65536
 MAX_FDS = 4
-POLL_S = 0.0005  # with commands in flight on polled queues (no MSI-X), how often to look
+POLL_S = 0.0  # with commands in flight on polled queues (no MSI-X): look again at once (a busy CPU)
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
