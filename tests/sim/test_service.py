@@ -138,6 +138,12 @@ def test_service_gone(served):
     assert ei.value.reason == "service-gone"
     with pytest.raises(ServiceGone):
         nvmevfio.connect(path, 1)
+    dev.close()
+    rig, _service, path = served()  # the daemon back on the same socket: connect again
+    with nvmevfio.connect(path, 1) as again:
+        again.write_blocks(3, np.full(512, 0x42, dtype=np.uint8))
+        assert (again.read_blocks(3, 1) == 0x42).all()
+        assert (rig.sim.namespaces[0].data[1003 * 512 : 1004 * 512] == 0x42).all()
 
 
 def test_cli_block_commands_through_the_socket(served, tmp_path):
