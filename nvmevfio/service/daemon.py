@@ -155,7 +155,7 @@ class Service:
     """The daemon: :meth:`start`, then :meth:`serve` until :meth:`stop` (or SIGTERM)."""
 
     def __init__(self, provider: Provider, grants: list[ServiceGrant], socket_path: str = DEFAULT_SOCKET, *,
-                 nsids: list[int] | None = None, clients: int = 4, queue_depth: int = 64, irq: bool = True,
+                 clients: int = 4, queue_depth: int = 64, irq: bool = True,
                  address: str = "") -> None:
         self.provider = provider
         self.grants = grants
@@ -447,15 +447,8 @@ class Service:
         if s.lane == "validated":
             self._pump_validated(s)
             return
-        undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
-        limit = s.depth - s.in_flight - undelivered
-        if limit <= 0:
-            return
-        reqs, s.sq_head = s.ring.take_requests(s.sq_head, limit)
-        if not len(reqs):
-            return
-        s.requests += len(reqs)
-        if self._post_uniform(s, reqs):
+        reqs = self._take(s)
+        if not len(reqs) or self._post_uniform(s, reqs):
             return
         g = s.grant
         assert g is not None
@@ -481,6 +474,18 @@ class Service:
         self._post(s, batch, batch_tags, done)
         if done:
             self._complete(s, done)
+
+    def _take(self, s: Session) -> np.ndarray:
+        """The client's published requests (copies), as many as fit its depth: what is in flight,
+        and completions not yet handed back, count against it."""
+        assert s.ring is not None
+        undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
+        limit = s.depth - s.in_flight - undelivered
+        if limit <= 0:
+            return np.empty(0, dtype=s.ring.request)
+        reqs, s.sq_head = s.ring.take_requests(s.sq_head, limit)
+        s.requests += len(reqs)
+        return reqs
 
     def _post_uniform(self, s: Session, reqs: np.ndarray) -> bool:
         """The common batch, checked with numpy at once and posted as one: every request a READ
@@ -537,15 +542,10 @@ class Service:
         entry, ownership, bounds, alignment, chain depth); what it accepts is posted as the
         validator's copy with PRP2 authored by the broker; a refusal completes the entry with
         its label, and nothing of it reaches the device."""
-        assert s.ring is not None and s.grant is not None
-        undelivered = s.depth - s.ring.completion_room(s.cq_tail) + sum(len(b) for b in s.backlog)
-        limit = s.depth - s.in_flight - undelivered
-        if limit <= 0:
-            return
-        entries, s.sq_head = s.ring.take_requests(s.sq_head, limit)
+        assert s.grant is not None
+        entries = self._take(s)
         if not len(entries):
             return
-        s.requests += len(entries)
         ns = self.provider.namespace(s.grant.nsid)
         device = validator.Device(ns.block_size, self.provider.memory_page_size, self.provider.max_transfer,
                                   tuple(self.provider.device_address_ranges()))
