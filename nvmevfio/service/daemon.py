@@ -172,6 +172,7 @@ class Service:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.id_ctrl: dict[str, Any] = {}
         self._serial = 0
+        self._turn = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -638,7 +639,13 @@ class Service:
         return 0, ""
 
     def _reap_all(self) -> None:
-        for s in list(self.sessions.values()):
+        """Every session's completions, then (room again) its held-back requests: round robin,
+        the first session served moving on by one each turn, so that no busy client is always
+        ahead of the others."""
+        sessions = list(self.sessions.values())
+        self._turn += 1
+        first = self._turn % len(sessions) if sessions else 0
+        for s in sessions[first:] + sessions[:first]:
             if s.in_flight:
                 self._reap(s)
             if s.closing and not s.in_flight:
