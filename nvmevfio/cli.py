@@ -642,12 +642,13 @@ def flush(address: str, nsid: int, service_socket: str | None) -> None:
 
 
 def _range_command(verb: str, fn: Callable[[Any, int, int], None]) -> Callable[..., None]:
-    @address_arg
+    @block_address_arg
     @nsid_opt
+    @service_socket_opt
     @click.option("-s", "--lba", type=int, required=True, help="first logical block")
     @click.option("-c", "--count", type=int, required=True, help="number of blocks")
-    def cmd(address: str, nsid: int, lba: int, count: int) -> None:
-        with blockdev(address, nsid) as dev, errors():
+    def cmd(address: str, nsid: int, service_socket: str | None, lba: int, count: int) -> None:
+        with blockdev(address, nsid, service_socket) as dev, errors():
             fn(dev, lba, count)
         click.echo(f"NVMe {verb}: success (nsid {nsid}, LBA {lba}, {count} blocks)")
 

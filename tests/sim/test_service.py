@@ -163,5 +163,8 @@ def test_cli_block_commands_through_the_socket(served, tmp_path):
     res = runner.invoke(main, ["read", "--socket", path, "--lba", "1999", "--count", "2"])
     assert res.exit_code == 3 and "out-of-window" in res.output  # refused, nothing sent
     assert runner.invoke(main, ["flush", "--socket", path]).exit_code == 0
+    assert runner.invoke(main, ["write-zeroes", "--socket", path, "--lba", "5", "--count", "1"]).exit_code == 0
+    assert not rig.sim.namespaces[0].data[1005 * 512 : 1006 * 512].any()
+    assert runner.invoke(main, ["deallocate", "--socket", path, "--lba", "6", "--count", "1"]).exit_code == 0
     res = runner.invoke(main, ["read", "--lba", "0"])
     assert res.exit_code == 1 and "--socket" in res.output  # neither an address nor a socket
