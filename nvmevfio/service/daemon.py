@@ -232,7 +232,11 @@ class Service:
                         continue
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(session.doorbell)
-                    self._pump(session)
+                    try:
+                        self._pump(session)
+                    except Exception:  # one client's trouble is not every client's: it loses its session
+                        log.exception("%s: its requests failed; closing its session", session.name)
+                        self._hang_up(session)
                 elif kind == "irq":
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(key.fd)
@@ -302,6 +306,10 @@ class Service:
                 self._hang_up(s)
         except OSError as exc:
             log.info("%s: %s: closing", s.name, exc)
+            self._hang_up(s)
+        except Exception as exc:  # a malformed message (a field of the wrong type...): this client only
+            log.exception("%s: request %r failed; closing its session", s.name, op)
+            self._reply_error(s, "service-error", f"request {op!r} failed: {exc}")
             self._hang_up(s)
 
     def _reply_error(self, s: Session, reason: str, message: str) -> None:

@@ -168,3 +168,26 @@ def test_cli_block_commands_through_the_socket(served, tmp_path):
     assert runner.invoke(main, ["deallocate", "--socket", path, "--lba", "6", "--count", "1"]).exit_code == 0
     res = runner.invoke(main, ["read", "--lba", "0"])
     assert res.exit_code == 1 and "--socket" in res.output  # neither an address nor a socket
+
+
+def test_a_malformed_request_costs_only_its_sender(served):
+    from nvmevfio.service.daemon import receive, send
+
+    _rig, service, path = served()
+    good = nvmevfio.connect(path, 1)
+    bad = nvmevfio.connect(path, 1)
+    send(bad._sock, {"op": "free", "buffer": 1, "generation": {"not": "a number"}})
+    reply, _ = receive(bad._sock)
+    assert reply is not None and not reply["ok"]
+    send(bad._sock, {"op": "alloc", "size": [1, 2]})  # a list where a size goes
+    reply, _ = receive(bad._sock)
+    assert reply is not None and reply["reason"] == "invalid-argument"
+    service._status = lambda *_: 1 // 0  # a handler that breaks (a bug): only this request's sender is cut off
+    with pytest.raises(Refused) as ei:
+        bad.status()
+    assert ei.value.reason == "service-error" and "ZeroDivisionError" not in str(ei.value)
+    with pytest.raises(ServiceGone):
+        bad.status()
+    assert good.read_blocks(0, 1).size == 512  # the daemon and the other client carry on
+    good.close()
+    bad.close()
