@@ -22,6 +22,7 @@ import nvmevfio.service.client  # loaded before a client drops its privileges
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import prp
 from nvmevfio.nvme.spec import SQE, IoOpcode
+from nvmevfio.service.client import ServiceGone
 
 ALICE, BOB, EVE, MALLORY = 1001, 1002, 1003, 1004  # rw window, ro window, no grant, rw (killed)
 CAROL, DAVE = 1005, 1006  # the validated lane (Model B): Carol tries every hostile entry, Dave is her target
@@ -387,11 +388,16 @@ def test_validated_lane_every_label_and_the_rewritten_list(service, lane):
 
 def test_after_stop_the_data_is_where_the_windows_say(service):
     proc = service["proc"]
+    connected = nvmevfio.connect(service["socket"], 1)  # still connected when the daemon stops
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
     out = service["log"].read_text()
     assert proc.returncode == 0, out
     assert "session ended" in out and not os.path.exists(service["socket"])
+    with pytest.raises(ServiceGone) as ei:
+        connected.read_blocks(0, 1)
+    assert ei.value.reason == "service-gone"
+    connected.close()
     with nvmevfio.open(service["address"], 1) as dev:
         alice = dev.read_blocks(A_FIRST, A_BLOCKS)
         assert hashlib.sha256(alice.tobytes()).hexdigest() == service["alice"]["sha256"]
