@@ -17,6 +17,7 @@ from nvmevfio.errors import (
     Refused,
     StaleHandle,
 )
+from nvmevfio.service import DEFAULT_SOCKET
 
 
 def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
@@ -26,7 +27,7 @@ def open(address: str, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
     return _open(address, nsid, **kwargs)
 
 
-def connect(socket_path: str = "/run/nvmevfio/nvmevfio.sock", nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
+def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, **kwargs):  # type: ignore[no-untyped-def]
     """Block access through ``nvmevfio serve`` (no root needed); see :func:`nvmevfio.service.client.connect`."""
     from nvmevfio.service.client import connect as _connect
 

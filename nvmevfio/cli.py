@@ -21,6 +21,7 @@ import click
 
 from nvmevfio._version import __version__
 from nvmevfio.errors import CommandError, DeviceInUse, NvmeVfioError, Refused, ShimError
+from nvmevfio.service import DEFAULT_SOCKET
 
 EXIT_ERROR, EXIT_REFUSED, EXIT_DEVICE, EXIT_SETUP = 1, 3, 4, 5
 PROGRESS_MIN = 4 << 20  # show a progress bar on transfers larger than this
@@ -1432,7 +1433,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
 @address_arg
 @click.option("--grants", "grants_path", type=click.Path(dir_okay=False, exists=True), required=True,
               help="the grants file (TOML): who may use which namespace window, how")
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default="/run/nvmevfio/nvmevfio.sock",
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=DEFAULT_SOCKET,
               show_default=True, help="the Unix socket clients connect to")
 @click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True,
               help="client slots: one NVMe I/O queue pair each")

@@ -58,7 +58,8 @@ def build(iova: int, length: int, page_size: int, list_iovas: Sequence[int] = ()
     entries = base + page_size * np.arange(pages - 1, dtype=np.uint64)
     if pages == 2:
         return Prp(iova, int(entries[0]), ())
-    return Prp(iova, int(list_iovas[0]) if len(list_iovas) else 0, list_pages(entries, page_size, list_iovas))
+    lists = list_pages(entries, page_size, list_iovas)  # refuses too few list pages
+    return Prp(iova, int(list_iovas[0]), lists)
 
 
 def list_pages(entries: np.ndarray, page_size: int, list_iovas: Sequence[int]) -> tuple[np.ndarray, ...]:

@@ -23,8 +23,9 @@ import numpy as np
 from nvmevfio.blockdev import BlockFile, DeviceInfo
 from nvmevfio.errors import NvmeVfioError, Refused
 from nvmevfio.nvme.spec import SQE, command_error
+from nvmevfio.service import DEFAULT_SOCKET
 from nvmevfio.service import ring as rings
-from nvmevfio.service.daemon import DEFAULT_SOCKET, receive, send
+from nvmevfio.service.daemon import receive, send
 
 DEFAULT_TIMEOUT_S = 30.0
 RECORD = np.dtype([("tag", "<i8"), ("status", "<u2"), ("reason", "U24")])  # what reap() returns
@@ -158,14 +159,9 @@ class ServiceDevice:
         counts = np.broadcast_to(np.asarray(counts, dtype=np.int64), lbas.shape)
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), lbas.shape)
         n = len(lbas)
-        if n > self.info.queue_depth:
-            raise Refused("count-out-of-range", f"{n} requests in one batch: at most the queue depth "
-                          f"{self.info.queue_depth}", count=n)
+        self._check_batch(n)
         if (lbas < 0).any() or (counts < 0).any() or (offsets < 0).any():
             raise Refused("out-of-window", "negative LBA, count or offset")
-        deadline = time.monotonic() + self.timeout_s
-        while self._ring.request_room(self._sq_tail) < n:  # the daemon has not taken earlier ones yet
-            self._wait(deadline)
         entries = np.zeros(n, dtype=rings.REQUEST)
         tags = np.arange(self._next_tag, self._next_tag + n, dtype=np.int64) & 0xFFFFFFFF
         self._next_tag = (self._next_tag + n) & 0xFFFFFFFF or 1
@@ -177,9 +173,7 @@ class ServiceDevice:
         if buf is not None:
             entries["buffer"] = buf.id
             entries["generation"] = buf.generation
-        self._sq_tail = self._ring.put_requests(self._sq_tail, entries)
-        self._ring_doorbell()
-        self._pending.update(dict.fromkeys(tags.tolist(), 1))
+        self._publish(entries, tags)
         return tags
 
     def submit_raw(self, entries: np.ndarray) -> np.ndarray:
@@ -191,18 +185,25 @@ class ServiceDevice:
             raise Refused("lane-unsupported", "raw entries go through the validated lane: "
                           "connect(..., lane=\"validated\")")
         entries = np.asarray(entries, dtype=SQE).reshape(-1)
-        n = len(entries)
+        self._check_batch(len(entries))
+        tags = entries["cid"].astype(np.int64)
+        self._publish(entries, tags)
+        return tags
+
+    def _check_batch(self, n: int) -> None:
         if n > self.info.queue_depth:
-            raise Refused("count-out-of-range", f"{n} entries in one batch: at most the queue depth "
+            raise Refused("count-out-of-range", f"{n} requests in one batch: at most the queue depth "
                           f"{self.info.queue_depth}", count=n)
+
+    def _publish(self, entries: np.ndarray, tags: np.ndarray) -> None:
+        """Requests into the shared ring once it has room (the daemon takes them as its depth
+        allows), one doorbell for the batch; their tags are in flight from here."""
         deadline = time.monotonic() + self.timeout_s
-        while self._ring.request_room(self._sq_tail) < n:
+        while self._ring.request_room(self._sq_tail) < len(entries):
             self._wait(deadline)
         self._sq_tail = self._ring.put_requests(self._sq_tail, entries)
         self._ring_doorbell()
-        tags = entries["cid"].astype(np.int64)
         self._pending.update(dict.fromkeys(tags.tolist(), 1))
-        return tags
 
     def _ring_doorbell(self) -> None:
         try:

@@ -33,17 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio.dma import DmaBuffer
+from nvmevfio.dma import DmaBuffer, align_up
 from nvmevfio.errors import CommandError, NvmeVfioError, Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.provider import Provider
+from nvmevfio.service import DEFAULT_SOCKET, validator
 from nvmevfio.service import ring as rings
-from nvmevfio.service import validator
 from nvmevfio.service.grants import GrantsError, ServiceGrant, grant_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/nvmevfio/nvmevfio.sock"
 MAX_MESSAGE = 65536
 MAX_FDS = 4
 POLL_S = 0.0  # with commands in flight on polled queues (no MSI-X): look again at once (a busy CPU)
@@ -93,6 +92,11 @@ def _supplementary_groups(pid: int) -> list[int]:
     return []
 
 
+def _status_field(exc: CommandError) -> int:
+    """The NVMe status field (without the phase tag) a client's completion carries for it."""
+    return (exc.dnr << 14) | (exc.sct << 8) | exc.sc
+
+
 def _ring_memory(size: int) -> tuple[int, mmap.mmap]:
     """A sealed memfd (its size cannot change under the daemon) and the daemon's mapping."""
     import fcntl
@@ -136,6 +140,7 @@ class Session:
     lane: str = "default"
     serial: int = 0  # tells two sessions of one process apart
     freed: list[validator.Region] = field(default_factory=list)  # validated lane: quarantined IOVAs
+    regions: tuple[int, validator.RegionMap] | None = None  # (ledger version, map) last built
 
     @property
     def name(self) -> str:
@@ -384,8 +389,7 @@ class Service:
         assert s.grant is not None
         if not isinstance(size, int) or size <= 0:
             raise Refused("invalid-argument", f"buffer size {size!r}: a positive number of bytes")
-        page = mmap.PAGESIZE
-        rounded = -(-size // page) * page
+        rounded = align_up(size, mmap.PAGESIZE)
         if s.dma_bytes + rounded > s.grant.dma_memory:
             raise Refused("quota-exceeded", f"{rounded} more bytes of DMA memory would pass the grant's "
                           f"{s.grant.dma_memory} (in use: {s.dma_bytes})", quota=s.grant.dma_memory)
@@ -412,7 +416,7 @@ class Service:
         if s.lane == "validated":  # an entry naming it now is refused stale-generation, until reused
             s.freed.append(validator.Region(iova, buf.size, s.owner, buf.generation, live=False))
         del s.buffers[ident]
-        s.dma_bytes -= -(-buf.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        s.dma_bytes -= align_up(buf.size, mmap.PAGESIZE)
         return {}, []
 
     # ------------------------------------------------------------------ the data path
@@ -527,10 +531,15 @@ class Service:
     # ------------------------------------------------------------------ Model B
     def _regions(self, s: Session) -> validator.RegionMap:
         """Who owns which device address now: every live ledger buffer, plus this session's freed
-        ones where nothing was allocated since (stale-generation rather than invalid-region)."""
-        live = [validator.Region(a, n, owner, gen) for a, n, owner, gen in self.provider.device_regions()]
-        s.freed = [f for f in s.freed if not any(r.start < f.end and f.start < r.end for r in live)]
-        return validator.RegionMap(live + s.freed)
+        ones where nothing was allocated since (stale-generation rather than invalid-region).
+        Built again only when the ledger allocated or freed something (a free of this session's
+        is one of those)."""
+        version = self.provider.regions_version
+        if s.regions is None or s.regions[0] != version:
+            live = [validator.Region(a, n, owner, gen) for a, n, owner, gen in self.provider.device_regions()]
+            s.freed = [f for f in s.freed if not any(r.start < f.end and f.start < r.end for r in live)]
+            s.regions = (version, validator.RegionMap(live + s.freed))
+        return s.regions[1]
 
     def _reader(self, s: Session) -> Any:
         """The validator's reader: a copy of the session's own memory (the addresses were
@@ -597,8 +606,7 @@ class Service:
         deallocate ranges (AD, CDW11 bit 2) as the broker's own commands; IDR/IDW are hints."""
         g = s.grant
         assert g is not None
-        while s.in_flight:
-            self._reap(s, minimum=1)
+        self._drain(s)
         if not cdw11 & 0x4 or ranges is None:
             return 0, ""
         try:
@@ -606,7 +614,7 @@ class Service:
                 if int(r["nlb"]):
                     self.provider.deallocate(g.nsid, int(r["slba"]), int(r["nlb"]), qid=s.qid)
         except CommandError as exc:
-            return (exc.dnr << 14) | (exc.sct << 8) | exc.sc, ""
+            return _status_field(exc), ""
         return 0, ""
 
     def _post(self, s: Session, batch: list[tuple[int, int, int, int, DmaBuffer]], tags: list[int],
@@ -631,8 +639,7 @@ class Service:
         (the broker runs them on an idle queue)."""
         g = s.grant
         assert g is not None
-        while s.in_flight:
-            self._reap(s, minimum=1)
+        self._drain(s)
         try:
             if opcode == rings.FLUSH:
                 self.provider.flush(g.nsid, qid=s.qid)
@@ -641,10 +648,16 @@ class Service:
             else:
                 self.provider.deallocate(g.nsid, lba, count, qid=s.qid)
         except CommandError as exc:
-            return (exc.dnr << 14) | (exc.sct << 8) | exc.sc, ""
+            return _status_field(exc), ""
         except Refused as exc:
             return 0, exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
         return 0, ""
+
+    def _drain(self, s: Session) -> None:
+        """Until none of the session's commands is in flight (the broker's timeout recovery
+        bounds the wait)."""
+        while s.in_flight:
+            self._reap(s, minimum=1)
 
     def _reap_all(self) -> None:
         """Every session's completions, then (room again) its held-back requests: round robin,
@@ -715,9 +728,7 @@ class Service:
             log.info("%s: gone with %d command(s) in flight; waiting for them", s.name, s.in_flight)
 
     def _finish(self, s: Session) -> None:
-        if s.in_flight:  # the daemon is stopping: wait (the broker's timeout recovery bounds it)
-            while s.in_flight:
-                self._reap(s, minimum=1)
+        self._drain(s)  # the daemon is stopping: wait for what the session has in flight
         for buf in s.buffers.values():
             if buf.live:
                 self.provider.free_buffer(buf)  # scrubbed and unmapped before the memory is let go
