@@ -29,7 +29,7 @@ ffibuilder.cdef((HERE / "shim.h").read_text() + '\nextern "Python" void nv_py_do
 ffibuilder.set_source(
     "nvmevfio._cbits",
     "#include <stdint.h>\n#include <stddef.h>\n#include \"shim.h\"\n",
-    sources=[str((HERE / name).relative_to(ROOT)) for name in ("shim.c", "iommufd.c", "qpair.c")],
+    sources=[str((HERE / name).relative_to(ROOT)) for name in ("shim.c", "iommufd.c", "qpair.c", "service.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     define_macros=[("NVMEVFIO_VERSION", '"' + _version() + '"')],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

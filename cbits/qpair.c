@@ -190,6 +190,22 @@ int64_t nv_qp_post(struct nv_qp *qp, const struct nv_sqe *entries, uint32_t n, i
     return first;
 }
 
+int64_t nv_qp_push(struct nv_qp *qp, const struct nv_sqe *e, int64_t buf_slot, int64_t buf_gen, uint32_t cookie,
+                   int64_t now)
+{
+    if (sq_free(qp) == 0)
+        return -EBUSY;
+    if (e->cid >= qp->ncids || qp->busy[e->cid] != CID_TAKEN)
+        return -EINVAL;
+    int64_t tag = qp->next_tag;
+    memcpy(&qp->sq[qp->sq_tail], e, sizeof(struct nv_sqe));
+    advance_tail(qp);
+    record(qp, e, now, buf_slot, buf_gen, cookie);
+    qp->in_flight++;
+    qp->posted++;
+    return tag;
+}
+
 static inline void post_slot(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb,
                              uint32_t slot, const struct nv_prp_slot *prps, uint32_t block_size,
                              uint32_t page_size, int64_t now, int64_t buf_slot, int64_t buf_gen)
@@ -724,8 +740,7 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
     return (int)n;
 }
 
-/* Submit time of the oldest command in flight (INT64_MAX when none). */
-static int64_t oldest_submit(const struct nv_qp *qp)
+int64_t nv_qp_oldest_submit(const struct nv_qp *qp)
 {
     int64_t oldest = INT64_MAX;
     for (uint32_t cid = 0; cid < qp->ncids; cid++)
@@ -756,7 +771,7 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
         if (r == 0) {
             /* A command older than the timeout is late, however busy the queue is otherwise:
              * it stays in flight and the broker recovers it (abort, reset, requeue). */
-            if (now - oldest_submit(qp) >= p->timeout_ns)
+            if (now - nv_qp_oldest_submit(qp) >= p->timeout_ns)
                 return -ETIMEDOUT;
             int64_t left = AGE_CHECK_NS;
             if (!drain && end - now < left)

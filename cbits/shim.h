@@ -308,6 +308,13 @@ int nv_qp_repost(struct nv_qp *qp, uint32_t max_retries, uint16_t *over, uint32_
 int nv_qp_cancel(struct nv_qp *qp, uint16_t cid, uint16_t status, struct nv_completion *out);
 /* CLOCK_MONOTONIC in nanoseconds. */
 int64_t nv_now_ns(void);
+/* Copy one finished SQE (its cid from nv_qp_take, its PRPs authored) into the SQ at the tail
+ * and record it in flight against DMA buffer (slot, gen) with the caller's cookie, timed from
+ * now. No doorbell. Returns its tag, -EBUSY (the SQ is full) or -EINVAL (cid not taken). */
+int64_t nv_qp_push(struct nv_qp *qp, const struct nv_sqe *e, int64_t buf_slot, int64_t buf_gen, uint32_t cookie,
+                   int64_t now);
+/* Submit time (nv_now_ns) of the oldest command in flight; INT64_MAX when none is. */
+int64_t nv_qp_oldest_submit(const struct nv_qp *qp);
 
 /* ==== perf: a closed loop in C (in the manner of spdk_nvme_perf) ==== */
 
@@ -361,3 +368,137 @@ struct nv_perf {
  * reap what is in flight. Returns 1 when the workload is finished (max_ios done or
  * drained), 0 when the slice ended, or -errno. */
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain);
+
+/* ==== the service's data path (nvmevfio serve; nvmevfio/service/) ====
+ * One client's shared rings (service/ring.py) onto its own NVMe queue pair. Python decides who
+ * may connect, with which grant, and authors the tables below (the client's buffers as pages of
+ * device addresses, the queue's PRP-list pages); C takes each request, checks it against them,
+ * and posts it, per command. A refusal completes the request with a reason, and nothing of it
+ * reaches the device. */
+
+enum nv_svc_reason {       /* service/ring.py REASONS (a unit test keeps the two equal) */
+    NV_SVC_OK = 0,
+    NV_SVC_OUT_OF_WINDOW = 1,
+    NV_SVC_READ_ONLY = 2,
+    NV_SVC_INVALID_REGION = 3,
+    NV_SVC_STALE_GENERATION = 4,
+    NV_SVC_REGION_OVERRUN = 5,
+    NV_SVC_UNALIGNED = 6,
+    NV_SVC_COUNT_OUT_OF_RANGE = 7,
+    NV_SVC_DISALLOWED_OPCODE = 8
+};
+
+enum nv_svc_event {        /* what nv_svc_serve returns when Python has something to do */
+    NV_SVC_TIMEOUT = 0,    /* the call's time ran out (or a signal came) */
+    NV_SVC_CONTROL = 1,    /* a watched descriptor is readable */
+    NV_SVC_HELD = 2,       /* session *which holds a FLUSH, Write Zeroes or deallocate */
+    NV_SVC_LATE = 3        /* a command of session *which is older than late_ns */
+};
+
+struct nv_svc_request {    /* ring.REQUEST, 40 bytes */
+    uint8_t opcode;
+    uint8_t flags;
+    uint16_t rsvd;
+    uint32_t buffer;
+    uint64_t generation;
+    uint64_t offset;
+    uint64_t lba;
+    uint32_t count;
+    uint32_t tag;
+};
+
+struct nv_svc_completion { /* ring.COMPLETION, 16 bytes */
+    uint32_t tag;
+    uint16_t status;       /* NVMe status field, or 0x8000 (refused: reason says why) */
+    uint16_t reason;
+    uint32_t result;
+    uint32_t rsvd;
+};
+
+struct nv_svc_buffer {     /* one of the client's DMA buffers, by id; size 0: none, or freed */
+    uint64_t generation;   /* the client's handle generation */
+    uint64_t size;         /* bytes the client may use */
+    const uint64_t *pages; /* the device address of each of its memory pages, authored by the broker */
+    uint64_t npages;
+    uint8_t *user;         /* no-IOMMU lane: the client's memory (the daemon's mapping) and its */
+    uint8_t *shadow;       /* device-visible copy; shadow NULL: the device uses the memory itself */
+    int64_t ledger_slot;   /* the ledger's handle, recorded in the in-flight table */
+    int64_t ledger_gen;
+};
+
+struct nv_svc {
+    /* the client's shared rings */
+    uint8_t *header;            /* the four indices (ring.py HEADER) */
+    struct nv_svc_request *requests;
+    struct nv_svc_completion *completions;
+    uint32_t depth;
+    int doorbell_fd;            /* eventfd the client writes after publishing requests */
+    int completion_fd;          /* eventfd written once per batch of completions; -1: none */
+    /* the grant */
+    uint32_t nsid;
+    uint32_t writable;
+    uint64_t first_lba;         /* the client's LBA 0 */
+    uint64_t blocks;            /* its window */
+    uint32_t block_size;
+    uint32_t page_size;         /* the controller's memory page size (CC.MPS) */
+    uint64_t max_transfer;      /* bytes per command (MDTS) */
+    uint32_t max_pages;         /* memory pages one command may touch (MDTS) */
+    /* the client's buffers, indexed by id; ids below next_buffer were handed out */
+    const struct nv_svc_buffer *buffers;
+    uint32_t nbuffers;
+    uint32_t next_buffer;
+    /* the queue's PRP-list pages, prp_pages per command id: memory, and device addresses */
+    uint64_t *prp_area;
+    const uint64_t *prp_dev;
+    uint32_t prp_pages;
+    /* per command id, for its completion: the queue's tag, and the no-IOMMU lane's copy back */
+    uint32_t ncids;
+    int64_t *cid_tag;
+    uint32_t *cid_buffer;
+    uint64_t *cid_offset;
+    uint32_t *cid_length;
+    /* state */
+    uint32_t sq_head;           /* requests taken (free running) */
+    uint32_t cq_tail;           /* completions published (free running) */
+    uint32_t in_flight;         /* taken, not yet completed: posted, and held */
+    uint32_t has_held;
+    struct nv_svc_request held; /* a FLUSH, Write Zeroes or deallocate, checked: Python runs it */
+    /* counters */
+    uint64_t taken;
+    uint64_t refused;
+    uint64_t posted;
+    uint64_t completed;
+    uint64_t pumps;             /* batches posted (one SQ tail doorbell each) */
+    uint64_t reaps;             /* batches completed (one eventfd write each) */
+    uint64_t sleeps;            /* nv_svc_serve: times it slept in poll(2) */
+};
+
+/* The reason to refuse request r, NV_SVC_OK to accept it. Pure: reads only s's grant and tables. */
+int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r);
+/* Take what the client published (no more than its completion ring can answer), check each
+ * request, post the accepted READs and WRITEs (one SQ tail doorbell for the batch), complete
+ * the refused ones. A checked FLUSH, Write Zeroes or deallocate stops the batch: it is taken
+ * into held (has_held) for Python to run. Returns the commands posted. */
+int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp);
+/* Completions of this session's commands (records from nv_qp_reap or from the broker's own
+ * reap: tag in the cookie): the no-IOMMU lane's READ data copied back, each put in the ring,
+ * the tail published, the eventfd written once. Returns n. */
+int nv_svc_complete(struct nv_svc *s, const struct nv_completion *done, uint32_t n);
+/* One completion the daemon made itself (a held request's outcome); ends one in_flight. */
+int nv_svc_put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result);
+/* Reap every ready completion of qp (one CQ head doorbell) into the client's ring. Returns the
+ * count, or -EPROTO (a completion for an id not in flight: the broker's reap names it). */
+int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp);
+/* The daemon's steady state, for n sessions on their queue pairs: pump and reap round robin
+ * until Python is needed (enum nv_svc_event; *which names the session), timeout_ns passes, or
+ * the broker's stop flag is set (-ENODEV, -EAGAIN). With commands in flight on a polled queue
+ * it spins, looking at the watched descriptors every millisecond; otherwise it sleeps in
+ * poll(2) on the clients' doorbells, the queues' MSI-X eventfds and the watched descriptors. */
+int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
+                 int64_t late_ns, int64_t timeout_ns, uint32_t *which);
+/* A client's closed loop over its rings (perf through the service): like nv_perf_run, with
+ * p->nslots slots of slot_size bytes in client buffer (p->buf_slot: id, p->buf_gen: generation);
+ * tags are slot numbers. issued_ns: nslots submit times. Returns 1 finished, 0 slice over, -errno. */
+int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
+                       uint32_t depth, int doorbell_fd, int completion_fd, struct nv_perf *p, uint64_t slot_size,
+                       int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain);

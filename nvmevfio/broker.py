@@ -10,6 +10,7 @@ posts no entry and rings no doorbell.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import operator
 import threading
@@ -22,6 +23,7 @@ from typing import Any, Callable, NoReturn, Protocol, cast
 import numpy as np
 
 from nvmevfio import events
+from nvmevfio._ffi import ffi, lib
 from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
 from nvmevfio.errors import (
     CommandError,
@@ -33,6 +35,7 @@ from nvmevfio.errors import (
     NvmeVfioError,
     QueuePaused,
     Refused,
+    ShimError,
 )
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
@@ -153,6 +156,7 @@ class BrokerQueue:
         self.prp_base = prp_base
         self.prp_pages = prp_pages_per_cmd
         self.prp_array = prp_array  # uint64 view of the PRP-list memory
+        self.prp_dev: np.ndarray | None = None  # its pages' device addresses, for a service session's C path
         self.page_size = page_size
         self.packed = bytearray(ring.depth * SQE.itemsize)  # small batches are packed here, then posted
         self.cancelled: list[np.ndarray] = []  # records of commands the broker ended (reap returns them first)
@@ -236,6 +240,7 @@ class Broker:
         self._scratch: DmaBuffer | None = None
         self.irq_mode = False
         self.commands_completed = 0
+        self._service_pages: dict[tuple[int, int], np.ndarray] = {}  # service sessions' page tables
         # Shadow doorbells (Doorbell Buffer Config, 5.8): broker-owned pages, used when the
         # controller offers them (OACS bit 8) and ``shadow_doorbells`` is on.
         self.shadow_doorbells = True
@@ -1561,6 +1566,99 @@ class Broker:
                 qp.ring.ring_sq()
             return first
 
+    # ============================================================ the service's compiled data path
+    def service_attach(self, qid: int, svc: Any) -> None:
+        """Give a service session (``struct nv_svc``, cbits/service.c) what it needs of I/O queue
+        ``qid``: the page size, MDTS, and the queue's PRP-list pages with their device addresses,
+        which C fills from the session's page tables (:meth:`service_pages`)."""
+        qp = self._queue(qid)
+        ps = self.page_size
+        svc.page_size, svc.max_pages, svc.max_transfer = ps, self.max_pages, self.max_transfer
+        svc.ncids = qp.ring.ncids
+        svc.prp_pages = qp.prp_pages if qp.prp_array is not None else 0
+        if qp.prp_array is not None:
+            dev = qp.prp_base + ps * np.arange(qp.ring.ncids * qp.prp_pages, dtype=np.uint64)
+            self.ledger.translate(dev)  # the no-IOMMU lane's physical addresses; else nothing
+            qp.prp_dev = dev  # kept alive with the queue: C points into it
+            svc.prp_area = ffi.cast("uint64_t *", qp.prp_array.ctypes.data)
+            svc.prp_dev = ffi.cast("uint64_t *", dev.ctypes.data)
+
+    def service_buffer(self, entry: Any, buf: DmaBuffer) -> None:
+        """Describe a caller buffer to a service session's C path (``struct nv_svc_buffer``): the
+        device address of each of its memory pages (authored here, translated in the no-IOMMU
+        lane; kept by the broker until the buffer is freed), the caller's memory and, in the
+        no-IOMMU lane, the device-visible shadow C copies through."""
+        base = self.ledger.iova(buf)
+        ps = self.page_size
+        pages = base + ps * np.arange(-(-buf.size // ps), dtype=np.uint64)
+        self.ledger.translate(pages)
+        memory, shadow = self.ledger.bounce_arrays(buf)
+        self._service_pages[(buf.slot, buf.generation)] = pages
+        entry.generation, entry.size = buf.generation, buf.size
+        entry.pages, entry.npages = ffi.cast("uint64_t *", pages.ctypes.data), len(pages)
+        entry.user = ffi.cast("uint8_t *", memory.ctypes.data)
+        entry.shadow = ffi.cast("uint8_t *", shadow.ctypes.data) if shadow is not None else ffi.NULL
+        entry.ledger_slot, entry.ledger_gen = buf.slot, buf.generation
+
+    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float) -> tuple[int, int]:
+        """Run the service's steady state in C (``nv_svc_serve``) over ``sessions`` ((qid, struct
+        nv_svc) pairs) until Python is needed: returns (event, session index), event one of
+        ``lib.NV_SVC_*``. What only the broker can do is done here first: a late command is
+        recovered (abort, reset), a reset by another thread waited for, and commands the broker
+        ended are completed to their clients with their status; a completion for an id not in
+        flight, or a gone device, raises."""
+        qps = [self._queue(qid) for qid, _ in sessions]
+        n = len(sessions)
+        svcs = ffi.new("struct nv_svc *[]", max(n, 1))
+        rings = ffi.new("struct nv_qp *[]", max(n, 1))
+        for i, ((_, svc), qp) in enumerate(zip(sessions, qps)):
+            svcs[i], rings[i] = svc, qp.ring._qp
+        fds = ffi.new("int[]", watch or [0])
+        which = ffi.new("uint32_t *")
+        before = sum(qp.ring._qp.completed for qp in qps)
+        with contextlib.ExitStack() as held:
+            for qp in qps:
+                held.enter_context(self._using(qp))
+            r = int(lib.nv_svc_serve(svcs, rings, n, fds, len(watch), int(self.command_timeout_s * 1e9),
+                                     int(timeout_s * 1e9), which))
+            self.commands_completed += sum(qp.ring._qp.completed for qp in qps) - before
+            i = int(which[0])
+            if r == lib.NV_SVC_LATE:
+                self._recover_timeout(qps[i])
+            elif r == -errno.EAGAIN:
+                self._park()  # another thread's reset requeued (or cancelled) ours
+            elif r == -errno.ENODEV:
+                self._gone_raise(DeviceGone(f"queue {qps[i].qid}: the device was taken away", qid=qps[i].qid))
+            elif r == -errno.EPROTO:
+                self._reap(qps[i], 0, 0.0)  # names the completion whose id is not in flight
+            elif r < 0:
+                raise ShimError("nv_svc_serve", f"queue {qps[i].qid}", -r)
+            for (_, svc), qp in zip(sessions, qps):
+                self._service_ended(qp, svc)
+        return r, i
+
+    def _service_ended(self, qp: BrokerQueue, svc: Any) -> None:
+        """Commands of a service session the broker ended itself (after a reset): to the client."""
+        for records in self._take_cancelled(qp):
+            lib.nv_svc_complete(svc, ffi.cast("struct nv_completion *", records.ctypes.data), len(records))
+
+    def service_pump(self, qid: int, svc: Any) -> int:
+        """Take, check and post what a service session's client published (``nv_svc_pump``)."""
+        qp = self._queue(qid)
+        with self._using(qp):
+            return int(lib.nv_svc_pump(svc, qp.ring._qp))
+
+    def service_drain(self, qid: int, svc: Any) -> None:
+        """Reap a service session's commands until none is in flight on its queue, completing each
+        to the client; late ones are recovered as every reap's are."""
+        qp = self._queue(qid)
+        with self._using(qp):
+            while qp.in_flight or qp.cancelled:
+                done = self._reap(qp, 1, None)
+                if len(done):
+                    done = np.ascontiguousarray(done)
+                    lib.nv_svc_complete(svc, ffi.cast("struct nv_completion *", done.ctypes.data), len(done))
+
     def ring_doorbell(self, qid: int) -> None:
         """The SQ tail doorbell of I/O queue ``qid`` (entries posted with ``doorbell=False``)."""
         qp = self._queue(qid)
@@ -1694,6 +1792,7 @@ class Broker:
         if reg is not None and self.ledger.is_live(buf):
             self.unregister_buffer(reg)
         self.ledger.free(buf)
+        self._service_pages.pop((buf.slot, buf.generation), None)
 
     def _author_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
                    cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray) -> np.ndarray:

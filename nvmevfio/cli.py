@@ -1368,18 +1368,24 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
 @click.option("--verify", is_flag=True,
               help="integrity mode (like fio's verify): every written block carries its LBA, a sequence number "
                    "and a CRC32C; blocks read back are checked; mismatches exit 4 (writes the range!)")
+@service_socket_opt
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
-         verify: bool, fmt: str) -> None:
+         verify: bool, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
     Example: nvmevfio perf 00:04.0 -w randread -q 32 -s 4096 -t 10
              nvmevfio perf 00:04.0 -w write -q 8 -s 131072 -n 10000 -o json
              nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
+             nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
     """
     from nvmevfio import perf as perfmod
+
+    if service_socket and (verify or mode != "poll"):
+        _fail("through --socket the daemon decides how completions arrive and perf runs its C loop: "
+              "no --mode or --verify", EXIT_ERROR)
 
     rng = None
     if lba_range:
@@ -1393,7 +1399,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     def status(elapsed: float, ios: int) -> None:
         click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
 
-    with blockdev(address, nsid, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
+    with blockdev(address, nsid, service_socket, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
                   shadow_doorbells=shadow) as dev, errors():
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid",
@@ -1407,8 +1413,9 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
         if bad:
             sys.exit(EXIT_DEVICE)
         return
-    click.echo(f"{_address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, QD {res.queue_depth}, "
-               f"{res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, {res.writes} writes), "
+    click.echo(f"{service_socket or _address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, "
+               f"QD {res.queue_depth}, {res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, "
+               f"{res.writes} writes), "
                f"{res.errors} errors")
     if not res.verify:  # the verify loop runs in Python: these figures are the C loop's
         click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "

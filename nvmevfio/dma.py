@@ -508,6 +508,13 @@ class DmaLedger:
         if shadow is not None and self.is_live(buf):
             self.array(buf)[offset : offset + length] = shadow.array[offset : offset + length]
 
+    def bounce_arrays(self, buf: DmaBuffer) -> tuple[np.ndarray, np.ndarray | None]:
+        """The caller's memory of ``buf`` and, in the no-IOMMU lane, its device-visible shadow (for
+        C code that makes the bounce copies itself); None: the device uses the memory itself."""
+        slot = self._live_slot(buf)
+        shadow = slot.shadow if self.bounce else None
+        return self.array(buf), (shadow.array if shadow is not None else None)
+
     def translate(self, values: np.ndarray) -> None:
         """Ledger addresses in ``values`` (uint64, in place) become what the device must see:
         unchanged with an IOMMU; physical addresses in the no-IOMMU lane (page by page, see

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
+
+if TYPE_CHECKING:
+    from nvmevfio.service.client import ServiceDevice
 
 WORKLOADS = ("randread", "randwrite", "read", "write", "randrw")
 
@@ -81,7 +84,7 @@ def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
     return out
 
 
-def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
+def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
         seconds: float | None = 5.0, count: int | None = None, lba_range: tuple[int, int] | None = None,
         rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None,
         ramp_s: float = 0.0, verify: bool = False, hybrid: bool = False) -> PerfResult:
@@ -111,14 +114,17 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
     if verify and hybrid:
         raise Refused("invalid-argument", "verify runs its loop in Python: hybrid polling is the C loop's")
     if verify:
+        if not isinstance(dev, BlockDevice):
+            raise Refused("invalid-argument", "verify runs in Python over a device opened here, not the service")
         return _run_verify(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                            count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed, status=status)
     page = 4096
     slot_size = (io_size + page - 1) // page * page
-    buf = dev.alloc_buffer(queue_depth * slot_size)
+    dev_: Any = dev  # a BlockDevice or a ServiceDevice: the same verbs, each with its own buffer type
+    buf = dev_.alloc_buffer(queue_depth * slot_size)
     buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
-    reg = dev.register_buffer(buf, slot_size)
-    loop = dev.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
+    reg = dev_.register_buffer(buf, slot_size)
+    loop = dev_.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
                          read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed)
     if hybrid and dev.info.completion_mode != "poll":
         raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
@@ -149,7 +155,7 @@ def run(dev: BlockDevice, *, workload: str = "randread", io_size: int = 4096, qu
         clean = True
     finally:
         if clean:
-            dev.free_buffer(buf)
+            dev_.free_buffer(buf)
     st = loop.stats()
     n = st["ios"]
     # a bucket stands for its midpoint: keep the figures inside what was measured

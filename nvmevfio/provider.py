@@ -294,6 +294,27 @@ class Provider:
         """Post an entry the validator accepted, with PRP2 authored from its checked ``pages``."""
         return self._broker.submit_validated(qid, sqe, pages, doorbell=doorbell)
 
+    # -- the service's compiled data path (nvmevfio/service/daemon.py; cbits/service.c) --
+    def service_attach(self, qid: int, svc: Any) -> None:
+        """Bind a service session (``struct nv_svc``) to I/O queue ``qid``'s PRP-list pages."""
+        self._broker.service_attach(qid, svc)
+
+    def service_buffer(self, entry: Any, buf: DmaBuffer) -> None:
+        """Fill a service session's table entry for ``buf`` (page tables authored by the broker)."""
+        self._broker.service_buffer(entry, buf)
+
+    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float) -> tuple[int, int]:
+        """The service's steady state in C until Python is needed: (event, session index)."""
+        return self._broker.service_serve(sessions, watch, timeout_s)
+
+    def service_pump(self, qid: int, svc: Any) -> int:
+        """Take, check and post a service session's published requests; the count posted."""
+        return self._broker.service_pump(qid, svc)
+
+    def service_drain(self, qid: int, svc: Any) -> None:
+        """Until none of a service session's commands is in flight, each completed to its client."""
+        self._broker.service_drain(qid, svc)
+
     def ring_doorbell(self, qid: int) -> None:
         """The SQ tail doorbell of an I/O queue, after entries posted with ``doorbell=False``."""
         self._broker.ring_doorbell(qid)

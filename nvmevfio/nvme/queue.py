@@ -416,7 +416,64 @@ class QueuePair:
         return r
 
 
-class PerfLoop:
+class PerfCounters:
+    """What a C closed loop (``struct nv_perf``) counts, and its latency histogram: shared by
+    :class:`PerfLoop` (on a queue pair) and the service client's loop (over its shared rings)."""
+
+    _p: Any
+    hist: np.ndarray
+
+    def _setup(self, *, nlb: int, block_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
+               depth: int, nslots: int, max_ios: int, seed: int, timeout_s: float) -> Any:
+        """The workload's ``struct nv_perf`` (slots free, counters zero), kept in ``_p``."""
+        self.hist = np.zeros(int(lib.nv_hist_buckets()), dtype=np.uint64)
+        self.free_slots = np.arange(nslots - 1, -1, -1, dtype=np.uint32)
+        p = ffi.new("struct nv_perf *")
+        p.nlb, p.block_size = nlb, block_size
+        p.lba_lo, p.positions, p.random, p.read_pct = lba_lo, positions, int(random), read_pct
+        p.depth, p.nslots, p.max_ios = depth, nslots, max_ios
+        p.timeout_ns = int(timeout_s * 1e9)
+        p.rng = seed & 0xFFFFFFFFFFFFFFFF
+        p.free_slots = ffi.cast("uint32_t *", self.free_slots.ctypes.data)
+        p.nfree = nslots
+        p.hist = ffi.cast("uint64_t *", self.hist.ctypes.data)
+        self._p = p
+        self.reset_stats()
+        return p
+
+    def _in_flight(self) -> int:
+        p = self._p
+        return int(p.nslots - p.nfree)
+
+    @property
+    def hybrid(self) -> bool:
+        """Hybrid polling (a polled queue): nap about half the expected time to the next completion
+        (mean latency / depth, measured as the loop runs), then spin, instead of spinning all along."""
+        return bool(self._p.hybrid)
+
+    @hybrid.setter
+    def hybrid(self, on: bool) -> None:
+        self._p.hybrid = int(on)
+
+    def reset_stats(self) -> None:
+        """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
+        count towards the I/O count from here on."""
+        p = self._p
+        p.issued = self._in_flight()
+        p.ios = p.reads = p.writes = p.errors = p.lat_sum_ns = p.lat_max_ns = 0
+        p.lat_min_ns = 0xFFFFFFFFFFFFFFFF
+        p.first_error_status = p.first_error_opcode = 0
+        p.wait_ns = p.fills = p.reaps = p.sleeps = 0
+        self.hist[:] = 0
+
+    def stats(self) -> dict[str, int]:
+        p = self._p
+        return {k: int(getattr(p, k)) for k in ("ios", "reads", "writes", "errors", "lat_sum_ns", "lat_min_ns",
+                                                 "lat_max_ns", "issued", "first_error_status",
+                                                 "first_error_opcode", "wait_ns", "fills", "reaps", "sleeps")}
+
+
+class PerfLoop(PerfCounters):
     """A closed-loop workload in C (``nv_perf_run``) on one queue pair: LBAs generated in C
     (random or sequential, read/write/mix), the queue kept full, latencies recorded into a
     log-linear histogram. Commands use the slots of a registered buffer, whose PRPs the
@@ -434,21 +491,15 @@ class PerfLoop:
         self._recover = recover
         self._guard = guard or contextlib.nullcontext
         self.prps = prps
-        self.hist = np.zeros(int(lib.nv_hist_buckets()), dtype=np.uint64)
-        self.free_slots = np.arange(len(prps) - 1, -1, -1, dtype=np.uint32)
-        p = ffi.new("struct nv_perf *")
-        p.nsid, p.nlb, p.block_size, p.page_size = nsid, nlb, block_size, page_size
-        p.lba_lo, p.positions, p.random, p.read_pct = lba_lo, positions, int(random), read_pct
-        p.depth, p.nslots, p.max_ios = depth, len(prps), max_ios
+        p = self._setup(nlb=nlb, block_size=block_size, lba_lo=lba_lo, positions=positions, random=random,
+                        read_pct=read_pct, depth=depth, nslots=len(prps), max_ios=max_ios, seed=seed,
+                        timeout_s=timeout_s)
+        p.nsid, p.page_size = nsid, page_size
         p.prps = ffi.cast("struct nv_prp_slot *", prps.ctypes.data)
         p.buf_slot, p.buf_gen = buf_slot, buf_gen
-        p.timeout_ns = int(timeout_s * 1e9)
-        p.rng = seed & 0xFFFFFFFFFFFFFFFF
-        p.free_slots = ffi.cast("uint32_t *", self.free_slots.ctypes.data)
-        p.nfree = len(prps)
-        p.hist = ffi.cast("uint64_t *", self.hist.ctypes.data)
-        self._p = p
-        self.reset_stats()
+
+    def _in_flight(self) -> int:
+        return self.ring.in_flight
 
     def step(self, slice_s: float) -> bool:
         """Run for ``slice_s`` (the queue stays full). True when the I/O count is reached and drained."""
@@ -496,29 +547,3 @@ class PerfLoop:
             else:
                 p.writes += 1
 
-    @property
-    def hybrid(self) -> bool:
-        """Hybrid polling (a polled queue): nap about half the expected time to the next completion
-        (mean latency / depth, measured as the loop runs), then spin, instead of spinning all along."""
-        return bool(self._p.hybrid)
-
-    @hybrid.setter
-    def hybrid(self, on: bool) -> None:
-        self._p.hybrid = int(on)
-
-    def reset_stats(self) -> None:
-        """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
-        count towards the I/O count from here on."""
-        p = self._p
-        p.issued = self.ring.in_flight
-        p.ios = p.reads = p.writes = p.errors = p.lat_sum_ns = p.lat_max_ns = 0
-        p.lat_min_ns = 0xFFFFFFFFFFFFFFFF
-        p.first_error_status = p.first_error_opcode = 0
-        p.wait_ns = p.fills = p.reaps = p.sleeps = 0
-        self.hist[:] = 0
-
-    def stats(self) -> dict[str, int]:
-        p = self._p
-        return {k: int(getattr(p, k)) for k in ("ios", "reads", "writes", "errors", "lat_sum_ns", "lat_min_ns",
-                                                 "lat_max_ns", "issued", "first_error_status",
-                                                 "first_error_opcode", "wait_ns", "fills", "reaps", "sleeps")}

@@ -10,6 +10,7 @@ maps them too and never learns an address. Requests go through the shared rings 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import select
@@ -20,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockFile, DeviceInfo
 from nvmevfio.errors import NvmeVfioError, Refused
+from nvmevfio.nvme.queue import PerfCounters
 from nvmevfio.nvme.spec import SQE, command_error
 from nvmevfio.service import DEFAULT_SOCKET
 from nvmevfio.service import ring as rings
@@ -335,6 +338,28 @@ class ServiceDevice:
     def deallocate(self, lba: int, count: int) -> None:
         self._one(rings.DEALLOCATE, lba, count, None, 0, "Dataset Management (deallocate)")
 
+    # ------------------------------------------------------------------ perf (nvmevfio.perf.run)
+    def register_buffer(self, buf: ServiceBuffer, slot_size: int) -> ServiceSlots:
+        """``buf`` cut into slots of ``slot_size`` bytes for :meth:`perf_loop` (the daemon authored
+        its pages' PRPs when it mapped it: nothing more to register)."""
+        if not buf.live or buf.id not in self._buffers:
+            raise Refused("stale-handle", f"buffer {buf.id} is not a live buffer of this session")
+        if slot_size <= 0 or slot_size % 4 or slot_size > buf.size:
+            raise Refused("length-mismatch", f"slot size {slot_size}: dword aligned, at most the buffer's {buf.size}")
+        return ServiceSlots(buf, slot_size, buf.size // slot_size)
+
+    def perf_loop(self, reg: ServiceSlots, *, io_size: int, lba_range: tuple[int, int], random: bool,
+                  read_pct: int, depth: int, max_ios: int = 0, seed: int = 1) -> ServicePerfLoop:
+        """A workload for the client's C closed loop over the shared rings (``nvmevfio.perf.run``
+        drives it): LBAs in ``lba_range`` of the window, ``depth`` requests kept published."""
+        return ServicePerfLoop(self, reg, io_size=io_size, lba_range=lba_range, random=random, read_pct=read_pct,
+                               depth=depth, max_ios=max_ios, seed=seed)
+
+    @staticmethod
+    def doorbell_counters() -> dict[str, int]:
+        """The device's doorbells are the daemon's: nothing is counted on this side."""
+        return dict.fromkeys(("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only"), 0)
+
     def file(self) -> BlockFile:
         """A seekable binary file over the window."""
         return BlockFile(self)  # type: ignore[arg-type]  # the same verbs BlockFile uses
@@ -369,3 +394,70 @@ def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, *, lane: str = "de
     asks the kernel): the namespace window your grant gives, LBA 0 at its start. Refused
     ``no-grant`` without one; :class:`ServiceGone` when no daemon is there or it went away."""
     return ServiceDevice(socket_path, nsid, lane=lane, timeout_s=timeout_s)
+
+
+@dataclass(frozen=True, eq=False)
+class ServiceSlots:
+    """A service buffer cut into equal slots, one per request of a perf loop."""
+
+    buffer: ServiceBuffer
+    slot_size: int
+    slots: int
+
+
+class ServicePerfLoop(PerfCounters):
+    """``nvmevfio perf`` through the service: the client's closed loop in C
+    (``nv_svc_client_perf``) publishes requests into its shared ring, one doorbell per batch,
+    and reaps completions into the same histogram and counters as the in-process loop."""
+
+    def __init__(self, dev: ServiceDevice, reg: ServiceSlots, *, io_size: int, lba_range: tuple[int, int],
+                 random: bool, read_pct: int, depth: int, max_ios: int, seed: int) -> None:
+        if dev.lane != "default":
+            raise Refused("lane-unsupported", "perf through the service uses the default lane")
+        if dev._pending:
+            raise Refused("queue-busy", f"{len(dev._pending)} request(s) in flight; reap them first")
+        bs = dev.block_size
+        lo, hi = lba_range
+        if io_size <= 0 or io_size % bs or io_size > reg.slot_size:
+            raise Refused("length-mismatch", f"I/O size {io_size}: a multiple of {bs} bytes, at most the slot's "
+                          f"{reg.slot_size}")
+        if not (0 <= lo < hi <= dev.block_count) or hi - lo < io_size // bs:
+            raise Refused("out-of-window", f"range {lo}..{hi} does not fit the window of {dev.block_count} blocks")
+        if not 1 <= depth <= min(reg.slots, dev.info.queue_depth):
+            raise Refused("count-out-of-range", f"depth {depth}: 1..{min(reg.slots, dev.info.queue_depth)} "
+                          "(the slots and the granted queue depth)")
+        self.dev, self.reg = dev, reg
+        nlb = io_size // bs
+        p = self._setup(nlb=nlb, block_size=bs, lba_lo=lo, positions=(hi - lo) // nlb, random=random,
+                        read_pct=read_pct, depth=depth, nslots=reg.slots, max_ios=max_ios, seed=seed,
+                        timeout_s=dev.timeout_s)
+        p.buf_slot, p.buf_gen = reg.buffer.id, reg.buffer.generation
+        self.issued_ns = np.zeros(reg.slots, dtype=np.int64)
+        self._tail = ffi.new("uint32_t *", dev._sq_tail)
+        self._head = ffi.new("uint32_t *", dev._cq_head)
+        self._ptrs = dev._ring.pointers()
+
+    def step(self, slice_s: float) -> bool:
+        """Run for ``slice_s`` (the ring kept full). True when the I/O count is reached and drained."""
+        return self._run(slice_s, False)
+
+    def drain(self) -> None:
+        """Stop publishing; reap what is in flight."""
+        while not self._run(0.0, True):
+            pass
+
+    def _run(self, slice_s: float, drain: bool) -> bool:
+        dev = self.dev
+        header, requests, completions = self._ptrs
+        r = int(lib.nv_svc_client_perf(header, requests, completions, dev._ring.depth, dev._doorbell,
+                                       dev._completion, self._p, self.reg.slot_size,
+                                       ffi.cast("int64_t *", self.issued_ns.ctypes.data), self._tail, self._head,
+                                       int(slice_s * 1e9), int(drain)))
+        dev._sq_tail, dev._cq_head = int(self._tail[0]), int(self._head[0])
+        if r == -errno.ETIMEDOUT:
+            dev._wait(time.monotonic())  # ServiceGone when the daemon went away
+            raise Refused("command-timeout", f"the service completed nothing within {dev.timeout_s:g} s "
+                          f"({self._in_flight()} request(s) in flight)")
+        if r < 0:
+            raise ServiceGone(f"the service's completion ring broke the protocol ({os.strerror(-r)})")
+        return r == 1

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nvmevfio._ffi import lib
 from nvmevfio.dma import DmaBuffer, align_up
 from nvmevfio.errors import CommandError, NvmeVfioError, Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
@@ -111,6 +112,62 @@ def _ring_memory(size: int) -> tuple[int, mmap.mmap]:
         raise
 
 
+class FastPath:
+    """A default-lane session's compiled data path (``struct nv_svc``, cbits/service.c): its
+    shared rings, grant and buffer table as C sees them. C takes each request, checks it and
+    posts it on the session's queue pair with PRPs copied from page tables the broker authored
+    (:meth:`Provider.service_buffer`); the daemon's Python runs per batch, not per request."""
+
+    def __init__(self, provider: Provider, ring: rings.SharedRings, qid: int, grant: ServiceGrant, doorbell: int,
+                 completion: int) -> None:
+        from nvmevfio._ffi import ffi
+
+        self._ffi = ffi
+        self.ring = ring  # kept alive: C points into its memory
+        svc = ffi.new("struct nv_svc *")
+        svc.header, svc.requests, svc.completions = ring.pointers()
+        svc.depth, svc.doorbell_fd, svc.completion_fd = ring.depth, doorbell, completion
+        ns = provider.namespace(grant.nsid)
+        svc.nsid, svc.writable = grant.nsid, int(grant.writable)
+        svc.first_lba, svc.blocks = grant.first_lba, grant.blocks
+        svc.block_size = ns.block_size
+        svc.next_buffer = 1
+        provider.service_attach(qid, svc)
+        n = int(svc.ncids)
+        self._cids = [ffi.new(f"{t}[]", n) for t in ("int64_t", "uint32_t", "uint64_t", "uint32_t")]
+        svc.cid_tag, svc.cid_buffer, svc.cid_offset, svc.cid_length = self._cids
+        self.svc = svc
+        self._table = ffi.new("struct nv_svc_buffer[]", 8)
+        self._sync_table()
+
+    def _sync_table(self) -> None:
+        self.svc.buffers, self.svc.nbuffers = self._table, len(self._table)
+
+    def add(self, provider: Provider, ident: int, buf: DmaBuffer) -> None:
+        """Buffer ``ident`` into the table (grown as ids grow), described by the broker."""
+        if ident >= len(self._table):
+            bigger = self._ffi.new("struct nv_svc_buffer[]", max(2 * len(self._table), ident + 1))
+            self._ffi.memmove(bigger, self._table, self._ffi.sizeof(self._table))
+            self._table = bigger
+            self._sync_table()
+        provider.service_buffer(self._table + ident, buf)
+        self.svc.next_buffer = max(int(self.svc.next_buffer), ident + 1)
+
+    def remove(self, ident: int) -> None:
+        """Buffer ``ident`` freed: a request naming it is refused stale-generation from now on."""
+        self._ffi.memmove(self._table + ident, bytes(self._ffi.sizeof("struct nv_svc_buffer")),
+                          self._ffi.sizeof("struct nv_svc_buffer"))
+
+    def take_held(self) -> tuple[int, int, int, int] | None:
+        """The FLUSH, Write Zeroes or deallocate C held back: (opcode, lba, count, tag)."""
+        svc = self.svc
+        if not svc.has_held:
+            return None
+        svc.has_held = 0
+        h = svc.held
+        return int(h.opcode), int(h.lba), int(h.count), int(h.tag)
+
+
 @dataclass(eq=False)
 class Session:
     """One connected client."""
@@ -141,6 +198,7 @@ class Session:
     serial: int = 0  # tells two sessions of one process apart
     freed: list[validator.Region] = field(default_factory=list)  # validated lane: quarantined IOVAs
     regions: tuple[int, validator.RegionMap] | None = None  # (ledger version, map) last built
+    fast: FastPath | None = None  # the default lane's compiled data path
 
     @property
     def name(self) -> str:
@@ -153,7 +211,15 @@ class Session:
 
     @property
     def in_flight(self) -> int:
-        return len(self.tags)
+        """Requests taken and not yet completed to the client."""
+        return int(self.fast.svc.in_flight) if self.fast is not None else len(self.tags)
+
+    @property
+    def counters(self) -> tuple[int, int]:
+        """(requests taken, requests refused)."""
+        if self.fast is not None:
+            return int(self.fast.svc.taken), int(self.fast.svc.refused)
+        return self.requests, self.refused
 
 
 class Service:
@@ -221,8 +287,7 @@ class Service:
     def serve(self) -> None:
         """The event loop: new connections, control messages, client doorbells, completions."""
         while not self._stop.is_set():
-            polled = any(s.in_flight for s in self.sessions.values()) and self._irq_fd(1) is None
-            for key, _ in self._selector.select(POLL_S if polled else None):
+            for key, _ in self._selector.select(self._serve_fast()):
                 kind, session = key.data
                 if kind == "accept":
                     self._accept()
@@ -247,6 +312,25 @@ class Service:
                         os.eventfd_read(key.fd)
             self._reap_all()
 
+    def _serve_fast(self) -> float | None:
+        """The default lane's steady state, in C (``nv_svc_serve``: every such session's requests
+        taken and posted, completions reaped, round robin) until Python is needed: a control
+        message, a new client, a validated-lane doorbell, a held request, a signal. Returns the
+        selector's timeout for what follows."""
+        polled = self._irq_fd(1) is None
+        fast = [s for s in self.sessions.values() if s.fast is not None and not s.closing]
+        slow_busy = polled and any(s.in_flight for s in self.sessions.values() if s.fast is None)
+        if not fast:
+            return POLL_S if slow_busy else None
+        theirs = {s.doorbell for s in fast} | {self._irq_fd(s.qid) for s in fast}
+        watch = [k.fd for k in self._selector.get_map().values() if k.fd not in theirs]
+        assert all(s.fast is not None for s in fast)  # for the type checker: filtered above
+        event, i = self.provider.service_serve([(s.qid, s.fast.svc) for s in fast if s.fast is not None], watch,
+                                               0.0 if slow_busy else 1.0)
+        if event == lib.NV_SVC_HELD:
+            self._run_held(fast[i])
+        return 0.0
+
     def close(self) -> None:
         """Every session ended (commands waited for, memory scrubbed), socket removed. Once."""
         if self._wake_r < 0:
@@ -265,6 +349,11 @@ class Service:
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self._wake_r = self._wake_w = -1
+
+    @property
+    def wake_fd(self) -> int:
+        """Written to wake :meth:`serve` (a signal's wakeup fd)."""
+        return self._wake_w
 
     def _irq_fd(self, qid: int) -> int | None:
         return self.provider.completion_fd(qid) if self.irq else None
@@ -351,6 +440,8 @@ class Service:
         s.completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         s.grant, s.depth, s.qid = grant, depth, self._free_qids.pop()
         self._selector.register(s.doorbell, selectors.EVENT_READ, ("doorbell", s))
+        if lane == "default":
+            s.fast = FastPath(self.provider, s.ring, s.qid, grant, s.doorbell, s.completion)
         irq = self._irq_fd(s.qid)
         if irq is not None and not any(k.fd == irq for k in self._selector.get_map().values()):
             self._selector.register(irq, selectors.EVENT_READ, ("irq", None))
@@ -377,7 +468,7 @@ class Service:
         """This session's counters (and, for root, every session's)."""
         def one(x: Session) -> dict[str, Any]:
             return {"pid": x.pid, "uid": x.uid, "qid": x.qid, "buffers": len(x.buffers), "dma_bytes": x.dma_bytes,
-                    "in_flight": x.in_flight, "requests": x.requests, "refused": x.refused}
+                    "in_flight": x.in_flight, "requests": x.counters[0], "refused": x.counters[1]}
         out: dict[str, Any] = {"session": one(s)}
         if s.uid == 0:
             out["sessions"] = [one(x) for x in self.sessions.values() if x.ring is not None]
@@ -398,6 +489,8 @@ class Service:
         s.next_buffer += 1
         s.buffers[ident] = buf
         s.dma_bytes += rounded
+        if s.fast is not None:
+            s.fast.add(self.provider, ident, buf)
         reply: dict[str, Any] = {"buffer": ident, "generation": buf.generation, "size": size}
         if s.lane == "validated":  # Model B: the client writes device addresses itself
             reply["iova"] = self.provider.device_address(buf)
@@ -413,6 +506,8 @@ class Service:
             raise Refused("buffer-in-flight", f"{s.in_flight} command(s) in flight; reap them before freeing")
         iova = self.provider.device_address(buf) if s.lane == "validated" else 0
         self.provider.free_buffer(buf)  # scrubbed, unmapped; refused (buffer-in-flight) while commands use it
+        if s.fast is not None:
+            s.fast.remove(ident)
         if s.lane == "validated":  # an entry naming it now is refused stale-generation, until reused
             s.freed.append(validator.Region(iova, buf.size, s.owner, buf.generation, live=False))
         del s.buffers[ident]
@@ -420,73 +515,32 @@ class Service:
         return {}, []
 
     # ------------------------------------------------------------------ the data path
-    def _check(self, s: Session, r: np.void) -> tuple[str, DmaBuffer | None]:
-        """The reason to refuse one request ("" to accept), and its buffer."""
-        g = s.grant
-        assert g is not None
-        opcode, lba, count = int(r["opcode"]), int(r["lba"]), int(r["count"])
-        if opcode not in rings.OPCODES:
-            return "disallowed-opcode", None
-        if opcode != rings.READ and opcode != rings.FLUSH and not g.writable:
-            return "read-only", None
-        if opcode == rings.FLUSH:
-            return "", None
-        if count < 1 or lba < 0 or lba + count > g.blocks:
-            return "out-of-window", None
-        if opcode not in (rings.READ, rings.WRITE):
-            return "", None
-        ns = self.provider.namespace(g.nsid)
-        length = count * ns.block_size
-        if length > self.provider.max_transfer:
-            return "count-out-of-range", None
-        ident = int(r["buffer"])
-        buf = s.buffers.get(ident)
-        if buf is None:  # ids are never reused: one this session was given is a freed one
-            return ("stale-generation" if 0 < ident < s.next_buffer else "invalid-region"), None
-        if buf.generation != int(r["generation"]) or not buf.live:
-            return "stale-generation", None
-        offset = int(r["offset"])
-        if offset + length > buf.size:
-            return "region-overrun", None
-        if offset & 3:
-            return "unaligned", None
-        return "", buf
-
     def _pump(self, s: Session) -> None:
-        """Take what the client published (as many as its depth allows), check each request,
-        post the accepted reads and writes in batches on its queue pair, run the others."""
+        """Take what the client published (as many as its depth allows), check each request and
+        post the accepted ones: the default lane's in C (cbits/service.c), which holds back a
+        FLUSH, Write Zeroes or deallocate for :meth:`_run_held`; the validated lane's here."""
         if s.ring is None or s.closing:
             return
-        if s.lane == "validated":
+        if s.fast is None:
             self._pump_validated(s)
             return
-        reqs = self._take(s)
-        if not len(reqs) or self._post_uniform(s, reqs):
+        self.provider.service_pump(s.qid, s.fast.svc)
+        if s.fast.svc.has_held and s.in_flight == 1:
+            self._run_held(s)
+
+    def _run_held(self, s: Session) -> None:
+        """The request C held back, on the session's idle queue; then what the client published
+        after it."""
+        assert s.fast is not None
+        held = s.fast.take_held()
+        if held is None:
             return
+        opcode, lba, count, tag = held
         g = s.grant
         assert g is not None
-        done: list[tuple[int, int, str]] = []  # (client tag, NVMe status, refusal)
-        batch: list[tuple[int, int, int, int, DmaBuffer]] = []  # (opcode, lba, count, offset, buffer)
-        batch_tags: list[int] = []
-        for r in reqs:
-            reason, buf = self._check(s, r)
-            tag, opcode = int(r["tag"]), int(r["opcode"])
-            if reason:
-                done.append((tag, 0, reason))
-                continue
-            if buf is not None:
-                if batch and (batch[-1][0] != opcode or batch[-1][4] is not buf):
-                    self._post(s, batch, batch_tags, done)
-                    batch, batch_tags = [], []
-                batch.append((opcode, g.first_lba + int(r["lba"]), int(r["count"]), int(r["offset"]), buf))
-                batch_tags.append(tag)
-                continue
-            self._post(s, batch, batch_tags, done)
-            batch, batch_tags = [], []
-            done.append((tag, *self._run_sync(s, opcode, g.first_lba + int(r["lba"]), int(r["count"]))))
-        self._post(s, batch, batch_tags, done)
-        if done:
-            self._complete(s, done)
+        status, reason = self._run_sync(s, opcode, g.first_lba + lba, count)
+        lib.nv_svc_put(s.fast.svc, tag, rings.SERVICE_REFUSED if reason else status, rings.reason_code(reason), 0)
+        self._pump(s)
 
     def _take(self, s: Session) -> np.ndarray:
         """The client's published requests (copies), as many as fit its depth: what is in flight,
@@ -499,34 +553,6 @@ class Service:
         reqs, s.sq_head = s.ring.take_requests(s.sq_head, limit)
         s.requests += len(reqs)
         return reqs
-
-    def _post_uniform(self, s: Session, reqs: np.ndarray) -> bool:
-        """The common batch, checked with numpy at once and posted as one: every request a READ
-        (or every one a WRITE) into one live buffer, inside the window and the buffer. Anything
-        else returns False, and the request-by-request path names each refusal."""
-        g = s.grant
-        assert g is not None
-        opcodes, idents = reqs["opcode"], reqs["buffer"]
-        opcode = int(opcodes[0])
-        if opcode not in (rings.READ, rings.WRITE) or (opcode == rings.WRITE and not g.writable):
-            return False
-        buf = s.buffers.get(int(idents[0]))
-        if (buf is None or (opcodes != opcode).any() or (idents != idents[0]).any()
-                or (reqs["generation"] != buf.generation).any() or not buf.live):
-            return False
-        lba, count, offset = (reqs[k].astype(np.int64) for k in ("lba", "count", "offset"))
-        length = count * self.provider.namespace(g.nsid).block_size
-        if (count.min() < 1 or lba.min() < 0 or offset.min() < 0 or (lba + count).max() > g.blocks
-                or length.max() > self.provider.max_transfer or (offset & 3).any()
-                or (offset + length).max() > buf.size):
-            return False
-        try:
-            posted = self.provider.submit("read" if opcode == rings.READ else "write", g.nsid, g.first_lba + lba,
-                                          count, buf, offset, qid=s.qid)
-        except Refused:
-            return False  # e.g. too many memory pages at an in-page offset: named request by request
-        s.tags.update(zip(posted.tolist(), reqs["tag"].tolist()))
-        return True
 
     # ------------------------------------------------------------------ Model B
     def _regions(self, s: Session) -> validator.RegionMap:
@@ -617,23 +643,6 @@ class Service:
             return _status_field(exc), ""
         return 0, ""
 
-    def _post(self, s: Session, batch: list[tuple[int, int, int, int, DmaBuffer]], tags: list[int],
-              done: list[tuple[int, int, str]]) -> None:
-        if not batch:
-            return
-        g = s.grant
-        assert g is not None
-        opcode, buf = batch[0][0], batch[0][4]
-        try:
-            posted = self.provider.submit("read" if opcode == rings.READ else "write", g.nsid,
-                                          [b[1] for b in batch], [b[2] for b in batch], buf, [b[3] for b in batch],
-                                          qid=s.qid)
-        except Refused as exc:
-            reason = exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
-            done.extend((t, 0, reason) for t in tags)
-            return
-        s.tags.update(zip(posted.tolist(), tags))
-
     def _run_sync(self, s: Session, opcode: int, lba: int, count: int) -> tuple[int, str]:
         """FLUSH, WRITE ZEROES or DEALLOCATE, one command: after the queue's batch has drained
         (the broker runs them on an idle queue)."""
@@ -654,8 +663,11 @@ class Service:
         return 0, ""
 
     def _drain(self, s: Session) -> None:
-        """Until none of the session's commands is in flight (the broker's timeout recovery
-        bounds the wait)."""
+        """Until none of the session's commands is on the device (the broker's timeout recovery
+        bounds the wait); a held request is not on it."""
+        if s.fast is not None:
+            self.provider.service_drain(s.qid, s.fast.svc)
+            return
         while s.in_flight:
             self._reap(s, minimum=1)
 
@@ -667,7 +679,7 @@ class Service:
         self._turn += 1
         first = self._turn % len(sessions) if sessions else 0
         for s in sessions[first:] + sessions[:first]:
-            if s.in_flight:
+            if s.in_flight and s.fast is None:  # the default lane's are reaped in C (serve)
                 self._reap(s)
             if s.closing and not s.in_flight:
                 self._finish(s)
@@ -722,13 +734,15 @@ class Service:
         self._selector.unregister(s.sock)
         if s.doorbell >= 0:
             self._selector.unregister(s.doorbell)
-        if not s.in_flight:
+        if not s.in_flight or s.fast is not None:  # C's commands complete in microseconds: drained now
             self._finish(s)
         else:
             log.info("%s: gone with %d command(s) in flight; waiting for them", s.name, s.in_flight)
 
     def _finish(self, s: Session) -> None:
         self._drain(s)  # the daemon is stopping: wait for what the session has in flight
+        if s.fast is not None and s.fast.take_held() is not None:
+            s.fast.svc.in_flight -= 1  # a held request never reached the device: nothing to wait for
         for buf in s.buffers.values():
             if buf.live:
                 self.provider.free_buffer(buf)  # scrubbed and unmapped before the memory is let go
@@ -759,9 +773,11 @@ def run(provider: Provider, grants: list[ServiceGrant], socket_path: str, **opti
     service = Service(provider, grants, socket_path, **options)
     service.start()
     previous = {sig: signal.signal(sig, lambda *_: service.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    wakeup = signal.set_wakeup_fd(service.wake_fd)  # a signal ends the C loop's wait (or spin) too
     try:
         service.serve()
     finally:
+        signal.set_wakeup_fd(wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         service.close()

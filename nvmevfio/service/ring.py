@@ -90,6 +90,14 @@ class SharedRings:
         cq_at = HEADER + -(-sq_bytes // 4096) * 4096
         self.completions = memory[cq_at : cq_at + self.depth * COMPLETION.itemsize].view(COMPLETION)
 
+    def pointers(self) -> tuple[Any, Any, Any]:
+        """The header, request ring and completion ring as C pointers (cbits/service.c)."""
+        from nvmevfio._ffi import ffi
+
+        return (ffi.cast("uint8_t *", self.memory.ctypes.data),
+                ffi.cast("struct nv_svc_request *", self.requests.ctypes.data),
+                ffi.cast("struct nv_svc_completion *", self.completions.ctypes.data))
+
     def _load(self, at: int) -> int:
         return int(self._lib.nv_load_acquire32(self._base + at))
 

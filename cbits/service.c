@@ -1,0 +1,495 @@
+/* nvmevfio serve: the per-command part of the service's data path (nvmevfio/service/).
+ *
+ * A client publishes 40-byte requests (a buffer id, an offset in it, LBAs of its window) in a
+ * shared ring; here each is copied out of the shared page, checked against the session's grant
+ * and buffer table, and turned into an NVMe READ or WRITE whose PRP1, PRP2 and PRP-list entries
+ * are copied from the page tables the broker authored (NVMe Base 2.0, 4.1.1). Completions go
+ * back into the client's completion ring. The index protocol is ring.py's: free-running 32-bit
+ * counters, each published with a store-release after the entries it covers and read with a
+ * load-acquire before the entries (nv_store_release32 / nv_load_acquire32). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "shim.h"
+
+/* ring.py: one cache line per index */
+#define SQ_TAIL 0
+#define SQ_HEAD 64
+#define CQ_TAIL 128
+#define CQ_HEAD 192
+
+/* request opcodes: the NVM command set's (ring.py) */
+#define OPC_FLUSH 0x00
+#define OPC_WRITE 0x01
+#define OPC_READ 0x02
+#define OPC_WRITE_ZEROES 0x08
+#define OPC_DEALLOCATE 0x09
+
+#define SERVICE_REFUSED 0x8000
+#define REAP_BATCH 64
+#define WATCH_NS 1000000LL       /* spinning: how often the watched descriptors are looked at */
+#define LATE_CHECK_NS 100000000LL /* how often in-flight ages are looked at */
+#define MAX_POLL_FDS 256
+
+_Static_assert(sizeof(struct nv_svc_request) == 40, "ring.REQUEST is 40 bytes");
+_Static_assert(sizeof(struct nv_svc_completion) == 16, "ring.COMPLETION is 16 bytes");
+
+static inline uint32_t load_index(const struct nv_svc *s, uint32_t at)
+{
+    return nv_load_acquire32(s->header + at);
+}
+
+static inline void store_index(struct nv_svc *s, uint32_t at, uint32_t value)
+{
+    nv_store_release32(s->header + at, value);
+}
+
+int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r)
+{
+    /* the same order as the daemon's refusals always had: opcode, access, window, size, buffer */
+    uint8_t opc = r->opcode;
+    if (opc != OPC_FLUSH && opc != OPC_WRITE && opc != OPC_READ && opc != OPC_WRITE_ZEROES && opc != OPC_DEALLOCATE)
+        return NV_SVC_DISALLOWED_OPCODE;
+    if (opc != OPC_READ && opc != OPC_FLUSH && !s->writable)
+        return NV_SVC_READ_ONLY;
+    if (opc == OPC_FLUSH)
+        return NV_SVC_OK;
+    if (r->count < 1 || r->lba >= s->blocks || r->count > s->blocks - r->lba)
+        return NV_SVC_OUT_OF_WINDOW;
+    if (opc != OPC_READ && opc != OPC_WRITE)
+        return NV_SVC_OK;
+    uint64_t length = (uint64_t)r->count * s->block_size;
+    if (length > s->max_transfer)
+        return NV_SVC_COUNT_OUT_OF_RANGE;
+    const struct nv_svc_buffer *b = r->buffer < s->nbuffers ? &s->buffers[r->buffer] : NULL;
+    if (!b || !b->size)  /* ids are never reused: one handed out earlier was freed */
+        return r->buffer > 0 && r->buffer < s->next_buffer ? NV_SVC_STALE_GENERATION : NV_SVC_INVALID_REGION;
+    if (b->generation != r->generation)
+        return NV_SVC_STALE_GENERATION;
+    if (r->offset > b->size || length > b->size - r->offset)
+        return NV_SVC_REGION_OVERRUN;
+    if (r->offset & 3)  /* PRP1: dword aligned (4.1.1) */
+        return NV_SVC_UNALIGNED;
+    uint64_t in_page = r->offset % s->page_size;
+    uint64_t pages = (in_page + length + s->page_size - 1) / s->page_size;
+    uint64_t per = s->page_size / 8;
+    /* list pages this command needs: each holds per - 1 entries and a chain pointer, the last one per */
+    uint64_t entries = pages - 1;
+    uint64_t lists = pages <= 2 ? 0 : entries <= per ? 1 : 1 + (entries - per + per - 2) / (per - 1);
+    if (pages > s->max_pages || lists > s->prp_pages)
+        return NV_SVC_COUNT_OUT_OF_RANGE;
+    return NV_SVC_OK;
+}
+
+/* PRP1 and PRP2 of a checked READ/WRITE, and its PRP-list pages in cid's part of the queue's
+ * list area: every value is an entry of the broker's tables, none is computed here beyond an
+ * offset inside the first page. */
+static void author(struct nv_svc *s, const struct nv_svc_buffer *b, uint16_t cid, uint64_t offset,
+                   uint64_t length, struct nv_sqe *e)
+{
+    uint32_t ps = s->page_size;
+    uint64_t first = offset / ps, in_page = offset % ps;
+    uint64_t pages = (in_page + length + ps - 1) / ps;
+    e->prp1 = b->pages[first] + in_page;
+    if (pages == 1) {
+        e->prp2 = 0;
+        return;
+    }
+    if (pages == 2) {
+        e->prp2 = b->pages[first + 1];
+        return;
+    }
+    uint64_t per = ps / 8;
+    uint64_t remaining = pages - 1;
+    const uint64_t *src = &b->pages[first + 1];
+    uint32_t list = cid * s->prp_pages;
+    e->prp2 = s->prp_dev[list];
+    for (;;) {
+        uint64_t *page = &s->prp_area[(uint64_t)list * per];
+        if (remaining <= per) {  /* the rest fits this page, its last entry included (4.1.1) */
+            memcpy(page, src, remaining * 8);
+            return;
+        }
+        memcpy(page, src, (per - 1) * 8);
+        page[per - 1] = s->prp_dev[list + 1];  /* the last entry points to the next list page */
+        src += per - 1;
+        remaining -= per - 1;
+        list++;
+    }
+}
+
+static void put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result)
+{
+    struct nv_svc_completion *c = &s->completions[s->cq_tail % s->depth];
+    c->tag = tag;
+    c->status = status;
+    c->reason = reason;
+    c->result = result;
+    c->rsvd = 0;
+    s->cq_tail++;
+    s->completed++;
+}
+
+static void publish_completions(struct nv_svc *s)
+{
+    store_index(s, CQ_TAIL, s->cq_tail);  /* store-release: the entries before the index */
+    if (s->completion_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(s->completion_fd, &one, sizeof(one));
+        (void)w;  /* EAGAIN: the counter is at its maximum, the client is woken anyway */
+    }
+    s->reaps++;
+}
+
+int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
+{
+    if (s->has_held)
+        return 0;
+    /* Every request taken gets one completion: take no more than the completion ring has room
+     * for after the ones still owed. A client that wrote a wild head only stalls itself. */
+    int64_t owed = (int64_t)(uint32_t)(s->cq_tail - load_index(s, CQ_HEAD)) + s->in_flight;
+    int64_t room = (int64_t)s->depth - owed;
+    uint32_t avail = load_index(s, SQ_TAIL) - s->sq_head;
+    if (avail > s->depth)  /* a tail more than a ring ahead: one ring's worth */
+        avail = s->depth;
+    uint32_t posted = 0, refused = 0;
+    int64_t now = 0;
+    while (avail && room > 0) {
+        struct nv_svc_request r = s->requests[s->sq_head % s->depth];  /* a copy: what is checked is used */
+        int reason = nv_svc_check(s, &r);
+        if (reason == NV_SVC_OK && (r.opcode == OPC_READ || r.opcode == OPC_WRITE)) {
+            uint16_t cid;
+            if (nv_qp_take(qp, 1, &cid) < 0)
+                break;  /* the queue is full: the rest waits for completions */
+            const struct nv_svc_buffer *b = &s->buffers[r.buffer];
+            uint64_t length = (uint64_t)r.count * s->block_size;
+            struct nv_sqe e;
+            memset(&e, 0, sizeof(e));
+            e.opc = r.opcode;
+            e.cid = cid;
+            e.nsid = s->nsid;
+            uint64_t slba = s->first_lba + r.lba;
+            e.cdw10 = (uint32_t)slba;
+            e.cdw11 = (uint32_t)(slba >> 32);
+            e.cdw12 = r.count - 1;  /* NLB is 0's based */
+            author(s, b, cid, r.offset, length, &e);
+            if (b->shadow && r.opcode == OPC_WRITE)  /* no IOMMU: the device reads the shadow */
+                memcpy(b->shadow + r.offset, b->user + r.offset, length);
+            if (!now)
+                now = nv_now_ns();
+            int64_t tag = nv_qp_push(qp, &e, b->ledger_slot, b->ledger_gen, r.tag, now);
+            if (tag < 0) {
+                uint16_t back = cid;
+                nv_qp_untake(qp, 1, &back);
+                break;
+            }
+            s->cid_tag[cid] = tag;
+            s->cid_buffer[cid] = r.buffer;
+            s->cid_offset[cid] = r.offset;
+            s->cid_length[cid] = (uint32_t)length;
+            s->in_flight++;
+            posted++;
+        } else if (reason == NV_SVC_OK) {
+            s->held = r;  /* FLUSH, Write Zeroes, deallocate: after the batch drains, in Python */
+            s->has_held = 1;
+            s->in_flight++;
+        } else {
+            put(s, r.tag, SERVICE_REFUSED, (uint16_t)reason, 0);
+            refused++;
+        }
+        s->sq_head++;
+        s->taken++;
+        avail--;
+        room--;
+        if (s->has_held)
+            break;
+    }
+    store_index(s, SQ_HEAD, s->sq_head);  /* store-release: those entries may be written again */
+    if (posted) {
+        nv_qp_ring_sq(qp);  /* one SQ tail doorbell for the batch */
+        s->posted += posted;
+        s->pumps++;
+    }
+    if (refused) {
+        s->refused += refused;
+        publish_completions(s);
+    }
+    return (int)posted;
+}
+
+int nv_svc_complete(struct nv_svc *s, const struct nv_completion *done, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct nv_completion *c = &done[i];
+        if (c->cid < s->ncids && s->cid_tag[c->cid] == c->tag) {
+            uint32_t id = s->cid_buffer[c->cid];
+            const struct nv_svc_buffer *b = id < s->nbuffers ? &s->buffers[id] : NULL;
+            /* no IOMMU: a READ's data went to the shadow; the client's memory gets it now */
+            if (b && b->shadow && c->opcode == OPC_READ && c->status == 0)
+                memcpy(b->user + s->cid_offset[c->cid], b->shadow + s->cid_offset[c->cid], s->cid_length[c->cid]);
+            s->cid_tag[c->cid] = 0;
+        }
+        put(s, c->cookie, c->status, 0, c->result);
+        if (s->in_flight)
+            s->in_flight--;
+    }
+    if (n)
+        publish_completions(s);
+    return (int)n;
+}
+
+int nv_svc_put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result)
+{
+    put(s, tag, status, reason, result);
+    if (s->in_flight)
+        s->in_flight--;
+    publish_completions(s);
+    return 0;
+}
+
+int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp)
+{
+    struct nv_completion done[REAP_BATCH];
+    int total = 0;
+    for (;;) {
+        uint32_t nunpin = 0;
+        int n = nv_qp_reap(qp, done, REAP_BATCH, NULL, 0, &nunpin);
+        if (n < 0) {
+            if (total)
+                nv_qp_ring_cq(qp);
+            return n;
+        }
+        if (n > 0)
+            nv_svc_complete(s, done, (uint32_t)n);
+        total += n;
+        if (n < REAP_BATCH)
+            break;
+    }
+    if (total)
+        nv_qp_ring_cq(qp);  /* one CQ head doorbell for the batch */
+    return total;
+}
+
+static int readable(const int *fds, uint32_t n)
+{
+    struct pollfd p[MAX_POLL_FDS];
+    if (n > MAX_POLL_FDS)
+        n = MAX_POLL_FDS;
+    for (uint32_t i = 0; i < n; i++) {
+        p[i].fd = fds[i];
+        p[i].events = POLLIN;
+        p[i].revents = 0;
+    }
+    return n ? poll(p, n, 0) > 0 : 0;
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t r = read(fd, &v, sizeof(v));  /* non-blocking: EAGAIN when it was not set */
+    (void)r;
+}
+
+int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
+                 int64_t late_ns, int64_t timeout_ns, uint32_t *which)
+{
+    int64_t start = nv_now_ns();
+    int64_t next_watch = start + WATCH_NS, next_late = start + LATE_CHECK_NS;
+    uint32_t turn = 0;
+    for (;;) {
+        uint64_t work = 0;
+        int spin = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = (turn + k) % n;  /* round robin: a different session goes first each pass */
+            if (qps[i]->stop && *(volatile const int32_t *)qps[i]->stop) {
+                *which = i;
+                return *qps[i]->stop == 1 ? -ENODEV : -EAGAIN;
+            }
+            int r = nv_svc_reap(s[i], qps[i]);
+            if (r < 0) {
+                *which = i;
+                return r;
+            }
+            work += (uint64_t)r;
+            work += (uint64_t)nv_svc_pump(s[i], qps[i]);
+            if (s[i]->has_held && s[i]->in_flight == 1) {  /* only the held request is left */
+                *which = i;
+                return NV_SVC_HELD;
+            }
+            if (qps[i]->in_flight && qps[i]->irq_fd < 0)
+                spin = 1;
+        }
+        turn++;
+        int64_t now = nv_now_ns();
+        if (now >= next_late) {
+            next_late = now + LATE_CHECK_NS;
+            for (uint32_t i = 0; i < n; i++) {
+                if (qps[i]->in_flight && now - nv_qp_oldest_submit(qps[i]) >= late_ns) {
+                    *which = i;
+                    return NV_SVC_LATE;
+                }
+            }
+        }
+        if (now - start >= timeout_ns)
+            return NV_SVC_TIMEOUT;
+        if (work || spin) {
+            if (now >= next_watch) {
+                next_watch = now + WATCH_NS;
+                if (readable(watch, nwatch))
+                    return NV_SVC_CONTROL;
+            }
+            continue;
+        }
+        /* Nothing to do: sleep until a client rings, a queue interrupts, or Python is needed. */
+        struct pollfd p[MAX_POLL_FDS];
+        uint32_t np = 0;
+        for (uint32_t i = 0; i < nwatch && np < MAX_POLL_FDS; i++)
+            p[np++] = (struct pollfd){.fd = watch[i], .events = POLLIN};
+        for (uint32_t i = 0; i < n && np + 2 <= MAX_POLL_FDS; i++) {
+            if (!s[i]->has_held)
+                p[np++] = (struct pollfd){.fd = s[i]->doorbell_fd, .events = POLLIN};
+            if (qps[i]->irq_fd >= 0 && qps[i]->in_flight)
+                p[np++] = (struct pollfd){.fd = qps[i]->irq_fd, .events = POLLIN};
+        }
+        int64_t left = timeout_ns - (now - start);
+        int in_flight = 0;
+        for (uint32_t i = 0; i < n; i++)
+            in_flight |= qps[i]->in_flight != 0;
+        if (in_flight && left > LATE_CHECK_NS)
+            left = LATE_CHECK_NS;
+        int r = poll(p, np, (int)((left + 999999) / 1000000));
+        if (r < 0)
+            return errno == EINTR ? NV_SVC_TIMEOUT : -errno;  /* a signal: Python's handler runs */
+        for (uint32_t i = 0; i < n; i++)
+            s[i]->sleeps++;
+        int control = 0;
+        for (uint32_t i = 0; i < np; i++) {
+            if (!p[i].revents)
+                continue;
+            if (i < nwatch)
+                control = 1;
+            else
+                drain_eventfd(p[i].fd);  /* a client's doorbell or an MSI-X eventfd: the loop looks */
+        }
+        if (control)
+            return NV_SVC_CONTROL;
+    }
+}
+
+/* ==== a client's closed loop (perf through the service) ==== */
+
+#define READ_TAG 0x80000000u  /* a request's tag: its slot, and this bit for a READ */
+
+static inline uint64_t mix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);  /* splitmix64, as nv_perf_run */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
+                       uint32_t depth, int doorbell_fd, int completion_fd, struct nv_perf *p, uint64_t slot_size,
+                       int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain)
+{
+    int64_t start = nv_now_ns(), end = start + slice_ns;
+    uint32_t in_flight = p->nslots - p->nfree;
+    for (;;) {
+        int finished = drain || (p->max_ios && p->issued >= p->max_ios);
+        /* fill: every free slot, as one published batch and one doorbell */
+        uint32_t room = depth - (*tail - nv_load_acquire32(header + SQ_HEAD));
+        uint32_t k = finished ? 0 : p->nfree < room ? p->nfree : room;
+        uint32_t cap = p->depth > in_flight ? p->depth - in_flight : 0;
+        if (k > cap)
+            k = cap;
+        if (p->max_ios && p->max_ios - p->issued < k)
+            k = (uint32_t)(p->max_ios - p->issued);
+        if (k) {
+            int64_t now = nv_now_ns();
+            for (uint32_t i = 0; i < k; i++) {
+                uint64_t pos = p->random ? mix64(&p->rng) % p->positions : p->seq++ % p->positions;
+                int is_read = p->read_pct >= 100 ? 1 : p->read_pct == 0 ? 0 : (mix64(&p->rng) % 100) < p->read_pct;
+                uint32_t slot = p->free_slots[--p->nfree];
+                struct nv_svc_request *r = &requests[*tail % depth];
+                r->opcode = is_read ? OPC_READ : OPC_WRITE;
+                r->flags = 0;
+                r->rsvd = 0;
+                r->buffer = (uint32_t)p->buf_slot;
+                r->generation = (uint64_t)p->buf_gen;
+                r->offset = slot * slot_size;
+                r->lba = p->lba_lo + pos * p->nlb;
+                r->count = p->nlb;
+                r->tag = slot | (is_read ? READ_TAG : 0);
+                issued_ns[slot] = now;
+                (*tail)++;
+            }
+            nv_store_release32(header + SQ_TAIL, *tail);  /* store-release: the entries first */
+            uint64_t one = 1;
+            ssize_t w = write(doorbell_fd, &one, sizeof(one));
+            (void)w;
+            in_flight += k;
+            p->issued += k;
+            p->fills++;
+        }
+        /* reap: every published completion */
+        uint32_t ready = nv_load_acquire32(header + CQ_TAIL) - *head;
+        if (ready > depth)
+            return -EPROTO;  /* the daemon never publishes more than a ring */
+        if (ready) {
+            int64_t now = nv_now_ns();
+            for (uint32_t i = 0; i < ready; i++) {
+                struct nv_svc_completion c = completions[(*head + i) % depth];
+                uint32_t slot = c.tag & ~READ_TAG;
+                if (slot >= p->nslots)
+                    return -EPROTO;
+                uint64_t lat = (uint64_t)(now - issued_ns[slot]);
+                p->hist[nv_hist_bucket(lat)]++;
+                p->lat_sum_ns += lat;
+                if (lat < p->lat_min_ns)
+                    p->lat_min_ns = lat;
+                if (lat > p->lat_max_ns)
+                    p->lat_max_ns = lat;
+                if (c.tag & READ_TAG)
+                    p->reads++;
+                else
+                    p->writes++;
+                if (c.status) {
+                    if (!p->errors)
+                        p->first_error_status = c.status;
+                    p->errors++;
+                }
+                p->ios++;
+                p->free_slots[p->nfree++] = slot;
+            }
+            *head += ready;
+            nv_store_release32(header + CQ_HEAD, *head);  /* the entries may be written again */
+            in_flight -= ready;
+            p->reaps++;
+        }
+        if (!in_flight && finished)
+            return 1;
+        int64_t now = nv_now_ns();
+        if (!drain && now >= end)
+            return 0;
+        if (!ready && in_flight) {
+            if (now - start >= p->timeout_ns && drain)
+                return -ETIMEDOUT;
+            struct pollfd pf = {.fd = completion_fd, .events = POLLIN};
+            int64_t left = drain ? p->timeout_ns : end - now;
+            int r = poll(&pf, 1, (int)((left + 999999) / 1000000));
+            p->wait_ns += (uint64_t)(nv_now_ns() - now);
+            if (r < 0 && errno != EINTR)
+                return -errno;
+            if (r > 0) {
+                uint64_t v;
+                ssize_t rr = read(completion_fd, &v, sizeof(v));
+                (void)rr;
+            }
+        }
+    }
+}

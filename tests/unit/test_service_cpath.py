@@ -1,0 +1,224 @@
+"""The service's compiled data path (cbits/service.c) on host memory, with exact values: each
+refusal and its reason, the SQEs and PRP-list pages C authors from the broker's page tables
+(chained lists included), held requests, the completion ring's room, completions back to the
+client with its tags, the no-IOMMU lane's bounce copies."""
+
+import numpy as np
+import pytest
+
+from nvmevfio._ffi import ffi, lib
+from nvmevfio.mmio import ArrayMmio
+from nvmevfio.nvme.queue import QueuePair
+from nvmevfio.nvme.spec import CQE, SQE
+from nvmevfio.service import ring as rings
+
+SQ_DB, CQ_DB = 0x1008, 0x100C
+PS = 4096
+PER = PS // 8
+
+
+class Rig:
+    """A session over a queue pair of ``qdepth`` on host memory: client ring of ``depth``, a
+    grant of ``blocks`` from LBA 1000 (512-byte blocks), and buffers whose memory pages sit at made-up,
+    scattered device addresses (so that every PRP value C writes must be a table entry)."""
+
+    def __init__(self, depth=8, qdepth=16, writable=True, prp_pages=2, max_pages=1024, blocks=2000):
+        self.mmio = ArrayMmio(0x2000)
+        self.qp = QueuePair(1, np.zeros(qdepth, dtype=SQE), np.zeros(qdepth, dtype=CQE), self.mmio, SQ_DB, CQ_DB)
+        self.memory = np.zeros(rings.ring_bytes(depth), dtype=np.uint8)
+        self.ring = rings.SharedRings(self.memory, depth)
+        s = ffi.new("struct nv_svc *")
+        s.header, s.requests, s.completions = self.ring.pointers()
+        s.depth, s.doorbell_fd, s.completion_fd = depth, -1, -1
+        s.nsid, s.writable, s.first_lba, s.blocks, s.block_size = 1, int(writable), 1000, blocks, 512
+        s.page_size, s.max_transfer, s.max_pages = PS, max_pages * PS, max_pages
+        n = qdepth - 1
+        self.prp_area = np.zeros(n * prp_pages * PER, dtype=np.uint64)
+        self.prp_dev = 0xA000_0000 + PS * np.arange(n * prp_pages, dtype=np.uint64)
+        s.prp_area = ffi.cast("uint64_t *", self.prp_area.ctypes.data)
+        s.prp_dev = ffi.cast("uint64_t *", self.prp_dev.ctypes.data)
+        s.prp_pages, s.ncids = prp_pages, n
+        self._cids = [ffi.new(f"{t}[]", n) for t in ("int64_t", "uint32_t", "uint64_t", "uint32_t")]
+        s.cid_tag, s.cid_buffer, s.cid_offset, s.cid_length = self._cids
+        self.table = ffi.new("struct nv_svc_buffer[]", 4)
+        s.buffers, s.nbuffers, s.next_buffer = self.table, 4, 1
+        self.s = s
+        self.keep = []
+        self.tail = 0
+
+    def add_buffer(self, ident, npages, generation=7, shadow=False):
+        pages = (0x4000_0000 + 0x10_0000 * np.arange(npages, dtype=np.uint64)[::-1]).copy()  # falling order
+        user = np.zeros(npages * PS, dtype=np.uint8)
+        shadow_mem = np.zeros(npages * PS, dtype=np.uint8) if shadow else None
+        self.keep += [pages, user, shadow_mem]
+        e = self.table[ident]
+        e.generation, e.size, e.npages = generation, npages * PS, npages
+        e.pages = ffi.cast("uint64_t *", pages.ctypes.data)
+        e.user = ffi.cast("uint8_t *", user.ctypes.data)
+        e.shadow = ffi.cast("uint8_t *", shadow_mem.ctypes.data) if shadow else ffi.NULL
+        e.ledger_slot, e.ledger_gen = 40 + ident, 3
+        self.s.next_buffer = max(int(self.s.next_buffer), ident + 1)
+        return pages, user, shadow_mem
+
+    def publish(self, *reqs):
+        """(opcode, buffer, generation, offset, lba, count, tag) each."""
+        e = np.zeros(len(reqs), dtype=rings.REQUEST)
+        for i, (opc, buf, gen, off, lba, count, tag) in enumerate(reqs):
+            e[i] = (opc, 0, 0, buf, gen, off, lba, count, tag)
+        self.tail = self.ring.put_requests(self.tail, e)
+
+    def completions(self, head=0):
+        got, _ = self.ring.take_completions(head)
+        return [(int(c["tag"]), int(c["status"]), rings.REASONS[int(c["reason"])]) for c in got]
+
+    def pump(self):
+        return lib.nv_svc_pump(self.s, self.qp._qp)
+
+
+def test_the_reason_codes_are_the_rings():
+    for name, value in [("out-of-window", lib.NV_SVC_OUT_OF_WINDOW), ("read-only", lib.NV_SVC_READ_ONLY),
+                        ("invalid-region", lib.NV_SVC_INVALID_REGION),
+                        ("stale-generation", lib.NV_SVC_STALE_GENERATION),
+                        ("region-overrun", lib.NV_SVC_REGION_OVERRUN), ("unaligned", lib.NV_SVC_UNALIGNED),
+                        ("count-out-of-range", lib.NV_SVC_COUNT_OUT_OF_RANGE),
+                        ("disallowed-opcode", lib.NV_SVC_DISALLOWED_OPCODE)]:
+        assert rings.reason_code(name) == value
+
+
+def test_every_refusal_named_and_nothing_posted():
+    r = Rig(depth=16, qdepth=32)
+    r.add_buffer(1, 4)
+    r.add_buffer(3, 2)
+    r.table[3].size = 0  # buffer 3 was freed
+    R = rings.READ
+    r.publish((0x05, 1, 7, 0, 0, 1, 1),        # Compare: not a service opcode
+              (R, 1, 7, 0, 1999, 2, 2),        # one block past the window
+              (R, 1, 7, 0, 0, 0, 3),           # zero blocks
+              (R, 9, 7, 0, 0, 1, 4),           # never handed out
+              (R, 3, 7, 0, 0, 1, 5),           # freed
+              (R, 1, 6, 0, 0, 1, 6),           # an older generation
+              (R, 1, 7, 4 * PS - 256, 0, 1, 7),  # runs 256 bytes past the buffer
+              (R, 1, 7, 2, 0, 1, 8),           # PRP1 not dword aligned
+              (R, 1, 7, 0, 0, 1 << 20, 9))     # past MDTS (window check first: 1 << 20 > 2000 blocks)
+    assert r.pump() == 0
+    assert r.completions() == [(1, 0x8000, "disallowed-opcode"), (2, 0x8000, "out-of-window"),
+                               (3, 0x8000, "out-of-window"), (4, 0x8000, "invalid-region"),
+                               (5, 0x8000, "stale-generation"), (6, 0x8000, "stale-generation"),
+                               (7, 0x8000, "region-overrun"), (8, 0x8000, "unaligned"),
+                               (9, 0x8000, "out-of-window")]
+    assert r.qp.state()["posted"] == 0 and r.mmio.writes == []  # the device saw nothing
+    assert (r.s.taken, r.s.refused, r.s.in_flight) == (9, 9, 0)
+
+
+def test_read_only_and_mdts():
+    r = Rig(writable=False, max_pages=4)
+    r.add_buffer(1, 8)
+    r.publish((rings.WRITE, 1, 7, 0, 0, 1, 1), (rings.WRITE_ZEROES, 0, 0, 0, 0, 1, 2),
+              (rings.READ, 1, 7, 0, 0, 40, 3),  # 20 KiB: 5 pages, past MDTS (4 pages)
+              (rings.READ, 1, 7, 2048, 0, 8, 4))  # 4 KiB at an in-page offset: 2 pages, fine
+    assert r.pump() == 1
+    assert r.completions() == [(1, 0x8000, "read-only"), (2, 0x8000, "read-only"),
+                               (3, 0x8000, "count-out-of-range")]
+
+
+def test_sqes_and_prps_come_from_the_tables():
+    r = Rig(depth=8, qdepth=16, blocks=10000)
+    pages, _, _ = r.add_buffer(1, 600)
+    R, W = rings.READ, rings.WRITE
+    r.publish((R, 1, 7, 512, 5, 1, 11),              # one page, at an in-page offset
+              (W, 1, 7, PS - 512, 6, 2, 12),         # two pages: PRP2 is the next page's entry
+              (R, 1, 7, 3 * PS, 7, 24, 13),          # three pages: a PRP list
+              (R, 1, 7, 0, 8, 514 * PS // 512, 14))  # 514 pages: 513 entries, a chained list
+    assert r.pump() == 4
+    e = r.qp.sq_ring[:4]
+    assert e["opc"].tolist() == [0x02, 0x01, 0x02, 0x02]
+    assert e["cid"].tolist() == [0, 1, 2, 3] and e["nsid"].tolist() == [1, 1, 1, 1]
+    assert e["cdw10"].tolist() == [1005, 1006, 1007, 1008]  # the window starts at LBA 1000
+    assert e["cdw12"].tolist() == [0, 1, 23, 514 * 8 - 1]
+    assert e["prp1"].tolist() == [int(pages[0]) + 512, int(pages[0]) + PS - 512, int(pages[3]), int(pages[0])]
+    assert e["prp2"][:2].tolist() == [0, int(pages[1])]
+    # cid 2's list: its first list page (2 per command id), entries for pages 4 and 5, zero after
+    assert int(e["prp2"][2]) == int(r.prp_dev[2 * 2])
+    row = r.prp_area[2 * 2 * PER : 2 * 2 * PER + 3]
+    assert row.tolist() == [int(pages[4]), int(pages[5]), 0]
+    # cid 3's: 511 entries and a pointer to its second list page, which holds the last two
+    assert int(e["prp2"][3]) == int(r.prp_dev[3 * 2])
+    first = r.prp_area[3 * 2 * PER : 3 * 2 * PER + PER]
+    assert first[: PER - 1].tolist() == pages[1:PER].tolist()
+    assert int(first[PER - 1]) == int(r.prp_dev[3 * 2 + 1])
+    second = r.prp_area[(3 * 2 + 1) * PER : (3 * 2 + 1) * PER + 3]
+    assert second.tolist() == [int(pages[PER]), int(pages[PER + 1]), 0]
+    assert r.mmio.writes == [(SQ_DB, 4, 4)]  # one SQ tail doorbell for the batch
+    assert r.qp.buf_slot[:4].tolist() == [41] * 4 and r.qp.buf_gen[:4].tolist() == [3] * 4
+    assert r.s.in_flight == 4 and r.completions() == []
+
+
+def test_a_list_longer_than_the_queues_list_pages_is_refused():
+    r = Rig(prp_pages=1, blocks=10000)
+    r.add_buffer(1, 600)
+    r.publish((rings.READ, 1, 7, 0, 0, 514 * 8, 1))  # needs two list pages, the queue has one per id
+    assert r.pump() == 0
+    assert r.completions() == [(1, 0x8000, "count-out-of-range")]
+
+
+def test_completions_carry_the_clients_tags():
+    r = Rig()
+    r.add_buffer(1, 4)
+    r.publish((rings.READ, 1, 7, 0, 0, 1, 0xAB), (rings.READ, 1, 7, PS, 1, 1, 0xCD))
+    assert r.pump() == 2
+    r.qp.cq_ring[0] = (5, 0, 2, 1, 1, (0x80 << 1) | 1)  # cid 1: LBA Out of Range, phase 1
+    r.qp.cq_ring[1] = (0, 0, 2, 1, 0, 1)
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 2
+    assert r.completions() == [(0xCD, 0x80, ""), (0xAB, 0, "")]
+    assert r.mmio.writes[-1] == (CQ_DB, 4, 2)  # one CQ head doorbell
+    assert r.s.in_flight == 0 and r.qp.in_flight == 0
+    r.qp.cq_ring[2] = (0, 0, 2, 1, 9, 1)  # an id not in flight
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == -71  # -EPROTO
+
+
+def test_a_flush_is_held_for_python_and_stops_the_batch():
+    r = Rig()
+    r.add_buffer(1, 4)
+    r.publish((rings.READ, 1, 7, 0, 0, 1, 1), (rings.FLUSH, 0, 0, 0, 0, 0, 2), (rings.READ, 1, 7, 0, 0, 1, 3))
+    assert r.pump() == 1
+    assert r.s.has_held == 1 and r.s.held.tag == 2 and r.s.in_flight == 2 and r.s.taken == 2
+    assert r.pump() == 0  # nothing more until Python ran the held one
+    lib.nv_svc_put(r.s, 2, 0, 0, 0)
+    r.s.has_held = 0
+    assert r.completions() == [(2, 0, "")]
+    assert r.pump() == 1 and r.s.taken == 3
+
+
+def test_no_more_taken_than_the_completion_ring_can_answer():
+    r = Rig(depth=4, qdepth=16)
+    r.add_buffer(1, 4)
+    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4)])
+    assert r.pump() == 4
+    r.qp.cq_ring[0:4] = [(0, 0, 4, 1, cid, 1) for cid in range(4)]
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 4  # four completions the client has not taken
+    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4, 6)])
+    assert r.pump() == 0 and r.s.taken == 4  # no room to answer: held back in the client's ring
+    head = r.ring.take_completions(0)[1]
+    assert head == 4 and r.pump() == 2
+
+
+def test_no_iommu_bounce_copies():
+    r = Rig()
+    _, user, shadow = r.add_buffer(1, 2, shadow=True)
+    user[:PS] = 0x5A
+    r.publish((rings.WRITE, 1, 7, 0, 0, 8, 1), (rings.READ, 1, 7, PS, 8, 8, 2))
+    assert r.pump() == 2
+    assert (shadow[:PS] == 0x5A).all()  # the WRITE's bytes went to the device-visible copy first
+    shadow[PS:] = 0xC3  # the device "read" into the shadow
+    r.qp.cq_ring[0:2] = [(0, 0, 2, 1, 0, 1), (0, 0, 2, 1, 1, 1)]
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 2
+    assert (user[PS:] == 0xC3).all()  # and the READ's came back to the client's memory
+
+
+@pytest.mark.parametrize("wild", [0xFFFF0000, 100])
+def test_a_wild_client_head_stalls_only_itself(wild):
+    r = Rig(depth=4)
+    r.add_buffer(1, 4)
+    r.memory[192:196].view("<u4")[0] = wild  # the CQ head, the client's to write
+    r.publish((rings.READ, 1, 7, 0, 0, 1, 1))
+    assert r.pump() == 0 and r.s.taken == 0
