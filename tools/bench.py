@@ -102,14 +102,10 @@ def python_read_into(addr: str, seconds: float) -> dict:
 
 
 def service_randread(addr: str, seconds: float, mode: str = "poll") -> dict:
-    """4 KiB random reads at QD32 by a client of `nvmevfio serve` (shared rings, one eventfd
-    per batch each way), 32 kept in flight: completions are reaped 8 or more at a time, each
-    batch resubmitted at once."""
+    """4 KiB random reads at QD32 by a client of `nvmevfio serve` (its queues polled, or MSI-X
+    with ``mode="irq"``): `nvmevfio perf --socket`, the client's C closed loop over its shared
+    rings, against the daemon's C loop; the same workload as the in-process perf row."""
     import tempfile
-
-    import numpy as np
-
-    import nvmevfio
 
     d = Path(tempfile.mkdtemp(prefix="nvmevfio-bench-serve-"))
     grants, sock = d / "grants.toml", str(d / "s.sock")
@@ -124,26 +120,11 @@ def service_randread(addr: str, seconds: float, mode: str = "poll") -> dict:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("nvmevfio serve did not start")
             time.sleep(0.05)
-        with nvmevfio.connect(sock, 1) as dev:
-            qd, per = 32, 4096 // dev.block_size
-            buf = dev.alloc_buffer(qd * 4096)
-            rng = np.random.default_rng(9)
-            lbas = rng.integers(0, dev.block_count // per, 1 << 16) * per
-            slot_of = dict(zip(dev.submit_reads(lbas[:qd], per, buf, np.arange(qd) * 4096).tolist(), range(qd)))
-            pos, n = qd, 0
-            for stop_after, counting in ((1.0, False), (seconds, True)):
-                end = time.perf_counter() + stop_after
-                while time.perf_counter() < end:
-                    done = dev.reap(qd // 4)  # resubmitted in batches of at least 8, as an io_uring loop would
-                    slots = [slot_of.pop(t) for t in done["tag"].tolist()]
-                    k = len(slots)
-                    nxt = lbas[np.arange(pos, pos + k) % len(lbas)]
-                    pos += k
-                    slot_of.update(zip(dev.submit_reads(nxt, per, buf, np.array(slots) * 4096).tolist(), slots))
-                    if counting:
-                        n += k
-            dev.reap(len(slot_of))
-        return {"iops": n / seconds}
+        args = [sys.executable, "-m", "nvmevfio", "perf", "--socket", sock, "-w", "randread", "-q", "32", "-s",
+                "4096", "-t", str(seconds), "--ramp", "1", "-o", "json"]
+        d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+        return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "wait_pct", "ios_per_submit",
+                                  "ios_per_reap")}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -247,11 +228,18 @@ def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     return out
 
 
-def in_guest(seconds: float, out_path: Path, sweep: bool) -> int:
+def in_guest(seconds: float, out_path: Path, sweep: bool, service_only: bool = False) -> int:
     from nvmevfio import pci
 
     [fn] = list(pci.list_functions())
     addr = fn.address
+    if service_only:  # A/B/A of in-process perf and the service client, nothing else
+        pci.bind(addr)
+        rounds = [{"perf": perf(addr, "randread", 4096, 32, seconds, "poll")} if i % 2 == 0 else
+                  {"poll": service_randread(addr, seconds, "poll"), "irq": service_randread(addr, seconds, "irq")}
+                  for i in range(3)]
+        out_path.write_text(json.dumps({"service_only": rounds}, indent=2))
+        return 0
 
     def kernel_dev() -> str:
         deadline = time.monotonic() + 10
@@ -374,7 +362,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def boot_once(args: argparse.Namespace, sweep: bool) -> dict:
+def boot_once(args: argparse.Namespace, sweep: bool, service_only: bool = False) -> dict:
     import tempfile
 
     import guest
@@ -392,6 +380,8 @@ def boot_once(args: argparse.Namespace, sweep: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
     if sweep:
         cmd.append("--sweep")
+    if service_only:
+        cmd.append("--service-only")
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
                         timeout=3600, echo=True, **guest.lane_options(args.lane))
@@ -413,10 +403,22 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
+    ap.add_argument("--service-only", action="store_true",
+                    help="a quick look at the service row alone: in-process perf, the serve client (poll, irq), "
+                         "in-process perf again, in one boot")
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_guest:
-        return in_guest(args.seconds, args.in_guest, args.sweep)
+        return in_guest(args.seconds, args.in_guest, args.sweep, args.service_only)
+    if args.service_only:
+        rounds = boot_once(args, False, True)["service_only"]
+        base = statistics.mean(r["perf"]["iops"] for r in rounds[::2])
+        for mode in ("poll", "irq"):
+            got = rounds[1][mode]
+            print(f"serve client ({mode} daemon) {got['iops']:.0f} IOPS, in-process perf poll {base:.0f}: ratio "
+                  f"{got['iops'] / base:.2f} (p50 {got['lat_p50_us']:.0f} us, {got['ios_per_submit']:.1f} per "
+                  f"submit, {got['ios_per_reap']:.1f} per reap, client waiting {got['wait_pct']:.0f}%)")
+        return 0
     if args.sweep:
         data = boot_once(args, True)
         plot_sweep(data["sweep"], args.plot or Path("sweep.png"))

@@ -10,8 +10,10 @@ import pytest
 from conftest import Rig
 
 import nvmevfio
+from nvmevfio import perf
 from nvmevfio.errors import Refused
 from nvmevfio.service.client import ServiceGone
+from nvmevfio.service import ring
 from nvmevfio.service.daemon import Service
 from nvmevfio.service.grants import parse_grants
 from nvmevfio.sim.controller import SimNamespace
@@ -191,3 +193,26 @@ def test_a_malformed_request_costs_only_its_sender(served):
     assert good.read_blocks(0, 1).size == 512  # the daemon and the other client carry on
     good.close()
     bad.close()
+
+
+def test_perf_through_the_service(served):
+    """`nvmevfio perf`'s C closed loop on the client's rings, the daemon's C loop on its queue:
+    every I/O counted once, in the window, none refused; a batch of FLUSH, Write Zeroes and
+    deallocate (held back for Python) mixed with reads completes in order of need."""
+    rig, _service, path = served()
+    ns = rig.sim.namespaces[0]
+    ns.data[:] = 0x11
+    with nvmevfio.connect(path, 1) as dev:
+        r = perf.run(dev, workload="randrw", queue_depth=8, count=3000, io_size=1024)
+        assert (r.ios, r.reads + r.writes, r.errors, r.mode) == (3000, 3000, 0, "service")
+        assert 1000 < r.reads < 2000 and r.lat_p50_us > 0
+        written = np.flatnonzero((ns.data.reshape(-1, 512) != 0x11).any(axis=1))
+        assert len(written) and written.min() >= 1000 and written.max() < 3000  # only the window changed
+        buf = dev.alloc_buffer(8192)
+        tags = [int(t) for t in dev.submit_reads([0, 8], 8, buf, [0, 4096])]
+        ops = dev._submit(ring.WRITE_ZEROES, [16], [8], None, [0]), dev._submit(ring.FLUSH, [0], [0], None, [0])
+        tags += [int(t[0]) for t in ops] + [int(t) for t in dev.submit_reads([24], 8, buf, [0])]
+        done = dev.reap(5)
+        assert sorted(done["tag"].tolist()) == sorted(tags) and not done["status"].any()
+        assert not ns.data[1016 * 512 : 1024 * 512].any()
+        assert dev.status()["session"]["refused"] == 0

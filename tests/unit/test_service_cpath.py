@@ -3,6 +3,8 @@ refusal and its reason, the SQEs and PRP-list pages C authors from the broker's 
 (chained lists included), held requests, the completion ring's room, completions back to the
 client with its tags, the no-IOMMU lane's bounce copies."""
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -173,7 +175,7 @@ def test_completions_carry_the_clients_tags():
     assert r.mmio.writes[-1] == (CQ_DB, 4, 2)  # one CQ head doorbell
     assert r.s.in_flight == 0 and r.qp.in_flight == 0
     r.qp.cq_ring[2] = (0, 0, 2, 1, 9, 1)  # an id not in flight
-    assert lib.nv_svc_reap(r.s, r.qp._qp) == -71  # -EPROTO
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == -errno.EPROTO
 
 
 def test_a_flush_is_held_for_python_and_stops_the_batch():

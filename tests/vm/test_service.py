@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import nvmevfio
+import nvmevfio.perf
 import nvmevfio.service.client  # loaded before a client drops its privileges
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import prp
@@ -180,6 +181,13 @@ def bob(sock, out):
         got["write"] = exc.reason
     dev.close()
     return got
+
+
+def bob_perf(sock, out, seconds):
+    """Bob's read-only window under `nvmevfio perf`'s C closed loop, through the daemon."""
+    with nvmevfio.connect(sock, 1) as dev:
+        r = nvmevfio.perf.run(dev, workload="randread", queue_depth=8, seconds=seconds)
+    return {"ios": r.ios, "reads": r.reads, "errors": r.errors, "iops": r.iops}
 
 
 def eve(sock, out):
@@ -350,6 +358,18 @@ def test_sigkill_mid_io_leaves_others_alone_and_memory_scrubbed(service):
         status = root.status()
         assert all(s["pid"] != killed.pid for s in status["sessions"])
         assert root.read_blocks(0, 1).size == 512
+
+
+def test_perf_through_the_service_beside_a_busy_client(service):
+    """Bob's perf loop keeps his queue full while Alice writes and checks every byte: both get
+    their work done (round robin: neither starves the other), none of Bob's reads fails."""
+    sock = service["socket"]
+    busy = Client(sock, ALICE, alice, 13, 1)
+    loop = Client(sock, BOB, bob_perf, 4.0)
+    b, a = loop.result(), busy.result()
+    assert b["ios"] > 1000 and b["reads"] == b["ios"] and b["errors"] == 0, b
+    assert a["past_window"] == "out-of-window"
+    service["alice"] = a
 
 
 def validated_refused(sock, out):
