@@ -12,8 +12,8 @@ from conftest import Rig
 import nvmevfio
 from nvmevfio import perf
 from nvmevfio.errors import Refused
-from nvmevfio.service.client import ServiceGone
 from nvmevfio.service import ring
+from nvmevfio.service.client import ServiceGone
 from nvmevfio.service.daemon import Service
 from nvmevfio.service.grants import parse_grants
 from nvmevfio.sim.controller import SimNamespace
