@@ -1346,7 +1346,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
 
 # ------------------------------------------------------------------ perf
 @main.command()
-@address_arg
+@block_address_arg
 @click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
               help="namespace id (-n is the I/O count here, as in spdk_nvme_perf)")
 @click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw"]),

@@ -2,6 +2,7 @@
 shared rings and memfd buffers. (The guest tier runs it against QEMU's NVMe with unprivileged
 users.)"""
 
+import json
 import os
 import threading
 
@@ -170,6 +171,12 @@ def test_cli_block_commands_through_the_socket(served, tmp_path):
     assert runner.invoke(main, ["deallocate", "--socket", path, "--lba", "6", "--count", "1"]).exit_code == 0
     res = runner.invoke(main, ["read", "--lba", "0"])
     assert res.exit_code == 1 and "--socket" in res.output  # neither an address nor a socket
+    res = runner.invoke(main, ["perf", "--socket", path, "-w", "randread", "-q", "4", "-n", "200", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert (got["ios"], got["reads"], got["errors"], got["mode"]) == (200, 200, 0, "service")
+    res = runner.invoke(main, ["perf", "--socket", path, "--mode", "irq", "-n", "10"])
+    assert res.exit_code == 1 and "--mode" in res.output
 
 
 def test_a_malformed_request_costs_only_its_sender(served):
