@@ -666,6 +666,29 @@ static inline uint64_t splitmix64(uint64_t *state)
     return z ^ (z >> 31);
 }
 
+void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16_t status, uint32_t slot)
+{
+    p->hist[nv_hist_bucket(latency_ns)]++;
+    p->lat_sum_ns += latency_ns;
+    if (latency_ns < p->lat_min_ns)
+        p->lat_min_ns = latency_ns;
+    if (latency_ns > p->lat_max_ns)
+        p->lat_max_ns = latency_ns;
+    if (opcode == 0x02)
+        p->reads++;
+    else
+        p->writes++;
+    if (status) {
+        if (!p->errors) {
+            p->first_error_status = status;
+            p->first_error_opcode = opcode;
+        }
+        p->errors++;
+    }
+    p->ios++;
+    p->free_slots[p->nfree++] = slot;
+}
+
 static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
 {
     uint32_t room = nv_qp_capacity(qp);
@@ -710,27 +733,7 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
         }
         if (n++ == 0)
             now = nv_now_ns();
-        uint64_t lat = (uint64_t)(now - qp->submit_ns[cid]);
-        uint16_t status = cqe.status >> 1;
-        p->hist[nv_hist_bucket(lat)]++;
-        p->lat_sum_ns += lat;
-        if (lat < p->lat_min_ns)
-            p->lat_min_ns = lat;
-        if (lat > p->lat_max_ns)
-            p->lat_max_ns = lat;
-        if (qp->opcode[cid] == 0x02)
-            p->reads++;
-        else
-            p->writes++;
-        if (status) {
-            if (!p->errors) {
-                p->first_error_status = status;
-                p->first_error_opcode = qp->opcode[cid];
-            }
-            p->errors++;
-        }
-        p->ios++;
-        p->free_slots[p->nfree++] = qp->cookie[cid];
+        nv_perf_done(p, (uint64_t)(now - qp->submit_ns[cid]), qp->opcode[cid], cqe.status >> 1, qp->cookie[cid]);
         retire(qp, (uint16_t)cid);
     }
     if (n) {

@@ -447,24 +447,8 @@ int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct 
                 uint32_t slot = c.tag & ~READ_TAG;
                 if (slot >= p->nslots)
                     return -EPROTO;
-                uint64_t lat = (uint64_t)(now - issued_ns[slot]);
-                p->hist[nv_hist_bucket(lat)]++;
-                p->lat_sum_ns += lat;
-                if (lat < p->lat_min_ns)
-                    p->lat_min_ns = lat;
-                if (lat > p->lat_max_ns)
-                    p->lat_max_ns = lat;
-                if (c.tag & READ_TAG)
-                    p->reads++;
-                else
-                    p->writes++;
-                if (c.status) {
-                    if (!p->errors)
-                        p->first_error_status = c.status;
-                    p->errors++;
-                }
-                p->ios++;
-                p->free_slots[p->nfree++] = slot;
+                nv_perf_done(p, (uint64_t)(now - issued_ns[slot]), c.tag & READ_TAG ? OPC_READ : OPC_WRITE, c.status,
+                             slot);
             }
             *head += ready;
             nv_store_release32(header + CQ_HEAD, *head);  /* the entries may be written again */

@@ -364,6 +364,9 @@ struct nv_perf {
     uint64_t *hist;            /* nv_hist_buckets() entries */
 };
 
+/* One completed I/O of a closed loop into p: its latency in the histogram and sums, read or
+ * write by opcode (0x02: read), an error when status is not 0, and its slot free again. */
+void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16_t status, uint32_t slot);
 /* Run the loop for slice_ns (keeping the queue full), or with drain=1 stop issuing and
  * reap what is in flight. Returns 1 when the workload is finished (max_ios done or
  * drained), 0 when the slice ended, or -errno. */

@@ -445,6 +445,19 @@ class PerfCounters:
         p = self._p
         return int(p.nslots - p.nfree)
 
+    def step(self, slice_s: float) -> bool:
+        """Run for ``slice_s`` (kept full). True when the I/O count is reached and drained."""
+        return self._run(slice_s, False)
+
+    def drain(self) -> None:
+        """Stop issuing; reap what is in flight (late commands recovered on the way)."""
+        while not self._run(0.0, True):
+            pass
+
+    def _run(self, slice_s: float, drain: bool) -> bool:
+        """One slice of the C loop (``drain``: issue nothing more). True when finished."""
+        raise NotImplementedError
+
     @property
     def hybrid(self) -> bool:
         """Hybrid polling (a polled queue): nap about half the expected time to the next completion
@@ -500,15 +513,6 @@ class PerfLoop(PerfCounters):
 
     def _in_flight(self) -> int:
         return self.ring.in_flight
-
-    def step(self, slice_s: float) -> bool:
-        """Run for ``slice_s`` (the queue stays full). True when the I/O count is reached and drained."""
-        return self._run(slice_s, False)
-
-    def drain(self) -> None:
-        """Stop issuing; reap what is in flight (recovering late commands on the way)."""
-        while not self._run(0.0, True):
-            pass
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         with self._guard():

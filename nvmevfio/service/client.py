@@ -437,15 +437,6 @@ class ServicePerfLoop(PerfCounters):
         self._head = ffi.new("uint32_t *", dev._cq_head)
         self._ptrs = dev._ring.pointers()
 
-    def step(self, slice_s: float) -> bool:
-        """Run for ``slice_s`` (the ring kept full). True when the I/O count is reached and drained."""
-        return self._run(slice_s, False)
-
-    def drain(self) -> None:
-        """Stop publishing; reap what is in flight."""
-        while not self._run(0.0, True):
-            pass
-
     def _run(self, slice_s: float, drain: bool) -> bool:
         dev = self.dev
         header, requests, completions = self._ptrs

@@ -12,8 +12,12 @@ SCM_RIGHTS): ``hello`` (answered with the window's info, the ring memfd and two 
 learns its IOVA), ``free``, ``info``. The data path is the shared rings of
 :mod:`nvmevfio.service.ring`, one eventfd write per batch each way. Every request is checked
 against the grant before it reaches the client's own queue pair; a refusal completes it with
-a named reason. A client that goes away (SIGKILL included) loses its session: its commands
-are waited for, its buffers scrubbed and unmapped, its queue pair given to the next client.
+a named reason. The default lane's per-request work is C (:class:`FastPath`, cbits/service.c):
+the steady state runs in ``nv_svc_serve`` over every such session and comes back to Python
+only for what needs it (a control message, a held FLUSH/Write Zeroes/deallocate, a late
+command). The validated lane's entries go through :mod:`nvmevfio.service.validator`. A client
+that goes away (SIGKILL included) loses its session: its commands are waited for, its buffers
+scrubbed and unmapped, its queue pair given to the next client.
 """
 
 from __future__ import annotations
@@ -189,6 +193,7 @@ class Session:
     dma_bytes: int = 0
     sq_head: int = 0
     cq_tail: int = 0
+    # the validated lane's book-keeping (the default lane's is in FastPath's struct nv_svc)
     tags: dict[int, int] = field(default_factory=dict)  # broker tag -> client tag, in flight
     backlog: list[np.ndarray] = field(default_factory=list)  # completions the ring had no room for
     closing: bool = False
