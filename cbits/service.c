@@ -31,6 +31,11 @@
 #define OPC_DEALLOCATE 0x09
 
 #define SERVICE_REFUSED 0x8000
+#define OPC_DSM 0x09              /* NVM Command Set: Dataset Management */
+#define ONCS_DSM (1u << 2)
+#define ONCS_WRITE_ZEROES (1u << 3)
+#define DSM_AD (1u << 2)          /* CDW11: Attribute - Deallocate */
+#define MAX_NLB 65536u            /* a 16-bit 0's based NLB field */
 #define REAP_BATCH 64
 #define WATCH_NS 1000000LL       /* spinning: how often the watched descriptors are looked at */
 #define LATE_CHECK_NS 100000000LL /* how often in-flight ages are looked at */
@@ -146,6 +151,23 @@ static void publish_completions(struct nv_svc *s)
     s->reaps++;
 }
 
+/* Can C post this checked request itself? */
+static int postable(const struct nv_svc *s, const struct nv_svc_request *r)
+{
+    switch (r->opcode) {
+    case OPC_READ:
+    case OPC_WRITE:
+    case OPC_FLUSH:
+        return 1;
+    case OPC_WRITE_ZEROES:
+        return (s->oncs & ONCS_WRITE_ZEROES) && r->count <= MAX_NLB;
+    case OPC_DEALLOCATE:
+        return (s->oncs & ONCS_DSM) && s->prp_pages > 0;
+    default:
+        return 0;
+    }
+}
+
 int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
 {
     if (s->has_held)
@@ -162,40 +184,59 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
     while (avail && room > 0) {
         struct nv_svc_request r = s->requests[s->sq_head % s->depth];  /* a copy: what is checked is used */
         int reason = nv_svc_check(s, &r);
-        if (reason == NV_SVC_OK && (r.opcode == OPC_READ || r.opcode == OPC_WRITE)) {
+        if (reason == NV_SVC_OK && postable(s, &r)) {
             uint16_t cid;
             if (nv_qp_take(qp, 1, &cid) < 0)
                 break;  /* the queue is full: the rest waits for completions */
-            const struct nv_svc_buffer *b = &s->buffers[r.buffer];
-            uint64_t length = (uint64_t)r.count * s->block_size;
+            const struct nv_svc_buffer *b = NULL;
+            uint64_t length = 0;
             struct nv_sqe e;
             memset(&e, 0, sizeof(e));
             e.opc = r.opcode;
             e.cid = cid;
             e.nsid = s->nsid;
             uint64_t slba = s->first_lba + r.lba;
-            e.cdw10 = (uint32_t)slba;
-            e.cdw11 = (uint32_t)(slba >> 32);
-            e.cdw12 = r.count - 1;  /* NLB is 0's based */
-            author(s, b, cid, r.offset, length, &e);
-            if (b->shadow && r.opcode == OPC_WRITE)  /* no IOMMU: the device reads the shadow */
-                memcpy(b->shadow + r.offset, b->user + r.offset, length);
+            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE) {
+                b = &s->buffers[r.buffer];
+                length = (uint64_t)r.count * s->block_size;
+                e.cdw10 = (uint32_t)slba;
+                e.cdw11 = (uint32_t)(slba >> 32);
+                e.cdw12 = r.count - 1;  /* NLB is 0's based */
+                author(s, b, cid, r.offset, length, &e);
+                if (b->shadow && r.opcode == OPC_WRITE)  /* no IOMMU: the device reads the shadow */
+                    memcpy(b->shadow + r.offset, b->user + r.offset, length);
+            } else if (r.opcode == OPC_WRITE_ZEROES) {
+                e.cdw10 = (uint32_t)slba;
+                e.cdw11 = (uint32_t)(slba >> 32);
+                e.cdw12 = r.count - 1;
+            } else if (r.opcode == OPC_DEALLOCATE) {
+                /* One range (NVM Command Set 3.2.3: context attributes, NLB, SLBA; 16 bytes) in the
+                 * first of this command id's list pages, which a DSM command has no other use for. */
+                uint32_t list = cid * s->prp_pages;
+                uint64_t *range = &s->prp_area[(uint64_t)list * (s->page_size / 8)];
+                range[0] = (uint64_t)r.count << 32;  /* context attributes 0, then NLB */
+                range[1] = slba;
+                e.opc = OPC_DSM;
+                e.prp1 = s->prp_dev[list];
+                e.cdw10 = 0;  /* NR: one range, 0's based */
+                e.cdw11 = DSM_AD;
+            }  /* FLUSH: the namespace, nothing more */
             if (!now)
                 now = nv_now_ns();
-            int64_t tag = nv_qp_push(qp, &e, b->ledger_slot, b->ledger_gen, r.tag, now);
+            int64_t tag = nv_qp_push(qp, &e, b ? b->ledger_slot : -1, b ? b->ledger_gen : 0, r.tag, now);
             if (tag < 0) {
                 uint16_t back = cid;
                 nv_qp_untake(qp, 1, &back);
                 break;
             }
             s->cid_tag[cid] = tag;
-            s->cid_buffer[cid] = r.buffer;
+            s->cid_buffer[cid] = b ? r.buffer : 0;
             s->cid_offset[cid] = r.offset;
             s->cid_length[cid] = (uint32_t)length;
             s->in_flight++;
             posted++;
         } else if (reason == NV_SVC_OK) {
-            s->held = r;  /* FLUSH, Write Zeroes, deallocate: after the batch drains, in Python */
+            s->held = r;  /* after the batch drains, in Python */
             s->has_held = 1;
             s->in_flight++;
         } else {
@@ -230,7 +271,7 @@ int nv_svc_complete(struct nv_svc *s, const struct nv_completion *done, uint32_t
             uint32_t id = s->cid_buffer[c->cid];
             const struct nv_svc_buffer *b = id < s->nbuffers ? &s->buffers[id] : NULL;
             /* no IOMMU: a READ's data went to the shadow; the client's memory gets it now */
-            if (b && b->shadow && c->opcode == OPC_READ && c->status == 0)
+            if (id && b && b->shadow && c->opcode == OPC_READ && c->status == 0)
                 memcpy(b->user + s->cid_offset[c->cid], b->shadow + s->cid_offset[c->cid], s->cid_length[c->cid]);
             s->cid_tag[c->cid] = 0;
         }

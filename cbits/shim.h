@@ -446,6 +446,7 @@ struct nv_svc {
     uint32_t page_size;         /* the controller's memory page size (CC.MPS) */
     uint64_t max_transfer;      /* bytes per command (MDTS) */
     uint32_t max_pages;         /* memory pages one command may touch (MDTS) */
+    uint32_t oncs;              /* Identify Controller ONCS: bit 3 Write Zeroes, bit 2 Dataset Management */
     /* the client's buffers, indexed by id; ids below next_buffer were handed out */
     const struct nv_svc_buffer *buffers;
     uint32_t nbuffers;
@@ -465,7 +466,7 @@ struct nv_svc {
     uint32_t cq_tail;           /* completions published (free running) */
     uint32_t in_flight;         /* taken, not yet completed: posted, and held */
     uint32_t has_held;
-    struct nv_svc_request held; /* a FLUSH, Write Zeroes or deallocate, checked: Python runs it */
+    struct nv_svc_request held; /* a checked request C cannot post (see nv_svc_pump): Python runs it */
     /* counters */
     uint64_t taken;
     uint64_t refused;
@@ -479,9 +480,12 @@ struct nv_svc {
 /* The reason to refuse request r, NV_SVC_OK to accept it. Pure: reads only s's grant and tables. */
 int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r);
 /* Take what the client published (no more than its completion ring can answer), check each
- * request, post the accepted READs and WRITEs (one SQ tail doorbell for the batch), complete
- * the refused ones. A checked FLUSH, Write Zeroes or deallocate stops the batch: it is taken
- * into held (has_held) for Python to run. Returns the commands posted. */
+ * request, post the accepted ones (one SQ tail doorbell for the batch), complete the refused
+ * ones. READ and WRITE carry PRPs from the buffer's page table; FLUSH goes as it is; Write
+ * Zeroes of up to 65536 blocks, and a deallocate (Dataset Management, one range written into
+ * the command id's own list page), go when ONCS says the controller has them. A checked
+ * request C cannot post (a longer Write Zeroes, a controller without the command) stops the
+ * batch: it is taken into held (has_held) for Python to run or refuse. Returns the count posted. */
 int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp);
 /* Completions of this session's commands (records from nv_qp_reap or from the broker's own
  * reap: tag in the cookie): the no-IOMMU lane's READ data copied back, each put in the ring,

@@ -1569,11 +1569,13 @@ class Broker:
     # ============================================================ the service's compiled data path
     def service_attach(self, qid: int, svc: Any) -> None:
         """Give a service session (``struct nv_svc``, cbits/service.c) what it needs of I/O queue
-        ``qid``: the page size, MDTS, and the queue's PRP-list pages with their device addresses,
-        which C fills from the session's page tables (:meth:`service_pages`)."""
+        ``qid``: the page size, MDTS, ONCS, and the queue's PRP-list pages with their device
+        addresses, which C fills from the session's page tables (:meth:`service_buffer`) or, for
+        a deallocate, with its one range."""
         qp = self._queue(qid)
         ps = self.page_size
         svc.page_size, svc.max_pages, svc.max_transfer = ps, self.max_pages, self.max_transfer
+        svc.oncs = int((self.id_ctrl or {}).get("oncs", 0))  # which of Write Zeroes and DSM C may post
         svc.ncids = qp.ring.ncids
         svc.prp_pages = qp.prp_pages if qp.prp_array is not None else 0
         if qp.prp_array is not None:

@@ -14,10 +14,10 @@ learns its IOVA), ``free``, ``info``. The data path is the shared rings of
 against the grant before it reaches the client's own queue pair; a refusal completes it with
 a named reason. The default lane's per-request work is C (:class:`FastPath`, cbits/service.c):
 the steady state runs in ``nv_svc_serve`` over every such session and comes back to Python
-only for what needs it (a control message, a held FLUSH/Write Zeroes/deallocate, a late
-command). The validated lane's entries go through :mod:`nvmevfio.service.validator`. A client
-that goes away (SIGKILL included) loses its session: its commands are waited for, its buffers
-scrubbed and unmapped, its queue pair given to the next client.
+only for what needs it (a control message, a held request, a late command). The validated
+lane's entries go through :mod:`nvmevfio.service.validator`. A client that goes away (SIGKILL
+included) loses its session: its commands are waited for, its buffers scrubbed and unmapped,
+its queue pair given to the next client.
 """
 
 from __future__ import annotations
@@ -522,8 +522,8 @@ class Service:
     # ------------------------------------------------------------------ the data path
     def _pump(self, s: Session) -> None:
         """Take what the client published (as many as its depth allows), check each request and
-        post the accepted ones: the default lane's in C (cbits/service.c), which holds back a
-        FLUSH, Write Zeroes or deallocate for :meth:`_run_held`; the validated lane's here."""
+        post the accepted ones: the default lane's in C (cbits/service.c), which holds back what
+        it cannot post itself for :meth:`_run_held`; the validated lane's here."""
         if s.ring is None or s.closing:
             return
         if s.fast is None:
@@ -534,8 +534,8 @@ class Service:
             self._run_held(s)
 
     def _run_held(self, s: Session) -> None:
-        """The request C held back, on the session's idle queue; then what the client published
-        after it."""
+        """The request C held back (see :meth:`_run_sync`), on the session's idle queue; then
+        what the client published after it."""
         assert s.fast is not None
         held = s.fast.take_held()
         if held is None:
@@ -649,8 +649,9 @@ class Service:
         return 0, ""
 
     def _run_sync(self, s: Session, opcode: int, lba: int, count: int) -> tuple[int, str]:
-        """FLUSH, WRITE ZEROES or DEALLOCATE, one command: after the queue's batch has drained
-        (the broker runs them on an idle queue)."""
+        """A request C held back (a Write Zeroes longer than one command, or a command the
+        controller lacks: refused ``unsupported-command``), by the broker's own verb after the
+        queue's batch has drained (it runs them on an idle queue)."""
         g = s.grant
         assert g is not None
         self._drain(s)

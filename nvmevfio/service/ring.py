@@ -43,7 +43,9 @@ SERVICE_REFUSED = 0x8000
 REASONS = ("", "out-of-window", "read-only", "invalid-region", "stale-generation", "region-overrun",
            "unaligned", "count-out-of-range", "disallowed-opcode", "quota-exceeded", "client-gone",
            # the validated lane's (nvmevfio/service/validator.py) besides those above
-           "host-physical", "cross-owner-alias", "deep-prp-chain", "disallowed-namespace")
+           "host-physical", "cross-owner-alias", "deep-prp-chain", "disallowed-namespace",
+           # the controller lacks the command (ONCS)
+           "unsupported-command")
 
 
 def reason_code(reason: str) -> int:

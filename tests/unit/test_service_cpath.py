@@ -178,17 +178,39 @@ def test_completions_carry_the_clients_tags():
     assert lib.nv_svc_reap(r.s, r.qp._qp) == -errno.EPROTO
 
 
-def test_a_flush_is_held_for_python_and_stops_the_batch():
-    r = Rig()
+def test_flush_write_zeroes_and_deallocate_posted_without_a_buffer():
+    r = Rig(blocks=100000)
+    r.s.oncs = 0x0C  # Write Zeroes and Dataset Management
+    r.publish((rings.FLUSH, 0, 0, 0, 0, 0, 1), (rings.WRITE_ZEROES, 0, 0, 0, 10, 65536, 2),
+              (rings.DEALLOCATE, 0, 0, 0, 0x123, 99000, 3))
+    assert r.pump() == 3 and r.s.has_held == 0
+    e = r.qp.sq_ring[:3]
+    assert e["opc"].tolist() == [0x00, 0x08, 0x09] and e["nsid"].tolist() == [1, 1, 1]
+    assert e["cdw10"].tolist() == [0, 1010, 0] and e["cdw12"].tolist() == [0, 65535, 0]
+    assert int(e["cdw11"][2]) == 1 << 2  # Attribute - Deallocate, one range (NR 0)
+    assert e["prp1"][:2].tolist() == [0, 0] and e["prp2"].tolist() == [0, 0, 0]
+    assert int(e["prp1"][2]) == int(r.prp_dev[2 * 2])  # command id 2's own (broker-owned) list page
+    assert r.prp_area[2 * 2 * PER : 2 * 2 * PER + 2].tolist() == [99000 << 32, 1000 + 0x123]  # NLB, SLBA
+    assert r.qp.buf_slot[:3].tolist() == [-1, -1, -1]  # no client buffer is in flight
+    r.qp.cq_ring[0:3] = [(0, 0, 3, 1, cid, 1) for cid in range(3)]
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 3
+    assert sorted(r.completions()) == [(1, 0, ""), (2, 0, ""), (3, 0, "")]
+
+
+def test_what_c_cannot_post_is_held_for_python_and_stops_the_batch():
+    r = Rig(blocks=100000)
+    r.s.oncs = 0x08  # Write Zeroes only
     r.add_buffer(1, 4)
-    r.publish((rings.READ, 1, 7, 0, 0, 1, 1), (rings.FLUSH, 0, 0, 0, 0, 0, 2), (rings.READ, 1, 7, 0, 0, 1, 3))
-    assert r.pump() == 1
+    r.publish((rings.READ, 1, 7, 0, 0, 1, 1), (rings.WRITE_ZEROES, 0, 0, 0, 0, 65537, 2),
+              (rings.READ, 1, 7, 0, 0, 1, 3))
+    assert r.pump() == 1  # the READ; the Write Zeroes is longer than one command
     assert r.s.has_held == 1 and r.s.held.tag == 2 and r.s.in_flight == 2 and r.s.taken == 2
     assert r.pump() == 0  # nothing more until Python ran the held one
     lib.nv_svc_put(r.s, 2, 0, 0, 0)
     r.s.has_held = 0
     assert r.completions() == [(2, 0, "")]
-    assert r.pump() == 1 and r.s.taken == 3
+    r.publish((rings.DEALLOCATE, 0, 0, 0, 0, 8, 4))  # no Dataset Management on this controller
+    assert r.pump() == 1 and r.s.taken == 4 and r.s.has_held == 1 and r.s.held.tag == 4
 
 
 def test_no_more_taken_than_the_completion_ring_can_answer():
