@@ -146,6 +146,14 @@ def alice(sock, out, seed, rounds):
     got = {"uid": os.getuid(), "blocks": dev.info.block_count}
     bs = dev.block_size
     rng = np.random.default_rng(seed)
+    # Write Zeroes, deallocate and FLUSH go to the device from the daemon's C loop as reads and
+    # writes do (the rounds below overwrite these blocks)
+    dev.write_blocks(0, np.full(16 * bs, 0xEE, dtype=np.uint8))
+    dev.write_zeroes(0, 8)
+    back = dev.read_blocks(0, 16)
+    got["zeroed"] = bool(not back[: 8 * bs].any() and (back[8 * bs :] == 0xEE).all())
+    dev.deallocate(8, 8)
+    dev.flush()
     buf = dev.alloc_buffer(1 << 20)
     h = hashlib.sha256()
     for rnd in range(rounds):
@@ -332,7 +340,7 @@ def test_unprivileged_clients_with_their_grants(service):
     clients = [Client(sock, ALICE, alice, 7, 2), Client(sock, BOB, bob), Client(sock, EVE, eve)]
     a, b, e = (c.result() for c in clients)
     assert e == {"uid": EVE, "connect": "no-grant"}
-    assert a["blocks"] == A_BLOCKS and a["past_window"] == "out-of-window"
+    assert a["blocks"] == A_BLOCKS and a["past_window"] == "out-of-window" and a["zeroed"]
     assert b["blocks"] == B_BLOCKS and b["write"] == "read-only"
     service["alice"], service["bob"] = a, b
 
