@@ -535,6 +535,22 @@ int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t
     return got == 1 ? 0 : -ETIMEDOUT;
 }
 
+int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb, uint64_t prp1,
+                  uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns, struct nv_completion *out)
+{
+    struct nv_sqe e;
+    memset(&e, 0, sizeof(e));
+    e.opc = opc;
+    e.cid = NV_CID_TAKE;
+    e.nsid = nsid;
+    e.prp1 = prp1;
+    e.prp2 = prp2;
+    e.cdw10 = (uint32_t)slba;
+    e.cdw11 = (uint32_t)(slba >> 32);
+    e.cdw12 = nlb - 1;  /* NLB is 0's based */
+    return nv_qp_exec(qp, &e, buf_slot, buf_gen, timeout_ns, out);
+}
+
 /* ==== standing commands: Asynchronous Event Requests (5.2) ==== */
 
 static void keep_event(struct nv_qp *qp, uint16_t cid, const struct nv_cqe *cqe)

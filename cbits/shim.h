@@ -287,6 +287,10 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
  * (-EBUSY). -ETIMEDOUT leaves the command in flight against buffer (slot, gen). */
 int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
                struct nv_completion *out);
+/* nv_qp_exec for one READ or WRITE of nlb blocks at slba, built here from its fields (PRP1 and
+ * PRP2 authored by the broker; no PRP list): the synchronous API's one call per command. */
+int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb, uint64_t prp1,
+                  uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns, struct nv_completion *out);
 /* Make in-flight command cid a standing one (an Asynchronous Event Request, 5.2): it is no
  * longer counted in in_flight nor ever late; its completion, whenever a reap meets it, is
  * kept aside (at most 16) for nv_qp_take_events, not returned by the reap. -EINVAL when cid

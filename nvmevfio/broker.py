@@ -1930,9 +1930,7 @@ class Broker:
                     try:
                         iova += offset
                         prp2 = iova - iova % ps + ps if length > ps - iova % ps else 0
-                        fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32,
-                                  count - 1, 0, 0, 0)
-                        self._exec_fields(qp, fields, buf, opcode, nsid, slba, count)
+                        self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, buf)
                         return
                     finally:
                         qp.owner = None
@@ -1941,16 +1939,16 @@ class Broker:
         with self._using(qp):
             self._transfer(qp, opcode, nsid, slba, count, buf, offset)
 
-    def _exec_fields(self, qp: BrokerQueue, fields: tuple[int, ...], buf: DmaBuffer, opcode: int, nsid: int,
-                     slba: int, count: int) -> None:
-        """One READ/WRITE without a PRP list, start to end in one C call; transient statuses retried,
-        a timeout recovered (abort, reset, requeue)."""
+    def _exec_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int, prp1: int, prp2: int,
+                 buf: DmaBuffer) -> None:
+        """One READ/WRITE without a PRP list (PRP1 and PRP2 authored by the caller), start to end in
+        one C call; transient statuses retried, a timeout recovered (abort, reset, requeue)."""
         if self.ledger.pool is not None:  # the no-IOMMU lane: PRP1 and PRP2 to physical addresses
-            fields = (*fields[:7], self.ledger.device_address(fields[7]), self.ledger.device_address(fields[8]),
-                      *fields[9:])
+            prp1, prp2 = self.ledger.device_address(prp1), self.ledger.device_address(prp2)
         for attempt in range(MAX_RETRIES + 1):
             try:
-                c = qp.ring.exec_packed(fields, self.command_timeout_s, buf.slot, buf.generation)
+                c = qp.ring.exec_rw(opcode, nsid, slba, count, prp1, prp2, int(self.command_timeout_s * 1e9),
+                                    buf.slot, buf.generation)
             except (ControllerFatal, DeviceGone, QueuePaused) as exc:
                 c = self._wait_failed(qp, exc, buf)
             if c is not None and not c[0]:
@@ -1984,11 +1982,9 @@ class Broker:
         if pages <= 2 and count <= MAX_NLB and offset & 3 == 0:
             # The common case: one command without a PRP list, one C call.
             prp2 = iova - iova % ps + ps if pages == 2 else 0
-            fields = (opcode, 0, CID_TAKE, nsid, 0, 0, 0, iova, prp2, slba & 0xFFFFFFFF, slba >> 32, count - 1,
-                      0, 0, 0)
             if opcode == IoOpcode.WRITE:
                 self.ledger.sync_for_device(handle, offset, length)  # no-IOMMU lane's bounce; else nothing
-            self._exec_fields(qp, fields, handle, opcode, nsid, slba, count)
+            self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, handle)
             if opcode == IoOpcode.READ:
                 self.ledger.sync_for_cpu(handle, offset, length)
             return

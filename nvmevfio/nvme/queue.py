@@ -18,7 +18,7 @@ import numpy as np
 
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, QueuePaused, Refused, ShimError
-from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT
+from nvmevfio.nvme.spec import CQE, SQE
 
 CID_TAKE = 0xFFFF  # nv_qp_exec: take a command id in C
 
@@ -164,9 +164,6 @@ class QueuePair:
         self._unpin_p = ffi.cast("struct nv_unpin *", self._unpin.ctypes.data)
         self._nunpin = ffi.new("uint32_t *")
         self._one = ffi.new("struct nv_completion *")
-        self._one_sqe = ffi.new("struct nv_sqe *")
-        self._one_sqe_p = self._one_sqe
-        self._one_sqe_buf = ffi.buffer(self._one_sqe)
         self._shadow: tuple[np.ndarray, np.ndarray] | None = None
         self.saved = np.frombuffer(ffi.buffer(self._qp.saved, n * SQE.itemsize), dtype=SQE)  # entries in flight
         self.saved.flags.writeable = False
@@ -378,13 +375,14 @@ class QueuePair:
             self._completions(r)
         return self._one.status, self._one.result
 
-    def exec_packed(self, fields: tuple[int, ...], timeout_s: float, buf_slot: int = -1,
-                    buf_gen: int = 0) -> tuple[int, int] | None:
-        """:meth:`exec` for an entry given as ``spec.SQE_STRUCT`` fields (packed without numpy)."""
-        SQE_STRUCT.pack_into(self._one_sqe_buf, 0, *fields)
-        r = lib.nv_qp_exec(self._qp, self._one_sqe_p, buf_slot, buf_gen, int(timeout_s * 1e9), self._one)
+    def exec_rw(self, opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int, timeout_ns: int,
+                buf_slot: int = -1, buf_gen: int = 0) -> tuple[int, int] | None:
+        """:meth:`exec` for one READ or WRITE without a PRP list, the entry built in C from its
+        fields (``nv_qp_exec_rw``): the synchronous API's hot path."""
+        one = self._one
+        r = lib.nv_qp_exec_rw(self._qp, opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
         if r == 0 and self._hook is None:
-            return self._one.status, self._one.result
+            return one.status, one.result
         return self._exec_result(r)
 
     # -- recovery --------------------------------------------------------------------------------

@@ -244,3 +244,14 @@ def test_exec_runs_beside_a_standing_command():
     e = entries([CID_TAKE], opc=0x06)
     assert qp.exec(e, 0.001) is None  # not refused queue-busy: the AER is not in flight; timed out
     assert qp.in_flight == 1 and qp.standing == 1
+
+
+def test_exec_rw_builds_the_entry_from_its_fields():
+    qp, mmio = make(depth=4)
+    # no device behind ArrayMmio: the wait times out at once and the command stays in flight
+    assert qp.exec_rw(0x02, 7, (5 << 32) | 9, 16, 0x1000_0200, 0x2000_0000, 0, buf_slot=3, buf_gen=2) is None
+    e = qp.sq_ring[0]
+    assert (int(e["opc"]), int(e["cid"]), int(e["nsid"])) == (0x02, 0, 7)
+    assert (int(e["prp1"]), int(e["prp2"])) == (0x1000_0200, 0x2000_0000)
+    assert (int(e["cdw10"]), int(e["cdw11"]), int(e["cdw12"])) == (9, 5, 15)  # NLB 0's based
+    assert mmio.writes == [(SQ_DB, 4, 1)] and qp.in_flight == 1 and qp.buf_slot[0] == 3
