@@ -228,17 +228,17 @@ def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     return out
 
 
-def in_guest(seconds: float, out_path: Path, sweep: bool, service_only: bool = False) -> int:
+def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = None) -> int:
     from nvmevfio import pci
 
     [fn] = list(pci.list_functions())
     addr = fn.address
-    if service_only:  # A/B/A of in-process perf and the service client, nothing else
+    if only == "service":  # A/B/A of in-process perf and the service client, nothing else
         pci.bind(addr)
         rounds = [{"perf": perf(addr, "randread", 4096, 32, seconds, "poll")} if i % 2 == 0 else
                   {"poll": service_randread(addr, seconds, "poll"), "irq": service_randread(addr, seconds, "irq")}
                   for i in range(3)]
-        out_path.write_text(json.dumps({"service_only": rounds}, indent=2))
+        out_path.write_text(json.dumps({"only": rounds}, indent=2))
         return 0
 
     def kernel_dev() -> str:
@@ -257,6 +257,13 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, service_only: bool = F
         return 0
     dev = kernel_dev()
     size = int(Path(f"/sys/class/block/{Path(dev).name}/size").read_text()) * 512
+    if only == "python":  # A/B/A of the Python row alone
+        a1 = python_preadv(dev, seconds, size)
+        pci.bind(addr)
+        b = python_read_into(addr, seconds)
+        pci.unbind(addr)
+        out_path.write_text(json.dumps({"only": [a1, b, python_preadv(kernel_dev(), seconds, size)]}, indent=2))
+        return 0
     a1 = kernel_round(dev, seconds, size)
     pci.bind(addr)
     from nvmevfio.vfio import choose_backend
@@ -362,7 +369,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def boot_once(args: argparse.Namespace, sweep: bool, service_only: bool = False) -> dict:
+def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) -> dict:
     import tempfile
 
     import guest
@@ -380,8 +387,8 @@ def boot_once(args: argparse.Namespace, sweep: bool, service_only: bool = False)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
     if sweep:
         cmd.append("--sweep")
-    if service_only:
-        cmd.append("--service-only")
+    if only:
+        cmd += ["--only", only]
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
                         timeout=3600, echo=True, **guest.lane_options(args.lane))
@@ -403,15 +410,21 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--service-only", action="store_true",
-                    help="a quick look at the service row alone: in-process perf, the serve client (poll, irq), "
-                         "in-process perf again, in one boot")
+    ap.add_argument("--only", choices=["service", "python"],
+                    help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
+                         "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
+                         "os.preadv)")
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_guest:
-        return in_guest(args.seconds, args.in_guest, args.sweep, args.service_only)
-    if args.service_only:
-        rounds = boot_once(args, False, True)["service_only"]
+        return in_guest(args.seconds, args.in_guest, args.sweep, args.only)
+    if args.only == "python":
+        a1, b, a2 = boot_once(args, False, "python")["only"]
+        print(f"python loop: read_into {b['iops']:.0f}, os.preadv {a1['iops']:.0f} / {a2['iops']:.0f}: ratio "
+              f"{b['iops'] / statistics.mean((a1['iops'], a2['iops'])):.2f}")
+        return 0
+    if args.only == "service":
+        rounds = boot_once(args, False, "service")["only"]
         base = statistics.mean(r["perf"]["iops"] for r in rounds[::2])
         for mode in ("poll", "irq"):
             got = rounds[1][mode]
