@@ -435,7 +435,8 @@ static inline uint64_t mix64(uint64_t *state)
 }
 
 int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
-                       uint32_t depth, int doorbell_fd, int completion_fd, struct nv_perf *p, uint64_t slot_size,
+                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
+                       uint64_t slot_size,
                        int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain)
 {
     int64_t start = nv_now_ns(), end = start + slice_ns;
@@ -504,12 +505,14 @@ int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct 
         if (!ready && in_flight) {
             if (now - start >= p->timeout_ns && drain)
                 return -ETIMEDOUT;
-            struct pollfd pf = {.fd = completion_fd, .events = POLLIN};
+            struct pollfd pf[2] = {{.fd = completion_fd, .events = POLLIN}, {.fd = control_fd, .events = POLLIN}};
             int64_t left = drain ? p->timeout_ns : end - now;
-            int r = poll(&pf, 1, (int)((left + 999999) / 1000000));
+            int r = poll(pf, control_fd >= 0 ? 2 : 1, (int)((left + 999999) / 1000000));
             p->wait_ns += (uint64_t)(nv_now_ns() - now);
             if (r < 0 && errno != EINTR)
                 return -errno;
+            if (r > 0 && pf[1].revents)
+                return -EPIPE;  /* the daemon hung up (or broke the protocol): no completion will come */
             if (r > 0) {
                 uint64_t v;
                 ssize_t rr = read(completion_fd, &v, sizeof(v));

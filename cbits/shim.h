@@ -509,7 +509,10 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
                  int64_t late_ns, int64_t timeout_ns, uint32_t *which);
 /* A client's closed loop over its rings (perf through the service): like nv_perf_run, with
  * p->nslots slots of slot_size bytes in client buffer (p->buf_slot: id, p->buf_gen: generation);
- * tags are slot numbers. issued_ns: nslots submit times. Returns 1 finished, 0 slice over, -errno. */
+ * tags are slot numbers. issued_ns: nslots submit times. control_fd: the client's socket, which
+ * the daemon never writes unasked: readable while waiting means it hung up (-EPIPE). Returns 1
+ * finished, 0 slice over, -errno. */
 int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
-                       uint32_t depth, int doorbell_fd, int completion_fd, struct nv_perf *p, uint64_t slot_size,
+                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
+                       uint64_t slot_size,
                        int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain);

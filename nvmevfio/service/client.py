@@ -441,12 +441,13 @@ class ServicePerfLoop(PerfCounters):
         dev = self.dev
         header, requests, completions = self._ptrs
         r = int(lib.nv_svc_client_perf(header, requests, completions, dev._ring.depth, dev._doorbell,
-                                       dev._completion, self._p, self.reg.slot_size,
+                                       dev._completion, dev._sock.fileno(), self._p, self.reg.slot_size,
                                        ffi.cast("int64_t *", self.issued_ns.ctypes.data), self._tail, self._head,
                                        int(slice_s * 1e9), int(drain)))
         dev._sq_tail, dev._cq_head = int(self._tail[0]), int(self._head[0])
+        if r == -errno.EPIPE:
+            raise ServiceGone("the nvmevfio service went away (its socket closed); reconnect")
         if r == -errno.ETIMEDOUT:
-            dev._wait(time.monotonic())  # ServiceGone when the daemon went away
             raise Refused("command-timeout", f"the service completed nothing within {dev.timeout_s:g} s "
                           f"({self._in_flight()} request(s) in flight)")
         if r < 0:

@@ -5,6 +5,7 @@ users.)"""
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,11 @@ def served(tmp_path):
         service = Service(rig.p, _grants(grants), str(tmp_path / "s.sock"), clients=clients, queue_depth=32,
                           irq=False)
         service.start()
-        thread = threading.Thread(target=service.serve, daemon=True)
+        def serve():  # as `nvmevfio serve` does: every session ended once the loop returns
+            service.serve()
+            service.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         started.append((service, thread))
         return rig, service, str(tmp_path / "s.sock")
@@ -223,3 +228,16 @@ def test_perf_through_the_service(served):
         assert sorted(done["tag"].tolist()) == sorted(tags) and not done["status"].any()
         assert not ns.data[1016 * 512 : 1024 * 512].any()
         assert dev.status()["session"]["refused"] == 0
+
+
+def test_a_perf_loop_learns_at_once_that_the_service_went_away(served):
+    """The client's C loop watches its socket while it waits: a daemon that stops mid-run ends
+    the run with ServiceGone within moments, not at the end of the run or a timeout."""
+    _rig, service, path = served()
+    dev = nvmevfio.connect(path, 1)
+    threading.Timer(0.5, service.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(ServiceGone):
+        perf.run(dev, workload="randread", queue_depth=4, seconds=20)
+    assert time.monotonic() - t0 < 10
+    dev.close()
