@@ -23,7 +23,7 @@
 #define CQ_TAIL 128
 #define CQ_HEAD 192
 
-/* request opcodes: the NVM command set's (ring.py) */
+/* request opcodes: the NVM command set's (ring.py); a deallocate is Dataset Management's */
 #define OPC_FLUSH 0x00
 #define OPC_WRITE 0x01
 #define OPC_READ 0x02
@@ -31,7 +31,6 @@
 #define OPC_DEALLOCATE 0x09
 
 #define SERVICE_REFUSED 0x8000
-#define OPC_DSM 0x09              /* NVM Command Set: Dataset Management */
 #define ONCS_DSM (1u << 2)
 #define ONCS_WRITE_ZEROES (1u << 3)
 #define DSM_AD (1u << 2)          /* CDW11: Attribute - Deallocate */
@@ -83,9 +82,9 @@ int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r)
     uint64_t in_page = r->offset % s->page_size;
     uint64_t pages = (in_page + length + s->page_size - 1) / s->page_size;
     uint64_t per = s->page_size / 8;
-    /* list pages this command needs: each holds per - 1 entries and a chain pointer, the last one per */
-    uint64_t entries = pages - 1;
-    uint64_t lists = pages <= 2 ? 0 : entries <= per ? 1 : 1 + (entries - per + per - 2) / (per - 1);
+    /* list pages for the pages - 1 entries after PRP1: each holds per - 1 entries and a chain
+     * pointer, the last one up to per entries */
+    uint64_t lists = pages <= 2 ? 0 : 1 + (pages - 3) / (per - 1);
     if (pages > s->max_pages || lists > s->prp_pages)
         return NV_SVC_COUNT_OUT_OF_RANGE;
     return NV_SVC_OK;
@@ -196,19 +195,17 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
             e.cid = cid;
             e.nsid = s->nsid;
             uint64_t slba = s->first_lba + r.lba;
-            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE) {
-                b = &s->buffers[r.buffer];
-                length = (uint64_t)r.count * s->block_size;
+            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE || r.opcode == OPC_WRITE_ZEROES) {
                 e.cdw10 = (uint32_t)slba;
                 e.cdw11 = (uint32_t)(slba >> 32);
                 e.cdw12 = r.count - 1;  /* NLB is 0's based */
+            }
+            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE) {
+                b = &s->buffers[r.buffer];
+                length = (uint64_t)r.count * s->block_size;
                 author(s, b, cid, r.offset, length, &e);
                 if (b->shadow && r.opcode == OPC_WRITE)  /* no IOMMU: the device reads the shadow */
                     memcpy(b->shadow + r.offset, b->user + r.offset, length);
-            } else if (r.opcode == OPC_WRITE_ZEROES) {
-                e.cdw10 = (uint32_t)slba;
-                e.cdw11 = (uint32_t)(slba >> 32);
-                e.cdw12 = r.count - 1;
             } else if (r.opcode == OPC_DEALLOCATE) {
                 /* One range (NVM Command Set 3.2.3: context attributes, NLB, SLBA; 16 bytes) in the
                  * first of this command id's list pages, which a DSM command has no other use for. */
@@ -216,7 +213,6 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
                 uint64_t *range = &s->prp_area[(uint64_t)list * (s->page_size / 8)];
                 range[0] = (uint64_t)r.count << 32;  /* context attributes 0, then NLB */
                 range[1] = slba;
-                e.opc = OPC_DSM;
                 e.prp1 = s->prp_dev[list];
                 e.cdw10 = 0;  /* NR: one range, 0's based */
                 e.cdw11 = DSM_AD;

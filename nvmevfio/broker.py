@@ -1642,6 +1642,13 @@ class Broker:
     def _service_ended(self, qp: BrokerQueue, svc: Any) -> None:
         """Commands of a service session the broker ended itself (after a reset): to the client."""
         for records in self._take_cancelled(qp):
+            self._service_complete(svc, records)
+
+    @staticmethod
+    def _service_complete(svc: Any, records: np.ndarray) -> None:
+        """COMPLETION records of a service session's commands into its client's ring."""
+        if len(records):
+            records = np.ascontiguousarray(records)
             lib.nv_svc_complete(svc, ffi.cast("struct nv_completion *", records.ctypes.data), len(records))
 
     def service_pump(self, qid: int, svc: Any) -> int:
@@ -1656,10 +1663,7 @@ class Broker:
         qp = self._queue(qid)
         with self._using(qp):
             while qp.in_flight or qp.cancelled:
-                done = self._reap(qp, 1, None)
-                if len(done):
-                    done = np.ascontiguousarray(done)
-                    lib.nv_svc_complete(svc, ffi.cast("struct nv_completion *", done.ctypes.data), len(done))
+                self._service_complete(svc, self._reap(qp, 1, None))
 
     def ring_doorbell(self, qid: int) -> None:
         """The SQ tail doorbell of I/O queue ``qid`` (entries posted with ``doorbell=False``)."""

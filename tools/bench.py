@@ -120,11 +120,7 @@ def service_randread(addr: str, seconds: float, mode: str = "poll") -> dict:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("nvmevfio serve did not start")
             time.sleep(0.05)
-        args = [sys.executable, "-m", "nvmevfio", "perf", "--socket", sock, "-w", "randread", "-q", "32", "-s",
-                "4096", "-t", str(seconds), "--ramp", "1", "-o", "json"]
-        d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-        return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "wait_pct", "ios_per_submit",
-                                  "ios_per_reap")}
+        return perf(addr, "randread", 4096, 32, seconds, mode, socket=sock)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -158,14 +154,19 @@ def kernel_round(dev: str, seconds: float, size_bytes: int) -> dict:
     return res
 
 
-def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True) -> dict:
-    args = [sys.executable, "-m", "nvmevfio", "perf", addr, "-w", rw, "-q", str(qd), "-s", str(bs), "-t",
-            str(seconds), "--ramp", "1", "--mode", mode, "-o", "json"]
+def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True,
+         socket: str | None = None) -> dict:
+    """`nvmevfio perf` on the controller, or with ``socket`` through `nvmevfio serve` (whose
+    daemon decides the completion mode)."""
+    target = ["--socket", socket] if socket else [addr, "--mode", mode]
+    args = [sys.executable, "-m", "nvmevfio", "perf", *target, "-w", rw, "-q", str(qd), "-s", str(bs), "-t",
+            str(seconds), "--ramp", "1", "-o", "json"]
     if not shadow:
         args.append("--no-shadow-doorbells")
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
-                              "cq_doorbell_mmio", "shadow_only_updates")}
+                              "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "ios_per_submit",
+                              "ios_per_reap")}
 
 
 def nvmevfio_round(addr: str, seconds: float) -> dict:

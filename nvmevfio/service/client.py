@@ -433,13 +433,14 @@ class ServicePerfLoop(PerfCounters):
                         timeout_s=dev.timeout_s)
         p.buf_slot, p.buf_gen = reg.buffer.id, reg.buffer.generation
         self.issued_ns = np.zeros(reg.slots, dtype=np.int64)
-        self._tail = ffi.new("uint32_t *", dev._sq_tail)
-        self._head = ffi.new("uint32_t *", dev._cq_head)
+        self._tail = ffi.new("uint32_t *")  # the device's ring indices while C runs
+        self._head = ffi.new("uint32_t *")
         self._ptrs = dev._ring.pointers()
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         dev = self.dev
         header, requests, completions = self._ptrs
+        self._tail[0], self._head[0] = dev._sq_tail, dev._cq_head
         r = int(lib.nv_svc_client_perf(header, requests, completions, dev._ring.depth, dev._doorbell,
                                        dev._completion, dev._sock.fileno(), self._p, self.reg.slot_size,
                                        ffi.cast("int64_t *", self.issued_ns.ctypes.data), self._tail, self._head,

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio._ffi import lib
+from nvmevfio._ffi import ffi, lib
 from nvmevfio.dma import DmaBuffer, align_up
 from nvmevfio.errors import CommandError, NvmeVfioError, Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
@@ -124,9 +124,6 @@ class FastPath:
 
     def __init__(self, provider: Provider, ring: rings.SharedRings, qid: int, grant: ServiceGrant, doorbell: int,
                  completion: int) -> None:
-        from nvmevfio._ffi import ffi
-
-        self._ffi = ffi
         self.ring = ring  # kept alive: C points into its memory
         svc = ffi.new("struct nv_svc *")
         svc.header, svc.requests, svc.completions = ring.pointers()
@@ -150,8 +147,8 @@ class FastPath:
     def add(self, provider: Provider, ident: int, buf: DmaBuffer) -> None:
         """Buffer ``ident`` into the table (grown as ids grow), described by the broker."""
         if ident >= len(self._table):
-            bigger = self._ffi.new("struct nv_svc_buffer[]", max(2 * len(self._table), ident + 1))
-            self._ffi.memmove(bigger, self._table, self._ffi.sizeof(self._table))
+            bigger = ffi.new("struct nv_svc_buffer[]", max(2 * len(self._table), ident + 1))
+            ffi.memmove(bigger, self._table, ffi.sizeof(self._table))
             self._table = bigger
             self._sync_table()
         provider.service_buffer(self._table + ident, buf)
@@ -159,11 +156,11 @@ class FastPath:
 
     def remove(self, ident: int) -> None:
         """Buffer ``ident`` freed: a request naming it is refused stale-generation from now on."""
-        self._ffi.memmove(self._table + ident, bytes(self._ffi.sizeof("struct nv_svc_buffer")),
-                          self._ffi.sizeof("struct nv_svc_buffer"))
+        size = ffi.sizeof("struct nv_svc_buffer")
+        ffi.memmove(self._table + ident, bytes(size), size)
 
     def take_held(self) -> tuple[int, int, int, int] | None:
-        """The FLUSH, Write Zeroes or deallocate C held back: (opcode, lba, count, tag)."""
+        """The request C held back (see ``Service._run_sync``): (opcode, lba, count, tag)."""
         svc = self.svc
         if not svc.has_held:
             return None
@@ -323,17 +320,15 @@ class Service:
         message, a new client, a validated-lane doorbell, a held request, a signal. Returns the
         selector's timeout for what follows."""
         polled = self._irq_fd(1) is None
-        fast = [s for s in self.sessions.values() if s.fast is not None and not s.closing]
+        fast = [(s, s.fast) for s in self.sessions.values() if s.fast is not None and not s.closing]
         slow_busy = polled and any(s.in_flight for s in self.sessions.values() if s.fast is None)
         if not fast:
             return POLL_S if slow_busy else None
-        theirs = {s.doorbell for s in fast} | {self._irq_fd(s.qid) for s in fast}
+        theirs = {s.doorbell for s, _ in fast} | {self._irq_fd(s.qid) for s, _ in fast}
         watch = [k.fd for k in self._selector.get_map().values() if k.fd not in theirs]
-        assert all(s.fast is not None for s in fast)  # for the type checker: filtered above
-        event, i = self.provider.service_serve([(s.qid, s.fast.svc) for s in fast if s.fast is not None], watch,
-                                               0.0 if slow_busy else 1.0)
+        event, i = self.provider.service_serve([(s.qid, f.svc) for s, f in fast], watch, 0.0 if slow_busy else 1.0)
         if event == lib.NV_SVC_HELD:
-            self._run_held(fast[i])
+            self._run_held(fast[i][0])
         return 0.0
 
     def close(self) -> None:
