@@ -7,9 +7,10 @@ any bytes-like object; the batched form keeps many commands in flight.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,6 +42,15 @@ class DeviceInfo:
 
 
 class BlockDevice:
+    # The provider's read_into/write_from with the namespace bound (functools.partial): no Python
+    # frame of their own on the synchronous hot path.
+    read_into: Callable[..., None]
+    """read_into(lba, count, buf, offset=0, qid=1): read into a DMA buffer (or registration); one
+    command (the usual case) is one C call that posts it and waits for its completion (spinning,
+    or on the MSI-X eventfd)."""
+    write_from: Callable[..., None]
+    """write_from(lba, count, buf, offset=0, qid=1): write from a DMA buffer, as read_into."""
+
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
                  irq: bool = False, queues: int = 1, shadow_doorbells: bool = True) -> None:
         self.provider = provider
@@ -62,6 +72,8 @@ class BlockDevice:
             shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
+        self.read_into = functools.partial(provider.read_into, nsid)
+        self.write_from = functools.partial(provider.write_from, nsid)
 
     # -- synchronous ----------------------------------------------------------------
     def check_window(self, lba: int, count: int) -> None:
@@ -100,16 +112,6 @@ class BlockDevice:
 
     def unregister_buffer(self, reg: RegisteredBuffer) -> None:
         self.provider.unregister_buffer(reg)
-
-    def read_into(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0,
-                  qid: int = 1) -> None:
-        """Read into a DMA buffer; one command (the usual case) is one C call that posts it and
-        waits for its completion (spinning, or on the MSI-X eventfd)."""
-        self.provider.read_into(self.nsid, lba, count, buf, offset, qid=qid)
-
-    def write_from(self, lba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0,
-                   qid: int = 1) -> None:
-        self.provider.write_from(self.nsid, lba, count, buf, offset, qid=qid)
 
     def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
                      qid: int = 1) -> np.ndarray:

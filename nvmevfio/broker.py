@@ -1934,7 +1934,14 @@ class Broker:
                     try:
                         iova += offset
                         prp2 = iova - iova % ps + ps if length > ps - iova % ps else 0
-                        self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, buf)
+                        ring = qp.ring
+                        one = ring.one
+                        r = ring.exec_rw_c(opcode, nsid, slba, count, iova, prp2, buf.slot, buf.generation,
+                                           int(self.command_timeout_s * 1e9), one)
+                        if r == 0 and not one.status and not ring.hooked:
+                            self.commands_completed += 1
+                            return
+                        self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, buf, first=r)
                         return
                     finally:
                         qp.owner = None
@@ -1944,15 +1951,20 @@ class Broker:
             self._transfer(qp, opcode, nsid, slba, count, buf, offset)
 
     def _exec_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int, prp1: int, prp2: int,
-                 buf: DmaBuffer) -> None:
+                 buf: DmaBuffer, first: int | None = None) -> None:
         """One READ/WRITE without a PRP list (PRP1 and PRP2 authored by the caller), start to end in
-        one C call; transient statuses retried, a timeout recovered (abort, reset, requeue)."""
+        one C call; transient statuses retried, a timeout recovered (abort, reset, requeue).
+        ``first``: what the hot path's own first attempt returned (its completion in ring.one)."""
         if self.ledger.pool is not None:  # the no-IOMMU lane: PRP1 and PRP2 to physical addresses
             prp1, prp2 = self.ledger.device_address(prp1), self.ledger.device_address(prp2)
         for attempt in range(MAX_RETRIES + 1):
             try:
-                c = qp.ring.exec_rw(opcode, nsid, slba, count, prp1, prp2, int(self.command_timeout_s * 1e9),
-                                    buf.slot, buf.generation)
+                if first is not None:
+                    r, first = first, None
+                    c = qp.ring.exec_result(r)
+                else:
+                    c = qp.ring.exec_rw(opcode, nsid, slba, count, prp1, prp2, int(self.command_timeout_s * 1e9),
+                                        buf.slot, buf.generation)
             except (ControllerFatal, DeviceGone, QueuePaused) as exc:
                 c = self._wait_failed(qp, exc, buf)
             if c is not None and not c[0]:

@@ -8,6 +8,7 @@ from :meth:`alloc_buffer`, whose device address stays inside the broker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -39,8 +40,20 @@ _REGISTER_OFFSETS = {"CAP": regs.CAP, "VS": regs.VS, "INTMS": regs.INTMS, "INTMC
 
 
 class Provider:
+    # The synchronous zero-copy verbs are the broker's transfer() with the opcode bound
+    # (functools.partial), without a Python frame of their own: under an emulated CPU every frame
+    # on the per-command path costs microseconds.
+    read_into: Callable[..., None]
+    """read_into(nsid, slba, count, buf, offset=0, qid=1): READ ``count`` blocks into the DMA
+    buffer (or registration) ``buf`` at ``offset``; refused with a named reason before the device
+    sees anything when the window, the buffer range or the handle is not right."""
+    write_from: Callable[..., None]
+    """write_from(nsid, slba, count, buf, offset=0, qid=1): WRITE, as read_into."""
+
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        self.read_into = functools.partial(broker.transfer, IoOpcode.READ)
+        self.write_from = functools.partial(broker.transfer, IoOpcode.WRITE)
 
     # -- controller -------------------------------------------------------------------
     def bind(self) -> Registers:
@@ -341,13 +354,6 @@ class Provider:
         """A validated workload for the C closed loop (see ``Broker.perf_loop``)."""
         return self._broker.perf_loop(nsid, reg, **workload)
 
-    def read_into(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer, offset: int = 0, *,
-                  qid: int = 1) -> None:
-        self._broker.transfer(IoOpcode.READ, nsid, slba, count, buf, offset, qid)
-
-    def write_from(self, nsid: int, slba: int, count: int, buf: DmaBuffer | RegisteredBuffer,
-                   offset: int = 0, *, qid: int = 1) -> None:
-        self._broker.transfer(IoOpcode.WRITE, nsid, slba, count, buf, offset, qid)
 
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:

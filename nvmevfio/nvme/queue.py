@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -164,6 +165,14 @@ class QueuePair:
         self._unpin_p = ffi.cast("struct nv_unpin *", self._unpin.ctypes.data)
         self._nunpin = ffi.new("uint32_t *")
         self._one = ffi.new("struct nv_completion *")
+        self.one = self._one  # the completion exec_rw_c() fills
+        # The synchronous API's hot path without a Python frame of its own (Broker.transfer):
+        # exec_rw_c(opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one) is
+        # nv_qp_exec_rw on this queue; 0 means the completion is in ``one``. Whatever else it
+        # returns, and every call with a doorbell hook (the simulator: its checks run after each
+        # call), goes to exec_result().
+        self.exec_rw_c = functools.partial(lib.nv_qp_exec_rw, self._qp)
+        self.hooked = self._hook is not None
         self._shadow: tuple[np.ndarray, np.ndarray] | None = None
         self.saved = np.frombuffer(ffi.buffer(self._qp.saved, n * SQE.itemsize), dtype=SQE)  # entries in flight
         self.saved.flags.writeable = False
@@ -361,9 +370,11 @@ class QueuePair:
         tag, DW0), or None when it timed out (the command stays in flight)."""
         r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
                            int(timeout_s * 1e9), self._one)
-        return self._exec_result(r)
+        return self.exec_result(r)
 
-    def _exec_result(self, r: int) -> tuple[int, int] | None:
+    def exec_result(self, r: int) -> tuple[int, int] | None:
+        """What an exec call's return value ``r`` means: (status, DW0) of the completion, None when
+        the command timed out (it stays in flight); refusals and controller failures raised."""
         if self._hook is not None:
             self._hook.check()
         if r == -errno.ETIMEDOUT:
@@ -383,7 +394,7 @@ class QueuePair:
         r = lib.nv_qp_exec_rw(self._qp, opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
         if r == 0 and self._hook is None:
             return one.status, one.result
-        return self._exec_result(r)
+        return self.exec_result(r)
 
     # -- recovery --------------------------------------------------------------------------------
     def reset_rings(self) -> None:
