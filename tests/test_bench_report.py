@@ -31,6 +31,11 @@ def test_ratios_and_median_over_boots():
     assert "randread-4k-qd32         poll vs kernel io_uring --hipri     2.50 (bar 2.2) met" in text
     assert "python-read_into-4k-qd1  read_into vs os.preadv loop         1.40 (bar 1.3) met" in text
     assert "serve client vs in-process perf poll  0.40 (bar 0.7) NOT MET" in text
+    # the service row's own in-process runs (before and after it), when the boot has them
+    b = _boot(1.0)
+    b["B"][bench.SERVICE_ROW]["perf"] = {"iops": 2500.0}
+    assert bench.ratios(b)[bench.SERVICE_ROW] == {"service": 0.8}
+    assert "perf poll just before and after it 2500: ratio 0.80 (per boot 0.80)" in bench.report([b])
     low = bench.report([_boot(0.5)])
     assert "1.25 (bar 2.2) NOT MET" in low
     assert "nvmevfio DMA lane: type1 on guest kernel ?" in low  # results from before lanes were recorded
