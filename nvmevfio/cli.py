@@ -225,6 +225,23 @@ service_socket_opt = click.option("--socket", "service_socket", type=click.Path(
                                   help="go through the nvmevfio serve daemon on this socket (no ADDRESS, no root)")
 
 
+# Polling loops want a CPU of their own (as SPDK pins its reactors): a polling daemon and a client
+# the scheduler wakes on the daemon's CPU share it, and lose a third of their rate or more.
+cpu_opt = click.option("--cpu", type=click.IntRange(min=0), default=None,
+                       help="run on this CPU only (sched_setaffinity), e.g. a polling daemon and its clients "
+                            "on different CPUs")
+
+
+def _pin(cpu: int | None) -> None:
+    """Keep this process on ``cpu`` (--cpu); refused when it is not one this process may use."""
+    if cpu is None:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu not in allowed:
+        _fail(f"--cpu {cpu}: this process may run on CPUs {', '.join(map(str, allowed))} only", EXIT_ERROR)
+    os.sched_setaffinity(0, {cpu})
+
+
 class AliasedGroup(click.Group):
     aliases = {"identify": "id-ctrl"}
 
@@ -1368,11 +1385,12 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
 @click.option("--verify", is_flag=True,
               help="integrity mode (like fio's verify): every written block carries its LBA, a sequence number "
                    "and a CRC32C; blocks read back are checked; mismatches exit 4 (writes the range!)")
+@cpu_opt
 @service_socket_opt
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
-         verify: bool, service_socket: str | None, fmt: str) -> None:
+         verify: bool, cpu: int | None, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -1386,6 +1404,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     if service_socket and (verify or mode != "poll"):
         _fail("through --socket the daemon decides how completions arrive and perf runs its C loop: "
               "no --mode or --verify", EXIT_ERROR)
+    _pin(cpu)
 
     rng = None
     if lba_range:
@@ -1448,7 +1467,9 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
               help="entries per I/O queue (a client's depth is its grant's, at most this minus one)")
 @click.option("--mode", type=click.Choice(["irq", "poll"]), default="irq", show_default=True,
               help="completions by MSI-X interrupts, or polling while commands are in flight")
-def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str) -> None:
+@cpu_opt
+def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str,
+          cpu: int | None) -> None:
     """Own a controller and serve its namespaces to unprivileged clients (grants file).
 
     Clients use nvmevfio.connect(SOCKET, nsid=…) or the block commands' --socket. Runs until
@@ -1467,6 +1488,7 @@ def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_
         grants = load_grants(grants_path)
     except GrantsError as exc:
         _fail(str(exc), EXIT_ERROR)
+    _pin(cpu)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="nvmevfio serve: %(message)s")
     with controller(address, enable=False) as session, errors():

@@ -62,3 +62,30 @@ def test_shell_completion_script_and_commands():
                                      "COMP_WORDS": "nvmevfio io-passthru 00:04.0 --cdw1", "COMP_CWORD": "3"},
                          capture_output=True, text=True, timeout=60)
     assert {line.split(",", 1)[1] for line in got.stdout.splitlines()} == {f"--cdw1{i}" for i in range(6)}
+
+
+def test_cpu_not_allowed_is_refused_before_the_device():
+    """--cpu names a CPU this process may not use: refused, naming the ones it may, before the
+    address is even looked at."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--cpu", str(allowed[-1] + 1)])
+    assert r.exit_code == 1, r.output
+    assert f"--cpu {allowed[-1] + 1}: this process may run on CPUs {', '.join(map(str, allowed))} only" in r.stderr
+
+
+def test_pin_keeps_the_process_on_one_cpu():
+    import os
+
+    from nvmevfio.cli import _pin
+
+    before = os.sched_getaffinity(0)
+    try:
+        cpu = max(before)
+        _pin(cpu)
+        assert os.sched_getaffinity(0) == {cpu}
+        _pin(None)  # no --cpu: left alone
+        assert os.sched_getaffinity(0) == {cpu}
+    finally:
+        os.sched_setaffinity(0, before)
