@@ -354,7 +354,6 @@ class Provider:
         """A validated workload for the C closed loop (see ``Broker.perf_loop``)."""
         return self._broker.perf_loop(nsid, reg, **workload)
 
-
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:
         """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their

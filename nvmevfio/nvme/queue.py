@@ -164,8 +164,7 @@ class QueuePair:
         self._done_p = ffi.cast("struct nv_completion *", self._done.ctypes.data)
         self._unpin_p = ffi.cast("struct nv_unpin *", self._unpin.ctypes.data)
         self._nunpin = ffi.new("uint32_t *")
-        self._one = ffi.new("struct nv_completion *")
-        self.one = self._one  # the completion exec_rw_c() fills
+        self.one = ffi.new("struct nv_completion *")  # the completion the exec calls fill
         # The synchronous API's hot path without a Python frame of its own (Broker.transfer):
         # exec_rw_c(opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one) is
         # nv_qp_exec_rw on this queue; 0 means the completion is in ``one``. Whatever else it
@@ -369,7 +368,7 @@ class QueuePair:
         entry's cid is one from :meth:`take`, or CID_TAKE. Returns its (status without the phase
         tag, DW0), or None when it timed out (the command stays in flight)."""
         r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
-                           int(timeout_s * 1e9), self._one)
+                           int(timeout_s * 1e9), self.one)
         return self.exec_result(r)
 
     def exec_result(self, r: int) -> tuple[int, int] | None:
@@ -384,15 +383,15 @@ class QueuePair:
                           "reap them first", qid=self.qid, in_flight=self.in_flight)
         if r < 0:
             self._completions(r)
-        return self._one.status, self._one.result
+        return self.one.status, self.one.result
 
     def exec_rw(self, opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int, timeout_ns: int,
                 buf_slot: int = -1, buf_gen: int = 0) -> tuple[int, int] | None:
         """:meth:`exec` for one READ or WRITE without a PRP list, the entry built in C from its
         fields (``nv_qp_exec_rw``): the synchronous API's hot path."""
-        one = self._one
-        r = lib.nv_qp_exec_rw(self._qp, opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
-        if r == 0 and self._hook is None:
+        one = self.one
+        r = self.exec_rw_c(opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
+        if r == 0 and not self.hooked:
             return one.status, one.result
         return self.exec_result(r)
 

@@ -28,14 +28,17 @@ def _wait_for(cond, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _holds_vfio_device(pid: int) -> bool:
-    """Does ``pid`` hold a VFIO device fd: anon_inode:[vfio-device] from a group (type1,
-    no-IOMMU), or the device's cdev /dev/vfio/devices/vfioN (iommufd)?"""
-    fds = Path(f"/proc/{pid}/fd")
+def _fd_links(pid: int) -> list[str]:
+    """What ``pid``'s open fds point at (empty once it is gone)."""
     try:
-        links = [os.readlink(fd) for fd in fds.iterdir()]
+        return [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
     except OSError:
-        return False
+        return []
+
+
+def _holds_vfio_device(links: list[str]) -> bool:
+    """A VFIO device fd among ``links``: anon_inode:[vfio-device] from a group (type1, no-IOMMU),
+    or the device's cdev /dev/vfio/devices/vfioN (iommufd)?"""
     return any("vfio-device" in link or link.startswith("/dev/vfio/devices/") for link in links)
 
 
@@ -44,12 +47,8 @@ def _holds_request_channel(pid: int) -> bool:
     opening the device and before anything else; an eventfd the kernel holds catches a request sent
     before the watcher thread polls it, but a request sent before it exists is never repeated
     sooner than 10 s (vfio_unregister_group_dev), so a removal test must wait for it."""
-    fds = Path(f"/proc/{pid}/fd")
-    try:
-        links = [os.readlink(fd) for fd in fds.iterdir()]
-    except OSError:
-        return False
-    return _holds_vfio_device(pid) and any(link == "anon_inode:[eventfd]" for link in links)
+    links = _fd_links(pid)
+    return _holds_vfio_device(links) and "anon_inode:[eventfd]" in links
 
 
 def _dmesg_tail(lines: int = 30) -> str:
