@@ -22,6 +22,12 @@
 #define SQ_HEAD 64
 #define CQ_TAIL 128
 #define CQ_HEAD 192
+/* Notification suppression (ring.py), the shape of virtio's VRING_USED_F_NO_NOTIFY / io_uring's
+ * SQ_NEED_WAKEUP: each flag has one writer and only lets the other side skip an eventfd write.
+ * 0, the value a fresh ring and a Python client have, means "notify me". Neither side trusts the
+ * other's flag for anything but its own wake-ups: a client that lies only stalls itself. */
+#define DAEMON_POLLING 320       /* the daemon: 1 while it spins over this ring (no doorbell needed) */
+#define CLIENT_BUSY 384          /* the client: 1 while it looks at its completion ring itself */
 
 /* request opcodes: the NVM command set's (ring.py); a deallocate is Dataset Management's */
 #define OPC_FLUSH 0x00
@@ -142,7 +148,11 @@ static void put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason
 static void publish_completions(struct nv_svc *s)
 {
     store_index(s, CQ_TAIL, s->cq_tail);  /* store-release: the entries before the index */
-    if (s->completion_fd >= 0) {
+    /* Full fence: the tail's store must be visible before CLIENT_BUSY is read, or a client that
+     * cleared it and then read the old tail would sleep with nobody to wake it (Dekker; the
+     * client fences between its flag and its tail read the same way). */
+    nv_mb();
+    if (s->completion_fd >= 0 && !load_index(s, CLIENT_BUSY)) {
         uint64_t one = 1;
         ssize_t w = write(s->completion_fd, &one, sizeof(one));
         (void)w;  /* EAGAIN: the counter is at its maximum, the client is woken anyway */
@@ -332,12 +342,33 @@ static void drain_eventfd(int fd)
     (void)r;
 }
 
-int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
-                 int64_t late_ns, int64_t timeout_ns, uint32_t *which)
+/* DAEMON_POLLING of every session: 1 on those whose queue is polled (the loop spins over them),
+ * 0 on all when clear. */
+static void set_polling(struct nv_svc **s, struct nv_qp **qps, uint32_t n, int on)
+{
+    for (uint32_t i = 0; i < n; i++)
+        store_index(s[i], DAEMON_POLLING, on && qps[i]->irq_fd < 0);
+}
+
+/* Before sleeping: is there a request a client published without ringing (it saw DAEMON_POLLING
+ * set)? The flags were cleared first; the full fence orders that store before these loads, as
+ * the client fences between publishing its tail and reading the flag. */
+static int unrung(struct nv_svc **s, uint32_t n)
+{
+    nv_mb();
+    for (uint32_t i = 0; i < n; i++)
+        if (!s[i]->has_held && load_index(s[i], SQ_TAIL) != s[i]->sq_head)
+            return 1;
+    return 0;
+}
+
+static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
+                      int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which)
 {
     int64_t start = nv_now_ns();
-    int64_t next_watch = start + WATCH_NS, next_late = start + LATE_CHECK_NS;
+    int64_t next_watch = start + WATCH_NS, next_late = start + LATE_CHECK_NS, last_work = start;
     uint32_t turn = 0;
+    set_polling(s, qps, n, 1);
     for (;;) {
         uint64_t work = 0;
         int spin = 0;
@@ -358,11 +389,20 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
                 *which = i;
                 return NV_SVC_HELD;
             }
-            if (qps[i]->in_flight && qps[i]->irq_fd < 0)
+            /* a polled queue: spin while commands are in flight, and for idle_spin_ns after the
+             * last work, so that a client's next batch is taken without a wake-up */
+            if (qps[i]->irq_fd < 0 && (qps[i]->in_flight || idle_spin_ns > 0))
                 spin = 1;
         }
         turn++;
         int64_t now = nv_now_ns();
+        if (work)
+            last_work = now;
+        else if (spin && now - last_work >= idle_spin_ns) {
+            spin = 0;
+            for (uint32_t i = 0; i < n; i++)
+                spin |= qps[i]->irq_fd < 0 && qps[i]->in_flight != 0;
+        }
         if (now >= next_late) {
             next_late = now + LATE_CHECK_NS;
             for (uint32_t i = 0; i < n; i++) {
@@ -383,6 +423,11 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
             continue;
         }
         /* Nothing to do: sleep until a client rings, a queue interrupts, or Python is needed. */
+        set_polling(s, qps, n, 0);
+        if (unrung(s, n)) {
+            set_polling(s, qps, n, 1);
+            continue;
+        }
         struct pollfd p[MAX_POLL_FDS];
         uint32_t np = 0;
         for (uint32_t i = 0; i < nwatch && np < MAX_POLL_FDS; i++)
@@ -404,6 +449,8 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
             return errno == EINTR ? NV_SVC_TIMEOUT : -errno;  /* a signal: Python's handler runs */
         for (uint32_t i = 0; i < n; i++)
             s[i]->sleeps++;
+        set_polling(s, qps, n, 1);
+        last_work = nv_now_ns();  /* woken: as if there was work (a doorbell usually) */
         int control = 0;
         for (uint32_t i = 0; i < np; i++) {
             if (!p[i].revents)
@@ -418,6 +465,15 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
     }
 }
 
+int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
+                 int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which)
+{
+    int r = serve_loop(s, qps, n, watch, nwatch, late_ns, timeout_ns, idle_spin_ns, which);
+    set_polling(s, qps, n, 0);  /* Python's loop looks at doorbells by their eventfds */
+    nv_mb();  /* the flags' stores before whatever Python reads next of the rings */
+    return r;
+}
+
 /* ==== a client's closed loop (perf through the service) ==== */
 
 #define READ_TAG 0x80000000u  /* a request's tag: its slot, and this bit for a READ */
@@ -430,13 +486,33 @@ static inline uint64_t mix64(uint64_t *state)
     return z ^ (z >> 31);
 }
 
+static int client_loop(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
+                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
+                       uint64_t slot_size, int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns,
+                       int drain);
+
 int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
                        uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
                        uint64_t slot_size,
                        int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain)
 {
+    int r = client_loop(header, requests, completions, depth, doorbell_fd, completion_fd, control_fd, p,
+                        slot_size, issued_ns, tail, head, slice_ns, drain);
+    /* Whoever waits next (Python's client) waits on the eventfd: ask for it again. The fence
+     * orders the flag's store before the caller's next look at the completion tail. */
+    nv_store_release32(header + CLIENT_BUSY, 0);
+    nv_mb();
+    return r;
+}
+
+static int client_loop(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
+                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
+                       uint64_t slot_size, int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns,
+                       int drain)
+{
     int64_t start = nv_now_ns(), end = start + slice_ns;
     uint32_t in_flight = p->nslots - p->nfree;
+    nv_store_release32(header + CLIENT_BUSY, 1);  /* looking at the ring: no eventfd writes needed */
     for (;;) {
         int finished = drain || (p->max_ios && p->issued >= p->max_ios);
         /* fill: every free slot, as one published batch and one doorbell */
@@ -467,9 +543,15 @@ int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct 
                 (*tail)++;
             }
             nv_store_release32(header + SQ_TAIL, *tail);  /* store-release: the entries first */
-            uint64_t one = 1;
-            ssize_t w = write(doorbell_fd, &one, sizeof(one));
-            (void)w;
+            /* Full fence: the tail's store before the flag's load (the daemon clears the flag,
+             * fences, then reads the tail before it sleeps): one of the two sees the other. */
+            nv_mb();
+            if (!nv_load_acquire32(header + DAEMON_POLLING)) {
+                uint64_t one = 1;
+                ssize_t w = write(doorbell_fd, &one, sizeof(one));
+                (void)w;
+                p->doorbells++;
+            }
             in_flight += k;
             p->issued += k;
             p->fills++;
@@ -501,10 +583,20 @@ int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct 
         if (!ready && in_flight) {
             if (now - start >= p->timeout_ns && drain)
                 return -ETIMEDOUT;
+            /* About to sleep: ask for the eventfd, then look once more (a completion published
+             * before the daemon saw the flag came without one); the fence as in the fill above. */
+            nv_store_release32(header + CLIENT_BUSY, 0);
+            nv_mb();
+            if (nv_load_acquire32(header + CQ_TAIL) != *head) {
+                nv_store_release32(header + CLIENT_BUSY, 1);
+                continue;
+            }
             struct pollfd pf[2] = {{.fd = completion_fd, .events = POLLIN}, {.fd = control_fd, .events = POLLIN}};
             int64_t left = drain ? p->timeout_ns : end - now;
             int r = poll(pf, control_fd >= 0 ? 2 : 1, (int)((left + 999999) / 1000000));
             p->wait_ns += (uint64_t)(nv_now_ns() - now);
+            p->sleeps++;
+            nv_store_release32(header + CLIENT_BUSY, 1);
             if (r < 0 && errno != EINTR)
                 return -errno;
             if (r > 0 && pf[1].revents)

@@ -365,6 +365,7 @@ struct nv_perf {
     uint64_t sleeps;           /* hybrid polling: sleeps taken */
     uint64_t fills;            /* SQ batches posted (one SQ tail doorbell each) */
     uint64_t reaps;            /* CQ batches reaped (one CQ head doorbell each) */
+    uint64_t doorbells;        /* the service's client: eventfd doorbells written (the daemon was not spinning) */
     uint64_t *hist;            /* nv_hist_buckets() entries */
 };
 
@@ -502,11 +503,12 @@ int nv_svc_put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason,
 int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp);
 /* The daemon's steady state, for n sessions on their queue pairs: pump and reap round robin
  * until Python is needed (enum nv_svc_event; *which names the session), timeout_ns passes, or
- * the broker's stop flag is set (-ENODEV, -EAGAIN). With commands in flight on a polled queue
- * it spins, looking at the watched descriptors every millisecond; otherwise it sleeps in
- * poll(2) on the clients' doorbells, the queues' MSI-X eventfds and the watched descriptors. */
+ * the broker's stop flag is set (-ENODEV, -EAGAIN). With commands in flight on a polled queue,
+ * and for idle_spin_ns after its last work, it spins (telling its clients so: they need not
+ * ring), looking at the watched descriptors every millisecond; otherwise it sleeps in poll(2)
+ * on the clients' doorbells, the queues' MSI-X eventfds and the watched descriptors. */
 int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
-                 int64_t late_ns, int64_t timeout_ns, uint32_t *which);
+                 int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which);
 /* A client's closed loop over its rings (perf through the service): like nv_perf_run, with
  * p->nslots slots of slot_size bytes in client buffer (p->buf_slot: id, p->buf_gen: generation);
  * tags are slot numbers. issued_ns: nslots submit times. control_fd: the client's socket, which

@@ -1602,13 +1602,15 @@ class Broker:
         entry.shadow = ffi.cast("uint8_t *", shadow.ctypes.data) if shadow is not None else ffi.NULL
         entry.ledger_slot, entry.ledger_gen = buf.slot, buf.generation
 
-    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float) -> tuple[int, int]:
+    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float,
+                      idle_spin_s: float = 0.0) -> tuple[int, int]:
         """Run the service's steady state in C (``nv_svc_serve``) over ``sessions`` ((qid, struct
         nv_svc) pairs) until Python is needed: returns (event, session index), event one of
         ``lib.NV_SVC_*``. What only the broker can do is done here first: a late command is
         recovered (abort, reset), a reset by another thread waited for, and commands the broker
         ended are completed to their clients with their status; a completion for an id not in
-        flight, or a gone device, raises."""
+        flight, or a gone device, raises. ``idle_spin_s``: on polled queues, how long the loop
+        keeps spinning after its last work before it sleeps."""
         qps = [self._queue(qid) for qid, _ in sessions]
         n = len(sessions)
         svcs = ffi.new("struct nv_svc *[]", max(n, 1))
@@ -1622,7 +1624,7 @@ class Broker:
             for qp in qps:
                 held.enter_context(self._using(qp))
             r = int(lib.nv_svc_serve(svcs, rings, n, fds, len(watch), int(self.command_timeout_s * 1e9),
-                                     int(timeout_s * 1e9), which))
+                                     int(timeout_s * 1e9), int(idle_spin_s * 1e9), which))
             self.commands_completed += sum(qp.ring._qp.completed for qp in qps) - before
             i = int(which[0])
             if r == lib.NV_SVC_LATE:

@@ -1467,9 +1467,12 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
               help="entries per I/O queue (a client's depth is its grant's, at most this minus one)")
 @click.option("--mode", type=click.Choice(["irq", "poll"]), default="irq", show_default=True,
               help="completions by MSI-X interrupts, or polling while commands are in flight")
+@click.option("--idle-spin-us", type=click.IntRange(0, 10_000_000), default=1000, show_default=True,
+              help="poll mode: keep polling this long after the last request or completion before "
+                   "sleeping (clients skip their doorbell meanwhile); 0 sleeps at once")
 @cpu_opt
 def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str,
-          cpu: int | None) -> None:
+          idle_spin_us: int, cpu: int | None) -> None:
     """Own a controller and serve its namespaces to unprivileged clients (grants file).
 
     Clients use nvmevfio.connect(SOCKET, nsid=…) or the block commands' --socket. Runs until
@@ -1494,7 +1497,7 @@ def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_
     with controller(address, enable=False) as session, errors():
         try:
             run(session, grants, socket_path, clients=clients, queue_depth=queue_depth, irq=mode == "irq",
-                address=session.address)
+                idle_spin_s=idle_spin_us / 1e6, address=session.address)
         except GrantsError as exc:
             _fail(str(exc), EXIT_ERROR)
 

@@ -316,9 +316,10 @@ class Provider:
         """Fill a service session's table entry for ``buf`` (page tables authored by the broker)."""
         self._broker.service_buffer(entry, buf)
 
-    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float) -> tuple[int, int]:
+    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float,
+                      idle_spin_s: float = 0.0) -> tuple[int, int]:
         """The service's steady state in C until Python is needed: (event, session index)."""
-        return self._broker.service_serve(sessions, watch, timeout_s)
+        return self._broker.service_serve(sessions, watch, timeout_s, idle_spin_s)
 
     def service_pump(self, qid: int, svc: Any) -> int:
         """Take, check and post a service session's published requests; the count posted."""

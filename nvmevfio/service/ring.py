@@ -25,6 +25,14 @@ import numpy as np
 HEADER = 4096  # the four indices, one cache line each, then the rings from the next page
 _SQ_TAIL, _SQ_HEAD, _CQ_TAIL, _CQ_HEAD = 0, 64, 128, 192
 _DEPTH_AT = 256  # the depth, written once by the daemon
+# Notification suppression (cbits/service.c), each flag with one writer; 0 means "notify me":
+# DAEMON_POLLING, 1 while the daemon spins over the ring (a client may skip its doorbell);
+# CLIENT_BUSY, 1 while a client looks at its completions itself (the daemon may skip the
+# completion eventfd). Each side fences between publishing its index and reading the other's
+# flag, and clears its own flag, fences, and looks at the other's index once more before it
+# sleeps, so no wake-up is lost. This module's Python client never sets CLIENT_BUSY and always
+# rings; the C perf loop uses both.
+DAEMON_POLLING, CLIENT_BUSY = 320, 384
 
 REQUEST = np.dtype([("opcode", "u1"), ("flags", "u1"), ("rsvd", "<u2"), ("buffer", "<u4"),
                     ("generation", "<u8"), ("offset", "<u8"), ("lba", "<u8"), ("count", "<u4"),

@@ -4,6 +4,9 @@ refusal and its reason, the SQEs and PRP-list pages C authors from the broker's 
 client with its tags, the no-IOMMU lane's bounce copies."""
 
 import errno
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -246,3 +249,127 @@ def test_a_wild_client_head_stalls_only_itself(wild):
     r.memory[192:196].view("<u4")[0] = wild  # the CQ head, the client's to write
     r.publish((rings.READ, 1, 7, 0, 0, 1, 1))
     assert r.pump() == 0 and r.s.taken == 0
+
+
+# ---- notification suppression (ring.py's DAEMON_POLLING and CLIENT_BUSY) ----
+def _flag(r, at):
+    return r.memory[at : at + 4].view("<u4")
+
+
+def _wait_for(cond, seconds=5.0):
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_the_completion_eventfd_is_written_only_when_the_client_waits_on_it():
+    r = Rig()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    r.s.completion_fd = efd
+    r.add_buffer(1, 4)
+    r.publish((rings.READ, 1, 7, 0, 0, 1, 0xA), (rings.READ, 1, 7, PS, 1, 1, 0xB))
+    assert r.pump() == 2
+    busy = _flag(r, rings.CLIENT_BUSY)
+    busy[0] = 1  # the client looks at its ring itself
+    r.qp.cq_ring[0] = (0, 0, 2, 1, 0, 1)
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 1
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(efd)
+    assert r.completions() == [(0xA, 0, "")]  # published all the same
+    busy[0] = 0  # about to sleep on the eventfd
+    r.qp.cq_ring[1] = (0, 0, 2, 1, 1, 1)
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 1
+    assert os.eventfd_read(efd) == 1
+    os.close(efd)
+
+
+def _serve_in_thread(r, idle_spin_s, timeout_s):
+    svcs, qps = ffi.new("struct nv_svc *[]", [r.s]), ffi.new("struct nv_qp *[]", [r.qp._qp])
+    watch, which, out = ffi.new("int[]", [0]), ffi.new("uint32_t *"), []
+
+    def run():  # cffi lets go of the GIL while C runs
+        out.append(lib.nv_svc_serve(svcs, qps, 1, watch, 0, 10**12, int(timeout_s * 1e9), int(idle_spin_s * 1e9),
+                                    which))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_spinning_daemon_says_so_and_takes_requests_nobody_rang_for():
+    r = Rig()
+    r.add_buffer(1, 4)
+    r.s.doorbell_fd = db = os.eventfd(0, os.EFD_NONBLOCK)
+    polling = _flag(r, rings.DAEMON_POLLING)
+    t, out = _serve_in_thread(r, idle_spin_s=60.0, timeout_s=3.0)
+    assert _wait_for(lambda: polling[0] == 1)  # idle, but spinning over a polled queue
+    r.publish((rings.READ, 1, 7, 0, 5, 1, 0x77))  # and no doorbell
+    assert _wait_for(lambda: r.s.taken == 1, 2.0) and t.is_alive()
+    assert int(r.qp.sq_ring["cdw10"][0]) == 1005 and r.qp.in_flight == 1
+    t.join(10)
+    assert out == [lib.NV_SVC_TIMEOUT] and polling[0] == 0  # back in Python: clients ring again
+    os.close(db)
+
+
+def test_a_sleeping_daemon_says_so_and_a_doorbell_wakes_it():
+    r = Rig()
+    r.add_buffer(1, 4)
+    r.s.doorbell_fd = db = os.eventfd(0, os.EFD_NONBLOCK)
+    polling = _flag(r, rings.DAEMON_POLLING)
+    polling[0] = 1  # a stale value: the daemon writes its own before it sleeps
+    t, out = _serve_in_thread(r, idle_spin_s=0.0, timeout_s=3.0)
+    assert _wait_for(lambda: polling[0] == 0) and t.is_alive()  # it went to sleep in poll(2)
+    r.publish((rings.READ, 1, 7, 0, 5, 1, 0x77))
+    time.sleep(0.3)
+    assert r.s.taken == 0  # asleep: it did not see the request
+    os.eventfd_write(db, 1)
+    assert _wait_for(lambda: r.s.taken == 1, 2.0) and t.is_alive()
+    assert _wait_for(lambda: polling[0] == 1)  # a command in flight on a polled queue: it spins
+    t.join(10)
+    assert out == [lib.NV_SVC_TIMEOUT] and polling[0] == 0
+    os.close(db)
+
+
+def _client_perf(r, doorbell, completion, loop, slice_s):
+    tail, head = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+    tail[0], head[0] = r.tail, r.head
+    header, requests, completions = r.ring.pointers()
+    got = lib.nv_svc_client_perf(header, requests, completions, r.ring.depth, doorbell, completion, -1, loop._p, PS,
+                                 ffi.cast("int64_t *", loop.issued.ctypes.data), tail, head, int(slice_s * 1e9), 0)
+    r.tail, r.head = int(tail[0]), int(head[0])
+    return got
+
+
+@pytest.mark.parametrize("daemon_polling", [0, 1])
+def test_the_client_loop_rings_only_a_sleeping_daemon_and_reaps_without_an_eventfd(daemon_polling):
+    from nvmevfio.nvme.queue import PerfCounters
+
+    r = Rig(depth=8)
+    r.head = 0
+    loop = PerfCounters()
+    p = loop._setup(nlb=8, block_size=512, lba_lo=0, positions=100, random=False, read_pct=100, depth=4, nslots=4,
+                    max_ios=0, seed=1, timeout_s=5.0)
+    p.buf_slot, p.buf_gen = 1, 7
+    loop.issued = np.zeros(4, dtype=np.int64)
+    doorbell, completion = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    _flag(r, rings.DAEMON_POLLING)[0] = daemon_polling
+    assert _client_perf(r, doorbell, completion, loop, 0.05) == 0  # the slice ends: no daemon answered
+    assert r.tail == 4 and r.ring.requests["lba"][:4].tolist() == [0, 8, 16, 24]
+    if daemon_polling:
+        assert p.doorbells == 0
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(doorbell)
+    else:
+        assert p.doorbells == 1 and os.eventfd_read(doorbell) == 1
+    assert p.sleeps >= 1 and _flag(r, rings.CLIENT_BUSY)[0] == 0  # asked for the eventfd when it slept
+    # two completions published without an eventfd: the loop looks at its ring before sleeping
+    entries = np.zeros(2, dtype=rings.COMPLETION)
+    entries["tag"] = [0x80000000 | int(t) for t in r.ring.requests["tag"][:2] & 0x7FFFFFFF]
+    r.ring.put_completions(0, entries)
+    assert _client_perf(r, doorbell, completion, loop, 0.05) == 0
+    assert p.ios == 2 and p.errors == 0 and r.head == 2 and r.tail == 6
+    os.close(doorbell)
+    os.close(completion)
