@@ -177,17 +177,27 @@ static int postable(const struct nv_svc *s, const struct nv_svc_request *r)
     }
 }
 
+/* Every request taken gets one completion: no more are taken than the completion ring has room
+ * for after the ones still owed. A client that wrote a wild head only stalls itself. */
+static int64_t completion_room(const struct nv_svc *s)
+{
+    int64_t owed = (int64_t)(uint32_t)(s->cq_tail - load_index(s, CQ_HEAD)) + s->in_flight;
+    return (int64_t)s->depth - owed;
+}
+
+/* Requests published and not taken yet: a tail more than a ring ahead counts one ring's worth. */
+static uint32_t published(const struct nv_svc *s)
+{
+    uint32_t avail = load_index(s, SQ_TAIL) - s->sq_head;
+    return avail > s->depth ? s->depth : avail;
+}
+
 int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
 {
     if (s->has_held)
         return 0;
-    /* Every request taken gets one completion: take no more than the completion ring has room
-     * for after the ones still owed. A client that wrote a wild head only stalls itself. */
-    int64_t owed = (int64_t)(uint32_t)(s->cq_tail - load_index(s, CQ_HEAD)) + s->in_flight;
-    int64_t room = (int64_t)s->depth - owed;
-    uint32_t avail = load_index(s, SQ_TAIL) - s->sq_head;
-    if (avail > s->depth)  /* a tail more than a ring ahead: one ring's worth */
-        avail = s->depth;
+    int64_t room = completion_room(s);
+    uint32_t avail = published(s);
     uint32_t posted = 0, refused = 0;
     int64_t now = 0;
     while (avail && room > 0) {
@@ -351,13 +361,15 @@ static void set_polling(struct nv_svc **s, struct nv_qp **qps, uint32_t n, int o
 }
 
 /* Before sleeping: is there a request a client published without ringing (it saw DAEMON_POLLING
- * set)? The flags were cleared first; the full fence orders that store before these loads, as
- * the client fences between publishing its tail and reading the flag. */
+ * set) that nv_svc_pump would take? The flags were cleared first; the full fence orders that
+ * store before these loads, as the client fences between publishing its tail and reading the
+ * flag. Requests held back for want of completion room do not count: a client that does not
+ * reap must not keep the daemon awake (it rings again when it has taken completions). */
 static int unrung(struct nv_svc **s, uint32_t n)
 {
     nv_mb();
     for (uint32_t i = 0; i < n; i++)
-        if (!s[i]->has_held && load_index(s[i], SQ_TAIL) != s[i]->sq_head)
+        if (!s[i]->has_held && published(s[i]) && completion_room(s[i]) > 0)
             return 1;
     return 0;
 }

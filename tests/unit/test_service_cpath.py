@@ -373,3 +373,17 @@ def test_the_client_loop_rings_only_a_sleeping_daemon_and_reaps_without_an_event
     assert p.ios == 2 and p.errors == 0 and r.head == 2 and r.tail == 6
     os.close(doorbell)
     os.close(completion)
+
+
+def test_a_client_that_does_not_reap_does_not_keep_the_daemon_awake():
+    r = Rig(depth=4, qdepth=16)
+    r.add_buffer(1, 4)
+    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4)])
+    assert r.pump() == 4
+    r.qp.cq_ring[0:4] = [(0, 0, 4, 1, cid, 1) for cid in range(4)]
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 4  # the completion ring is full: nothing more is taken
+    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4, 6)])
+    t, out = _serve_in_thread(r, idle_spin_s=0.0, timeout_s=0.3)
+    t.join(10)
+    assert out == [lib.NV_SVC_TIMEOUT] and r.s.taken == 4
+    assert r.s.sleeps == 1  # it slept in poll(2) until its time ran out, not spun on the two
