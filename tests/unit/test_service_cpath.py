@@ -216,14 +216,21 @@ def test_what_c_cannot_post_is_held_for_python_and_stops_the_batch():
     assert r.pump() == 1 and r.s.taken == 4 and r.s.has_held == 1 and r.s.held.tag == 4
 
 
-def test_no_more_taken_than_the_completion_ring_can_answer():
+def _completion_ring_full_and_two_more_published():
+    """A session whose client has not taken the four completions its ring holds, and has
+    published two more requests."""
     r = Rig(depth=4, qdepth=16)
     r.add_buffer(1, 4)
     r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4)])
     assert r.pump() == 4
     r.qp.cq_ring[0:4] = [(0, 0, 4, 1, cid, 1) for cid in range(4)]
-    assert lib.nv_svc_reap(r.s, r.qp._qp) == 4  # four completions the client has not taken
+    assert lib.nv_svc_reap(r.s, r.qp._qp) == 4
     r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4, 6)])
+    return r
+
+
+def test_no_more_taken_than_the_completion_ring_can_answer():
+    r = _completion_ring_full_and_two_more_published()
     assert r.pump() == 0 and r.s.taken == 4  # no room to answer: held back in the client's ring
     head = r.ring.take_completions(0)[1]
     assert head == 4 and r.pump() == 2
@@ -376,13 +383,7 @@ def test_the_client_loop_rings_only_a_sleeping_daemon_and_reaps_without_an_event
 
 
 def test_a_client_that_does_not_reap_does_not_keep_the_daemon_awake():
-    r = Rig(depth=4, qdepth=16)
-    r.add_buffer(1, 4)
-    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4)])
-    assert r.pump() == 4
-    r.qp.cq_ring[0:4] = [(0, 0, 4, 1, cid, 1) for cid in range(4)]
-    assert lib.nv_svc_reap(r.s, r.qp._qp) == 4  # the completion ring is full: nothing more is taken
-    r.publish(*[(rings.READ, 1, 7, 0, 0, 1, t) for t in range(4, 6)])
+    r = _completion_ring_full_and_two_more_published()
     t, out = _serve_in_thread(r, idle_spin_s=0.0, timeout_s=0.3)
     t.join(10)
     assert out == [lib.NV_SVC_TIMEOUT] and r.s.taken == 4
