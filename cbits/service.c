@@ -383,7 +383,7 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
     set_polling(s, qps, n, 1);
     for (;;) {
         uint64_t work = 0;
-        int spin = 0;
+        int polled = 0, busy = 0;  /* a polled queue among them; one with commands in flight */
         for (uint32_t k = 0; k < n; k++) {
             uint32_t i = (turn + k) % n;  /* round robin: a different session goes first each pass */
             if (qps[i]->stop && *(volatile const int32_t *)qps[i]->stop) {
@@ -401,20 +401,16 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
                 *which = i;
                 return NV_SVC_HELD;
             }
-            /* a polled queue: spin while commands are in flight, and for idle_spin_ns after the
-             * last work, so that a client's next batch is taken without a wake-up */
-            if (qps[i]->irq_fd < 0 && (qps[i]->in_flight || idle_spin_ns > 0))
-                spin = 1;
+            polled |= qps[i]->irq_fd < 0;
+            busy |= qps[i]->irq_fd < 0 && qps[i]->in_flight != 0;
         }
         turn++;
         int64_t now = nv_now_ns();
         if (work)
             last_work = now;
-        else if (spin && now - last_work >= idle_spin_ns) {
-            spin = 0;
-            for (uint32_t i = 0; i < n; i++)
-                spin |= qps[i]->irq_fd < 0 && qps[i]->in_flight != 0;
-        }
+        /* polled queues: spin while commands are in flight, and for idle_spin_ns after the last
+         * work, so that a client's next batch is taken without a wake-up */
+        int spin = busy || (polled && now - last_work < idle_spin_ns);
         if (now >= next_late) {
             next_late = now + LATE_CHECK_NS;
             for (uint32_t i = 0; i < n; i++) {

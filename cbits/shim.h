@@ -362,7 +362,7 @@ struct nv_perf {
     uint16_t first_error_status;
     uint8_t first_error_opcode;
     uint64_t wait_ns;          /* time spent waiting for the device (spinning or asleep on the eventfd) */
-    uint64_t sleeps;           /* hybrid polling: sleeps taken */
+    uint64_t sleeps;           /* sleeps taken: hybrid polling's naps, the service client's eventfd waits */
     uint64_t fills;            /* SQ batches posted (one SQ tail doorbell each) */
     uint64_t reaps;            /* CQ batches reaped (one CQ head doorbell each) */
     uint64_t doorbells;        /* the service's client: eventfd doorbells written (the daemon was not spinning) */
