@@ -200,12 +200,13 @@ class BrokerQueue:
 class RegisteredBuffer:
     """A DMA buffer registered with the broker, cut into equal slots whose PRP entries and
     PRP-list pages were authored once (like io_uring's fixed buffers). A command names a slot;
-    the C path copies the slot's pre-authored PRPs. Holds no address a caller can use."""
+    the C path copies the slot's pre-authored PRPs. Holds no address a caller can use: the PRP
+    table (device addresses; physical ones in the no-IOMMU lane) is the broker's, private here."""
 
     buffer: DmaBuffer
     slot_size: int
     slots: int
-    prps: np.ndarray = field(repr=False)  # PRP_SLOT per slot
+    _prps: np.ndarray = field(repr=False)  # PRP_SLOT per slot, read only: for the C path alone
     _lists: DmaBuffer | None = field(repr=False)
 
     @property
@@ -289,14 +290,20 @@ class Broker:
 
     # ============================================================ controller state
     def bind(self) -> Registers:
-        return self.ctrl.bind()
+        return self._shown(self.ctrl.bind())
 
     @property
     def state(self) -> State:
         return self.ctrl.state
 
     def registers(self) -> Registers:
-        return self.ctrl.registers()
+        return self._shown(self.ctrl.registers())
+
+    def _shown(self, snap: Registers) -> Registers:
+        """A register snapshot as a caller gets it: in the no-IOMMU lane ASQ and ACQ hold physical
+        addresses (this session's admin queues, or whatever the last one left), so they are
+        withheld (None); with an IOMMU they are IOVAs and shown."""
+        return snap.withheld() if self.ledger.bounce else snap
 
     @property
     def _all_queues(self) -> list[BrokerQueue]:
@@ -406,7 +413,7 @@ class Broker:
         self.admin = self._new_queue_pair(0, admin_depth, 1, None)
         self._arm_admin_queues(self.admin)
         self.ctrl.enable(cc)
-        return self.ctrl.registers()
+        return self.registers()
 
     def shutdown(self) -> None:
         """Delete I/O queues, then CC.SHN normal shutdown and wait CSTS.SHST complete."""
@@ -1729,7 +1736,7 @@ class Broker:
         self._require_room(qp, len(slbas))
         buf = reg.buffer
         first = qp.ring.post_slots(opcode, ns.nsid, slbas.astype(np.uint64), counts.astype(np.uint32),
-                                   slots.astype(np.uint32), reg.prps, ns.block_size, self.page_size, buf.slot,
+                                   slots.astype(np.uint32), reg._prps, ns.block_size, self.page_size, buf.slot,
                                    buf.generation)
         return self._posted(qp, buf, first, len(slbas), doorbell, opcode, offsets, counts * ns.block_size)
 
@@ -1894,7 +1901,7 @@ class Broker:
         # no-IOMMU lane: the loop writes the slots' bytes as the caller left them (its reads stay
         # in the bounce memory, like any benchmark's)
         self.ledger.sync_for_device(reg.buffer, 0, reg.buffer.size)
-        return PerfLoop(qp.ring, reg.prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
+        return PerfLoop(qp.ring, reg._prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=self.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
                         timeout_s=self.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc),

@@ -57,7 +57,9 @@ class Provider:
 
     # -- controller -------------------------------------------------------------------
     def bind(self) -> Registers:
-        """Read CAP, VS, CC, CSTS; writes nothing."""
+        """Read CAP, VS, CC, CSTS; writes nothing. In the no-IOMMU lane a snapshot's ``asq`` and
+        ``acq`` are None (withheld: they are physical addresses), here and in :meth:`registers`
+        and :meth:`enable`."""
         return self._broker.bind()
 
     def registers(self) -> Registers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from nvmevfio.errors import ControllerFatal, ControllerTimeout, Refused
@@ -34,13 +34,21 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Registers:
+    """A snapshot of the controller's registers. ``asq`` and ``acq`` are the admin queues' device
+    addresses: IOVAs with an IOMMU; ``None`` when withheld (:meth:`withheld`: the broker's rule in
+    the no-IOMMU lane, where they are physical addresses and never leave the broker)."""
+
     cap: int
     vs: int
     cc: int
     csts: int
     aqa: int = 0
-    asq: int = 0
-    acq: int = 0
+    asq: int | None = 0
+    acq: int | None = 0
+
+    def withheld(self) -> Registers:
+        """This snapshot without the admin queue bases (``asq``/``acq`` None)."""
+        return replace(self, asq=None, acq=None)
 
     def decoded(self) -> dict[str, dict[str, int]]:
         return {"cap": regs.decode_cap(self.cap), "vs": regs.decode_vs(self.vs),

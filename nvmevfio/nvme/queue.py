@@ -508,10 +508,10 @@ class PerfLoop(PerfCounters):
         """``recover``: the broker's answer to a late command, CSTS.CFS or a gone device (abort,
         reset, requeue); it returns the records of commands it ended, whose slots come back here.
         ``guard``: held around each run (the broker's one-thread-per-queue lock)."""
-        self.ring = ring
+        self._ring = ring  # the broker's queue pair and PRP table: device addresses, never shown
         self._recover = recover
         self._guard = guard or contextlib.nullcontext
-        self.prps = prps
+        self._prps = prps  # kept alive while C holds a pointer to it
         p = self._setup(nlb=nlb, block_size=block_size, lba_lo=lba_lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, nslots=len(prps), max_ios=max_ios, seed=seed,
                         timeout_s=timeout_s)
@@ -520,22 +520,22 @@ class PerfLoop(PerfCounters):
         p.buf_slot, p.buf_gen = buf_slot, buf_gen
 
     def _in_flight(self) -> int:
-        return self.ring.in_flight
+        return self._ring.in_flight
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         with self._guard():
             return self._run_held(slice_s, drain)
 
     def _run_held(self, slice_s: float, drain: bool) -> bool:
-        r = self.ring.perf_run(self._p, slice_s, drain)
+        r = self._ring.perf_run(self._p, slice_s, drain)
         if r >= 0:
             return r == 1
         try:
             if r == -errno.ETIMEDOUT:
-                raise CommandTimeout(f"queue {self.ring.qid}: perf: a command took longer than "
-                                     f"{self._p.timeout_ns / 1e9:g} s ({self.ring.in_flight} commands in flight)",
-                                     qid=self.ring.qid, in_flight=self.ring.in_flight)
-            self.ring._completions(r)
+                raise CommandTimeout(f"queue {self._ring.qid}: perf: a command took longer than "
+                                     f"{self._p.timeout_ns / 1e9:g} s ({self._ring.in_flight} commands in flight)",
+                                     qid=self._ring.qid, in_flight=self._ring.in_flight)
+            self._ring._completions(r)
         except (CommandTimeout, ControllerFatal, DeviceGone, QueuePaused) as exc:
             if self._recover is None or (isinstance(exc, ControllerFatal) and not exc.context.get("cfs")):
                 raise

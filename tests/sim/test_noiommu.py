@@ -10,8 +10,11 @@ from conftest import Rig
 
 from nvmevfio import perf
 from nvmevfio.blockdev import BlockDevice
+from nvmevfio.broker import Broker
 from nvmevfio.dma import HUGE_PAGE
 from nvmevfio.errors import NvmeVfioError, Refused, StaleHandle
+from nvmevfio.nvme import regs
+from nvmevfio.provider import Provider
 from nvmevfio.sim.controller import SimNamespace
 
 A = 0x1_4000_0000
@@ -183,3 +186,45 @@ def test_queues_never_span_huge_pages_that_are_not_adjacent():
     assert adjacent.ledger.pool.contiguous(adjacent.ledger.iova(q), 4 << 20)
     dev.write_blocks(0, np.ones(4096, dtype=np.uint8))  # and the device still works
     assert rig.sim.dma.faults == []
+
+
+def test_no_physical_address_in_any_public_attribute_of_any_result():
+    """Every verb of the Provider and BlockDevice APIs in the no-IOMMU lane, then a second
+    session's bind() (which reads what the first one left in ASQ/ACQ): no integer anywhere in
+    what they return, walked down to each public attribute, dict entry and array element, names
+    a page of the pool by its physical address. The registers' queue bases are withheld."""
+    from leakscan import LeakScan, api_results, pool_frames
+
+    rig = Rig([SimNamespace(8192), SimNamespace(1024, 4096)], physical=PHYSICAL, mdts=5)
+    frames = pool_frames(rig.ledger.pool)
+    results = {"bind": rig.p.bind(), "enable": rig.p.enable()}
+    dev = BlockDevice(rig.p, 1, queue_depth=64)
+    results.update(api_results(dev))
+    # the device was given physical addresses: the test scans for the right thing
+    asq = rig.sim.mmio.read64(regs.ASQ)
+    assert asq == rig.ledger.device_address(rig.ledger.iova(rig.broker.admin.buffers[0]))
+    assert asq >> 12 in frames and _in_pool(rig, asq)
+    # the next session over the same controller: bind() reads the queue bases the first one left
+    results["bind, next session"] = Provider(Broker(rig.sim.mmio, rig.ledger)).bind()
+    scan = LeakScan(frames)
+    for name, value in results.items():
+        scan.scan(value, name)
+    print(scan.report("simulator, no-IOMMU lane"))
+    assert scan.hits == []
+    assert scan.objects > 50 and scan.fields > 100_000
+    for name in ("bind", "enable", "registers", "bind, next session"):
+        assert results[name].asq is None and results[name].acq is None, name
+    assert results["registers"].aqa == rig.sim.mmio.read32(regs.AQA) != 0  # queue sizes, not addresses: shown
+    assert not hasattr(results["register_buffer"], "prps")
+    assert rig.sim.dma.faults == []
+
+
+def test_with_an_iommu_the_registers_show_the_admin_queue_bases():
+    """The other lanes keep ASQ/ACQ: IOVAs, which name no host memory."""
+    rig = Rig()
+    assert rig.p.bind().asq == 0  # a fresh controller
+    snap = rig.p.enable()
+    sq, cq = (rig.ledger.iova(b) for b in rig.broker.admin.buffers[:2])
+    assert (snap.asq, snap.acq) == (sq, cq) == (rig.sim.mmio.read64(regs.ASQ), rig.sim.mmio.read64(regs.ACQ))
+    assert rig.p.registers() == snap
+    assert Provider(Broker(rig.sim.mmio, rig.ledger)).bind().asq == sq  # what this session left

@@ -134,3 +134,43 @@ def test_no_physical_address_in_output_refusals_or_logs(data_ctrl, lane, monkeyp
             if not number.startswith("0x") and value & (value - 1) == 0:
                 continue  # a size (64 MiB, 2 MiB...) that happens to fall in a pool's range, not an address
             assert not any(pa <= value < pa + length for pa, length in pools), (number, text[:2000])
+
+
+def test_no_physical_address_in_any_public_attribute_of_any_result(data_ctrl, lane, monkeypatch):
+    """Every verb of the Provider and BlockDevice APIs, then the next session's bind() (which
+    reads the queue bases the first one left in ASQ/ACQ): in the no-IOMMU lane no integer in
+    what they return, walked down to each public attribute, dict entry and array element, names
+    a page of any pool this test opened (physical addresses from /proc/self/pagemap). With an
+    IOMMU, the registers keep their queue bases (IOVAs)."""
+    from leakscan import LeakScan, api_results, pool_frames
+
+    from nvmevfio.blockdev import BlockDevice
+    from nvmevfio.provider import open_controller
+
+    addr = data_ctrl["address"]
+    pools: list[dma.PhysicalPool] = []
+    made = dma.PhysicalPool.pinned.__func__
+
+    def recording(cls, size, **kw):
+        pools.append(made(cls, size, **kw))
+        return pools[-1]
+
+    monkeypatch.setattr(dma.PhysicalPool, "pinned", classmethod(recording))
+    session = open_controller(addr)
+    results = {"bind": session.bind(), "enable": session.enable()}
+    with BlockDevice(session, 1, address=session.address) as dev:
+        results.update(api_results(dev))
+    with open_controller(addr) as again:
+        results["bind, next session"] = again.bind()
+        results["registers, next session"] = again.registers()
+    assert (lane == "noiommu") == bool(pools)
+    if lane != "noiommu":  # an IOMMU: the queue bases are IOVAs, shown as they are
+        assert results["enable"].asq and results["enable"].acq and results["registers"].asq == results["enable"].asq
+        return
+    scan = LeakScan(np.concatenate([pool_frames(pool) for pool in pools]))
+    for name, value in results.items():
+        scan.scan(value, name)
+    print(scan.report(f"guest, {len(pools)} pools of {[pool.size >> 20 for pool in pools]} MiB"))
+    assert scan.hits == []
+    assert scan.objects > 50 and scan.fields > 100_000
+    assert all(r.asq is None and r.acq is None for r in results.values() if hasattr(r, "asq"))
