@@ -4,7 +4,11 @@
 # guest kernels: Debian's (downloaded as a .deb and extracted into a cache, never
 # installed) and the custom one tools/build-guest-kernel.sh builds.
 # Idempotent: each step is skipped when its result is already present.
+#   --no-venv   everything but the development virtual environment (tools/test builds the
+#               wheel and installs it into a fresh one of its own instead)
 set -euo pipefail
+dev_venv=1
+[ "${1:-}" = "--no-venv" ] && dev_venv=0
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${NVMEVFIO_VENV:-$here/.venv}
 stamp_dir=${NVMEVFIO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nvmevfio}
@@ -52,7 +56,11 @@ fi
 # 10 minutes on two cores, then cached by source version and config hash.
 "$here/tools/build-guest-kernel.sh" >/dev/null
 
-# The Python environment, with nvmevfio (and its C shim) installed editable.
+# The development environment, with nvmevfio (and its C shim) installed editable.
+if [ "$dev_venv" = 0 ]; then
+    log "ready: cache $stamp_dir"
+    exit 0
+fi
 py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
     log "creating virtual environment $venv"
