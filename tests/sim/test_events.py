@@ -5,6 +5,7 @@ namespace table, a reset re-arms them, and a controller without AERs costs nothi
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from nvmevfio.errors import Refused
@@ -44,7 +45,10 @@ def test_temperature_threshold_event_is_decoded_and_its_log_read(rig):
 
 def test_namespace_notice_refreshes_the_namespace_table(rig):
     p = rig.ready()
-    assert p.read(2, 0, 1) is not None
+    block = p.identify_namespace(2).block_size
+    pattern = np.arange(block, dtype=np.uint8) ^ 0x5A
+    p.write(2, 0, pattern)
+    assert np.array_equal(p.read(2, 0, 1), pattern)
     rig.sim.change_namespace(2, attached=False)  # the AER completes now; nobody has looked yet
     ev = p.poll_events(1.0)
     assert len(ev) == 1 and ev[0].namespace_changed and ev[0].nsids == (2,)
@@ -54,7 +58,7 @@ def test_namespace_notice_refreshes_the_namespace_table(rig):
     assert ei.value.reason == "namespace-inactive"  # refused before the device saw it
     rig.sim.change_namespace(2, attached=True)
     assert [e.nsids for e in p.poll_events(1.0)] == [(2,)]
-    assert p.read(2, 0, 1) is not None
+    assert np.array_equal(p.read(2, 0, 1), pattern)  # attached again: the same data, read by the device
 
 
 def test_an_event_met_by_another_admin_command_is_delivered_after_it(rig):
