@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -44,7 +45,6 @@
 #define REAP_BATCH 64
 #define WATCH_NS 1000000LL       /* spinning: how often the watched descriptors are looked at */
 #define LATE_CHECK_NS 100000000LL /* how often in-flight ages are looked at */
-#define MAX_POLL_FDS 256
 
 _Static_assert(sizeof(struct nv_svc_request) == 40, "ring.REQUEST is 40 bytes");
 _Static_assert(sizeof(struct nv_svc_completion) == 16, "ring.COMPLETION is 16 bytes");
@@ -332,11 +332,9 @@ int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp)
     return total;
 }
 
-static int readable(const int *fds, uint32_t n)
+/* p: room for n entries (serve_loop's poll set) */
+static int readable(struct pollfd *p, const int *fds, uint32_t n)
 {
-    struct pollfd p[MAX_POLL_FDS];
-    if (n > MAX_POLL_FDS)
-        n = MAX_POLL_FDS;
     for (uint32_t i = 0; i < n; i++) {
         p[i].fd = fds[i];
         p[i].events = POLLIN;
@@ -374,8 +372,10 @@ static int unrung(struct nv_svc **s, uint32_t n)
     return 0;
 }
 
+/* p: the poll set, room for every watched descriptor and two per session (nv_svc_serve sizes it:
+ * no number of watched descriptors may crowd out a session's doorbell or interrupt) */
 static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
-                      int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which)
+                      int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which, struct pollfd *p)
 {
     int64_t start = nv_now_ns();
     int64_t next_watch = start + WATCH_NS, next_late = start + LATE_CHECK_NS, last_work = start;
@@ -425,7 +425,7 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
         if (work || spin) {
             if (now >= next_watch) {
                 next_watch = now + WATCH_NS;
-                if (readable(watch, nwatch))
+                if (readable(p, watch, nwatch))
                     return NV_SVC_CONTROL;
             }
             continue;
@@ -436,11 +436,10 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
             set_polling(s, qps, n, 1);
             continue;
         }
-        struct pollfd p[MAX_POLL_FDS];
         uint32_t np = 0;
-        for (uint32_t i = 0; i < nwatch && np < MAX_POLL_FDS; i++)
+        for (uint32_t i = 0; i < nwatch; i++)
             p[np++] = (struct pollfd){.fd = watch[i], .events = POLLIN};
-        for (uint32_t i = 0; i < n && np + 2 <= MAX_POLL_FDS; i++) {
+        for (uint32_t i = 0; i < n; i++) {
             if (!s[i]->has_held)
                 p[np++] = (struct pollfd){.fd = s[i]->doorbell_fd, .events = POLLIN};
             if (qps[i]->irq_fd >= 0 && qps[i]->in_flight)
@@ -476,7 +475,11 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
 int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
                  int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which)
 {
-    int r = serve_loop(s, qps, n, watch, nwatch, late_ns, timeout_ns, idle_spin_ns, which);
+    struct pollfd *p = calloc((size_t)nwatch + 2 * (size_t)n + 1, sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    int r = serve_loop(s, qps, n, watch, nwatch, late_ns, timeout_ns, idle_spin_ns, which, p);
+    free(p);
     set_polling(s, qps, n, 0);  /* Python's loop looks at doorbells by their eventfds */
     nv_mb();  /* the flags' stores before whatever Python reads next of the rings */
     return r;

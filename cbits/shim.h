@@ -506,7 +506,8 @@ int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp);
  * the broker's stop flag is set (-ENODEV, -EAGAIN). With commands in flight on a polled queue,
  * and for idle_spin_ns after its last work, it spins (telling its clients so: they need not
  * ring), looking at the watched descriptors every millisecond; otherwise it sleeps in poll(2)
- * on the clients' doorbells, the queues' MSI-X eventfds and the watched descriptors. */
+ * on the clients' doorbells, the queues' MSI-X eventfds and the watched descriptors (all of
+ * them, however many: the poll set is allocated for each call; -ENOMEM when it cannot be). */
 int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
                  int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which);
 /* A client's closed loop over its rings (perf through the service): like nv_perf_run, with

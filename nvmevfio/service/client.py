@@ -61,7 +61,7 @@ class ServiceDevice:
     """A connection to ``nvmevfio serve``: see :func:`connect`."""
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET, nsid: int = 1, *, lane: str = "default",
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, queue_depth: int | None = None) -> None:
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout_s)  # control messages; the data path waits with select()
@@ -74,7 +74,10 @@ class ServiceDevice:
         self._ring_map: mmap.mmap | None = None
         self._buffers: dict[int, ServiceBuffer] = {}
         try:
-            reply, fds = self._call({"op": "hello", "nsid": nsid, "lane": lane})
+            hello: dict[str, Any] = {"op": "hello", "nsid": nsid, "lane": lane}
+            if queue_depth is not None:  # leave the rest of the grant's depth to this uid's other sessions
+                hello["queue_depth"] = queue_depth
+            reply, fds = self._call(hello)
             if len(fds) != 3:
                 raise ServiceGone("the service's hello carried no ring", socket=socket_path)
             ring_fd, self._doorbell, self._completion = fds
@@ -105,8 +108,13 @@ class ServiceDevice:
     # ------------------------------------------------------------------ control
     def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:
-            send(self._sock, message)
-            reply, fds = receive(self._sock)
+            try:
+                send(self._sock, message)
+                reply, fds = receive(self._sock)
+            except (BrokenPipeError, ConnectionResetError):
+                reply, fds = self._last_word()
+                if reply is None:
+                    raise
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ServiceGone(f"the nvmevfio service went away ({exc.strerror}); reconnect") from None
         except TimeoutError:
@@ -117,6 +125,16 @@ class ServiceDevice:
         if not reply.get("ok"):
             raise Refused(str(reply.get("reason", "refused")), str(reply.get("message", "refused by the service")))
         return reply, fds
+
+    def _last_word(self) -> tuple[dict[str, Any] | None, list[int]]:
+        """What the daemon said before it hung up (it refuses a peer without a grant, or with too
+        many connections, and closes at once: the hello may meet a closed socket, or the reset
+        may be reported before the refusal), if anything."""
+        self._sock.setblocking(False)
+        try:
+            return receive(self._sock)
+        except OSError:
+            return None, []
 
     def status(self) -> dict[str, Any]:
         """This session's counters (buffers, DMA bytes, requests, refusals) from the daemon."""
@@ -233,7 +251,10 @@ class ServiceDevice:
         if left <= 0:
             raise Refused("command-timeout", f"the service did not answer within {self.timeout_s:g} s")
         sock = self._sock.fileno()
-        ready, _, _ = select.select([self._completion, sock], [], [], left)
+        poller = select.poll()  # not select(): a process may hold descriptors past FD_SETSIZE
+        poller.register(self._completion, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(left * 1000)]
         if sock in ready:
             try:
                 data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -246,7 +267,10 @@ class ServiceDevice:
                 os.eventfd_read(self._completion)
 
     def _collect(self) -> int:
-        got, self._cq_head = self._ring.take_completions(self._cq_head)
+        try:
+            got, self._cq_head = self._ring.take_completions(self._cq_head)
+        except rings.RingBroken as exc:  # the daemon ended the session (or stopped) and zeroed the ring
+            raise ServiceGone(f"the nvmevfio service ended this session ({exc}); reconnect") from None
         if len(got):
             self._done.append(got)
             if self._ring.requests_waiting(self._sq_tail):
@@ -389,11 +413,13 @@ class ServiceDevice:
 
 
 def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, *, lane: str = "default",
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> ServiceDevice:
+            timeout_s: float = DEFAULT_TIMEOUT_S, queue_depth: int | None = None) -> ServiceDevice:
     """Connect to ``nvmevfio serve`` on ``socket_path`` as whoever this process is (the daemon
     asks the kernel): the namespace window your grant gives, LBA 0 at its start. Refused
-    ``no-grant`` without one; :class:`ServiceGone` when no daemon is there or it went away."""
-    return ServiceDevice(socket_path, nsid, lane=lane, timeout_s=timeout_s)
+    ``no-grant`` without one; :class:`ServiceGone` when no daemon is there or it went away.
+    ``queue_depth``: at most this many of the grant's queue depth, which this uid's sessions
+    share (without it, a session takes what the others left)."""
+    return ServiceDevice(socket_path, nsid, lane=lane, timeout_s=timeout_s, queue_depth=queue_depth)
 
 
 @dataclass(frozen=True, eq=False)

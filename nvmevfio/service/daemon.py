@@ -23,15 +23,19 @@ its queue pair given to the next client.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import mmap
 import os
+import resource
 import selectors
 import signal
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +48,7 @@ from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.provider import Provider
 from nvmevfio.service import DEFAULT_SOCKET, validator
 from nvmevfio.service import ring as rings
-from nvmevfio.service.grants import GrantsError, ServiceGrant, grant_for
+from nvmevfio.service.grants import GrantsError, ServiceGrant, connection_cap, grant_for
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +60,27 @@ MAX_FDS = 4
 # which costs more under TCG than the whole batch's work.
 IDLE_SPIN_S = 0.001
 POLL_S = 0.0  # with commands in flight on polled queues (no MSI-X): look again at once (a busy CPU)
+ACCEPT_BURST = 64  # connections taken per turn of the loop: a flood of them does not starve the clients
+# The validated lane's Dataset Management runs one deallocate command per range (the broker's
+# verb); a turn of the loop runs at most this many, so that other clients' commands go in between.
+DSM_RANGES_PER_TURN = 8
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    """One control message (JSON), with file descriptors (SCM_RIGHTS) when given."""
+class ProtocolError(NvmeVfioError, ValueError):
+    """A control message that is not one: truncated, not JSON, nested past what a parser may
+    recurse into, or not a JSON object. The daemon hangs up on its sender (only)."""
+
+    reason = "bad-message"
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None, flags: int = 0) -> None:
+    """One control message (JSON), with file descriptors (SCM_RIGHTS) when given. The daemon
+    passes MSG_DONTWAIT: a reply that does not fit the peer's queue raises BlockingIOError."""
     data = json.dumps(message).encode()
     if fds:
-        socket.send_fds(sock, [data], fds)
+        socket.send_fds(sock, [data], fds, flags)
     else:
-        sock.send(data)
+        sock.send(data, flags)
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -77,11 +93,50 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     if flags & socket.MSG_CTRUNC or flags & socket.MSG_TRUNC:
         for fd in fds:
             os.close(fd)
-        raise ValueError("control message truncated")
-    message = json.loads(data)
+        raise ProtocolError("control message truncated", length=len(data))
+    try:
+        message = json.loads(data)
+    except RecursionError:  # b"[" * 60000: the parser recurses once per level
+        raise ProtocolError("control message nested too deeply", length=len(data)) from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ProtocolError(f"control message is not JSON: {exc}", length=len(data)) from None
     if not isinstance(message, dict):
-        raise ValueError("a control message is a JSON object")
+        raise ProtocolError("a control message is a JSON object", length=len(data))
     return message, fds
+
+
+def _discard(sock: socket.socket, most: int = 4) -> None:
+    """Read and drop what a peer about to be refused sent already (its hello): a socket closed
+    with unread data makes the peer's next receive fail ECONNRESET instead of giving it the
+    refusal. Non-blocking; descriptors that came along are closed."""
+    for _ in range(most):
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        for fd in fds:
+            os.close(fd)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE's soft limit up to its hard limit (every connection costs a descriptor, a
+    session four more, a buffer one): (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling (fs.nr_open) then
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = int(f.read())
+        except (OSError, ValueError):
+            want = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s", soft, want, exc)
+            return soft, soft
+        return soft, want
+    return soft, soft
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -175,6 +230,17 @@ class FastPath:
 
 
 @dataclass(eq=False)
+class Deallocating:
+    """A validated-lane Dataset Management entry being run, a few ranges a turn: its tag, the
+    (SLBA, NLB) ranges left from the validator's checked copy, and its status so far."""
+
+    tag: int
+    ranges: list[tuple[int, int]]
+    status: int = 0
+    reason: str = ""
+
+
+@dataclass(eq=False)
 class Session:
     """One connected client."""
 
@@ -206,6 +272,8 @@ class Session:
     freed: list[validator.Region] = field(default_factory=list)  # validated lane: quarantined IOVAs
     regions: tuple[int, validator.RegionMap] | None = None  # (ledger version, map) last built
     fast: FastPath | None = None  # the default lane's compiled data path
+    dsm: Deallocating | None = None  # validated lane: a Dataset Management entry being run
+    deferred: np.ndarray | None = None  # validated lane: entries taken after it, checked once it is done
 
     @property
     def name(self) -> str:
@@ -244,8 +312,14 @@ class Service:
         self.idle_spin_s = idle_spin_s
         self.address = address
         self.sessions: dict[int, Session] = {}  # by control socket fd
+        self.connections: dict[int, int] = {}  # open connections by uid (the grants cap them)
         self._free_qids: list[int] = []
-        self._selector = selectors.DefaultSelector()
+        # What Python waits for: the listener, the wake pipe, every control socket, the validated
+        # lane's doorbells and interrupts. The C loop waits on this epoll's one descriptor beside
+        # its sessions' eventfds, so that no number of idle sockets crowds those out.
+        self._selector = selectors.EpollSelector()
+        self._reserve = -1  # a descriptor given up to take (and close) a connection at EMFILE
+        self._shed_logged = 0.0
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -278,13 +352,18 @@ class Service:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(self.socket_path)
         os.chmod(self.socket_path, 0o666)
-        listener.listen(16)
+        listener.listen(128)
         listener.setblocking(False)
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ, ("accept", None))
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        before, limit = raise_fd_limit()
+        self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        room = limit - len(os.listdir("/proc/self/fd"))
         log.info("serving %s on %s: %d client slot(s), queue depth %d, %s", self.address or "controller",
                  self.socket_path, self.clients, depth, "MSI-X" if self._irq_fd(1) is not None else "polled")
+        log.info("file descriptor limit %d (was %d): room for about %d connections, less 4 a session and 1 a "
+                 "buffer; a uid's connections capped by its grants", limit, before, room)
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (thread- and signal-safe)."""
@@ -304,7 +383,11 @@ class Service:
                 elif kind == "control":
                     if session.closing:
                         continue
-                    self._control(session)
+                    try:
+                        self._control(session)
+                    except Exception:  # a bug met by one client's message costs that client only
+                        log.exception("%s: its control message failed; closing its session", session.name)
+                        self._hang_up(session)
                 elif kind == "doorbell":
                     if session.closing:  # hung up earlier in this same batch of events: its fds are gone
                         continue
@@ -327,13 +410,14 @@ class Service:
         selector's timeout for what follows."""
         polled = self._irq_fd(1) is None
         fast = [(s, s.fast) for s in self.sessions.values() if s.fast is not None and not s.closing]
-        slow_busy = polled and any(s.in_flight for s in self.sessions.values() if s.fast is None)
+        slow = [s for s in self.sessions.values() if s.fast is None and not s.closing]
+        slow_busy = (polled and any(s.in_flight for s in slow)) or any(s.dsm is not None for s in slow)
         if not fast:
             return POLL_S if slow_busy else None
-        theirs = {s.doorbell for s, _ in fast} | {self._irq_fd(s.qid) for s, _ in fast}
-        watch = [k.fd for k in self._selector.get_map().values() if k.fd not in theirs]
-        event, i = self.provider.service_serve([(s.qid, f.svc) for s, f in fast], watch, 0.0 if slow_busy else 1.0,
-                                               self.idle_spin_s)
+        # the default lane's doorbells and interrupts are C's alone (never in the selector): C
+        # watches the selector's epoll descriptor for everything else
+        event, i = self.provider.service_serve([(s.qid, f.svc) for s, f in fast], [self._selector.fileno()],
+                                               0.0 if slow_busy else 1.0, self.idle_spin_s)
         if event == lib.NV_SVC_HELD:
             self._run_held(fast[i][0])
         return 0.0
@@ -353,9 +437,10 @@ class Service:
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        self._wake_r = self._wake_w = -1
+        for fd in (self._wake_r, self._wake_w, self._reserve):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = self._reserve = -1
 
     @property
     def wake_fd(self) -> int:
@@ -367,22 +452,74 @@ class Service:
 
     # ------------------------------------------------------------------ connections
     def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except BlockingIOError:
+        """Up to ACCEPT_BURST waiting connections. Out of descriptors (EMFILE/ENFILE), the oldest
+        waiting one is taken with the reserve descriptor and closed at once: the daemon goes on,
+        and the listener does not stay readable for nothing."""
+        if self._listener is None:
             return
-        pid, uid, gid = peer_credentials(conn)
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed(exc)
+                else:  # ECONNABORTED and the like: that connection only
+                    log.info("accept: %s", exc)
+                continue
+            self._admit(conn)
+
+    def _shed(self, exc: OSError) -> None:
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
+        with contextlib.suppress(OSError):
+            conn, _ = self._listener.accept() if self._listener is not None else (None, None)
+            if conn is not None:
+                conn.close()
+        with contextlib.suppress(OSError):
+            self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        now = time.monotonic()
+        if now - self._shed_logged >= 1.0:  # once a second at most: a flood does not flood the log
+            self._shed_logged = now
+            log.warning("out of file descriptors (%s) with %d connection(s) open: closing new ones", exc.strerror,
+                        len(self.sessions))
+
+    def _admit(self, conn: socket.socket) -> None:
+        """A new connection: closed at once when its peer (as the kernel says) has no grant, or
+        already holds as many connections as its grants allow; otherwise listened to. Its
+        socket never blocks the daemon: a reply that does not fit hangs up on the peer."""
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        cap = connection_cap(self.grants, uid, gid, _supplementary_groups(pid))
+        held = self.connections.get(uid, 0)
+        if cap == 0 or held >= cap:
+            reason, text = (("no-grant", f"uid {uid} (gid {gid}) has no grant on this service") if cap == 0 else
+                            ("too-many-connections", f"uid {uid} already has {held} connection(s), the most its "
+                             "grant allows"))
+            log.debug("client pid %d uid %d: %s: closed", pid, uid, reason)
+            conn.setblocking(False)
+            _discard(conn)
+            with contextlib.suppress(OSError):
+                send(conn, {"ok": False, "reason": reason, "message": text}, flags=socket.MSG_DONTWAIT)
+            conn.close()
+            return
         self._serial += 1
         session = Session(conn, pid, uid, gid, serial=self._serial)
-        conn.setblocking(True)
-        conn.settimeout(5.0)  # a reply to a client that stopped reading does not hang the daemon
+        conn.setblocking(False)
+        self.connections[uid] = held + 1
         self.sessions[conn.fileno()] = session
         self._selector.register(conn, selectors.EVENT_READ, ("control", session))
 
     def _control(self, s: Session) -> None:
         try:
             message, fds = receive(s.sock)
+        except BlockingIOError:  # nothing after all
+            return
         except (OSError, ValueError) as exc:
             log.info("%s: bad control message (%s): closing", s.name, exc)
             message, fds = None, []
@@ -400,9 +537,8 @@ class Service:
             if op != "hello" and s.ring is None:
                 raise Refused("not-connected", "say hello first")
             reply, out_fds = handler(s, message)
-            send(s.sock, {"ok": True, **reply}, out_fds)
         except NvmeVfioError as exc:
-            self._reply_error(s, exc.reason, str(exc.args[0]))
+            self._reply(s, {"ok": False, "reason": exc.reason, "message": str(exc.args[0])})
             if op == "hello":
                 self._hang_up(s)
         except OSError as exc:
@@ -410,12 +546,24 @@ class Service:
             self._hang_up(s)
         except Exception as exc:  # a malformed message (a field of the wrong type...): this client only
             log.exception("%s: request %r failed; closing its session", s.name, op)
-            self._reply_error(s, "service-error", f"request {op!r} failed: {exc}")
+            self._reply(s, {"ok": False, "reason": "service-error", "message": f"request {op!r} failed: {exc}"})
             self._hang_up(s)
+        else:
+            self._reply(s, {"ok": True, **reply}, out_fds)
 
-    def _reply_error(self, s: Session, reason: str, message: str) -> None:
-        with contextlib.suppress(OSError):
-            send(s.sock, {"ok": False, "reason": reason, "message": message})
+    def _reply(self, s: Session, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Never blocks: a peer whose socket has no room for its reply (it does not read them)
+        is hung up on, as is one whose socket broke."""
+        if s.closing:
+            return
+        try:
+            send(s.sock, message, fds, flags=socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            log.info("%s: does not read its replies: closing", s.name)
+            self._hang_up(s)
+        except OSError as exc:
+            log.info("%s: reply failed (%s): closing", s.name, exc)
+            self._hang_up(s)
 
     def _hello(self, s: Session, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         if s.ring is not None:
@@ -435,9 +583,20 @@ class Service:
         if lane == "validated" and self.provider.dma_lane == "noiommu":
             raise Refused("lane-unsupported", "the validated lane needs an IOMMU: without one a client's buffers "
                           "are bounced and have no device address of their own", lane=lane)
+        sharing = self._sharing(s.uid, grant)
+        if len(sharing) >= grant.sessions:
+            raise Refused("too-many-sessions", f"uid {s.uid} already has {len(sharing)} session(s), the most its "
+                          "grant allows", uid=s.uid, sessions=grant.sessions)
+        left = grant.queue_depth - sum(x.depth for x in sharing)  # the grant's depth, shared by its sessions
+        if left < 1:
+            raise Refused("quota-exceeded", f"uid {s.uid}'s other sessions use the grant's whole queue depth "
+                          f"{grant.queue_depth}; connect them with a smaller queue_depth", quota=grant.queue_depth)
+        asked = message.get("queue_depth", left)
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+            raise Refused("invalid-argument", f"queue depth {asked!r}: a positive number")
         if not self._free_qids:
             raise Refused("no-client-slot", f"all {self.clients} client slots are taken; try again later")
-        depth = max(1, min(grant.queue_depth, self.provider.capacity(1)))
+        depth = max(1, min(asked, left, self.provider.capacity(1)))
         request = SQE if lane == "validated" else rings.REQUEST
         ring_fd, ring_map = _ring_memory(rings.ring_bytes(depth, request))
         s.ring_fd, s.ring_map = ring_fd, ring_map
@@ -446,15 +605,20 @@ class Service:
         s.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         s.completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         s.grant, s.depth, s.qid = grant, depth, self._free_qids.pop()
-        self._selector.register(s.doorbell, selectors.EVENT_READ, ("doorbell", s))
-        if lane == "default":
+        if lane == "default":  # its doorbell and interrupts are the C loop's (see _serve_fast)
             s.fast = FastPath(self.provider, s.ring, s.qid, grant, s.doorbell, s.completion)
-        irq = self._irq_fd(s.qid)
-        if irq is not None and not any(k.fd == irq for k in self._selector.get_map().values()):
-            self._selector.register(irq, selectors.EVENT_READ, ("irq", None))
+        else:
+            self._selector.register(s.doorbell, selectors.EVENT_READ, ("doorbell", s))
+            irq = self._irq_fd(s.qid)
+            if irq is not None and not any(k.fd == irq for k in self._selector.get_map().values()):
+                self._selector.register(irq, selectors.EVENT_READ, ("irq", None))
         log.info("%s: connected to namespace %d, window %d+%d (%s), queue %d, depth %d", s.name, grant.nsid,
                  grant.first_lba, grant.blocks, "rw" if grant.writable else "ro", s.qid, depth)
         return {"info": self._window_info(s)}, [ring_fd, s.doorbell, s.completion]
+
+    def _sharing(self, uid: int, grant: ServiceGrant) -> list[Session]:
+        """``uid``'s connected sessions under ``grant``: they share its quotas."""
+        return [x for x in self.sessions.values() if x.uid == uid and x.grant is grant and x.ring is not None]
 
     def _window_info(self, s: Session) -> dict[str, Any]:
         g = s.grant
@@ -488,9 +652,10 @@ class Service:
         if not isinstance(size, int) or size <= 0:
             raise Refused("invalid-argument", f"buffer size {size!r}: a positive number of bytes")
         rounded = align_up(size, mmap.PAGESIZE)
-        if s.dma_bytes + rounded > s.grant.dma_memory:
+        in_use = sum(x.dma_bytes for x in self._sharing(s.uid, s.grant))  # every session of the uid's
+        if in_use + rounded > s.grant.dma_memory:
             raise Refused("quota-exceeded", f"{rounded} more bytes of DMA memory would pass the grant's "
-                          f"{s.grant.dma_memory} (in use: {s.dma_bytes})", quota=s.grant.dma_memory)
+                          f"{s.grant.dma_memory} (uid {s.uid}'s sessions use {in_use})", quota=s.grant.dma_memory)
         buf = self.provider.alloc_buffer(size, shared=True, owner=s.owner)
         ident = s.next_buffer
         s.next_buffer += 1
@@ -594,7 +759,9 @@ class Service:
         validator's copy with PRP2 authored by the broker; a refusal completes the entry with
         its label, and nothing of it reaches the device."""
         assert s.grant is not None
-        entries = self._take(s)
+        if s.dsm is not None:  # the rest waits for it (see _deallocate_some)
+            return
+        entries, s.deferred = (s.deferred, None) if s.deferred is not None else (self._take(s), None)
         if not len(entries):
             return
         ns = self.provider.namespace(s.grant.nsid)
@@ -604,7 +771,7 @@ class Service:
         regions, read = self._regions(s), self._reader(s)
         done: list[tuple[int, int, str]] = []
         posted = 0
-        for raw in entries:
+        for i, raw in enumerate(entries):
             tag = int(raw["cid"])
             verdict = validator.validate(raw.tobytes(), window, regions, device, read)
             if isinstance(verdict, validator.Rejected):
@@ -613,12 +780,11 @@ class Service:
                 continue
             sqe = verdict.sqe
             opcode = int(sqe["opc"][0])
-            if opcode == IoOpcode.DATASET_MANAGEMENT:
-                if posted:
-                    self.provider.ring_doorbell(s.qid)
-                    posted = 0
-                done.append((tag, *self._dsm(s, int(sqe["cdw11"][0]), verdict.ranges)))
-                continue
+            if opcode == IoOpcode.DATASET_MANAGEMENT:  # run a few ranges a turn; what follows waits for it
+                ranges = verdict.ranges if int(sqe["cdw11"][0]) & 0x4 and verdict.ranges is not None else ()
+                s.dsm = Deallocating(tag, [(int(r["slba"]), int(r["nlb"])) for r in ranges if int(r["nlb"])])
+                s.deferred = entries[i + 1 :]
+                break
             if opcode in (IoOpcode.FLUSH, IoOpcode.WRITE_ZEROES):
                 sqe["prp1"] = sqe["prp2"] = 0  # no data pointer: nothing of the client's reaches the device
             try:
@@ -634,20 +800,36 @@ class Service:
         if done:
             self._complete(s, done)
 
-    def _dsm(self, s: Session, cdw11: int, ranges: np.ndarray | None) -> tuple[int, str]:
-        """Dataset Management from the validator's checked copy of the range list: the
-        deallocate ranges (AD, CDW11 bit 2) as the broker's own commands; IDR/IDW are hints."""
-        g = s.grant
-        assert g is not None
-        self._drain(s)
-        if not cdw11 & 0x4 or ranges is None:
-            return 0, ""
+    def _deallocate_some(self, s: Session) -> None:
+        """A turn's share of the session's Dataset Management entry (from the validator's checked
+        copy of the range list): its deallocate ranges (AD, CDW11 bit 2) as the broker's own
+        commands, DSM_RANGES_PER_TURN at most, on the session's queue once its earlier commands
+        are done (reaped by the loop, not waited for here); IDR/IDW are hints. Done, its
+        completion goes to the client and the entries after it are checked."""
+        work, g = s.dsm, s.grant
+        if work is None or g is None or s.closing or s.in_flight:
+            return
+        batch, work.ranges = work.ranges[:DSM_RANGES_PER_TURN], work.ranges[DSM_RANGES_PER_TURN:]
+        for slba, nlb in batch:
+            status, reason = self._by_broker(self.provider.deallocate, g.nsid, slba, nlb, qid=s.qid)
+            if status or reason:
+                work.status, work.reason, work.ranges = status, reason, []
+                break
+        if work.ranges:
+            return
+        s.dsm = None
+        self._complete(s, [(work.tag, work.status, work.reason)])
+        self._pump_validated(s)
+
+    @staticmethod
+    def _by_broker(verb: Callable[..., object], *args: Any, **kwargs: Any) -> tuple[int, str]:
+        """(status field, refusal label) of a broker verb run for a client: (0, "") when done."""
         try:
-            for r in ranges:
-                if int(r["nlb"]):
-                    self.provider.deallocate(g.nsid, int(r["slba"]), int(r["nlb"]), qid=s.qid)
+            verb(*args, **kwargs)
         except CommandError as exc:
             return _status_field(exc), ""
+        except Refused as exc:
+            return 0, exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
         return 0, ""
 
     def _run_sync(self, s: Session, opcode: int, lba: int, count: int) -> tuple[int, str]:
@@ -657,18 +839,11 @@ class Service:
         g = s.grant
         assert g is not None
         self._drain(s)
-        try:
-            if opcode == rings.FLUSH:
-                self.provider.flush(g.nsid, qid=s.qid)
-            elif opcode == rings.WRITE_ZEROES:
-                self.provider.write_zeroes(g.nsid, lba, count, qid=s.qid)
-            else:
-                self.provider.deallocate(g.nsid, lba, count, qid=s.qid)
-        except CommandError as exc:
-            return _status_field(exc), ""
-        except Refused as exc:
-            return 0, exc.reason if exc.reason in rings.REASONS else "count-out-of-range"
-        return 0, ""
+        if opcode == rings.FLUSH:
+            return self._by_broker(self.provider.flush, g.nsid, qid=s.qid)
+        if opcode == rings.WRITE_ZEROES:
+            return self._by_broker(self.provider.write_zeroes, g.nsid, lba, count, qid=s.qid)
+        return self._by_broker(self.provider.deallocate, g.nsid, lba, count, qid=s.qid)
 
     def _drain(self, s: Session) -> None:
         """Until none of the session's commands is on the device (the broker's timeout recovery
@@ -689,6 +864,12 @@ class Service:
         for s in sessions[first:] + sessions[:first]:
             if s.in_flight and s.fast is None:  # the default lane's are reaped in C (serve)
                 self._reap(s)
+            if s.dsm is not None and not s.closing:
+                try:
+                    self._deallocate_some(s)
+                except Exception:  # as a doorbell's trouble in serve(): this client's session only
+                    log.exception("%s: its deallocate failed; closing its session", s.name)
+                    self._hang_up(s)
             if s.closing and not s.in_flight:
                 self._finish(s)
 
@@ -740,7 +921,7 @@ class Service:
             return
         s.closing = True
         self._selector.unregister(s.sock)
-        if s.doorbell >= 0:
+        if s.doorbell >= 0 and s.fast is None:  # the default lane's is not the selector's
             self._selector.unregister(s.doorbell)
         if not s.in_flight or s.fast is not None:  # C's commands complete in microseconds: drained now
             self._finish(s)
@@ -762,6 +943,11 @@ class Service:
         if s.ring_map is not None:
             s.ring_map.close()
             s.ring_map = None
+        irq = self._irq_fd(s.qid) if s.qid and s.fast is None and s.ring_fd >= 0 else None
+        if irq is not None and not any(x.fast is None and x.qid and x is not s and self._irq_fd(x.qid) == irq
+                                       for x in self.sessions.values()):
+            with contextlib.suppress(KeyError, ValueError):  # a default-lane session may get the queue next
+                self._selector.unregister(irq)
         for fd in (s.ring_fd, s.doorbell, s.completion):
             if fd >= 0:
                 os.close(fd)
@@ -769,7 +955,12 @@ class Service:
         if s.qid:
             self._free_qids.append(s.qid)
             s.qid = 0
-        self.sessions.pop(s.sock.fileno(), None)
+        if self.sessions.pop(s.sock.fileno(), None) is s:
+            held = self.connections.get(s.uid, 0) - 1
+            if held > 0:
+                self.connections[s.uid] = held
+            else:
+                self.connections.pop(s.uid, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(s.sock)
         s.sock.close()

@@ -12,6 +12,13 @@ A TOML file (read with the standard library's tomllib, or its backport tomli bef
     queue_depth = 64        # at most this many commands in flight
     dma_memory = "16M"      # at most this much DMA memory (K, M, G suffixes)
     lanes = ["default"]     # and/or "validated" (Model B: the client writes its own SQEs)
+    sessions = 2            # at most this many sessions (client slots) at once
+    connections = 8         # at most this many open connections to the socket at once
+
+The limits belong to the grant, not to a session: a uid's sessions under one grant share its
+queue depth and its DMA memory, and each uid of a group grant has its own share (a peer is
+always one uid). ``sessions`` and ``connections`` count per uid too; the connection cap a peer
+gets is the largest of its grants' (it names no namespace before its hello).
 
 The peer is who the kernel says it is (SO_PEERCRED), never what it claims. A uid grant wins
 over a group grant; no grant, no connection. Every mistake in the file is refused with the
@@ -39,7 +46,9 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 LANES = ("default", "validated")
 _FIELDS = {"user", "uid", "group", "gid", "nsid", "first_lba", "blocks", "access", "queue_depth", "dma_memory",
-           "lanes"}
+           "lanes", "sessions", "connections"}
+DEFAULT_SESSIONS = 2  # a uid's sessions under one grant at once: one user cannot take every client slot
+DEFAULT_CONNECTIONS = 8  # a uid's open connections at once (each costs the daemon a file descriptor)
 
 
 class GrantsError(NvmeVfioError):
@@ -61,6 +70,8 @@ class ServiceGrant:
     queue_depth: int
     dma_memory: int
     lanes: tuple[str, ...]
+    sessions: int = DEFAULT_SESSIONS
+    connections: int = DEFAULT_CONNECTIONS
 
     def window(self, client: str) -> Window:
         """The validator's view of this grant for ``client``."""
@@ -129,7 +140,8 @@ def parse_grants(text: str, source: str = "grants") -> list[ServiceGrant]:
             first_lba=_whole(entry, "first_lba", where, default=0), blocks=_whole(entry, "blocks", where, minimum=1),
             writable=access == "rw", queue_depth=_whole(entry, "queue_depth", where, default=32, minimum=1),
             dma_memory=parse_size(entry.get("dma_memory", "16M"), f"{where}: dma_memory"),
-            lanes=tuple(lanes)))
+            lanes=tuple(lanes), sessions=_whole(entry, "sessions", where, default=DEFAULT_SESSIONS, minimum=1),
+            connections=_whole(entry, "connections", where, default=DEFAULT_CONNECTIONS, minimum=1)))
     return out
 
 
@@ -139,6 +151,15 @@ def load_grants(path: str | Path) -> list[ServiceGrant]:
     except OSError as exc:
         raise GrantsError(f"cannot read the grants file {path}: {exc.strerror}") from None
     return parse_grants(text, str(path))
+
+
+def connection_cap(grants: Iterable[ServiceGrant], uid: int, gid: int, groups: Iterable[int] = ()) -> int:
+    """How many connections at once a peer with these credentials may hold: the largest cap of
+    the grants it could say hello with (any namespace); 0: it has none, close it at once."""
+    member = {gid, *groups}
+    caps = [g.connections for g in grants if (g.uid is not None and g.uid == uid)
+            or (g.uid is None and g.gid in member)]
+    return max(caps, default=0)
 
 
 def grant_for(grants: Iterable[ServiceGrant], uid: int, gid: int, groups: Iterable[int] = ()) -> ServiceGrant | None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from nvmevfio.errors import NvmeVfioError
+
 HEADER = 4096  # the four indices, one cache line each, then the rings from the next page
 _SQ_TAIL, _SQ_HEAD, _CQ_TAIL, _CQ_HEAD = 0, 64, 128, 192
 _DEPTH_AT = 256  # the depth, written once by the daemon
@@ -54,6 +56,13 @@ REASONS = ("", "out-of-window", "read-only", "invalid-region", "stale-generation
            "host-physical", "cross-owner-alias", "deep-prp-chain", "disallowed-namespace",
            # the controller lacks the command (ONCS)
            "unsupported-command")
+
+
+class RingBroken(NvmeVfioError):
+    """The other side's index says more entries than the ring holds: it broke the protocol, or
+    (the client's view) the daemon ended the session and zeroed the ring."""
+
+    reason = "ring-broken"
 
 
 def reason_code(reason: str) -> int:
@@ -132,8 +141,13 @@ class SharedRings:
         return used(self._load(_SQ_HEAD), tail)
 
     def take_completions(self, head: int) -> tuple[np.ndarray, int]:
-        """Completions published since ``head`` (copied), and the new head, published."""
-        n = used(head, self._load(_CQ_TAIL))
+        """Completions published since ``head`` (copied), and the new head, published. Raises
+        RingBroken (nothing copied) when the tail is more than a ring ahead of ``head``."""
+        tail = self._load(_CQ_TAIL)
+        n = used(head, tail)
+        if n > self.depth:  # never published by a daemon that serves the ring: zeroed, or forged
+            raise RingBroken(f"completion tail {tail} is {n} entries past head {head} in a ring of {self.depth}",
+                             head=head, tail=tail, depth=self.depth)
         if not n:
             return np.empty(0, dtype=COMPLETION), head
         out = self.completions[slots(head, n, self.depth)]

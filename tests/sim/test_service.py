@@ -41,10 +41,11 @@ dma_memory = "1M"
 
 @pytest.fixture
 def served(tmp_path):
-    def start(grants=RW, clients=2):
+    def start(grants=RW, clients=2, directory=None):
+        """``directory``: where the socket goes (tmp_path, which only root may enter, by default)."""
         rig = Rig([SimNamespace(8192), SimNamespace(1024, 4096)], mdts=5)
-        service = Service(rig.p, _grants(grants), str(tmp_path / "s.sock"), clients=clients, queue_depth=32,
-                          irq=False)
+        path = str((directory or tmp_path) / "s.sock")
+        service = Service(rig.p, _grants(grants), path, clients=clients, queue_depth=32, irq=False)
         service.start()
         def serve():  # as `nvmevfio serve` does: every session ended once the loop returns
             service.serve()
@@ -52,8 +53,9 @@ def served(tmp_path):
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
+        service.serving = thread  # a test may ask whether the daemon still runs
         started.append((service, thread))
-        return rig, service, str(tmp_path / "s.sock")
+        return rig, service, path
 
     started = []
     yield start
@@ -188,8 +190,8 @@ def test_a_malformed_request_costs_only_its_sender(served):
     from nvmevfio.service.daemon import receive, send
 
     _rig, service, path = served()
-    good = nvmevfio.connect(path, 1)
-    bad = nvmevfio.connect(path, 1)
+    good = nvmevfio.connect(path, 1, queue_depth=8)  # the grant's depth of 16 is the two sessions' to share
+    bad = nvmevfio.connect(path, 1, queue_depth=8)
     send(bad._sock, {"op": "free", "buffer": 1, "generation": {"not": "a number"}})
     reply, _ = receive(bad._sock)
     assert reply is not None and not reply["ok"]

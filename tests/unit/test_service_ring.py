@@ -4,6 +4,7 @@ sides over one piece of memory, as the daemon and a client see it."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nvmevfio.service import ring as rings
 from nvmevfio.service.grants import parse_grants
@@ -42,8 +43,30 @@ def test_both_sides_of_one_ring():
     assert out["tag"].tolist() == [8, 7] and cq_head == 2 and daemon.completion_room(cq_tail) == 4
 
 
+@pytest.mark.parametrize("cq_tail", [0, 1 << 31, 3 + 5])
+def test_a_completion_tail_past_a_ring_is_refused_not_allocated(cq_tail):
+    """The daemon zeroes a session's ring when it ends it: a client whose head is 3 read a tail
+    of 0 as 2**32 - 3 completions and tried to copy them (32 GiB, MemoryError). A tail more than
+    a ring ahead raises RingBroken, and nothing is copied or published."""
+    memory = np.zeros(rings.ring_bytes(4), dtype=np.uint8)
+    daemon = rings.SharedRings(memory, 4)
+    client = rings.SharedRings(memory)
+    cq_tail_before = daemon.put_completions(0, np.zeros(3, dtype=rings.COMPLETION))
+    _, head = client.take_completions(0)
+    assert (cq_tail_before, head) == (3, 3)
+    memory[128:132].view("<u4")[0] = cq_tail  # zeroed (0) or forged
+    with pytest.raises(rings.RingBroken) as ei:
+        client.take_completions(head)
+    assert ei.value.reason == "ring-broken" and ei.value.context == {"head": 3, "tail": cq_tail, "depth": 4}
+    assert memory[192:196].view("<u4")[0] == 3  # the client's head was not moved
+    memory[128:132].view("<u4")[0] = 3 + 4  # exactly one ring ahead: a full ring, taken
+    got, head = client.take_completions(head)
+    assert len(got) == 4 and head == 7
+
+
 def test_the_example_grants_file_parses():
     text = (Path(__file__).parents[2] / "contrib" / "grants.example.toml").read_text()
     grants = parse_grants(text.replace('user = "alice"', "uid = 1001").replace('group = "storage-ro"', "gid = 2000"))
-    assert [(g.uid, g.gid, g.first_lba, g.blocks, g.writable, g.queue_depth, g.dma_memory) for g in grants] == [
-        (1001, None, 0, 2097152, True, 32, 16 << 20), (None, 2000, 2097152, 1048576, False, 8, 4 << 20)]
+    assert [(g.uid, g.gid, g.first_lba, g.blocks, g.writable, g.queue_depth, g.dma_memory, g.sessions,
+             g.connections) for g in grants] == [
+        (1001, None, 0, 2097152, True, 32, 16 << 20, 2, 8), (None, 2000, 2097152, 1048576, False, 8, 4 << 20, 2, 8)]
