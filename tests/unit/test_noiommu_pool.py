@@ -83,3 +83,43 @@ def test_hidden_frame_numbers_are_refused_by_name(tmp_path):
     with pytest.raises(VfioError) as ei:
         _physical_chunks(0, M2, str(tmp_path / "missing"))
     assert ei.value.reason == "noiommu-no-pagemap"
+
+
+def test_the_leak_scan_finds_a_physical_address_wherever_it_hides():
+    """tests/leakscan.py's walk: a pool page's address (page-aligned, a power of two, or inside a
+    page) is found in a dataclass field, a property, a dict value, a structured array, a text,
+    bytes and an exception; callables and private fields are not data; a value one byte past
+    the pool is not a hit."""
+    from dataclasses import dataclass, field
+
+    from leakscan import LeakScan, pool_frames
+
+    from nvmevfio.errors import Refused
+    from nvmevfio.nvme.controller import Registers
+
+    pool = PhysicalPool(np.zeros(2 * M2, dtype=np.uint8), [X, A])  # A is a power of two
+    frames = pool_frames(pool)
+    assert len(frames) == 1024 and frames[0] == A >> 12 and frames[-1] == (X + M2) // 4096 - 1
+
+    @dataclass
+    class Holder:
+        plain: int
+        _private: int
+        nested: dict = field(default_factory=dict)
+
+        @property
+        def shown(self) -> int:
+            return X + 0x1234
+
+    entries = np.zeros(2, dtype=[("prp1", "<u8"), ("cid", "<u2")])
+    entries["prp1"] = [5, A + M2 - 8]
+    scan = LeakScan(frames)
+    for name, value in {"registers": Registers(1, 2, 3, 4, 5, A, X + M2), "withheld": Registers(0, 0, 0, 0).withheld(),
+                        "holder": Holder(7, A, {"k": [(1, entries)]}), "text": f"at {X + 4096:#x} and {A}",
+                        "bytes": (A + 8).to_bytes(8, "little"), "error": Refused("r", "no", where=X),
+                        "method": Holder(0, 0).__eq__, "past": X + M2}.items():
+        scan.scan(value, name)
+    assert sorted(h.split(" = ")[0] for h in scan.hits) == sorted([
+        "registers.asq", "holder.shown", "holder.nested['k'][0][1]['prp1'][1]", "text ('0x300001000' in text)",
+        "text ('4294967296' in text)", "bytes as 8-byte words[0]", "error.__dict__['context']['where']"]), scan.hits
+    assert scan.objects >= 8 and scan.fields > 20
