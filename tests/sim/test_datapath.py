@@ -29,9 +29,8 @@ def test_mdts_split(rig):
 
 
 def test_chained_prp_lists_unlimited_mdts():
-    from conftest import Rig
-
     from nvmevfio.sim.controller import SimNamespace
+    from nvmevfio.sim.rig import Rig
 
     r = Rig([SimNamespace(16384)], mdts=0)
     p = r.ready()
@@ -90,10 +89,9 @@ def test_blockdevice_and_file(rig):
 def test_page_limit_per_command():
     """A command touches at most max_transfer/page_size pages: at an in-page offset it
     carries one page less; transfer() splits accordingly, a batch entry is refused."""
-    from conftest import Rig
-
     from nvmevfio.errors import Refused
     from nvmevfio.sim.controller import SimNamespace
+    from nvmevfio.sim.rig import Rig
 
     r = Rig([SimNamespace(32768)], mdts=0)
     p = r.ready()
@@ -114,10 +112,9 @@ def test_page_limit_per_command():
 
 def test_batched_prp_lists_equal_the_pure_builder():
     """The vectorized list writer and nvme.prp.build agree entry for entry, and the model reads it."""
-    from conftest import Rig
-
     from nvmevfio.nvme import prp
     from nvmevfio.sim.controller import SimNamespace
+    from nvmevfio.sim.rig import Rig
 
     r = Rig([SimNamespace(65536)], mdts=0)
     p = r.ready(depth=32)

@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-from conftest import Rig
 
 from nvmevfio import perf
 from nvmevfio.blockdev import BlockDevice
@@ -16,6 +15,7 @@ from nvmevfio.errors import NvmeVfioError, Refused, StaleHandle
 from nvmevfio.nvme import regs
 from nvmevfio.provider import Provider
 from nvmevfio.sim.controller import SimNamespace
+from nvmevfio.sim.rig import Rig
 
 A = 0x1_4000_0000
 X = 0x2_8000_0000

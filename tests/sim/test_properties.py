@@ -28,7 +28,7 @@ CALLS = 0
 class DeviceModel(RuleBasedStateMachine):
     @initialize()
     def setup(self):
-        from conftest import Rig
+        from nvmevfio.sim.rig import Rig
 
         self.rig = Rig([SimNamespace(BLOCKS, BS)])
         self.rig.broker.command_timeout_s = 1.0

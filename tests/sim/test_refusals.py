@@ -61,9 +61,8 @@ def test_namespace_inactive_and_lba_format(rig):
 
 
 def test_metadata_format_refused():
-    from conftest import Rig
-
     from nvmevfio.sim.controller import SimNamespace
+    from nvmevfio.sim.rig import Rig
 
     r = Rig([SimNamespace(1024, 512, metadata=8)])
     p = r.ready()
@@ -120,7 +119,7 @@ def test_device_error_is_typed(rig):
 
 
 def test_unsupported_range_commands():
-    from conftest import Rig
+    from nvmevfio.sim.rig import Rig
 
     r = Rig(oncs=0)
     p = r.ready()
