@@ -193,8 +193,27 @@ def default_socket(address: str, nsid: int) -> Path:
     return RUN_DIR / f"nbd-{address}-n{nsid}.sock"
 
 
-def default_pidfile(address: str, nsid: int) -> Path:
+def default_pidfile(address: str, nsid: int, socket: Path | None = None) -> Path:
+    """nbdkit's pid file: next to ``socket`` when one is given (so that an export on a socket
+    path of the caller's needs nothing of /run), else under RUN_DIR."""
+    if socket is not None:
+        return socket.with_name(socket.name + ".pid")
     return RUN_DIR / f"nbd-{address}-n{nsid}.pid"
+
+
+def prepare_run_dirs(*paths: Path | None) -> None:
+    """The directories of the files an export uses (its socket, its pid file), created when
+    missing, and only those: nothing under RUN_DIR unless a path is there. Raises NvmeVfioError
+    (``run-dir``) with one line, e.g. where /run is not writable for this user."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NvmeVfioError(f"cannot create {path.parent} for {path.name}: {exc.strerror}; give --socket and "
+                                "--pidfile paths in a directory you can write", reason="run-dir",
+                                path=str(path)) from None
 
 
 def nbdkit_python_version() -> tuple[int, int]:
