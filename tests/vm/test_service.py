@@ -308,29 +308,39 @@ def _memfd_views(pid: int) -> list[np.ndarray]:
     return views
 
 
-@pytest.fixture(scope="module")
-def service(data_ctrl, io_dir):
-    d = Path(tempfile.mkdtemp(prefix="nvmevfio-serve-", dir="/tmp"))  # every user can reach the socket
+@contextlib.contextmanager
+def serving(address: str, grants_text: str, log_path: Path, clients: int = 4):
+    """``nvmevfio serve`` (root) on ``address`` with these grants, its socket in a folder every
+    user can reach, its log at ``log_path`` (on the host too, after the guest is gone); SIGTERM
+    at the end, the log's tail printed."""
+    d = Path(tempfile.mkdtemp(prefix="nvmevfio-serve-", dir="/tmp"))
     os.chmod(d, 0o755)
     grants = d / "grants.toml"
-    grants.write_text(GRANTS)
+    grants.write_text(grants_text)
     sock = str(d / "nvmevfio.sock")
-    log_path = io_dir / "serve.log"  # on the host too, after the guest is gone
     log_file = open(log_path, "w")  # noqa: SIM115  # the daemon's; shown when a test fails
-    proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "-v", "serve", data_ctrl["address"], "--grants",
-                             str(grants), "--socket", sock, "--clients", "4"], stdout=log_file,
+    proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "-v", "serve", address, "--grants",
+                             str(grants), "--socket", sock, "--clients", str(clients)], stdout=log_file,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not os.path.exists(sock):
         assert proc.poll() is None, log_path.read_text()
         assert time.monotonic() < deadline, "the daemon did not start"
         time.sleep(0.1)
-    yield {"proc": proc, "socket": sock, "address": data_ctrl["address"], "log": log_path}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
-    log_file.close()
-    print("---- nvmevfio serve's log ----\n" + log_path.read_text()[-20000:])
+    try:
+        yield {"proc": proc, "socket": sock, "address": address, "log": log_path, "dir": d}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        log_file.close()
+        print("---- nvmevfio serve's log ----\n" + log_path.read_text()[-20000:])
+
+
+@pytest.fixture(scope="module")
+def service(data_ctrl, io_dir):
+    with serving(data_ctrl["address"], GRANTS, io_dir / "serve.log") as served:
+        yield served
 
 
 def test_unprivileged_clients_with_their_grants(service):
