@@ -455,29 +455,30 @@ class Service:
         """Up to ACCEPT_BURST waiting connections. Out of descriptors (EMFILE/ENFILE), the oldest
         waiting one is taken with the reserve descriptor and closed at once: the daemon goes on,
         and the listener does not stay readable for nothing."""
-        if self._listener is None:
+        listener = self._listener
+        if listener is None:
             return
         for _ in range(ACCEPT_BURST):
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self._shed(exc)
+                    self._shed(listener, exc)
                 else:  # ECONNABORTED and the like: that connection only
                     log.info("accept: %s", exc)
                 continue
             self._admit(conn)
 
-    def _shed(self, exc: OSError) -> None:
+    def _shed(self, listener: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: the reserve one given up to take the waiting connection and close
+        it (its peer sees its socket closed), then taken back."""
         if self._reserve >= 0:
             os.close(self._reserve)
             self._reserve = -1
         with contextlib.suppress(OSError):
-            conn, _ = self._listener.accept() if self._listener is not None else (None, None)
-            if conn is not None:
-                conn.close()
+            listener.accept()[0].close()
         with contextlib.suppress(OSError):
             self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         now = time.monotonic()
