@@ -8,6 +8,7 @@ right and no cycle of its waits past a bound."""
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -335,14 +336,21 @@ def other_user_reads(path: str) -> dict:
         return {"connect": exc.reason}
 
 
+@pytest.fixture
+def open_dir():
+    """A folder every user can reach (pytest's tmp_path is root's alone), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="nvmevfio-hostile-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="forks clients as other uids")
-def test_limits_belong_to_the_grant(serve_hostile):
+def test_limits_belong_to_the_grant(serve_hostile, open_dir):
     """One uid's sessions share its grant's DMA memory and queue depth, and no more than its
     session cap: four sessions of one uid (there were 12 MiB on a 4 MiB grant, and every client
     slot) leave another granted user a slot."""
     other = 1007
-    d = Path(tempfile.mkdtemp(prefix="nvmevfio-hostile-", dir="/tmp"))
-    os.chmod(d, 0o755)  # the other user reaches the socket
     extra = f"""
 [[grant]]
 uid = {other}
@@ -351,7 +359,7 @@ first_lba = 4000
 blocks = 100
 access = "ro"
 """
-    _rig, service, path = serve_hostile(grants(dma="4M", queue_depth=16, extra=extra), clients=4, directory=d)
+    _rig, service, path = serve_hostile(grants(dma="4M", queue_depth=16, extra=extra), clients=4, directory=open_dir)
     mine, labels = [], []
     for _ in range(4):
         try:
