@@ -41,7 +41,7 @@ from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import prp, regs, spec
 from nvmevfio.nvme.controller import Controller, Registers, State
 from nvmevfio.nvme.queue import CID_TAKE, COMPLETION, PRP_SLOT, PerfLoop, QueuePair, StopFlag
-from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, Feature, IoOpcode
+from nvmevfio.nvme.spec import CQE, SQE, SQE_STRUCT, AdminOpcode, Cns, IoOpcode
 
 log = logging.getLogger("nvmevfio")
 
@@ -265,7 +265,6 @@ class Broker:
         self._resetter: int | None = None
         self._resetting = False  # a reset is running: other threads park (the pause only kicks them out of C)
         self._cc = 0
-        self._irq_queues = False
         self.changed_namespaces: set[int] = set()
         self._hot: dict[int, Namespace] = {}  # namespaces ready for I/O: the synchronous hot path's lookup
         # No-IOMMU lane (ledger.bounce): READ ranges posted, by queue and tag, until reaped; the
@@ -419,8 +418,8 @@ class Broker:
         """Delete I/O queues, then CC.SHN normal shutdown and wait CSTS.SHST complete."""
         self._require_ready()
         for qp in reversed(self.io):
-            self._admin_sync(self._sqe(AdminOpcode.DELETE_IO_SQ, cdw10=qp.qid), "Delete I/O SQ")
-            self._admin_sync(self._sqe(AdminOpcode.DELETE_IO_CQ, cdw10=qp.qid), "Delete I/O CQ")
+            self._admin_sync(self._command_sqe(spec.delete_io_sq(qp.qid)), "Delete I/O SQ")
+            self._admin_sync(self._command_sqe(spec.delete_io_cq(qp.qid)), "Delete I/O CQ")
         rtd3e = (self.id_ctrl or {}).get("rtd3e", 0)
         self.ctrl.shutdown(rtd3e)
         self._drop_queues()
@@ -457,6 +456,12 @@ class Broker:
         for k, v in fields.items():
             e[k] = v
         return e
+
+    @classmethod
+    def _command_sqe(cls, cmd: spec.Command, **pointers: int) -> np.ndarray:
+        """The SQE of a built command (:mod:`nvmevfio.nvme.spec`'s builders), with the data or
+        queue pointers (``prp1``, ``prp2``) the broker authored."""
+        return cls._sqe(cmd.opc, nsid=cmd.nsid, **cmd.cdws, **pointers)
 
     def _author_one(self, qp: BrokerQueue, e: np.ndarray, buf: DmaBuffer, length: int) -> np.ndarray | None:
         """Author PRP1/PRP2 for ``length`` bytes of ``buf``. When PRP-list pages are needed, a
@@ -708,7 +713,7 @@ class Broker:
             oldest = int(busy[np.argmin(qp.ring.submit_ns[busy])])
             self.aborts += 1
             try:
-                dw0 = self._admin_sync(self._sqe(AdminOpcode.ABORT, cdw10=qp.qid | (oldest << 16)), "Abort",
+                dw0 = self._admin_sync(self._command_sqe(spec.abort(qp.qid, oldest)), "Abort",
                                        timeout_s=min(self.command_timeout_s, ABORT_TIMEOUT_S))
                 honoured = not dw0 & 1  # DW0 bit 0: 1 = the command was not aborted
             except (CommandTimeout, CommandError):
@@ -921,9 +926,8 @@ class Broker:
 
     def identify_controller(self) -> dict[str, Any]:
         self._require_ready()
-        raw = self._admin_read(self._sqe(AdminOpcode.IDENTIFY, cdw10=Cns.CONTROLLER), "Identify Controller", 4096)
+        raw = self._admin_read(self._command_sqe(spec.identify(Cns.CONTROLLER)), "Identify Controller", 4096)
         self.id_ctrl = spec.parse_identify_controller(raw)
-        self.id_ctrl_raw = raw
         mdts = self.id_ctrl["mdts"]
         mpsmin = 1 << (12 + regs.get(self.ctrl.cap, regs.CAP_.MPSMIN))
         self.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
@@ -940,7 +944,7 @@ class Broker:
             return
         aec = spec.AEC_SMART_WARNINGS | (int(ident["oaes"]) & spec.AEC_NOTICES_FROM_OAES)
         try:
-            self._exec(qp, self._sqe(AdminOpcode.SET_FEATURES, cdw10=Feature.ASYNC_EVENT_CONFIGURATION, cdw11=aec),
+            self._exec(qp, self._command_sqe(spec.set_async_event_configuration(aec)),
                        "Set Features (Asynchronous Event Configuration)")
             self.aec = aec
         except CommandError as exc:  # events still come, as the controller's defaults allow
@@ -959,7 +963,7 @@ class Broker:
         with self._using(qp):
             posted = 0
             while qp.ring.standing + qp.ring.nevents < want and qp.capacity > 1:  # one id kept for commands
-                qp.ring.post_standing(self._sqe(AdminOpcode.ASYNC_EVENT_REQUEST))
+                qp.ring.post_standing(self._command_sqe(spec.async_event_request()))
                 posted += 1
             if posted:
                 qp.ring.ring_sq()
@@ -972,7 +976,7 @@ class Broker:
             self._event_buf = self.ledger.alloc(4096, owner="broker:events")
         buf = self._event_buf
         buf.array[:length] = 0
-        e = self._sqe(AdminOpcode.GET_LOG_PAGE, nsid=0xFFFFFFFF, cdw10=lid | ((length // 4 - 1) << 16))
+        e = self._command_sqe(spec.get_log_page(lid, length))  # RAE=0, all namespaces
         self._admin_sync(e, f"Get Log Page {lid:#04x} (asynchronous event)", buf, length)
         return bytes(buf.array[:length])
 
@@ -1088,7 +1092,7 @@ class Broker:
 
     def active_namespaces(self) -> list[int]:
         self._require_ready()
-        raw = self._admin_read(self._sqe(AdminOpcode.IDENTIFY, nsid=0, cdw10=Cns.ACTIVE_NAMESPACE_LIST),
+        raw = self._admin_read(self._command_sqe(spec.identify(Cns.ACTIVE_NAMESPACE_LIST)),
                                "Identify Active Namespace List", 4096)
         return spec.parse_active_namespaces(raw)
 
@@ -1096,7 +1100,7 @@ class Broker:
         self._require_ready()
         if not 1 <= nsid <= 0xFFFFFFFE:
             raise Refused("namespace-inactive", f"namespace id {nsid} is not valid", nsid=nsid)
-        raw = self._admin_read(self._sqe(AdminOpcode.IDENTIFY, nsid=nsid, cdw10=Cns.NAMESPACE),
+        raw = self._admin_read(self._command_sqe(spec.identify(Cns.NAMESPACE, nsid=nsid)),
                                "Identify Namespace", 4096)
         ident = spec.parse_identify_namespace(raw)
         if ident["nsze"] == 0:
@@ -1115,9 +1119,7 @@ class Broker:
         if length <= 0 or length % 4 or length > 1 << 20:
             raise Refused("length-mismatch", f"log page length {length} must be a positive multiple of 4 up to 1 MiB",
                           length=length)
-        numd = length // 4 - 1  # 0's based dword count
-        e = self._sqe(AdminOpcode.GET_LOG_PAGE, nsid=nsid, cdw10=lid | ((numd & 0xFFFF) << 16),
-                      cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32)
+        e = self._command_sqe(spec.get_log_page(lid, length, nsid=nsid, offset=offset))
         return self._admin_read(e, f"Get Log Page {lid:#04x}", length)
 
     def passthru(self, qid: int, opcode: int, *, nsid: int = 0, cdws: dict[str, int] | None = None,
@@ -1177,14 +1179,18 @@ class Broker:
 
     # ------------------------------------------------------------ the everyday admin and NVM commands
     # Each is a named passthrough: the broker's buffer and DPTR, its refusals, the device's status.
+    def _passthru_command(self, qid: int, cmd: spec.Command, name: str, **kw: Any) -> tuple[int, bytes | None]:
+        """:meth:`passthru` of a built command (its opcode, NSID and CDW10..15)."""
+        return self.passthru(qid, cmd.opc, nsid=cmd.nsid, cdws=cmd.cdws, name=name, **kw)
+
     def set_features(self, fid: int, value: int = 0, *, cdw12: int = 0, save: bool = False, nsid: int = 0,
                      data: Any = None) -> int:
         """Set Features (admin 09h): ``value`` is CDW11, ``save`` sets CDW10.SV; returns DW0."""
         fid = _whole(fid, "the feature id")
         if not 0 < fid <= 0xFF:
             raise Refused("invalid-feature", f"feature id {fid:#x} out of range", fid=fid)
-        return self.passthru(0, AdminOpcode.SET_FEATURES, nsid=nsid, data=data, name=f"Set Features {fid:#04x}",
-                             cdws={"cdw10": fid | (int(bool(save)) << 31), "cdw11": value, "cdw12": cdw12})[0]
+        return self._passthru_command(0, spec.set_features(fid, value, save=save, cdw12=cdw12, nsid=nsid),
+                                      f"Set Features {fid:#04x}", data=data)[0]
 
     def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: int = 0, mset: int = 0,
                    timeout_s: float | None = None) -> dict[int, Namespace]:
@@ -1196,10 +1202,10 @@ class Broker:
         for qp in self.io:
             if qp.in_flight:
                 self._refuse_busy(qp)
-        cdw10 = (lbaf & 0xF) | (mset << 4) | (pi << 5) | (pil << 8) | (ses << 9) | ((lbaf >> 4) << 12)
+        cmd = spec.format_nvm(nsid, lbaf, mset=mset, pi=pi, pil=pil, ses=ses)
         try:
-            self.passthru(0, AdminOpcode.FORMAT_NVM, nsid=nsid, cdws={"cdw10": cdw10}, name="Format NVM",
-                          timeout_s=timeout_s or max(self.command_timeout_s, FORMAT_TIMEOUT_S))
+            self._passthru_command(0, cmd, "Format NVM",
+                                   timeout_s=timeout_s or max(self.command_timeout_s, FORMAT_TIMEOUT_S))
         finally:
             self._reidentify()
             self._update_hot()
@@ -1229,16 +1235,16 @@ class Broker:
             raise Refused("length-mismatch", f"{len(payload)} bytes: whole {ns.block_size}-byte blocks",
                           length=len(payload))
         slba, count = self.check_window(ns, slba, len(payload) // ns.block_size)
-        self.passthru(qid, IoOpcode.COMPARE, nsid=nsid, data=payload, name="Compare",
-                      cdws={"cdw10": slba & 0xFFFFFFFF, "cdw11": slba >> 32, "cdw12": count - 1})
+        if count > MAX_NLB:
+            raise Refused("count-out-of-range", f"{count} blocks: Compare takes at most {MAX_NLB}", count=count)
+        self._passthru_command(qid, spec.compare(nsid, slba, count), "Compare", data=payload)
 
     def verify(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Verify (NVM 0Ch): the device reads and checks the blocks, transferring nothing."""
         slba, count = self.check_window(self.namespace(nsid), slba, count)
         if count > MAX_NLB:
             raise Refused("count-out-of-range", f"{count} blocks: Verify takes at most {MAX_NLB}", count=count)
-        self.passthru(qid, IoOpcode.VERIFY, nsid=nsid, name="Verify",
-                      cdws={"cdw10": slba & 0xFFFFFFFF, "cdw11": slba >> 32, "cdw12": count - 1})
+        self._passthru_command(qid, spec.verify(nsid, slba, count), "Verify")
 
     def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
         """Namespace Management, create (admin 0Dh, SEL 0); returns the new namespace id."""
@@ -1246,12 +1252,10 @@ class Broker:
         host[0:8] = np.frombuffer(int(nsze).to_bytes(8, "little"), np.uint8)
         host[8:16] = np.frombuffer(int(ncap).to_bytes(8, "little"), np.uint8)
         host[26], host[29], host[30] = flbas, dps, nmic
-        return self.passthru(0, AdminOpcode.NAMESPACE_MANAGEMENT, data=host, cdws={"cdw10": 0},
-                             name="Namespace Management (create)")[0]
+        return self._passthru_command(0, spec.namespace_create(), "Namespace Management (create)", data=host)[0]
 
     def delete_namespace(self, nsid: int) -> None:
-        self.passthru(0, AdminOpcode.NAMESPACE_MANAGEMENT, nsid=nsid, cdws={"cdw10": 1},
-                      name="Namespace Management (delete)")
+        self._passthru_command(0, spec.namespace_delete(nsid), "Namespace Management (delete)")
         self.refresh_namespaces()
 
     def attach_namespace(self, nsid: int, controllers: list[int], *, detach: bool = False) -> None:
@@ -1261,8 +1265,8 @@ class Broker:
             raise Refused("invalid-argument", f"controller list {ids}: 1..2047 ids of 16 bits")
         lst = np.zeros(4096 // 2, dtype="<u2")
         lst[0], lst[1 : 1 + len(ids)] = len(ids), ids
-        self.passthru(0, AdminOpcode.NAMESPACE_ATTACHMENT, nsid=nsid, data=lst.view(np.uint8),
-                      cdws={"cdw10": int(detach)}, name=f"Namespace Attachment ({'detach' if detach else 'attach'})")
+        self._passthru_command(0, spec.namespace_attachment(nsid, detach=detach),
+                               f"Namespace Attachment ({'detach' if detach else 'attach'})", data=lst.view(np.uint8))
         self.refresh_namespaces()
 
     def sanitize(self, sanact: int, *, ause: bool = False, owpass: int = 0, oipbp: bool = False,
@@ -1270,8 +1274,8 @@ class Broker:
         """Sanitize (admin 84h): SANACT 1 exit failure, 2 block erase, 3 overwrite, 4 crypto erase."""
         if sanact not in (1, 2, 3, 4) or not 0 <= owpass <= 15:
             raise Refused("invalid-argument", f"sanact {sanact} (1..4) / owpass {owpass} (0..15) out of range")
-        cdw10 = sanact | (int(ause) << 3) | (owpass << 4) | (int(oipbp) << 8) | (int(no_dealloc) << 9)
-        self.passthru(0, AdminOpcode.SANITIZE, cdws={"cdw10": cdw10, "cdw11": ovrpat}, name="Sanitize")
+        self._passthru_command(0, spec.sanitize(sanact, ause=ause, owpass=owpass, oipbp=oipbp, no_dealloc=no_dealloc,
+                                                ovrpat=ovrpat), "Sanitize")
 
     def firmware_download(self, image: Any, *, offset: int = 0, xfer: int = 4096) -> int:
         """Firmware Image Download (admin 11h) in ``xfer``-byte pieces from byte ``offset``; returns
@@ -1282,8 +1286,8 @@ class Broker:
         pieces = 0
         for start in range(0, len(data), xfer):
             piece = data[start : start + xfer]
-            self.passthru(0, AdminOpcode.FIRMWARE_IMAGE_DOWNLOAD, data=piece, name="Firmware Image Download",
-                          cdws={"cdw10": len(piece) // 4 - 1, "cdw11": (offset + start) // 4})
+            self._passthru_command(0, spec.firmware_image_download(len(piece), offset + start),
+                                   "Firmware Image Download", data=piece)
             pieces += 1
         return pieces
 
@@ -1291,14 +1295,13 @@ class Broker:
         """Firmware Commit (admin 10h); returns DW0."""
         if not 0 <= slot <= 7 or not 0 <= action <= 7 or bpid not in (0, 1):
             raise Refused("invalid-argument", f"slot {slot} (0..7) / action {action} (0..7) / bpid {bpid} (0..1)")
-        return self.passthru(0, AdminOpcode.FIRMWARE_COMMIT, cdws={"cdw10": slot | (action << 3) | (bpid << 31)},
-                             name="Firmware Commit")[0]
+        return self._passthru_command(0, spec.firmware_commit(slot, action, bpid=bpid), "Firmware Commit")[0]
 
     def device_self_test(self, stc: int, *, nsid: int = 0xFFFFFFFF) -> None:
         """Device Self-test (admin 14h): STC 1 short, 2 extended, 0Eh vendor, 0Fh abort."""
         if stc not in (1, 2, 0xE, 0xF):
             raise Refused("invalid-argument", f"self-test code {stc:#x}: 1, 2, 0xe or 0xf")
-        self.passthru(0, AdminOpcode.DEVICE_SELF_TEST, nsid=nsid, cdws={"cdw10": stc}, name="Device Self-test")
+        self._passthru_command(0, spec.device_self_test(stc, nsid=nsid), "Device Self-test")
 
     def _broker_owned(self, qid: int, opcode: int, cdw10: int, nsid: int) -> str:
         """Why a passthrough command is the broker's ('' when it is not)."""
@@ -1318,8 +1321,8 @@ class Broker:
         self._require_ready()
         if not 0 < fid <= 0xFF or sel not in (0, 1, 2, 3):
             raise Refused("invalid-feature", f"feature id {fid:#x} / select {sel} out of range", fid=fid, sel=sel)
-        return self._admin_sync(self._sqe(AdminOpcode.GET_FEATURES, nsid=nsid, cdw10=fid | (sel << 8),
-                                          cdw11=cdw11), f"Get Features {fid:#04x}")
+        return self._admin_sync(self._command_sqe(spec.get_features(fid, sel=sel, cdw11=cdw11, nsid=nsid)),
+                                f"Get Features {fid:#04x}")
 
     def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False,
                          shadow_doorbells: bool = True) -> int:
@@ -1363,9 +1366,9 @@ class Broker:
         return depth
 
     def _set_number_of_queues(self, count: int) -> None:
-        got = self._admin_sync(self._sqe(AdminOpcode.SET_FEATURES, cdw10=spec.Feature.NUMBER_OF_QUEUES,
-                                         cdw11=(count - 1) | ((count - 1) << 16)), "Set Features Number of Queues")
-        allowed = min((got & 0xFFFF) + 1, (got >> 16) + 1)
+        got = self._admin_sync(self._command_sqe(spec.set_number_of_queues(count, count)),
+                               "Set Features Number of Queues")
+        allowed = min(spec.split_number_of_queues(got))
         if allowed < count:
             raise Refused("count-out-of-range", f"controller allows {allowed} I/O queue pairs, {count} asked",
                           allowed=allowed)
@@ -1373,15 +1376,14 @@ class Broker:
     def _create_queue_on_device(self, qp: BrokerQueue) -> None:
         """CREATE I/O CQ, then CREATE I/O SQ, over the queue pair's broker-owned memory."""
         qid, depth = qp.qid, qp.ring.depth
-        cdw11 = 1 | ((1 << 1) | (qp.vector << 16) if qp.vector is not None else 0)  # PC=1, IEN, IV
-        self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_CQ, prp1=self.ledger.iova(qp.buffers[1]),
-                                   cdw10=qid | ((depth - 1) << 16), cdw11=cdw11), "Create I/O CQ")
-        self._admin_sync(self._sqe(AdminOpcode.CREATE_IO_SQ, prp1=self.ledger.iova(qp.buffers[0]),
-                                   cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16)), "Create I/O SQ")
+        cq = spec.create_io_cq(qid, depth, contiguous=True, interrupts=qp.vector is not None, vector=qp.vector or 0)
+        self._admin_sync(self._command_sqe(cq, prp1=self.ledger.iova(qp.buffers[1])), "Create I/O CQ")
+        sq = spec.create_io_sq(qid, depth, qid, contiguous=True)
+        self._admin_sync(self._command_sqe(sq, prp1=self.ledger.iova(qp.buffers[0])), "Create I/O SQ")
 
     def _doorbell_buffer_config(self, shadow: DmaBuffer, eventidx: DmaBuffer) -> None:
-        self._admin_sync(self._sqe(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=self.ledger.iova(shadow),
-                                   prp2=self.ledger.iova(eventidx)), "Doorbell Buffer Config")
+        self._admin_sync(self._command_sqe(spec.doorbell_buffer_config(), prp1=self.ledger.iova(shadow),
+                                           prp2=self.ledger.iova(eventidx)), "Doorbell Buffer Config")
 
     def _configure_doorbell_buffer(self) -> None:
         """Doorbell Buffer Config (admin 7Ch, 5.8): a shadow doorbell page (PRP1) and an EventIdx page
@@ -1710,7 +1712,7 @@ class Broker:
                     _, prp2 = qp.author_prps(cid, iova, length)
                 # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
                 SQE_STRUCT.pack_into(packed, i * 64, opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2,
-                                     slba & 0xFFFFFFFF, slba >> 32, count - 1, 0, 0, 0)
+                                     *spec.rw_dwords(slba, count), 0, 0, 0)
             self._for_device(qp, np.frombuffer(packed, dtype=SQE, count=n))
             first = qp.ring.post(packed, n, buf.slot, buf.generation)
         except BaseException:
@@ -1818,9 +1820,7 @@ class Broker:
         entries["opc"] = opcode
         entries["cid"] = cids
         entries["nsid"] = nsid
-        entries["cdw10"] = slbas & 0xFFFFFFFF
-        entries["cdw11"] = slbas >> 32
-        entries["cdw12"] = counts - 1
+        entries["cdw10"], entries["cdw11"], entries["cdw12"] = spec.rw_dword_arrays(slbas, counts)
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
         listed = np.flatnonzero(pages > 2)
@@ -2105,7 +2105,7 @@ class Broker:
     def flush(self, nsid: int, qid: int = 1) -> None:
         qp = self._queue(qid)
         self.namespace(nsid)
-        self._exec(qp, self._sqe(IoOpcode.FLUSH, nsid=nsid), "Flush", nsid=nsid)
+        self._exec(qp, self._command_sqe(spec.flush(nsid)), "Flush", nsid=nsid)
 
     def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int,
                        what: str) -> tuple[BrokerQueue, int, int]:
@@ -2122,11 +2122,10 @@ class Broker:
         """Write Zeroes; ``deallocate`` sets CDW12.DEAC (bit 25, NVM Command Set 3.2.8): the
         controller may deallocate the blocks, and they still read as zeros."""
         qp, slba, count = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
-        deac = (1 << 25) if deallocate else 0
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
-            self._exec(qp, self._sqe(IoOpcode.WRITE_ZEROES, nsid=nsid, cdw10=start & 0xFFFFFFFF, cdw11=start >> 32,
-                                     cdw12=deac | (k - 1)), "Write Zeroes", nsid=nsid, slba=start, count=k)
+            self._exec(qp, self._command_sqe(spec.write_zeroes(nsid, start, k, deac=deallocate)), "Write Zeroes",
+                       nsid=nsid, slba=start, count=k)
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Dataset Management with the Deallocate attribute (ranges of up to 2^32-1 blocks)."""
@@ -2142,7 +2141,7 @@ class Broker:
         arr = buf.array
         arr[:] = 0
         arr[: rng.nbytes] = rng.view(np.uint8)
-        self._exec(qp, self._sqe(IoOpcode.DATASET_MANAGEMENT, nsid=nsid, cdw10=len(rng) - 1, cdw11=1 << 2),
+        self._exec(qp, self._command_sqe(spec.dataset_management(nsid, len(rng), deallocate=True)),
                    "Dataset Management (Deallocate)", buf, rng.nbytes, nsid=nsid, slba=slba, count=count)
 
     def close(self) -> None:
