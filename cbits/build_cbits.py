@@ -32,6 +32,7 @@ ffibuilder.set_source(
     sources=[str((HERE / name).relative_to(ROOT)) for name in ("shim.c", "iommufd.c", "qpair.c", "service.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     define_macros=[("NVMEVFIO_VERSION", '"' + _version() + '"')],
+    libraries=["uring"],  # liburing (Debian: liburing-dev to build, liburing2 to run): the ublk server
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

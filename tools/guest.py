@@ -54,6 +54,9 @@ MOD_9P = ["virtio_pci", "9pnet_virtio", "9p"]
 MOD_VFIO = ["vfio-pci", "vfio_iommu_type1"]
 MOD_NVME = ["nvme"]
 MOD_EXTRA = ["ext4", "crc32c_generic", "nbd"]  # ext4 loads crc32c by name (a soft dependency)
+# Loaded when the kernel has them as modules: ublk_drv (nvmevfio ublk) is built into the custom
+# kernel and missing from Debian's 6.1, where `nvmevfio ublk` must say so.
+MOD_OPTIONAL = ["ublk_drv"]
 NVME_CLASS = "0x010802"
 
 
@@ -205,6 +208,13 @@ def module_closure(moddir: Path, names: list[str]) -> list[str]:
     return order
 
 
+def extra_modules(moddir: Path) -> list[str]:
+    """MOD_EXTRA, and those of MOD_OPTIONAL this kernel has as modules."""
+    dep = (moddir / "modules.dep").read_text()
+    have = {Path(line.partition(":")[0]).name.split(".ko")[0].replace("-", "_") for line in dep.splitlines()}
+    return MOD_EXTRA + [m for m in MOD_OPTIONAL if m.replace("-", "_") in have]
+
+
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -226,7 +236,7 @@ def build_initramfs(kernel: str = "debian") -> Path:
     if not Path(busybox).exists():
         raise GuestError("busybox is missing: apt-get install busybox-static (tools/setup-host.sh)")
     nine = module_closure(moddir, MOD_9P)
-    rest = module_closure(moddir, MOD_VFIO + MOD_NVME + MOD_EXTRA)
+    rest = module_closure(moddir, MOD_VFIO + MOD_NVME + extra_modules(moddir))
     key = hashlib.sha256("\n".join([INIT, version, *nine, *rest, Path(busybox).read_bytes().hex()[:64]]).encode())
     out = CACHE / f"initramfs-{version}-{key.hexdigest()[:12]}.cpio.gz"
     if out.exists():
@@ -257,7 +267,7 @@ def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], address
                   env: dict[str, str], nvme_params: str = "") -> str:
     vfio = module_closure(moddir, MOD_VFIO)
     nvme = module_closure(moddir, MOD_NVME)
-    extra = module_closure(moddir, MOD_EXTRA)
+    extra = module_closure(moddir, extra_modules(moddir))
     q = shlex.quote
     lines = [
         "mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /newroot"

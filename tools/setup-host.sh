@@ -22,7 +22,7 @@ fi
 
 apt_pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs nvme-cli pciutils udev fio
           nbdkit nbdkit-plugin-python nbd-client
-          python3-venv python3-dev gcc libc6-dev
+          python3-venv python3-dev gcc libc6-dev liburing-dev liburing2
           linux-source-6.12 make flex bison bc libelf-dev)  # the custom guest kernel (iommufd lane)
 missing=()
 for p in "${apt_pkgs[@]}"; do
