@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import Rig
 
 import nvmevfio
 from nvmevfio import perf
@@ -19,6 +18,7 @@ from nvmevfio.service.client import ServiceGone
 from nvmevfio.service.daemon import Service
 from nvmevfio.service.grants import parse_grants
 from nvmevfio.sim.controller import SimNamespace
+from nvmevfio.sim.rig import Rig
 
 UID = os.getuid()
 

@@ -8,7 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import Rig
 
 import nvmevfio
 from nvmevfio.nvme import prp
@@ -18,6 +17,7 @@ from nvmevfio.service import validator
 from nvmevfio.service.daemon import Service
 from nvmevfio.service.grants import parse_grants
 from nvmevfio.sim.controller import SimNamespace
+from nvmevfio.sim.rig import Rig
 
 FIRST, BLOCKS = 1000, 2000
 GRANTS = f"""
