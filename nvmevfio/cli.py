@@ -1310,7 +1310,7 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     from nvmevfio import nbd as nbdmod
 
     address = _address(address)
-    pidfile = pidfile or nbdmod.default_pidfile(address, nsid)
+    pidfile = pidfile or nbdmod.default_pidfile(address, nsid, socket_path)
     if stop:
         with errors():
             pid = nbdmod.stop(pidfile)
@@ -1328,7 +1328,8 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
               EXIT_SETUP)
     with controller(address) as s, errors():
         block_size = s.identify_namespace(nsid).block_size
-    nbdmod.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with errors():  # only the folders of the paths in use; one line where /run is not writable
+        nbdmod.prepare_run_dirs(socket_path, pidfile)
     if socket_path is not None:
         with errors():
             nbdmod.clear_stale_socket(socket_path)
