@@ -93,7 +93,7 @@ def vm_run(request, tmp_path_factory):
     env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED",) if k in os.environ}
     res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
                         f"--rootdir={ROOT}", *suite_paths(lane), f"--junitxml={junit}", *extra],
-                       controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(io_dir), timeout=1500, echo=False,
+                       controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(io_dir), timeout=2400, echo=False,
                        **guestlib.lane_options(lane, env))
     print(res.output)
     return res, junit, lane
