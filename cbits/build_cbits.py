@@ -29,7 +29,8 @@ ffibuilder.cdef((HERE / "shim.h").read_text() + '\nextern "Python" void nv_py_do
 ffibuilder.set_source(
     "nvmevfio._cbits",
     "#include <stdint.h>\n#include <stddef.h>\n#include \"shim.h\"\n",
-    sources=[str((HERE / name).relative_to(ROOT)) for name in ("shim.c", "iommufd.c", "qpair.c", "service.c")],
+    sources=[str((HERE / name).relative_to(ROOT))
+             for name in ("shim.c", "iommufd.c", "qpair.c", "service.c", "ublk.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     define_macros=[("NVMEVFIO_VERSION", '"' + _version() + '"')],
     libraries=["uring"],  # liburing (Debian: liburing-dev to build, liburing2 to run): the ublk server

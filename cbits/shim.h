@@ -519,3 +519,119 @@ int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct 
                        uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
                        uint64_t slot_size,
                        int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain);
+
+/* ==== ublk: a namespace as /dev/ublkbN (cbits/ublk.c; nvmevfio/ublk.py) ====
+ * Linux's userspace block driver over io_uring. Python adds, configures, starts, stops and
+ * deletes the device (one control command per function) and runs one thread per queue; C
+ * serves every block request of a queue: one NVMe command on that thread's queue pair, its
+ * PRPs copied from the broker's table for the tag's slot of a registered buffer. */
+
+struct nv_ublk_info {      /* ublksrv_ctrl_dev_info (linux/ublk_cmd.h), 64 bytes */
+    uint16_t nr_hw_queues;
+    uint16_t queue_depth;
+    uint16_t state;        /* UBLK_S_DEV_DEAD 0, UBLK_S_DEV_LIVE 1, UBLK_S_DEV_QUIESCED 2 */
+    uint16_t pad0;
+    uint32_t max_io_buf_bytes;
+    uint32_t dev_id;       /* 0xFFFFFFFF in ADD_DEV: the kernel picks */
+    int32_t ublksrv_pid;
+    uint32_t pad1;
+    uint64_t flags;        /* UBLK_F_* */
+    uint64_t ublksrv_flags;/* the server's own, kept by the kernel: nvmevfio puts the PCI function and namespace here */
+    uint32_t owner_uid;
+    uint32_t owner_gid;
+    uint64_t reserved1;
+    uint64_t reserved2;
+};
+
+struct nv_ublk_params {    /* ublk_param_basic and ublk_param_discard's fields nvmevfio sets (from Identify) */
+    uint32_t attrs;        /* UBLK_ATTR_READ_ONLY 1, UBLK_ATTR_ROTATIONAL 2, UBLK_ATTR_VOLATILE_CACHE 4, UBLK_ATTR_FUA 8 */
+    uint8_t logical_bs_shift;
+    uint8_t physical_bs_shift;
+    uint8_t io_opt_shift;
+    uint8_t io_min_shift;
+    uint32_t max_sectors;  /* 512-byte sectors per request: the tag buffer's size (MDTS) */
+    uint64_t dev_sectors;
+    uint32_t discard_granularity;        /* bytes */
+    uint32_t max_discard_sectors;        /* 0: no discard (no Dataset Management) */
+    uint32_t max_write_zeroes_sectors;   /* 0: no Write Zeroes */
+};
+
+struct nv_ublk_error {     /* one failed request, for the server's log */
+    uint64_t slba;
+    uint32_t nlb;
+    uint16_t status;       /* NVMe status field (0: refused before the device) */
+    uint16_t tag;
+    int32_t err;           /* what the kernel got: -errno */
+    uint8_t op;            /* UBLK_IO_OP_* */
+    uint8_t pad[3];
+};
+
+enum { NV_UBLK_ERROR_LOG = 16 };
+
+struct nv_ublk_queue {
+    /* set by Python before nv_ublk_queue_open */
+    uint32_t q_id;
+    uint32_t depth;
+    int char_fd;               /* /dev/ublkcN, opened once for every queue */
+    uint8_t *buffers;          /* the tags' buffers, device-visible memory: tag t's at buffers + t * slot_size */
+    uint64_t slot_size;
+    const struct nv_prp_slot *prps;  /* each tag's PRPs, authored by the broker */
+    int64_t buf_slot;          /* the registered buffer's ledger handle, for the in-flight table */
+    int64_t buf_gen;
+    uint32_t nsid;
+    uint32_t block_shift;      /* log2 of the logical block size */
+    uint32_t page_size;        /* the controller's memory page size (CC.MPS) */
+    uint32_t read_only;
+    uint64_t nblocks;          /* the namespace's size (NSZE) */
+    uint32_t oncs;             /* Identify Controller ONCS: bit 2 Dataset Management, bit 3 Write Zeroes */
+    int64_t timeout_ns;        /* a command in flight this long is late: nv_ublk_queue_run returns -ETIMEDOUT */
+    int32_t stop;              /* set by another thread: nv_ublk_queue_run returns -ECANCELED */
+    /* C's */
+    void *ring;                /* the queue's io_uring */
+    void *iods;                /* the kernel's request descriptors (mmapped, read-only) */
+    uint8_t *tag_state;
+    uint64_t irq_count;        /* the MSI-X eventfd's count, read through io_uring */
+    uint32_t irq_armed;
+    uint32_t ready;            /* every tag's FETCH_REQ was taken: the device may be started */
+    uint32_t gone;             /* tags the kernel ended (UBLK_IO_RES_ABORT) */
+    int32_t last_cqe_error;
+    /* counters */
+    uint64_t requests;
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t flushes;
+    uint64_t discards;
+    uint64_t write_zeroes;         /* Write Zeroes that keep the blocks allocated (UBLK_IO_F_NOUNMAP) */
+    uint64_t write_zeroes_unmap;   /* Write Zeroes with DEAC */
+    uint64_t fua;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t interrupts;
+    uint64_t nvme_batches;     /* SQ tail doorbells */
+    uint64_t sleeps;
+    uint64_t errors;
+    struct nv_ublk_error error_log[16];  /* the last NV_UBLK_ERROR_LOG failures, at errors % 16 */
+};
+
+/* Control commands (URING_CMD on /dev/ublk-control); each returns the kernel's result. */
+int nv_ublk_add_dev(struct nv_ublk_info *info);
+int nv_ublk_set_params(uint32_t dev_id, const struct nv_ublk_params *p);
+int nv_ublk_start_dev(uint32_t dev_id, int32_t pid);
+int nv_ublk_stop_dev(uint32_t dev_id);
+int nv_ublk_del_dev(uint32_t dev_id);
+int nv_ublk_get_dev_info(uint32_t dev_id, struct nv_ublk_info *out);
+int nv_ublk_start_recovery(uint32_t dev_id);
+int nv_ublk_end_recovery(uint32_t dev_id, int32_t pid);
+/* The errno a block request gets for an NVMe status field (EIO unless the status says otherwise). */
+int nv_ublk_errno(uint16_t status);
+/* On the queue's own thread (ublk serves a queue's tags from one task): its io_uring, the mmapped
+ * descriptors, and with fetch=1 a FETCH_REQ for every tag (ready set once the kernel took them). */
+int nv_ublk_queue_open(struct nv_ublk_queue *q, int fetch);
+/* Serve requests until the device is stopped (0: every tag ended, nothing in flight), stop is
+ * set (-ECANCELED), a command is late (-ETIMEDOUT), CSTS or the broker's stop flag end the wait
+ * (-ENODEV, -EIO, -EAGAIN), or a completion is for an id not in flight (-EPROTO). */
+int nv_ublk_queue_run(struct nv_ublk_queue *q, struct nv_qp *qp);
+/* Answer tag's request from its NVMe status (for commands the broker ended itself). */
+int nv_ublk_queue_complete(struct nv_ublk_queue *q, uint32_t tag, uint16_t status);
+/* Close the io_uring (outstanding FETCHes are cancelled) and unmap the descriptors. */
+void nv_ublk_queue_close(struct nv_ublk_queue *q);

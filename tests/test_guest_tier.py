@@ -67,7 +67,7 @@ def _controllers(io_dir):
 # the same way in every lane. NVMEVFIO_VM_ALL_LANES=1 runs everything everywhere.
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
-                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py"]
+                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py"]
 LANES = guestlib.LANES
 SELECTED = [lane for lane in LANES if lane in os.environ.get("NVMEVFIO_VM_LANES", " ".join(LANES)).split()]
 

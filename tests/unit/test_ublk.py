@@ -1,0 +1,90 @@
+"""The ublk server's host-side logic: the errno table C applies per request, the device's owner
+kept in ublksrv_flags, the parameters derived from Identify, and the one-line refusal where
+the kernel has no ublk (the guest tier, tests/vm/test_ublk.py, runs the device itself)."""
+
+import errno
+
+import pytest
+from click.testing import CliRunner
+
+from nvmevfio import cli, nbd, ublk
+from nvmevfio._ffi import lib
+from nvmevfio.cli import main
+
+
+def status(sct: int, sc: int, dnr: bool = False) -> int:
+    """An NVMe status field as C sees it (CQE DW3[31:17]: SC bits 0-7, SCT 8-10, DNR 14)."""
+    return sc | (sct << 8) | (int(dnr) << 14)
+
+
+def test_c_errno_table_matches_the_nbd_exports():
+    for (sct, sc), err in nbd._STATUS_ERRNO.items():
+        assert lib.nv_ublk_errno(status(sct, sc)) == err, (sct, sc)
+        assert lib.nv_ublk_errno(status(sct, sc, dnr=True)) == err, (sct, sc)
+
+
+@pytest.mark.parametrize(("sct", "sc"), [(2, 0x81), (2, 0x80), (0, 0x04), (0, 0x06), (3, 0x00), (7, 0x12)])
+def test_c_errno_is_eio_for_media_and_other_errors(sct, sc):
+    assert lib.nv_ublk_errno(status(sct, sc)) == errno.EIO
+
+
+def test_owner_round_trips_through_ublksrv_flags():
+    flags = ublk.encode_owner("0000:00:04.0", 1)
+    assert flags & ublk.SERVER_FLAGS_MARK
+    assert ublk.decode_owner(flags) == ("0000:00:04.0", 1)
+    assert ublk.decode_owner(ublk.encode_owner("7bcd:ff:1f.7", 0xFFFFFFFF)) == ("7bcd:ff:1f.7", 0xFFFFFFFF)
+    with pytest.raises(ublk.UblkError):
+        ublk.encode_owner("8000:00:04.0", 1)
+    assert ublk.decode_owner(0) is None  # a device another server added
+
+
+def test_params_from_identify_with_a_volatile_cache():
+    g = ublk.Geometry(block_size=512, blocks=1 << 19, io_bytes=128 << 10, volatile_cache=True,
+                      oncs=ublk.ONCS_DSM | ublk.ONCS_WRITE_ZEROES)
+    p = g.params(read_only=False)
+    assert p.attrs == ublk.UBLK_ATTR_VOLATILE_CACHE | ublk.UBLK_ATTR_FUA
+    assert (p.logical_bs_shift, p.physical_bs_shift, p.io_min_shift, p.io_opt_shift) == (9, 9, 9, 17)
+    assert p.max_sectors == 256 and p.dev_sectors == 1 << 19
+    assert p.discard_granularity == 512 and p.max_discard_sectors == 0xFFFFFFFF
+    assert p.max_write_zeroes_sectors == 65536
+
+
+def test_params_4k_blocks_read_only_without_cache():
+    g = ublk.Geometry(block_size=4096, blocks=1000, io_bytes=4096, volatile_cache=False,
+                      oncs=ublk.ONCS_DSM | ublk.ONCS_WRITE_ZEROES)
+    p = g.params(read_only=True)
+    assert p.attrs == ublk.UBLK_ATTR_READ_ONLY
+    assert p.logical_bs_shift == 12 and p.dev_sectors == 8000 and p.max_sectors == 8
+    assert p.max_discard_sectors == p.max_write_zeroes_sectors == 0  # nothing that writes
+    p = g.params(read_only=False)
+    assert p.max_discard_sectors % 8 == 0 and p.max_write_zeroes_sectors == 65536 * 8
+
+
+def test_params_without_dsm_or_write_zeroes():
+    g = ublk.Geometry(block_size=512, blocks=100, io_bytes=4096, volatile_cache=True, oncs=0)
+    p = g.params(read_only=False)
+    assert p.max_discard_sectors == p.max_write_zeroes_sectors == 0
+
+
+@pytest.fixture
+def no_ublk(monkeypatch, tmp_path):
+    monkeypatch.setattr(ublk, "UBLK_CONTROL", tmp_path / "ublk-control")
+    ran = []
+    monkeypatch.setattr(ublk.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    return ran
+
+
+def test_missing_ublk_is_one_typed_error_naming_nbd(no_ublk):
+    with pytest.raises(ublk.UblkError) as e:
+        ublk.require_ublk()
+    assert e.value.reason == "ublk-missing" and "nvmevfio nbd" in str(e.value)
+    assert no_ublk == [["modprobe", "-q", "ublk_drv"]]  # the module was asked for first
+
+
+@pytest.mark.parametrize("args", [["0000:00:04.0"], ["--list"], ["--stop", "0"], ["--recover", "0"]])
+def test_cli_says_ublk_is_missing_in_one_line(no_ublk, monkeypatch, args):
+    monkeypatch.setattr(cli, "_need_root", lambda: None)
+    r = CliRunner().invoke(main, ["ublk", *args])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "ublk is not available" in lines[0] and "nvmevfio nbd" in lines[0], r.output
