@@ -68,6 +68,8 @@ def _controllers(io_dir):
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
                   "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py"]
+# ublk over the no-IOMMU lane's bounce pool has not been run yet (issue 28): it joins that lane once it has
+NOT_YET = {"noiommu": ("test_ublk.py",)}
 LANES = guestlib.LANES
 SELECTED = [lane for lane in LANES if lane in os.environ.get("NVMEVFIO_VM_LANES", " ".join(LANES)).split()]
 
@@ -80,7 +82,7 @@ def suite_paths(lane: str) -> list[str]:
         return [str(vm)]
     # in the default lane's order (pytest's, by file name): a test that hashes a whole namespace
     # for the host to compare must still run after the tests that write to it
-    return [str(vm / name) for name in sorted(LANE_DEPENDENT)]
+    return [str(vm / name) for name in sorted(LANE_DEPENDENT) if name not in NOT_YET.get(lane, ())]
 
 
 @pytest.fixture(scope="module", params=SELECTED)
