@@ -33,7 +33,6 @@ from typing import Any
 
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, NvmeVfioError, QueuePaused, ShimError
-from nvmevfio.nvme import spec
 
 log = logging.getLogger("nvmevfio.ublk")
 
@@ -341,6 +340,8 @@ class _Queue:
 
     def new_errors(self) -> list[str]:
         """Failed requests since the last call, as log lines with the NVMe status name."""
+        from nvmevfio.nvme import spec  # numpy's import kept off --list and --stop
+
         q = self.q
         total = int(q.errors)
         lines = []

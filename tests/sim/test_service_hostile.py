@@ -26,7 +26,7 @@ from nvmevfio.errors import Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.service import validator
 from nvmevfio.service.client import ServiceGone
-from nvmevfio.service.daemon import receive
+from nvmevfio.service.daemon import CONTROL_PER_TURN, receive
 
 CYCLE_BOUND_S = 0.5  # a prober's write-and-read of 8 blocks: ~5 ms here; the defects made it 1-10 s
 
@@ -246,6 +246,50 @@ def test_idle_connections_do_not_crowd_out_the_doorbells(serve_hostile):
     for s in idle:
         s.close()
     assert slowest < CYCLE_BOUND_S
+
+
+def test_a_mass_hang_up_is_taken_a_few_a_turn(serve_hostile):
+    """400 connections closed at once: the daemon takes their hang-ups CONTROL_PER_TURN a turn of
+    its loop, the default lane's sessions served in between (all 400 in one batch stalled the
+    guest's prober 1.8 s), and logs none of them (they never opened a session)."""
+    _rig, service, path = serve_hostile(grants(connections=500))
+    prober = Prober(path, queue_depth=8)
+    idle = []
+    for _ in range(400):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(path)
+        idle.append(s)
+    deadline = time.monotonic() + 10
+    while len(service.sessions) < 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    turns: list[int] = [0]
+    select, hang_up = service._selector.select, service._hang_up
+
+    def counted_select(timeout=None):
+        turns.append(0)
+        return select(timeout)
+
+    def counted_hang_up(session):
+        turns[-1] += 1
+        hang_up(session)
+
+    service._selector.select, service._hang_up = counted_select, counted_hang_up
+    prober.start()
+    time.sleep(0.2)
+    for s in idle:
+        s.close()
+    deadline = time.monotonic() + 10
+    while len(service.sessions) > 1:
+        assert time.monotonic() < deadline, len(service.sessions)
+        time.sleep(0.01)
+    time.sleep(0.2)
+    slowest = prober.finish("400 connections closed at once")
+    del service._selector.select, service._hang_up
+    busy = [n for n in turns if n]
+    print(f"400 hang-ups taken over {len(busy)} turns, at most {max(busy)} a turn")
+    assert sum(busy) == 400 and max(busy) <= CONTROL_PER_TURN and slowest < CYCLE_BOUND_S
+    alive(service, path)
 
 
 # ---------------------------------------------------------------- 4: a peer that does not read
