@@ -618,7 +618,8 @@ int nv_ublk_add_dev(struct nv_ublk_info *info);
 int nv_ublk_set_params(uint32_t dev_id, const struct nv_ublk_params *p);
 int nv_ublk_start_dev(uint32_t dev_id, int32_t pid);
 int nv_ublk_stop_dev(uint32_t dev_id);
-int nv_ublk_del_dev(uint32_t dev_id);
+/* wait=0: DEL_DEV_ASYNC where the kernel has it (the device goes once its last user lets go). */
+int nv_ublk_del_dev(uint32_t dev_id, int wait);
 int nv_ublk_get_dev_info(uint32_t dev_id, struct nv_ublk_info *out);
 int nv_ublk_start_recovery(uint32_t dev_id);
 int nv_ublk_end_recovery(uint32_t dev_id, int32_t pid);

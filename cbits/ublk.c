@@ -102,6 +102,7 @@ _Static_assert(sizeof(struct nv_ublk_info) == 64, "nv_ublk_info is ublksrv_ctrl_
 #define UBLK_U_CMD_SET_PARAMS UBLK_CTRL_IOWR(0x08u)
 #define UBLK_U_CMD_START_USER_RECOVERY UBLK_CTRL_IOWR(0x10u)
 #define UBLK_U_CMD_END_USER_RECOVERY UBLK_CTRL_IOWR(0x11u)
+#define UBLK_U_CMD_DEL_DEV_ASYNC UBLK_IOC(UBLK_IOC_R, 0x14u, sizeof(struct ublksrv_ctrl_cmd))
 #define UBLK_U_IO_FETCH_REQ UBLK_IOC(UBLK_IOC_WR, 0x20u, sizeof(struct ublksrv_io_cmd))
 #define UBLK_U_IO_COMMIT_AND_FETCH_REQ UBLK_IOC(UBLK_IOC_WR, 0x21u, sizeof(struct ublksrv_io_cmd))
 
@@ -216,8 +217,15 @@ int nv_ublk_stop_dev(uint32_t dev_id)
     return ctrl_cmd(UBLK_U_CMD_STOP_DEV, dev_id, NULL, 0, 0);
 }
 
-int nv_ublk_del_dev(uint32_t dev_id)
+int nv_ublk_del_dev(uint32_t dev_id, int wait)
 {
+    /* DEL_DEV waits until nobody holds the device (a mounted filesystem does); DEL_DEV_ASYNC
+     * (Linux 6.9+) removes it now and lets the last user free it. */
+    if (!wait) {
+        int r = ctrl_cmd(UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, NULL, 0, 0);
+        if (r != -EOPNOTSUPP && r != -EINVAL)
+            return r;
+    }
     return ctrl_cmd(UBLK_U_CMD_DEL_DEV, dev_id, NULL, 0, 0);
 }
 

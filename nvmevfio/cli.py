@@ -1395,8 +1395,8 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
     """
     from nvmevfio import ublk as ub
 
-    if sum(map(bool, (background, stop_dev is not None, recover_dev is not None, list_))) > 1:
-        _fail("--background, --stop, --recover and --list exclude each other", EXIT_ERROR)
+    if sum(map(bool, (background or recover_dev is not None, stop_dev is not None, list_))) > 1:
+        _fail("--stop, --list and serving (--background, --recover) exclude each other", EXIT_ERROR)
     if list_ or stop_dev is not None:
         _need_root()
         with errors():

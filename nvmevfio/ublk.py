@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmevfio._ffi import ffi, lib
-from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, NvmeVfioError, QueuePaused, ShimError
+from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, NvmeVfioError, QueuePaused, Refused, ShimError
 
 log = logging.getLogger("nvmevfio.ublk")
 
@@ -82,6 +82,14 @@ def require_ublk() -> None:
         raise UblkError(f"ublk is not available: this kernel has no ublk_drv ({UBLK_CONTROL} is missing, "
                         "CONFIG_BLK_DEV_UBLK); use nvmevfio nbd ADDRESS to use the namespace as a disk instead",
                         reason="ublk-missing")
+
+
+def possible_cpus() -> int:
+    """nr_cpu_ids: the kernel gives a ublk device at most this many queues."""
+    try:
+        return int(Path("/sys/devices/system/cpu/possible").read_text().strip().split(",")[-1].split("-")[-1]) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
 
 
 def _check(r: int, what: str, dev_id: int | None = None) -> int:
@@ -199,6 +207,8 @@ def list_devices() -> list[DeviceInfo]:
 def _wait_gone(dev_id: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if not (UBLK_CHAR_CLASS / f"ublkc{dev_id}").exists():
+            return True  # deleted (a mounted filesystem may still hold its number)
         try:
             device_info(dev_id)
         except UblkError:
@@ -219,7 +229,7 @@ def stop_device(dev_id: int, timeout_s: float = 120.0) -> DeviceInfo:
                             f"{timeout_s:g} s", reason="stop-timeout", dev_id=dev_id)
         return info
     _check(lib.nv_ublk_stop_dev(dev_id), "STOP_DEV", dev_id)
-    _check(lib.nv_ublk_del_dev(dev_id), "DEL_DEV", dev_id)
+    _check(lib.nv_ublk_del_dev(dev_id, 0), "DEL_DEV", dev_id)
     stats_path(dev_id).unlink(missing_ok=True)
     return info
 
@@ -374,6 +384,10 @@ class Server:
         self.depth = depth
         self.read_only = read_only
         self.recoverable = recoverable
+        cpus = possible_cpus()
+        if queues > cpus:
+            raise Refused("count-out-of-range", f"--queues {queues}: ublk serves at most {cpus} queues on this "
+                          "machine (one per possible CPU)", queues=queues, cpus=cpus)
         self.geometry = geometry(dev)
         self.dev_id: int | None = None
         self.char_fd = -1
@@ -402,7 +416,7 @@ class Server:
             _check(lib.nv_ublk_set_params(self.dev_id, self.geometry.params(self.read_only)), "SET_PARAMS",
                    self.dev_id)
         except BaseException:
-            lib.nv_ublk_del_dev(self.dev_id)
+            lib.nv_ublk_del_dev(self.dev_id, 1)
             self.dev_id = None
             raise
         return self.dev_id
@@ -505,7 +519,7 @@ class Server:
         if self.char_fd >= 0:
             lib.nv_close(self.char_fd)
             self.char_fd = -1
-        r = lib.nv_ublk_del_dev(dev_id)
+        r = lib.nv_ublk_del_dev(dev_id, 0)  # a filesystem still mounted on it keeps it until unmounted
         if r < 0:
             log.error("ublk device %d: DEL_DEV: %s", dev_id, os.strerror(-r))
         stats_path(dev_id).unlink(missing_ok=True)

@@ -3,6 +3,7 @@ kept in ublksrv_flags, the parameters derived from Identify, and the one-line re
 the kernel has no ublk (the guest tier, tests/vm/test_ublk.py, runs the device itself)."""
 
 import errno
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -88,3 +89,15 @@ def test_cli_says_ublk_is_missing_in_one_line(no_ublk, monkeypatch, args):
     assert r.exit_code != 0
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "ublk is not available" in lines[0] and "nvmevfio nbd" in lines[0], r.output
+
+
+def test_more_queues_than_ublk_gives_are_refused_before_anything_is_added(monkeypatch):
+    monkeypatch.setattr(ublk, "possible_cpus", lambda: 2)
+    with pytest.raises(ublk.Refused) as e:
+        ublk.Server(None, address="0000:00:04.0", queues=3, depth=8)
+    assert e.value.reason == "count-out-of-range" and "at most 2 queues" in str(e.value)
+
+
+def test_possible_cpus_reads_the_kernels_range():
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    assert ublk.possible_cpus() == int(text.split(",")[-1].split("-")[-1]) + 1 >= 1
