@@ -217,6 +217,15 @@ def _wait_gone(dev_id: int, timeout_s: float) -> bool:
     return False
 
 
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stop_device(dev_id: int, timeout_s: float = 120.0) -> DeviceInfo:
     """Stop ublk device ``dev_id``: its running server gets SIGTERM (it drains and deletes the
     device); a device whose server is gone is stopped and deleted here."""
@@ -224,7 +233,10 @@ def stop_device(dev_id: int, timeout_s: float = 120.0) -> DeviceInfo:
     info = device_info(dev_id)
     if info.server_alive:
         os.kill(info.server_pid, signal.SIGTERM)
-        if not _wait_gone(dev_id, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        # The device goes before the server has shut the controller down: wait for the process
+        # too, so that the controller is free for its next user once --stop returns.
+        if not _wait_gone(dev_id, timeout_s) or not _wait_exit(info.server_pid, deadline - time.monotonic()):
             raise UblkError(f"ublk device {dev_id}: its server (pid {info.server_pid}) did not stop within "
                             f"{timeout_s:g} s", reason="stop-timeout", dev_id=dev_id)
         return info
@@ -428,7 +440,12 @@ class Server:
         if target.max_io_bytes != self.geometry.io_bytes:
             raise UblkError(f"/dev/ublkb{dev_id} was added with {target.max_io_bytes}-byte requests, this "
                             f"controller takes {self.geometry.io_bytes}", reason="not-recovering", dev_id=dev_id)
-        _check(lib.nv_ublk_start_recovery(dev_id), "START_USER_RECOVERY", dev_id)
+        # EBUSY until the dead server's /dev/ublkcN is released, which the kernel does when its
+        # io_uring is freed (asynchronously, after the device is already quiesced)
+        deadline = time.monotonic() + 15
+        while (r := lib.nv_ublk_start_recovery(dev_id)) == -errno.EBUSY and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _check(r, "START_USER_RECOVERY", dev_id)
         self.dev_id = dev_id
 
     def _open_queues(self) -> None:
@@ -477,7 +494,9 @@ class Server:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         path = stats_path(self.dev_id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), **self.counters()}))
+        # the totals, and each queue's own (which queues the kernel spreads requests over)
+        tmp.write_text(json.dumps({"pid": os.getpid(), **self.counters(),
+                                   "per_queue": [q.counters() for q in self._queues]}))
         tmp.rename(path)
 
     def failed_queue(self) -> _Queue | None:
