@@ -101,3 +101,51 @@ def test_more_queues_than_ublk_gives_are_refused_before_anything_is_added(monkey
 def test_possible_cpus_reads_the_kernels_range():
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     assert ublk.possible_cpus() == int(text.split(",")[-1].split("-")[-1]) + 1 >= 1
+
+
+def _info(dev_id: int, pid: int, alive: bool) -> ublk.DeviceInfo:
+    return ublk.DeviceInfo(dev_id=dev_id, state="live", server_pid=pid, server_alive=alive, queues=1, depth=8,
+                           max_io_bytes=4096, recoverable=True, address="0000:00:04.0", nsid=1, block_device=None)
+
+
+def test_stop_returns_only_once_the_server_has_exited(monkeypatch):
+    """The device goes before the server has shut the controller down: --stop waits for both."""
+    monkeypatch.setattr(ublk, "require_ublk", lambda: None)
+    monkeypatch.setattr(ublk, "device_info", lambda dev_id: _info(dev_id, 4242, True))
+    monkeypatch.setattr(ublk.os, "kill", lambda pid, sig: None)
+    monkeypatch.setattr(ublk, "_wait_gone", lambda dev_id, timeout_s: True)
+    polls = iter([True, True, False])
+    monkeypatch.setattr(ublk, "_alive", lambda pid: next(polls))
+    assert ublk.stop_device(3).server_pid == 4242
+    assert next(polls, "done") == "done"  # asked until the process was gone
+    monkeypatch.setattr(ublk, "_alive", lambda pid: True)
+    with pytest.raises(ublk.UblkError) as e:
+        ublk.stop_device(3, timeout_s=0.2)
+    assert e.value.reason == "stop-timeout" and "did not stop within 0.2 s" in str(e.value)
+
+
+class _FakeLib:
+    def __init__(self, answers: list[int]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    def nv_ublk_start_recovery(self, dev_id: int) -> int:
+        self.calls += 1
+        return self.answers.pop(0)
+
+
+def test_recover_waits_while_the_dead_servers_device_is_still_held(monkeypatch):
+    """START_USER_RECOVERY is EBUSY until the dead server's /dev/ublkcN is released."""
+    server = ublk.Server.__new__(ublk.Server)
+    server.geometry = ublk.Geometry(block_size=512, blocks=1 << 19, io_bytes=4096, volatile_cache=True, oncs=0)
+    server.dev_id = None
+    fake = _FakeLib([-errno.EBUSY, -errno.EBUSY, 0])
+    monkeypatch.setattr(ublk, "lib", fake)
+    server.adopt(_info(5, 77, False))
+    assert server.dev_id == 5 and fake.calls == 3
+    fake = _FakeLib([-errno.EINVAL])
+    monkeypatch.setattr(ublk, "lib", fake)
+    server.dev_id = None
+    with pytest.raises(ublk.ShimError):
+        server.adopt(_info(5, 77, False))
+    assert server.dev_id is None and fake.calls == 1
