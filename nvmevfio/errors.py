@@ -126,6 +126,19 @@ class ControllerFailed(ControllerError):
     reason = "controller-failed"
 
 
+class IllegalTransition(NvmeVfioError):
+    """A lifecycle transition its table does not allow (a broker bug, not a caller's request):
+    names the state it was in and the state asked for."""
+
+    reason = "illegal-transition"
+
+    def __init__(self, machine: str, from_state: str, to_state: str) -> None:
+        super().__init__(f"{machine}: no transition from {from_state} to {to_state}", machine=machine,
+                         from_state=from_state, to_state=to_state)
+        self.from_state = from_state
+        self.to_state = to_state
+
+
 class CommandError(NvmeVfioError):
     """A completion with non-zero status (NVMe base spec 4.2.3, Status Field)."""
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nvmevfio import broker as brokermod
+from nvmevfio.broker import recovery as recoverymod
 from nvmevfio.errors import CommandError, CommandTimeout, ControllerFailed, DeviceGone, Refused
 from nvmevfio.nvme.spec import AdminOpcode, IoOpcode
 
@@ -82,7 +83,7 @@ def test_batch_every_tag_ends_exactly_once_across_a_reset(rig, p):
 
 
 def test_retry_budget_then_a_named_error(rig, p, monkeypatch):
-    monkeypatch.setattr(brokermod, "RESET_LIMIT", 100)
+    monkeypatch.setattr(recoverymod, "RESET_LIMIT", 100)
     fill(p, 0, 8, 3)
     rig.sim.drop_next = 100  # the device never completes I/O again
     buf = p.alloc_buffer(4096)

@@ -5,7 +5,7 @@ boundaries, and the refusals of a value that does not fit (never truncated). Sec
 import numpy as np
 import pytest
 
-from nvmevfio.broker import Broker
+from nvmevfio.broker.execute import command_sqe
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import spec
 from nvmevfio.nvme.spec import Cns, Command, FieldOutOfRange
@@ -55,8 +55,8 @@ def test_cdws_by_name():
 
 
 def test_command_sqe_places_every_field():
-    e = Broker._command_sqe(Command(0x42, nsid=9, cdw10=1, cdw11=2, cdw12=3, cdw13=4, cdw14=5, cdw15=6),
-                            prp1=0x1000, prp2=0x2000)
+    e = command_sqe(Command(0x42, nsid=9, cdw10=1, cdw11=2, cdw12=3, cdw13=4, cdw14=5, cdw15=6),
+                    prp1=0x1000, prp2=0x2000)
     assert e.dtype == spec.SQE and len(e) == 1
     got = {k: int(e[k][0]) for k in spec.SQE.names}
     assert got == {"opc": 0x42, "flags": 0, "cid": 0, "nsid": 9, "cdw2": 0, "cdw3": 0, "mptr": 0, "prp1": 0x1000,

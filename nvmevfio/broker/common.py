@@ -1,0 +1,176 @@
+"""What every part of the broker shares: its limits, the checks of a caller's numbers, the
+namespace record, and the queue pair with its PRP-list pages. Imports nothing of the broker."""
+
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from nvmevfio.dma import DmaBuffer
+from nvmevfio.errors import Refused
+from nvmevfio.nvme import prp
+from nvmevfio.nvme.queue import QueuePair
+from nvmevfio.nvme.spec import SQE
+
+ADMIN_DEPTH = 32
+FORMAT_TIMEOUT_S = 600.0  # Format NVM and Sanitize may take long on real media
+DEFAULT_IO_DEPTH = 128
+# Per-command transfer cap, also when MDTS=0 ("no limit"). Linux caps at 4 MiB too
+# (NVME_MAX_KB_SZ); QEMU's model fails larger transfers whose pages are not
+# physically contiguous (its scatter list is bounded by IOV_MAX = 1024 pages).
+UNLIMITED_MDTS_CAP = 4 << 20
+DEFAULT_STAGING = 8 << 20
+COMMAND_TIMEOUT_S = 30.0
+MAX_NLB = 1 << 16  # NLB is a 16-bit 0's based field
+DSM_MAX_RANGES = 256
+ONCS_WRITE_ZEROES = 1 << 3
+ONCS_DSM = 1 << 2
+OACS_DBBUF = 1 << 8  # Doorbell Buffer Config supported (Identify Controller OACS bit 8)
+# Up to this many entries a batch is packed entry by entry (cheaper than numpy's per-call cost).
+SCALAR_BATCH = 8
+# Recovery (Linux's nvme driver keeps to the same shape: timeout -> abort -> reset -> requeue).
+MAX_RETRIES = 5  # requeues of one command across resets, and retries of a transient status
+RESET_LIMIT = 3  # controller resets within RESET_WINDOW_S before the controller is declared failed
+RESET_WINDOW_S = 60.0
+ABORT_TIMEOUT_S = 2.0  # how long an Abort (admin 08h) may take before the broker resets instead
+# A command ended by the broker after a reset (no device completion): Command Abort Requested, DNR.
+CANCELLED_STATUS = (1 << 14) | 0x07
+# Generic statuses worth retrying when DNR=0 (NVMe 2.0 Figure 101): Command Abort Requested,
+# Command Interrupted, Transient Transport Error, Namespace Not Ready.
+TRANSIENT = {0x07, 0x21, 0x22, 0x82}
+
+
+
+def int_array(x: Any, what: str) -> np.ndarray:
+    """LBAs, counts or offsets as int64; integral floats (np.ones) are fine, fractions are refused."""
+    a = np.asarray(x)
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64, copy=False).reshape(-1)
+    if a.dtype.kind != "f" or not np.isfinite(a).all() or (a != np.floor(a)).any():
+        raise Refused("invalid-argument", f"{what} must be whole numbers, got {a.tolist()!r:.80}", what=what)
+    return a.astype(np.int64).reshape(-1)
+
+
+def whole(x: Any, what: str) -> int:
+    """One LBA, count or offset: an int or numpy integer (not a bool, not a float); else refused."""
+    if not isinstance(x, (bool, np.bool_)):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise Refused("invalid-argument", f"{what} must be a whole number, got {x!r:.40}", what=what)
+
+
+def ints(x: Any, what: str) -> list[int]:
+    """The same, as Python ints, without numpy for plain lists of ints."""
+    if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+        return list(x)
+    return int_array(x, what).tolist()
+
+
+class IrqWaiter(Protocol):
+    """MSI-X: one eventfd per vector; the C queue pair waits on it with poll(2)."""
+
+    def vectors(self, count: int) -> None: ...
+    def fd(self, vector: int) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Namespace:
+    nsid: int
+    size_blocks: int  # NSZE
+    capacity_blocks: int  # NCAP
+    used_blocks: int  # NUSE
+    block_size: int
+    metadata_size: int
+    lba_format: int
+    identify: dict[str, Any] = field(repr=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.size_blocks * self.block_size
+
+    @property
+    def extended_lba(self) -> bool:
+        """FLBAS bit 4: metadata travels at the end of each block's data (no metadata pointer)."""
+        return bool(int(self.identify.get("flbas", 0)) & 0x10)
+
+
+class BrokerQueue:
+    """An I/O (or admin) queue pair: the C rings and command table (``ring``) plus the broker's
+    PRP-list pages for it, one set per command id."""
+
+    def __init__(self, qid: int, ring: QueuePair, buffers: list[DmaBuffer], prp_base: int, prp_pages_per_cmd: int,
+                 prp_array: np.ndarray | None, page_size: int) -> None:
+        self.qid = qid
+        self.ring = ring
+        self.buffers = buffers
+        self.prp_base = prp_base
+        self.prp_pages = prp_pages_per_cmd
+        self.prp_array = prp_array  # uint64 view of the PRP-list memory
+        self.prp_dev: np.ndarray | None = None  # its pages' device addresses, for a service session's C path
+        self.page_size = page_size
+        self.packed = bytearray(ring.depth * SQE.itemsize)  # small batches are packed here, then posted
+        self.cancelled: list[np.ndarray] = []  # records of commands the broker ended (reap returns them first)
+        self.lock = threading.RLock()  # one thread at a time per queue pair; others are refused queue-busy
+        self.owner: int | None = None  # the thread holding ``lock`` (a controller reset needs to know)
+        self.vector: int | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.ring.in_flight
+
+    @property
+    def capacity(self) -> int:
+        return self.ring.capacity
+
+    def prp_list_iovas(self, cid: int) -> list[int]:
+        base = self.prp_base + cid * self.prp_pages * self.page_size
+        return [base + k * self.page_size for k in range(self.prp_pages)]
+
+    def author_prps(self, cid: int, iova: int, length: int) -> tuple[int, int]:
+        """PRP1 and PRP2 for command ``cid``, writing its PRP-list pages (in this queue's list
+        area) when the transfer needs them."""
+        p = prp.build(iova, length, self.page_size, self.prp_list_iovas(cid))
+        self.write_lists(cid, p.lists)
+        return p.prp1, p.prp2
+
+    def write_lists(self, cid: int, lists: tuple[np.ndarray, ...]) -> None:
+        """Command ``cid``'s PRP-list pages into its part of this queue's list area."""
+        if not lists:
+            return
+        if self.prp_array is None or len(lists) > self.prp_pages:
+            raise Refused("count-out-of-range", f"{len(lists)} PRP-list pages needed; this queue has "
+                          f"{self.prp_pages} per command", pages=len(lists))
+        per = self.page_size // 8
+        base = cid * self.prp_pages * per
+        for k, page in enumerate(lists):
+            self.prp_array[base + k * per : base + k * per + len(page)] = page
+
+
+@dataclass(frozen=True, eq=False)
+class RegisteredBuffer:
+    """A DMA buffer registered with the broker, cut into equal slots whose PRP entries and
+    PRP-list pages were authored once (like io_uring's fixed buffers). A command names a slot;
+    the C path copies the slot's pre-authored PRPs. Holds no address a caller can use: the PRP
+    table (device addresses; physical ones in the no-IOMMU lane) is the broker's, private here."""
+
+    buffer: DmaBuffer
+    slot_size: int
+    slots: int
+    _prps: np.ndarray = field(repr=False)  # PRP_SLOT per slot, read only: for the C path alone
+    _lists: DmaBuffer | None = field(repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.buffer.array
+
+    @property
+    def size(self) -> int:
+        return self.buffer.size
+

@@ -1,0 +1,166 @@
+"""Identify and the namespace table: Identify Controller (and MDTS, the per-command transfer
+cap), the active namespaces and each one's geometry, kept so that I/O validation is a lookup that
+never touches the device; the window, MDTS and namespace refusals every I/O verb makes. Sits
+below the admin verbs and the events (which re-identify after a namespace notice)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from nvmevfio.broker.commands import AdminCommands
+from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, whole
+from nvmevfio.broker.core import Core
+from nvmevfio.broker.execute import command_sqe
+from nvmevfio.broker.state import BrokerState
+from nvmevfio.errors import Refused
+from nvmevfio.nvme import regs, spec
+from nvmevfio.nvme.controller import State
+from nvmevfio.nvme.spec import Cns
+
+
+def _nothing() -> None:
+    pass
+
+
+class Namespaces:
+    def __init__(self, core: Core, admin: AdminCommands) -> None:
+        self.core = core
+        self.admin = admin
+        self.identified: Callable[[], None] = _nothing  # after Identify Controller: the events arm
+
+    def identify_controller(self) -> dict[str, Any]:
+        core = self.core
+        core.require_ready()
+        raw = self.admin.read(command_sqe(spec.identify(Cns.CONTROLLER)), "Identify Controller", 4096)
+        core.id_ctrl = spec.parse_identify_controller(raw)
+        mdts = core.id_ctrl["mdts"]
+        mpsmin = 1 << (12 + regs.get(core.ctrl.cap, regs.CAP_.MPSMIN))
+        core.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
+        self.identified()
+        return core.id_ctrl
+
+    def active_namespaces(self) -> list[int]:
+        self.core.require_ready()
+        raw = self.admin.read(command_sqe(spec.identify(Cns.ACTIVE_NAMESPACE_LIST)),
+                              "Identify Active Namespace List", 4096)
+        return spec.parse_active_namespaces(raw)
+
+    def identify_namespace(self, nsid: int) -> Namespace:
+        core = self.core
+        core.require_ready()
+        if not 1 <= nsid <= 0xFFFFFFFE:
+            raise Refused("namespace-inactive", f"namespace id {nsid} is not valid", nsid=nsid)
+        raw = self.admin.read(command_sqe(spec.identify(Cns.NAMESPACE, nsid=nsid)), "Identify Namespace", 4096)
+        ident = spec.parse_identify_namespace(raw)
+        if ident["nsze"] == 0:
+            core.namespaces.pop(nsid, None)
+            self.update_hot()
+            raise Refused("namespace-inactive", f"namespace {nsid} is not active (NSZE=0)", nsid=nsid)
+        idx = spec.flbas_index(ident["flbas"], ident["nlbaf"])
+        lbaf = ident["lbafs"][idx]
+        ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident)
+        core.namespaces[nsid] = ns
+        self.update_hot()
+        return ns
+
+    def refresh_namespaces(self) -> dict[int, Namespace]:
+        """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O
+        validation afterwards is a lookup that never touches the device."""
+        self.core.namespaces = {}
+        for nsid in self.active_namespaces():
+            self.identify_namespace(nsid)
+        self.update_hot()
+        return self.core.namespaces
+
+    def reidentify(self, *, vanished_changed: bool = True) -> None:
+        """Identify the namespaces again; one whose size or format changed is refused for I/O
+        (``namespace-changed``) until the device is reopened. ``vanished_changed``: so is one
+        that is no longer active (after a reset); otherwise (a namespace notice: detached or
+        deleted) it is just inactive, and usable again when it comes back unchanged."""
+        core = self.core
+
+        def geometry() -> dict[int, tuple[int, int, int]]:
+            return {n: (ns.size_blocks, ns.block_size, ns.metadata_size) for n, ns in core.namespaces.items()}
+
+        before = geometry()
+        self.refresh_namespaces()
+        after = geometry()
+        core.changed_namespaces |= {n for n in before if before[n] != after.get(n)
+                                    and (vanished_changed or n in after)}
+        self.update_hot()
+
+    def update_hot(self) -> None:
+        """The namespaces the synchronous hot path may use without further checks."""
+        core = self.core
+        ready = (core.io and core.ctrl.state is State.READY
+                 and core.life.state is not BrokerState.GONE and core.failed is None
+                 and not core.ledger.bounce)  # no-IOMMU lane: every copy goes through the checked path
+        core.hot = {n: ns for n, ns in core.namespaces.items()
+                    if not ns.metadata_size and n not in core.changed_namespaces} if ready else {}
+
+    # ============================================================ the I/O verbs' refusals
+    def namespace(self, nsid: int) -> Namespace:
+        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
+        core = self.core
+        core.require_ready()
+        nsid = whole(nsid, "the namespace id")
+        if nsid in core.changed_namespaces:
+            raise Refused("namespace-changed", f"namespace {nsid} changed size or format (a controller reset or "
+                          "Format NVM); I/O to it is refused until the device is reopened", nsid=nsid)
+        ns = core.namespaces.get(nsid)
+        if ns is None:
+            raise Refused("namespace-inactive",
+                          f"namespace {nsid} is not active on this controller (active: "
+                          f"{sorted(core.namespaces) or 'none'})", nsid=nsid, active=sorted(core.namespaces))
+        if ns.metadata_size:
+            raise Refused("unsupported-lba-format",
+                          f"namespace {nsid} uses LBA format {ns.lba_format} with {ns.metadata_size} bytes of "
+                          "metadata per block; only formats without metadata are supported", nsid=nsid)
+        return ns
+
+    @staticmethod
+    def check_window(ns: Namespace, slba: int, count: int) -> tuple[int, int]:
+        """Refuse a window outside the namespace; returns (slba, count) as Python ints."""
+        slba, count = whole(slba, "the LBA"), whole(count, "the block count")
+        if count <= 0:
+            raise Refused("count-out-of-range", f"block count {count} must be positive", count=count)
+        if slba < 0 or slba + count > ns.size_blocks:
+            raise Refused("window-past-namespace-end",
+                          f"blocks {slba}..{slba + count - 1} are outside namespace {ns.nsid} "
+                          f"(0..{ns.size_blocks - 1})", slba=slba, count=count, nsze=ns.size_blocks)
+        return slba, count
+
+    @property
+    def max_pages(self) -> int:
+        """Memory pages one command may touch: MDTS counts bytes, but a transfer at an
+        in-page offset touches one page more; devices bound their scatter lists by
+        pages (QEMU fails at 1025), so the page count is the limit that holds."""
+        return max(1, self.core.max_transfer // self.core.page_size)
+
+    def max_blocks(self, ns: Namespace, in_page_offset: int = 0) -> int:
+        """Blocks per command for data starting at ``in_page_offset`` within a page."""
+        ps = self.core.page_size
+        limit = self.core.max_transfer - (ps if in_page_offset % ps else 0)
+        return max(1, min(limit // ns.block_size, MAX_NLB))
+
+    def check_rw(self, ns: Namespace, base: int, size: int, slba: int, count: int,
+                 offset: int) -> tuple[int, int, int]:
+        """Every rule for one READ/WRITE, on Python ints: returns (iova, length, pages)."""
+        limit = self.max_blocks(ns)
+        if count < 1 or count > limit:
+            raise Refused("count-out-of-range", f"block count {count}: must be 1..{limit} per command (MDTS)",
+                          count=count, limit=limit)
+        if slba < 0 or slba + count > ns.size_blocks:
+            self.check_window(ns, slba, count)
+        length = count * ns.block_size
+        if offset < 0 or offset & 3 or offset + length > size:
+            raise Refused("length-mismatch", f"{length} bytes at offset {offset} fall outside the {size}-byte "
+                          "buffer or are not dword aligned", offset=offset, length=length, size=size)
+        ps = self.core.page_size
+        iova = base + offset
+        pages = (iova % ps + length + ps - 1) // ps  # from the start of PRP1's page to the last byte
+        if pages > self.max_pages:
+            raise Refused("count-out-of-range", f"a command would touch {pages} memory pages, more than "
+                          f"{self.max_pages} (MDTS); at an in-page offset it carries at most "
+                          f"{self.max_blocks(ns, 4)} blocks", max_pages=self.max_pages)
+        return iova, length, pages

@@ -1,0 +1,111 @@
+"""Passthrough: any command the broker does not own, on the admin queue or an I/O queue, with the
+caller's CDW2/3/10..15 and bytes, never an address; the broker copies through a buffer of its own
+and authors DPTR. Every ``broker-owned-command`` refusal is here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nvmevfio.broker.commands import AdminCommands
+from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, whole
+from nvmevfio.broker.core import Core
+from nvmevfio.broker.execute import Executor, sqe
+from nvmevfio.dma import align_up
+from nvmevfio.errors import Refused
+from nvmevfio.nvme import spec
+from nvmevfio.nvme.spec import AdminOpcode
+
+# Passthrough: the dwords a caller may set, and the commands the broker owns (it authors the
+# addresses they carry, or its ledger and queues depend on them); refused `broker-owned-command`.
+PASSTHRU_DWORDS = ("cdw2", "cdw3", "cdw10", "cdw11", "cdw12", "cdw13", "cdw14", "cdw15")
+PASSTHRU_MAX = 2 << 20  # one PRP-list page per admin command
+BROKER_OWNED_ADMIN = {
+    0x00: "Delete I/O Submission Queue", 0x01: "Create I/O Submission Queue",
+    0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x08: "Abort",
+    0x0C: "Asynchronous Event Request", 0x7C: "Doorbell Buffer Config",
+}
+BROKER_OWNED_FEATURES = {0x07: "Number of Queues", 0x0D: "Host Memory Buffer"}
+
+
+class Passthrough:
+    def __init__(self, core: Core, ex: Executor, admin: AdminCommands) -> None:
+        self.core = core
+        self.ex = ex
+        self.admin = admin
+
+    def passthru(self, qid: int, opcode: int, *, nsid: int = 0, cdws: dict[str, int] | None = None,
+                 data: Any = None, data_len: int = 0, timeout_s: float | None = None,
+                 name: str | None = None) -> tuple[int, bytes | None]:
+        """Any command the broker does not own, on the admin queue (``qid`` 0) or an I/O queue: the
+        caller gives CDW2/3/10..15 (``cdws``, by name), the bytes to send (``data``) or the length
+        to receive (``data_len``), never an address; the broker copies through a buffer of its own
+        and authors DPTR. Returns (DW0, the bytes received or None). No retries: the status is the
+        device's. Refused before the device sees anything: commands whose addresses or state the
+        broker owns (:data:`BROKER_OWNED_ADMIN`, Set Features :data:`BROKER_OWNED_FEATURES`),
+        fused or SGL commands (CDW0 FUSE/PSDT), and data commands on a namespace whose metadata
+        needs a metadata pointer; all with reason ``broker-owned-command``."""
+        core = self.core
+        core.require_ready()
+        qp = core.admin if qid == 0 else core.queue(qid)
+        if qp is None:
+            raise Refused("controller-not-enabled", "controller is not enabled")
+        opcode = whole(opcode, "the opcode")
+        if not 0 <= opcode <= 0xFF:
+            raise Refused("invalid-argument", f"opcode {opcode:#x} is not a byte", opcode=opcode)
+        words = {k: whole(v, k) for k, v in (cdws or {}).items()}
+        for k, v in words.items():
+            if k not in PASSTHRU_DWORDS:
+                raise Refused("invalid-argument", f"{k}: passthrough takes {', '.join(PASSTHRU_DWORDS)} (the broker "
+                              "authors CDW0, PRP1/PRP2 and the metadata pointer)", field=k)
+            if not 0 <= v <= 0xFFFFFFFF:
+                raise Refused("invalid-argument", f"{k}={v:#x} is not a 32-bit value", field=k)
+        nsid = whole(nsid, "the namespace id")
+        if not 0 <= nsid <= 0xFFFFFFFF:
+            raise Refused("invalid-argument", f"namespace id {nsid:#x} is not a 32-bit value", nsid=nsid)
+        name = name or (f"Admin passthru {opcode:#04x}" if qid == 0 else f"I/O passthru {opcode:#04x}")
+        owned = self.broker_owned(qid, opcode, words.get("cdw10", 0), nsid)
+        if owned:
+            raise Refused("broker-owned-command", f"{name}: {owned} is the broker's (it authors the addresses "
+                          "and state the command carries); use the provider's verbs", opcode=opcode)
+        if data is not None and data_len:
+            raise Refused("invalid-argument", "give data (to send) or data_len (to receive), not both")
+        payload = None if data is None else np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        length = len(payload) if payload is not None else whole(data_len, "data_len")
+        limit = min(core.max_transfer or UNLIMITED_MDTS_CAP, PASSTHRU_MAX)
+        if not 0 <= length <= limit:
+            raise Refused("length-mismatch", f"{length} bytes: passthrough moves at most {limit} (MDTS)",
+                          length=length, limit=limit)
+        ledger = core.ledger
+        buf = ledger.alloc(align_up(max(length, 1), core.page_size), owner="broker:passthru") if length else None
+        try:
+            if buf is not None:
+                buf.array[:] = 0
+                if payload is not None:
+                    buf.array[:length] = payload
+            e = sqe(opcode, nsid=nsid, **words)
+            dw0 = self.admin.settled(self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False,
+                                                  opcode=opcode))
+            return dw0, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
+        finally:
+            if buf is not None and ledger.in_flight(buf) == 0:
+                ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close
+
+    def command(self, qid: int, cmd: spec.Command, name: str, **kw: Any) -> tuple[int, bytes | None]:
+        """:meth:`passthru` of a built command (its opcode, NSID and CDW10..15)."""
+        return self.passthru(qid, cmd.opc, nsid=cmd.nsid, cdws=cmd.cdws, name=name, **kw)
+
+    def broker_owned(self, qid: int, opcode: int, cdw10: int, nsid: int) -> str:
+        """Why a passthrough command is the broker's ('' when it is not)."""
+        if qid == 0:
+            if opcode in BROKER_OWNED_ADMIN:
+                return BROKER_OWNED_ADMIN[opcode]
+            if opcode == AdminOpcode.SET_FEATURES and cdw10 & 0xFF in BROKER_OWNED_FEATURES:
+                return f"Set Features {BROKER_OWNED_FEATURES[cdw10 & 0xFF]}"
+            return ""
+        ns = self.core.namespaces.get(nsid)
+        if ns is not None and ns.metadata_size and opcode & 3 and not ns.extended_lba:
+            return f"a data command on namespace {nsid}, whose {ns.metadata_size}-byte metadata needs a metadata " \
+                   "pointer"
+        return ""
