@@ -8,20 +8,17 @@ from typing import Callable
 
 import numpy as np
 
+from nvmevfio.broker.common import nothing
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, Ran
 from nvmevfio.dma import DmaBuffer
-
-
-def _nothing() -> None:
-    pass
 
 
 class AdminCommands:
     def __init__(self, core: Core, ex: Executor) -> None:
         self.core = core
         self.ex = ex
-        self.service_events: Callable[[], None] = _nothing  # the events' servicing, logged not raised
+        self.service_events: Callable[[], None] = nothing  # the events' servicing, logged not raised
 
     def settled(self, ran: Ran) -> int:
         """A command's DW0, after servicing the events it left pending."""

@@ -45,6 +45,10 @@ TRANSIENT = {0x07, 0x21, 0x22, 0x82}
 
 
 
+def nothing() -> None:
+    """A hook not wired yet."""
+
+
 def int_array(x: Any, what: str) -> np.ndarray:
     """LBAs, counts or offsets as int64; integral floats (np.ones) are fine, fractions are refused."""
     a = np.asarray(x)

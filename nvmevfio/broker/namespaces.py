@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, whole
+from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, nothing, whole
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.state import BrokerState
@@ -18,15 +18,11 @@ from nvmevfio.nvme.controller import State
 from nvmevfio.nvme.spec import Cns
 
 
-def _nothing() -> None:
-    pass
-
-
 class Namespaces:
     def __init__(self, core: Core, admin: AdminCommands) -> None:
         self.core = core
         self.admin = admin
-        self.identified: Callable[[], None] = _nothing  # after Identify Controller: the events arm
+        self.identified: Callable[[], None] = nothing  # after Identify Controller: the events arm
 
     def identify_controller(self) -> dict[str, Any]:
         core = self.core
