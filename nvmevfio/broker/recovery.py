@@ -194,7 +194,7 @@ class Recovery:
     def fail(self, why: str) -> NoReturn:
         """Give up: disable the controller if it answers, end everything in flight, refuse every call."""
         core = self.core
-        core.life.to(BrokerState.FAILED, why=why)
+        core.life.to_if((BrokerState.RESETTING,), BrokerState.FAILED, why=why)  # a device gone meanwhile stays gone
         core.hot = {}
         try:
             core.ctrl.disable()

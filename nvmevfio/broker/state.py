@@ -71,13 +71,13 @@ class Lifecycle:
                 self.failed_why = None
             return old
 
-    def to_if(self, expected: Collection[BrokerState], new: BrokerState) -> bool:
+    def to_if(self, expected: Collection[BrokerState], new: BrokerState, *, why: str | None = None) -> bool:
         """:meth:`to` when the state is one of ``expected`` (another thread may have moved it:
         a device taken away during a reset stays gone); False when it was not."""
         with self._lock:
             if self.state not in expected:
                 return False
-            self.to(new)
+            self.to(new, why=why)
             return True
 
 
