@@ -214,9 +214,10 @@ def test_perf(addr, workload, mode):
 
 @pytest.mark.parametrize("mode", ["poll", "irq"])
 def test_perf_verify_soak(addr, mode):
-    """The integrity soak: 60 s (NVMEVFIO_VM_SOAK_S; the guest tier's other lanes take 20) of random
-    reads and writes, every block read back checked (CRC32C)."""
-    soak_s = int(os.environ.get("NVMEVFIO_VM_SOAK_S", "60"))
+    """The integrity soak: random reads and writes, every block read back checked (CRC32C), for
+    NVMEVFIO_VM_SOAK_S seconds (the one setting; 20 in CI, which runs the default; the host's value
+    reaches the guest through tests/test_guest_tier.py, e.g. NVMEVFIO_VM_SOAK_S=600 for a long one)."""
+    soak_s = int(os.environ.get("NVMEVFIO_VM_SOAK_S", "20"))
     d = nvj("perf", addr, "-w", "randrw", "-q", 16, "-s", 4096, "--verify", "-t", soak_s, "--range", "90000:120000",
             "--mode", mode)
     assert d["verify"] and d["mismatches"] == [] and d["errors"] == 0
