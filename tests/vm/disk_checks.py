@@ -186,6 +186,8 @@ def fio_verify(*args: str, timeout: float = 900) -> dict:
                           "--verify_fatal=1", "--group_reporting", "--output-format=json", *args],
                          capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr
-    job: dict = json.loads(res.stdout)["jobs"][0]
+    # fio may print a warning line before its JSON (several jobs on one file, even in regions
+    # of their own: --offset_increment)
+    job: dict = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0, job
     return job
