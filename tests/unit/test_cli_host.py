@@ -78,7 +78,7 @@ def test_cpu_not_allowed_is_refused_before_the_device():
 def test_pin_keeps_the_process_on_one_cpu():
     import os
 
-    from nvmevfio.cli import _pin
+    from nvmevfio.cli.common import _pin
 
     before = os.sched_getaffinity(0)
     try:
