@@ -8,9 +8,33 @@ import pytest
 from click.testing import CliRunner
 
 from nvmevfio import __version__
-from nvmevfio.cli import main
+from nvmevfio.cli import COMMAND_GROUPS, main
 
-COMMANDS = sorted(main.commands)
+COMMANDS = sorted(main.list_commands(click.Context(main)))
+
+
+def test_command_groups_name_what_each_module_defines():
+    """COMMAND_GROUPS (which module to import for a command) against the modules themselves."""
+    import importlib
+
+    for group, names in COMMAND_GROUPS.items():
+        module = f"nvmevfio.cli.{group}"
+        importlib.import_module(module)
+        defined = sorted(n for n, c in main.commands.items() if c.callback.__module__ == module)
+        assert defined == sorted(names), group
+    assert len(COMMANDS) == len(main.commands) == 41
+
+
+def test_a_command_loads_only_its_group():
+    """`nvmevfio id-ctrl --help` imports nvmevfio.cli.identify and none of the other groups."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nvmevfio.cli import main\n"
+            "try:\n    main(['id-ctrl', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('nvmevfio.cli.')), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stderr.strip().splitlines()[-1] == "['nvmevfio.cli.common', 'nvmevfio.cli.identify']", r.stderr
 
 
 def test_version():
@@ -20,7 +44,7 @@ def test_version():
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_help_has_example_and_unique_options(name):
-    cmd = main.commands[name]
+    cmd = main.get_command(click.Context(main), name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # click warns on a duplicated option
         r = CliRunner().invoke(main, [name, "--help"])
@@ -78,7 +102,7 @@ def test_cpu_not_allowed_is_refused_before_the_device():
 def test_pin_keeps_the_process_on_one_cpu():
     import os
 
-    from nvmevfio.cli import _pin
+    from nvmevfio.cli.common import _pin
 
     before = os.sched_getaffinity(0)
     try:

@@ -1,6 +1,6 @@
 """`nvmevfio nbd --socket PATH` (issue 27, item 10): the export's directories are those of its own
 paths; /run/nvmevfio is not created when a socket path is given, and a directory that cannot be
-created is a one-line NvmeVfioError, not a traceback. (The CLI's use of these: see nvmevfio/cli.py's
+created is a one-line NvmeVfioError, not a traceback. (The CLI's use of these: see nvmevfio/cli/disk.py's
 nbd command.)"""
 
 from pathlib import Path

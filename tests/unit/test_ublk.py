@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nvmevfio import cli, nbd, ublk
+from nvmevfio import nbd, ublk
 from nvmevfio._ffi import lib
+from nvmevfio.cli import disk as cli_disk
 from nvmevfio.cli import main
 
 
@@ -84,7 +85,7 @@ def test_missing_ublk_is_one_typed_error_naming_nbd(no_ublk):
 
 @pytest.mark.parametrize("args", [["0000:00:04.0"], ["--list"], ["--stop", "0"], ["--recover", "0"]])
 def test_cli_says_ublk_is_missing_in_one_line(no_ublk, monkeypatch, args):
-    monkeypatch.setattr(cli, "_need_root", lambda: None)
+    monkeypatch.setattr(cli_disk, "_need_root", lambda: None)  # the ublk command's module
     r = CliRunner().invoke(main, ["ublk", *args])
     assert r.exit_code != 0
     lines = r.output.strip().splitlines()

@@ -1,0 +1,212 @@
+"""Long-running: perf, serve (the service daemon), monitor (asynchronous events)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from nvmevfio.cli.common import (
+    EXIT_DEVICE,
+    EXIT_ERROR,
+    _address,
+    _emit_json,
+    _fail,
+    _pin,
+    address_arg,
+    block_address_arg,
+    blockdev,
+    controller,
+    cpu_opt,
+    errors,
+    main,
+    output_opt,
+    service_socket_opt,
+)
+from nvmevfio.service import DEFAULT_SOCKET
+
+
+# ------------------------------------------------------------------ perf
+@main.command()
+@block_address_arg
+@click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
+              help="namespace id (-n is the I/O count here, as in spdk_nvme_perf)")
+@click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw"]),
+              default="randread", show_default=True)
+@click.option("-q", "--queue-depth", type=click.IntRange(1, 4095), default=1, show_default=True)
+@click.option("-s", "--io-size", type=int, default=4096, show_default=True, help="bytes per I/O")
+@click.option("-t", "--time", "seconds", type=float, help="seconds to run (default 5 unless -n)")
+@click.option("-n", "--count", "count", type=int, help="number of I/Os to run")
+@click.option("--range", "lba_range", help="LBA range START:END to use (default: the whole namespace)")
+@click.option("--mode", type=click.Choice(["poll", "irq", "hybrid"]), default="poll", show_default=True,
+              help="completions by polling, MSI-X interrupts, or hybrid polling (nap about half the time to "
+                   "the next completion, then poll)")
+@click.option("-M", "--rwmixread", type=click.IntRange(0, 100), default=50, show_default=True,
+              help="percentage of reads for randrw")
+@click.option("--ramp", "ramp", type=float, default=0.0, show_default=True,
+              help="seconds to run first, unmeasured (like fio --ramp_time)")
+@click.option("--shadow-doorbells/--no-shadow-doorbells", "shadow", default=True, show_default=True,
+              help="Doorbell Buffer Config when the controller offers it (MMIO doorbells only when needed)")
+@click.option("--verify", is_flag=True,
+              help="integrity mode (like fio's verify): every written block carries its LBA, a sequence number "
+                   "and a CRC32C; blocks read back are checked; mismatches exit 4 (writes the range!)")
+@cpu_opt
+@service_socket_opt
+@output_opt
+def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
+         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
+         verify: bool, cpu: int | None, service_socket: str | None, fmt: str) -> None:
+    """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
+
+    \b
+    Example: nvmevfio perf 00:04.0 -w randread -q 32 -s 4096 -t 10
+             nvmevfio perf 00:04.0 -w write -q 8 -s 131072 -n 10000 -o json
+             nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
+             nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
+    """
+    from nvmevfio import perf as perfmod
+
+    if service_socket and (verify or mode != "poll"):
+        _fail("through --socket the daemon decides how completions arrive and perf runs its C loop: "
+              "no --mode or --verify", EXIT_ERROR)
+    _pin(cpu)
+
+    rng = None
+    if lba_range:
+        try:
+            a, b = (int(x, 0) for x in lba_range.split(":"))
+            rng = (a, b)
+        except ValueError:
+            _fail(f"--range {lba_range!r}: expected START:END", EXIT_ERROR)
+    live = sys.stderr.isatty() and fmt == "normal"
+
+    def status(elapsed: float, ios: int) -> None:
+        click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
+
+    with blockdev(address, nsid, service_socket, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
+                  shadow_doorbells=shadow) as dev, errors():
+        res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+                          hybrid=mode == "hybrid",
+                          count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
+                          ramp_s=ramp, verify=verify)
+    if live:
+        click.echo("", err=True)
+    bad = len(res.mismatches)
+    if fmt == "json":
+        _emit_json(res.to_dict())
+        if bad:
+            sys.exit(EXIT_DEVICE)
+        return
+    click.echo(f"{service_socket or _address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, "
+               f"QD {res.queue_depth}, {res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, "
+               f"{res.writes} writes), "
+               f"{res.errors} errors")
+    if not res.verify:  # the verify loop runs in Python: these figures are the C loop's
+        click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "
+                   f"{res.sq_doorbell_mmio} SQ tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} "
+                   "updates without MMIO")
+        click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.ios_per_submit:.1f} "
+                   f"commands per submit, {res.ios_per_reap:.1f} per reap")
+    click.echo(f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
+               f"{'p99(us)':>10} {'p99.9(us)':>10}")
+    click.echo(f"{res.iops:12.1f} {res.mib_per_s:10.2f} {res.lat_mean_us:10.1f} {res.lat_min_us:10.1f} "
+               f"{res.lat_max_us:10.1f} {res.lat_p50_us:10.1f} {res.lat_p99_us:10.1f} {res.lat_p999_us:10.1f}")
+    if res.verify:
+        click.echo(f"verify: {res.verified_blocks} blocks read back and checked, {bad} mismatches")
+        for lba, want, found in res.mismatches[:10]:
+            click.echo(f"  LBA {lba}: expected lba {want[0]} seq {want[1]} crc32c {want[2]:#010x}; found magic "
+                       f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
+        if bad:
+            _fail(f"verify: {bad} blocks did not hold what was written", EXIT_DEVICE)
+
+
+@main.command()
+@address_arg
+@click.option("--grants", "grants_path", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="the grants file (TOML): who may use which namespace window, how")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=DEFAULT_SOCKET,
+              show_default=True, help="the Unix socket clients connect to")
+@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="client slots: one NVMe I/O queue pair each")
+@click.option("--queue-depth", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="entries per I/O queue (a client's depth is its grant's, at most this minus one)")
+@click.option("--mode", type=click.Choice(["irq", "poll"]), default="irq", show_default=True,
+              help="completions by MSI-X interrupts, or polling while commands are in flight")
+@click.option("--idle-spin-us", type=click.IntRange(0, 10_000_000), default=1000, show_default=True,
+              help="poll mode: keep polling this long after the last request or completion before "
+                   "sleeping (clients skip their doorbell meanwhile); 0 sleeps at once")
+@cpu_opt
+def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str,
+          idle_spin_us: int, cpu: int | None) -> None:
+    """Own a controller and serve its namespaces to unprivileged clients (grants file).
+
+    Clients use nvmevfio.connect(SOCKET, nsid=…) or the block commands' --socket. Runs until
+    SIGTERM or Ctrl-C; then every session ends (its commands waited for, its memory scrubbed)
+    and the controller is shut down.
+
+    \b
+    Example: nvmevfio serve 00:04.0 --grants /etc/nvmevfio/grants.toml
+    """
+    import logging
+
+    from nvmevfio.service.daemon import run
+    from nvmevfio.service.grants import GrantsError, load_grants
+
+    try:
+        grants = load_grants(grants_path)
+    except GrantsError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    _pin(cpu)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="nvmevfio serve: %(message)s")
+    with controller(address, enable=False) as session, errors():
+        try:
+            run(session, grants, socket_path, clients=clients, queue_depth=queue_depth, irq=mode == "irq",
+                idle_spin_s=idle_spin_us / 1e6, address=session.address)
+        except GrantsError as exc:
+            _fail(str(exc), EXIT_ERROR)
+
+
+@main.command("monitor")
+@address_arg
+@click.option("-c", "--count", type=click.IntRange(min=1), help="exit after this many events")
+@click.option("-d", "--duration", type=click.FloatRange(min=0), help="exit after this many seconds")
+@output_opt
+def monitor(address: str, count: int | None, duration: float | None, fmt: str) -> None:
+    """Print asynchronous events as they arrive (Asynchronous Event Request, admin opcode 0Ch).
+
+    The broker keeps AERs outstanding, reads the log page each event names (which clears it) and
+    re-identifies the namespaces on a namespace notice. Runs until Ctrl-C, --count events or
+    --duration seconds; exit 0. With -o json, one JSON object a line (JSON Lines). The controller
+    is this command's while it runs.
+
+    \b
+    Example: nvmevfio monitor 00:04.0 -o json --count 1
+    """
+    import time
+
+    seen = 0
+    deadline = None if duration is None else time.monotonic() + duration
+    with controller(address) as s, errors():
+        cfg = s.event_config
+        if cfg["events_off"]:
+            _fail(f"the controller refused Asynchronous Event Requests: {cfg['events_off']}", EXIT_DEVICE)
+        aec = f"{cfg['aec']:#x}" if cfg["aec"] is not None else "not set"
+        click.echo(f"monitoring {_address(address)}: {cfg['outstanding']} Asynchronous Event Requests "
+                   f"outstanding, Asynchronous Event Configuration {aec}; Ctrl-C to stop", err=True)
+        try:
+            while (count is None or seen < count) and (deadline is None or time.monotonic() < deadline):
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                for ev in s.poll_events(wait):
+                    if fmt == "json":
+                        click.echo(json.dumps(ev.as_dict()))
+                    else:
+                        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev.time))
+                        click.echo(f"{stamp} {_address(address)}: {ev}")
+                    seen += 1
+                    if count is not None and seen >= count:
+                        break
+        except KeyboardInterrupt:
+            pass
+    click.echo(f"{seen} event{'s' if seen != 1 else ''}", err=True)
