@@ -26,12 +26,11 @@ def _keep(obj: object, attr: str, verb: object, bound: Callable[..., Any]) -> No
         obj.__dict__[attr] = bound
 
 
-class Verb(Generic[P, R]):
-    """The verb ``method`` of whatever the owner's ``via`` attribute holds (its broker, by default),
-    under the same name unless ``name`` says otherwise."""
+class _Declared:
+    """What both kinds of verb keep: the declared method, where its owner finds the object that
+    runs it (``via``), the name there, and the attribute it is declared as."""
 
-    def __init__(self, method: Callable[Concatenate[Any, P], R], *, via: str = "_broker",
-                 name: str | None = None) -> None:
+    def __init__(self, method: Callable[..., Any], via: str, name: str | None) -> None:
         self.method = method
         self.via = via
         self.name = name or method.__name__
@@ -43,6 +42,15 @@ class Verb(Generic[P, R]):
 
     def _target(self, obj: Any) -> Callable[..., Any]:
         return getattr(getattr(obj, self.via), self.name)  # type: ignore[no-any-return]
+
+
+class Verb(_Declared, Generic[P, R]):
+    """The verb ``method`` of whatever the owner's ``via`` attribute holds (its broker, by default),
+    under the same name unless ``name`` says otherwise."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], R], *, via: str = "_broker",
+                 name: str | None = None) -> None:
+        super().__init__(method, via, name)
 
     @overload
     def __get__(self, obj: None, owner: type | None = None) -> Verb[P, R]: ...
@@ -57,20 +65,13 @@ class Verb(Generic[P, R]):
         return bound
 
 
-class NamespaceVerb(Generic[P, R]):
+class NamespaceVerb(_Declared, Generic[P, R]):
     """:class:`Verb` with the owner's ``nsid`` bound as the first argument (a device of one
     namespace); ``method`` is the broker component's, whose first parameter is the nsid."""
 
     def __init__(self, method: Callable[Concatenate[Any, int, P], R], *, via: str = "provider",
                  name: str | None = None) -> None:
-        self.method = method
-        self.via = via
-        self.name = name or method.__name__
-        self.attr = self.name
-        self.__doc__ = method.__doc__
-
-    def __set_name__(self, owner: type, attr: str) -> None:
-        self.attr = attr
+        super().__init__(method, via, name)
 
     @overload
     def __get__(self, obj: None, owner: type | None = None) -> NamespaceVerb[P, R]: ...
@@ -80,6 +81,6 @@ class NamespaceVerb(Generic[P, R]):
     def __get__(self, obj: object | None, owner: type | None = None) -> NamespaceVerb[P, R] | Callable[P, R]:
         if obj is None:
             return self
-        bound = functools.partial(getattr(getattr(obj, self.via), self.name), obj.nsid)  # type: ignore[attr-defined]
+        bound = functools.partial(self._target(obj), obj.nsid)  # type: ignore[attr-defined]
         _keep(obj, self.attr, self, bound)
         return bound
