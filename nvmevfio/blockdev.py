@@ -14,11 +14,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nvmevfio.broker import RegisteredBuffer
+from nvmevfio.broker import Broker, RegisteredBuffer
+from nvmevfio.broker.submit import Submit
+from nvmevfio.broker.syncio import SyncIO
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
-from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.provider import ControllerSession, Provider, open_controller
+from nvmevfio.verbs import NamespaceVerb, Verb
 
 
 @dataclass(frozen=True)
@@ -75,44 +77,27 @@ class BlockDevice:
         self.read_into = functools.partial(provider.read_into, nsid)
         self.write_from = functools.partial(provider.write_from, nsid)
 
+    # -- the provider's verbs with this device's namespace bound (nvmevfio/verbs.py): each is
+    # written once, in the broker component that does it
+    check_window = NamespaceVerb(Provider.check_window)
+    read_blocks = NamespaceVerb(SyncIO.read)
+    write_blocks = NamespaceVerb(SyncIO.write)
+    flush = NamespaceVerb(SyncIO.flush)
+    write_zeroes = NamespaceVerb(SyncIO.write_zeroes)
+    deallocate = NamespaceVerb(SyncIO.deallocate)
+    perf_loop = NamespaceVerb(Submit.perf_loop)
+    free_buffer = Verb(Submit.free_buffer, via="provider")
+    register_buffer = Verb(Submit.register_buffer, via="provider")
+    unregister_buffer = Verb(Submit.unregister_buffer, via="provider")
+    in_flight = Verb(Submit.in_flight, via="provider")
+    capacity = Verb(Submit.capacity, via="provider")
+    doorbell_counters = Verb(Provider.doorbell_counters, via="provider")
+    alloc_buffer = Verb(Provider.alloc_buffer, via="provider")
+    reap = Verb(Submit.reap, via="provider")
+    close = Verb(Broker.close, via="provider")  # a ControllerSession's own close, when it is one
+
     # -- synchronous ----------------------------------------------------------------
-    def check_window(self, lba: int, count: int) -> None:
-        """Refuse a window outside the namespace before anything is sent."""
-        self.provider.check_window(self.nsid, lba, count)
-
-    def read_blocks(self, lba: int, count: int) -> np.ndarray:
-        return self.provider.read(self.nsid, lba, count)
-
-    def write_blocks(self, lba: int, data: Any) -> int:
-        return self.provider.write(self.nsid, lba, data)
-
-    def flush(self, qid: int = 1) -> None:
-        self.provider.flush(self.nsid, qid=qid)
-
-    def write_zeroes(self, lba: int, count: int, *, deallocate: bool = False, qid: int = 1) -> None:
-        """Write Zeroes; ``deallocate`` sets DEAC (the controller may deallocate the blocks, which
-        still read as zeros)."""
-        self.provider.write_zeroes(self.nsid, lba, count, deallocate=deallocate, qid=qid)
-
-    def deallocate(self, lba: int, count: int, qid: int = 1) -> None:
-        self.provider.deallocate(self.nsid, lba, count, qid=qid)
-
     # -- zero copy and batches ------------------------------------------------------------
-    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
-        return self.provider.alloc_buffer(nbytes)
-
-    def free_buffer(self, buf: DmaBuffer) -> None:
-        self.provider.free_buffer(buf)
-
-    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
-        """Register ``buf`` as slots of ``slot_size`` bytes whose PRPs the broker authors once (like
-        io_uring's fixed buffers). Pass the registration wherever a buffer goes; offsets into it
-        are then multiples of ``slot_size``. Freeing the buffer drops the registration."""
-        return self.provider.register_buffer(buf, slot_size)
-
-    def unregister_buffer(self, reg: RegisteredBuffer) -> None:
-        self.provider.unregister_buffer(reg)
-
     def submit_reads(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
                      qid: int = 1) -> np.ndarray:
         """Post a batch of reads (one doorbell); returns their tags. Collect with :meth:`reap`."""
@@ -122,29 +107,9 @@ class BlockDevice:
                       qid: int = 1) -> np.ndarray:
         return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
-    def reap(self, minimum: int = 1, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
-        return self.provider.reap(minimum, qid=qid, timeout_s=timeout_s)
-
-    def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
-        """SQ/CQ doorbell MMIO writes and shadow-only updates of an I/O queue pair, and its ring state."""
-        return self.provider.doorbell_counters(qid)
-
-    def in_flight(self, qid: int = 1) -> int:
-        return self.provider.in_flight(qid)
-
-    def capacity(self, qid: int = 1) -> int:
-        return self.provider.capacity(qid)
-
-    def perf_loop(self, reg: RegisteredBuffer, **workload: Any) -> PerfLoop:
-        """A workload for the C closed loop (what ``nvmevfio.perf.run`` drives)."""
-        return self.provider.perf_loop(self.nsid, reg, **workload)
-
     def file(self) -> BlockFile:
         """A file-like view of the namespace (io.RawIOBase)."""
         return BlockFile(self)
-
-    def close(self) -> None:
-        self.provider.close()
 
     def __enter__(self) -> BlockDevice:
         return self

@@ -18,14 +18,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nvmevfio.broker import Broker, Namespace, RegisteredBuffer
+from nvmevfio.broker import Broker, RegisteredBuffer
+from nvmevfio.broker.admin import AdminVerbs
+from nvmevfio.broker.core import Core
+from nvmevfio.broker.events import Events
+from nvmevfio.broker.namespaces import Namespaces
+from nvmevfio.broker.queues import Queues
+from nvmevfio.broker.service import ServicePath
+from nvmevfio.broker.submit import Submit
+from nvmevfio.broker.syncio import SyncIO
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.events import AsyncEvent
 from nvmevfio.nvme import regs
-from nvmevfio.nvme.controller import Registers
-from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.nvme.spec import IoOpcode, LogPage
+from nvmevfio.verbs import Verb
 
 log = logging.getLogger("nvmevfio")
 
@@ -55,28 +62,66 @@ class Provider:
         self.read_into = functools.partial(broker.transfer, IoOpcode.READ)
         self.write_from = functools.partial(broker.transfer, IoOpcode.WRITE)
 
+    # -- the broker's verbs, each written once where the work is done (nvmevfio/verbs.py): reading
+    # one gives the broker component's bound method, with its signature, docstring and refusals
+    # controller state and bring-up
+    bind = Verb(Core.bind)
+    registers = Verb(Core.registers)
+    reset = Verb(Core.reset)
+    enable = Verb(Core.enable)
+    shutdown = Verb(Queues.shutdown)
+    # identify and the namespace table
+    identify_controller = Verb(Namespaces.identify_controller)
+    identify_namespace = Verb(Namespaces.identify_namespace)
+    active_namespaces = Verb(Namespaces.active_namespaces)
+    refresh_namespaces = Verb(Namespaces.refresh_namespaces)
+    namespace = Verb(Namespaces.namespace)
+    # the named admin verbs
+    get_features = Verb(AdminVerbs.get_features)
+    set_features = Verb(AdminVerbs.set_features)
+    format_nvm = Verb(AdminVerbs.format_nvm)
+    compare = Verb(AdminVerbs.compare)
+    verify = Verb(AdminVerbs.verify)
+    create_namespace = Verb(AdminVerbs.create_namespace)
+    attach_namespace = Verb(AdminVerbs.attach_namespace)
+    delete_namespace = Verb(AdminVerbs.delete_namespace)
+    sanitize = Verb(AdminVerbs.sanitize)
+    firmware_download = Verb(AdminVerbs.firmware_download)
+    firmware_commit = Verb(AdminVerbs.firmware_commit)
+    device_self_test = Verb(AdminVerbs.device_self_test)
+    # asynchronous events: AERs stay outstanding once the controller is identified; each event's
+    # log page is read (which clears it), a namespace notice refreshes the table first
+    poll_events = Verb(Events.poll_events)
+    on_event = Verb(Events.on_event)
+    # synchronous I/O
+    read = Verb(SyncIO.read)
+    write = Verb(SyncIO.write)
+    flush = Verb(SyncIO.flush)
+    write_zeroes = Verb(SyncIO.write_zeroes)
+    deallocate = Verb(SyncIO.deallocate)
+    # zero-copy buffers, batches and the perf loop
+    free_buffer = Verb(Submit.free_buffer)
+    register_buffer = Verb(Submit.register_buffer)
+    unregister_buffer = Verb(Submit.unregister_buffer)
+    perf_loop = Verb(Submit.perf_loop)
+    ring_doorbell = Verb(Submit.ring_doorbell)
+    completion_fd = Verb(Submit.completion_fd)
+    reap = Verb(Submit.reap)
+    in_flight = Verb(Submit.in_flight)
+    capacity = Verb(Submit.capacity)
+    # the service: its compiled data path (cbits/service.c) and the validated lane's posting
+    service_attach = Verb(ServicePath.service_attach)
+    service_buffer = Verb(ServicePath.service_buffer)
+    service_serve = Verb(ServicePath.service_serve)
+    service_pump = Verb(ServicePath.service_pump)
+    service_drain = Verb(ServicePath.service_drain)
+    submit_validated = Verb(ServicePath.submit_validated)
+    close = Verb(Broker.close)
+
     # -- controller -------------------------------------------------------------------
-    def bind(self) -> Registers:
-        """Read CAP, VS, CC, CSTS; writes nothing. In the no-IOMMU lane a snapshot's ``asq`` and
-        ``acq`` are None (withheld: they are physical addresses), here and in :meth:`registers`
-        and :meth:`enable`."""
-        return self._broker.bind()
-
-    def registers(self) -> Registers:
-        return self._broker.registers()
-
     @property
     def state(self) -> str:
         return self._broker.state.value
-
-    def reset(self) -> None:
-        self._broker.reset()
-
-    def enable(self) -> Registers:
-        return self._broker.enable()
-
-    def shutdown(self) -> None:
-        self._broker.shutdown()
 
     def write_register(self, name: str, value: int) -> None:
         """Write a caller-claimable register (INTMS/INTMC). CC and queue registers are the broker's."""
@@ -87,23 +132,13 @@ class Provider:
         if name not in _WRITABLE:
             raise Refused("register-write-unclaimed", f"register {name} is owned by the broker and cannot be "
                           "written by a caller", register=name, value=value)
-        self._broker._require_ready()
-        self._broker.mmio.write32(_WRITABLE[name], value & 0xFFFFFFFF)
+        self._broker.write_interrupt_mask(_WRITABLE[name], value)
 
     # -- admin ------------------------------------------------------------------------
-    def identify_controller(self) -> dict[str, Any]:
-        return self._broker.identify_controller()
-
     @property
     def id_ctrl(self) -> dict[str, Any]:
         """The last Identify Controller data (identifies now when there is none)."""
         return self._broker.id_ctrl or self._broker.identify_controller()
-
-    def identify_namespace(self, nsid: int) -> Namespace:
-        return self._broker.identify_namespace(nsid)
-
-    def active_namespaces(self) -> list[int]:
-        return self._broker.active_namespaces()
 
     def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False,
                          shadow_doorbells: bool = True) -> int:
@@ -142,36 +177,10 @@ class Provider:
         """Any log page: ``length`` bytes (a multiple of 4, up to 1 MiB) from byte ``offset`` (LPO)."""
         return self._broker.get_log_page(lid, length, nsid=nsid, offset=offset)
 
-    def set_features(self, fid: int, value: int = 0, *, cdw12: int = 0, save: bool = False, nsid: int = 0,
-                     data: Any = None) -> int:
-        """Set Features (``value`` is CDW11; ``save`` keeps it across resets); Number of Queues and
-        Host Memory Buffer are the broker's (refused). Returns DW0."""
-        return self._broker.set_features(fid, value, cdw12=cdw12, save=save, nsid=nsid, data=data)
-
-    def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: int = 0, mset: int = 0,
-                   timeout_s: float | None = None) -> dict[int, Namespace]:
-        """Format NVM, then the namespaces re-identified (I/O to one whose geometry changed is refused
-        until reopened). Returns the namespace table."""
-        return self._broker.format_nvm(nsid, lbaf, ses=ses, pi=pi, pil=pil, mset=mset, timeout_s=timeout_s)
-
-    def compare(self, nsid: int, slba: int, data: Any, *, qid: int = 1) -> None:
-        self._broker.compare(nsid, slba, data, qid)
-
-    def verify(self, nsid: int, slba: int, count: int, *, qid: int = 1) -> None:
-        self._broker.verify(nsid, slba, count, qid)
-
-    def refresh_namespaces(self) -> dict[int, Namespace]:
-        """Re-identify every active namespace (ns-rescan)."""
-        return self._broker.refresh_namespaces()
-
     # -- asynchronous events ------------------------------------------------------------
     # The broker keeps Asynchronous Event Requests outstanding once the controller is identified;
     # each event's log page is read (which clears it) and a namespace notice refreshes the
     # namespace table before the event is delivered.
-    def poll_events(self, timeout_s: float = 0.0) -> list[AsyncEvent]:
-        """The events that arrived and were not taken yet, waiting up to ``timeout_s`` for one."""
-        return self._broker.poll_events(timeout_s)
-
     def events(self, timeout_s: float | None = None) -> Iterator[AsyncEvent]:
         """Yield events as they arrive; stop once ``timeout_s`` passes without one (None: never)."""
         while True:
@@ -180,11 +189,6 @@ class Provider:
                 return
             yield from got
 
-    def on_event(self, callback: Callable[[AsyncEvent], None]) -> None:
-        """Call ``callback(event)`` for every event from now on (from a watcher thread, or from the
-        thread whose admin command met the event)."""
-        self._broker.on_event(callback)
-
     @property
     def event_config(self) -> dict[str, Any]:
         """The Asynchronous Event Configuration set, AERs outstanding, and why events are off."""
@@ -192,32 +196,8 @@ class Provider:
         return {"aec": b.aec, "outstanding": b.admin.ring.standing if b.admin else 0,
                 "events_seen": b.events_seen, "events_off": b.events_off}
 
-    def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
-        return self._broker.create_namespace(nsze, ncap, flbas, dps=dps, nmic=nmic)
-
-    def delete_namespace(self, nsid: int) -> None:
-        self._broker.delete_namespace(nsid)
-
-    def attach_namespace(self, nsid: int, controllers: list[int]) -> None:
-        self._broker.attach_namespace(nsid, controllers)
-
     def detach_namespace(self, nsid: int, controllers: list[int]) -> None:
         self._broker.attach_namespace(nsid, controllers, detach=True)
-
-    def sanitize(self, sanact: int, **options: Any) -> None:
-        self._broker.sanitize(sanact, **options)
-
-    def firmware_download(self, image: Any, *, offset: int = 0, xfer: int = 4096) -> int:
-        return self._broker.firmware_download(image, offset=offset, xfer=xfer)
-
-    def firmware_commit(self, slot: int, action: int, *, bpid: int = 0) -> int:
-        return self._broker.firmware_commit(slot, action, bpid=bpid)
-
-    def device_self_test(self, stc: int, *, nsid: int = 0xFFFFFFFF) -> None:
-        self._broker.device_self_test(stc, nsid=nsid)
-
-    def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0) -> int:
-        return self._broker.get_features(fid, sel=sel, nsid=nsid)
 
     @property
     def max_transfer(self) -> int:
@@ -228,18 +208,9 @@ class Provider:
         return self._broker.ctrl.mqes
 
     # -- data -------------------------------------------------------------------------
-    def namespace(self, nsid: int) -> Namespace:
-        return self._broker.namespace(nsid)
-
     def check_window(self, nsid: int, slba: int, count: int) -> None:
         """Refuse (window-past-namespace-end / count-out-of-range) without touching the device."""
         self._broker.check_window(self._broker.namespace(nsid), slba, count)
-
-    def read(self, nsid: int, slba: int, count: int) -> np.ndarray:
-        return self._broker.read(nsid, slba, count)
-
-    def write(self, nsid: int, slba: int, data: Any) -> int:
-        return self._broker.write(nsid, slba, data)
 
     def admin_passthru(self, opcode: int, *, nsid: int = 0, data: Any = None, data_len: int = 0,
                        timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:
@@ -254,15 +225,6 @@ class Provider:
         """:meth:`admin_passthru` for an I/O queue (``qid``)."""
         return self._broker.passthru(qid, opcode, nsid=nsid, cdws=cdws, data=data, data_len=data_len,
                                      timeout_s=timeout_s)
-
-    def flush(self, nsid: int, *, qid: int = 1) -> None:
-        self._broker.flush(nsid, qid)
-
-    def write_zeroes(self, nsid: int, slba: int, count: int, *, deallocate: bool = False, qid: int = 1) -> None:
-        self._broker.write_zeroes(nsid, slba, count, qid, deallocate=deallocate)
-
-    def deallocate(self, nsid: int, slba: int, count: int, *, qid: int = 1) -> None:
-        self._broker.deallocate(nsid, slba, count, qid)
 
     # -- zero-copy buffers and batches ------------------------------------------------
     def alloc_buffer(self, nbytes: int, *, shared: bool = False, owner: str = "caller") -> DmaBuffer:
@@ -305,58 +267,7 @@ class Provider:
         """The usable device address space (inclusive ranges): outside it is no IOVA at all."""
         return list(self._broker.ledger.ranges)
 
-    def submit_validated(self, qid: int, sqe: np.ndarray, pages: np.ndarray, *, doorbell: bool = True) -> int:
-        """Post an entry the validator accepted, with PRP2 authored from its checked ``pages``."""
-        return self._broker.submit_validated(qid, sqe, pages, doorbell=doorbell)
-
     # -- the service's compiled data path (nvmevfio/service/daemon.py; cbits/service.c) --
-    def service_attach(self, qid: int, svc: Any) -> None:
-        """Bind a service session (``struct nv_svc``) to I/O queue ``qid``'s PRP-list pages."""
-        self._broker.service_attach(qid, svc)
-
-    def service_buffer(self, entry: Any, buf: DmaBuffer) -> None:
-        """Fill a service session's table entry for ``buf`` (page tables authored by the broker)."""
-        self._broker.service_buffer(entry, buf)
-
-    def service_serve(self, sessions: list[tuple[int, Any]], watch: list[int], timeout_s: float,
-                      idle_spin_s: float = 0.0) -> tuple[int, int]:
-        """The service's steady state in C until Python is needed: (event, session index)."""
-        return self._broker.service_serve(sessions, watch, timeout_s, idle_spin_s)
-
-    def service_pump(self, qid: int, svc: Any) -> int:
-        """Take, check and post a service session's published requests; the count posted."""
-        return self._broker.service_pump(qid, svc)
-
-    def service_drain(self, qid: int, svc: Any) -> None:
-        """Until none of a service session's commands is in flight, each completed to its client."""
-        self._broker.service_drain(qid, svc)
-
-    def ring_doorbell(self, qid: int) -> None:
-        """The SQ tail doorbell of an I/O queue, after entries posted with ``doorbell=False``."""
-        self._broker.ring_doorbell(qid)
-
-    def completion_fd(self, qid: int) -> int | None:
-        """The eventfd the I/O queue's MSI-X vector signals (queues created with ``irq``), for a
-        caller's own event loop; None when the queue is polled."""
-        return self._broker.completion_fd(qid)
-
-    def free_buffer(self, buf: DmaBuffer) -> None:
-        """Scrub, unmap and free (dropping its registration); the handle is stale afterwards.
-        Refused while commands use it."""
-        self._broker.free_buffer(buf)
-
-    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
-        """Register ``buf`` cut into ``slot_size``-byte slots: the broker authors every slot's PRPs
-        once, and commands into a slot (offsets that are multiples of ``slot_size``) copy them."""
-        return self._broker.register_buffer(buf, slot_size)
-
-    def unregister_buffer(self, reg: RegisteredBuffer) -> None:
-        self._broker.unregister_buffer(reg)
-
-    def perf_loop(self, nsid: int, reg: RegisteredBuffer, **workload: Any) -> PerfLoop:
-        """A validated workload for the C closed loop (see ``Broker.perf_loop``)."""
-        return self._broker.perf_loop(nsid, reg, **workload)
-
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:
         """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
@@ -365,21 +276,6 @@ class Provider:
         if opcode is None:
             raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
         return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid)
-
-    def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
-        """Completions of batched commands (at least ``minimum`` while any are in flight), as a
-        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``status``
-        (without the phase tag; 0 is success), ``latency_s``."""
-        return self._broker.reap(qid, minimum, timeout_s)
-
-    def in_flight(self, qid: int = 1) -> int:
-        return self._broker.in_flight(qid)
-
-    def capacity(self, qid: int = 1) -> int:
-        return self._broker.capacity(qid)
-
-    def close(self) -> None:
-        self._broker.close()
 
 
 class ControllerSession(Provider):

@@ -35,6 +35,7 @@ class AdminVerbs:
         return self.admin.read(e, f"Get Log Page {lid:#04x}", length)
 
     def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0, cdw11: int = 0) -> int:
+        """Get Features ``fid`` (SEL ``sel``: current, default, saved, supported capabilities); returns DW0."""
         self.core.require_ready()
         if not 0 < fid <= 0xFF or sel not in (0, 1, 2, 3):
             raise Refused("invalid-feature", f"feature id {fid:#x} / select {sel} out of range", fid=fid, sel=sel)
@@ -98,6 +99,7 @@ class AdminVerbs:
         return self.pt.command(0, spec.namespace_create(), "Namespace Management (create)", data=host)[0]
 
     def delete_namespace(self, nsid: int) -> None:
+        """Namespace Management, delete ``nsid`` (its data is gone); the table re-identified."""
         self.pt.command(0, spec.namespace_delete(nsid), "Namespace Management (delete)")
         self.ns.refresh_namespaces()
 

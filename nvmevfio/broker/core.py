@@ -74,9 +74,14 @@ class Core:
 
     # ============================================================ controller state
     def bind(self) -> Registers:
+        """Read CAP, VS, CC, CSTS; writes nothing. In the no-IOMMU lane a snapshot's ``asq`` and
+        ``acq`` are None (withheld: they are physical addresses), here and in :meth:`registers`
+        and :meth:`enable`.
+        """
         return self.shown(self.ctrl.bind())
 
     def registers(self) -> Registers:
+        """Read CAP, VS, CC, CSTS (and AQA, ASQ, ACQ) now; writes nothing. ASQ and ACQ are None in the no-IOMMU lane."""
         return self.shown(self.ctrl.registers())
 
     def shown(self, snap: Registers) -> Registers:
@@ -119,6 +124,15 @@ class Core:
         if self.ctrl.state is not State.READY or self.admin is None:
             raise Refused("controller-not-enabled",
                           f"controller is {self.ctrl.state.value}: enable it first", state=self.ctrl.state.value)
+
+    def write_interrupt_mask(self, offset: int, value: int) -> None:
+        """Write INTMS or INTMC (NVMe base spec 3.1.4.3-4: set or clear pin/MSI interrupt mask
+        bits; with MSI-X they are unused), the only registers a caller may write; refused like
+        any other verb unless the controller is ready."""
+        if offset not in (regs.INTMS, regs.INTMC):
+            raise Refused("register-write-unclaimed", f"register at {offset:#x} is the broker's", offset=offset)
+        self.require_ready()
+        self.mmio.write32(offset, value & 0xFFFFFFFF)
 
     def require_io(self) -> BrokerQueue:
         self.require_ready()

@@ -65,6 +65,7 @@ class Broker:
         self.create_io_queues = queues.create_io_queues
         self.shutdown = queues.shutdown
         self._require_ready = core.require_ready
+        self.write_interrupt_mask = core.write_interrupt_mask
         self._queue = core.queue
         # identify and the namespace table (namespaces.py)
         self.identify_controller = ns.identify_controller

@@ -25,6 +25,7 @@ class Namespaces:
         self.identified: Callable[[], None] = nothing  # after Identify Controller: the events arm
 
     def identify_controller(self) -> dict[str, Any]:
+        """Identify Controller (CNS 01h), parsed (nvme-cli's field names); kept as ``id_ctrl``."""
         core = self.core
         core.require_ready()
         raw = self.admin.read(command_sqe(spec.identify(Cns.CONTROLLER)), "Identify Controller", 4096)
@@ -36,12 +37,14 @@ class Namespaces:
         return core.id_ctrl
 
     def active_namespaces(self) -> list[int]:
+        """The active namespace IDs (Identify CNS 02h), ascending."""
         self.core.require_ready()
         raw = self.admin.read(command_sqe(spec.identify(Cns.ACTIVE_NAMESPACE_LIST)),
                               "Identify Active Namespace List", 4096)
         return spec.parse_active_namespaces(raw)
 
     def identify_namespace(self, nsid: int) -> Namespace:
+        """Identify Namespace (CNS 00h) of ``nsid``: its geometry (block size, size, formats)."""
         core = self.core
         core.require_ready()
         if not 1 <= nsid <= 0xFFFFFFFE:

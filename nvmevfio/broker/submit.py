@@ -187,21 +187,29 @@ class Submit:
         with self.ex.using(qp):
             qp.ring.ring_sq()
 
-    def reap(self, qid: int = 1, minimum: int = 1, timeout_s: float | None = None) -> np.ndarray:
+    def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
+        """Completions of batched commands (at least ``minimum`` while any are in flight), as a
+        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``status``
+        (without the phase tag; 0 is success), ``latency_s``."""
         qp = self.core.queue(qid)
         with self.ex.using(qp):
             return self.ex.reap(qp, min(minimum, qp.in_flight + sum(len(c) for c in qp.cancelled)), timeout_s)
 
     def completion_fd(self, qid: int) -> int | None:
+        """The eventfd the I/O queue's MSI-X vector signals (queues created with ``irq``), for a
+        caller's own event loop; None when the queue is polled.
+        """
         qp = self.core.queue(qid)
         vector = qp.ring.vector
         irq = self.core.irq
         return irq.fd(vector) if vector is not None and irq is not None else None
 
     def in_flight(self, qid: int = 1) -> int:
+        """Commands of I/O queue ``qid`` submitted and not yet reaped."""
         return self.core.queue(qid).in_flight
 
     def capacity(self, qid: int = 1) -> int:
+        """How many more commands I/O queue ``qid`` takes now (its depth less those in flight)."""
         return self.core.queue(qid).capacity
 
     # ============================================================ registered buffers

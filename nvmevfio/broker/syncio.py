@@ -225,6 +225,7 @@ class SyncIO:
         return count
 
     def flush(self, nsid: int, qid: int = 1) -> None:
+        """Flush (NVM opcode 00h): the volatile write cache of ``nsid`` to media; returns once it completed."""
         qp = self.core.queue(qid)
         self.ns.namespace(nsid)
         self.ex.exec(qp, command_sqe(spec.flush(nsid)), "Flush", nsid=nsid)

@@ -25,6 +25,7 @@ from nvmevfio.nvme.controller import Registers
 from nvmevfio.nvme.queue import PerfLoop
 from nvmevfio.provider import ControllerSession, Provider
 from nvmevfio.service.client import ServiceBuffer, ServiceDevice, ServiceSlots
+from nvmevfio.verbs import NamespaceVerb, Verb
 
 # a device address (IOVA, physical), a PRP or a data pointer, a queue base, a doorbell's offset,
 # or a raw host address / pointer
@@ -72,8 +73,17 @@ def _public_members(cls: type) -> dict[str, object]:
     return members
 
 
+def _callable(member: object) -> object:
+    """What a member runs: a property's getter, a verb's declared method (nvmevfio/verbs.py)."""
+    if isinstance(member, property):
+        return member.fget
+    if isinstance(member, (Verb, NamespaceVerb)):
+        return member.method
+    return member
+
+
 def _parameters(member: object) -> list[str]:
-    func = member.fget if isinstance(member, property) else member
+    func = _callable(member)
     if isinstance(func, (staticmethod, classmethod)):
         func = func.__func__
     if not callable(func):
@@ -110,7 +120,7 @@ def test_the_surface_is_what_this_test_thinks_it_is():
     unknown = []
     for cls in SURFACE:
         for name, member in _public_members(cls).items():
-            func = member.fget if isinstance(member, property) else member
+            func = _callable(member)
             if not callable(func) or isinstance(func, type):
                 continue
             ret = getattr(func, "__annotations__", {}).get("return")
@@ -155,3 +165,42 @@ def test_every_allowed_exception_still_exists():
     stale = [f"{c}.{m}" for c, m in ALLOWED if m not in vars(classes[c]) and m not in _public_members(classes[c])]
     assert stale == []
 
+
+
+def test_the_check_reads_a_verb_s_declared_method():
+    """A verb declared once (nvmevfio/verbs.py) is checked on the component method it exposes."""
+
+    class Component:
+        def read_to(self, nsid: int, host_ptr: int) -> None: ...
+
+    class Front:
+        read_to = Verb(Component.read_to)
+        ns_read = NamespaceVerb(Component.read_to, name="read_to")
+
+    Front.__module__ = "nvmevfio.planted"
+    assert violations(Front) == ["Front.read_to(host_ptr)", "Front.ns_read(host_ptr)"]
+
+
+@pytest.mark.parametrize("cls", [Provider, BlockDevice], ids=lambda c: c.__name__)
+def test_no_verb_is_a_one_line_hand_off(cls):
+    """A method whose whole body hands its arguments to the same-named verb of the layer below is
+    a verb written twice: declare it with Verb / NamespaceVerb instead (issue 22, item 4)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    twice = []
+    for f in tree.body[0].body:
+        if not isinstance(f, ast.FunctionDef) or f.decorator_list:
+            continue
+        body = [n for n in f.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        if len(body) != 1 or not isinstance(body[0], (ast.Return, ast.Expr)) or body[0].value is None:
+            continue
+        call = body[0].value
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == f.name
+                and isinstance(call.func.value, ast.Attribute) and call.func.value.attr in ("_broker", "provider")):
+            continue
+        passed = list(call.args) + [k.value for k in call.keywords]
+        if all(isinstance(a, ast.Name) or (isinstance(a, ast.Attribute) and a.attr == "nsid") for a in passed):
+            twice.append(f.name)  # its arguments handed on as they came: nothing of its own
+    assert twice == []
