@@ -4,9 +4,8 @@
  * shared ring; here each is copied out of the shared page, checked against the session's grant
  * and buffer table, and turned into an NVMe READ or WRITE whose PRP1, PRP2 and PRP-list entries
  * are copied from the page tables the broker authored (NVMe Base 2.0, 4.1.1). Completions go
- * back into the client's completion ring. The index protocol is ring.py's: free-running 32-bit
- * counters, each published with a store-release after the entries it covers and read with a
- * load-acquire before the entries (nv_store_release32 / nv_load_acquire32). */
+ * back into the client's completion ring. The rings' layout and index protocol: svc_ring.h. The
+ * client's side in C (perf through the service): cbits/svc_client.c. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
@@ -17,31 +16,11 @@
 #include <unistd.h>
 
 #include "shim.h"
-
-/* ring.py: one cache line per index */
-#define SQ_TAIL 0
-#define SQ_HEAD 64
-#define CQ_TAIL 128
-#define CQ_HEAD 192
-/* Notification suppression (ring.py), the shape of virtio's VRING_USED_F_NO_NOTIFY / io_uring's
- * SQ_NEED_WAKEUP: each flag has one writer and only lets the other side skip an eventfd write.
- * 0, the value a fresh ring and a Python client have, means "notify me". Neither side trusts the
- * other's flag for anything but its own wake-ups: a client that lies only stalls itself. */
-#define DAEMON_POLLING 320       /* the daemon: 1 while it spins over this ring (no doorbell needed) */
-#define CLIENT_BUSY 384          /* the client: 1 while it looks at its completion ring itself */
-
-/* request opcodes: the NVM command set's (ring.py); a deallocate is Dataset Management's */
-#define OPC_FLUSH 0x00
-#define OPC_WRITE 0x01
-#define OPC_READ 0x02
-#define OPC_WRITE_ZEROES 0x08
-#define OPC_DEALLOCATE 0x09
+#include "barrier.h"
+#include "nvme.h"
+#include "svc_ring.h"
 
 #define SERVICE_REFUSED 0x8000
-#define ONCS_DSM (1u << 2)
-#define ONCS_WRITE_ZEROES (1u << 3)
-#define DSM_AD (1u << 2)          /* CDW11: Attribute - Deallocate */
-#define MAX_NLB 65536u            /* a 16-bit 0's based NLB field */
 #define REAP_BATCH 64
 #define WATCH_NS 1000000LL       /* spinning: how often the watched descriptors are looked at */
 #define LATE_CHECK_NS 100000000LL /* how often in-flight ages are looked at */
@@ -49,29 +28,30 @@
 _Static_assert(sizeof(struct nv_svc_request) == 40, "ring.REQUEST is 40 bytes");
 _Static_assert(sizeof(struct nv_svc_completion) == 16, "ring.COMPLETION is 16 bytes");
 
-static inline uint32_t load_index(const struct nv_svc *s, uint32_t at)
+static inline uint32_t svc_load_index(const struct nv_svc *s, uint32_t at)
 {
-    return nv_load_acquire32(s->header + at);
+    return barrier_load_acquire32(s->header + at);
 }
 
-static inline void store_index(struct nv_svc *s, uint32_t at, uint32_t value)
+static inline void svc_store_index(struct nv_svc *s, uint32_t at, uint32_t value)
 {
-    nv_store_release32(s->header + at, value);
+    barrier_store_release32(s->header + at, value);
 }
 
 int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r)
 {
     /* the same order as the daemon's refusals always had: opcode, access, window, size, buffer */
-    uint8_t opc = r->opcode;
-    if (opc != OPC_FLUSH && opc != OPC_WRITE && opc != OPC_READ && opc != OPC_WRITE_ZEROES && opc != OPC_DEALLOCATE)
+    uint8_t opc = r->opcode;  /* the NVM command set's opcodes (ring.py); a deallocate is a DSM */
+    if (opc != NVME_CMD_FLUSH && opc != NVME_CMD_WRITE && opc != NVME_CMD_READ && opc != NVME_CMD_WRITE_ZEROES &&
+        opc != NVME_CMD_DSM)
         return NV_SVC_DISALLOWED_OPCODE;
-    if (opc != OPC_READ && opc != OPC_FLUSH && !s->writable)
+    if (opc != NVME_CMD_READ && opc != NVME_CMD_FLUSH && !s->writable)
         return NV_SVC_READ_ONLY;
-    if (opc == OPC_FLUSH)
+    if (opc == NVME_CMD_FLUSH)
         return NV_SVC_OK;
     if (r->count < 1 || r->lba >= s->blocks || r->count > s->blocks - r->lba)
         return NV_SVC_OUT_OF_WINDOW;
-    if (opc != OPC_READ && opc != OPC_WRITE)
+    if (opc != NVME_CMD_READ && opc != NVME_CMD_WRITE)
         return NV_SVC_OK;
     uint64_t length = (uint64_t)r->count * s->block_size;
     if (length > s->max_transfer)
@@ -99,8 +79,8 @@ int nv_svc_check(const struct nv_svc *s, const struct nv_svc_request *r)
 /* PRP1 and PRP2 of a checked READ/WRITE, and its PRP-list pages in cid's part of the queue's
  * list area: every value is an entry of the broker's tables, none is computed here beyond an
  * offset inside the first page. */
-static void author(struct nv_svc *s, const struct nv_svc_buffer *b, uint16_t cid, uint64_t offset,
-                   uint64_t length, struct nv_sqe *e)
+static void svc_author_prps(struct nv_svc *s, const struct nv_svc_buffer *b, uint16_t cid, uint64_t offset,
+                            uint64_t length, struct nv_sqe *e)
 {
     uint32_t ps = s->page_size;
     uint64_t first = offset / ps, in_page = offset % ps;
@@ -133,7 +113,7 @@ static void author(struct nv_svc *s, const struct nv_svc_buffer *b, uint16_t cid
     }
 }
 
-static void put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result)
+static void svc_put_completion(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result)
 {
     struct nv_svc_completion *c = &s->completions[s->cq_tail % s->depth];
     c->tag = tag;
@@ -145,14 +125,14 @@ static void put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason
     s->completed++;
 }
 
-static void publish_completions(struct nv_svc *s)
+static void svc_publish_completions(struct nv_svc *s)
 {
-    store_index(s, CQ_TAIL, s->cq_tail);  /* store-release: the entries before the index */
+    svc_store_index(s, CQ_TAIL, s->cq_tail);  /* store-release: the entries before the index */
     /* Full fence: the tail's store must be visible before CLIENT_BUSY is read, or a client that
      * cleared it and then read the old tail would sleep with nobody to wake it (Dekker; the
      * client fences between its flag and its tail read the same way). */
-    nv_mb();
-    if (s->completion_fd >= 0 && !load_index(s, CLIENT_BUSY)) {
+    barrier_mb();
+    if (s->completion_fd >= 0 && !svc_load_index(s, CLIENT_BUSY)) {
         uint64_t one = 1;
         ssize_t w = write(s->completion_fd, &one, sizeof(one));
         (void)w;  /* EAGAIN: the counter is at its maximum, the client is woken anyway */
@@ -161,17 +141,17 @@ static void publish_completions(struct nv_svc *s)
 }
 
 /* Can C post this checked request itself? */
-static int postable(const struct nv_svc *s, const struct nv_svc_request *r)
+static int svc_postable(const struct nv_svc *s, const struct nv_svc_request *r)
 {
     switch (r->opcode) {
-    case OPC_READ:
-    case OPC_WRITE:
-    case OPC_FLUSH:
+    case NVME_CMD_READ:
+    case NVME_CMD_WRITE:
+    case NVME_CMD_FLUSH:
         return 1;
-    case OPC_WRITE_ZEROES:
-        return (s->oncs & ONCS_WRITE_ZEROES) && r->count <= MAX_NLB;
-    case OPC_DEALLOCATE:
-        return (s->oncs & ONCS_DSM) && s->prp_pages > 0;
+    case NVME_CMD_WRITE_ZEROES:
+        return (s->oncs & NVME_CTRL_ONCS_WRITE_ZEROES) && r->count <= NVME_WZ_MAX_NLB;
+    case NVME_CMD_DSM:
+        return (s->oncs & NVME_CTRL_ONCS_DSM) && s->prp_pages > 0;
     default:
         return 0;
     }
@@ -179,16 +159,16 @@ static int postable(const struct nv_svc *s, const struct nv_svc_request *r)
 
 /* Every request taken gets one completion: no more are taken than the completion ring has room
  * for after the ones still owed. A client that wrote a wild head only stalls itself. */
-static int64_t completion_room(const struct nv_svc *s)
+static int64_t svc_completion_room(const struct nv_svc *s)
 {
-    int64_t owed = (int64_t)(uint32_t)(s->cq_tail - load_index(s, CQ_HEAD)) + s->in_flight;
+    int64_t owed = (int64_t)(uint32_t)(s->cq_tail - svc_load_index(s, CQ_HEAD)) + s->in_flight;
     return (int64_t)s->depth - owed;
 }
 
 /* Requests published and not taken yet: a tail more than a ring ahead counts one ring's worth. */
-static uint32_t published(const struct nv_svc *s)
+static uint32_t svc_published(const struct nv_svc *s)
 {
-    uint32_t avail = load_index(s, SQ_TAIL) - s->sq_head;
+    uint32_t avail = svc_load_index(s, SQ_TAIL) - s->sq_head;
     return avail > s->depth ? s->depth : avail;
 }
 
@@ -196,14 +176,14 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
 {
     if (s->has_held)
         return 0;
-    int64_t room = completion_room(s);
-    uint32_t avail = published(s);
+    int64_t room = svc_completion_room(s);
+    uint32_t avail = svc_published(s);
     uint32_t posted = 0, refused = 0;
     int64_t now = 0;
     while (avail && room > 0) {
         struct nv_svc_request r = s->requests[s->sq_head % s->depth];  /* a copy: what is checked is used */
         int reason = nv_svc_check(s, &r);
-        if (reason == NV_SVC_OK && postable(s, &r)) {
+        if (reason == NV_SVC_OK && svc_postable(s, &r)) {
             uint16_t cid;
             if (nv_qp_take(qp, 1, &cid) < 0)
                 break;  /* the queue is full: the rest waits for completions */
@@ -215,18 +195,18 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
             e.cid = cid;
             e.nsid = s->nsid;
             uint64_t slba = s->first_lba + r.lba;
-            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE || r.opcode == OPC_WRITE_ZEROES) {
+            if (r.opcode == NVME_CMD_READ || r.opcode == NVME_CMD_WRITE || r.opcode == NVME_CMD_WRITE_ZEROES) {
                 e.cdw10 = (uint32_t)slba;
                 e.cdw11 = (uint32_t)(slba >> 32);
                 e.cdw12 = r.count - 1;  /* NLB is 0's based */
             }
-            if (r.opcode == OPC_READ || r.opcode == OPC_WRITE) {
+            if (r.opcode == NVME_CMD_READ || r.opcode == NVME_CMD_WRITE) {
                 b = &s->buffers[r.buffer];
                 length = (uint64_t)r.count * s->block_size;
-                author(s, b, cid, r.offset, length, &e);
-                if (b->shadow && r.opcode == OPC_WRITE)  /* no IOMMU: the device reads the shadow */
+                svc_author_prps(s, b, cid, r.offset, length, &e);
+                if (b->shadow && r.opcode == NVME_CMD_WRITE)  /* no IOMMU: the device reads the shadow */
                     memcpy(b->shadow + r.offset, b->user + r.offset, length);
-            } else if (r.opcode == OPC_DEALLOCATE) {
+            } else if (r.opcode == NVME_CMD_DSM) {
                 /* One range (NVM Command Set 3.2.3: context attributes, NLB, SLBA; 16 bytes) in the
                  * first of this command id's list pages, which a DSM command has no other use for. */
                 uint32_t list = cid * s->prp_pages;
@@ -235,7 +215,7 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
                 range[1] = slba;
                 e.prp1 = s->prp_dev[list];
                 e.cdw10 = 0;  /* NR: one range, 0's based */
-                e.cdw11 = DSM_AD;
+                e.cdw11 = NVME_DSMGMT_AD;
             }  /* FLUSH: the namespace, nothing more */
             if (!now)
                 now = nv_now_ns();
@@ -256,7 +236,7 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
             s->has_held = 1;
             s->in_flight++;
         } else {
-            put(s, r.tag, SERVICE_REFUSED, (uint16_t)reason, 0);
+            svc_put_completion(s, r.tag, SERVICE_REFUSED, (uint16_t)reason, 0);
             refused++;
         }
         s->sq_head++;
@@ -266,7 +246,7 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
         if (s->has_held)
             break;
     }
-    store_index(s, SQ_HEAD, s->sq_head);  /* store-release: those entries may be written again */
+    svc_store_index(s, SQ_HEAD, s->sq_head);  /* store-release: those entries may be written again */
     if (posted) {
         nv_qp_ring_sq(qp);  /* one SQ tail doorbell for the batch */
         s->posted += posted;
@@ -274,7 +254,7 @@ int nv_svc_pump(struct nv_svc *s, struct nv_qp *qp)
     }
     if (refused) {
         s->refused += refused;
-        publish_completions(s);
+        svc_publish_completions(s);
     }
     return (int)posted;
 }
@@ -287,25 +267,25 @@ int nv_svc_complete(struct nv_svc *s, const struct nv_completion *done, uint32_t
             uint32_t id = s->cid_buffer[c->cid];
             const struct nv_svc_buffer *b = id < s->nbuffers ? &s->buffers[id] : NULL;
             /* no IOMMU: a READ's data went to the shadow; the client's memory gets it now */
-            if (id && b && b->shadow && c->opcode == OPC_READ && c->status == 0)
+            if (id && b && b->shadow && c->opcode == NVME_CMD_READ && c->status == 0)
                 memcpy(b->user + s->cid_offset[c->cid], b->shadow + s->cid_offset[c->cid], s->cid_length[c->cid]);
             s->cid_tag[c->cid] = 0;
         }
-        put(s, c->cookie, c->status, 0, c->result);
+        svc_put_completion(s, c->cookie, c->status, 0, c->result);
         if (s->in_flight)
             s->in_flight--;
     }
     if (n)
-        publish_completions(s);
+        svc_publish_completions(s);
     return (int)n;
 }
 
 int nv_svc_put(struct nv_svc *s, uint32_t tag, uint16_t status, uint16_t reason, uint32_t result)
 {
-    put(s, tag, status, reason, result);
+    svc_put_completion(s, tag, status, reason, result);
     if (s->in_flight)
         s->in_flight--;
-    publish_completions(s);
+    svc_publish_completions(s);
     return 0;
 }
 
@@ -332,8 +312,8 @@ int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp)
     return total;
 }
 
-/* p: room for n entries (serve_loop's poll set) */
-static int readable(struct pollfd *p, const int *fds, uint32_t n)
+/* p: room for n entries (svc_serve_loop's poll set) */
+static int svc_readable(struct pollfd *p, const int *fds, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
         p[i].fd = fds[i];
@@ -343,7 +323,7 @@ static int readable(struct pollfd *p, const int *fds, uint32_t n)
     return n ? poll(p, n, 0) > 0 : 0;
 }
 
-static void drain_eventfd(int fd)
+static void svc_drain_eventfd(int fd)
 {
     uint64_t v;
     ssize_t r = read(fd, &v, sizeof(v));  /* non-blocking: EAGAIN when it was not set */
@@ -352,10 +332,10 @@ static void drain_eventfd(int fd)
 
 /* DAEMON_POLLING of every session: 1 on those whose queue is polled (the loop spins over them),
  * 0 on all when clear. */
-static void set_polling(struct nv_svc **s, struct nv_qp **qps, uint32_t n, int on)
+static void svc_set_polling(struct nv_svc **s, struct nv_qp **qps, uint32_t n, int on)
 {
     for (uint32_t i = 0; i < n; i++)
-        store_index(s[i], DAEMON_POLLING, on && qps[i]->irq_fd < 0);
+        svc_store_index(s[i], DAEMON_POLLING, on && qps[i]->irq_fd < 0);
 }
 
 /* Before sleeping: is there a request a client published without ringing (it saw DAEMON_POLLING
@@ -363,24 +343,24 @@ static void set_polling(struct nv_svc **s, struct nv_qp **qps, uint32_t n, int o
  * store before these loads, as the client fences between publishing its tail and reading the
  * flag. Requests held back for want of completion room do not count: a client that does not
  * reap must not keep the daemon awake (it rings again when it has taken completions). */
-static int unrung(struct nv_svc **s, uint32_t n)
+static int svc_unrung(struct nv_svc **s, uint32_t n)
 {
-    nv_mb();
+    barrier_mb();
     for (uint32_t i = 0; i < n; i++)
-        if (!s[i]->has_held && published(s[i]) && completion_room(s[i]) > 0)
+        if (!s[i]->has_held && svc_published(s[i]) && svc_completion_room(s[i]) > 0)
             return 1;
     return 0;
 }
 
 /* p: the poll set, room for every watched descriptor and two per session (nv_svc_serve sizes it:
  * no number of watched descriptors may crowd out a session's doorbell or interrupt) */
-static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
-                      int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which, struct pollfd *p)
+static int svc_serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
+                          int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which, struct pollfd *p)
 {
     int64_t start = nv_now_ns();
     int64_t next_watch = start + WATCH_NS, next_late = start + LATE_CHECK_NS, last_work = start;
     uint32_t turn = 0;
-    set_polling(s, qps, n, 1);
+    svc_set_polling(s, qps, n, 1);
     for (;;) {
         uint64_t work = 0;
         int polled = 0, busy = 0;  /* a polled queue among them; one with commands in flight */
@@ -425,15 +405,15 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
         if (work || spin) {
             if (now >= next_watch) {
                 next_watch = now + WATCH_NS;
-                if (readable(p, watch, nwatch))
+                if (svc_readable(p, watch, nwatch))
                     return NV_SVC_CONTROL;
             }
             continue;
         }
         /* Nothing to do: sleep until a client rings, a queue interrupts, or Python is needed. */
-        set_polling(s, qps, n, 0);
-        if (unrung(s, n)) {
-            set_polling(s, qps, n, 1);
+        svc_set_polling(s, qps, n, 0);
+        if (svc_unrung(s, n)) {
+            svc_set_polling(s, qps, n, 1);
             continue;
         }
         uint32_t np = 0;
@@ -456,7 +436,7 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
             return errno == EINTR ? NV_SVC_TIMEOUT : -errno;  /* a signal: Python's handler runs */
         for (uint32_t i = 0; i < n; i++)
             s[i]->sleeps++;
-        set_polling(s, qps, n, 1);
+        svc_set_polling(s, qps, n, 1);
         last_work = nv_now_ns();  /* woken: as if there was work (a doorbell usually) */
         int control = 0;
         for (uint32_t i = 0; i < np; i++) {
@@ -465,7 +445,7 @@ static int serve_loop(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const i
             if (i < nwatch)
                 control = 1;
             else
-                drain_eventfd(p[i].fd);  /* a client's doorbell or an MSI-X eventfd: the loop looks */
+                svc_drain_eventfd(p[i].fd);  /* a client's doorbell or an MSI-X eventfd: the loop looks */
         }
         if (control)
             return NV_SVC_CONTROL;
@@ -478,145 +458,9 @@ int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *w
     struct pollfd *p = calloc((size_t)nwatch + 2 * (size_t)n + 1, sizeof(*p));
     if (!p)
         return -ENOMEM;
-    int r = serve_loop(s, qps, n, watch, nwatch, late_ns, timeout_ns, idle_spin_ns, which, p);
+    int r = svc_serve_loop(s, qps, n, watch, nwatch, late_ns, timeout_ns, idle_spin_ns, which, p);
     free(p);
-    set_polling(s, qps, n, 0);  /* Python's loop looks at doorbells by their eventfds */
-    nv_mb();  /* the flags' stores before whatever Python reads next of the rings */
+    svc_set_polling(s, qps, n, 0);  /* Python's loop looks at doorbells by their eventfds */
+    barrier_mb();  /* the flags' stores before whatever Python reads next of the rings */
     return r;
-}
-
-/* ==== a client's closed loop (perf through the service) ==== */
-
-#define READ_TAG 0x80000000u  /* a request's tag: its slot, and this bit for a READ */
-
-static inline uint64_t mix64(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);  /* splitmix64, as nv_perf_run */
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
-static int client_loop(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
-                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
-                       uint64_t slot_size, int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns,
-                       int drain);
-
-int nv_svc_client_perf(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
-                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
-                       uint64_t slot_size,
-                       int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns, int drain)
-{
-    int r = client_loop(header, requests, completions, depth, doorbell_fd, completion_fd, control_fd, p,
-                        slot_size, issued_ns, tail, head, slice_ns, drain);
-    /* Whoever waits next (Python's client) waits on the eventfd: ask for it again. The fence
-     * orders the flag's store before the caller's next look at the completion tail. */
-    nv_store_release32(header + CLIENT_BUSY, 0);
-    nv_mb();
-    return r;
-}
-
-static int client_loop(uint8_t *header, struct nv_svc_request *requests, struct nv_svc_completion *completions,
-                       uint32_t depth, int doorbell_fd, int completion_fd, int control_fd, struct nv_perf *p,
-                       uint64_t slot_size, int64_t *issued_ns, uint32_t *tail, uint32_t *head, int64_t slice_ns,
-                       int drain)
-{
-    int64_t start = nv_now_ns(), end = start + slice_ns;
-    uint32_t in_flight = p->nslots - p->nfree;
-    nv_store_release32(header + CLIENT_BUSY, 1);  /* looking at the ring: no eventfd writes needed */
-    for (;;) {
-        int finished = drain || (p->max_ios && p->issued >= p->max_ios);
-        /* fill: every free slot, as one published batch and one doorbell */
-        uint32_t room = depth - (*tail - nv_load_acquire32(header + SQ_HEAD));
-        uint32_t k = finished ? 0 : p->nfree < room ? p->nfree : room;
-        uint32_t cap = p->depth > in_flight ? p->depth - in_flight : 0;
-        if (k > cap)
-            k = cap;
-        if (p->max_ios && p->max_ios - p->issued < k)
-            k = (uint32_t)(p->max_ios - p->issued);
-        if (k) {
-            int64_t now = nv_now_ns();
-            for (uint32_t i = 0; i < k; i++) {
-                uint64_t pos = p->random ? mix64(&p->rng) % p->positions : p->seq++ % p->positions;
-                int is_read = p->read_pct >= 100 ? 1 : p->read_pct == 0 ? 0 : (mix64(&p->rng) % 100) < p->read_pct;
-                uint32_t slot = p->free_slots[--p->nfree];
-                struct nv_svc_request *r = &requests[*tail % depth];
-                r->opcode = is_read ? OPC_READ : OPC_WRITE;
-                r->flags = 0;
-                r->rsvd = 0;
-                r->buffer = (uint32_t)p->buf_slot;
-                r->generation = (uint64_t)p->buf_gen;
-                r->offset = slot * slot_size;
-                r->lba = p->lba_lo + pos * p->nlb;
-                r->count = p->nlb;
-                r->tag = slot | (is_read ? READ_TAG : 0);
-                issued_ns[slot] = now;
-                (*tail)++;
-            }
-            nv_store_release32(header + SQ_TAIL, *tail);  /* store-release: the entries first */
-            /* Full fence: the tail's store before the flag's load (the daemon clears the flag,
-             * fences, then reads the tail before it sleeps): one of the two sees the other. */
-            nv_mb();
-            if (!nv_load_acquire32(header + DAEMON_POLLING)) {
-                uint64_t one = 1;
-                ssize_t w = write(doorbell_fd, &one, sizeof(one));
-                (void)w;
-                p->doorbells++;
-            }
-            in_flight += k;
-            p->issued += k;
-            p->fills++;
-        }
-        /* reap: every published completion */
-        uint32_t ready = nv_load_acquire32(header + CQ_TAIL) - *head;
-        if (ready > depth)
-            return -EPROTO;  /* the daemon never publishes more than a ring */
-        if (ready) {
-            int64_t now = nv_now_ns();
-            for (uint32_t i = 0; i < ready; i++) {
-                struct nv_svc_completion c = completions[(*head + i) % depth];
-                uint32_t slot = c.tag & ~READ_TAG;
-                if (slot >= p->nslots)
-                    return -EPROTO;
-                nv_perf_done(p, (uint64_t)(now - issued_ns[slot]), c.tag & READ_TAG ? OPC_READ : OPC_WRITE, c.status,
-                             slot);
-            }
-            *head += ready;
-            nv_store_release32(header + CQ_HEAD, *head);  /* the entries may be written again */
-            in_flight -= ready;
-            p->reaps++;
-        }
-        if (!in_flight && finished)
-            return 1;
-        int64_t now = nv_now_ns();
-        if (!drain && now >= end)
-            return 0;
-        if (!ready && in_flight) {
-            if (now - start >= p->timeout_ns && drain)
-                return -ETIMEDOUT;
-            /* About to sleep: ask for the eventfd, then look once more (a completion published
-             * before the daemon saw the flag came without one); the fence as in the fill above. */
-            nv_store_release32(header + CLIENT_BUSY, 0);
-            nv_mb();
-            if (nv_load_acquire32(header + CQ_TAIL) != *head) {
-                nv_store_release32(header + CLIENT_BUSY, 1);
-                continue;
-            }
-            struct pollfd pf[2] = {{.fd = completion_fd, .events = POLLIN}, {.fd = control_fd, .events = POLLIN}};
-            int64_t left = drain ? p->timeout_ns : end - now;
-            int r = poll(pf, control_fd >= 0 ? 2 : 1, (int)((left + 999999) / 1000000));
-            p->wait_ns += (uint64_t)(nv_now_ns() - now);
-            p->sleeps++;
-            nv_store_release32(header + CLIENT_BUSY, 1);
-            if (r < 0 && errno != EINTR)
-                return -errno;
-            if (r > 0 && pf[1].revents)
-                return -EPIPE;  /* the daemon hung up (or broke the protocol): no completion will come */
-            if (r > 0) {
-                uint64_t v;
-                ssize_t rr = read(completion_fd, &v, sizeof(v));
-                (void)rr;
-            }
-        }
-    }
 }

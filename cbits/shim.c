@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <linux/vfio.h>
 
+#include "barrier.h"
 #include "shim.h"
 
 #ifndef NVMEVFIO_VERSION
@@ -127,7 +128,7 @@ int nv_device_info(int device_fd, struct nv_device_info *out)
 }
 
 /* Walks an info capability chain (offsets are from the start of the info buffer). */
-static struct vfio_info_cap_header *find_cap(void *buf, size_t len, uint32_t first, uint16_t id)
+static struct vfio_info_cap_header *vfio_find_cap(void *buf, size_t len, uint32_t first, uint16_t id)
 {
     uint32_t off = first;
     unsigned hops = 0;
@@ -164,7 +165,7 @@ int nv_region_info(int device_fd, uint32_t index, struct nv_region_info *out,
     out->nr_sparse = 0;
     if ((info->flags & VFIO_REGION_INFO_FLAG_CAPS) && info->cap_offset) {
         struct vfio_info_cap_header *h =
-            find_cap(info, len, info->cap_offset, VFIO_REGION_INFO_CAP_SPARSE_MMAP);
+            vfio_find_cap(info, len, info->cap_offset, VFIO_REGION_INFO_CAP_SPARSE_MMAP);
         if (h) {
             struct vfio_region_info_cap_sparse_mmap *sp = (void *)h;
             uint32_t n = sp->nr_areas;
@@ -292,7 +293,7 @@ int nv_iommu_info(int container_fd, struct nv_iommu_info *out,
     out->dma_avail = 0xffffffffu;
     if ((info->flags & VFIO_IOMMU_INFO_CAPS) && info->cap_offset) {
         struct vfio_info_cap_header *h =
-            find_cap(info, len, info->cap_offset, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE);
+            vfio_find_cap(info, len, info->cap_offset, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE);
         if (h) {
             struct vfio_iommu_type1_info_cap_iova_range *r = (void *)h;
             out->nr_ranges = r->nr_iovas;
@@ -301,7 +302,7 @@ int nv_iommu_info(int container_fd, struct nv_iommu_info *out,
                 ranges[i].end = r->iova_ranges[i].end;
             }
         }
-        h = find_cap(info, len, info->cap_offset, VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL);
+        h = vfio_find_cap(info, len, info->cap_offset, VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL);
         if (h)
             out->dma_avail = ((struct vfio_iommu_type1_info_dma_avail *)h)->avail;
     }
@@ -414,59 +415,10 @@ void nv_mmio_write64(void *base, uint64_t offset, uint64_t value)
     *(volatile uint64_t *)((char *)base + offset) = value;
 }
 
-void nv_wmb(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__ __volatile__("sfence" ::: "memory");
-#elif defined(__aarch64__)
-    __asm__ __volatile__("dmb oshst" ::: "memory");
-#else
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-#endif
-}
-
-void nv_rmb(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__ __volatile__("lfence" ::: "memory");
-#elif defined(__aarch64__)
-    __asm__ __volatile__("dmb oshld" ::: "memory");
-#else
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-#endif
-}
-
-void nv_mb(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__ __volatile__("mfence" ::: "memory");
-#elif defined(__aarch64__)
-    __asm__ __volatile__("dmb osh" ::: "memory");
-#else
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-#endif
-}
-
-/* ---- the service's shared rings (nvmevfio/service/ring.py) ----
- * Between two processes on the same machine (both CPUs, no device): the producer writes its
- * entries with ordinary stores, then publishes the index with a store-release, so the consumer,
- * whose load-acquire sees the new index, sees the entries too (and likewise for the consumer's
- * head, which frees entries for the producer to overwrite). */
-uint32_t nv_load_acquire32(const void *addr)
-{
-    return __atomic_load_n((const uint32_t *)addr, __ATOMIC_ACQUIRE);
-}
-
-void nv_store_release32(void *addr, uint32_t value)
-{
-    __atomic_store_n((uint32_t *)addr, value, __ATOMIC_RELEASE);
-}
-
-void nv_doorbell(void *base, uint64_t offset, uint32_t value)
-{
-    /* The SQ entries (or the consumed CQ entries) were written with ordinary
-     * stores to host memory; the device must observe them before it observes
-     * the doorbell, so order them with a store barrier first. */
-    nv_wmb();
-    nv_mmio_write32(base, offset, value);
-}
+/* The barriers, for Python (mmio.py, service/ring.py): thin wrappers over barrier.h's, which the
+ * C files call inline. The doorbell write is the queue pairs' (nv_doorbell, cbits/qpair.c). */
+void nv_wmb(void) { barrier_wmb(); }
+void nv_rmb(void) { barrier_rmb(); }
+void nv_mb(void) { barrier_mb(); }
+uint32_t nv_load_acquire32(const void *addr) { return barrier_load_acquire32(addr); }
+void nv_store_release32(void *addr, uint32_t value) { barrier_store_release32(addr, value); }

@@ -113,15 +113,16 @@ void nv_mmio_write32(void *base, uint64_t offset, uint32_t value);
 uint64_t nv_mmio_read64(const void *base, uint64_t offset);
 void nv_mmio_write64(void *base, uint64_t offset, uint64_t value);
 
-/* Barriers. */
+/* Barriers, for Python (C uses cbits/barrier.h's inline ones, where each says why it is needed). */
 void nv_wmb(void);   /* stores before it are visible to the device before stores after it */
 void nv_rmb(void);   /* loads after it are not satisfied before loads before it */
 void nv_mb(void);    /* full fence */
-
-/* Doorbell: a store barrier, then one 32-bit MMIO write (so the device sees every
- * queue entry written before it). */
+/* The service's shared ring indices (service/ring.py): load-acquire and store-release. */
 uint32_t nv_load_acquire32(const void *addr);
 void nv_store_release32(void *addr, uint32_t value);
+
+/* Doorbell: a store barrier, then one 32-bit MMIO write (so the device sees every queue entry
+ * written before it). The queue pairs' own doorbell write (cbits/qpair.c), the only one. */
 void nv_doorbell(void *base, uint64_t offset, uint32_t value);
 
 /* ==== Queue pairs: the per-command hot path (NVMe Base Spec 2.0, 3.3 and 4.1) ====

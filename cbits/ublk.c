@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "shim.h"
+#include "nvme.h"  /* NVMe opcodes and command bits */
 
 /* ---- ublk UAPI (include/uapi/linux/ublk_cmd.h, Linux 6.12), declared here: Debian 12's
  * headers predate the ioctl-encoded opcodes (UBLK_U_*) and user recovery ---- */
@@ -121,19 +122,6 @@ _Static_assert(sizeof(struct nv_ublk_info) == 64, "nv_ublk_info is ublksrv_ctrl_
 
 #define UBLK_PARAM_TYPE_BASIC (1u << 0)
 #define UBLK_PARAM_TYPE_DISCARD (1u << 1)
-
-/* ---- NVMe (Base Specification 2.0; NVM Command Set 1.0) ---- */
-#define NVME_CMD_FLUSH 0x00
-#define NVME_CMD_WRITE 0x01
-#define NVME_CMD_READ 0x02
-#define NVME_CMD_WRITE_ZEROES 0x08
-#define NVME_CMD_DSM 0x09
-#define NVME_RW_FUA (1u << 30)          /* CDW12 bit 30: Force Unit Access */
-#define NVME_WZ_DEAC (1u << 25)         /* Write Zeroes CDW12 bit 25: Deallocate */
-#define NVME_DSMGMT_AD (1u << 2)        /* Dataset Management CDW11 bit 2: Attribute - Deallocate */
-#define NVME_CTRL_ONCS_DSM (1u << 2)
-#define NVME_CTRL_ONCS_WRITE_ZEROES (1u << 3)
-#define NVME_WZ_MAX_NLB 65536u          /* NLB is a 16-bit 0's based field */
 
 #define TAG_FETCHING 0   /* the kernel holds the tag: a FETCH or COMMIT_AND_FETCH is outstanding */
 #define TAG_AT_DEVICE 1  /* its NVMe command is in flight */

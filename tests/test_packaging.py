@@ -142,8 +142,8 @@ def test_the_sdist_unpacked_in_an_empty_folder_builds_and_installs(tmp_path):
             tar.extractall(tmp_path / "src", filter="data")
         else:  # pragma: no cover - older 3.11; our own sdist, just built
             tar.extractall(tmp_path / "src")
-    for needed in ("pyproject.toml", "setup.py", "cbits/build_cbits.py", "cbits/shim.h", "cbits/shim.c",
-                   "cbits/qpair.c", "cbits/service.c", "cbits/iommufd.c", "nvmevfio/py.typed"):
+    c_files = sorted(f"cbits/{path.name}" for path in (ROOT / "cbits").iterdir() if path.suffix in (".c", ".h"))
+    for needed in ("pyproject.toml", "setup.py", "cbits/build_cbits.py", *c_files, "nvmevfio/py.typed"):
         assert needed in members, f"the sdist lacks {needed}"
     (src,) = (tmp_path / "src").iterdir()
     # pip builds in an isolated environment (setuptools, cffi from the index), as a user's pip does

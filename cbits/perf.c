@@ -1,0 +1,156 @@
+/* nvmevfio perf: a closed loop in C over one queue pair (in the manner of spdk_nvme_perf), and
+ * the latency histogram both closed loops fill (this one and the service client's,
+ * cbits/svc_client.c). The workload's PRNG and fill policy are perf.h's, shared by the two;
+ * the per-command steps (post into a slot, consume, retire) are qpair.h's, inline. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <sys/prctl.h>
+#include <time.h>
+
+#include "shim.h"
+#include "nvme.h"
+#include "perf.h"
+#include "qpair.h"
+
+/* ==== latency histogram: fio's log-linear layout (stat.h, FIO_IO_U_PLAT_*) ==== */
+
+#define HIST_BITS 6
+#define HIST_VAL (1u << HIST_BITS)
+#define HIST_GROUPS 29
+#define HIST_NR (HIST_GROUPS * HIST_VAL)
+
+uint32_t nv_hist_buckets(void) { return HIST_NR; }
+
+uint32_t nv_hist_bucket(uint64_t ns)
+{
+    if (ns < 2 * HIST_VAL)  /* the first two groups are exact */
+        return (uint32_t)ns;
+    uint32_t msb = 63 - (uint32_t)__builtin_clzll(ns);
+    uint32_t error_bits = msb - HIST_BITS;
+    uint32_t base = (error_bits + 1) << HIST_BITS;
+    uint32_t idx = base + (uint32_t)((ns >> error_bits) & (HIST_VAL - 1));
+    return idx < HIST_NR ? idx : HIST_NR - 1;
+}
+
+/* ==== the closed loop ==== */
+
+void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16_t status, uint32_t slot)
+{
+    p->hist[nv_hist_bucket(latency_ns)]++;
+    p->lat_sum_ns += latency_ns;
+    if (latency_ns < p->lat_min_ns)
+        p->lat_min_ns = latency_ns;
+    if (latency_ns > p->lat_max_ns)
+        p->lat_max_ns = latency_ns;
+    if (opcode == NVME_CMD_READ)
+        p->reads++;
+    else
+        p->writes++;
+    if (status) {
+        if (!p->errors) {
+            p->first_error_status = status;
+            p->first_error_opcode = opcode;
+        }
+        p->errors++;
+    }
+    p->ios++;
+    p->free_slots[p->nfree++] = slot;
+}
+
+/* Post every I/O the fill policy allows (perf.h), then one SQ tail doorbell for the batch. */
+static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
+{
+    uint32_t k = perf_batch(p, qp_capacity(qp), qp->in_flight);
+    if (k == 0)
+        return;
+    int64_t now = nv_now_ns();
+    for (uint32_t i = 0; i < k; i++) {
+        struct perf_io io = perf_next(p);
+        qp_post_slot(qp, io.opcode, p->nsid, io.lba, p->nlb, io.slot, p->prps, p->block_size, p->page_size, now,
+                     p->buf_slot, p->buf_gen);
+    }
+    qp->in_flight += k;
+    qp->posted += k;
+    p->issued += k;
+    p->fills++;
+    nv_qp_ring_sq(qp);  /* one SQ tail doorbell per batch */
+}
+
+/* Take every ready completion into p, then one CQ head doorbell for the batch. */
+static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
+{
+    uint32_t n = 0;
+    int64_t now = 0;
+    while (qp_pending(qp)) {
+        struct nv_cqe cqe;
+        int cid = qp_consume(qp, &cqe);
+        if (cid == CID_DIVERTED)
+            continue;
+        if (cid < 0) {
+            nv_qp_ring_cq(qp);
+            return -EPROTO;
+        }
+        if (n++ == 0)
+            now = nv_now_ns();
+        nv_perf_done(p, (uint64_t)(now - qp->submit_ns[cid]), qp->opcode[cid], cqe.status >> 1, qp->cookie[cid]);
+        qp_retire(qp, (uint16_t)cid);
+    }
+    if (n) {
+        p->reaps++;
+        nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch */
+    }
+    return (int)n;
+}
+
+#define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */
+#define HYBRID_MIN_NS 2000LL    /* hybrid polling: shorter naps than this spin instead */
+
+int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
+{
+    int64_t start = nv_now_ns();
+    int64_t end = start + slice_ns;
+    for (;;) {
+        int finished = drain || (p->max_ios && p->issued >= p->max_ios);
+        if (!finished)
+            perf_fill(qp, p);
+        int r = perf_reap(qp, p);
+        if (r < 0)
+            return r;
+        if (qp->in_flight == 0 && finished)
+            return 1;
+        int64_t now = nv_now_ns();
+        if (!drain && now >= end)
+            return 0;
+        if (r == 0) {
+            /* A command older than the timeout is late, however busy the queue is otherwise:
+             * it stays in flight and the broker recovers it (abort, reset, requeue). */
+            if (now - nv_qp_oldest_submit(qp) >= p->timeout_ns)
+                return -ETIMEDOUT;
+            int64_t left = AGE_CHECK_NS;
+            if (!drain && end - now < left)
+                left = end - now;
+            if (p->hybrid && qp->irq_fd < 0 && p->ios) {
+                /* Hybrid polling: completions come about every mean latency / depth (Little's
+                 * law); sleep half of that, then spin. An idle vCPU gives its host core back to
+                 * the device model, which a spinning one competes with. */
+                int64_t nap = (int64_t)(p->lat_sum_ns / p->ios / (p->depth ? p->depth : 1)) / 2;
+                if (nap > left)
+                    nap = left;
+                if (nap >= HYBRID_MIN_NS && !qp_pending(qp)) {
+                    if (!p->sleeps)
+                        prctl(PR_SET_TIMERSLACK, 1000UL);  /* naps of tens of us: 1 us slack, not 50 */
+                    struct timespec ts = {.tv_sec = 0, .tv_nsec = nap};
+                    nanosleep(&ts, NULL);
+                    p->sleeps++;
+                    p->wait_ns += (uint64_t)(nv_now_ns() - now);
+                    continue;
+                }
+            }
+            int w = nv_qp_wait(qp, left);
+            p->wait_ns += (uint64_t)(nv_now_ns() - now);
+            if (w < 0)
+                return w;
+        }
+    }
+}

@@ -1,0 +1,54 @@
+/* nvmevfio perf: the workload's one PRNG and one fill policy, shared by the two closed loops
+ * (cbits/perf.c: on a queue pair in this process; cbits/svc_client.c: a client of the
+ * service, over its shared rings), inline. Private to the C files: cffi never sees this
+ * header. Include it after shim.h (which, being the cffi declarations too, can have no
+ * include guard). */
+#ifndef NVMEVFIO_PERF_H
+#define NVMEVFIO_PERF_H
+
+#include <stdint.h>
+
+#include "nvme.h"
+
+/* splitmix64 (Steele, Lea and Flood; the seeding generator of xoshiro): one 64-bit step. */
+static inline uint64_t perf_rand(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* How many I/Os to issue now: every free slot, no more than the queue has room for (room), the
+ * workload's depth allows beside those in flight, or its max_ios leaves. */
+static inline uint32_t perf_batch(const struct nv_perf *p, uint32_t room, uint32_t in_flight)
+{
+    uint32_t k = p->nfree < room ? p->nfree : room;
+    uint32_t cap = p->depth > in_flight ? p->depth - in_flight : 0;
+    if (k > cap)
+        k = cap;
+    if (p->max_ios && p->max_ios - p->issued < k)
+        k = (uint32_t)(p->max_ios - p->issued);
+    return k;
+}
+
+struct perf_io {
+    uint64_t lba;
+    uint32_t slot;       /* the registered-buffer slot it uses, taken from the free ones */
+    uint8_t opcode;      /* NVME_CMD_READ or NVME_CMD_WRITE */
+};
+
+/* The next I/O of the workload: its position (I/O-sized and aligned, for random and sequential
+ * alike), its direction (read_pct), and a free slot. */
+static inline struct perf_io perf_next(struct nv_perf *p)
+{
+    struct perf_io io;
+    uint64_t pos = p->random ? perf_rand(&p->rng) % p->positions : p->seq++ % p->positions;
+    io.lba = p->lba_lo + pos * p->nlb;
+    int is_read = p->read_pct >= 100 ? 1 : p->read_pct == 0 ? 0 : (perf_rand(&p->rng) % 100) < p->read_pct;
+    io.opcode = is_read ? NVME_CMD_READ : NVME_CMD_WRITE;
+    io.slot = p->free_slots[--p->nfree];
+    return io;
+}
+
+#endif

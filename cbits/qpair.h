@@ -1,0 +1,131 @@
+/* nvmevfio queue pairs: the per-command steps that both cbits/qpair.c (post, reap) and
+ * cbits/perf.c (the closed loop) run, inline, so that neither pays a call per command.
+ * Private to the C files: cffi never sees this header. Include it after shim.h (which, being
+ * the cffi declarations too, can have no include guard). */
+#ifndef NVMEVFIO_QPAIR_H
+#define NVMEVFIO_QPAIR_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "barrier.h"
+
+/* busy[cid]: a command id is free, taken (its PRP-list pages being authored), in flight, or
+ * standing (an Asynchronous Event Request: outstanding until the controller has an event) */
+#define CID_FREE 0
+#define CID_TAKEN 1
+#define CID_IN_FLIGHT 2
+#define CID_STANDING 3
+#define CID_DIVERTED (-2)  /* qp_consume(): a standing command's completion, kept in events */
+
+/* Free SQ slots: one always stays empty, so that full and empty differ (3.3.1.5). */
+static inline uint32_t qp_sq_free(const struct nv_qp *qp)
+{
+    uint32_t used = (qp->sq_tail + qp->depth - qp->sq_head) % qp->depth;
+    return qp->depth - 1 - used;
+}
+
+/* Commands that can be posted now: free command ids and free SQ slots (nv_qp_capacity). */
+static inline uint32_t qp_capacity(const struct nv_qp *qp)
+{
+    uint32_t f = qp_sq_free(qp);
+    return f < qp->free_top ? f : qp->free_top;
+}
+
+/* Record the entry e (just copied into the SQ) in flight. */
+static inline void qp_record(struct nv_qp *qp, const struct nv_sqe *e, int64_t now, int64_t buf_slot,
+                             int64_t buf_gen, uint32_t cookie)
+{
+    uint16_t cid = e->cid;
+    uint8_t opc = e->opc;
+    qp->saved[cid] = *e;
+    qp->retries[cid] = 0;
+    qp->busy[cid] = CID_IN_FLIGHT;
+    qp->opcode[cid] = opc;
+    qp->tag[cid] = qp->next_tag++;
+    qp->submit_ns[cid] = now;
+    qp->buf_slot[cid] = buf_slot;
+    qp->buf_gen[cid] = buf_gen;
+    qp->cookie[cid] = cookie;
+}
+
+static inline void qp_advance_tail(struct nv_qp *qp)
+{
+    qp->sq_tail = qp->sq_tail + 1 == qp->depth ? 0 : qp->sq_tail + 1;
+}
+
+/* Write one READ/WRITE into the SQ at the tail for a registered buffer's slot (a free id taken
+ * here, its PRPs the broker's), and record it in flight. The caller checked the room, and
+ * counts in_flight and posted for the batch. */
+static inline void qp_post_slot(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb,
+                                uint32_t slot, const struct nv_prp_slot *prps, uint32_t block_size,
+                                uint32_t page_size, int64_t now, int64_t buf_slot, int64_t buf_gen)
+{
+    uint16_t cid = qp->free_stack[--qp->free_top];
+    const struct nv_prp_slot *p = &prps[slot];
+    uint64_t len = (uint64_t)nlb * block_size;
+    /* Memory pages the transfer touches, from PRP1's page (4.1.1): it picks which of the
+     * broker's PRP2 values applies. No address is computed here. */
+    uint64_t pages = (p->prp1 % page_size + len + page_size - 1) / page_size;
+    struct nv_sqe *e = &qp->sq[qp->sq_tail];
+    memset(e, 0, sizeof(*e));
+    e->opc = opc;
+    e->cid = cid;
+    e->nsid = nsid;
+    e->prp1 = p->prp1;
+    e->prp2 = pages <= 1 ? 0 : pages == 2 ? p->prp2_page : p->prp2_list;
+    e->cdw10 = (uint32_t)slba;
+    e->cdw11 = (uint32_t)(slba >> 32);
+    e->cdw12 = nlb - 1;  /* NLB is 0's based */
+    qp_advance_tail(qp);
+    qp_record(qp, e, now, buf_slot, buf_gen, slot);
+}
+
+static inline uint16_t qp_cqe_status(const struct nv_qp *qp, uint32_t slot)
+{
+    return *(const volatile uint16_t *)&qp->cq[slot].status;
+}
+
+/* Is the entry at the CQ head new (its phase tag the current phase)? (nv_qp_pending) */
+static inline int qp_pending(const struct nv_qp *qp)
+{
+    return (qp_cqe_status(qp, qp->cq_head) & 1) == qp->cq_phase;
+}
+
+/* A standing command's completion, kept in qp->events (cbits/qpair.c). */
+__attribute__((visibility("hidden"))) void qp_keep_event(struct nv_qp *qp, uint16_t cid, const struct nv_cqe *cqe);
+
+/* Consume the entry at the head (the caller saw its phase tag). Returns its cid, -1 when the
+ * id is not in flight, or CID_DIVERTED for a standing command's (kept in events). */
+static inline int qp_consume(struct nv_qp *qp, struct nv_cqe *cqe)
+{
+    /* The phase tag was read first; the rest of the entry must not be read from before
+     * it (the device writes the whole entry, the tag last in effect): read barrier. */
+    barrier_rmb();
+    *cqe = qp->cq[qp->cq_head];
+    if (cqe->cid >= qp->ncids || (qp->busy[cqe->cid] != CID_IN_FLIGHT && qp->busy[cqe->cid] != CID_STANDING)) {
+        qp->bad_cid = cqe->cid;
+        return -1;
+    }
+    if (++qp->cq_head == qp->depth) {
+        qp->cq_head = 0;
+        qp->cq_phase ^= 1;  /* the head wrapped: new entries carry the other phase */
+    }
+    qp->sq_head = cqe->sqhd % qp->depth;
+    if (qp->busy[cqe->cid] == CID_STANDING) {
+        qp_keep_event(qp, cqe->cid, cqe);
+        return CID_DIVERTED;
+    }
+    return cqe->cid;
+}
+
+/* A consumed command's id is free again. */
+static inline void qp_retire(struct nv_qp *qp, uint16_t cid)
+{
+    qp->busy[cid] = CID_FREE;
+    qp->free_stack[qp->free_top++] = cid;
+    qp->in_flight--;
+    qp->completed++;
+}
+
+#endif
