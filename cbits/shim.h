@@ -125,7 +125,7 @@ void nv_store_release32(void *addr, uint32_t value);
  * written before it). The queue pairs' own doorbell write (cbits/qpair.c), the only one. */
 void nv_doorbell(void *base, uint64_t offset, uint32_t value);
 
-/* ==== Queue pairs: the per-command hot path (NVMe Base Spec 2.0, 3.3 and 4.1) ====
+/* ==== Queue pairs: the per-command hot path (NVMe Base Spec 2.0, 3.3 and 4.1; cbits/qpair.c) ====
  *
  * Python pays per batch, C per command. The broker (Python) authors every address
  * the device sees: queue bases, PRP1/PRP2 and PRP-list pages arrive here finished,
@@ -321,7 +321,7 @@ int64_t nv_qp_push(struct nv_qp *qp, const struct nv_sqe *e, int64_t buf_slot, i
 /* Submit time (nv_now_ns) of the oldest command in flight; INT64_MAX when none is. */
 int64_t nv_qp_oldest_submit(const struct nv_qp *qp);
 
-/* ==== perf: a closed loop in C (in the manner of spdk_nvme_perf) ==== */
+/* ==== perf: a closed loop in C (in the manner of spdk_nvme_perf; cbits/perf.c) ==== */
 
 /* Latency histogram: log-linear buckets in nanoseconds, fio's layout (64 per power of two). */
 uint32_t nv_hist_bucket(uint64_t ns);
@@ -378,7 +378,7 @@ void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16
  * drained), 0 when the slice ended, or -errno. */
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain);
 
-/* ==== the service's data path (nvmevfio serve; nvmevfio/service/) ====
+/* ==== the service's data path (nvmevfio serve; nvmevfio/service/; cbits/service.c) ====
  * One client's shared rings (service/ring.py) onto its own NVMe queue pair. Python decides who
  * may connect, with which grant, and authors the tables below (the client's buffers as pages of
  * device addresses, the queue's PRP-list pages); C takes each request, checks it against them,
@@ -511,7 +511,7 @@ int nv_svc_reap(struct nv_svc *s, struct nv_qp *qp);
  * them, however many: the poll set is allocated for each call; -ENOMEM when it cannot be). */
 int nv_svc_serve(struct nv_svc **s, struct nv_qp **qps, uint32_t n, const int *watch, uint32_t nwatch,
                  int64_t late_ns, int64_t timeout_ns, int64_t idle_spin_ns, uint32_t *which);
-/* A client's closed loop over its rings (perf through the service): like nv_perf_run, with
+/* A client's closed loop over its rings (perf through the service; cbits/svc_client.c): like nv_perf_run, with
  * p->nslots slots of slot_size bytes in client buffer (p->buf_slot: id, p->buf_gen: generation);
  * tags are slot numbers. issued_ns: nslots submit times. control_fd: the client's socket, which
  * the daemon never writes unasked: readable while waiting means it hung up (-EPIPE). Returns 1
