@@ -13,7 +13,7 @@ import pytest
 
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.mmio import ArrayMmio
-from nvmevfio.nvme.queue import QueuePair
+from nvmevfio.nvme.queue import PRP_SLOT, QueuePair
 from nvmevfio.nvme.spec import CQE, SQE
 from nvmevfio.service import ring as rings
 
@@ -388,3 +388,41 @@ def test_a_client_that_does_not_reap_does_not_keep_the_daemon_awake():
     t.join(10)
     assert out == [lib.NV_SVC_TIMEOUT] and r.s.taken == 4
     assert r.s.sleeps == 1  # it slept in poll(2) until its time ran out, not spun on the two
+
+
+def test_the_client_loop_issues_the_in_process_loops_workload():
+    """One PRNG and one fill policy (cbits/perf.h): with the same seed the service client's loop
+    (cbits/svc_client.c) publishes the LBAs, directions and slots nv_perf_run posts."""
+    from nvmevfio.nvme.queue import PerfCounters
+
+    def workload():
+        loop = PerfCounters()
+        p = loop._setup(nlb=8, block_size=512, lba_lo=64, positions=1000, random=True, read_pct=50, depth=6,
+                        nslots=6, max_ios=0, seed=12345, timeout_s=5.0)
+        return loop, p
+
+    # in process: nothing completes, so one fill of 6 and the slice ends
+    r = Rig(depth=8, qdepth=8)
+    loop, p = workload()
+    prps = np.zeros(6, dtype=PRP_SLOT)
+    prps["prp1"] = 0x10000 + PS * np.arange(6, dtype=np.uint64)
+    p.prps = ffi.cast("struct nv_prp_slot *", prps.ctypes.data)
+    p.nsid, p.page_size = 1, PS
+    assert lib.nv_perf_run(r.qp._qp, p, int(0.02e9), 0) == 0 and p.issued == 6 and p.fills == 1
+    sq = r.qp.sq_ring[:6]
+    posted = [(int(e["cdw10"]), int(e["opc"]), (int(e["prp1"]) - 0x10000) // PS) for e in sq]
+    # the client: the same, published into its request ring (tags: the slot, bit 31 for a READ)
+    c = Rig(depth=8)
+    c.head = 0
+    loop, p = workload()
+    p.buf_slot, p.buf_gen = 1, 7
+    loop.issued = np.zeros(6, dtype=np.int64)
+    doorbell, completion = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    assert _client_perf(c, doorbell, completion, loop, 0.02) == 0 and p.issued == 6
+    req = c.ring.requests[:6]
+    published = [(int(q["lba"]), int(q["opcode"]), int(q["tag"]) & 0x7FFFFFFF) for q in req]
+    assert published == posted
+    assert {op for _, op, _ in posted} == {rings.READ, rings.WRITE}  # read_pct 50: both directions
+    assert [int(q["offset"]) for q in req] == [slot * PS for _, _, slot in published]
+    os.close(doorbell)
+    os.close(completion)
