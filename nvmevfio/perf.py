@@ -1,5 +1,5 @@
 """A load generator in the manner of spdk_nvme_perf and fio: Python validates the
-workload and reports; the closed loop runs in C (cbits/qpair.c, ``nv_perf_run``),
+workload and reports; the closed loop runs in C (cbits/perf.c, ``nv_perf_run``),
 refilling every free slot in one batch (one SQ doorbell) and reaping every ready
 completion at once (one CQ doorbell), into a log-linear latency histogram.
 """

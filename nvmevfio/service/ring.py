@@ -8,7 +8,7 @@ io_uring's SQ/CQ and of vhost-user's virtqueues. Each side tells the other with 
 Indices are free-running 32-bit counters: an entry's index is ``counter % depth``, a ring's
 fill is ``(tail - head) mod 2**32``. Each index lives in its own cache line and has one
 writer. The producer fills entries with ordinary stores and publishes the new tail with a
-store-release; the consumer reads the tail with a load-acquire (cbits/shim.c), then the
+store-release; the consumer reads the tail with a load-acquire (cbits/barrier.h), then the
 entries, then publishes its head the same way.
 
 A request names a buffer the client got from the daemon (its id and generation) and an offset
@@ -27,7 +27,7 @@ from nvmevfio.errors import NvmeVfioError
 HEADER = 4096  # the four indices, one cache line each, then the rings from the next page
 _SQ_TAIL, _SQ_HEAD, _CQ_TAIL, _CQ_HEAD = 0, 64, 128, 192
 _DEPTH_AT = 256  # the depth, written once by the daemon
-# Notification suppression (cbits/service.c), each flag with one writer; 0 means "notify me":
+# Notification suppression (cbits/svc_ring.h), each flag with one writer; 0 means "notify me":
 # DAEMON_POLLING, 1 while the daemon spins over the ring (a client may skip its doorbell);
 # CLIENT_BUSY, 1 while a client looks at its completions itself (the daemon may skip the
 # completion eventfd). Each side fences between publishing its index and reading the other's
