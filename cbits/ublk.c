@@ -144,7 +144,12 @@ static int ctrl_cmd(uint32_t op, uint32_t dev_id, void *buf, uint16_t len, uint6
         return r;
     }
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-    memset(sqe, 0, 2 * sizeof(*sqe));
+    if (sqe == NULL) {  /* a fresh ring of 4 always has one; said rather than assumed */
+        io_uring_queue_exit(&ring);
+        close(fd);
+        return -EBUSY;
+    }
+    memset(sqe, 0, 2 * sizeof(*sqe));  /* SQE128: a control command's payload is the second half */
     sqe->opcode = IORING_OP_URING_CMD;
     sqe->fd = fd;
     sqe->cmd_op = op;
