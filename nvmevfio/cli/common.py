@@ -3,9 +3,10 @@
 or the NVMe status name, and a non-zero exit code), the common options and arguments, and
 opening a controller or a block device for a command.
 
-Exit codes (the README's): 0 success, 1 other error, 2 usage (click), 3 refused (a named
-reason; nothing was sent), 4 the device returned an error status, 5 setup (not root, not bound,
-no IOMMU).
+Exit codes (the README's), nvme-cli 2.3's where it has the class (measured, docs/nvme-cli.md):
+0 success; 1 a usage error, an NVMe status from the device, or another error (nvme-cli exits 1 for
+all three); nvmevfio's own classes: 3 refused (a named reason; nothing was sent), 5 setup (not root,
+not bound, no IOMMU).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +25,10 @@ import click
 from nvmevfio._version import __version__
 from nvmevfio.errors import CommandError, DeviceInUse, NvmeVfioError, Refused, ShimError
 
-EXIT_ERROR, EXIT_REFUSED, EXIT_DEVICE, EXIT_SETUP = 1, 3, 4, 5
+EXIT_ERROR, EXIT_REFUSED, EXIT_SETUP = 1, 3, 5
+# nvme-cli 2.3 exits 1 for a usage error and for an NVMe status (measured on Debian's 2.3, docs/nvme-cli.md)
+EXIT_USAGE = EXIT_DEVICE = 1
+EXIT_MISMATCH = 4  # perf --verify: blocks that did not hold what was written (nvmevfio's own class)
 PROGRESS_MIN = 4 << 20  # show a progress bar on transfers larger than this
 CHUNK = 4 << 20
 
@@ -175,21 +180,67 @@ def _progress(total: int, label: str) -> Any:
     return contextlib.nullcontext(None)
 
 
-class _Int0(click.ParamType):
-    """An integer in any base Python reads (0x1c, 28, 0o34), as nvme-cli's options."""
+_BINARY_SUFFIX = {"": 0, "k": 10, "ki": 10, "kib": 10, "m": 20, "mi": 20, "mib": 20, "g": 30, "gi": 30,
+                  "gib": 30, "t": 40, "ti": 40, "tib": 40, "p": 50, "pi": 50, "pib": 50}
+_NUMBER = re.compile(r"\s*(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([A-Za-z]*)\s*")
+
+
+def parse_number(text: str, *, suffix: bool = False) -> int:
+    """A number as nvme-cli's option parser reads it (C's strtoull, base 0): decimal, 0x hex, a
+    leading 0 octal; with ``suffix`` (nvme-cli's IONUM options: --start-block, --data-size, ...) a
+    binary suffix too (4k = 4Ki = 4KiB = 4096). Raises ValueError naming the text otherwise."""
+    m = _NUMBER.fullmatch(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or (unit and not suffix) or unit not in _BINARY_SUFFIX:
+        kind = "a number with an optional k/M/G suffix" if suffix else "a number"
+        raise ValueError(f"{text!r} is not {kind} (decimal, 0x hex or 0 octal)")
+    return int(m.group(1), 0 if not m.group(1).startswith("0") or m.group(1)[:2].lower() == "0x" or
+               m.group(1) == "0" else 8) << _BINARY_SUFFIX[unit]
+
+
+def parse_list(text: str) -> list[int]:
+    """nvme-cli's comma-separated LIST (dsm --slbs, copy --blocks): numbers as :func:`parse_number`."""
+    return [parse_number(part) for part in text.split(",")] if text.strip() else []
+
+
+class _Number(click.ParamType):
+    """An option's number as nvme-cli reads it (:func:`parse_number`), optionally within a range."""
 
     name = "integer"
 
+    def __init__(self, *, suffix: bool = False, lo: int | None = None, hi: int | None = None) -> None:
+        self.suffix, self.lo, self.hi = suffix, lo, hi
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+        try:
+            n = value if isinstance(value, int) else parse_number(str(value), suffix=self.suffix)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if (self.lo is not None and n < self.lo) or (self.hi is not None and n > self.hi):
+            self.fail(f"{n} is not in {self.lo}..{self.hi}", param, ctx)
+        return n
+
+
+class _NumberList(click.ParamType):
+    name = "list"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        if isinstance(value, list):
             return value
         try:
-            return int(str(value), 0)
-        except ValueError:
-            self.fail(f"{value!r} is not an integer (decimal or 0x...)", param, ctx)
+            return parse_list(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-INT0 = _Int0()
+INT0 = NUM = _Number()
+IONUM = _Number(suffix=True)
+NUM_LIST = _NumberList()
+
+
+def num(lo: int, hi: int) -> _Number:
+    """A NUM option within lo..hi (decimal or 0x hex)."""
+    return _Number(lo=lo, hi=hi)
 
 
 def _complete_address(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
@@ -207,10 +258,37 @@ def _complete_address(ctx: click.Context, param: click.Parameter, incomplete: st
 
 
 address_arg = click.argument("address", shell_complete=_complete_address)
-output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(["normal", "json"]), default="normal",
-                          show_default=True, help="output format")
-nsid_opt = click.option("-n", "--namespace-id", "nsid", type=int, default=1, show_default=True,
+FORMATS = ("normal", "json", "binary")
+# -o/--output-format: nvme-cli's normal|json|binary (binary: the structure's raw bytes, as -b)
+output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(FORMATS), default="normal",
+                          show_default=True, help="output format: normal|json|binary")
+# where nvme-cli's -o means something else (get-log's --lpo, admin-passthru's --opcode): the long name only
+output_long_opt = click.option("--output-format", "fmt", type=click.Choice(FORMATS[:2]), default="normal",
+                               show_default=True, help="output format: normal|json")
+nsid_opt = click.option("-n", "--namespace-id", "nsid", type=NUM, default=1, show_default=True,
                         help="namespace id")
+raw_binary_opt = click.option("-b", "--raw-binary", is_flag=True, help="the structure's raw bytes to stdout")
+human_opt = click.option("-H", "--human-readable", "human", is_flag=True, help="decode the fields (normal output)")
+vendor_specific_opt = click.option("-v", "--vendor-specific", is_flag=True,
+                                   help="the vendor-specific bytes too (a hex dump; \"vs\" in JSON)")
+# The block range of the I/O commands, nvme-cli's: -s first block, -c count 0's based (0 is one block)
+start_block_opt = click.option("-s", "--start-block", "slba", type=IONUM, default=0, show_default=True,
+                               help="first logical block")
+block_count_opt = click.option("-c", "--block-count", "nlb", type=num(0, 0xFFFFFFFF), default=0, show_default=True,
+                               help="number of blocks, 0's based as in nvme-cli (0 is one block)")
+data_size_opt = click.option("-z", "--data-size", type=IONUM, default=0, help="bytes of data (default: the blocks')")
+fua_opt = click.option("-f", "--force-unit-access", "fua", is_flag=True,
+                       help="the data on media before completion (FUA)")
+limited_retry_opt = click.option("-l", "--limited-retry", is_flag=True, help="limited retry (LR)")
+timeout_ms_opt = click.option("-t", "--timeout", "timeout_ms", type=NUM,
+                              help="milliseconds (default: the command timeout)")
+
+
+def want_binary(fmt: str, raw_binary: bool) -> bool:
+    """-b or -o binary: the structure's bytes instead of text."""
+    return raw_binary or fmt == "binary"
+
+
 # The block commands: a controller's address, or --socket to go through nvmevfio serve (no root).
 block_address_arg = click.argument("address", required=False, default="", shell_complete=_complete_address)
 service_socket_opt = click.option("--socket", "service_socket", type=click.Path(dir_okay=False), default=None,
@@ -239,13 +317,14 @@ def _pin(cpu: int | None) -> None:
 # command cost 0.7 s of each invocation. tests/unit/test_cli_host.py checks this table against
 # what the modules define.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
-    "device": ("list", "bind", "unbind", "reset", "shutdown"),
-    "identify": ("show-regs", "id-ctrl", "id-ns", "list-ns"),
-    "data": ("read", "write", "flush", "write-zeroes", "deallocate"),
+    "device": ("list", "bind", "unbind", "reset", "subsystem-reset", "shutdown"),
+    "identify": ("show-regs", "id-ctrl", "id-ns", "list-ns", "ns-descs", "list-ctrl"),
+    "data": ("read", "write", "compare", "verify", "flush", "write-zeroes", "deallocate", "write-uncor", "dsm",
+             "copy"),
     "logs": ("smart-log", "error-log", "fw-log", "get-log", "get-feature", "set-feature", "sanitize-log",
              "self-test-log"),
-    "admin": ("format", "compare", "verify", "ns-rescan", "create-ns", "delete-ns", "attach-ns", "detach-ns",
-              "sanitize", "fw-download", "fw-commit", "device-self-test"),
+    "admin": ("format", "ns-rescan", "create-ns", "delete-ns", "attach-ns", "detach-ns",
+              "sanitize", "fw-download", "fw-commit", "device-self-test", "get-lba-status"),
     "passthru": ("admin-passthru", "io-passthru"),
     "disk": ("nbd", "ublk"),
     "longrun": ("perf", "serve", "monitor"),
@@ -254,7 +333,8 @@ _MODULE_OF = {name: group for group, names in COMMAND_GROUPS.items() for name in
 
 
 class AliasedGroup(click.Group):
-    """The ``nvmevfio`` group: aliases, and each command loaded from its group's module on first use."""
+    """The ``nvmevfio`` group: aliases, each command loaded from its group's module on first use, and
+    nvme-cli's exit status for a usage error (1, not click's 2)."""
 
     aliases = {"identify": "id-ctrl"}
 
@@ -267,6 +347,19 @@ class AliasedGroup(click.Group):
         if group is not None and name not in self.commands:
             importlib.import_module(f"nvmevfio.cli.{group}")  # its decorators add it to main
         return super().get_command(ctx, name)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            rv = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:  # a usage error: click's message, nvme-cli's status
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_ERROR)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
@@ -311,17 +404,26 @@ def _nvme_cli_json(d: dict[str, Any], str_fields: set[str]) -> dict[str, Any]:
     return {k: (str(v) if k in str_fields else v) for k, v in d.items()}
 
 
-def _write_data(data: bytes, raw: bool, header: str = "", base: int = 0) -> None:
-    """Received data to stdout: raw bytes (-b), or a header line (if any) and a hex dump."""
-    if header and not raw:
-        click.echo(header)
-    sys.stdout.flush()  # the header's text before the bytes written under it
-    out = sys.stdout.buffer
-    if raw:
-        out.write(data)
-    else:
-        _hexdump(out, data, base)
-    out.flush()
+def _write_data(data: bytes, raw: bool, header: str = "") -> None:
+    """Received data to stdout: raw bytes (-b), or a header line (if any) and nvme-cli's hex dump."""
+    if not raw:
+        click.echo((header + "\n" if header else "") + nvme_dump(data), nl=False)
+        return
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def nvme_dump(data: bytes) -> str:
+    """A hex dump as nvme-cli prints one (its d(): a column header, ``0000: 00 01 ... "ascii"`` rows of 16)."""
+    lines = ["     " + "".join(f"{i:3x}" for i in range(16))]
+    for at in range(0, len(data), 16):
+        row = data[at : at + 16]
+        text = "".join(chr(b) if 0x21 <= b <= 0x7E else "." for b in row)
+        pad = 3 * (16 - len(row))
+        lines.append(f"{at:04x}:" + "".join(f" {b:02x}" for b in row) + (" " * (pad + 1) if pad else "")
+                     + f' "{text}"')
+    return "\n".join(lines) + "\n"
 
 
 def _hexdump(out: Any, data: bytes, base: int) -> None:

@@ -1,4 +1,6 @@
-"""Data: read, write, flush, write-zeroes, deallocate (through the device or the service)."""
+"""Data, with nvme-cli's options and messages: read, write, compare, verify, flush, write-zeroes,
+write-uncor, dsm, copy, and nvmevfio's deallocate (through the device or, where it says so, the
+service). A block range is nvme-cli's: ``-s/--start-block`` and ``-c/--block-count`` 0's based."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import contextlib
 import io
 import os
 import sys
-from typing import Any, Callable
+import time
+from typing import BinaryIO
 
 import click
 
@@ -14,145 +17,229 @@ from nvmevfio.cli.common import (
     CHUNK,
     EXIT_ERROR,
     EXIT_REFUSED,
+    IONUM,
+    NUM,
+    NUM_LIST,
     _fail,
     _hexdump,
     _progress,
     block_address_arg,
+    block_count_opt,
     blockdev,
+    data_size_opt,
     errors,
+    fua_opt,
+    limited_retry_opt,
     main,
     nsid_opt,
     service_socket_opt,
+    start_block_opt,
 )
 
+# nvme-cli's -v/-w/-t on read, write and compare: the command's fields, a dry run, the latency
+show_command_opt = click.option("-v", "--show-command", is_flag=True, help="print the command's fields first")
+dry_run_opt = click.option("-w", "--dry-run", is_flag=True, help="print the command's fields, send nothing")
+latency_opt = click.option("-t", "--latency", is_flag=True, help="print the latency (stdout)")
+data_file_opt = click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+                             help="data file (default: stdin / stdout)")
+DSM_RANGE = 16  # bytes of one Dataset Management range (NVM Command Set 3.2.3)
+COPY_RANGE = 32  # bytes of one Copy source range, format 0 (NVM Command Set 3.2.2)
 
-# ------------------------------------------------------------------ data
-def _window(dev: Any, lba: int | None, count: int | None, offset: int | None, size: int | None) -> tuple[int, int]:
-    bs = dev.block_size
-    if offset is not None or size is not None:
-        if lba is not None or count is not None:
-            _fail("give either --lba/--count or --offset/--size, not both", EXIT_ERROR)
-        offset = offset or 0
-        if size is None:
-            _fail("--offset needs --size", EXIT_ERROR)
-        assert size is not None
-        if offset % bs or size % bs:
-            _fail(f"refused: --offset {offset} / --size {size} are not multiples of the {bs}-byte block "
-                  "[length-mismatch]", EXIT_REFUSED)
-        return offset // bs, size // bs
-    return (lba or 0), (count if count is not None else 1)
+
+def _show(name: str, opcode: int, nsid: int, slba: int, count: int, show: bool, dry: bool) -> bool:
+    """-v / -w: the command's fields on stderr; True when nothing is to be sent (--dry-run)."""
+    if show or dry:
+        click.echo(f"opcode       : {opcode:#04x} ({name})\nnsid         : {nsid:#x}\nslba         : {slba:#x}\n"
+                   f"nlb          : {count - 1:#x} ({count} blocks, 0's based)", err=True)
+    return dry
+
+
+def _latency(verb: str, t0: float, shown: bool) -> None:
+    if shown:
+        click.echo(f"  latency: {verb}: {(time.perf_counter() - t0) * 1e6:.0f} us")
 
 
 @main.command()
 @block_address_arg
 @nsid_opt
 @service_socket_opt
-@click.option("-s", "--lba", type=int, help="first logical block")
-@click.option("-c", "--count", type=int, help="number of blocks (default 1)")
-@click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
-@click.option("--size", type=int, help="bytes to read (a multiple of the block size)")
-@click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
-              help="output file (default: stdout)")
-@click.option("--hexdump", is_flag=True, help="print a hex dump instead of raw bytes")
-def read(address: str, nsid: int, service_socket: str | None, lba: int | None, count: int | None,
-         offset: int | None, size: int | None, data: str, hexdump: bool) -> None:
-    """Read blocks to a file or stdout.
+@start_block_opt
+@block_count_opt
+@data_size_opt
+@data_file_opt
+@click.option("--hexdump", is_flag=True, help="a hex dump instead of raw bytes")
+@show_command_opt
+@dry_run_opt
+@latency_opt
+def read(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int, data_size: int, data: str,
+         hexdump: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
+    """Read blocks to a file or stdout (more than MDTS is split into several commands).
 
     \b
-    Example: nvmevfio read 00:04.0 -n 1 --lba 0 --count 8 --hexdump
-             nvmevfio read 00:04.0 --offset 0 --size 1048576 -d out.bin
-             nvmevfio read --socket /run/nvmevfio/nvmevfio.sock --lba 0 --hexdump
+    Example: nvmevfio read 00:04.0 -n 1 --start-block 0 --block-count 7 --data-size 4096 -d out.bin
+             nvmevfio read 00:04.0 -s 0 -c 0 --hexdump
+             nvmevfio read --socket /run/nvmevfio/nvmevfio.sock -s 0 --hexdump
     """
+    count = nlb + 1
+    if _show("Read", 0x02, nsid, slba, count, show_command, dry_run):
+        return
     with blockdev(address, nsid, service_socket) as dev, errors():
-        first, n = _window(dev, lba, count, offset, size)
-        dev.check_window(first, n)
+        dev.check_window(slba, count)
         per = max(1, CHUNK // dev.block_size)
+        # nvme-cli writes --data-size bytes: the blocks' cut short, or followed by zeros
+        left = data_size or count * dev.block_size
         out = sys.stdout.buffer if data == "-" else open(data, "wb")  # noqa: SIM115
+        t0 = time.perf_counter()
         try:  # a reader that stops early (| head) is not an error: BrokenPipeError ends quietly below
-            with _progress(n * dev.block_size, "reading") as bar:
-                for start in range(first, first + n, per):
-                    k = min(per, first + n - start)
-                    chunk = dev.read_blocks(start, k)
+            with _progress(count * dev.block_size, "reading") as bar:
+                for start in range(slba, slba + count, per):
+                    k = min(per, slba + count - start)
+                    got = dev.read_blocks(start, k).tobytes()[:left]
+                    left -= len(got)
                     if hexdump:
-                        _hexdump(out, chunk.tobytes(), (start - first) * dev.block_size)
+                        _hexdump(out, got, (start - slba) * dev.block_size)
                     else:
-                        out.write(chunk.tobytes())
+                        out.write(got)
                     if bar is not None:
-                        bar.update(len(chunk))
+                        bar.update(k * dev.block_size)
+                    if not left:
+                        break
+                if left and not hexdump:
+                    out.write(b"\0" * left)
         except BrokenPipeError:
             # Send what is left to /dev/null so the interpreter's final flush does not fail too.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
             else:
                 with contextlib.suppress(BrokenPipeError):
                     out.flush()
+    _latency("read", t0, latency)
+    click.echo("read: Success", err=True)
 
 
 @main.command()
 @block_address_arg
 @nsid_opt
 @service_socket_opt
-@click.option("-s", "--lba", type=int, help="first logical block")
-@click.option("--offset", type=int, help="byte offset (a multiple of the block size)")
-@click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
-              help="input file (default: stdin)")
+@start_block_opt
+@click.option("-c", "--block-count", "nlb", type=NUM, default=None,
+              help="number of blocks, 0's based as in nvme-cli (default: the data's length)")
+@data_size_opt
+@data_file_opt
 @click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
-def write(address: str, nsid: int, service_socket: str | None, lba: int | None, offset: int | None, data: str,
-          pad: bool) -> None:
+@show_command_opt
+@dry_run_opt
+@latency_opt
+def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int | None, data_size: int,
+          data: str, pad: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
     """Write a file (or stdin) at a block address.
 
-    A file is checked whole (size, window, partial last block) before the first block is
-    written, then streamed; stdin is read to its end first, for the same reason.
+    With --block-count, that many blocks are written from the data, zero-filled past its end as
+    nvme-cli does; without it, the whole data (--data-size bytes of it when given), whose partial
+    last block is refused unless --pad. A file is checked whole (size, window) before the first
+    block is written, then streamed; stdin is read to its end first, for the same reason.
 
     \b
-    Example: nvmevfio write 00:04.0 -n 1 --lba 100 -d image.bin
-             head -c 4096 /dev/urandom | nvmevfio write 00:04.0 --lba 0
+    Example: nvmevfio write 00:04.0 -n 1 --start-block 100 --block-count 7 --data-size 4096 -d image.bin
+             head -c 4096 /dev/urandom | nvmevfio write 00:04.0 -s 0
     """
     import numpy as np
 
     payload: bytes | None = None
     if data == "-":
-        stdin_data = sys.stdin.buffer.read()
-        payload, total = stdin_data, len(stdin_data)
+        payload = sys.stdin.buffer.read(data_size or -1)
+        total = len(payload)
     else:
         try:
             total = os.path.getsize(data)
         except OSError as exc:
             _fail(f"cannot read {data}: {exc.strerror}", EXIT_ERROR)
+        if data_size:
+            total = min(total, data_size)
     with blockdev(address, nsid, service_socket) as dev, errors():
         bs = dev.block_size
-        if offset is not None:
-            if lba is not None:
-                _fail("give either --lba or --offset, not both", EXIT_ERROR)
-            if offset % bs:
-                _fail(f"refused: --offset {offset} is not a multiple of the {bs}-byte block [length-mismatch]",
-                      EXIT_REFUSED)
-            lba = offset // bs
-        lba = lba or 0
-        if not total:
-            _fail("refused: no data to write [length-mismatch]", EXIT_REFUSED)
-        if total % bs and not pad:
-            _fail(f"refused: {total} bytes is not a multiple of the {bs}-byte block; the last block "
-                  f"would be partial [length-mismatch] — use --pad to zero-fill it", EXIT_REFUSED)
-        n = -(-total // bs)
-        dev.check_window(lba, n)
-        src = io.BytesIO(payload) if payload is not None else open(data, "rb")  # noqa: SIM115
+        if nlb is not None:  # nvme-cli: the blocks named, from the data (zero-filled past its end)
+            n = nlb + 1
+            total = min(total, n * bs)
+        else:
+            if not total:
+                _fail("refused: no data to write [length-mismatch]", EXIT_REFUSED)
+            if total % bs and not pad:
+                _fail(f"refused: {total} bytes is not a multiple of the {bs}-byte block; the last block "
+                      f"would be partial [length-mismatch] — use --pad to zero-fill it", EXIT_REFUSED)
+            n = -(-total // bs)
+        if _show("Write", 0x01, nsid, slba, n, show_command, dry_run):
+            return
+        dev.check_window(slba, n)
+        src: BinaryIO = io.BytesIO(payload) if payload is not None else open(data, "rb")  # noqa: SIM115
+        t0 = time.perf_counter()
         with src, _progress(n * bs, "writing") as bar:
-            done = 0
+            done, left = 0, total
             while done < n:
-                chunk = src.read(min(CHUNK // bs, n - done) * bs)
-                if not chunk:
+                k = min(CHUNK // bs, n - done)
+                chunk = src.read(min(k * bs, left)) if left else b""
+                if left and not chunk:
                     _fail(f"{data} shrank while it was being written ({done} blocks written)", EXIT_ERROR)
-                if len(chunk) % bs:  # only the last chunk, and only with --pad
-                    chunk += b"\0" * (bs - len(chunk) % bs)
-                k = len(chunk) // bs
-                dev.write_blocks(lba + done, np.frombuffer(chunk, dtype=np.uint8))
+                left -= len(chunk)
+                chunk += b"\0" * (k * bs - len(chunk))  # past the data's end: zeros (nvme-cli; --pad)
+                dev.write_blocks(slba + done, np.frombuffer(chunk, dtype=np.uint8))
                 done += k
                 if bar is not None:
                     bar.update(k * bs)
-    click.echo(f"wrote {n} blocks ({n * bs} bytes) at LBA {lba}", err=True)
+    _latency("write", t0, latency)
+    click.echo("write: Success", err=True)
+
+
+@main.command("compare")
+@block_address_arg
+@nsid_opt
+@start_block_opt
+@block_count_opt
+@data_size_opt
+@data_file_opt
+@show_command_opt
+@dry_run_opt
+@latency_opt
+def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, data: str, show_command: bool,
+                dry_run: bool, latency: bool) -> None:
+    """Compare (NVM opcode 05h): the device checks blocks against a file (or stdin); a difference is
+    the status Compare Failure, exit 1 as nvme-cli.
+
+    \b
+    Example: nvmevfio compare 00:04.0 -n 1 --start-block 0 --block-count 7 --data-size 4096 --data expected.bin
+    """
+    count = nlb + 1
+    if _show("Compare", 0x05, nsid, slba, count, show_command, dry_run):
+        return
+    with blockdev(address, nsid) as dev, errors():
+        want = count * dev.block_size
+        with (sys.stdin.buffer if data == "-" else open(data, "rb")) as f:
+            got = f.read(min(data_size, want) if data_size else want)
+        if len(got) < want:  # nvme-cli compares its zero-filled buffer
+            got += b"\0" * (want - len(got))
+        t0 = time.perf_counter()
+        dev.provider.compare(nsid, slba, got)
+    _latency("compare", t0, latency)
+    click.echo("compare: Success", err=True)
+
+
+@main.command("verify")
+@block_address_arg
+@nsid_opt
+@start_block_opt
+@block_count_opt
+def verify_cmd(address: str, nsid: int, slba: int, nlb: int) -> None:
+    """Verify (NVM opcode 0Ch): the device reads and checks blocks, transferring nothing.
+
+    \b
+    Example: nvmevfio verify 00:04.0 -n 1 --start-block 0 --block-count 255
+    """
+    with blockdev(address, nsid) as dev, errors():
+        dev.provider.verify(nsid, slba, nlb + 1)
+    click.echo("NVME Verify Success")
 
 
 @main.command()
@@ -167,25 +254,165 @@ def flush(address: str, nsid: int, service_socket: str | None) -> None:
     """
     with blockdev(address, nsid, service_socket) as dev, errors():
         dev.flush()
-    click.echo(f"NVMe Flush: success (nsid {nsid})")
+    click.echo("NVMe Flush: success")
 
 
-def _range_command(verb: str, fn: Callable[[Any, int, int], None]) -> Callable[..., None]:
-    @block_address_arg
-    @nsid_opt
-    @service_socket_opt
-    @click.option("-s", "--lba", type=int, required=True, help="first logical block")
-    @click.option("-c", "--count", type=int, required=True, help="number of blocks")
-    def cmd(address: str, nsid: int, service_socket: str | None, lba: int, count: int) -> None:
-        with blockdev(address, nsid, service_socket) as dev, errors():
-            fn(dev, lba, count)
-        click.echo(f"NVMe {verb}: success (nsid {nsid}, LBA {lba}, {count} blocks)")
+@main.command("write-zeroes")
+@block_address_arg
+@nsid_opt
+@service_socket_opt
+@start_block_opt
+@block_count_opt
+@click.option("-d", "--deac", is_flag=True, help="let the controller deallocate the blocks (they read zeros)")
+def write_zeroes(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int, deac: bool) -> None:
+    """Write Zeroes over a range of blocks.
 
-    return cmd
+    \b
+    Example: nvmevfio write-zeroes 00:04.0 -n 1 --start-block 0 --block-count 2047
+    """
+    with blockdev(address, nsid, service_socket) as dev, errors():
+        if deac:
+            dev.provider.write_zeroes(nsid, slba, nlb + 1, deallocate=True)
+        else:
+            dev.write_zeroes(slba, nlb + 1)
+    click.echo("NVME Write Zeroes Success")
 
 
-main.command("write-zeroes", help="Write Zeroes over a range of blocks.\n\n\b\nExample: nvmevfio write-zeroes "
-             "00:04.0 -n 1 --lba 0 --count 2048")(_range_command("Write Zeroes", lambda d, s, c: d.write_zeroes(s, c)))
-main.command("deallocate", help="Deallocate (TRIM: Dataset Management) a range of blocks.\n\n\b\nExample: "
-             "nvmevfio deallocate 00:04.0 -n 1 --lba 0 --count 2048")(
-    _range_command("Deallocate", lambda d, s, c: d.deallocate(s, c)))
+@main.command("deallocate")
+@block_address_arg
+@nsid_opt
+@service_socket_opt
+@start_block_opt
+@block_count_opt
+def deallocate(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int) -> None:
+    """Deallocate (TRIM) a range of blocks: nvmevfio's short form of dsm --ad, through the service too.
+
+    \b
+    Example: nvmevfio deallocate 00:04.0 -n 1 --start-block 0 --block-count 2047
+    """
+    with blockdev(address, nsid, service_socket) as dev, errors():
+        dev.deallocate(slba, nlb + 1)
+    click.echo("NVMe DSM: success")
+
+
+@main.command("write-uncor")
+@block_address_arg
+@nsid_opt
+@start_block_opt
+@block_count_opt
+def write_uncor(address: str, nsid: int, slba: int, nlb: int) -> None:
+    """Write Uncorrectable (NVM opcode 04h): the blocks read back as an Unrecovered Read Error until written.
+
+    \b
+    Example: nvmevfio write-uncor 00:04.0 -n 1 --start-block 100 --block-count 0
+    """
+    with blockdev(address, nsid) as dev, errors():
+        dev.check_window(slba, nlb + 1)
+        dev.provider.io_passthru(0x04, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=nlb)
+    click.echo("NVME Write Uncorrectable Success")
+
+
+def dsm_ranges(slbs: list[int], blocks: list[int], ctx_attrs: list[int]) -> bytes:
+    """Dataset Management's range list, as nvme-cli builds it: range i from the i-th of each list
+    (a missing entry is 0); context attributes, length in blocks (1's based), starting LBA."""
+    nr = max(len(slbs), len(blocks), len(ctx_attrs))
+    if not 0 < nr <= 256:
+        raise click.UsageError(f"give 1..256 ranges (--slbs/--blocks/--ctx-attrs), not {nr}")
+    out = bytearray(nr * DSM_RANGE)
+    for i in range(nr):
+        at = i * DSM_RANGE
+        out[at : at + 4] = (ctx_attrs[i] if i < len(ctx_attrs) else 0).to_bytes(4, "little")
+        out[at + 4 : at + 8] = (blocks[i] if i < len(blocks) else 0).to_bytes(4, "little")
+        out[at + 8 : at + 16] = (slbs[i] if i < len(slbs) else 0).to_bytes(8, "little")
+    return bytes(out)
+
+
+def dsm_attributes(ad: bool, idw: bool, idr: bool, cdw11: int) -> int:
+    """CDW11 of Dataset Management: --cdw11 as given, else the attribute bits (IDR 0, IDW 1, AD 2)."""
+    return cdw11 or (int(idr) | int(idw) << 1 | int(ad) << 2)
+
+
+@main.command("dsm")
+@block_address_arg
+@nsid_opt
+@click.option("-a", "--ctx-attrs", type=NUM_LIST, default="", help="context attributes of each range (a,b,...)")
+@click.option("-b", "--blocks", type=NUM_LIST, default="", help="blocks in each range (1's based, a,b,...)")
+@click.option("-s", "--slbs", type=NUM_LIST, default="", help="first block of each range (a,b,...)")
+@click.option("-d", "--ad", is_flag=True, help="attribute Deallocate")
+@click.option("-w", "--idw", is_flag=True, help="attribute Integral Dataset for Write")
+@click.option("-r", "--idr", is_flag=True, help="attribute Integral Dataset for Read")
+@click.option("-c", "--cdw11", type=NUM, default=0, help="all of CDW11 (instead of --ad/--idw/--idr)")
+def dsm(address: str, nsid: int, ctx_attrs: list[int], blocks: list[int], slbs: list[int], ad: bool, idw: bool,
+        idr: bool, cdw11: int) -> None:
+    """Dataset Management (NVM opcode 09h) over up to 256 ranges.
+
+    \b
+    Example: nvmevfio dsm 00:04.0 -n 1 --slbs 0,4096 --blocks 8,8 --ad
+    """
+    ranges = dsm_ranges(slbs, blocks, ctx_attrs)
+    with blockdev(address, nsid) as dev, errors():
+        for i in range(len(ranges) // DSM_RANGE):
+            n = int.from_bytes(ranges[i * DSM_RANGE + 4 : i * DSM_RANGE + 8], "little")
+            if n:
+                dev.check_window(int.from_bytes(ranges[i * DSM_RANGE + 8 : (i + 1) * DSM_RANGE], "little"), n)
+        dev.provider.io_passthru(0x09, nsid=nsid, data=ranges, cdw10=len(ranges) // DSM_RANGE - 1,
+                                 cdw11=dsm_attributes(ad, idw, idr, cdw11))
+    click.echo("NVMe DSM: success")
+
+
+def copy_ranges(slbs: list[int], blocks: list[int], *, mssrl: int, mcl: int, msrc: int) -> bytes:
+    """Copy's source ranges (format 0: SLBA at byte 8, NLB 0's based at byte 16), checked against the
+    namespace's limits first: each range at most MSSRL blocks, all at most MCL, at most MSRC+1
+    ranges; refused by name otherwise (nothing sent)."""
+    from nvmevfio.errors import Refused
+
+    if len(slbs) != len(blocks) or not slbs:
+        raise click.UsageError("--slbs and --blocks need the same number of entries (at least one)")
+    if len(slbs) > msrc + 1:
+        raise Refused("copy-too-many-ranges", f"{len(slbs)} source ranges; the namespace takes {msrc + 1} (MSRC)",
+                      ranges=len(slbs), msrc=msrc)
+    for nlb in blocks:
+        if nlb + 1 > mssrl:
+            raise Refused("copy-range-too-long", f"a source range of {nlb + 1} blocks; the namespace takes "
+                          f"{mssrl} (MSSRL)", blocks=nlb + 1, mssrl=mssrl)
+    if sum(b + 1 for b in blocks) > mcl:
+        raise Refused("copy-too-long", f"{sum(b + 1 for b in blocks)} blocks in all; the namespace copies "
+                      f"{mcl} at most (MCL)", blocks=sum(b + 1 for b in blocks), mcl=mcl)
+    out = bytearray(len(slbs) * COPY_RANGE)
+    for i, (s, b) in enumerate(zip(slbs, blocks)):
+        out[i * COPY_RANGE + 8 : i * COPY_RANGE + 16] = s.to_bytes(8, "little")
+        out[i * COPY_RANGE + 16 : i * COPY_RANGE + 18] = b.to_bytes(2, "little")
+    return bytes(out)
+
+
+@main.command("copy")
+@block_address_arg
+@nsid_opt
+@click.option("-d", "--sdlba", type=IONUM, required=True, help="first destination block")
+@click.option("-s", "--slbs", type=NUM_LIST, required=True, help="first block of each source range (a,b,...)")
+@click.option("-b", "--blocks", type=NUM_LIST, required=True, help="blocks in each range, 0's based (a,b,...)")
+@limited_retry_opt
+@fua_opt
+@click.option("-F", "--format", "fmt_", type=click.IntRange(0, 0), default=0, help="source range format: 0 only")
+def copy_cmd(address: str, nsid: int, sdlba: int, slbs: list[int], blocks: list[int], limited_retry: bool,
+             fua: bool, fmt_: int) -> None:
+    """Copy (NVM opcode 19h): source ranges to one destination in the namespace, within its MSSRL, MCL
+    and MSRC (refused by name otherwise, and where ONCS has no Copy).
+
+    \b
+    Example: nvmevfio copy 00:04.0 -n 1 --sdlba 200 --slbs 10,20 --blocks 3,3
+    """
+    from nvmevfio.errors import Refused
+
+    with blockdev(address, nsid) as dev, errors():
+        p = dev.provider
+        if not p.id_ctrl.get("oncs", 0) & (1 << 8):
+            raise Refused("unsupported-command", "the controller does not support Copy (ONCS bit 8)")
+        ident = p.identify_namespace(nsid).identify
+        ranges = copy_ranges(slbs, blocks, mssrl=ident["mssrl"], mcl=ident["mcl"], msrc=ident["msrc"])
+        for s, b in zip(slbs, blocks):
+            dev.check_window(s, b + 1)
+        dev.check_window(sdlba, sum(b + 1 for b in blocks))
+        cdw12 = (len(slbs) - 1) | int(limited_retry) << 31 | int(fua) << 30
+        p.io_passthru(0x19, nsid=nsid, data=ranges, cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=cdw12)
+    click.echo("NVMe Copy: success")

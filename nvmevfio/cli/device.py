@@ -20,7 +20,8 @@ from nvmevfio.cli.common import (
 # ------------------------------------------------------------------ discovery and binding
 @main.command("list")
 @output_opt
-def list_cmd(fmt: str) -> None:
+@click.option("-v", "--verbose", "more", is_flag=True, help="accepted; the list always shows everything")
+def list_cmd(fmt: str, more: bool) -> None:
     """List NVMe functions: address, ids, model, driver, IOMMU group, namespaces and mounts.
 
     \b
@@ -101,6 +102,25 @@ def reset(address: str) -> None:
         s.reset()
         csts = s.registers().csts
     click.echo(f"{_address(address)}: controller disabled (CSTS={csts:#010x})")
+
+
+@main.command("subsystem-reset")
+@address_arg
+def subsystem_reset(address: str) -> None:
+    """NVM Subsystem Reset (NSSR): refused by name where CAP.NSSRS is 0, and by nvmevfio otherwise
+    (the broker does not yet write NSSR and bring the controller back).
+
+    \b
+    Example: nvmevfio subsystem-reset 00:04.0
+    """
+    from nvmevfio.errors import Refused
+    from nvmevfio.nvme import regs
+
+    with controller(address, enable=False) as s, errors():
+        if not regs.get(s.registers().cap, regs.CAP_.NSSRS):
+            raise Refused("subsystem-reset-unsupported", "NVM Subsystem Reset not supported (CAP.NSSRS is 0)")
+        raise Refused("subsystem-reset-not-offered", "the controller supports NVM Subsystem Reset, but nvmevfio's "
+                      "broker does not issue it yet; use reset")
 
 
 @main.command()

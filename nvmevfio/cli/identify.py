@@ -1,4 +1,4 @@
-"""Registers and identify: show-regs, id-ctrl, id-ns, list-ns (nvme-cli's JSON field names)."""
+"""Registers and identify: show-regs, id-ctrl, id-ns, list-ns, ns-descs, list-ctrl (nvme-cli's JSON field names)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,24 @@ from typing import Any
 
 import click
 
-from nvmevfio.cli.common import _emit_json, _nvme_cli_json, address_arg, controller, errors, main, nsid_opt, output_opt
+from nvmevfio.cli.common import (
+    NUM,
+    _emit_json,
+    _nvme_cli_json,
+    _write_data,
+    address_arg,
+    controller,
+    errors,
+    human_opt,
+    main,
+    nsid_opt,
+    num,
+    nvme_dump,
+    output_opt,
+    raw_binary_opt,
+    vendor_specific_opt,
+    want_binary,
+)
 
 JSON_STR_FIELDS = {"tnvmcap", "unvmcap", "megcap", "maxdna", "nvmcap"}  # 128-bit values, as nvme-cli prints them
 ID_CTRL_HEX = {"vid", "ssvid", "ver", "oaes", "ctratt", "oacs", "frmw", "lpa", "sanicap", "oncs", "fuses", "fna",
@@ -18,7 +35,8 @@ ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc"}
 @main.command("show-regs")
 @address_arg
 @output_opt
-def show_regs(address: str, fmt: str) -> None:
+@human_opt
+def show_regs(address: str, fmt: str, human: bool) -> None:
     """Decode CAP, VS, CC, CSTS (read only) and show the IOMMU's usable IOVA ranges.
 
     \b
@@ -54,17 +72,61 @@ def show_regs(address: str, fmt: str) -> None:
         click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)")
 
 
+def identify_raw(s: Any, cns: int, nsid: int = 0, cntid: int = 0, csi: int = 0) -> bytes:
+    """An Identify data structure's 4096 bytes (admin 06h, through the broker's passthrough)."""
+    _, data = s.admin_passthru(0x06, nsid=nsid, data_len=4096, cdw10=cns | cntid << 16, cdw11=csi << 24)
+    return bytes(data or b"")
+
+
+def _vendor_dump(raw: bytes, at: int) -> str:
+    return "vs[]:\n" + nvme_dump(raw[at:])
+
+
+ID_CTRL_BITS: dict[str, tuple[tuple[int, str, str], ...]] = {
+    # -H: (bit, set, clear) in nvme-cli's words, for the fields a script most often reads
+    "cmic": ((3, "ANA supported", "ANA not supported"), (2, "SR-IOV", "PCI"),
+             (1, "Multi Controller", "Single Controller"), (0, "Multi Port", "Single Port")),
+    "oacs": ((10, "Lockdown Command and Feature Supported", "Lockdown Command and Feature Not Supported"),
+             (9, "Get LBA Status Capability Supported", "Get LBA Status Capability Not Supported"),
+             (8, "Doorbell Buffer Config Supported", "Doorbell Buffer Config Not Supported"),
+             (7, "Virtualization Management Supported", "Virtualization Management Not Supported"),
+             (6, "NVMe-MI Send and Receive Supported", "NVMe-MI Send and Receive Not Supported"),
+             (5, "Directives Supported", "Directives Not Supported"),
+             (4, "Device Self-test Supported", "Device Self-test Not Supported"),
+             (3, "NS Management and Attachment Supported", "NS Management and Attachment Not Supported"),
+             (2, "FW Commit and Download Supported", "FW Commit and Download Not Supported"),
+             (1, "Format NVM Supported", "Format NVM Not Supported"),
+             (0, "Security Send and Receive Supported", "Security Send and Receive Not Supported")),
+    "oncs": ((8, "Copy Supported", "Copy Not Supported"), (7, "Verify Supported", "Verify Not Supported"),
+             (6, "Timestamp Supported", "Timestamp Not Supported"),
+             (5, "Reservations Supported", "Reservations Not Supported"),
+             (4, "Save and Select Supported", "Save and Select Not Supported"),
+             (3, "Write Zeroes Supported", "Write Zeroes Not Supported"),
+             (2, "Data Set Management Supported", "Data Set Management Not Supported"),
+             (1, "Write Uncorrectable Supported", "Write Uncorrectable Not Supported"),
+             (0, "Compare Supported", "Compare Not Supported")),
+}
+
+
 @main.command("id-ctrl")
 @address_arg
+@vendor_specific_opt
 @output_opt
-def id_ctrl(address: str, fmt: str) -> None:
+@raw_binary_opt
+@human_opt
+def id_ctrl(address: str, vendor_specific: bool, fmt: str, raw_binary: bool, human: bool) -> None:
     """Identify Controller (CNS 01h); alias: identify.
 
     \b
     Example: nvmevfio id-ctrl 00:04.0 -o json
+             nvmevfio id-ctrl 00:04.0 -H -v
     """
     with controller(address) as s, errors():
         c = s.identify_controller()
+        raw = identify_raw(s, 0x01) if vendor_specific or want_binary(fmt, raw_binary) else b""
+    if want_binary(fmt, raw_binary):
+        _write_data(raw, True)
+        return
     if fmt == "json":
         _emit_json(_nvme_cli_json(c, JSON_STR_FIELDS))
         return
@@ -77,33 +139,57 @@ def id_ctrl(address: str, fmt: str) -> None:
         elif k in ID_CTRL_HEX and isinstance(v, int):
             v = hex(v)
         click.echo(f"{k:<10}: {v}")
+        if human and k in ID_CTRL_BITS:
+            n = c[k]
+            for bit, yes, no in ID_CTRL_BITS[k]:
+                on = n >> bit & 1
+                click.echo(f"  [{bit}:{bit}] : {on:#x}\t{yes}" if on else f"  [{bit}:{bit}] : 0\t{no}")
+            click.echo("")
     for i, ps in enumerate(c["psds"]):
         click.echo(f"ps {i:>4} : mp:{ps['max_power'] / 100:.2f}W {'non-' if not ps['flags'] & 2 else ''}operational "
                    f"enlat:{ps['entry_lat']} exlat:{ps['exit_lat']} rrt:{ps['read_tput']} rrl:{ps['read_lat']}")
         click.echo(f"{'':10}rwt:{ps['write_tput']} rwl:{ps['write_lat']} idle_power:{ps['idle_power']} "
                    f"active_power:{ps['active_power']}")
+    if vendor_specific:
+        click.echo(_vendor_dump(raw, 3072), nl=False)
     if c["oacs"] & (1 << 8):
         click.echo("shadow doorbells: supported (OACS bit 8, Doorbell Buffer Config); nvmevfio's I/O queues use "
-                   "them unless --no-shadow-doorbells / open(shadow_doorbells=False)")
+                   "them unless --no-shadow-doorbells / open(shadow_doorbells=False)", err=True)
     else:
-        click.echo("shadow doorbells: not supported (OACS bit 8 clear); every doorbell is an MMIO write")
+        click.echo("shadow doorbells: not supported (OACS bit 8 clear); every doorbell is an MMIO write", err=True)
 
 
 @main.command("id-ns")
 @address_arg
 @nsid_opt
-@click.option("-a", "--all", "all_", is_flag=True, help="every active namespace (a JSON array with -o json)")
+@click.option("--force", is_flag=True, help="an allocated namespace, even if not attached (CNS 11h)")
+@vendor_specific_opt
+@raw_binary_opt
 @output_opt
-def id_ns(address: str, nsid: int, all_: bool, fmt: str) -> None:
+@human_opt
+@click.option("-a", "--all", "all_", is_flag=True, help="every active namespace (a JSON array with -o json)")
+def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binary: bool, fmt: str, human: bool,
+          all_: bool) -> None:
     """Identify Namespace (CNS 00h).
 
     \b
     Example: nvmevfio id-ns 00:04.0 -n 1
              nvmevfio id-ns 00:04.0 --all -o json
     """
+    from nvmevfio.nvme import spec
+
+    binary = want_binary(fmt, raw_binary)
     with controller(address) as s, errors():
         nsids = s.active_namespaces() if all_ else [nsid]
-        idents = [(n, s.identify_namespace(n).identify) for n in nsids]
+        if force or binary or vendor_specific:
+            raws = [identify_raw(s, 0x11 if force else 0x00, n) for n in nsids]
+            idents = [(n, spec.parse_identify_namespace(r)) for n, r in zip(nsids, raws)]
+        else:
+            raws = []
+            idents = [(n, s.identify_namespace(n).identify) for n in nsids]
+    if binary:
+        _write_data(b"".join(raws), True)
+        return
     if fmt == "json":
         docs = [_nvme_cli_json(n, JSON_STR_FIELDS) for _, n in idents]
         _emit_json(docs if all_ else docs[0])
@@ -112,6 +198,8 @@ def id_ns(address: str, nsid: int, all_: bool, fmt: str) -> None:
         if i:
             click.echo("")
         _print_id_ns(n_id, n)
+        if vendor_specific:
+            click.echo(_vendor_dump(raws[i], 384), nl=False)
 
 
 def _print_id_ns(nsid: int, n: dict[str, Any]) -> None:
@@ -129,17 +217,101 @@ def _print_id_ns(nsid: int, n: dict[str, Any]) -> None:
 
 @main.command("list-ns")
 @address_arg
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=1, show_default=True,
+              help="the list starts after this id minus one (nvme-cli's)")
+@click.option("-y", "--csi", type=num(0, 255), default=None, help="I/O command set (CNS 07h / 11h)")
+@click.option("-a", "--all", "all_", is_flag=True, help="allocated namespaces too, attached or not (CNS 10h)")
 @output_opt
-def list_ns(address: str, fmt: str) -> None:
-    """Active namespace ids (CNS 02h).
+def list_ns(address: str, nsid: int, csi: int | None, all_: bool, fmt: str) -> None:
+    """Active (or, with --all, allocated) namespace ids (Identify CNS 02h / 10h).
 
     \b
     Example: nvmevfio list-ns 00:04.0
     """
+    cns = (0x10 if all_ else 0x02) if csi is None else (0x11 if all_ else 0x07)
     with controller(address) as s, errors():
-        ids = s.active_namespaces()
+        raw = identify_raw(s, cns, max(nsid, 1) - 1, csi=csi or 0)
+    ids = [i for i in (int.from_bytes(raw[k : k + 4], "little") for k in range(0, 4096, 4)) if i]
     if fmt == "json":
         _emit_json({"nsid_list": [{"nsid": i} for i in ids]})
         return
-    for i, nsid in enumerate(ids):
-        click.echo(f"[{i:>4}]:{nsid:#x}")
+    if fmt == "binary":
+        _write_data(raw, True)
+        return
+    for i, n in enumerate(ids):
+        click.echo(f"[{i:>4}]:{n:#x}")
+
+
+NIDT = {1: ("eui64", 8), 2: ("nguid", 16), 3: ("uuid", 16), 4: ("csi", 1)}
+
+
+def ns_descriptors(raw: bytes) -> list[dict[str, Any]]:
+    """The Namespace Identification Descriptor list (CNS 03h) as nvme-cli's JSON entries."""
+    out: list[dict[str, Any]] = []
+    at = 0
+    while at + 4 <= len(raw) and raw[at]:
+        nidt, nidl = raw[at], raw[at + 1]
+        value = raw[at + 4 : at + 4 + nidl]
+        name = NIDT.get(nidt, (f"type{nidt}", nidl))[0]
+        if nidt == 3:
+            h = value.hex()
+            text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        elif nidt == 4:
+            text = str(value[0])
+        else:
+            text = value.hex()
+        out.append({"loc": at, "nidt": nidt, "nidl": nidl, "type": name, name: text})
+        at += 4 + nidl
+    return out
+
+
+@main.command("ns-descs")
+@address_arg
+@nsid_opt
+@output_opt
+@raw_binary_opt
+def ns_descs(address: str, nsid: int, fmt: str, raw_binary: bool) -> None:
+    """Namespace Identification Descriptors (Identify CNS 03h): EUI64, NGUID, UUID, command set.
+
+    \b
+    Example: nvmevfio ns-descs 00:04.0 -n 1 -o json
+    """
+    with controller(address) as s, errors():
+        raw = identify_raw(s, 0x03, nsid)
+    if want_binary(fmt, raw_binary):
+        _write_data(raw, True)
+        return
+    descs = ns_descriptors(raw)
+    if fmt == "json":
+        _emit_json({"ns-descs": descs})
+        return
+    click.echo(f"NVME Namespace Identification Descriptors NS {nsid}:")
+    for d in descs:
+        click.echo(f"{d['type']:<8}: {d[d['type']]}")
+
+
+@main.command("list-ctrl")
+@address_arg
+@click.option("-c", "--cntid", type=num(0, 0xFFFF), default=0, help="the list starts at this controller id")
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=0,
+              help="controllers attached to this namespace (CNS 12h) instead of all in the subsystem (CNS 13h)")
+@output_opt
+def list_ctrl(address: str, cntid: int, nsid: int, fmt: str) -> None:
+    """Controller list (Identify CNS 12h / 13h).
+
+    \b
+    Example: nvmevfio list-ctrl 00:04.0 -o json
+    """
+    with controller(address) as s, errors():
+        raw = identify_raw(s, 0x12 if nsid else 0x13, nsid, cntid=cntid)
+    if fmt == "binary":
+        _write_data(raw, True)
+        return
+    count = int.from_bytes(raw[0:2], "little")
+    ids = [int.from_bytes(raw[2 + 2 * i : 4 + 2 * i], "little") for i in range(min(count, 2047))]
+    if fmt == "json":
+        _emit_json({"num_ctrl": count, "ctrl_list": [{"ctrl_id": i} for i in ids]})
+        return
+    click.echo(f"num of ctrls present: {count}")
+    for i, c in enumerate(ids):
+        click.echo(f"[{i:>4}]:{c:#x}")

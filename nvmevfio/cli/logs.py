@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from nvmevfio.cli.common import (
-    INT0,
+    IONUM,
+    NUM,
     _address,
     _emit_json,
     _nvme_cli_json,
@@ -15,8 +16,13 @@ from nvmevfio.cli.common import (
     address_arg,
     controller,
     errors,
+    human_opt,
     main,
+    num,
+    output_long_opt,
     output_opt,
+    raw_binary_opt,
+    want_binary,
 )
 
 SMART_STR_FIELDS = {"data_units_read", "data_units_written", "host_read_commands", "host_write_commands",
@@ -51,10 +57,18 @@ def _human_bytes(n: float) -> str:
     return f"{n:.2f} PB"  # pragma: no cover
 
 
+CRITICAL_WARNING_BITS = ("Available Spare[0]", "Temp. Threshold[1]", "NVM subsystem Reliability[2]", "Read-only[3]",
+                         "Volatile mem. backup failed[4]", "Persistent Mem. RO[5]")
+
+
 @main.command("smart-log")
 @address_arg
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=0xFFFFFFFF, show_default=True,
+              help="the namespace (0xffffffff: the controller)")
 @output_opt
-def smart_log(address: str, fmt: str) -> None:
+@raw_binary_opt
+@human_opt
+def smart_log(address: str, nsid: int, fmt: str, raw_binary: bool, human: bool) -> None:
     """SMART / Health Information log (log page 02h).
 
     \b
@@ -63,13 +77,17 @@ def smart_log(address: str, fmt: str) -> None:
     from nvmevfio.nvme import spec
 
     with controller(address) as s, errors():
-        d = spec.parse_smart_log(s.get_log_page("smart"))
+        raw = s.get_log(0x02, 512, nsid=nsid)
+    if want_binary(fmt, raw_binary):
+        _write_data(raw, True)
+        return
+    d = spec.parse_smart_log(raw)
     sensors = {f"temperature_sensor_{i}" for i in range(1, 9)}
     d = {k: v for k, v in d.items() if k not in sensors or v}  # nvme-cli prints sensors that report
     if fmt == "json":
         _emit_json(_nvme_cli_json(d, SMART_STR_FIELDS))
         return
-    click.echo("Smart Log for NVME device:" + _address(address) + " namespace-id:ffffffff")
+    click.echo(f"Smart Log for NVME device:{_address(address)} namespace-id:{nsid:x}")
     for key, label in SMART_LABELS:
         v = d[key]
         if key == "temperature":
@@ -81,6 +99,9 @@ def smart_log(address: str, fmt: str) -> None:
         else:
             text = str(v)
         click.echo(f"{label:<40}: {text}")
+        if key == "critical_warning" and human:
+            for bit, name in enumerate(CRITICAL_WARNING_BITS):
+                click.echo(f"      {name:<31}: {v >> bit & 1}")
     for i in range(1, 9):
         if f"temperature_sensor_{i}" in d:
             v = d[f"temperature_sensor_{i}"]
@@ -89,9 +110,11 @@ def smart_log(address: str, fmt: str) -> None:
 
 @main.command("error-log")
 @address_arg
-@click.option("-e", "--log-entries", "entries", type=click.IntRange(1, 256), default=64, show_default=True)
+@click.option("-e", "--log-entries", "entries", type=num(1, 256), default=64, show_default=True,
+              help="entries to read (at most the controller's ELPE + 1)")
 @output_opt
-def error_log(address: str, entries: int, fmt: str) -> None:
+@raw_binary_opt
+def error_log(address: str, entries: int, fmt: str, raw_binary: bool) -> None:
     """Error Information log (log page 01h).
 
     \b
@@ -101,7 +124,11 @@ def error_log(address: str, entries: int, fmt: str) -> None:
 
     with controller(address) as s, errors():
         elpe = s.id_ctrl["elpe"] + 1
-        log = spec.parse_error_log(s.get_log_page("error", entries=min(entries, elpe)))
+        raw = s.get_log_page("error", entries=min(entries, elpe))
+    if want_binary(fmt, raw_binary):
+        _write_data(raw, True)
+        return
+    log = spec.parse_error_log(raw)
     if fmt == "json":
         _emit_json({"errors": log})
         return
@@ -116,102 +143,204 @@ def error_log(address: str, entries: int, fmt: str) -> None:
         click.echo(".................")
 
 
+def firmware_slots(raw: bytes) -> dict[str, Any]:
+    """The Firmware Slot Information page as nvme-cli's JSON: the active slot and each filled slot's
+    revision, its 8 bytes as a little-endian number and as text (non-printing bytes as '.')."""
+    out: dict[str, Any] = {"Active Firmware Slot (afi)": raw[0]}
+    for i in range(1, 8):
+        rev = bytes(raw[8 * i : 8 * i + 8])
+        if any(rev):
+            text = "".join(chr(b) if 0x21 <= b <= 0x7E else "." for b in rev)
+            out[f"Firmware Rev Slot {i}"] = f"{int.from_bytes(rev, 'little')} ({text})"
+    return out
+
+
 @main.command("fw-log")
 @address_arg
 @output_opt
-def fw_log(address: str, fmt: str) -> None:
-    """Firmware Slot Information log (log page 03h).
+@raw_binary_opt
+def fw_log(address: str, fmt: str, raw_binary: bool) -> None:
+    """Firmware Slot Information log (log page 03h); ``-o json`` as nvme-cli's.
 
     \b
     Example: nvmevfio fw-log 00:04.0
     """
-    from nvmevfio.nvme import spec
-
     with controller(address) as s, errors():
-        d = spec.parse_firmware_log(s.get_log_page("firmware"))
+        raw = s.get_log_page("firmware")
+    if want_binary(fmt, raw_binary):
+        _write_data(raw, True)
+        return
+    d = firmware_slots(raw)
     if fmt == "json":
-        _emit_json({k: v for k, v in d.items() if k == "afi" or v})
+        _emit_json({_address(address): d})
         return
     click.echo(f"Firmware Log for device:{_address(address)}")
-    click.echo(f"afi  : {d['afi']:#x}")
+    click.echo(f"afi  : {raw[0]:#x}")
     for i in range(1, 8):
-        if d[f"frs{i}"]:
-            click.echo(f"frs{i} : {d[f'frs{i}']}")
+        if f"Firmware Rev Slot {i}" in d:
+            num_, text = d[f"Firmware Rev Slot {i}"].split(" ", 1)
+            click.echo(f"frs{i} : {int(num_):#018x} {text}")
+
+
+def c_hex(value: int) -> str:
+    """C's ``%#010x``, as nvme-cli prints a value: no 0x for zero."""
+    return f"{value:#010x}" if value else "00000000"
+
+
+TMPSEL = {0: "Composite Temperature", 0xF: "All Temperature Sensors",
+          **{i: f"Temperature Sensor {i}" for i in range(1, 9)}}
+
+
+def feature_fields(fid: int, value: int) -> list[str]:
+    """-H: a feature's value decoded, in nvme-cli 2.3's words (the features QEMU's model and most
+    drives have; others print the value only)."""
+    if fid == 0x01:
+        ab = value & 7
+        return [f"\tHigh Priority Weight   (HPW): {(value >> 24) + 1}",
+                f"\tMedium Priority Weight (MPW): {(value >> 16 & 0xFF) + 1}",
+                f"\tLow Priority Weight    (LPW): {(value >> 8 & 0xFF) + 1}",
+                f"\tArbitration Burst       (AB): {'No limit' if ab == 7 else 1 << ab}"]
+    if fid == 0x02:
+        wh = value >> 5 & 7
+        return [f"\tWorkload Hint (WH): {wh} - {'No Workload' if wh == 0 else f'Workload {wh}'}",
+                f"\tPower State   (PS): {value & 0x1F}"]
+    if fid == 0x04:
+        k = value & 0xFFFF
+        return [f"\tThreshold Type Select         (THSEL): {value >> 20 & 3} - "
+                f"{'Under' if value >> 20 & 3 else 'Over'} Temperature Threshold",
+                f"\tThreshold Temperature Select (TMPSEL): {value >> 16 & 0xF} - "
+                f"{TMPSEL.get(value >> 16 & 0xF, 'Reserved')}",
+                f"\tTemperature Threshold         (TMPTH): {k - 273}°C ({k} Kelvin)"]
+    if fid == 0x05:
+        return [f"\tDeallocated or Unwritten Logical Block Error Enable (DULBE): "
+                f"{'Enabled' if value >> 16 & 1 else 'Disabled'}",
+                f"\tTime Limited Error Recovery (TLER): {(value & 0xFFFF) * 100} ms"]
+    if fid == 0x06:
+        return [f"\tVolatile Write Cache Enable (WCE): {'Enabled' if value & 1 else 'Disabled'}"]
+    if fid == 0x07:
+        return [f"\tNumber of IO Completion Queues Allocated (NCQA): {(value >> 16) + 1}",
+                f"\tNumber of IO Submission Queues Allocated (NSQA): {(value & 0xFFFF) + 1}"]
+    if fid == 0x08:
+        return [f"\tAggregation Time     (TIME): {(value >> 8 & 0xFF) * 100} usec",
+                f"\tAggregation Threshold (THR): {(value & 0xFF) + 1}"]
+    if fid == 0x0A:
+        return [f"\tDisable Normal (DN): {'True' if value & 1 else 'False'}"]
+    return []
 
 
 @main.command("get-feature")
 @address_arg
-@click.option("-f", "--feature-id", "fid", type=click.IntRange(1, 255), required=True, help="feature identifier")
-@click.option("-s", "--sel", type=click.IntRange(0, 3), default=0, show_default=True,
+@click.option("-f", "--feature-id", "fid", type=num(1, 255), required=True, help="feature identifier")
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=0, show_default=True)
+@click.option("-s", "--sel", type=num(0, 3), default=0, show_default=True,
               help="0 current, 1 default, 2 saved, 3 supported capabilities")
-@click.option("-n", "--namespace-id", "nsid", type=int, default=0, show_default=True)
-@output_opt
-def get_feature(address: str, fid: int, sel: int, nsid: int, fmt: str) -> None:
-    """Get Features (admin opcode 0Ah).
+@click.option("-l", "--data-len", type=NUM, default=0, help="bytes the feature returns (e.g. LBA Range Type)")
+@raw_binary_opt
+@click.option("-c", "--cdw11", type=NUM, default=0, help="feature-specific CDW11")
+@click.option("-U", "--uuid-index", type=num(0, 127), default=0, help="UUID index (CDW14)")
+@human_opt
+@output_long_opt
+def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_binary: bool, cdw11: int,
+                uuid_index: int, human: bool, fmt: str) -> None:
+    """Get Features (admin opcode 0Ah); ``-H`` decodes the value.
 
     \b
-    Example: nvmevfio get-feature 00:04.0 -f 7
+    Example: nvmevfio get-feature 00:04.0 -f 0x07 -H
     """
     from nvmevfio.nvme.spec import FEATURE_NAMES
 
+    data: bytes | None = None
     with controller(address) as s, errors():
-        value = s.get_features(fid, sel=sel, nsid=nsid)
+        if data_len or uuid_index:
+            value, data = s.admin_passthru(0x0A, nsid=nsid, data_len=data_len, cdw10=fid | sel << 8, cdw11=cdw11,
+                                           cdw14=uuid_index)
+        else:
+            value = s.get_features(fid, sel=sel, nsid=nsid, cdw11=cdw11)
     name = FEATURE_NAMES.get(fid, "Unknown")
     if fmt == "json":
-        _emit_json({"feature_id": fid, "name": name, "sel": sel, "value": value})
+        _emit_json({"feature_id": fid, "name": name, "sel": sel, "value": value,
+                    **({"data": data.hex()} if data is not None else {})})
         return
     which = ["Current", "Default", "Saved", "Supported capabilities"][sel]
-    click.echo(f"get-feature:{fid:#04x} ({name}), {which} value:{value:#010x}")
+    click.echo(f"get-feature:{fid:#04x} ({name}), {which} value:{c_hex(value)}")
+    if human and sel != 3:
+        for line in feature_fields(fid, value):
+            click.echo(line)
+    if data:
+        _write_data(data, raw_binary)
 
 
 @main.command("set-feature")
 @address_arg
-@click.option("-f", "--feature-id", "fid", type=click.IntRange(1, 255), required=True, help="feature identifier")
-@click.option("-V", "--value", type=INT0, default=0, show_default=True, help="the value (CDW11)")
-@click.option("--cdw12", type=INT0, default=0, show_default=True)
-@click.option("-s", "--save", is_flag=True, help="keep the value across resets (CDW10.SV)")
-@click.option("-n", "--namespace-id", "nsid", type=INT0, default=0, show_default=True)
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=0, show_default=True)
+@click.option("-f", "--feature-id", "fid", type=num(1, 255), required=True, help="feature identifier")
+@click.option("-v", "--value", type=IONUM, default=0, show_default=True, help="the value (CDW11)")
+@click.option("-c", "--cdw12", type=NUM, default=0, show_default=True)
+@click.option("-l", "--data-len", type=NUM, default=0, help="bytes of --data to send")
 @click.option("-d", "--data", "data_file", type=click.File("rb"), help="a data buffer the feature takes")
-@output_opt
-def set_feature(address: str, fid: int, value: int, cdw12: int, save: bool, nsid: int, data_file: Any,
+@click.option("-s", "--save", is_flag=True, help="keep the value across resets (CDW10.SV)")
+@output_long_opt
+def set_feature(address: str, nsid: int, fid: int, value: int, cdw12: int, data_len: int, data_file: Any, save: bool,
                 fmt: str) -> None:
     """Set Features (admin opcode 09h). Number of Queues and Host Memory Buffer are the broker's.
 
     \b
-    Example: nvmevfio set-feature 00:04.0 -f 4 -V 0x150      # temperature threshold 336 K
+    Example: nvmevfio set-feature 00:04.0 -f 4 -v 0x150      # temperature threshold 336 K
     """
     from nvmevfio.nvme.spec import FEATURE_NAMES
 
-    data = data_file.read() if data_file is not None else None
+    data = data_file.read(data_len or -1) if data_file is not None else None
     with controller(address) as s, errors():
         dw0 = s.set_features(fid, value, cdw12=cdw12, save=save, nsid=nsid, data=data)
     name = FEATURE_NAMES.get(fid, "Unknown")
     if fmt == "json":
         _emit_json({"feature_id": fid, "name": name, "value": value, "cdw12": cdw12, "save": save, "result": dw0})
         return
-    click.echo(f"set-feature:{fid:#04x} ({name}), value:{value:#010x}, cdw12:{cdw12:#010x}, save:{int(save)}")
+    click.echo(f"set-feature:{fid:#04x} ({name}), value:{value:#010x}, cdw12:{cdw12:08x}, save:{int(save)}")
 
 
 @main.command("get-log")
 @address_arg
-@click.option("-i", "--log-id", "lid", type=INT0, required=True, help="log page identifier")
-@click.option("-l", "--log-len", "length", type=INT0, required=True, help="bytes (a multiple of 4)")
-@click.option("-O", "--lpo", "offset", type=INT0, default=0, show_default=True, help="log page offset, bytes")
-@click.option("-n", "--namespace-id", "nsid", type=INT0, default=0xFFFFFFFF, show_default=True)
-@click.option("-b", "--raw-binary", is_flag=True, help="the log to stdout as raw bytes")
-@output_opt
-def get_log(address: str, lid: int, length: int, offset: int, nsid: int, raw_binary: bool, fmt: str) -> None:
+@click.option("-n", "--namespace-id", "nsid", type=NUM, default=0xFFFFFFFF, show_default=True)
+@click.option("-i", "--log-id", "lid", type=num(0, 255), default=None, help="log page identifier")
+@click.option("-l", "--log-len", "length", type=NUM, required=True, help="bytes (a multiple of 4)")
+@click.option("-a", "--aen", type=NUM, default=None, help="an AEN's result: its log page (instead of --log-id)")
+@click.option("-o", "--lpo", "offset", type=IONUM, default=0, show_default=True, help="log page offset, bytes")
+@click.option("-s", "--lsp", type=num(0, 127), default=0, help="log specific field")
+@click.option("-S", "--lsi", type=num(0, 0xFFFF), default=0, help="log specific identifier")
+@click.option("-r", "--rae", is_flag=True, help="retain the asynchronous event")
+@click.option("-U", "--uuid-index", type=num(0, 127), default=0, help="UUID index")
+@raw_binary_opt
+@click.option("-y", "--csi", type=num(0, 255), default=0, help="command set identifier")
+@click.option("-O", "--ot", is_flag=True, help="offset type: --lpo is an index, not bytes")
+@output_long_opt
+def get_log(address: str, nsid: int, lid: int | None, length: int, aen: int | None, offset: int, lsp: int, lsi: int,
+            rae: bool, uuid_index: int, raw_binary: bool, csi: int, ot: bool, fmt: str) -> None:
     """Get Log Page (admin opcode 02h): any log id, --log-len bytes from --lpo.
 
     \b
     Example: nvmevfio get-log 00:04.0 --log-id 2 --log-len 512
     """
+    if aen is not None:
+        lid = aen >> 16 & 0xFF
+    if lid is None:
+        raise click.UsageError("give --log-id (or --aen)")
+    if length <= 0 or length % 4:
+        raise click.UsageError(f"--log-len {length}: a positive multiple of 4")
     with controller(address) as s, errors():
-        data = s.get_log(lid, length, nsid=nsid, offset=offset)
+        if lsp or lsi or rae or uuid_index or csi or ot:
+            numd = length // 4 - 1
+            _, got = s.admin_passthru(0x02, nsid=nsid, data_len=length,
+                                      cdw10=lid | lsp << 8 | int(rae) << 15 | (numd & 0xFFFF) << 16,
+                                      cdw11=numd >> 16 | lsi << 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32,
+                                      cdw14=uuid_index | int(ot) << 23 | csi << 24)
+            data = got or b""
+        else:
+            data = s.get_log(lid, length, nsid=nsid, offset=offset)
     if fmt == "json":
         _emit_json({"log_id": lid, "length": length, "offset": offset, "data": data.hex()})
         return
-    _write_data(data, raw_binary, f"Device:{_address(address)} log-id:{lid} namespace-id:{nsid:#x}", offset)
+    _write_data(data, raw_binary, f"Device:{_address(address)} log-id:{lid} namespace-id:{nsid:#x}")
 
 
 def _show_decoded(d: dict[str, Any], indent: str = "") -> None:
@@ -233,9 +362,11 @@ def _show_decoded(d: dict[str, Any], indent: str = "") -> None:
 
 @main.command("sanitize-log")
 @address_arg
-@click.option("-b", "--raw-binary", is_flag=True, help="the page's 512 bytes, raw")
+@click.option("-r", "--rae", is_flag=True, help="retain the asynchronous event (the broker re-reads it anyway)")
 @output_opt
-def sanitize_log(address: str, raw_binary: bool, fmt: str) -> None:
+@human_opt
+@raw_binary_opt
+def sanitize_log(address: str, rae: bool, fmt: str, human: bool, raw_binary: bool) -> None:
     """The Sanitize Status log page (81h), decoded; ``-o json`` has nvme-cli's field names.
 
     \b
@@ -245,7 +376,7 @@ def sanitize_log(address: str, raw_binary: bool, fmt: str) -> None:
 
     with controller(address) as s, errors():
         data = s.get_log(0x81, 512)
-    if raw_binary:
+    if want_binary(fmt, raw_binary):
         _write_data(data, True, "")
         return
     d = spec.parse_sanitize_log(data)
@@ -260,9 +391,10 @@ def sanitize_log(address: str, raw_binary: bool, fmt: str) -> None:
 @address_arg
 @click.option("-e", "--dst-entries", type=click.IntRange(1, 20), default=20, show_default=True,
               help="how many of the 20 results to show, newest first")
-@click.option("-b", "--raw-binary", is_flag=True, help="the page's 564 bytes, raw")
+@raw_binary_opt
 @output_opt
-def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="accepted; every field is shown anyway")
+def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str, verbose: bool) -> None:
     """The Device Self-test log page (06h), decoded; ``-o json`` has nvme-cli's field names.
 
     \b
@@ -272,7 +404,7 @@ def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str) ->
 
     with controller(address) as s, errors():
         data = s.get_log(0x06, 564)
-    if raw_binary:
+    if want_binary(fmt, raw_binary):
         _write_data(data, True, "")
         return
     d = spec.parse_self_test_log(data, dst_entries)

@@ -10,6 +10,7 @@ import click
 from nvmevfio.cli.common import (
     EXIT_DEVICE,
     EXIT_ERROR,
+    EXIT_MISMATCH,
     _address,
     _emit_json,
     _fail,
@@ -96,7 +97,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     if fmt == "json":
         _emit_json(res.to_dict())
         if bad:
-            sys.exit(EXIT_DEVICE)
+            sys.exit(EXIT_MISMATCH)
         return
     click.echo(f"{service_socket or _address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, "
                f"QD {res.queue_depth}, {res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, "
@@ -118,7 +119,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
             click.echo(f"  LBA {lba}: expected lba {want[0]} seq {want[1]} crc32c {want[2]:#010x}; found magic "
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
-            _fail(f"verify: {bad} blocks did not hold what was written", EXIT_DEVICE)
+            _fail(f"verify: {bad} blocks did not hold what was written", EXIT_MISMATCH)
 
 
 @main.command()

@@ -8,7 +8,7 @@ import click
 
 from nvmevfio.cli.common import (
     EXIT_REFUSED,
-    INT0,
+    NUM,
     _emit_json,
     _fail,
     _write_data,
@@ -17,6 +17,9 @@ from nvmevfio.cli.common import (
     controller,
     errors,
     main,
+    output_long_opt,
+    raw_binary_opt,
+    timeout_ms_opt,
 )
 
 # ------------------------------------------------------------------ passthrough
@@ -26,32 +29,31 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
     kind = "Admin" if admin else "IO"
 
     @address_arg
-    @click.option("-O", "--opcode", type=INT0, required=True, help="opcode (vendor-specific C0h-FFh allowed)")
-    @click.option("-f", "--flags", type=INT0, default=0, show_default=True,
+    @click.option("-o", "--opcode", type=NUM, required=True, help="opcode (vendor-specific C0h-FFh allowed)")
+    @click.option("-f", "--flags", type=NUM, default=0, show_default=True,
                   help="CDW0 flags: only 0 (fused and SGL commands are the broker's)")
-    @click.option("-R", "--rsvd", type=INT0, default=0, show_default=True, help="reserved field: only 0")
-    @click.option("-n", "--namespace-id", "nsid", type=INT0, default=0 if admin else 1, show_default=True)
-    @click.option("-2", "--cdw2", type=INT0, default=0)
-    @click.option("-3", "--cdw3", type=INT0, default=0)
-    @click.option("-4", "--cdw10", type=INT0, default=0)
-    @click.option("-5", "--cdw11", type=INT0, default=0)
-    @click.option("-6", "--cdw12", type=INT0, default=0)
-    @click.option("-7", "--cdw13", type=INT0, default=0)
-    @click.option("-8", "--cdw14", type=INT0, default=0)
-    @click.option("-9", "--cdw15", type=INT0, default=0)
-    @click.option("-l", "--data-len", type=INT0, default=0, help="bytes to transfer")
-    @click.option("-m", "--metadata-len", type=INT0, default=0, help="only 0 (the metadata pointer is the broker's)")
+    @click.option("-R", "--rsvd", type=NUM, default=0, show_default=True, help="reserved field: only 0")
+    @click.option("-n", "--namespace-id", "nsid", type=NUM, default=0 if admin else 1, show_default=True)
+    @click.option("-2", "--cdw2", type=NUM, default=0)
+    @click.option("-3", "--cdw3", type=NUM, default=0)
+    @click.option("-4", "--cdw10", type=NUM, default=0)
+    @click.option("-5", "--cdw11", type=NUM, default=0)
+    @click.option("-6", "--cdw12", type=NUM, default=0)
+    @click.option("-7", "--cdw13", type=NUM, default=0)
+    @click.option("-8", "--cdw14", type=NUM, default=0)
+    @click.option("-9", "--cdw15", type=NUM, default=0)
+    @click.option("-l", "--data-len", type=NUM, default=0, help="bytes to transfer")
+    @click.option("-m", "--metadata-len", type=NUM, default=0, help="only 0 (the metadata pointer is the broker's)")
     @click.option("-i", "--input-file", type=click.File("rb"), help="data to send (--write)")
     @click.option("-r", "--read", "read_", is_flag=True, help="controller to host (default: opcode bit 1)")
     @click.option("-w", "--write", "write_", is_flag=True, help="host to controller (default: opcode bit 0)")
-    @click.option("-p", "--prefill", type=INT0, default=0, help="byte the data buffer is filled with first")
-    @click.option("-t", "--timeout", "timeout_ms", type=INT0, help="milliseconds (default: the command timeout)")
+    @click.option("-p", "--prefill", type=NUM, default=0, help="byte the data buffer is filled with first")
+    @timeout_ms_opt
     @click.option("-s", "--show-command", is_flag=True, help="print the command's fields first")
     @click.option("-d", "--dry-run", is_flag=True, help="print the command's fields, send nothing")
-    @click.option("-b", "--raw-binary", is_flag=True, help="received data to stdout as raw bytes")
+    @raw_binary_opt
     @click.option("-T", "--latency", is_flag=True, help="print the command's latency")
-    @click.option("-o", "--output-format", "fmt", type=click.Choice(["normal", "json"]), default="normal",
-                  show_default=True)
+    @output_long_opt
     def cmd(address: str, opcode: int, flags: int, rsvd: int, nsid: int, cdw2: int, cdw3: int, cdw10: int,
             cdw11: int, cdw12: int, cdw13: int, cdw14: int, cdw15: int, data_len: int, metadata_len: int,
             input_file: Any, read_: bool, write_: bool, prefill: int, timeout_ms: int | None, show_command: bool,

@@ -22,7 +22,7 @@ def test_command_groups_name_what_each_module_defines():
         importlib.import_module(module)
         defined = sorted(n for n, c in main.commands.items() if c.callback.__module__ == module)
         assert defined == sorted(names), group
-    assert len(COMMANDS) == len(main.commands) == 41
+    assert len(COMMANDS) == len(main.commands) == sum(len(names) for names in COMMAND_GROUPS.values())
 
 
 def test_a_command_loads_only_its_group():
@@ -113,3 +113,100 @@ def test_pin_keeps_the_process_on_one_cpu():
         assert os.sched_getaffinity(0) == {cpu}
     finally:
         os.sched_setaffinity(0, before)
+
+
+# ---------------------------------------------------------------- nvme-cli's numbers, structures and exit codes
+@pytest.mark.parametrize(("text", "suffix", "value"), [
+    ("0", False, 0), ("28", False, 28), ("0x1c", False, 28), ("0X1C", False, 28), ("034", False, 28),
+    (" 5", False, 5), ("4k", True, 4096), ("4K", True, 4096), ("4Ki", True, 4096), ("4KiB", True, 4096),
+    ("2M", True, 2 << 20), ("1g", True, 1 << 30), ("0x10k", True, 16 << 10),
+])
+def test_numbers_as_nvme_cli_reads_them(text, suffix, value):
+    from nvmevfio.cli.common import parse_number
+
+    assert parse_number(text, suffix=suffix) == value
+
+
+@pytest.mark.parametrize(("text", "suffix"), [("08", False), ("4x", True), ("1.5k", True), ("4k", False), ("", False),
+                                              ("0x", False), ("-1", False)])
+def test_numbers_nvme_cli_refuses(text, suffix):
+    from nvmevfio.cli.common import parse_number
+
+    with pytest.raises(ValueError, match=repr(text)):
+        parse_number(text, suffix=suffix)
+
+
+def test_lists_and_the_hex_dump():
+    from nvmevfio.cli.common import nvme_dump, parse_list
+
+    assert parse_list("0,0x10,010") == [0, 16, 8] and parse_list("") == []
+    assert nvme_dump(bytes(range(0x41, 0x51)) + b"\x00 ~") == (
+        "       0  1  2  3  4  5  6  7  8  9  a  b  c  d  e  f\n"
+        '0000: 41 42 43 44 45 46 47 48 49 4a 4b 4c 4d 4e 4f 50 "ABCDEFGHIJKLMNOP"\n'
+        '0010: 00 20 7e' + " " * 40 + ' "..~"\n')  # nvme-cli: 3 columns a missing byte, 2 more
+
+
+def test_dsm_ranges_and_attributes():
+    from nvmevfio.cli.data import dsm_attributes, dsm_ranges
+
+    r = dsm_ranges([0x10, 0x200], [8], [])
+    assert r == ((0).to_bytes(4, "little") + (8).to_bytes(4, "little") + (0x10).to_bytes(8, "little")
+                 + bytes(8) + (0x200).to_bytes(8, "little"))
+    assert dsm_attributes(True, False, False, 0) == 4 and dsm_attributes(False, True, True, 0) == 3
+    assert dsm_attributes(True, True, True, 0x20) == 0x20  # --cdw11 wins, as in nvme-cli
+    with pytest.raises(click.UsageError):
+        dsm_ranges([], [], [])
+
+
+def test_copy_ranges_within_mssrl_mcl_msrc():
+    from nvmevfio.cli.data import copy_ranges
+    from nvmevfio.errors import Refused
+
+    r = copy_ranges([10, 0x100], [3, 0], mssrl=128, mcl=128, msrc=127)
+    assert len(r) == 64 and r[8:16] == (10).to_bytes(8, "little") and r[16:18] == (3).to_bytes(2, "little")
+    assert r[40:48] == (0x100).to_bytes(8, "little") and r[48:50] == bytes(2) and not any(r[:8])
+    for kw, reason in (({"mssrl": 3}, "copy-range-too-long"), ({"mcl": 4}, "copy-too-long"),
+                       ({"msrc": 0}, "copy-too-many-ranges")):
+        limits = {"mssrl": 128, "mcl": 128, "msrc": 127, **kw}
+        with pytest.raises(Refused) as ei:
+            copy_ranges([10, 0x100], [3, 0], **limits)
+        assert ei.value.reason == reason
+
+
+def test_firmware_slots_and_ns_descriptors_as_nvme_cli():
+    from nvmevfio.cli.identify import ns_descriptors
+    from nvmevfio.cli.logs import firmware_slots
+
+    page = bytearray(512)
+    page[0], page[8:16] = 1, b"1.0     "
+    assert firmware_slots(bytes(page)) == {"Active Firmware Slot (afi)": 1,
+                                           "Firmware Rev Slot 1": "2314885530819505713 (1.0.....)"}
+    raw = bytes([4, 1, 0, 0, 0]) + bytes([3, 16, 0, 0]) + bytes(range(16)) + bytes(4096 - 25)
+    assert ns_descriptors(raw) == [
+        {"loc": 0, "nidt": 4, "nidl": 1, "type": "csi", "csi": "0"},
+        {"loc": 5, "nidt": 3, "nidl": 16, "type": "uuid", "uuid": "00010203-0405-0607-0809-0a0b0c0d0e0f"}]
+
+
+def test_features_decoded_in_nvme_cli_words():
+    from nvmevfio.cli.logs import c_hex, feature_fields
+
+    assert c_hex(0) == "00000000" and c_hex(0x157) == "0x00000157"
+    assert feature_fields(0x07, 0x003F003F) == ["\tNumber of IO Completion Queues Allocated (NCQA): 64",
+                                                "\tNumber of IO Submission Queues Allocated (NSQA): 64"]
+    assert feature_fields(0x04, 0x157)[2] == "\tTemperature Threshold         (TMPTH): 70°C (343 Kelvin)"
+    assert feature_fields(0x01, 7)[3] == "\tArbitration Burst       (AB): No limit"
+    assert feature_fields(0x08, 0) == ["\tAggregation Time     (TIME): 0 usec", "\tAggregation Threshold (THR): 1"]
+    assert feature_fields(0x0A, 0) == ["\tDisable Normal (DN): False"] and feature_fields(0x80, 1) == []
+
+
+@pytest.mark.parametrize("args", [["read", "00:04.0", "--bogus"], ["read", "00:04.0", "-c", "zz"],
+                                  ["get-feature", "00:04.0", "-f", "0x100"], ["no-such-command"]])
+def test_a_usage_error_exits_1_as_nvme_cli(args):
+    """nvme-cli 2.3 exits 1 on a usage error (measured); click's own would be 2."""
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and ("Error:" in r.stderr), (r.exit_code, r.output)
+
+
+def test_hex_option_values_are_accepted():
+    r = CliRunner().invoke(main, ["read", "zz:zz", "-s", "0x10", "-c", "0x7", "-z", "4k"])
+    assert r.exit_code == 5 and "not a PCI address" in r.stderr  # parsed; refused at the address
