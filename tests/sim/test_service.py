@@ -165,18 +165,19 @@ def test_cli_block_commands_through_the_socket(served, tmp_path):
     data = tmp_path / "in.bin"
     data.write_bytes(bytes(range(256)) * 4)  # two blocks
     runner = CliRunner()
-    res = runner.invoke(main, ["write", "--socket", path, "--lba", "5", "-d", str(data)])
+    res = runner.invoke(main, ["write", "--socket", path, "--start-block", "5", "-d", str(data)])
     assert res.exit_code == 0, res.output
     assert bytes(rig.sim.namespaces[0].data[1005 * 512 : 1007 * 512]) == data.read_bytes()
-    res = runner.invoke(main, ["read", "--socket", path, "--lba", "5", "--count", "2", "-d", str(tmp_path / "o")])
+    res = runner.invoke(main, ["read", "--socket", path, "--start-block", "5", "--block-count", "1", "-d",
+                               str(tmp_path / "o")])
     assert res.exit_code == 0 and (tmp_path / "o").read_bytes() == data.read_bytes()
-    res = runner.invoke(main, ["read", "--socket", path, "--lba", "1999", "--count", "2"])
+    res = runner.invoke(main, ["read", "--socket", path, "-s", "1999", "-c", "1"])
     assert res.exit_code == 3 and "out-of-window" in res.output  # refused, nothing sent
     assert runner.invoke(main, ["flush", "--socket", path]).exit_code == 0
-    assert runner.invoke(main, ["write-zeroes", "--socket", path, "--lba", "5", "--count", "1"]).exit_code == 0
+    assert runner.invoke(main, ["write-zeroes", "--socket", path, "-s", "5", "-c", "0"]).exit_code == 0
     assert not rig.sim.namespaces[0].data[1005 * 512 : 1006 * 512].any()
-    assert runner.invoke(main, ["deallocate", "--socket", path, "--lba", "6", "--count", "1"]).exit_code == 0
-    res = runner.invoke(main, ["read", "--lba", "0"])
+    assert runner.invoke(main, ["deallocate", "--socket", path, "-s", "6", "-c", "0"]).exit_code == 0
+    res = runner.invoke(main, ["read", "-s", "0"])
     assert res.exit_code == 1 and "--socket" in res.output  # neither an address nor a socket
     res = runner.invoke(main, ["perf", "--socket", path, "-w", "randread", "-q", "4", "-n", "200", "-o", "json"])
     assert res.exit_code == 0, res.output

@@ -112,10 +112,10 @@ def test_no_physical_address_in_output_refusals_or_logs(data_ctrl, lane, monkeyp
     texts = []
     runner = CliRunner()
     for args in (["list"], ["show-regs", addr], ["show-regs", addr, "-o", "json"], ["id-ctrl", addr, "-o", "json"],
-                 ["read", addr, "--lba", "99999999"], ["read", addr, "--lba", "0", "--hexdump"],
-                 ["write", addr, "--lba", "0", "--data", "/nonexistent"],
+                 ["read", addr, "-s", "99999999"], ["read", addr, "-s", "0", "--hexdump"],
+                 ["write", addr, "-s", "0", "--data", "/nonexistent"],
                  ["perf", addr, "-w", "randread", "-q", "4", "-s", "4096", "-t", "1", "-o", "json"],
-                 ["-v", "read", addr, "--lba", "-1"]):
+                 ["-v", "read", addr, "-s", "-1"]):
         res = runner.invoke(main, args)
         texts.append(res.output)
     with nvmevfio.open(addr, 1) as d:

@@ -21,8 +21,8 @@ def test_python_example_runs(small_ctrl):
 
 def test_error_example_matches(small_ctrl):
     text = README.read_text()
-    shown = re.search(r"\$ nvmevfio read 00:10.0 --lba 99999999\n(.*)\n", text).group(1)
+    shown = re.search(r"\$ nvmevfio read 00:10.0 --start-block 99999999\n(.*)\n", text).group(1)
     addr = small_ctrl["address"]
-    r = CliRunner().invoke(main, ["read", addr, "--lba", "99999999"])
+    r = CliRunner().invoke(main, ["read", addr, "--start-block", "99999999"])
     assert r.exit_code == 3
     assert r.stderr.strip() == shown

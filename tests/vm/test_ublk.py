@@ -130,7 +130,7 @@ else:
     def namespace_bytes(addr: str, offset: int, length: int) -> bytes:
         """The namespace's bytes read by `nvmevfio read` (the controller must be free)."""
         back = subprocess.run([sys.executable, "-m", "nvmevfio", "read", addr, "-s", str(offset // 512),
-                               "-c", str(length // 512)], capture_output=True, timeout=240)
+                               "-c", str(length // 512 - 1)], capture_output=True, timeout=240)
         assert back.returncode == 0, back.stderr
         return back.stdout
 
