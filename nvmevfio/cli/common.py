@@ -276,6 +276,13 @@ start_block_opt = click.option("-s", "--start-block", "slba", type=IONUM, defaul
                                help="first logical block")
 block_count_opt = click.option("-c", "--block-count", "nlb", type=num(0, 0xFFFFFFFF), default=0, show_default=True,
                                help="number of blocks, 0's based as in nvme-cli (0 is one block)")
+
+
+def block_range_opts(f: Any) -> Any:
+    """-n, -s, -c: the namespace and nvme-cli's block range, as every block command takes them."""
+    return nsid_opt(start_block_opt(block_count_opt(f)))
+
+
 data_size_opt = click.option("-z", "--data-size", type=IONUM, default=0, help="bytes of data (default: the blocks')")
 fua_opt = click.option("-f", "--force-unit-access", "fua", is_flag=True,
                        help="the data on media before completion (FUA)")

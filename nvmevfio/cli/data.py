@@ -9,7 +9,7 @@ import io
 import os
 import sys
 import time
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
@@ -24,7 +24,7 @@ from nvmevfio.cli.common import (
     _hexdump,
     _progress,
     block_address_arg,
-    block_count_opt,
+    block_range_opts,
     blockdev,
     data_size_opt,
     errors,
@@ -40,6 +40,13 @@ from nvmevfio.cli.common import (
 show_command_opt = click.option("-v", "--show-command", is_flag=True, help="print the command's fields first")
 dry_run_opt = click.option("-w", "--dry-run", is_flag=True, help="print the command's fields, send nothing")
 latency_opt = click.option("-t", "--latency", is_flag=True, help="print the latency (stdout)")
+
+
+def trace_opts(f: Any) -> Any:
+    """-v, -w, -t: nvme-cli's show-command, dry-run and latency on read, write and compare."""
+    return show_command_opt(dry_run_opt(latency_opt(f)))
+
+
 data_file_opt = click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
                              help="data file (default: stdin / stdout)")
 DSM_RANGE = 16  # bytes of one Dataset Management range (NVM Command Set 3.2.3)
@@ -61,17 +68,13 @@ def _latency(verb: str, t0: float, shown: bool) -> None:
 
 @main.command()
 @block_address_arg
-@nsid_opt
+@block_range_opts
 @service_socket_opt
-@start_block_opt
-@block_count_opt
 @data_size_opt
 @data_file_opt
 @click.option("--hexdump", is_flag=True, help="a hex dump instead of raw bytes")
-@show_command_opt
-@dry_run_opt
-@latency_opt
-def read(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int, data_size: int, data: str,
+@trace_opts
+def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, data_size: int, data: str,
          hexdump: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
     """Read blocks to a file or stdout (more than MDTS is split into several commands).
 
@@ -130,9 +133,7 @@ def read(address: str, nsid: int, service_socket: str | None, slba: int, nlb: in
 @data_size_opt
 @data_file_opt
 @click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
-@show_command_opt
-@dry_run_opt
-@latency_opt
+@trace_opts
 def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int | None, data_size: int,
           data: str, pad: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
     """Write a file (or stdin) at a block address.
@@ -195,14 +196,10 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
 
 @main.command("compare")
 @block_address_arg
-@nsid_opt
-@start_block_opt
-@block_count_opt
+@block_range_opts
 @data_size_opt
 @data_file_opt
-@show_command_opt
-@dry_run_opt
-@latency_opt
+@trace_opts
 def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, data: str, show_command: bool,
                 dry_run: bool, latency: bool) -> None:
     """Compare (NVM opcode 05h): the device checks blocks against a file (or stdin); a difference is
@@ -228,9 +225,7 @@ def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, da
 
 @main.command("verify")
 @block_address_arg
-@nsid_opt
-@start_block_opt
-@block_count_opt
+@block_range_opts
 def verify_cmd(address: str, nsid: int, slba: int, nlb: int) -> None:
     """Verify (NVM opcode 0Ch): the device reads and checks blocks, transferring nothing.
 
@@ -259,12 +254,10 @@ def flush(address: str, nsid: int, service_socket: str | None) -> None:
 
 @main.command("write-zeroes")
 @block_address_arg
-@nsid_opt
+@block_range_opts
 @service_socket_opt
-@start_block_opt
-@block_count_opt
 @click.option("-d", "--deac", is_flag=True, help="let the controller deallocate the blocks (they read zeros)")
-def write_zeroes(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int, deac: bool) -> None:
+def write_zeroes(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, deac: bool) -> None:
     """Write Zeroes over a range of blocks.
 
     \b
@@ -280,11 +273,9 @@ def write_zeroes(address: str, nsid: int, service_socket: str | None, slba: int,
 
 @main.command("deallocate")
 @block_address_arg
-@nsid_opt
+@block_range_opts
 @service_socket_opt
-@start_block_opt
-@block_count_opt
-def deallocate(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int) -> None:
+def deallocate(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None) -> None:
     """Deallocate (TRIM) a range of blocks: nvmevfio's short form of dsm --ad, through the service too.
 
     \b
@@ -297,9 +288,7 @@ def deallocate(address: str, nsid: int, service_socket: str | None, slba: int, n
 
 @main.command("write-uncor")
 @block_address_arg
-@nsid_opt
-@start_block_opt
-@block_count_opt
+@block_range_opts
 def write_uncor(address: str, nsid: int, slba: int, nlb: int) -> None:
     """Write Uncorrectable (NVM opcode 04h): the blocks read back as an Unrecovered Read Error until written.
 
