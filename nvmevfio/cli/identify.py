@@ -137,7 +137,7 @@ def id_ctrl(address: str, vendor_specific: bool, fmt: str, raw_binary: bool, hum
         if k == "ieee":
             v = f"{v:06x}"
         elif k in ID_CTRL_HEX and isinstance(v, int):
-            v = hex(v)
+            v = f"{v:#x}" if v else "0"  # C's %#x, as nvme-cli prints them
         click.echo(f"{k:<10}: {v}")
         if human and k in ID_CTRL_BITS:
             n = c[k]

@@ -1,0 +1,160 @@
+"""A script written the way nvme-cli users write them, with nvme-cli's spellings, run on the same
+controller twice: nvme-cli 2.3 on the kernel driver, then nvmevfio on vfio-pci. Same data, the same
+JSON (the fields both have), the same exit codes (nvme-cli's: 1 for an NVMe status and for a usage
+error, measured), and the differences docs/nvme-cli.md names. nvmevfio's commands run in this
+process through the script's ``nvmevfio`` function (cli_runner.shell_nvmevfio): one Python, many
+commands; one of them (``sanitize``) also as a real process for its real exit status."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from cli_runner import SHELL_FUNCTION, shell_nvmevfio
+from conftest import controller, kernel_blockdev
+
+from nvmevfio import pci
+
+# $NVME is nvme or nvmevfio; $CTRL the controller (/dev/nvme0 or its address), $NS a namespace
+# (/dev/nvme0n1, or the address: nvmevfio's -n defaults to 1). Each step: NAME.out, NAME.err, NAME.rc.
+SCRIPT = r"""
+set -u
+run() { name=$1; shift; "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"; echo $? > "$OUT/$name.rc"; }
+run write       $NVME write $NS --start-block=100 --block-count=7 --data-size=4096 --data=$DATA
+run read        $NVME read $NS --start-block=100 --block-count=7 --data-size=4096 --data=$OUT/read.bin
+run read-short  $NVME read $NS -s 100 -c 7 -z 512 -d $OUT/read-short.bin
+run compare     $NVME compare $NS -s 100 -c 7 -z 4096 -d $DATA
+run compare-bad $NVME compare $NS -s 0x64 -c 7 -z 4096 -d $ZEROS
+run verify      $NVME verify $NS -s 100 -c 7
+run copy        $NVME copy $NS --sdlba=300 --slbs=100,104 --blocks=1,0
+run read-copy   $NVME read $NS -s 300 -c 2 -z 1536 -d $OUT/read-copy.bin
+run flush       $NVME flush $NS
+run zeroes      $NVME write-zeroes $NS -s 100 -c 3
+run dsm         $NVME dsm $NS --slbs=104 --blocks=4 --ad
+run read-zeros  $NVME read $NS -s 100 -c 7 -z 4096 -d $OUT/read-zeros.bin
+run id-ctrl-v   $NVME id-ctrl $CTRL -v
+run id-ctrl-H   $NVME id-ctrl $CTRL -H
+run id-ctrl     $NVME id-ctrl $CTRL -o json
+run id-ns       $NVME id-ns $NS -o json
+run list-ns     $NVME list-ns $CTRL -o json
+run ns-descs    $NVME ns-descs $CTRL -n 1 -o json
+run feature-4   $NVME get-feature $CTRL -f 0x04 -H
+run feature-6   $NVME get-feature $CTRL --feature-id=0x06 -H
+run feature-bad $NVME get-feature $CTRL -f 0x55
+run smart       $NVME smart-log $CTRL -n 0xffffffff -o json
+run error-log   $NVME error-log $CTRL -e 1 -o json
+run fw-log      $NVME fw-log $CTRL -o json
+run sanitize-log   $NVME sanitize-log $CTRL -o json
+run self-test-log  $NVME self-test-log $CTRL -o json
+run sanitize    $NVME sanitize $CTRL -a 2
+run self-test   $NVME device-self-test $CTRL -s 1
+run fw-commit   $NVME fw-commit $CTRL -s 1 -a 1
+run write-uncor $NVME write-uncor $NS -s 500 -c 0
+run lba-status  $NVME get-lba-status $CTRL -n 1 -s 0 -m 15 -a 2
+run usage       $NVME read $NS --no-such-option
+run bad-number  $NVME read $NS -s 0 -c zz -z 512
+run format      $NVME format $NS --lbaf=0 --force
+run read-formatted $NVME read $NS -s 100 -c 0 -z 512 -d $OUT/read-formatted.bin
+run subsys-reset   $NVME subsystem-reset $CTRL
+"""
+STEPS = [line.split()[1] for line in SCRIPT.splitlines() if line.startswith("run ")]
+# nvmevfio's refusal before the device (exit 3) where nvme-cli reports the same condition as an error (1)
+REFUSED_BY_NAME = {"subsys-reset": "subsystem-reset-unsupported"}
+
+
+def run_script(out, env):
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["sh", "-c", SHELL_FUNCTION + SCRIPT], env={**env, "OUT": str(out)}, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return {s: (int((out / f"{s}.rc").read_text()), (out / f"{s}.out").read_bytes(), (out / f"{s}.err").read_text())
+            for s in STEPS}
+
+
+def test_an_nvme_cli_script_runs_alike_on_nvmevfio(guest, io_dir):
+    addr = controller(guest, "nvmevfio-nbd")["address"]  # throwaway contents (test_nbd formats it anyway)
+    data = np.random.default_rng(30).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (io_dir / "compat-data.bin").write_bytes(data)
+    (io_dir / "compat-zeros.bin").write_bytes(bytes(4096))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DATA": str(io_dir / "compat-data.bin"),
+           "ZEROS": str(io_dir / "compat-zeros.bin")}
+    ns = kernel_blockdev(addr)
+    try:
+        theirs = run_script(io_dir / "compat-nvme-cli", {**env, "NVME": "nvme", "CTRL": ns[:-2], "NS": ns})
+    finally:
+        pci.bind(addr, force=True)
+    with shell_nvmevfio(io_dir / "compat-fifo") as fifo:
+        ours = run_script(io_dir / "compat-nvmevfio", {**env, **fifo, "NVME": "nvmevfio", "CTRL": addr, "NS": addr})
+    real = subprocess.run([sys.executable, "-m", "nvmevfio", "sanitize", addr, "-a", "2"], capture_output=True,
+                          text=True, timeout=300)
+
+    # the same exit status, step by step (nvme-cli's 1 for a status and for a usage error)
+    codes = {s: (ours[s][0], theirs[s][0]) for s in STEPS if s not in REFUSED_BY_NAME}
+    assert {s: c for s, c in codes.items() if c[0] != c[1]} == {}, codes
+    assert {s: c[0] for s, c in codes.items() if c[0]} == {
+        "compare-bad": 1, "feature-bad": 1, "sanitize-log": 1, "self-test-log": 1, "sanitize": 1, "self-test": 1,
+        "fw-commit": 1, "write-uncor": 1, "lba-status": 1, "usage": 1, "bad-number": 1}, codes  # QEMU 7.2's model
+    assert real.returncode == theirs["sanitize"][0] == 1 and "Invalid Command Opcode" in real.stderr
+    for s, reason in REFUSED_BY_NAME.items():
+        assert theirs[s][0] == 1 and ours[s][0] == 3 and reason in ours[s][2], (theirs[s], ours[s])
+    for s in ("compare-bad", "sanitize", "self-test", "fw-commit", "write-uncor", "lba-status", "feature-bad"):
+        assert "Traceback" not in ours[s][2] and ours[s][2].count("\n") == 1, ours[s]  # one line: the status name
+    assert "Compare Failure" in ours["compare-bad"][2] and "Invalid Command Opcode" in ours["sanitize"][2]
+    assert "Invalid Field in Command" in ours["feature-bad"][2]
+    for s in ("sanitize-log", "self-test-log"):  # decoded with nvme-cli's names where this QEMU has the page
+        if ours[s][0]:
+            assert "Invalid" in ours[s][2] and "Traceback" not in ours[s][2], ours[s]
+    if not ours["sanitize-log"][0]:
+        d = json.loads(ours["sanitize-log"][1])[addr]
+        assert set(d) >= {"sprog", "sstat", "cdw10_info", "time_over_write"} and "status" in d["sstat"]
+    if not ours["self-test-log"][0]:
+        assert "Current Device Self-Test Operation" in json.loads(ours["self-test-log"][1])
+
+    # the same data: written, read (--data-size bytes of it), copied, zeroed, deallocated, formatted
+    out_o, out_t = io_dir / "compat-nvmevfio", io_dir / "compat-nvme-cli"
+    for f in ("read.bin", "read-short.bin", "read-copy.bin", "read-zeros.bin", "read-formatted.bin"):
+        assert (out_o / f).read_bytes() == (out_t / f).read_bytes(), f
+    assert (out_o / "read.bin").read_bytes() == data and (out_o / "read-short.bin").read_bytes() == data[:512]
+    assert (out_o / "read-copy.bin").read_bytes() == data[:1024] + data[2048:2560]
+    assert (out_o / "read-zeros.bin").read_bytes() == bytes(4096)  # Write Zeroes, then DSM deallocate (DLFEAT=1)
+    for s in ("write", "read", "compare"):
+        assert ours[s][2].strip() == theirs[s][2].strip() == f"{s}: Success"
+    for s in ("verify", "flush", "zeroes", "dsm", "copy", "format"):
+        assert ours[s][1] == theirs[s][1], s  # "NVME Verify Success", "NVMe DSM: success", ...
+
+    # the same JSON: every field nvme-cli reports, with its value (counters that move aside)
+    def js(side, s):
+        return json.loads(side[s][1])
+
+    k_ctrl, o_ctrl = js(theirs, "id-ctrl"), js(ours, "id-ctrl")
+    assert len(k_ctrl) > 80 and {k: (o_ctrl.get(k), v) for k, v in k_ctrl.items() if o_ctrl.get(k) != v} == {}
+    k_ns, o_ns = js(theirs, "id-ns"), js(ours, "id-ns")
+    assert len(k_ns) > 35 and {k: (o_ns.get(k), v) for k, v in k_ns.items() if o_ns.get(k) != v} == {}
+    for s in ("list-ns", "ns-descs", "error-log"):
+        assert js(ours, s) == js(theirs, s), s
+    fw_o, fw_t = js(ours, "fw-log"), js(theirs, "fw-log")
+    assert list(fw_o.values()) == list(fw_t.values()) and fw_o[addr]["Active Firmware Slot (afi)"] == 1
+    k_smart, o_smart = js(theirs, "smart"), js(ours, "smart")
+    moving = {"data_units_read", "data_units_written", "host_read_commands", "host_write_commands",
+              "power_cycles", "unsafe_shutdowns", "controller_busy_time", "power_on_hours"}
+    assert set(o_smart) == set(k_smart)
+    assert {k: (o_smart[k], v) for k, v in k_smart.items() if k not in moving and o_smart[k] != v} == {}
+    assert all(type(o_smart[k]) is type(k_smart[k]) for k in k_smart)
+
+    # the same text: -H's decoded fields, -v's vendor-specific dump, get-feature -H
+    def block(text, field):
+        lines = text.decode().splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{field:<10}:"))
+        end = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith("  ["))
+        return lines[at:end]
+
+    for field in ("vid", "cmic", "oacs", "oncs", "mdts"):
+        assert block(ours["id-ctrl-H"][1], field) == block(theirs["id-ctrl-H"][1], field), field
+    assert len(block(ours["id-ctrl-H"][1], "oncs")) == 10  # decoded bit by bit
+
+    def dump(text):
+        return [line for line in text.decode().splitlines() if line[:4].isalnum() and line[4:6] == ": "]
+
+    assert dump(ours["id-ctrl-v"][1]) == dump(theirs["id-ctrl-v"][1]) and len(dump(theirs["id-ctrl-v"][1])) == 64
+    for s in ("feature-4", "feature-6"):
+        assert ours[s][1] == theirs[s][1], (ours[s][1], theirs[s][1])
