@@ -95,8 +95,10 @@ def vm_run(request, tmp_path_factory):
     # Run from the writable I/O folder, not the checkout: with the checkout as the working
     # directory, `python -m ...` (pytest here, nvmevfio in the tests' subprocesses) would import
     # the package from the source tree instead of the installation under test.
-    # NVMEVFIO_VM_SOAK_S: the integrity soak's length (tests/vm/test_cli.py; CI runs its default, 20 s)
-    env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED", "NVMEVFIO_VM_SOAK_S") if k in os.environ}
+    # NVMEVFIO_VM_SOAK_S: the integrity soak's length (tests/vm/test_cli.py; CI runs its default, 20 s);
+    # PYTHONPATH: a developer's worktree (PYTHONPATH=/work/wt-x pytest ...) is what the guest imports too,
+    # not the package the shared virtual environment installed (tools/test sets none)
+    env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED", "NVMEVFIO_VM_SOAK_S", "PYTHONPATH") if k in os.environ}
     res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
                         f"--rootdir={ROOT}", *suite_paths(lane), f"--junitxml={junit}", *extra],
                        controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(io_dir), timeout=2400, echo=False,

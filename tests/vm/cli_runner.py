@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,14 +59,14 @@ nvmevfio() {
 
 
 @contextlib.contextmanager
-def shell_nvmevfio(folder: Path) -> Iterator[dict[str, str]]:
+def shell_nvmevfio() -> Iterator[dict[str, str]]:
     """A server for the script's ``nvmevfio`` function (SHELL_FUNCTION): yields the environment the
     script needs; each request (one argument a line) runs in this process, its stdout and stderr go
-    to files and its exit status back through the status FIFO."""
-    folder.mkdir(parents=True, exist_ok=True)
+    to files and its exit status back through the status FIFO. The FIFOs live in the guest's own
+    /tmp (the shared I/O folder, 9p, has none)."""
+    folder = Path(tempfile.mkdtemp(prefix="nvmevfio-fifo-"))
     for name in ("request", "status"):
-        if not (folder / name).exists():
-            os.mkfifo(folder / name)
+        os.mkfifo(folder / name)
     stop = threading.Event()
 
     def serve() -> None:

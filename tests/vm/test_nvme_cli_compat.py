@@ -83,7 +83,7 @@ def test_an_nvme_cli_script_runs_alike_on_nvmevfio(guest, io_dir):
         theirs = run_script(io_dir / "compat-nvme-cli", {**env, "NVME": "nvme", "CTRL": ns[:-2], "NS": ns})
     finally:
         pci.bind(addr, force=True)
-    with shell_nvmevfio(io_dir / "compat-fifo") as fifo:
+    with shell_nvmevfio() as fifo:
         ours = run_script(io_dir / "compat-nvmevfio", {**env, **fifo, "NVME": "nvmevfio", "CTRL": addr, "NS": addr})
     real = subprocess.run([sys.executable, "-m", "nvmevfio", "sanitize", addr, "-a", "2"], capture_output=True,
                           text=True, timeout=300)
