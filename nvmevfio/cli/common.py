@@ -259,12 +259,19 @@ def _complete_address(ctx: click.Context, param: click.Parameter, incomplete: st
 
 address_arg = click.argument("address", shell_complete=_complete_address)
 FORMATS = ("normal", "json", "binary")
-# -o/--output-format: nvme-cli's normal|json|binary (binary: the structure's raw bytes, as -b)
-output_opt = click.option("-o", "--output-format", "fmt", type=click.Choice(FORMATS), default="normal",
-                          show_default=True, help="output format: normal|json|binary")
-# where nvme-cli's -o means something else (get-log's --lpo, admin-passthru's --opcode): the long name only
-output_long_opt = click.option("--output-format", "fmt", type=click.Choice(FORMATS[:2]), default="normal",
-                               show_default=True, help="output format: normal|json")
+
+
+def output_format_opt(*, short: bool = True, binary: bool = True) -> Any:
+    """-o/--output-format: nvme-cli's normal|json|binary (binary: the structure's raw bytes, as -b);
+    without ``short`` where nvme-cli's -o means something else (get-log's --lpo, admin-passthru's
+    --opcode), without ``binary`` where there is no structure to dump."""
+    choices = FORMATS if binary else FORMATS[:2]
+    return click.option(*(("-o",) if short else ()), "--output-format", "fmt", type=click.Choice(choices),
+                        default="normal", show_default=True, help=f"output format: {'|'.join(choices)}")
+
+
+output_opt = output_format_opt()
+output_long_opt = output_format_opt(short=False, binary=False)
 nsid_opt = click.option("-n", "--namespace-id", "nsid", type=NUM, default=1, show_default=True,
                         help="namespace id")
 raw_binary_opt = click.option("-b", "--raw-binary", is_flag=True, help="the structure's raw bytes to stdout")

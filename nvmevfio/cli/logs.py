@@ -19,6 +19,7 @@ from nvmevfio.cli.common import (
     human_opt,
     main,
     num,
+    output_format_opt,
     output_long_opt,
     output_opt,
     raw_binary_opt,
@@ -239,7 +240,7 @@ def feature_fields(fid: int, value: int) -> list[str]:
 @click.option("-c", "--cdw11", type=NUM, default=0, help="feature-specific CDW11")
 @click.option("-U", "--uuid-index", type=num(0, 127), default=0, help="UUID index (CDW14)")
 @human_opt
-@output_long_opt
+@output_format_opt(binary=False)
 def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_binary: bool, cdw11: int,
                 uuid_index: int, human: bool, fmt: str) -> None:
     """Get Features (admin opcode 0Ah); ``-H`` decodes the value.
@@ -279,7 +280,7 @@ def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_
 @click.option("-l", "--data-len", type=NUM, default=0, help="bytes of --data to send")
 @click.option("-d", "--data", "data_file", type=click.File("rb"), help="a data buffer the feature takes")
 @click.option("-s", "--save", is_flag=True, help="keep the value across resets (CDW10.SV)")
-@output_long_opt
+@output_format_opt(binary=False)
 def set_feature(address: str, nsid: int, fid: int, value: int, cdw12: int, data_len: int, data_file: Any, save: bool,
                 fmt: str) -> None:
     """Set Features (admin opcode 09h). Number of Queues and Host Memory Buffer are the broker's.
