@@ -82,29 +82,20 @@ def _vendor_dump(raw: bytes, at: int) -> str:
     return "vs[]:\n" + nvme_dump(raw[at:])
 
 
+def _supported(*bits: tuple[int, str]) -> tuple[tuple[int, str, str], ...]:
+    return tuple((bit, f"{name} Supported", f"{name} Not Supported") for bit, name in bits)
+
+
 ID_CTRL_BITS: dict[str, tuple[tuple[int, str, str], ...]] = {
     # -H: (bit, set, clear) in nvme-cli's words, for the fields a script most often reads
     "cmic": ((3, "ANA supported", "ANA not supported"), (2, "SR-IOV", "PCI"),
              (1, "Multi Controller", "Single Controller"), (0, "Multi Port", "Single Port")),
-    "oacs": ((10, "Lockdown Command and Feature Supported", "Lockdown Command and Feature Not Supported"),
-             (9, "Get LBA Status Capability Supported", "Get LBA Status Capability Not Supported"),
-             (8, "Doorbell Buffer Config Supported", "Doorbell Buffer Config Not Supported"),
-             (7, "Virtualization Management Supported", "Virtualization Management Not Supported"),
-             (6, "NVMe-MI Send and Receive Supported", "NVMe-MI Send and Receive Not Supported"),
-             (5, "Directives Supported", "Directives Not Supported"),
-             (4, "Device Self-test Supported", "Device Self-test Not Supported"),
-             (3, "NS Management and Attachment Supported", "NS Management and Attachment Not Supported"),
-             (2, "FW Commit and Download Supported", "FW Commit and Download Not Supported"),
-             (1, "Format NVM Supported", "Format NVM Not Supported"),
-             (0, "Security Send and Receive Supported", "Security Send and Receive Not Supported")),
-    "oncs": ((8, "Copy Supported", "Copy Not Supported"), (7, "Verify Supported", "Verify Not Supported"),
-             (6, "Timestamp Supported", "Timestamp Not Supported"),
-             (5, "Reservations Supported", "Reservations Not Supported"),
-             (4, "Save and Select Supported", "Save and Select Not Supported"),
-             (3, "Write Zeroes Supported", "Write Zeroes Not Supported"),
-             (2, "Data Set Management Supported", "Data Set Management Not Supported"),
-             (1, "Write Uncorrectable Supported", "Write Uncorrectable Not Supported"),
-             (0, "Compare Supported", "Compare Not Supported")),
+    "oacs": _supported((10, "Lockdown Command and Feature"), (9, "Get LBA Status Capability"),
+                       (8, "Doorbell Buffer Config"), (7, "Virtualization Management"), (6, "NVMe-MI Send and Receive"),
+                       (5, "Directives"), (4, "Device Self-test"), (3, "NS Management and Attachment"),
+                       (2, "FW Commit and Download"), (1, "Format NVM"), (0, "Security Send and Receive")),
+    "oncs": _supported((8, "Copy"), (7, "Verify"), (6, "Timestamp"), (5, "Reservations"), (4, "Save and Select"),
+                       (3, "Write Zeroes"), (2, "Data Set Management"), (1, "Write Uncorrectable"), (0, "Compare")),
 }
 
 
