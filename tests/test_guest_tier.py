@@ -52,13 +52,6 @@ def _controllers(io_dir):
         # in an NVMe subsystem (nvme-subsys): namespace attachment, and the asynchronous events it raises
         guestlib.Controller([guestlib.Namespace(8 << 20, 512), guestlib.Namespace(8 << 20, 512)],
                             {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
-        # throwaway contents (format, the pytest plugin's example file, a kernel-mounted ext4)
-        guestlib.Controller([guestlib.Namespace(256 << 20, 512)], {"serial": "nvmevfio-scratch"}),
-        # the ublk tests' own two, so that they run beside the NBD tests (BESIDE below): the shared
-        # disk; and servers of their own (4 I/O queue pairs; namespace 2 fails like nvmevfio-faulty)
-        guestlib.Controller([guestlib.Namespace(256 << 20, 512)], {"serial": "nvmevfio-ublk"}),
-        guestlib.Controller([guestlib.Namespace(64 << 20, 512), guestlib.Namespace(8 << 20, 512, blkdebug=str(cfg))],
-                            {"serial": "nvmevfio-ublk2", "max_ioqpairs": "4"}),
     ]
 
 
@@ -82,15 +75,6 @@ LANES = guestlib.LANES
 SELECTED = [lane for lane in LANES if lane in os.environ.get("NVMEVFIO_VM_LANES", " ".join(LANES)).split()]
 
 
-# Two pytest processes share the guest (its two CPUs; one alone leaves the second mostly idle): the
-# files in BESIDE run in the second, the rest in the first, each in the default order. A module
-# holds the locks of the controllers it names in USES for its whole run (tests/vm/conftest.py), so
-# the two never drive one controller at once; BESIDE holds files whose controllers are their own
-# (the disk exports, the pytest plugin) and evens out the two processes' time.
-BESIDE = {"type1": ("test_nbd.py", "test_pytest_plugin.py", "test_ublk.py"),
-          "iommufd": ("test_ublk.py",), "noiommu": ("test_ublk.py",)}
-
-
 def suite_paths(lane: str) -> list[str]:
     """What the guest's pytest runs in ``lane``: all of tests/vm in the default lane (or when
     NVMEVFIO_VM_ALL_LANES=1), else the lane-dependent files."""
@@ -102,62 +86,29 @@ def suite_paths(lane: str) -> list[str]:
     return [str(vm / name) for name in sorted(LANE_DEPENDENT) if name not in NOT_YET.get(lane, ())]
 
 
-def streams(lane: str) -> tuple[list[str], list[str]]:
-    """The files of the two pytest processes in ``lane``: (the first's, BESIDE's)."""
-    files = [Path(p) for p in suite_paths(lane)]
-    if files == [ROOT / "tests" / "vm"]:
-        files = sorted(files[0].glob("test_*.py"))
-    beside = [str(f) for f in files if f.name in BESIDE.get(lane, ())]
-    return [str(f) for f in files if f.name not in BESIDE.get(lane, ())], beside
-
-
-def payload(lane: str, io_dir: Path, extra: list[str]) -> list[str]:
-    """The guest's command: the two pytest processes, each in a folder of its own under ``io_dir``
-    (fio's state files land in the working directory), each with its junit report. The first
-    prints as it goes; the second's output follows when both are done. Exit status: the first
-    nonzero one; 5 (no test selected, with NVMEVFIO_VM_PYTEST_ARGS) counts as 0."""
-    def pytest(files: list[str], n: int) -> str:
-        return shlex.join([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
-                           f"--rootdir={ROOT}", *files, f"--junitxml={io_dir / f'junit-{n}.xml'}", *extra])
-    first, beside = streams(lane)
-    script = f"""
-mkdir -p {io_dir}/stream-1 {io_dir}/stream-2
-(cd {io_dir}/stream-2 && {pytest(beside, 2)} >{io_dir}/stream-2.log 2>&1; echo $? >{io_dir}/stream-2.rc) &
-cd {io_dir}/stream-1 && {pytest(first, 1)}
-rc1=$?
-wait
-rc2=$(cat {io_dir}/stream-2.rc)
-echo "=============== the second pytest process ({len(beside)} files): exit $rc2 ==============="
-cat {io_dir}/stream-2.log
-for rc in $rc1 $rc2; do [ "$rc" = 0 ] || [ "$rc" = 5 ] || exit $rc; done
-exit 0
-"""
-    return ["sh", "-c", script]
-
-
 @pytest.fixture(scope="module", params=SELECTED)
 def vm_run(request, tmp_path_factory):
     lane = request.param
     io_dir = tmp_path_factory.mktemp(f"guest-{lane}")
-    junits = [io_dir / "junit-1.xml", io_dir / "junit-2.xml"]
+    junit = io_dir / "junit.xml"
     extra = shlex.split(os.environ.get("NVMEVFIO_VM_PYTEST_ARGS", ""))  # quoting as in a shell
     # Run from the writable I/O folder, not the checkout: with the checkout as the working
     # directory, `python -m ...` (pytest here, nvmevfio in the tests' subprocesses) would import
     # the package from the source tree instead of the installation under test.
     # NVMEVFIO_VM_SOAK_S: the integrity soak's length (tests/vm/test_cli.py; CI runs its default, 20 s)
     env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED", "NVMEVFIO_VM_SOAK_S") if k in os.environ}
-    res = guestlib.run(payload(lane, io_dir, extra), controllers=_controllers(io_dir), io_dir=io_dir,
-                       cwd=str(io_dir), timeout=2400, echo=False, **guestlib.lane_options(lane, env))
+    res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
+                        f"--rootdir={ROOT}", *suite_paths(lane), f"--junitxml={junit}", *extra],
+                       controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(io_dir), timeout=2400, echo=False,
+                       **guestlib.lane_options(lane, env))
     print(res.output)
-    return res, junits, lane
+    return res, junit, lane
 
 
 def test_lane_dependent_files_exist():
     """A renamed file would silently stop running outside the default lane."""
     missing = [name for name in LANE_DEPENDENT if not (ROOT / "tests" / "vm" / name).is_file()]
     assert not missing, f"LANE_DEPENDENT names files that do not exist: {missing}"
-    missing = [name for names in BESIDE.values() for name in names if not (ROOT / "tests" / "vm" / name).is_file()]
-    assert not missing, f"BESIDE names files that do not exist: {missing}"
 
 
 def _failures(junit: Path) -> str:
@@ -175,27 +126,17 @@ def _failures(junit: Path) -> str:
     return "\n".join(parts) or "(none in the junit report)"
 
 
-def _counts(junit: Path) -> dict[str, int]:
+def test_guest_suite_passes(vm_run):
+    res, junit, lane = vm_run
+    assert res.returncode == 0, (f"guest tests failed (exit {res.returncode}); the failures:\n{_failures(junit)}\n"
+                                 f"--- the end of the guest's output:\n{res.output[-6000:]}")
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-
-
-def test_guest_suite_passes(vm_run):
-    res, junits, lane = vm_run
-    failures = "\n".join(_failures(junit) for junit in junits)
-    assert res.returncode == 0, (f"guest tests failed (exit {res.returncode}); the failures:\n{failures}\n"
-                                 f"--- the end of the guest's output:\n{res.output[-6000:]}")
-    missing = [junit.name for junit in junits if not junit.exists()]
-    assert not missing, f"no junit report from {missing}: a guest pytest process did not finish"
-    per = [_counts(junit) for junit in junits]
-    counts = {k: sum(c[k] for c in per) for k in per[0]}
-    # the whole guest suite is over 110 tests, the lane-dependent part over 60, each process's
-    # share over 10; a subset only when NVMEVFIO_VM_PYTEST_ARGS selects one
-    selecting = bool(os.environ.get("NVMEVFIO_VM_PYTEST_ARGS"))
-    minimum = 1 if selecting else 100 if len(suite_paths(lane)) == 1 else 50
-    assert counts["tests"] >= minimum and counts["failures"] == counts["errors"] == counts["skipped"] == 0, per
-    assert selecting or min(c["tests"] for c in per) >= 10, per
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    # the whole guest suite is over 110 tests, the lane-dependent part over 60; a subset only when
+    # NVMEVFIO_VM_PYTEST_ARGS selects one
+    minimum = 1 if os.environ.get("NVMEVFIO_VM_PYTEST_ARGS") else 100 if len(suite_paths(lane)) == 1 else 50
+    assert counts["tests"] >= minimum and counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
 
 
 def test_backing_images_hold_what_the_guest_wrote(vm_run):

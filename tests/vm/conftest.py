@@ -1,10 +1,8 @@
 """Guest-tier fixtures. These tests run inside the QEMU guest (tools/guest.py),
 against QEMU's NVMe model through real VFIO and the emulated Intel IOMMU."""
 
-import fcntl
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,67 +36,21 @@ def io_dir(guest):
     return Path(guest["io_dir"])
 
 
-# The guest tier runs two pytest processes side by side (tests/test_guest_tier.py BESIDE). Each
-# test module names what it uses in a module-level USES: the roles of its controllers (their
-# QEMU serials) and any guest-wide resource ("ublk": the ublk driver's device table). A module
-# holds the locks of all of them for its whole run, taken at once in one order, so the other
-# process waits instead of sharing a controller, and the two can never deadlock (each holds one
-# module's set at a time). controller() refuses a role its module did not name.
-LOCKS = Path("/tmp/nvmevfio-test-locks")
-LOCK_WAIT_S = 1800.0  # longer than any module runs: past it, a lock is stuck, not busy
-_held: frozenset[str] = frozenset()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _uses(request, io_dir):
-    global _held
-    names = sorted(set(getattr(request.module, "USES", ())))
-    LOCKS.mkdir(parents=True, exist_ok=True)
-    files, t0 = [], time.monotonic()
-    try:
-        for name in names:  # sorted: every module takes its locks in the same order
-            f = (LOCKS / f"{name}.lock").open("w")
-            files.append(f)
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() - t0 > LOCK_WAIT_S:
-                        raise RuntimeError(f"{request.module.__name__}: {name} still held by the other test "
-                                           f"process after {LOCK_WAIT_S:.0f} s") from None
-                    time.sleep(0.2)
-        waited = time.monotonic() - t0
-        if waited > 1:
-            record(io_dir, "lock-waits", {"module": request.module.__name__, "uses": names, "waited_s": waited})
-            print(f"{request.module.__name__} waited {waited:.1f} s for {names}", file=sys.stderr)
-        _held = frozenset(names)
-        yield
-    finally:
-        _held = frozenset()
-        for f in files:
-            f.close()  # closing the file releases its lock
-
-
 def controller(guest, role: str) -> dict:
-    """The controller the host configured for ``role`` (its QEMU serial names the role); the
-    calling module must name it in USES (see above)."""
-    if role not in _held:
-        raise LookupError(f"{role} is not in this test module's USES {sorted(_held)}: name it there, so that "
-                          "the other test process does not use it at the same time")
+    """The controller the host configured for ``role`` (its QEMU serial names the role)."""
     for c in guest["controllers"]:
         if c["options"].get("serial") == role:
             return c
     raise LookupError(f"no controller with role {role} in {guest['controllers']}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_ctrl(guest):
     """Controller with a 512-byte and a 4096-byte namespace and MDTS=0 (chained PRP lists)."""
     return controller(guest, "nvmevfio-data")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_ctrl(guest):
     """Controller with MDTS=5 (128 KiB) and 4 I/O queue pairs: splits, binding, kernel cross-checks."""
     return controller(guest, "nvmevfio-small")
@@ -120,25 +72,25 @@ def dev(request, data_ctrl):
             assert st["sq_shadow_only"] == st["cq_shadow_only"] == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slow_ctrl(guest):
     """Controller whose namespace QEMU throttles (40 IOPS): real command timeouts."""
     return controller(guest, "nvmevfio-slow")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def faulty_ctrl(guest):
     """Controller whose drive fails reads of LBA 100 and writes of LBA 200 (QEMU blkdebug, EIO)."""
     return controller(guest, "nvmevfio-faulty")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hotplug_ctrl(guest):
     """Controller behind its own hot-pluggable PCIe root port (removal tests; used only there)."""
     return controller(guest, "nvmevfio-hotplug")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def events_ctrl(guest):
     """Controller in an NVMe subsystem, two namespaces: namespace attachment and asynchronous events."""
     return controller(guest, "nvmevfio-events")

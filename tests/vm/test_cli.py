@@ -13,8 +13,6 @@ from conftest import kernel_blockdev
 from nvmevfio import pci
 from nvmevfio.cli import main
 
-USES = ("nvmevfio-data", "nvmevfio-small")  # locked for this module (conftest.py)
-
 
 class Result:
     def __init__(self, returncode, stdout, stderr):

@@ -13,8 +13,6 @@ from conftest import controller
 import nvmevfio
 from nvmevfio.errors import Refused
 
-USES = ("nvmevfio-data", "nvmevfio-small", "nvmevfio-scratch")  # locked for this module (conftest.py)
-
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nvmevfio", *args], capture_output=True, text=True, timeout=300)
@@ -73,7 +71,7 @@ def test_compare_verify_id_ns_all_rescan(data_ctrl, tmp_path):
 
 
 def test_format_changes_the_block_size(guest):
-    addr = controller(guest, "nvmevfio-scratch")["address"]  # throwaway contents; formatted back at the end
+    addr = controller(guest, "nvmevfio-nbd")["address"]  # throwaway contents; formatted back at the end
     ns = json.loads(ok("id-ns", addr, "-n", "1", "-o", "json"))
     four_k = next(i for i, f in enumerate(ns["lbafs"]) if f["ds"] == 12 and f["ms"] == 0)
     five12 = next(i for i, f in enumerate(ns["lbafs"]) if f["ds"] == 9 and f["ms"] == 0)

@@ -8,8 +8,6 @@ from conftest import kernel_blockdev
 import nvmevfio
 from nvmevfio import pci
 
-USES = ("nvmevfio-small",)  # locked for this module (conftest.py)
-
 
 def test_kernel_reads_nvmevfio_writes_and_back(small_ctrl, io_dir):
     addr = small_ctrl["address"]

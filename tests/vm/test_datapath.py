@@ -10,8 +10,6 @@ import nvmevfio
 from nvmevfio.errors import Refused
 from nvmevfio.provider import open_controller
 
-USES = ("nvmevfio-data", "nvmevfio-small")  # locked for this module (conftest.py)
-
 
 def test_info(dev):
     i = dev.info

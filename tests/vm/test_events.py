@@ -18,8 +18,6 @@ from nvmevfio.errors import Refused
 from nvmevfio.nvme.spec import AdminOpcode
 from nvmevfio.provider import open_controller
 
-USES = ("nvmevfio-events",)  # locked for this module (conftest.py)
-
 
 @pytest.fixture
 def session(events_ctrl):

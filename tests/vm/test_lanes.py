@@ -16,8 +16,6 @@ from nvmevfio import dma
 from nvmevfio.cli import main
 from nvmevfio.errors import NvmeVfioError, VfioError
 
-USES = ("nvmevfio-data",)  # locked for this module (conftest.py)
-
 PAGE = 4096
 
 

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from conftest import controller, record
 
-USES = ("nvmevfio-nbd",)  # locked for this module (conftest.py)
-
 NBD = "/dev/nbd0"
 MNT = Path("/tmp/nbd-mnt")
 FILES = 500  # ublk (test_ublk.py) is the main disk path and writes 2,000; here the export's own checks

@@ -9,8 +9,6 @@ import numpy as np
 
 import nvmevfio
 
-USES = ("nvmevfio-small",)  # locked for this module (conftest.py)
-
 
 def cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nvmevfio", *args], capture_output=True, input=input, timeout=120)

@@ -11,8 +11,6 @@ from conftest import controller, kernel_blockdev
 
 from nvmevfio import pci
 
-USES = ("nvmevfio-scratch",)  # locked for this module (conftest.py)
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 # the README's example test file, run as written
 EXAMPLE = re.search(r"### Testing a controller with pytest.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
@@ -33,7 +31,7 @@ def run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 
 def test_example_file_through_the_plugin(guest, tmp_path):
-    addr = controller(guest, "nvmevfio-scratch")["address"]
+    addr = controller(guest, "nvmevfio-nbd")["address"]
     (tmp_path / "test_example.py").write_text(EXAMPLE)
     r, counts = run(tmp_path, "--nvme", addr)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -44,7 +42,7 @@ def test_example_file_through_the_plugin(guest, tmp_path):
 
 
 def test_a_mounted_namespace_is_refused(guest, tmp_path):
-    addr = controller(guest, "nvmevfio-scratch")["address"]
+    addr = controller(guest, "nvmevfio-nbd")["address"]
     (tmp_path / "test_example.py").write_text(EXAMPLE)
     dev = kernel_blockdev(addr)
     mnt = tmp_path / "mnt"

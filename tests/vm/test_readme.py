@@ -8,8 +8,6 @@ from click.testing import CliRunner
 from nvmevfio import pci
 from nvmevfio.cli import main
 
-USES = ("nvmevfio-small",)  # locked for this module (conftest.py)
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -13,8 +13,6 @@ from conftest import record
 import nvmevfio
 from nvmevfio.errors import CommandError
 
-USES = ("nvmevfio-faulty", "nvmevfio-slow")  # locked for this module (conftest.py)
-
 
 def test_timeout_abort_reset_requeue_keeps_every_byte(slow_ctrl, io_dir):
     with nvmevfio.open(slow_ctrl["address"], 1, queue_depth=64, command_timeout_s=0.4) as dev:

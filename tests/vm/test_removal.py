@@ -19,8 +19,6 @@ import nvmevfio
 from nvmevfio import pci
 from nvmevfio.errors import DeviceGone, NvmeVfioError, Refused
 
-USES = ("nvmevfio-hotplug",)  # locked for this module (conftest.py)
-
 
 def _wait_for(cond, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s

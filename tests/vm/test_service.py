@@ -25,8 +25,6 @@ from nvmevfio.nvme import prp
 from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.service.client import ServiceGone
 
-USES = ("nvmevfio-data",)  # locked for this module (conftest.py)
-
 ALICE, BOB, EVE, MALLORY = 1001, 1002, 1003, 1004  # rw window, ro window, no grant, rw (killed)
 CAROL, DAVE = 1005, 1006  # the validated lane (Model B): Carol tries every hostile entry, Dave is her target
 A_FIRST, A_BLOCKS = 0, 8192  # 4 MiB

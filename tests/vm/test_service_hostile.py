@@ -21,8 +21,6 @@ from nvmevfio.errors import Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.service import validator
 
-USES = ("nvmevfio-data",)  # locked for this module (conftest.py)
-
 PROBER, HOSTILE, NOBODY, OTHER = 1011, 1012, 1013, 1014  # NOBODY has no grant
 P_FIRST, H_FIRST, H_BLOCKS, O_FIRST = 80000, 90000, 8192, 100000
 # a prober's write-and-read under TCG: ~5-50 ms, ~0.7 s at worst under a 2,200-connection flood;

@@ -51,12 +51,10 @@ from disk_checks import (
 
 from nvmevfio import ublk as ub
 
-USES = ("nvmevfio-ublk", "nvmevfio-ublk2")  # locked for this module (conftest.py)
-
 UBLK = Path("/dev/ublk-control").exists()
 MNT = Path("/tmp/ublk-mnt")  # the shared disk's filesystem
 OWN_MNT = Path("/tmp/ublk-own-mnt")  # a test's own server's
-SIZE = 256 << 20  # the nvmevfio-ublk controller's namespace, 512-byte blocks
+SIZE = 256 << 20  # the nvmevfio-nbd controller's namespace, 512-byte blocks
 FS_SIZE = 192 << 20  # the shared disk's ext4; past it, raw blocks for the block-level checks
 LBA_CHECK_AT = 200 << 20  # bytes written through the disk, read back from the namespace
 ZEROES_AT = 208 << 20  # blkdiscard and Write Zeroes
@@ -64,9 +62,8 @@ ZEROES_AT = 208 << 20  # blkdiscard and Write Zeroes
 
 @pytest.fixture(scope="module")
 def ublk_ctrl(guest):
-    """The shared disk's controller (256 MiB, 512-byte blocks), this file's own: it runs beside the
-    NBD tests (tests/test_guest_tier.py BESIDE)."""
-    return controller(guest, "nvmevfio-ublk")
+    """The NBD tests' controller (256 MiB, 512-byte blocks); the two files run one after the other."""
+    return controller(guest, "nvmevfio-nbd")
 
 
 def test_ublk_is_present_exactly_on_the_custom_kernel(lane):
@@ -82,7 +79,7 @@ if not UBLK:
         line = one_line_error(res)
         assert "ublk is not available" in line and "nvmevfio nbd" in line, line
         # nothing was touched: the controller is still free for another user
-        assert json.loads(nv("id-ctrl", ublk_ctrl["address"], "-o", "json").stdout)["sn"].strip() == "nvmevfio-ublk"
+        assert json.loads(nv("id-ctrl", ublk_ctrl["address"], "-o", "json").stdout)["sn"].strip() == "nvmevfio-nbd"
 
 else:
 
@@ -317,7 +314,7 @@ else:
     # ---------------------------------------------------------------- servers of their own
     def test_bytes_written_in_irq_mode_land_at_their_lba_on_the_namespace(guest, cleanup):
         """The shared disk serves in poll mode (its restart test checks the same there)."""
-        small = controller(guest, "nvmevfio-ublk2")
+        small = controller(guest, "nvmevfio-small")
         info = start(small["address"], "--mode", "irq", "--depth", "16")
         data = np.random.default_rng(8).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
         offset = 77 * 4096  # LBA 616
@@ -328,7 +325,7 @@ else:
         assert namespace_bytes(small["address"], offset, len(data)) == data
 
     def test_several_queues_each_serve_io_and_too_many_are_refused(guest, cleanup):
-        small = controller(guest, "nvmevfio-ublk2")  # max_ioqpairs=4
+        small = controller(guest, "nvmevfio-small")  # max_ioqpairs=4
         line = one_line_error(nv("ublk", small["address"], "--queues", "5", check=False))
         assert "allows 4 I/O queue pairs" in line, line
         cpus = ub.possible_cpus()
@@ -350,8 +347,8 @@ else:
         stop(info)
 
     def test_a_media_error_is_eio_with_the_nvme_status_in_the_log(guest, cleanup):
-        faulty = controller(guest, "nvmevfio-ublk2")  # namespace 2: reads of LBA 100 fail (QEMU blkdebug)
-        info = start(faulty["address"], "-n", "2", "--depth", "4")
+        faulty = controller(guest, "nvmevfio-faulty")  # reads of LBA 100 fail (QEMU blkdebug)
+        info = start(faulty["address"], "--depth", "4")
         fd = os.open(info["device"], os.O_RDONLY | os.O_DIRECT)
         buf = aligned(4096)
         try:
@@ -371,7 +368,7 @@ else:
         assert "no ublk device 99" in line, line
 
     def test_a_killed_server_fails_io_in_bounded_time_and_leaves_a_removable_stale_device(guest, cleanup):
-        small = controller(guest, "nvmevfio-ublk2")
+        small = controller(guest, "nvmevfio-small")
         info = start(small["address"])
         mkfs(info["device"])
         mount(info["device"], OWN_MNT)

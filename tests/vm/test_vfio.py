@@ -16,8 +16,6 @@ from nvmevfio.cli import main
 from nvmevfio.errors import DeviceInUse, ShimError, VfioError
 from nvmevfio.nvme import regs
 
-USES = ("nvmevfio-data", "nvmevfio-small")  # locked for this module (conftest.py)
-
 
 def test_list_functions(data_ctrl, small_ctrl):
     fns = {f.address: f for f in pci.list_functions()}

@@ -7,8 +7,6 @@ import hashlib
 import numpy as np
 from conftest import record
 
-USES = ("nvmevfio-data",)  # locked for this module (conftest.py)
-
 
 def test_random_windows(dev, io_dir):
     """>= 200 random windows over the namespace, incl. first/last LBA and page / PRP-list boundaries."""
