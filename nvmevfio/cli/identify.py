@@ -115,10 +115,10 @@ def id_ns(address: str, nsid: int, all_: bool, fmt: str) -> None:
 
 
 def _print_id_ns(nsid: int, n: dict[str, Any]) -> None:
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     click.echo(f"NVME Identify Namespace {nsid}:")
-    in_use = spec.flbas_index(n["flbas"], n["nlbaf"])
+    in_use = structures.flbas_index(n["flbas"], n["nlbaf"])
     for k, v in n.items():
         if k == "lbafs":
             continue

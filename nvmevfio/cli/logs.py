@@ -60,10 +60,10 @@ def smart_log(address: str, fmt: str) -> None:
     \b
     Example: nvmevfio smart-log 00:04.0 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
-        d = spec.parse_smart_log(s.get_log_page("smart"))
+        d = structures.parse_smart_log(s.get_log_page("smart"))
     sensors = {f"temperature_sensor_{i}" for i in range(1, 9)}
     d = {k: v for k, v in d.items() if k not in sensors or v}  # nvme-cli prints sensors that report
     if fmt == "json":
@@ -97,11 +97,11 @@ def error_log(address: str, entries: int, fmt: str) -> None:
     \b
     Example: nvmevfio error-log 00:04.0 -e 4
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import spec, structures
 
     with controller(address) as s, errors():
         elpe = s.id_ctrl["elpe"] + 1
-        log = spec.parse_error_log(s.get_log_page("error", entries=min(entries, elpe)))
+        log = structures.parse_error_log(s.get_log_page("error", entries=min(entries, elpe)))
     if fmt == "json":
         _emit_json({"errors": log})
         return
@@ -125,10 +125,10 @@ def fw_log(address: str, fmt: str) -> None:
     \b
     Example: nvmevfio fw-log 00:04.0
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
-        d = spec.parse_firmware_log(s.get_log_page("firmware"))
+        d = structures.parse_firmware_log(s.get_log_page("firmware"))
     if fmt == "json":
         _emit_json({k: v for k, v in d.items() if k == "afi" or v})
         return
@@ -241,14 +241,14 @@ def sanitize_log(address: str, raw_binary: bool, fmt: str) -> None:
     \b
     Example: nvmevfio sanitize-log 00:04.0 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
         data = s.get_log(0x81, 512)
     if raw_binary:
         _write_data(data, True, "")
         return
-    d = spec.parse_sanitize_log(data)
+    d = structures.parse_sanitize_log(data)
     if fmt == "json":
         _emit_json({_address(address): d})
         return
@@ -268,14 +268,14 @@ def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str) ->
     \b
     Example: nvmevfio self-test-log 00:04.0 -e 3 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
         data = s.get_log(0x06, 564)
     if raw_binary:
         _write_data(data, True, "")
         return
-    d = spec.parse_self_test_log(data, dst_entries)
+    d = structures.parse_self_test_log(data, dst_entries)
     if fmt == "json":
         _emit_json(d)
         return
