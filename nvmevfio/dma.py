@@ -8,12 +8,13 @@ it is unmapped and freed. The IOVA is not part of the public API: only the
 broker asks the ledger for it.
 
 Without an IOMMU (VFIO's no-IOMMU mode) the device sees physical addresses. The ledger
-then works over a :class:`PhysicalPool`: pinned hugetlb memory whose frame numbers come
-from /proc/self/pagemap. The ledger hands out pool addresses, and the broker translates
-each device-visible field, page by page, to the physical address inside broker memory.
-Caller buffers become *bounce* buffers, as Linux's swiotlb does: the caller's bytes live
-in ordinary memory the device never sees, and the broker copies them to their shadow in
-the pool before a write (``sync_for_device``) and back after a read (``sync_for_cpu``).
+then works over a :class:`~nvmevfio.noiommu_pool.PhysicalPool` (a :class:`DevicePool`):
+pinned hugetlb memory whose frame numbers come from /proc/self/pagemap. The ledger hands
+out pool addresses, and the broker translates each device-visible field, page by page, to
+the physical address inside broker memory. Caller buffers become *bounce* buffers, as
+Linux's swiotlb does: the caller's bytes live in ordinary memory the device never sees, and
+the broker copies them to their shadow in the pool before a write (``sync_for_device``) and
+back after a read (``sync_for_cpu``).
 No physical address is ever part of a result, handle or message.
 """
 
@@ -21,18 +22,15 @@ from __future__ import annotations
 
 import bisect
 import fcntl
-import logging
 import mmap
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from nvmevfio.errors import Refused, StaleHandle, VfioError
-
-log = logging.getLogger(__name__)
+from nvmevfio.errors import Refused, StaleHandle
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_SHIFT = 21
@@ -115,6 +113,19 @@ class DmaMapper(Protocol):
     def unmap_dma(self, iova: int, size: int) -> None: ...
 
 
+class DevicePool(Protocol):
+    """The no-IOMMU lane's device-visible memory as the ledger uses it
+    (:class:`nvmevfio.noiommu_pool.PhysicalPool`): pool addresses, their memory, and their
+    translation to the addresses the device sees."""
+
+    def ranges(self, page_size: int) -> list[tuple[int, int]]: ...
+    def view(self, start: int, size: int) -> np.ndarray: ...
+    def contiguous(self, start: int, size: int) -> bool: ...
+    def translate(self, values: np.ndarray) -> None: ...
+    def translate_one(self, value: int) -> int: ...
+    def close(self) -> None: ...
+
+
 class _Memory:
     """Caller-visible memory: one page-aligned anonymous mapping from Python's mmap, which
     refuses to close while a numpy view of it exists. A freed buffer's memory is scrubbed
@@ -183,147 +194,6 @@ class _PrivateMemory:
         return True
 
 
-# /proc/self/pagemap entries (Documentation/admin-guide/mm/pagemap.rst): bit 63 "present",
-# bits 0-54 the page frame number (zero unless the reader has CAP_SYS_ADMIN).
-PAGEMAP_PRESENT = 1 << 63
-PAGEMAP_PFN_MASK = (1 << 55) - 1
-
-
-def frames_from_pagemap(entries: np.ndarray) -> np.ndarray:
-    """Page frame numbers from pagemap entries; 0 where a page is not present or the frame
-    number is hidden (not root). Pure."""
-    entries = np.asarray(entries, dtype=np.uint64)
-    present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
-    return np.where(present, entries & np.uint64(PAGEMAP_PFN_MASK), np.uint64(0))
-
-
-def contiguous_runs(physical: list[int], chunk: int) -> list[tuple[int, int, int]]:
-    """Runs of chunks that are contiguous both virtually (consecutive in ``physical``, the
-    physical address of each ``chunk``-byte piece of one mapping) and physically: returns
-    ``(physical start, offset in the mapping, length)`` for each. Pure."""
-    runs: list[tuple[int, int, int]] = []
-    for i, pa in enumerate(physical):
-        if runs and runs[-1][0] + runs[-1][2] == pa:
-            start, offset, length = runs[-1]
-            runs[-1] = (start, offset, length + chunk)
-        else:
-            runs.append((pa, i * chunk, chunk))
-    return runs
-
-
-# The no-IOMMU lane's ledger allocates in a linear "pool address" space, one address per byte
-# of the pool's memory from POOL_BASE; the broker turns each of those into the physical address
-# the device needs (:meth:`PhysicalPool.translate`) as it authors a device-visible field. Far
-# above any physical address (2**46 = 64 TiB), so that translating twice changes nothing.
-POOL_BASE = 1 << 46
-
-
-class PhysicalPool:
-    """The no-IOMMU lane's device-visible memory: one virtually contiguous piece of pinned
-    memory, and the physical address of each 2 MiB huge page of it (``frames``). The ledger
-    allocates pool addresses (``POOL_BASE`` + offset); :meth:`translate` gives the device the
-    physical address of each, page by page. So a buffer needs no physically contiguous memory:
-    a PRP entry names one memory page, and a memory page never spans two huge pages. Only the
-    queues, which the controller reads as one piece (CAP.CQR), must not cross a huge page
-    boundary unless the pages are physically adjacent (:meth:`contiguous`). The physical
-    addresses never leave the broker. :meth:`pinned` makes the real one."""
-
-    def __init__(self, array: np.ndarray, physical: list[int], release: Callable[[], object] | None = None) -> None:
-        self.array = array
-        self.size = array.size
-        self.frames = np.array(physical, dtype=np.uint64)
-        self.runs = contiguous_runs(physical, HUGE_PAGE)  # (physical start, offset, length): for checks
-        self._release = release
-
-    @classmethod
-    def pinned(cls, size: int, *, pagemap: str = "/proc/self/pagemap") -> PhysicalPool:
-        """Locked huge pages (they stay put, and are physically contiguous inside each one) in
-        a hugetlbfs memfd, with every huge page's physical address from /proc/self/pagemap."""
-        from nvmevfio._ffi import check, ffi, lib
-
-        size = align_up(max(size, HUGE_PAGE), HUGE_PAGE)
-        fd, ptr = ffi.new("int *"), ffi.new("void **")
-        try:
-            check(lib.nv_hugepool_create(size, fd, ptr), "hugetlbfs memfd", f"{size >> 20} MiB")
-        except OSError as exc:
-            raise VfioError(
-                f"the no-IOMMU lane needs {size >> 20} MiB of 2 MiB huge pages for its pinned pool and could not "
-                f"map them ({exc}): reserve them first, e.g. echo {size // HUGE_PAGE} > /proc/sys/vm/nr_hugepages "
-                "(or hugepages=N on the kernel command line)", reason="noiommu-no-hugepages", size=size) from None
-        memfd, base = fd[0], ptr[0]
-
-        def release() -> None:
-            lib.nv_mem_free(base, size)
-            lib.nv_close(memfd)
-
-        try:
-            physical = _physical_chunks(int(ffi.cast("uintptr_t", base)), size, pagemap)
-            pool = cls(np.frombuffer(ffi.buffer(base, size), dtype=np.uint8), physical, release)
-        except BaseException:
-            release()
-            raise
-        log.debug("no-IOMMU pool: %d MiB in %d physically contiguous run(s)", size >> 20, len(pool.runs))
-        return pool
-
-    def ranges(self, page_size: int) -> list[tuple[int, int]]:
-        """The ledger's allocator range: the pool's addresses (inclusive end)."""
-        return [(POOL_BASE, POOL_BASE + self.size - 1)]
-
-    def view(self, start: int, size: int) -> np.ndarray:
-        """The pool memory at pool addresses ``[start, start + size)``."""
-        at = start - POOL_BASE
-        if at < 0 or at + size > self.size:
-            raise ValueError(f"range of {size:#x} bytes is not inside the pool")
-        return self.array[at : at + size]
-
-    def contiguous(self, start: int, size: int) -> bool:
-        """Whether the device sees pool addresses ``[start, start + size)`` as one physically
-        contiguous piece (every huge page it crosses follows the one before)."""
-        first, last = (start - POOL_BASE) // HUGE_PAGE, (start - POOL_BASE + size - 1) // HUGE_PAGE
-        frames = self.frames[first : last + 1]
-        return bool((np.diff(frames.astype(np.int64)) == HUGE_PAGE).all())
-
-    def translate(self, values: np.ndarray) -> None:
-        """Pool addresses in ``values`` (uint64, in place) become physical addresses; anything
-        else (0, or an address already translated) is left as it is."""
-        rel = values - np.uint64(POOL_BASE)  # wraps around (huge) below the pool
-        inside = rel < np.uint64(self.size)
-        if inside.any():
-            r = rel[inside]
-            values[inside] = self.frames[r >> np.uint64(HUGE_SHIFT)] + (r & np.uint64(HUGE_PAGE - 1))
-
-    def translate_one(self, value: int) -> int:
-        """:meth:`translate` for one Python int."""
-        rel = value - POOL_BASE
-        if 0 <= rel < self.size:
-            return int(self.frames[rel >> HUGE_SHIFT]) + (rel & (HUGE_PAGE - 1))
-        return value
-
-    def close(self) -> None:
-        self.array = np.empty(0, dtype=np.uint8)
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-
-def _physical_chunks(addr: int, size: int, pagemap: str) -> list[int]:
-    """The physical address of each HUGE_PAGE chunk of the mapping at ``addr``."""
-    try:
-        fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise VfioError(f"cannot read {pagemap} ({exc.strerror}): the no-IOMMU lane needs it to learn the "
-                        "pool's physical addresses", reason="noiommu-no-pagemap") from None
-    try:
-        raw = [os.pread(fd, 8, (addr + i * HUGE_PAGE) // PAGE_SIZE * 8) for i in range(size // HUGE_PAGE)]
-    finally:
-        os.close(fd)
-    frames = frames_from_pagemap(np.frombuffer(b"".join(raw), dtype="<u8"))
-    if not frames.all():
-        raise VfioError(f"{pagemap} gives no page frame numbers: the no-IOMMU lane must run as root "
-                        "(CAP_SYS_ADMIN) to learn its pool's physical addresses", reason="noiommu-no-pagemap")
-    return [int(f) * PAGE_SIZE for f in frames]
-
-
 class _PoolMemory:
     """A piece of the physical pool (broker memory the device sees in the no-IOMMU lane)."""
 
@@ -370,7 +240,7 @@ class DmaBuffer:
 
 class DmaLedger:
     def __init__(self, mapper: DmaMapper, ranges: list[tuple[int, int]], *,
-                 page_size: int = PAGE_SIZE, hugetlb: bool = False, pool: PhysicalPool | None = None) -> None:
+                 page_size: int = PAGE_SIZE, hugetlb: bool = False, pool: DevicePool | None = None) -> None:
         """``hugetlb``: back broker-private memory (queues, PRP lists, staging) with 2 MiB pages.
         ``pool``: the no-IOMMU lane; device addresses are the pool's physical addresses (``ranges``
         and ``mapper`` are not used), and caller buffers are bounce buffers."""
@@ -518,7 +388,7 @@ class DmaLedger:
     def translate(self, values: np.ndarray) -> None:
         """Ledger addresses in ``values`` (uint64, in place) become what the device must see:
         unchanged with an IOMMU; physical addresses in the no-IOMMU lane (page by page, see
-        :class:`PhysicalPool`). Zero and already translated values stay as they are."""
+        :class:`~nvmevfio.noiommu_pool.PhysicalPool`). Zero and already translated values stay as they are."""
         if self.pool is not None:
             self.pool.translate(values)
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import structures
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class AsyncEvent:
 
     @property
     def namespace_changed(self) -> bool:
-        return self.type == spec.AER_TYPE_NOTICE and self.info == spec.AER_INFO_NS_ATTR_CHANGED
+        return self.type == structures.AER_TYPE_NOTICE and self.info == structures.AER_INFO_NS_ATTR_CHANGED
 
     def as_dict(self) -> dict[str, Any]:
         """JSON fields (``nvmevfio monitor -o json``)."""
@@ -60,14 +60,14 @@ class AsyncEvent:
 
 def decode(result: int, log: bytes = b"", log_error: str = "", when: float | None = None) -> AsyncEvent:
     """An event from its AER completion DW0 and the log page it named."""
-    t, info, lid = spec.split_async_event(result)
-    names = spec.async_event_names(result)
+    t, info, lid = structures.split_async_event(result)
+    names = structures.async_event_names(result)
     nsids: tuple[int, ...] = ()
     detail: dict[str, Any] = {}
     if lid == 0x04 and log:
-        nsids = tuple(spec.parse_active_namespaces(log))
+        nsids = tuple(structures.parse_active_namespaces(log))
     elif lid == 0x02 and len(log) >= 512:
-        smart = spec.parse_smart_log(log)
+        smart = structures.parse_smart_log(log)
         detail = {"critical_warning": smart["critical_warning"], "temperature": smart["temperature"]}
     return AsyncEvent(result, t, info, lid, *names, log=bytes(log), log_error=log_error, nsids=nsids,
                       detail=detail, time=time.time() if when is None else when)

@@ -392,7 +392,8 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
     $NVMEVFIO_NOIOMMU_POOL_MB) and bounces caller buffers through it.
     """
     from nvmevfio import broker as _b
-    from nvmevfio.dma import PAGE_SIZE, DmaLedger, PhysicalPool
+    from nvmevfio.dma import PAGE_SIZE, DmaLedger
+    from nvmevfio.noiommu_pool import PhysicalPool
     from nvmevfio.vfio import VfioIrq, open_function
 
     fn = open_function(address, reset=reset, backend=backend, unsafe_noiommu=unsafe_noiommu)

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from nvmevfio import dma
+from nvmevfio import dma, noiommu_pool
 
 PAGE_SHIFT = 12
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\b\d+\b")
 
 
-def pool_frames(pool: dma.PhysicalPool) -> np.ndarray:
+def pool_frames(pool: noiommu_pool.PhysicalPool) -> np.ndarray:
     """The 4 KiB page frame numbers of every page of ``pool`` (sorted, unique)."""
     per = dma.HUGE_PAGE >> PAGE_SHIFT
     frames = (pool.frames >> np.uint64(PAGE_SHIFT))[:, None] + np.arange(per, dtype=np.uint64)

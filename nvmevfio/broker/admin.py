@@ -16,7 +16,7 @@ from nvmevfio.broker.execute import command_sqe, refuse_busy
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.passthrough import Passthrough
 from nvmevfio.errors import Refused
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import builders
 
 
 class AdminVerbs:
@@ -31,7 +31,7 @@ class AdminVerbs:
         if length <= 0 or length % 4 or length > 1 << 20:
             raise Refused("length-mismatch", f"log page length {length} must be a positive multiple of 4 up to 1 MiB",
                           length=length)
-        e = command_sqe(spec.get_log_page(lid, length, nsid=nsid, offset=offset))
+        e = command_sqe(builders.get_log_page(lid, length, nsid=nsid, offset=offset))
         return self.admin.read(e, f"Get Log Page {lid:#04x}", length)
 
     def get_features(self, fid: int, *, sel: int = 0, nsid: int = 0, cdw11: int = 0) -> int:
@@ -39,7 +39,7 @@ class AdminVerbs:
         self.core.require_ready()
         if not 0 < fid <= 0xFF or sel not in (0, 1, 2, 3):
             raise Refused("invalid-feature", f"feature id {fid:#x} / select {sel} out of range", fid=fid, sel=sel)
-        return self.admin.sync(command_sqe(spec.get_features(fid, sel=sel, cdw11=cdw11, nsid=nsid)),
+        return self.admin.sync(command_sqe(builders.get_features(fid, sel=sel, cdw11=cdw11, nsid=nsid)),
                                f"Get Features {fid:#04x}")
 
     def set_features(self, fid: int, value: int = 0, *, cdw12: int = 0, save: bool = False, nsid: int = 0,
@@ -48,7 +48,7 @@ class AdminVerbs:
         fid = whole(fid, "the feature id")
         if not 0 < fid <= 0xFF:
             raise Refused("invalid-feature", f"feature id {fid:#x} out of range", fid=fid)
-        return self.pt.command(0, spec.set_features(fid, value, save=save, cdw12=cdw12, nsid=nsid),
+        return self.pt.command(0, builders.set_features(fid, value, save=save, cdw12=cdw12, nsid=nsid),
                                f"Set Features {fid:#04x}", data=data)[0]
 
     def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: int = 0, mset: int = 0,
@@ -61,7 +61,7 @@ class AdminVerbs:
         for qp in self.core.io:
             if qp.in_flight:
                 refuse_busy(qp)
-        cmd = spec.format_nvm(nsid, lbaf, mset=mset, pi=pi, pil=pil, ses=ses)
+        cmd = builders.format_nvm(nsid, lbaf, mset=mset, pi=pi, pil=pil, ses=ses)
         try:
             self.pt.command(0, cmd, "Format NVM",
                             timeout_s=timeout_s or max(self.core.command_timeout_s, FORMAT_TIMEOUT_S))
@@ -81,14 +81,14 @@ class AdminVerbs:
         slba, count = self.ns.check_window(ns, slba, len(payload) // ns.block_size)
         if count > MAX_NLB:
             raise Refused("count-out-of-range", f"{count} blocks: Compare takes at most {MAX_NLB}", count=count)
-        self.pt.command(qid, spec.compare(nsid, slba, count), "Compare", data=payload)
+        self.pt.command(qid, builders.compare(nsid, slba, count), "Compare", data=payload)
 
     def verify(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
         """Verify (NVM 0Ch): the device reads and checks the blocks, transferring nothing."""
         slba, count = self.ns.check_window(self.ns.namespace(nsid), slba, count)
         if count > MAX_NLB:
             raise Refused("count-out-of-range", f"{count} blocks: Verify takes at most {MAX_NLB}", count=count)
-        self.pt.command(qid, spec.verify(nsid, slba, count), "Verify")
+        self.pt.command(qid, builders.verify(nsid, slba, count), "Verify")
 
     def create_namespace(self, nsze: int, ncap: int, flbas: int = 0, *, dps: int = 0, nmic: int = 0) -> int:
         """Namespace Management, create (admin 0Dh, SEL 0); returns the new namespace id."""
@@ -96,11 +96,11 @@ class AdminVerbs:
         host[0:8] = np.frombuffer(int(nsze).to_bytes(8, "little"), np.uint8)
         host[8:16] = np.frombuffer(int(ncap).to_bytes(8, "little"), np.uint8)
         host[26], host[29], host[30] = flbas, dps, nmic
-        return self.pt.command(0, spec.namespace_create(), "Namespace Management (create)", data=host)[0]
+        return self.pt.command(0, builders.namespace_create(), "Namespace Management (create)", data=host)[0]
 
     def delete_namespace(self, nsid: int) -> None:
         """Namespace Management, delete ``nsid`` (its data is gone); the table re-identified."""
-        self.pt.command(0, spec.namespace_delete(nsid), "Namespace Management (delete)")
+        self.pt.command(0, builders.namespace_delete(nsid), "Namespace Management (delete)")
         self.ns.refresh_namespaces()
 
     def attach_namespace(self, nsid: int, controllers: list[int], *, detach: bool = False) -> None:
@@ -110,7 +110,7 @@ class AdminVerbs:
             raise Refused("invalid-argument", f"controller list {ids}: 1..2047 ids of 16 bits")
         lst = np.zeros(4096 // 2, dtype="<u2")
         lst[0], lst[1 : 1 + len(ids)] = len(ids), ids
-        self.pt.command(0, spec.namespace_attachment(nsid, detach=detach),
+        self.pt.command(0, builders.namespace_attachment(nsid, detach=detach),
                         f"Namespace Attachment ({'detach' if detach else 'attach'})", data=lst.view(np.uint8))
         self.ns.refresh_namespaces()
 
@@ -119,7 +119,7 @@ class AdminVerbs:
         """Sanitize (admin 84h): SANACT 1 exit failure, 2 block erase, 3 overwrite, 4 crypto erase."""
         if sanact not in (1, 2, 3, 4) or not 0 <= owpass <= 15:
             raise Refused("invalid-argument", f"sanact {sanact} (1..4) / owpass {owpass} (0..15) out of range")
-        self.pt.command(0, spec.sanitize(sanact, ause=ause, owpass=owpass, oipbp=oipbp, no_dealloc=no_dealloc,
+        self.pt.command(0, builders.sanitize(sanact, ause=ause, owpass=owpass, oipbp=oipbp, no_dealloc=no_dealloc,
                                          ovrpat=ovrpat), "Sanitize")
 
     def firmware_download(self, image: Any, *, offset: int = 0, xfer: int = 4096) -> int:
@@ -131,7 +131,7 @@ class AdminVerbs:
         pieces = 0
         for start in range(0, len(data), xfer):
             piece = data[start : start + xfer]
-            self.pt.command(0, spec.firmware_image_download(len(piece), offset + start), "Firmware Image Download",
+            self.pt.command(0, builders.firmware_image_download(len(piece), offset + start), "Firmware Image Download",
                             data=piece)
             pieces += 1
         return pieces
@@ -140,10 +140,10 @@ class AdminVerbs:
         """Firmware Commit (admin 10h); returns DW0."""
         if not 0 <= slot <= 7 or not 0 <= action <= 7 or bpid not in (0, 1):
             raise Refused("invalid-argument", f"slot {slot} (0..7) / action {action} (0..7) / bpid {bpid} (0..1)")
-        return self.pt.command(0, spec.firmware_commit(slot, action, bpid=bpid), "Firmware Commit")[0]
+        return self.pt.command(0, builders.firmware_commit(slot, action, bpid=bpid), "Firmware Commit")[0]
 
     def device_self_test(self, stc: int, *, nsid: int = 0xFFFFFFFF) -> None:
         """Device Self-test (admin 14h): STC 1 short, 2 extended, 0Eh vendor, 0Fh abort."""
         if stc not in (1, 2, 0xE, 0xF):
             raise Refused("invalid-argument", f"self-test code {stc:#x}: 1, 2, 0xe or 0xf")
-        self.pt.command(0, spec.device_self_test(stc, nsid=nsid), "Device Self-test")
+        self.pt.command(0, builders.device_self_test(stc, nsid=nsid), "Device Self-test")

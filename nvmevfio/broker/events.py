@@ -19,7 +19,7 @@ from nvmevfio.broker.execute import Executor, command_sqe
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.state import EVENT_POLL_S
 from nvmevfio.errors import CommandError, NvmeVfioError
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import builders, spec, structures
 
 log = logging.getLogger("nvmevfio")
 
@@ -42,9 +42,9 @@ class Events:
         qp, ident, st = self.core.admin, self.core.id_ctrl, self.state
         if qp is None or ident is None:
             return
-        aec = spec.AEC_SMART_WARNINGS | (int(ident["oaes"]) & spec.AEC_NOTICES_FROM_OAES)
+        aec = structures.AEC_SMART_WARNINGS | (int(ident["oaes"]) & structures.AEC_NOTICES_FROM_OAES)
         try:
-            self.ex.exec(qp, command_sqe(spec.set_async_event_configuration(aec)),
+            self.ex.exec(qp, command_sqe(builders.set_async_event_configuration(aec)),
                          "Set Features (Asynchronous Event Configuration)")
             st.aec = aec
         except CommandError as exc:  # events still come, as the controller's defaults allow
@@ -63,7 +63,7 @@ class Events:
         with self.ex.using(qp):
             posted = 0
             while qp.ring.standing + qp.ring.nevents < want and qp.capacity > 1:  # one id kept for commands
-                qp.ring.post_standing(command_sqe(spec.async_event_request()))
+                qp.ring.post_standing(command_sqe(builders.async_event_request()))
                 posted += 1
             if posted:
                 qp.ring.ring_sq()
@@ -72,12 +72,12 @@ class Events:
         """The log page an event names, read with RAE=0 (which clears the event, 5.16.1) into a
         buffer of its own (the scratch buffer may hold another command's data)."""
         core, st = self.core, self.state
-        length = spec.async_event_log_bytes(lid, int((core.id_ctrl or {}).get("elpe", 0)))
+        length = structures.async_event_log_bytes(lid, int((core.id_ctrl or {}).get("elpe", 0)))
         if st.buf is None or not st.buf.live:
             st.buf = core.ledger.alloc(4096, owner="broker:events")
         buf = st.buf
         buf.array[:length] = 0
-        e = command_sqe(spec.get_log_page(lid, length))  # RAE=0, all namespaces
+        e = command_sqe(builders.get_log_page(lid, length))  # RAE=0, all namespaces
         self.ex.admin_sync(e, f"Get Log Page {lid:#04x} (asynchronous event)", buf, length)
         return bytes(buf.array[:length])
 
@@ -93,7 +93,7 @@ class Events:
                 st.off = f"{spec.status_name(sct, sc)} (SCT {sct:#x}, SC {sc:#04x})"
                 log.info("Asynchronous Event Request refused: %s; events are off", st.off)
             return None
-        _, _, lid = spec.split_async_event(dw0)
+        _, _, lid = structures.split_async_event(dw0)
         try:
             data, why = self._event_log(lid), ""
         except CommandError as exc:

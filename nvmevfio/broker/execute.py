@@ -18,7 +18,7 @@ from nvmevfio.broker.common import CANCELLED_STATUS, MAX_RETRIES, TRANSIENT, Bro
 from nvmevfio.broker.core import Core
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, QueuePaused, Refused
-from nvmevfio.nvme import prp, spec
+from nvmevfio.nvme import builders, prp, spec
 from nvmevfio.nvme.queue import CID_TAKE, COMPLETION
 from nvmevfio.nvme.spec import SQE, IoOpcode
 
@@ -60,8 +60,8 @@ def sqe(opc: int, **fields: int) -> np.ndarray:
     return e
 
 
-def command_sqe(cmd: spec.Command, **pointers: int) -> np.ndarray:
-    """The SQE of a built command (:mod:`nvmevfio.nvme.spec`'s builders), with the data or
+def command_sqe(cmd: builders.Command, **pointers: int) -> np.ndarray:
+    """The SQE of a built command (:mod:`nvmevfio.nvme.builders`), with the data or
     queue pointers (``prp1``, ``prp2``) the broker authored."""
     return sqe(cmd.opc, nsid=cmd.nsid, **cmd.cdws, **pointers)
 

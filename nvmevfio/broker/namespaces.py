@@ -13,7 +13,7 @@ from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.state import BrokerState
 from nvmevfio.errors import Refused
-from nvmevfio.nvme import regs, spec
+from nvmevfio.nvme import builders, regs, structures
 from nvmevfio.nvme.controller import State
 from nvmevfio.nvme.spec import Cns
 
@@ -28,8 +28,8 @@ class Namespaces:
         """Identify Controller (CNS 01h), parsed (nvme-cli's field names); kept as ``id_ctrl``."""
         core = self.core
         core.require_ready()
-        raw = self.admin.read(command_sqe(spec.identify(Cns.CONTROLLER)), "Identify Controller", 4096)
-        core.id_ctrl = spec.parse_identify_controller(raw)
+        raw = self.admin.read(command_sqe(builders.identify(Cns.CONTROLLER)), "Identify Controller", 4096)
+        core.id_ctrl = structures.parse_identify_controller(raw)
         mdts = core.id_ctrl["mdts"]
         mpsmin = 1 << (12 + regs.get(core.ctrl.cap, regs.CAP_.MPSMIN))
         core.max_transfer = UNLIMITED_MDTS_CAP if mdts == 0 else min((1 << mdts) * mpsmin, UNLIMITED_MDTS_CAP)
@@ -39,9 +39,9 @@ class Namespaces:
     def active_namespaces(self) -> list[int]:
         """The active namespace IDs (Identify CNS 02h), ascending."""
         self.core.require_ready()
-        raw = self.admin.read(command_sqe(spec.identify(Cns.ACTIVE_NAMESPACE_LIST)),
+        raw = self.admin.read(command_sqe(builders.identify(Cns.ACTIVE_NAMESPACE_LIST)),
                               "Identify Active Namespace List", 4096)
-        return spec.parse_active_namespaces(raw)
+        return structures.parse_active_namespaces(raw)
 
     def identify_namespace(self, nsid: int) -> Namespace:
         """Identify Namespace (CNS 00h) of ``nsid``: its geometry (block size, size, formats)."""
@@ -49,13 +49,13 @@ class Namespaces:
         core.require_ready()
         if not 1 <= nsid <= 0xFFFFFFFE:
             raise Refused("namespace-inactive", f"namespace id {nsid} is not valid", nsid=nsid)
-        raw = self.admin.read(command_sqe(spec.identify(Cns.NAMESPACE, nsid=nsid)), "Identify Namespace", 4096)
-        ident = spec.parse_identify_namespace(raw)
+        raw = self.admin.read(command_sqe(builders.identify(Cns.NAMESPACE, nsid=nsid)), "Identify Namespace", 4096)
+        ident = structures.parse_identify_namespace(raw)
         if ident["nsze"] == 0:
             core.namespaces.pop(nsid, None)
             self.update_hot()
             raise Refused("namespace-inactive", f"namespace {nsid} is not active (NSZE=0)", nsid=nsid)
-        idx = spec.flbas_index(ident["flbas"], ident["nlbaf"])
+        idx = structures.flbas_index(ident["flbas"], ident["nlbaf"])
         lbaf = ident["lbafs"][idx]
         ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident)
         core.namespaces[nsid] = ns

@@ -14,7 +14,7 @@ from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, sqe
 from nvmevfio.dma import align_up
 from nvmevfio.errors import Refused
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import builders
 from nvmevfio.nvme.spec import AdminOpcode
 
 # Passthrough: the dwords a caller may set, and the commands the broker owns (it authors the
@@ -92,7 +92,7 @@ class Passthrough:
             if buf is not None and ledger.in_flight(buf) == 0:
                 ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close
 
-    def command(self, qid: int, cmd: spec.Command, name: str, **kw: Any) -> tuple[int, bytes | None]:
+    def command(self, qid: int, cmd: builders.Command, name: str, **kw: Any) -> tuple[int, bytes | None]:
         """:meth:`passthru` of a built command (its opcode, NSID and CDW10..15)."""
         return self.passthru(qid, cmd.opc, nsid=cmd.nsid, cdws=cmd.cdws, name=name, **kw)
 

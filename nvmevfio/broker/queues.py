@@ -12,7 +12,7 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.state import BrokerState
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
-from nvmevfio.nvme import prp, spec
+from nvmevfio.nvme import builders, prp
 
 
 class Queues:
@@ -65,8 +65,8 @@ class Queues:
         return depth
 
     def set_number_of_queues(self, count: int) -> None:
-        got = self.admin.sync(command_sqe(spec.set_number_of_queues(count, count)), "Set Features Number of Queues")
-        allowed = min(spec.split_number_of_queues(got))
+        got = self.admin.sync(command_sqe(builders.set_number_of_queues(count, count)), "Set Features Number of Queues")
+        allowed = min(builders.split_number_of_queues(got))
         if allowed < count:
             raise Refused("count-out-of-range", f"controller allows {allowed} I/O queue pairs, {count} asked",
                           allowed=allowed)
@@ -75,15 +75,15 @@ class Queues:
         """CREATE I/O CQ, then CREATE I/O SQ, over the queue pair's broker-owned memory."""
         qid, depth = qp.qid, qp.ring.depth
         iova = self.core.ledger.iova
-        cq = spec.create_io_cq(qid, depth, contiguous=True, interrupts=qp.vector is not None, vector=qp.vector or 0)
+        cq = builders.create_io_cq(qid, depth, contiguous=True, interrupts=qp.vector is not None, vector=qp.vector or 0)
         self.admin.sync(command_sqe(cq, prp1=iova(qp.buffers[1])), "Create I/O CQ")
-        sq = spec.create_io_sq(qid, depth, qid, contiguous=True)
+        sq = builders.create_io_sq(qid, depth, qid, contiguous=True)
         self.admin.sync(command_sqe(sq, prp1=iova(qp.buffers[0])), "Create I/O SQ")
 
     # ============================================================ shadow doorbells (5.8)
     def doorbell_buffer_config(self, shadow: DmaBuffer, eventidx: DmaBuffer) -> None:
         iova = self.core.ledger.iova
-        self.admin.sync(command_sqe(spec.doorbell_buffer_config(), prp1=iova(shadow), prp2=iova(eventidx)),
+        self.admin.sync(command_sqe(builders.doorbell_buffer_config(), prp1=iova(shadow), prp2=iova(eventidx)),
                         "Doorbell Buffer Config")
 
     def configure_doorbell_buffer(self) -> None:
@@ -108,8 +108,8 @@ class Queues:
         core = self.core
         core.require_ready()
         for qp in reversed(core.io):
-            self.admin.sync(command_sqe(spec.delete_io_sq(qp.qid)), "Delete I/O SQ")
-            self.admin.sync(command_sqe(spec.delete_io_cq(qp.qid)), "Delete I/O CQ")
+            self.admin.sync(command_sqe(builders.delete_io_sq(qp.qid)), "Delete I/O SQ")
+            self.admin.sync(command_sqe(builders.delete_io_cq(qp.qid)), "Delete I/O CQ")
         rtd3e = (core.id_ctrl or {}).get("rtd3e", 0)
         core.ctrl.shutdown(rtd3e)
         core.drop_queues()

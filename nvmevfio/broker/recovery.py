@@ -36,7 +36,7 @@ from nvmevfio.errors import (
     QueuePaused,
     Refused,
 )
-from nvmevfio.nvme import regs, spec
+from nvmevfio.nvme import builders, regs
 
 
 class Recovery:
@@ -66,7 +66,7 @@ class Recovery:
             oldest = int(busy[np.argmin(qp.ring.submit_ns[busy])])
             rs.aborts += 1
             try:
-                dw0 = self.admin.sync(command_sqe(spec.abort(qp.qid, oldest)), "Abort",
+                dw0 = self.admin.sync(command_sqe(builders.abort(qp.qid, oldest)), "Abort",
                                       timeout_s=min(core.command_timeout_s, ABORT_TIMEOUT_S))
                 honoured = not dw0 & 1  # DW0 bit 0: 1 = the command was not aborted
             except (CommandTimeout, CommandError):

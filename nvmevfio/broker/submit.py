@@ -14,7 +14,7 @@ from nvmevfio.broker.execute import Executor, refuse_busy, require_room, take_ca
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, DeviceGone, QueuePaused, Refused
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import builders
 from nvmevfio.nvme.queue import PRP_SLOT, PerfLoop
 from nvmevfio.nvme.spec import SQE, SQE_STRUCT, IoOpcode
 
@@ -117,7 +117,7 @@ class Submit:
                     _, prp2 = qp.author_prps(cid, iova, length)
                 # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
                 SQE_STRUCT.pack_into(packed, i * 64, opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2,
-                                     *spec.rw_dwords(slba, count), 0, 0, 0)
+                                     *builders.rw_dwords(slba, count), 0, 0, 0)
             self.ex.for_device(qp, np.frombuffer(packed, dtype=SQE, count=n))
             first = qp.ring.post(packed, n, buf.slot, buf.generation)
         except BaseException:
@@ -157,7 +157,7 @@ class Submit:
         entries["opc"] = opcode
         entries["cid"] = cids
         entries["nsid"] = nsid
-        entries["cdw10"], entries["cdw11"], entries["cdw12"] = spec.rw_dword_arrays(slbas, counts)
+        entries["cdw10"], entries["cdw11"], entries["cdw12"] = builders.rw_dword_arrays(slbas, counts)
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
         listed = np.flatnonzero(pages > 2)

@@ -26,7 +26,7 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.submit import Submit
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import ControllerFatal, DeviceGone, QueuePaused, Refused
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import builders
 from nvmevfio.nvme.spec import IoOpcode
 
 
@@ -228,7 +228,7 @@ class SyncIO:
         """Flush (NVM opcode 00h): the volatile write cache of ``nsid`` to media; returns once it completed."""
         qp = self.core.queue(qid)
         self.ns.namespace(nsid)
-        self.ex.exec(qp, command_sqe(spec.flush(nsid)), "Flush", nsid=nsid)
+        self.ex.exec(qp, command_sqe(builders.flush(nsid)), "Flush", nsid=nsid)
 
     def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int,
                        what: str) -> tuple[BrokerQueue, int, int]:
@@ -247,7 +247,7 @@ class SyncIO:
         qp, slba, count = self._range_command(qid, nsid, slba, count, ONCS_WRITE_ZEROES, "Write Zeroes")
         for start in range(slba, slba + count, MAX_NLB):
             k = min(MAX_NLB, slba + count - start)
-            self.ex.exec(qp, command_sqe(spec.write_zeroes(nsid, start, k, deac=deallocate)), "Write Zeroes",
+            self.ex.exec(qp, command_sqe(builders.write_zeroes(nsid, start, k, deac=deallocate)), "Write Zeroes",
                          nsid=nsid, slba=start, count=k)
 
     def deallocate(self, nsid: int, slba: int, count: int, qid: int = 1) -> None:
@@ -264,5 +264,5 @@ class SyncIO:
         arr = buf.array
         arr[:] = 0
         arr[: rng.nbytes] = rng.view(np.uint8)
-        self.ex.exec(qp, command_sqe(spec.dataset_management(nsid, len(rng), deallocate=True)),
+        self.ex.exec(qp, command_sqe(builders.dataset_management(nsid, len(rng), deallocate=True)),
                      "Dataset Management (Deallocate)", buf, rng.nbytes, nsid=nsid, slba=slba, count=count)

@@ -167,14 +167,14 @@ def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binar
     Example: nvmevfio id-ns 00:04.0 -n 1
              nvmevfio id-ns 00:04.0 --all -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     binary = want_binary(fmt, raw_binary)
     with controller(address) as s, errors():
         nsids = s.active_namespaces() if all_ else [nsid]
         if force or binary or vendor_specific:
             raws = [identify_raw(s, 0x11 if force else 0x00, n) for n in nsids]
-            idents = [(n, spec.parse_identify_namespace(r)) for n, r in zip(nsids, raws)]
+            idents = [(n, structures.parse_identify_namespace(r)) for n, r in zip(nsids, raws)]
         else:
             raws = []
             idents = [(n, s.identify_namespace(n).identify) for n in nsids]
@@ -194,10 +194,10 @@ def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binar
 
 
 def _print_id_ns(nsid: int, n: dict[str, Any]) -> None:
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     click.echo(f"NVME Identify Namespace {nsid}:")
-    in_use = spec.flbas_index(n["flbas"], n["nlbaf"])
+    in_use = structures.flbas_index(n["flbas"], n["nlbaf"])
     for k, v in n.items():
         if k == "lbafs":
             continue

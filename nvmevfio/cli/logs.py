@@ -75,14 +75,14 @@ def smart_log(address: str, nsid: int, fmt: str, raw_binary: bool, human: bool) 
     \b
     Example: nvmevfio smart-log 00:04.0 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
         raw = s.get_log(0x02, 512, nsid=nsid)
     if want_binary(fmt, raw_binary):
         _write_data(raw, True)
         return
-    d = spec.parse_smart_log(raw)
+    d = structures.parse_smart_log(raw)
     sensors = {f"temperature_sensor_{i}" for i in range(1, 9)}
     d = {k: v for k, v in d.items() if k not in sensors or v}  # nvme-cli prints sensors that report
     if fmt == "json":
@@ -121,7 +121,7 @@ def error_log(address: str, entries: int, fmt: str, raw_binary: bool) -> None:
     \b
     Example: nvmevfio error-log 00:04.0 -e 4
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import spec, structures
 
     with controller(address) as s, errors():
         elpe = s.id_ctrl["elpe"] + 1
@@ -129,7 +129,7 @@ def error_log(address: str, entries: int, fmt: str, raw_binary: bool) -> None:
     if want_binary(fmt, raw_binary):
         _write_data(raw, True)
         return
-    log = spec.parse_error_log(raw)
+    log = structures.parse_error_log(raw)
     if fmt == "json":
         _emit_json({"errors": log})
         return
@@ -373,14 +373,14 @@ def sanitize_log(address: str, rae: bool, fmt: str, human: bool, raw_binary: boo
     \b
     Example: nvmevfio sanitize-log 00:04.0 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
         data = s.get_log(0x81, 512)
     if want_binary(fmt, raw_binary):
         _write_data(data, True, "")
         return
-    d = spec.parse_sanitize_log(data)
+    d = structures.parse_sanitize_log(data)
     if fmt == "json":
         _emit_json({_address(address): d})
         return
@@ -401,14 +401,14 @@ def self_test_log(address: str, dst_entries: int, raw_binary: bool, fmt: str, ve
     \b
     Example: nvmevfio self-test-log 00:04.0 -e 3 -o json
     """
-    from nvmevfio.nvme import spec
+    from nvmevfio.nvme import structures
 
     with controller(address) as s, errors():
         data = s.get_log(0x06, 564)
     if want_binary(fmt, raw_binary):
         _write_data(data, True, "")
         return
-    d = spec.parse_self_test_log(data, dst_entries)
+    d = structures.parse_self_test_log(data, dst_entries)
     if fmt == "json":
         _emit_json(d)
         return

@@ -28,7 +28,7 @@ from nvmevfio.nvme.queue import PerfCounters
 from nvmevfio.nvme.spec import SQE, command_error
 from nvmevfio.service import DEFAULT_SOCKET
 from nvmevfio.service import ring as rings
-from nvmevfio.service.daemon import receive, send
+from nvmevfio.service.protocol import receive, send
 
 DEFAULT_TIMEOUT_S = 30.0
 RECORD = np.dtype([("tag", "<i8"), ("status", "<u2"), ("reason", "U24")])  # what reap() returns

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nvmevfio.dma import HUGE_PAGE, PhysicalPool
+from nvmevfio.dma import HUGE_PAGE
 from nvmevfio.mmio import ArrayMmio
+from nvmevfio.noiommu_pool import PhysicalPool
 from nvmevfio.nvme import regs
 from nvmevfio.nvme.regs import CAP_, CC_, CSTS_
 from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, IoOpcode

@@ -188,7 +188,7 @@ def test_cli_block_commands_through_the_socket(served, tmp_path):
 
 
 def test_a_malformed_request_costs_only_its_sender(served):
-    from nvmevfio.service.daemon import receive, send
+    from nvmevfio.service.protocol import receive, send
 
     _rig, service, path = served()
     good = nvmevfio.connect(path, 1, queue_depth=8)  # the grant's depth of 16 is the two sessions' to share

@@ -26,7 +26,8 @@ from nvmevfio.errors import Refused
 from nvmevfio.nvme.spec import SQE, IoOpcode
 from nvmevfio.service import validator
 from nvmevfio.service.client import ServiceGone
-from nvmevfio.service.daemon import CONTROL_PER_TURN, receive
+from nvmevfio.service.daemon import CONTROL_PER_TURN
+from nvmevfio.service.protocol import receive
 
 CYCLE_BOUND_S = 0.5  # a prober's write-and-read of 8 blocks: ~5 ms here; the defects made it 1-10 s
 

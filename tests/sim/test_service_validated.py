@@ -12,7 +12,6 @@ import pytest
 import nvmevfio
 from nvmevfio.nvme import prp
 from nvmevfio.nvme.spec import SQE, IoOpcode
-from nvmevfio.service import daemon as daemon_module
 from nvmevfio.service import validator
 from nvmevfio.service.daemon import Service
 from nvmevfio.service.grants import parse_grants
@@ -153,7 +152,7 @@ def test_a_list_rewritten_after_the_check_changes_nothing(served, monkeypatch):
             page[:3] = [other.iova, other.iova + 4096, other.iova + 8192]  # after the check
             return verdict
 
-        monkeypatch.setattr(daemon_module.validator, "validate", validate_then_rewrite)
+        monkeypatch.setattr(validator, "validate", validate_then_rewrite)  # as the validated lane calls it
         rec = one(dev, sqe(IoOpcode.WRITE, 0, 32, p.prp1, p.prp2))
         assert rec["status"] == 0
         assert (ns.data[FIRST * 512 : (FIRST + 32) * 512] == 0x11).all()  # the checked pages' bytes only

@@ -4,15 +4,15 @@ contiguous huge pages, and pool addresses translated to physical ones (exact val
 import numpy as np
 import pytest
 
-from nvmevfio.dma import (
-    HUGE_PAGE,
+from nvmevfio.dma import HUGE_PAGE
+from nvmevfio.errors import VfioError
+from nvmevfio.noiommu_pool import (
     POOL_BASE,
     PhysicalPool,
     _physical_chunks,
     contiguous_runs,
     frames_from_pagemap,
 )
-from nvmevfio.errors import VfioError
 
 M2 = HUGE_PAGE
 A = 0x1_0000_0000

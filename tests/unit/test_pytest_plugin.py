@@ -26,6 +26,25 @@ def test_without_a_device_everything_skips(pytester):
     r.stdout.fnmatch_lines(["*no NVMe controller: pass --nvme ADDRESS*", "*pass --nvme-allow-destructive*"])
 
 
+def test_destructive_tests_run_only_when_allowed(pytester):
+    """The marker is applied at collection, whatever the device: without the option a marked test
+    is skipped with the reason, an unmarked one runs; with it both run."""
+    pytester.makepyfile("""
+import pytest
+
+def test_reads():
+    pass
+
+@pytest.mark.nvme_destructive
+def test_writes():
+    pass
+""")
+    r = pytester.runpytest_inprocess("-rs")
+    r.assert_outcomes(passed=1, skipped=1)
+    r.stdout.fnmatch_lines(["SKIPPED*.py:6: destructive: pass --nvme-allow-destructive to run it"])  # test_writes
+    pytester.runpytest_inprocess("--nvme-allow-destructive").assert_outcomes(passed=2)
+
+
 def test_a_device_in_use_is_refused(pytester, monkeypatch):
     from nvmevfio import pci
 

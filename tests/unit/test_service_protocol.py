@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from nvmevfio.service.daemon import MAX_MESSAGE, ProtocolError, receive, send
+from nvmevfio.service.protocol import MAX_MESSAGE, ProtocolError, receive, send
 
 
 @pytest.mark.parametrize("data, says", [

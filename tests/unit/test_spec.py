@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvmevfio.nvme import spec
+from nvmevfio.nvme import spec, structures
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -27,30 +27,30 @@ def test_dtypes():
 
 
 def test_identify_controller_matches_nvme_cli():
-    c = spec.parse_identify_controller((DATA / "idctrl.bin").read_bytes())
+    c = structures.parse_identify_controller((DATA / "idctrl.bin").read_bytes())
     _cmp(c, json.loads((DATA / "idctrl.json").read_text()))
     assert c["vid"] == 0x1B36 and c["mdts"] == 7 and c["nn"] == 256 and c["sqes"] == 0x66
 
 
 def test_identify_namespace_matches_nvme_cli():
-    n = spec.parse_identify_namespace((DATA / "idns2.bin").read_bytes())
+    n = structures.parse_identify_namespace((DATA / "idns2.bin").read_bytes())
     _cmp(n, json.loads((DATA / "idns2.json").read_text()))
-    idx = spec.flbas_index(n["flbas"], n["nlbaf"])
+    idx = structures.flbas_index(n["flbas"], n["nlbaf"])
     assert idx == 4 and 1 << n["lbafs"][idx]["ds"] == 4096 and n["nsze"] == 8192
 
 
 def test_identify_namespace_512():
-    n = spec.parse_identify_namespace((DATA / "idns1.bin").read_bytes())
-    assert n["nsze"] == 131072 and 1 << n["lbafs"][spec.flbas_index(n["flbas"], n["nlbaf"])]["ds"] == 512
+    n = structures.parse_identify_namespace((DATA / "idns1.bin").read_bytes())
+    assert n["nsze"] == 131072 and 1 << n["lbafs"][structures.flbas_index(n["flbas"], n["nlbaf"])]["ds"] == 512
 
 
 def test_smart_log_matches_nvme_cli():
-    _cmp(spec.parse_smart_log((DATA / "smart.bin").read_bytes()), json.loads((DATA / "smart.json").read_text()))
+    _cmp(structures.parse_smart_log((DATA / "smart.bin").read_bytes()), json.loads((DATA / "smart.json").read_text()))
 
 
 def test_flbas_high_bits():
-    assert spec.flbas_index(0b0110_0011, 20) == 0x33  # bits 6:5 = 11b are index bits 5:4
-    assert spec.flbas_index(0b0110_0011, 7) == 3
+    assert structures.flbas_index(0b0110_0011, 20) == 0x33  # bits 6:5 = 11b are index bits 5:4
+    assert structures.flbas_index(0b0110_0011, 7) == 3
 
 
 def test_status_names_and_split():
@@ -66,25 +66,25 @@ def test_status_names_and_split():
 def test_active_namespace_list():
     d = np.zeros(1024, dtype="<u4")
     d[:3] = [1, 2, 7]
-    assert spec.parse_active_namespaces(d.tobytes()) == [1, 2, 7]
+    assert structures.parse_active_namespaces(d.tobytes()) == [1, 2, 7]
 
 
 def test_error_and_firmware_logs():
     e = np.zeros(64, dtype=np.uint8)
     e[0:8].view("<u8")[0] = 5
     e[12:14].view("<u2")[0] = (0x80 << 1) | 1
-    [entry] = spec.parse_error_log(e.tobytes())
+    [entry] = structures.parse_error_log(e.tobytes())
     assert entry["error_count"] == 5 and entry["status_field"] == 0x80 and entry["phase_tag"] == 1
     fw = bytearray(512)
     fw[0] = 1
     fw[8:16] = b"1.0     "
-    assert spec.parse_firmware_log(bytes(fw))["frs1"] == "1.0     "
-    assert spec.parse_firmware_log(bytes(fw))["frs2"] == ""
+    assert structures.parse_firmware_log(bytes(fw))["frs1"] == "1.0     "
+    assert structures.parse_firmware_log(bytes(fw))["frs2"] == ""
 
 
 def test_short_buffers_rejected():
     with pytest.raises(ValueError):
-        spec.parse_identify_controller(b"\0" * 100)
+        structures.parse_identify_controller(b"\0" * 100)
 
 
 def test_sanitize_log_as_nvme_cli_shows_it():
@@ -94,14 +94,14 @@ def test_sanitize_log_as_nvme_cli_shows_it():
     page[4:8] = (0x0202).to_bytes(4, "little")
     page[8:12] = (600).to_bytes(4, "little")
     page[28:32] = (0xFFFFFFFF).to_bytes(4, "little")
-    assert spec.parse_sanitize_log(bytes(page)) == {
+    assert structures.parse_sanitize_log(bytes(page)) == {
         "sprog": 0x8000,
         "sstat": {"global_erased": 1, "no_cmplted_passes": 2, "status": "(2) Sanitize in Progress."},
         "cdw10_info": 0x202, "time_over_write": 600, "time_block_erase": 0, "time_crypto_erase": 0,
         "time_over_write_no_dealloc": 0, "time_block_erase_no_dealloc": 0,
         "time_crypto_erase_no_dealloc": 0xFFFFFFFF,
     }
-    assert spec.parse_sanitize_log(bytes(512))["sstat"]["status"] == "(0) NVM Subsystem has never been sanitized."
+    assert structures.parse_sanitize_log(bytes(512))["sstat"]["status"] == "(0) NVM Subsystem has never been sanitized."
 
 
 def test_self_test_log_as_nvme_cli_shows_it():
@@ -116,7 +116,7 @@ def test_self_test_log_as_nvme_cli_shows_it():
     page[r0 + 24], page[r0 + 25] = 0xFA, 0x81  # SCT only bits 2:0, and not valid (VDI bit 2 clear)
     for i in range(1, 20):
         page[4 + 28 * i] = 0xF  # entries not used
-    d = spec.parse_self_test_log(bytes(page), entries=3)
+    d = structures.parse_self_test_log(bytes(page), entries=3)
     assert d == {
         "Current Device Self-Test Operation": 2, "Current Device Self-Test Completion": 40,
         "List of Valid Reports": [
@@ -125,6 +125,6 @@ def test_self_test_log_as_nvme_cli_shows_it():
             {"Self test result": 0xF}, {"Self test result": 0xF}],
     }
     page[r0 + 2] = 0xC  # now SCT and SC valid, NSID and LBA not
-    report = spec.parse_self_test_log(bytes(page), entries=1)["List of Valid Reports"][0]
+    report = structures.parse_self_test_log(bytes(page), entries=1)["List of Valid Reports"][0]
     assert report["Status Code Type"] == 2 and report["Status Code"] == 0x81 and "Failing LBA" not in report
-    assert len(spec.parse_self_test_log(bytes(page))["List of Valid Reports"]) == 20
+    assert len(structures.parse_self_test_log(bytes(page))["List of Valid Reports"]) == 20

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import nvmevfio
-from nvmevfio import dma
+from nvmevfio import dma, noiommu_pool
 from nvmevfio.cli import main
 from nvmevfio.errors import NvmeVfioError, VfioError
 
@@ -26,12 +26,12 @@ def _physical_pages(array: np.ndarray) -> set[int]:
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(first * 8)
         raw = f.read((last - first + 1) * 8)
-    frames = dma.frames_from_pagemap(np.frombuffer(raw, dtype="<u8"))
+    frames = noiommu_pool.frames_from_pagemap(np.frombuffer(raw, dtype="<u8"))
     assert frames.all(), "caller pages not present"
     return {int(x) * PAGE for x in frames}
 
 
-def _at_physical(pool: dma.PhysicalPool, address: int, size: int) -> np.ndarray:
+def _at_physical(pool: noiommu_pool.PhysicalPool, address: int, size: int) -> np.ndarray:
     """The pool memory the device sees at physical ``address`` (inside one huge page)."""
     for index, frame in enumerate(pool.frames.tolist()):
         if frame <= address and address + size <= frame + dma.HUGE_PAGE:
@@ -99,15 +99,15 @@ def test_no_physical_address_in_output_refusals_or_logs(data_ctrl, lane, monkeyp
     (text and JSON), its errors, refusals or log lines falls inside one of them."""
     addr = data_ctrl["address"]
     pools: list[tuple[int, int]] = []
-    made = dma.PhysicalPool.pinned.__func__
+    made = noiommu_pool.PhysicalPool.pinned.__func__
 
     def recording(cls, size, **kw):
         pool = made(cls, size, **kw)
         pools.extend((pa, length) for pa, _, length in pool.runs)
-        pools.append((dma.POOL_BASE, pool.size))  # the ledger's pool addresses stay inside too
+        pools.append((noiommu_pool.POOL_BASE, pool.size))  # the ledger's pool addresses stay inside too
         return pool
 
-    monkeypatch.setattr(dma.PhysicalPool, "pinned", classmethod(recording))
+    monkeypatch.setattr(noiommu_pool.PhysicalPool, "pinned", classmethod(recording))
     caplog.set_level(logging.DEBUG)
     texts = []
     runner = CliRunner()
@@ -148,14 +148,14 @@ def test_no_physical_address_in_any_public_attribute_of_any_result(data_ctrl, la
     from nvmevfio.provider import open_controller
 
     addr = data_ctrl["address"]
-    pools: list[dma.PhysicalPool] = []
-    made = dma.PhysicalPool.pinned.__func__
+    pools: list[noiommu_pool.PhysicalPool] = []
+    made = noiommu_pool.PhysicalPool.pinned.__func__
 
     def recording(cls, size, **kw):
         pools.append(made(cls, size, **kw))
         return pools[-1]
 
-    monkeypatch.setattr(dma.PhysicalPool, "pinned", classmethod(recording))
+    monkeypatch.setattr(noiommu_pool.PhysicalPool, "pinned", classmethod(recording))
     session = open_controller(addr)
     results = {"bind": session.bind(), "enable": session.enable()}
     first = LeakScan(pool_frames(pools[0])) if pools else None

@@ -1,5 +1,5 @@
-"""The pytest plugin against QEMU's NVMe model: an example test file run through it, with and
-without --nvme-allow-destructive, and its refusal of a device whose namespace is mounted."""
+"""The pytest plugin against QEMU's NVMe model: the README's example test file run through it, and
+its refusal of a device whose namespace is mounted."""
 
 import re
 import subprocess
@@ -32,11 +32,10 @@ def run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 def test_example_file_through_the_plugin(guest, tmp_path):
     addr = controller(guest, "nvmevfio-nbd")["address"]
+    """Both of the README's tests run and pass on the device. (Without --nvme-allow-destructive the
+    marked one is skipped at collection, before any device is touched: tests/unit/test_pytest_plugin.py
+    shows that on the host; a second process here, 35 s under the guest's emulated CPU, would show it again.)"""
     (tmp_path / "test_example.py").write_text(EXAMPLE)
-    r, counts = run(tmp_path, "--nvme", addr)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 1}, r.stdout
-    assert "pass --nvme-allow-destructive" in r.stdout
     r, counts = run(tmp_path, "--nvme", addr, "--nvme-allow-destructive")
     assert r.returncode == 0 and counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 0}, r.stdout
 
