@@ -378,15 +378,21 @@ def wait_forked(proc: subprocess.Popen[bytes], pidfile: Path, log: Path, timeout
     """nbdkit with a C plugin: it writes its pid file once it serves; its pid. Fails (with the
     log's tail) when it exits first."""
     deadline = time.monotonic() + timeout_s
+
+    def failed(what: str) -> NvmeVfioError:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        return NvmeVfioError(f"nbdkit {what} before serving:\n{tail}", reason="nbdkit-failed")
+
     while time.monotonic() < deadline:
         code = proc.poll()
-        if code:
-            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-            raise NvmeVfioError(f"nbdkit exited ({code}) before serving:\n{tail}", reason="nbdkit-failed")
+        if code:  # the command itself failed (before forking into the background)
+            raise failed(f"exited ({code})")
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
             if _alive(pid):
                 return pid
+            if code == 0:  # forked, and the server it left is gone
+                raise failed("exited")
         time.sleep(0.05)
     raise NvmeVfioError(f"nbdkit did not start serving within {timeout_s:g} s (log: {log})",
                         reason="nbdkit-failed")

@@ -150,3 +150,20 @@ def test_cli_says_it_falls_back_to_the_python_plugin(monkeypatch):
     monkeypatch.setattr(nbd, "nbdkit_python_version", no_nbdkit)
     r = CliRunner().invoke(main, ["nbd", "00:04.0"])
     assert "nbdkit's Python plugin (this kernel has no ublk)" in r.output and "nbdkit is not installed" in r.output
+
+
+def test_waiting_for_a_c_plugin_nbdkit_fails_when_it_or_its_server_exits(tmp_path):
+    import subprocess
+
+    log, pidfile = tmp_path / "n.log", tmp_path / "n.pid"
+    log.write_text("nbdkit: error: cannot open file\n")
+    failed = subprocess.Popen(["false"])
+    with pytest.raises(NvmeVfioError, match=r"exited \(1\) before serving:\nnbdkit: error: cannot open file"):
+        nbd.wait_forked(failed, pidfile, log, timeout_s=10)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")  # the server it forked, gone (reaped: no such process)
+    with pytest.raises(NvmeVfioError, match="exited before serving"):
+        nbd.wait_forked(subprocess.Popen(["true"]), pidfile, log, timeout_s=10)
+    pidfile.write_text(f"{os.getpid()}\n")
+    assert nbd.wait_forked(subprocess.Popen(["true"]), pidfile, log, timeout_s=10) == os.getpid()
