@@ -24,7 +24,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from conftest import controller
 from disk_checks import (
     FS_BLOCK,
     FsyncWriter,
+    Writer,
     aligned,
     check_tree,
     device_bytes,
@@ -321,21 +321,22 @@ else:
         mount(info["device"], MNT)
         writer.check(MNT / "crash")
 
-    class SqliteWriter:
-        """A thread committing numbered transactions to an SQLite database (WAL, synchronous=FULL):
+    class SqliteWriter(Writer):
+        """Commits numbered transactions to an SQLite database (WAL, synchronous=FULL):
         transaction N inserts ROWS rows (N, its row number, a random payload, the payload's SHA-256).
         N is recorded in ``committed`` only once its COMMIT returned; ``state`` says where it is."""
 
         ROWS = 5
+        what = "transactions"
 
         def __init__(self, path: Path) -> None:
             self.path = path
             self.committed: list[int] = []
-            self.failures: list[Exception] = []
             self.state = "opening"
-            self.stopping = threading.Event()
-            self.thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
-            self.thread.start()
+            super().__init__()
+
+        def progress(self) -> int:
+            return len(self.committed)
 
         def _run(self) -> None:
             rng = np.random.default_rng(41)
@@ -363,18 +364,6 @@ else:
                     db.close()
             except (sqlite3.Error, OSError) as exc:
                 self.failures.append(exc)
-
-        def wait_for(self, n: int, timeout_s: float = 120) -> None:
-            deadline = time.monotonic() + timeout_s
-            while len(self.committed) < n:
-                assert time.monotonic() < deadline and self.thread.is_alive(), \
-                    f"the SQLite writer stalled at {len(self.committed)} transactions ({self.failures})"
-                time.sleep(0.05)
-
-        def stop(self, timeout_s: float = 120) -> None:
-            self.stopping.set()
-            self.thread.join(timeout_s)
-            assert not self.thread.is_alive(), f"the SQLite writer hung ({self.state})"
 
     def test_sqlite_commits_survive_a_server_killed_mid_transaction(disk):
         """A real database as the persistent store: every transaction whose COMMIT returned is
