@@ -94,7 +94,7 @@ else:
 
     def devices() -> list[dict]:
         """What `nvmevfio ublk --list -o json` prints, taken in-process: this file's devices only
-        (test_nbd.py runs beside it and serves its own controller through a ublk device too)."""
+        (test_nbd.py serves a controller through a ublk device of its own too)."""
         return [d.to_dict() for d in ub.list_devices() if d.address in OURS]
 
     def listed(info: dict) -> dict:
@@ -168,7 +168,7 @@ else:
     @pytest.fixture
     def cleanup(ublk_ctrl):
         """Whatever a test with a server of its own leaves behind: unmounted, its devices stopped
-        (the shared disk's stays, and so does any device of the NBD tests running beside)."""
+        (the shared disk's stays, and so does any device not serving this file's controllers)."""
         yield
         if OWN_MNT.is_mount():
             umount_after_crash(OWN_MNT)
