@@ -576,17 +576,19 @@ struct nv_ublk_queue {
     int char_fd;               /* /dev/ublkcN, opened once for every queue */
     uint8_t *buffers;          /* the tags' buffers, device-visible memory: tag t's at buffers + t * slot_size */
     uint64_t slot_size;
+    uint32_t block_shift;      /* log2 of the logical block size */
+    uint32_t read_only;
+    uint64_t nblocks;          /* the namespace's size (NSZE) */
+    uint32_t oncs;             /* Identify Controller ONCS: bit 2 Dataset Management, bit 3 Write Zeroes */
+    int32_t stop;              /* set by another thread: nv_ublk_queue_run returns -ECANCELED */
+    /* copied by nv_ublk_queue_run from the broker's validated workload (struct nv_perf), which
+     * reaches C through PerfLoop.serve_c: Python never sets nor reads them */
     const struct nv_prp_slot *prps;  /* each tag's PRPs, authored by the broker */
     int64_t buf_slot;          /* the registered buffer's ledger handle, for the in-flight table */
     int64_t buf_gen;
     uint32_t nsid;
-    uint32_t block_shift;      /* log2 of the logical block size */
     uint32_t page_size;        /* the controller's memory page size (CC.MPS) */
-    uint32_t read_only;
-    uint64_t nblocks;          /* the namespace's size (NSZE) */
-    uint32_t oncs;             /* Identify Controller ONCS: bit 2 Dataset Management, bit 3 Write Zeroes */
     int64_t timeout_ns;        /* a command in flight this long is late: nv_ublk_queue_run returns -ETIMEDOUT */
-    int32_t stop;              /* set by another thread: nv_ublk_queue_run returns -ECANCELED */
     /* C's */
     void *ring;                /* the queue's io_uring */
     void *iods;                /* the kernel's request descriptors (mmapped, read-only) */
@@ -631,8 +633,10 @@ int nv_ublk_errno(uint16_t status);
 int nv_ublk_queue_open(struct nv_ublk_queue *q, int fetch);
 /* Serve requests until the device is stopped (0: every tag ended, nothing in flight), stop is
  * set (-ECANCELED), a command is late (-ETIMEDOUT), CSTS or the broker's stop flag end the wait
- * (-ENODEV, -EIO, -EAGAIN), or a completion is for an id not in flight (-EPROTO). */
-int nv_ublk_queue_run(struct nv_ublk_queue *q, struct nv_qp *qp);
+ * (-ENODEV, -EIO, -EAGAIN), or a completion is for an id not in flight (-EPROTO). The tags' PRPs,
+ * ledger handle, namespace, page size and timeout come from w, the workload the broker validated
+ * for queue pair qp (called through PerfLoop.serve_c, which holds the broker's guard). */
+int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp);
 /* Answer tag's request from its NVMe status (for commands the broker ended itself). */
 int nv_ublk_queue_complete(struct nv_ublk_queue *q, uint32_t tag, uint16_t status);
 /* Close the io_uring (outstanding FETCHes are cancelled) and unmap the descriptors. */

@@ -566,8 +566,14 @@ static int take_requests(struct nv_ublk_queue *q, struct nv_qp *qp)
     return err ? err : posted;
 }
 
-int nv_ublk_queue_run(struct nv_ublk_queue *q, struct nv_qp *qp)
+int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp)
 {
+    q->prps = w->prps;
+    q->buf_slot = w->buf_slot;
+    q->buf_gen = w->buf_gen;
+    q->nsid = w->nsid;
+    q->page_size = w->page_size;
+    q->timeout_ns = w->timeout_ns;
     struct io_uring *ring = ring_of(q);
     struct nv_completion done[64];
     int64_t next_look = nv_now_ns() + LOOK_EVERY_NS;

@@ -2,6 +2,11 @@
 nvmevfio: the logic the nbdkit plugin (``nvmevfio/nbd_plugin.py``) calls, and how ``nvmevfio nbd``
 starts nbdkit with it.
 
+Two ways to serve (``--plugin``): where the kernel has ublk, nbdkit's C ``file`` plugin on the
+namespace's ublk device (``nvmevfio ublk``, started for the export or one already serving it): C
+end to end; else nbdkit's Python plugin with this module's :class:`Export`. ``auto`` (the
+default) takes the first where it can (:func:`choose_plugin`).
+
 Threads: nbdkit runs the plugin in its parallel thread model. Every request takes a *lane* — an
 I/O queue pair and a DMA buffer of its own — from a pool, so concurrent requests run on
 different queues at once (the C waits release the GIL), and a queue is never shared by two
@@ -231,14 +236,10 @@ def nbdkit_python_version() -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | None, readonly: bool,
-                   queues: int, block_size: int, pidfile: Path | None = None,
-                   ready: Path | None = None, verbose: bool = False, foreground: bool = True,
-                   mode: str = "irq") -> list[str]:
-    """The nbdkit command line: the python plugin with nvmevfio's plugin script, a Unix socket
-    (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes; in the
-    foreground, or forking into the background itself (its log still to stderr)."""
-    cmd = ["nbdkit", "--foreground" if foreground else "--log=stderr", "--threads", str(max(queues, 1) * 2)]
+def _nbdkit_front(*, socket: Path | None, port: int | None, readonly: bool, threads: int, pidfile: Path | None,
+                  verbose: bool, foreground: bool) -> list[str]:
+    """nbdkit's own options, whichever plugin follows."""
+    cmd = ["nbdkit", "--foreground" if foreground else "--log=stderr", "--threads", str(threads)]
     if socket is not None:
         cmd += ["--unix", str(socket)]
     else:
@@ -249,6 +250,18 @@ def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | 
         cmd += ["--pidfile", str(pidfile)]
     if verbose:
         cmd.append("--verbose")
+    return cmd
+
+
+def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | None, readonly: bool,
+                   queues: int, block_size: int, pidfile: Path | None = None,
+                   ready: Path | None = None, verbose: bool = False, foreground: bool = True,
+                   mode: str = "irq") -> list[str]:
+    """The nbdkit command line: the python plugin with nvmevfio's plugin script, a Unix socket
+    (or loopback TCP), the blocksize filter when blocks are larger than 512 bytes; in the
+    foreground, or forking into the background itself (its log still to stderr)."""
+    cmd = _nbdkit_front(socket=socket, port=port, readonly=readonly, threads=max(queues, 1) * 2, pidfile=pidfile,
+                        verbose=verbose, foreground=foreground)
     if block_size > 512:  # NBD clients speak 512-byte sectors unless told: read-modify-write for them
         cmd += ["--filter=blocksize"]
     cmd += ["python", str(PLUGIN), f"address={address}", f"nsid={nsid}", f"queues={queues}", f"mode={mode}"]
@@ -257,6 +270,132 @@ def nbdkit_command(address: str, nsid: int, *, socket: Path | None, port: int | 
     if block_size > 512:
         cmd.append(f"minblock={block_size}")
     return cmd
+
+
+def nbdkit_file_command(device: str, *, socket: Path | None, port: int | None, readonly: bool, queues: int,
+                        pidfile: Path | None = None, verbose: bool = False, foreground: bool = True) -> list[str]:
+    """The nbdkit command line for the C path: nbdkit's ``file`` plugin on ``device`` (the
+    namespace's /dev/ublkbN; any block size, the kernel's block layer aligns for it)."""
+    cmd = _nbdkit_front(socket=socket, port=port, readonly=readonly, threads=max(queues, 1) * 2, pidfile=pidfile,
+                        verbose=verbose, foreground=foreground)
+    return [*cmd, "file", f"file={device}"]
+
+
+# ------------------------------------------------------------------ which plugin: C over ublk, or Python
+PLUGINS = ("auto", "file", "python")
+
+
+def choose_plugin(requested: str, ublk_present: bool) -> tuple[str, str]:
+    """The plugin an export runs, ``file`` (nbdkit's C plugin on the namespace's ublk device) or
+    ``python`` (nvmevfio's), and why, for ``--plugin requested``: ``auto`` takes ``file`` where
+    the kernel has ublk. Raises NvmeVfioError (``ublk-missing``) for ``file`` without ublk."""
+    if requested not in PLUGINS:
+        raise NvmeVfioError(f"--plugin {requested}: one of {', '.join(PLUGINS)}", reason="invalid-argument")
+    if requested == "python":
+        return "python", "--plugin python"
+    if not ublk_present:
+        if requested == "file":
+            raise NvmeVfioError("--plugin file serves the namespace's ublk device, and this kernel has no ublk "
+                                "(CONFIG_BLK_DEV_UBLK): use --plugin python", reason="ublk-missing")
+        return "python", "this kernel has no ublk"
+    return "file", "--plugin file" if requested == "file" else "ublk is available"
+
+
+def ublk_present() -> bool:
+    """Whether the kernel has ublk (the module loaded if it can be)."""
+    from nvmevfio import ublk
+
+    try:
+        ublk.require_ublk()
+    except ublk.UblkError:
+        return False
+    return True
+
+
+def ublk_claim_path(pidfile: Path) -> Path:
+    """Where an export records the ublk device it started (``--stop`` takes down that one only)."""
+    return pidfile.with_suffix(".ublk")
+
+
+def serving_ublk(address: str, nsid: int, claim: Path) -> tuple[dict[str, Any], bool] | None:
+    """The ublk device serving the namespace now, as ``{"device", "dev_id", "pid"}``, and whether
+    this export started it (its ``claim`` names that device and server); None when there is none.
+    A device waiting for --recover is refused (UblkError, ``namespace-served``)."""
+    from nvmevfio import ublk
+
+    for d in ublk.list_devices():
+        if d.address == address and d.nsid == nsid and d.server_alive:
+            ours = read_claim(claim)
+            started = ours is not None and (ours["dev_id"], ours["pid"]) == (d.dev_id, d.server_pid)
+            return {"device": f"/dev/ublkb{d.dev_id}", "dev_id": d.dev_id, "pid": d.server_pid}, started
+    ublk.check_not_served(address, nsid)
+    return None
+
+
+def read_claim(claim: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        d = json.loads(claim.read_text())
+        return {"device": str(d["device"]), "dev_id": int(d["dev_id"]), "pid": int(d["pid"])}
+    return None
+
+
+def write_claim(claim: Path, ublk_info: dict[str, Any]) -> None:
+    claim.write_text(json.dumps({k: ublk_info[k] for k in ("device", "dev_id", "pid")}))
+
+
+def release_ublk(claim: Path) -> str | None:
+    """Stop the ublk device ``claim`` records, if it is still the one this export started (same
+    number, same server): the device's name, or None when there was nothing of ours to stop."""
+    from nvmevfio import ublk
+
+    ours = read_claim(claim)
+    claim.unlink(missing_ok=True)
+    if ours is None:
+        return None
+    try:
+        d = ublk.device_info(ours["dev_id"])
+    except ublk.UblkError:
+        return None  # gone already
+    if d.server_pid != ours["pid"]:
+        return None  # the number went to another device since
+    ublk.stop_device(d.dev_id)
+    return str(ours["device"])
+
+
+def block_device_geometry(device: str) -> tuple[int, int]:
+    """(size in bytes, logical block size) of a block device, from sysfs."""
+    name = Path(device).name
+    try:
+        sectors = int(Path(f"/sys/block/{name}/size").read_text())
+        block_size = int(Path(f"/sys/block/{name}/queue/logical_block_size").read_text())
+    except (OSError, ValueError) as exc:
+        raise NvmeVfioError(f"{device}: cannot read its size from sysfs: {exc}", reason="ublk",
+                            device=device) from exc
+    return sectors * 512, block_size
+
+
+def wait_forked(proc: subprocess.Popen[bytes], pidfile: Path, log: Path, timeout_s: float) -> int:
+    """nbdkit with a C plugin: it writes its pid file once it serves; its pid. Fails (with the
+    log's tail) when it exits first."""
+    deadline = time.monotonic() + timeout_s
+
+    def failed(what: str) -> NvmeVfioError:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        return NvmeVfioError(f"nbdkit {what} before serving:\n{tail}", reason="nbdkit-failed")
+
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code:  # the command itself failed (before forking into the background)
+            raise failed(f"exited ({code})")
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if _alive(pid):
+                return pid
+            if code == 0:  # forked, and the server it left is gone
+                raise failed("exited")
+        time.sleep(0.05)
+    raise NvmeVfioError(f"nbdkit did not start serving within {timeout_s:g} s (log: {log})",
+                        reason="nbdkit-failed")
 
 
 def nbdkit_env() -> dict[str, str]:
@@ -318,6 +457,20 @@ def clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise NvmeVfioError(f"{path}: a server is already listening there (stop it first)", reason="export-running")
+
+
+def stop_export(pidfile: Path, timeout_s: float = 30.0) -> tuple[int | None, str | None]:
+    """``--stop``: the export's nbdkit (:func:`stop`), then the ublk device the export started,
+    if it did (nothing else: a ublk device it found serving stays). (nbdkit's pid or None when
+    none ran, the ublk device stopped or None); refused when there was neither."""
+    claim = ublk_claim_path(pidfile)
+    try:
+        pid: int | None = stop(pidfile, timeout_s)
+    except NvmeVfioError as exc:
+        if exc.reason != "not-running" or read_claim(claim) is None:
+            raise
+        pid = None  # nbdkit died (killed): the ublk device it left is still ours to stop
+    return pid, release_ublk(claim)
 
 
 def stop(pidfile: Path, timeout_s: float = 30.0) -> int:

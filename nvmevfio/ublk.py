@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmevfio._ffi import ffi, lib
-from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, NvmeVfioError, QueuePaused, Refused, ShimError
+from nvmevfio.errors import NvmeVfioError, Refused, ShimError
 
 log = logging.getLogger("nvmevfio.ublk")
 
@@ -294,21 +294,18 @@ class _Queue:
         self.q_id = q_id
         self.buf = dev.alloc_buffer(server.depth * g.io_bytes)
         self.reg = dev.provider.register_buffer(self.buf, g.io_bytes)
-        # The broker validates the pairing (namespace, slots, depth within the queue) and hands
-        # the C path the queue pair and the slots' PRP table, as it does for perf.
+        # The broker validates the pairing (namespace, slots, depth within the queue), as it does
+        # for perf; the C server gets the queue pair and the slots' PRP table from it through
+        # serve_c, and the slots' device-visible memory (the kernel copies where the device reads).
         self.loop = dev.provider.perf_loop(dev.nsid, self.reg, io_size=g.io_bytes, lba_range=(0, g.blocks),
                                            random=False, read_pct=100, depth=server.depth, qid=q_id + 1)
-        p = self.loop._p
-        memory, shadow = dev.provider._broker.ledger.bounce_arrays(self.buf)
-        visible = shadow if shadow is not None else memory  # the kernel copies where the device reads
+        visible = self.loop.slot_memory
         q = ffi.new("struct nv_ublk_queue *")
         q.q_id, q.depth, q.char_fd = q_id, server.depth, char_fd
         q.buffers = ffi.cast("uint8_t *", visible.ctypes.data)
         q.slot_size = g.io_bytes
-        q.prps, q.buf_slot, q.buf_gen = p.prps, p.buf_slot, p.buf_gen
-        q.nsid, q.block_shift, q.page_size = dev.nsid, g.block_size.bit_length() - 1, p.page_size
+        q.block_shift = g.block_size.bit_length() - 1
         q.read_only, q.nblocks, q.oncs = int(server.read_only), g.blocks, g.oncs
-        q.timeout_ns = p.timeout_ns
         self.q = q
         self._visible = visible
         self.error: BaseException | None = None
@@ -322,12 +319,11 @@ class _Queue:
             self.opened.set()
             if r < 0:
                 raise ShimError("ublk queue open", f"queue {self.q_id}", -r)
-            while True:
-                with self.loop._guard():
-                    r = lib.nv_ublk_queue_run(self.q, self.loop._ring._qp)
-                    if r == 0 or r == -errno.ECANCELED:
-                        return
-                    self._recover(r)
+            while True:  # a run the broker recovered from (a late command, a reset) serves on
+                r = self.loop.serve_c(lib.nv_ublk_queue_run, self.q, ended=self._answer,
+                                      what=f"ublk queue {self.q_id}")
+                if r == 0 or r == -errno.ECANCELED:
+                    return
         except BaseException as exc:
             self.error = exc
         finally:
@@ -335,24 +331,10 @@ class _Queue:
             lib.nv_ublk_queue_close(self.q)  # a FETCH still outstanding is cancelled: the kernel takes it back
             self.server.wake.set()
 
-    def _recover(self, r: int) -> None:
-        """The broker's recovery for what ended the C loop; commands it ended are answered."""
-        qid = self.q_id + 1
-        exc: BaseException
-        if r == -errno.ETIMEDOUT:
-            exc = CommandTimeout(f"ublk queue {self.q_id}: a command took longer than "
-                                 f"{self.q.timeout_ns / 1e9:g} s", qid=qid)
-        elif r == -errno.EAGAIN:
-            exc = QueuePaused(f"queue {qid} paused for a controller reset", qid=qid)
-        elif r == -errno.ENODEV:
-            raise DeviceGone(f"queue {qid}: the device is gone", qid=qid)
-        elif r == -errno.EIO:
-            exc = ControllerFatal(f"queue {qid}: CSTS.CFS set", qid=qid, cfs=True)
-        else:
-            raise ShimError("nv_ublk_queue_run", f"ublk queue {self.q_id}", -r)
-        for records in self.loop._recover(exc):
-            for tag, status in zip(records["cookie"].tolist(), records["status"].tolist()):
-                lib.nv_ublk_queue_complete(self.q, tag, status)
+    def _answer(self, records: Any) -> None:
+        """The requests of the commands the broker's recovery ended, answered from their status."""
+        for tag, status in zip(records["cookie"].tolist(), records["status"].tolist()):
+            lib.nv_ublk_queue_complete(self.q, tag, status)
 
     def counters(self) -> dict[str, int]:
         q = self.q

@@ -50,3 +50,16 @@ def test_sweep_plot_is_a_png(tmp_path):
     bench.plot_sweep(sweep, out)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+
+
+def test_ublk_report_ratios_and_bars():
+    """--only ublk: each row against the mean of the kernel's A and A', with issue 28's bar."""
+    def side(iops: float) -> dict:
+        return {row: {"iops": iops} for row in bench.UBLK_BARS}
+
+    b = side(900) | {"server": {"queues": 1, "depth": 64, "mode": "poll", "io_bytes": 262144}}
+    b["randread-4k-qd1"] = {"iops": 700}
+    text = bench.ublk_report(side(800), b, side(1000))
+    assert "randread-4k-qd32" in text and " 1.00  1.0 met" in text  # 900 / mean(800, 1000)
+    assert " 0.78  0.8 NOT MET" in text  # QD1: 700 / 900
+    assert f"{bench.FS_ROW:<24}" in text

@@ -227,6 +227,54 @@ def nbd_fio_fs(addr: str) -> dict:
         subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop"], check=True, capture_output=True)
 
 
+# ---------------------------------------------------------------------- ublk (--only ublk, issue 28)
+# (row, what it compares, minimum ratio): /dev/ublkbN served by `nvmevfio ublk` against the kernel
+# driver's /dev/nvmeXnY, the same fio job (io_uring, direct=1, interrupts: ublk has no polled I/O)
+UBLK_BARS = {"randread-4k-qd1": 0.8, "randread-4k-qd32": 1.0, "randwrite-4k-qd32": 1.0, "read-128k-qd8": 1.0,
+             FS_ROW: 0.9}
+
+
+def block_round(dev: str, seconds: float) -> dict:
+    """The matrix's jobs through fio io_uring (interrupts) on a block device, and ext4 on it."""
+    res: dict = {name: fio(dev, rw, bs, qd, "io_uring", seconds, False) for name, rw, bs, qd in MATRIX}
+    fs = fio_fs(dev)
+    res[FS_ROW] = {"iops": fs["read_iops"] + fs["write_iops"], **fs}
+    return res
+
+
+def ublk_round(addr: str, seconds: float) -> dict:
+    """block_round on the ublk device `nvmevfio ublk` serves (its defaults: one queue, polled)."""
+    nv = [sys.executable, "-m", "nvmevfio", "ublk"]
+    info = json.loads(subprocess.run([*nv, addr, "--background", "-o", "json"], check=True, capture_output=True,
+                                     text=True).stdout)
+    try:
+        dev = info["device"]
+        deadline = time.monotonic() + 30
+        while not (Path(dev).exists() and int(Path(f"/sys/block/{Path(dev).name}/size").read_text()) > 0):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{dev} did not appear")
+            time.sleep(0.05)
+        res = block_round(dev, seconds)
+        res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes")}
+        return res
+    finally:
+        subprocess.run([*nv, "--stop", str(info["dev_id"])], check=True, capture_output=True)
+
+
+def ublk_report(a1: dict, b: dict, a2: dict) -> str:
+    """IOPS per row, kernel A / ublk / kernel A', the ratio against mean(A, A') and its bar."""
+    lines = [f"ublk ({b['server']['queues']} queue, depth {b['server']['depth']}, {b['server']['mode']}) against "
+             "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS",
+             f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  bar"]
+    for row, bar in UBLK_BARS.items():
+        k = statistics.mean((a1[row]["iops"], a2[row]["iops"]))
+        got = b[row]["iops"] / k
+        lines.append(f"{row:<24} {a1[row]['iops']:>9.0f} {b[row]['iops']:>9.0f} {a2[row]['iops']:>9.0f} "
+                     f"{got:>6.2f}  {bar:.1f} {'met' if got >= bar else 'NOT MET'}")
+    lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device)")
+    return "\n".join(lines)
+
+
 def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
     from nvmevfio import pci
@@ -281,6 +329,14 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         b = {m: perf(addr, "randwrite", 4096, 32, seconds, m) for m in ("poll", "irq")}
         pci.unbind(addr)
         out_path.write_text(json.dumps({"only": [a1, b, kernel()]}, indent=2))
+        return 0
+    if only == "ublk":  # A/B/A: the kernel driver's block device, nvmevfio's ublk device, the kernel's again
+        a1 = block_round(dev, seconds)
+        pci.bind(addr)
+        b = ublk_round(addr, seconds)
+        pci.unbind(addr)
+        out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)],
+                                        "kernel": os.uname().release}, indent=2))
         return 0
     if only == "python":  # A/B/A of the Python row alone
         a1 = python_preadv(dev, seconds, size)
@@ -461,10 +517,12 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
-                         "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts)")
+                         "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
+                         "the kernel's /dev/nvmeXnY, on nvmevfio's /dev/ublkbN, on the kernel's again; and ext4 on "
+                         "each: needs --lane iommufd or noiommu, the kernel with ublk)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -472,6 +530,16 @@ def main() -> int:
     args = ap.parse_args()
     if args.in_guest:
         return in_guest(args.seconds, args.in_guest, args.sweep, args.only)
+    if args.only == "ublk":
+        if args.lane == "type1":
+            raise SystemExit("--only ublk: Debian's 6.1 guest kernel has no ublk; use --lane iommufd (or noiommu)")
+        for i in range(args.boots):
+            data = boot_once(args, False, "ublk")
+            print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
+            print(ublk_report(*data["only"]))
+            if args.json:
+                args.json.write_text(json.dumps(data, indent=2))
+        return 0
     if args.only == "python":
         a1, b, a2 = boot_once(args, False, "python")["only"]
         print(f"python loop: read_into {b['iops']:.0f}, os.preadv {a1['iops']:.0f} / {a2['iops']:.0f}: ratio "

@@ -327,7 +327,13 @@ class Submit:
                         block_size=bs, page_size=core.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
                         timeout_s=core.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc),
-                        guard=lambda: self.ex.using(qp))
+                        guard=lambda: self.ex.using(qp), slot_memory=self._device_visible(reg.buffer))
+
+    def _device_visible(self, buf: DmaBuffer) -> np.ndarray:
+        """``buf``'s bytes where the device reads and writes them: its bounce shadow in the
+        no-IOMMU lane, else the buffer itself."""
+        memory, shadow = self.core.ledger.bounce_arrays(buf)
+        return shadow if shadow is not None else memory
 
     def _loop_recover(self, qp: BrokerQueue, exc: BaseException) -> list[np.ndarray]:
         """Recovery for the C perf loop: abort/reset for a late command, reset for CSTS.CFS; the

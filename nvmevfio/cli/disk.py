@@ -47,10 +47,14 @@ from nvmevfio.cli.common import (
                                            "is shut down cleanly)")
 @click.option("--pidfile", type=click.Path(path_type=Path),
               help="nbdkit's pid file (default /run/nvmevfio/nbd-ADDRESS-nNSID.pid)")
+@click.option("--plugin", type=click.Choice(["auto", "file", "python"]), default="auto", show_default=True,
+              help="file: nbdkit's C file plugin on the namespace's ublk device (started, or the one serving "
+                   "it), C end to end; python: nvmevfio's Python plugin; auto: file where the kernel has ublk")
 @output_opt
 def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, readonly: bool, queues: int,
-        mode: str, background: bool, stop: bool, pidfile: Path | None, fmt: str) -> None:
-    """Serve a namespace over NBD (nbdkit with nvmevfio's Python plugin), to use it as a disk.
+        mode: str, background: bool, stop: bool, pidfile: Path | None, plugin: str, fmt: str) -> None:
+    """Serve a namespace over NBD (nbdkit with its C file plugin over ublk, or nvmevfio's Python
+    plugin), to use it as a disk.
 
     Runs in the foreground (Ctrl-C stops it) unless --background. Attach it with nbd-client,
     then mkfs and mount as any disk. Flush, trim (Deallocate), write-zeroes, FUA and
@@ -68,13 +72,20 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     pidfile = pidfile or nbdmod.default_pidfile(address, nsid, socket_path)
     if stop:
         with errors():
-            pid = nbdmod.stop(pidfile)
-        click.echo(f"{address} nsid {nsid}: NBD export stopped (nbdkit {pid})")
+            pid, ublk_dev = nbdmod.stop_export(pidfile)
+        click.echo(f"{address} nsid {nsid}: NBD export stopped (" + ", ".join(
+            ([f"nbdkit {pid}"] if pid is not None else []) + ([f"ublk {ublk_dev}"] if ublk_dev else [])) + ")")
         return
     if socket_path is not None and port is not None:
         _fail("--socket and --port exclude each other", EXIT_ERROR)
     if port is None:
         socket_path = socket_path or nbdmod.default_socket(address, nsid)
+    with errors():
+        chosen, why = nbdmod.choose_plugin(plugin, plugin != "python" and nbdmod.ublk_present())
+    if chosen == "file":
+        _nbd_file(address, nsid, socket_path, port, readonly, queues, mode, background, pidfile, why, fmt)
+        return
+    click.echo(f"{address} nsid {nsid}: nbdkit's Python plugin ({why})", err=True)
     with errors():
         want = nbdmod.nbdkit_python_version()
     if want != sys.version_info[:2]:
@@ -108,11 +119,80 @@ def nbd(address: str, nsid: int, socket_path: Path | None, port: int | None, rea
     with errors():
         info = nbdmod.wait_ready(proc, pidfile, ready, log, timeout_s=120)
     info.update({"socket": str(socket_path) if socket_path else None, "port": port, "pidfile": str(pidfile),
-                 "log": str(log), "attach": attach, "read_only": readonly, "queues": queues, "mode": mode})
+                 "log": str(log), "attach": attach, "read_only": readonly, "queues": queues, "mode": mode,
+                 "plugin": "python", "ublk_device": None, "ublk_started": False})
     if fmt == "json":
         _emit_json(info)
         return
     click.echo(f"{address} nsid {nsid}: serving NBD on {where} (nbdkit pid {info['pid']}, log {log})")
+    click.echo(f"attach: {attach}")
+    click.echo(f"stop:   nvmevfio nbd {address} -n {nsid} --stop")
+
+
+def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | None, readonly: bool, queues: int,
+              mode: str, background: bool, pidfile: Path, why: str, fmt: str) -> None:
+    """`nvmevfio nbd --plugin file`: the namespace's ublk device (the one serving it, or a new
+    one, recorded next to the pid file so that --stop takes down only what this started), then
+    nbdkit's C file plugin on it."""
+    import subprocess
+
+    from nvmevfio import nbd as nbdmod
+    from nvmevfio import ublk as ub
+
+    claim = nbdmod.ublk_claim_path(pidfile)
+    with errors():  # only the folders of the paths in use; one line where /run is not writable
+        nbdmod.prepare_run_dirs(socket_path, pidfile)
+        if socket_path is not None:
+            nbdmod.clear_stale_socket(socket_path)
+        found = nbdmod.serving_ublk(address, nsid, claim)
+    if found is not None:
+        ublk_info, started = found
+    else:
+        ublk_info = _ublk_start(address, nsid, min(queues, ub.possible_cpus()), ub.DEFAULT_DEPTH, mode, readonly,
+                                False, None)
+        nbdmod.write_claim(claim, ublk_info)
+        started = True
+    device = str(ublk_info["device"])
+    how = "started" if found is None else "its own, serving still" if started else "found serving, left running"
+    click.echo(f"{address} nsid {nsid}: nbdkit's file plugin on {device} ({how}), C end to end ({why})", err=True)
+    with errors():
+        size, block_size = nbdmod.block_device_geometry(device)
+    cmd = nbdmod.nbdkit_file_command(device, socket=socket_path, port=port, readonly=readonly, queues=queues,
+                                     pidfile=pidfile, verbose=Ctx.verbose, foreground=not background)
+    where = f"unix:{socket_path}" if socket_path is not None else f"nbd://127.0.0.1:{port}"
+    attach = (f"nbd-client -unix {socket_path} /dev/nbd0 -b {min(block_size, 4096)}" if socket_path is not None
+              else f"nbd-client 127.0.0.1 {port} /dev/nbd0 -b {min(block_size, 4096)}")
+    if not background:
+        click.echo(f"{address} nsid {nsid}: serving NBD on {where} (Ctrl-C stops); attach: {attach}", err=True)
+        try:
+            subprocess.run(cmd)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if found is None:
+                with errors():
+                    nbdmod.release_ublk(claim)
+        return
+    log = pidfile.with_suffix(".log")
+    pidfile.unlink(missing_ok=True)
+    with log.open("ab") as logf:  # nbdkit forks into the background itself once its socket is bound
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    try:
+        with errors():
+            pid = nbdmod.wait_forked(proc, pidfile, log, timeout_s=120)
+    finally:
+        if proc.poll() and found is None:  # nothing serves: nor does the ublk device this started
+            with errors():
+                nbdmod.release_ublk(claim)
+    info = {"pid": pid, "address": address, "nsid": nsid, "size": size, "block_size": block_size,
+            "socket": str(socket_path) if socket_path else None, "port": port, "pidfile": str(pidfile),
+            "log": str(log), "attach": attach, "read_only": readonly, "queues": queues, "mode": mode,
+            "plugin": "file", "ublk_device": device, "ublk_dev_id": ublk_info["dev_id"], "ublk_started": started}
+    if fmt == "json":
+        _emit_json(info)
+        return
+    click.echo(f"{address} nsid {nsid}: serving NBD on {where} (nbdkit pid {pid}, file plugin on {device}, "
+               f"log {log})")
     click.echo(f"attach: {attach}")
     click.echo(f"stop:   nvmevfio nbd {address} -n {nsid} --stop")
 
@@ -219,6 +299,17 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
 def _ublk_background(address: str, nsid: int, queues: int, depth: int, mode: str, readonly: bool,
                      recoverable: bool, recover_dev: int | None, fmt: str) -> None:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio), wait until its device is up."""
+    info = _ublk_start(address, nsid, queues, depth, mode, readonly, recoverable, recover_dev)
+    if fmt == "json":
+        _emit_json(info)
+    else:
+        click.echo(info["device"])
+
+
+def _ublk_start(address: str, nsid: int, queues: int, depth: int, mode: str, readonly: bool, recoverable: bool,
+                recover_dev: int | None) -> dict:
+    """A detached `nvmevfio ublk` server (its log in /run/nvmevfio) once its device is up: what it
+    printed (device, dev_id, pid, ...) and its log; one line and exit when it fails."""
     import subprocess
 
     from nvmevfio import ublk as ub
@@ -248,9 +339,6 @@ def _ublk_background(address: str, nsid: int, queues: int, depth: int, mode: str
         tail = [s for s in logpath.read_text(errors="replace").splitlines() if s.strip()]
         _fail(tail[-1].removeprefix("nvmevfio: error: ") if tail else f"the server exited ({proc.returncode})",
               EXIT_ERROR)
-    info = json.loads(line)
+    info: dict = json.loads(line)
     info["log"] = str(logpath)
-    if fmt == "json":
-        _emit_json(info)
-    else:
-        click.echo(info["device"])
+    return info

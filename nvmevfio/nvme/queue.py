@@ -504,14 +504,17 @@ class PerfLoop(PerfCounters):
                  block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
                  depth: int, max_ios: int, seed: int, timeout_s: float,
                  recover: Callable[[BaseException], list[np.ndarray]] | None = None,
-                 guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None) -> None:
+                 guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+                 slot_memory: np.ndarray | None = None) -> None:
         """``recover``: the broker's answer to a late command, CSTS.CFS or a gone device (abort,
         reset, requeue); it returns the records of commands it ended, whose slots come back here.
-        ``guard``: held around each run (the broker's one-thread-per-queue lock)."""
+        ``guard``: held around each run (the broker's one-thread-per-queue lock).
+        ``slot_memory``: the slots' bytes where the device reads and writes them."""
         self._ring = ring  # the broker's queue pair and PRP table: device addresses, never shown
         self._recover = recover
         self._guard = guard or contextlib.nullcontext
         self._prps = prps  # kept alive while C holds a pointer to it
+        self._slot_memory = slot_memory
         p = self._setup(nlb=nlb, block_size=block_size, lba_lo=lba_lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, nslots=len(prps), max_ios=max_ios, seed=seed,
                         timeout_s=timeout_s)
@@ -530,9 +533,16 @@ class PerfLoop(PerfCounters):
         r = self._ring.perf_run(self._p, slice_s, drain)
         if r >= 0:
             return r == 1
+        self._answer(r, "perf", self._ended)
+        return False
+
+    def _answer(self, r: int, what: str, ended: Callable[[np.ndarray], None]) -> None:
+        """A C loop's negative result ``r`` (guard held): a late command (-ETIMEDOUT), CSTS.CFS, a
+        reset by another thread or a gone device go to the broker's recovery, and ``ended`` gets
+        the COMPLETION records of the commands it had to end; anything else raises."""
         try:
             if r == -errno.ETIMEDOUT:
-                raise CommandTimeout(f"queue {self._ring.qid}: perf: a command took longer than "
+                raise CommandTimeout(f"queue {self._ring.qid}: {what}: a command took longer than "
                                      f"{self._p.timeout_ns / 1e9:g} s ({self._ring.in_flight} commands in flight)",
                                      qid=self._ring.qid, in_flight=self._ring.in_flight)
             self._ring._completions(r)
@@ -540,8 +550,36 @@ class PerfLoop(PerfCounters):
             if self._recover is None or (isinstance(exc, ControllerFatal) and not exc.context.get("cfs")):
                 raise
             for records in self._recover(exc):
-                self._ended(records)
-        return False
+                ended(records)
+
+    # A C server on this queue (ublk, nvmevfio/ublk.py): the queue pair and the slots' PRPs reach
+    # its C function through serve_c only (never returned to Python), under the broker's guard.
+    @property
+    def slot_memory(self) -> np.ndarray:
+        """The registered buffer's bytes as the device reads and writes them, slot ``i`` at ``i *
+        slot_size``: the buffer itself with an IOMMU; in the no-IOMMU lane its pinned bounce pages
+        (a C server copying requests' data in and out works there, past the ledger's syncs)."""
+        if self._slot_memory is None:
+            raise Refused("invalid-argument", "this workload was built without its slots' memory")
+        return self._slot_memory
+
+    def serve_c(self, fn: Any, *args: Any, ended: Callable[[np.ndarray], None], what: str = "C server") -> int:
+        """``fn(*args, workload, queue_pair)`` under the broker's guard, once: ``fn`` is a function
+        of the C shim (``lib``) whose last two parameters are this loop's ``struct nv_perf *``
+        (the slots' PRP table, the ledger handle, the namespace, page size and timeout the broker
+        validated) and the queue pair's ``struct nv_qp *``. A negative result the broker can
+        answer (-ETIMEDOUT, CSTS.CFS, a reset by another thread) goes to its recovery, still
+        under the guard, and ``ended`` gets the records of the commands it ended (``cookie``:
+        the command's slot or tag, ``status``) to answer them; then the result is returned, for
+        the caller to run again. A gone device or anything else raises."""
+        shim_fn: Any = getattr(lib, str(getattr(fn, "__name__", "")), None)
+        if shim_fn is None or shim_fn is not fn:
+            raise TypeError(f"serve_c runs functions of the C shim (nvmevfio._ffi.lib), not {fn!r}")
+        with self._guard():
+            r = int(shim_fn(*args, self._p, self._ring._qp))
+            if r < 0 and r != -errno.ECANCELED:
+                self._answer(r, what, ended)
+            return r
 
     def _ended(self, records: np.ndarray) -> None:
         """Commands the broker ended after a reset: errors, and their slots free again."""

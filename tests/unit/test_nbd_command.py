@@ -3,11 +3,14 @@ environment that lets nbdkit's embedded Python import nvmevfio, and the CLI's re
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from click.testing import CliRunner
 
 from nvmevfio import nbd
 from nvmevfio.cli import main
+from nvmevfio.errors import NvmeVfioError
 
 
 def test_foreground_unix_socket():
@@ -52,3 +55,115 @@ def test_stale_socket_is_removed(tmp_path):
     s.close()  # bound, never listening: what a killed server leaves
     nbd.clear_stale_socket(path)
     assert not path.exists()
+
+
+# ------------------------------------------------------------------ --plugin: C over ublk, or Python
+def test_auto_takes_the_file_plugin_exactly_where_the_kernel_has_ublk():
+    assert nbd.choose_plugin("auto", True) == ("file", "ublk is available")
+    assert nbd.choose_plugin("auto", False) == ("python", "this kernel has no ublk")
+    assert nbd.choose_plugin("file", True) == ("file", "--plugin file")
+    assert nbd.choose_plugin("python", True) == ("python", "--plugin python")
+    assert nbd.choose_plugin("python", False) == ("python", "--plugin python")
+
+
+def test_the_file_plugin_without_ublk_is_refused():
+    with pytest.raises(NvmeVfioError) as e:
+        nbd.choose_plugin("file", False)
+    assert e.value.reason == "ublk-missing" and "--plugin python" in str(e.value)
+    with pytest.raises(NvmeVfioError):
+        nbd.choose_plugin("rust", True)
+
+
+def test_file_plugin_command_line():
+    cmd = nbd.nbdkit_file_command("/dev/ublkb3", socket=Path("/run/x.sock"), port=None, readonly=True, queues=2,
+                                  pidfile=Path("/run/p"), foreground=False)
+    assert cmd == ["nbdkit", "--log=stderr", "--threads", "4", "--unix", "/run/x.sock", "--readonly", "--pidfile",
+                   "/run/p", "file", "file=/dev/ublkb3"]
+
+
+@pytest.fixture
+def devices(monkeypatch):
+    """Fake ublk devices by number (their server's pid); records what was stopped."""
+    from nvmevfio import ublk
+
+    devs: dict[int, int] = {}
+    stopped: list[int] = []
+
+    def info(dev_id):
+        if dev_id not in devs:
+            raise ublk.UblkError(f"there is no ublk device {dev_id}", reason="unknown-device")
+        return SimpleNamespace(dev_id=dev_id, server_pid=devs[dev_id])
+
+    monkeypatch.setattr(ublk, "device_info", info)
+    monkeypatch.setattr(ublk, "stop_device", lambda dev_id: stopped.append(dev_id))
+    return devs, stopped
+
+
+def test_stop_takes_down_the_ublk_device_the_export_started_and_nothing_else(tmp_path, devices):
+    devs, stopped = devices
+    claim = nbd.ublk_claim_path(tmp_path / "e.pid")
+    devs.update({3: 100, 4: 200})
+    nbd.write_claim(claim, {"device": "/dev/ublkb3", "dev_id": 3, "pid": 100, "size": 1})
+    assert nbd.release_ublk(claim) == "/dev/ublkb3" and stopped == [3] and not claim.exists()
+    # the number now belongs to another server (ours died, another device got it): left alone
+    nbd.write_claim(claim, {"device": "/dev/ublkb4", "dev_id": 4, "pid": 999})
+    assert nbd.release_ublk(claim) is None and stopped == [3]
+    # no claim (the export found the device serving): nothing stopped
+    assert nbd.release_ublk(claim) is None and stopped == [3]
+    nbd.write_claim(claim, {"device": "/dev/ublkb9", "dev_id": 9, "pid": 5})  # gone already
+    assert nbd.release_ublk(claim) is None and stopped == [3]
+
+
+def test_stop_after_nbdkit_died_still_takes_down_its_ublk_device(tmp_path, devices):
+    devs, stopped = devices
+    pidfile = tmp_path / "e.pid"
+    with pytest.raises(NvmeVfioError) as e:  # neither nbdkit nor a ublk device: nothing to stop
+        nbd.stop_export(pidfile)
+    assert e.value.reason == "not-running"
+    devs[5] = 300
+    nbd.write_claim(nbd.ublk_claim_path(pidfile), {"device": "/dev/ublkb5", "dev_id": 5, "pid": 300})
+    assert nbd.stop_export(pidfile) == (None, "/dev/ublkb5") and stopped == [5]
+
+
+def test_the_claim_is_read_only_when_whole(tmp_path):
+    claim = tmp_path / "e.ublk"
+    claim.write_text('{"device": "/dev/ublkb1"}')
+    assert nbd.read_claim(claim) is None
+    claim.write_text("not json")
+    assert nbd.read_claim(claim) is None
+
+
+def test_cli_file_plugin_without_ublk_is_one_line(monkeypatch):
+    monkeypatch.setattr(nbd, "ublk_present", lambda: False)
+    r = CliRunner().invoke(main, ["nbd", "00:04.0", "--plugin", "file"])
+    assert r.exit_code != 0
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no ublk" in lines[0] and "--plugin python" in lines[0], r.output
+
+
+def test_cli_says_it_falls_back_to_the_python_plugin(monkeypatch):
+    monkeypatch.setattr(nbd, "ublk_present", lambda: False)
+
+    def no_nbdkit():
+        raise NvmeVfioError("nbdkit is not installed", reason="nbdkit-missing")
+
+    monkeypatch.setattr(nbd, "nbdkit_python_version", no_nbdkit)
+    r = CliRunner().invoke(main, ["nbd", "00:04.0"])
+    assert "nbdkit's Python plugin (this kernel has no ublk)" in r.output and "nbdkit is not installed" in r.output
+
+
+def test_waiting_for_a_c_plugin_nbdkit_fails_when_it_or_its_server_exits(tmp_path):
+    import subprocess
+
+    log, pidfile = tmp_path / "n.log", tmp_path / "n.pid"
+    log.write_text("nbdkit: error: cannot open file\n")
+    failed = subprocess.Popen(["false"])
+    with pytest.raises(NvmeVfioError, match=r"exited \(1\) before serving:\nnbdkit: error: cannot open file"):
+        nbd.wait_forked(failed, pidfile, log, timeout_s=10)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")  # the server it forked, gone (reaped: no such process)
+    with pytest.raises(NvmeVfioError, match="exited before serving"):
+        nbd.wait_forked(subprocess.Popen(["true"]), pidfile, log, timeout_s=10)
+    pidfile.write_text(f"{os.getpid()}\n")
+    assert nbd.wait_forked(subprocess.Popen(["true"]), pidfile, log, timeout_s=10) == os.getpid()

@@ -99,20 +99,54 @@ def check_tree(root: Path, manifest: dict[str, str]) -> None:
     assert got == manifest
 
 
-class FsyncWriter:
-    """A thread creating files under ``root`` and fsyncing each; a file is recorded in ``durable``
-    (name to SHA-256) only once its fsync returned. An OSError (the device died) ends it and is kept
-    in ``failures``."""
+class Writer:
+    """A thread writing until ``stopping`` is set; ``progress()`` counts what it made durable. An
+    OSError it meets (the device died) ends it and is kept in ``failures``. Subclasses set their
+    fields before calling ``__init__`` (it starts the thread)."""
+
+    what = "writes"
+
+    def __init__(self) -> None:
+        self.failures: list[Exception] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def progress(self) -> int:
+        raise NotImplementedError
+
+    def wait_for(self, n: int, timeout_s: float = 120) -> None:
+        """Until ``n`` are durable; fails if the writer stalls or ends first."""
+        deadline = time.monotonic() + timeout_s
+        while self.progress() < n:
+            assert time.monotonic() < deadline and self.thread.is_alive(), \
+                f"the writer stalled at {self.progress()} {self.what} ({self.failures})"
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 120) -> None:
+        self.stopping.set()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"the writer hung ({self.progress()} {self.what} durable)"
+
+
+class FsyncWriter(Writer):
+    """Creates files under ``root`` and fsyncs each; a file is recorded in ``durable`` (name to
+    SHA-256) only once its fsync returned."""
+
+    what = "files"
 
     def __init__(self, root: Path, max_size: int = 128 << 10, seed: int = 21) -> None:
         self.root = root
         self.max_size = max_size
         self.seed = seed
         self.durable: dict[str, str] = {}
-        self.failures: list[OSError] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="fsync-writer", daemon=True)
-        self.thread.start()
+        super().__init__()
+
+    def progress(self) -> int:
+        return len(self.durable)
 
     def _run(self) -> None:
         rng = np.random.default_rng(self.seed)
@@ -131,19 +165,6 @@ class FsyncWriter:
                 i += 1
         except OSError as exc:
             self.failures.append(exc)
-
-    def wait_for(self, n: int, timeout_s: float = 120) -> None:
-        """Until ``n`` files are durable; fails if the writer stalls or ends first."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.durable) < n:
-            assert time.monotonic() < deadline and self.thread.is_alive(), \
-                f"the writer stalled at {len(self.durable)} files ({self.failures})"
-            time.sleep(0.05)
-
-    def stop(self, timeout_s: float = 120) -> None:
-        self.stopping.set()
-        self.thread.join(timeout_s)
-        assert not self.thread.is_alive(), f"the writer hung ({len(self.durable)} files durable)"
 
     def check(self, root: Path) -> None:
         """Every durable file reads back under ``root`` with its SHA-256."""

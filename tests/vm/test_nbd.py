@@ -1,7 +1,12 @@
-"""A filesystem on nvmevfio: `nvmevfio nbd` (nbdkit + nvmevfio's Python plugin) exports the
-namespace, the kernel's nbd driver attaches it (nbd-client), ext4 goes on top. Every byte is
-checked by SHA-256 after a server restart, fsync'd files survive a SIGKILL of the server, fstrim
-reaches the device as Deallocate, and fio verifies its own data through the filesystem."""
+"""A filesystem on nvmevfio: `nvmevfio nbd` exports the namespace, the kernel's nbd driver
+attaches it (nbd-client), ext4 goes on top. Every byte is checked by SHA-256 after a server
+restart, fsync'd files survive a SIGKILL of the server, fstrim reaches the device as Deallocate,
+and fio verifies its own data through the filesystem.
+
+Which nbdkit plugin serves depends on the kernel (`--plugin auto`): on the custom kernel
+(iommufd and no-IOMMU lanes), which has ublk, nbdkit's C file plugin on the namespace's ublk
+device, which `nvmevfio nbd` starts and `--stop` takes down (C end to end); on Debian's 6.1
+(type1 lane), without ublk, nvmevfio's Python plugin. Each test checks the one its lane gets."""
 
 import json
 import os
@@ -16,6 +21,8 @@ import numpy as np
 import pytest
 from conftest import controller, record
 
+UBLK = Path("/dev/ublk-control").exists()  # as test_ublk.py decides it (ublk built into the custom kernel)
+PLUGIN = "file" if UBLK else "python"
 NBD = "/dev/nbd0"
 MNT = Path("/tmp/nbd-mnt")
 FILES = 500  # ublk (test_ublk.py) is the main disk path and writes 2,000; here the export's own checks
@@ -27,16 +34,36 @@ def nbd_ctrl(guest):
     return controller(guest, "nvmevfio-nbd")
 
 
+def ublk_devices(addr: str) -> list:
+    """The ublk devices serving ``addr`` (none where the kernel has no ublk)."""
+    if not UBLK:
+        return []
+    from nvmevfio import ublk
+
+    return [d for d in ublk.list_devices() if d.address == addr]
+
+
 def start(addr: str) -> dict:
-    """`nvmevfio nbd ADDRESS --background`: returns once the device is open."""
-    out = dc.sh(sys.executable, "-m", "nvmevfio", "nbd", addr, "--background", "-o", "json", timeout=240)
-    info = json.loads(out)
+    """`nvmevfio nbd ADDRESS --background`: returns once the device is open; the plugin it chose
+    is this lane's, said in its one stderr line and its JSON."""
+    res = dc.nv("nbd", addr, "--background", "-o", "json", timeout=240)
+    info = json.loads(res.stdout)
     assert info["size"] == 256 << 20 and info["block_size"] == 512
+    assert info["plugin"] == PLUGIN, info
+    said = [line for line in res.stderr.splitlines() if "plugin" in line]
+    assert len(said) == 1, res.stderr
+    if UBLK:  # C end to end: nbdkit's file plugin on the namespace's ublk device
+        assert f"file plugin on {info['ublk_device']}" in said[0] and "C end to end" in said[0], said
+        assert [f"/dev/ublkb{d.dev_id}" for d in ublk_devices(addr)] == [info["ublk_device"]]
+    else:
+        assert "Python plugin (this kernel has no ublk)" in said[0] and info["ublk_device"] is None, said
     return info
 
 
 def stop(addr: str) -> None:
-    dc.sh(sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop", timeout=120)
+    """`--stop`: nbdkit, and the ublk device it started."""
+    dc.sh(sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop", timeout=180)
+    assert ublk_devices(addr) == []
 
 
 def attach(info: dict) -> None:
@@ -78,7 +105,7 @@ def export(nbd_ctrl):
         dc.umount_after_crash(MNT)
     subprocess.run(["nbd-client", "-d", NBD], capture_output=True, timeout=60)
     subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", nbd_ctrl["address"], "--stop"], capture_output=True,
-                   timeout=120)
+                   timeout=180)
 
 
 def test_filesystem_tree_survives_a_server_restart(export, io_dir):
@@ -98,7 +125,7 @@ def test_filesystem_tree_survives_a_server_restart(export, io_dir):
     dc.umount(MNT)
     dc.fsck_clean(NBD)
     dc.mount(NBD, MNT)
-    record(io_dir, "nbd", {"files": FILES, "bytes": total, "write_s": write_s})
+    record(io_dir, "nbd", {"files": FILES, "bytes": total, "write_s": write_s, "plugin": PLUGIN})
 
 
 def test_fstrim_deallocates_and_fio_verifies(export, io_dir):
@@ -136,7 +163,12 @@ def test_fsynced_files_survive_a_server_kill(export):
     dc.umount_after_crash(MNT)  # its journal aborted
     Path(export.info["pidfile"]).unlink(missing_ok=True)
 
-    export.restart()  # the controller was left enabled by the killed process: reopened cleanly
+    # The controller was left enabled by the killed process: reopened cleanly. Over ublk only
+    # nbdkit died: the export takes up the ublk device it started, still serving.
+    before = export.info
+    export.restart()
+    if UBLK:
+        assert export.info["ublk_device"] == before["ublk_device"] and export.info["ublk_started"]
     dc.mount(NBD, MNT)  # journal replay
     writer.check(MNT / "crash")
     dc.umount(MNT)

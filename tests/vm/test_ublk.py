@@ -17,9 +17,11 @@ The type1 lane boots Debian's 6.1 kernel, which has no ublk: there the one test 
 `nvmevfio ublk` says so in one line and names `nvmevfio nbd`. The custom kernel (iommufd and
 no-IOMMU lanes) has ublk built in and runs everything else."""
 
+import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from conftest import controller
 from disk_checks import (
     FS_BLOCK,
     FsyncWriter,
+    Writer,
     aligned,
     check_tree,
     device_bytes,
@@ -60,9 +63,15 @@ LBA_CHECK_AT = 200 << 20  # bytes written through the disk, read back from the n
 ZEROES_AT = 208 << 20  # blkdiscard and Write Zeroes
 
 
+ROLES = ("nvmevfio-nbd", "nvmevfio-small", "nvmevfio-faulty")  # the controllers this file serves
+OURS: set[str] = set()  # their PCI addresses: the ublk devices this file may list and stop
+
+
 @pytest.fixture(scope="module")
 def ublk_ctrl(guest):
-    """The NBD tests' controller (256 MiB, 512-byte blocks); the two files run one after the other."""
+    """The NBD tests' controller (256 MiB, 512-byte blocks); the two files run one after the other
+    (test_nbd.py's export, over ublk on this kernel, is stopped with its ublk device before)."""
+    OURS.update(controller(guest, role)["address"] for role in ROLES)
     return controller(guest, "nvmevfio-nbd")
 
 
@@ -84,8 +93,9 @@ if not UBLK:
 else:
 
     def devices() -> list[dict]:
-        """What `nvmevfio ublk --list -o json` prints, taken in-process."""
-        return [d.to_dict() for d in ub.list_devices()]
+        """What `nvmevfio ublk --list -o json` prints, taken in-process: this file's devices only
+        (test_nbd.py serves a controller through a ublk device of its own too)."""
+        return [d.to_dict() for d in ub.list_devices() if d.address in OURS]
 
     def listed(info: dict) -> dict:
         return next(d for d in devices() if d["dev_id"] == info["dev_id"])
@@ -158,12 +168,12 @@ else:
     @pytest.fixture
     def cleanup(ublk_ctrl):
         """Whatever a test with a server of its own leaves behind: unmounted, its devices stopped
-        (the shared disk's stays)."""
+        (the shared disk's stays, and so does any device not serving this file's controllers)."""
         yield
         if OWN_MNT.is_mount():
             umount_after_crash(OWN_MNT)
         for d in ub.list_devices():
-            if d.address != ublk_ctrl["address"]:
+            if d.address in OURS and d.address != ublk_ctrl["address"]:
                 ub.stop_device(d.dev_id)
 
     # ---------------------------------------------------------------- the shared disk
@@ -180,7 +190,7 @@ else:
         st = stats(info)
         assert st["writes"] >= len(data) // info["io_bytes"] and st["errors"] == 0
         # the CLI's list is the library's (this file reads it in-process elsewhere)
-        cli = json.loads(nv("ublk", "--list", "-o", "json").stdout)
+        cli = [d for d in json.loads(nv("ublk", "--list", "-o", "json").stdout) if d["address"] in OURS]
         assert [(d["dev_id"], d["address"], d["nsid"], d["server_pid"]) for d in cli] == \
             [(d["dev_id"], d["address"], d["nsid"], d["server_pid"]) for d in devices()]
         assert next(d for d in cli if d["dev_id"] == info["dev_id"])["address"] == disk.address
@@ -310,6 +320,96 @@ else:
         fsck_clean(info["device"])
         mount(info["device"], MNT)
         writer.check(MNT / "crash")
+
+    class SqliteWriter(Writer):
+        """Commits numbered transactions to an SQLite database (WAL, synchronous=FULL):
+        transaction N inserts ROWS rows (N, its row number, a random payload, the payload's SHA-256).
+        N is recorded in ``committed`` only once its COMMIT returned; ``state`` says where it is."""
+
+        ROWS = 5
+        what = "transactions"
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+            self.committed: list[int] = []
+            self.state = "opening"
+            super().__init__()
+
+        def progress(self) -> int:
+            return len(self.committed)
+
+        def _run(self) -> None:
+            rng = np.random.default_rng(41)
+            try:
+                db = sqlite3.connect(self.path, isolation_level=None)  # transactions as written here
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")  # kept in the file: checked when it is read back
+                    db.execute("PRAGMA synchronous=FULL")
+                    db.execute("PRAGMA wal_autocheckpoint=64")  # checkpoints write the main file as it runs
+                    db.execute("CREATE TABLE t (txn INTEGER, row INTEGER, payload BLOB, sha TEXT)")
+                    n = 0
+                    while not self.stopping.is_set():
+                        self.state = f"inserting {n}"
+                        db.execute("BEGIN")
+                        for row in range(self.ROWS):
+                            payload = rng.integers(0, 256, int(rng.integers(1, 6000)), dtype=np.uint8).tobytes()
+                            db.execute("INSERT INTO t VALUES (?, ?, ?, ?)",
+                                       (n, row, payload, hashlib.sha256(payload).hexdigest()))
+                        self.state = f"committing {n}"
+                        db.execute("COMMIT")
+                        self.committed.append(n)
+                        n += 1
+                    self.state = "stopped"
+                finally:
+                    db.close()
+            except (sqlite3.Error, OSError) as exc:
+                self.failures.append(exc)
+
+    def test_sqlite_commits_survive_a_server_killed_mid_transaction(disk):
+        """A real database as the persistent store: every transaction whose COMMIT returned is
+        there after the server was SIGKILLed and recovered, none half-applied, and SQLite's own
+        integrity check passes, read back from the device (remounted)."""
+        info = disk.info
+        path = MNT / "db.sqlite"
+        writer = SqliteWriter(path)
+        try:
+            writer.wait_for(30)
+            os.kill(info["pid"], signal.SIGKILL)  # the writer is always inside a transaction or its COMMIT
+            at_kill, state = len(writer.committed), writer.state
+            deadline = time.monotonic() + 30
+            while not listed(info)["waiting_for_recovery"]:
+                assert time.monotonic() < deadline, listed(info)
+                time.sleep(0.1)
+            again = json.loads(nv("ublk", "--recover", str(info["dev_id"]), "--background", "-o", "json",
+                                  timeout=240).stdout)
+            assert again["device"] == info["device"]
+            disk.info = {**info, **again}
+            writer.wait_for(at_kill + 20)  # the held COMMIT returned and the database carries on
+        finally:
+            writer.stop()
+        assert writer.failures == [], (writer.failures, state)
+        assert state.startswith(("inserting", "committing")), state
+        committed = writer.committed
+        assert committed == list(range(len(committed)))
+        sh("sync")
+        umount(MNT)  # what the device holds, not the page cache
+        mount(disk.info["device"], MNT)
+        db = sqlite3.connect(MNT / "db.sqlite")
+        try:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            per_txn = dict(db.execute("SELECT txn, COUNT(*) FROM t GROUP BY txn").fetchall())
+            # every committed transaction, whole; nothing of one whose COMMIT never returned
+            assert per_txn == {n: SqliteWriter.ROWS for n in committed}, (
+                {n: c for n, c in per_txn.items() if c != SqliteWriter.ROWS}, set(committed) ^ set(per_txn), state)
+            for txn, rows in db.execute("SELECT txn, GROUP_CONCAT(row) FROM t GROUP BY txn"):
+                assert sorted(map(int, rows.split(","))) == list(range(SqliteWriter.ROWS)), (txn, rows)
+            for txn, row, payload, sha in db.execute("SELECT txn, row, payload, sha FROM t"):
+                assert hashlib.sha256(payload).hexdigest() == sha, (txn, row)
+        finally:
+            db.close()
+        for f in MNT.glob("db.sqlite*"):
+            f.unlink()
 
     # ---------------------------------------------------------------- servers of their own
     def test_bytes_written_in_irq_mode_land_at_their_lba_on_the_namespace(guest, cleanup):
