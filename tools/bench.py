@@ -227,6 +227,62 @@ def nbd_fio_fs(addr: str) -> dict:
         subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop"], check=True, capture_output=True)
 
 
+# NVMe/TCP (issue 23): fio on the initiator over loopback, nvmet exporting the kernel nvme driver's
+# /dev/nvme0n1 (A, A') against nvmet exporting nvmevfio's ublk device (`nvmevfio export`, B)
+TCP_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read", 131072, 8)]
+TCP_BAR = 0.9
+TCP_HOST = "nqn.2014-08.org.nvmexpress:uuid:6e766d65-7666-696f-0000-0000000000b1"
+TCP_AT = "127.0.0.1:4420"
+
+
+def tcp_fio(nqn: str, seconds: float) -> dict:
+    """Attach ``nqn`` with the kernel's NVMe/TCP initiator, fio each TCP_ROWS row (io_uring,
+    interrupts: nvme-tcp has no polled queues here), detach."""
+    host, port = TCP_AT.split(":")
+    subprocess.run(["nvme", "connect", "-t", "tcp", "-a", host, "-s", port, "-n", nqn, "--hostnqn", TCP_HOST],
+                   check=True, capture_output=True)
+    try:
+        deadline = time.monotonic() + 30
+        dev = None
+        while dev is None:
+            for c in Path("/sys/class/nvme").glob("nvme*"):
+                if (c / "subsysnqn").read_text().strip() == nqn:
+                    dev = next((f"/dev/{n.name}" for n in c.glob(f"{c.name}n*") if Path(f"/dev/{n.name}").exists()),
+                               None)
+            if dev is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no namespace appeared for {nqn}")
+                time.sleep(0.1)
+        return {name: fio(dev, rw, bs, qd, "io_uring", seconds, False) for name, rw, bs, qd in TCP_ROWS}
+    finally:
+        subprocess.run(["nvme", "disconnect", "-n", nqn], check=True, capture_output=True)
+
+
+def kernel_tcp(dev: str, seconds: float) -> dict:
+    """nvmet exporting the kernel driver's block device, configured as `nvmevfio export` would."""
+    from nvmevfio import export as ex
+
+    fs = ex.require_nvmet()
+    spec = ex.ExportSpec(nqn="nqn.2014-08.org.nvmexpress:bench-kernel", device=dev, tcp=ex.parse_tcp(TCP_AT),
+                         hosts=(TCP_HOST,))
+    ops = ex.plan_export(spec, ex.survey(fs))
+    ex.apply(fs, ops)
+    try:
+        return tcp_fio(spec.nqn, seconds)
+    finally:
+        ex.run_teardown(fs, ex.plan_teardown(ops, ex.survey(fs)))
+
+
+def nvmevfio_tcp(addr: str, seconds: float) -> dict:
+    nv = [sys.executable, "-m", "nvmevfio", "export", addr]
+    info = json.loads(subprocess.run([*nv, "--tcp", TCP_AT, "--allow-host", TCP_HOST, "-o", "json"], check=True,
+                                     capture_output=True, text=True).stdout)
+    try:
+        return tcp_fio(info["nqn"], seconds)
+    finally:
+        subprocess.run([*nv, "--stop"], check=True, capture_output=True)
+
+
 def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
     from nvmevfio import pci
@@ -281,6 +337,13 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         b = {m: perf(addr, "randwrite", 4096, 32, seconds, m) for m in ("poll", "irq")}
         pci.unbind(addr)
         out_path.write_text(json.dumps({"only": [a1, b, kernel()]}, indent=2))
+        return 0
+    if only == "tcp":  # A/B/A over NVMe/TCP: nvmet over the kernel driver, over nvmevfio's export, again
+        a1 = kernel_tcp(dev, seconds)
+        pci.bind(addr)
+        b = nvmevfio_tcp(addr, seconds)
+        pci.unbind(addr)
+        out_path.write_text(json.dumps({"only": [a1, b, kernel_tcp(kernel_dev(), seconds)]}, indent=2))
         return 0
     if only == "python":  # A/B/A of the Python row alone
         a1 = python_preadv(dev, seconds, size)
@@ -461,10 +524,12 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "tcp"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
-                         "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts)")
+                         "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or tcp (fio over "
+                         "NVMe/TCP on loopback: nvmet over the kernel driver, over `nvmevfio export`, over the "
+                         "kernel again; needs ublk: --lane iommufd)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -483,6 +548,17 @@ def main() -> int:
             k = statistics.mean((a1[m]["iops"], a2[m]["iops"]))
             print(f"randwrite 4 KiB QD32 {m}: nvmevfio {b[m]['iops']:.0f}, kernel {a1[m]['iops']:.0f} / "
                   f"{a2[m]['iops']:.0f}: ratio {b[m]['iops'] / k:.2f} (nvmevfio waiting {b[m]['wait_pct']:.0f}%)")
+        return 0
+    if args.only == "tcp":
+        a1, b, a2 = boot_once(args, False, "tcp")["only"]
+        for name, *_ in TCP_ROWS:
+            k = statistics.mean((a1[name]["iops"], a2[name]["iops"]))
+            r = b[name]["iops"] / k
+            print(f"NVMe/TCP {name}: nvmevfio export {b[name]['iops']:.0f} IOPS ({b[name]['mib_per_s']:.0f} MiB/s), "
+                  f"nvmet over the kernel driver {a1[name]['iops']:.0f} / {a2[name]['iops']:.0f}: ratio {r:.2f} "
+                  f"(bar {TCP_BAR}: {'met' if r >= TCP_BAR else 'NOT MET'})")
+        if args.json:
+            args.json.write_text(json.dumps({"only": [a1, b, a2]}, indent=2))
         return 0
     if args.only == "service":
         rounds = boot_once(args, False, "service")["only"]
