@@ -503,9 +503,11 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
         cmd.append("--sweep")
     if only:
         cmd += ["--only", only]
+    # PYTHONPATH: a worktree benchmarked with PYTHONPATH=<worktree> runs its own package in the guest
+    passed = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
-                        timeout=3600, echo=True, **guest.lane_options(args.lane))
+                        timeout=3600, echo=True, **guest.lane_options(args.lane, passed))
         if res.returncode != 0 or not out.exists():
             raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
         return json.loads(out.read_text())
