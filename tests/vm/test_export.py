@@ -17,7 +17,6 @@ only among those (tests/test_guest_tier.py, LANE_EXTRA)."""
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import controller
 from disk_checks import (
-    FsyncWriter,
     aligned,
     check_tree,
+    crash_and_recover,
     fio_verify,
     fsck_clean,
     mkfs,
@@ -186,23 +185,7 @@ else:
         if not MNT.is_mount():
             mount(connect(exported["nqn"]), MNT)
         d = next(d for d in ub.list_devices() if d.dev_id == exported["dev_id"])
-        (MNT / "crash").mkdir()
-        writer = FsyncWriter(MNT / "crash")
-        try:
-            writer.wait_for(30)
-            os.kill(d.server_pid, signal.SIGKILL)  # mid-write: the writer fsyncs all the time
-            at_kill = len(writer.durable)
-            deadline = time.monotonic() + 30
-            while not ub.device_info(d.dev_id).waiting_for_recovery:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            again = json.loads(nv("ublk", "--recover", str(d.dev_id), "--background", "-o", "json",
-                                  timeout=240).stdout)
-            assert again["device"] == exported["device"] and again["pid"] != d.server_pid
-            writer.wait_for(at_kill + 20)  # the filesystem carries on over TCP
-        finally:
-            writer.stop()
-        assert writer.failures == []
+        writer, _ = crash_and_recover(MNT / "crash", d.server_pid, d.dev_id)  # the writer goes through TCP
         assert controllers_of(exported["nqn"])  # the same attachment (reconnected if it had to)
         sh("sync")
         dev = connect_dev(exported["nqn"])
