@@ -39,12 +39,14 @@ from nvmevfio.errors import NvmeVfioError
 @click.option("--recoverable", is_flag=True,
               help="the ublk server it starts is --recoverable: if it dies, `nvmevfio ublk --recover N` brings "
                    "the export back while initiators wait and reconnect")
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
+              help="the ublk server it starts: NVMe completions by polling or MSI-X interrupts")
 @click.option("--stop", is_flag=True, help="take the export of ADDRESS / -n (or --nqn) down, and the ublk server it "
                                            "started")
 @click.option("--list", "list_", is_flag=True, help="what is exported")
 @output_opt
 def export(address: str | None, nsid: int, tcp: str | None, nqn: str | None, hosts: tuple[str, ...],
-           any_host: bool, readonly: bool, recoverable: bool, stop: bool, list_: bool, fmt: str) -> None:
+           any_host: bool, readonly: bool, recoverable: bool, mode: str, stop: bool, list_: bool, fmt: str) -> None:
     """Export a namespace over NVMe/TCP through Linux's NVMe target (nvmet): its ublk device
     (started here unless `nvmevfio ublk` already serves it) becomes the namespace of an NVMe
     subsystem on a TCP port, which only the hosts named by --allow-host may connect to.
@@ -83,7 +85,7 @@ def export(address: str | None, nsid: int, tcp: str | None, nqn: str | None, hos
     if any_host:
         click.echo("nvmevfio: warning: --any-host: any host that reaches "
                    f"{where} can read and write this namespace", err=True)
-    info, started = _ublk_device(address, nsid, readonly, recoverable)
+    info, started = _ublk_device(address, nsid, readonly, recoverable, mode)
     try:
         with errors():
             serial = str(info.get("serial") or "")
@@ -136,7 +138,8 @@ def _prerequisites() -> Any:
         _fail(str(exc.args[0]), EXIT_SETUP)
 
 
-def _ublk_device(address: str, nsid: int, readonly: bool, recoverable: bool) -> tuple[dict[str, Any], bool]:
+def _ublk_device(address: str, nsid: int, readonly: bool, recoverable: bool,
+                 mode: str) -> tuple[dict[str, Any], bool]:
     """The ublk device serving the namespace: the one `nvmevfio ublk` already serves (if it fits),
     else one started here. Returns what its server says and whether it was started here."""
     from nvmevfio import export as ex
@@ -160,7 +163,7 @@ def _ublk_device(address: str, nsid: int, readonly: bool, recoverable: bool) -> 
                                      f"with writes; stop it (nvmevfio ublk --stop {d.dev_id}) or serve it with "
                                      "--refuse-writes", reason="bad-device")
             return {"device": f"/dev/ublkb{d.dev_id}", "dev_id": d.dev_id, "serial": d.stats.get("serial")}, False
-        info = start_background(address, nsid, refuse_writes=readonly, recoverable=recoverable)
+        info = start_background(address, nsid, refuse_writes=readonly, recoverable=recoverable, mode=mode)
     return info, True
 
 
