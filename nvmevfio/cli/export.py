@@ -39,8 +39,9 @@ from nvmevfio.errors import NvmeVfioError
 @click.option("--recoverable", is_flag=True,
               help="the ublk server it starts is --recoverable: if it dies, `nvmevfio ublk --recover N` brings "
                    "the export back while initiators wait and reconnect")
-@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
-              help="the ublk server it starts: NVMe completions by polling or MSI-X interrupts")
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default="irq", show_default=True,
+              help="the ublk server it starts: NVMe completions by MSI-X interrupts, or polling (which spins a "
+                   "CPU the TCP stack needs: 0.84 of the kernel's 128 KiB reads against 1.11 with irq, bench.py)")
 @click.option("--stop", is_flag=True, help="take the export of ADDRESS / -n (or --nqn) down, and the ublk server it "
                                            "started")
 @click.option("--list", "list_", is_flag=True, help="what is exported")
