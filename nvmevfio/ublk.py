@@ -257,11 +257,12 @@ class Geometry:
     volatile_cache: bool
     oncs: int
 
-    def params(self, read_only: bool) -> Any:
+    def params(self, read_only: bool, mark_read_only: bool = True) -> Any:
+        """read_only: no discard or write-zeroes; the disk marked read-only unless mark_read_only is off (nvmet)."""
         p = ffi.new("struct nv_ublk_params *")
         shift = self.block_size.bit_length() - 1
         spb = self.block_size // 512  # 512-byte sectors per block
-        p.attrs = ((UBLK_ATTR_READ_ONLY if read_only else 0)
+        p.attrs = ((UBLK_ATTR_READ_ONLY if read_only and mark_read_only else 0)
                    | (UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA if self.volatile_cache else 0))
         p.logical_bs_shift = p.physical_bs_shift = p.io_min_shift = shift
         p.io_opt_shift = self.io_bytes.bit_length() - 1
@@ -371,12 +372,12 @@ class Server:
     of at least ``depth`` + 1 entries)."""
 
     def __init__(self, dev: Any, *, address: str, queues: int, depth: int, read_only: bool = False,
-                 recoverable: bool = False) -> None:
+                 recoverable: bool = False, refuse_writes: bool = False) -> None:
         self.dev = dev
         self.address = address
         self.queues = queues
         self.depth = depth
-        self.read_only = read_only
+        self.read_only, self.mark_read_only = read_only or refuse_writes, read_only
         self.recoverable = recoverable
         cpus = possible_cpus()
         if queues > cpus:
@@ -407,8 +408,8 @@ class Server:
         _check(lib.nv_ublk_add_dev(info), "ADD_DEV")
         self.dev_id = int(info.dev_id)
         try:
-            _check(lib.nv_ublk_set_params(self.dev_id, self.geometry.params(self.read_only)), "SET_PARAMS",
-                   self.dev_id)
+            _check(lib.nv_ublk_set_params(self.dev_id, self.geometry.params(self.read_only, self.mark_read_only)),
+                   "SET_PARAMS", self.dev_id)
         except BaseException:
             lib.nv_ublk_del_dev(self.dev_id, 1)
             self.dev_id = None
@@ -477,8 +478,8 @@ class Server:
         path = stats_path(self.dev_id)
         tmp = path.with_suffix(".tmp")
         # the totals, and each queue's own (which queues the kernel spreads requests over)
-        tmp.write_text(json.dumps({"pid": os.getpid(), **self.counters(),
-                                   "per_queue": [q.counters() for q in self._queues]}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "serial": self.dev.info.serial, "read_only": self.read_only,
+                                   **self.counters(), "per_queue": [q.counters() for q in self._queues]}))
         tmp.rename(path)
 
     def failed_queue(self) -> _Queue | None:

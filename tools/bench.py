@@ -274,6 +274,62 @@ def ublk_report(a1: dict, b: dict, a2: dict) -> str:
     lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device)")
     return "\n".join(lines)
 
+# NVMe/TCP (issue 23): fio on the initiator over loopback, nvmet exporting the kernel nvme driver's
+# /dev/nvme0n1 (A, A') against nvmet exporting nvmevfio's ublk device (`nvmevfio export`, B)
+TCP_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read", 131072, 8)]
+TCP_BAR = 0.9
+TCP_HOST = "nqn.2014-08.org.nvmexpress:uuid:6e766d65-7666-696f-0000-0000000000b1"
+TCP_AT = "127.0.0.1:4420"
+
+
+def tcp_fio(nqn: str, seconds: float) -> dict:
+    """Attach ``nqn`` with the kernel's NVMe/TCP initiator, fio each TCP_ROWS row (io_uring,
+    interrupts: nvme-tcp has no polled queues here), detach."""
+    host, port = TCP_AT.split(":")
+    subprocess.run(["nvme", "connect", "-t", "tcp", "-a", host, "-s", port, "-n", nqn, "--hostnqn", TCP_HOST],
+                   check=True, capture_output=True)
+    try:
+        deadline = time.monotonic() + 30
+        dev = None
+        while dev is None:
+            for c in Path("/sys/class/nvme").glob("nvme*"):
+                if (c / "subsysnqn").read_text().strip() == nqn:
+                    dev = next((f"/dev/{n.name}" for n in c.glob(f"{c.name}n*") if Path(f"/dev/{n.name}").exists()),
+                               None)
+            if dev is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no namespace appeared for {nqn}")
+                time.sleep(0.1)
+        return {name: fio(dev, rw, bs, qd, "io_uring", seconds, False) for name, rw, bs, qd in TCP_ROWS}
+    finally:
+        subprocess.run(["nvme", "disconnect", "-n", nqn], check=True, capture_output=True)
+
+
+def kernel_tcp(dev: str, seconds: float) -> dict:
+    """nvmet exporting the kernel driver's block device, configured as `nvmevfio export` would."""
+    from nvmevfio import export as ex
+
+    fs = ex.require_nvmet()
+    spec = ex.ExportSpec(nqn="nqn.2014-08.org.nvmexpress:bench-kernel", device=dev, tcp=ex.parse_tcp(TCP_AT),
+                         hosts=(TCP_HOST,))
+    ops = ex.plan_export(spec, ex.survey(fs))
+    ex.apply(fs, ops)
+    try:
+        return tcp_fio(spec.nqn, seconds)
+    finally:
+        ex.run_teardown(fs, ex.plan_teardown(ops, ex.survey(fs)))
+
+
+def nvmevfio_tcp(addr: str, seconds: float, mode: str) -> dict:
+    """`nvmevfio export`, its ublk server in ``mode`` (poll or irq)."""
+    nv = [sys.executable, "-m", "nvmevfio", "export", addr]
+    info = json.loads(subprocess.run([*nv, "--tcp", TCP_AT, "--allow-host", TCP_HOST, "--mode", mode, "-o", "json"],
+                                     check=True, capture_output=True, text=True).stdout)
+    try:
+        return tcp_fio(info["nqn"], seconds)
+    finally:
+        subprocess.run([*nv, "--stop"], check=True, capture_output=True)
+
 
 def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
@@ -337,6 +393,13 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         pci.unbind(addr)
         out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)],
                                         "kernel": os.uname().release}, indent=2))
+        return 0
+    if only == "tcp":  # A/B/A over NVMe/TCP: nvmet over the kernel driver, over nvmevfio's export, again
+        a1 = kernel_tcp(dev, seconds)
+        pci.bind(addr)
+        b = {mode: nvmevfio_tcp(addr, seconds, mode) for mode in ("poll", "irq")}
+        pci.unbind(addr)
+        out_path.write_text(json.dumps({"only": [a1, b, kernel_tcp(kernel_dev(), seconds)]}, indent=2))
         return 0
     if only == "python":  # A/B/A of the Python row alone
         a1 = python_preadv(dev, seconds, size)
@@ -496,9 +559,11 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
         cmd.append("--sweep")
     if only:
         cmd += ["--only", only]
+    # PYTHONPATH: a worktree benchmarked with PYTHONPATH=<worktree> runs its own package in the guest
+    passed = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
-                        timeout=3600, echo=True, **guest.lane_options(args.lane))
+                        timeout=3600, echo=True, **guest.lane_options(args.lane, passed))
         if res.returncode != 0 or not out.exists():
             raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
         return json.loads(out.read_text())
@@ -517,12 +582,14 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
                          "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
                          "the kernel's /dev/nvmeXnY, on nvmevfio's /dev/ublkbN, on the kernel's again; and ext4 on "
-                         "each: needs --lane iommufd or noiommu, the kernel with ublk)")
+                         "each: needs --lane iommufd or noiommu, the kernel with ublk) or tcp (fio over NVMe/TCP "
+                         "on loopback: nvmet over the kernel driver, over `nvmevfio export`, over the kernel again; "
+                         "needs ublk: --lane iommufd)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -551,6 +618,19 @@ def main() -> int:
             k = statistics.mean((a1[m]["iops"], a2[m]["iops"]))
             print(f"randwrite 4 KiB QD32 {m}: nvmevfio {b[m]['iops']:.0f}, kernel {a1[m]['iops']:.0f} / "
                   f"{a2[m]['iops']:.0f}: ratio {b[m]['iops'] / k:.2f} (nvmevfio waiting {b[m]['wait_pct']:.0f}%)")
+        return 0
+    if args.only == "tcp":
+        a1, b, a2 = boot_once(args, False, "tcp")["only"]
+        for name, *_ in TCP_ROWS:
+            k = statistics.mean((a1[name]["iops"], a2[name]["iops"]))
+            for mode in ("poll", "irq"):
+                got = b[mode][name]
+                r = got["iops"] / k
+                print(f"NVMe/TCP {name}: nvmevfio export ({mode}) {got['iops']:.0f} IOPS ({got['mib_per_s']:.0f} "
+                      f"MiB/s), nvmet over the kernel driver {a1[name]['iops']:.0f} / {a2[name]['iops']:.0f}: ratio "
+                      f"{r:.2f} (bar {TCP_BAR}: {'met' if r >= TCP_BAR else 'NOT MET'})")
+        if args.json:
+            args.json.write_text(json.dumps({"only": [a1, b, a2]}, indent=2))
         return 0
     if args.only == "service":
         rounds = boot_once(args, False, "service")["only"]

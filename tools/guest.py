@@ -55,8 +55,9 @@ MOD_VFIO = ["vfio-pci", "vfio_iommu_type1"]
 MOD_NVME = ["nvme"]
 MOD_EXTRA = ["ext4", "crc32c_generic", "nbd"]  # ext4 loads crc32c by name (a soft dependency)
 # Loaded when the kernel has them as modules: ublk_drv (nvmevfio ublk) is built into the custom
-# kernel and missing from Debian's 6.1, where `nvmevfio ublk` must say so.
-MOD_OPTIONAL = ["ublk_drv"]
+# kernel and missing from Debian's 6.1, where `nvmevfio ublk` must say so; the NVMe target with its
+# TCP transport (nvmevfio export) and the NVMe/TCP initiator (nvme connect), modules in both.
+MOD_OPTIONAL = ["ublk_drv", "nvmet", "nvmet_tcp", "nvme_tcp"]
 NVME_CLASS = "0x010802"
 
 
@@ -302,6 +303,10 @@ def _guest_script(*, io_dir: Path, shares: list[tuple[str, Path, bool]], address
                       f"echo {addr} > /sys/bus/pci/drivers_probe || fail 'probe {addr}'"]
         lines += insmod(nvme, nvme_params)
     lines += insmod(extra)
+    # configfs (nvmet's configuration; a module nvmet loaded in Debian's kernel) where the kernel has
+    # it, and the loopback interface up for NVMe/TCP inside the guest
+    lines += ["[ -d /newroot/sys/kernel/config ] && mount -t configfs configfs /newroot/sys/kernel/config; "
+              "ip link set lo up 2>/dev/null; true"]
     if kernel_driver:  # wait for the namespaces' block devices
         lines.append("i=0; while [ $i -lt 100 ] && ! ls /dev/nvme*n1 >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done")
     envs = " ".join(f"{k}={q(v)}" for k, v in env.items())

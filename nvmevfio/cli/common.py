@@ -327,7 +327,7 @@ def _pin(cpu: int | None) -> None:
 
 
 # Every command's module (nvmevfio/cli/<group>.py). A command's module is imported when that
-# command runs, not all nine: under the emulated CPU of the test guest the decorators of every
+# command runs, not all ten: under the emulated CPU of the test guest the decorators of every
 # command cost 0.7 s of each invocation. tests/unit/test_cli_host.py checks this table against
 # what the modules define.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
@@ -341,6 +341,7 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
               "sanitize", "fw-download", "fw-commit", "device-self-test", "get-lba-status"),
     "passthru": ("admin-passthru", "io-passthru"),
     "disk": ("nbd", "ublk"),
+    "export": ("export",),
     "longrun": ("perf", "serve", "monitor"),
 }
 _MODULE_OF = {name: group for group, names in COMMAND_GROUPS.items() for name in names}

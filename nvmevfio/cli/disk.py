@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -148,8 +149,9 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
     if found is not None:
         ublk_info, started = found
     else:
-        ublk_info = _ublk_start(address, nsid, min(queues, ub.possible_cpus()), ub.DEFAULT_DEPTH, mode, readonly,
-                                False, None)
+        with errors():
+            ublk_info = start_background(address, nsid, queues=min(queues, ub.possible_cpus()),
+                                         depth=ub.DEFAULT_DEPTH, mode=mode, readonly=readonly)
         nbdmod.write_claim(claim, ublk_info)
         started = True
     device = str(ublk_info["device"])
@@ -208,6 +210,9 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
               help="NVMe completions by polling (while commands are in flight) or MSI-X interrupts")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
+@click.option("--refuse-writes", is_flag=True,
+              help="the server fails every write (EROFS) while the disk is not marked read-only: what "
+                   "Linux's NVMe target needs to export it read-only (nvmevfio export --read-only)")
 @click.option("--recoverable", is_flag=True,
               help="ublk user recovery: a server that dies leaves the disk waiting for --recover (I/O held)")
 @click.option("--background", is_flag=True, help="serve from a detached process; print the device and return")
@@ -217,9 +222,9 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.option("--list", "list_", is_flag=True, help="list ublk devices, their servers, and stale ones")
 @click.option("--notify-fd", type=int, hidden=True)
 @output_opt
-def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, readonly: bool, recoverable: bool,
-         background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool, notify_fd: int | None,
-         fmt: str) -> None:
+def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, readonly: bool, refuse_writes: bool,
+         recoverable: bool, background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool,
+         notify_fd: int | None, fmt: str) -> None:
     """Serve a namespace as a Linux ublk block device (/dev/ublkbN): every request in C, one NVMe
     command each. Runs until SIGTERM or Ctrl-C (drain, stop, delete, controller shutdown).
 
@@ -268,11 +273,17 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
         with errors():
             ub.check_not_served(address, nsid)
     if background:
-        _ublk_background(address, nsid, queues, depth, mode, readonly, recoverable, recover_dev, fmt)
+        with errors():
+            info = start_background(address, nsid, queues=queues, depth=depth, mode=mode, readonly=readonly,
+                                    refuse_writes=refuse_writes, recoverable=recoverable, recover_dev=recover_dev)
+        if fmt == "json":
+            _emit_json(info)
+        else:
+            click.echo(info["device"])
         return
     with blockdev(address, nsid, irq=mode == "irq", queue_depth=depth + 1, queues=queues) as dev, errors():
         server = ub.Server(dev, address=address, queues=queues, depth=depth, read_only=readonly,
-                           recoverable=recoverable)
+                           recoverable=recoverable, refuse_writes=refuse_writes)
         with ub.signals_stop(server):
             try:
                 if target is not None:
@@ -282,6 +293,7 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
                 server.start(recovering=target is not None)
                 info = {"device": server.block_device, "dev_id": server.dev_id, "address": address, "nsid": nsid,
                         "pid": os.getpid(), "queues": queues, "depth": depth, "mode": mode, "read_only": readonly,
+                        "refuse_writes": refuse_writes, "serial": dev.info.serial,
                         "recoverable": recoverable, "io_bytes": server.geometry.io_bytes,
                         "block_size": server.geometry.block_size, "size": server.geometry.blocks *
                         server.geometry.block_size}
@@ -296,20 +308,12 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
         click.echo(f"{address} nsid {nsid}: ublk device stopped; {server.counters()}", err=True)
 
 
-def _ublk_background(address: str, nsid: int, queues: int, depth: int, mode: str, readonly: bool,
-                     recoverable: bool, recover_dev: int | None, fmt: str) -> None:
-    """Start `nvmevfio ublk` detached (its log in /run/nvmevfio), wait until its device is up."""
-    info = _ublk_start(address, nsid, queues, depth, mode, readonly, recoverable, recover_dev)
-    if fmt == "json":
-        _emit_json(info)
-    else:
-        click.echo(info["device"])
-
-
-def _ublk_start(address: str, nsid: int, queues: int, depth: int, mode: str, readonly: bool, recoverable: bool,
-                recover_dev: int | None) -> dict:
-    """A detached `nvmevfio ublk` server (its log in /run/nvmevfio) once its device is up: what it
-    printed (device, dev_id, pid, ...) and its log; one line and exit when it fails."""
+def start_background(address: str, nsid: int, *, queues: int = 1, depth: int = 64,
+                     mode: str = "poll", readonly: bool = False, refuse_writes: bool = False,
+                     recoverable: bool = False, recover_dev: int | None = None) -> dict[str, Any]:
+    """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
+    its device is up (nvmevfio export starts its server this way too). The server's last log
+    line is the error when it ends first."""
     import subprocess
 
     from nvmevfio import ublk as ub
@@ -326,6 +330,7 @@ def _ublk_start(address: str, nsid: int, queues: int, depth: int, mode: str, rea
     cmd += ["ublk", address, "-n", str(nsid), "--queues", str(queues), "--depth", str(depth), "--mode", mode,
             "--notify-fd", str(wfd)]
     cmd += ["--read-only"] if readonly else []
+    cmd += ["--refuse-writes"] if refuse_writes else []
     cmd += ["--recoverable"] if recoverable else []
     cmd += ["--recover", str(recover_dev)] if recover_dev is not None else []
     with logpath.open("ab") as logf:
@@ -337,8 +342,8 @@ def _ublk_start(address: str, nsid: int, queues: int, depth: int, mode: str, rea
     if not line:
         proc.wait(30)
         tail = [s for s in logpath.read_text(errors="replace").splitlines() if s.strip()]
-        _fail(tail[-1].removeprefix("nvmevfio: error: ") if tail else f"the server exited ({proc.returncode})",
-              EXIT_ERROR)
-    info: dict = json.loads(line)
+        raise ub.UblkError(tail[-1].removeprefix("nvmevfio: error: ") if tail
+                           else f"the server exited ({proc.returncode})", reason="server-failed")
+    info: dict[str, Any] = json.loads(line)
     info["log"] = str(logpath)
     return info

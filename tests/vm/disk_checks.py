@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -171,6 +172,35 @@ class FsyncWriter(Writer):
         assert self.durable
         for name, digest in self.durable.items():
             assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+
+
+def crash_and_recover(root: Path, pid: int, dev_id: int) -> tuple[FsyncWriter, dict]:
+    """A writer creating and fsyncing files under ``root`` on ublk device ``dev_id``, whose
+    --recoverable server ``pid`` is SIGKILLed mid-write; once the kernel holds the device for
+    recovery (still there, its I/O held), `nvmevfio ublk --recover` serves it again and the writer
+    must carry on (20 more files durable) without an error. Returns the stopped writer and what
+    --recover printed."""
+    from nvmevfio import ublk as ub
+
+    root.mkdir()
+    writer = FsyncWriter(root)
+    try:
+        writer.wait_for(30)
+        os.kill(pid, signal.SIGKILL)  # mid-write: the writer fsyncs all the time
+        at_kill = len(writer.durable)
+        deadline = time.monotonic() + 30
+        while not ub.device_info(dev_id).waiting_for_recovery:
+            assert time.monotonic() < deadline, ub.device_info(dev_id)
+            time.sleep(0.1)
+        assert Path(f"/dev/ublkb{dev_id}").exists()  # the disk stays, its I/O held
+        again: dict = json.loads(nv("ublk", "--recover", str(dev_id), "--background", "-o", "json",
+                                    timeout=240).stdout)
+        assert again["device"] == f"/dev/ublkb{dev_id}" and again["dev_id"] == dev_id and again["pid"] != pid
+        writer.wait_for(at_kill + 20)  # the filesystem carries on
+    finally:
+        writer.stop()
+    assert writer.failures == []
+    return writer, again
 
 
 def extents(path: Path) -> list[tuple[int, int]]:

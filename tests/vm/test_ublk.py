@@ -37,6 +37,7 @@ from disk_checks import (
     Writer,
     aligned,
     check_tree,
+    crash_and_recover,
     device_bytes,
     extents,
     fio_verify,
@@ -295,26 +296,9 @@ else:
 
     def test_a_killed_recoverable_server_is_recovered_and_fsynced_files_survive(disk):
         info = disk.info
-        (MNT / "crash").mkdir()
-        writer = FsyncWriter(MNT / "crash")
-        try:
-            writer.wait_for(30)
-            os.kill(info["pid"], signal.SIGKILL)  # mid-write: the writer fsyncs all the time
-            at_kill = len(writer.durable)
-            deadline = time.monotonic() + 30
-            while not listed(info)["waiting_for_recovery"]:
-                assert time.monotonic() < deadline, listed(info)
-                time.sleep(0.1)
-            assert Path(info["device"]).exists()  # the disk stays, its I/O held
-            again = json.loads(nv("ublk", "--recover", str(info["dev_id"]), "--background", "-o", "json",
-                                  timeout=240).stdout)
-            assert again["device"] == info["device"] and again["dev_id"] == info["dev_id"]
-            assert again["pid"] != info["pid"] and listed(info)["server_pid"] == again["pid"]
-            disk.info = {**info, **again}
-            writer.wait_for(at_kill + 20)  # the filesystem carries on
-        finally:
-            writer.stop()
-        assert writer.failures == []
+        writer, again = crash_and_recover(MNT / "crash", info["pid"], info["dev_id"])
+        assert listed(info)["server_pid"] == again["pid"]
+        disk.info = {**info, **again}
         sh("sync")
         umount(MNT)
         fsck_clean(info["device"])
