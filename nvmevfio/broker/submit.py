@@ -327,7 +327,7 @@ class Submit:
                         block_size=bs, page_size=core.page_size, lba_lo=lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
                         timeout_s=core.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc),
-                        guard=lambda: self.ex.using(qp), slot_memory=self._device_visible(reg.buffer))
+                        guard=lambda: self.ex.using(qp), slot_memory=lambda: self._device_visible(reg.buffer))
 
     def _device_visible(self, buf: DmaBuffer) -> np.ndarray:
         """``buf``'s bytes where the device reads and writes them: its bounce shadow in the

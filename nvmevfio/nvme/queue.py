@@ -505,11 +505,12 @@ class PerfLoop(PerfCounters):
                  depth: int, max_ios: int, seed: int, timeout_s: float,
                  recover: Callable[[BaseException], list[np.ndarray]] | None = None,
                  guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
-                 slot_memory: np.ndarray | None = None) -> None:
+                 slot_memory: Callable[[], np.ndarray] | None = None) -> None:
         """``recover``: the broker's answer to a late command, CSTS.CFS or a gone device (abort,
         reset, requeue); it returns the records of commands it ended, whose slots come back here.
         ``guard``: held around each run (the broker's one-thread-per-queue lock).
-        ``slot_memory``: the slots' bytes where the device reads and writes them."""
+        ``slot_memory``: returns the slots' bytes where the device reads and writes them, or
+        raises StaleHandle once the registered buffer (or the whole session) is gone."""
         self._ring = ring  # the broker's queue pair and PRP table: device addresses, never shown
         self._recover = recover
         self._guard = guard or contextlib.nullcontext
@@ -561,7 +562,10 @@ class PerfLoop(PerfCounters):
         (a C server copying requests' data in and out works there, past the ledger's syncs)."""
         if self._slot_memory is None:
             raise Refused("invalid-argument", "this workload was built without its slots' memory")
-        return self._slot_memory
+        # looked up on each use: once the buffer is freed or the session closed (the no-IOMMU
+        # lane's bounce pool unmapped) the ledger raises stale-handle instead of handing out a
+        # view of unmapped memory
+        return self._slot_memory()
 
     def serve_c(self, fn: Any, *args: Any, ended: Callable[[np.ndarray], None], what: str = "C server") -> int:
         """``fn(*args, workload, queue_pair)`` under the broker's guard, once: ``fn`` is a function

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nvmevfio.blockdev import BlockDevice
+from nvmevfio.errors import StaleHandle
 from nvmevfio.sim.controller import SimNamespace
 from nvmevfio.sim.rig import Rig
 
@@ -31,6 +32,18 @@ def test_slot_memory_is_the_bounce_pool_without_one():
     assert rig.ledger.bounce
     loop.slot_memory[:] = 5  # what a C server writes for the device: the device reads it, not the buffer
     assert (loop.slot_memory == 5).all() and not np.shares_memory(loop.slot_memory, buf.array)
+
+
+def test_slot_memory_of_a_closed_session_is_refused_not_a_view_of_unmapped_memory():
+    """The no-IOMMU lane's bounce pages go with the session: asking after is stale-handle (reading
+    a view of them segfaulted the guest's leak scan)."""
+    rig = Rig([SimNamespace(8192)], physical=[0x1_4000_0000 + i * (2 << 20) for i in range(4)])
+    _, loop = loop_of(rig)
+    rig.p.close()
+    rig.ledger.close()  # what a session's close does after the broker's (frees the buffers, unmaps the pool)
+    with pytest.raises(StaleHandle) as ei:
+        _ = loop.slot_memory
+    assert ei.value.reason == "stale-handle"
 
 
 def test_serve_c_runs_only_functions_of_the_c_shim(rig):
