@@ -562,10 +562,7 @@ class PerfLoop(PerfCounters):
         (a C server copying requests' data in and out works there, past the ledger's syncs)."""
         if self._slot_memory is None:
             raise Refused("invalid-argument", "this workload was built without its slots' memory")
-        # looked up on each use: once the buffer is freed or the session closed (the no-IOMMU
-        # lane's bounce pool unmapped) the ledger raises stale-handle instead of handing out a
-        # view of unmapped memory
-        return self._slot_memory()
+        return self._slot_memory()  # the ledger's lookup: stale-handle once freed or closed
 
     def serve_c(self, fn: Any, *args: Any, ended: Callable[[np.ndarray], None], what: str = "C server") -> int:
         """``fn(*args, workload, queue_pair)`` under the broker's guard, once: ``fn`` is a function
