@@ -63,3 +63,23 @@ def test_ublk_report_ratios_and_bars():
     assert "randread-4k-qd32" in text and " 1.00  1.0 met" in text  # 900 / mean(800, 1000)
     assert " 0.78  0.8 NOT MET" in text  # QD1: 700 / 900
     assert f"{bench.FS_ROW:<24}" in text
+
+
+def test_ublk_and_tcp_ratios_and_their_median_over_boots():
+    def rows(iops: float) -> dict:
+        return {row: {"iops": iops} for row in bench.UBLK_BARS}
+
+    r = bench.ublk_ratios(rows(1000), rows(900), rows(3000))  # 900 / mean(1000, 3000)
+    assert r == dict.fromkeys(bench.UBLK_BARS, 0.45)
+    per_boot = [{"x": 0.5, "y": 1.2}, {"x": 1.1, "y": 0.7}, {"x": 0.9, "y": 1.0}]
+    text = bench.median_report("ublk", per_boot, {"x": 0.8, "y": 1.0})
+    assert text.splitlines() == [
+        "ublk: median of 3 boots (each boot's ratio in brackets)",
+        "x                              0.90  [0.50, 1.10, 0.90]  bar 0.8 met",
+        "y                              1.00  [1.20, 0.70, 1.00]  bar 1.0 met",
+    ]
+    kernel = {name: {"iops": 1000.0} for name, *_ in bench.TCP_ROWS}
+    export = {mode: {name: {"iops": 950.0 if mode == "poll" else 800.0} for name, *_ in bench.TCP_ROWS}
+              for mode in ("poll", "irq")}
+    assert bench.tcp_ratios(kernel, export, kernel) == {
+        f"{name} ({mode})": 0.95 if mode == "poll" else 0.8 for name, *_ in bench.TCP_ROWS for mode in ("poll", "irq")}

@@ -4,6 +4,7 @@ skips, when the guest cannot boot. Then checks from the host that the backing im
 the bytes the guest wrote."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -65,7 +66,10 @@ def _controllers(io_dir):
 # (NBD's plugin and ublk's C server take their buffers from the lane). What they leave out
 # (identify and admin commands, logs, passthrough, events, the CLI's formatting, the pytest
 # plugin, the README's examples) builds commands and parses completions the same way in every
-# lane. NVMEVFIO_VM_ALL_LANES=1 runs everything everywhere.
+# lane. Inside a lane-dependent file, a `lanes(...)` mark (tests/vm/conftest.py) keeps a test that
+# does not depend on the lane to the lanes named, with why: ublk's refusals and its dead-server
+# behaviour run in the iommufd lane only, NBD in type1 (Python plugin) and iommufd (file plugin on
+# ublk). NVMEVFIO_VM_ALL_LANES=1 runs everything everywhere.
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
                   "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py"]
@@ -105,8 +109,13 @@ def vm_run(request, tmp_path_factory):
     # NVMEVFIO_VM_SOAK_S: the integrity soak's length (tests/vm/test_cli.py; CI runs its default, 20 s);
     # PYTHONPATH: a developer's worktree (PYTHONPATH=/work/wt-x pytest ...) is what the guest imports too,
     # not the package the shared virtual environment installed (tools/test sets none)
-    env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED", "NVMEVFIO_VM_SOAK_S", "PYTHONPATH") if k in os.environ}
-    res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
+    # NVMEVFIO_VM_ALL_LANES: tests/vm/conftest.py's `lanes` marks narrow nothing then
+    env = {k: os.environ[k] for k in ("NVMEVFIO_INSTALLED", "NVMEVFIO_VM_SOAK_S", "PYTHONPATH", "NVMEVFIO_VM_ALL_LANES")
+           if k in os.environ}
+    # -p no:hypothesispytest: no guest test uses hypothesis, and its plugin's imports cost a pytest
+    # start about 40 s under the guest's emulated CPU (1.5 s on the host)
+    res = guestlib.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+                        "-v", "-rA",
                         f"--rootdir={ROOT}", *suite_paths(lane), f"--junitxml={junit}", *extra],
                        controllers=_controllers(io_dir), io_dir=io_dir, cwd=str(io_dir), timeout=2400, echo=False,
                        **guestlib.lane_options(lane, env))
@@ -120,6 +129,15 @@ def test_lane_dependent_files_exist():
     missing = [name for name in named if not (ROOT / "tests" / "vm" / name).is_file()]
     assert set(LANE_EXTRA) <= set(LANES) - {DEFAULT_LANE}, LANE_EXTRA
     assert not missing, f"LANE_DEPENDENT or LANE_EXTRA names files that do not exist: {missing}"
+
+
+def test_the_guest_suite_knows_the_same_lanes():
+    """The `lanes` mark refuses a lane name the guest's conftest does not know; the two lists agree."""
+    spec = importlib.util.spec_from_file_location("vm_conftest", ROOT / "tests" / "vm" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    vm_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vm_conftest)
+    assert tuple(vm_conftest.LANES) == tuple(LANES)
 
 
 def _failures(junit: Path) -> str:

@@ -266,13 +266,28 @@ def ublk_report(a1: dict, b: dict, a2: dict) -> str:
     lines = [f"ublk ({b['server']['queues']} queue, depth {b['server']['depth']}, {b['server']['mode']}) against "
              "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS",
              f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  bar"]
+    ratio = ublk_ratios(a1, b, a2)
     for row, bar in UBLK_BARS.items():
-        k = statistics.mean((a1[row]["iops"], a2[row]["iops"]))
-        got = b[row]["iops"] / k
+        got = ratio[row]
         lines.append(f"{row:<24} {a1[row]['iops']:>9.0f} {b[row]['iops']:>9.0f} {a2[row]['iops']:>9.0f} "
                      f"{got:>6.2f}  {bar:.1f} {'met' if got >= bar else 'NOT MET'}")
     lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device)")
     return "\n".join(lines)
+
+def ublk_ratios(a1: dict, b: dict, a2: dict) -> dict[str, float]:
+    """Per UBLK_BARS row: ublk IOPS / mean(kernel A, kernel A')."""
+    return {row: b[row]["iops"] / statistics.mean((a1[row]["iops"], a2[row]["iops"])) for row in UBLK_BARS}
+
+
+def median_report(what: str, per_boot: list[dict[str, float]], bars: dict[str, float]) -> str:
+    """The median over boots of each row's ratio (what a bar is judged on), with every boot's."""
+    lines = [f"{what}: median of {len(per_boot)} boots (each boot's ratio in brackets)"]
+    for row, bar in bars.items():
+        got = statistics.median(r[row] for r in per_boot)
+        each = ", ".join(f"{r[row]:.2f}" for r in per_boot)
+        lines.append(f"{row:<28} {got:>6.2f}  [{each}]  bar {bar:.1f} {'met' if got >= bar else 'NOT MET'}")
+    return "\n".join(lines)
+
 
 # NVMe/TCP (issue 23): fio on the initiator over loopback, nvmet exporting the kernel nvme driver's
 # /dev/nvme0n1 (A, A') against nvmet exporting nvmevfio's ublk device (`nvmevfio export`, B)
@@ -280,6 +295,12 @@ TCP_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read"
 TCP_BAR = 0.9
 TCP_HOST = "nqn.2014-08.org.nvmexpress:uuid:6e766d65-7666-696f-0000-0000000000b1"
 TCP_AT = "127.0.0.1:4420"
+
+
+def tcp_ratios(a1: dict, b: dict, a2: dict) -> dict[str, float]:
+    """Per TCP_ROWS row and server mode: the export's IOPS / mean(nvmet over the kernel, A and A')."""
+    return {f"{name} ({mode})": b[mode][name]["iops"] / statistics.mean((a1[name]["iops"], a2[name]["iops"]))
+            for name, *_ in TCP_ROWS for mode in ("poll", "irq")}
 
 
 def tcp_fio(nqn: str, seconds: float) -> dict:
@@ -600,12 +621,16 @@ def main() -> int:
     if args.only == "ublk":
         if args.lane == "type1":
             raise SystemExit("--only ublk: Debian's 6.1 guest kernel has no ublk; use --lane iommufd (or noiommu)")
+        boots = []
         for i in range(args.boots):
             data = boot_once(args, False, "ublk")
+            boots.append(data)
             print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
-            print(ublk_report(*data["only"]))
-            if args.json:
-                args.json.write_text(json.dumps(data, indent=2))
+            print(ublk_report(*data["only"]), flush=True)
+            if args.json:  # every boot so far: a run cut short keeps what it measured
+                args.json.write_text(json.dumps({"boots": boots}, indent=2))
+        if len(boots) > 1:
+            print(median_report("ublk", [ublk_ratios(*b["only"]) for b in boots], UBLK_BARS))
         return 0
     if args.only == "python":
         a1, b, a2 = boot_once(args, False, "python")["only"]
@@ -620,17 +645,23 @@ def main() -> int:
                   f"{a2[m]['iops']:.0f}: ratio {b[m]['iops'] / k:.2f} (nvmevfio waiting {b[m]['wait_pct']:.0f}%)")
         return 0
     if args.only == "tcp":
-        a1, b, a2 = boot_once(args, False, "tcp")["only"]
-        for name, *_ in TCP_ROWS:
-            k = statistics.mean((a1[name]["iops"], a2[name]["iops"]))
-            for mode in ("poll", "irq"):
-                got = b[mode][name]
-                r = got["iops"] / k
-                print(f"NVMe/TCP {name}: nvmevfio export ({mode}) {got['iops']:.0f} IOPS ({got['mib_per_s']:.0f} "
-                      f"MiB/s), nvmet over the kernel driver {a1[name]['iops']:.0f} / {a2[name]['iops']:.0f}: ratio "
-                      f"{r:.2f} (bar {TCP_BAR}: {'met' if r >= TCP_BAR else 'NOT MET'})")
-        if args.json:
-            args.json.write_text(json.dumps({"only": [a1, b, a2]}, indent=2))
+        boots = []
+        for i in range(args.boots):
+            a1, b, a2 = rounds = boot_once(args, False, "tcp")["only"]
+            boots.append({"only": rounds})
+            print(f"boot {i + 1} of {args.boots}, lane {args.lane}")
+            for name, *_ in TCP_ROWS:
+                for mode in ("poll", "irq"):
+                    got = b[mode][name]
+                    r = tcp_ratios(a1, b, a2)[f"{name} ({mode})"]
+                    print(f"NVMe/TCP {name}: nvmevfio export ({mode}) {got['iops']:.0f} IOPS ({got['mib_per_s']:.0f} "
+                          f"MiB/s), nvmet over the kernel driver {a1[name]['iops']:.0f} / {a2[name]['iops']:.0f}: "
+                          f"ratio {r:.2f} (bar {TCP_BAR}: {'met' if r >= TCP_BAR else 'NOT MET'})", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"boots": boots}, indent=2))
+        if len(boots) > 1:
+            ratios_per_boot = [tcp_ratios(*b["only"]) for b in boots]
+            print(median_report("NVMe/TCP", ratios_per_boot, dict.fromkeys(ratios_per_boot[0], TCP_BAR)))
         return 0
     if args.only == "service":
         rounds = boot_once(args, False, "service")["only"]

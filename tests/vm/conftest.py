@@ -19,6 +19,36 @@ def _config() -> dict:
     return json.loads(Path(path).read_text())
 
 
+# The DMA lanes the guest tier boots (tools/guest.py LANES; tests/test_guest_tier.py checks the two agree).
+LANES = ("type1", "iommufd", "noiommu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lanes(*names, why): a test (or, as pytestmark, a file) of a lane-dependent file whose outcome "
+        "depends on the lane only among these lanes: it runs in them alone (NVMEVFIO_VM_ALL_LANES=1: everywhere); "
+        "`why` says what the others would repeat")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests a ``lanes`` mark keeps out of this guest's lane (the tier's
+    LANE_DEPENDENT picks whole files; the mark narrows one where only part of it depends on the lane)."""
+    lane = os.environ.get("NVMEVFIO_VM_LANE", "type1")
+    keep, drop = [], []
+    for item in items:
+        mark = item.get_closest_marker("lanes")
+        if mark is not None:
+            unknown = set(mark.args) - set(LANES)
+            if unknown or not mark.args or not mark.kwargs.get("why"):
+                raise pytest.UsageError(f"{item.nodeid}: lanes() takes lane names out of {LANES} and why=...; "
+                                        f"got {mark.args} {mark.kwargs}")
+        out = mark is not None and lane not in mark.args and os.environ.get("NVMEVFIO_VM_ALL_LANES") != "1"
+        (drop if out else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def guest():
     return _config()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cli_runner import nv as cli_nv
 
 from nvmevfio.vfio import NOIOMMU_RISK
 
@@ -28,9 +29,20 @@ def sh(*cmd: str, timeout: float = 300) -> str:
     return res.stdout
 
 
-def nv(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``python -m nvmevfio ARGS`` (the installed package); asserts success unless ``check`` is off."""
-    res = subprocess.run([sys.executable, "-m", "nvmevfio", *args], capture_output=True, text=True, timeout=timeout)
+def nv(*args: str, timeout: float = 300, check: bool = True, real: bool = False) -> subprocess.CompletedProcess[str]:
+    """An nvmevfio command (the installed package), in this process through ``main.main`` as
+    ``python -m nvmevfio`` runs it (cli_runner.nv: its output, its exit status, its one-line errors),
+    or with ``real`` as a process of its own within ``timeout``. A server a command starts
+    (`--background`: ublk, nbdkit) is a process of its own either way; in-process saves the 5-8 s
+    an interpreter costs under the guest's emulated CPU for every start, stop and refusal. Asserts
+    success unless ``check`` is off."""
+    if real:
+        res = subprocess.run([sys.executable, "-m", "nvmevfio", *args], capture_output=True, text=True,
+                             timeout=timeout)
+    else:
+        r = cli_nv(*args, check=False)
+        res = subprocess.CompletedProcess(["nvmevfio", *args], r.returncode, r.stdout.decode(errors="replace"),
+                                          r.stderr.decode(errors="replace"))
     if check:
         assert res.returncode == 0, f"nvmevfio {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
     return res

@@ -21,6 +21,11 @@ import numpy as np
 import pytest
 from conftest import controller, record
 
+# Which plugin serves depends on the kernel, not on the DMA lane past that: the Python plugin (type1),
+# the file plugin on a ublk device (iommufd). In the no-IOMMU lane it would be the file plugin on ublk
+# again, whose data path (the ublk server's) test_ublk.py runs in that lane.
+pytestmark = pytest.mark.lanes("type1", "iommufd", why="the no-IOMMU lane's NBD is nbdkit's file plugin on the "
+                               "ublk server test_ublk.py tests there")
 UBLK = Path("/dev/ublk-control").exists()  # as test_ublk.py decides it (ublk built into the custom kernel)
 PLUGIN = "file" if UBLK else "python"
 NBD = "/dev/nbd0"

@@ -2,16 +2,15 @@
 broker's own buffer, broker-owned commands refused, a status name and exit 4 for what the
 controller lacks."""
 
-import subprocess
-import sys
-
 import numpy as np
+from cli_runner import Result, nv
 
 import nvmevfio
 
 
-def cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nvmevfio", *args], capture_output=True, input=input, timeout=120)
+def cli(*args: str, input: bytes | None = None) -> Result:
+    """In this process, as `python -m nvmevfio` runs it (cli_runner: output, exit status)."""
+    return nv(*args, input=input, check=False)
 
 
 def test_admin_passthru_identify_raw(small_ctrl):

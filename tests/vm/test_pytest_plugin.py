@@ -3,10 +3,10 @@ its refusal of a device whose namespace is mounted."""
 
 import re
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from conftest import controller, kernel_blockdev
 
 from nvmevfio import pci
@@ -14,14 +14,18 @@ from nvmevfio import pci
 README = Path(__file__).resolve().parents[2] / "README.md"
 # the README's example test file, run as written
 EXAMPLE = re.search(r"### Testing a controller with pytest.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+pytest_plugins = ("pytester",)  # the example runs in a pytest session of its own, in this process
 
 
-def run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    junit = tmp_path / "junit.xml"
+def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
+    """The README's example file through pytest with the plugin as installed (its ``pytest11`` entry
+    point), in this process (pytester: its own session, configuration and modules; a second
+    interpreter costs ~35 s under the guest's emulated CPU): the run and its junit counts."""
+    pytester.makepyfile(test_example=EXAMPLE)
+    junit = pytester.path / "junit.xml"
     junit.unlink(missing_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}",
-                        str(tmp_path / "test_example.py"), *args], capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
+    r = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-rs",
+                                     f"--junitxml={junit}", "test_example.py", *args)
     counts = {}
     if junit.exists():
         suite = ET.parse(junit).getroot()
@@ -30,28 +34,29 @@ def run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     return r, counts
 
 
-def test_example_file_through_the_plugin(guest, tmp_path):
+def test_example_file_through_the_plugin(guest, pytester):
+    """Both of the README's tests run and pass on the device. Without --nvme-allow-destructive the
+    marked one is skipped at collection, before any device is touched."""
     addr = controller(guest, "nvmevfio-nbd")["address"]
-    """Both of the README's tests run and pass on the device. (Without --nvme-allow-destructive the
-    marked one is skipped at collection, before any device is touched: tests/unit/test_pytest_plugin.py
-    shows that on the host; a second process here, 35 s under the guest's emulated CPU, would show it again.)"""
-    (tmp_path / "test_example.py").write_text(EXAMPLE)
-    r, counts = run(tmp_path, "--nvme", addr, "--nvme-allow-destructive")
-    assert r.returncode == 0 and counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 0}, r.stdout
+    r, counts = run(pytester, "--nvme", addr, "--nvme-allow-destructive")
+    assert r.ret == 0 and counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 0}, r.outlines
+    r, counts = run(pytester, "--nvme", addr)
+    assert r.ret == 0 and counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 1}, r.outlines
+    assert "destructive: pass --nvme-allow-destructive" in r.stdout.str()
 
 
-def test_a_mounted_namespace_is_refused(guest, tmp_path):
+def test_a_mounted_namespace_is_refused(guest, pytester, tmp_path):
     addr = controller(guest, "nvmevfio-nbd")["address"]
-    (tmp_path / "test_example.py").write_text(EXAMPLE)
     dev = kernel_blockdev(addr)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, timeout=300)
     subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
     try:
-        r, _ = run(tmp_path, "--nvme", addr, "--nvme-allow-destructive")
-        assert r.returncode == 4, r.stdout + r.stderr  # pytest's usage error: nothing ran
-        assert f"refusing {addr}" in r.stdout + r.stderr and "mounted on" in r.stdout + r.stderr
+        r, _ = run(pytester, "--nvme", addr, "--nvme-allow-destructive")
+        said = r.stdout.str() + r.stderr.str()
+        assert r.ret == pytest.ExitCode.USAGE_ERROR, said  # 4: nothing ran
+        assert f"refusing {addr}" in said and "mounted on" in said, said
         assert pci.get_function(addr).driver == "nvme"  # not taken from the kernel
     finally:
         subprocess.run(["umount", str(mnt)], check=True, timeout=60)

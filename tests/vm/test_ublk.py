@@ -64,6 +64,12 @@ LBA_CHECK_AT = 200 << 20  # bytes written through the disk, read back from the n
 ZEROES_AT = 208 << 20  # blkdiscard and Write Zeroes
 
 
+# What does not depend on the DMA lane runs in one custom-kernel lane (tests/vm/conftest.py, `lanes`):
+# refusals made before any server starts, and what the kernel's ublk driver does once a server is
+# gone or a request failed (the server's memory, whichever lane it came from, is gone with it)
+ONE_LANE = pytest.mark.lanes("iommufd", why="decided before any DMA memory exists, or by the kernel's ublk driver "
+                             "after the server's memory is gone: the no-IOMMU lane would repeat it")
+
 ROLES = ("nvmevfio-nbd", "nvmevfio-small", "nvmevfio-faulty")  # the controllers this file serves
 OURS: set[str] = set()  # their PCI addresses: the ublk devices this file may list and stop
 
@@ -277,6 +283,7 @@ else:
         assert after["flushes"] >= before + 5, (before, after)
         assert after["fua"] > 0  # the journal's commit blocks go with FUA
 
+    @ONE_LANE
     def test_a_namespace_already_served_is_refused_in_one_line(disk):
         info = disk.info
         for extra in ([], ["--background"]):
@@ -286,6 +293,7 @@ else:
         with open(info["device"], "rb") as f:  # the first server still serves
             assert len(f.read(4096)) == 4096
 
+    @ONE_LANE
     def test_recover_of_a_device_not_waiting_is_refused(disk):
         line = one_line_error(nv("ublk", "--recover", "98", check=False))
         assert "no ublk device 98" in line, line
@@ -430,6 +438,7 @@ else:
             assert per["reads"] > 0 and per["writes"] > 0, (q, st["per_queue"])
         stop(info)
 
+    @ONE_LANE
     def test_a_media_error_is_eio_with_the_nvme_status_in_the_log(guest, cleanup):
         faulty = controller(guest, "nvmevfio-faulty")  # reads of LBA 100 fail (QEMU blkdebug)
         info = start(faulty["address"], "--depth", "4")
@@ -447,10 +456,12 @@ else:
         log = Path(info["log"]).read_text()
         assert "READ LBA 96 (+8): Unrecovered Read Error" in log and "EIO" in log, log[-2000:]
 
+    @ONE_LANE
     def test_stop_of_an_unknown_device_is_one_line():
         line = one_line_error(nv("ublk", "--stop", "99", check=False))
         assert "no ublk device 99" in line, line
 
+    @ONE_LANE
     def test_a_killed_server_fails_io_in_bounded_time_and_leaves_a_removable_stale_device(guest, cleanup):
         small = controller(guest, "nvmevfio-small")
         info = start(small["address"])
