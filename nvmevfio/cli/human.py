@@ -122,7 +122,8 @@ def frmw(v: int) -> list[str]:
 
 def lpa(v: int) -> list[str]:
     return [*_reserved("  [7:7] : ", v >> 7 & 1),
-            *_supported(v, ((6, "Telemetry Log Data Area 4"), (5, "LID 0x0, Scope of each command in LID 0x5, 0x12, 0x13"),
+            *_supported(v, ((6, "Telemetry Log Data Area 4"),
+                            (5, "LID 0x0, Scope of each command in LID 0x5, 0x12, 0x13"),
                             (4, "Persistent Event log"), (3, "Telemetry host/controller initiated log page"),
                             (2, "Extended data for Get Log Page"), (1, "Command Effects Log Page"),
                             (0, "SMART/Health Log Page per NS"))), ""]
@@ -193,8 +194,8 @@ def anacap(v: int) -> list[str]:
 
 def _entry_sizes(v: int, q: str) -> list[str]:
     hi, lo = v >> 4 & 0xF, v & 0xF
-    return [f"  [7:4] : {_x(hi)}\tMax {q} Entry Size ({1 << hi})", f"  [3:0] : {_x(lo)}\tMin {q} Entry Size ({1 << lo})",
-            ""]
+    return [f"  [7:4] : {_x(hi)}\tMax {q} Entry Size ({1 << hi})",
+            f"  [3:0] : {_x(lo)}\tMin {q} Entry Size ({1 << lo})", ""]
 
 
 def oncs(v: int) -> list[str]:
