@@ -431,7 +431,10 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                            moddir=moddir, command=command, cwd=cwd or os.getcwd(), env=genv,
                            nvme_params=nvme_params)
     (io_dir / "guest.sh").write_text(script)
-    kappend = "console=ttyS0 intel_iommu=on panic=-1 quiet clocksource=tsc tsc=reliable " + append
+    # iomem=relaxed: nvme-cli's show-regs maps BAR0 through sysfs (resource0) while the kernel's nvme driver
+    # holds it, which Debian's CONFIG_IO_STRICT_DEVMEM refuses otherwise (nvme-cli issue 1846); the nvme-cli
+    # comparison (tests/vm/test_nvme_cli_compat.py) reads the registers both ways
+    kappend = "console=ttyS0 intel_iommu=on panic=-1 quiet clocksource=tsc tsc=reliable iomem=relaxed " + append
     qargs += ["-append", kappend.strip()]
 
     started = time.monotonic()

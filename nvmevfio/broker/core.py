@@ -80,9 +80,11 @@ class Core:
         """
         return self.shown(self.ctrl.bind())
 
-    def registers(self) -> Registers:
-        """Read CAP, VS, CC, CSTS (and AQA, ASQ, ACQ) now; writes nothing. ASQ and ACQ are None in the no-IOMMU lane."""
-        return self.shown(self.ctrl.registers())
+    def registers(self, every: bool = False) -> Registers:
+        """Read CAP, VS, CC, CSTS (and AQA, ASQ, ACQ) now; writes nothing. ASQ and ACQ are None in the no-IOMMU lane.
+        ``every``: also the other registers nvme-cli's show-regs reads, in ``others`` (BPMBL None in the no-IOMMU
+        lane)."""
+        return self.shown(self.ctrl.registers(every))
 
     def shown(self, snap: Registers) -> Registers:
         """A register snapshot as a caller gets it: in the no-IOMMU lane ASQ and ACQ hold physical

@@ -26,9 +26,10 @@ from nvmevfio.cli.common import (
 )
 
 JSON_STR_FIELDS = {"tnvmcap", "unvmcap", "megcap", "maxdna", "nvmcap"}  # 128-bit values, as nvme-cli prints them
-ID_CTRL_HEX = {"vid", "ssvid", "ver", "oaes", "ctratt", "oacs", "frmw", "lpa", "sanicap", "oncs", "fuses", "fna",
-               "vwc", "sgls", "ieee", "cmic", "nvmsr", "vwci", "mec", "anacap", "ctrattr", "ocfs"}
-ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc"}
+ID_CTRL_HEX = {"vid", "ssvid", "cmic", "cntlid", "ver", "rtd3r", "rtd3e", "oaes", "ctratt", "rrls", "oacs", "frmw",
+               "lpa", "avscc", "apsta", "rpmbs", "hctma", "sanicap", "sqes", "cqes", "oncs", "fuses", "fna", "vwc",
+               "ocfs", "sgls", "fcatt"}  # nvme-cli's %#x; the others are decimal
+ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc", "dps", "nmic", "rescap", "fpi"}  # nvme-cli's %#x
 
 
 # ------------------------------------------------------------------ registers and identify
@@ -39,13 +40,17 @@ ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc"}
 def show_regs(address: str, fmt: str, human: bool) -> None:
     """Decode CAP, VS, CC, CSTS (read only) and show the IOMMU's usable IOVA ranges.
 
+    With -H, every register nvme-cli's show-regs reads, decoded as nvme-cli 2.3 prints them (the
+    controller, the DMA lane and the IOVA ranges then go to stderr).
+
     \b
     Example: nvmevfio show-regs 00:04.0
+             nvmevfio show-regs 00:04.0 -H
     """
     from nvmevfio.nvme import regs
 
     with controller(address, enable=False) as s:
-        r = s.registers()
+        r = s.registers(every=human and fmt != "json")
         iommu = s.iommu
         info = {"address": s.address, "cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts,
                 "version": regs.version_string(r.vs), "decoded": r.decoded(), "bar0_size": s.bar0_size,
@@ -54,22 +59,30 @@ def show_regs(address: str, fmt: str, human: bool) -> None:
     if fmt == "json":
         _emit_json(info)
         return
+    summary = human  # with -H stdout is nvme-cli's text, nvmevfio's own lines go to stderr
+    if human:
+        from nvmevfio.cli.human_regs import registers
+
+        values = {"cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts, "aqa": r.aqa, "asq": r.asq, "acq": r.acq,
+                  **r.others}
+        click.echo("\n".join(registers(values)).encode() + b"\n", nl=False)
     click.echo(f"{info['address']}: NVMe {info['version']}, BAR0 {info['bar0_size']:#x} bytes, "
-               f"PCI command {info['pci_command']:#06x}")
-    for name in ("cap", "vs", "cc", "csts"):
-        fields = " ".join(f"{k}={v:#x}" for k, v in info["decoded"][name].items())
-        click.echo(f"{name:<5}: {info[name]:#018x}  {fields}")
-    cap = info["decoded"]["cap"]
-    pages = f"{4 << (10 + cap['MPSMIN'])}..{4 << (10 + cap['MPSMAX'])}"
-    click.echo(f"        timeout {cap['TO'] * 500} ms, doorbell stride {4 << cap['DSTRD']} B, "
-               f"MQES {cap['MQES'] + 1} entries, page size {pages} B")
+               f"PCI command {info['pci_command']:#06x}", err=summary)
+    if not human:
+        for name in ("cap", "vs", "cc", "csts"):
+            fields = " ".join(f"{k}={v:#x}" for k, v in info["decoded"][name].items())
+            click.echo(f"{name:<5}: {info[name]:#018x}  {fields}")
+        cap = info["decoded"]["cap"]
+        pages = f"{4 << (10 + cap['MPSMIN'])}..{4 << (10 + cap['MPSMAX'])}"
+        click.echo(f"        timeout {cap['TO'] * 500} ms, doorbell stride {4 << cap['DSTRD']} B, "
+                   f"MQES {cap['MQES'] + 1} entries, page size {pages} B")
     if iommu.backend == "noiommu":
         click.echo("iommu: none (noiommu): the device sees physical addresses, kept inside the broker's pinned "
-                   "pool; caller buffers are bounced")
+                   "pool; caller buffers are bounced", err=summary)
     else:
-        click.echo(f"iommu: {iommu.backend}, page sizes {iommu.iova_pgsizes:#x}")
+        click.echo(f"iommu: {iommu.backend}, page sizes {iommu.iova_pgsizes:#x}", err=summary)
     for a, b in iommu.ranges:
-        click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)")
+        click.echo(f"       usable IOVA {a:#018x} - {b:#018x} ({(b - a + 1) / (1 << 30):.1f} GiB)", err=summary)
 
 
 def identify_raw(s: Any, cns: int, nsid: int = 0, cntid: int = 0, csi: int = 0) -> bytes:
@@ -80,23 +93,6 @@ def identify_raw(s: Any, cns: int, nsid: int = 0, cntid: int = 0, csi: int = 0) 
 
 def _vendor_dump(raw: bytes, at: int) -> str:
     return "vs[]:\n" + nvme_dump(raw[at:])
-
-
-def _supported(*bits: tuple[int, str]) -> tuple[tuple[int, str, str], ...]:
-    return tuple((bit, f"{name} Supported", f"{name} Not Supported") for bit, name in bits)
-
-
-ID_CTRL_BITS: dict[str, tuple[tuple[int, str, str], ...]] = {
-    # -H: (bit, set, clear) in nvme-cli's words, for the fields a script most often reads
-    "cmic": ((3, "ANA supported", "ANA not supported"), (2, "SR-IOV", "PCI"),
-             (1, "Multi Controller", "Single Controller"), (0, "Multi Port", "Single Port")),
-    "oacs": _supported((10, "Lockdown Command and Feature"), (9, "Get LBA Status Capability"),
-                       (8, "Doorbell Buffer Config"), (7, "Virtualization Management"), (6, "NVMe-MI Send and Receive"),
-                       (5, "Directives"), (4, "Device Self-test"), (3, "NS Management and Attachment"),
-                       (2, "FW Commit and Download"), (1, "Format NVM"), (0, "Security Send and Receive")),
-    "oncs": _supported((8, "Copy"), (7, "Verify"), (6, "Timestamp"), (5, "Reservations"), (4, "Save and Select"),
-                       (3, "Write Zeroes"), (2, "Data Set Management"), (1, "Write Uncorrectable"), (0, "Compare")),
-}
 
 
 @main.command("id-ctrl")
@@ -121,7 +117,9 @@ def id_ctrl(address: str, vendor_specific: bool, fmt: str, raw_binary: bool, hum
     if fmt == "json":
         _emit_json(_nvme_cli_json(c, JSON_STR_FIELDS))
         return
-    click.echo("NVME Identify Controller:")
+    from nvmevfio.cli import human as decode
+
+    lines = ["NVME Identify Controller:"]
     for k, v in c.items():
         if k == "psds":
             continue
@@ -129,18 +127,11 @@ def id_ctrl(address: str, vendor_specific: bool, fmt: str, raw_binary: bool, hum
             v = f"{v:06x}"
         elif k in ID_CTRL_HEX and isinstance(v, int):
             v = f"{v:#x}" if v else "0"  # C's %#x, as nvme-cli prints them
-        click.echo(f"{k:<10}: {v}")
-        if human and k in ID_CTRL_BITS:
-            n = c[k]
-            for bit, yes, no in ID_CTRL_BITS[k]:
-                on = n >> bit & 1
-                click.echo(f"  [{bit}:{bit}] : {on:#x}\t{yes}" if on else f"  [{bit}:{bit}] : 0\t{no}")
-            click.echo("")
-    for i, ps in enumerate(c["psds"]):
-        click.echo(f"ps {i:>4} : mp:{ps['max_power'] / 100:.2f}W {'non-' if not ps['flags'] & 2 else ''}operational "
-                   f"enlat:{ps['entry_lat']} exlat:{ps['exit_lat']} rrt:{ps['read_tput']} rrl:{ps['read_lat']}")
-        click.echo(f"{'':10}rwt:{ps['write_tput']} rwl:{ps['write_lat']} idle_power:{ps['idle_power']} "
-                   f"active_power:{ps['active_power']}")
+        lines.append(f"{k:<10}: {v}")
+        if human:
+            lines += decode.id_ctrl_field(k, c[k])
+    lines += decode.power_states(c["psds"])
+    click.echo("\n".join(lines).encode() + b"\n", nl=False)  # UTF-8 whatever the locale (the °C), as nvme-cli
     if vendor_specific:
         click.echo(_vendor_dump(raw, 3072), nl=False)
     if c["oacs"] & (1 << 8):
@@ -188,22 +179,39 @@ def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binar
     for i, (n_id, n) in enumerate(idents):
         if i:
             click.echo("")
-        _print_id_ns(n_id, n)
+        _print_id_ns(n_id, n, human)
         if vendor_specific:
             click.echo(_vendor_dump(raws[i], 384), nl=False)
 
 
-def _print_id_ns(nsid: int, n: dict[str, Any]) -> None:
+# id-ns's text lines in nvme-cli 2.3's order (the JSON keeps the parser's); NPWG..NOWS only when NSFEAT bit 4 says
+# they are valid, as nvme-cli prints them
+ID_NS_TEXT = ("nsze", "ncap", "nuse", "nsfeat", "nlbaf", "flbas", "mc", "dpc", "dps", "nmic", "rescap", "fpi", "dlfeat",
+              "nawun", "nawupf", "nacwu", "nabsn", "nabo", "nabspf", "noiob", "nvmcap", "npwg", "npwa", "npdg", "npda",
+              "nows", "mssrl", "mcl", "msrc", "nulbaf", "anagrpid", "nsattr", "nvmsetid", "endgid", "nguid", "eui64")
+ID_NS_OPTIMAL = {"npwg", "npwa", "npdg", "npda", "nows"}
+
+
+def _print_id_ns(nsid: int, n: dict[str, Any], human: bool) -> None:
+    from nvmevfio.cli import human as decode
     from nvmevfio.nvme import structures
 
-    click.echo(f"NVME Identify Namespace {nsid}:")
-    in_use = structures.flbas_index(n["flbas"], n["nlbaf"])
-    for k, v in n.items():
-        if k == "lbafs":
+    lines = [f"NVME Identify Namespace {nsid}:"]
+    for k in ID_NS_TEXT:
+        v = n[k]
+        if k in ID_NS_OPTIMAL and not n["nsfeat"] & 0x10:
             continue
-        click.echo(f"{k:<8}: {hex(v) if k in ID_NS_HEX and v else v}")
-    for i, f in enumerate(n["lbafs"]):
-        click.echo(f"lbaf {i:>2} : ms:{f['ms']:<3} lbads:{f['ds']:<2} rp:{f['rp']} {'(in use)' if i == in_use else ''}")
+        label = "nsattr\t" if k == "nsattr" else f"{k:<8}"  # nvme-cli's tab, kept
+        lines.append(f"{label}: {hex(v) if k in ID_NS_HEX and v else v}")
+        if human:
+            lines += decode.id_ns_field(k, v)
+    if human:  # nvme-cli's -H line, its in-use mark from FLBAS as libnvme reads it
+        lines += [decode.lba_format(i, f, i == decode.lbaf_in_use(n["flbas"])) for i, f in enumerate(n["lbafs"])]
+    else:
+        in_use = structures.flbas_index(n["flbas"], n["nlbaf"])
+        lines += [f"lbaf {i:>2} : ms:{f['ms']:<3} lbads:{f['ds']:<2} rp:{decode.hex0(f['rp'])} "
+                  f"{'(in use)' if i == in_use else ''}" for i, f in enumerate(n["lbafs"])]
+    click.echo("\n".join(lines))
 
 
 @main.command("list-ns")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from nvmevfio.errors import ControllerFatal, ControllerTimeout, Refused
@@ -45,10 +45,15 @@ class Registers:
     aqa: int = 0
     asq: int | None = 0
     acq: int | None = 0
+    others: dict[str, int | None] = field(default_factory=dict)
+    """The other registers nvme-cli's show-regs reads (``regs.SHOWN``: INTMS ... PMRMSCU) by
+    lower-case name, when asked for (``registers(every=True)``); one beyond BAR0 is left out."""
 
     def withheld(self) -> Registers:
-        """This snapshot without the admin queue bases (``asq``/``acq`` None)."""
-        return replace(self, asq=None, acq=None)
+        """This snapshot without the admin queue bases (``asq``/``acq`` None) and BPMBL (a host
+        memory address: ``others['bpmbl']`` None)."""
+        others = {k: None if k == "bpmbl" else v for k, v in self.others.items()}
+        return replace(self, asq=None, acq=None, others=others)
 
     def decoded(self) -> dict[str, dict[str, int]]:
         return {"cap": regs.decode_cap(self.cap), "vs": regs.decode_vs(self.vs),
@@ -77,10 +82,17 @@ class Controller:
         self.mmio.write32(offset + 4, value >> 32)
         self.mmio.write32(offset, value & 0xFFFFFFFF)
 
-    def registers(self) -> Registers:
+    def registers(self, every: bool = False) -> Registers:
+        """CAP, VS, CC, CSTS, AQA, ASQ, ACQ; with ``every`` also the others nvme-cli's show-regs reads."""
+        others: dict[str, int | None] = {}
+        for name, offset, width in regs.SHOWN if every else ():
+            try:
+                others[name] = self.read64(offset) if width == 8 else self.mmio.read32(offset)
+            except ValueError:  # beyond BAR0 (the PMR registers at E00h of a small BAR)
+                continue
         return Registers(self.read64(regs.CAP), self.mmio.read32(regs.VS), self.mmio.read32(regs.CC),
                          self.mmio.read32(regs.CSTS), self.mmio.read32(regs.AQA), self.read64(regs.ASQ),
-                         self.read64(regs.ACQ))
+                         self.read64(regs.ACQ), others)
 
     def csts(self) -> int:
         return self.mmio.read32(regs.CSTS)

@@ -37,6 +37,11 @@ def pack(fields: dict[Field, int], value: int = 0) -> int:
 CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ, CMBLOC, CMBSZ = (
     0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C, 0x20, 0x24, 0x28, 0x30, 0x38, 0x3C)
 DOORBELL_BASE = 0x1000
+# The registers nvme-cli's show-regs reads besides CAP, VS, CC, CSTS, AQA, ASQ, ACQ: (name, offset, bytes)
+SHOWN = (("intms", 0x0C, 4), ("intmc", 0x10, 4), ("nssr", 0x20, 4), ("cmbloc", 0x38, 4), ("cmbsz", 0x3C, 4),
+         ("bpinfo", 0x40, 4), ("bprsel", 0x44, 4), ("bpmbl", 0x48, 8), ("cmbmsc", 0x50, 8), ("cmbsts", 0x58, 4),
+         ("crto", 0x68, 4), ("pmrcap", 0xE00, 4), ("pmrctl", 0xE04, 4), ("pmrsts", 0xE08, 4), ("pmrebs", 0xE0C, 4),
+         ("pmrswtp", 0xE10, 4), ("pmrmscl", 0xE14, 4), ("pmrmscu", 0xE18, 4))
 
 
 class CAP_:

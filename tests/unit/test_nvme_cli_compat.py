@@ -43,11 +43,11 @@ DIFFERENT: dict[tuple[str, str], str] = {
     ("read", "data-size"): "optional (default: the blocks' bytes); nvme-cli requires it",
     ("write", "block-count"): "optional: without it the whole data (or --data-size bytes of it) is written",
     ("read", "block-count"): "not limited to one command: more than MDTS is split (also compare's 65536 limit)",
-    ("id-ctrl", "human-readable"): "decodes CMIC, OACS and ONCS bit by bit (nvme-cli decodes every field)",
-    ("id-ns", "human-readable"): "accepted; the normal output already shows each LBA format and the one in use",
     ("get-feature", "human-readable"): "decodes features 01h-0Ah (nvme-cli decodes every feature it knows)",
     ("get-feature", "feature-id"): "required: nvme-cli without it reads every feature",
-    ("show-regs", "human-readable"): "accepted; the registers are always decoded",
+    ("show-regs", "human-readable"): "nvme-cli's decoded text for every register it reads, on stdout; nvmevfio's "
+                                     "own lines (BAR0, the DMA lane, IOVA ranges) go to stderr. CC, CSTS, AQA, ASQ, "
+                                     "ACQ are as nvmevfio left them (no queues: show-regs does not enable)",
     ("show-regs", "output-format"): "normal|json: BAR0 is read by field, there is no register dump",
     ("sanitize-log", "human-readable"): "accepted; the page is always decoded",
     ("sanitize-log", "rae"): "accepted; the broker reads the page for its own events anyway",

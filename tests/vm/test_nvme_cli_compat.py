@@ -1,10 +1,12 @@
 """A script written the way nvme-cli users write them, with nvme-cli's spellings, run on the same
 controller twice: nvme-cli 2.3 on the kernel driver, then nvmevfio on vfio-pci. Same data, the same
 JSON (the fields both have), the same exit codes (nvme-cli's: 1 for an NVMe status and for a usage
-error, measured), and the differences docs/nvme-cli.md names. nvmevfio's commands run in this
+error, measured), the same -H text (id-ctrl, id-ns, show-regs: nvme-cli 2.3's words and layout), and
+the differences docs/nvme-cli.md names. nvmevfio's commands run in this
 process through the script's ``nvmevfio`` function (cli_runner.shell_nvmevfio): one Python, many
 commands; one of them (``sanitize``) also as a real process for its real exit status."""
 
+import difflib
 import json
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from cli_runner import SHELL_FUNCTION, shell_nvmevfio
 from conftest import controller, kernel_blockdev
 
 from nvmevfio import pci
+from nvmevfio.cli import human, human_regs
 
 # $NVME is nvme or nvmevfio; $CTRL the controller (/dev/nvme0 or its address), $NS a namespace
 # (/dev/nvme0n1, or the address: nvmevfio's -n defaults to 1). Each step: NAME.out, NAME.err, NAME.rc.
@@ -36,6 +39,8 @@ run id-ctrl-v   $NVME id-ctrl $CTRL -v
 run id-ctrl-H   $NVME id-ctrl $CTRL -H
 run id-ctrl     $NVME id-ctrl $CTRL -o json
 run id-ns       $NVME id-ns $NS -o json
+run id-ns-H     $NVME id-ns $NS -H
+run regs-H      $NVME show-regs $CTRL -H
 run list-ns     $NVME list-ns $CTRL -o json
 run ns-descs    $NVME ns-descs $CTRL -n 1 -o json
 run feature-4   $NVME get-feature $CTRL -f 0x04 -H
@@ -141,16 +146,71 @@ def test_an_nvme_cli_script_runs_alike_on_nvmevfio(guest, io_dir):
     assert {k: (o_smart[k], v) for k, v in k_smart.items() if k not in moving and o_smart[k] != v} == {}
     assert all(type(o_smart[k]) is type(k_smart[k]) for k in k_smart)
 
-    # the same text: -H's decoded fields, -v's vendor-specific dump, get-feature -H
-    def block(text, field):
+    # the same text: every block id-ctrl -H and id-ns -H decode (the field's line and the lines under it,
+    # up to the next line that starts with a letter), id-ns -H's LBA format lines
+    def block(text, field, width):
         lines = text.decode().splitlines()
-        at = next(i for i, line in enumerate(lines) if line.startswith(f"{field:<10}:"))
-        end = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith("  ["))
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{field:<{width}}:"))
+        end = next(i for i in range(at + 1, len(lines)) if lines[i][:1].isalpha())
         return lines[at:end]
 
-    for field in ("vid", "cmic", "oacs", "oncs", "mdts"):
-        assert block(ours["id-ctrl-H"][1], field) == block(theirs["id-ctrl-H"][1], field), field
-    assert len(block(ours["id-ctrl-H"][1], "oncs")) == 10  # decoded bit by bit
+    differ = {}
+    for step, fields, width in (("id-ctrl-H", ("vid", "mdts", *human.ID_CTRL), 10), ("id-ns-H", human.ID_NS, 8)):
+        for field in fields:
+            o, t = block(ours[step][1], field, width), block(theirs[step][1], field, width)
+            if o != t:
+                differ[f"{step} {field}"] = (o, t)
+
+    def power_states(text):
+        lines = text.decode().splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("ps ")):]
+
+    if power_states(ours["id-ctrl-H"][1]) != power_states(theirs["id-ctrl-H"][1]):
+        differ["id-ctrl-H power states"] = (power_states(ours["id-ctrl-H"][1]), power_states(theirs["id-ctrl-H"][1]))
+    for step in ("id-ctrl-H", "id-ns-H"):  # and the whole text, line for line (the values are the JSON's, equal)
+        diff = [line for line in difflib.unified_diff(theirs[step][1].decode().splitlines(),
+                                                      ours[step][1].decode().splitlines(), lineterm="", n=0)
+                if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        if diff:
+            differ[f"{step} whole text (- nvme-cli, + nvmevfio)"] = diff
+
+    def lbafs(text):
+        return [line for line in text.decode().splitlines() if line.startswith("LBA Format")]
+
+    if lbafs(ours["id-ns-H"][1]) != lbafs(theirs["id-ns-H"][1]):
+        differ["id-ns-H LBA formats"] = (lbafs(ours["id-ns-H"][1]), lbafs(theirs["id-ns-H"][1]))
+
+    # show-regs -H: nvme-cli reads the registers of a controller the kernel runs; nvmevfio's show-regs
+    # reads them with no queues of its own (enable=False, after the last command's shutdown). What the
+    # controller is (CAP, VS, NSSR, CRTO, the CMB, boot partition and PMR registers) must read the same,
+    # text for text. What the driver made of it (CC, CSTS, AQA, ASQ, ACQ, INTMS, INTMC: enabled or shut
+    # down, the queue sizes and addresses, the interrupt mask) differs in value, fairly: for those the
+    # decoded layout must match, each line's name up to its first colon.
+    def regs(text):
+        out, name = {}, None
+        for line in text.decode().splitlines():
+            if line[:1].isalpha():
+                name = line.split(":")[0].strip()
+                out[name] = []
+            out[name].append(line)
+        return out
+
+    driver_state = {"cc", "csts", "aqa", "asq", "acq", "intms", "intmc"}
+    r_o, r_t = regs(ours["regs-H"][1]), regs(theirs["regs-H"][1])
+    if list(r_o) != list(r_t) or len(r_t) < 24:
+        differ["regs-H registers"] = (list(r_o), list(r_t), theirs["regs-H"][0], theirs["regs-H"][2])
+    for name, lines in r_t.items():
+        if name not in r_o or human_regs.WITHHELD in r_o[name][0]:
+            continue  # the no-IOMMU lane's ASQ/ACQ/BPMBL: physical addresses, never shown (NVMEVFIO_VM_ALL_LANES)
+        if name in driver_state:
+            o, t = [line.split(":")[0] for line in r_o[name]], [line.split(":")[0] for line in lines]
+        else:
+            o, t = r_o[name], lines
+        if o != t:
+            differ[f"regs-H {name}"] = (o, t)
+    assert differ == {}, differ
+    assert len(block(ours["id-ctrl-H"][1], "oncs", 10)) == 11  # decoded bit by bit, and the blank line
+    assert "(in use)" in "".join(lbafs(ours["id-ns-H"][1])) and "Interrupt Vector Mask Set" in r_o["intms"][1]
 
     def dump(text):
         return [line for line in text.decode().splitlines() if line[:4].isalnum() and line[4:6] == ": "]
