@@ -83,3 +83,18 @@ def test_ublk_and_tcp_ratios_and_their_median_over_boots():
               for mode in ("poll", "irq")}
     assert bench.tcp_ratios(kernel, export, kernel) == {
         f"{name} ({mode})": 0.95 if mode == "poll" else 0.8 for name, *_ in bench.TCP_ROWS for mode in ("poll", "irq")}
+
+
+def test_a_shim_older_than_its_c_sources_is_named(tmp_path):
+    import os
+
+    pkg, cbits = tmp_path / "nvmevfio", tmp_path / "cbits"
+    pkg.mkdir()
+    cbits.mkdir()
+    for name, when in (("nvmevfio/_cbits.abi3.so", 2000), ("cbits/ublk.c", 3000), ("cbits/qpair.c", 1000)):
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (when, when))
+    assert bench.stale_build(pkg, cbits) == ["ublk.c"]
+    os.utime(pkg / "_cbits.abi3.so", (4000, 4000))
+    assert bench.stale_build(pkg, cbits) == []
+    assert bench.stale_build(tmp_path / "elsewhere", cbits) == []  # an installed wheel: no checkout beside it

@@ -592,6 +592,17 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
         image.unlink(missing_ok=True)
 
 
+def stale_build(package_dir: Path, cbits: Path) -> list[str]:
+    """The C sources newer than the built shim when ``package_dir`` is a checkout's editable
+    install (its ``_cbits*.so`` next to the sources): an old shim benchmarks old C, or fails where
+    the Python expects new entry points. Empty for an installed wheel or an up-to-date build."""
+    built = sorted(package_dir.glob("_cbits*.so"))
+    if not built or not cbits.is_dir():
+        return []
+    when = min(p.stat().st_mtime for p in built)
+    return sorted(p.name for p in cbits.iterdir() if p.is_file() and p.stat().st_mtime > when)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -618,6 +629,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.in_guest:
         return in_guest(args.seconds, args.in_guest, args.sweep, args.only)
+    import nvmevfio
+
+    package = Path(nvmevfio.__file__).resolve().parent
+    newer = stale_build(package, package.parent / "cbits")
+    if newer:
+        raise SystemExit(f"{package}'s C shim is older than {', '.join(newer)}: rebuild it first "
+                         "(tools/setup-host.sh)")
     if args.only == "ublk":
         if args.lane == "type1":
             raise SystemExit("--only ublk: Debian's 6.1 guest kernel has no ublk; use --lane iommufd (or noiommu)")
