@@ -38,18 +38,24 @@ class LeakScan:
     aligned 8-byte word), strings (every number written in them) and exceptions (text and
     context). ``objects`` and ``fields`` count what was looked at; ``hits`` names every leak."""
 
-    def __init__(self, frames: np.ndarray) -> None:
+    def __init__(self, frames: np.ndarray, sizes: frozenset[int] = frozenset()) -> None:
+        """``sizes``: byte counts the caller knows independently (a namespace's capacity as
+        configured): a value equal to one of them that falls in a pool page is a coincidence of
+        where the pool landed (a 64 MiB pool at physical 64 MiB holds the value 64 Mi), listed in
+        ``coincidences`` instead of ``hits``. Nothing else is excused."""
         self.frames = np.unique(np.asarray(frames, dtype=np.uint64))
+        self.sizes = sizes
         self.objects = 0
         self.fields = 0
         self.hits: list[str] = []
+        self.coincidences: list[str] = []
         self._seen: set[int] = set()
         self._keep: list[Any] = []  # what was seen stays alive: an id is not reused mid-scan
 
     def _check(self, value: int, path: str) -> None:
         self.fields += 1
         if value >= 0 and (value >> PAGE_SHIFT) < (1 << 64) and self._pfn(value >> PAGE_SHIFT):
-            self.hits.append(f"{path} = {value:#x}")
+            (self.coincidences if value in self.sizes else self.hits).append(f"{path} = {value:#x}")
 
     def _pfn(self, pfn: int) -> bool:
         i = int(np.searchsorted(self.frames, np.uint64(pfn)))
@@ -74,7 +80,9 @@ class LeakScan:
         values = arr.reshape(-1).astype(np.uint64)  # negative values wrap to huge ones: no frame
         self.fields += values.size
         found = np.flatnonzero(np.isin(values >> np.uint64(PAGE_SHIFT), self.frames))
-        self.hits += [f"{path}[{i}] = {int(values[i]):#x}" for i in found[:8].tolist()]
+        for i in found[:8].tolist():
+            value = int(values[i])
+            (self.coincidences if value in self.sizes else self.hits).append(f"{path}[{i}] = {value:#x}")
 
     def scan(self, value: Any, path: str) -> None:
         if value is None or isinstance(value, (bool, np.bool_)):
@@ -143,7 +151,8 @@ class LeakScan:
         return type(value).__module__.startswith("nvmevfio") or isinstance(value, io.IOBase)
 
     def report(self, what: str) -> str:
-        return f"leak scan ({what}): {self.objects} objects, {self.fields} fields, {len(self.hits)} physical"
+        said = f"; {len(self.coincidences)} equal to a known size: {self.coincidences}" if self.coincidences else ""
+        return f"leak scan ({what}): {self.objects} objects, {self.fields} fields, {len(self.hits)} physical{said}"
 
 
 def api_results(dev: Any) -> dict[str, Any]:

@@ -123,3 +123,14 @@ def test_the_leak_scan_finds_a_physical_address_wherever_it_hides():
         "registers.asq", "holder.shown", "holder.nested['k'][0][1]['prp1'][1]", "text ('0x300001000' in text)",
         "text ('4294967296' in text)", "bytes as 8-byte words[0]", "error.__dict__['context']['where']"]), scan.hits
     assert scan.objects >= 8 and scan.fields > 20
+
+
+def test_a_known_size_inside_the_pool_is_a_coincidence_and_nothing_else_is_excused():
+    from leakscan import LeakScan
+
+    frames = np.arange(0x4000, 0x4010, dtype=np.uint64)  # a pool at physical 64 MiB
+    scan = LeakScan(frames, frozenset({64 << 20}))
+    scan.scan({"capacity_bytes": 64 << 20, "prp": (64 << 20) + 0x1000, "words": np.array([64 << 20, 7])}, "r")
+    assert scan.hits == ["r.prp = 0x4001000"] or scan.hits == ["r['prp'] = 0x4001000"], scan.hits
+    assert len(scan.coincidences) == 2 and all("0x4000000" in c for c in scan.coincidences), scan.coincidences
+    assert "2 equal to a known size" in scan.report("t")
