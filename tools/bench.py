@@ -663,22 +663,22 @@ def main() -> int:
                   f"{a2[m]['iops']:.0f}: ratio {b[m]['iops'] / k:.2f} (nvmevfio waiting {b[m]['wait_pct']:.0f}%)")
         return 0
     if args.only == "tcp":
-        boots = []
+        boots, ratios_per_boot = [], []
         for i in range(args.boots):
             a1, b, a2 = rounds = boot_once(args, False, "tcp")["only"]
             boots.append({"only": rounds})
+            ratios_per_boot.append(tcp_ratios(a1, b, a2))
             print(f"boot {i + 1} of {args.boots}, lane {args.lane}")
             for name, *_ in TCP_ROWS:
                 for mode in ("poll", "irq"):
                     got = b[mode][name]
-                    r = tcp_ratios(a1, b, a2)[f"{name} ({mode})"]
+                    r = ratios_per_boot[-1][f"{name} ({mode})"]
                     print(f"NVMe/TCP {name}: nvmevfio export ({mode}) {got['iops']:.0f} IOPS ({got['mib_per_s']:.0f} "
                           f"MiB/s), nvmet over the kernel driver {a1[name]['iops']:.0f} / {a2[name]['iops']:.0f}: "
                           f"ratio {r:.2f} (bar {TCP_BAR}: {'met' if r >= TCP_BAR else 'NOT MET'})", flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
-            ratios_per_boot = [tcp_ratios(*b["only"]) for b in boots]
             print(median_report("NVMe/TCP", ratios_per_boot, dict.fromkeys(ratios_per_boot[0], TCP_BAR)))
         return 0
     if args.only == "service":
