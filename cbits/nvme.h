@@ -11,6 +11,7 @@
 #define NVME_CMD_DSM 0x09               /* Dataset Management (a deallocate: attribute AD) */
 
 /* command dwords */
+#define NVME_PSDT_SGL 0x40              /* CDW0 bits 15:14 (byte 1 bits 7:6) = 01b: SGLs for the data (4.2) */
 #define NVME_RW_FUA (1u << 30)          /* CDW12 bit 30: Force Unit Access */
 #define NVME_WZ_DEAC (1u << 25)         /* Write Zeroes CDW12 bit 25: Deallocate */
 #define NVME_DSMGMT_AD (1u << 2)        /* Dataset Management CDW11 bit 2: Attribute - Deallocate */

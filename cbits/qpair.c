@@ -452,12 +452,14 @@ int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t
     return got == 1 ? 0 : -ETIMEDOUT;
 }
 
-int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb, uint64_t prp1,
-                  uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns, struct nv_completion *out)
+int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint8_t flags, uint32_t nsid, uint64_t slba, uint32_t nlb,
+                  uint64_t prp1, uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
+                  struct nv_completion *out)
 {
     struct nv_sqe e;
     memset(&e, 0, sizeof(e));
     e.opc = opc;
+    e.flags = flags;
     e.cid = NV_CID_TAKE;
     e.nsid = nsid;
     e.prp1 = prp1;

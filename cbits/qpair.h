@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "barrier.h"
+#include "nvme.h"
 
 /* busy[cid]: a command id is free, taken (its PRP-list pages being authored), in flight, or
  * standing (an Asynchronous Event Request: outstanding until the controller has an event) */
@@ -54,6 +55,22 @@ static inline void qp_advance_tail(struct nv_qp *qp)
     qp->sq_tail = qp->sq_tail + 1 == qp->depth ? 0 : qp->sq_tail + 1;
 }
 
+/* The data pointer of a READ/WRITE of len bytes in a registered buffer's slot, from what the
+ * broker authored for it (no address is computed here): an SGL Data Block descriptor (4.1.2:
+ * PSDT 01b, the slot's address, the length; its identifier byte is 00h), or PRPs (4.1.1), where
+ * the memory pages the transfer touches pick which of the broker's PRP2 values applies. */
+static inline void qp_slot_dptr(struct nv_sqe *e, const struct nv_prp_slot *p, uint64_t len, uint32_t page_size)
+{
+    e->prp1 = p->prp1;
+    if (p->sgl) {
+        e->flags |= NVME_PSDT_SGL;
+        e->prp2 = len;
+        return;
+    }
+    uint64_t pages = (p->prp1 % page_size + len + page_size - 1) / page_size;
+    e->prp2 = pages <= 1 ? 0 : pages == 2 ? p->prp2_page : p->prp2_list;
+}
+
 /* Write one READ/WRITE into the SQ at the tail for a registered buffer's slot (a free id taken
  * here, its PRPs the broker's), and record it in flight. The caller checked the room, and
  * counts in_flight and posted for the batch. */
@@ -62,18 +79,12 @@ static inline void qp_post_slot(struct nv_qp *qp, uint8_t opc, uint32_t nsid, ui
                                 uint32_t page_size, int64_t now, int64_t buf_slot, int64_t buf_gen)
 {
     uint16_t cid = qp->free_stack[--qp->free_top];
-    const struct nv_prp_slot *p = &prps[slot];
-    uint64_t len = (uint64_t)nlb * block_size;
-    /* Memory pages the transfer touches, from PRP1's page (4.1.1): it picks which of the
-     * broker's PRP2 values applies. No address is computed here. */
-    uint64_t pages = (p->prp1 % page_size + len + page_size - 1) / page_size;
     struct nv_sqe *e = &qp->sq[qp->sq_tail];
     memset(e, 0, sizeof(*e));
     e->opc = opc;
     e->cid = cid;
     e->nsid = nsid;
-    e->prp1 = p->prp1;
-    e->prp2 = pages <= 1 ? 0 : pages == 2 ? p->prp2_page : p->prp2_list;
+    qp_slot_dptr(e, &prps[slot], (uint64_t)nlb * block_size, page_size);
     e->cdw10 = (uint32_t)slba;
     e->cdw11 = (uint32_t)(slba >> 32);
     e->cdw12 = nlb - 1;  /* NLB is 0's based */

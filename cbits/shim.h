@@ -178,10 +178,12 @@ struct nv_unpin {          /* reaped commands per DMA buffer (slot, generation),
     int64_t commands;
 };
 
-struct nv_prp_slot {       /* a registered-buffer slot's PRPs, authored once by the broker */
-    uint64_t prp1;         /* the slot's first byte */
+struct nv_prp_slot {       /* a registered-buffer slot's data pointer, authored once by the broker */
+    uint64_t prp1;         /* the slot's first byte (PRP1, or an SGL Data Block's Address) */
     uint64_t prp2_page;    /* PRP2 when a transfer touches exactly two memory pages */
     uint64_t prp2_list;    /* PRP2 (a PRP-list pointer) when it touches more */
+    uint64_t sgl;          /* nonzero: the slot is one contiguous range; the command carries an SGL Data
+                            * Block descriptor (PSDT 01b) with the transfer's length, not PRPs */
 };
 
 /* The simulator's doorbell: called instead of an MMIO store when set. */
@@ -289,9 +291,10 @@ int nv_qp_reap_wait(struct nv_qp *qp, struct nv_completion *out, uint32_t max, u
 int nv_qp_exec(struct nv_qp *qp, struct nv_sqe *entry, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns,
                struct nv_completion *out);
 /* nv_qp_exec for one READ or WRITE of nlb blocks at slba, built here from its fields (PRP1 and
- * PRP2 authored by the broker; no PRP list): the synchronous API's one call per command. */
-int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t nlb, uint64_t prp1,
-                  uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns, struct nv_completion *out);
+ * PRP2, or an SGL Data Block descriptor, authored by the broker; no list; flags is CDW0's byte 1,
+ * FUSE and PSDT): the synchronous API's one call per command. */
+int nv_qp_exec_rw(struct nv_qp *qp, uint8_t opc, uint8_t flags, uint32_t nsid, uint64_t slba, uint32_t nlb,
+                  uint64_t prp1, uint64_t prp2, int64_t buf_slot, int64_t buf_gen, int64_t timeout_ns, struct nv_completion *out);
 /* Make in-flight command cid a standing one (an Asynchronous Event Request, 5.2): it is no
  * longer counted in in_flight nor ever late; its completion, whenever a reap meets it, is
  * kept aside (at most 16) for nv_qp_take_events, not returned by the reap. -EINVAL when cid

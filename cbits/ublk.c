@@ -26,6 +26,7 @@
 
 #include "shim.h"
 #include "nvme.h"  /* NVMe opcodes and command bits */
+#include "qpair.h"  /* qp_slot_dptr: a slot's data pointer, as the queue pairs build it */
 
 /* ---- ublk UAPI (include/uapi/linux/ublk_cmd.h, Linux 6.12), declared here: Debian 12's
  * headers predate the ioctl-encoded opcodes (UBLK_U_*) and user recovery ---- */
@@ -411,12 +412,8 @@ static int start(struct nv_ublk_queue *q, struct nv_qp *qp, uint16_t tag, int64_
                 err = EINVAL;
                 break;
             }
-            const struct nv_prp_slot *p = &q->prps[tag];
-            /* Memory pages the transfer touches pick which of the broker's PRP2 values applies (4.1.1). */
-            uint64_t pages = (p->prp1 % q->page_size + bytes + q->page_size - 1) / q->page_size;
             e.opc = op == UBLK_IO_OP_READ ? NVME_CMD_READ : NVME_CMD_WRITE;
-            e.prp1 = p->prp1;
-            e.prp2 = pages <= 1 ? 0 : pages == 2 ? p->prp2_page : p->prp2_list;
+            qp_slot_dptr(&e, &q->prps[tag], bytes, q->page_size);
             e.cdw12 = (nlb - 1) | ((op_flags & UBLK_IO_F_FUA) ? NVME_RW_FUA : 0);  /* NLB is 0's based */
             if (op == UBLK_IO_OP_READ)
                 q->reads++;

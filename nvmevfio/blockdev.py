@@ -37,6 +37,8 @@ class DeviceInfo:
     queue_depth: int
     completion_mode: str
     shadow_doorbells: bool
+    data_descriptors: str  # "prp" or "sgl": what describes READ and WRITE data (create_io_queues(sgl=))
+    sq_in_cmb: bool  # the submission queues live in the Controller Memory Buffer
     dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "noiommu" (bounced), "simulated"
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,14 +56,16 @@ class BlockDevice:
     """write_from(lba, count, buf, offset=0, qid=1): write from a DMA buffer, as read_into."""
 
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
-                 irq: bool = False, queues: int = 1, shadow_doorbells: bool = True) -> None:
+                 irq: bool = False, queues: int = 1, shadow_doorbells: bool = True, sgl: bool = False,
+                 sq_in_cmb: bool = False) -> None:
         self.provider = provider
         self.nsid = nsid
         try:
             if provider.state != "ready":
                 provider.enable()
             ctrl = provider.identify_controller()
-            depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells)
+            depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
+                                              sgl=sgl, sq_in_cmb=sq_in_cmb)
             ns = provider.namespace(nsid)
         except BaseException:
             provider.close()
@@ -71,7 +75,8 @@ class BlockDevice:
             capacity_bytes=ns.size_bytes, max_transfer_bytes=provider.max_transfer,
             model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
             queue_depth=depth, completion_mode="irq" if irq else "poll",
-            shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane)
+            shadow_doorbells=provider.shadow_doorbells, data_descriptors="sgl" if sgl else "prp", sq_in_cmb=sq_in_cmb,
+            dma_lane=provider.dma_lane)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
         self.read_into = functools.partial(provider.read_into, nsid)
@@ -81,6 +86,7 @@ class BlockDevice:
     # written once, in the broker component that does it
     check_window = NamespaceVerb(Provider.check_window)
     read_blocks = NamespaceVerb(SyncIO.read)
+    read_sparse = NamespaceVerb(SyncIO.read_sparse)
     write_blocks = NamespaceVerb(SyncIO.write)
     flush = NamespaceVerb(SyncIO.flush)
     write_zeroes = NamespaceVerb(SyncIO.write_zeroes)
@@ -188,15 +194,19 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True,
-         command_timeout_s: float | None = None, backend: str | None = None,
+         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True, sgl: bool = False,
+         sq_in_cmb: bool = False, command_timeout_s: float | None = None, backend: str | None = None,
          unsafe_noiommu: bool | None = None) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
     CAP.MQES+1); ``reset``: VFIO function reset first; ``hugetlb``: 2 MiB pages for the broker's
     queues and staging memory; ``shadow_doorbells``: use Doorbell Buffer Config when the
-    controller offers it (MMIO doorbells only when the EventIdx rule asks for them);
+    controller offers it (MMIO doorbells only when the EventIdx rule asks for them); ``sgl``:
+    READ and WRITE describe their data with SGL descriptors (4.1.2) instead of PRPs, where
+    Identify Controller SGLS offers them (refused ``sgl-unsupported`` otherwise); ``sq_in_cmb``:
+    the I/O submission queues live in the controller's Controller Memory Buffer (refused
+    ``cmb-unavailable`` where it has none that may hold them);
     ``command_timeout_s``: how long a command may take (default 30 s) before the broker aborts
     it, then resets the controller and requeues what was in flight; ``backend``: the IOMMU
     interface, ``type1`` (VFIO container), ``iommufd`` (VFIO device cdev, Linux 6.6+) or ``auto``
@@ -207,4 +217,4 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
                                                  command_timeout_s=command_timeout_s, backend=backend,
                                                  unsafe_noiommu=unsafe_noiommu)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
-                       shadow_doorbells=shadow_doorbells)
+                       shadow_doorbells=shadow_doorbells, sgl=sgl, sq_in_cmb=sq_in_cmb)

@@ -396,6 +396,31 @@ class DmaLedger:
         """:meth:`translate` for one address."""
         return self.pool.translate_one(iova) if self.pool is not None else iova
 
+    def reserve_device_range(self, size: int, alignment: int) -> int:
+        """IOVA space no buffer will ever get, nothing mapped at it: for an address the device
+        resolves itself (the Controller Memory Buffer's base), so no DMA address can collide."""
+        if self.pool is not None:
+            raise Refused("invalid-argument", "the no-IOMMU lane has no IOVA space to reserve")
+        return self.iovas.alloc(size, alignment)
+
+    def device_ranges(self, iova: int, length: int) -> list[tuple[int, int]]:
+        """``[iova, iova + length)`` as the device sees it, as (address, length) ranges each
+        contiguous for the device: one with an IOMMU; in the no-IOMMU lane one per physically
+        contiguous run (the pool is contiguous within each huge page, see :meth:`translate`)."""
+        if self.pool is None:
+            return [(iova, length)]
+        out: list[tuple[int, int]] = []
+        pos, end = iova, iova + length
+        while pos < end:
+            piece = min(end, pos - pos % HUGE_PAGE + HUGE_PAGE) - pos
+            pa = self.pool.translate_one(pos)
+            if out and out[-1][0] + out[-1][1] == pa:
+                out[-1] = (out[-1][0], out[-1][1] + piece)
+            else:
+                out.append((pa, piece))
+            pos += piece
+        return out
+
     # -- lookups ---------------------------------------------------------------
     def _live_slot(self, buf: DmaBuffer) -> _Slot:
         if not isinstance(buf, DmaBuffer):

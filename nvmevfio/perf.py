@@ -41,6 +41,8 @@ class PerfResult:
     lat_p999_us: float
     errors: int
     shadow_doorbells: bool = False
+    data_descriptors: str = "prp"  # "prp" or "sgl" (open(sgl=True), perf --sgl)
+    sq_in_cmb: bool = False  # the submission queue in the Controller Memory Buffer (perf --sq-in-cmb)
     sq_doorbell_mmio: int = 0  # SQ tail doorbell MMIO writes during the run
     cq_doorbell_mmio: int = 0
     shadow_only_updates: int = 0  # doorbell updates the EventIdx rule let go without MMIO
@@ -169,6 +171,7 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
         lat_mean_us=st["lat_sum_ns"] / n / 1000 if n else 0.0, lat_min_us=st["lat_min_ns"] / 1000 if n else 0.0,
         lat_max_us=st["lat_max_ns"] / 1000 if n else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,
         errors=st["errors"], shadow_doorbells=dev.info.shadow_doorbells, sq_doorbell_mmio=db["sq_mmio"],
+        data_descriptors=dev.info.data_descriptors, sq_in_cmb=dev.info.sq_in_cmb,
         cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"],
         wait_pct=100.0 * st["wait_ns"] / 1e9 / elapsed if elapsed else 0.0,
         ios_per_submit=n / st["fills"] if st["fills"] else 0.0, ios_per_reap=n / st["reaps"] if st["reaps"] else 0.0)

@@ -95,6 +95,7 @@ class Provider:
     on_event = Verb(Events.on_event)
     # synchronous I/O
     read = Verb(SyncIO.read)
+    read_sparse = Verb(SyncIO.read_sparse)
     write = Verb(SyncIO.write)
     flush = Verb(SyncIO.flush)
     write_zeroes = Verb(SyncIO.write_zeroes)
@@ -141,11 +142,16 @@ class Provider:
         return self._broker.id_ctrl or self._broker.identify_controller()
 
     def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False,
-                         shadow_doorbells: bool = True) -> int:
+                         shadow_doorbells: bool = True, sgl: bool = False, sq_in_cmb: bool = False) -> int:
+        """Create ``count`` I/O queue pairs (depth: CAP.MQES+1 up to 128 by default); ``irq``: MSI-X
+        completions; ``shadow_doorbells``: Doorbell Buffer Config where offered; ``sgl``: READ and
+        WRITE carry SGLs instead of PRPs (refused ``sgl-unsupported`` where SGLS does not offer them);
+        ``sq_in_cmb``: the submission queues in the Controller Memory Buffer (``cmb-unavailable``)."""
         from nvmevfio.broker import DEFAULT_IO_DEPTH
 
         return self._broker.create_io_queues(count, depth or min(DEFAULT_IO_DEPTH, self._broker.ctrl.mqes),
-                                             irq=irq, shadow_doorbells=shadow_doorbells)
+                                             irq=irq, shadow_doorbells=shadow_doorbells, sgl=sgl,
+                                             sq_in_cmb=sq_in_cmb)
 
     @property
     def shadow_doorbells(self) -> bool:
@@ -269,13 +275,14 @@ class Provider:
 
     # -- the service's compiled data path (nvmevfio/service/daemon.py; cbits/service.c) --
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
-               qid: int = 1) -> np.ndarray:
+               qid: int = 1, sgl: bool | None = None) -> np.ndarray:
         """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
-        tags (int64 array; ``reap()`` reports each tag once)."""
+        tags (int64 array; ``reap()`` reports each tag once). ``sgl``: SGLs instead of PRPs for
+        this batch (None: as the queues were created)."""
         opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
         if opcode is None:
             raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
-        return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid)
+        return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, sgl=sgl)
 
 
 class ControllerSession(Provider):
@@ -406,7 +413,7 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
                                page_size=max(PAGE_SIZE, fn.iommu.min_page_size), hugetlb=hugetlb)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
-                       command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S)
+                       command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S, bar_map=fn.bar_memory)
         session = ControllerSession(br, fn, ledger)
         session.bind()
         return session

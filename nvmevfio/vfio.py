@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nvmevfio._ffi import check, const, ffi, lib
 from nvmevfio.errors import ShimError, VfioError
 from nvmevfio.mmio import BarMmio
@@ -437,6 +439,14 @@ class VfioFunction:
     @property
     def backend(self) -> str:
         return self.iommu.backend
+
+    def bar_memory(self, index: int) -> tuple[np.ndarray, int]:
+        """BAR ``index`` mapped as bytes (for memory the controller exposes there, the Controller
+        Memory Buffer) and its PCI bus address (sysfs ``resource``: start, end, flags per BAR)."""
+        bar = self.device.map_bar(index)
+        memory = np.frombuffer(ffi.buffer(bar.base, bar.size), dtype=np.uint8)
+        lines = (Path("/sys/bus/pci/devices") / self.address / "resource").read_text().split("\n")
+        return memory, int(lines[index].split()[0], 16)
 
     def close(self) -> None:
         if self._closed:

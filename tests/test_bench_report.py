@@ -98,3 +98,13 @@ def test_a_shim_older_than_its_c_sources_is_named(tmp_path):
     os.utime(pkg / "_cbits.abi3.so", (4000, 4000))
     assert bench.stale_build(pkg, cbits) == []
     assert bench.stale_build(tmp_path / "elsewhere", cbits) == []  # an installed wheel: no checkout beside it
+
+
+def test_feature_ratios_against_prps_before_and_after():
+    def r(a: float, b: float, c: float) -> dict:
+        return {"randread-4k-qd32": {"iops": a}, "read-128k-qd8": {"iops": b}, "randwrite-4k-qd32": {"iops": c}}
+
+    rounds = [r(100, 50, 80), r(90, 50, 60), r(45, 25, 40), r(80, 50, 40)]  # PRP, SGL, CMB, PRP
+    got = bench.feature_ratios(rounds)
+    assert got == {"randread-4k-qd32 sgl": 1.0, "randread-4k-qd32 cmb": 0.5, "read-128k-qd8 sgl": 1.0,
+                   "read-128k-qd8 cmb": 0.5, "randwrite-4k-qd32 sgl": 1.0, "randwrite-4k-qd32 cmb": 40 / 60}

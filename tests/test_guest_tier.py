@@ -53,6 +53,8 @@ def _controllers(io_dir):
         # in an NVMe subsystem (nvme-subsys): namespace attachment, and the asynchronous events it raises
         guestlib.Controller([guestlib.Namespace(8 << 20, 512), guestlib.Namespace(8 << 20, 512)],
                             {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
+        # a 4 MiB Controller Memory Buffer in BAR2 that may hold submission queues (CMBSZ.SQS)
+        guestlib.Controller([guestlib.Namespace(16 << 20, 512)], {"serial": "nvmevfio-cmb", "cmb_size_mb": "4"}),
     ]
 
 
@@ -72,7 +74,8 @@ def _controllers(io_dir):
 # ublk). NVMEVFIO_VM_ALL_LANES=1 runs everything everywhere.
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
-                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py"]
+                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py",
+                  "test_sgl.py", "test_cmb.py"]
 # Files a lane runs besides LANE_DEPENDENT (the default lane runs them anyway): the NVMe/TCP export
 # (test_export.py) needs ublk, which only the custom kernel has, so the default lane can test only
 # its refusal; its data path is ublk's (test_ublk.py, lane-dependent, in both custom-kernel lanes)

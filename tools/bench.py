@@ -160,9 +160,9 @@ def kernel_round(dev: str, seconds: float, size_bytes: int) -> dict:
 
 
 def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True,
-         socket: str | None = None, cpu: int | None = None) -> dict:
+         socket: str | None = None, cpu: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     """`nvmevfio perf` on the controller, or with ``socket`` through `nvmevfio serve` (whose
-    daemon decides the completion mode); ``cpu`` pins it."""
+    daemon decides the completion mode); ``cpu`` pins it; ``extra``: more perf options."""
     target = ["--socket", socket] if socket else [addr, "--mode", mode]
     if cpu is not None:
         target += ["--cpu", str(cpu)]
@@ -170,6 +170,7 @@ def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow
             str(seconds), "--ramp", "1", "-o", "json"]
     if not shadow:
         args.append("--no-shadow-doorbells")
+    args += extra
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
                               "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "ios_per_submit",
@@ -289,6 +290,28 @@ def median_report(what: str, per_boot: list[dict[str, float]], bars: dict[str, f
     return "\n".join(lines)
 
 
+# Controller features (issue 24): the same perf rows with PRPs, with SGLs, and with the SQ in the
+# Controller Memory Buffer, in the order PRP, SGL, CMB, PRP in one boot (A/B/C/A)
+FEATURE_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read", 131072, 8),
+                ("randwrite-4k-qd32", "randwrite", 4096, 32)]
+FEATURES = {"sgl": ("--sgl",), "cmb": ("--sq-in-cmb",)}
+
+
+def features_round(addr: str, seconds: float) -> list[dict]:
+    """PRP, then each of FEATURES, then PRP again: every FEATURE_ROWS row, polled."""
+    def one(extra: tuple[str, ...]) -> dict:
+        return {name: perf(addr, rw, bs, qd, seconds, "poll", extra=extra) for name, rw, bs, qd in FEATURE_ROWS}
+
+    return [one(()), *(one(extra) for extra in FEATURES.values()), one(())]
+
+
+def feature_ratios(rounds: list[dict]) -> dict[str, float]:
+    """Per row and feature: its IOPS / mean(PRP before, PRP after)."""
+    first, *middle, last = rounds
+    return {f"{name} {feature}": got[name]["iops"] / statistics.mean((first[name]["iops"], last[name]["iops"]))
+            for name, *_ in FEATURE_ROWS for feature, got in zip(FEATURES, middle)}
+
+
 # NVMe/TCP (issue 23): fio on the initiator over loopback, nvmet exporting the kernel nvme driver's
 # /dev/nvme0n1 (A, A') against nvmet exporting nvmevfio's ublk device (`nvmevfio export`, B)
 TCP_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read", 131072, 8)]
@@ -372,6 +395,10 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
 
     [fn] = list(pci.list_functions())
     addr = fn.address
+    if only == "features":  # PRP, SGL, SQ in the CMB, PRP: in-process perf only
+        pci.bind(addr)
+        out_path.write_text(json.dumps({"only": features_round(addr, seconds)}, indent=2))
+        return 0
     if only == "service":  # A/B/A of in-process perf and the service client, nothing else
         pci.bind(addr)
         rounds = [{"perf": perf(addr, "randread", 4096, 32, seconds, "poll")} if i % 2 == 0 else
@@ -573,7 +600,9 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
     with image.open("wb") as f:
         for _ in range(max(1, size // (64 << 20))):
             f.write(rng.integers(0, 256, min(size, 64 << 20), dtype=np.uint8).tobytes())
-    ctrl = guest.Controller([guest.Namespace(size, 512, str(image))], {"serial": "nvmevfio-bench"})
+    # a Controller Memory Buffer for --only features (SQs in it); no other row uses one
+    options = {"serial": "nvmevfio-bench", **({"cmb_size_mb": "4"} if only == "features" else {})}
+    ctrl = guest.Controller([guest.Namespace(size, 512, str(image))], options)
     out = io_dir / "results.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
     if sweep:
@@ -614,14 +643,15 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "features"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
                          "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
                          "the kernel's /dev/nvmeXnY, on nvmevfio's /dev/ublkbN, on the kernel's again; and ext4 on "
                          "each: needs --lane iommufd or noiommu, the kernel with ublk) or tcp (fio over NVMe/TCP "
                          "on loopback: nvmet over the kernel driver, over `nvmevfio export`, over the kernel again; "
-                         "needs ublk: --lane iommufd)")
+                         "needs ublk: --lane iommufd) or features (perf with PRPs, with SGLs --sgl, with the SQ in "
+                         "the Controller Memory Buffer --sq-in-cmb, with PRPs again)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -649,6 +679,24 @@ def main() -> int:
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
             print(median_report("ublk", [ublk_ratios(*b["only"]) for b in boots], UBLK_BARS))
+        return 0
+    if args.only == "features":
+        boots, per_boot = [], []
+        for i in range(args.boots):
+            rounds = boot_once(args, False, "features")["only"]
+            boots.append({"only": rounds})
+            per_boot.append(feature_ratios(rounds))
+            print(f"boot {i + 1} of {args.boots}, lane {args.lane}: IOPS with PRPs (before / after), then each "
+                  "feature and its ratio to PRPs")
+            for name, *_ in FEATURE_ROWS:
+                each = "  ".join(f"{feature} {got[name]['iops']:>8.0f} ({per_boot[-1][f'{name} {feature}']:.2f})"
+                                 for feature, got in zip(FEATURES, rounds[1:-1]))
+                print(f"{name:<20} PRP {rounds[0][name]['iops']:>8.0f} / {rounds[-1][name]['iops']:>8.0f}  {each}",
+                      flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"boots": boots}, indent=2))
+        if len(boots) > 1:
+            print(median_report("features against PRPs in host memory", per_boot, dict.fromkeys(per_boot[0], 0.0)))
         return 0
     if args.only == "python":
         a1, b, a2 = boot_once(args, False, "python")["only"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
-from nvmevfio.nvme import prp
+from nvmevfio.nvme import prp, sgl
 from nvmevfio.nvme.queue import QueuePair
 from nvmevfio.nvme.spec import SQE
 
@@ -124,6 +124,12 @@ class BrokerQueue:
         self.lock = threading.RLock()  # one thread at a time per queue pair; others are refused queue-busy
         self.owner: int | None = None  # the thread holding ``lock`` (a controller reset needs to know)
         self.vector: int | None = None
+        # the SQ's and CQ's memory and the addresses the controller knows them by (CREATE I/O SQ/CQ
+        # PRP1, ASQ/ACQ); the SQ may live in the Controller Memory Buffer (``sq_in_cmb``)
+        self.rings: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.uint8), np.empty(0, np.uint8))
+        self.sq_address = 0
+        self.cq_address = 0
+        self.sq_in_cmb = False
 
     @property
     def in_flight(self) -> int:
@@ -144,12 +150,25 @@ class BrokerQueue:
         self.write_lists(cid, p.lists)
         return p.prp1, p.prp2
 
-    def write_lists(self, cid: int, lists: tuple[np.ndarray, ...]) -> None:
-        """Command ``cid``'s PRP-list pages into its part of this queue's list area."""
+    def author_sgl(self, cid: int, extents: list[tuple[int, int, int]], device_address: Any) -> tuple[int, int]:
+        """SGL1 (the PRP1 and PRP2 fields) for command ``cid`` whose data is ``extents`` (Data
+        Block or Bit Bucket, addresses already the device's), writing its SGL segments into the
+        command's pages of this queue's list area when there is more than one descriptor. The
+        segment pointers are device addresses (``device_address``: the no-IOMMU lane's translation)."""
+        need = sgl.list_pages_for(len(extents), self.page_size)
+        if need > self.prp_pages:
+            raise Refused("count-out-of-range", f"{len(extents)} SGL descriptors need {need} list pages; this queue "
+                          f"has {self.prp_pages} per command", descriptors=len(extents))
+        s = sgl.build(extents, self.page_size, [device_address(a) for a in self.prp_list_iovas(cid)[:need]])
+        self.write_lists(cid, s.lists, "SGL segment")
+        return s.sgl1
+
+    def write_lists(self, cid: int, lists: tuple[np.ndarray, ...], what: str = "PRP-list") -> None:
+        """Command ``cid``'s PRP-list pages (or SGL segments) into its part of this queue's list area."""
         if not lists:
             return
         if self.prp_array is None or len(lists) > self.prp_pages:
-            raise Refused("count-out-of-range", f"{len(lists)} PRP-list pages needed; this queue has "
+            raise Refused("count-out-of-range", f"{len(lists)} {what} pages needed; this queue has "
                           f"{self.prp_pages} per command", pages=len(lists))
         per = self.page_size // 8
         base = cid * self.prp_pages * per

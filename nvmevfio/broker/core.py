@@ -25,6 +25,7 @@ from nvmevfio.dma import DmaBuffer, DmaLedger, align_up
 from nvmevfio.errors import ControllerTimeout, Refused
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme import regs
+from nvmevfio.nvme import sgl as nvme_sgl
 from nvmevfio.nvme.controller import Controller, Registers, State
 from nvmevfio.nvme.queue import QueuePair
 from nvmevfio.nvme.spec import CQE, SQE
@@ -34,9 +35,13 @@ class Core:
     def __init__(self, mmio: Mmio, ledger: DmaLedger, *, irq: IrqWaiter | None = None,
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None) -> None:
         self.mmio = mmio
         self.ledger = ledger
+        # Another BAR of the function mapped (its memory, and its PCI bus address): the Controller
+        # Memory Buffer's (8.2). None: the controller's other BARs are out of reach (the simulator).
+        self.bar_map = bar_map
         self.irq = irq
         self.host_page_size = page_size or ledger.page_size
         self.ctrl = Controller(mmio)
@@ -58,6 +63,9 @@ class Core:
         # controller offers them (OACS bit 8) and ``shadow_doorbells`` is on.
         self.shadow_doorbells = True
         self.dbbuf: tuple[DmaBuffer, DmaBuffer] | None = None
+        # The I/O queues' data pointer (4.1): PRPs, or SGLs (4.1.2) when chosen at create_io_queues;
+        # a READ/WRITE may choose for itself (``sgl=`` of the batch and sparse verbs)
+        self.sgl = False
         self.registered: dict[tuple[int, int], RegisteredBuffer] = {}
         self.cc = 0
         # The namespace table (namespaces.py keeps it): identified namespaces, those whose
@@ -149,6 +157,17 @@ class Core:
                           qid=qid)
         return self.io[qid - 1]
 
+    def use_sgl(self, sgl: bool | None) -> bool:
+        """A command's data pointer: ``None`` follows the queues' choice; SGLs are refused
+        (``sgl-unsupported``) unless Identify Controller SGLS offers them to the NVM command set."""
+        if sgl is None:
+            return self.sgl
+        if sgl and not nvme_sgl.supported(int((self.id_ctrl or {}).get("sgls", 0))):
+            raise Refused("sgl-unsupported", f"the controller does not take SGLs (Identify Controller SGLS "
+                          f"{int((self.id_ctrl or {}).get('sgls', 0)):#x}, bits 1:0 = 0)",
+                          sgls=int((self.id_ctrl or {}).get("sgls", 0)))
+        return bool(sgl)
+
     def park_limit_s(self) -> float:
         """How long a thread waits for another's reset: its abort, CAP.TO twice, re-creating queues."""
         return 2 * self.command_timeout_s + 2 * self.ctrl.timeout_s + 10
@@ -207,10 +226,19 @@ class Core:
         # A failed or gone broker stays so (only enable() starts a failed one again).
         self.life.to_if((BrokerState.ADMIN_READY, BrokerState.IO_READY), BrokerState.DISABLED)
 
-    def new_queue_pair(self, qid: int, depth: int, prp_pages_per_cmd: int, vector: int | None) -> BrokerQueue:
-        sq_buf = self.ledger.alloc(depth * SQE.itemsize, owner="broker:sq", contiguous=True)
+    def new_queue_pair(self, qid: int, depth: int, prp_pages_per_cmd: int, vector: int | None,
+                       sq_place: tuple[np.ndarray, int] | None = None) -> BrokerQueue:
+        """A queue pair's memory from the ledger: SQ, CQ, PRP-list pages. ``sq_place``: the SQ
+        lives there instead (memory in the Controller Memory Buffer, and its controller address)."""
         cq_buf = self.ledger.alloc(depth * CQE.itemsize, owner="broker:cq", contiguous=True)
-        bufs = [sq_buf, cq_buf]
+        if sq_place is None:
+            sq_buf = self.ledger.alloc(depth * SQE.itemsize, owner="broker:sq", contiguous=True)
+            bufs = [sq_buf, cq_buf]
+            sq_memory, sq_address = sq_buf.array, self.ledger.iova(sq_buf)
+        else:
+            bufs = [cq_buf]
+            sq_memory, sq_address = sq_place[0][: depth * SQE.itemsize], sq_place[1]
+            sq_memory[:] = 0
         prp_array = None
         prp_base = 0
         if prp_pages_per_cmd:
@@ -219,7 +247,7 @@ class Core:
             bufs.append(prp_buf)
             prp_base = self.ledger.iova(prp_buf)
             prp_array = prp_buf.array.view(np.uint64)
-        ring = QueuePair(qid, sq_buf.array.view(SQE), cq_buf.array.view(CQE), self.mmio,
+        ring = QueuePair(qid, sq_memory.view(SQE), cq_buf.array.view(CQE), self.mmio,
                          self.ctrl.doorbell(qid, False), self.ctrl.doorbell(qid, True))
         if vector is not None and self.irq is not None:
             ring.set_irq(self.irq.fd(vector), vector)
@@ -231,7 +259,11 @@ class Core:
             shadow, eventidx = (b.array.view(np.uint32) for b in self.dbbuf)
             stride = 1 << regs.get(self.ctrl.cap, regs.CAP_.DSTRD)  # in dwords, as the doorbell registers
             ring.set_shadow(shadow, eventidx, 2 * qid * stride, (2 * qid + 1) * stride)
-        return BrokerQueue(qid, ring, bufs, prp_base, prp_pages_per_cmd, prp_array, self.page_size)
+        qp = BrokerQueue(qid, ring, bufs, prp_base, prp_pages_per_cmd, prp_array, self.page_size)
+        qp.rings = (sq_memory, cq_buf.array)
+        qp.sq_address, qp.cq_address = sq_address, self.ledger.iova(cq_buf)
+        qp.sq_in_cmb = sq_place is not None
+        return qp
 
     def enable(self, *, admin_depth: int = ADMIN_DEPTH) -> Registers:
         """Disable, author the admin queues from the ledger, pick CC, enable, wait RDY (CAP.TO)."""
@@ -255,7 +287,7 @@ class Core:
 
     def arm_admin_queues(self, admin: BrokerQueue) -> None:
         """AQA, ASQ and ACQ from the admin queue pair's ledger memory."""
-        asq, acq = (self.ledger.device_address(self.ledger.iova(b)) for b in admin.buffers[:2])
+        asq, acq = (self.ledger.device_address(a) for a in (admin.sq_address, admin.cq_address))
         self.ctrl.arm_admin_queues(asq, acq, admin.ring.depth, admin.ring.depth)
 
     def scratch_buf(self, length: int = 4096) -> DmaBuffer:

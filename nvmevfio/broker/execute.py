@@ -20,6 +20,7 @@ from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, QueuePaused, Refused
 from nvmevfio.nvme import builders, prp, spec
 from nvmevfio.nvme.queue import CID_TAKE, COMPLETION
+from nvmevfio.nvme.sgl import PSDT_SGL, DescriptorType
 from nvmevfio.nvme.spec import SQE, IoOpcode
 
 
@@ -115,10 +116,14 @@ class Executor:
         ledger.translate(sqes["prp1"])
         ledger.translate(sqes["prp2"])
 
-    def author_one(self, qp: BrokerQueue, e: np.ndarray, buf: DmaBuffer, length: int) -> np.ndarray | None:
-        """Author PRP1/PRP2 for ``length`` bytes of ``buf``. When PRP-list pages are needed, a
-        command id is taken first (its list pages hold them) and returned."""
+    def author_one(self, qp: BrokerQueue, e: np.ndarray, buf: DmaBuffer, length: int,
+                   sgl: bool = False) -> np.ndarray | None:
+        """Author PRP1/PRP2 (or, with ``sgl``, SGL1) for ``length`` bytes of ``buf``. When list
+        pages are needed, a command id is taken first (its list pages hold them) and returned."""
         iova = self.core.ledger.iova(buf)
+        if sgl:
+            return self.author_sgl(qp, e, [(DescriptorType.DATA_BLOCK, a, n)
+                                           for a, n in self.core.ledger.device_ranges(iova, length)])
         need = prp.list_pages_needed(iova, length, self.core.page_size)
         if need > qp.prp_pages:
             raise Refused("count-out-of-range",
@@ -131,6 +136,24 @@ class Executor:
             cids = qp.ring.take(1)
             e["cid"] = cids[0]
         e["prp1"], e["prp2"] = qp.author_prps(int(e["cid"][0]) if need else 0, iova, length)
+        return cids
+
+    def author_sgl(self, qp: BrokerQueue, e: np.ndarray, extents: list[tuple[int, int, int]]) -> np.ndarray | None:
+        """SGL1 of one command (PSDT 01b) for ``extents`` (device addresses). One descriptor sits in
+        the SQE; more need SGL segments in the command's list pages: its id is taken first, and returned."""
+        cids = None
+        if len(extents) > 1:
+            if qp.in_flight:
+                refuse_busy(qp)
+            cids = qp.ring.take(1)
+            e["cid"] = cids[0]
+        try:
+            e["prp1"], e["prp2"] = qp.author_sgl(int(e["cid"][0]), extents, self.core.ledger.device_address)
+        except BaseException:
+            if cids is not None:
+                qp.ring.untake(cids)
+            raise
+        e["flags"] |= PSDT_SGL
         return cids
 
     # ============================================================ queue ownership
@@ -172,15 +195,19 @@ class Executor:
 
     # ============================================================ one command, start to end
     def exec(self, qp: BrokerQueue, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
-             timeout_s: float | None = None, retry: bool = True, **context: Any) -> Ran:
+             timeout_s: float | None = None, retry: bool = True, sgl: bool = False,
+             extents: list[tuple[int, int, int]] | None = None, **context: Any) -> Ran:
         """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
         CQ doorbell); returns its DW0. A transient status (DNR=0) is retried with a backoff; a
-        timeout goes through abort / reset (see :meth:`settle`). Raises CommandError otherwise."""
+        timeout goes through abort / reset (see :meth:`settle`). Raises CommandError otherwise.
+        ``sgl``: SGL descriptors for ``buf`` instead of PRPs; ``extents``: the SGL's descriptors as
+        the caller authored them (device addresses inside ``buf``; Bit Buckets)."""
         core = self.core
         with self.using(qp):
             for attempt in range(MAX_RETRIES + 1):
                 e["cid"] = CID_TAKE
-                cids = self.author_one(qp, e, buf, length) if buf is not None else None
+                cids = self.author_sgl(qp, e, extents) if extents is not None else \
+                    self.author_one(qp, e, buf, length, sgl) if buf is not None else None
                 slot, gen = (buf.slot, buf.generation) if buf is not None else (-1, 0)
                 self.for_device(qp, e)
                 try:

@@ -9,8 +9,11 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+import numpy as np
+
 from nvmevfio import events as decode
 from nvmevfio.broker.admin import AdminVerbs
+from nvmevfio.broker.cmb import ControllerMemory
 from nvmevfio.broker.commands import AdminCommands
 from nvmevfio.broker.common import COMMAND_TIMEOUT_S, DEFAULT_STAGING, BrokerQueue, IrqWaiter, Namespace
 from nvmevfio.broker.core import Core
@@ -36,14 +39,16 @@ class Broker:
     def __init__(self, mmio: Mmio, ledger: DmaLedger, *, irq: IrqWaiter | None = None,
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None) -> None:
         # The components, bottom up; each is given the ones below it, never this facade.
         core = self._core = Core(mmio, ledger, irq=irq, page_size=page_size, staging_bytes=staging_bytes,
-                                 command_timeout_s=command_timeout_s, clock=clock)
+                                 command_timeout_s=command_timeout_s, clock=clock, bar_map=bar_map)
         ex = self._ex = Executor(core)
         cmds = AdminCommands(core, ex)
         ns = self._ns = Namespaces(core, cmds)
-        queues = self._queues = Queues(core, cmds, ns)
+        self._cmb = cmb = ControllerMemory(core)
+        queues = self._queues = Queues(core, cmds, ns, cmb)
         ev = self._events = Events(core, ex, ns)
         rec = self._recovery = Recovery(core, ex, cmds, queues, ns, ev)
         pt = Passthrough(core, ex, cmds)
@@ -116,6 +121,7 @@ class Broker:
         # synchronous I/O (syncio.py)
         self.transfer = sio.transfer
         self.read = sio.read
+        self.read_sparse = sio.read_sparse
         self.write = sio.write
         self.flush = sio.flush
         self.write_zeroes = sio.write_zeroes

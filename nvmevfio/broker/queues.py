@@ -4,6 +4,7 @@ orderly end: delete them, then CC.SHN normal shutdown."""
 
 from __future__ import annotations
 
+from nvmevfio.broker.cmb import ControllerMemory
 from nvmevfio.broker.commands import AdminCommands
 from nvmevfio.broker.common import DEFAULT_IO_DEPTH, OACS_DBBUF, BrokerQueue
 from nvmevfio.broker.core import Core
@@ -16,16 +17,21 @@ from nvmevfio.nvme import builders, prp
 
 
 class Queues:
-    def __init__(self, core: Core, admin: AdminCommands, ns: Namespaces) -> None:
+    def __init__(self, core: Core, admin: AdminCommands, ns: Namespaces, cmb: ControllerMemory) -> None:
         self.core = core
         self.admin = admin
         self.ns = ns
+        self.cmb = cmb
 
     def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False,
-                         shadow_doorbells: bool = True) -> int:
+                         shadow_doorbells: bool = True, sgl: bool = False, sq_in_cmb: bool = False) -> int:
         """Set Features Number of Queues, Doorbell Buffer Config when the controller has it (OACS
         bit 8) and ``shadow_doorbells`` is on, then CREATE I/O CQ before SQ for each pair. Returns
-        the depth used."""
+        the depth used. ``sgl``: the queues' READ and WRITE commands carry SGLs (4.1.2) instead of
+        PRPs; refused (``sgl-unsupported``) where Identify Controller SGLS does not offer them.
+        ``sq_in_cmb``: the submission queues live in the Controller Memory Buffer (8.2; the broker
+        enables it and authors its controller address as each queue's base); refused
+        (``cmb-unavailable``) where there is none, or it may not hold SQs (CMBSZ.SQS)."""
         core = self.core
         core.require_ready()
         if core.io:
@@ -39,6 +45,8 @@ class Queues:
             raise Refused("irq-unavailable", "MSI-X completions need a VFIO device (no interrupt source)")
         if core.id_ctrl is None:
             self.ns.identify_controller()
+        core.sgl = core.use_sgl(bool(sgl))  # refused before any queue exists
+        places = self.cmb.place_sqs(count, depth) if sq_in_cmb else [None] * count  # the same
         self.set_number_of_queues(count)
         if irq:
             assert core.irq is not None
@@ -51,7 +59,7 @@ class Queues:
         for i in range(count):
             qid = i + 1
             vector = qid if irq else None
-            qp = core.new_queue_pair(qid, depth, per_cmd, vector)
+            qp = core.new_queue_pair(qid, depth, per_cmd, vector, places[i])
             qp.vector = vector
             try:
                 self.create_queue_on_device(qp)
@@ -72,13 +80,15 @@ class Queues:
                           allowed=allowed)
 
     def create_queue_on_device(self, qp: BrokerQueue) -> None:
-        """CREATE I/O CQ, then CREATE I/O SQ, over the queue pair's broker-owned memory."""
+        """CREATE I/O CQ, then CREATE I/O SQ, over the queue pair's broker-owned memory (the SQ's
+        perhaps in the Controller Memory Buffer, whose CMBMSC a controller reset may have cleared)."""
         qid, depth = qp.qid, qp.ring.depth
-        iova = self.core.ledger.iova
         cq = builders.create_io_cq(qid, depth, contiguous=True, interrupts=qp.vector is not None, vector=qp.vector or 0)
-        self.admin.sync(command_sqe(cq, prp1=iova(qp.buffers[1])), "Create I/O CQ")
+        self.admin.sync(command_sqe(cq, prp1=qp.cq_address), "Create I/O CQ")
+        if qp.sq_in_cmb:
+            self.cmb.program()
         sq = builders.create_io_sq(qid, depth, qid, contiguous=True)
-        self.admin.sync(command_sqe(sq, prp1=iova(qp.buffers[0])), "Create I/O SQ")
+        self.admin.sync(command_sqe(sq, prp1=qp.sq_address), "Create I/O SQ")
 
     # ============================================================ shadow doorbells (5.8)
     def doorbell_buffer_config(self, shadow: DmaBuffer, eventidx: DmaBuffer) -> None:

@@ -156,8 +156,8 @@ class Recovery:
             admin.cancelled.append(self._cancel(admin, cid))
         admin.ring.drop_standing()  # the controller forgot its Asynchronous Event Requests
         for qp in [admin, *core.io]:
-            for b in qp.buffers[:2]:
-                b.array[:] = 0  # SQ and CQ memory scrubbed before the controller sees it again
+            for ring in qp.rings:
+                ring[:] = 0  # SQ and CQ memory scrubbed before the controller sees it again
             qp.ring.reset_rings()
         for b in core.dbbuf or ():
             b.array[:] = 0

@@ -14,8 +14,9 @@ from nvmevfio.broker.execute import Executor, refuse_busy, require_room, take_ca
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, DeviceGone, QueuePaused, Refused
-from nvmevfio.nvme import builders
+from nvmevfio.nvme import builders, sgl
 from nvmevfio.nvme.queue import PRP_SLOT, PerfLoop
+from nvmevfio.nvme.sgl import PSDT_SGL
 from nvmevfio.nvme.spec import SQE, SQE_STRUCT, IoOpcode
 
 
@@ -27,13 +28,13 @@ class Submit:
 
     # ============================================================ batched submission
     def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
-                  offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
+                  offsets: Any, *, qid: int = 1, doorbell: bool = True, sgl: bool | None = None) -> np.ndarray:
         """Post a batch of READ or WRITE commands (see :meth:`_submit_rw`); one thread per queue."""
         with self.ex.using(self.core.queue(qid)):
-            return self._submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, doorbell=doorbell)
+            return self._submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, doorbell=doorbell, sgl=sgl)
 
     def _submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
-                   offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
+                   offsets: Any, *, qid: int = 1, doorbell: bool = True, sgl: bool | None = None) -> np.ndarray:
         """Post a batch of READ or WRITE commands into ``buf`` at ``offsets`` and ring the SQ tail
         doorbell once. Returns their tags.
 
@@ -41,13 +42,15 @@ class Submit:
         refusal names the first command that breaks a rule. Small batches are packed entry by
         entry (cheaper than numpy's per-call overhead), larger ones authored vectorized; either
         way one C call copies them into the ring. With a registered buffer the offsets name its
-        slots and the C path copies the slots' pre-authored PRPs.
+        slots and the C path copies the slots' pre-authored PRPs (or SGL, as registered).
+        ``sgl``: SGL descriptors instead of PRPs (4.1.2); None follows the queues' choice.
         """
         core, nst = self.core, self.ns
         qp = core.queue(qid)
         ns = nst.namespace(nsid)
         if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
             raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
+        use_sgl = core.use_sgl(sgl)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
         handle = self.registration(reg).buffer if reg is not None else cast(DmaBuffer, buf)
         base = core.ledger.iova(handle)  # a live handle (stale or foreign: refused) before anything else
@@ -63,7 +66,7 @@ class Submit:
                                            int_array(counts, "counts"), int_array(offsets, "offsets"), doorbell)
         if n <= SCALAR_BATCH:
             return self._submit_small(qp, ns, opcode, base, handle, ints(slbas, "LBAs"), ints(counts, "counts"),
-                                      ints(offsets, "offsets"), doorbell)
+                                      ints(offsets, "offsets"), doorbell, use_sgl)
         slbas = int_array(slbas, "LBAs")
         counts = int_array(counts, "counts")
         offsets = int_array(offsets, "offsets")
@@ -79,7 +82,7 @@ class Submit:
         cids = qp.ring.take(n)
         try:
             entries = self._author_rw(qp, opcode, ns.nsid, slbas, counts, cids.astype(np.int64), iovas, lengths,
-                                      pages)
+                                      pages, use_sgl)
             self.ex.for_device(qp, entries)
             first = qp.ring.post(entries, n, handle.slot, handle.generation)
         except BaseException:
@@ -99,7 +102,8 @@ class Submit:
         return np.arange(first_tag, first_tag + n, dtype=np.int64)
 
     def _submit_small(self, qp: BrokerQueue, ns: Namespace, opcode: int, base: int, buf: DmaBuffer,
-                      slbas: list[int], counts: list[int], offsets: list[int], doorbell: bool) -> np.ndarray:
+                      slbas: list[int], counts: list[int], offsets: list[int], doorbell: bool,
+                      use_sgl: bool = False) -> np.ndarray:
         """submit_rw for a few commands: validated and packed one by one, posted in one C call."""
         checked = [self.ns.check_rw(ns, base, buf.size, s_, c_, o_) for s_, c_, o_ in zip(slbas, counts, offsets)]
         n = len(checked)
@@ -109,14 +113,17 @@ class Submit:
             packed = qp.packed
             for i, (slba, count, (iova, length, pages)) in enumerate(zip(slbas, counts, checked)):
                 cid = int(cids[i])
-                if pages == 1:
+                flags, prp1 = 0, iova
+                if use_sgl:
+                    flags, (prp1, prp2) = PSDT_SGL, self._sgl1(qp, cid, iova, length)
+                elif pages == 1:
                     prp2 = 0
                 elif pages == 2:
                     prp2 = iova - iova % ps + ps
                 else:
                     _, prp2 = qp.author_prps(cid, iova, length)
                 # SQE_STRUCT order: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
-                SQE_STRUCT.pack_into(packed, i * 64, opcode, 0, cid, ns.nsid, 0, 0, 0, iova, prp2,
+                SQE_STRUCT.pack_into(packed, i * 64, opcode, flags, cid, ns.nsid, 0, 0, 0, prp1, prp2,
                                      *builders.rw_dwords(slba, count), 0, 0, 0)
             self.ex.for_device(qp, np.frombuffer(packed, dtype=SQE, count=n))
             first = qp.ring.post(packed, n, buf.slot, buf.generation)
@@ -148,9 +155,20 @@ class Submit:
                                    buf.generation)
         return self._posted(qp, buf, first, len(slbas), doorbell, opcode, offsets, counts * ns.block_size)
 
+    def _sgl1(self, qp: BrokerQueue, cid: int, iova: int, length: int) -> tuple[int, int]:
+        """SGL1 of one READ/WRITE of ``length`` bytes at ``iova``: a Data Block descriptor, or
+        (the no-IOMMU lane, across physical runs) a Last Segment pointing to command ``cid``'s list page."""
+        ranges = self.core.ledger.device_ranges(iova, length)
+        if len(ranges) == 1:
+            return sgl.data_block(*ranges[0])
+        return qp.author_sgl(cid, [(sgl.DescriptorType.DATA_BLOCK, a, n) for a, n in ranges],
+                             self.core.ledger.device_address)
+
     def _author_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
-                   cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray) -> np.ndarray:
-        """The SQEs of a READ/WRITE batch: fields vectorized, PRP lists only where needed."""
+                   cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray,
+                   use_sgl: bool = False) -> np.ndarray:
+        """The SQEs of a READ/WRITE batch: fields vectorized, PRP lists only where needed; with
+        ``use_sgl`` one SGL Data Block descriptor each (per command where the no-IOMMU lane splits one)."""
         n = len(cids)
         ps = self.core.page_size
         entries = np.zeros(n, dtype=SQE)
@@ -158,6 +176,15 @@ class Submit:
         entries["cid"] = cids
         entries["nsid"] = nsid
         entries["cdw10"], entries["cdw11"], entries["cdw12"] = builders.rw_dword_arrays(slbas, counts)
+        if use_sgl:
+            entries["flags"] = PSDT_SGL
+            if self.core.ledger.pool is None:
+                entries["prp1"], entries["prp2"] = sgl.data_block_words(iovas, lengths)
+            else:
+                for i in range(n):
+                    entries["prp1"][i], entries["prp2"][i] = self._sgl1(qp, int(cids[i]), int(iovas[i]),
+                                                                        int(lengths[i]))
+            return entries
         entries["prp1"] = iovas
         entries["prp2"] = np.where(pages == 2, iovas - iovas % ps + ps, 0)
         listed = np.flatnonzero(pages > 2)
@@ -213,11 +240,15 @@ class Submit:
         return self.core.queue(qid).capacity
 
     # ============================================================ registered buffers
-    def register_buffer(self, buf: DmaBuffer, slot_size: int) -> RegisteredBuffer:
+    def register_buffer(self, buf: DmaBuffer, slot_size: int, *, sgl: bool | None = None) -> RegisteredBuffer:
         """Cut ``buf`` into slots of ``slot_size`` bytes (a multiple of the memory page size, at most
-        one PRP-list page of entries) and author every slot's PRP1, PRP2 and PRP-list page once."""
+        one PRP-list page of entries) and author every slot's PRP1, PRP2 and PRP-list page once.
+        ``sgl`` (None: the queues' choice): its commands carry an SGL Data Block descriptor instead,
+        for every slot the device sees as one contiguous range (all of them, but in the no-IOMMU
+        lane a slot across two huge pages that are not physically adjacent, which keeps its PRPs)."""
         core = self.core
         core.require_ready()
+        use_sgl = core.use_sgl(sgl)
         ledger = core.ledger
         base = ledger.iova(buf)
         ps = core.page_size
@@ -245,6 +276,9 @@ class Submit:
             ledger.translate(table.reshape(-1))  # the no-IOMMU lane's physical addresses; else nothing
         for name in ("prp1", "prp2_page", "prp2_list"):
             ledger.translate(prps[name])
+        if use_sgl:
+            prps["sgl"] = [len(ledger.device_ranges(int(a), slot_size)) == 1 for a in starts.tolist()] \
+                if ledger.pool is not None else 1
         prps.flags.writeable = False
         reg = RegisteredBuffer(buf, slot_size, nslots, prps, lists)
         core.registered[(buf.slot, buf.generation)] = reg

@@ -18,6 +18,7 @@ from nvmevfio.broker.common import (
     BrokerQueue,
     Namespace,
     RegisteredBuffer,
+    int_array,
     whole,
 )
 from nvmevfio.broker.core import Core
@@ -26,7 +27,8 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.submit import Submit
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import ControllerFatal, DeviceGone, QueuePaused, Refused
-from nvmevfio.nvme import builders
+from nvmevfio.nvme import builders, sgl
+from nvmevfio.nvme.sgl import PSDT_SGL
 from nvmevfio.nvme.spec import IoOpcode
 
 
@@ -59,15 +61,18 @@ class SyncIO:
                     qp.owner = threading.get_ident()
                     try:
                         iova += offset
-                        prp2 = iova - iova % ps + ps if length > ps - iova % ps else 0
+                        if core.sgl:  # one SGL Data Block descriptor: PSDT 01b, the address, the length
+                            flags, prp2 = PSDT_SGL, length
+                        else:
+                            flags, prp2 = 0, iova - iova % ps + ps if length > ps - iova % ps else 0
                         ring = qp.ring
                         one = ring.one
-                        r = ring.exec_rw_c(opcode, nsid, slba, count, iova, prp2, buf.slot, buf.generation,
+                        r = ring.exec_rw_c(opcode, flags, nsid, slba, count, iova, prp2, buf.slot, buf.generation,
                                            int(core.command_timeout_s * 1e9), one)
                         if r == 0 and not one.status and not ring.hooked:
                             core.commands_completed += 1
                             return
-                        self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, buf, first=r)
+                        self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, buf, first=r, flags=flags)
                         return
                     finally:
                         qp.owner = None
@@ -77,13 +82,15 @@ class SyncIO:
             self._transfer(qp, opcode, nsid, slba, count, buf, offset)
 
     def _exec_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slba: int, count: int, prp1: int, prp2: int,
-                 buf: DmaBuffer, first: int | None = None) -> None:
-        """One READ/WRITE without a PRP list (PRP1 and PRP2 authored by the caller), start to end in
-        one C call; transient statuses retried, a timeout recovered (abort, reset, requeue).
-        ``first``: what the hot path's own first attempt returned (its completion in ring.one)."""
+                 buf: DmaBuffer, first: int | None = None, flags: int = 0) -> None:
+        """One READ/WRITE without a list (PRP1 and PRP2, or with ``flags`` PSDT 01b one SGL Data
+        Block descriptor, authored by the caller), start to end in one C call; transient statuses
+        retried, a timeout recovered (abort, reset, requeue). ``first``: what the hot path's own
+        first attempt returned (its completion in ring.one)."""
         core, ex = self.core, self.ex
-        if core.ledger.pool is not None:  # the no-IOMMU lane: PRP1 and PRP2 to physical addresses
-            prp1, prp2 = core.ledger.device_address(prp1), core.ledger.device_address(prp2)
+        if core.ledger.pool is not None:  # the no-IOMMU lane: PRP1 and PRP2 (not a length) to physical addresses
+            prp1 = core.ledger.device_address(prp1)
+            prp2 = prp2 if flags & PSDT_SGL else core.ledger.device_address(prp2)
         for attempt in range(MAX_RETRIES + 1):
             try:
                 if first is not None:
@@ -91,7 +98,7 @@ class SyncIO:
                     c = qp.ring.exec_result(r)
                 else:
                     c = qp.ring.exec_rw(opcode, nsid, slba, count, prp1, prp2, int(core.command_timeout_s * 1e9),
-                                        buf.slot, buf.generation)
+                                        buf.slot, buf.generation, flags)
             except (ControllerFatal, DeviceGone, QueuePaused) as exc:
                 c = ex.wait_failed(qp, exc, buf)
             if c is not None and not c[0]:
@@ -124,12 +131,13 @@ class SyncIO:
         ps = core.page_size
         iova = base + offset
         pages = (iova % ps + length + ps - 1) // ps
-        if pages <= 2 and count <= MAX_NLB and offset & 3 == 0:
-            # The common case: one command without a PRP list, one C call.
-            prp2 = iova - iova % ps + ps if pages == 2 else 0
+        one_range = core.sgl and len(ledger.device_ranges(iova, length)) == 1
+        if (pages <= 2 or one_range) and count <= MAX_NLB and offset & 3 == 0 and length <= core.max_transfer:
+            # The common case: one command without a PRP list or SGL segment, one C call.
+            flags, prp2 = (PSDT_SGL, length) if core.sgl else (0, iova - iova % ps + ps if pages == 2 else 0)
             if opcode == IoOpcode.WRITE:
                 ledger.sync_for_device(handle, offset, length)  # no-IOMMU lane's bounce; else nothing
-            self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, handle)
+            self._exec_rw(qp, opcode, nsid, slba, count, iova, prp2, handle, flags=flags)
             if opcode == IoOpcode.READ:
                 ledger.sync_for_cpu(handle, offset, length)
             return
@@ -199,6 +207,48 @@ class SyncIO:
             self.transfer(IoOpcode.READ, nsid, slba + start, k, stage, 0, qid)
             out[start * ns.block_size : (start + k) * ns.block_size] = arr[: k * ns.block_size]
         return out
+
+    def read_sparse(self, nsid: int, slba: int, count: int, keep: Any, qid: int = 1) -> np.ndarray:
+        """One READ of the window ``slba``..``slba + count`` whose host side is only the blocks in
+        ``keep``: ``(first, blocks)`` pairs relative to ``slba``, in order and apart. The controller
+        discards the others (SGL Bit Bucket descriptors, NVMe 2.0 4.1.2); returns the kept blocks'
+        bytes, concatenated. Refused where SGLS offers no Bit Bucket (``bit-bucket-unsupported``),
+        for a window larger than one command (MDTS) or a ``keep`` that is out of order, overlapping,
+        empty or outside the window (``invalid-argument``)."""
+        core = self.core
+        qp = core.queue(qid)
+        ns = self.ns.namespace(nsid)
+        slba, count = self.ns.check_window(ns, slba, count)
+        if not sgl.bit_bucket_supported(int((core.id_ctrl or {}).get("sgls", 0))):
+            raise Refused("bit-bucket-unsupported", "the controller does not offer SGL Bit Bucket descriptors "
+                          f"(Identify Controller SGLS {int((core.id_ctrl or {}).get('sgls', 0)):#x}, bit 16)")
+        if count > min(MAX_NLB, self.ns.max_blocks(ns)):
+            raise Refused("count-out-of-range", f"a sparse read is one command: {count} blocks is more than "
+                          f"{min(MAX_NLB, self.ns.max_blocks(ns))} (MDTS)", count=count)
+        pairs = int_array(keep, "keep").reshape(-1, 2) if len(keep) else np.empty((0, 2), np.int64)
+        ends = pairs[:, 0] + pairs[:, 1]
+        if not len(pairs) or (pairs[:, 1] < 1).any() or pairs[0, 0] < 0 or ends[-1] > count \
+                or (pairs[1:, 0] < ends[:-1]).any():
+            raise Refused("invalid-argument", f"keep must be (first, blocks) pairs in order, apart, inside the "
+                          f"{count}-block window: {pairs.tolist()!r:.80}", count=count)
+        bs = ns.block_size
+        stage = self._staging_buf()
+        base = core.ledger.iova(stage)
+        extents: list[tuple[int, int, int]] = []
+        pos = at = 0
+        for first, blocks in pairs.tolist():
+            if first > at:
+                extents.append((sgl.DescriptorType.BIT_BUCKET, 0, (first - at) * bs))
+            extents += [(sgl.DescriptorType.DATA_BLOCK, a, n)
+                        for a, n in core.ledger.device_ranges(base + pos, blocks * bs)]
+            pos += blocks * bs
+            at = first + blocks
+        if at < count:
+            extents.append((sgl.DescriptorType.BIT_BUCKET, 0, (count - at) * bs))
+        self.ex.exec(qp, command_sqe(builders.read(nsid, slba, count)), "Read", stage, pos, extents=extents,
+                     nsid=nsid, slba=slba, count=count)
+        core.ledger.sync_for_cpu(stage, 0, pos)  # the no-IOMMU lane's bounce; else nothing
+        return stage.array[:pos].copy()
 
     def write(self, nsid: int, slba: int, data: Any, qid: int = 1) -> int:
         """Write whole blocks from a bytes-like or numpy object; returns the block count."""

@@ -49,6 +49,11 @@ from nvmevfio.service import DEFAULT_SOCKET
               help="seconds to run first, unmeasured (like fio --ramp_time)")
 @click.option("--shadow-doorbells/--no-shadow-doorbells", "shadow", default=True, show_default=True,
               help="Doorbell Buffer Config when the controller offers it (MMIO doorbells only when needed)")
+@click.option("--sgl", is_flag=True,
+              help="describe each I/O's data with an SGL Data Block descriptor instead of PRPs (where Identify "
+                   "Controller SGLS offers SGLs)")
+@click.option("--sq-in-cmb", "sq_in_cmb", is_flag=True,
+              help="place the submission queue in the controller's Controller Memory Buffer (CMBSZ.SQS)")
 @click.option("--verify", is_flag=True,
               help="integrity mode (like fio's verify): every written block carries its LBA, a sequence number "
                    "and a CRC32C; blocks read back are checked; mismatches exit 4 (writes the range!)")
@@ -57,7 +62,7 @@ from nvmevfio.service import DEFAULT_SOCKET
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
-         verify: bool, cpu: int | None, service_socket: str | None, fmt: str) -> None:
+         sgl: bool, sq_in_cmb: bool, verify: bool, cpu: int | None, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -68,9 +73,11 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     """
     from nvmevfio import perf as perfmod
 
-    if service_socket and (verify or mode != "poll"):
-        _fail("through --socket the daemon decides how completions arrive and perf runs its C loop: "
-              "no --mode or --verify", EXIT_ERROR)
+    if service_socket and (verify or mode != "poll" or sgl or sq_in_cmb):
+        _fail("through --socket the daemon decides how completions arrive, its queues and its data descriptors, "
+              "and perf runs its C loop: no --mode, --sgl, --sq-in-cmb or --verify", EXIT_ERROR)
+    opened = {"sgl": True} if sgl else {}
+    opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
     _pin(cpu)
 
     rng = None
@@ -86,7 +93,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
         click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
 
     with blockdev(address, nsid, service_socket, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
-                  shadow_doorbells=shadow) as dev, errors():
+                  shadow_doorbells=shadow, **opened) as dev, errors():
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid",
                           count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
@@ -104,6 +111,8 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                f"{res.writes} writes), "
                f"{res.errors} errors")
     if not res.verify:  # the verify loop runs in Python: these figures are the C loop's
+        click.echo(f"data: {res.data_descriptors.upper()}s; submission queue in "
+                   f"{'the Controller Memory Buffer' if res.sq_in_cmb else 'host memory'}")
         click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "
                    f"{res.sq_doorbell_mmio} SQ tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} "
                    "updates without MMIO")

@@ -75,7 +75,7 @@ COMPLETION = _struct_dtype("struct nv_completion", [
     ("status", "<u2"), ("opcode", "<u1")])
 UNPIN = _struct_dtype("struct nv_unpin", [("slot", "<i8"), ("generation", "<i8"), ("commands", "<i8")])
 # A registered-buffer slot's PRPs (struct nv_prp_slot), authored once by the broker.
-PRP_SLOT = _struct_dtype("struct nv_prp_slot", [("prp1", "<u8"), ("prp2_page", "<u8"), ("prp2_list", "<u8")])
+PRP_SLOT = _struct_dtype("struct nv_prp_slot", [(n, "<u8") for n in ("prp1", "prp2_page", "prp2_list", "sgl")])
 if ffi.sizeof("struct nv_sqe") != SQE.itemsize or ffi.sizeof("struct nv_cqe") != CQE.itemsize:
     raise ImportError("the shim's SQE/CQE sizes differ from spec.SQE/CQE")  # pragma: no cover
 
@@ -166,7 +166,7 @@ class QueuePair:
         self._nunpin = ffi.new("uint32_t *")
         self.one = ffi.new("struct nv_completion *")  # the completion the exec calls fill
         # The synchronous API's hot path without a Python frame of its own (Broker.transfer):
-        # exec_rw_c(opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one) is
+        # exec_rw_c(opcode, flags, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one) is
         # nv_qp_exec_rw on this queue; 0 means the completion is in ``one``. Whatever else it
         # returns, and every call with a doorbell hook (the simulator: its checks run after each
         # call), goes to exec_result().
@@ -386,11 +386,11 @@ class QueuePair:
         return self.one.status, self.one.result
 
     def exec_rw(self, opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int, timeout_ns: int,
-                buf_slot: int = -1, buf_gen: int = 0) -> tuple[int, int] | None:
+                buf_slot: int = -1, buf_gen: int = 0, flags: int = 0) -> tuple[int, int] | None:
         """:meth:`exec` for one READ or WRITE without a PRP list, the entry built in C from its
         fields (``nv_qp_exec_rw``): the synchronous API's hot path."""
         one = self.one
-        r = self.exec_rw_c(opcode, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
+        r = self.exec_rw_c(opcode, flags, nsid, slba, nlb, prp1, prp2, buf_slot, buf_gen, timeout_ns, one)
         if r == 0 and not self.hooked:
             return one.status, one.result
         return self.exec_result(r)

@@ -302,7 +302,8 @@ class Connections:
                 "capacity_bytes": g.blocks * ns.block_size, "max_transfer_bytes": self.provider.max_transfer,
                 "model": self.id_ctrl.get("mn", "").strip(), "serial": self.id_ctrl.get("sn", "").strip(),
                 "firmware": self.id_ctrl.get("fr", "").strip(), "queue_depth": s.depth,
-                "completion_mode": "service", "shadow_doorbells": False, "dma_lane": self.provider.dma_lane,
+                "completion_mode": "service", "shadow_doorbells": False, "data_descriptors": "prp", "sq_in_cmb": False,
+                "dma_lane": self.provider.dma_lane,
                 "writable": g.writable, "dma_memory": g.dma_memory, "lane": s.lane,
                 "page_size": self.provider.memory_page_size}
 

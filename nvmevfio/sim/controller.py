@@ -20,7 +20,7 @@ import numpy as np
 from nvmevfio.dma import HUGE_PAGE
 from nvmevfio.mmio import ArrayMmio
 from nvmevfio.noiommu_pool import PhysicalPool
-from nvmevfio.nvme import regs
+from nvmevfio.nvme import regs, sgl
 from nvmevfio.nvme.regs import CAP_, CC_, CSTS_
 from nvmevfio.nvme.spec import CQE, SQE, AdminOpcode, IoOpcode
 
@@ -97,13 +97,15 @@ class SimController:
     BAR_SIZE = 0x4000
 
     def __init__(self, namespaces: list[SimNamespace] | None = None, *, mqes: int = 1023, mdts: int = 5,
-                 to: int = 2, dstrd: int = 0, max_queues: int = 8, oncs: int = 0x0C) -> None:
+                 to: int = 2, dstrd: int = 0, max_queues: int = 8, oncs: int = 0x0C,
+                 sgls: int = sgl.SGLS_BIT_BUCKET | 1) -> None:
         self.dma = SimDma()
         self.mmio = ArrayMmio(self.BAR_SIZE, on_write=self._on_write)
         self.namespaces = namespaces if namespaces is not None else [SimNamespace(2048)]
         self.mdts = mdts
         self.max_queues = max_queues
         self.oncs = oncs
+        self.sgls = sgls  # Identify Controller SGLS: SGLs with any alignment and Bit Buckets, as QEMU's
         cap = regs.pack({CAP_.MQES: mqes, CAP_.CQR: 1, CAP_.TO: to, CAP_.DSTRD: dstrd, CAP_.CSS: 1,
                          CAP_.MPSMIN: 0, CAP_.MPSMAX: 4})
         self.mmio.regs[0:8].view(np.uint64)[0] = cap
@@ -253,19 +255,53 @@ class SimController:
                     break
         return segs
 
-    def _dma_out(self, prp1: int, prp2: int, data: np.ndarray) -> None:
+    def _sgl_segments(self, e: np.ndarray, length: int) -> list[tuple[int | None, int]]:
+        """Walk SGL1 and its segments (4.1.2) like a controller does: Data Block descriptors as
+        (address, length), Bit Bucket ones as (None, length), up to ``length`` bytes."""
+        out: list[tuple[int | None, int]] = []
+        pending = [(int(e["prp1"]), int(e["prp2"]))]
+        while pending and sum(n for _, n in out) < length:
+            addr, word = pending.pop(0)
+            kind, n = word >> 60, word & 0xFFFFFFFF
+            if kind == sgl.DescriptorType.DATA_BLOCK:
+                out.append((addr, n))
+            elif kind == sgl.DescriptorType.BIT_BUCKET:
+                out.append((None, n))
+            elif kind in (sgl.DescriptorType.SEGMENT, sgl.DescriptorType.LAST_SEGMENT):
+                words = self.dma.view(addr, n).view(np.uint64).reshape(-1, 2)
+                pending = [(int(a), int(w)) for a, w in words]
+            else:
+                raise ValueError(f"SGL descriptor type {kind:#x}")
+        return out
+
+    def _data(self, e: np.ndarray, length: int) -> list[tuple[int | None, int]]:
+        """The data pointer's pieces: PRPs, or SGLs when CDW0.PSDT is 01b."""
+        if int(e["flags"]) & sgl.PSDT_MASK == sgl.PSDT_SGL:
+            return self._sgl_segments(e, length)
+        return list(self._segments(int(e["prp1"]), int(e["prp2"]), length))
+
+    def _copy_out(self, segs: list[tuple[int | None, int]], data: np.ndarray) -> None:
         pos = 0
-        for iova, n in self._segments(prp1, prp2, len(data)):
-            self.dma.view(iova, n, write=True)[:] = data[pos : pos + n]
+        for iova, n in segs:
+            if iova is not None:
+                self.dma.view(iova, n, write=True)[:] = data[pos : pos + n]
             pos += n
 
-    def _dma_in(self, prp1: int, prp2: int, length: int) -> np.ndarray:
+    def _dma_out(self, prp1: int, prp2: int, data: np.ndarray) -> None:
+        self._copy_out(list(self._segments(prp1, prp2, len(data))), data)
+
+    def _copy_in(self, segs: list[tuple[int | None, int]], length: int) -> np.ndarray:
         out = np.empty(length, dtype=np.uint8)
         pos = 0
-        for iova, n in self._segments(prp1, prp2, length):
+        for iova, n in segs:
+            if iova is None:
+                raise ValueError("a Bit Bucket descriptor in a write")
             out[pos : pos + n] = self.dma.view(iova, n)
             pos += n
         return out
+
+    def _dma_in(self, prp1: int, prp2: int, length: int) -> np.ndarray:
+        return self._copy_in(list(self._segments(prp1, prp2, length)), length)
 
     def _execute(self, qid: int, sq: _Queue, e: np.ndarray) -> None:
         opc, cid, nsid = int(e["opc"]), int(e["cid"]), int(e["nsid"])
@@ -326,6 +362,7 @@ class SimController:
         d[516:520].view("<u4")[0] = len(self.namespaces)
         d[520:522].view("<u2")[0] = self.oncs
         d[525] = 1
+        d[536:540].view("<u4")[0] = self.sgls
         return d
 
     def _admin(self, e: np.ndarray, opc: int, nsid: int) -> tuple[int, int, int]:
@@ -455,9 +492,9 @@ class SimController:
             if bad is not None and slba <= bad < slba + nlb:
                 out = out.copy()
                 out[(bad - slba) * ns.block_size + ns.block_size // 2] ^= 1
-            self._dma_out(int(e["prp1"]), int(e["prp2"]), out)
+            self._copy_out(self._data(e, hi - lo), out)
         elif opc == IoOpcode.WRITE:
-            ns.data[lo:hi] = self._dma_in(int(e["prp1"]), int(e["prp2"]), hi - lo)
+            ns.data[lo:hi] = self._copy_in(self._data(e, hi - lo), hi - lo)
         else:
             return 0, 0, 0x01
         return 0, 0, 0

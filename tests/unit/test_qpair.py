@@ -165,7 +165,7 @@ def test_shadow_doorbells_follow_the_eventidx_rule():
 def test_post_slots_picks_the_brokers_prp2_by_page_count():
     qp, _ = make(depth=8)
     prps = np.zeros(3, dtype=PRP_SLOT)
-    prps[:] = [(0x10000, 0x11000, 0x90000), (0x20000, 0x21000, 0x90008), (0x30000, 0x31000, 0x90010)]
+    prps[:] = [(0x10000, 0x11000, 0x90000, 0), (0x20000, 0x21000, 0x90008, 0), (0x30000, 0x31000, 0x90010, 0)]
     first = qp.post_slots(0x01, 1, np.array([10, 20, 30], np.uint64), np.array([8, 16, 9], np.uint32),
                           np.array([0, 1, 2], np.uint32), prps, 512, 4096, 3, 1)
     sq = qp.sq_ring[:3]
@@ -178,6 +178,19 @@ def test_post_slots_picks_the_brokers_prp2_by_page_count():
                   prps, 512, 4096, 3, 1)
     e = qp.sq_ring[3]
     assert (int(e["prp2"]), int(e["cdw10"]), int(e["cdw11"])) == (0x90008, 0, 2)  # 3 pages: the list
+    assert int(e["flags"]) == 0  # PSDT 00b: PRPs
+
+
+def test_post_slots_writes_an_sgl_data_block_for_an_sgl_slot():
+    qp, _ = make(depth=8)
+    prps = np.zeros(2, dtype=PRP_SLOT)
+    prps[:] = [(0x10000, 0x11000, 0x90000, 1), (0x20200, 0x21000, 0x90008, 1)]
+    qp.post_slots(0x02, 1, np.array([10, 20], np.uint64), np.array([24, 1], np.uint32), np.array([0, 1], np.uint32),
+                  prps, 512, 4096, 3, 1)
+    sq = qp.sq_ring[:2]
+    # PSDT 01b (CDW0 bits 15:14), SGL1 = Data Block: Address, Length 24 * 512, identifier byte 00h
+    assert sq["flags"].tolist() == [0x40, 0x40]
+    assert sq["prp1"].tolist() == [0x10000, 0x20200] and sq["prp2"].tolist() == [12288, 512]
 
 
 def test_exec_times_out_and_leaves_the_command_in_flight():

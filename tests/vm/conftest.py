@@ -81,6 +81,12 @@ def data_ctrl(guest):
 
 
 @pytest.fixture(scope="session")
+def cmb_ctrl(guest):
+    """Controller with a 4 MiB Controller Memory Buffer (QEMU cmb_size_mb=4) in BAR2."""
+    return controller(guest, "nvmevfio-cmb")
+
+
+@pytest.fixture(scope="session")
 def small_ctrl(guest):
     """Controller with MDTS=5 (128 KiB) and 4 I/O queue pairs: splits, binding, kernel cross-checks."""
     return controller(guest, "nvmevfio-small")
