@@ -62,7 +62,7 @@ class BlockDevice:
                 provider.enable()
             ctrl = provider.identify_controller()
             depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells)
-            ns = provider.namespace(nsid)
+            ns = provider.namespace(nsid, metadata=True)
         except BaseException:
             provider.close()
             raise

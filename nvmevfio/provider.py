@@ -210,7 +210,7 @@ class Provider:
     # -- data -------------------------------------------------------------------------
     def check_window(self, nsid: int, slba: int, count: int) -> None:
         """Refuse (window-past-namespace-end / count-out-of-range) without touching the device."""
-        self._broker.check_window(self._broker.namespace(nsid), slba, count)
+        self._broker.check_window(self._broker.namespace(nsid, metadata=True), slba, count)
 
     def admin_passthru(self, opcode: int, *, nsid: int = 0, data: Any = None, data_len: int = 0,
                        timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:

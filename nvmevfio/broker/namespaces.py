@@ -98,8 +98,10 @@ class Namespaces:
                     if not ns.metadata_size and n not in core.changed_namespaces} if ready else {}
 
     # ============================================================ the I/O verbs' refusals
-    def namespace(self, nsid: int) -> Namespace:
-        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
+    def namespace(self, nsid: int, metadata: bool = False) -> Namespace:
+        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table).
+        One whose format carries metadata is refused (``unsupported-lba-format``) unless
+        ``metadata``: the verbs that move metadata (read/write) or none (flush) take it."""
         core = self.core
         core.require_ready()
         nsid = whole(nsid, "the namespace id")
@@ -111,10 +113,10 @@ class Namespaces:
             raise Refused("namespace-inactive",
                           f"namespace {nsid} is not active on this controller (active: "
                           f"{sorted(core.namespaces) or 'none'})", nsid=nsid, active=sorted(core.namespaces))
-        if ns.metadata_size:
+        if ns.metadata_size and not metadata:
             raise Refused("unsupported-lba-format",
                           f"namespace {nsid} uses LBA format {ns.lba_format} with {ns.metadata_size} bytes of "
-                          "metadata per block; only formats without metadata are supported", nsid=nsid)
+                          "metadata per block; this verb moves data alone: use read/write (metadata=...)", nsid=nsid)
         return ns
 
     @staticmethod
