@@ -19,7 +19,7 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.dma import DmaBuffer, align_up
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders
-from nvmevfio.nvme.pi import PRCHK_ALL, TUPLE_BYTES
+from nvmevfio.nvme.pi import PRCHK_ALL, PRCHK_REFTAG, TUPLE_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class Fields:
         if not 0 <= prchk <= PRCHK_ALL or not 0 <= apptag <= 0xFFFF or not 0 <= appmask <= 0xFFFF:
             raise Refused("invalid-argument", f"prchk {prchk} (0..7), apptag {apptag:#x} and appmask {appmask:#x} "
                           "(16 bits) do not fit", prchk=prchk, apptag=apptag, appmask=appmask)
+        if prchk & PRCHK_REFTAG and ns.protection is not None and ns.protection.pi_type == 3:
+            raise Refused("invalid-argument", f"namespace {ns.nsid} has type 3 protection, whose reference tag is "
+                          "not checked (NVM Command Set 1.0, 5.2): PRCHK bit 0 is refused", nsid=ns.nsid)
         reftag = None if self.reftag is None else whole(self.reftag, "reftag")
         if reftag is not None and not 0 <= reftag <= 0xFFFFFFFF:
             raise Refused("invalid-argument", f"reftag {reftag:#x} is not a 32-bit value", reftag=reftag)
@@ -56,7 +59,8 @@ class MetadataIO:
 
     @staticmethod
     def stripped(ns: Namespace, f: Fields) -> bool:
-        """PRACT on a format whose metadata is the tuple alone: no metadata crosses the bus (5.2.1.2)."""
+        """PRACT on a format whose metadata is the tuple alone: no metadata crosses the bus (NVM
+        Command Set 1.0, 5.2)."""
         return f.pract and ns.metadata_size == TUPLE_BYTES and ns.protection is not None
 
     def _geometry(self, ns: Namespace, f: Fields) -> tuple[int, int, int]:

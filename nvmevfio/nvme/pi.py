@@ -7,7 +7,7 @@ Reference Tag (bytes 4-7). It sits in the first 8 bytes of a block's metadata wh
 Namespace DPS bit 3 is set, else in the last 8; in the latter case the guard covers the data
 and the metadata bytes before the tuple. Type 1: the reference tag of each block is the low 32
 bits of its LBA; type 2: the command's EILBRT for the first block, one more for each next;
-type 3: the reference tag is not incremented (and not checked by the host here).
+type 3: the reference tag is not incremented and not checked.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import numpy as np
 
 TUPLE_BYTES = 8
 CRC16_T10DIF_POLY = 0x8BB7
-# CDW12 PRINFO (NVM Command Set 1.0, Figure 11 and 5.2.1): PRACT bit 29, PRCHK bits 28:26
+# CDW12 PRINFO (NVM Command Set 1.0, 3.2.4 and 5.2): PRACT bit 29, PRCHK bits 28:26
 PRACT = 1 << 29
 PRCHK_SHIFT = 26
 # PRCHK as nvme-cli's --prinfo bits 2:0: guard, application tag, reference tag
 PRCHK_GUARD, PRCHK_APPTAG, PRCHK_REFTAG = 4, 2, 1
 PRCHK_ALL = PRCHK_GUARD | PRCHK_APPTAG | PRCHK_REFTAG
 # An application tag of FFFFh (and, type 3, a reference tag of FFFFFFFFh too) turns the checks off
-# for the block (5.2.1.1): what a controller returns for a block never written.
+# for the block (5.2): what a controller returns for a block never written.
 ESCAPE_APPTAG = 0xFFFF
 ESCAPE_REFTAG = 0xFFFFFFFF
 
@@ -152,9 +152,9 @@ class Protection:
 
     def check(self, data: np.ndarray, metadata: np.ndarray, first_ref: int, prchk: int = PRCHK_ALL, *,
               apptag: int = 0, appmask: int = 0xFFFF) -> Mismatch | None:
-        """Check each block's tuple as a controller does (5.2.1.1); None when all pass. Blocks whose
+        """Check each block's tuple as a controller does (5.2); None when all pass. Blocks whose
         application tag is FFFFh (type 3: and reference tag FFFFFFFFh) are not checked; type 3's
-        reference tag is checked only against the same value for every block."""
+        reference tag is not checked."""
         t = self.tuples(metadata)
         n = len(t.guard)
         live = t.apptag != ESCAPE_APPTAG
@@ -166,7 +166,7 @@ class Protection:
         if prchk & PRCHK_APPTAG:
             want = np.full(n, apptag & appmask, dtype=np.uint16)
             checks.append(("apptag", want, t.apptag & np.uint16(appmask)))
-        if prchk & PRCHK_REFTAG:
+        if prchk & PRCHK_REFTAG and self.pi_type != 3:  # type 3: the reference tag is not checked
             checks.append(("reftag", self.reftags(first_ref, n), t.reftag))
         first: Mismatch | None = None
         for name, want, got in checks:

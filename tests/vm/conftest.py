@@ -103,6 +103,13 @@ def dev(request, data_ctrl):
 
 
 @pytest.fixture(scope="session")
+def pi_ctrl(guest):
+    """Controller with protection information: 1 type 1 extended LBA (ms 8), 2 type 1 separate
+    metadata (ms 8), 3 type 3 separate (ms 16, the tuple first), 4 type 1 separate (to format)."""
+    return controller(guest, "nvmevfio-pi")
+
+
+@pytest.fixture(scope="session")
 def slow_ctrl(guest):
     """Controller whose namespace QEMU throttles (40 IOPS): real command timeouts."""
     return controller(guest, "nvmevfio-slow")
