@@ -74,6 +74,8 @@ class BlockDevice:
             shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
+        self.metadata_size = ns.metadata_size  # bytes per block; read_blocks/write_blocks move it
+        self.protection = ns.protection  # end-to-end protection (nvme/pi.py), None without
         self.read_into = functools.partial(provider.read_into, nsid)
         self.write_from = functools.partial(provider.write_from, nsid)
 

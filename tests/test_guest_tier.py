@@ -43,13 +43,6 @@ def _controllers(io_dir):
         guestlib.Controller([guestlib.Namespace(64 << 20, 512)],
                             {"serial": "nvmevfio-small", "mdts": "5", "max_ioqpairs": "4"}),
         # QEMU's drive throttling makes commands slow enough to time out for real (recovery tests)
-        # end-to-end protection (tests/vm/test_pi.py): type 1 extended LBA; type 1 separate metadata
-        # (the kernel cross-check); type 3 with 16 bytes of metadata, the tuple first; one to format
-        guestlib.Controller([guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1", "mset": "1"}),
-                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
-                             guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "3", "pil": "1"}),
-                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"})],
-                            {"serial": "nvmevfio-pi"}),
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, drive="throttling.iops-total=40")],
                             {"serial": "nvmevfio-slow"}),
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, blkdebug=str(cfg))], {"serial": "nvmevfio-faulty"}),
@@ -60,6 +53,13 @@ def _controllers(io_dir):
         # in an NVMe subsystem (nvme-subsys): namespace attachment, and the asynchronous events it raises
         guestlib.Controller([guestlib.Namespace(8 << 20, 512), guestlib.Namespace(8 << 20, 512)],
                             {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
+        # end-to-end protection (tests/vm/test_pi.py): type 1 extended LBA; type 1 separate metadata
+        # (the kernel cross-check); type 3 with 16 bytes of metadata, the tuple first; one to format
+        guestlib.Controller([guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1", "mset": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "3", "pil": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"})],
+                            {"serial": "nvmevfio-pi"}),
     ]
 
 
