@@ -151,7 +151,10 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
             with _progress(count * dev.block_size, "reading") as bar:
                 for start in range(slba, slba + count, per):
                     k = min(per, slba + count - start)
-                    got_blocks = dev.read_blocks(start, k, metadata=md_out is not None, **pi.kwargs(slba, start))
+                    more = pi.kwargs(slba, start)
+                    if md_out is not None:
+                        more["metadata"] = True
+                    got_blocks = dev.read_blocks(start, k, **more)
                     if md_out is not None:
                         got_blocks, md = got_blocks
                         md_out.write(md.tobytes()[:md_left])

@@ -28,7 +28,6 @@ NOT_OFFERED: dict[tuple[str, str], str] = {
     **{(c, o): _PI for c in ("compare", "verify", "write-zeroes") for o in _PI_OPTS},
     **{(c, o): _STORAGE_TAG for c in ("read", "write") for o in ("storage-tag", "storage-tag-check")},
     **{("compare", o): _META for o in ("metadata-size", "metadata")},
-    **{(c, o): _META for c in ("admin-passthru", "io-passthru") for o in ("metadata",)},
     **{(c, o): _DIR for c in ("read", "write", "compare", "copy") for o in ("dir-type", "dir-spec")},
     **{(c, o): _LRFUA for c in ("read", "write", "compare", "verify", "write-zeroes")
        for o in ("limited-retry", "force-unit-access")},
@@ -64,7 +63,10 @@ DIFFERENT: dict[tuple[str, str], str] = {
     ("delete-ns", "timeout"): "accepted; the command timeout (nvmevfio --timeout S) applies",
     ("copy", "format"): "0 only (format 0's 32-byte source ranges)",
     **{(c, o): "0 only: fused and SGL commands and the metadata pointer are the broker's"
-       for c in ("admin-passthru", "io-passthru") for o in ("flags", "rsvd", "metadata-len")},
+       for c in ("admin-passthru", "io-passthru") for o in ("flags", "rsvd")},
+    ("admin-passthru", "metadata-len"): "0 only: admin commands carry no metadata pointer",
+    ("admin-passthru", "metadata"): "refused: admin commands carry no metadata pointer",
+    ("io-passthru", "metadata-len"): "the broker copies the metadata through its own buffer and authors MPTR",
     **{(c, "namespace-id"): "default 1 (nvmevfio names the controller, not a namespace's block device)"
        for c in ("read", "write", "compare", "verify", "write-zeroes", "flush", "dsm", "copy", "write-uncor",
                  "format", "id-ns", "ns-descs", "get-lba-status")},

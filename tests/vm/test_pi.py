@@ -152,6 +152,41 @@ def test_pi_refusals_before_the_device(session):
     assert ei.value.reason == "unsupported-lba-format"
 
 
+def test_pi_passthru_with_metadata(session):
+    """io-passthru: the caller's metadata through the broker's buffer, MPTR the broker's; without it,
+    a data command on a separate-metadata namespace is refused before the device."""
+    prot = protection(session, 2)
+    data = payload(51, 2)
+    md = prot.generate(data, BS, 500)
+    session.write(2, 500, data, metadata=md)
+    got_md = bytearray(16)
+    _, got = session.io_passthru(0x02, nsid=2, data_len=2 * BS, metadata=got_md, cdw10=500, cdw12=1 | (7 << 26),
+                                 cdw14=500)
+    assert got == data.tobytes() and bytes(got_md) == md.tobytes()
+    bad = md.copy()
+    bad[8] ^= 1  # block 1's guard
+    with pytest.raises(CommandError) as ei:
+        session.io_passthru(0x01, nsid=2, data=data.tobytes(), metadata=bad.tobytes(), cdw10=500, cdw12=1 | (4 << 26))
+    assert (ei.value.sct, ei.value.sc) == (2, GUARD_ERROR)
+    with pytest.raises(Refused) as ei:
+        session.io_passthru(0x02, nsid=2, data_len=BS, cdw10=500)
+    assert ei.value.reason == "metadata-required"
+
+
+def test_pi_cli_io_passthru_metadata(pi_ctrl, io_dir):
+    addr = pi_ctrl["address"]
+    data = payload(52, 2)
+    (io_dir / "pt.bin").write_bytes(data.tobytes())
+    nv("write", addr, "-n", 2, "-s", 600, "-c", 1, "-d", io_dir / "pt.bin", "--prinfo", 8)  # the controller's PI
+    r = nv("io-passthru", addr, "-n", 2, "--opcode", 0x02, "--cdw10", 600, "--cdw12", 1, "--data-len", 2 * BS,
+           "--metadata-len", 16, "-M", io_dir / "pt.md", "--read", "-b")
+    assert r.stdout == data.tobytes()
+    md = np.frombuffer((io_dir / "pt.md").read_bytes(), dtype=np.uint8)
+    assert len(md) == 16 and pi.Protection(1, 8, first=True).check(data, md, 600, appmask=0) is None
+    r = nv("io-passthru", addr, "-n", 2, "--opcode", 0x02, "--cdw10", 600, "--data-len", BS, "--read", check=False)
+    assert r.returncode == 3 and b"[metadata-required]" in r.stderr, r.stderr
+
+
 def test_pi_cli_format_then_io(pi_ctrl, io_dir):
     """nvme-cli's options: format --lbaf 1 (512 + 8) --pi 1 --ms 1 (MSET: extended LBA), then write
     and read with --prinfo, -M and the tags; a bad guard is the command's named status, exit 1."""
