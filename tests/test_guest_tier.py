@@ -69,7 +69,8 @@ def _controllers(io_dir):
 # device (the lane: IOMMU mappings, iommufd's IOAS, the no-IOMMU lane's pinned pool and bounce
 # copies): the data path, windows and splits, the lanes themselves, VFIO's own handles, the
 # service (its shared memory is mapped per lane), recovery (requeued commands keep their
-# mappings), removal (mappings released under a running perf) and the block-device exports
+# mappings), removal (mappings released under a running perf), metadata (the broker's MPTR is a
+# device address) and the block-device exports
 # (NBD's plugin and ublk's C server take their buffers from the lane). What they leave out
 # (identify and admin commands, logs, passthrough, events, the CLI's formatting, the pytest
 # plugin, the README's examples) builds commands and parses completions the same way in every
@@ -79,7 +80,7 @@ def _controllers(io_dir):
 # ublk). NVMEVFIO_VM_ALL_LANES=1 runs everything everywhere.
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
-                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py"]
+                  "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py", "test_pi.py"]
 # Files a lane runs besides LANE_DEPENDENT (the default lane runs them anyway): the NVMe/TCP export
 # (test_export.py) needs ublk, which only the custom kernel has, so the default lane can test only
 # its refusal; its data path is ublk's (test_ublk.py, lane-dependent, in both custom-kernel lanes)

@@ -182,3 +182,12 @@ def kernel_blockdev(address: str, nsid: int = 1, timeout_s: float = 10.0) -> str
             return f"/dev/{names[0]}"
         time.sleep(0.05)
     raise AssertionError(f"no block device appeared for {address} namespace {nsid}")
+
+
+def kernel_write(bdev: str, data: bytes, seek: int, scratch: Path) -> None:
+    """Write ``data`` through the kernel's block device at 512-byte block ``seek`` (O_DIRECT, fsync)."""
+    import subprocess
+
+    scratch.write_bytes(data)
+    subprocess.run(["dd", f"if={scratch}", f"of={bdev}", "bs=512", f"seek={seek}", "oflag=direct", "conv=fsync",
+                    "status=none"], check=True)
