@@ -54,11 +54,13 @@ def _controllers(io_dir):
         guestlib.Controller([guestlib.Namespace(8 << 20, 512), guestlib.Namespace(8 << 20, 512)],
                             {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
         # end-to-end protection (tests/vm/test_pi.py): type 1 extended LBA; type 1 separate metadata
-        # (the kernel cross-check); type 3 with 16 bytes of metadata, the tuple first; one to format
+        # (the kernel cross-check); type 3 with 16 bytes of metadata, the tuple first; one to format;
+        # type 1 with the 64-bit guard (PIF 2)
         guestlib.Controller([guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1", "mset": "1"}),
                              guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
                              guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "3", "pil": "1"}),
-                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"})],
+                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "1", "pif": "2"})],
                             {"serial": "nvmevfio-pi"}),
     ]
 

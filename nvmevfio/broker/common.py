@@ -105,6 +105,8 @@ class Namespace:
     metadata_size: int
     lba_format: int
     identify: dict[str, Any] = field(repr=False)
+    pif: int = 0  # Protection Information Format of the LBA format in use: 0 16-bit guard, 2 64-bit
+
 
     @property
     def size_bytes(self) -> int:
@@ -117,11 +119,11 @@ class Namespace:
 
     @property
     def protection(self) -> Protection | None:
-        """End-to-end protection (Identify Namespace DPS: type 2:0, the tuple first bit 3), None
-        for type 0 or metadata too small for a tuple."""
+        """End-to-end protection (Identify Namespace DPS: type 2:0, the tuple first bit 3; the
+        guard's format), None for type 0 or metadata too small for a tuple."""
         dps = int(self.identify.get("dps", 0))
-        return Protection(dps & 7, self.metadata_size, bool(dps & 8)) if dps & 7 and self.metadata_size >= 8 \
-            else None
+        prot = Protection(dps & 7, self.metadata_size, bool(dps & 8), self.pif)
+        return prot if dps & 7 and self.metadata_size >= prot.tuple_bytes else None
 
 
 class BrokerQueue:

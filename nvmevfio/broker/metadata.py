@@ -19,7 +19,7 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.dma import DmaBuffer, align_up
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders
-from nvmevfio.nvme.pi import PRCHK_ALL, PRCHK_REFTAG, TUPLE_BYTES
+from nvmevfio.nvme.pi import PRCHK_ALL, PRCHK_REFTAG
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class MetadataIO:
     def stripped(ns: Namespace, f: Fields) -> bool:
         """PRACT on a format whose metadata is the tuple alone: no metadata crosses the bus (NVM
         Command Set 1.0, 5.2)."""
-        return f.pract and ns.metadata_size == TUPLE_BYTES and ns.protection is not None
+        return f.pract and ns.protection is not None and ns.metadata_size == ns.protection.tuple_bytes
 
     def _geometry(self, ns: Namespace, f: Fields) -> tuple[int, int, int]:
         """(bytes per block on the data pointer, metadata bytes per block on MPTR, blocks per command)."""
@@ -108,8 +108,8 @@ class MetadataIO:
         """``count`` blocks: their data (and, ``metadata``, their metadata: count x ms bytes)."""
         f = f.checked(ns)
         if metadata and self.stripped(ns, f):
-            raise Refused("invalid-argument", f"with PRACT the controller strips namespace {ns.nsid}'s 8-byte "
-                          "protection information: there is no metadata to return", nsid=ns.nsid)
+            raise Refused("invalid-argument", f"with PRACT the controller strips namespace {ns.nsid}'s protection "
+                          "information, its whole metadata: there is no metadata to return", nsid=ns.nsid)
         bs, ms = ns.block_size, ns.metadata_size
         per_block, separate, per = self._geometry(ns, f)
         out = np.empty(count * bs, dtype=np.uint8)
@@ -132,15 +132,16 @@ class MetadataIO:
 
     def write(self, ns: Namespace, slba: int, src: np.ndarray, qid: int, metadata: Any, f: Fields) -> int:
         """Write ``src``'s whole blocks with their ``metadata`` (count x ms bytes; may be None when
-        the controller inserts the protection information itself, PRACT on an 8-byte format)."""
+        the controller inserts the protection information itself, PRACT on a format whose
+        metadata is the tuple alone)."""
         f = f.checked(ns)
         bs, ms = ns.block_size, ns.metadata_size
         count = len(src) // bs
         md = None
         if metadata is not None:
             if self.stripped(ns, f):
-                raise Refused("invalid-argument", f"with PRACT the controller inserts namespace {ns.nsid}'s 8-byte "
-                              "protection information: give no metadata", nsid=ns.nsid)
+                raise Refused("invalid-argument", f"with PRACT the controller inserts namespace {ns.nsid}'s "
+                              "protection information, its whole metadata: give no metadata", nsid=ns.nsid)
             md = byte_view(metadata, "metadata")
             if len(md) != count * ms:
                 raise Refused("length-mismatch", f"{len(md)} bytes of metadata for {count} blocks of namespace "

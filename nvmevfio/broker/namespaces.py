@@ -12,7 +12,7 @@ from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, nothi
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.state import BrokerState
-from nvmevfio.errors import Refused
+from nvmevfio.errors import CommandError, Refused
 from nvmevfio.nvme import builders, regs, structures
 from nvmevfio.nvme.controller import State
 from nvmevfio.nvme.spec import Cns
@@ -57,10 +57,21 @@ class Namespaces:
             raise Refused("namespace-inactive", f"namespace {nsid} is not active (NSZE=0)", nsid=nsid)
         idx = structures.flbas_index(ident["flbas"], ident["nlbaf"])
         lbaf = ident["lbafs"][idx]
-        ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident)
+        ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident,
+                       self._guard_format(nsid, idx) if ident["dps"] & 7 else 0)
         core.namespaces[nsid] = ns
         self.update_hot()
         return ns
+
+    def _guard_format(self, nsid: int, lba_format: int) -> int:
+        """The Protection Information Format of a namespace with protection (NVM Command Set
+        Identify Namespace, CNS 05h CSI 00h); 0 (the 16-bit guard) where the controller lacks it."""
+        try:
+            raw = self.admin.read(command_sqe(builders.identify(Cns.CSI_NAMESPACE, nsid=nsid, csi=0)),
+                                  "Identify Namespace (NVM Command Set)", 4096)
+        except CommandError:
+            return 0
+        return structures.elbaf_pif(raw, lba_format)
 
     def refresh_namespaces(self) -> dict[int, Namespace]:
         """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O

@@ -220,9 +220,10 @@ class SyncIO:
         """Write whole blocks from a bytes-like or numpy object; returns the block count.
 
         A namespace whose format carries metadata needs ``metadata`` (block count x its size),
-        unless ``pract`` has the controller insert the protection information of an 8-byte format
-        (otherwise ``metadata-required``); ``prchk``, ``reftag``, ``apptag`` and ``appmask`` as
-        :meth:`read` (without PRACT the controller checks the tuples given)."""
+        unless ``pract`` has the controller insert the protection information of a format whose
+        metadata is the tuple alone (otherwise ``metadata-required``); ``prchk``, ``reftag``,
+        ``apptag`` and ``appmask`` as :meth:`read` (without PRACT the controller checks the tuples
+        given)."""
         self.core.queue(qid)
         ns = self.ns.namespace(nsid, metadata=True)
         src = byte_view(data, "data")

@@ -18,7 +18,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "nvme-cli.md"
 
 _PI = "end-to-end protection information is not authored here (PRINFO 0); read and write take it"
 _META = "the metadata pointer is the broker's; read and write move metadata (it authors MPTR from its own buffer)"
-_STORAGE_TAG = "storage tags (16b/64b guard formats with STS) are not authored: QEMU 7.2's model has none"
+_STORAGE_TAG = "storage tags (formats with STS) are not authored: QEMU 7.2's model has none"
 _DIR = "directives are not offered"
 _LRFUA = "the broker's command carries no LR/FUA bit yet"
 _FORCE = "nvmevfio holds the controller alone through VFIO: there is no other opener to exclude"

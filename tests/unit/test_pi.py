@@ -106,3 +106,62 @@ def test_escape_turns_checks_off():
     t3 = pi.Protection(3, 8, first=True)
     md[4:] = 0  # type 3: the application tag alone is not enough
     assert t3.check(data, md, 0, pi.PRCHK_GUARD) is not None
+
+
+def bitwise_crc64(data: bytes) -> int:
+    """CRC-64/NVME one bit at a time (poly AD93D23594C93659h reflected, init and final xor all ones)."""
+    crc = (1 << 64) - 1
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x9A6C9329AC4BC9B5 if crc & 1 else crc >> 1
+    return crc ^ ((1 << 64) - 1)
+
+
+def test_crc64_nvme():
+    assert pi.crc64_nvme(b"123456789") == 0xAE8B14860A799888  # the CRC catalogue's check value of CRC-64/NVME
+    assert pi.crc64_nvme(b"56789", crc=pi.crc64_nvme(b"1234")) == 0xAE8B14860A799888  # continued
+    rows = np.random.default_rng(3).integers(0, 256, (3, 520), dtype=np.uint8)
+    assert pi.crc64_blocks(rows).tolist() == [bitwise_crc64(r.tobytes()) for r in rows]
+
+
+def test_tuple64_layout_big_endian():
+    raw = pi.pack_tuples(0x0102030405060708, 0xBEEF, 0x0000_A1A2A3A4A5A6, pi.PIF_64)
+    assert raw.shape == (1, 16)
+    assert raw[0].tobytes() == bytes.fromhex("0102030405060708 beef a1a2a3a4a5a6")
+    t = pi.unpack_tuples(raw, pi.PIF_64)
+    assert (int(t.guard[0]), int(t.apptag[0]), int(t.reftag[0])) == (0x0102030405060708, 0xBEEF, 0xA1A2A3A4A5A6)
+
+
+def test_generate_and_check_64bit_guard():
+    """PIF 2, 16 bytes of metadata, tuple last: it fills the whole metadata; ref tags are 48 bits."""
+    prot = pi.Protection(1, 16, first=False, pif=pi.PIF_64)
+    assert (prot.tuple_bytes, prot.offset, prot.reftag_mask) == (16, 0, (1 << 48) - 1)
+    data = np.random.default_rng(4).integers(0, 256, 2 * 512, dtype=np.uint8)
+    md = prot.generate(data, 512, (1 << 48) - 1, apptag=0x0102)
+    rows = md.reshape(2, 16)
+    for i in range(2):
+        guard = bitwise_crc64(data[i * 512 : (i + 1) * 512].tobytes())
+        ref = ((1 << 48) - 1 + i) & ((1 << 48) - 1)  # wraps at 48 bits
+        assert rows[i].tobytes() == guard.to_bytes(8, "big") + b"\x01\x02" + ref.to_bytes(6, "big")
+    assert prot.check(data, md, (1 << 48) - 1, apptag=0x0102) is None
+    data[600] ^= 0x80
+    m = prot.check(data, md, (1 << 48) - 1, apptag=0x0102)
+    assert m is not None and (m.block, m.check) == (1, "guard")
+    ms32 = pi.Protection(1, 32, first=False, pif=pi.PIF_64)  # 16 bytes before the tuple: in the guard
+    user = np.arange(2 * 32, dtype=np.uint8)
+    md = ms32.generate(data, 512, 0, metadata=user)
+    guard0 = bitwise_crc64(data[:512].tobytes() + user[:16].tobytes())
+    assert md[16:24].tobytes() == guard0.to_bytes(8, "big")
+
+
+def test_elbaf_pif():
+    """NVM Command Set Identify Namespace: ELBAF n at byte 12 + 4n, PIF bits 8:7 (QEMU: (pif & 3) << 7)."""
+    from nvmevfio.nvme import structures
+
+    raw = bytearray(4096)
+    raw[12 + 4 * 9 : 12 + 4 * 10] = (2 << 7).to_bytes(4, "little")
+    raw[12 : 16] = (0x7F | (1 << 7)).to_bytes(4, "little")  # STS 6:0 set too: not the PIF
+    assert [structures.elbaf_pif(bytes(raw), i) for i in (0, 1, 9)] == [1, 0, 2]
+    with pytest.raises(ValueError):
+        structures.elbaf_pif(bytes(20), 9)

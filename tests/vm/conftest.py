@@ -105,7 +105,8 @@ def dev(request, data_ctrl):
 @pytest.fixture(scope="session")
 def pi_ctrl(guest):
     """Controller with protection information: 1 type 1 extended LBA (ms 8), 2 type 1 separate
-    metadata (ms 8), 3 type 3 separate (ms 16, the tuple first), 4 type 1 separate (to format)."""
+    metadata (ms 8), 3 type 3 separate (ms 16, the tuple first), 4 type 1 separate (to format), 5 type 1
+    with the 64-bit guard (PIF 2, ms 16)."""
     return controller(guest, "nvmevfio-pi")
 
 

@@ -65,7 +65,7 @@ def round_trip(s, nsid: int, slba: int, blocks: int, pract: bool, seed: int, ref
     user = np.random.default_rng(seed + 1).integers(0, 256, blocks * prot.metadata_size, dtype=np.uint8)
     md = prot.generate(data, BS, ref, apptag=0x5A5A, metadata=user)
     if pract:
-        extra = {"metadata": user} if prot.metadata_size > pi.TUPLE_BYTES else {}
+        extra = {"metadata": user} if prot.metadata_size > prot.tuple_bytes else {}
         assert s.write(nsid, slba, data, pract=True, prchk=checks, reftag=ref, apptag=0x5A5A, **extra) == blocks
     else:
         assert s.write(nsid, slba, data, metadata=md, prchk=checks, reftag=ref, apptag=0x5A5A,
@@ -75,15 +75,17 @@ def round_trip(s, nsid: int, slba: int, blocks: int, pract: bool, seed: int, ref
     assert got.tobytes() == data.tobytes()
     assert got_md.tobytes() == md.tobytes()  # PRACT 1: the controller's guard is our CRC, tags as asked
     assert prot.check(got, got_md, ref, apptag=0x5A5A) is None
-    if pract and prot.metadata_size == pi.TUPLE_BYTES:  # checked and stripped by the controller: data alone
+    if pract and prot.metadata_size == prot.tuple_bytes:  # checked and stripped by the controller: data alone
         assert s.read(nsid, slba, blocks, pract=True, prchk=checks, reftag=ref, apptag=0x5A5A).tobytes() \
             == data.tobytes()
 
 
 @pytest.mark.parametrize("pract", [False, True], ids=["pract0", "pract1"])
-@pytest.mark.parametrize("nsid", [1, 2, 3], ids=["type1-extended", "type1-separate", "type3-ms16-first"])
+@pytest.mark.parametrize("nsid", [1, 2, 3, 5], ids=["type1-extended", "type1-separate", "type3-ms16-first",
+                                                    "type1-64bit-guard"])
 def test_pi_round_trip(session, nsid, pract):
     assert session.namespace(nsid, metadata=True).extended_lba == (nsid == 1)
+    assert protection(session, nsid).pif == (pi.PIF_64 if nsid == 5 else pi.PIF_16)  # Identify CNS 05h's ELBAF
     round_trip(session, nsid, 8 + 40 * pract, 5, pract, seed=nsid * 10 + pract)
     round_trip(session, nsid, 1000, 1, pract, seed=99)
     # more than one command (MDTS, QEMU's default 512 KiB): the reference tags carry on across them
@@ -109,13 +111,13 @@ def test_pi_format_types_at_runtime(pi_ctrl, pi_type):
 
 
 @TYPE1_ONLY
-@pytest.mark.parametrize("nsid", [1, 2])
+@pytest.mark.parametrize("nsid", [1, 2, 5])
 def test_pi_bad_guard_refused_on_write_and_on_read(session, nsid):
     prot = protection(session, nsid)
     data = payload(5, 2)
     md = prot.generate(data, BS, 300)
     bad = md.copy()
-    bad[prot.offset + prot.metadata_size] ^= 0x01  # block 1's guard
+    bad[prot.offset + prot.metadata_size + 1] ^= 0x01  # block 1's guard (its low byte: 16-bit or 64-bit)
     e = expect_status(GUARD_ERROR, session.write, nsid, 300, data, metadata=bad, prchk=pi.PRCHK_GUARD)
     assert e.context["slba"] == 300
     # written raw (no checks asked), it is the read's check that fails
