@@ -66,7 +66,7 @@ class BlockDevice:
             ctrl = provider.identify_controller()
             depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
                                               sgl=sgl, sq_in_cmb=sq_in_cmb)
-            ns = provider.namespace(nsid)
+            ns = provider.namespace(nsid, metadata=True)
         except BaseException:
             provider.close()
             raise
@@ -79,6 +79,8 @@ class BlockDevice:
             dma_lane=provider.dma_lane)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
+        self.metadata_size = ns.metadata_size  # bytes per block; read_blocks/write_blocks move it
+        self.protection = ns.protection  # end-to-end protection (nvme/pi.py), None without
         self.read_into = functools.partial(provider.read_into, nsid)
         self.write_from = functools.partial(provider.write_from, nsid)
 

@@ -216,7 +216,7 @@ class Provider:
     # -- data -------------------------------------------------------------------------
     def check_window(self, nsid: int, slba: int, count: int) -> None:
         """Refuse (window-past-namespace-end / count-out-of-range) without touching the device."""
-        self._broker.check_window(self._broker.namespace(nsid), slba, count)
+        self._broker.check_window(self._broker.namespace(nsid, metadata=True), slba, count)
 
     def admin_passthru(self, opcode: int, *, nsid: int = 0, data: Any = None, data_len: int = 0,
                        timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:
@@ -227,10 +227,11 @@ class Provider:
                                      timeout_s=timeout_s)
 
     def io_passthru(self, opcode: int, *, nsid: int = 1, data: Any = None, data_len: int = 0, qid: int = 1,
-                    timeout_s: float | None = None, **cdws: int) -> tuple[int, bytes | None]:
-        """:meth:`admin_passthru` for an I/O queue (``qid``)."""
+                    timeout_s: float | None = None, metadata: Any = None, **cdws: int) -> tuple[int, bytes | None]:
+        """:meth:`admin_passthru` for an I/O queue (``qid``); ``metadata``: a buffer of the
+        metadata's length, sent with ``data`` or filled in when receiving (the broker authors MPTR)."""
         return self._broker.passthru(qid, opcode, nsid=nsid, cdws=cdws, data=data, data_len=data_len,
-                                     timeout_s=timeout_s)
+                                     timeout_s=timeout_s, metadata=metadata)
 
     # -- zero-copy buffers and batches ------------------------------------------------
     def alloc_buffer(self, nbytes: int, *, shared: bool = False, owner: str = "caller") -> DmaBuffer:

@@ -14,6 +14,10 @@ def test_parse_size_and_controllers():
         (64 << 20, 512, 0, None), (32 << 20, 4096, 0, None), (8 << 20, 512, 8, "/var/tmp/x.img")]
     assert c.options == {"mdts": "0", "max_ioqpairs": "4"}
     assert len(guest.Controller.parse("mdts=5").namespaces) == 1  # a default namespace
+    n = guest.Namespace.parse("8M:512:8+pi=1+mset=1@/var/tmp/p.img")  # nvme-ns properties beyond ms=
+    assert (n.size, n.block_size, n.metadata, n.image, n.options) == (8 << 20, 512, 8, "/var/tmp/p.img",
+                                                                      {"pi": "1", "mset": "1"})
+    assert guest.Namespace.parse("8M").options == {}
 
 
 def test_module_closure_orders_dependencies_first():

@@ -55,6 +55,15 @@ def _controllers(io_dir):
                             {"serial": "nvmevfio-events", "subsys": "nvmevfio-subsys"}),
         # a 4 MiB Controller Memory Buffer in BAR2 that may hold submission queues (CMBSZ.SQS)
         guestlib.Controller([guestlib.Namespace(16 << 20, 512)], {"serial": "nvmevfio-cmb", "cmb_size_mb": "4"}),
+        # end-to-end protection (tests/vm/test_pi.py): type 1 extended LBA; type 1 separate metadata
+        # (the kernel cross-check); type 3 with 16 bytes of metadata, the tuple first; one to format;
+        # type 1 with the 64-bit guard (PIF 2)
+        guestlib.Controller([guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1", "mset": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "3", "pil": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
+                             guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "1", "pif": "2"})],
+                            {"serial": "nvmevfio-pi"}),
     ]
 
 
@@ -64,7 +73,8 @@ def _controllers(io_dir):
 # device (the lane: IOMMU mappings, iommufd's IOAS, the no-IOMMU lane's pinned pool and bounce
 # copies): the data path, windows and splits, the lanes themselves, VFIO's own handles, the
 # service (its shared memory is mapped per lane), recovery (requeued commands keep their
-# mappings), removal (mappings released under a running perf) and the block-device exports
+# mappings), removal (mappings released under a running perf), metadata (the broker's MPTR is a
+# device address) and the block-device exports
 # (NBD's plugin and ublk's C server take their buffers from the lane). What they leave out
 # (identify and admin commands, logs, passthrough, events, the CLI's formatting, the pytest
 # plugin, the README's examples) builds commands and parses completions the same way in every
@@ -75,7 +85,7 @@ def _controllers(io_dir):
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
                   "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py",
-                  "test_sgl.py", "test_cmb.py"]
+                  "test_sgl.py", "test_cmb.py", "test_pi.py"]
 # Files a lane runs besides LANE_DEPENDENT (the default lane runs them anyway): the NVMe/TCP export
 # (test_export.py) needs ublk, which only the custom kernel has, so the default lane can test only
 # its refusal; its data path is ublk's (test_ublk.py, lane-dependent, in both custom-kernel lanes)

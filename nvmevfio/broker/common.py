@@ -13,6 +13,7 @@ import numpy as np
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import prp, sgl
+from nvmevfio.nvme.pi import Protection
 from nvmevfio.nvme.queue import QueuePair
 from nvmevfio.nvme.spec import SQE
 
@@ -76,6 +77,16 @@ def ints(x: Any, what: str) -> list[int]:
     return int_array(x, what).tolist()
 
 
+def byte_view(x: Any, what: str) -> np.ndarray:
+    """A bytes-like object or numpy array as flat uint8 (no copy when it is contiguous); else refused."""
+    try:
+        return np.frombuffer(memoryview(x).cast("B"), dtype=np.uint8) if not isinstance(x, np.ndarray) \
+            else np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise Refused("invalid-argument", f"{what} must be a contiguous bytes-like object or a numpy array of "
+                      f"plain numbers ({exc})", type=type(x).__name__) from exc
+
+
 class IrqWaiter(Protocol):
     """MSI-X: one eventfd per vector; the C queue pair waits on it with poll(2)."""
 
@@ -94,6 +105,8 @@ class Namespace:
     metadata_size: int
     lba_format: int
     identify: dict[str, Any] = field(repr=False)
+    pif: int = 0  # Protection Information Format of the LBA format in use: 0 16-bit guard, 2 64-bit
+
 
     @property
     def size_bytes(self) -> int:
@@ -103,6 +116,14 @@ class Namespace:
     def extended_lba(self) -> bool:
         """FLBAS bit 4: metadata travels at the end of each block's data (no metadata pointer)."""
         return bool(int(self.identify.get("flbas", 0)) & 0x10)
+
+    @property
+    def protection(self) -> Protection | None:
+        """End-to-end protection (Identify Namespace DPS: type 2:0, the tuple first bit 3; the
+        guard's format), None for type 0 or metadata too small for a tuple."""
+        dps = int(self.identify.get("dps", 0))
+        prot = Protection(dps & 7, self.metadata_size, bool(dps & 8), self.pif)
+        return prot if dps & 7 and self.metadata_size >= prot.tuple_bytes else None
 
 
 class BrokerQueue:

@@ -19,6 +19,7 @@ from nvmevfio.broker.common import COMMAND_TIMEOUT_S, DEFAULT_STAGING, BrokerQue
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.events import Events
 from nvmevfio.broker.execute import Executor
+from nvmevfio.broker.metadata import MetadataIO
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.passthrough import Passthrough
 from nvmevfio.broker.queues import Queues
@@ -55,7 +56,7 @@ class Broker:
         verbs = AdminVerbs(core, cmds, ns, pt)
         sub = Submit(core, ex, ns)
         svc = ServicePath(core, ex, ns)
-        sio = SyncIO(core, ex, ns, sub)
+        sio = SyncIO(core, ex, ns, sub, MetadataIO(core, ex, ns))
         # The hooks that keep the imports acyclic: execution reaches recovery, admin commands
         # service pending events, Identify Controller arms the events.
         ex.attach_recovery(rec)

@@ -12,7 +12,7 @@ from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, nothi
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.state import BrokerState
-from nvmevfio.errors import Refused
+from nvmevfio.errors import CommandError, Refused
 from nvmevfio.nvme import builders, regs, structures
 from nvmevfio.nvme.controller import State
 from nvmevfio.nvme.spec import Cns
@@ -57,10 +57,21 @@ class Namespaces:
             raise Refused("namespace-inactive", f"namespace {nsid} is not active (NSZE=0)", nsid=nsid)
         idx = structures.flbas_index(ident["flbas"], ident["nlbaf"])
         lbaf = ident["lbafs"][idx]
-        ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident)
+        ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident,
+                       self._guard_format(nsid, idx) if ident["dps"] & 7 else 0)
         core.namespaces[nsid] = ns
         self.update_hot()
         return ns
+
+    def _guard_format(self, nsid: int, lba_format: int) -> int:
+        """The Protection Information Format of a namespace with protection (NVM Command Set
+        Identify Namespace, CNS 05h CSI 00h); 0 (the 16-bit guard) where the controller lacks it."""
+        try:
+            raw = self.admin.read(command_sqe(builders.identify(Cns.CSI_NAMESPACE, nsid=nsid, csi=0)),
+                                  "Identify Namespace (NVM Command Set)", 4096)
+        except CommandError:
+            return 0
+        return structures.elbaf_pif(raw, lba_format)
 
     def refresh_namespaces(self) -> dict[int, Namespace]:
         """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O
@@ -98,8 +109,10 @@ class Namespaces:
                     if not ns.metadata_size and n not in core.changed_namespaces} if ready else {}
 
     # ============================================================ the I/O verbs' refusals
-    def namespace(self, nsid: int) -> Namespace:
-        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table)."""
+    def namespace(self, nsid: int, metadata: bool = False) -> Namespace:
+        """The identified namespace ``nsid``; a pure lookup (refresh_namespaces() fills the table).
+        One whose format carries metadata is refused (``unsupported-lba-format``) unless
+        ``metadata``: the verbs that move metadata (read/write) or none (flush) take it."""
         core = self.core
         core.require_ready()
         nsid = whole(nsid, "the namespace id")
@@ -111,10 +124,10 @@ class Namespaces:
             raise Refused("namespace-inactive",
                           f"namespace {nsid} is not active on this controller (active: "
                           f"{sorted(core.namespaces) or 'none'})", nsid=nsid, active=sorted(core.namespaces))
-        if ns.metadata_size:
+        if ns.metadata_size and not metadata:
             raise Refused("unsupported-lba-format",
                           f"namespace {nsid} uses LBA format {ns.lba_format} with {ns.metadata_size} bytes of "
-                          "metadata per block; only formats without metadata are supported", nsid=nsid)
+                          "metadata per block; this verb moves data alone: use read/write (metadata=...)", nsid=nsid)
         return ns
 
     @staticmethod

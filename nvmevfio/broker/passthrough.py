@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, whole
+from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, byte_view, whole
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, sqe
 from nvmevfio.dma import align_up
@@ -37,15 +37,19 @@ class Passthrough:
 
     def passthru(self, qid: int, opcode: int, *, nsid: int = 0, cdws: dict[str, int] | None = None,
                  data: Any = None, data_len: int = 0, timeout_s: float | None = None,
-                 name: str | None = None) -> tuple[int, bytes | None]:
+                 name: str | None = None, metadata: Any = None) -> tuple[int, bytes | None]:
         """Any command the broker does not own, on the admin queue (``qid`` 0) or an I/O queue: the
         caller gives CDW2/3/10..15 (``cdws``, by name), the bytes to send (``data``) or the length
         to receive (``data_len``), never an address; the broker copies through a buffer of its own
         and authors DPTR. Returns (DW0, the bytes received or None). No retries: the status is the
         device's. Refused before the device sees anything: commands whose addresses or state the
         broker owns (:data:`BROKER_OWNED_ADMIN`, Set Features :data:`BROKER_OWNED_FEATURES`),
-        fused or SGL commands (CDW0 FUSE/PSDT), and data commands on a namespace whose metadata
-        needs a metadata pointer; all with reason ``broker-owned-command``."""
+        fused or SGL commands (CDW0 FUSE/PSDT); all with reason ``broker-owned-command``.
+
+        ``metadata`` (an I/O command): a buffer whose length is the metadata's; the broker copies
+        it through a contiguous buffer of its own and authors MPTR (NVMe Base 2.0, 4.1.1): sent
+        with ``data``, filled in (it must be writable) when receiving. A data command on a
+        namespace whose format has separate metadata without it: ``metadata-required``."""
         core = self.core
         core.require_ready()
         qp = core.admin if qid == 0 else core.queue(qid)
@@ -77,20 +81,50 @@ class Passthrough:
         if not 0 <= length <= limit:
             raise Refused("length-mismatch", f"{length} bytes: passthrough moves at most {limit} (MDTS)",
                           length=length, limit=limit)
+        md = self._metadata(qid, metadata, payload is None, limit)
+        ns = core.namespaces.get(nsid) if qid else None
+        if md is None and ns is not None and ns.metadata_size and opcode & 3 and not ns.extended_lba:
+            raise Refused("metadata-required", f"{name}: namespace {nsid}'s format has {ns.metadata_size} bytes of "
+                          "separate metadata per block: give metadata=... (the broker authors MPTR)", nsid=nsid)
         ledger = core.ledger
         buf = ledger.alloc(align_up(max(length, 1), core.page_size), owner="broker:passthru") if length else None
+        mbuf = None
         try:
+            e = sqe(opcode, nsid=nsid, **words)
+            if md is not None:
+                mbuf = ledger.alloc(align_up(len(md), core.page_size), owner="broker:passthru-metadata",
+                                    contiguous=True)
+                mbuf.array[:] = 0
+                mbuf.array[: len(md)] = md
+                e["mptr"] = ledger.device_address(ledger.iova(mbuf))  # the no-IOMMU lane: physical
             if buf is not None:
                 buf.array[:] = 0
                 if payload is not None:
                     buf.array[:length] = payload
-            e = sqe(opcode, nsid=nsid, **words)
             dw0 = self.admin.settled(self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False,
                                                   opcode=opcode))
+            if md is not None and mbuf is not None and payload is None:
+                md[:] = mbuf.array[: len(md)]
             return dw0, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
         finally:
-            if buf is not None and ledger.in_flight(buf) == 0:
-                ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close
+            for b in (buf, mbuf):
+                if b is not None and ledger.in_flight(b) == 0:
+                    ledger.free(b)  # scrubbed; one still in flight stays quarantined until close
+
+    @staticmethod
+    def _metadata(qid: int, metadata: Any, receiving: bool, limit: int) -> np.ndarray | None:
+        """The caller's metadata buffer as uint8 (writable when it is to be filled), or None."""
+        if metadata is None:
+            return None
+        if qid == 0:
+            raise Refused("invalid-argument", "admin commands carry no metadata pointer")
+        md = byte_view(metadata, "metadata")
+        if not 0 < len(md) <= limit:
+            raise Refused("length-mismatch", f"{len(md)} bytes of metadata: 1..{limit}", length=len(md))
+        if receiving and not md.flags.writeable:
+            raise Refused("invalid-argument", "metadata to be received needs a writable buffer (a bytearray or "
+                          "numpy array)", type=type(metadata).__name__)
+        return md
 
     def command(self, qid: int, cmd: builders.Command, name: str, **kw: Any) -> tuple[int, bytes | None]:
         """:meth:`passthru` of a built command (its opcode, NSID and CDW10..15)."""
@@ -103,9 +137,4 @@ class Passthrough:
                 return BROKER_OWNED_ADMIN[opcode]
             if opcode == AdminOpcode.SET_FEATURES and cdw10 & 0xFF in BROKER_OWNED_FEATURES:
                 return f"Set Features {BROKER_OWNED_FEATURES[cdw10 & 0xFF]}"
-            return ""
-        ns = self.core.namespaces.get(nsid)
-        if ns is not None and ns.metadata_size and opcode & 3 and not ns.extended_lba:
-            return f"a data command on namespace {nsid}, whose {ns.metadata_size}-byte metadata needs a metadata " \
-                   "pointer"
         return ""

@@ -18,11 +18,13 @@ from nvmevfio.broker.common import (
     BrokerQueue,
     Namespace,
     RegisteredBuffer,
+    byte_view,
     int_array,
     whole,
 )
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, command_sqe, raise_for, refuse_busy
+from nvmevfio.broker.metadata import Fields, MetadataIO
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.submit import Submit
 from nvmevfio.dma import DmaBuffer
@@ -33,8 +35,9 @@ from nvmevfio.nvme.spec import IoOpcode
 
 
 class SyncIO:
-    def __init__(self, core: Core, ex: Executor, ns: Namespaces, submit: Submit) -> None:
+    def __init__(self, core: Core, ex: Executor, ns: Namespaces, submit: Submit, meta: MetadataIO) -> None:
         self.core = core
+        self.meta = meta
         self.ex = ex
         self.ns = ns
         self.submit = submit
@@ -193,11 +196,23 @@ class SyncIO:
             core.staging = core.ledger.alloc(max(core.staging_bytes, core.max_transfer), owner="broker:staging")
         return core.staging
 
-    def read(self, nsid: int, slba: int, count: int, qid: int = 1) -> np.ndarray:
-        """Read ``count`` blocks into a new uint8 array (through the broker's staging buffer)."""
+    def read(self, nsid: int, slba: int, count: int, qid: int = 1, *, metadata: bool = False, pract: bool = False,
+             prchk: int = 0, reftag: int | None = None, apptag: int = 0, appmask: int = 0) -> Any:
+        """Read ``count`` blocks into a new uint8 array (through the broker's staging buffer).
+
+        A namespace whose format carries metadata: ``metadata`` returns (data, metadata), the
+        metadata ``count`` x its size; ``pract`` has the controller strip (and check) the
+        protection information, ``prchk`` (4 guard, 2 application tag, 1 reference tag) names the
+        checks, ``reftag`` (default: the LBA's low 32 bits), ``apptag`` and ``appmask`` what they
+        compare with. A failed check is the status End-to-end Guard, Application Tag or Reference
+        Tag Check Error."""
         self.core.queue(qid)
-        ns = self.ns.namespace(nsid)
+        ns = self.ns.namespace(nsid, metadata=True)
         slba, count = self.ns.check_window(ns, slba, count)
+        if ns.metadata_size or metadata or pract or prchk:
+            if not ns.metadata_size:
+                raise Refused("invalid-argument", f"namespace {nsid} carries no metadata", nsid=nsid)
+            return self.meta.read(ns, slba, count, qid, metadata, Fields(pract, prchk, reftag, apptag, appmask))
         out = np.empty(count * ns.block_size, dtype=np.uint8)
         stage = self._staging_buf()
         per = stage.size // ns.block_size
@@ -250,21 +265,27 @@ class SyncIO:
         core.ledger.sync_for_cpu(stage, 0, pos)  # the no-IOMMU lane's bounce; else nothing
         return stage.array[:pos].copy()
 
-    def write(self, nsid: int, slba: int, data: Any, qid: int = 1) -> int:
-        """Write whole blocks from a bytes-like or numpy object; returns the block count."""
+    def write(self, nsid: int, slba: int, data: Any, qid: int = 1, *, metadata: Any = None, pract: bool = False,
+              prchk: int = 0, reftag: int | None = None, apptag: int = 0, appmask: int = 0) -> int:
+        """Write whole blocks from a bytes-like or numpy object; returns the block count.
+
+        A namespace whose format carries metadata needs ``metadata`` (block count x its size),
+        unless ``pract`` has the controller insert the protection information of a format whose
+        metadata is the tuple alone (otherwise ``metadata-required``); ``prchk``, ``reftag``,
+        ``apptag`` and ``appmask`` as :meth:`read` (without PRACT the controller checks the tuples
+        given)."""
         self.core.queue(qid)
-        ns = self.ns.namespace(nsid)
-        try:
-            src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8) if not isinstance(data, np.ndarray) \
-                else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        except (TypeError, ValueError) as exc:
-            raise Refused("invalid-argument", f"data must be a contiguous bytes-like object or a numpy array of "
-                          f"plain numbers ({exc})", type=type(data).__name__) from exc
+        ns = self.ns.namespace(nsid, metadata=True)
+        src = byte_view(data, "data")
         if len(src) == 0 or len(src) % ns.block_size:
             raise Refused("length-mismatch", f"{len(src)} bytes is not a positive multiple of the "
                           f"{ns.block_size}-byte block size of namespace {nsid}", length=len(src),
                           block_size=ns.block_size)
         slba, count = self.ns.check_window(ns, slba, len(src) // ns.block_size)
+        if ns.metadata_size or metadata is not None or pract or prchk:
+            if not ns.metadata_size:
+                raise Refused("invalid-argument", f"namespace {nsid} carries no metadata", nsid=nsid)
+            return self.meta.write(ns, slba, src, qid, metadata, Fields(pract, prchk, reftag, apptag, appmask))
         stage = self._staging_buf()
         per = stage.size // ns.block_size
         arr = stage.array
@@ -277,7 +298,7 @@ class SyncIO:
     def flush(self, nsid: int, qid: int = 1) -> None:
         """Flush (NVM opcode 00h): the volatile write cache of ``nsid`` to media; returns once it completed."""
         qp = self.core.queue(qid)
-        self.ns.namespace(nsid)
+        self.ns.namespace(nsid, metadata=True)
         self.ex.exec(qp, command_sqe(builders.flush(nsid)), "Flush", nsid=nsid)
 
     def _range_command(self, qid: int, nsid: int, slba: int, count: int, oncs_bit: int,

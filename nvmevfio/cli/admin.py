@@ -50,6 +50,7 @@ def format_cmd(address: str, nsid: int, lbaf: int | None, block_size: int | None
 
     \b
     Example: nvmevfio format 00:04.0 -n 1 --lbaf 4 --force
+             nvmevfio format 00:04.0 -n 1 --lbaf 1 --pi 1 --ms 1 --force (512 + 8 bytes, PI type 1, extended LBA)
     """
     if (lbaf is None) == (block_size is None):
         raise click.UsageError("give --lbaf or --block-size (one of them)")
@@ -73,7 +74,13 @@ def format_cmd(address: str, nsid: int, lbaf: int | None, block_size: int | None
     ns = table.get(nsid)
     click.echo(f"Success formatting namespace:{nsid:x}")
     if ns is not None:
-        click.echo(f"namespace {nsid}: {ns.size_blocks} blocks of {ns.block_size} bytes", err=True)
+        meta = ""
+        if ns.metadata_size:
+            prot = ns.protection
+            meta = (f" + {ns.metadata_size} bytes of metadata ({'extended LBA' if ns.extended_lba else 'separate'}"
+                    + (f", PI type {prot.pi_type}, the tuple {'first' if prot.first else 'last'}" if prot else "")
+                    + ")")
+        click.echo(f"namespace {nsid}: {ns.size_blocks} blocks of {ns.block_size} bytes{meta}", err=True)
 
 
 @main.command("ns-rescan")

@@ -32,6 +32,7 @@ from nvmevfio.cli.common import (
     limited_retry_opt,
     main,
     nsid_opt,
+    num,
     service_socket_opt,
     start_block_opt,
 )
@@ -49,6 +50,53 @@ def trace_opts(f: Any) -> Any:
 
 data_file_opt = click.option("-d", "--data", "data", type=click.Path(dir_okay=False, allow_dash=True), default="-",
                              help="data file (default: stdin / stdout)")
+# nvme-cli's metadata and end-to-end protection options of read and write (its submit_io)
+metadata_opts = [
+    click.option("-M", "--metadata", "metadata_file", type=click.Path(dir_okay=False), default=None,
+                 help="metadata file: written from (write) or read into (read), block count x metadata size"),
+    click.option("-y", "--metadata-size", type=IONUM, default=0,
+                 help="bytes of metadata from or to the file (default: block count x the format's metadata size)"),
+    click.option("-p", "--prinfo", type=num(0, 15), default=0,
+                 help="PRINFO: 8 PRACT (the controller inserts or strips the protection information), "
+                      "checks 4 guard, 2 application tag, 1 reference tag"),
+    click.option("-r", "--ref-tag", type=IONUM, default=None,
+                 help="the first block's reference tag (EILBRT; default: the LBA's low 32 bits)"),
+    click.option("-m", "--app-tag-mask", type=num(0, 0xFFFF), default=0, help="application tag mask (LBATM)"),
+    click.option("-a", "--app-tag", type=num(0, 0xFFFF), default=0, help="application tag (LBAT)"),
+]
+
+
+def metadata_options(f: Any) -> Any:
+    for opt in reversed(metadata_opts):
+        f = opt(f)
+    return f
+
+
+class Protected:
+    """A command line's metadata and protection options, per chunk of blocks."""
+
+    def __init__(self, dev: Any, metadata_file: str | None, metadata_size: int, prinfo: int, ref_tag: int | None,
+                 app_tag_mask: int, app_tag: int) -> None:
+        self.ms = getattr(dev, "metadata_size", 0)
+        self.type = dev.protection.pi_type if getattr(dev, "protection", None) is not None else 0
+        self.file, self.size = metadata_file, metadata_size
+        self.on = bool(self.ms or metadata_file or prinfo or ref_tag is not None or app_tag or app_tag_mask)
+        if self.on and not hasattr(dev, "metadata_size"):
+            _fail("refused: metadata and protection information go through the device, not the service "
+                  "[invalid-argument]", EXIT_REFUSED)
+        self.prinfo, self.ref_tag, self.mask, self.tag = prinfo, ref_tag, app_tag_mask, app_tag
+
+    def kwargs(self, slba: int, start: int) -> dict[str, Any]:
+        """read_blocks/write_blocks keywords for the chunk at ``start`` of a command line at ``slba``."""
+        if not self.on:
+            return {}
+        ref = self.ref_tag
+        if ref is not None and self.type != 3:  # types 1 and 2: one more per block
+            ref = (ref + start - slba) & 0xFFFFFFFF
+        return {"pract": bool(self.prinfo & 8), "prchk": self.prinfo & 7, "reftag": ref, "apptag": self.tag,
+                "appmask": self.mask}
+
+
 DSM_RANGE = 16  # bytes of one Dataset Management range (NVM Command Set 3.2.3)
 COPY_RANGE = 32  # bytes of one Copy source range, format 0 (NVM Command Set 3.2.2)
 
@@ -73,21 +121,27 @@ def _latency(verb: str, t0: float, shown: bool) -> None:
 @data_size_opt
 @data_file_opt
 @click.option("--hexdump", is_flag=True, help="a hex dump instead of raw bytes")
+@metadata_options
 @trace_opts
 def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, data_size: int, data: str,
-         hexdump: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
+         hexdump: bool, metadata_file: str | None, metadata_size: int, prinfo: int, ref_tag: int | None,
+         app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool) -> None:
     """Read blocks to a file or stdout (more than MDTS is split into several commands).
 
     \b
     Example: nvmevfio read 00:04.0 -n 1 --start-block 0 --block-count 7 --data-size 4096 -d out.bin
              nvmevfio read 00:04.0 -s 0 -c 0 --hexdump
              nvmevfio read --socket /run/nvmevfio/nvmevfio.sock -s 0 --hexdump
+             nvmevfio read 00:04.0 -n 2 -s 8 -c 3 -d out.bin -M out.md --prinfo 7 (data, metadata, every check)
     """
     count = nlb + 1
     if _show("Read", 0x02, nsid, slba, count, show_command, dry_run):
         return
     with blockdev(address, nsid, service_socket) as dev, errors():
+        pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
         dev.check_window(slba, count)
+        md_out = open(metadata_file, "wb") if metadata_file else None  # noqa: SIM115
+        md_left = metadata_size or count * pi.ms
         per = max(1, CHUNK // dev.block_size)
         # nvme-cli writes --data-size bytes: the blocks' cut short, or followed by zeros
         left = data_size or count * dev.block_size
@@ -97,7 +151,15 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
             with _progress(count * dev.block_size, "reading") as bar:
                 for start in range(slba, slba + count, per):
                     k = min(per, slba + count - start)
-                    got = dev.read_blocks(start, k).tobytes()[:left]
+                    more = pi.kwargs(slba, start)
+                    if md_out is not None:
+                        more["metadata"] = True
+                    got_blocks = dev.read_blocks(start, k, **more)
+                    if md_out is not None:
+                        got_blocks, md = got_blocks
+                        md_out.write(md.tobytes()[:md_left])
+                        md_left -= min(md_left, len(md))
+                    got = got_blocks.tobytes()[:left]
                     left -= len(got)
                     if hexdump:
                         _hexdump(out, got, (start - slba) * dev.block_size)
@@ -114,6 +176,8 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         finally:
+            if md_out is not None:
+                md_out.close()
             if out is not sys.stdout.buffer:
                 out.close()
             else:
@@ -133,9 +197,11 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
 @data_size_opt
 @data_file_opt
 @click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
+@metadata_options
 @trace_opts
 def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int | None, data_size: int,
-          data: str, pad: bool, show_command: bool, dry_run: bool, latency: bool) -> None:
+          data: str, pad: bool, metadata_file: str | None, metadata_size: int, prinfo: int, ref_tag: int | None,
+          app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool) -> None:
     """Write a file (or stdin) at a block address.
 
     With --block-count, that many blocks are written from the data, zero-filled past its end as
@@ -146,6 +212,8 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
     \b
     Example: nvmevfio write 00:04.0 -n 1 --start-block 100 --block-count 7 --data-size 4096 -d image.bin
              head -c 4096 /dev/urandom | nvmevfio write 00:04.0 -s 0
+             nvmevfio write 00:04.0 -n 2 -s 8 -c 3 -d in.bin -M in.md --prinfo 7 (with metadata, checked)
+             nvmevfio write 00:04.0 -n 2 -s 8 -d in.bin --prinfo 8 (the controller adds the protection information)
     """
     import numpy as np
 
@@ -174,7 +242,17 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
             n = -(-total // bs)
         if _show("Write", 0x01, nsid, slba, n, show_command, dry_run):
             return
+        pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
         dev.check_window(slba, n)
+        md = None
+        if metadata_file is not None:  # nvme-cli: --metadata-size bytes of the file, zero-filled past its end
+            try:
+                with open(metadata_file, "rb") as mf:
+                    md_bytes = mf.read(metadata_size or n * pi.ms)
+            except OSError as exc:
+                _fail(f"cannot read {metadata_file}: {exc.strerror}", EXIT_ERROR)
+            md = np.zeros(n * pi.ms, dtype=np.uint8)
+            md[: min(len(md_bytes), len(md))] = np.frombuffer(md_bytes, dtype=np.uint8)[: len(md)]
         src: BinaryIO = io.BytesIO(payload) if payload is not None else open(data, "rb")  # noqa: SIM115
         t0 = time.perf_counter()
         with src, _progress(n * bs, "writing") as bar:
@@ -186,7 +264,10 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
                     _fail(f"{data} shrank while it was being written ({done} blocks written)", EXIT_ERROR)
                 left -= len(chunk)
                 chunk += b"\0" * (k * bs - len(chunk))  # past the data's end: zeros (nvme-cli; --pad)
-                dev.write_blocks(slba + done, np.frombuffer(chunk, dtype=np.uint8))
+                more = pi.kwargs(slba, slba + done)
+                if md is not None:
+                    more["metadata"] = md[done * pi.ms : (done + k) * pi.ms]
+                dev.write_blocks(slba + done, np.frombuffer(chunk, dtype=np.uint8), **more)
                 done += k
                 if bar is not None:
                     bar.update(k * bs)

@@ -43,7 +43,10 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
     @click.option("-8", "--cdw14", type=NUM, default=0)
     @click.option("-9", "--cdw15", type=NUM, default=0)
     @click.option("-l", "--data-len", type=NUM, default=0, help="bytes to transfer")
-    @click.option("-m", "--metadata-len", type=NUM, default=0, help="only 0 (the metadata pointer is the broker's)")
+    @click.option("-m", "--metadata-len", type=NUM, default=0,
+                  help="I/O: bytes of metadata (the broker authors the metadata pointer); admin: only 0")
+    @click.option("-M", "--metadata", "metadata_file", type=click.Path(dir_okay=False), default=None,
+                  help="I/O: the metadata to send (--write) or the file it is received into")
     @click.option("-i", "--input-file", type=click.File("rb"), help="data to send (--write)")
     @click.option("-r", "--read", "read_", is_flag=True, help="controller to host (default: opcode bit 1)")
     @click.option("-w", "--write", "write_", is_flag=True, help="host to controller (default: opcode bit 0)")
@@ -56,14 +59,15 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
     @output_long_opt
     def cmd(address: str, opcode: int, flags: int, rsvd: int, nsid: int, cdw2: int, cdw3: int, cdw10: int,
             cdw11: int, cdw12: int, cdw13: int, cdw14: int, cdw15: int, data_len: int, metadata_len: int,
-            input_file: Any, read_: bool, write_: bool, prefill: int, timeout_ms: int | None, show_command: bool,
-            dry_run: bool, raw_binary: bool, latency: bool, fmt: str) -> None:
+            metadata_file: str | None, input_file: Any, read_: bool, write_: bool, prefill: int,
+            timeout_ms: int | None, show_command: bool, dry_run: bool, raw_binary: bool, latency: bool,
+            fmt: str) -> None:
         import time
 
         from nvmevfio.nvme.spec import command_name
 
-        if flags or rsvd or metadata_len:
-            _fail("refused: --flags, --rsvd and --metadata-len must be 0: fused and SGL commands and the "
+        if flags or rsvd or (admin and (metadata_len or metadata_file)):
+            _fail("refused: --flags, --rsvd and (admin) --metadata-len must be 0: fused and SGL commands and the "
                   "metadata pointer are the broker's [broker-owned-command]", EXIT_REFUSED)
         write = write_ or (not read_ and bool(opcode & 1))
         read = read_ or (not write_ and bool(opcode & 2))
@@ -75,6 +79,11 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
             if input_file is not None:
                 got = input_file.read(data_len)
                 payload[: len(got)] = got
+        md = bytearray(metadata_len) if metadata_len else None
+        if md is not None and write and metadata_file:
+            with open(metadata_file, "rb") as mf:
+                got_md = mf.read(metadata_len)
+            md[: len(got_md)] = got_md
         cdws = {"cdw2": cdw2, "cdw3": cdw3, "cdw10": cdw10, "cdw11": cdw11, "cdw12": cdw12, "cdw13": cdw13,
                 "cdw14": cdw14, "cdw15": cdw15}
         name = command_name(admin, opcode)
@@ -94,7 +103,10 @@ def _passthru_command(admin: bool) -> Callable[..., None]:
                                                     data_len=data_len if read else 0, timeout_s=timeout_s, **cdws)
             else:
                 dw0, data = provider.io_passthru(opcode, nsid=nsid, data=payload, data_len=data_len if read else 0,
-                                                 timeout_s=timeout_s, **cdws)
+                                                 timeout_s=timeout_s, metadata=md, **cdws)
+                if md is not None and not write and metadata_file:
+                    with open(metadata_file, "wb") as mf:
+                        mf.write(md)
             took_us = (time.perf_counter() - t0) * 1e6
         if fmt == "json":
             _emit_json({"opcode": opcode, "command": name, "result": dw0,
@@ -113,5 +125,7 @@ main.command("admin-passthru", help="Send an admin command the broker does not o
              "broker authors its data pointer.\n\n\b\nExample: nvmevfio admin-passthru 00:04.0 --opcode 0x06 "
              "--cdw10 1 --data-len 4096 --read")(_passthru_command(True))
 main.command("io-passthru", help="Send an I/O command the broker does not own (nvme-cli's options); the broker "
-             "authors its data pointer.\n\n\b\nExample: nvmevfio io-passthru 00:04.0 -n 1 --opcode 0x02 --cdw10 0 "
-             "--cdw12 7 --data-len 4096 --read -b > lba0-7.bin")(_passthru_command(False))
+             "authors its data and metadata pointers.\n\n\b\nExample: nvmevfio io-passthru 00:04.0 -n 1 --opcode 0x02 "
+             "--cdw10 0 --cdw12 7 --data-len 4096 --read -b > lba0-7.bin\n\b\n         nvmevfio io-passthru 00:04.0 "
+             "-n 2 --opcode 0x02 --cdw12 7 --data-len 4096 --metadata-len 64 -M md.bin --read -b > lba0-7.bin"
+             )(_passthru_command(False))

@@ -9,6 +9,7 @@ refused (:class:`FieldOutOfRange`), never truncated. Sections: NVMe Base Specifi
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -297,14 +298,31 @@ def _blocks(opc: int, name: str, nsid: int, slba: int, nlb: int, *, fua: bool = 
     return Command(opc, nsid=_nsid(name, nsid), cdw10=cdw10, cdw11=cdw11, cdw12=dw12 | cdw12)
 
 
-def read(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False) -> Command:
-    """Read (NVM 3.2.4): SLBA, NLB 0's based, FUA, LR. The PRPs are the broker's."""
-    return _blocks(IoOpcode.READ, "Read", nsid, slba, nlb, fua=fua, lr=lr)
+def _protected(opc: int, name: str, nsid: int, slba: int, nlb: int, fua: bool, lr: bool, pract: bool, prchk: int,
+               reftag: int, apptag: int, appmask: int) -> Command:
+    """Read or Write with end-to-end protection fields (NVM Command Set 1.0, 3.2.4/3.2.6 and 5.2):
+    CDW12 PRINFO (PRACT bit 29, PRCHK 28:26), CDW14 EILBRT (the expected or initial reference
+    tag), CDW15 LBATM 31:16 (the application tag mask) and LBAT 15:0 (the application tag)."""
+    cmd = _blocks(opc, name, nsid, slba, nlb, fua=fua, lr=lr,
+                  cdw12=(_flag(pract) << 29) | (_fit(name, "PRCHK", prchk, 3) << 26))
+    if not (reftag or apptag or appmask):
+        return cmd
+    return dataclasses.replace(cmd, cdw14=_fit(name, "EILBRT", reftag, 32),
+                               cdw15=(_fit(name, "LBATM", appmask, 16) << 16) | _fit(name, "LBAT", apptag, 16))
 
 
-def write(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False) -> Command:
-    """Write (NVM 3.2.6): SLBA, NLB 0's based, FUA, LR. The PRPs are the broker's."""
-    return _blocks(IoOpcode.WRITE, "Write", nsid, slba, nlb, fua=fua, lr=lr)
+def read(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False, pract: bool = False,
+         prchk: int = 0, reftag: int = 0, apptag: int = 0, appmask: int = 0) -> Command:
+    """Read (NVM 3.2.4): SLBA, NLB 0's based, FUA, LR; the protection fields as
+    :func:`_protected`. The PRPs and the metadata pointer are the broker's."""
+    return _protected(IoOpcode.READ, "Read", nsid, slba, nlb, fua, lr, pract, prchk, reftag, apptag, appmask)
+
+
+def write(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False, pract: bool = False,
+          prchk: int = 0, reftag: int = 0, apptag: int = 0, appmask: int = 0) -> Command:
+    """Write (NVM 3.2.6): SLBA, NLB 0's based, FUA, LR; the protection fields as
+    :func:`_protected`. The PRPs and the metadata pointer are the broker's."""
+    return _protected(IoOpcode.WRITE, "Write", nsid, slba, nlb, fua, lr, pract, prchk, reftag, apptag, appmask)
 
 
 def compare(nsid: int, slba: int, nlb: int) -> Command:

@@ -95,6 +95,7 @@ class Cns(enum.IntEnum):
     NAMESPACE = 0x00
     CONTROLLER = 0x01
     ACTIVE_NAMESPACE_LIST = 0x02
+    CSI_NAMESPACE = 0x05  # I/O Command Set specific Identify Namespace (CSI 00h: the NVM Command Set's)
 
 
 class LogPage(enum.IntEnum):

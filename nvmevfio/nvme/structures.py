@@ -121,6 +121,16 @@ def parse_identify_namespace(buf: bytes) -> dict[str, Any]:
     return out
 
 
+def elbaf_pif(buf: bytes, index: int) -> int:
+    """The Protection Information Format of LBA format ``index`` (0 16-bit guard, 1 32-bit, 2 64-bit):
+    ELBAF bits 8:7 in the NVM Command Set's Identify Namespace (CNS 05h CSI 00h; NVM Command Set
+    1.0, 4.1.5.2: LBSTM bytes 7:0, PIC byte 8, ELBAF0 from byte 12, four bytes each)."""
+    start = 12 + 4 * index
+    if len(buf) < start + 4:
+        raise ValueError(f"the NVM Command Set Identify Namespace has no ELBAF {index}")
+    return (int.from_bytes(buf[start : start + 4], "little") >> 7) & 0x3
+
+
 def flbas_index(flbas: int, nlbaf: int) -> int:
     """The LBA format in use: FLBAS bits 3:0, plus bits 6:5 as high bits when NLBAF > 16."""
     low = flbas & 0xF

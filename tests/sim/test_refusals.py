@@ -66,7 +66,16 @@ def test_metadata_format_refused():
 
     r = Rig([SimNamespace(1024, 512, metadata=8)])
     p = r.ready()
-    refused(r, "unsupported-lba-format", p.read, 1, 0, 1)
+    buf = p.alloc_buffer(4096)
+    # the paths that move data alone (transfer, batches) refuse a format with metadata
+    refused(r, "unsupported-lba-format", p.read_into, 1, 0, 1, buf)
+    refused(r, "unsupported-lba-format", p.submit, "read", 1, [0], [1], buf, [0])
+    # read/write move metadata: what they lack is refused before the device
+    refused(r, "metadata-required", p.write, 1, 0, bytes(512))
+    e = refused(r, "length-mismatch", p.write, 1, 0, bytes(1024), metadata=bytes(8))
+    assert e.context["expected"] == 16
+    refused(r, "invalid-argument", p.write, 1, 0, bytes(512), metadata=bytes(8), pract=True)  # no PI (DPS 0)
+    refused(r, "invalid-argument", p.read, 1, 0, 1, prchk=4)
 
 
 def test_queue_full_and_in_flight(rig):

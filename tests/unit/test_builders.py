@@ -247,6 +247,18 @@ def test_read_write():
     refused("NSID", builders.read, 1 << 32, 0, 1)
 
 
+def test_read_write_protection_fields():
+    """CDW12 PRACT bit 29 and PRCHK 28:26; CDW14 EILBRT; CDW15 LBATM 31:16, LBAT 15:0 (NVM 3.2.4, 5.2)."""
+    c = builders.write(1, 0x10, 2, pract=True, prchk=0b101, reftag=0x1234_5678, apptag=0xBEEF, appmask=0xFF00)
+    assert dwords(c) == (0x01, 1, 0x10, 0, 0x2000_0000 | (5 << 26) | 1, 0, 0x1234_5678, 0xFF00_BEEF)
+    c = builders.read(1, 0, 1, prchk=4)
+    assert dwords(c) == (0x02, 1, 0, 0, 0x1000_0000, 0, 0, 0)
+    refused("PRCHK", builders.read, 1, 0, 1, prchk=8)
+    refused("EILBRT", builders.read, 1, 0, 1, reftag=1 << 32)
+    refused("LBAT", builders.write, 1, 0, 1, apptag=1 << 16)
+    refused("LBATM", builders.write, 1, 0, 1, appmask=-1)
+
+
 def test_rw_dwords():
     assert builders.rw_dwords(0x1_0000_0002, 16) == (2, 1, 15)
     assert builders.rw_dwords(5, 1, lr=True) == (5, 0, 0x8000_0000)

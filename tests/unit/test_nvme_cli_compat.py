@@ -16,17 +16,18 @@ from nvmevfio.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "nvme-cli.md"
 
-_PI = "end-to-end protection information is not authored (PRINFO 0): QEMU's and most namespaces have none"
-_META = "the metadata pointer is the broker's; a namespace with separate metadata refuses data commands that need it"
+_PI = "end-to-end protection information is not authored here (PRINFO 0); read and write take it"
+_META = "the metadata pointer is the broker's; read and write move metadata (it authors MPTR from its own buffer)"
+_STORAGE_TAG = "storage tags (formats with STS) are not authored: QEMU 7.2's model has none"
 _DIR = "directives are not offered"
 _LRFUA = "the broker's command carries no LR/FUA bit yet"
 _FORCE = "nvmevfio holds the controller alone through VFIO: there is no other opener to exclude"
 _PI_OPTS = ("prinfo", "ref-tag", "app-tag-mask", "app-tag", "storage-tag", "storage-tag-check")
 
 NOT_OFFERED: dict[tuple[str, str], str] = {
-    **{(c, o): _PI for c in ("read", "write", "compare", "verify", "write-zeroes") for o in _PI_OPTS},
-    **{(c, o): _META for c in ("read", "write", "compare") for o in ("metadata-size", "metadata")},
-    **{(c, o): _META for c in ("admin-passthru", "io-passthru") for o in ("metadata",)},
+    **{(c, o): _PI for c in ("compare", "verify", "write-zeroes") for o in _PI_OPTS},
+    **{(c, o): _STORAGE_TAG for c in ("read", "write") for o in ("storage-tag", "storage-tag-check")},
+    **{("compare", o): _META for o in ("metadata-size", "metadata")},
     **{(c, o): _DIR for c in ("read", "write", "compare", "copy") for o in ("dir-type", "dir-spec")},
     **{(c, o): _LRFUA for c in ("read", "write", "compare", "verify", "write-zeroes")
        for o in ("limited-retry", "force-unit-access")},
@@ -41,6 +42,9 @@ NOT_OFFERED: dict[tuple[str, str], str] = {
 
 DIFFERENT: dict[tuple[str, str], str] = {
     ("read", "data-size"): "optional (default: the blocks' bytes); nvme-cli requires it",
+    **{(c, "ref-tag"): "default: the first block's LBA (low 32 bits), which type 1 needs; nvme-cli's is 0"
+       for c in ("read", "write")},
+    **{(c, "metadata-size"): "optional (default: block count x the format's metadata size)" for c in ("read", "write")},
     ("write", "block-count"): "optional: without it the whole data (or --data-size bytes of it) is written",
     ("read", "block-count"): "not limited to one command: more than MDTS is split (also compare's 65536 limit)",
     ("get-feature", "human-readable"): "decodes features 01h-0Ah (nvme-cli decodes every feature it knows)",
@@ -59,7 +63,10 @@ DIFFERENT: dict[tuple[str, str], str] = {
     ("delete-ns", "timeout"): "accepted; the command timeout (nvmevfio --timeout S) applies",
     ("copy", "format"): "0 only (format 0's 32-byte source ranges)",
     **{(c, o): "0 only: fused and SGL commands and the metadata pointer are the broker's"
-       for c in ("admin-passthru", "io-passthru") for o in ("flags", "rsvd", "metadata-len")},
+       for c in ("admin-passthru", "io-passthru") for o in ("flags", "rsvd")},
+    ("admin-passthru", "metadata-len"): "0 only: admin commands carry no metadata pointer",
+    ("admin-passthru", "metadata"): "refused: admin commands carry no metadata pointer",
+    ("io-passthru", "metadata-len"): "the broker copies the metadata through its own buffer and authors MPTR",
     **{(c, "namespace-id"): "default 1 (nvmevfio names the controller, not a namespace's block device)"
        for c in ("read", "write", "compare", "verify", "write-zeroes", "flush", "dsm", "copy", "write-uncor",
                  "format", "id-ns", "ns-descs", "get-lba-status")},

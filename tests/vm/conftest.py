@@ -109,6 +109,14 @@ def dev(request, data_ctrl):
 
 
 @pytest.fixture(scope="session")
+def pi_ctrl(guest):
+    """Controller with protection information: 1 type 1 extended LBA (ms 8), 2 type 1 separate
+    metadata (ms 8), 3 type 3 separate (ms 16, the tuple first), 4 type 1 separate (to format), 5 type 1
+    with the 64-bit guard (PIF 2, ms 16)."""
+    return controller(guest, "nvmevfio-pi")
+
+
+@pytest.fixture(scope="session")
 def slow_ctrl(guest):
     """Controller whose namespace QEMU throttles (40 IOPS): real command timeouts."""
     return controller(guest, "nvmevfio-slow")
@@ -181,3 +189,12 @@ def kernel_blockdev(address: str, nsid: int = 1, timeout_s: float = 10.0) -> str
             return f"/dev/{names[0]}"
         time.sleep(0.05)
     raise AssertionError(f"no block device appeared for {address} namespace {nsid}")
+
+
+def kernel_write(bdev: str, data: bytes, seek: int, scratch: Path) -> None:
+    """Write ``data`` through the kernel's block device at 512-byte block ``seek`` (O_DIRECT, fsync)."""
+    import subprocess
+
+    scratch.write_bytes(data)
+    subprocess.run(["dd", f"if={scratch}", f"of={bdev}", "bs=512", f"seek={seek}", "oflag=direct", "conv=fsync",
+                    "status=none"], check=True)

@@ -3,7 +3,7 @@
 import subprocess
 
 import numpy as np
-from conftest import kernel_blockdev
+from conftest import kernel_blockdev, kernel_write
 
 import nvmevfio
 from nvmevfio import pci
@@ -21,10 +21,7 @@ def test_kernel_reads_nvmevfio_writes_and_back(small_ctrl, io_dir):
                               "status=none"], check=True, capture_output=True).stdout
         assert got == ours.tobytes()
         theirs = np.random.default_rng(22).integers(0, 256, 256 << 10, dtype=np.uint8).tobytes()
-        src = io_dir / "kernel-write.bin"
-        src.write_bytes(theirs)
-        subprocess.run(["dd", f"if={src}", f"of={bdev}", "bs=512", "seek=9000", "oflag=direct", "conv=fsync",
-                        "status=none"], check=True)
+        kernel_write(bdev, theirs, 9000, io_dir / "kernel-write.bin")
     finally:
         pci.bind(addr, force=True)
     with nvmevfio.open(addr, 1) as dev:

@@ -165,19 +165,26 @@ def test_admin_verbs(data_ctrl):
         assert s.state == "shutdown"
 
 
-def test_metadata_format_refused(data_ctrl):
-    """Namespace 3 is formatted with 8 bytes of metadata per block (QEMU nvme-ns ms=8)."""
+def test_metadata_format(data_ctrl):
+    """Namespace 3 is formatted with 8 bytes of separate metadata per block (QEMU nvme-ns ms=8, no
+    protection information): read/write move it (the broker authors MPTR); the data-only paths refuse."""
     with open_controller(data_ctrl["address"]) as s:
         s.enable()
         s.create_io_queues(1, 16)
         ns = s.identify_namespace(3)
-        assert ns.metadata_size == 8 and ns.block_size == 512
+        assert ns.metadata_size == 8 and ns.block_size == 512 and not ns.extended_lba and ns.protection is None
+        buf = s.alloc_buffer(4096)
         with pytest.raises(Refused) as ei:
-            s.read(3, 0, 1)
+            s.read_into(3, 0, 1, buf)
         assert ei.value.reason == "unsupported-lba-format"
         with pytest.raises(Refused) as ei:
             s.write(3, 0, b"\0" * 512)
-        assert ei.value.reason == "unsupported-lba-format"
+        assert ei.value.reason == "metadata-required"
+        rng = np.random.default_rng(12)
+        data, md = rng.integers(0, 256, 3 * 512, dtype=np.uint8), rng.integers(0, 256, 3 * 8, dtype=np.uint8)
+        assert s.write(3, 40, data, metadata=md) == 3
+        got, got_md = s.read(3, 40, 3, metadata=True)
+        assert got.tobytes() == data.tobytes() and got_md.tobytes() == md.tobytes()
         assert s.read(1, 0, 1).size == 512  # the controller is fine
 
 
