@@ -170,6 +170,8 @@ struct nv_completion {     /* one completed command, as reap returns it (numpy: 
     uint16_t status;       /* CQE status without the phase tag: 0 is success */
     uint8_t opcode;
     uint8_t pad[3];
+    uint32_t result_hi;    /* CQE DW1 (Zone Append: the assigned LBA's high half, with DW0) */
+    uint32_t pad2;
 };
 
 struct nv_unpin {          /* reaped commands per DMA buffer (slot, generation), for the ledger */

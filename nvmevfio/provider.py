@@ -27,6 +27,7 @@ from nvmevfio.broker.queues import Queues
 from nvmevfio.broker.service import ServicePath
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
+from nvmevfio.broker.zones import ZoneVerbs
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.events import AsyncEvent
@@ -99,6 +100,12 @@ class Provider:
     flush = Verb(SyncIO.flush)
     write_zeroes = Verb(SyncIO.write_zeroes)
     deallocate = Verb(SyncIO.deallocate)
+    # zoned namespaces
+    zone_report = Verb(ZoneVerbs.zone_report)
+    zones = Verb(ZoneVerbs.zones)
+    zone_action = Verb(ZoneVerbs.zone_action)
+    zone_append = Verb(ZoneVerbs.zone_append)
+    zone_write = Verb(ZoneVerbs.zone_write)
     # zero-copy buffers, batches and the perf loop
     free_buffer = Verb(Submit.free_buffer)
     register_buffer = Verb(Submit.register_buffer)

@@ -73,16 +73,22 @@ class Namespace:
     metadata: int = 0  # bytes of metadata per block (QEMU nvme-ns ms=)
     drive: str = ""  # extra QEMU -drive options, e.g. "throttling.iops-total=20" (slow commands, for timeouts)
     blkdebug: str = ""  # a QEMU blkdebug config file: inject I/O errors (media errors) at chosen sectors
+    # more nvme-ns properties, e.g. {"zoned": "true", "zoned.zone_size": "4M"} (a zoned namespace)
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> Namespace:
-        """``SIZE[:BLOCKSIZE[:MS]][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``8M:512:8``, ``1G@/var/tmp/d.img``."""
+        """``SIZE[:BLOCKSIZE[:MS]][+KEY=VALUE...][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``8M:512:8``,
+        ``1G@/var/tmp/d.img``, ``64M:4096+zoned=true+zoned.zone_size=4M`` (nvme-ns properties)."""
         image = None
         if "@" in text:
             text, image = text.split("@", 1)
+        text, *extra = text.split("+")
         size_s, _, rest = text.partition(":")
         bs, _, ms = rest.partition(":")
-        return cls(parse_size(size_s) if size_s else 64 << 20, int(bs) if bs else 512, image, int(ms or 0))
+        options = dict(kv.partition("=")[::2] for kv in extra)
+        return cls(parse_size(size_s) if size_s else 64 << 20, int(bs) if bs else 512, image, int(ms or 0),
+                   options=options)
 
 
 @dataclasses.dataclass
@@ -411,9 +417,11 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
                       + (f",{ns.drive}" if ns.drive else ""),
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"
-                      + (f",ms={ns.metadata}" if ns.metadata else "")]
+                      + (f",ms={ns.metadata}" if ns.metadata else "")
+                      + "".join(f",{k}={v}" for k, v in ns.options.items())]
             ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,
-                                           "block_size": ns.block_size, "metadata": ns.metadata})
+                                           "block_size": ns.block_size, "metadata": ns.metadata,
+                                           "options": ns.options})
         config["controllers"].append(ctrl_cfg)
     (io_dir / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -617,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="boot the guest and run a command in it")
     r.add_argument("--ctrl", action="append", default=[],
-                   help="a controller: 'ns=SIZE[:BS][@IMAGE],...;QEMU_OPT=V,...' (repeatable; default one 64M ns)")
+                   help="a controller: 'ns=SIZE[:BS][+NS_OPT=V...][@IMAGE],...;QEMU_OPT=V,...' "
+                   "(repeatable; default one 64M ns)")
     r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
     r.add_argument("--nvme-params", default="", help="kernel nvme module parameters, e.g. poll_queues=1")
     r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")

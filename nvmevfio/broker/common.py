@@ -94,6 +94,8 @@ class Namespace:
     metadata_size: int
     lba_format: int
     identify: dict[str, Any] = field(repr=False)
+    zoned: Zoned | None = None  # a Zoned Namespace (CSI 02h): its zone geometry
+
 
     @property
     def size_bytes(self) -> int:
@@ -103,6 +105,22 @@ class Namespace:
     def extended_lba(self) -> bool:
         """FLBAS bit 4: metadata travels at the end of each block's data (no metadata pointer)."""
         return bool(int(self.identify.get("flbas", 0)) & 0x10)
+
+
+@dataclass(frozen=True)
+class Zoned:
+    """A zoned namespace's geometry (ZNS 1.1 Identify, CNS 05h/06h with CSI 02h), in blocks."""
+
+    zone_size: int  # ZSZE of the LBA format in use
+    zones: int  # NSZE / ZSZE
+    max_active: int | None  # MAR + 1; None: no limit
+    max_open: int | None  # MOR + 1
+    append_limit: int  # bytes one Zone Append may carry: ZASL (units of CAP.MPSMIN), MDTS when 0
+    extension_bytes: int  # the zone descriptor extension's size (ZDES * 64)
+    identify: dict[str, Any] = field(repr=False)  # the ZNS Identify Namespace, parsed
+
+    def zone_start(self, lba: int) -> int:
+        return lba - lba % self.zone_size
 
 
 class BrokerQueue:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, whole
+from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, BrokerQueue, whole
 from nvmevfio.broker.core import Core
-from nvmevfio.broker.execute import Executor, sqe
+from nvmevfio.broker.execute import Executor, Ran, sqe
 from nvmevfio.dma import align_up
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders
@@ -77,6 +77,14 @@ class Passthrough:
         if not 0 <= length <= limit:
             raise Refused("length-mismatch", f"{length} bytes: passthrough moves at most {limit} (MDTS)",
                           length=length, limit=limit)
+        ran, got = self.exchange(qp, sqe(opcode, nsid=nsid, **words), name, payload, length, timeout_s)
+        return self.admin.settled(ran), got
+
+    def exchange(self, qp: BrokerQueue, e: np.ndarray, name: str, payload: np.ndarray | None, length: int,
+                 timeout_s: float | None = None) -> tuple[Ran, bytes | None]:
+        """One checked command through a buffer of the broker's own: ``payload`` sent, or ``length``
+        bytes received (returned); no retries. Returns its :class:`Ran` (DW0, DW1) too."""
+        core = self.core
         ledger = core.ledger
         buf = ledger.alloc(align_up(max(length, 1), core.page_size), owner="broker:passthru") if length else None
         try:
@@ -84,10 +92,8 @@ class Passthrough:
                 buf.array[:] = 0
                 if payload is not None:
                     buf.array[:length] = payload
-            e = sqe(opcode, nsid=nsid, **words)
-            dw0 = self.admin.settled(self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False,
-                                                  opcode=opcode))
-            return dw0, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
+            ran = self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False, opcode=int(e["opc"][0]))
+            return ran, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
         finally:
             if buf is not None and ledger.in_flight(buf) == 0:
                 ledger.free(buf)  # scrubbed; one still in flight stays quarantined until close

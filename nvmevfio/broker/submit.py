@@ -28,7 +28,8 @@ class Submit:
     # ============================================================ batched submission
     def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
                   offsets: Any, *, qid: int = 1, doorbell: bool = True) -> np.ndarray:
-        """Post a batch of READ or WRITE commands (see :meth:`_submit_rw`); one thread per queue."""
+        """Post a batch of READ, WRITE or ZONE APPEND commands (see :meth:`_submit_rw`); one thread
+        per queue. A Zone Append's completion carries the LBA it wrote (``result`` | ``result_hi`` << 32)."""
         with self.ex.using(self.core.queue(qid)):
             return self._submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, doorbell=doorbell)
 
@@ -46,8 +47,9 @@ class Submit:
         core, nst = self.core, self.ns
         qp = core.queue(qid)
         ns = nst.namespace(nsid)
-        if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
-            raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
+        if opcode not in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.ZONE_APPEND):
+            raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ, WRITE or ZONE APPEND",
+                          opcode=opcode)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
         handle = self.registration(reg).buffer if reg is not None else cast(DmaBuffer, buf)
         base = core.ledger.iova(handle)  # a live handle (stale or foreign: refused) before anything else
@@ -58,6 +60,8 @@ class Submit:
             raise Refused("length-mismatch", "slbas, counts and offsets differ in length")
         if n == 0:
             return np.empty(0, dtype=np.int64)
+        if opcode == IoOpcode.ZONE_APPEND:  # its ZSLBA is a zone start, its size within ZASL
+            nst.check_append(ns, ints(slbas, "LBAs"), ints(counts, "counts"))
         if reg is not None:
             return self._submit_registered(qp, ns, opcode, reg, int_array(slbas, "LBAs"),
                                            int_array(counts, "counts"), int_array(offsets, "offsets"), doorbell)
@@ -189,7 +193,7 @@ class Submit:
 
     def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
         """Completions of batched commands (at least ``minimum`` while any are in flight), as a
-        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``status``
+        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``result_hi`` (DW1), ``status``
         (without the phase tag; 0 is success), ``latency_s``."""
         qp = self.core.queue(qid)
         with self.ex.using(qp):

@@ -72,7 +72,7 @@ def _struct_dtype(ctype: str, fields: list[tuple[str, str]]) -> np.dtype:
 # What reap() returns: one record per completed command (struct nv_completion).
 COMPLETION = _struct_dtype("struct nv_completion", [
     ("tag", "<i8"), ("latency_s", "<f8"), ("result", "<u4"), ("cookie", "<u4"), ("cid", "<u2"),
-    ("status", "<u2"), ("opcode", "<u1")])
+    ("status", "<u2"), ("opcode", "<u1"), ("result_hi", "<u4")])
 UNPIN = _struct_dtype("struct nv_unpin", [("slot", "<i8"), ("generation", "<i8"), ("commands", "<i8")])
 # A registered-buffer slot's PRPs (struct nv_prp_slot), authored once by the broker.
 PRP_SLOT = _struct_dtype("struct nv_prp_slot", [("prp1", "<u8"), ("prp2_page", "<u8"), ("prp2_list", "<u8")])
@@ -366,14 +366,14 @@ class QueuePair:
              buf_gen: int = 0) -> tuple[int, int] | None:
         """One command start to end on an idle queue: post, ring, wait, reap (one C call). The
         entry's cid is one from :meth:`take`, or CID_TAKE. Returns its (status without the phase
-        tag, DW0), or None when it timed out (the command stays in flight)."""
+        tag, DW1:DW0), or None when it timed out (the command stays in flight)."""
         r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
                            int(timeout_s * 1e9), self.one)
         return self.exec_result(r)
 
     def exec_result(self, r: int) -> tuple[int, int] | None:
-        """What an exec call's return value ``r`` means: (status, DW0) of the completion, None when
-        the command timed out (it stays in flight); refusals and controller failures raised."""
+        """What an exec call's return value ``r`` means: (status, DW1:DW0 as one 64-bit value: DW1 is
+        Zone Append's LBA's high half), None when the command timed out (it stays in flight)."""
         if self._hook is not None:
             self._hook.check()
         if r == -errno.ETIMEDOUT:
@@ -383,7 +383,7 @@ class QueuePair:
                           "reap them first", qid=self.qid, in_flight=self.in_flight)
         if r < 0:
             self._completions(r)
-        return self.one.status, self.one.result
+        return self.one.status, self.one.result | self.one.result_hi << 32
 
     def exec_rw(self, opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int, timeout_ns: int,
                 buf_slot: int = -1, buf_gen: int = 0) -> tuple[int, int] | None:
