@@ -14,6 +14,11 @@ def test_parse_size_and_controllers():
         (64 << 20, 512, 0, None), (32 << 20, 4096, 0, None), (8 << 20, 512, 8, "/var/tmp/x.img")]
     assert c.options == {"mdts": "0", "max_ioqpairs": "4"}
     assert len(guest.Controller.parse("mdts=5").namespaces) == 1  # a default namespace
+    # nvme-ns properties after the geometry, each after a '+', before an image
+    z = guest.Controller.parse("ns=64M:4096+zoned=true+zoned.zone_size=4M@/var/tmp/z.img,ns=8M;zoned.zasl=5")
+    assert [(n.size, n.block_size, n.metadata, n.image, n.options) for n in z.namespaces] == [
+        (64 << 20, 4096, 0, "/var/tmp/z.img", {"zoned": "true", "zoned.zone_size": "4M"}), (8 << 20, 512, 0, None, {})]
+    assert z.options == {"zoned.zasl": "5"}
 
 
 def test_module_closure_orders_dependencies_first():

@@ -76,17 +76,18 @@ class ZoneVerbs:
         """Every zone of the namespace, in LBA order (its state, write pointer and capacity)."""
         return self.zone_report(nsid, qid=qid)[1]
 
-    def zone_action(self, nsid: int, action: str, slba: int = 0, *, select_all: bool = False, qid: int = 1) -> None:
+    def zone_action(self, nsid: int, action: str, slba: int = 0, *, select_all: bool = False, qid: int = 1) -> int:
         """Zone Management Send: ``action`` (``open``, ``close``, ``finish``, ``reset``, ``offline``)
         on the zone starting at ``slba`` (``not-zone-start`` otherwise), or on every zone the
         action applies to with ``select_all``. The device's refusals come back named (Invalid Zone
-        State Transition, Too Many Open Zones, Too Many Active Zones, ...)."""
+        State Transition, Too Many Open Zones, Too Many Active Zones, ...). Returns DW0 (bit 0 after
+        a reset: ZCAPC, the zone's capacity changed)."""
         ns, zoned = self.ns.zoned_namespace(nsid)
         if action not in ACTIONS:
             raise Refused("invalid-argument", f"zone action {action!r}: one of {', '.join(ACTIONS)}", action=action)
         slba = 0 if select_all else self.ns.check_zone_start(ns, zoned, slba)
-        self.pt.command(qid, builders.zone_management_send(nsid, slba, ACTIONS[action], select_all=select_all),
-                        f"Zone Management Send ({action}{' all' if select_all else ''})")
+        return self.pt.command(qid, builders.zone_management_send(nsid, slba, ACTIONS[action], select_all=select_all),
+                               f"Zone Management Send ({action}{' all' if select_all else ''})")[0]
 
     def zone_append(self, nsid: int, zslba: int, data: Any, qid: int = 1) -> int:
         """Zone Append of whole blocks to the zone starting at ``zslba``; returns the LBA the
