@@ -114,6 +114,12 @@ class BlockDevice:
                       qid: int = 1) -> np.ndarray:
         return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
 
+    def submit_appends(self, zslbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
+                       qid: int = 1) -> np.ndarray:
+        """Post a batch of Zone Appends (a zoned namespace; each LBA a zone's start); returns their
+        tags. :meth:`reap`'s records carry the LBA each was written at (``nvme.zns.appended_lbas``)."""
+        return self.provider.submit("append", self.nsid, zslbas, counts, buf, offsets, qid=qid)
+
     def file(self) -> BlockFile:
         """A file-like view of the namespace (io.RawIOBase)."""
         return BlockFile(self)

@@ -277,11 +277,12 @@ class Provider:
     # -- the service's compiled data path (nvmevfio/service/daemon.py; cbits/service.c) --
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1) -> np.ndarray:
-        """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
-        tags (int64 array; ``reap()`` reports each tag once)."""
-        opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
+        """Post a batch of ``read``, ``write`` or ``append`` (Zone Append: each LBA a zone's start)
+        commands and ring the doorbell once; returns their tags (int64 array; ``reap()`` reports each
+        tag once, an append's with the LBA it wrote: ``nvme.zns.appended_lbas``)."""
+        opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE, "append": IoOpcode.ZONE_APPEND}.get(op)
         if opcode is None:
-            raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
+            raise Refused("unsupported-command", f"batch op {op!r}: use read, write or append", op=op)
         return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid)
 
 

@@ -148,6 +148,12 @@ class Zone:
         return out
 
 
+def appended_lbas(records: np.ndarray) -> np.ndarray:
+    """The LBAs reaped Zone Appends wrote at: each completion's DW1:DW0 (``result_hi``, ``result``
+    of ``nvme.queue.COMPLETION`` records), as uint64."""
+    return records["result"].astype(np.uint64) | (records["result_hi"].astype(np.uint64) << np.uint64(32))
+
+
 def parse_report_zones(buf: bytes, ext_bytes: int = 0) -> tuple[int, list[Zone]]:
     """The Report Zones (or Extended Report Zones, with ``ext_bytes`` of extension after each
     descriptor) data: (Number of Zones from the header, the descriptors the buffer holds, at most

@@ -123,3 +123,12 @@ def test_zoned_geometry_and_cli_text():
     assert cli.ZONE_COMMANDS == {"open-zone": ("open", 3), "close-zone": ("close", 1), "finish-zone": ("finish", 2),
                                  "reset-zone": ("reset", 4), "offline-zone": ("offline", 5)}
     assert all(zns.ZoneSendAction(zsa).name.lower() == action for action, zsa in cli.ZONE_COMMANDS.values())
+
+
+def test_appended_lbas_from_completions():
+    from nvmevfio.nvme.queue import COMPLETION
+
+    rec = np.zeros(3, dtype=COMPLETION)
+    rec["result"] = [0x400, 0xFFFF_FFFF, 7]
+    rec["result_hi"] = [0, 1, 0x8000_0000]
+    assert zns.appended_lbas(rec).tolist() == [0x400, 0x1_FFFF_FFFF, 0x8000_0000_0000_0007]
