@@ -348,6 +348,9 @@ struct nv_perf {
     int64_t timeout_ns;        /* a command in flight this long is late: -ETIMEDOUT (the broker recovers) */
     uint32_t hybrid;           /* polling: sleep (nanosleep) about half the time to the next completion
                                   instead of spinning the whole time, as Linux's hybrid polling */
+    uint64_t zone_size;        /* a zoned workload (sequential): blocks per zone; 0: not zoned */
+    uint64_t zone_ios;         /* its I/Os per zone (the zone's capacity in I/Os) */
+    uint32_t zone_append;      /* 1: Zone Append to each zone's start; 0: Write at the zone's write pointer */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

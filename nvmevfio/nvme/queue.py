@@ -502,7 +502,7 @@ class PerfLoop(PerfCounters):
 
     def __init__(self, ring: QueuePair, prps: np.ndarray, buf_slot: int, buf_gen: int, *, nsid: int, nlb: int,
                  block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
-                 depth: int, max_ios: int, seed: int, timeout_s: float,
+                 depth: int, max_ios: int, seed: int, timeout_s: float, zoned: tuple[int, int, int] = (0, 0, 0),
                  recover: Callable[[BaseException], list[np.ndarray]] | None = None,
                  guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
                  slot_memory: Callable[[], np.ndarray] | None = None) -> None:
@@ -519,9 +519,9 @@ class PerfLoop(PerfCounters):
         p = self._setup(nlb=nlb, block_size=block_size, lba_lo=lba_lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, nslots=len(prps), max_ios=max_ios, seed=seed,
                         timeout_s=timeout_s)
-        p.nsid, p.page_size = nsid, page_size
+        p.nsid, p.page_size, p.buf_slot, p.buf_gen = nsid, page_size, buf_slot, buf_gen
         p.prps = ffi.cast("struct nv_prp_slot *", prps.ctypes.data)
-        p.buf_slot, p.buf_gen = buf_slot, buf_gen
+        p.zone_size, p.zone_ios, p.zone_append = zoned  # a zoned workload (Submit.perf_loop)
 
     def _in_flight(self) -> int:
         return self._ring.in_flight

@@ -271,3 +271,31 @@ def test_kernel_and_nvme_cli_agree_both_ways(zns_ctrl, io_dir):
     assert out.decode() == f"Success appended data to LBA {zone(6):x}\n"
     out = nv("zns", "reset-zone", addr, "-n", "1", "-s", str(zone(6))).stdout
     assert out.decode() == f"zns-reset-zone: Success, action:4 zone:{zone(6):x} all:0 zcapc:0 nsid:1\n"
+
+
+def test_perf_append_at_depth_and_writes_that_follow_write_pointers(zns_ctrl):
+    from nvmevfio import perf
+
+    addr = zns_ctrl["address"]
+    with nvmevfio.open(addr, 1, queue_depth=64) as dev:
+        dev.zone_write(zone(10), pattern(50, 1))  # perf resets the range's zones first
+        r = perf.run(dev, workload="append", io_size=2 * BS, queue_depth=32, seconds=60,
+                     lba_range=(zone(10), zone(12)))
+        assert (r.errors, r.ios, r.writes) == (0, 2 * (ZCAP // 2), 2 * (ZCAP // 2)), r
+        r = perf.run(dev, workload="write", io_size=4 * BS, queue_depth=16, seconds=60,
+                     lba_range=(zone(12), zone(14)))
+        assert (r.errors, r.ios) == (0, 2 * (ZCAP // 4)), r
+        # every zone filled to its capacity (QEMU makes a zone Full when its write pointer reaches it)
+        assert [(z.slba, z.state) for z in dev.zones()[10:14]] == [(zone(i), ZoneState.FULL) for i in range(10, 14)]
+        assert dev.read_blocks(zone(13) + ZCAP - 4, 4).any() and not dev.read_blocks(zone(13) + ZCAP, 4).any()
+        refusal("not-zone-start", perf.run, dev, workload="append", io_size=BS, queue_depth=4, count=4,
+                lba_range=(zone(10) + 1, zone(12)))
+        refusal("append-too-large", perf.run, dev, workload="append", io_size=(APPEND_BLOCKS + 1) * BS,
+                queue_depth=4, count=4, lba_range=(zone(10), zone(12)))
+        dev.zone_action("reset", select_all=True)
+    res = json.loads(nv("perf", addr, "-w", "append", "-q", "32", "-s", str(BS), "--range",
+                        f"{zone(14)}:{zone(16)}", "-t", "60", "-o", "json").stdout)
+    assert (res["workload"], res["errors"], res["ios"], res["queue_depth"]) == ("append", 0, 2 * ZCAP, 32), res
+    with nvmevfio.open(addr, 1) as dev:
+        assert [z.state for z in dev.zones()[14:16]] == [ZoneState.FULL] * 2
+        dev.zone_action("reset", select_all=True)
