@@ -9,6 +9,7 @@
 #define NVME_CMD_READ 0x02
 #define NVME_CMD_WRITE_ZEROES 0x08
 #define NVME_CMD_DSM 0x09               /* Dataset Management (a deallocate: attribute AD) */
+#define NVME_CMD_ZONE_APPEND 0x7D       /* Zoned Namespace Command Set 1.1, 3.4.1 */
 
 /* command dwords */
 #define NVME_PSDT_SGL 0x40              /* CDW0 bits 15:14 (byte 1 bits 7:6) = 01b: SGLs for the data (4.2) */

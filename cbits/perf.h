@@ -35,14 +35,22 @@ static inline uint32_t perf_batch(const struct nv_perf *p, uint32_t room, uint32
 struct perf_io {
     uint64_t lba;
     uint32_t slot;       /* the registered-buffer slot it uses, taken from the free ones */
-    uint8_t opcode;      /* NVME_CMD_READ or NVME_CMD_WRITE */
+    uint8_t opcode;      /* NVME_CMD_READ, NVME_CMD_WRITE or NVME_CMD_ZONE_APPEND */
 };
 
 /* The next I/O of the workload: its position (I/O-sized and aligned, for random and sequential
- * alike), its direction (read_pct), and a free slot. */
+ * alike; a zoned workload's within each zone's capacity), its direction (read_pct, or the zoned
+ * workload's opcode), and a free slot. */
 static inline struct perf_io perf_next(struct nv_perf *p)
 {
     struct perf_io io;
+    if (p->zone_size) {  /* zoned: the zones filled in order, each to its capacity, at its write pointer */
+        uint64_t n = p->seq++ % p->positions;
+        io.lba = p->lba_lo + n / p->zone_ios * p->zone_size + (p->zone_append ? 0 : n % p->zone_ios * p->nlb);
+        io.opcode = p->zone_append ? NVME_CMD_ZONE_APPEND : NVME_CMD_WRITE;
+        io.slot = p->free_slots[--p->nfree];
+        return io;
+    }
     uint64_t pos = p->random ? perf_rand(&p->rng) % p->positions : p->seq++ % p->positions;
     io.lba = p->lba_lo + pos * p->nlb;
     int is_read = p->read_pct >= 100 ? 1 : p->read_pct == 0 ? 0 : (perf_rand(&p->rng) % 100) < p->read_pct;

@@ -312,6 +312,8 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
         c->tag = qp->tag[cid];
         c->latency_s = (double)(now - qp->submit_ns[cid]) * 1e-9;
         c->result = cqe.dw0;
+        c->result_hi = cqe.dw1;
+        c->pad2 = 0;
         c->cookie = qp->cookie[cid];
         c->cid = (uint16_t)cid;
         c->status = cqe.status >> 1;
@@ -479,6 +481,7 @@ void qp_keep_event(struct nv_qp *qp, uint16_t cid, const struct nv_cqe *cqe)
     c->tag = qp->tag[cid];
     c->latency_s = (double)(nv_now_ns() - qp->submit_ns[cid]) * 1e-9;
     c->result = cqe->dw0;
+    c->result_hi = cqe->dw1;
     c->cookie = qp->cookie[cid];
     c->cid = cid;
     c->status = cqe->status >> 1;

@@ -170,6 +170,8 @@ struct nv_completion {     /* one completed command, as reap returns it (numpy: 
     uint16_t status;       /* CQE status without the phase tag: 0 is success */
     uint8_t opcode;
     uint8_t pad[3];
+    uint32_t result_hi;    /* CQE DW1 (Zone Append: the assigned LBA's high half, with DW0) */
+    uint32_t pad2;
 };
 
 struct nv_unpin {          /* reaped commands per DMA buffer (slot, generation), for the ledger */
@@ -349,6 +351,9 @@ struct nv_perf {
     int64_t timeout_ns;        /* a command in flight this long is late: -ETIMEDOUT (the broker recovers) */
     uint32_t hybrid;           /* polling: sleep (nanosleep) about half the time to the next completion
                                   instead of spinning the whole time, as Linux's hybrid polling */
+    uint64_t zone_size;        /* a zoned workload (sequential): blocks per zone; 0: not zoned */
+    uint64_t zone_ios;         /* its I/Os per zone (the zone's capacity in I/Os) */
+    uint32_t zone_append;      /* 1: Zone Append to each zone's start; 0: Write at the zone's write pointer */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

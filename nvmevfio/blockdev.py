@@ -17,6 +17,7 @@ import numpy as np
 from nvmevfio.broker import Broker, RegisteredBuffer
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
+from nvmevfio.broker.zones import ZoneVerbs
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.provider import ControllerSession, Provider, open_controller
@@ -93,6 +94,12 @@ class BlockDevice:
     flush = NamespaceVerb(SyncIO.flush)
     write_zeroes = NamespaceVerb(SyncIO.write_zeroes)
     deallocate = NamespaceVerb(SyncIO.deallocate)
+    # a zoned namespace (refused not-zoned otherwise): its zones, append, the zone actions, writes at the pointer
+    zone_report = NamespaceVerb(ZoneVerbs.zone_report)
+    zones = NamespaceVerb(ZoneVerbs.zones)
+    zone_action = NamespaceVerb(ZoneVerbs.zone_action)
+    zone_append = NamespaceVerb(ZoneVerbs.zone_append)
+    zone_write = NamespaceVerb(ZoneVerbs.zone_write)
     perf_loop = NamespaceVerb(Submit.perf_loop)
     free_buffer = Verb(Submit.free_buffer, via="provider")
     register_buffer = Verb(Submit.register_buffer, via="provider")
@@ -114,6 +121,12 @@ class BlockDevice:
     def submit_writes(self, lbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
                       qid: int = 1) -> np.ndarray:
         return self.provider.submit("write", self.nsid, lbas, counts, buf, offsets, qid=qid)
+
+    def submit_appends(self, zslbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any,
+                       qid: int = 1) -> np.ndarray:
+        """Post a batch of Zone Appends (a zoned namespace; each LBA a zone's start); returns their
+        tags. :meth:`reap`'s records carry the LBA each was written at (``nvme.zns.appended_lbas``)."""
+        return self.provider.submit("append", self.nsid, zslbas, counts, buf, offsets, qid=qid)
 
     def file(self) -> BlockFile:
         """A file-like view of the namespace (io.RawIOBase)."""

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from nvmevfio.service.client import ServiceDevice
 
 WORKLOADS = ("randread", "randwrite", "read", "write", "randrw")
+# a zoned namespace's: Zone Append at depth (and "write" there follows the zones' write pointers)
+ZONED_WORKLOADS = ("append",)
 
 
 @dataclass
@@ -97,8 +99,8 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
     latencies into a histogram. ``status(elapsed, ios)`` is called about once a second.
     ``ramp_s``: run this long first, unmeasured (like fio's ramp_time). ``hybrid``: on a polled
     device, nap between completions instead of spinning (Linux's hybrid polling)."""
-    if workload not in WORKLOADS:
-        raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
+    if workload not in WORKLOADS + ZONED_WORKLOADS:
+        raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS + ZONED_WORKLOADS)}")
     bs = dev.block_size
     if io_size <= 0 or io_size % bs:
         raise Refused("length-mismatch", f"I/O size {io_size} is not a positive multiple of the {bs}-byte block")
@@ -113,6 +115,8 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
     if seconds is None and count is None:
         seconds = 5.0
     read_pct = {"randread": 100, "read": 100, "randwrite": 0, "write": 0}.get(workload, rwmixread)
+    if verify and workload in ZONED_WORKLOADS:
+        raise Refused("invalid-argument", "verify writes at chosen LBAs: not a Zone Append workload")
     if verify and hybrid:
         raise Refused("invalid-argument", "verify runs its loop in Python: hybrid polling is the C loop's")
     if verify:
@@ -126,8 +130,11 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
     buf = dev_.alloc_buffer(queue_depth * slot_size)
     buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
     reg = dev_.register_buffer(buf, slot_size)
+    zoned, zone_starts = _zoned(dev, workload, lo, hi)
     loop = dev_.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
-                         read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed)
+                         read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed, **zoned)
+    for z in zone_starts:  # the workload checked: its zones emptied, to be filled once
+        dev_.zone_action("reset", z)
     if hybrid and dev.info.completion_mode != "poll":
         raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
     loop.hybrid = hybrid
@@ -175,6 +182,21 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
         cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"],
         wait_pct=100.0 * st["wait_ns"] / 1e9 / elapsed if elapsed else 0.0,
         ios_per_submit=n / st["fills"] if st["fills"] else 0.0, ios_per_reap=n / st["reaps"] if st["reaps"] else 0.0)
+
+
+def _zoned(dev: BlockDevice | ServiceDevice, workload: str, lo: int, hi: int) -> tuple[dict[str, Any], range]:
+    """A zoned namespace's workload (``append``, or ``write`` on a zoned namespace): the zones of
+    the range (returned, to be reset once the broker checked the workload) are filled once, in
+    order, each to its capacity; the run ends when they are full (or its time is up)."""
+    zoned = dev.provider.namespace(dev.nsid).zoned if isinstance(dev, BlockDevice) else None
+    if workload not in ZONED_WORKLOADS and (workload != "write" or zoned is None):
+        return {}, range(0)
+    if zoned is None or not isinstance(dev, BlockDevice):
+        raise Refused("not-zoned", f"workload {workload} needs a zoned namespace opened here (not the service)")
+    size = zoned.zone_size
+    starts = range(lo - lo % size, hi - size + 1, size)
+    _, zones = dev.zone_report(lo - lo % size, count=max(1, len(starts)))
+    return {"zoned": workload, "zone_capacity": min((z.capacity for z in zones), default=0)}, starts
 
 
 # ---------------------------------------------------------------------- verify (like fio's verify)

@@ -27,6 +27,7 @@ from nvmevfio.broker.queues import Queues
 from nvmevfio.broker.service import ServicePath
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
+from nvmevfio.broker.zones import ZoneVerbs
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.events import AsyncEvent
@@ -100,6 +101,12 @@ class Provider:
     flush = Verb(SyncIO.flush)
     write_zeroes = Verb(SyncIO.write_zeroes)
     deallocate = Verb(SyncIO.deallocate)
+    # zoned namespaces
+    zone_report = Verb(ZoneVerbs.zone_report)
+    zones = Verb(ZoneVerbs.zones)
+    zone_action = Verb(ZoneVerbs.zone_action)
+    zone_append = Verb(ZoneVerbs.zone_append)
+    zone_write = Verb(ZoneVerbs.zone_write)
     # zero-copy buffers, batches and the perf loop
     free_buffer = Verb(Submit.free_buffer)
     register_buffer = Verb(Submit.register_buffer)
@@ -277,12 +284,13 @@ class Provider:
     # -- the service's compiled data path (nvmevfio/service/daemon.py; cbits/service.c) --
     def submit(self, op: str, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer, offsets: Any, *,
                qid: int = 1, sgl: bool | None = None) -> np.ndarray:
-        """Post a batch of ``read`` or ``write`` commands and ring the doorbell once; returns their
-        tags (int64 array; ``reap()`` reports each tag once). ``sgl``: SGLs instead of PRPs for
-        this batch (None: as the queues were created)."""
-        opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE}.get(op)
+        """Post a batch of ``read``, ``write`` or ``append`` (Zone Append: each LBA a zone's start)
+        commands and ring the doorbell once; returns their tags (int64 array; ``reap()`` reports each
+        tag once, an append's with the LBA it wrote: ``nvme.zns.appended_lbas``). ``sgl``: SGLs
+        instead of PRPs for this batch (None: as the queues were created)."""
+        opcode = {"read": IoOpcode.READ, "write": IoOpcode.WRITE, "append": IoOpcode.ZONE_APPEND}.get(op)
         if opcode is None:
-            raise Refused("unsupported-command", f"batch op {op!r}: use read or write", op=op)
+            raise Refused("unsupported-command", f"batch op {op!r}: use read, write or append", op=op)
         return self._broker.submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, sgl=sgl)
 
 

@@ -18,6 +18,11 @@ def test_parse_size_and_controllers():
     assert (n.size, n.block_size, n.metadata, n.image, n.options) == (8 << 20, 512, 8, "/var/tmp/p.img",
                                                                       {"pi": "1", "mset": "1"})
     assert guest.Namespace.parse("8M").options == {}
+    # nvme-ns properties after the geometry, each after a '+', before an image
+    z = guest.Controller.parse("ns=64M:4096+zoned=true+zoned.zone_size=4M@/var/tmp/z.img,ns=8M;zoned.zasl=5")
+    assert [(n.size, n.block_size, n.metadata, n.image, n.options) for n in z.namespaces] == [
+        (64 << 20, 4096, 0, "/var/tmp/z.img", {"zoned": "true", "zoned.zone_size": "4M"}), (8 << 20, 512, 0, None, {})]
+    assert z.options == {"zoned.zasl": "5"}
 
 
 def test_module_closure_orders_dependencies_first():

@@ -33,6 +33,10 @@ once = "off"
 """
 
 
+ZONED = {"zoned": "true", "zoned.zone_size": "4M", "zoned.zone_capacity": "3M", "zoned.max_open": "4",
+         "zoned.max_active": "6", "zoned.descr_ext_size": "64"}
+
+
 def _controllers(io_dir):
     cfg = io_dir / "blkdebug.cfg"  # reads of sector 100 and writes of sector 200 fail with EIO
     cfg.write_text(BLKDEBUG)
@@ -64,6 +68,10 @@ def _controllers(io_dir):
                              guestlib.Namespace(8 << 20, 512, metadata=8, options={"pi": "1"}),
                              guestlib.Namespace(8 << 20, 512, metadata=16, options={"pi": "1", "pif": "2"})],
                             {"serial": "nvmevfio-pi"}),
+        # a zoned namespace (ZNS): 16 zones of 4 MiB whose capacity (3 MiB) is smaller than their size, at
+        # most 4 open and 6 active zones (the limits provoked), Zone Append up to 2^5 * 4 KiB = 128 KiB
+        guestlib.Controller([guestlib.Namespace(64 << 20, 4096, options=ZONED)],
+                            {"serial": "nvmevfio-zns", "zoned.zasl": "5"}),
     ]
 
 

@@ -13,7 +13,7 @@ bounce copies), ``commands`` (admin commands, then pending events), ``namespaces
 (identify, the table, window and MDTS refusals), ``queues`` (I/O queue creation,
 shadow doorbells, shutdown), ``events``, ``recovery``, ``passthrough``, ``admin``
 (the named verbs), ``submit`` (batches, registered buffers, perf loop),
-``service`` (the daemon's C path), ``syncio``; ``facade`` composes them as
+``service`` (the daemon's C path), ``syncio``, ``zones`` (zoned namespaces); ``facade`` composes them as
 :class:`Broker`.
 """
 

@@ -106,6 +106,7 @@ class Namespace:
     lba_format: int
     identify: dict[str, Any] = field(repr=False)
     pif: int = 0  # Protection Information Format of the LBA format in use: 0 16-bit guard, 2 64-bit
+    zoned: Zoned | None = None  # a Zoned Namespace (CSI 02h): its zone geometry
 
 
     @property
@@ -124,6 +125,22 @@ class Namespace:
         dps = int(self.identify.get("dps", 0))
         prot = Protection(dps & 7, self.metadata_size, bool(dps & 8), self.pif)
         return prot if dps & 7 and self.metadata_size >= prot.tuple_bytes else None
+
+
+@dataclass(frozen=True)
+class Zoned:
+    """A zoned namespace's geometry (ZNS 1.1 Identify, CNS 05h/06h with CSI 02h), in blocks."""
+
+    zone_size: int  # ZSZE of the LBA format in use
+    zones: int  # NSZE / ZSZE
+    max_active: int | None  # MAR + 1; None: no limit
+    max_open: int | None  # MOR + 1
+    append_limit: int  # bytes one Zone Append may carry: ZASL (units of CAP.MPSMIN), MDTS when 0
+    extension_bytes: int  # the zone descriptor extension's size (ZDES * 64)
+    identify: dict[str, Any] = field(repr=False)  # the ZNS Identify Namespace, parsed
+
+    def zone_start(self, lba: int) -> int:
+        return lba - lba % self.zone_size
 
 
 class BrokerQueue:

@@ -46,11 +46,17 @@ class _NoRecovery:
 
 
 class Ran(NamedTuple):
-    """A command's DW0, and whether asynchronous event completions wait on the admin queue
-    (the caller services them: :mod:`.events`)."""
+    """A command's DW0, whether asynchronous event completions wait on the admin queue (the
+    caller services them: :mod:`.events`), and its DW1 (Zone Append's LBA, high half)."""
 
     dw0: int
     events_pending: bool
+    dw1: int = 0
+
+
+def completion_result(rec: np.void) -> int:
+    """A reaped COMPLETION record's DW1:DW0 as one 64-bit value."""
+    return int(rec["result"]) | int(rec["result_hi"]) << 32
 
 
 def sqe(opc: int, **fields: int) -> np.ndarray:
@@ -198,7 +204,7 @@ class Executor:
              timeout_s: float | None = None, retry: bool = True, sgl: bool = False,
              extents: list[tuple[int, int, int]] | None = None, **context: Any) -> Ran:
         """One command start to end on an idle queue, in one C call (post, SQ doorbell, wait, reap,
-        CQ doorbell); returns its DW0. A transient status (DNR=0) is retried with a backoff; a
+        CQ doorbell); returns its DW0 (and DW1). A transient status (DNR=0) is retried with a backoff; a
         timeout goes through abort / reset (see :meth:`settle`). Raises CommandError otherwise.
         ``sgl``: SGL descriptors for ``buf`` instead of PRPs; ``extents``: the SGL's descriptors as
         the caller authored them (device addresses inside ``buf``; Bit Buckets)."""
@@ -221,8 +227,8 @@ class Executor:
                 status, result = self.settle(qp, c, buf)
                 if not retry or not self.retry(status, attempt):
                     break
-            dw0 = self.outcome(status, result, name, **context)
-        return Ran(dw0, qp is core.admin and bool(qp.ring.nevents))
+            result = self.outcome(status, result, name, **context)
+        return Ran(result & 0xFFFFFFFF, qp is core.admin and bool(qp.ring.nevents), result >> 32)
 
     def admin_sync(self, e: np.ndarray, name: str, buf: DmaBuffer | None = None, length: int = 0,
                    timeout_s: float | None = None) -> Ran:
@@ -250,7 +256,7 @@ class Executor:
         return int(result)
 
     def settle(self, qp: BrokerQueue, c: tuple[int, int] | None, buf: DmaBuffer | None) -> tuple[int, int]:
-        """The (status, DW0) of the one command an idle queue executed. None means it timed out:
+        """The (status, DW1:DW0) of the one command an idle queue executed. None means it timed out:
         the buffer stays pinned (the device may still DMA into it), the broker aborts or resets,
         and the command ends exactly once: requeued and completed, or cancelled."""
         if c is not None:
@@ -259,7 +265,7 @@ class Executor:
             self.core.ledger.pin(buf, 1)  # still in flight: quarantined until it ends
         self.recovery.recover_timeout(qp)
         done = self.reap(qp, 1, None)
-        return int(done["status"][0]), int(done["result"][0])
+        return int(done["status"][0]), completion_result(done[0])
 
     def wait_failed(self, qp: BrokerQueue, exc: BaseException, buf: DmaBuffer | None) -> tuple[int, int] | None:
         """A C wait ended on CSTS: all ones (the device is gone) or CFS (reset; the command was
@@ -273,7 +279,7 @@ class Executor:
         else:
             self.recovery.reset_controller("CSTS.CFS set")
         done = self.reap(qp, 1, None)
-        return int(done["status"][0]), int(done["result"][0])
+        return int(done["status"][0]), completion_result(done[0])
 
     # ============================================================ completions
     def reap(self, qp: BrokerQueue, minimum: int, timeout_s: float | None) -> np.ndarray:
@@ -327,11 +333,11 @@ class Executor:
     # ============================================================ the no-IOMMU lane's bounce copies
     def bounce_posted(self, qp: BrokerQueue, opcode: int, buf: DmaBuffer, first_tag: int, offsets: Any,
                       lengths: Any) -> None:
-        """No-IOMMU lane, a batch just posted (its doorbell not yet rung): a WRITE's bytes go to the
-        buffer's device-visible shadow now; a READ's range is remembered, to be copied back to
+        """No-IOMMU lane, a batch just posted (its doorbell not yet rung): a WRITE's (a ZONE APPEND's)
+        bytes go to the buffer's device-visible shadow now; a READ's range is remembered, to be copied back to
         the caller's memory when its completion is reaped."""
         pairs = zip(np.atleast_1d(offsets).tolist(), np.atleast_1d(lengths).tolist())
-        if opcode == IoOpcode.WRITE:
+        if opcode in (IoOpcode.WRITE, IoOpcode.ZONE_APPEND):
             for off, length in pairs:
                 self.core.ledger.sync_for_device(buf, off, length)
         else:

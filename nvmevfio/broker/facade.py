@@ -28,6 +28,7 @@ from nvmevfio.broker.service import ServicePath
 from nvmevfio.broker.state import BrokerState
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
+from nvmevfio.broker.zones import ZoneVerbs
 from nvmevfio.dma import DmaBuffer, DmaLedger
 from nvmevfio.mmio import Mmio
 from nvmevfio.nvme.controller import Controller, State
@@ -57,6 +58,7 @@ class Broker:
         sub = Submit(core, ex, ns)
         svc = ServicePath(core, ex, ns)
         sio = SyncIO(core, ex, ns, sub, MetadataIO(core, ex, ns))
+        zones = ZoneVerbs(core, ns, pt, sio)
         # The hooks that keep the imports acyclic: execution reaches recovery, admin commands
         # service pending events, Identify Controller arms the events.
         ex.attach_recovery(rec)
@@ -127,6 +129,12 @@ class Broker:
         self.flush = sio.flush
         self.write_zeroes = sio.write_zeroes
         self.deallocate = sio.deallocate
+        # zoned namespaces (zones.py)
+        self.zone_report = zones.zone_report
+        self.zones = zones.zones
+        self.zone_action = zones.zone_action
+        self.zone_append = zones.zone_append
+        self.zone_write = zones.zone_write
 
     def close(self) -> None:
         """Shut down if enabled (best effort), then release every broker buffer. When the shutdown

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, nothing, whole
+from nvmevfio.broker.common import MAX_NLB, UNLIMITED_MDTS_CAP, Namespace, Zoned, nothing, whole
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.state import BrokerState
 from nvmevfio.errors import CommandError, Refused
-from nvmevfio.nvme import builders, regs, structures
+from nvmevfio.nvme import builders, regs, structures, zns
 from nvmevfio.nvme.controller import State
-from nvmevfio.nvme.spec import Cns
+from nvmevfio.nvme.spec import Cns, Csi
 
 
 class Namespaces:
@@ -58,7 +58,7 @@ class Namespaces:
         idx = structures.flbas_index(ident["flbas"], ident["nlbaf"])
         lbaf = ident["lbafs"][idx]
         ns = Namespace(nsid, ident["nsze"], ident["ncap"], ident["nuse"], 1 << lbaf["ds"], lbaf["ms"], idx, ident,
-                       self._guard_format(nsid, idx) if ident["dps"] & 7 else 0)
+                       self._guard_format(nsid, idx) if ident["dps"] & 7 else 0, self.zoned(nsid, ident, idx))
         core.namespaces[nsid] = ns
         self.update_hot()
         return ns
@@ -72,6 +72,30 @@ class Namespaces:
         except CommandError:
             return 0
         return structures.elbaf_pif(raw, lba_format)
+
+    def zoned(self, nsid: int, ident: dict[str, Any], lbaf: int) -> Zoned | None:
+        """A Zoned Namespace's geometry (ZNS 1.1, 5.1): when the controller runs every I/O command
+        set (CC.CSS 110b) and the namespace's descriptor list (CNS 03h) names CSI 02h, the ZNS
+        Identify Namespace (CNS 05h) and Controller (CNS 06h, ZASL); None for any other namespace."""
+        core = self.core
+        if regs.get(core.ctrl.mmio.read32(regs.CC), regs.CC_.CSS) != regs.CSS_ALL_IO:
+            return None
+        raw = self.admin.read(command_sqe(builders.identify(Cns.NAMESPACE_DESCRIPTORS, nsid=nsid)),
+                              "Identify Namespace Identification Descriptors", 4096)
+        if zns.namespace_csi(raw) != Csi.ZONED:
+            return None
+        zid = zns.parse_zns_identify_namespace(
+            self.admin.read(command_sqe(builders.identify(Cns.NAMESPACE_CSI, nsid=nsid, csi=Csi.ZONED)),
+                            "Identify Namespace (Zoned)", 4096), ident["nlbaf"])
+        zasl = zns.parse_zns_identify_controller(
+            self.admin.read(command_sqe(builders.identify(Cns.CONTROLLER_CSI, csi=Csi.ZONED)),
+                            "Identify Controller (Zoned)", 4096))["zasl"]
+        mpsmin = 1 << (12 + regs.get(core.ctrl.cap, regs.CAP_.MPSMIN))
+        mdts = core.max_transfer or UNLIMITED_MDTS_CAP
+        size = zid["lbafe"][lbaf]["zsze"]
+        return Zoned(size, ident["nsze"] // size if size else 0, zns.limit(zid["mar"]), zns.limit(zid["mor"]),
+                     min((1 << zasl) * mpsmin, mdts) if zasl else mdts,
+                     zid["lbafe"][lbaf]["zdes"] * 64, zid)
 
     def refresh_namespaces(self) -> dict[int, Namespace]:
         """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O
@@ -141,6 +165,38 @@ class Namespaces:
                           f"blocks {slba}..{slba + count - 1} are outside namespace {ns.nsid} "
                           f"(0..{ns.size_blocks - 1})", slba=slba, count=count, nsze=ns.size_blocks)
         return slba, count
+
+    def zoned_namespace(self, nsid: int) -> tuple[Namespace, Zoned]:
+        """The identified namespace ``nsid`` and its zone geometry; ``not-zoned`` for a namespace of
+        another command set (or a controller not running every I/O command set)."""
+        ns = self.namespace(nsid)
+        if ns.zoned is None:
+            raise Refused("not-zoned", f"namespace {nsid} is not a zoned namespace (Identify: CSI is not 02h, or "
+                          "the controller does not offer every I/O command set, CAP.CSS bit 6)", nsid=nsid)
+        return ns, ns.zoned
+
+    def check_zone_start(self, ns: Namespace, zoned: Zoned, zslba: int) -> int:
+        """``zslba`` must be the first LBA of a zone of ``ns`` (``not-zone-start``)."""
+        zslba = whole(zslba, "the zone's start LBA")
+        if not 0 <= zslba < ns.size_blocks or zslba % zoned.zone_size:
+            raise Refused("not-zone-start", f"LBA {zslba} is not the start of a zone of namespace {ns.nsid} "
+                          f"(zones of {zoned.zone_size} blocks, {zoned.zones} of them)", slba=zslba,
+                          zone_size=zoned.zone_size)
+        return zslba
+
+    def check_append(self, ns: Namespace, zslbas: list[int], counts: list[int]) -> None:
+        """Zone Append's rules before the device: each ZSLBA a zone start, each count 1..ZASL's
+        blocks (``append-too-large``) and within a zone (``crosses-zone``)."""
+        zoned = self.zoned_namespace(ns.nsid)[1]
+        limit = zoned.append_limit // ns.block_size
+        for zslba, count in zip(zslbas, counts):
+            self.check_zone_start(ns, zoned, zslba)
+            if count > limit:
+                raise Refused("append-too-large", f"a Zone Append of {count} blocks: ZASL allows {limit} "
+                              f"({zoned.append_limit} bytes)", count=count, limit=limit)
+            if not 0 < count <= zoned.zone_size:
+                raise Refused("crosses-zone", f"{count} blocks do not fit a zone of {zoned.zone_size}",
+                              count=count, zone_size=zoned.zone_size)
 
     @property
     def max_pages(self) -> int:

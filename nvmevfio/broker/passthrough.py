@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, byte_view, whole
+from nvmevfio.broker.common import UNLIMITED_MDTS_CAP, BrokerQueue, byte_view, whole
 from nvmevfio.broker.core import Core
-from nvmevfio.broker.execute import Executor, sqe
+from nvmevfio.broker.execute import Executor, Ran, sqe
 from nvmevfio.dma import align_up
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders
@@ -86,11 +86,19 @@ class Passthrough:
         if md is None and ns is not None and ns.metadata_size and opcode & 3 and not ns.extended_lba:
             raise Refused("metadata-required", f"{name}: namespace {nsid}'s format has {ns.metadata_size} bytes of "
                           "separate metadata per block: give metadata=... (the broker authors MPTR)", nsid=nsid)
+        ran, got = self.exchange(qp, sqe(opcode, nsid=nsid, **words), name, payload, length, timeout_s, md)
+        return self.admin.settled(ran), got
+
+    def exchange(self, qp: BrokerQueue, e: np.ndarray, name: str, payload: np.ndarray | None, length: int,
+                 timeout_s: float | None = None, md: np.ndarray | None = None) -> tuple[Ran, bytes | None]:
+        """One checked command through a buffer of the broker's own: ``payload`` sent, or ``length``
+        bytes received (returned); ``md``: metadata sent, or filled, through a contiguous buffer of
+        the broker's whose address it authors as MPTR. No retries. Returns its :class:`Ran` (DW0, DW1) too."""
+        core = self.core
         ledger = core.ledger
         buf = ledger.alloc(align_up(max(length, 1), core.page_size), owner="broker:passthru") if length else None
         mbuf = None
         try:
-            e = sqe(opcode, nsid=nsid, **words)
             if md is not None:
                 mbuf = ledger.alloc(align_up(len(md), core.page_size), owner="broker:passthru-metadata",
                                     contiguous=True)
@@ -101,11 +109,10 @@ class Passthrough:
                 buf.array[:] = 0
                 if payload is not None:
                     buf.array[:length] = payload
-            dw0 = self.admin.settled(self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False,
-                                                  opcode=opcode))
+            ran = self.ex.exec(qp, e, name, buf, length, timeout_s=timeout_s, retry=False, opcode=int(e["opc"][0]))
             if md is not None and mbuf is not None and payload is None:
                 md[:] = mbuf.array[: len(md)]
-            return dw0, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
+            return ran, (bytes(buf.array[:length]) if buf is not None and payload is None else None)
         finally:
             for b in (buf, mbuf):
                 if b is not None and ledger.in_flight(b) == 0:

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from nvmevfio.broker.common import SCALAR_BATCH, BrokerQueue, Namespace, RegisteredBuffer, int_array, ints
+from nvmevfio.broker.common import SCALAR_BATCH, BrokerQueue, Namespace, RegisteredBuffer, int_array, ints, whole
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, refuse_busy, require_room, take_cancelled
 from nvmevfio.broker.namespaces import Namespaces
@@ -29,7 +29,8 @@ class Submit:
     # ============================================================ batched submission
     def submit_rw(self, opcode: int, nsid: int, slbas: Any, counts: Any, buf: DmaBuffer | RegisteredBuffer,
                   offsets: Any, *, qid: int = 1, doorbell: bool = True, sgl: bool | None = None) -> np.ndarray:
-        """Post a batch of READ or WRITE commands (see :meth:`_submit_rw`); one thread per queue."""
+        """Post a batch of READ, WRITE or ZONE APPEND commands (see :meth:`_submit_rw`); one thread
+        per queue. A Zone Append's completion carries the LBA it wrote (``result`` | ``result_hi`` << 32)."""
         with self.ex.using(self.core.queue(qid)):
             return self._submit_rw(opcode, nsid, slbas, counts, buf, offsets, qid=qid, doorbell=doorbell, sgl=sgl)
 
@@ -48,8 +49,9 @@ class Submit:
         core, nst = self.core, self.ns
         qp = core.queue(qid)
         ns = nst.namespace(nsid)
-        if opcode not in (IoOpcode.READ, IoOpcode.WRITE):
-            raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ or WRITE", opcode=opcode)
+        if opcode not in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.ZONE_APPEND):
+            raise Refused("unsupported-command", f"opcode {opcode:#x} is not READ, WRITE or ZONE APPEND",
+                          opcode=opcode)
         use_sgl = core.use_sgl(sgl)
         reg = buf if isinstance(buf, RegisteredBuffer) else None
         handle = self.registration(reg).buffer if reg is not None else cast(DmaBuffer, buf)
@@ -61,6 +63,8 @@ class Submit:
             raise Refused("length-mismatch", "slbas, counts and offsets differ in length")
         if n == 0:
             return np.empty(0, dtype=np.int64)
+        if opcode == IoOpcode.ZONE_APPEND:  # its ZSLBA is a zone start, its size within ZASL
+            nst.check_append(ns, ints(slbas, "LBAs"), ints(counts, "counts"))
         if reg is not None:
             return self._submit_registered(qp, ns, opcode, reg, int_array(slbas, "LBAs"),
                                            int_array(counts, "counts"), int_array(offsets, "offsets"), doorbell)
@@ -216,7 +220,7 @@ class Submit:
 
     def reap(self, minimum: int = 1, *, qid: int = 1, timeout_s: float | None = None) -> np.ndarray:
         """Completions of batched commands (at least ``minimum`` while any are in flight), as a
-        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``status``
+        structured array with fields ``tag``, ``cid``, ``opcode``, ``result`` (DW0), ``result_hi`` (DW1), ``status``
         (without the phase tag; 0 is success), ``latency_s``."""
         qp = self.core.queue(qid)
         with self.ex.using(qp):
@@ -323,9 +327,12 @@ class Submit:
     # ============================================================ the C perf loop
     def perf_loop(self, nsid: int, reg: RegisteredBuffer, *, io_size: int, lba_range: tuple[int, int],
                   random: bool, read_pct: int, depth: int, max_ios: int = 0, seed: int = 1,
-                  qid: int = 1) -> PerfLoop:
+                  qid: int = 1, zoned: str = "", zone_capacity: int = 0) -> PerfLoop:
         """Validate a workload once, then hand it to the C closed loop: LBAs ``lba_range`` (half
-        open), ``io_size`` bytes per I/O, ``depth`` in flight, each in a slot of ``reg``."""
+        open), ``io_size`` bytes per I/O, ``depth`` in flight, each in a slot of ``reg``. ``zoned``
+        (a zoned namespace, sequential): ``append`` (Zone Append to each zone's start) or ``write``
+        (at each zone's write pointer), the zones of the range filled in order to ``zone_capacity``
+        blocks each, once (the zones empty when it starts: the caller resets them)."""
         core, nst = self.core, self.ns
         qp = core.queue(qid)
         ns = nst.namespace(nsid)
@@ -354,14 +361,36 @@ class Submit:
         # blockalign default and spdk_nvme_perf do (an unaligned 4 KiB write costs the backing
         # store a read-modify-write of two pages, which measured the store, not the driver).
         positions = (hi - lo) // nlb
+        zone = (0, 0, 0)
+        if zoned:
+            zone, positions = self._zoned(ns, zoned, zone_capacity, nlb, lo, hi, random)
+            max_ios = min(max_ios or positions, positions)
         # no-IOMMU lane: the loop writes the slots' bytes as the caller left them (its reads stay
         # in the bounce memory, like any benchmark's)
         core.ledger.sync_for_device(reg.buffer, 0, reg.buffer.size)
         return PerfLoop(qp.ring, reg._prps, reg.buffer.slot, reg.buffer.generation, nsid=nsid, nlb=nlb,
                         block_size=bs, page_size=core.page_size, lba_lo=lo, positions=positions, random=random,
-                        read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed,
+                        read_pct=read_pct, depth=depth, max_ios=max_ios, seed=seed, zoned=zone,
                         timeout_s=core.command_timeout_s, recover=lambda exc: self._loop_recover(qp, exc),
                         guard=lambda: self.ex.using(qp), slot_memory=lambda: self._device_visible(reg.buffer))
+
+    def _zoned(self, ns: Namespace, kind: str, capacity: int, nlb: int, lo: int, hi: int,
+               random: bool) -> tuple[tuple[int, int, int], int]:
+        """A zoned workload's (zone size, I/Os per zone, append) and its I/O count: whole zones
+        from a zone start (``not-zone-start``), sequential, an append within ZASL."""
+        nst = self.ns
+        _, z = nst.zoned_namespace(ns.nsid)
+        nst.check_zone_start(ns, z, lo)
+        if kind not in ("append", "write") or random:
+            raise Refused("unsupported-workload", f"a zoned workload is a sequential append or write, not "
+                          f"{'random ' if random else ''}{kind}", workload=kind)
+        if kind == "append":
+            nst.check_append(ns, [lo], [nlb])
+        zones, per = (hi - lo) // z.zone_size, whole(capacity, "the zone capacity") // nlb
+        if not 0 < capacity <= z.zone_size or not zones or not per:
+            raise Refused("window-past-namespace-end", f"range {lo}..{hi}: no whole zone of {z.zone_size} blocks "
+                          f"with room ({capacity} blocks) for a {nlb}-block I/O", capacity=capacity)
+        return (z.zone_size, per, int(kind == "append")), zones * per
 
     def _device_visible(self, buf: DmaBuffer) -> np.ndarray:
         """``buf``'s bytes where the device reads and writes them: its bounce shadow in the

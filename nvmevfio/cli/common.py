@@ -343,6 +343,7 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "disk": ("nbd", "ublk"),
     "export": ("export",),
     "longrun": ("perf", "serve", "monitor"),
+    "zns": ("zns",),  # a group: nvme-cli's zns plugin's sub-commands
 }
 _MODULE_OF = {name: group for group, names in COMMAND_GROUPS.items() for name in names}
 

@@ -33,8 +33,10 @@ from nvmevfio.service import DEFAULT_SOCKET
 @block_address_arg
 @click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
               help="namespace id (-n is the I/O count here, as in spdk_nvme_perf)")
-@click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw"]),
-              default="randread", show_default=True)
+@click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw", "append"]),
+              default="randread", show_default=True,
+              help="append: Zone Append at depth (a zoned namespace); on a zoned namespace, write follows the "
+                   "zones' write pointers; both reset the range's zones first and fill each once")
 @click.option("-q", "--queue-depth", type=click.IntRange(1, 4095), default=1, show_default=True)
 @click.option("-s", "--io-size", type=int, default=4096, show_default=True, help="bytes per I/O")
 @click.option("-t", "--time", "seconds", type=float, help="seconds to run (default 5 unless -n)")

@@ -352,3 +352,31 @@ def dataset_management(nsid: int, ranges: int, *, deallocate: bool = False) -> C
 def flush(nsid: int) -> Command:
     """Flush (NVMe Base 2.0, 7.1): no command dwords."""
     return Command(IoOpcode.FLUSH, nsid=_nsid("Flush", nsid))
+
+
+# --------------------------------------------- Zoned Namespace commands (ZNS Command Set 1.1, 3.4)
+def zone_management_send(nsid: int, slba: int, zsa: int, *, select_all: bool = False,
+                         zsaso: bool = False) -> Command:
+    """Zone Management Send (ZNS 3.4.3): CDW10/11 SLBA (the zone's first LBA; ignored with Select
+    All); CDW13 ZSA 7:0, Select All bit 8, ZSASO bit 9."""
+    name = "Zone Management Send"
+    low, high = split_qword(_fit(name, "SLBA", slba, 64))
+    return Command(IoOpcode.ZONE_MANAGEMENT_SEND, nsid=_nsid(name, nsid), cdw10=low, cdw11=high,
+                   cdw13=_fit(name, "ZSA", zsa, 8) | (_flag(select_all) << 8) | (_flag(zsaso) << 9))
+
+
+def zone_management_receive(nsid: int, slba: int, length: int, *, zra: int = 0, zrasf: int = 0,
+                            partial: bool = False) -> Command:
+    """Zone Management Receive (ZNS 3.4.2): CDW10/11 SLBA; CDW12 NUMD, 0's based dwords of data;
+    CDW13 ZRA 7:0 (report / extended report), ZRASF 15:8 (the state filter), Partial Report bit 16."""
+    name = "Zone Management Receive"
+    low, high = split_qword(_fit(name, "SLBA", slba, 64))
+    return Command(IoOpcode.ZONE_MANAGEMENT_RECEIVE, nsid=_nsid(name, nsid), cdw10=low, cdw11=high,
+                   cdw12=_dwords(name, "NUMD", length, 1, 1 << 32) - 1,
+                   cdw13=_fit(name, "ZRA", zra, 8) | (_fit(name, "ZRASF", zrasf, 8) << 8) | (_flag(partial) << 16))
+
+
+def zone_append(nsid: int, zslba: int, nlb: int, *, fua: bool = False, lr: bool = False) -> Command:
+    """Zone Append (ZNS 3.4.1): CDW10/11 ZSLBA (the zone's first LBA), CDW12 NLB 0's based, FUA,
+    LR; the LBA the controller wrote comes back in DW0/DW1 of the completion."""
+    return _blocks(IoOpcode.ZONE_APPEND, "Zone Append", nsid, zslba, nlb, fua=fua, lr=lr)

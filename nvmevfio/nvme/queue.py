@@ -72,7 +72,7 @@ def _struct_dtype(ctype: str, fields: list[tuple[str, str]]) -> np.dtype:
 # What reap() returns: one record per completed command (struct nv_completion).
 COMPLETION = _struct_dtype("struct nv_completion", [
     ("tag", "<i8"), ("latency_s", "<f8"), ("result", "<u4"), ("cookie", "<u4"), ("cid", "<u2"),
-    ("status", "<u2"), ("opcode", "<u1")])
+    ("status", "<u2"), ("opcode", "<u1"), ("result_hi", "<u4")])
 UNPIN = _struct_dtype("struct nv_unpin", [("slot", "<i8"), ("generation", "<i8"), ("commands", "<i8")])
 # A registered-buffer slot's PRPs (struct nv_prp_slot), authored once by the broker.
 PRP_SLOT = _struct_dtype("struct nv_prp_slot", [(n, "<u8") for n in ("prp1", "prp2_page", "prp2_list", "sgl")])
@@ -366,14 +366,14 @@ class QueuePair:
              buf_gen: int = 0) -> tuple[int, int] | None:
         """One command start to end on an idle queue: post, ring, wait, reap (one C call). The
         entry's cid is one from :meth:`take`, or CID_TAKE. Returns its (status without the phase
-        tag, DW0), or None when it timed out (the command stays in flight)."""
+        tag, DW1:DW0), or None when it timed out (the command stays in flight)."""
         r = lib.nv_qp_exec(self._qp, ffi.cast("struct nv_sqe *", entry.ctypes.data), buf_slot, buf_gen,
                            int(timeout_s * 1e9), self.one)
         return self.exec_result(r)
 
     def exec_result(self, r: int) -> tuple[int, int] | None:
-        """What an exec call's return value ``r`` means: (status, DW0) of the completion, None when
-        the command timed out (it stays in flight); refusals and controller failures raised."""
+        """What an exec call's return value ``r`` means: (status, DW1:DW0 as one 64-bit value: DW1 is
+        Zone Append's LBA's high half), None when the command timed out (it stays in flight)."""
         if self._hook is not None:
             self._hook.check()
         if r == -errno.ETIMEDOUT:
@@ -383,7 +383,7 @@ class QueuePair:
                           "reap them first", qid=self.qid, in_flight=self.in_flight)
         if r < 0:
             self._completions(r)
-        return self.one.status, self.one.result
+        return self.one.status, self.one.result | self.one.result_hi << 32
 
     def exec_rw(self, opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int, timeout_ns: int,
                 buf_slot: int = -1, buf_gen: int = 0, flags: int = 0) -> tuple[int, int] | None:
@@ -502,7 +502,7 @@ class PerfLoop(PerfCounters):
 
     def __init__(self, ring: QueuePair, prps: np.ndarray, buf_slot: int, buf_gen: int, *, nsid: int, nlb: int,
                  block_size: int, page_size: int, lba_lo: int, positions: int, random: bool, read_pct: int,
-                 depth: int, max_ios: int, seed: int, timeout_s: float,
+                 depth: int, max_ios: int, seed: int, timeout_s: float, zoned: tuple[int, int, int] = (0, 0, 0),
                  recover: Callable[[BaseException], list[np.ndarray]] | None = None,
                  guard: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
                  slot_memory: Callable[[], np.ndarray] | None = None) -> None:
@@ -519,9 +519,9 @@ class PerfLoop(PerfCounters):
         p = self._setup(nlb=nlb, block_size=block_size, lba_lo=lba_lo, positions=positions, random=random,
                         read_pct=read_pct, depth=depth, nslots=len(prps), max_ios=max_ios, seed=seed,
                         timeout_s=timeout_s)
-        p.nsid, p.page_size = nsid, page_size
+        p.nsid, p.page_size, p.buf_slot, p.buf_gen = nsid, page_size, buf_slot, buf_gen
         p.prps = ffi.cast("struct nv_prp_slot *", prps.ctypes.data)
-        p.buf_slot, p.buf_gen = buf_slot, buf_gen
+        p.zone_size, p.zone_ios, p.zone_append = zoned  # a zoned workload (Submit.perf_loop)
 
     def _in_flight(self) -> int:
         return self._ring.in_flight

@@ -66,6 +66,9 @@ class IoOpcode(enum.IntEnum):
     WRITE_ZEROES = 0x08
     DATASET_MANAGEMENT = 0x09
     VERIFY = 0x0C
+    ZONE_MANAGEMENT_SEND = 0x79  # Zoned Namespace Command Set 1.1, 3.4
+    ZONE_MANAGEMENT_RECEIVE = 0x7A
+    ZONE_APPEND = 0x7D
 
 
 # Command names for passthrough output (NVMe base / NVM command set opcode tables, as nvme-cli).
@@ -82,6 +85,7 @@ IO_COMMAND_NAMES = {
     0x00: "Flush", 0x01: "Write", 0x02: "Read", 0x04: "Write Uncorrectable", 0x05: "Compare", 0x08: "Write Zeroes",
     0x09: "Dataset Management", 0x0C: "Verify", 0x0D: "Reservation Register", 0x0E: "Reservation Report",
     0x11: "Reservation Acquire", 0x15: "Reservation Release", 0x19: "Copy",
+    0x79: "Zone Management Send", 0x7A: "Zone Management Receive", 0x7D: "Zone Append",
 }
 
 
@@ -95,7 +99,18 @@ class Cns(enum.IntEnum):
     NAMESPACE = 0x00
     CONTROLLER = 0x01
     ACTIVE_NAMESPACE_LIST = 0x02
-    CSI_NAMESPACE = 0x05  # I/O Command Set specific Identify Namespace (CSI 00h: the NVM Command Set's)
+    NAMESPACE_DESCRIPTORS = 0x03  # Namespace Identification Descriptor list (its CSI among them)
+    NAMESPACE_CSI = 0x05  # I/O Command Set specific Identify Namespace (CDW11.CSI)
+    CSI_NAMESPACE = NAMESPACE_CSI  # (CSI 00h: the NVM Command Set's; the PI guard format)
+    CONTROLLER_CSI = 0x06  # I/O Command Set specific Identify Controller
+
+
+class Csi(enum.IntEnum):
+    """Command Set Identifier (Base 2.0, Figure 286)."""
+
+    NVM = 0x00
+    KEY_VALUE = 0x01
+    ZONED = 0x02
 
 
 class LogPage(enum.IntEnum):
@@ -166,6 +181,10 @@ _COMMAND_SPECIFIC = {
     0x24: "ANA Group Identifier Invalid", 0x25: "ANA Attach Failed",
     0x80: "Conflicting Attributes", 0x81: "Invalid Protection Information",
     0x82: "Attempted Write to Read Only Range",
+    # Zoned Namespace Command Set 1.1, Figure 26 (the I/O commands' command specific statuses)
+    0xB8: "Zone Boundary Error", 0xB9: "Zone Is Full", 0xBA: "Zone Is Read Only", 0xBB: "Zone Is Offline",
+    0xBC: "Zone Invalid Write", 0xBD: "Too Many Active Zones", 0xBE: "Too Many Open Zones",
+    0xBF: "Invalid Zone State Transition",
 }
 _MEDIA = {
     0x80: "Write Fault", 0x81: "Unrecovered Read Error", 0x82: "End-to-end Guard Check Error",

@@ -23,6 +23,7 @@ from nvmevfio.dma import DmaBuffer
 from nvmevfio.events import AsyncEvent
 from nvmevfio.nvme.controller import Registers
 from nvmevfio.nvme.queue import PerfLoop
+from nvmevfio.nvme.zns import Zone
 from nvmevfio.provider import ControllerSession, Provider
 from nvmevfio.service.client import ServiceBuffer, ServiceDevice, ServiceSlots
 from nvmevfio.verbs import NamespaceVerb, Verb
@@ -34,7 +35,7 @@ ADDRESS = re.compile(r"(^|_)(iovas?|phys(ical)?|paddr|vaddr|prps?|prp[12]|dptr|a
 
 SURFACE = [Provider, ControllerSession, BlockDevice, BlockFile, ServiceDevice]
 RESULTS = [DmaBuffer, RegisteredBuffer, PerfLoop, Namespace, Registers, DeviceInfo, AsyncEvent, ServiceBuffer,
-           ServiceSlots]
+           ServiceSlots, Zone]
 
 # (class, member): why it may carry an address
 ALLOWED = {

@@ -140,6 +140,13 @@ def events_ctrl(guest):
     return controller(guest, "nvmevfio-events")
 
 
+@pytest.fixture(scope="session")
+def zns_ctrl(guest):
+    """Controller with one zoned namespace (tests/test_guest_tier.py ZONED: 4 MiB zones of 3 MiB capacity,
+    4096-byte blocks, 4 open / 6 active zones at most, ZASL 5, 64-byte zone descriptor extensions)."""
+    return controller(guest, "nvmevfio-zns")
+
+
 def qmp(io_dir: Path, execute: str, arguments: dict | None = None, timeout_s: float = 30.0) -> dict:
     """Run a QEMU monitor command from the host, as an operator would (tools/guest.py QmpRelay)."""
     name = f"qmp-{time.monotonic_ns()}"
