@@ -38,6 +38,7 @@ class DeviceInfo:
     completion_mode: str
     shadow_doorbells: bool
     dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "noiommu" (bounced), "simulated"
+    io_queues: int = 1  # I/O queue pairs created (qids 1..io_queues); a service session is one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +72,7 @@ class BlockDevice:
             capacity_bytes=ns.size_bytes, max_transfer_bytes=provider.max_transfer,
             model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
             queue_depth=depth, completion_mode="irq" if irq else "poll",
-            shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane)
+            shadow_doorbells=provider.shadow_doorbells, dma_lane=provider.dma_lane, io_queues=queues)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
         self.read_into = functools.partial(provider.read_into, nsid)
