@@ -41,6 +41,7 @@ class DeviceInfo:
     data_descriptors: str  # "prp" or "sgl": what describes READ and WRITE data (create_io_queues(sgl=))
     sq_in_cmb: bool  # the submission queues live in the Controller Memory Buffer
     dma_lane: str  # "type1" or "iommufd" (the IOMMU interface), "noiommu" (bounced), "simulated"
+    io_queues: int = 1  # I/O queue pairs created (qids 1..io_queues); a service session is one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +78,7 @@ class BlockDevice:
             model=ctrl["mn"].strip(), serial=ctrl["sn"].strip(), firmware=ctrl["fr"].strip(),
             queue_depth=depth, completion_mode="irq" if irq else "poll",
             shadow_doorbells=provider.shadow_doorbells, data_descriptors="sgl" if sgl else "prp", sq_in_cmb=sq_in_cmb,
-            dma_lane=provider.dma_lane)
+            dma_lane=provider.dma_lane, io_queues=queues)
         self.block_size = ns.block_size
         self.block_count = ns.size_blocks
         self.metadata_size = ns.metadata_size  # bytes per block; read_blocks/write_blocks move it

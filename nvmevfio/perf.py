@@ -6,6 +6,10 @@ completion at once (one CQ doorbell), into a log-linear latency histogram.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from nvmevfio.blockdev import BlockDevice
-from nvmevfio.errors import Refused
+from nvmevfio.errors import NvmeVfioError, Refused
 
 if TYPE_CHECKING:
     from nvmevfio.service.client import ServiceDevice
@@ -54,6 +58,15 @@ class PerfResult:
     verify: bool = False
     verified_blocks: int = 0  # blocks read back whose header and CRC32C were checked
     mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
+    queues: int = 1  # I/O queue pairs run at once, each by its own thread (--queues)
+    cpus: list = field(default_factory=list)  # the CPUs the queues' threads were pinned to (--cpu), queue i on [i % n]
+    # CPU time of the whole process per completed command (getrusage), and the share of the queue
+    # threads' time off the CPU: waiting on the completion eventfd (irq), napping (hybrid), ~0 polling
+    cpu_us_per_io: float = 0.0
+    usr_us_per_io: float = 0.0
+    sys_us_per_io: float = 0.0
+    wait_share: float = 0.0
+    per_queue: list = field(default_factory=list)  # each queue's figures (dicts: queue, cpu, iops, ..., wait_share)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,30 +101,211 @@ def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
     return out
 
 
-def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size: int = 4096, queue_depth: int = 1,
-        seconds: float | None = 5.0, count: int | None = None, lba_range: tuple[int, int] | None = None,
-        rwmixread: int = 50, seed: int = 1, status: Callable[[float, int], None] | None = None,
-        ramp_s: float = 0.0, verify: bool = False, hybrid: bool = False) -> PerfResult:
+# The C loops' counters that several queues' runs add up (merge_stats); the rest are a minimum,
+# a maximum and the first error.
+STAT_SUMS = ("ios", "reads", "writes", "errors", "lat_sum_ns", "issued", "wait_ns", "fills", "reaps", "sleeps")
+DOORBELLS = ("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")
+
+
+def merge_stats(stats: list[dict[str, int]]) -> dict[str, int]:
+    """Several queues' C loop counters as one run's: sums, the smallest minimum latency and the
+    largest maximum, the first queue's first error."""
+    out = {k: sum(s[k] for s in stats) for k in STAT_SUMS}
+    out["lat_min_ns"] = min(s["lat_min_ns"] for s in stats)
+    out["lat_max_ns"] = max(s["lat_max_ns"] for s in stats)
+    first = next((s for s in stats if s["errors"]), stats[0])
+    out["first_error_status"], out["first_error_opcode"] = first["first_error_status"], first["first_error_opcode"]
+    return out
+
+
+def merge_histograms(hists: list[np.ndarray]) -> np.ndarray:
+    """Latency histograms of several queues as one: the same buckets (fio's layout), counts added."""
+    return np.asarray(np.sum(np.stack(hists), axis=0, dtype=np.uint64))
+
+
+def latency_figures(st: dict[str, int], hist: np.ndarray) -> dict[str, float]:
+    """Mean, minimum, maximum and the 50th, 99th and 99.9th percentiles (µs) of a run's counters and
+    histogram; a bucket stands for its midpoint, so percentiles are kept inside what was measured."""
+    n = st["ios"]
+    if not n:
+        return dict.fromkeys(("lat_mean_us", "lat_min_us", "lat_max_us", "lat_p50_us", "lat_p99_us", "lat_p999_us"),
+                             0.0)
+    p50, p99, p999 = (min(max(v, st["lat_min_ns"]), st["lat_max_ns"]) / 1000
+                      for v in percentiles(hist, [50, 99, 99.9]))
+    return {"lat_mean_us": st["lat_sum_ns"] / n / 1000, "lat_min_us": st["lat_min_ns"] / 1000,
+            "lat_max_us": st["lat_max_ns"] / 1000, "lat_p50_us": p50, "lat_p99_us": p99, "lat_p999_us": p999}
+
+
+def cpu_figures(usr_s: float, sys_s: float, wall_s: float, ios: int) -> dict[str, float]:
+    """CPU time per completed command (µs: user, system, both) and the share of ``wall_s`` the
+    thread(s) spent off the CPU (blocked on the completion eventfd, napping, preempted)."""
+    per = 1e6 / ios if ios else 0.0
+    busy = usr_s + sys_s
+    return {"cpu_us_per_io": busy * per, "usr_us_per_io": usr_s * per, "sys_us_per_io": sys_s * per,
+            "wait_share": min(1.0, max(0.0, 1.0 - busy / wall_s)) if wall_s > 0 else 0.0}
+
+
+def split_count(count: int | None, queues: int) -> list[int]:
+    """``count`` I/Os shared out over the queues (the first ones take the remainder); 0: unbounded."""
+    if count is None:
+        return [0] * queues
+    return [count // queues + (1 if i < count % queues else 0) for i in range(queues)]
+
+
+@dataclass
+class _Queue:
+    """One queue pair's share of a run: its device (and qid, in-process), workload, CPU, and what
+    its thread measured."""
+
+    dev: Any
+    qid: int | None
+    cpu: int | None
+    buf: Any
+    loop: Any
+    wall_s: float = 0.0
+    usr_s: float = 0.0
+    sys_s: float = 0.0
+    doorbells: dict = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def counters(self) -> dict[str, int]:
+        return self.dev.doorbell_counters(self.qid) if self.qid is not None else self.dev.doorbell_counters()
+
+
+def _sessions(dev: Any, queues: int) -> list[tuple[Any, int | None]]:
+    """(device, qid) of each queue pair the run uses: I/O queues 1..queues of a device opened here,
+    or one service session each (a session is one queue pair); too many refused, by name."""
+    if isinstance(dev, (list, tuple)):
+        if queues not in (1, len(dev)):
+            raise Refused("count-out-of-range", f"{queues} queue pairs asked, {len(dev)} service sessions given "
+                          "(one queue pair each)", queues=queues)
+        return [(d, None) for d in dev]
+    if queues < 1:
+        raise Refused("count-out-of-range", f"queue count {queues} must be at least 1", queues=queues)
+    have = dev.info.io_queues if isinstance(dev, BlockDevice) else 1
+    if queues > have:
+        raise Refused("count-out-of-range", f"{queues} queue pairs asked, the device has {have} I/O queue pair(s) "
+                      "(open it with more queues, or connect one service session per queue)",
+                      queues=queues, io_queues=have)
+    return [(dev, q + 1 if isinstance(dev, BlockDevice) else None) for q in range(queues)]
+
+
+def _drive(q: _Queue, *, seconds: float | None, ramp_s: float, start: threading.Barrier, stop: threading.Event) -> None:
+    """One queue's thread: pinned to its CPU, ramp, wait for the others, then the measured run and
+    its drain, with this thread's CPU time (getrusage RUSAGE_THREAD) and doorbells around it."""
+    try:
+        if q.cpu is not None:
+            os.sched_setaffinity(0, {q.cpu})  # 0: the calling thread (Linux affinity is per thread)
+        loop = q.loop
+        if ramp_s > 0:
+            t_ramp = time.perf_counter() + ramp_s
+            while time.perf_counter() < t_ramp and not stop.is_set() and not loop.step(min(0.25, ramp_s)):
+                pass
+            loop.reset_stats()
+        start.wait()
+        before = q.counters()
+        ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+        t0 = time.perf_counter()
+        end = t0 + seconds if seconds is not None else float("inf")
+        finished = False
+        while not finished and not stop.is_set():
+            now = time.perf_counter()
+            if now >= end:
+                break
+            finished = loop.step(min(1.0, end - now))
+        loop.drain()
+        q.wall_s = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+        q.usr_s, q.sys_s = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
+        after = q.counters()
+        q.doorbells = {k: after[k] - before[k] for k in DOORBELLS}
+    except BaseException as exc:  # handed to the calling thread, which raises it
+        q.error = exc
+        stop.set()
+        start.abort()
+
+
+def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
+                 status: Callable[[float, int], None] | None) -> tuple[float, float]:
+    """Each queue's closed loop on a thread of its own (the C loop releases the GIL: cffi's API
+    mode), measured from one common start; returns the process's user and system CPU seconds
+    over the measured part."""
+    clock: dict[str, Any] = {}
+
+    def started() -> None:
+        clock["t0"] = time.perf_counter()
+        clock["ru"] = resource.getrusage(resource.RUSAGE_SELF)
+
+    start = threading.Barrier(len(qs) + 1, action=started)
+    stop = threading.Event()
+    threads = [threading.Thread(target=_drive, args=(q,), kwargs={"seconds": seconds, "ramp_s": ramp_s,
+                                                                "start": start, "stop": stop},
+                                name=f"nvmevfio-perf-{i + 1}", daemon=True) for i, q in enumerate(qs)]
+    for t in threads:
+        t.start()
+    try:
+        start.wait()
+        next_status = clock["t0"] + 1.0
+        for t in threads:
+            while t.is_alive():
+                t.join(max(0.01, next_status - time.perf_counter()))
+                now = time.perf_counter()
+                if status is not None and now >= next_status:
+                    status(now - clock["t0"], sum(q.loop.stats()["ios"] for q in qs))
+                    next_status = now + 1.0
+    except threading.BrokenBarrierError:
+        pass  # a queue's thread failed before the start: its error is raised below
+    except BaseException:
+        stop.set()
+        start.abort()
+        for t in threads:
+            t.join()
+        raise
+    for t in threads:
+        t.join()
+    for q in qs:
+        if q.error is not None:
+            raise q.error
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime - clock["ru"].ru_utime, ru.ru_stime - clock["ru"].ru_stime
+
+
+def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,
+        queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
+        lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1,
+        status: Callable[[float, int], None] | None = None, ramp_s: float = 0.0, verify: bool = False,
+        hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
     LBAs, keeps ``queue_depth`` commands in flight in the slots of a registered buffer and records
     latencies into a histogram. ``status(elapsed, ios)`` is called about once a second.
     ``ramp_s``: run this long first, unmeasured (like fio's ramp_time). ``hybrid``: on a polled
-    device, nap between completions instead of spinning (Linux's hybrid polling)."""
+    device, nap between completions instead of spinning (Linux's hybrid polling).
+    ``queues``: run on this many I/O queue pairs at once (1..the device's), each with its own
+    closed loop and thread, ``queue_depth`` deep, ``count`` shared out; with a list of service
+    sessions, one queue per session. ``cpus``: pin queue i's thread to ``cpus[i % len(cpus)]``.
+    The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
+    time per completed command."""
     if workload not in WORKLOADS + ZONED_WORKLOADS:
         raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS + ZONED_WORKLOADS)}")
-    bs = dev.block_size
+    pairs = _sessions(dev, queues)
+    first: Any = pairs[0][0]
+    bs = first.block_size
     if io_size <= 0 or io_size % bs:
         raise Refused("length-mismatch", f"I/O size {io_size} is not a positive multiple of the {bs}-byte block")
-    lo, hi = lba_range or (0, dev.block_count)
-    if not (0 <= lo < hi <= dev.block_count) or hi - lo < io_size // bs:
+    lo, hi = lba_range or (0, first.block_count)
+    if not (0 <= lo < hi <= first.block_count) or hi - lo < io_size // bs:
         raise Refused("window-past-namespace-end", f"range {lo}..{hi} does not fit the namespace "
-                      f"(0..{dev.block_count}) or one {io_size}-byte I/O")
-    if not 1 <= queue_depth <= dev.capacity():
-        raise Refused("count-out-of-range", f"queue depth {queue_depth} outside 1..{dev.capacity()}")
-    if count is not None and count < 1:
-        raise Refused("count-out-of-range", f"I/O count {count} must be positive")
+                      f"(0..{first.block_count}) or one {io_size}-byte I/O")
+    if not 1 <= queue_depth <= first.capacity():
+        raise Refused("count-out-of-range", f"queue depth {queue_depth} outside 1..{first.capacity()}")
+    if count is not None and count < len(pairs):
+        raise Refused("count-out-of-range", f"I/O count {count} must be at least one per queue ({len(pairs)})")
+    allowed = os.sched_getaffinity(0)
+    if cpus is not None and (not cpus or not set(cpus) <= allowed):
+        raise Refused("invalid-argument", f"CPUs {cpus}: this process may run on CPUs "
+                      f"{', '.join(map(str, sorted(allowed)))} only")
     if seconds is None and count is None:
         seconds = 5.0
     read_pct = {"randread": 100, "read": 100, "randwrite": 0, "write": 0}.get(workload, rwmixread)
@@ -119,69 +313,83 @@ def run(dev: BlockDevice | ServiceDevice, *, workload: str = "randread", io_size
         raise Refused("invalid-argument", "verify writes at chosen LBAs: not a Zone Append workload")
     if verify and hybrid:
         raise Refused("invalid-argument", "verify runs its loop in Python: hybrid polling is the C loop's")
+    if hybrid and first.info.completion_mode != "poll":
+        raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
     if verify:
-        if not isinstance(dev, BlockDevice):
-            raise Refused("invalid-argument", "verify runs in Python over a device opened here, not the service")
-        return _run_verify(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+        if not isinstance(first, BlockDevice) or len(pairs) > 1:
+            raise Refused("invalid-argument", "verify runs in Python on one queue of a device opened here")
+        return _run_verify(first, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                            count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed, status=status)
     page = 4096
     slot_size = (io_size + page - 1) // page * page
-    dev_: Any = dev  # a BlockDevice or a ServiceDevice: the same verbs, each with its own buffer type
-    buf = dev_.alloc_buffer(queue_depth * slot_size)
-    buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
-    reg = dev_.register_buffer(buf, slot_size)
-    zoned, zone_starts = _zoned(dev, workload, lo, hi)
-    loop = dev_.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
-                         read_pct=read_pct, depth=queue_depth, max_ios=count or 0, seed=seed, **zoned)
+    zoned, zone_starts = _zoned(first, workload, lo, hi)
+    if zoned and len(pairs) > 1:
+        raise Refused("invalid-argument", f"workload {workload} on a zoned namespace fills its zones once, in order, "
+                      "on one queue: no --queues", queues=len(pairs))
+    qs: list[_Queue] = []
+    try:  # every queue's buffer and workload validated before any I/O
+        for i, ((d, qid), n) in enumerate(zip(pairs, split_count(count, len(pairs)))):
+            buf = d.alloc_buffer(queue_depth * slot_size)
+            qs.append(_Queue(d, qid, cpus[i % len(cpus)] if cpus else None, buf, None))
+            buf.array[:] = np.random.default_rng(seed + i).integers(0, 256, buf.size, dtype=np.uint8)
+            reg = d.register_buffer(buf, slot_size)
+            kw = {"qid": qid} if qid is not None else {}
+            loop = d.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
+                               read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
+            loop.hybrid = hybrid
+            qs[-1].loop = loop
+    except BaseException:
+        for q in qs:
+            with contextlib.suppress(NvmeVfioError):
+                q.dev.free_buffer(q.buf)
+        raise
     for z in zone_starts:  # the workload checked: its zones emptied, to be filled once
-        dev_.zone_action("reset", z)
-    if hybrid and dev.info.completion_mode != "poll":
-        raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
-    loop.hybrid = hybrid
-    counters = ("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")
-    clean = False
-    try:
-        if ramp_s > 0:
-            t_ramp = time.perf_counter() + ramp_s
-            while time.perf_counter() < t_ramp and not loop.step(min(0.25, ramp_s)):
-                pass
-            loop.reset_stats()
-        before = dev.doorbell_counters()
-        t0 = time.perf_counter()
-        end = t0 + seconds if seconds is not None else float("inf")
-        finished = False
-        while not finished:
-            now = time.perf_counter()
-            if now >= end:
-                break
-            finished = loop.step(min(1.0, end - now))
-            if status is not None:
-                status(time.perf_counter() - t0, loop.stats()["ios"])
-        loop.drain()
-        elapsed = time.perf_counter() - t0
-        after = dev.doorbell_counters()
-        db = {k: after[k] - before[k] for k in counters}
-        clean = True
-    finally:
-        if clean:
-            dev_.free_buffer(buf)
-    st = loop.stats()
+        first.zone_action("reset", z)
+    usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status)
+    for q in qs:  # (after a failure commands may still hold them: the session's end scrubs them)
+        q.dev.free_buffer(q.buf)
+    return _result(qs, workload=workload, io_size=io_size, queue_depth=queue_depth, cpus=cpus, usr_s=usr_s,
+                   sys_s=sys_s, mode="hybrid" if hybrid else first.info.completion_mode,
+                   shadow=first.info.shadow_doorbells, info=first.info)
+
+
+def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,
+             doorbells: dict[str, int]) -> dict[str, Any]:
+    """The figures a queue and the whole run share: throughput over ``elapsed`` (the run's window,
+    so the queues' IOPS add up to the run's), latency, the loop's profile over ``wall_s``, doorbells."""
     n = st["ios"]
-    # a bucket stands for its midpoint: keep the figures inside what was measured
-    p50, p99, p999 = (min(max(v, st["lat_min_ns"]), st["lat_max_ns"]) / 1000 if n else 0.0
-                      for v in percentiles(loop.hist, [50, 99, 99.9]))
-    return PerfResult(
-        workload=workload, io_size=io_size, queue_depth=queue_depth,
-        mode="hybrid" if hybrid else dev.info.completion_mode, seconds=elapsed, ios=n, reads=st["reads"],
-        writes=st["writes"], iops=n / elapsed if elapsed else 0.0,
-        mib_per_s=n * io_size / elapsed / (1 << 20) if elapsed else 0.0,
-        lat_mean_us=st["lat_sum_ns"] / n / 1000 if n else 0.0, lat_min_us=st["lat_min_ns"] / 1000 if n else 0.0,
-        lat_max_us=st["lat_max_ns"] / 1000 if n else 0.0, lat_p50_us=p50, lat_p99_us=p99, lat_p999_us=p999,
-        errors=st["errors"], shadow_doorbells=dev.info.shadow_doorbells, sq_doorbell_mmio=db["sq_mmio"],
-        data_descriptors=dev.info.data_descriptors, sq_in_cmb=dev.info.sq_in_cmb,
-        cq_doorbell_mmio=db["cq_mmio"], shadow_only_updates=db["sq_shadow_only"] + db["cq_shadow_only"],
-        wait_pct=100.0 * st["wait_ns"] / 1e9 / elapsed if elapsed else 0.0,
-        ios_per_submit=n / st["fills"] if st["fills"] else 0.0, ios_per_reap=n / st["reaps"] if st["reaps"] else 0.0)
+    return {"ios": n, "reads": st["reads"], "writes": st["writes"], "errors": st["errors"],
+            "iops": n / elapsed if elapsed else 0.0,
+            "mib_per_s": n * io_size / elapsed / (1 << 20) if elapsed else 0.0, **latency_figures(st, hist),
+            "wait_pct": 100.0 * st["wait_ns"] / 1e9 / wall_s if wall_s else 0.0,
+            "ios_per_submit": n / st["fills"] if st["fills"] else 0.0,
+            "ios_per_reap": n / st["reaps"] if st["reaps"] else 0.0,
+            "sq_doorbell_mmio": doorbells["sq_mmio"], "cq_doorbell_mmio": doorbells["cq_mmio"],
+            "shadow_only_updates": doorbells["sq_shadow_only"] + doorbells["cq_shadow_only"]}
+
+
+def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
+            usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None) -> PerfResult:
+    stats = [q.loop.stats() for q in qs]
+    elapsed = max(q.wall_s for q in qs)
+    rows = []
+    for i, (q, st) in enumerate(zip(qs, stats)):
+        rows.append({"queue": q.qid if q.qid is not None else i + 1, "cpu": q.cpu, "seconds": q.wall_s,
+                     **_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
+                     **cpu_figures(q.usr_s, q.sys_s, q.wall_s, st["ios"])})
+    total = merge_stats(stats)
+    db = {k: sum(q.doorbells[k] for q in qs) for k in DOORBELLS}
+    whole = _figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
+                     sum(q.wall_s for q in qs), db)
+    cpu: dict[str, Any] = dict(cpu_figures(usr_s, sys_s, elapsed, total["ios"]))
+    # off CPU: the queue threads' share, not the process's (whose other threads sleep)
+    cpu["wait_share"] = cpu_figures(sum(q.usr_s for q in qs), sum(q.sys_s for q in qs),
+                                    sum(q.wall_s for q in qs), total["ios"])["wait_share"]
+    return PerfResult(workload=workload, io_size=io_size, queue_depth=queue_depth, mode=mode, seconds=elapsed,
+                      shadow_doorbells=shadow, queues=len(qs), cpus=list(cpus or []), per_queue=rows,
+                      data_descriptors=getattr(info, "data_descriptors", "prp"),
+                      sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)),
+                      **whole, **cpu)
 
 
 def _zoned(dev: BlockDevice | ServiceDevice, workload: str, lo: int, hi: int) -> tuple[dict[str, Any], range]:

@@ -2,6 +2,7 @@
 median over boots, the bars, and the sweep plot (a real PNG)."""
 
 import bench  # tools/bench.py
+import pytest
 
 
 def _boot(scale: float) -> dict:
@@ -108,3 +109,53 @@ def test_feature_ratios_against_prps_before_and_after():
     got = bench.feature_ratios(rounds)
     assert got == {"randread-4k-qd32 sgl": 1.0, "randread-4k-qd32 cmb": 0.5, "read-128k-qd8 sgl": 1.0,
                    "read-128k-qd8 cmb": 0.5, "randwrite-4k-qd32 sgl": 1.0, "randwrite-4k-qd32 cmb": 40 / 60}
+
+
+def test_fio_cpu_per_io():
+    """fio's usr_cpu / sys_cpu are percentages of each job's run time (job_runtime, ms)."""
+    jobs = [{"usr_cpu": 10.0, "sys_cpu": 30.0, "job_runtime": 5000, "read": {"total_ios": 100_000},
+             "write": {"total_ios": 0}},
+            {"usr_cpu": 20.0, "sys_cpu": 50.0, "job_runtime": 4000, "read": {"total_ios": 60_000},
+             "write": {"total_ios": 40_000}}]
+    # user 0.5 + 0.8 s, system 1.5 + 2.0 s over 200,000 I/Os: 6.5 + 17.5 = 24 us each
+    got = bench.fio_cpu(jobs)
+    assert got == {"cpu_us_per_io": pytest.approx(24.0), "usr_us_per_io": pytest.approx(6.5),
+                   "sys_us_per_io": pytest.approx(17.5)}
+    assert bench.fio_cpu([{**jobs[0], "read": {"total_ios": 0}}])["cpu_us_per_io"] == 0.0
+
+
+def _scaling(one: float, two: float, cpu: float = 10.0) -> dict:
+    return {f"{mode}_{n}": {"iops": (one if n == 1 else two) * (1 if mode == "poll" else 0.5), "cpu_us_per_io": cpu,
+                            "wait_share": 0.25 if mode == "irq" else 0.0}
+            for mode in ("poll", "irq") for n in (1, 2)}
+
+
+def test_queue_scaling_ratios_report_and_median():
+    a1, b, a2 = _scaling(20_000, 22_000, 30.0), _scaling(60_000, 90_000), _scaling(24_000, 22_000, 34.0)
+    assert bench.scaling_ratios(a1, b, a2) == {"nvmevfio poll": 1.5, "kernel poll": 1.0, "nvmevfio irq": 1.5,
+                                               "kernel irq": 1.0}
+    lines = bench.scaling_report(a1, b, a2).splitlines()
+    assert lines[2].split() == ["nvmevfio", "poll", "60000", "90000", "1.50", "10.0", "10.0", "0%", "/", "0%"]
+    assert lines[3].split() == ["kernel", "poll", "22000", "22000", "1.00", "32.0", "32.0"]
+    assert lines[4].split()[-3:] == ["25%", "/", "25%"]
+    assert lines[-1] == "bar: nvmevfio poll 2 queues / 1 = 1.50 (1.6) NOT MET"
+    boot = _boot(1.0)
+    boot["A"][bench.SCALING_ROW], boot["A2"][bench.SCALING_ROW] = a1, a2
+    boot["B"][bench.SCALING_ROW] = _scaling(50_000, 85_000)
+    text = bench.report([boot])
+    assert "randread-4k-qd32-queues (2 queues / 1): median of 1 boots" in text
+    assert "nvmevfio poll                  1.70  [1.70]  bar 1.6 met" in text
+    assert "kernel poll 1.00, nvmevfio irq 1.70, kernel irq 1.00 (informational)" in text
+
+
+def test_cpu_per_io_report():
+    boots = [_boot(1.0), _boot(1.0), _boot(1.0)]
+    for i, b in enumerate(boots):
+        for side in ("A", "A2", "B"):
+            for row, *_ in bench.MATRIX:
+                for mode, d in b[side][row].items():
+                    d["cpu_us_per_io"] = {"A": 40.0, "A2": 50.0, "B": 10.0}[side] + i + (5 if "poll" in mode else 0)
+    text = bench.report(boots)
+    assert "CPU per I/O (us, user + system; kernel: fio's usr_cpu + sys_cpu over its I/Os), median of 3 boot(s)" in text
+    # the middle boot: kernel irq mean(41, 51) = 46, poll 51; nvmevfio irq 11, poll 16
+    assert "randread-4k-qd1             46.0    51.0    11.0    16.0" in text

@@ -47,6 +47,9 @@ SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 PY_ROW = "python-read_into-4k-qd1"
 SERVICE_ROW = "service-randread-4k-qd32"  # a client of `nvmevfio serve` against in-process perf (issue 9)
 FS_ROW = "ext4-fio-randrw-4k-qd1"  # informational: kernel nvme + ext4 against nvmevfio nbd + nbd + ext4
+# issue 26: randread 4 KiB QD32 on 2 queue pairs (a thread each) against 1; the polled path's bar
+SCALING_ROW = "randread-4k-qd32-queues"
+SCALING_BAR = 1.6
 # the bars of issue 7: (row, ratio key from ratios(), what it compares, minimum ratio)
 BARS = [
     ("randread-4k-qd32", "poll", "poll vs kernel io_uring --hipri", 2.2),
@@ -60,18 +63,32 @@ BARS = [
 
 
 # ---------------------------------------------------------------------- inside the guest
-def fio(dev: str, rw: str, bs: int, qd: int, engine: str, seconds: float, hipri: bool) -> dict:
+def fio(dev: str, rw: str, bs: int, qd: int, engine: str, seconds: float, hipri: bool, numjobs: int = 1) -> dict:
+    """One fio run on the kernel driver's block device: IOPS and MiB/s summed over its
+    ``numjobs`` jobs, the first job's latency percentiles, and CPU time per I/O (fio_cpu)."""
     args = ["fio", "--name=bench", f"--filename={dev}", "--direct=1", "--time_based", f"--runtime={seconds}",
             "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", "--lat_percentiles=1",
-            f"--ioengine={engine}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}"]
+            f"--ioengine={engine}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={numjobs}"]
     if hipri:
         args.append("--hipri=1")
     out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-    job = out["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    pct = side["lat_ns"].get("percentile", {})
-    return {"iops": side["iops"], "mib_per_s": side["bw_bytes"] / (1 << 20),
-            "lat_p50_us": pct.get("50.000000", 0) / 1000, "lat_p99_us": pct.get("99.000000", 0) / 1000}
+    jobs = out["jobs"]
+    sides = [job["read"] if "read" in rw else job["write"] for job in jobs]
+    pct = sides[0]["lat_ns"].get("percentile", {})
+    return {"iops": sum(side["iops"] for side in sides),
+            "mib_per_s": sum(side["bw_bytes"] for side in sides) / (1 << 20),
+            "lat_p50_us": pct.get("50.000000", 0) / 1000, "lat_p99_us": pct.get("99.000000", 0) / 1000,
+            "jobs": len(jobs), **fio_cpu(jobs)}
+
+
+def fio_cpu(jobs: list[dict]) -> dict[str, float]:
+    """CPU time per I/O (µs) of fio's jobs: each job's usr_cpu and sys_cpu are percentages of its
+    run time (job_runtime, ms, after the ramp), over its reads and writes (total_ios)."""
+    usr = sum(j["usr_cpu"] / 100 * j["job_runtime"] / 1000 for j in jobs)
+    sys_ = sum(j["sys_cpu"] / 100 * j["job_runtime"] / 1000 for j in jobs)
+    ios = sum(j["read"]["total_ios"] + j["write"]["total_ios"] for j in jobs)
+    per = 1e6 / ios if ios else 0.0
+    return {"cpu_us_per_io": (usr + sys_) * per, "usr_us_per_io": usr * per, "sys_us_per_io": sys_ * per}
 
 
 def python_preadv(dev: str, seconds: float, size_bytes: int) -> dict:
@@ -156,25 +173,47 @@ def kernel_round(dev: str, seconds: float, size_bytes: int) -> dict:
         if qd == 1:
             res[name]["psync"] = fio(dev, rw, bs, 1, "psync", seconds, False)
     res[PY_ROW] = {"python": python_preadv(dev, seconds, size_bytes)}
+    res[SCALING_ROW] = scaling_round(None, dev, seconds)
     return res
 
 
 def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True,
-         socket: str | None = None, cpu: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+         socket: str | None = None, cpu: int | str | None = None, queues: int = 1,
+         extra: tuple[str, ...] = ()) -> dict:
     """`nvmevfio perf` on the controller, or with ``socket`` through `nvmevfio serve` (whose
-    daemon decides the completion mode); ``cpu`` pins it; ``extra``: more perf options."""
+    daemon decides the completion mode); ``cpu`` pins it (a list pins each queue's thread);
+    ``queues``: that many queue pairs at once, a thread each; ``extra``: more perf options."""
     target = ["--socket", socket] if socket else [addr, "--mode", mode]
     if cpu is not None:
         target += ["--cpu", str(cpu)]
     args = [sys.executable, "-m", "nvmevfio", "perf", *target, "-w", rw, "-q", str(qd), "-s", str(bs), "-t",
-            str(seconds), "--ramp", "1", "-o", "json"]
+            str(seconds), "--ramp", "1", "-o", "json", "--queues", str(queues)]
     if not shadow:
         args.append("--no-shadow-doorbells")
     args += extra
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
                               "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "ios_per_submit",
-                              "ios_per_reap")}
+                              "ios_per_reap", "cpu_us_per_io", "usr_us_per_io", "sys_us_per_io", "wait_share",
+                              "per_queue")}
+
+
+def scaling_round(addr: str | None, dev: str | None, seconds: float) -> dict:
+    """The queue-scaling row, randread 4 KiB QD32 per queue: nvmevfio `perf --queues 1` and `2`
+    (each queue's thread on its own vCPU), or the kernel's fio with numjobs 1 and 2; polled and
+    with interrupts. The kernel driver is loaded with poll_queues=1: its two polled jobs share
+    one polled queue, its interrupt-driven ones get a queue per CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out: dict = {}
+    for n in (1, 2):
+        for mode in ("poll", "irq"):
+            if addr is not None:
+                out[f"{mode}_{n}"] = perf(addr, "randread", 4096, 32, seconds, mode, queues=n,
+                                          cpu=",".join(map(str, cpus[:n])))
+            else:
+                assert dev is not None
+                out[f"{mode}_{n}"] = fio(dev, "randread", 4096, 32, "io_uring", seconds, mode == "poll", numjobs=n)
+    return out
 
 
 def nvmevfio_round(addr: str, seconds: float) -> dict:
@@ -183,6 +222,7 @@ def nvmevfio_round(addr: str, seconds: float) -> dict:
         res[name] = {"poll": perf(addr, rw, bs, qd, seconds, "poll"), "irq": perf(addr, rw, bs, qd, seconds, "irq"),
                      "poll_mmio": perf(addr, rw, bs, qd, seconds, "poll", shadow=False)}
     res[PY_ROW] = {"python": python_read_into(addr, seconds)}
+    res[SCALING_ROW] = scaling_round(addr, None, seconds)
     # the service against in-process perf run right before and after it (A/B/A inside the row):
     # the row's ratio does not drift with whatever the boot did minutes earlier
     before = perf(addr, "randread", 4096, 32, seconds, "poll")
@@ -449,6 +489,13 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         pci.unbind(addr)
         out_path.write_text(json.dumps({"only": [a1, b, kernel_tcp(kernel_dev(), seconds)]}, indent=2))
         return 0
+    if only == "scaling":  # A/B/A of the queue-scaling row alone: fio numjobs 1 and 2, perf --queues 1 and 2
+        a1 = scaling_round(None, dev, seconds)
+        pci.bind(addr)
+        b = scaling_round(addr, None, seconds)
+        pci.unbind(addr)
+        out_path.write_text(json.dumps({"only": [a1, b, scaling_round(None, kernel_dev(), seconds)]}, indent=2))
+        return 0
     if only == "python":  # A/B/A of the Python row alone
         a1 = python_preadv(dev, seconds, size)
         pci.bind(addr)
@@ -535,12 +582,74 @@ def report(boots: list[dict]) -> str:
         lines.append(f"{SERVICE_ROW:<24} nvmevfio serve client {iops('B', SERVICE_ROW, 'service'):.0f}, in-process "
                      f"perf poll just before and after it {base:.0f}: ratio {med(SERVICE_ROW, 'service'):.2f} "
                      f"(per boot {each})")
+    scaled = [b for b in boots if SCALING_ROW in b["B"] and SCALING_ROW in b["A"] and SCALING_ROW in b["A2"]]
+    if scaled:
+        per_scaling = [scaling_ratios(b["A"][SCALING_ROW], b["B"][SCALING_ROW], b["A2"][SCALING_ROW]) for b in scaled]
+        lines.append(median_report(f"{SCALING_ROW} (2 queues / 1)", per_scaling, {"nvmevfio poll": SCALING_BAR}))
+        lines.append(", ".join(f"{key} {statistics.median(r[key] for r in per_scaling):.2f}"
+                               for key in per_scaling[0] if key != "nvmevfio poll") + " (informational)")
+    if all("cpu_us_per_io" in b["B"][MATRIX[0][0]]["poll"] and "cpu_us_per_io" in b["A"][MATRIX[0][0]]["io_uring_poll"]
+           for b in boots):
+        lines.append(cpu_report(boots))
     lines.append("bars (issues 7 and 9):")
     for row, key, what, bar in BARS:
         if not all(row in r for r in per):
             continue
         got = med(row, key)
         lines.append(f"  {row:<24} {what:<34} {got:5.2f} (bar {bar:.1f}) {'met' if got >= bar else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def scaling_ratios(a1: dict, b: dict, a2: dict) -> dict[str, float]:
+    """The queue-scaling row: IOPS on 2 queues (jobs) / on 1, per driver and mode (the kernel's
+    from the mean of A and A')."""
+    def k(key: str) -> float:
+        return statistics.mean((a1[key]["iops"], a2[key]["iops"]))
+
+    out = {}
+    for mode in ("poll", "irq"):
+        out[f"nvmevfio {mode}"] = b[f"{mode}_2"]["iops"] / b[f"{mode}_1"]["iops"]
+        out[f"kernel {mode}"] = k(f"{mode}_2") / k(f"{mode}_1")
+    return out
+
+
+def scaling_report(a1: dict, b: dict, a2: dict) -> str:
+    """The queue-scaling row of one boot: IOPS on 1 and 2 queues, the ratio, CPU µs per I/O (the
+    whole process: nvmevfio's perf, fio's jobs) and the share of nvmevfio's loop threads off CPU."""
+    r = scaling_ratios(a1, b, a2)
+    lines = [f"queue scaling, randread 4 KiB QD32 per queue (kernel: fio numjobs, mean of A and A'); bar: nvmevfio "
+             f"poll 2 queues >= {SCALING_BAR}x 1",
+             f"{'driver, mode':<16} {'1 queue':>9} {'2 queues':>9} {'ratio':>6} {'cpu us/IO 1q':>13} "
+             f"{'cpu us/IO 2q':>13}  off-CPU 1q / 2q"]
+    for mode in ("poll", "irq"):
+        one, two = b[f"{mode}_1"], b[f"{mode}_2"]
+        lines.append(f"{'nvmevfio ' + mode:<16} {one['iops']:>9.0f} {two['iops']:>9.0f} {r['nvmevfio ' + mode]:>6.2f} "
+                     f"{one['cpu_us_per_io']:>13.1f} {two['cpu_us_per_io']:>13.1f}  "
+                     f"{100 * one['wait_share']:.0f}% / {100 * two['wait_share']:.0f}%")
+        kernel = [statistics.mean((a1[f"{mode}_{n}"][key], a2[f"{mode}_{n}"][key]))
+                  for n in (1, 2) for key in ("iops", "cpu_us_per_io")]
+        lines.append(f"{'kernel ' + mode:<16} {kernel[0]:>9.0f} {kernel[2]:>9.0f} {r['kernel ' + mode]:>6.2f} "
+                     f"{kernel[1]:>13.1f} {kernel[3]:>13.1f}")
+    got = r["nvmevfio poll"]
+    lines.append(f"bar: nvmevfio poll 2 queues / 1 = {got:.2f} ({SCALING_BAR}) "
+                 f"{'met' if got >= SCALING_BAR else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def cpu_report(boots: list[dict]) -> str:
+    """CPU µs per I/O (user + system, the whole process), median over boots, per matrix row: the
+    kernel's fio (A and A' mean) and nvmevfio's perf, each mode against its match."""
+    lines = [f"CPU per I/O (us, user + system; kernel: fio's usr_cpu + sys_cpu over its I/Os), median of {len(boots)} "
+             "boot(s)", f"{'workload':<24} {'k irq':>7} {'k poll':>7} {'nv irq':>7} {'nv poll':>7}"]
+    def med(row: str, side: str, mode: str) -> float:
+        if side == "K":
+            return statistics.median(statistics.mean(b[r][row][mode]["cpu_us_per_io"] for r in ("A", "A2"))
+                                     for b in boots)
+        return statistics.median(b["B"][row][mode]["cpu_us_per_io"] for b in boots)
+
+    for row, *_ in MATRIX:
+        lines.append(f"{row:<24} {med(row, 'K', 'io_uring_irq'):>7.1f} {med(row, 'K', 'io_uring_poll'):>7.1f} "
+                     f"{med(row, 'B', 'irq'):>7.1f} {med(row, 'B', 'poll'):>7.1f}")
     return "\n".join(lines)
 
 
@@ -643,15 +752,17 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "features"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "scaling", "features"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
                          "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
                          "the kernel's /dev/nvmeXnY, on nvmevfio's /dev/ublkbN, on the kernel's again; and ext4 on "
                          "each: needs --lane iommufd or noiommu, the kernel with ublk) or tcp (fio over NVMe/TCP "
                          "on loopback: nvmet over the kernel driver, over `nvmevfio export`, over the kernel again; "
-                         "needs ublk: --lane iommufd) or features (perf with PRPs, with SGLs --sgl, with the SQ in "
-                         "the Controller Memory Buffer --sq-in-cmb, with PRPs again)")
+                         "needs ublk: --lane iommufd) or scaling (randread 4 KiB QD32 on 1 and 2 queues: fio "
+                         "numjobs 1 and 2, perf --queues 1 and 2, fio again; polled and with interrupts) or features "
+                         "(perf with PRPs, with SGLs --sgl, with the SQ in the Controller Memory Buffer --sq-in-cmb, "
+                         "with PRPs again)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -697,6 +808,19 @@ def main() -> int:
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
             print(median_report("features against PRPs in host memory", per_boot, dict.fromkeys(per_boot[0], 0.0)))
+        return 0
+    if args.only == "scaling":
+        boots = []
+        for i in range(args.boots):
+            rounds = boot_once(args, False, "scaling")["only"]
+            boots.append({"only": rounds})
+            print(f"boot {i + 1} of {args.boots}, lane {args.lane}")
+            print(scaling_report(*rounds), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"boots": boots}, indent=2))
+        if len(boots) > 1:
+            print(median_report("queue scaling (2 queues / 1)", [scaling_ratios(*b["only"]) for b in boots],
+                                {"nvmevfio poll": SCALING_BAR}))
         return 0
     if args.only == "python":
         a1, b, a2 = boot_once(args, False, "python")["only"]

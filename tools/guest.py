@@ -370,6 +370,9 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
 
     qargs = [qemu, "-machine", "q35,kernel-irqchip=split", "-m", memory, "-smp", str(smp),
              "-nographic", "-no-reboot", "-kernel", str(kernel_image), "-initrd", str(initrd),
+             # QEMU's threads named by their job ("CPU 0/TCG", "worker", ...): a host-side profile
+             # (/proc/PID/task/*/comm, top -H) tells the vCPUs from the device model's main loop
+             "-name", "nvmevfio-guest,debug-threads=on",
              # no network card: nothing in the guest uses one (NVMe/TCP runs on loopback and veth),
              # and the firmware would spend seconds of emulated CPU starting its iPXE boot ROM
              "-nic", "none",

@@ -316,14 +316,46 @@ cpu_opt = click.option("--cpu", type=click.IntRange(min=0), default=None,
                             "on different CPUs")
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """A CPU list as taskset and fio's cpus_allowed write it: ``0,1``, ``0-3``, ``0-1,3`` (in the
+    order given; a CPU may repeat)."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ValueError(f"{text!r}: expected CPU numbers and ranges, e.g. 0,1 or 0-3 or 0-1,3")
+        cpus += range(int(lo), int(hi) + 1) if sep else [int(lo)]
+    return cpus
+
+
+def _cpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_cpu_list(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+cpu_list_opt = click.option("--cpu", "cpus", metavar="LIST", callback=_cpu_list, default=None,
+                            help="pin each queue's thread to a CPU of LIST (e.g. 0,1 or 0-1,3): queue i on "
+                                 "LIST[i mod its length]")
+
+
 def _pin(cpu: int | None) -> None:
     """Keep this process on ``cpu`` (--cpu); refused when it is not one this process may use."""
     if cpu is None:
         return
-    allowed = sorted(os.sched_getaffinity(0))
-    if cpu not in allowed:
-        _fail(f"--cpu {cpu}: this process may run on CPUs {', '.join(map(str, allowed))} only", EXIT_ERROR)
+    check_cpus([cpu])
     os.sched_setaffinity(0, {cpu})
+
+
+def check_cpus(cpus: list[int] | None) -> None:
+    """--cpu names only CPUs this process may use (refused before anything else)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpus is not None and not set(cpus) <= set(allowed):
+        _fail(f"--cpu {','.join(map(str, cpus))}: this process may run on CPUs {', '.join(map(str, allowed))} only",
+              EXIT_ERROR)
 
 
 # Every command's module (nvmevfio/cli/<group>.py). A command's module is imported when that

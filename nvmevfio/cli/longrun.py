@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -18,7 +20,9 @@ from nvmevfio.cli.common import (
     address_arg,
     block_address_arg,
     blockdev,
+    check_cpus,
     controller,
+    cpu_list_opt,
     cpu_opt,
     errors,
     main,
@@ -59,18 +63,23 @@ from nvmevfio.service import DEFAULT_SOCKET
 @click.option("--verify", is_flag=True,
               help="integrity mode (like fio's verify): every written block carries its LBA, a sequence number "
                    "and a CRC32C; blocks read back are checked; mismatches exit 4 (writes the range!)")
-@cpu_opt
+@click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="I/O queue pairs run at once, each by its own thread, each -q deep, -n shared out (through "
+                   "--socket: one service session per queue)")
+@cpu_list_opt
 @service_socket_opt
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
-         sgl: bool, sq_in_cmb: bool, verify: bool, cpu: int | None, service_socket: str | None, fmt: str) -> None:
+         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, cpus: list[int] | None, service_socket: str | None,
+         fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
     Example: nvmevfio perf 00:04.0 -w randread -q 32 -s 4096 -t 10
              nvmevfio perf 00:04.0 -w write -q 8 -s 131072 -n 10000 -o json
              nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
+             nvmevfio perf 00:04.0 -w randread -q 32 --queues 2 --cpu 0,1   (two queue pairs, a thread each)
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
     """
     from nvmevfio import perf as perfmod
@@ -78,9 +87,11 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     if service_socket and (verify or mode != "poll" or sgl or sq_in_cmb):
         _fail("through --socket the daemon decides how completions arrive, its queues and its data descriptors, "
               "and perf runs its C loop: no --mode, --sgl, --sq-in-cmb or --verify", EXIT_ERROR)
+    if verify and queues > 1:
+        _fail("--verify runs in Python on one queue: no --queues", EXIT_ERROR)
+    check_cpus(cpus)
     opened = {"sgl": True} if sgl else {}
     opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
-    _pin(cpu)
 
     rng = None
     if lba_range:
@@ -94,12 +105,21 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     def status(elapsed: float, ios: int) -> None:
         click.echo(f"\r  {elapsed:5.1f} s  {ios / elapsed:10.0f} IOPS", nl=False, err=True)
 
-    with blockdev(address, nsid, service_socket, irq=mode == "irq", queue_depth=min(queue_depth + 1, 4096),
-                  shadow_doorbells=shadow, **opened) as dev, errors():
+    with contextlib.ExitStack() as stack:
+        if service_socket and queues > 1:  # one session per queue, each its share of the grant's depth
+            from nvmevfio.service.client import connect
+
+            stack.enter_context(errors())
+            dev: Any = [stack.enter_context(connect(service_socket, nsid, queue_depth=queue_depth))
+                        for _ in range(queues)]
+        else:
+            dev = stack.enter_context(blockdev(address, nsid, service_socket, irq=mode == "irq",
+                                               queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
+                                               queues=queues, **opened))
+            stack.enter_context(errors())
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
-                          hybrid=mode == "hybrid",
-                          count=count, lba_range=rng, rwmixread=rwmixread, status=status if live else None,
-                          ramp_s=ramp, verify=verify)
+                          hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
+                          status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus)
     if live:
         click.echo("", err=True)
     bad = len(res.mismatches)
@@ -120,10 +140,9 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                    "updates without MMIO")
         click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.ios_per_submit:.1f} "
                    f"commands per submit, {res.ios_per_reap:.1f} per reap")
-    click.echo(f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
-               f"{'p99(us)':>10} {'p99.9(us)':>10}")
-    click.echo(f"{res.iops:12.1f} {res.mib_per_s:10.2f} {res.lat_mean_us:10.1f} {res.lat_min_us:10.1f} "
-               f"{res.lat_max_us:10.1f} {res.lat_p50_us:10.1f} {res.lat_p99_us:10.1f} {res.lat_p999_us:10.1f}")
+        click.echo(f"cpu: {res.cpu_us_per_io:.1f} us per I/O ({res.usr_us_per_io:.1f} user, {res.sys_us_per_io:.1f} "
+                   f"system), the loop threads off CPU {100 * res.wait_share:.0f}% of the time")
+    _perf_table(res)
     if res.verify:
         click.echo(f"verify: {res.verified_blocks} blocks read back and checked, {bad} mismatches")
         for lba, want, found in res.mismatches[:10]:
@@ -131,6 +150,28 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_MISMATCH)
+
+
+def _perf_table(res: Any) -> None:
+    """IOPS, bandwidth and latency: one row, or with several queues a row per queue (its CPU, its
+    CPU time per I/O, its share off CPU) and the total."""
+    head = (f"{'IOPS':>12} {'MiB/s':>10} {'avg(us)':>10} {'min(us)':>10} {'max(us)':>10} {'p50(us)':>10} "
+            f"{'p99(us)':>10} {'p99.9(us)':>10}")
+
+    def figures(r: Any) -> str:
+        return (f"{r['iops']:12.1f} {r['mib_per_s']:10.2f} {r['lat_mean_us']:10.1f} {r['lat_min_us']:10.1f} "
+                f"{r['lat_max_us']:10.1f} {r['lat_p50_us']:10.1f} {r['lat_p99_us']:10.1f} {r['lat_p999_us']:10.1f}")
+
+    if res.queues == 1:
+        click.echo(head)
+        click.echo(figures(res.to_dict()))
+        return
+    click.echo(f"{'queue':>6} {'cpu':>4} {head} {'cpu(us/IO)':>10} {'off-cpu':>7}")
+    for q in res.per_queue:
+        cpu = "-" if q["cpu"] is None else str(q["cpu"])
+        click.echo(f"{q['queue']:>6} {cpu:>4} {figures(q)} {q['cpu_us_per_io']:10.1f} {100 * q['wait_share']:6.0f}%")
+    click.echo(f"{'total':>6} {'':>4} {figures(res.to_dict())} {res.cpu_us_per_io:10.1f} "
+               f"{100 * res.wait_share:6.0f}%")
 
 
 @main.command()

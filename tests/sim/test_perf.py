@@ -1,5 +1,8 @@
 """The perf load generator against the simulator: counts, mixes and ranges are exact."""
 
+import collections
+import os
+
 import numpy as np
 import pytest
 
@@ -81,3 +84,42 @@ def test_hybrid_polling_counts_and_refusals(dev, rig):
     with pytest.raises(Refused) as ei:
         perf.run(dev, workload="randrw", queue_depth=8, count=10, verify=True, hybrid=True)
     assert ei.value.reason == "invalid-argument"
+
+
+def test_two_queues_each_its_thread_its_cpu_and_the_total(rig):
+    """--queues 2: a closed loop per I/O queue pair, each on its own thread pinned to its CPU; the
+    I/O count shared out, each queue's commands on its own SQ, the rows adding up to the total."""
+    dev = BlockDevice(rig.p, 1, queue_depth=64, queues=2)
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    before = len(rig.sim.commands)
+    r = perf.run(dev, workload="randrw", queue_depth=8, count=1001, io_size=1024, queues=2, cpus=[cpu])
+    assert (r.queues, r.ios, r.errors, r.reads + r.writes) == (2, 1001, 0, 1001)
+    per_qid = collections.Counter(qid for qid, _, _ in rig.sim.commands[before:])
+    assert per_qid == {1: 501, 2: 500}  # each queue's commands on its own SQ
+    assert [(q["queue"], q["cpu"], q["ios"]) for q in r.per_queue] == [(1, cpu, 501), (2, cpu, 500)]
+    assert sum(q["iops"] for q in r.per_queue) == pytest.approx(r.iops, rel=1e-9)
+    assert sum(q["reads"] for q in r.per_queue) == r.reads
+    assert r.lat_min_us == min(q["lat_min_us"] for q in r.per_queue)
+    assert r.lat_max_us == max(q["lat_max_us"] for q in r.per_queue)
+    assert 0 < r.cpu_us_per_io < 1e5 and 0 <= r.wait_share <= 1 and r.cpus == [cpu]
+    assert r.cpu_us_per_io == pytest.approx(r.usr_us_per_io + r.sys_us_per_io)
+    assert all(0 < q["cpu_us_per_io"] < 1e5 and 0 <= q["wait_share"] <= 1 for q in r.per_queue)
+
+
+def test_too_many_queues_and_foreign_cpus_refused_before_any_io(rig):
+    dev = BlockDevice(rig.p, 1, queue_depth=64, queues=2)
+    mark = rig.mark()
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, count=10, queues=3)
+    assert ei.value.reason == "count-out-of-range" and "the device has 2 I/O queue pair(s)" in str(ei.value)
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, count=1, queues=2)  # not one I/O per queue
+    assert ei.value.reason == "count-out-of-range"
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, count=10, queues=2, cpus=[max(os.sched_getaffinity(0)) + 1])
+    assert ei.value.reason == "invalid-argument"
+    with pytest.raises(Refused) as ei:
+        perf.run(dev, count=10, queues=2, verify=True)
+    assert ei.value.reason == "invalid-argument"
+    assert rig.unchanged_since(mark)
+    assert perf.run(dev, count=10, queues=2).ios == 10  # and nothing was left held

@@ -244,3 +244,18 @@ def test_a_perf_loop_learns_at_once_that_the_service_went_away(served):
         perf.run(dev, workload="randread", queue_depth=4, seconds=20)
     assert time.monotonic() - t0 < 10
     dev.close()
+
+
+def test_perf_through_the_service_on_two_sessions(served):
+    """perf --socket --queues 2: one session (one queue pair of the daemon) per queue, each run by
+    its own thread; every request counted once, the rows adding up to the total."""
+    _rig, _service, path = served()
+    with nvmevfio.connect(path, 1, queue_depth=8) as a, nvmevfio.connect(path, 1, queue_depth=8) as b:
+        r = perf.run([a, b], workload="randread", queue_depth=8, count=2000, io_size=1024, queues=2)
+        assert (r.queues, r.ios, r.errors, r.mode) == (2, 2000, 0, "service")
+        assert [q["ios"] for q in r.per_queue] == [1000, 1000]
+        assert sum(q["iops"] for q in r.per_queue) == pytest.approx(r.iops, rel=1e-9)
+        assert 0 < r.cpu_us_per_io < 1e5 and 0 <= r.wait_share <= 1
+        with pytest.raises(Refused) as ei:
+            perf.run([a, b], count=10, queues=3)
+        assert ei.value.reason == "count-out-of-range"

@@ -97,6 +97,10 @@ def test_cpu_not_allowed_is_refused_before_the_device():
     r = CliRunner().invoke(main, ["perf", "zz:zz", "--cpu", str(allowed[-1] + 1)])
     assert r.exit_code == 1, r.output
     assert f"--cpu {allowed[-1] + 1}: this process may run on CPUs {', '.join(map(str, allowed))} only" in r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--queues", "2", "--cpu", f"0-{allowed[-1] + 1}"])
+    assert r.exit_code == 1 and f"--cpu {','.join(map(str, range(allowed[-1] + 2)))}: this process may" in r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--queues", "2", "--cpu", "0-x"])
+    assert r.exit_code == 1 and "expected CPU numbers and ranges, e.g. 0,1 or 0-3 or 0-1,3" in r.stderr
 
 
 def test_pin_keeps_the_process_on_one_cpu():

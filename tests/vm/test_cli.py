@@ -165,6 +165,37 @@ def test_perf_without_shadow_doorbells(addr):
     assert 0 < d["sq_doorbell_mmio"] <= 2000 and 0 < d["cq_doorbell_mmio"] <= 2000
 
 
+@pytest.mark.parametrize("mode", ["poll", "irq"])
+def test_perf_two_queues(addr, mode):
+    """--queues 2 on a controller with 4 I/O queue pairs (max_ioqpairs=4): a row per queue, each
+    queue's thread on its CPU, every I/O completed, the rows adding up to the total, and the CPU
+    cost per command (polling stays on CPU; with interrupts the threads sleep on their eventfds)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    d = nvj("perf", addr, "-w", "randread", "-q", 8, "-n", 3001, "--queues", 2, "--mode", mode, "--range", "0:65536",
+            "--cpu", ",".join(map(str, cpus)))
+    assert (d["queues"], d["ios"], d["errors"], d["reads"]) == (2, 3001, 0, 3001)
+    rows = d["per_queue"]
+    assert [(q["queue"], q["cpu"], q["ios"], q["errors"]) for q in rows] == [
+        (1, cpus[0], 1501, 0), (2, cpus[1 % len(cpus)], 1500, 0)]
+    assert sum(q["iops"] for q in rows) == pytest.approx(d["iops"], rel=1e-9)
+    assert d["lat_min_us"] == min(q["lat_min_us"] for q in rows)
+    assert d["lat_max_us"] == max(q["lat_max_us"] for q in rows)
+    for r in (d, *rows):
+        assert 0 < r["cpu_us_per_io"] < 1e5 and 0 <= r["wait_share"] <= 1
+        assert r["cpu_us_per_io"] == pytest.approx(r["usr_us_per_io"] + r["sys_us_per_io"])
+    if mode == "poll":
+        assert d["wait_share"] < 0.5  # spinning: on CPU while it waits
+    out = nv("perf", addr, "-w", "randread", "-q", 4, "-n", 400, "--queues", 2).stdout.decode()
+    assert "cpu: " in out and " us per I/O (" in out and "queue  cpu" in out
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["1", "2", "total"]
+
+
+def test_perf_more_queues_than_the_controller_allows(addr):
+    r = nv("perf", addr, "-n", 100, "--queues", 5, check=False)  # max_ioqpairs=4
+    assert r.returncode == 3 and b"count-out-of-range" in r.stderr
+    assert b"controller allows 4 I/O queue pairs, 5 asked" in r.stderr
+
+
 def test_perf_human(addr):
     out = nv("perf", addr, "-w", "read", "-q", 4, "-s", 131072, "-t", 1, real=True).stdout.decode()
     assert "IOPS" in out and "p99.9(us)" in out and "read, 131072 B, QD 4, poll" in out

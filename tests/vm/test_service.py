@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import nvj
 
 import nvmevfio
+import nvmevfio.cli.longrun  # `perf` as a client runs it (loaded before the client drops its privileges)
 import nvmevfio.perf
 import nvmevfio.service.client  # loaded before a client drops its privileges
 from nvmevfio.errors import Refused
@@ -196,6 +198,15 @@ def bob_perf(sock, out, seconds):
     with nvmevfio.connect(sock, 1) as dev:
         r = nvmevfio.perf.run(dev, workload="randread", queue_depth=8, seconds=seconds)
     return {"ios": r.ios, "reads": r.reads, "errors": r.errors, "iops": r.iops}
+
+
+def bob_perf_two_sessions(sock, out):
+    """`nvmevfio perf --socket --queues 2` as Bob: two sessions (a queue pair of the daemon each,
+    4 of his grant's depth of 8 each), a thread each."""
+    d = nvj("perf", "--socket", sock, "-w", "randread", "-q", 4, "-n", 3001, "--queues", 2)
+    return {k: d[k] for k in ("queues", "ios", "reads", "errors", "iops", "cpu_us_per_io", "wait_share")} | {
+        "rows": [(q["queue"], q["ios"], q["errors"]) for q in d["per_queue"]],
+        "row_iops": sum(q["iops"] for q in d["per_queue"])}
 
 
 def eve(sock, out):
@@ -388,6 +399,13 @@ def test_perf_through_the_service_beside_a_busy_client(service):
     assert b["ios"] > 1000 and b["reads"] == b["ios"] and b["errors"] == 0, b
     assert a["past_window"] == "out-of-window"
     service["alice"] = a
+
+
+def test_perf_through_the_service_on_two_sessions(service):
+    b = Client(service["socket"], BOB, bob_perf_two_sessions).result()
+    assert (b["queues"], b["ios"], b["reads"], b["errors"]) == (2, 3001, 3001, 0), b
+    assert b["rows"] == [[1, 1501, 0], [2, 1500, 0]] and b["row_iops"] == pytest.approx(b["iops"], rel=1e-9)
+    assert 0 < b["cpu_us_per_io"] < 1e5 and 0 <= b["wait_share"] <= 1
 
 
 def validated_refused(sock, out):
