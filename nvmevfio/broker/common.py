@@ -76,6 +76,13 @@ def ints(x: Any, what: str) -> list[int]:
     return int_array(x, what).tolist()
 
 
+class FunctionReset(Protocol):
+    """The PCI function's own resets (:class:`nvmevfio.vfio.VfioFunction`): ``flr`` and ``hot``."""
+
+    def reset_unavailable(self, kind: str) -> str | None: ...
+    def function_reset(self, kind: str) -> None: ...
+
+
 class IrqWaiter(Protocol):
     """MSI-X: one eventfd per vector; the C queue pair waits on it with poll(2)."""
 

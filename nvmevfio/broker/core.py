@@ -16,6 +16,7 @@ from nvmevfio.broker.common import (
     COMMAND_TIMEOUT_S,
     DEFAULT_STAGING,
     BrokerQueue,
+    FunctionReset,
     IrqWaiter,
     Namespace,
     RegisteredBuffer,
@@ -36,12 +37,14 @@ class Core:
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
-                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None) -> None:
+                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None,
+                 function_reset: FunctionReset | None = None) -> None:
         self.mmio = mmio
         self.ledger = ledger
         # Another BAR of the function mapped (its memory, and its PCI bus address): the Controller
         # Memory Buffer's (8.2). None: the controller's other BARs are out of reach (the simulator).
         self.bar_map = bar_map
+        self.function_reset = function_reset  # FLR and hot reset of the PCI function (None: the simulator)
         self.irq = irq
         self.host_page_size = page_size or ledger.page_size
         self.ctrl = Controller(mmio)
