@@ -10,6 +10,7 @@ import time
 import crc32c
 import numpy as np
 import pytest
+from cli_runner import nv
 
 import nvmevfio
 from nvmevfio import perf
@@ -95,3 +96,14 @@ def test_hot_reset_on_a_root_port_and_refused_on_the_root_bus(data_ctrl, hotplug
         assert r.errors == 0 and r.mismatches == [] and r.verified_blocks > 0
         assert dev.provider._broker.resets == 5
         assert _every_stamped_block_is_its_own(dev, window) > 0
+
+
+def test_the_command_line(data_ctrl):
+    addr = data_ctrl["address"]
+    r = nv("reset", addr, "--kind", "flr")
+    assert r.returncode == 0 and b"flr reset done, controller enabled again" in r.stdout
+    assert b"CSTS=0x00000001" in r.stdout  # RDY, after the reset
+    r = nv("subsystem-reset", addr, check=False)
+    assert r.returncode == 3 and b"reset-kind-unavailable" in r.stderr and b"CAP.NSSRS is 0" in r.stderr
+    r = nv("reset", addr, "--kind", "hot", check=False)
+    assert r.returncode == 3 and b"reset-kind-unavailable" in r.stderr
