@@ -196,10 +196,11 @@ class Core:
 
     # ============================================================ bring-up and teardown
     def reset(self) -> None:
-        """CC.EN=0 and wait CSTS.RDY=0; every queue and broker buffer is released."""
+        """CC.EN=0 and wait CSTS.RDY=0; every queue and broker buffer is released, the CMB disabled."""
         if self.ctrl.state is State.UNBOUND:
             self.ctrl.bind()
         self.ctrl.disable()
+        self.disable_cmb()
         self.drop_queues()
 
     def drop_queues(self) -> None:
@@ -268,6 +269,14 @@ class Core:
         qp.sq_in_cmb = sq_place is not None
         return qp
 
+    def disable_cmb(self) -> None:
+        """CMBMSC to 0 where CAP.CMBS is set: the controller stops taking addresses in a Controller
+        Memory Buffer's range for its own. A CMB left enabled (by a previous owner, at a controller
+        address of its choosing) would capture DMA addresses this ledger hands out."""
+        if regs.get(self.ctrl.cap, regs.CAP_.CMBS):
+            self.mmio.write32(regs.CMBMSC, 0)  # the low dword first: CMSE and CRE off
+            self.mmio.write32(regs.CMBMSC + 4, 0)
+
     def enable(self, *, admin_depth: int = ADMIN_DEPTH) -> Registers:
         """Disable, author the admin queues from the ledger, pick CC, enable, wait RDY (CAP.TO)."""
         if self.ctrl.state is State.UNBOUND:
@@ -275,6 +284,7 @@ class Core:
         if self.ctrl.state is State.READY:
             raise Refused("controller-already-enabled", "controller is already enabled; reset() first")
         self.ctrl.disable()
+        self.disable_cmb()
         self.drop_queues()
         admin_depth = min(admin_depth, self.ctrl.mqes, 4096)
         cc = self.ctrl.choose_cc(self.host_page_size)
