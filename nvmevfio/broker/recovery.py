@@ -35,6 +35,7 @@ from nvmevfio.errors import (
     DeviceGone,
     QueuePaused,
     Refused,
+    ShimError,
     VfioError,
 )
 from nvmevfio.nvme import builders, regs
@@ -161,19 +162,22 @@ class Recovery:
                 q.lock.release()
             rs.reset_lock.release()
 
-    def _quiesce(self, kind: str) -> None:
+    def _quiesce(self, kind: str) -> str | None:
         """The reset itself, by kind; each leaves the controller disabled: CC.EN=0 and CSTS.RDY=0
-        waited for (CAP.TO), so it no longer touches host memory."""
+        waited for (CAP.TO), so it no longer touches host memory. A PCI reset VFIO fails (after
+        its probe said yes) becomes a controller reset, so the queues still come back; returns why."""
         core = self.core
+        failed = None
         if kind == "subsystem":
             core.mmio.write32(regs.NSSR, NSSR_RESET)  # "NVMe": the whole NVM subsystem resets (3.7.1)
         elif kind in ("flr", "hot"):
             assert core.function_reset is not None
             try:
                 core.function_reset.function_reset(kind)  # the function comes back with CC.EN=0
-            except VfioError as exc:
-                raise Refused("reset-kind-unavailable", str(exc.args[0]), kind=kind, **exc.context) from exc
+            except (VfioError, ShimError) as exc:
+                failed = str(exc.args[0])
         core.ctrl.disable()
+        return failed
 
     def _reset_paused(self, why: str, kind: str = "controller", requested: bool = False) -> None:
         """Controller reset with everything in flight kept: the reset ``kind`` asks for (CC.EN=0 and
@@ -196,7 +200,7 @@ class Recovery:
         if admin is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
         try:
-            self._quiesce(kind)
+            failed = self._quiesce(kind)
         except ControllerFatal as exc:
             if core.ctrl.csts() == 0xFFFFFFFF:
                 self.gone()
@@ -233,6 +237,9 @@ class Recovery:
         self.ns.update_hot()
         if core.events.armed:
             self.events.arm()  # Asynchronous Event Configuration and AERs again
+        if failed:
+            raise Refused("reset-kind-failed", f"the {kind} reset failed ({failed}); the controller was reset "
+                          "through CC.EN instead and everything in flight kept", kind=kind)
 
     def _cancel(self, qp: BrokerQueue, cid: int) -> np.ndarray:
         """End an in-flight command the device will never complete (the controller is disabled):
