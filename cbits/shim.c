@@ -196,6 +196,34 @@ int nv_device_reset(int device_fd)
     return ioctl(device_fd, VFIO_DEVICE_RESET) < 0 ? NEG_ERRNO() : 0;
 }
 
+int nv_device_hot_reset_count(int device_fd)
+{
+    /* VFIO_DEVICE_GET_PCI_HOT_RESET_INFO with room for no device: ENOSPC says how many the bus
+     * reset affects (count filled in); any other error says the function cannot be hot reset. */
+    struct vfio_pci_hot_reset_info info = { .argsz = sizeof(info) };
+    if (ioctl(device_fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &info) == 0 || errno == ENOSPC)
+        return (int)info.count;
+    return NEG_ERRNO();
+}
+
+int nv_device_hot_reset(int device_fd, const int32_t *group_fds, uint32_t count)
+{
+    /* VFIO_DEVICE_PCI_HOT_RESET: a secondary bus reset of the bus the function sits on, proving
+     * ownership of every affected device by its group fd (type1), or by none (count 0: a device
+     * opened through its cdev, the iommufd owning them all; Linux 6.6+). */
+    size_t size = sizeof(struct vfio_pci_hot_reset) + count * sizeof(int32_t);
+    struct vfio_pci_hot_reset *r = calloc(1, size);
+    if (!r)
+        return -ENOMEM;
+    r->argsz = (uint32_t)size;
+    r->count = count;
+    for (uint32_t i = 0; i < count; i++)
+        r->group_fds[i] = group_fds[i];
+    int ret = ioctl(device_fd, VFIO_DEVICE_PCI_HOT_RESET, r) < 0 ? NEG_ERRNO() : 0;
+    free(r);
+    return ret;
+}
+
 int nv_irq_set_eventfds(int device_fd, uint32_t index, uint32_t start,
                         uint32_t count, const int32_t *fds)
 {

@@ -61,6 +61,10 @@ int nv_region_info(int device_fd, uint32_t index, struct nv_region_info *out,
                    struct nv_sparse_area *areas, uint32_t max_areas);
 int nv_irq_info(int device_fd, uint32_t index, struct nv_irq_info *out);
 int nv_device_reset(int device_fd);
+/* PCI hot reset (a secondary bus reset through VFIO): how many devices it affects (or -errno where
+ * the function cannot be hot reset), and the reset itself with the groups' fds (none: cdev). */
+int nv_device_hot_reset_count(int device_fd);
+int nv_device_hot_reset(int device_fd, const int32_t *group_fds, uint32_t count);
 int nv_irq_set_eventfds(int device_fd, uint32_t index, uint32_t start,
                         uint32_t count, const int32_t *fds);
 int nv_irq_disable(int device_fd, uint32_t index);

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nvmevfio.broker import Broker, RegisteredBuffer
+from nvmevfio.broker.recovery import Recovery
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
 from nvmevfio.broker.zones import ZoneVerbs
@@ -108,6 +109,7 @@ class BlockDevice:
     in_flight = Verb(Submit.in_flight, via="provider")
     capacity = Verb(Submit.capacity, via="provider")
     doorbell_counters = Verb(Provider.doorbell_counters, via="provider")
+    reset_controller = Verb(Recovery.reset, via="provider", name="reset_controller")
     alloc_buffer = Verb(Provider.alloc_buffer, via="provider")
     reap = Verb(Submit.reap, via="provider")
     close = Verb(Broker.close, via="provider")  # a ControllerSession's own close, when it is one

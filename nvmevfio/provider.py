@@ -24,6 +24,7 @@ from nvmevfio.broker.core import Core
 from nvmevfio.broker.events import Events
 from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.broker.queues import Queues
+from nvmevfio.broker.recovery import Recovery
 from nvmevfio.broker.service import ServicePath
 from nvmevfio.broker.submit import Submit
 from nvmevfio.broker.syncio import SyncIO
@@ -69,6 +70,8 @@ class Provider:
     bind = Verb(Core.bind)
     registers = Verb(Core.registers)
     reset = Verb(Core.reset)
+    reset_controller = Verb(Recovery.reset, name="reset_controller")
+    check_reset_kind = Verb(Recovery.check_reset_kind)
     enable = Verb(Core.enable)
     shutdown = Verb(Queues.shutdown)
     # identify and the namespace table
@@ -422,7 +425,8 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
                                page_size=max(PAGE_SIZE, fn.iommu.min_page_size), hugetlb=hugetlb)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
-                       command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S, bar_map=fn.bar_memory)
+                       command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S, bar_map=fn.bar_memory,
+                       function_reset=fn)
         session = ControllerSession(br, fn, ledger)
         session.bind()
         return session

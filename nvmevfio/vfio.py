@@ -358,6 +358,12 @@ class Device:
             check(lib.nv_map_ones(ptr, size), "mmap (BAR detach)", self.address)
         self._maps = []
 
+    def hot_reset(self, group_fds: list[int]) -> None:
+        """PCI hot reset (VFIO_DEVICE_PCI_HOT_RESET: a secondary bus reset), ownership proven with
+        ``group_fds`` (a cdev-opened device passes none); see VfioFunction.reset_unavailable."""
+        fds = ffi.new("int32_t[]", group_fds or [0])
+        check(lib.nv_device_hot_reset(self.fd, fds, len(group_fds)), "VFIO_DEVICE_PCI_HOT_RESET", self.address)
+
     def reset(self) -> bool:
         """VFIO_DEVICE_RESET when the device supports it; returns whether it was done."""
         if not self.can_reset:
@@ -439,6 +445,30 @@ class VfioFunction:
     @property
     def backend(self) -> str:
         return self.iommu.backend
+
+    def reset_unavailable(self, kind: str) -> str | None:
+        """Why VFIO offers no ``kind`` reset (``flr``, ``hot``) for this function; None when it does."""
+        if kind == "flr":
+            return None if self.device.can_reset else "VFIO_DEVICE_FLAGS_RESET is clear for this function"
+        affected = int(lib.nv_device_hot_reset_count(self.device.fd))
+        if affected < 0:
+            return (f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: {os.strerror(-affected)} (a function on a root bus has "
+                    "no secondary bus to reset)")
+        if affected > 1:
+            return f"a hot reset would reset {affected} devices; nvmevfio owns only its own function"
+        return None
+
+    def function_reset(self, kind: str) -> None:
+        """A PCI-level reset: ``flr`` (VFIO_DEVICE_RESET: FLR, or whatever reset VFIO has for the
+        function) or ``hot`` (a secondary bus reset); the controller comes back with CC.EN=0 and
+        config space restored by VFIO. ``VfioError`` (``reset-kind-unavailable``) where VFIO has none."""
+        if kind == "flr":
+            if not self.device.reset():
+                raise VfioError(f"{self.address}: VFIO_DEVICE_FLAGS_RESET is clear", reason="reset-kind-unavailable")
+        elif kind == "hot":
+            self.device.hot_reset([self.group.fd] if self.group is not None else [])
+        else:
+            raise ValueError(f"function reset kind {kind!r}")
 
     def bar_memory(self, index: int) -> tuple[np.ndarray, int]:
         """BAR ``index`` mapped as bytes (for memory the controller exposes there, the Controller

@@ -93,7 +93,7 @@ def _controllers(io_dir):
 DEFAULT_LANE = "type1"
 LANE_DEPENDENT = ["test_installed.py", "test_vfio.py", "test_lanes.py", "test_datapath.py", "test_windows.py",
                   "test_service.py", "test_recovery.py", "test_removal.py", "test_nbd.py", "test_ublk.py",
-                  "test_sgl.py", "test_cmb.py", "test_pi.py"]
+                  "test_sgl.py", "test_cmb.py", "test_pi.py", "test_kinds_of_reset.py"]
 # Files a lane runs besides LANE_DEPENDENT (the default lane runs them anyway): the NVMe/TCP export
 # (test_export.py) needs ublk, which only the custom kernel has, so the default lane can test only
 # its refusal; its data path is ublk's (test_ublk.py, lane-dependent, in both custom-kernel lanes)

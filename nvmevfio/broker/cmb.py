@@ -17,7 +17,7 @@ from nvmevfio.nvme import cmb, regs
 from nvmevfio.nvme.cmb import CmbLayout
 from nvmevfio.nvme.spec import SQE
 
-CMBMSC, CMBSTS = 0x50, 0x58
+CMBMSC, CMBSTS = regs.CMBMSC, regs.CMBSTS
 
 
 class ControllerMemory:

@@ -87,6 +87,13 @@ def byte_view(x: Any, what: str) -> np.ndarray:
                       f"plain numbers ({exc})", type=type(x).__name__) from exc
 
 
+class FunctionReset(Protocol):
+    """The PCI function's own resets (:class:`nvmevfio.vfio.VfioFunction`): ``flr`` and ``hot``."""
+
+    def reset_unavailable(self, kind: str) -> str | None: ...
+    def function_reset(self, kind: str) -> None: ...
+
+
 class IrqWaiter(Protocol):
     """MSI-X: one eventfd per vector; the C queue pair waits on it with poll(2)."""
 

@@ -16,6 +16,7 @@ from nvmevfio.broker.common import (
     COMMAND_TIMEOUT_S,
     DEFAULT_STAGING,
     BrokerQueue,
+    FunctionReset,
     IrqWaiter,
     Namespace,
     RegisteredBuffer,
@@ -36,12 +37,14 @@ class Core:
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
-                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None) -> None:
+                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None,
+                 function_reset: FunctionReset | None = None) -> None:
         self.mmio = mmio
         self.ledger = ledger
         # Another BAR of the function mapped (its memory, and its PCI bus address): the Controller
         # Memory Buffer's (8.2). None: the controller's other BARs are out of reach (the simulator).
         self.bar_map = bar_map
+        self.function_reset = function_reset  # FLR and hot reset of the PCI function (None: the simulator)
         self.irq = irq
         self.host_page_size = page_size or ledger.page_size
         self.ctrl = Controller(mmio)
@@ -193,10 +196,11 @@ class Core:
 
     # ============================================================ bring-up and teardown
     def reset(self) -> None:
-        """CC.EN=0 and wait CSTS.RDY=0; every queue and broker buffer is released."""
+        """CC.EN=0 and wait CSTS.RDY=0; every queue and broker buffer is released, the CMB disabled."""
         if self.ctrl.state is State.UNBOUND:
             self.ctrl.bind()
         self.ctrl.disable()
+        self.disable_cmb()
         self.drop_queues()
 
     def drop_queues(self) -> None:
@@ -265,6 +269,14 @@ class Core:
         qp.sq_in_cmb = sq_place is not None
         return qp
 
+    def disable_cmb(self) -> None:
+        """CMBMSC to 0 where CAP.CMBS is set: the controller stops taking addresses in a Controller
+        Memory Buffer's range for its own. A CMB left enabled (by a previous owner, at a controller
+        address of its choosing) would capture DMA addresses this ledger hands out."""
+        if regs.get(self.ctrl.cap, regs.CAP_.CMBS):
+            self.mmio.write32(regs.CMBMSC, 0)  # the low dword first: CMSE and CRE off
+            self.mmio.write32(regs.CMBMSC + 4, 0)
+
     def enable(self, *, admin_depth: int = ADMIN_DEPTH) -> Registers:
         """Disable, author the admin queues from the ledger, pick CC, enable, wait RDY (CAP.TO)."""
         if self.ctrl.state is State.UNBOUND:
@@ -272,6 +284,7 @@ class Core:
         if self.ctrl.state is State.READY:
             raise Refused("controller-already-enabled", "controller is already enabled; reset() first")
         self.ctrl.disable()
+        self.disable_cmb()
         self.drop_queues()
         admin_depth = min(admin_depth, self.ctrl.mqes, 4096)
         cc = self.ctrl.choose_cc(self.host_page_size)

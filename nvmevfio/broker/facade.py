@@ -15,7 +15,14 @@ from nvmevfio import events as decode
 from nvmevfio.broker.admin import AdminVerbs
 from nvmevfio.broker.cmb import ControllerMemory
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import COMMAND_TIMEOUT_S, DEFAULT_STAGING, BrokerQueue, IrqWaiter, Namespace
+from nvmevfio.broker.common import (
+    COMMAND_TIMEOUT_S,
+    DEFAULT_STAGING,
+    BrokerQueue,
+    FunctionReset,
+    IrqWaiter,
+    Namespace,
+)
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.events import Events
 from nvmevfio.broker.execute import Executor
@@ -42,10 +49,12 @@ class Broker:
                  page_size: int | None = None, staging_bytes: int = DEFAULT_STAGING,
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
-                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None) -> None:
+                 bar_map: Callable[[int], tuple[np.ndarray, int]] | None = None,
+                 function_reset: FunctionReset | None = None) -> None:
         # The components, bottom up; each is given the ones below it, never this facade.
         core = self._core = Core(mmio, ledger, irq=irq, page_size=page_size, staging_bytes=staging_bytes,
-                                 command_timeout_s=command_timeout_s, clock=clock, bar_map=bar_map)
+                                 command_timeout_s=command_timeout_s, clock=clock, bar_map=bar_map,
+                                 function_reset=function_reset)
         ex = self._ex = Executor(core)
         cmds = AdminCommands(core, ex)
         ns = self._ns = Namespaces(core, cmds)
@@ -87,6 +96,8 @@ class Broker:
         self.poll_events = ev.poll_events
         self.on_event = ev.on_event
         self.device_removed = rec.device_removed
+        self.reset_controller = rec.reset
+        self.check_reset_kind = rec.check_reset_kind
         # passthrough and the named admin verbs (passthrough.py, admin.py)
         self.passthru = pt.passthru
         self.get_log_page = verbs.get_log_page

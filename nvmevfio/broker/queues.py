@@ -122,4 +122,5 @@ class Queues:
             self.admin.sync(command_sqe(builders.delete_io_cq(qp.qid)), "Delete I/O CQ")
         rtd3e = (core.id_ctrl or {}).get("rtd3e", 0)
         core.ctrl.shutdown(rtd3e)
+        core.disable_cmb()  # the next owner's DMA addresses are not this session's CMB
         core.drop_queues()

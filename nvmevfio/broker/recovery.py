@@ -35,8 +35,15 @@ from nvmevfio.errors import (
     DeviceGone,
     QueuePaused,
     Refused,
+    ShimError,
+    VfioError,
 )
 from nvmevfio.nvme import builders, regs
+
+# The resets a caller may ask for (Recovery.reset): controller (CC.EN), NVM subsystem (NSSR),
+# PCI function level reset and PCI hot reset (both through VFIO)
+RESET_KINDS = ("controller", "subsystem", "flr", "hot")
+NSSR_RESET = 0x4E564D65  # "NVMe": the value NSSR takes to start an NVM Subsystem Reset (3.1.4.6)
 
 
 class Recovery:
@@ -81,7 +88,35 @@ class Recovery:
                 return
         self.reset_controller(f"no completion on queue {qp.qid} within {core.command_timeout_s:g} s")
 
-    def reset_controller(self, why: str) -> None:
+    def reset(self, kind: str = "controller") -> None:
+        """Reset the controller while keeping everything: queues come back with the same memory and
+        ids, commands in flight on any thread are requeued (or, past their retries, end with a
+        named status), other threads park meanwhile. ``kind``: ``controller`` (CC.EN=0, NVMe 3.7.2),
+        ``subsystem`` (NVM Subsystem Reset: NSSR written "NVMe", 3.7.1; where CAP.NSSRS is 1),
+        ``flr`` (PCI function level reset through VFIO_DEVICE_RESET) or ``hot`` (PCI hot reset: a
+        secondary bus reset through VFIO). Refused before anything is touched: an unknown kind
+        (``invalid-argument``), a kind this controller or function does not offer
+        (``reset-kind-unavailable``), a controller not enabled."""
+        self.check_reset_kind(kind)
+        self.core.require_ready()
+        self.reset_controller(f"{kind} reset requested", kind, requested=True)
+
+    def check_reset_kind(self, kind: str) -> None:
+        """Refuse (``invalid-argument``, ``reset-kind-unavailable``) a reset kind this controller or
+        function does not offer, reading only CAP and asking VFIO; see :meth:`reset`."""
+        core = self.core
+        if kind not in RESET_KINDS:
+            raise Refused("invalid-argument", f"reset kind {kind!r}: one of {', '.join(RESET_KINDS)}", kind=kind)
+        if kind == "subsystem" and not regs.get(core.ctrl.cap, regs.CAP_.NSSRS):
+            raise Refused("reset-kind-unavailable", "NVM Subsystem Reset is not supported (CAP.NSSRS is 0)",
+                          kind=kind)
+        if kind in ("flr", "hot"):
+            unavailable = "this controller is not a PCI function opened through VFIO (the simulator)" \
+                if core.function_reset is None else core.function_reset.reset_unavailable(kind)
+            if unavailable:
+                raise Refused("reset-kind-unavailable", f"no {kind} reset: {unavailable}", kind=kind)
+
+    def reset_controller(self, why: str, kind: str = "controller", *, requested: bool = False) -> None:
         """Reset the controller (see :meth:`_reset_paused`) with every other thread out of the way:
         their waits are ended (the stop flag's pause), and each queue is either taken or held by a
         parked thread. A thread that finds a reset already running parks instead: that reset
@@ -114,7 +149,7 @@ class Recovery:
             # Every queue is this thread's or a parked thread's: the reset's own admin commands
             # must wait normally, so the pause ends here (the others stay parked on RESETTING).
             rs.stop.resume()
-            self._reset_paused(why)
+            self._reset_paused(why, kind, requested)
         finally:
             with rs.parking:
                 rs.stop.resume()
@@ -127,25 +162,45 @@ class Recovery:
                 q.lock.release()
             rs.reset_lock.release()
 
-    def _reset_paused(self, why: str) -> None:
-        """Controller reset with everything in flight kept: CC.EN=0 and wait CSTS.RDY=0 (the device no
-        longer touches host memory), scrub the rings, re-enable with the same broker-owned queue
+    def _quiesce(self, kind: str) -> str | None:
+        """The reset itself, by kind; each leaves the controller disabled: CC.EN=0 and CSTS.RDY=0
+        waited for (CAP.TO), so it no longer touches host memory. A PCI reset VFIO fails (after
+        its probe said yes) becomes a controller reset, so the queues still come back; returns why."""
+        core = self.core
+        failed = None
+        if kind == "subsystem":
+            core.mmio.write32(regs.NSSR, NSSR_RESET)  # "NVMe": the whole NVM subsystem resets (3.7.1)
+        elif kind in ("flr", "hot"):
+            assert core.function_reset is not None
+            try:
+                core.function_reset.function_reset(kind)  # the function comes back with CC.EN=0
+            except (VfioError, ShimError) as exc:
+                failed = str(exc.args[0])
+        core.ctrl.disable()
+        return failed
+
+    def _reset_paused(self, why: str, kind: str = "controller", requested: bool = False) -> None:
+        """Controller reset with everything in flight kept: the reset ``kind`` asks for (CC.EN=0 and
+        wait CSTS.RDY=0 for a controller reset; see :meth:`_quiesce`), after which the device no
+        longer touches host memory; scrub the rings, re-enable with the same broker-owned queue
         memory, restore shadow doorbells and the I/O queues, re-identify namespaces, then requeue
         every in-flight command (same id and tag) or, past MAX_RETRIES or on a namespace whose
-        geometry changed, cancel it. At most RESET_LIMIT resets within RESET_WINDOW_S."""
+        geometry changed, cancel it. At most RESET_LIMIT resets for errors within RESET_WINDOW_S
+        (a caller's ``requested`` reset is not an error: it does not count)."""
         core, rs = self.core, self.state
         now = core.clock()
         rs.reset_times = [t for t in rs.reset_times if now - t < RESET_WINDOW_S]
-        if len(rs.reset_times) >= RESET_LIMIT:
-            self.fail(f"{RESET_LIMIT} controller resets within {RESET_WINDOW_S:g} s; last: {why}")
-        rs.reset_times.append(now)
+        if not requested:
+            if len(rs.reset_times) >= RESET_LIMIT:
+                self.fail(f"{RESET_LIMIT} controller resets within {RESET_WINDOW_S:g} s; last: {why}")
+            rs.reset_times.append(now)
         rs.resets += 1
         core.hot = {}
         admin = core.admin
         if admin is None:
             raise Refused("controller-not-enabled", "controller is not enabled")
         try:
-            core.ctrl.disable()
+            failed = self._quiesce(kind)
         except ControllerFatal as exc:
             if core.ctrl.csts() == 0xFFFFFFFF:
                 self.gone()
@@ -182,6 +237,9 @@ class Recovery:
         self.ns.update_hot()
         if core.events.armed:
             self.events.arm()  # Asynchronous Event Configuration and AERs again
+        if failed:
+            raise Refused("reset-kind-failed", f"the {kind} reset failed ({failed}); the controller was reset "
+                          "through CC.EN instead and everything in flight kept", kind=kind)
 
     def _cancel(self, qp: BrokerQueue, cid: int) -> np.ndarray:
         """End an in-flight command the device will never complete (the controller is disabled):

@@ -90,37 +90,53 @@ def unbind(address: str) -> None:
 
 
 # ------------------------------------------------------------------ controller state
+RESET_KINDS = ("controller", "subsystem", "flr", "hot")
+
+
 @main.command()
 @address_arg
-def reset(address: str) -> None:
-    """Controller reset: CC.EN=0 and wait CSTS.RDY=0 (bounded by CAP.TO).
+@click.option("--kind", type=click.Choice(RESET_KINDS),
+              help="reset the controller this way and bring it back enabled with its I/O queue: controller "
+                   "(CC.EN), subsystem (NSSR, where CAP.NSSRS is 1), flr (PCI function level reset) or hot (PCI "
+                   "hot reset); without it the controller is only disabled")
+def reset(address: str, kind: str | None) -> None:
+    """Controller reset: CC.EN=0 and wait CSTS.RDY=0 (bounded by CAP.TO); with --kind, the reset
+    of that kind and the controller brought back (the API's reset_controller(kind)).
 
     \b
     Example: nvmevfio reset 00:04.0
+             nvmevfio reset 00:04.0 --kind flr
     """
+    if kind is None:
+        with controller(address, enable=False) as s, errors():
+            s.reset()
+            csts = s.registers().csts
+        click.echo(f"{_address(address)}: controller disabled (CSTS={csts:#010x})")
+        return
+    _reset_kind(address, kind)
+
+
+def _reset_kind(address: str, kind: str) -> None:
     with controller(address, enable=False) as s, errors():
-        s.reset()
-        csts = s.registers().csts
-    click.echo(f"{_address(address)}: controller disabled (CSTS={csts:#010x})")
+        s.check_reset_kind(kind)  # refused before the controller is touched
+        s.enable()
+        s.create_io_queues(1)
+        s.reset_controller(kind)
+        regs = s.registers()
+    click.echo(f"{_address(address)}: {kind} reset done, controller enabled again (CC={regs.cc:#010x}, "
+               f"CSTS={regs.csts:#010x})")
 
 
 @main.command("subsystem-reset")
 @address_arg
 def subsystem_reset(address: str) -> None:
-    """NVM Subsystem Reset (NSSR): refused by name where CAP.NSSRS is 0, and by nvmevfio otherwise
-    (the broker does not yet write NSSR and bring the controller back).
+    """NVM Subsystem Reset (NSSR): written where CAP.NSSRS is 1 and the controller brought back;
+    refused by name where it is 0. The same as ``reset --kind subsystem``.
 
     \b
     Example: nvmevfio subsystem-reset 00:04.0
     """
-    from nvmevfio.errors import Refused
-    from nvmevfio.nvme import regs
-
-    with controller(address, enable=False) as s, errors():
-        if not regs.get(s.registers().cap, regs.CAP_.NSSRS):
-            raise Refused("subsystem-reset-unsupported", "NVM Subsystem Reset not supported (CAP.NSSRS is 0)")
-        raise Refused("subsystem-reset-not-offered", "the controller supports NVM Subsystem Reset, but nvmevfio's "
-                      "broker does not issue it yet; use reset")
+    _reset_kind(address, "subsystem")
 
 
 @main.command()

@@ -36,6 +36,7 @@ def pack(fields: dict[Field, int], value: int = 0) -> int:
 # Offsets (3.1.4)
 CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ, CMBLOC, CMBSZ = (
     0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C, 0x20, 0x24, 0x28, 0x30, 0x38, 0x3C)
+CMBMSC, CMBSTS = 0x50, 0x58  # Controller Memory Buffer Memory Space Control (64-bit) and Status
 DOORBELL_BASE = 0x1000
 # The registers nvme-cli's show-regs reads besides CAP, VS, CC, CSTS, AQA, ASQ, ACQ: (name, offset, bytes)
 SHOWN = (("intms", 0x0C, 4), ("intmc", 0x10, 4), ("nssr", 0x20, 4), ("cmbloc", 0x38, 4), ("cmbsz", 0x3C, 4),

@@ -98,15 +98,16 @@ class SimController:
 
     def __init__(self, namespaces: list[SimNamespace] | None = None, *, mqes: int = 1023, mdts: int = 5,
                  to: int = 2, dstrd: int = 0, max_queues: int = 8, oncs: int = 0x0C,
-                 sgls: int = sgl.SGLS_BIT_BUCKET | 1) -> None:
+                 sgls: int = sgl.SGLS_BIT_BUCKET | 1, nssrs: bool = False) -> None:
         self.dma = SimDma()
         self.mmio = ArrayMmio(self.BAR_SIZE, on_write=self._on_write)
         self.namespaces = namespaces if namespaces is not None else [SimNamespace(2048)]
         self.mdts = mdts
         self.max_queues = max_queues
         self.oncs = oncs
+        self.subsystem_resets = 0
         self.sgls = sgls  # Identify Controller SGLS: SGLs with any alignment and Bit Buckets, as QEMU's
-        cap = regs.pack({CAP_.MQES: mqes, CAP_.CQR: 1, CAP_.TO: to, CAP_.DSTRD: dstrd, CAP_.CSS: 1,
+        cap = regs.pack({CAP_.MQES: mqes, CAP_.CQR: 1, CAP_.TO: to, CAP_.DSTRD: dstrd, CAP_.CSS: 1, CAP_.NSSRS: nssrs,
                          CAP_.MPSMIN: 0, CAP_.MPSMAX: 4})
         self.mmio.regs[0:8].view(np.uint64)[0] = cap
         self.mmio.poke32(regs.VS, 0x00010400)
@@ -162,6 +163,12 @@ class SimController:
             return
         if off == regs.CC:
             self._cc(value)
+        elif off == regs.NSSR and value == 0x4E564D65 and regs.get(int(self.mmio.regs[0:8].view(np.uint64)[0]),
+                                                                   CAP_.NSSRS):
+            # NVM Subsystem Reset (3.7.1): the controller resets as on CC.EN=0, CC cleared, CSTS.NSSRO set
+            self.subsystem_resets += 1
+            self._cc(0)
+            self.mmio.poke32(regs.CSTS, regs.put(self._reg(regs.CSTS), CSTS_.NSSRO, 1))
         elif off in (regs.INTMS, regs.INTMC):
             pass
         elif off in (regs.AQA, regs.ASQ, regs.ASQ + 4, regs.ACQ, regs.ACQ + 4):

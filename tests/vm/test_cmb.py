@@ -71,3 +71,19 @@ def test_no_cmb_is_refused_before_any_queue(data_ctrl):
         nvmevfio.open(data_ctrl["address"], 1, sq_in_cmb=True)
     assert ei.value.reason == "cmb-unavailable" and "CAP.CMBS 0" in str(ei.value)
     assert d.info.sq_in_cmb is False
+
+
+def test_the_next_owner_is_not_captured_by_a_cmb_left_enabled(cmb_ctrl):
+    """A session's CMB sits at IOVA space it reserved; the next session (another ledger) may hand
+    that very range to a buffer. The broker disables CMBMSC at enable and at shutdown, so a CMB
+    left enabled never takes the new owner's DMA for its own."""
+    with nvmevfio.open(cmb_ctrl["address"], 1, sq_in_cmb=True) as d:
+        cba = d.provider.registers(every=True).others["cmbmsc"] & ~0xFFF
+        assert cba
+    with nvmevfio.open(cmb_ctrl["address"], 1) as d:
+        assert d.provider.registers(every=True).others["cmbmsc"] == 0
+        big = d.alloc_buffer(8 << 20)  # the IOVA space past the queues, where the old CBA was
+        big.array[:] = RNG.integers(0, 256, big.size, dtype=np.uint8)
+        for off in (0, 4 << 20):
+            d.write_from(0, 8192, big, off)
+            assert np.array_equal(d.read_blocks(0, 8192), big.array[off : off + (4 << 20)])

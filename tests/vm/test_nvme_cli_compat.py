@@ -64,7 +64,7 @@ run subsys-reset   $NVME subsystem-reset $CTRL
 """
 STEPS = [line.split()[1] for line in SCRIPT.splitlines() if line.startswith("run ")]
 # nvmevfio's refusal before the device (exit 3) where nvme-cli reports the same condition as an error (1)
-REFUSED_BY_NAME = {"subsys-reset": "subsystem-reset-unsupported"}
+REFUSED_BY_NAME = {"subsys-reset": "reset-kind-unavailable"}
 
 
 def run_script(out, env):
