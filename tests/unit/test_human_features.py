@@ -174,3 +174,54 @@ def test_data_lengths_and_names_as_nvme_cli():
     assert select_result(4) == ["  Feature is changeable"] and select_result(0) == []
     assert (FEATURE_NAMES[0x0B], FEATURE_NAMES[0x18], FEATURE_NAMES[0x84]) == (
         "Async Event Configuration", "Endurance Event Group Configuration", "Namespace Write Protect")
+
+
+class _Session:
+    """Records the Get Features the command sends; answers DW0 ``value`` and a buffer of ``data_len`` bytes."""
+
+    def __init__(self, value, fill):
+        self.value, self.fill, self.calls = value, fill, []
+
+    def get_features(self, fid, *, sel, nsid, cdw11):
+        self.calls.append(("get_features", fid, sel, cdw11))
+        return self.value
+
+    def admin_passthru(self, opcode, *, nsid, data_len, cdw10, cdw11, cdw14):
+        self.calls.append(("passthru", opcode, data_len, cdw10, cdw11))
+        return self.value, self.fill[:data_len].ljust(data_len, b"\0")
+
+
+def _get_feature(monkeypatch, args, value=0, fill=b""):
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from nvmevfio.cli import logs
+    from nvmevfio.cli.common import main
+
+    s = _Session(value, fill)
+    monkeypatch.setattr(logs, "controller", lambda address: contextlib.nullcontext(s))
+    r = CliRunner().invoke(main, ["get-feature", "00:04.0", *args])
+    assert r.exit_code == 0, r.output
+    return s.calls, r.stdout_bytes
+
+
+def test_get_feature_reads_the_data_nvme_cli_reads_and_prints_as_it_does(monkeypatch):
+    calls, out = _get_feature(monkeypatch, ["-f", "0x16", "-H"], fill=b"\x01")
+    assert calls == [("passthru", 0x0A, 512, 0x16, 0)]  # libnvme's 512-byte Host Behavior structure
+    assert out == b"get-feature:0x16 (Host Behavior), Current value:00000000\n\tHost Behavior Support: True\n"
+    calls, out = _get_feature(monkeypatch, ["-f", "0x16"], fill=b"\x01")  # without -H: nvme-cli's dump
+    assert out.splitlines()[1:3] == [b"       0  1  2  3  4  5  6  7  8  9  a  b  c  d  e  f",
+                                     b'0000: 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 "................"']
+    calls, out = _get_feature(monkeypatch, ["-f", "0x16", "-b"], fill=b"\x01")  # -b: the buffer only
+    assert out == b"\x01" + bytes(511)
+    calls, out = _get_feature(monkeypatch, ["-f", "0x16", "-s", "3", "-l", "64"], value=5)  # no data for SEL 3
+    assert calls == [("get_features", 0x16, 3, 0)]
+    assert out == b"get-feature:0x16 (Host Behavior), Supported capabilities value:0x00000005\n" \
+                  b"  Feature is saveable\n  Feature is changeable\n"
+    calls, out = _get_feature(monkeypatch, ["-f", "0x14", "-H"], value=1)
+    assert calls == [("get_features", 0x14, 0, 0)] and out.endswith(b"\tWindow Select: Deterministic Window (DTWIN)")
+    calls, _ = _get_feature(monkeypatch, ["-f", "0x81", "-c", "1", "-l", "4", "-H"])
+    assert calls == [("passthru", 0x0A, 16, 0x81, 1)]  # the extended 128-bit Host Identifier, whatever -l says
+    calls, _ = _get_feature(monkeypatch, ["-f", "0x1e", "-H"])
+    assert calls == [("passthru", 0x0A, 510, 0x1E, 0xFF << 16)]  # FDP Events: 255 descriptors
