@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import locale
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -188,47 +191,6 @@ def c_hex(value: int) -> str:
     return f"{value:#010x}" if value else "00000000"
 
 
-TMPSEL = {0: "Composite Temperature", 0xF: "All Temperature Sensors",
-          **{i: f"Temperature Sensor {i}" for i in range(1, 9)}}
-
-
-def feature_fields(fid: int, value: int) -> list[str]:
-    """-H: a feature's value decoded, in nvme-cli 2.3's words (the features QEMU's model and most
-    drives have; others print the value only)."""
-    if fid == 0x01:
-        ab = value & 7
-        return [f"\tHigh Priority Weight   (HPW): {(value >> 24) + 1}",
-                f"\tMedium Priority Weight (MPW): {(value >> 16 & 0xFF) + 1}",
-                f"\tLow Priority Weight    (LPW): {(value >> 8 & 0xFF) + 1}",
-                f"\tArbitration Burst       (AB): {'No limit' if ab == 7 else 1 << ab}"]
-    if fid == 0x02:
-        wh = value >> 5 & 7
-        return [f"\tWorkload Hint (WH): {wh} - {'No Workload' if wh == 0 else f'Workload {wh}'}",
-                f"\tPower State   (PS): {value & 0x1F}"]
-    if fid == 0x04:
-        k = value & 0xFFFF
-        return [f"\tThreshold Type Select         (THSEL): {value >> 20 & 3} - "
-                f"{'Under' if value >> 20 & 3 else 'Over'} Temperature Threshold",
-                f"\tThreshold Temperature Select (TMPSEL): {value >> 16 & 0xF} - "
-                f"{TMPSEL.get(value >> 16 & 0xF, 'Reserved')}",
-                f"\tTemperature Threshold         (TMPTH): {k - 273}°C ({k} Kelvin)"]
-    if fid == 0x05:
-        return [f"\tDeallocated or Unwritten Logical Block Error Enable (DULBE): "
-                f"{'Enabled' if value >> 16 & 1 else 'Disabled'}",
-                f"\tTime Limited Error Recovery (TLER): {(value & 0xFFFF) * 100} ms"]
-    if fid == 0x06:
-        return [f"\tVolatile Write Cache Enable (WCE): {'Enabled' if value & 1 else 'Disabled'}"]
-    if fid == 0x07:
-        return [f"\tNumber of IO Completion Queues Allocated (NCQA): {(value >> 16) + 1}",
-                f"\tNumber of IO Submission Queues Allocated (NSQA): {(value & 0xFFFF) + 1}"]
-    if fid == 0x08:
-        return [f"\tAggregation Time     (TIME): {(value >> 8 & 0xFF) * 100} usec",
-                f"\tAggregation Threshold (THR): {(value & 0xFF) + 1}"]
-    if fid == 0x0A:
-        return [f"\tDisable Normal (DN): {'True' if value & 1 else 'False'}"]
-    return []
-
-
 @main.command("get-feature")
 @address_arg
 @click.option("-f", "--feature-id", "fid", type=num(1, 255), required=True, help="feature identifier")
@@ -248,8 +210,17 @@ def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_
     \b
     Example: nvmevfio get-feature 00:04.0 -f 0x07 -H
     """
-    from nvmevfio.nvme.spec import FEATURE_NAMES
+    from nvmevfio.cli.human_features import FEATURE_NAMES, feature_data_len, feature_text, select_result
 
+    # nvme-cli's get_feature_id: the feature's own data length unless -l says; 16 bytes for the extended
+    # Host Identifier and 255 descriptors for FDP Events whatever -l says; no data for SEL 3
+    data_len = data_len or feature_data_len(fid, cdw11)
+    if (fid == 0x81 and cdw11 & 1) or fid == 0x1E:
+        data_len = feature_data_len(fid, cdw11)
+    if fid == 0x1E:
+        cdw11 |= 0xFF << 16
+    if sel == 3:
+        data_len = 0
     data: bytes | None = None
     with controller(address) as s, errors():
         if data_len or uuid_index:
@@ -262,13 +233,30 @@ def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_
         _emit_json({"feature_id": fid, "name": name, "sel": sel, "value": value,
                     **({"data": data.hex()} if data is not None else {})})
         return
+    if raw_binary and data:  # nvme-cli: -b with a buffer prints the buffer's bytes only
+        _write_data(data, True)
+        return
     which = ["Current", "Default", "Saved", "Supported capabilities"][sel]
     click.echo(f"get-feature:{fid:#04x} ({name}), {which} value:{c_hex(value)}")
-    if human and sel != 3:
-        for line in feature_fields(fid, value):
+    if sel == 3:
+        for line in select_result(value):
             click.echo(line)
-    if data:
-        _write_data(data, raw_binary)
+    elif human:  # the decode only, no dump of the buffer (nvme-cli's get_feature_id_print)
+        with _user_locale():  # the timestamp's date and digit grouping, as nvme-cli's setlocale(LC_ALL, "")
+            click.echo(feature_text(fid, value, data or None), nl=False)
+    elif data:
+        _write_data(data, False)
+
+
+@contextlib.contextmanager
+def _user_locale() -> Iterator[None]:
+    saved = locale.setlocale(locale.LC_ALL)
+    with contextlib.suppress(locale.Error):
+        locale.setlocale(locale.LC_ALL, "")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 @main.command("set-feature")
@@ -288,7 +276,7 @@ def set_feature(address: str, nsid: int, fid: int, value: int, cdw12: int, data_
     \b
     Example: nvmevfio set-feature 00:04.0 -f 4 -v 0x150      # temperature threshold 336 K
     """
-    from nvmevfio.nvme.spec import FEATURE_NAMES
+    from nvmevfio.cli.human_features import FEATURE_NAMES
 
     data = data_file.read(data_len or -1) if data_file is not None else None
     with controller(address) as s, errors():

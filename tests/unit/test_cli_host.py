@@ -192,7 +192,8 @@ def test_firmware_slots_and_ns_descriptors_as_nvme_cli():
 
 
 def test_features_decoded_in_nvme_cli_words():
-    from nvmevfio.cli.logs import c_hex, feature_fields
+    from nvmevfio.cli.human_features import feature_fields
+    from nvmevfio.cli.logs import c_hex
 
     assert c_hex(0) == "00000000" and c_hex(0x157) == "0x00000157"
     assert feature_fields(0x07, 0x003F003F) == ["\tNumber of IO Completion Queues Allocated (NCQA): 64",
@@ -200,7 +201,7 @@ def test_features_decoded_in_nvme_cli_words():
     assert feature_fields(0x04, 0x157)[2] == "\tTemperature Threshold         (TMPTH): 70°C (343 Kelvin)"
     assert feature_fields(0x01, 7)[3] == "\tArbitration Burst       (AB): No limit"
     assert feature_fields(0x08, 0) == ["\tAggregation Time     (TIME): 0 usec", "\tAggregation Threshold (THR): 1"]
-    assert feature_fields(0x0A, 0) == ["\tDisable Normal (DN): False"] and feature_fields(0x80, 1) == []
+    assert feature_fields(0x0A, 0) == ["\tDisable Normal (DN): False"] and feature_fields(0x55, 1) == []
 
 
 @pytest.mark.parametrize("args", [["read", "00:04.0", "--bogus"], ["read", "00:04.0", "-c", "zz"],

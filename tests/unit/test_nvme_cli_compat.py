@@ -47,7 +47,8 @@ DIFFERENT: dict[tuple[str, str], str] = {
     **{(c, "metadata-size"): "optional (default: block count x the format's metadata size)" for c in ("read", "write")},
     ("write", "block-count"): "optional: without it the whole data (or --data-size bytes of it) is written",
     ("read", "block-count"): "not limited to one command: more than MDTS is split (also compare's 65536 limit)",
-    ("get-feature", "human-readable"): "decodes features 01h-0Ah (nvme-cli decodes every feature it knows)",
+    ("get-feature", "sel"): "0-3; nvme-cli's 8 (changed: the feature only when it differs from its default) is "
+                            "not taken",
     ("get-feature", "feature-id"): "required: nvme-cli without it reads every feature",
     ("show-regs", "human-readable"): "nvme-cli's decoded text for every register it reads, on stdout; nvmevfio's "
                                      "own lines (BAR0, the DMA lane, IOVA ranges) go to stderr. CC, CSTS, AQA, ASQ, "
