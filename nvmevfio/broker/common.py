@@ -87,6 +87,12 @@ def byte_view(x: Any, what: str) -> np.ndarray:
                       f"plain numbers ({exc})", type=type(x).__name__) from exc
 
 
+def data_blocks(ledger: Any, iova: int, length: int) -> list[tuple[int, int, int]]:
+    """SGL Data Block extents (4.1.2) for ``length`` bytes at ``iova``: one per range the device
+    sees as contiguous (``DmaLedger.device_ranges``: one with an IOMMU)."""
+    return [(sgl.DescriptorType.DATA_BLOCK, a, n) for a, n in ledger.device_ranges(iova, length)]
+
+
 class FunctionReset(Protocol):
     """The PCI function's own resets (:class:`nvmevfio.vfio.VfioFunction`): ``flr`` and ``hot``."""
 

@@ -160,15 +160,19 @@ class Core:
                           qid=qid)
         return self.io[qid - 1]
 
+    @property
+    def sgls(self) -> int:
+        """Identify Controller SGLS (0 before the controller is identified)."""
+        return int((self.id_ctrl or {}).get("sgls", 0))
+
     def use_sgl(self, sgl: bool | None) -> bool:
         """A command's data pointer: ``None`` follows the queues' choice; SGLs are refused
         (``sgl-unsupported``) unless Identify Controller SGLS offers them to the NVM command set."""
         if sgl is None:
             return self.sgl
-        if sgl and not nvme_sgl.supported(int((self.id_ctrl or {}).get("sgls", 0))):
+        if sgl and not nvme_sgl.supported(self.sgls):
             raise Refused("sgl-unsupported", f"the controller does not take SGLs (Identify Controller SGLS "
-                          f"{int((self.id_ctrl or {}).get('sgls', 0)):#x}, bits 1:0 = 0)",
-                          sgls=int((self.id_ctrl or {}).get("sgls", 0)))
+                          f"{self.sgls:#x}, bits 1:0 = 0)", sgls=self.sgls)
         return bool(sgl)
 
     def park_limit_s(self) -> float:

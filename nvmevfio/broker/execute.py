@@ -14,13 +14,13 @@ from typing import Any, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 
-from nvmevfio.broker.common import CANCELLED_STATUS, MAX_RETRIES, TRANSIENT, BrokerQueue
+from nvmevfio.broker.common import CANCELLED_STATUS, MAX_RETRIES, TRANSIENT, BrokerQueue, data_blocks
 from nvmevfio.broker.core import Core
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, ControllerFatal, DeviceGone, QueuePaused, Refused
 from nvmevfio.nvme import builders, prp, spec
 from nvmevfio.nvme.queue import CID_TAKE, COMPLETION
-from nvmevfio.nvme.sgl import PSDT_SGL, DescriptorType
+from nvmevfio.nvme.sgl import PSDT_SGL
 from nvmevfio.nvme.spec import SQE, IoOpcode
 
 
@@ -128,8 +128,7 @@ class Executor:
         pages are needed, a command id is taken first (its list pages hold them) and returned."""
         iova = self.core.ledger.iova(buf)
         if sgl:
-            return self.author_sgl(qp, e, [(DescriptorType.DATA_BLOCK, a, n)
-                                           for a, n in self.core.ledger.device_ranges(iova, length)])
+            return self.author_sgl(qp, e, data_blocks(self.core.ledger, iova, length))
         need = prp.list_pages_needed(iova, length, self.core.page_size)
         if need > qp.prp_pages:
             raise Refused("count-out-of-range",

@@ -8,7 +8,16 @@ from typing import Any, cast
 
 import numpy as np
 
-from nvmevfio.broker.common import SCALAR_BATCH, BrokerQueue, Namespace, RegisteredBuffer, int_array, ints, whole
+from nvmevfio.broker.common import (
+    SCALAR_BATCH,
+    BrokerQueue,
+    Namespace,
+    RegisteredBuffer,
+    data_blocks,
+    int_array,
+    ints,
+    whole,
+)
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import Executor, refuse_busy, require_room, take_cancelled
 from nvmevfio.broker.namespaces import Namespaces
@@ -162,11 +171,8 @@ class Submit:
     def _sgl1(self, qp: BrokerQueue, cid: int, iova: int, length: int) -> tuple[int, int]:
         """SGL1 of one READ/WRITE of ``length`` bytes at ``iova``: a Data Block descriptor, or
         (the no-IOMMU lane, across physical runs) a Last Segment pointing to command ``cid``'s list page."""
-        ranges = self.core.ledger.device_ranges(iova, length)
-        if len(ranges) == 1:
-            return sgl.data_block(*ranges[0])
-        return qp.author_sgl(cid, [(sgl.DescriptorType.DATA_BLOCK, a, n) for a, n in ranges],
-                             self.core.ledger.device_address)
+        ledger = self.core.ledger
+        return qp.author_sgl(cid, data_blocks(ledger, iova, length), ledger.device_address)
 
     def _author_rw(self, qp: BrokerQueue, opcode: int, nsid: int, slbas: np.ndarray, counts: np.ndarray,
                    cids: np.ndarray, iovas: np.ndarray, lengths: np.ndarray, pages: np.ndarray,

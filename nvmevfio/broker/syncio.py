@@ -19,6 +19,7 @@ from nvmevfio.broker.common import (
     Namespace,
     RegisteredBuffer,
     byte_view,
+    data_blocks,
     int_array,
     whole,
 )
@@ -234,9 +235,9 @@ class SyncIO:
         qp = core.queue(qid)
         ns = self.ns.namespace(nsid)
         slba, count = self.ns.check_window(ns, slba, count)
-        if not sgl.bit_bucket_supported(int((core.id_ctrl or {}).get("sgls", 0))):
+        if not sgl.bit_bucket_supported(core.sgls):
             raise Refused("bit-bucket-unsupported", "the controller does not offer SGL Bit Bucket descriptors "
-                          f"(Identify Controller SGLS {int((core.id_ctrl or {}).get('sgls', 0)):#x}, bit 16)")
+                          f"(Identify Controller SGLS {core.sgls:#x}, bit 16)")
         if count > min(MAX_NLB, self.ns.max_blocks(ns)):
             raise Refused("count-out-of-range", f"a sparse read is one command: {count} blocks is more than "
                           f"{min(MAX_NLB, self.ns.max_blocks(ns))} (MDTS)", count=count)
@@ -254,8 +255,7 @@ class SyncIO:
         for first, blocks in pairs.tolist():
             if first > at:
                 extents.append((sgl.DescriptorType.BIT_BUCKET, 0, (first - at) * bs))
-            extents += [(sgl.DescriptorType.DATA_BLOCK, a, n)
-                        for a, n in core.ledger.device_ranges(base + pos, blocks * bs)]
+            extents += data_blocks(core.ledger, base + pos, blocks * bs)
             pos += blocks * bs
             at = first + blocks
         if at < count:
