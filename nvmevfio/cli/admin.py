@@ -102,21 +102,91 @@ def ns_rescan(address: str, fmt: str) -> None:
         click.echo(f"[{r['nsid']:>4}]: {r['nsze']} blocks of {r['block_size']} bytes")
 
 
+_SI = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Z": 10**21,
+       "Y": 10**24, "R": 10**27, "Q": 10**30}
+
+
+def si_blocks(text: str, block: int) -> int:
+    """nvme-cli's --nsze-si/--ncap-si (its suffix_si_parse): a number of blocks, or with an SI suffix
+    (k, M, G, T, P, ... powers of 1000) bytes, divided by the LBA format's block size (data and
+    metadata, as nvme-cli's parse_lba_num_si). ValueError naming the text otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)([A-Za-z]?)", text)
+    if m is None or m.group(2) not in _SI:
+        raise ValueError(f"{text!r}: expected a number with an optional SI suffix (k, M, G, T, P, ...)")
+    value = int(float(m.group(1)) * _SI[m.group(2)])
+    return value // block if m.group(2) else value
+
+
+def ns_management_host(nsze: int, ncap: int, flbas: int, *, dps: int = 0, nmic: int = 0, anagrpid: int = 0,
+                       nvmsetid: int = 0, lbstm: int = 0) -> bytes:
+    """Namespace Management create's data: an Identify Namespace structure with the host-specified
+    fields (NVMe Base 2.0, 5.22; libnvme 1.3's struct nvme_id_ns): NSZE 7:0, NCAP 15:8, FLBAS 26, DPS
+    29, NMIC 30, ANAGRPID 95:92, NVMSETID 101:100, LBSTM 391:384."""
+    host = bytearray(4096)
+    for at, width, value in ((0, 8, nsze), (8, 8, ncap), (26, 1, flbas), (29, 1, dps), (30, 1, nmic),
+                             (92, 4, anagrpid), (100, 2, nvmsetid), (384, 8, lbstm)):
+        host[at : at + width] = value.to_bytes(width, "little")
+    return bytes(host)
+
+
 @main.command("create-ns")
 @address_arg
-@click.option("-s", "--nsze", type=IONUM, required=True, help="size in blocks")
-@click.option("-c", "--ncap", type=IONUM, required=True, help="capacity in blocks")
-@click.option("-f", "--flbas", type=NUM, default=0, show_default=True, help="LBA format index")
-@click.option("-d", "--dps", type=NUM, default=0, show_default=True, help="data protection settings")
-@click.option("-m", "--nmic", type=NUM, default=0, show_default=True, help="1: shared (multi-path)")
-def create_ns(address: str, nsze: int, ncap: int, flbas: int, dps: int, nmic: int) -> None:
-    """Namespace Management, create (admin opcode 0Dh). Attach it next (attach-ns).
+@click.option("-s", "--nsze", type=IONUM, default=0, help="size in blocks")
+@click.option("-c", "--ncap", type=IONUM, default=0, help="capacity in blocks")
+@click.option("-f", "--flbas", type=num(0, 255), default=None,
+              help="LBA format index (FLBAS); this or --block-size, as nvme-cli")
+@click.option("-d", "--dps", type=num(0, 255), default=0, show_default=True, help="data protection settings")
+@click.option("-m", "--nmic", type=num(0, 255), default=0, show_default=True, help="1: shared (multi-path)")
+@click.option("-a", "--anagrp-id", "anagrpid", type=NUM, default=0, help="ANA group identifier")
+@click.option("-i", "--nvmset-id", "nvmsetid", type=num(0, 0xFFFF), default=0, help="NVM set identifier")
+@click.option("-b", "--block-size", type=IONUM, default=0,
+              help="instead of --flbas: the format with this block size and no metadata")
+@click.option("-t", "--timeout", "timeout_ms", type=NUM, default=120000, show_default=True, help="milliseconds")
+@click.option("-y", "--csi", type=num(0, 255), default=0, help="command set identifier (CDW11 31:24)")
+@click.option("-l", "--lbstm", type=IONUM, default=0, help="logical block storage tag mask")
+@click.option("-S", "--nsze-si", default=None, help="size: blocks, or bytes with an SI suffix (k, M, G, ...)")
+@click.option("-C", "--ncap-si", default=None, help="capacity: blocks, or bytes with an SI suffix (k, M, G, ...)")
+def create_ns(address: str, nsze: int, ncap: int, flbas: int | None, dps: int, nmic: int, anagrpid: int,
+              nvmsetid: int, block_size: int, timeout_ms: int, csi: int, lbstm: int, nsze_si: str | None,
+              ncap_si: str | None) -> None:
+    """Namespace Management, create (admin opcode 0Dh, SEL 0), with nvme-cli's fields. Attach it
+    next (attach-ns).
 
     \b
     Example: nvmevfio create-ns 00:04.0 --nsze 2048 --ncap 2048 --flbas 0
+             nvmevfio create-ns 00:04.0 --nsze-si 1G --ncap-si 1G --block-size 4096
     """
+    if flbas is not None and block_size:
+        raise click.UsageError("give --flbas or --block-size, not both (nvme-cli's rule)")
+    if flbas is None and not block_size:
+        raise click.UsageError("give --flbas or --block-size (nvme-cli: FLBAS corresponding to block size 0 not found)")
+    if block_size and block_size & (block_size - 1):
+        raise click.UsageError(f"--block-size {block_size} is not a power of two")
+    if (nsze and nsze_si) or (ncap and ncap_si):
+        raise click.UsageError("give a size in blocks or its --*-si form, not both")
     with controller(address) as s, errors():
-        nsid = s.create_namespace(nsze, ncap, flbas, dps=dps, nmic=nmic)
+        if flbas is None or nsze_si or ncap_si:  # the formats, from the namespace identify nvme-cli reads
+            from nvmevfio.cli.identify import identify_raw
+            from nvmevfio.nvme.structures import parse_identify_namespace
+
+            # nvme-cli's parse_lba_num_si: the common namespace (FFFFFFFFh) where OACS has Namespace Management
+            common = s.id_ctrl.get("oacs", 0) & 0x8
+            ident = parse_identify_namespace(identify_raw(s, 0x00, 0xFFFFFFFF if common else s.active_namespaces()[0]))
+            if flbas is None:
+                flbas = next((i for i, f in enumerate(ident["lbafs"]) if 1 << f["ds"] == block_size and not f["ms"]),
+                             None)
+                if flbas is None:
+                    raise click.UsageError(f"no LBA format has {block_size}-byte blocks without metadata: "
+                                           "give --flbas (nvme-cli: FLBAS corresponding to block size not found)")
+            fmt = ident["lbafs"][flbas & 0xF] if (flbas & 0xF) < len(ident["lbafs"]) else {"ds": 9, "ms": 0}
+            per = (1 << fmt["ds"]) + fmt["ms"]
+            nsze = si_blocks(nsze_si, per) if nsze_si else nsze
+            ncap = si_blocks(ncap_si, per) if ncap_si else ncap
+        host = ns_management_host(nsze, ncap, flbas, dps=dps, nmic=nmic, anagrpid=anagrpid, nvmsetid=nvmsetid,
+                                  lbstm=lbstm)
+        nsid, _ = s.admin_passthru(0x0D, data=host, cdw10=0, cdw11=csi << 24, timeout_s=timeout_ms / 1000)
     click.echo(f"create-ns: Success, created nsid:{nsid}")
 
 
@@ -131,7 +201,10 @@ def delete_ns(address: str, nsid: int, timeout_ms: int | None) -> None:
     Example: nvmevfio delete-ns 00:04.0 -n 2
     """
     with controller(address) as s, errors():
-        s.delete_namespace(nsid)
+        if timeout_ms:  # nvme-cli's -t: this command's timeout, through the passthrough (SEL 1h, delete)
+            s.admin_passthru(0x0D, nsid=nsid, cdw10=1, timeout_s=timeout_ms / 1000)
+        else:
+            s.delete_namespace(nsid)
     click.echo(f"delete-ns: Success, deleted nsid:{nsid}")
 
 
@@ -199,31 +272,71 @@ def sanitize_cmd(address: str, no_dealloc: bool, oipbp: bool, owpass: int, ause:
     click.echo("Sanitize: started (see sanitize-log)")
 
 
+SC_OVERLAPPING_RANGE = 0x14  # Firmware Image Download, command specific status (NVMe Base 2.0, 5.13.1)
+
+
+def _download_piece(s: Any, piece: bytes, at: int, total: int, ignore_ovr: bool) -> None:
+    """One piece, as nvme-cli's fw_download_single: up to three tries unless the status says Do Not
+    Retry; Overlapping Range is success with --ignore-ovr, and ends the download without it."""
+    from nvmevfio.errors import CommandError
+
+    for attempt in range(3):
+        if attempt:
+            click.echo(f"retrying offset {at:x} ({attempt}/3)", err=True)
+        try:
+            s.firmware_download(piece, offset=at, xfer=len(piece))
+            return
+        except CommandError as exc:
+            ovr = (exc.sct, exc.sc) == (1, SC_OVERLAPPING_RANGE)
+            if ovr and ignore_ovr:
+                return
+            if exc.dnr or ovr or attempt == 2:
+                click.echo(f"fw-download: error on offset {at:#010x}/{total:#010x}", err=True)
+                if ovr:
+                    click.echo("Use --ignore-ovr to ignore overwrite errors", err=True)
+                raise
+
+
 @main.command("fw-download")
 @address_arg
 @click.option("-f", "--fw", "fw", type=click.File("rb"), required=True, help="the firmware image")
-@click.option("-x", "--xfer", type=NUM, default=4096, show_default=True, help="bytes per command")
-@click.option("-o", "--offset", type=NUM, default=0, show_default=True, help="image offset, bytes")
-@click.option("-p", "--progress", is_flag=True, help="accepted; the pieces are counted at the end")
-@click.option("-i", "--ignore-ovr", is_flag=True, help="accepted; nvmevfio never prompts here")
+@click.option("-x", "--xfer", type=NUM, default=4096, show_default=True,
+              help="bytes per command (not a multiple of 4096: 4096, as nvme-cli)")
+@click.option("-o", "--offset", type=NUM, default=0, show_default=True,
+              help="starting dword offset: the image from there, to that offset of the controller's")
+@click.option("-p", "--progress", is_flag=True, help="print each piece's progress as it is transferred")
+@click.option("-i", "--ignore-ovr", is_flag=True, help="take an Overlapping Range status as success")
 def fw_download(address: str, fw: Any, xfer: int, offset: int, progress: bool, ignore_ovr: bool) -> None:
-    """Firmware Image Download (admin opcode 11h), in --xfer pieces. Activate with fw-commit.
+    """Firmware Image Download (admin opcode 11h), in --xfer pieces, as nvme-cli sends them. Activate
+    with fw-commit.
 
     \b
     Example: nvmevfio fw-download 00:04.0 --fw image.bin --xfer 0x20000
     """
     image = fw.read()
+    if not image or len(image) % 4:
+        _fail(f"Invalid size:{len(image)} for f/w image", EXIT_ERROR)
+    xfer = xfer if xfer and not xfer % 4096 else 4096
+    at = offset << 2  # nvme-cli: --offset counts dwords
     with controller(address) as s, errors():
-        pieces = s.firmware_download(image, offset=offset, xfer=xfer)
-    click.echo(f"Firmware download success ({len(image)} bytes in {pieces} pieces)")
+        while at < len(image):
+            if progress:
+                click.echo(f"Firmware download: transferring {at:#010x}/{len(image):#010x} bytes: "
+                           f"{100 * at // len(image):03d}%\r", nl=False)
+            piece = image[at : at + xfer]
+            _download_piece(s, piece, at, len(image), ignore_ovr)
+            at += len(piece)
+    if progress:
+        click.echo("")
+    click.echo("Firmware download success")
 
 
 @main.command("fw-commit")
 @address_arg
-@click.option("-s", "--slot", type=click.IntRange(0, 7), default=0, show_default=True)
-@click.option("-a", "--action", type=click.IntRange(0, 7), required=True,
+@click.option("-s", "--slot", type=num(0, 7), default=0, show_default=True)
+@click.option("-a", "--action", type=num(0, 7), required=True,
               help="0 replace, 1 replace and activate, 2 activate, 3 activate now, ...")
-@click.option("-b", "--bpid", type=click.IntRange(0, 1), default=0, show_default=True, help="boot partition id")
+@click.option("-b", "--bpid", type=num(0, 1), default=0, show_default=True, help="boot partition id")
 def fw_commit(address: str, slot: int, action: int, bpid: int) -> None:
     """Firmware Commit (admin opcode 10h).
 

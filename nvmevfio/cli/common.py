@@ -3,10 +3,11 @@
 or the NVMe status name, and a non-zero exit code), the common options and arguments, and
 opening a controller or a block device for a command.
 
-Exit codes (the README's), nvme-cli 2.3's where it has the class (measured, docs/nvme-cli.md):
-0 success; 1 a usage error, an NVMe status from the device, or another error (nvme-cli exits 1 for
-all three); nvmevfio's own classes: 3 refused (a named reason; nothing was sent), 5 setup (not root,
-not bound, no IOMMU).
+Exit codes (the README's): a command nvme-cli 2.3 has exits as nvme-cli's does, 0 or 1 (its main()
+returns ``err ? 1 : 0`` whatever failed: a usage error, an NVMe status, an errno); nvmevfio's refusal
+by name stays on stderr. nvmevfio's own commands (:data:`NVMEVFIO_OWN`) keep its own classes: 1 a
+usage error, an NVMe status or another error, 3 refused (a named reason; nothing was sent), 4
+``perf --verify`` found a mismatch, 5 setup (not root, not bound, no IOMMU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from nvmevfio.errors import CommandError, DeviceInUse, NvmeVfioError, Refused, S
 EXIT_ERROR, EXIT_REFUSED, EXIT_SETUP = 1, 3, 5
 # nvme-cli 2.3 exits 1 for a usage error and for an NVMe status (measured on Debian's 2.3, docs/nvme-cli.md)
 EXIT_USAGE = EXIT_DEVICE = 1
+# nvmevfio's commands that nvme-cli does not have: they keep nvmevfio's exit classes (3, 4, 5); every
+# other command is nvme-cli's, whose main() exits 1 for any failure (nvme.c 2.3: ``return err ? 1 : 0``)
+NVMEVFIO_OWN = frozenset({"bind", "unbind", "shutdown", "deallocate", "nbd", "ublk", "export", "perf", "serve",
+                          "monitor"})
 EXIT_MISMATCH = 4  # perf --verify: blocks that did not hold what was written (nvmevfio's own class)
 PROGRESS_MIN = 4 << 20  # show a progress bar on transfers larger than this
 CHUNK = 4 << 20
@@ -380,11 +385,27 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
 _MODULE_OF = {name: group for group, names in COMMAND_GROUPS.items() for name in names}
 
 
+class NvmeCliCommand(click.Command):
+    """A command of the ``nvmevfio`` group: ``-h``/``--help`` of one nvme-cli has exits 1, as nvme-cli
+    2.3's does (its argconfig returns an error after the help; measured: ``nvme id-ctrl --help``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.Exit as exc:  # the eager --help: shown, then the context exits
+            if exc.exit_code == 0 and self.name not in NVMEVFIO_OWN:
+                raise click.exceptions.Exit(EXIT_ERROR) from None
+            raise
+
+
 class AliasedGroup(click.Group):
     """The ``nvmevfio`` group: aliases, each command loaded from its group's module on first use, and
-    nvme-cli's exit status for a usage error (1, not click's 2)."""
+    nvme-cli's exit status for a usage error (1, not click's 2) and for any failure of a command
+    nvme-cli has (:func:`nvme_cli_status`)."""
 
     aliases = {"identify": "id-ctrl"}
+    command_class = NvmeCliCommand
+    invoked: str | None = None  # the command this process runs (resolve_command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(_MODULE_OF) | set(self.commands))
@@ -397,6 +418,7 @@ class AliasedGroup(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        AliasedGroup.invoked = None
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
         try:
@@ -407,13 +429,25 @@ class AliasedGroup(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(EXIT_ERROR)
-        sys.exit(rv if isinstance(rv, int) else 0)
+        except SystemExit as exc:  # a command nvme-cli has fails as nvme-cli's does: 1, whatever the class
+            sys.exit(nvme_cli_status(self.invoked, exc.code))
+        sys.exit(nvme_cli_status(self.invoked, rv if isinstance(rv, int) else 0))
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
         _, cmd, rest = super().resolve_command(ctx, args)
+        if ctx.parent is None:
+            AliasedGroup.invoked = cmd.name if cmd else None
         return (cmd.name if cmd else None), cmd, rest
+
+
+def nvme_cli_status(command: str | None, code: Any) -> Any:
+    """The exit status of ``command`` that ended with ``code``: nvme-cli 2.3's 0 or 1 for a command it
+    has (its main(): ``return err ? 1 : 0``), nvmevfio's own classes otherwise (3, 4, 5)."""
+    if command is None or command in NVMEVFIO_OWN or code in (0, None) or not isinstance(code, int):
+        return code
+    return EXIT_ERROR
 
 
 @click.group(cls=AliasedGroup, context_settings={"help_option_names": ["-h", "--help"]})

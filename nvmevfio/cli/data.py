@@ -36,6 +36,17 @@ from nvmevfio.cli.common import (
     service_socket_opt,
     start_block_opt,
 )
+from nvmevfio.cli.nvm_fields import (
+    DSM_RANGE,
+    Control,
+    control_opts,
+    copy_dwords,
+    copy_ranges,
+    dsm_attributes,
+    dsm_ranges,
+    protection_opts,
+    send,
+)
 
 # nvme-cli's -v/-w/-t on read, write and compare: the command's fields, a dry run, the latency
 show_command_opt = click.option("-v", "--show-command", is_flag=True, help="print the command's fields first")
@@ -97,10 +108,6 @@ class Protected:
                 "appmask": self.mask}
 
 
-DSM_RANGE = 16  # bytes of one Dataset Management range (NVM Command Set 3.2.3)
-COPY_RANGE = 32  # bytes of one Copy source range, format 0 (NVM Command Set 3.2.2)
-
-
 def _show(name: str, opcode: int, nsid: int, slba: int, count: int, show: bool, dry: bool) -> bool:
     """-v / -w: the command's fields on stderr; True when nothing is to be sent (--dry-run)."""
     if show or dry:
@@ -122,10 +129,11 @@ def _latency(verb: str, t0: float, shown: bool) -> None:
 @data_file_opt
 @click.option("--hexdump", is_flag=True, help="a hex dump instead of raw bytes")
 @metadata_options
+@control_opts
 @trace_opts
 def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, data_size: int, data: str,
          hexdump: bool, metadata_file: str | None, metadata_size: int, prinfo: int, ref_tag: int | None,
-         app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool) -> None:
+         app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool, **fields: Any) -> None:
     """Read blocks to a file or stdout (more than MDTS is split into several commands).
 
     \b
@@ -133,12 +141,18 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
              nvmevfio read 00:04.0 -s 0 -c 0 --hexdump
              nvmevfio read --socket /run/nvmevfio/nvmevfio.sock -s 0 --hexdump
              nvmevfio read 00:04.0 -n 2 -s 8 -c 3 -d out.bin -M out.md --prinfo 7 (data, metadata, every check)
+             nvmevfio read 00:04.0 -s 0 -c 7 -z 4096 -d out.bin --force-unit-access --dsm 0x7 (one command)
     """
     count = nlb + 1
     if _show("Read", 0x02, nsid, slba, count, show_command, dry_run):
         return
+    ctl = Control(prinfo=prinfo, ref_tag=ref_tag, app_tag=app_tag, app_tag_mask=app_tag_mask, **fields)
     with blockdev(address, nsid, service_socket) as dev, errors():
         pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
+        if ctl.wanted:  # nvme-cli's fields beyond the range: one command, as nvme-cli sends it
+            _read_one(dev, ctl, pi, slba, count, data, data_size or count * dev.block_size, hexdump)
+            click.echo("read: Success", err=True)
+            return
         dev.check_window(slba, count)
         md_out = open(metadata_file, "wb") if metadata_file else None  # noqa: SIM115
         md_left = metadata_size or count * pi.ms
@@ -187,6 +201,43 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
     click.echo("read: Success", err=True)
 
 
+def _read_one(dev: Any, ctl: Control, pi: Protected, slba: int, count: int, data: str, size: int,
+              hexdump: bool) -> None:
+    """read's one-command path (nvme-cli's fields set): the blocks and their metadata in one Read."""
+    import numpy as np
+
+    md = np.zeros(count * pi.ms, dtype=np.uint8) if pi.ms else None
+    got = send(dev, ctl, 0x02, "Read", slba, count, data_len=count * dev.block_size, metadata=md) or b""
+    got = got[:size] + b"\0" * max(0, size - len(got))  # nvme-cli writes --data-size bytes
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout.buffer if data == "-" else stack.enter_context(open(data, "wb"))
+        if hexdump:
+            _hexdump(out, got, 0)
+        else:
+            out.write(got)
+        if pi.file is not None and md is not None:
+            with open(pi.file, "wb") as mf:
+                mf.write(md.tobytes()[: pi.size or len(md)])
+
+
+def _metadata_in(pi: Protected, n: int) -> Any:
+    """The metadata to send with ``n`` blocks: --metadata-size bytes of -M's file, zero-filled past
+    its end (nvme-cli), or zeros where the format has metadata and no file is given; None without."""
+    import numpy as np
+
+    if not pi.ms:
+        return None
+    md = np.zeros(n * pi.ms, dtype=np.uint8)
+    if pi.file is not None:
+        try:
+            with open(pi.file, "rb") as mf:
+                got = mf.read(pi.size or n * pi.ms)
+        except OSError as exc:
+            _fail(f"cannot read {pi.file}: {exc.strerror}", EXIT_ERROR)
+        md[: min(len(got), len(md))] = np.frombuffer(got, dtype=np.uint8)[: len(md)]
+    return md
+
+
 @main.command()
 @block_address_arg
 @nsid_opt
@@ -198,10 +249,11 @@ def read(address: str, nsid: int, slba: int, nlb: int, service_socket: str | Non
 @data_file_opt
 @click.option("--pad", is_flag=True, help="zero-pad a partial last block instead of refusing it")
 @metadata_options
+@control_opts
 @trace_opts
 def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: int | None, data_size: int,
           data: str, pad: bool, metadata_file: str | None, metadata_size: int, prinfo: int, ref_tag: int | None,
-          app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool) -> None:
+          app_tag_mask: int, app_tag: int, show_command: bool, dry_run: bool, latency: bool, **fields: Any) -> None:
     """Write a file (or stdin) at a block address.
 
     With --block-count, that many blocks are written from the data, zero-filled past its end as
@@ -243,6 +295,14 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
         if _show("Write", 0x01, nsid, slba, n, show_command, dry_run):
             return
         pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
+        ctl = Control(prinfo=prinfo, ref_tag=ref_tag, app_tag=app_tag, app_tag_mask=app_tag_mask, **fields)
+        if ctl.wanted:  # nvme-cli's fields beyond the range: one command, as nvme-cli sends it
+            with io.BytesIO(payload) if payload is not None else open(data, "rb") as src:
+                blocks = src.read(total)
+            send(dev, ctl, 0x01, "Write", slba, n, data=blocks + b"\0" * (n * bs - len(blocks)),
+                 metadata=_metadata_in(pi, n))
+            click.echo("write: Success", err=True)
+            return
         dev.check_window(slba, n)
         md = None
         if metadata_file is not None:  # nvme-cli: --metadata-size bytes of the file, zero-filled past its end
@@ -280,11 +340,14 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
 @block_range_opts
 @data_size_opt
 @data_file_opt
+@metadata_options
+@control_opts
 @trace_opts
-def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, data: str, show_command: bool,
-                dry_run: bool, latency: bool) -> None:
-    """Compare (NVM opcode 05h): the device checks blocks against a file (or stdin); a difference is
-    the status Compare Failure, exit 1 as nvme-cli.
+def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, data: str, metadata_file: str | None,
+                metadata_size: int, prinfo: int, ref_tag: int | None, app_tag_mask: int, app_tag: int,
+                show_command: bool, dry_run: bool, latency: bool, **fields: Any) -> None:
+    """Compare (NVM opcode 05h): the device checks blocks (and, with -M, their metadata) against a
+    file (or stdin); a difference is the status Compare Failure, exit 1 as nvme-cli.
 
     \b
     Example: nvmevfio compare 00:04.0 -n 1 --start-block 0 --block-count 7 --data-size 4096 --data expected.bin
@@ -292,14 +355,19 @@ def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, da
     count = nlb + 1
     if _show("Compare", 0x05, nsid, slba, count, show_command, dry_run):
         return
+    ctl = Control(prinfo=prinfo, ref_tag=ref_tag, app_tag=app_tag, app_tag_mask=app_tag_mask, **fields)
     with blockdev(address, nsid) as dev, errors():
+        pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
         want = count * dev.block_size
         with (sys.stdin.buffer if data == "-" else open(data, "rb")) as f:
             got = f.read(min(data_size, want) if data_size else want)
         if len(got) < want:  # nvme-cli compares its zero-filled buffer
             got += b"\0" * (want - len(got))
         t0 = time.perf_counter()
-        dev.provider.compare(nsid, slba, got)
+        if ctl.wanted or pi.on:  # nvme-cli's fields, metadata or protection: one command with them
+            send(dev, ctl, 0x05, "Compare", slba, count, data=got, metadata=_metadata_in(pi, count))
+        else:
+            dev.provider.compare(nsid, slba, got)
     _latency("compare", t0, latency)
     click.echo("compare: Success", err=True)
 
@@ -307,14 +375,20 @@ def compare_cmd(address: str, nsid: int, slba: int, nlb: int, data_size: int, da
 @main.command("verify")
 @block_address_arg
 @block_range_opts
-def verify_cmd(address: str, nsid: int, slba: int, nlb: int) -> None:
+@protection_opts
+def verify_cmd(address: str, nsid: int, slba: int, nlb: int, **fields: Any) -> None:
     """Verify (NVM opcode 0Ch): the device reads and checks blocks, transferring nothing.
 
     \b
     Example: nvmevfio verify 00:04.0 -n 1 --start-block 0 --block-count 255
+             nvmevfio verify 00:04.0 -n 2 -s 8 -c 3 --prinfo 7 (with every protection check)
     """
+    ctl = Control(**fields)
     with blockdev(address, nsid) as dev, errors():
-        dev.provider.verify(nsid, slba, nlb + 1)
+        if ctl.wanted or ctl.protected:
+            send(dev, ctl, 0x0C, "Verify", slba, nlb + 1)
+        else:
+            dev.provider.verify(nsid, slba, nlb + 1)
     click.echo("NVME Verify Success")
 
 
@@ -338,14 +412,20 @@ def flush(address: str, nsid: int, service_socket: str | None) -> None:
 @block_range_opts
 @service_socket_opt
 @click.option("-d", "--deac", is_flag=True, help="let the controller deallocate the blocks (they read zeros)")
-def write_zeroes(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, deac: bool) -> None:
+@protection_opts
+def write_zeroes(address: str, nsid: int, slba: int, nlb: int, service_socket: str | None, deac: bool,
+                 **fields: Any) -> None:
     """Write Zeroes over a range of blocks.
 
     \b
     Example: nvmevfio write-zeroes 00:04.0 -n 1 --start-block 0 --block-count 2047
+             nvmevfio write-zeroes 00:04.0 -n 1 -s 0 -c 7 --force-unit-access --limited-retry (one command)
     """
+    ctl = Control(**fields)
     with blockdev(address, nsid, service_socket) as dev, errors():
-        if deac:
+        if ctl.wanted or ctl.protected:  # one command (at most 65536 blocks) with nvme-cli's fields
+            send(dev, ctl, 0x08, "Write Zeroes", slba, nlb + 1, cdw12=int(deac) << 25)
+        elif deac:
             dev.provider.write_zeroes(nsid, slba, nlb + 1, deallocate=True)
         else:
             dev.write_zeroes(slba, nlb + 1)
@@ -382,26 +462,6 @@ def write_uncor(address: str, nsid: int, slba: int, nlb: int) -> None:
     click.echo("NVME Write Uncorrectable Success")
 
 
-def dsm_ranges(slbs: list[int], blocks: list[int], ctx_attrs: list[int]) -> bytes:
-    """Dataset Management's range list, as nvme-cli builds it: range i from the i-th of each list
-    (a missing entry is 0); context attributes, length in blocks (1's based), starting LBA."""
-    nr = max(len(slbs), len(blocks), len(ctx_attrs))
-    if not 0 < nr <= 256:
-        raise click.UsageError(f"give 1..256 ranges (--slbs/--blocks/--ctx-attrs), not {nr}")
-    out = bytearray(nr * DSM_RANGE)
-    for i in range(nr):
-        at = i * DSM_RANGE
-        out[at : at + 4] = (ctx_attrs[i] if i < len(ctx_attrs) else 0).to_bytes(4, "little")
-        out[at + 4 : at + 8] = (blocks[i] if i < len(blocks) else 0).to_bytes(4, "little")
-        out[at + 8 : at + 16] = (slbs[i] if i < len(slbs) else 0).to_bytes(8, "little")
-    return bytes(out)
-
-
-def dsm_attributes(ad: bool, idw: bool, idr: bool, cdw11: int) -> int:
-    """CDW11 of Dataset Management: --cdw11 as given, else the attribute bits (IDR 0, IDW 1, AD 2)."""
-    return cdw11 or (int(idr) | int(idw) << 1 | int(ad) << 2)
-
-
 @main.command("dsm")
 @block_address_arg
 @nsid_opt
@@ -430,31 +490,6 @@ def dsm(address: str, nsid: int, ctx_attrs: list[int], blocks: list[int], slbs: 
     click.echo("NVMe DSM: success")
 
 
-def copy_ranges(slbs: list[int], blocks: list[int], *, mssrl: int, mcl: int, msrc: int) -> bytes:
-    """Copy's source ranges (format 0: SLBA at byte 8, NLB 0's based at byte 16), checked against the
-    namespace's limits first: each range at most MSSRL blocks, all at most MCL, at most MSRC+1
-    ranges; refused by name otherwise (nothing sent)."""
-    from nvmevfio.errors import Refused
-
-    if len(slbs) != len(blocks) or not slbs:
-        raise click.UsageError("--slbs and --blocks need the same number of entries (at least one)")
-    if len(slbs) > msrc + 1:
-        raise Refused("copy-too-many-ranges", f"{len(slbs)} source ranges; the namespace takes {msrc + 1} (MSRC)",
-                      ranges=len(slbs), msrc=msrc)
-    for nlb in blocks:
-        if nlb + 1 > mssrl:
-            raise Refused("copy-range-too-long", f"a source range of {nlb + 1} blocks; the namespace takes "
-                          f"{mssrl} (MSSRL)", blocks=nlb + 1, mssrl=mssrl)
-    if sum(b + 1 for b in blocks) > mcl:
-        raise Refused("copy-too-long", f"{sum(b + 1 for b in blocks)} blocks in all; the namespace copies "
-                      f"{mcl} at most (MCL)", blocks=sum(b + 1 for b in blocks), mcl=mcl)
-    out = bytearray(len(slbs) * COPY_RANGE)
-    for i, (s, b) in enumerate(zip(slbs, blocks)):
-        out[i * COPY_RANGE + 8 : i * COPY_RANGE + 16] = s.to_bytes(8, "little")
-        out[i * COPY_RANGE + 16 : i * COPY_RANGE + 18] = b.to_bytes(2, "little")
-    return bytes(out)
-
-
 @main.command("copy")
 @block_address_arg
 @nsid_opt
@@ -463,9 +498,22 @@ def copy_ranges(slbs: list[int], blocks: list[int], *, mssrl: int, mcl: int, msr
 @click.option("-b", "--blocks", type=NUM_LIST, required=True, help="blocks in each range, 0's based (a,b,...)")
 @limited_retry_opt
 @fua_opt
-@click.option("-F", "--format", "fmt_", type=click.IntRange(0, 0), default=0, help="source range format: 0 only")
+@click.option("-p", "--prinfow", type=num(0, 15), default=0, help="PRINFO of the writes (PRINFOW)")
+@click.option("-P", "--prinfor", type=num(0, 15), default=0, help="PRINFO of the reads (PRINFOR)")
+@click.option("-r", "--ref-tag", type=IONUM, default=0, help="initial reference tag of the writes (ILBRT)")
+@click.option("-R", "--expected-ref-tags", type=NUM_LIST, default="", help="each range's EILBRT (a,b,...)")
+@click.option("-a", "--app-tag", type=num(0, 0xFFFF), default=0, help="application tag of the writes (LBAT)")
+@click.option("-A", "--expected-app-tags", type=NUM_LIST, default="", help="each range's ELBAT (a,b,...)")
+@click.option("-m", "--app-tag-mask", type=num(0, 0xFFFF), default=0, help="application tag mask (LBATM)")
+@click.option("-M", "--expected-app-tag-masks", type=NUM_LIST, default="", help="each range's ELBATM (a,b,...)")
+@click.option("-T", "--dir-type", "dtype", type=num(0, 15), default=0, help="directive type (DTYPE)")
+@click.option("-S", "--dir-spec", "dspec", type=num(0, 0xFFFF), default=0, help="directive specific (DSPEC)")
+@click.option("-F", "--format", "fmt_", type=num(0, 1), default=0,
+              help="source range format: 0 (32-byte ranges) or 1 (40-byte, for 32b/64b guard formats; OCFS bit 1)")
 def copy_cmd(address: str, nsid: int, sdlba: int, slbs: list[int], blocks: list[int], limited_retry: bool,
-             fua: bool, fmt_: int) -> None:
+             fua: bool, prinfow: int, prinfor: int, ref_tag: int, expected_ref_tags: list[int], app_tag: int,
+             expected_app_tags: list[int], app_tag_mask: int, expected_app_tag_masks: list[int], dtype: int,
+             dspec: int, fmt_: int) -> None:
     """Copy (NVM opcode 19h): source ranges to one destination in the namespace, within its MSSRL, MCL
     and MSRC (refused by name otherwise, and where ONCS has no Copy).
 
@@ -478,11 +526,19 @@ def copy_cmd(address: str, nsid: int, sdlba: int, slbs: list[int], blocks: list[
         p = dev.provider
         if not p.id_ctrl.get("oncs", 0) & (1 << 8):
             raise Refused("unsupported-command", "the controller does not support Copy (ONCS bit 8)")
+        Control(dtype=dtype, dspec=dspec).check(p)
+        if fmt_ and not p.id_ctrl.get("ocfs", 0) & (1 << fmt_):  # format 0 comes with Copy (ONCS bit 8)
+            raise Refused("copy-format-unsupported", f"source range format {fmt_}: the controller's OCFS "
+                          f"({p.id_ctrl.get('ocfs', 0):#x}) does not have it", format=fmt_)
         ident = p.identify_namespace(nsid).identify
-        ranges = copy_ranges(slbs, blocks, mssrl=ident["mssrl"], mcl=ident["mcl"], msrc=ident["msrc"])
+        ranges = copy_ranges(slbs, blocks, mssrl=ident["mssrl"], mcl=ident["mcl"], msrc=ident["msrc"],
+                             eilbrts=tuple(expected_ref_tags), elbats=tuple(expected_app_tags),
+                             elbatms=tuple(expected_app_tag_masks), fmt=fmt_)
         for s, b in zip(slbs, blocks):
             dev.check_window(s, b + 1)
         dev.check_window(sdlba, sum(b + 1 for b in blocks))
-        cdw12 = (len(slbs) - 1) | int(limited_retry) << 31 | int(fua) << 30
-        p.io_passthru(0x19, nsid=nsid, data=ranges, cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=cdw12)
+        p.io_passthru(0x19, nsid=nsid, data=ranges, **copy_dwords(sdlba, len(slbs), lr=limited_retry, fua=fua,
+                                                                   prinfor=prinfor, prinfow=prinfow, dtype=dtype,
+                                                                   dspec=dspec, ilbrt=ref_tag, lbat=app_tag,
+                                                                   lbatm=app_tag_mask, fmt=fmt_))
     click.echo("NVMe Copy: success")

@@ -33,6 +33,27 @@ ID_NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc", "dps", "nmi
 
 
 # ------------------------------------------------------------------ registers and identify
+# show-regs -o json's keys, nvme-cli 2.3's order (json_ctrl_registers)
+NVME_CLI_REGS = ("cap", "vs", "intms", "intmc", "cc", "csts", "nssr", "crto", "aqa", "asq", "acq", "cmbloc", "cmbsz",
+                 "bpinfo", "bprsel", "bpmbl", "cmbmsc", "cmbsts", "pmrcap", "pmrctl", "pmrsts", "pmrebs", "pmrswtp",
+                 "pmrmscl", "pmrmscu")
+REGISTER_FILE = 0xE1C  # bytes nvme-cli's show-regs -o binary dumps (0000h..0E1Bh)
+
+
+def register_file(values: dict[str, int | None]) -> bytes:
+    """show-regs -o binary: nvme-cli's 0E1Ch bytes of BAR0, built from the registers its show-regs
+    reads, each at its offset (NVMe Base 2.0, 3.1.4); every other byte 0, and a withheld register
+    (the no-IOMMU lane's physical addresses) 0."""
+    from nvmevfio.nvme import regs
+
+    out = bytearray(REGISTER_FILE)
+    for name, at, width in (("cap", regs.CAP, 8), ("vs", regs.VS, 4), ("cc", regs.CC, 4), ("csts", regs.CSTS, 4),
+                            ("aqa", regs.AQA, 4), ("asq", regs.ASQ, 8), ("acq", regs.ACQ, 8), *regs.SHOWN):
+        if values.get(name) is not None and at + width <= REGISTER_FILE:
+            out[at : at + width] = int(values[name] or 0).to_bytes(width, "little")
+    return bytes(out)
+
+
 @main.command("show-regs")
 @address_arg
 @output_opt
@@ -50,21 +71,24 @@ def show_regs(address: str, fmt: str, human: bool) -> None:
     from nvmevfio.nvme import regs
 
     with controller(address, enable=False) as s:
-        r = s.registers(every=human and fmt != "json")
+        r = s.registers(every=human or fmt != "normal")
         iommu = s.iommu
         info = {"address": s.address, "cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts,
                 "version": regs.version_string(r.vs), "decoded": r.decoded(), "bar0_size": s.bar0_size,
                 "pci_command": s.pci_command, "iommu_backend": iommu.backend, "iova_pgsizes": iommu.iova_pgsizes,
                 "iova_ranges": [{"start": a, "end": b} for a, b in iommu.ranges]}
-    if fmt == "json":
-        _emit_json(info)
+    values = {"cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts, "aqa": r.aqa, "asq": r.asq, "acq": r.acq,
+              **r.others}
+    if fmt == "binary":
+        _write_data(register_file(values), True)
+        return
+    if fmt == "json":  # nvme-cli's keys (json_ctrl_registers), and nvmevfio's own
+        _emit_json({**{k: values.get(k) for k in NVME_CLI_REGS}, **info})
         return
     summary = human  # with -H stdout is nvme-cli's text, nvmevfio's own lines go to stderr
     if human:
         from nvmevfio.cli.human_regs import registers
 
-        values = {"cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts, "aqa": r.aqa, "asq": r.asq, "acq": r.acq,
-                  **r.others}
         click.echo("\n".join(registers(values)).encode() + b"\n", nl=False)
     click.echo(f"{info['address']}: NVMe {info['version']}, BAR0 {info['bar0_size']:#x} bytes, "
                f"PCI command {info['pci_command']:#06x}", err=summary)
@@ -169,6 +193,8 @@ def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binar
         else:
             raws = []
             idents = [(n, s.identify_namespace(n).identify) for n in nsids]
+        if not raws and fmt != "json" and any(n["nulbaf"] for _, n in idents):  # the formats past NLBAF: raw
+            raws = [identify_raw(s, 0x00, n) for n in nsids]
     if binary:
         _write_data(b"".join(raws), True)
         return
@@ -179,7 +205,7 @@ def id_ns(address: str, nsid: int, force: bool, vendor_specific: bool, raw_binar
     for i, (n_id, n) in enumerate(idents):
         if i:
             click.echo("")
-        _print_id_ns(n_id, n, human)
+        _print_id_ns(n_id, n, human, raws[i] if raws else None)
         if vendor_specific:
             click.echo(_vendor_dump(raws[i], 384), nl=False)
 
@@ -192,7 +218,18 @@ ID_NS_TEXT = ("nsze", "ncap", "nuse", "nsfeat", "nlbaf", "flbas", "mc", "dpc", "
 ID_NS_OPTIMAL = {"npwg", "npwa", "npdg", "npda", "nows"}
 
 
-def _print_id_ns(nsid: int, n: dict[str, Any], human: bool) -> None:
+def lba_formats(n: dict[str, Any], raw: bytes | None) -> list[dict[str, int]]:
+    """The LBA formats id-ns's text shows: 0..NLBAF+NULBAF, as nvme-cli 2.3 prints them (the formats
+    with unique attributes past NLBAF too, read from the raw structure's LBAF array at byte 128, 64
+    entries at most; its JSON, like the parser's, stops at NLBAF)."""
+    count = min(n["nlbaf"] + n.get("nulbaf", 0) + 1, 64)
+    if raw is None or count <= len(n["lbafs"]):
+        return list(n["lbafs"])
+    words = (int.from_bytes(raw[128 + 4 * i : 132 + 4 * i], "little") for i in range(count))
+    return [{"ms": d & 0xFFFF, "ds": (d >> 16) & 0xFF, "rp": (d >> 24) & 0x3} for d in words]
+
+
+def _print_id_ns(nsid: int, n: dict[str, Any], human: bool, raw: bytes | None = None) -> None:
     from nvmevfio.cli import human as decode
     from nvmevfio.nvme import structures
 
@@ -206,11 +243,12 @@ def _print_id_ns(nsid: int, n: dict[str, Any], human: bool) -> None:
         if human:
             lines += decode.id_ns_field(k, v)
     if human:  # nvme-cli's -H line, its in-use mark from FLBAS as libnvme reads it
-        lines += [decode.lba_format(i, f, i == decode.lbaf_in_use(n["flbas"])) for i, f in enumerate(n["lbafs"])]
+        lines += [decode.lba_format(i, f, i == decode.lbaf_in_use(n["flbas"]))
+                  for i, f in enumerate(lba_formats(n, raw))]
     else:
         in_use = structures.flbas_index(n["flbas"], n["nlbaf"])
         lines += [f"lbaf {i:>2} : ms:{f['ms']:<3} lbads:{f['ds']:<2} rp:{decode.hex0(f['rp'])} "
-                  f"{'(in use)' if i == in_use else ''}" for i, f in enumerate(n["lbafs"])]
+                  f"{'(in use)' if i == in_use else ''}" for i, f in enumerate(lba_formats(n, raw))]
     click.echo("\n".join(lines))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import locale
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,12 +192,53 @@ def c_hex(value: int) -> str:
     return f"{value:#010x}" if value else "00000000"
 
 
+SELECT_NAMES = {0: "Current", 1: "Default", 2: "Saved", 3: "Supported capabilities", 8: "Changed"}
+SC_INVALID_FIELD = 0x02  # Generic Command Status: Invalid Field in Command (NVMe Base 2.0, 4.2.3.1)
+
+
+def _get_feature(s: Any, fid: int, sel: int, nsid: int, cdw11: int, data_len: int, uuid_index: int
+                 ) -> tuple[int, bytes | None]:
+    """One Get Features (SEL 0..7 in CDW10 10:8), as nvme-cli's get_feature_id: the feature's own data
+    length unless -l says; 16 bytes for the extended Host Identifier and 255 descriptors for FDP
+    Events whatever -l says; no data for SEL 3. Returns (DW0, the data or None)."""
+    from nvmevfio.cli.human_features import feature_data_len
+
+    data_len = data_len or feature_data_len(fid, cdw11)
+    if (fid == 0x81 and cdw11 & 1) or fid == 0x1E:
+        data_len = feature_data_len(fid, cdw11)
+    if fid == 0x1E:
+        cdw11 |= 0xFF << 16
+    if sel == 3:
+        data_len = 0
+    if data_len or uuid_index or sel > 3 or not fid:
+        return s.admin_passthru(0x0A, nsid=nsid, data_len=data_len, cdw10=fid | sel << 8, cdw11=cdw11,
+                                cdw14=uuid_index)
+    return s.get_features(fid, sel=sel, nsid=nsid, cdw11=cdw11), None
+
+
+def _changed(s: Any, fid: int, nsid: int, cdw11: int, data_len: int, uuid_index: int) -> tuple[int, bytes | None, bool]:
+    """nvme-cli's -s 8 (get_feature_id_changed): the current value, and whether to show it: when the
+    default differs, or cannot be read, or (nvme-cli's strcmp of the two buffers) both buffers read
+    equal as C strings."""
+    from nvmevfio.errors import CommandError
+
+    value, data = _get_feature(s, fid, 0, nsid, cdw11, data_len, uuid_index)
+    try:
+        dvalue, ddata = _get_feature(s, fid, 1, nsid, cdw11, data_len, uuid_index)
+    except CommandError:
+        return value, data, True
+    same_text = data is not None and ddata is not None and data.split(b"\0")[0] == ddata.split(b"\0")[0]
+    return value, data, value != dvalue or same_text
+
+
 @main.command("get-feature")
 @address_arg
-@click.option("-f", "--feature-id", "fid", type=num(1, 255), required=True, help="feature identifier")
+@click.option("-f", "--feature-id", "fid", type=num(0, 255), default=0,
+              help="feature identifier (default 0: every feature, as nvme-cli)")
 @click.option("-n", "--namespace-id", "nsid", type=NUM, default=0, show_default=True)
-@click.option("-s", "--sel", type=num(0, 3), default=0, show_default=True,
-              help="0 current, 1 default, 2 saved, 3 supported capabilities")
+@click.option("-s", "--sel", type=num(0, 8), default=0, show_default=True,
+              help="0 current, 1 default, 2 saved, 3 supported capabilities, 8 changed (shown only when the "
+                   "current value differs from the default); 4-7 are sent as given (reserved)")
 @click.option("-l", "--data-len", type=NUM, default=0, help="bytes the feature returns (e.g. LBA Range Type)")
 @raw_binary_opt
 @click.option("-c", "--cdw11", type=NUM, default=0, help="feature-specific CDW11")
@@ -205,39 +247,56 @@ def c_hex(value: int) -> str:
 @output_format_opt(binary=False)
 def get_feature(address: str, fid: int, nsid: int, sel: int, data_len: int, raw_binary: bool, cdw11: int,
                 uuid_index: int, human: bool, fmt: str) -> None:
-    """Get Features (admin opcode 0Ah); ``-H`` decodes the value.
+    """Get Features (admin opcode 0Ah); ``-H`` decodes the value. Without -f, every feature the
+    controller has (1..255; those it refuses with Invalid Field are skipped, as nvme-cli does).
 
     \b
     Example: nvmevfio get-feature 00:04.0 -f 0x07 -H
+             nvmevfio get-feature 00:04.0 -f 0x04 -s 8 (only if changed from its default)
     """
-    from nvmevfio.cli.human_features import FEATURE_NAMES, feature_data_len, feature_text, select_result
+    from nvmevfio.errors import CommandError
 
-    # nvme-cli's get_feature_id: the feature's own data length unless -l says; 16 bytes for the extended
-    # Host Identifier and 255 descriptors for FDP Events whatever -l says; no data for SEL 3
-    data_len = data_len or feature_data_len(fid, cdw11)
-    if (fid == 0x81 and cdw11 & 1) or fid == 0x1E:
-        data_len = feature_data_len(fid, cdw11)
-    if fid == 0x1E:
-        cdw11 |= 0xFF << 16
-    if sel == 3:
-        data_len = 0
-    data: bytes | None = None
+    shown: list[dict[str, Any]] = []
+    failed: CommandError | None = None
     with controller(address) as s, errors():
-        if data_len or uuid_index:
-            value, data = s.admin_passthru(0x0A, nsid=nsid, data_len=data_len, cdw10=fid | sel << 8, cdw11=cdw11,
-                                           cdw14=uuid_index)
-        else:
-            value = s.get_features(fid, sel=sel, nsid=nsid, cdw11=cdw11)
-    name = FEATURE_NAMES.get(fid, "Unknown")
-    if fmt == "json":
-        _emit_json({"feature_id": fid, "name": name, "sel": sel, "value": value,
-                    **({"data": data.hex()} if data is not None else {})})
-        return
+        for f in range(fid, fid + 1 if fid else 0x100):  # nvme-cli: 0 means all, from 0, each shown as read
+            failed = None
+            try:
+                if sel == 8:
+                    value, data, show = _changed(s, f, nsid, cdw11, data_len, uuid_index)
+                else:
+                    (value, data), show = _get_feature(s, f, sel, nsid, cdw11, data_len, uuid_index), True
+            except CommandError as exc:
+                if fid or (exc.sct, exc.sc) != (0, SC_INVALID_FIELD):
+                    raise
+                failed = exc  # not a feature of this controller: skipped (nvme-cli's exit is the last one's)
+                continue
+            if show and fmt == "json":
+                shown.append({"feature_id": f, "name": _feature_name(f), "sel": sel, "value": value,
+                              **({"data": data.hex()} if data is not None else {})})
+            elif show:
+                _show_feature(f, sel, value, data, raw_binary, human)
+    if fmt == "json" and (shown or not fid):  # one object for one feature, a list of them for every feature
+        _emit_json(shown if not fid else shown[0])
+    if failed is not None:
+        sys.exit(1)
+
+
+def _feature_name(fid: int) -> str:
+    from nvmevfio.cli.human_features import FEATURE_NAMES
+
+    return FEATURE_NAMES.get(fid, "Unknown")
+
+
+def _show_feature(fid: int, sel: int, value: int, data: bytes | None, raw_binary: bool, human: bool) -> None:
+    """nvme-cli's get_feature_id_print."""
+    from nvmevfio.cli.human_features import feature_text, select_result
+
+    name = _feature_name(fid)
     if raw_binary and data:  # nvme-cli: -b with a buffer prints the buffer's bytes only
         _write_data(data, True)
         return
-    which = ["Current", "Default", "Saved", "Supported capabilities"][sel]
-    click.echo(f"get-feature:{fid:#04x} ({name}), {which} value:{c_hex(value)}")
+    click.echo(f"get-feature:{fid:#04x} ({name}), {SELECT_NAMES.get(sel, 'Reserved')} value:{c_hex(value)}")
     if sel == 3:
         for line in select_result(value):
             click.echo(line)
@@ -268,9 +327,10 @@ def _user_locale() -> Iterator[None]:
 @click.option("-l", "--data-len", type=NUM, default=0, help="bytes of --data to send")
 @click.option("-d", "--data", "data_file", type=click.File("rb"), help="a data buffer the feature takes")
 @click.option("-s", "--save", is_flag=True, help="keep the value across resets (CDW10.SV)")
+@click.option("-U", "--uuid-index", type=num(0, 127), default=0, help="UUID index (CDW14 6:0)")
 @output_format_opt(binary=False)
 def set_feature(address: str, nsid: int, fid: int, value: int, cdw12: int, data_len: int, data_file: Any, save: bool,
-                fmt: str) -> None:
+                uuid_index: int, fmt: str) -> None:
     """Set Features (admin opcode 09h). Number of Queues and Host Memory Buffer are the broker's.
 
     \b
@@ -280,7 +340,11 @@ def set_feature(address: str, nsid: int, fid: int, value: int, cdw12: int, data_
 
     data = data_file.read(data_len or -1) if data_file is not None else None
     with controller(address) as s, errors():
-        dw0 = s.set_features(fid, value, cdw12=cdw12, save=save, nsid=nsid, data=data)
+        if uuid_index:  # CDW14's UUID index: through the passthrough (which refuses the broker's features too)
+            dw0, _ = s.admin_passthru(0x09, nsid=nsid, data=data, cdw10=fid | int(save) << 31, cdw11=value,
+                                      cdw12=cdw12, cdw14=uuid_index)
+        else:
+            dw0 = s.set_features(fid, value, cdw12=cdw12, save=save, nsid=nsid, data=data)
     name = FEATURE_NAMES.get(fid, "Unknown")
     if fmt == "json":
         _emit_json({"feature_id": fid, "name": name, "value": value, "cdw12": cdw12, "save": save, "result": dw0})
@@ -349,6 +413,35 @@ def _show_decoded(d: dict[str, Any], indent: str = "") -> None:
             click.echo(f"{indent}{k:<{width}} : {shown}")
 
 
+SANITIZE_STATUS = {0: "NVM Subsystem has never been sanitized.",
+                   1: "Most Recent Sanitize Command Completed Successfully.", 2: "Sanitize in Progress.",
+                   3: "Most Recent Sanitize Command Failed.",
+                   4: "Most Recent Sanitize Command (No-Deallocate After Sanitize) Completed Successfully."}
+_SANITIZE_TIMES = ("Overwrite                   ", "Block Erase                 ", "Crypto Erase                ",
+                   "Overwrite (No-Deallocate)   ", "Block Erase (No-Deallocate) ", "Crypto Erase (No-Deallocate)")
+
+
+def sanitize_log_text(page: bytes, human: bool) -> str:
+    """The Sanitize Status log (81h) as nvme-cli 2.3's nvme_show_sanitize_log prints it; ``-H`` adds
+    SPROG's percentage (while a sanitize runs) and SSTAT's fields."""
+    sprog, sstat = int.from_bytes(page[0:2], "little"), int.from_bytes(page[2:4], "little")
+    words = [int.from_bytes(page[at : at + 4], "little") for at in range(4, 32, 4)]
+    lines = [f"Sanitize Progress                      (SPROG) :  {sprog}"
+             + (f"\t({sprog * 100 / 0x10000:f}%)" if human and sstat & 7 == 2 else ""),
+             f"Sanitize Status                        (SSTAT) :  {hex(sstat & 7) if sstat & 7 else 0}"]
+    if human:
+        erased = ("Global Data Erased set: no NS LB in the NVM subsystem has been written to and no PMR in the NVM "
+                  "subsystem has been enabled" if sstat & 0x100 else "Global Data Erased cleared: a NS LB in the NVM "
+                  "subsystem has been written to or a PMR in the NVM subsystem has been enabled")
+        lines += [f"\t[2:0]\t{SANITIZE_STATUS.get(sstat & 7, 'Unknown')}",
+                  f"\t[7:3]\tNumber of completed passes if most recent operation was overwrite:\t{sstat >> 3 & 0x1F}",
+                  f"\t  [8]\t{erased}"]
+    lines.append(f"Sanitize Command Dword 10 Information (SCDW10) :  {hex(words[0]) if words[0] else 0}")
+    lines += [f"Estimated Time For {name}:  {v}{' (No time period reported)' if v == 0xFFFFFFFF else ''}"
+              for name, v in zip(_SANITIZE_TIMES, words[1:])]
+    return "\n".join(lines) + "\n"
+
+
 @main.command("sanitize-log")
 @address_arg
 @click.option("-r", "--rae", is_flag=True, help="retain the asynchronous event (the broker re-reads it anyway)")
@@ -372,13 +465,12 @@ def sanitize_log(address: str, rae: bool, fmt: str, human: bool, raw_binary: boo
     if fmt == "json":
         _emit_json({_address(address): d})
         return
-    click.echo(f"Sanitize Progress Log for device:{_address(address)}")
-    _show_decoded(d)
+    click.echo(sanitize_log_text(data, human), nl=False)
 
 
 @main.command("self-test-log")
 @address_arg
-@click.option("-e", "--dst-entries", type=click.IntRange(1, 20), default=20, show_default=True,
+@click.option("-e", "--dst-entries", type=num(1, 20), default=20, show_default=True,
               help="how many of the 20 results to show, newest first")
 @raw_binary_opt
 @output_opt

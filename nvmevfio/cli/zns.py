@@ -23,6 +23,7 @@ from nvmevfio.cli.common import (
     errors,
     main,
     nsid_opt,
+    num,
     output_opt,
 )
 
@@ -104,7 +105,7 @@ def id_ns(address: str, nsid: int, fmt: str) -> None:
 @nsid_opt
 @click.option("-s", "--start-lba", "slba", type=IONUM, default=0, show_default=True, help="starting LBA of the zone")
 @click.option("-d", "--descs", type=NUM, default=None, help="number of descriptors to retrieve (default: all of them)")
-@click.option("-S", "--state", type=click.IntRange(0, 7), default=0, show_default=True,
+@click.option("-S", "--state", type=num(0, 7), default=0, show_default=True,
               help="state of zones to list (ZRASF: 0 all, 1 empty, 2 implicitly opened, 3 explicitly opened, "
                    "4 closed, 5 full, 6 read only, 7 offline)")
 @output_opt

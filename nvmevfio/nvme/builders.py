@@ -341,6 +341,27 @@ def write_zeroes(nsid: int, slba: int, nlb: int, *, deac: bool = False) -> Comma
     return _blocks(IoOpcode.WRITE_ZEROES, "Write Zeroes", nsid, slba, nlb, cdw12=_flag(deac) << 25)
 
 
+_STC = 1 << 24  # CDW12 Storage Tag Check (NVM Command Set 1.0, 3.2.4)
+
+
+def nvm_io(opc: int, nsid: int, slba: int, nlb: int, *, lr: bool = False, fua: bool = False, prinfo: int = 0,
+           stc: bool = False, dtype: int = 0, dspec: int = 0, dsm: int = 0, reftag: int = 0, apptag: int = 0,
+           appmask: int = 0, cdw12: int = 0, command: str = "") -> Command:
+    """Read, Write, Compare, Verify or Write Zeroes with every field nvme-cli's submit_io, verify and
+    write-zeroes set (NVM Command Set 1.0, 3.2; libnvme's nvme_io): CDW10/11 SLBA; CDW12 NLB 15:0
+    (``nlb`` blocks, 1..65536), LR bit 31, FUA 30, PRINFO 29:26 (PRACT 29, PRCHK 28:26), STC 24,
+    DTYPE 23:20, and ``cdw12``'s own bits (Write Zeroes' DEAC 25); CDW13 DSPEC 31:16 and DSM 7:0
+    (the dataset management hints); CDW14 EILBRT; CDW15 LBATM 31:16, LBAT 15:0. The data pointer and
+    the metadata pointer are the broker's."""
+    name = command or f"NVM command {opc:#04x}"
+    cmd = _blocks(opc, name, nsid, slba, nlb, fua=fua, lr=lr,
+                  cdw12=(_fit(name, "PRINFO", prinfo, 4) << 26) | (_flag(stc) * _STC)
+                  | (_fit(name, "DTYPE", dtype, 4) << 20) | cdw12)
+    return dataclasses.replace(cmd, cdw13=(_fit(name, "DSPEC", dspec, 16) << 16) | _fit(name, "DSM", dsm, 8),
+                               cdw14=_fit(name, "EILBRT", reftag, 32),
+                               cdw15=(_fit(name, "LBATM", appmask, 16) << 16) | _fit(name, "LBAT", apptag, 16))
+
+
 def dataset_management(nsid: int, ranges: int, *, deallocate: bool = False) -> Command:
     """Dataset Management (NVM 3.2.3): CDW10 NR 7:0, 0's based (1..256 ranges); CDW11 AD bit 2
     (deallocate). The range list is data."""

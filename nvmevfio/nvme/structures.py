@@ -104,7 +104,7 @@ ID_NS = [
     ("nvmcap", 48, 64, "u"), ("nsattr", 99, 100, "u"), ("nvmsetid", 100, 102, "u"),
     ("npwg", 64, 66, "u"), ("npwa", 66, 68, "u"), ("npdg", 68, 70, "u"), ("npda", 70, 72, "u"),
     ("nows", 72, 74, "u"), ("mssrl", 74, 76, "u"), ("mcl", 76, 80, "u"), ("msrc", 80, 81, "u"),
-    ("nulbaf", 81, 82, "u"), ("anagrpid", 92, 96, "u"), ("endgid", 102, 104, "u"),
+    ("nulbaf", 82, 83, "u"), ("anagrpid", 92, 96, "u"), ("endgid", 102, 104, "u"),  # NULBAF: byte 82 (NVM 1.1)
     ("eui64", 120, 128, "hex"), ("nguid", 104, 120, "hex"),
 ]
 

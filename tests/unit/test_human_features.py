@@ -225,3 +225,75 @@ def test_get_feature_reads_the_data_nvme_cli_reads_and_prints_as_it_does(monkeyp
     assert calls == [("passthru", 0x0A, 16, 0x81, 1)]  # the extended 128-bit Host Identifier, whatever -l says
     calls, _ = _get_feature(monkeypatch, ["-f", "0x1e", "-H"])
     assert calls == [("passthru", 0x0A, 510, 0x1E, 0xFF << 16)]  # FDP Events: 255 descriptors
+
+
+class _Features(_Session):
+    """A controller with features 0x04 (current 0x157, default ``default``) and 0x07; Invalid Field
+    for every other feature id."""
+
+    def __init__(self, default=0x15F):
+        super().__init__(0, b"")
+        self.default = default
+
+    def _answer(self, fid, sel):
+        from nvmevfio.errors import CommandError
+
+        if fid not in (0x04, 0x07) or sel > 3:
+            raise CommandError("Get Features", 0, 0x02, True, sct_name="Generic Command Status",
+                               sc_name="Invalid Field in Command")
+        return {(0x04, 0): 0x157, (0x04, 1): self.default, (0x07, 0): 0x3F003F}.get((fid, sel), 0x3F003F)
+
+    def get_features(self, fid, *, sel, nsid, cdw11):
+        self.calls.append(("get_features", fid, sel, cdw11))
+        return self._answer(fid, sel)
+
+    def admin_passthru(self, opcode, *, nsid, data_len, cdw10, cdw11, cdw14):
+        self.calls.append(("passthru", opcode, data_len, cdw10, cdw11))
+        return self._answer(cdw10 & 0xFF, cdw10 >> 8 & 7), None
+
+
+def _features(monkeypatch, args, session):
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from nvmevfio.cli import logs
+    from nvmevfio.cli.common import main
+
+    monkeypatch.setattr(logs, "controller", lambda address: contextlib.nullcontext(session))
+    return CliRunner().invoke(main, ["get-feature", "00:04.0", *args])
+
+
+def test_get_feature_sel_8_shows_a_feature_only_when_changed(monkeypatch):
+    """nvme-cli 2.3's -s 8: the current (SEL 0) and default (SEL 1) values, shown under "Changed" only
+    when they differ."""
+    s = _Features()
+    r = _features(monkeypatch, ["-f", "0x04", "-s", "8", "-H"], s)
+    assert r.exit_code == 0 and [c[:3] for c in s.calls] == [("get_features", 4, 0), ("get_features", 4, 1)]
+    assert r.stdout.splitlines()[0] == "get-feature:0x04 (Temperature Threshold), Changed value:0x00000157"
+    assert "\tTemperature Threshold         (TMPTH): 70°C (343 Kelvin)" in r.stdout
+    s = _Features(default=0x157)  # unchanged: nothing shown, exit 0
+    r = _features(monkeypatch, ["-f", "4", "-s", "8"], s)
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+def test_get_feature_reserved_select_goes_to_the_device(monkeypatch):
+    s = _Features()
+    r = _features(monkeypatch, ["-f", "0x04", "-s", "5"], s)
+    assert s.calls == [("passthru", 0x0A, 0, 0x504, 0)]  # SEL 5 in CDW10 10:8, as nvme-cli sends it
+    assert r.exit_code == 1 and "Invalid Field in Command" in r.stderr
+    r = _features(monkeypatch, ["-f", "0x04", "-s", "9"], s)  # nvme-cli: "invalid 'select' param", exit 1
+    assert r.exit_code == 1 and len(s.calls) == 1
+
+
+def test_get_feature_without_an_id_reads_every_feature(monkeypatch):
+    """nvme-cli 2.3 without -f: features 0..255, Invalid Field skipped silently; its exit status is the
+    last feature's (255: Invalid Field here, so 1)."""
+    s = _Features()
+    r = _features(monkeypatch, [], s)
+    assert len(s.calls) == 256 and s.calls[0] == ("passthru", 0x0A, 0, 0, 0)
+    assert r.stdout.splitlines() == ["get-feature:0x04 (Temperature Threshold), Current value:0x00000157",
+                                     "get-feature:0x07 (Number of Queues), Current value:0x003f003f"]
+    assert r.exit_code == 1 and r.stderr == ""
+    r = _features(monkeypatch, ["-o", "json"], _Features())
+    assert [d["feature_id"] for d in __import__("json").loads(r.stdout)] == [4, 7]

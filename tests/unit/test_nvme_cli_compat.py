@@ -16,53 +16,41 @@ from nvmevfio.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "nvme-cli.md"
 
-_PI = "end-to-end protection information is not authored here (PRINFO 0); read and write take it"
-_META = "the metadata pointer is the broker's; read and write move metadata (it authors MPTR from its own buffer)"
-_STORAGE_TAG = "storage tags (formats with STS) are not authored: QEMU 7.2's model has none"
-_DIR = "directives are not offered"
-_LRFUA = "the broker's command carries no LR/FUA bit yet"
-_FORCE = "nvmevfio holds the controller alone through VFIO: there is no other opener to exclude"
-_PI_OPTS = ("prinfo", "ref-tag", "app-tag-mask", "app-tag", "storage-tag", "storage-tag-check")
+_REF_TAG = ("default: the first block's LBA (low 32 bits) where the format's protection is type 1 or 2, which "
+            "its check needs; nvme-cli's is 0")
+_STORAGE_TAG = ("0 only: a nonzero tag is refused by name (storage-tag-unsupported): formats with storage tag bits "
+                "(STS) are not authored (QEMU 7.2's have none, where nvme-cli refuses a nonzero tag too)")
+_DIR = ("refused by name (directives-unsupported) where the controller has no Directives (Identify Controller "
+        "OACS bit 5 is 0, as QEMU 7.2's; nvme-cli sends the fields anyway); sent as given where it has them")
+_FORCE = "accepted and ignored: nvmevfio holds the controller alone through VFIO, there is no other opener to exclude"
 
-NOT_OFFERED: dict[tuple[str, str], str] = {
-    **{(c, o): _PI for c in ("compare", "verify", "write-zeroes") for o in _PI_OPTS},
-    **{(c, o): _STORAGE_TAG for c in ("read", "write") for o in ("storage-tag", "storage-tag-check")},
-    **{("compare", o): _META for o in ("metadata-size", "metadata")},
-    **{(c, o): _DIR for c in ("read", "write", "compare", "copy") for o in ("dir-type", "dir-spec")},
-    **{(c, o): _LRFUA for c in ("read", "write", "compare", "verify", "write-zeroes")
-       for o in ("limited-retry", "force-unit-access")},
-    **{(c, "force"): _FORCE for c in ("read", "write", "compare")},
-    **{(c, "dsm"): "the DSM hint field of READ/WRITE is not authored" for c in ("read", "write", "compare")},
-    **{("copy", o): _PI for o in ("prinfow", "prinfor", "ref-tag", "expected-ref-tags", "app-tag",
-                                  "expected-app-tags", "app-tag-mask", "expected-app-tag-masks")},
-    **{("create-ns", o): "the broker's Namespace Management authors NSZE, NCAP, FLBAS, DPS and NMIC only"
-       for o in ("anagrp-id", "nvmset-id", "block-size", "csi", "lbstm", "nsze-si", "ncap-si", "timeout")},
-    ("set-feature", "uuid-index"): "the broker's Set Features authors CDW14 as 0",
-}
+NOT_OFFERED: dict[tuple[str, str], str] = {}
 
 DIFFERENT: dict[tuple[str, str], str] = {
     ("read", "data-size"): "optional (default: the blocks' bytes); nvme-cli requires it",
-    **{(c, "ref-tag"): "default: the first block's LBA (low 32 bits), which type 1 needs; nvme-cli's is 0"
-       for c in ("read", "write")},
-    **{(c, "metadata-size"): "optional (default: block count x the format's metadata size)" for c in ("read", "write")},
+    **{(c, "ref-tag"): _REF_TAG for c in ("read", "write", "compare", "verify", "write-zeroes")},
+    **{(c, "metadata-size"): "optional (default: block count x the format's metadata size)"
+       for c in ("read", "write", "compare")},
+    **{(c, "storage-tag"): _STORAGE_TAG for c in ("read", "write", "compare", "verify", "write-zeroes")},
+    **{(c, o): _DIR for c in ("read", "write", "compare", "copy") for o in ("dir-type", "dir-spec")},
+    **{(c, "force"): _FORCE for c in ("read", "write", "compare")},
     ("write", "block-count"): "optional: without it the whole data (or --data-size bytes of it) is written",
-    ("read", "block-count"): "not limited to one command: more than MDTS is split (also compare's 65536 limit)",
-    ("get-feature", "sel"): "0-3; nvme-cli's 8 (changed: the feature only when it differs from its default) is "
-                            "not taken",
-    ("get-feature", "feature-id"): "required: nvme-cli without it reads every feature",
+    ("read", "block-count"): "not limited to one command: more than MDTS is split (also compare's 65536 limit), "
+                             "unless a field nvme-cli sends with the command is given (-l -f -C -g -T -S -D): then "
+                             "one command, as nvme-cli",
     ("show-regs", "human-readable"): "nvme-cli's decoded text for every register it reads, on stdout; nvmevfio's "
                                      "own lines (BAR0, the DMA lane, IOVA ranges) go to stderr. CC, CSTS, AQA, ASQ, "
                                      "ACQ are as nvmevfio left them (no queues: show-regs does not enable)",
-    ("show-regs", "output-format"): "normal|json: BAR0 is read by field, there is no register dump",
-    ("sanitize-log", "human-readable"): "accepted; the page is always decoded",
+    ("show-regs", "output-format"): "json: nvme-cli's keys and values, and nvmevfio's own (the DMA lane, IOVA ranges); "
+                                    "binary: nvme-cli's 0xE1C bytes built from the registers its show-regs reads, "
+                                    "each at its offset (every other byte 0; ASQ, ACQ, BPMBL 0 in the no-IOMMU lane, "
+                                    "where they are physical addresses)",
     ("sanitize-log", "rae"): "accepted; the broker reads the page for its own events anyway",
-    ("self-test-log", "verbose"): "accepted; every field is shown anyway",
     ("list", "verbose"): "accepted; the list always shows everything",
     ("list", "output-format"): "lists PCI functions (address, driver, IOMMU group), nvmevfio's JSON",
-    ("fw-download", "progress"): "accepted; the pieces are counted at the end",
-    ("fw-download", "ignore-ovr"): "accepted; nvmevfio never prompts here",
-    ("delete-ns", "timeout"): "accepted; the command timeout (nvmevfio --timeout S) applies",
-    ("copy", "format"): "0 only (format 0's 32-byte source ranges)",
+    **{("copy", o): "in ELBAT and ELBATM of each range (format 0 bytes 29:28 and 31:30, format 1 37:36 and 39:38), "
+                    "where NVM Command Set 1.0 puts them; nvme-cli 2.3 (libnvme 1.3's structs) swaps the two"
+       for o in ("expected-app-tags", "expected-app-tag-masks")},
     **{(c, o): "0 only: fused and SGL commands and the metadata pointer are the broker's"
        for c in ("admin-passthru", "io-passthru") for o in ("flags", "rsvd")},
     ("admin-passthru", "metadata-len"): "0 only: admin commands carry no metadata pointer",
@@ -119,13 +107,18 @@ def table() -> str:
         "",
         "## Exit status",
         "",
-        "Measured with nvme-cli 2.3: a usage error (unknown option, a bad number) exits 1 on the host; in the",
-        "test guest with the kernel driver, an NVMe status (Invalid Command Opcode from `sanitize`, Compare",
-        "Failure from `compare`, Invalid Field from `get-feature -f 0x55`) exits 1. nvmevfio returns the same",
-        "for the same class of failure. Its own classes, which nvme-cli does not have: 3 refused by name",
-        "before the device saw anything (e.g. `set-feature -f 7`, Number of Queues, is the broker's; nvme-cli",
-        "gets Command Sequence Error from the device and exits 1), 5 setup (not root, not bound to vfio-pci,",
-        "no IOMMU), 4 `perf --verify` found blocks that did not hold what was written.",
+        "nvme-cli 2.3 exits 0 or 1: its main() returns `err ? 1 : 0` whatever `err` was (an NVMe status, a",
+        "negative errno, a usage error; nvme.c at v2.3), and measured: a usage error exits 1 on the host, and",
+        "in the test guest with the kernel driver an NVMe status (Invalid Command Opcode from `sanitize`,",
+        "Compare Failure from `compare`, Invalid Field from `get-feature -f 0x55`) exits 1, as does",
+        "`subsystem-reset` where CAP.NSSRS is 0. nvmevfio's commands that nvme-cli has exit",
+        "the same, 0 or 1, for every failure, its refusals by name included (e.g. `subsystem-reset` where",
+        "CAP.NSSRS is 0, `set-feature -f 7`: Number of Queues is the broker's); the refusal's name is on",
+        "stderr. Their `-h`/`--help` exits 1 after the help, as nvme-cli 2.3's `nvme id-ctrl --help` does",
+        "(measured; `nvme --help` and `nvme help CMD` exit 0, as `nvmevfio --help`).",
+        "nvmevfio's own commands (`bind`, `unbind`, `shutdown`, `deallocate`, `perf`, `serve`,",
+        "`monitor`, `nbd`, `ublk`, `export`) keep its classes: 3 refused by name, 5 setup (not root, not",
+        "bound to vfio-pci, no IOMMU), 4 `perf --verify` found blocks that did not hold what was written.",
         "",
         "## Options, command by command",
         "",

@@ -198,7 +198,7 @@ def test_pi_cli_io_passthru_metadata(pi_ctrl, io_dir):
     md = np.frombuffer((io_dir / "pt.md").read_bytes(), dtype=np.uint8)
     assert len(md) == 16 and pi.Protection(1, 8, first=True).check(data, md, 600, appmask=0) is None
     r = nv("io-passthru", addr, "-n", 2, "--opcode", 0x02, "--cdw10", 600, "--data-len", BS, "--read", check=False)
-    assert r.returncode == 3 and b"[metadata-required]" in r.stderr, r.stderr
+    assert r.returncode == 1 and b"[metadata-required]" in r.stderr, r.stderr
 
 
 @TYPE1_ONLY
@@ -233,7 +233,7 @@ def test_pi_cli_format_then_io(pi_ctrl, io_dir):
            check=False)
     assert r.returncode == 1 and "End-to-end Application Tag Check Error" in r.stderr.decode(), r.stderr
     r = nv("write", addr, "-n", 4, "-s", 8, "-d", src, check=False)  # no metadata, no PRACT
-    assert r.returncode == 3 and "[metadata-required]" in r.stderr.decode(), r.stderr
+    assert r.returncode == 1 and "[metadata-required]" in r.stderr.decode(), r.stderr
 
 
 @TYPE1_ONLY
