@@ -244,7 +244,7 @@ def test_set_feature_with_a_uuid_index_goes_through_the_passthrough(monkeypatch)
                               "cdw14": 3})]
 
 
-def test_fw_download_as_nvme_cli(monkeypatch):
+def test_fw_download_as_nvme_cli(monkeypatch, tmp_path):
     """--offset in dwords (the image from there), --xfer rounded to 4096, progress lines, three tries unless
     DNR, Overlapping Range ignored with --ignore-ovr."""
     from nvmevfio.cli import admin
@@ -261,15 +261,13 @@ def test_fw_download_as_nvme_cli(monkeypatch):
 
     def run(session, *args, image=bytes(10000)):
         monkeypatch.setattr(admin, "controller", lambda address: contextlib.nullcontext(session))
-        with CliRunner().isolated_filesystem():
-            with open("fw.bin", "wb") as f:
-                f.write(image)
-            return CliRunner().invoke(main, ["fw-download", "00:04.0", "-f", "fw.bin", *args])
+        (tmp_path / "fw.bin").write_bytes(image)
+        return CliRunner().invoke(main, ["fw-download", "00:04.0", "-f", str(tmp_path / "fw.bin"), *args])
 
     s = Session()
     r = run(s, "-x", "5000", "-o", "0x100", "-p")
     assert r.exit_code == 0 and s.sent == [(1024, 4096), (5120, 4096), (9216, 784)]
-    assert r.stdout == ("Firmware download: transferring 0x00000400/0x00002710 bytes: 010%\r"
+    assert r.stdout_bytes.decode() == ("Firmware download: transferring 0x00000400/0x00002710 bytes: 010%\r"
                         "Firmware download: transferring 0x00001400/0x00002710 bytes: 051%\r"
                         "Firmware download: transferring 0x00002400/0x00002710 bytes: 092%\r\n"
                         "Firmware download success\n")
