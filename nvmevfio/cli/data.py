@@ -297,8 +297,8 @@ def write(address: str, nsid: int, service_socket: str | None, slba: int, nlb: i
         pi = Protected(dev, metadata_file, metadata_size, prinfo, ref_tag, app_tag_mask, app_tag)
         ctl = Control(prinfo=prinfo, ref_tag=ref_tag, app_tag=app_tag, app_tag_mask=app_tag_mask, **fields)
         if ctl.wanted:  # nvme-cli's fields beyond the range: one command, as nvme-cli sends it
-            with io.BytesIO(payload) if payload is not None else open(data, "rb") as src:
-                blocks = src.read(total)
+            with io.BytesIO(payload) if payload is not None else open(data, "rb") as whole:
+                blocks = whole.read(total)
             send(dev, ctl, 0x01, "Write", slba, n, data=blocks + b"\0" * (n * bs - len(blocks)),
                  metadata=_metadata_in(pi, n))
             click.echo("write: Success", err=True)
