@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 
 from nvmevfio.cli.common import (
+    EXIT_ERROR,
     NUM,
     _emit_json,
     _nvme_cli_json,
@@ -79,12 +81,12 @@ def show_regs(address: str, fmt: str, human: bool) -> None:
                 "iova_ranges": [{"start": a, "end": b} for a, b in iommu.ranges]}
     values = {"cap": r.cap, "vs": r.vs, "cc": r.cc, "csts": r.csts, "aqa": r.aqa, "asq": r.asq, "acq": r.acq,
               **r.others}
-    if fmt == "binary":
-        _write_data(register_file(values), True)
-        return
-    if fmt == "json":  # nvme-cli's keys (json_ctrl_registers), and nvmevfio's own
-        _emit_json({**{k: values.get(k) for k in NVME_CLI_REGS}, **info})
-        return
+    if fmt != "normal":  # nvme-cli 2.3's show_registers returns the output format's flag: exit 1 after it
+        if fmt == "binary":
+            _write_data(register_file(values), True)
+        else:  # nvme-cli's keys (json_ctrl_registers), and nvmevfio's own
+            _emit_json({**{k: values.get(k) for k in NVME_CLI_REGS}, **info})
+        sys.exit(EXIT_ERROR)
     summary = human  # with -H stdout is nvme-cli's text, nvmevfio's own lines go to stderr
     if human:
         from nvmevfio.cli.human_regs import registers

@@ -41,7 +41,9 @@ DIFFERENT: dict[tuple[str, str], str] = {
     ("show-regs", "human-readable"): "nvme-cli's decoded text for every register it reads, on stdout; nvmevfio's "
                                      "own lines (BAR0, the DMA lane, IOVA ranges) go to stderr. CC, CSTS, AQA, ASQ, "
                                      "ACQ are as nvmevfio left them (no queues: show-regs does not enable)",
-    ("show-regs", "output-format"): "json: nvme-cli's keys and values, and nvmevfio's own (the DMA lane, IOVA ranges); "
+    ("show-regs", "output-format"): "json and binary exit 1 after the output, as nvme-cli 2.3's (its show_registers "
+                                    "returns the output format's flag); json: nvme-cli's keys and values, and "
+                                    "nvmevfio's own (the DMA lane, IOVA ranges); "
                                     "binary: nvme-cli's 0xE1C bytes built from the registers its show-regs reads, "
                                     "each at its offset (every other byte 0; ASQ, ACQ, BPMBL 0 in the no-IOMMU lane, "
                                     "where they are physical addresses)",
