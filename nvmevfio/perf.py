@@ -67,6 +67,17 @@ class PerfResult:
     sys_us_per_io: float = 0.0
     wait_share: float = 0.0
     per_queue: list = field(default_factory=list)  # each queue's figures (dicts: queue, cpu, iops, ..., wait_share)
+    # the workload engine's (nvmevfio/workload_engine.py; perf --mix/--bs/...): the mix and sizes asked, each op's
+    # figures (count, share, IOPS, MiB/s, latency, its histogram's non-zero buckets), a point a second
+    mix: dict = field(default_factory=dict)
+    sizes: list = field(default_factory=list)  # [bytes, percent]
+    ops: dict = field(default_factory=dict)
+    series: list = field(default_factory=list)
+    rate_cap: int = 0  # --rate (IOPS, all jobs), 0: none
+    mismatch_count: int = 0  # every mismatch (``mismatches`` keeps the first ones)
+    verify_map: str = ""  # where the verify map was saved
+    resets: int = 0  # queue recoveries (a reset) the jobs went through and carried on after
+    busy_redraws: int = 0  # positions drawn again because a command was in flight there
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,10 +237,12 @@ def _drive(q: _Queue, *, seconds: float | None, ramp_s: float, start: threading.
 
 
 def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
-                 status: Callable[[float, int], None] | None) -> tuple[float, float]:
+                 status: Callable[[float, int], None] | None,
+                 tick: Callable[[float], None] | None = None) -> tuple[float, float]:
     """Each queue's closed loop on a thread of its own (the C loop releases the GIL: cffi's API
     mode), measured from one common start; returns the process's user and system CPU seconds
-    over the measured part."""
+    over the measured part. ``status`` and ``tick`` (a time series' point) are called each
+    whole second from the start (1.0, 2.0, ...: no drift)."""
     clock: dict[str, Any] = {}
 
     def started() -> None:
@@ -250,9 +263,12 @@ def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
             while t.is_alive():
                 t.join(max(0.01, next_status - time.perf_counter()))
                 now = time.perf_counter()
-                if status is not None and now >= next_status:
-                    status(now - clock["t0"], sum(q.loop.stats()["ios"] for q in qs))
-                    next_status = now + 1.0
+                if now >= next_status:
+                    if tick is not None:
+                        tick(now - clock["t0"])
+                    if status is not None:
+                        status(now - clock["t0"], sum(q.loop.stats()["ios"] for q in qs))
+                    next_status += 1.0
     except threading.BrokenBarrierError:
         pass  # a queue's thread failed before the start: its error is raised below
     except BaseException:
