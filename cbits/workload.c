@@ -12,8 +12,8 @@
 
 #include "shim.h"
 #include "nvme.h"
-#include "perf.h"
 #include "qpair.h"
+#include "perf.h"  /* after qpair.h: perf_reap_each */
 
 enum { OP_READ, OP_WRITE, OP_TRIM, OP_FLUSH, OP_WZ, NOPS };
 
@@ -419,29 +419,21 @@ static void wl_fill(struct nv_qp *qp, struct nv_perf *p, struct nv_wl *w, int64_
     nv_qp_ring_sq(qp);
 }
 
+struct wl_reaping {
+    struct nv_perf *p;
+    struct nv_wl *w;
+};
+
+static inline void wl_one_done(void *ctx, uint32_t slot, uint8_t opcode, uint16_t status, uint64_t latency_ns)
+{
+    struct wl_reaping *r = ctx;
+    complete(r->p, r->w, slot, status, latency_ns);
+}
+
 static int wl_reap(struct nv_qp *qp, struct nv_perf *p, struct nv_wl *w)
 {
-    uint32_t n = 0;
-    int64_t now = 0;
-    while (qp_pending(qp)) {
-        struct nv_cqe cqe;
-        int cid = qp_consume(qp, &cqe);
-        if (cid == CID_DIVERTED)
-            continue;
-        if (cid < 0) {
-            nv_qp_ring_cq(qp);
-            return -EPROTO;
-        }
-        if (n++ == 0)
-            now = nv_now_ns();
-        complete(p, w, qp->cookie[cid], cqe.status >> 1, (uint64_t)(now - qp->submit_ns[cid]));
-        qp_retire(qp, (uint16_t)cid);
-    }
-    if (n) {
-        p->reaps++;
-        nv_qp_ring_cq(qp);
-    }
-    return (int)n;
+    struct wl_reaping r = {.p = p, .w = w};
+    return perf_reap_each(qp, p, wl_one_done, &r);
 }
 
 #define AGE_CHECK_NS 1000000LL

@@ -23,6 +23,7 @@ from nvmevfio import perf as perfmod
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import NvmeVfioError, Refused
+from nvmevfio.nvme.queue import PerfCounters
 from nvmevfio.workload_map import MISMATCH, VMAP, MapFile, mismatch_rows
 
 if TYPE_CHECKING:
@@ -140,16 +141,18 @@ class Spec:
     verify: bool = False
 
 
-class WorkloadLoop:
+class WorkloadLoop(PerfCounters):
     """One job: the broker's validated :class:`~nvmevfio.nvme.queue.PerfLoop` (queue pair, slots,
     PRPs, counters) driven by ``nv_wl_run`` through its ``serve_c``, with this job's ``struct
-    nv_wl`` (the mix, sizes, slice, rate, its part of the verify map)."""
+    nv_wl`` (the mix, sizes, slice, rate, its part of the verify map). What perf's thread runner
+    drives (``step``, ``drain``, ``stats``) is :class:`PerfCounters`', over the loop's counters."""
 
     def __init__(self, loop: Any, spec: Spec, *, block_size: int, slot_size: int, lba_lo: int, nblocks: int,
                  vmap: np.ndarray | None, nonce: int, seed: int, jobs: int, read_zeroes: bool, depth: int) -> None:
         self.loop = loop
-        self._perf = loop._p  # the broker's struct nv_perf: nv_wl_run's counters, slots and queue facts
+        self._p = self._perf = loop._p  # the broker's struct nv_perf: nv_wl_run's counters, slots, queue facts
         self.hist = loop.hist
+        self.free_slots = loop.free_slots
         n = int(lib.nv_hist_buckets())
         self.op_hist = np.zeros((len(OPS), n), dtype=np.uint64)
         nslots = int(self._perf.nslots)
@@ -187,13 +190,8 @@ class WorkloadLoop:
         self._w = w
         self.resets = 0  # times the broker recovered the queue (a reset) under this job
 
-    # -- what perf's thread runner drives (perf._drive): step, drain, reset_stats, stats
-    def step(self, slice_s: float) -> bool:
-        return self._run(slice_s, False)
-
-    def drain(self) -> None:
-        while not self._run(0.0, True):
-            pass
+    def _in_flight(self) -> int:
+        return int(self.loop._in_flight())
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         r = self.loop.serve_c(lib.nv_wl_run, self._w, int(slice_s * 1e9), int(drain), ended=self._ended,
@@ -209,15 +207,12 @@ class WorkloadLoop:
             lib.nv_wl_ended(self._w, self._perf, cookie, status)
 
     def reset_stats(self) -> None:
-        self.loop.reset_stats()
+        super().reset_stats()
         w = self._w
         for name in ("op_ios", "op_bytes", "op_errors", "op_lat_sum_ns"):
             setattr(w, name, [0] * len(OPS))
         w.verified_blocks = w.zero_blocks = w.mismatches = w.busy_redraws = w.rate_naps = 0
         self.op_hist[:] = 0
-
-    def stats(self) -> dict[str, int]:
-        return self.loop.stats()
 
     def counters(self) -> dict[str, Any]:
         """This job's per-op counts and bytes, verification figures (read while C runs: each a
