@@ -109,14 +109,15 @@ def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: s
     mix = engine.get("mix") or {"randread": "read", "read": "read", "randwrite": "write", "write": "write"}.get(
         workload, f"read:{rwmixread},write:{100 - rwmixread}")
     text = fmt == "normal"
+    with errors():  # the options checked before the controller is opened
+        spec = wl.make_spec(mix=mix, bs=engine.get("bs") or str(io_size), random=workload.startswith("rand"),
+                            step=engine.get("step") or 0, skew=engine.get("skew"), rate=engine.get("rate"),
+                            deac=bool(engine.get("deac")), verify=verify)
     with contextlib.ExitStack() as stack:
         dev = stack.enter_context(blockdev(address, nsid, None, irq=mode == "irq",
                                            queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
                                            queues=jobs, **opened))
         stack.enter_context(errors())
-        spec = wl.make_spec(mix=mix, bs=engine.get("bs") or str(io_size), random=workload.startswith("rand"),
-                            step=engine.get("step") or 0, skew=engine.get("skew"), rate=engine.get("rate"),
-                            deac=bool(engine.get("deac")), verify=verify)
         res = wl.run(dev, spec, queue_depth=queue_depth, seconds=seconds, count=count, lba_range=rng,
                      seed=engine.get("seed") or 1, queues=jobs, cpus=cpus, verify_map=engine.get("verify_map"),
                      line=(lambda t: click.echo(t, err=True)) if text else None)

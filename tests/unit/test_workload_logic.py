@@ -126,3 +126,20 @@ def test_stamp_header_layout_and_map_states():
     assert _check(mem, 100, vmap, nonce)[0] == 4
     assert _check(np.zeros(4 * bs, dtype=np.uint8), 100, vmap, nonce)[::2] == (0, 4)
     assert GEN_FIRST > READING
+
+
+def test_the_command_line_refuses_before_the_device():
+    from click.testing import CliRunner
+
+    from nvmevfio.cli import main
+
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--mix", "read:50,write:20"])
+    assert r.exit_code == 3 and "the shares add up to 70, not 100 [invalid-argument]" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--bs", "4k:50,16x:50"])
+    assert r.exit_code == 3 and "--bs: size '16x'" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--mix", "read", "--socket", "/nowhere"])
+    assert r.exit_code == 1 and "[unsupported-workload]" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--verify-only"])
+    assert r.exit_code == 1 and "give --verify-map FILE" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["perf", "zz:zz", "--jobs", "2", "--queues", "3", "--mix", "read"])
+    assert r.exit_code == 1 and "given twice differently" in r.stderr, r.stderr
