@@ -11,6 +11,7 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -183,6 +184,28 @@ class _Queue:
         return self.dev.doorbell_counters(self.qid) if self.qid is not None else self.dev.doorbell_counters()
 
 
+def slot_buffer(qs: list[_Queue], d: Any, qid: int | None, cpu: int | None, depth: int, slot_size: int,
+                seed: int) -> Any:
+    """A queue's registered buffer of ``depth`` slots (random bytes: what writes carry), its
+    :class:`_Queue` appended to ``qs`` (the loop set by the caller)."""
+    buf = d.alloc_buffer(depth * slot_size)
+    qs.append(_Queue(d, qid, cpu, buf, None))
+    buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
+    return d.register_buffer(buf, slot_size)
+
+
+@contextlib.contextmanager
+def freed_on_failure(qs: list[_Queue]) -> Iterator[None]:
+    """The queues' buffers freed when building the run fails (a refusal of its workload)."""
+    try:
+        yield
+    except BaseException:
+        for q in qs:
+            with contextlib.suppress(NvmeVfioError):
+                q.dev.free_buffer(q.buf)
+        raise
+
+
 def _sessions(dev: Any, queues: int) -> list[tuple[Any, int | None]]:
     """(device, qid) of each queue pair the run uses: I/O queues 1..queues of a device opened here,
     or one service session each (a session is one queue pair); too many refused, by name."""
@@ -343,22 +366,14 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
         raise Refused("invalid-argument", f"workload {workload} on a zoned namespace fills its zones once, in order, "
                       "on one queue: no --queues", queues=len(pairs))
     qs: list[_Queue] = []
-    try:  # every queue's buffer and workload validated before any I/O
+    with freed_on_failure(qs):  # every queue's buffer and workload validated before any I/O
         for i, ((d, qid), n) in enumerate(zip(pairs, split_count(count, len(pairs)))):
-            buf = d.alloc_buffer(queue_depth * slot_size)
-            qs.append(_Queue(d, qid, cpus[i % len(cpus)] if cpus else None, buf, None))
-            buf.array[:] = np.random.default_rng(seed + i).integers(0, 256, buf.size, dtype=np.uint8)
-            reg = d.register_buffer(buf, slot_size)
+            reg = slot_buffer(qs, d, qid, cpus[i % len(cpus)] if cpus else None, queue_depth, slot_size, seed + i)
             kw = {"qid": qid} if qid is not None else {}
             loop = d.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
             qs[-1].loop = loop
-    except BaseException:
-        for q in qs:
-            with contextlib.suppress(NvmeVfioError):
-                q.dev.free_buffer(q.buf)
-        raise
     for z in zone_starts:  # the workload checked: its zones emptied, to be filled once
         first.zone_action("reset", z)
     usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status)

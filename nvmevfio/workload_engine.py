@@ -12,7 +12,6 @@ Management command at its range, written at the start of the slot's buffer).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,7 +21,7 @@ import numpy as np
 from nvmevfio import perf as perfmod
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockDevice
-from nvmevfio.errors import NvmeVfioError, Refused
+from nvmevfio.errors import Refused
 from nvmevfio.nvme.queue import PerfCounters
 from nvmevfio.workload_map import MISMATCH, VMAP, MapFile, mismatch_rows
 
@@ -321,12 +320,10 @@ def run(dev: BlockDevice, spec: Spec, *, queue_depth: int = 1, seconds: float | 
     read_zeroes = _read_zeroes(dev)
     qs: list[perfmod._Queue] = []
     loops: list[WorkloadLoop] = []
-    try:  # every job's buffer and workload validated before any I/O
+    with perfmod.freed_on_failure(qs):  # every job's buffer and workload validated before any I/O
         for i, ((d, qid), n, (start, blocks)) in enumerate(zip(pairs, perfmod.split_count(count, len(pairs)), cuts)):
-            buf = d.alloc_buffer(queue_depth * slot_size)
-            qs.append(perfmod._Queue(d, qid, cpus[i % len(cpus)] if cpus else None, buf, None))
-            buf.array[:] = np.random.default_rng(seed + i).integers(0, 256, buf.size, dtype=np.uint8)
-            reg = d.register_buffer(buf, slot_size)
+            reg = perfmod.slot_buffer(qs, d, qid, cpus[i % len(cpus)] if cpus else None, queue_depth, slot_size,
+                                      seed + i)
             base = d.perf_loop(reg, io_size=largest, lba_range=(start, start + blocks), random=spec.random,
                                read_pct=100, depth=queue_depth, max_ios=n, seed=seed + i, qid=qid)
             part = vmap[start - lo : start - lo + blocks] if vmap is not None else None
@@ -335,11 +332,6 @@ def run(dev: BlockDevice, spec: Spec, *, queue_depth: int = 1, seconds: float | 
                               depth=queue_depth)
             loops.append(lp)
             qs[-1].loop = lp
-    except BaseException:
-        for q in qs:
-            with contextlib.suppress(NvmeVfioError):
-                q.dev.free_buffer(q.buf)
-        raise
     series = Series(loops, line)
     usr_s, sys_s = perfmod._run_threads(qs, seconds=seconds, ramp_s=0.0, status=status, tick=series.tick)
     for q in qs:
