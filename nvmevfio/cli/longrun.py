@@ -160,8 +160,8 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
     else:
         c = rep["map_counts"]
         click.echo(f"verify-only {rep['map']}: serial {rep['serial']} nsid {rep['nsid']} LBAs {rep['range'][0]}.."
-                   f"{rep['range'][1]}: {c['written']} written ({c['flushed']} flushed), {c['zeroes']} zeroes, "
-                   f"{c['undefined']} undefined, {c['in_flight']} in flight when saved")
+                   f"{rep['range'][1]}: {c['written']} written, {c['zeroes']} zeroes ({c['flushed']} of these covered "
+                   f"by a completed Flush), {c['undefined']} undefined, {c['in_flight']} in flight when saved")
         click.echo(f"verify: {rep['verified_blocks']} blocks read back and checked, {rep['mismatch_count']} "
                    f"mismatches ({rep['lost_flushed']} lost acknowledged and flushed writes, "
                    f"{rep['lost_unflushed']} lost acknowledged writes not yet flushed)")
