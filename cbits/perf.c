@@ -10,8 +10,8 @@
 
 #include "shim.h"
 #include "nvme.h"
-#include "perf.h"
 #include "qpair.h"
+#include "perf.h"  /* after qpair.h: perf_reap_each */
 
 /* ==== latency histogram: fio's log-linear layout (stat.h, FIO_IO_U_PLAT_*) ==== */
 
@@ -77,30 +77,15 @@ static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
     nv_qp_ring_sq(qp);  /* one SQ tail doorbell per batch */
 }
 
-/* Take every ready completion into p, then one CQ head doorbell for the batch. */
+/* Take every ready completion into p (nv_perf_done), then one CQ head doorbell for the batch. */
+static inline void perf_one_done(void *ctx, uint32_t slot, uint8_t opcode, uint16_t status, uint64_t latency_ns)
+{
+    nv_perf_done(ctx, latency_ns, opcode, status, slot);
+}
+
 static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
 {
-    uint32_t n = 0;
-    int64_t now = 0;
-    while (qp_pending(qp)) {
-        struct nv_cqe cqe;
-        int cid = qp_consume(qp, &cqe);
-        if (cid == CID_DIVERTED)
-            continue;
-        if (cid < 0) {
-            nv_qp_ring_cq(qp);
-            return -EPROTO;
-        }
-        if (n++ == 0)
-            now = nv_now_ns();
-        nv_perf_done(p, (uint64_t)(now - qp->submit_ns[cid]), qp->opcode[cid], cqe.status >> 1, qp->cookie[cid]);
-        qp_retire(qp, (uint16_t)cid);
-    }
-    if (n) {
-        p->reaps++;
-        nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch */
-    }
-    return (int)n;
+    return perf_reap_each(qp, p, perf_one_done, p);
 }
 
 #define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */

@@ -390,6 +390,101 @@ void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16
  * drained), 0 when the slice ended, or -errno. */
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain);
 
+/* ==== the workload engine: a mix of operations, sizes and positions, a rate cap, and
+ * verification, per command in C (cbits/workload.c; nvmevfio/workload_engine.py validates it) ====
+ * Operations by index (struct nv_wl's per-op arrays): 0 Read, 1 Write, 2 Dataset Management
+ * (Deallocate), 3 Flush, 4 Write Zeroes. */
+
+/* The verify map: one entry per LBA of the range. gen: the generation last acknowledged there,
+ * or a state (below); ack: the job's acknowledgement count when it was (a later Flush covers
+ * it when submitted after it); pend: the generation or state of a command in flight there (a
+ * write's: after a crash or reset either the old or the new content is right). */
+struct nv_wl_vmap {
+    uint64_t gen;
+    uint64_t ack;
+    uint64_t pend;
+};
+
+/* A block that did not hold what the map expects: the LBA, the expected generation (or
+ * state), and the header found (magic, LBA, generation, the CRC32C it carries) with the
+ * CRC32C computed over the rest of the block. */
+struct nv_wl_mismatch {
+    uint64_t lba;
+    uint64_t want;
+    uint64_t found_lba;
+    uint64_t found_gen;
+    uint32_t found_magic;
+    uint32_t found_crc;
+    uint32_t crc;
+    uint32_t pad;
+};
+
+struct nv_wl {
+    /* the workload, validated by Python */
+    uint32_t op_cum[5];        /* cumulative shares of the ops, out of 1000000 (a draw below op_cum[i]: op i) */
+    uint32_t nsizes;
+    uint32_t size_nlb[8];      /* blocks per I/O of each size */
+    uint32_t size_cum[8];      /* cumulative shares of the sizes, out of 1000000 */
+    uint64_t lba_lo;           /* this job's slice of the range: [lba_lo, lba_lo + nblocks) */
+    uint64_t nblocks;
+    uint32_t random;           /* 0: sequential, each I/O step blocks after the last (0: its own size) */
+    uint64_t step;
+    uint32_t hot_pct;          /* skew: this share (percent) of the I/Os to the first hot_blocks of the slice */
+    uint64_t hot_blocks;
+    uint64_t interval_ns;      /* rate cap: one I/O per interval (0: none), a bucket of burst_ns */
+    int64_t burst_ns;
+    uint32_t deac;             /* Write Zeroes with DEAC (CDW12 bit 25) */
+    uint32_t read_zeroes;      /* DLFEAT 001b: a deallocated block reads as zeroes */
+    uint32_t verify;           /* stamp written blocks, check blocks read, keep the map */
+    uint8_t *mem;              /* the slots' bytes as the device sees them (the PerfLoop's slot_memory) */
+    uint64_t slot_size;
+    struct nv_wl_vmap *map;    /* nblocks entries, the first for lba_lo (verify) */
+    uint64_t nonce;            /* this run's, in every stamped header (its last 8 bytes) */
+    struct nv_wl_mismatch *mism;
+    uint32_t mism_cap;
+    uint64_t *op_hist;         /* 5 x nv_hist_buckets() latency histograms, one per op */
+    uint8_t *slot_op;          /* per slot (nslots): what is in flight there */
+    uint32_t *slot_nlb;
+    uint64_t *slot_lba;
+    uint64_t *slot_gen;        /* a write's generation; a Flush's acknowledgement mark */
+    /* state kept between slices */
+    uint64_t rng;
+    uint64_t gen;              /* the last generation stamped */
+    uint64_t acks;             /* acknowledgements counted (writes, deallocates, write zeroes) */
+    uint64_t durable;          /* acknowledgements up to this one were covered by a completed Flush */
+    uint64_t cursor;           /* sequential: the next position (blocks from lba_lo) */
+    int64_t next_ns;           /* rate cap: when the next I/O may go (0: from the first fill) */
+    /* results */
+    uint64_t op_ios[5];
+    uint64_t op_bytes[5];
+    uint64_t op_errors[5];
+    uint64_t op_lat_sum_ns[5];
+    uint64_t verified_blocks;  /* blocks read back and checked against the map */
+    uint64_t zero_blocks;      /* of those, expected zeroes (deallocated, written zeroes) */
+    uint64_t mismatches;       /* all of them; the first mism_cap kept in mism */
+    uint64_t busy_redraws;     /* positions drawn again: a command was in flight there */
+    uint64_t rate_naps;        /* naps taken ahead of the rate */
+};
+
+/* Run the workload on qp for slice_ns (keeping it full, within the rate), or with drain=1 stop
+ * issuing and reap what is in flight: 1 finished, 0 the slice ended, or -errno (as
+ * nv_perf_run). Called through PerfLoop.serve_c: p and qp are the broker's. */
+int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp);
+/* A command the broker ended (after a reset): its slot free again, counted as an error, and
+ * the blocks a write, deallocate or write zeroes was changing marked undefined. */
+void nv_wl_ended(struct nv_wl *w, struct nv_perf *p, uint32_t slot, uint16_t status);
+/* Rate cap (a token bucket, as GCRA): how many of want I/Os may go at now, the bucket advanced
+ * for them. */
+uint32_t nv_wl_take(struct nv_wl *w, int64_t now, uint32_t want);
+/* Check n blocks read into mem (LBAs lba.. of a map whose first entry is map_lo) against the map:
+ * mismatches into out (at most cap; the count returned, or more when beyond cap), blocks checked in *checked. */
+uint64_t nv_wl_check(const uint8_t *mem, uint32_t block_size, uint64_t lba, uint32_t n, const struct nv_wl_vmap *map,
+                     uint64_t map_lo, uint64_t nonce, struct nv_wl_mismatch *out, uint32_t cap, uint64_t *checked);
+/* Stamp n blocks at mem for LBAs lba.. with generation gen (header, payload, CRC32C). */
+void nv_wl_stamp(uint8_t *mem, uint32_t block_size, uint64_t lba, uint32_t n, uint64_t gen, uint64_t nonce);
+/* CRC32C (Castagnoli; the crc32c package's) of len bytes. */
+uint32_t nv_crc32c(const uint8_t *buf, uint64_t len);
+
 /* ==== the service's data path (nvmevfio serve; nvmevfio/service/; cbits/service.c) ====
  * One client's shared rings (service/ring.py) onto its own NVMe queue pair. Python decides who
  * may connect, with which grant, and authors the tables below (the client's buffers as pages of

@@ -34,6 +34,13 @@ def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, **kwargs):  # type
     return _connect(socket_path, nsid, **kwargs)
 
 
+def workload(dev, **kwargs):  # type: ignore[no-untyped-def]
+    """A mixed workload with verification on an open device; see :func:`nvmevfio.workload_engine.workload`."""
+    from nvmevfio.workload_engine import workload as _workload
+
+    return _workload(dev, **kwargs)
+
+
 __all__ = [
     "CommandError",
     "CommandTimeout",
@@ -46,4 +53,5 @@ __all__ = [
     "__version__",
     "connect",
     "open",
+    "workload",
 ]

@@ -11,6 +11,7 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -67,6 +68,17 @@ class PerfResult:
     sys_us_per_io: float = 0.0
     wait_share: float = 0.0
     per_queue: list = field(default_factory=list)  # each queue's figures (dicts: queue, cpu, iops, ..., wait_share)
+    # the workload engine's (nvmevfio/workload_engine.py; perf --mix/--bs/...): the mix and sizes asked, each op's
+    # figures (count, share, IOPS, MiB/s, latency, its histogram's non-zero buckets), a point a second
+    mix: dict = field(default_factory=dict)
+    sizes: list = field(default_factory=list)  # [bytes, percent]
+    ops: dict = field(default_factory=dict)
+    series: list = field(default_factory=list)
+    rate_cap: int = 0  # --rate (IOPS, all jobs), 0: none
+    mismatch_count: int = 0  # every mismatch (``mismatches`` keeps the first ones)
+    verify_map: str = ""  # where the verify map was saved
+    resets: int = 0  # queue recoveries (a reset) the jobs went through and carried on after
+    busy_redraws: int = 0  # positions drawn again because a command was in flight there
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +184,28 @@ class _Queue:
         return self.dev.doorbell_counters(self.qid) if self.qid is not None else self.dev.doorbell_counters()
 
 
+def slot_buffer(qs: list[_Queue], d: Any, qid: int | None, cpu: int | None, depth: int, slot_size: int,
+                seed: int) -> Any:
+    """A queue's registered buffer of ``depth`` slots (random bytes: what writes carry), its
+    :class:`_Queue` appended to ``qs`` (the loop set by the caller)."""
+    buf = d.alloc_buffer(depth * slot_size)
+    qs.append(_Queue(d, qid, cpu, buf, None))
+    buf.array[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
+    return d.register_buffer(buf, slot_size)
+
+
+@contextlib.contextmanager
+def freed_on_failure(qs: list[_Queue]) -> Iterator[None]:
+    """The queues' buffers freed when building the run fails (a refusal of its workload)."""
+    try:
+        yield
+    except BaseException:
+        for q in qs:
+            with contextlib.suppress(NvmeVfioError):
+                q.dev.free_buffer(q.buf)
+        raise
+
+
 def _sessions(dev: Any, queues: int) -> list[tuple[Any, int | None]]:
     """(device, qid) of each queue pair the run uses: I/O queues 1..queues of a device opened here,
     or one service session each (a session is one queue pair); too many refused, by name."""
@@ -226,10 +260,12 @@ def _drive(q: _Queue, *, seconds: float | None, ramp_s: float, start: threading.
 
 
 def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
-                 status: Callable[[float, int], None] | None) -> tuple[float, float]:
+                 status: Callable[[float, int], None] | None,
+                 tick: Callable[[float], None] | None = None) -> tuple[float, float]:
     """Each queue's closed loop on a thread of its own (the C loop releases the GIL: cffi's API
     mode), measured from one common start; returns the process's user and system CPU seconds
-    over the measured part."""
+    over the measured part. ``status`` and ``tick`` (a time series' point) are called each
+    whole second from the start (1.0, 2.0, ...: no drift)."""
     clock: dict[str, Any] = {}
 
     def started() -> None:
@@ -250,9 +286,12 @@ def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
             while t.is_alive():
                 t.join(max(0.01, next_status - time.perf_counter()))
                 now = time.perf_counter()
-                if status is not None and now >= next_status:
-                    status(now - clock["t0"], sum(q.loop.stats()["ios"] for q in qs))
-                    next_status = now + 1.0
+                if now >= next_status:
+                    if tick is not None:
+                        tick(now - clock["t0"])
+                    if status is not None:
+                        status(now - clock["t0"], sum(q.loop.stats()["ios"] for q in qs))
+                    next_status += 1.0
     except threading.BrokenBarrierError:
         pass  # a queue's thread failed before the start: its error is raised below
     except BaseException:
@@ -327,22 +366,14 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
         raise Refused("invalid-argument", f"workload {workload} on a zoned namespace fills its zones once, in order, "
                       "on one queue: no --queues", queues=len(pairs))
     qs: list[_Queue] = []
-    try:  # every queue's buffer and workload validated before any I/O
+    with freed_on_failure(qs):  # every queue's buffer and workload validated before any I/O
         for i, ((d, qid), n) in enumerate(zip(pairs, split_count(count, len(pairs)))):
-            buf = d.alloc_buffer(queue_depth * slot_size)
-            qs.append(_Queue(d, qid, cpus[i % len(cpus)] if cpus else None, buf, None))
-            buf.array[:] = np.random.default_rng(seed + i).integers(0, 256, buf.size, dtype=np.uint8)
-            reg = d.register_buffer(buf, slot_size)
+            reg = slot_buffer(qs, d, qid, cpus[i % len(cpus)] if cpus else None, queue_depth, slot_size, seed + i)
             kw = {"qid": qid} if qid is not None else {}
             loop = d.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
             qs[-1].loop = loop
-    except BaseException:
-        for q in qs:
-            with contextlib.suppress(NvmeVfioError):
-                q.dev.free_buffer(q.buf)
-        raise
     for z in zone_starts:  # the workload checked: its zones emptied, to be filled once
         first.zone_action("reset", z)
     usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status)

@@ -31,8 +31,158 @@ from nvmevfio.cli.common import (
 )
 from nvmevfio.service import DEFAULT_SOCKET
 
-
 # ------------------------------------------------------------------ perf
+# ---------------------------------------------------------------- perf: the workload engine
+# Its options (kept here, in one place): any of them given runs nvmevfio/workload_engine.py instead
+# of perf's plain loop. They reach perf() through the click context (_ENGINE), not its signature.
+_ENGINE = "nvmevfio.workload"
+
+
+def _engine_opt(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value not in (None, False, ()):
+        ctx.meta.setdefault(_ENGINE, {})[param.name or ""] = value
+    return value
+
+
+def _workload_options(f: Any) -> Any:
+    opts = [
+        click.option("--mix", help="the workload engine: an op mix, e.g. read:70,write:20,trim:5,flush:5 (ops: read, "
+                     "write, trim (Dataset Management, Deallocate), flush, write-zeroes or wz; percentages adding "
+                     "up to 100)"),
+        click.option("--bs", help="the engine's sizes, e.g. 4k:50,16k:30,128k:20 (each a multiple of the block, at "
+                     "most MDTS; default -s)"),
+        click.option("--skew", help="the engine: IO%:LBA% (e.g. 80:20: 80% of the I/Os to the first 20% of each "
+                     "job's slice, the hot part; the rest to the other 80%)"),
+        click.option("--step", type=click.IntRange(1), help="the engine, sequential (-w read or write): blocks "
+                     "from one I/O's start to the next (default: the I/O's size)"),
+        click.option("--rate", type=click.IntRange(1), help="the engine: at most this many I/Os a second, all jobs "
+                     "together (a token bucket in C; the loop naps when ahead)"),
+        click.option("--jobs", type=click.IntRange(1, 64), help="the engine: jobs (a queue pair and a thread "
+                     "each, on its own slice of the range); --queues by another name"),
+        click.option("--deac", is_flag=True, help="the engine: Write Zeroes with Deallocate (DEAC)"),
+        click.option("--verify-map", "verify_map", type=click.Path(dir_okay=False),
+                     help="the engine with --verify: save the verify map (one entry per LBA of the range) here; "
+                     "with --verify-only: the map to check against"),
+        click.option("--verify-only", "verify_only", is_flag=True,
+                     help="read back every block an earlier run's --verify-map describes and check it (another "
+                     "process, after a reset or a power-off); lost acknowledged writes are counted apart as "
+                     "flushed or not; mismatches exit 4"),
+        click.option("--seed", type=int, help="the engine's random seed (default 1)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    for p in f.__click_params__[-len(opts):]:
+        p.callback, p.expose_value = _engine_opt, False
+    return f
+
+
+def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
+                 seconds: float | None, count: int | None, lba_range: str | None, mode: str, rwmixread: int,
+                 ramp: float, shadow: bool, sgl: bool, sq_in_cmb: bool, verify: bool, queues: int,
+                 cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
+    """perf with any of the engine's options: checked, run (or --verify-only), reported."""
+    from nvmevfio import workload_engine as wl
+    from nvmevfio import workload_map
+
+    if service_socket:
+        _fail("the workload engine (--mix, --bs, --verify-map, --verify-only, ...) runs on a controller opened "
+              "by this process: not through --socket [unsupported-workload]", EXIT_ERROR)
+    if mode == "hybrid" or ramp:
+        _fail("the workload engine has no --mode hybrid and no --ramp", EXIT_ERROR)
+    jobs = engine.get("jobs")
+    if jobs and queues not in (1, jobs):
+        _fail(f"--jobs {jobs} and --queues {queues}: the same thing, given twice differently", EXIT_ERROR)
+    jobs = jobs or queues
+    check_cpus(cpus)
+    rng = _parse_range(lba_range)
+    opened = {"sgl": True} if sgl else {}
+    opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
+    if engine.get("verify_only"):
+        if not engine.get("verify_map"):
+            _fail("--verify-only checks against a saved map: give --verify-map FILE", EXIT_ERROR)
+        with blockdev(address, nsid, None, **opened) as dev, errors():
+            rep = workload_map.verify_only(dev, engine["verify_map"])
+        _verify_report(rep, fmt)
+        return
+    if workload == "append":
+        _fail("the workload engine writes at chosen LBAs: not -w append", EXIT_ERROR)
+    mix = engine.get("mix") or {"randread": "read", "read": "read", "randwrite": "write", "write": "write"}.get(
+        workload, f"read:{rwmixread},write:{100 - rwmixread}")
+    text = fmt == "normal"
+    with errors():  # the options checked before the controller is opened
+        spec = wl.make_spec(mix=mix, bs=engine.get("bs") or str(io_size), random=workload.startswith("rand"),
+                            step=engine.get("step") or 0, skew=engine.get("skew"), rate=engine.get("rate"),
+                            deac=bool(engine.get("deac")), verify=verify)
+    with contextlib.ExitStack() as stack:
+        dev = stack.enter_context(blockdev(address, nsid, None, irq=mode == "irq",
+                                           queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
+                                           queues=jobs, **opened))
+        stack.enter_context(errors())
+        res = wl.run(dev, spec, queue_depth=queue_depth, seconds=seconds, count=count, lba_range=rng,
+                     seed=engine.get("seed") or 1, queues=jobs, cpus=cpus, verify_map=engine.get("verify_map"),
+                     line=(lambda t: click.echo(t, err=True)) if text else None)
+    if fmt == "json":
+        _emit_json(res.to_dict())
+        if res.mismatch_count:
+            sys.exit(EXIT_MISMATCH)
+        return
+    click.echo(f"{_address(address)} nsid {nsid}: {res.workload}, {res.queues} job(s), QD {res.queue_depth} each, "
+               f"{res.mode}, {res.seconds:.2f} s, {res.ios} I/Os, {res.errors} errors"
+               + (f", rate cap {res.rate_cap} IOPS" if res.rate_cap else "")
+               + (f", {res.resets} queue recoveries" if res.resets else ""))
+    click.echo(f"{'op':>13} {'I/Os':>10} {'share%':>7} {'mix%':>5} {'IOPS':>10} {'MiB/s':>9} {'avg(us)':>9} "
+               f"{'p50(us)':>9} {'p99(us)':>9} {'p99.9(us)':>9} {'errors':>6}")
+    for op, v in res.ops.items():
+        click.echo(f"{op:>13} {v['ios']:10d} {v['share_pct']:7.2f} {v['mix_pct']:5d} {v['iops']:10.1f} "
+                   f"{v['mib_per_s']:9.2f} {v['lat_mean_us']:9.1f} {v['lat_p50_us']:9.1f} {v['lat_p99_us']:9.1f} "
+                   f"{v['lat_p999_us']:9.1f} {v['errors']:6d}")
+    _perf_table(res)
+    click.echo(f"series: {len(res.series)} points (one a second)")
+    if res.verify:
+        click.echo(f"verify: {res.verified_blocks} blocks read back and checked, {res.mismatch_count} mismatches"
+                   + (f"; map saved to {res.verify_map}" if res.verify_map else ""))
+        _mismatch_lines(res.mismatches)
+        if res.mismatch_count:
+            _fail(f"verify: {res.mismatch_count} blocks did not hold what was written", EXIT_MISMATCH)
+
+
+def _mismatch_lines(rows: list[Any]) -> None:
+    from nvmevfio.workload_map import state_name
+
+    for lba, want, found in rows[:10]:
+        click.echo(f"  LBA {lba}: expected {state_name(want[1])}; found magic {found[0]:#010x} lba {found[1]} "
+                   f"generation {found[2]} crc32c {found[3]:#010x} (the payload's: {want[2]:#010x})")
+
+
+def _verify_report(rep: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        _emit_json(rep)
+    else:
+        c = rep["map_counts"]
+        click.echo(f"verify-only {rep['map']}: serial {rep['serial']} nsid {rep['nsid']} LBAs {rep['range'][0]}.."
+                   f"{rep['range'][1]}: {c['written']} written, {c['zeroes']} zeroes ({c['flushed']} of these covered "
+                   f"by a completed Flush), {c['undefined']} undefined, {c['in_flight']} in flight when saved")
+        click.echo(f"verify: {rep['verified_blocks']} blocks read back and checked, {rep['mismatch_count']} "
+                   f"mismatches ({rep['lost_flushed']} lost acknowledged and flushed writes, "
+                   f"{rep['lost_unflushed']} lost acknowledged writes not yet flushed)")
+        _mismatch_lines(rep["mismatches"])
+    if rep["mismatch_count"]:
+        if fmt == "json":
+            sys.exit(EXIT_MISMATCH)
+        _fail(f"verify-only: {rep['mismatch_count']} blocks did not hold what the map says", EXIT_MISMATCH)
+
+
+def _parse_range(lba_range: str | None) -> tuple[int, int] | None:
+    """--range START:END (LBAs, END excluded)."""
+    if not lba_range:
+        return None
+    try:
+        a, b = (int(x, 0) for x in lba_range.split(":"))
+    except ValueError:
+        _fail(f"--range {lba_range!r}: expected START:END", EXIT_ERROR)
+    return a, b
+
+
 @main.command()
 @block_address_arg
 @click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
@@ -67,6 +217,7 @@ from nvmevfio.service import DEFAULT_SOCKET
               help="I/O queue pairs run at once, each by its own thread, each -q deep, -n shared out (through "
                    "--socket: one service session per queue)")
 @cpu_list_opt
+@_workload_options
 @service_socket_opt
 @output_opt
 def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
@@ -81,9 +232,19 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
              nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
              nvmevfio perf 00:04.0 -w randread -q 32 --queues 2 --cpu 0,1   (two queue pairs, a thread each)
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
+             nvmevfio perf 00:04.0 --mix read:70,write:20,trim:5,flush:5 --bs 4k:50,16k:30,128k:20 -q 16 \\
+                 --jobs 2 --verify --verify-map run.map -t 60 --rate 20000   (the workload engine)
+             nvmevfio perf 00:04.0 --verify-only --verify-map run.map   (check an earlier run's blocks)
     """
     from nvmevfio import perf as perfmod
 
+    engine = click.get_current_context().meta.get(_ENGINE, {})
+    if engine:  # the workload engine (--mix, --bs, ...): its own options, run and report
+        _perf_engine(engine, address=address, nsid=nsid, workload=workload, queue_depth=queue_depth,
+                     io_size=io_size, seconds=seconds, count=count, lba_range=lba_range, mode=mode,
+                     rwmixread=rwmixread, ramp=ramp, shadow=shadow, sgl=sgl, sq_in_cmb=sq_in_cmb, verify=verify,
+                     queues=queues, cpus=cpus, service_socket=service_socket, fmt=fmt)
+        return
     if service_socket and (verify or mode != "poll" or sgl or sq_in_cmb):
         _fail("through --socket the daemon decides how completions arrive, its queues and its data descriptors, "
               "and perf runs its C loop: no --mode, --sgl, --sq-in-cmb or --verify", EXIT_ERROR)
@@ -93,13 +254,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     opened = {"sgl": True} if sgl else {}
     opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
 
-    rng = None
-    if lba_range:
-        try:
-            a, b = (int(x, 0) for x in lba_range.split(":"))
-            rng = (a, b)
-        except ValueError:
-            _fail(f"--range {lba_range!r}: expected START:END", EXIT_ERROR)
+    rng = _parse_range(lba_range)
     live = sys.stderr.isatty() and fmt == "normal"
 
     def status(elapsed: float, ios: int) -> None:

@@ -49,7 +49,7 @@ def _workload_with_resets(dev, kind: str, resets: int = 5, window: tuple[int, in
             refused.append(str(exc))
         done += 1
     t.join(120)
-    assert done == resets, f"the workload ended after {done} {kind} resets"
+    assert done == resets, f"the workload ended after {done} {kind} resets: {out.get('r')!r}"
     r = out["r"]
     assert not isinstance(r, BaseException), r
     return r
