@@ -34,6 +34,14 @@ def connect(socket_path: str = DEFAULT_SOCKET, nsid: int = 1, **kwargs):  # type
     return _connect(socket_path, nsid, **kwargs)
 
 
+def wait_for_device(address: str, timeout: float = 30.0, **kwargs):  # type: ignore[no-untyped-def]
+    """After a surprise removal: wait for the function to come back, bind it to vfio-pci; see
+    :func:`nvmevfio.replug.wait_for_device`. Reopen it then."""
+    from nvmevfio.replug import wait_for_device as _wait
+
+    return _wait(address, timeout, **kwargs)
+
+
 __all__ = [
     "CommandError",
     "CommandTimeout",
@@ -46,4 +54,5 @@ __all__ = [
     "__version__",
     "connect",
     "open",
+    "wait_for_device",
 ]
