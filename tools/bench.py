@@ -454,6 +454,19 @@ def _perf_many(addrs: list[str], seconds: float, mode: str) -> dict:
             "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]]}
 
 
+def kernel_block_device(addr: str) -> str:
+    """The kernel driver's block device of namespace 1 of ``addr`` (waited for, up to 10 s)."""
+    from nvmevfio import pci
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
+        if names and Path("/dev/" + names[0]).exists():
+            return "/dev/" + names[0]
+        time.sleep(0.05)
+    raise RuntimeError(f"no kernel block device for {addr}")
+
+
 def controllers_in_guest(seconds: float, out_path: Path) -> int:
     """In the guest: the kernel driver on one controller, then on both (fio, a job each), then
     nvmevfio: one controller alone, both in one `perf`, one alone again (A/B/A); polled and with
@@ -466,21 +479,13 @@ def controllers_in_guest(seconds: float, out_path: Path) -> int:
     def mark(name: str) -> None:
         phase.write_text(name)
 
-    def kdev(addr: str) -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
-            if names and Path("/dev/" + names[0]).exists():
-                return "/dev/" + names[0]
-            time.sleep(0.05)
-        raise RuntimeError(f"no kernel block device for {addr}")
-
     res: dict = {"addresses": addrs}
     for mode in ("poll", "irq"):
         mark(f"kernel {mode} one")
-        res[f"kernel_{mode}_one"] = fio(kdev(addrs[0]), "randread", 4096, 32, "io_uring", seconds, mode == "poll")
+        res[f"kernel_{mode}_one"] = fio(kernel_block_device(addrs[0]), "randread", 4096, 32, "io_uring", seconds,
+                                        mode == "poll")
         mark(f"kernel {mode} both")
-        res[f"kernel_{mode}_both"] = _fio_two([kdev(a) for a in addrs], seconds, mode == "poll")
+        res[f"kernel_{mode}_both"] = _fio_two([kernel_block_device(a) for a in addrs], seconds, mode == "poll")
     for a in addrs:
         pci.bind(a)
     for mode in ("poll", "irq"):
@@ -599,13 +604,7 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         return 0
 
     def kernel_dev() -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
-            if names and Path("/dev/" + names[0]).exists():
-                return "/dev/" + names[0]
-            time.sleep(0.05)
-        raise RuntimeError("no kernel block device")
+        return kernel_block_device(addr)
 
     t0 = time.time()
     if sweep:
