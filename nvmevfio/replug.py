@@ -20,11 +20,12 @@ from nvmevfio import pci
 from nvmevfio.errors import PciError
 
 
-def wait_for_device(address: str, timeout: float = 30.0, *, bind: bool = True) -> pci.NvmeFunction:
+def wait_for_device(address: str, timeout: float = 30.0, *, bind: bool = True,
+                    force: bool = False) -> pci.NvmeFunction:
     """Wait up to ``timeout`` seconds for the PCI function at ``address`` to exist (again), then
     (``bind``) move it to vfio-pci. Raises ``PciError`` (reason ``device-absent``) when it did not
     come back in time; a function in use by the kernel's driver (mounted) is refused as ``bind``
-    refuses it."""
+    refuses it, unless ``force``."""
     address = pci.normalize_address(address)
     sysfs = pci.SYSFS / "bus/pci/devices" / address
     monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")  # no udevd needed
@@ -40,15 +41,15 @@ def wait_for_device(address: str, timeout: float = 30.0, *, bind: bool = True) -
         if dev is not None and dev.action == "add" and dev.sys_name == address:
             break
     # the add event comes before the kernel's driver probed the function: bind() unbinds it first
-    return _bind_when_ready(address, deadline) if bind else pci.get_function(address)
+    return _bind_when_ready(address, deadline, force) if bind else pci.get_function(address)
 
 
-def _bind_when_ready(address: str, deadline: float) -> pci.NvmeFunction:
+def _bind_when_ready(address: str, deadline: float, force: bool) -> pci.NvmeFunction:
     """``pci.bind``, retried while the function's sysfs files are still being made (its class or
     driver link not there yet, or the kernel's driver still probing)."""
     while True:
         try:
-            return pci.bind(address)
+            return pci.bind(address, force=force)
         except PciError as exc:
             if exc.reason not in ("no-such-function", "not-nvme", "bind-failed", "sysfs-write") or \
                     time.monotonic() > deadline:

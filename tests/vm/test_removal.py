@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import nv
 from conftest import qmp, qmp_event
 
 import nvmevfio
@@ -209,9 +210,11 @@ def test_surprise_removal_then_replug(hotplug_ctrl, io_dir):
     write was acknowledged and then flushed reads back as that write or a later one, intact."""
     addr, qid = hotplug_ctrl["address"], hotplug_ctrl["id"]
     sysfs = Path(f"/sys/bus/pci/devices/{addr}")
-    if not sysfs.exists():  # the test above unplugged it
+    if not sysfs.exists():  # the test above unplugged it: back, and bound by the command line's form
         _replug(io_dir, hotplug_ctrl)
-    assert nvmevfio.wait_for_device(addr, 60).driver == "vfio-pci"
+        out = nv("bind", addr, "--wait", "60").stdout.decode()
+        assert f"{addr}: bound to vfio-pci" in out, out
+    assert nvmevfio.wait_for_device(addr, 5).driver == "vfio-pci"  # there and bound: returns at once
     dev = nvmevfio.open(addr, 1, queue_depth=32)
     n = dev.block_count
     written: dict[int, list[int]] = {}  # lba -> every generation written there, in order
