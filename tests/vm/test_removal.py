@@ -179,10 +179,10 @@ def _stamped(lba: int, gen: int, count: int, bs: int = 512) -> np.ndarray:
 
 
 def _replug(io_dir: Path, ctrl: dict) -> None:
-    """device_add the hot-plug controller again, on its root port, over its namespace's image: QEMU
-    may have deleted the -drive with the device (a device model may mark its drive for deletion
-    on unplug), so the image comes back as a block node of its own (blockdev-add), which a later
-    unplug leaves alone.
+    """device_add the hot-plug controller again, on its root port, over its namespace's image. QEMU
+    7.2 keeps the nvme-ns's -drive after device_del (printed below), but device models that mark
+    their drive for deletion on unplug exist: the image comes back as a block node of its own
+    (blockdev-add), which a later unplug leaves alone.
     The controller's one namespace is the legacy drive= namespace 1 (512-byte blocks, as before)."""
     qid = ctrl["id"]
     port = "rp" + qid.removeprefix("nvme")  # tools/guest.py: controller i (nvme<i>) on root port rp<i>
