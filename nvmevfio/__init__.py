@@ -39,6 +39,12 @@ def workload(dev, **kwargs):  # type: ignore[no-untyped-def]
     from nvmevfio.workload_engine import workload as _workload
 
     return _workload(dev, **kwargs)
+def wait_for_device(address: str, timeout: float = 30.0, **kwargs):  # type: ignore[no-untyped-def]
+    """After a surprise removal: wait for the function to come back, bind it to vfio-pci; see
+    :func:`nvmevfio.replug.wait_for_device`. Reopen it then."""
+    from nvmevfio.replug import wait_for_device as _wait
+
+    return _wait(address, timeout, **kwargs)
 
 
 __all__ = [
@@ -54,4 +60,5 @@ __all__ = [
     "connect",
     "open",
     "workload",
+    "wait_for_device",
 ]

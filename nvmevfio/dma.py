@@ -21,6 +21,7 @@ No physical address is ever part of a result, handle or message.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import fcntl
 import mmap
 import os
@@ -38,6 +39,47 @@ HUGE_PAGE = 1 << HUGE_SHIFT  # broker-private memory uses 2 MiB pages when the l
 # IOVA 0 and the page above it are never handed out: a zero PRP is the
 # classic symptom of a missing address, and must fault, not hit a buffer.
 DEFAULT_IOVA_FLOOR = 1 << 20
+
+# mbind(2) and get_mempolicy(2) (no libnuma: the raw system calls); numaif.h's names
+_SYS_MBIND = {"x86_64": 237, "aarch64": 235}.get(os.uname().machine)
+_SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236}.get(os.uname().machine)
+MPOL_PREFERRED = 1
+MPOL_F_ADDR = 1 << 1  # get_mempolicy: the policy of the mapping at addr
+MPOL_MF_MOVE = 1 << 1  # mbind: move the mapping's pages already there (MAP_POPULATE touched them)
+
+
+def node_mask(node: int) -> list[int]:
+    """A one-node nodemask as mbind(2) reads it: unsigned longs, bit ``node`` set."""
+    words = [0] * (node // 64 + 1)
+    words[node // 64] = 1 << (node % 64)
+    return words
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def prefer_node(addr: int, size: int, node: int) -> int:
+    """Ask the kernel to keep the pages of ``[addr, addr + size)`` on NUMA node ``node``
+    (MPOL_PREFERRED; the pages already there moved). Before the IOMMU mapping pins them. Returns 0
+    or the errno (the placement is a preference: a failure leaves the memory where it is)."""
+    if _SYS_MBIND is None:
+        return 38  # ENOSYS: an architecture whose number we do not carry
+    words = node_mask(node)
+    mask = (ctypes.c_ulong * len(words))(*words)
+    rc = _libc().syscall(_SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(size), MPOL_PREFERRED, mask,
+                         ctypes.c_ulong(64 * len(words) + 1), MPOL_MF_MOVE)
+    return 0 if rc == 0 else ctypes.get_errno()
+
+
+def memory_policy(addr: int) -> int:
+    """The NUMA policy mode (MPOL_*) of the mapping holding ``addr`` (get_mempolicy, MPOL_F_ADDR)."""
+    if _SYS_GET_MEMPOLICY is None:
+        return -1
+    mode = ctypes.c_int(-1)
+    _libc().syscall(_SYS_GET_MEMPOLICY, ctypes.byref(mode), None, ctypes.c_ulong(0), ctypes.c_void_p(addr),
+                    ctypes.c_ulong(MPOL_F_ADDR))
+    return mode.value
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -257,6 +299,10 @@ class DmaLedger:
         self._lock = threading.Lock()  # alloc and free may come from several threads (one per queue)
         self.detached = False  # the container is closed: its IOMMU mappings went with it
         self.version = 0  # counts allocations and frees: a snapshot of regions() is current while it holds
+        # the function's NUMA node on a host of several (pci.numa_placement): memory placed there
+        # before the IOMMU mapping pins it; None: nothing to choose
+        self.numa_node: int | None = None
+        self.numa_errors = 0  # allocations the kernel would not place (mbind's errno aside)
 
     # -- allocation ---------------------------------------------------------
     def alloc(self, size: int, *, owner: str = "caller", device_writable: bool = True,
@@ -296,6 +342,8 @@ class DmaLedger:
             self.iovas.free(iova, mapped)
             raise
         if self.pool is None:
+            if self.numa_node is not None and prefer_node(mem.addr, mapped, self.numa_node):
+                self.numa_errors += 1
             try:
                 self._mapper.map_dma(mem.addr, iova, mapped, device_writable)
             except BaseException:

@@ -280,3 +280,46 @@ def unbind(address: str) -> NvmeFunction:
     _load_module("nvme")
     # An empty driver_override (a newline) clears it, so normal matching picks nvme.
     return _rebind(fn.address, "nvme", "\n")
+
+
+# ------------------------------------------------------------------ NUMA
+@dataclass(frozen=True)
+class NumaPlacement:
+    """Where a function's DMA memory and its queue threads belong: its NUMA node and the CPUs of
+    that node this process may use. ``node`` is None where there is nothing to choose (a host of
+    one node, or firmware that gives the function none: numa_node -1); ``why`` says which."""
+
+    node: int | None
+    cpus: tuple[int, ...]
+    nodes: int  # NUMA nodes online on the host
+    why: str
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """A kernel cpulist (``0-3,8,10-11``; empty: none) as CPU numbers, ascending."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
+
+
+def numa_placement(address: str, *, sysfs: Path | None = None, allowed: set[int] | None = None) -> NumaPlacement:
+    """The function's NUMA node (``/sys/bus/pci/devices/ADDR/numa_node``) and the CPUs of its
+    ``local_cpulist`` within ``allowed`` (default: this process's affinity), on a host with more
+    than one node online (``/sys/devices/system/node/online``). A pure reading of ``sysfs``."""
+    root = sysfs if sysfs is not None else SYSFS
+    nodes = len(parse_cpulist(_read(root / "devices/system/node/online") or "0"))
+    if nodes <= 1:
+        return NumaPlacement(None, (), nodes, "one NUMA node: nothing to choose")
+    dev = root / "bus/pci/devices" / normalize_address(address)
+    raw = _read(dev / "numa_node")
+    node = int(raw) if raw not in (None, "") else -1
+    if node < 0:
+        return NumaPlacement(None, (), nodes, f"{nodes} NUMA nodes, but the function has none (numa_node -1)")
+    mine = allowed if allowed is not None else os.sched_getaffinity(0)
+    cpus = tuple(c for c in parse_cpulist(_read(dev / "local_cpulist") or "") if c in mine)
+    why = f"node {node} of {nodes}" + ("" if cpus else ": none of its CPUs is this process's, threads not pinned")
+    return NumaPlacement(node, cpus, nodes, why)

@@ -307,6 +307,7 @@ class ControllerSession(Provider):
         self._ledger = ledger
         self.address: str = function.address
         self.released: str | None = None  # why the device was handed back to the kernel
+        self.numa: Any = None  # pci.NumaPlacement: the function's node and CPUs (open_controller sets it)
         self.on_release: Callable[[str], None] | None = None  # called (from the watcher thread) after it
         self._release_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -409,10 +410,13 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
     (or $NVMEVFIO_UNSAFE_NOIOMMU=1): the broker then keeps all device-visible memory in a pinned
     pool of 2 MiB huge pages (``noiommu_pool_bytes``, default 64 MiB, or
     $NVMEVFIO_NOIOMMU_POOL_MB) and bounces caller buffers through it.
+    On a host of several NUMA nodes, DMA memory is placed on the function's node (``session.numa``
+    says which, and its CPUs; pci.numa_placement).
     """
     from nvmevfio import broker as _b
     from nvmevfio.dma import PAGE_SIZE, DmaLedger
     from nvmevfio.noiommu_pool import PhysicalPool
+    from nvmevfio.pci import numa_placement
     from nvmevfio.vfio import VfioIrq, open_function
 
     fn = open_function(address, reset=reset, backend=backend, unsafe_noiommu=unsafe_noiommu)
@@ -423,11 +427,14 @@ def open_controller(address: str, *, reset: bool = False, staging_bytes: int | N
         else:
             ledger = DmaLedger(fn.mapper, list(fn.iommu.ranges),
                                page_size=max(PAGE_SIZE, fn.iommu.min_page_size), hugetlb=hugetlb)
+        placement = numa_placement(fn.address)
+        ledger.numa_node = placement.node  # before the broker's first allocation (its queues)
         br = _b.Broker(fn.bar0, ledger, irq=VfioIrq(fn.device),
                        staging_bytes=staging_bytes or _b.DEFAULT_STAGING,
                        command_timeout_s=command_timeout_s or _b.COMMAND_TIMEOUT_S, bar_map=fn.bar_memory,
                        function_reset=fn)
         session = ControllerSession(br, fn, ledger)
+        session.numa = placement
         session.bind()
         return session
     except BaseException:

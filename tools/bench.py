@@ -430,9 +430,165 @@ def sweep_round(addr: str, dev_of, seconds: float) -> dict:
     return out
 
 
+# ------------------------------------------------------------ several controllers (--only controllers, issue 25)
+CONTROLLERS_BAR = 1.7  # two controllers in one `perf`, polled: the sum against one controller alone
+
+
+def _fio_two(devs: list[str], seconds: float, hipri: bool) -> dict:
+    """fio with one job on each of ``devs`` at once (randread 4 KiB QD32): IOPS summed."""
+    args = ["fio", "--direct=1", "--time_based", f"--runtime={seconds}", "--ramp_time=1", "--randrepeat=0",
+            "--norandommap", "--output-format=json", "--ioengine=io_uring", "--rw=randread", "--bs=4096",
+            "--iodepth=32", *(["--hipri=1"] if hipri else [])]
+    for i, dev in enumerate(devs):
+        args += [f"--name=job{i}", f"--filename={dev}"]
+    jobs = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["jobs"]
+    return {"iops": sum(j["read"]["iops"] for j in jobs), "per_job": [j["read"]["iops"] for j in jobs]}
+
+
+def _perf_many(addrs: list[str], seconds: float, mode: str) -> dict:
+    """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each, controller i's thread on vCPU i)."""
+    args = [sys.executable, "-m", "nvmevfio", "perf", *addrs, "--mode", mode, "-w", "randread", "-q", "32", "-t",
+            str(seconds), "--ramp", "1", "-o", "json", "--cpu", ",".join(map(str, range(len(addrs))))]
+    d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    return {"iops": d["total"]["iops"], "per_controller": [c["iops"] for c in d["controllers"]],
+            "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]]}
+
+
+def kernel_block_device(addr: str) -> str:
+    """The kernel driver's block device of namespace 1 of ``addr`` (waited for, up to 10 s)."""
+    from nvmevfio import pci
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
+        if names and Path("/dev/" + names[0]).exists():
+            return "/dev/" + names[0]
+        time.sleep(0.05)
+    raise RuntimeError(f"no kernel block device for {addr}")
+
+
+def controllers_in_guest(seconds: float, out_path: Path) -> int:
+    """In the guest: the kernel driver on one controller, then on both (fio, a job each), then
+    nvmevfio: one controller alone, both in one `perf`, one alone again (A/B/A); polled and with
+    interrupts. Each phase's name goes to a file the host reads to label its QEMU thread samples."""
+    from nvmevfio import pci
+
+    addrs = [f.address for f in pci.list_functions()][:2]
+    phase = out_path.parent / "phase"
+
+    def mark(name: str) -> None:
+        phase.write_text(name)
+
+    res: dict = {"addresses": addrs}
+    for mode in ("poll", "irq"):
+        mark(f"kernel {mode} one")
+        res[f"kernel_{mode}_one"] = fio(kernel_block_device(addrs[0]), "randread", 4096, 32, "io_uring", seconds,
+                                        mode == "poll")
+        mark(f"kernel {mode} both")
+        res[f"kernel_{mode}_both"] = _fio_two([kernel_block_device(a) for a in addrs], seconds, mode == "poll")
+    for a in addrs:
+        pci.bind(a)
+    for mode in ("poll", "irq"):
+        mark(f"nvmevfio {mode} one")
+        res[f"nvmevfio_{mode}_one"] = perf(addrs[0], "randread", 4096, 32, seconds, mode, cpu=0)
+        mark(f"nvmevfio {mode} both")
+        res[f"nvmevfio_{mode}_both"] = _perf_many(addrs, seconds, mode)
+        mark(f"nvmevfio {mode} one again")
+        res[f"nvmevfio_{mode}_one_again"] = perf(addrs[0], "randread", 4096, 32, seconds, mode, cpu=0)
+    mark("done")
+    out_path.write_text(json.dumps({"only": res}, indent=2))
+    return 0
+
+
+def _qemu_threads(io_dir: Path) -> dict[str, int]:
+    """CPU ticks (utime + stime) of each thread of the QEMU running with ``io_dir`` (debug-threads
+    names them: CPU 0/TCG, ..., the main loop as qemu-system-x86)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(io_dir).encode() in cmd:
+            out: dict[str, int] = {}
+            for task in (proc / "task").iterdir():
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+            return out
+    return {}
+
+
+def controllers_main(args: argparse.Namespace) -> int:
+    """--only controllers: one boot with two controllers; the A/B/A figures, the ratios against the
+    bar and the kernel's, and the QEMU threads' CPU share in each phase (sampled every second)."""
+    import tempfile
+    import threading
+
+    import guest
+
+    io_dir = Path(tempfile.mkdtemp(prefix="nvmevfio-bench-ctrls-"))
+    ctrls = [guest.Controller([guest.Namespace(guest.parse_size(args.size), 512)], {"serial": f"nvmevfio-bench{i}"})
+             for i in range(2)]
+    out = io_dir / "results.json"
+    samples: dict[str, list[dict[str, float]]] = {}
+    stop = threading.Event()
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def sample() -> None:
+        before = _qemu_threads(io_dir)
+        while not stop.wait(1.0):
+            now = _qemu_threads(io_dir)
+            label = (io_dir / "phase").read_text() if (io_dir / "phase").exists() else ""
+            if label and label != "done" and before:
+                samples.setdefault(label, []).append({k: 100.0 * (v - before.get(k, 0)) / hz for k, v in now.items()})
+            before = now
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out),
+           "--only", "controllers"]
+    passed = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    try:
+        res = guest.run(cmd, controllers=ctrls, kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
+                        timeout=3600, echo=False, **guest.lane_options(args.lane, passed))
+    finally:
+        stop.set()
+        t.join()
+    if res.returncode != 0 or not out.exists():
+        raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
+    r = json.loads(out.read_text())["only"]
+    print(f"two controllers in one process, randread 4 KiB QD32 each (lane {args.lane}); bar: nvmevfio poll "
+          f"both >= {CONTROLLERS_BAR}x one alone")
+    for mode in ("poll", "irq"):
+        one = statistics.mean((r[f"nvmevfio_{mode}_one"]["iops"], r[f"nvmevfio_{mode}_one_again"]["iops"]))
+        both = r[f"nvmevfio_{mode}_both"]
+        k1, k2 = r[f"kernel_{mode}_one"]["iops"], r[f"kernel_{mode}_both"]
+        print(f"nvmevfio {mode}: one {r[f'nvmevfio_{mode}_one']['iops']:.0f} / "
+              f"{r[f'nvmevfio_{mode}_one_again']['iops']:.0f}, both {both['iops']:.0f} "
+              f"({' + '.join(f'{x:.0f}' for x in both['per_controller'])}): ratio {both['iops'] / one:.2f}"
+              + (f" (bar {CONTROLLERS_BAR}: {'met' if both['iops'] / one >= CONTROLLERS_BAR else 'NOT MET'})"
+                 if mode == "poll" else ""))
+        print(f"kernel {mode}:   one {k1:.0f}, both {k2['iops']:.0f} "
+              f"({' + '.join(f'{x:.0f}' for x in k2['per_job'])}): ratio {k2['iops'] / k1:.2f}")
+    print("QEMU threads, % of a host CPU, mean over each phase's 1 s samples:")
+    names = sorted({n for rows in samples.values() for row in rows for n, v in row.items() if v > 5})
+    print(f"{'phase':<26}" + "".join(f"{n:>18}" for n in names))
+    for label, rows in samples.items():
+        print(f"{label:<26}" + "".join(f"{statistics.mean(row.get(n, 0.0) for row in rows):>18.0f}" for n in names))
+    if args.json:
+        args.json.write_text(json.dumps({"only": r, "qemu_threads": samples}, indent=2))
+    return 0
+
+
 def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = None) -> int:
     from nvmevfio import pci
 
+    if only == "controllers":
+        return controllers_in_guest(seconds, out_path)
     [fn] = list(pci.list_functions())
     addr = fn.address
     if only == "features":  # PRP, SGL, SQ in the CMB, PRP: in-process perf only
@@ -448,13 +604,7 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         return 0
 
     def kernel_dev() -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            names = [ns.name for ns in pci.get_function(addr).namespaces if ns.nsid == 1]
-            if names and Path("/dev/" + names[0]).exists():
-                return "/dev/" + names[0]
-            time.sleep(0.05)
-        raise RuntimeError("no kernel block device")
+        return kernel_block_device(addr)
 
     t0 = time.time()
     if sweep:
@@ -752,7 +902,8 @@ def main() -> int:
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
-    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "scaling", "features"],
+    ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "scaling", "features",
+                                       "controllers"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
                          "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
@@ -762,7 +913,8 @@ def main() -> int:
                          "needs ublk: --lane iommufd) or scaling (randread 4 KiB QD32 on 1 and 2 queues: fio "
                          "numjobs 1 and 2, perf --queues 1 and 2, fio again; polled and with interrupts) or features "
                          "(perf with PRPs, with SGLs --sgl, with the SQ in the Controller Memory Buffer --sq-in-cmb, "
-                         "with PRPs again)")
+                         "with PRPs again) or controllers (two controllers: randread 4 KiB QD32 on one, on both in "
+                         "one perf, on one again; the kernel's fio on one and on both; QEMU's threads sampled)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
@@ -777,6 +929,8 @@ def main() -> int:
     if newer:
         raise SystemExit(f"{package}'s C shim is older than {', '.join(newer)}: rebuild it first "
                          "(tools/setup-host.sh)")
+    if args.only == "controllers":
+        return controllers_main(args)
     if args.only == "ublk":
         if args.lane == "type1":
             raise SystemExit("--only ublk: Debian's 6.1 guest kernel has no ublk; use --lane iommufd (or noiommu)")

@@ -58,17 +58,21 @@ def list_cmd(fmt: str, more: bool) -> None:
 @main.command()
 @address_arg
 @click.option("--force", is_flag=True, help="bind even if a namespace is mounted, swap or held")
-def bind(address: str, force: bool) -> None:
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="wait up to SECONDS for the function to appear first (after a surprise removal: re-plug, rescan)")
+def bind(address: str, force: bool, wait_s: float | None) -> None:
     """Move a function to vfio-pci (for nvmevfio).
 
     \b
     Example: nvmevfio bind 00:04.0
+             nvmevfio bind 01:00.0 --wait 60   (a removed controller: when it is back)
     """
     from nvmevfio import pci
+    from nvmevfio.replug import wait_for_device
 
     _need_root()
     with errors():
-        fn = pci.bind(address, force=force)
+        fn = pci.bind(address, force=force) if wait_s is None else wait_for_device(address, wait_s, force=force)
     group = f", IOMMU group {fn.iommu_group} (/dev/vfio/{fn.iommu_group})" if fn.iommu_group is not None else ""
     click.echo(f"{fn.address}: bound to {fn.driver}{group}")
 

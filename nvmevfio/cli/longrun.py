@@ -14,11 +14,11 @@ from nvmevfio.cli.common import (
     EXIT_ERROR,
     EXIT_MISMATCH,
     _address,
+    _complete_address,
     _emit_json,
     _fail,
     _pin,
     address_arg,
-    block_address_arg,
     blockdev,
     check_cpus,
     controller,
@@ -94,7 +94,7 @@ def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: s
         _fail(f"--jobs {jobs} and --queues {queues}: the same thing, given twice differently", EXIT_ERROR)
     jobs = jobs or queues
     check_cpus(cpus)
-    rng = _parse_range(lba_range)
+    rng = _lba_range(lba_range)
     opened = {"sgl": True} if sgl else {}
     opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
     if engine.get("verify_only"):
@@ -172,19 +172,8 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
         _fail(f"verify-only: {rep['mismatch_count']} blocks did not hold what the map says", EXIT_MISMATCH)
 
 
-def _parse_range(lba_range: str | None) -> tuple[int, int] | None:
-    """--range START:END (LBAs, END excluded)."""
-    if not lba_range:
-        return None
-    try:
-        a, b = (int(x, 0) for x in lba_range.split(":"))
-    except ValueError:
-        _fail(f"--range {lba_range!r}: expected START:END", EXIT_ERROR)
-    return a, b
-
-
 @main.command()
-@block_address_arg
+@click.argument("address", nargs=-1, shell_complete=_complete_address)
 @click.option("--namespace-id", "nsid", type=int, default=1, show_default=True,
               help="namespace id (-n is the I/O count here, as in spdk_nvme_perf)")
 @click.option("-w", "--workload", type=click.Choice(["randread", "randwrite", "read", "write", "randrw", "append"]),
@@ -220,7 +209,7 @@ def _parse_range(lba_range: str | None) -> tuple[int, int] | None:
 @_workload_options
 @service_socket_opt
 @output_opt
-def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
+def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
          sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, cpus: list[int] | None, service_socket: str | None,
          fmt: str) -> None:
@@ -232,6 +221,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
              nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
              nvmevfio perf 00:04.0 -w randread -q 32 --queues 2 --cpu 0,1   (two queue pairs, a thread each)
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
+             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32   (two controllers: a row each and the total)
              nvmevfio perf 00:04.0 --mix read:70,write:20,trim:5,flush:5 --bs 4k:50,16k:30,128k:20 -q 16 \\
                  --jobs 2 --verify --verify-map run.map -t 60 --rate 20000   (the workload engine)
              nvmevfio perf 00:04.0 --verify-only --verify-map run.map   (check an earlier run's blocks)
@@ -239,12 +229,27 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     from nvmevfio import perf as perfmod
 
     engine = click.get_current_context().meta.get(_ENGINE, {})
+    if len(address) > 1:
+        if service_socket:
+            _fail("--socket serves one controller: give no ADDRESS with it", EXIT_ERROR)
+        if engine:
+            _fail("the workload engine (--mix, --bs, --verify-map, ...) runs on one controller at a time: "
+                  "give one ADDRESS", EXIT_ERROR)
+        check_cpus(cpus)
+        _perf_many(address, nsid, fmt, mode=mode, opened={"shadow_doorbells": shadow, "sgl": sgl,
+                                                          "sq_in_cmb": sq_in_cmb},
+                   workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
+                   lba_range=_lba_range(lba_range), rwmixread=rwmixread, ramp_s=ramp, verify=verify,
+                   queues=queues, cpus=cpus)
+        return
+    one = address[0] if address else ""
     if engine:  # the workload engine (--mix, --bs, ...): its own options, run and report
-        _perf_engine(engine, address=address, nsid=nsid, workload=workload, queue_depth=queue_depth,
+        _perf_engine(engine, address=one, nsid=nsid, workload=workload, queue_depth=queue_depth,
                      io_size=io_size, seconds=seconds, count=count, lba_range=lba_range, mode=mode,
                      rwmixread=rwmixread, ramp=ramp, shadow=shadow, sgl=sgl, sq_in_cmb=sq_in_cmb, verify=verify,
                      queues=queues, cpus=cpus, service_socket=service_socket, fmt=fmt)
         return
+
     if service_socket and (verify or mode != "poll" or sgl or sq_in_cmb):
         _fail("through --socket the daemon decides how completions arrive, its queues and its data descriptors, "
               "and perf runs its C loop: no --mode, --sgl, --sq-in-cmb or --verify", EXIT_ERROR)
@@ -254,7 +259,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
     opened = {"sgl": True} if sgl else {}
     opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
 
-    rng = _parse_range(lba_range)
+    rng = _lba_range(lba_range)
     live = sys.stderr.isatty() and fmt == "normal"
 
     def status(elapsed: float, ios: int) -> None:
@@ -268,7 +273,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
             dev: Any = [stack.enter_context(connect(service_socket, nsid, queue_depth=queue_depth))
                         for _ in range(queues)]
         else:
-            dev = stack.enter_context(blockdev(address, nsid, service_socket, irq=mode == "irq",
+            dev = stack.enter_context(blockdev(one, nsid, service_socket, irq=mode == "irq",
                                                queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
                                                queues=queues, **opened))
             stack.enter_context(errors())
@@ -283,7 +288,7 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
         if bad:
             sys.exit(EXIT_MISMATCH)
         return
-    click.echo(f"{service_socket or _address(address)} nsid {nsid}: {res.workload}, {res.io_size} B, "
+    click.echo(f"{service_socket or _address(one)} nsid {nsid}: {res.workload}, {res.io_size} B, "
                f"QD {res.queue_depth}, {res.mode}, {res.seconds:.2f} s, {res.ios} I/Os ({res.reads} reads, "
                f"{res.writes} writes), "
                f"{res.errors} errors")
@@ -305,6 +310,51 @@ def perf(address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_MISMATCH)
+
+
+def _lba_range(text: str | None) -> tuple[int, int] | None:
+    """--range START:END (LBAs, END excluded)."""
+    if not text:
+        return None
+    try:
+        a, b = (int(x, 0) for x in text.split(":"))
+    except ValueError:
+        _fail(f"--range {text!r}: expected START:END", EXIT_ERROR)
+    return a, b
+
+
+def _perf_many(addresses: tuple[str, ...], nsid: int, fmt: str, *, mode: str, opened: dict[str, Any],
+               verify: bool, queues: int, **kw: Any) -> None:
+    """perf over several controllers at once (nvmevfio/perf_many.py): each opened here, a row each
+    and the total."""
+    from nvmevfio.perf_many import run_many, table
+
+    if verify and queues > 1:
+        _fail("--verify runs in Python on one queue: no --queues", EXIT_ERROR)
+    named = [_address(a) for a in addresses]
+    if len(set(named)) != len(named):
+        _fail(f"a controller named twice: {' '.join(named)}", EXIT_ERROR)
+    with contextlib.ExitStack() as stack:
+        devs = [(a, stack.enter_context(blockdev(a, nsid, irq=mode == "irq", queues=queues,
+                                                          queue_depth=min(kw["queue_depth"] + 1, 4096), **opened)))
+                for a in named]
+        stack.enter_context(errors())
+        res = run_many(devs, hybrid=mode == "hybrid", verify=verify, queues=queues, **kw)
+    if fmt == "json":
+        _emit_json(res.to_dict())
+    else:
+        first = res.controllers[0]
+        click.echo(f"{len(devs)} controllers, nsid {nsid}: {first['workload']}, {first['io_size']} B, "
+                   f"QD {first['queue_depth']} x {queues} queue(s) each, {first['mode']}, "
+                   f"{res.total['seconds']:.2f} s, {res.total['ios']} I/Os, {res.total['errors']} errors")
+        click.echo(f"NUMA: {res.numa}")
+        for line in table(res):
+            click.echo(line)
+        if verify:
+            click.echo(f"verify: {res.total['verified_blocks']} blocks read back and checked, "
+                       f"{res.mismatches} mismatches")
+    if res.mismatches:
+        _fail(f"verify: {res.mismatches} blocks did not hold what was written", EXIT_MISMATCH)
 
 
 def _perf_table(res: Any) -> None:
@@ -330,7 +380,7 @@ def _perf_table(res: Any) -> None:
 
 
 @main.command()
-@address_arg
+@click.argument("address", nargs=-1, required=True, shell_complete=_complete_address)
 @click.option("--grants", "grants_path", type=click.Path(dir_okay=False, exists=True), required=True,
               help="the grants file (TOML): who may use which namespace window, how")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=DEFAULT_SOCKET,
@@ -345,7 +395,7 @@ def _perf_table(res: Any) -> None:
               help="poll mode: keep polling this long after the last request or completion before "
                    "sleeping (clients skip their doorbell meanwhile); 0 sleeps at once")
 @cpu_opt
-def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str,
+def serve(address: tuple[str, ...], grants_path: str, socket_path: str, clients: int, queue_depth: int, mode: str,
           idle_spin_us: int, cpu: int | None) -> None:
     """Own a controller and serve its namespaces to unprivileged clients (grants file).
 
@@ -353,25 +403,40 @@ def serve(address: str, grants_path: str, socket_path: str, clients: int, queue_
     SIGTERM or Ctrl-C; then every session ends (its commands waited for, its memory scrubbed)
     and the controller is shut down.
 
+    Several controllers: one socket each, SOCKET with the controller's address before its suffix
+    (nvmevfio-0000:00:04.0.sock); a grant with controller = "ADDRESS" applies on that one only.
+
     \b
     Example: nvmevfio serve 00:04.0 --grants /etc/nvmevfio/grants.toml
+             nvmevfio serve 00:04.0 00:05.0 --grants /etc/nvmevfio/grants.toml
     """
     import logging
 
-    from nvmevfio.service.daemon import run
-    from nvmevfio.service.grants import GrantsError, load_grants
+    from nvmevfio.service.daemon import Service, controller_socket, run, run_several
+    from nvmevfio.service.grants import GrantsError, for_controller, load_grants
 
+    named = [_address(a) for a in address]
+    if len(set(named)) != len(named):
+        _fail(f"a controller named twice: {' '.join(named)}", EXIT_ERROR)
     try:
         grants = load_grants(grants_path)
+        mine = {a: for_controller(grants, a, named) for a in named}
     except GrantsError as exc:
         _fail(str(exc), EXIT_ERROR)
     _pin(cpu)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="nvmevfio serve: %(message)s")
-    with controller(address, enable=False) as session, errors():
+    opts: dict[str, Any] = {"clients": clients, "queue_depth": queue_depth, "irq": mode == "irq",
+                            "idle_spin_s": idle_spin_us / 1e6}
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(controller(a, enable=False)) for a in named]
+        stack.enter_context(errors())
         try:
-            run(session, grants, socket_path, clients=clients, queue_depth=queue_depth, irq=mode == "irq",
-                idle_spin_s=idle_spin_us / 1e6, address=session.address)
+            if len(sessions) == 1:
+                run(sessions[0], mine[named[0]], socket_path, address=sessions[0].address, **opts)
+            else:
+                run_several([Service(s, mine[a], controller_socket(socket_path, a), address=a, **opts)
+                             for a, s in zip(named, sessions)])
         except GrantsError as exc:
             _fail(str(exc), EXIT_ERROR)
 

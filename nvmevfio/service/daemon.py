@@ -411,3 +411,63 @@ def run(provider: Provider, grants: list[ServiceGrant], socket_path: str, **opti
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         service.close()
+
+
+def controller_socket(socket_path: str, address: str) -> str:
+    """The socket of one controller of a daemon serving several: ``SOCKET`` with the controller's
+    address before its suffix (``/run/nvmevfio/nvmevfio.sock`` and 0000:01:00.0:
+    ``/run/nvmevfio/nvmevfio-0000:01:00.0.sock``). A client names the controller it wants by its socket."""
+    head, dot, suffix = socket_path.rpartition(".")
+    if not dot or "/" in suffix:
+        return f"{socket_path}-{address}"
+    return f"{head}-{address}.{suffix}"
+
+
+def run_several(services: list[Service]) -> None:
+    """Several controllers, one daemon: each :class:`Service` (its controller, grants and socket)
+    started, then served by a thread of its own until SIGTERM or SIGINT (or one of them fails: the
+    others are stopped too), then every session ended and every controller closed."""
+    started: list[Service] = []
+    try:
+        for s in services:
+            s.start()
+            started.append(s)
+    except BaseException:
+        for s in started:
+            s.close()
+        raise
+    failures: list[BaseException] = []
+
+    def serve(s: Service) -> None:
+        try:
+            s.serve()
+        except BaseException as exc:  # raised by the calling thread below
+            failures.append(exc)
+        finally:
+            for other in services:
+                other.stop()
+
+    def stop_all(*_: Any) -> None:
+        for s in services:
+            s.stop()
+
+    threads = [threading.Thread(target=serve, args=(s,), name=f"nvmevfio-serve-{s.address}") for s in services]
+    main = threading.current_thread() is threading.main_thread()  # (only it may set signal handlers)
+    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)  # the main thread stays free for the signal handlers
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for s in services:
+            s.stop()
+        for t in threads:
+            t.join()
+        for s in services:
+            s.close()
+    if failures:
+        raise failures[0]

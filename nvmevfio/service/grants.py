@@ -14,6 +14,7 @@ A TOML file (read with the standard library's tomllib, or its backport tomli bef
     lanes = ["default"]     # and/or "validated" (Model B: the client writes its own SQEs)
     sessions = 2            # at most this many sessions (client slots) at once
     connections = 8         # at most this many open connections to the socket at once
+    controller = "00:04.0"  # only on this controller (a daemon serving several); absent: on every one
 
 The limits belong to the grant, not to a session: a uid's sessions under one grant share its
 queue depth and its DMA memory, and each uid of a group grant has its own share (a peer is
@@ -46,7 +47,7 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 LANES = ("default", "validated")
 _FIELDS = {"user", "uid", "group", "gid", "nsid", "first_lba", "blocks", "access", "queue_depth", "dma_memory",
-           "lanes", "sessions", "connections"}
+           "lanes", "sessions", "connections", "controller"}
 DEFAULT_SESSIONS = 2  # a uid's sessions under one grant at once: one user cannot take every client slot
 DEFAULT_CONNECTIONS = 8  # a uid's open connections at once (each costs the daemon a file descriptor)
 
@@ -72,6 +73,7 @@ class ServiceGrant:
     lanes: tuple[str, ...]
     sessions: int = DEFAULT_SESSIONS
     connections: int = DEFAULT_CONNECTIONS
+    controller: str | None = None  # the PCI function it is for (normalized); None: every controller served
 
     def window(self, client: str) -> Window:
         """The validator's view of this grant for ``client``."""
@@ -132,6 +134,14 @@ def parse_grants(text: str, source: str = "grants") -> list[ServiceGrant]:
         access = entry.get("access", "ro")
         if access not in ("ro", "rw"):
             raise GrantsError(f"{where}: access must be \"ro\" or \"rw\", got {access!r}")
+        controller = None
+        if "controller" in entry:
+            from nvmevfio.pci import normalize_address  # (pci imports pyudev: only when a grant names one)
+
+            try:
+                controller = normalize_address(str(entry["controller"]))
+            except NvmeVfioError:
+                raise GrantsError(f"{where}: controller {entry['controller']!r} is not a PCI address") from None
         lanes = entry.get("lanes", ["default"])
         if not isinstance(lanes, list) or not lanes or any(lane not in LANES for lane in lanes):
             raise GrantsError(f"{where}: lanes must be a list of {', '.join(LANES)}, got {lanes!r}")
@@ -141,8 +151,22 @@ def parse_grants(text: str, source: str = "grants") -> list[ServiceGrant]:
             writable=access == "rw", queue_depth=_whole(entry, "queue_depth", where, default=32, minimum=1),
             dma_memory=parse_size(entry.get("dma_memory", "16M"), f"{where}: dma_memory"),
             lanes=tuple(lanes), sessions=_whole(entry, "sessions", where, default=DEFAULT_SESSIONS, minimum=1),
-            connections=_whole(entry, "connections", where, default=DEFAULT_CONNECTIONS, minimum=1)))
+            connections=_whole(entry, "connections", where, default=DEFAULT_CONNECTIONS, minimum=1),
+            controller=controller))
     return out
+
+
+def for_controller(grants: Iterable[ServiceGrant], address: str, served: Iterable[str]) -> list[ServiceGrant]:
+    """The grants that apply on the controller at ``address`` (normalized) of those a daemon
+    serves (``served``): the ones naming it and the ones naming none. A grant naming a controller
+    the daemon does not serve is refused (a typo must not leave a user without access silently)."""
+    grants = list(grants)
+    served = set(served)
+    for i, g in enumerate(grants, 1):
+        if g.controller is not None and g.controller not in served:
+            raise GrantsError(f"grant {i}: controller {g.controller} is not one this daemon serves "
+                              f"({', '.join(sorted(served))})")
+    return [g for g in grants if g.controller in (None, address)]
 
 
 def load_grants(path: str | Path) -> list[ServiceGrant]:

@@ -1,0 +1,84 @@
+"""Several simulated controllers in one perf run (nvmevfio/perf_many.py): a row each and the total,
+every command reaching its own controller, the NUMA choice (from a fake sysfs tree) pinning each
+controller's queue threads to its node's CPUs and placing its DMA memory there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nvmevfio import dma, pci
+from nvmevfio.blockdev import BlockDevice
+from nvmevfio.errors import Refused
+from nvmevfio.perf_many import run_many, table
+from nvmevfio.sim.rig import Rig
+
+
+def _two() -> tuple[list[Rig], list[tuple[str, BlockDevice]]]:
+    rigs = [Rig(), Rig()]
+    return rigs, [(f"0000:00:{0x10 + i:02x}.0", BlockDevice(r.p, 1, queue_depth=32)) for i, r in enumerate(rigs)]
+
+
+def test_two_controllers_rows_and_total():
+    rigs, devs = _two()
+    before = [len(r.sim.commands) for r in rigs]
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000))
+    assert [c["address"] for c in res.controllers] == ["0000:00:10.0", "0000:00:11.0"]
+    assert [c["ios"] for c in res.controllers] == [400, 400]
+    assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
+    assert res.total["ios"] == 800 and res.total["errors"] == 0
+    assert res.total["iops"] == pytest.approx(sum(c["iops"] for c in res.controllers))
+    assert res.controllers[0]["pinned_cpus"] == [] and "not placed" in res.numa
+    lines = table(res)
+    assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
+    d = res.to_dict()
+    assert set(d) == {"controllers", "total", "numa"} and d["total"]["controllers"] == 2
+
+
+def test_two_controllers_verified():
+    _, devs = _two()
+    res = run_many(devs, workload="randrw", queue_depth=4, count=300, io_size=1024, lba_range=(0, 256),
+                   verify=True)
+    assert all(c["verify"] and c["verified_blocks"] > 0 for c in res.controllers)
+    assert res.mismatches == 0 and res.total["verified_blocks"] == sum(c["verified_blocks"] for c in res.controllers)
+
+
+def test_numa_choice_pins_each_controller_to_its_node(tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs this process may use")
+    a, b = cpus[0], cpus[1]
+    root = tmp_path
+    (root / "devices/system/node").mkdir(parents=True)
+    (root / "devices/system/node/online").write_text("0-1\n")
+    rigs, devs = _two()
+    for (addr, _), (node, cpu) in zip(devs, [(1, b), (0, a)]):
+        d = root / "bus/pci/devices" / addr
+        d.mkdir(parents=True)
+        (d / "numa_node").write_text(f"{node}\n")
+        (d / "local_cpulist").write_text(f"{cpu}\n")
+    for rig, (addr, _dev) in zip(rigs, devs):
+        rig.p.numa = pci.numa_placement(addr, sysfs=root)  # as open_controller does
+        rig.ledger.numa_node = 0  # the host has one node: node 0 stands for the function's
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, queues=1)
+    assert [c["pinned_cpus"] for c in res.controllers] == [[b], [a]]
+    assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [b, a]
+    assert [c["numa_node"] for c in res.controllers] == [1, 0] and res.numa == "node 1 of 2; node 0 of 2"
+    # the user's --cpu wins
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, cpus=[a])
+    assert [c["pinned_cpus"] for c in res.controllers] == [[a], [a]]
+    # the buffers perf allocated after the choice were placed (MPOL_PREFERRED) before their mapping
+    buf = devs[0][1].alloc_buffer(4096)
+    slot = rigs[0].ledger._slots[buf.slot]
+    assert dma.memory_policy(slot.mem.addr) == dma.MPOL_PREFERRED and rigs[0].ledger.numa_errors == 0
+
+
+def test_refusals():
+    _, devs = _two()
+    with pytest.raises(Refused) as ei:
+        run_many([devs[0], devs[0]], count=10)
+    assert ei.value.reason == "invalid-argument"
+    with pytest.raises(Refused) as ei:
+        run_many(devs, workload="trim", count=10)
+    assert ei.value.reason == "unsupported-workload"

@@ -1,0 +1,80 @@
+"""Several controllers in one process (issue 25 part 3): `nvmevfio perf ADDR ADDR` runs a workload
+on each at once, a row each and the total, every block verified on each; the guest has one NUMA
+node, which the output says (the choice itself is tested against a fake sysfs: tests/sim/test_perf_many.py).
+And `nvmevfio serve ADDR ADDR`: one daemon, a socket per controller."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from cli_runner import nv, nvj
+
+import nvmevfio
+
+
+def test_two_controllers_in_one_perf_verified(data_ctrl, small_ctrl):
+    a, b = data_ctrl["address"], small_ctrl["address"]
+    d = nvj("perf", a, b, "-w", "randrw", "-q", 8, "-s", 4096, "-n", 1500, "--verify", "--range", "100000:120000")
+    assert [c["address"] for c in d["controllers"]] == [a, b]
+    for c in d["controllers"]:
+        assert c["ios"] == 1500 and c["errors"] == 0 and c["verify"] and c["mismatches"] == []
+        assert c["verified_blocks"] > 0 and c["reads"] > 0 and c["writes"] > 0
+    t = d["total"]
+    assert t["ios"] == 3000 and t["mismatches"] == 0 and t["controllers"] == 2
+    assert t["verified_blocks"] == sum(c["verified_blocks"] for c in d["controllers"])
+    assert d["numa"].startswith("one NUMA node")
+
+
+def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
+    a, b = data_ctrl["address"], small_ctrl["address"]
+    out = nv("perf", a, b, "-w", "randread", "-q", 16, "-n", 4000, "--queues", 2).stdout.decode().splitlines()
+    rows = {line.split()[0]: line.split() for line in out if line.split() and line.split()[0] in (a, b, "total")}
+    assert set(rows) == {a, b, "total"}, out
+    assert float(rows["total"][1]) > 0  # (the total row has no CPUs column)
+    assert abs(float(rows["total"][1]) - float(rows[a][2]) - float(rows[b][2])) < 0.2
+    assert "NUMA: one NUMA node" in "\n".join(out)
+
+
+def test_the_same_controller_twice_is_refused(data_ctrl):
+    a = data_ctrl["address"]
+    r = nv("perf", a, a, "-n", 10, check=False)
+    assert r.returncode != 0 and b"named twice" in r.stderr
+
+
+def test_one_daemon_serves_two_controllers(data_ctrl, small_ctrl, tmp_path):
+    """`nvmevfio serve A B`: a socket per controller, a grant per controller; what a client writes
+    through each socket is on that controller (read back directly once the daemon stopped)."""
+    a, b = data_ctrl["address"], small_ctrl["address"]
+    grants = tmp_path / "grants.toml"
+    grants.write_text(f'[[grant]]\nuid = 0\nnsid = 1\nfirst_lba = 100000\nblocks = 1000\naccess = "rw"\n'
+                      f'controller = "{a}"\n\n[[grant]]\nuid = 0\nnsid = 1\nfirst_lba = 50000\nblocks = 500\n'
+                      f'access = "rw"\ncontroller = "{b}"\n')
+    sock = tmp_path / "nv.sock"
+    socks = [str(tmp_path / f"nv-{x}.sock") for x in (a, b)]
+    log = tmp_path / "serve.log"
+    with log.open("w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "nvmevfio", "-v", "serve", a, b, "--grants", str(grants),
+                                 "--socket", str(sock), "--clients", "2"], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not all(os.path.exists(s) for s in socks):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        data = [np.random.default_rng(i).integers(0, 256, 16 * 512, dtype=np.uint8) for i in (1, 2)]
+        for s, blocks, d in zip(socks, (1000, 500), data):
+            with nvmevfio.connect(s, 1) as dev:
+                assert dev.info.block_count == blocks
+                dev.write_blocks(3, d)
+                dev.flush()
+                assert np.array_equal(dev.read_blocks(3, 16), d)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        print(log.read_text()[-3000:])
+    assert proc.returncode == 0 and not any(os.path.exists(s) for s in socks)
+    for addr, lba, d in zip((a, b), (100003, 50003), data):
+        with nvmevfio.open(addr, 1) as dev:
+            assert np.array_equal(dev.read_blocks(lba, 16), d)
