@@ -59,6 +59,6 @@ __all__ = [
     "__version__",
     "connect",
     "open",
-    "workload",
     "wait_for_device",
+    "workload",
 ]
