@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from nvmevfio.broker.cmb import ControllerMemory
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import DEFAULT_IO_DEPTH, OACS_DBBUF, BrokerQueue
+from nvmevfio.broker.common import DEFAULT_IO_DEPTH, OACS_DBBUF, BrokerQueue, shadow_doorbells_pay
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.namespaces import Namespaces
@@ -24,9 +24,10 @@ class Queues:
         self.cmb = cmb
 
     def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False,
-                         shadow_doorbells: bool = True, sgl: bool = False, sq_in_cmb: bool = False) -> int:
+                         shadow_doorbells: bool | None = None, sgl: bool = False, sq_in_cmb: bool = False) -> int:
         """Set Features Number of Queues, Doorbell Buffer Config when the controller has it (OACS
-        bit 8) and ``shadow_doorbells`` is on, then CREATE I/O CQ before SQ for each pair. Returns
+        bit 8) and ``shadow_doorbells`` is on (None: where they pay, shadow_doorbells_pay: not on
+        QEMU's model), then CREATE I/O CQ before SQ for each pair. Returns
         the depth used. ``sgl``: the queues' READ and WRITE commands carry SGLs (4.1.2) instead of
         PRPs; refused (``sgl-unsupported``) where Identify Controller SGLS does not offer them.
         ``sq_in_cmb``: the submission queues live in the Controller Memory Buffer (8.2; the broker
@@ -52,6 +53,8 @@ class Queues:
             assert core.irq is not None
             core.irq.vectors(count + 1)
             core.irq_mode = True
+        if shadow_doorbells is None:
+            shadow_doorbells = shadow_doorbells_pay(core.id_ctrl or {})
         core.shadow_doorbells = shadow_doorbells
         if shadow_doorbells and (core.id_ctrl or {}).get("oacs", 0) & OACS_DBBUF and core.dbbuf is None:
             self.configure_doorbell_buffer()

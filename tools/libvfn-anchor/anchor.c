@@ -11,7 +11,7 @@
  * one CQ head doorbell and one SQ tail doorbell for the batch (as libvfn's examples/perf.c and as
  * nvmevfio's perf loop). --mode irq sleeps on the queue's MSI-X vector (an eventfd) when no
  * completion is ready. Shadow doorbells: libvfn's nvme_init() issues Doorbell Buffer Config
- * whenever the controller offers it (OACS bit 3 of byte 256, NVMe 5.8); --no-dbbuf brings the
+ * whenever the controller offers it (Identify Controller OACS bit 8; NVMe 5.8); --no-dbbuf brings the
  * controller up with libvfn's lower-level steps instead (reset, admin queue, enable, Set Features
  * Number of Queues) and leaves it out, so every doorbell is an MMIO write.
  *
