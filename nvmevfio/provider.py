@@ -155,7 +155,7 @@ class Provider:
                          shadow_doorbells: bool | None = None, sgl: bool = False, sq_in_cmb: bool = False) -> int:
         """Create ``count`` I/O queue pairs (depth: CAP.MQES+1 up to 128 by default); ``irq``: MSI-X
         completions; ``shadow_doorbells``: Doorbell Buffer Config where offered (None: where it pays,
-        not on QEMU's nvme model; see broker.common.shadow_doorbells_pay); ``sgl``: READ and
+        not on QEMU's nvme model; see nvme.structures.shadow_doorbells_pay); ``sgl``: READ and
         WRITE carry SGLs instead of PRPs (refused ``sgl-unsupported`` where SGLS does not offer them);
         ``sq_in_cmb``: the submission queues in the Controller Memory Buffer (``cmb-unavailable``)."""
         from nvmevfio.broker import DEFAULT_IO_DEPTH

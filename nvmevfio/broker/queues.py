@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from nvmevfio.broker.cmb import ControllerMemory
 from nvmevfio.broker.commands import AdminCommands
-from nvmevfio.broker.common import DEFAULT_IO_DEPTH, OACS_DBBUF, BrokerQueue, shadow_doorbells_pay
+from nvmevfio.broker.common import DEFAULT_IO_DEPTH, OACS_DBBUF, BrokerQueue
 from nvmevfio.broker.core import Core
 from nvmevfio.broker.execute import command_sqe
 from nvmevfio.broker.namespaces import Namespaces
@@ -14,6 +14,7 @@ from nvmevfio.broker.state import BrokerState
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders, prp
+from nvmevfio.nvme.structures import shadow_doorbells_pay
 
 
 class Queues:

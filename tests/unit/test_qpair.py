@@ -275,7 +275,7 @@ def test_shadow_doorbells_pay_everywhere_but_on_qemus_model():
     """The broker's default when the caller does not choose (create_io_queues(shadow_doorbells=None)):
     off on QEMU's nvme model, by its Identify Controller VID (0x1B36) or its model name (the VID is
     Intel's with use-intel-id=on), on for any other controller."""
-    from nvmevfio.broker.common import shadow_doorbells_pay
+    from nvmevfio.nvme.structures import shadow_doorbells_pay
 
     assert shadow_doorbells_pay({"vid": 0x1B36, "mn": "QEMU NVMe Ctrl"}) is False
     assert shadow_doorbells_pay({"vid": 0x8086, "mn": "QEMU NVMe Ctrl"}) is False
