@@ -83,9 +83,10 @@ def shadow_doorbells_pay(id_ctrl: dict[str, Any]) -> bool:
     the SQ EventIdx after every command it fetches and reads the shadow CQ head before every
     completion it posts, each through the emulated IOMMU in its one main-loop thread (the limit
     at depth), and it still needs the MMIO doorbell to notice a tail whenever it has caught up
-    (it polls nothing): polled randread 4 KiB QD32 ran 0.8x as fast with them, the same for the
-    C driver (docs/benchmarks.md, "Shadow doorbells"). Elsewhere an MMIO write is the costlier
-    side (a VM exit on emulated controllers in the cloud, which is what the feature is for)."""
+    (it polls nothing), so a driver that rings once per batch writes as many MMIO doorbells
+    with them as without: polled randread 4 KiB QD32 ran 0.87x as fast with them (3 boots), the
+    C driver on libvfn 0.66x (docs/benchmarks.md, "Shadow doorbells"). Elsewhere an MMIO write
+    is the costlier side (a VM exit on emulated controllers in the cloud, what the feature is for)."""
     return not (id_ctrl.get("vid") == QEMU_VID or str(id_ctrl.get("mn", "")).startswith("QEMU NVMe"))
 
 
