@@ -243,3 +243,8 @@ def test_the_other_doorbell_choice_column():
         boot["B"][row]["poll_shadow"] = boot["B"][row].pop("poll_mmio")
     assert bench.ratios(boot)[bench.MATRIX[0][0]]["poll_shadow"] == 2.25
     assert "nv shadow" in bench.report([boot]) and "nv mmio" in bench.report([_boot(1.0)])
+
+
+def test_sweep_title_names_the_backing():
+    assert bench.sweep_title({"backing": "null-co", "thread_pool_max": 256}) == (
+        "QEMU 7.2 NVMe behind an emulated IOMMU, TCG guest; null-co (no I/O), thread-pool-max=256")

@@ -913,11 +913,11 @@ def plot_sweep(sweep: dict, path: Path, title: str = "") -> None:
         qds = sorted(sweep[name], key=int)  # JSON keys: depths as strings
         ax1.plot([int(q) for q in qds], [sweep[name][q]["iops"] for q in qds], **style)
         ax2.plot([int(q) for q in qds], [sweep[name][q]["lat_p99_us"] for q in qds], **style)
-    for ax, title, unit in ((ax1, "IOPS", "IOPS"), (ax2, "p99 latency", "µs")):
+    for ax, what, unit in ((ax1, "IOPS", "IOPS"), (ax2, "p99 latency", "µs")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queue depth")
         ax.set_ylabel(unit)
-        ax.set_title(f"randread 4 KiB: {title}")
+        ax.set_title(f"randread 4 KiB: {what}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     ax2.set_yscale("log")
