@@ -59,7 +59,7 @@ class BlockDevice:
     """write_from(lba, count, buf, offset=0, qid=1): write from a DMA buffer, as read_into."""
 
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
-                 irq: bool = False, queues: int = 1, shadow_doorbells: bool = True, sgl: bool = False,
+                 irq: bool = False, queues: int = 1, shadow_doorbells: bool | None = None, sgl: bool = False,
                  sq_in_cmb: bool = False) -> None:
         self.provider = provider
         self.nsid = nsid
@@ -212,7 +212,7 @@ class BlockFile(io.RawIOBase):
 
 
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
-         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool = True, sgl: bool = False,
+         reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool | None = None, sgl: bool = False,
          sq_in_cmb: bool = False, command_timeout_s: float | None = None, backend: str | None = None,
          unsafe_noiommu: bool | None = None) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
@@ -220,7 +220,8 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
     CAP.MQES+1); ``reset``: VFIO function reset first; ``hugetlb``: 2 MiB pages for the broker's
     queues and staging memory; ``shadow_doorbells``: use Doorbell Buffer Config when the
-    controller offers it (MMIO doorbells only when the EventIdx rule asks for them); ``sgl``:
+    controller offers it (MMIO doorbells only when the EventIdx rule asks for them); None, the
+    default: where it pays, which is not on QEMU's nvme model (docs/benchmarks.md); ``sgl``:
     READ and WRITE describe their data with SGL descriptors (4.1.2) instead of PRPs, where
     Identify Controller SGLS offers them (refused ``sgl-unsupported`` otherwise); ``sq_in_cmb``:
     the I/O submission queues live in the controller's Controller Memory Buffer (refused

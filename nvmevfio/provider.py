@@ -152,9 +152,10 @@ class Provider:
         return self._broker.id_ctrl or self._broker.identify_controller()
 
     def create_io_queues(self, count: int = 1, depth: int | None = None, *, irq: bool = False,
-                         shadow_doorbells: bool = True, sgl: bool = False, sq_in_cmb: bool = False) -> int:
+                         shadow_doorbells: bool | None = None, sgl: bool = False, sq_in_cmb: bool = False) -> int:
         """Create ``count`` I/O queue pairs (depth: CAP.MQES+1 up to 128 by default); ``irq``: MSI-X
-        completions; ``shadow_doorbells``: Doorbell Buffer Config where offered; ``sgl``: READ and
+        completions; ``shadow_doorbells``: Doorbell Buffer Config where offered (None: where it pays,
+        not on QEMU's nvme model; see nvme.structures.shadow_doorbells_pay); ``sgl``: READ and
         WRITE carry SGLs instead of PRPs (refused ``sgl-unsupported`` where SGLS does not offer them);
         ``sq_in_cmb``: the submission queues in the Controller Memory Buffer (``cmb-unavailable``)."""
         from nvmevfio.broker import DEFAULT_IO_DEPTH

@@ -159,3 +159,92 @@ def test_cpu_per_io_report():
     assert "CPU per I/O (us, user + system; kernel: fio's usr_cpu + sys_cpu over its I/Os), median of 3 boot(s)" in text
     # the middle boot: kernel irq mean(41, 51) = 46, poll 51; nvmevfio irq 11, poll 16
     assert "randread-4k-qd1             46.0    51.0    11.0    16.0" in text
+
+
+def test_libvfn_anchor_command_lines(tmp_path):
+    """--libvfn: the meson/ninja build of the checkout, the anchor's compile line, its run line."""
+    src, build = tmp_path / "libvfn", tmp_path / "libvfn" / "build-nvmevfio"
+    assert bench.libvfn_build_commands(src, build, "/v/bin/meson", configured=False) == [
+        ["/v/bin/meson", "setup", str(build), str(src), f"--prefix={build}/prefix", "--libdir=lib",
+         "--buildtype=release", "--default-library=static", "-Dlibnvme=disabled", "-Ddocs=disabled", "-Dwerror=false"],
+        ["ninja", "-C", str(build), "install"]]
+    assert bench.libvfn_build_commands(src, build, "meson", configured=True) == [["ninja", "-C", str(build), "install"]]
+    assert bench.anchor_compile_command(build / "prefix", build / "anchor") == [
+        "cc", "-O2", "-std=gnu11", "-Wall", "-o", str(build / "anchor"), str(bench.ANCHOR_SRC),
+        f"-I{build}/prefix/include", f"{build}/prefix/lib/libvfn.a", "-lpthread"]
+    assert bench.ANCHOR_SRC.is_file()
+    assert bench.anchor_command("/b/anchor", "0000:00:10.0", "randread", 4096, 32, 5.0, "poll") == [
+        "/b/anchor", "--device", "0000:00:10.0", "--workload", "randread", "--size", "4096", "--depth", "32",
+        "--seconds", "5", "--ramp", "1", "--mode", "poll"]
+    assert bench.anchor_command("a", "0000:00:10.0", "read", 131072, 8, 2.5, "irq", dbbuf=False)[-6:] == [
+        "2.5", "--ramp", "1", "--mode", "irq", "--no-dbbuf"]
+
+
+def test_parse_anchor_output():
+    line = ('{"iops": 91234.5, "mib_per_s": 356.38, "lat_p50_us": 320.10, "lat_p99_us": 910.00, "lat_mean_us": 350.7, '
+            '"ios": 456172, "seconds": 5.000, "sq_doorbell_mmio": 20000, "cq_doorbell_mmio": 20001, '
+            '"shadow_only_updates": 0, "ios_per_submit": 22.81, "ios_per_reap": 22.81, "cpu_us_per_io": 10.96, '
+            '"wait_pct": 0.0, "dbbuf": false, "mode": "poll", "workload": "randread", "queue_depth": 32, '
+            '"io_size": 4096}')
+    got = bench.parse_anchor("libvfn: some log line\n" + line + "\n")
+    assert got == {"iops": 91234.5, "ios": 456172, "mib_per_s": 356.38, "lat_p50_us": 320.1, "lat_p99_us": 910.0,
+                   "sq_doorbell_mmio": 20000, "cq_doorbell_mmio": 20001, "shadow_only_updates": 0,
+                   "ios_per_submit": 22.81, "ios_per_reap": 22.81, "cpu_us_per_io": 10.96, "wait_pct": 0.0,
+                   "dbbuf": False}
+    with pytest.raises(RuntimeError, match="printed nothing"):
+        bench.parse_anchor("\n")
+    with pytest.raises(RuntimeError, match="lacks ios, mib_per_s"):
+        bench.parse_anchor('{"iops": 1, "lat_p50_us": 1}')
+
+
+def test_c_driver_column():
+    """The matrix's C driver column: nvmevfio / mean(C, C'), per mode, median over boots."""
+    boot = _boot(1.0)  # nvmevfio poll 5000, irq 4000 on every row
+    boot["C"] = {row: {"poll": {"iops": 4000.0}, "irq": {"iops": 2000.0}} for row, *_ in bench.MATRIX}
+    boot["C2"] = {row: {"poll": {"iops": 6000.0}, "irq": {"iops": 2000.0}} for row, *_ in bench.MATRIX}
+    assert bench.c_ratios(boot)[bench.MATRIX[0][0]] == {"poll": 1.0, "irq": 2.0}
+    text = bench.report([boot])
+    assert "randread-4k-qd1              2000     5000      2.00       1.00  4000/6000" in text
+    assert "C driver" not in bench.report([_boot(1.0)])  # boots without the anchor: no column
+
+
+def test_sweep_table_and_every_line_plotted(tmp_path):
+    sweep = {name: {str(q): {"iops": 1000.0 * q * f, "lat_p99_us": 40.0 * q} for q in (1, 1024)}
+             for name, f in (("kernel", 1), ("nvmevfio", 2), ("libvfn", 4), ("nvmevfio_irq", 1), ("libvfn_irq", 1))}
+    lines = bench.sweep_table(sweep).splitlines()
+    assert lines[0].split() == ["QD", "kernel", "nvmevfio", "nvmevfio_irq", "libvfn", "libvfn_irq", "nv/C", "poll",
+                                "nv/C", "irq"]
+    assert lines[2].split() == ["1024", "1024000", "(", "40960)", "2048000", "(", "40960)", "1024000", "(", "40960)",
+                                "4096000", "(", "40960)", "1024000", "(", "40960)", "0.50", "1.00"]
+    out = tmp_path / "sweep.png"
+    bench.plot_sweep(sweep, out, bench.sweep_title({"backing": "null-co", "thread_pool_max": 256}))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.sweep_title({"backing": "file", "drive_opts": "aio=io_uring"}).endswith(
+        "1 GiB image in tmpfs, aio=io_uring")
+
+
+def test_shadow_report():
+    def r(iops: float, sq: int, cq: int) -> dict:
+        return {"iops": iops, "ios": 1000, "sq_doorbell_mmio": sq, "cq_doorbell_mmio": cq}
+
+    rounds = [{name: {"nvmevfio": r(900, 100, 0), "libvfn": r(800, 50, 50)} for name, *_ in bench.SHADOW_ROWS},
+              {name: {"nvmevfio": r(1200, 40, 40), "libvfn": r(1000, 30, 30)} for name, *_ in bench.SHADOW_ROWS},
+              {name: {"nvmevfio": r(1100, 100, 0), "libvfn": r(800, 50, 50)} for name, *_ in bench.SHADOW_ROWS}]
+    lines = bench.shadow_report(rounds).splitlines()
+    assert lines[2].split() == ["randread-4k-qd1", "nvmevfio", "900", "1200", "1100", "1.20", "0.10", "0.08"]
+    assert lines[3].split() == ["randread-4k-qd1", "libvfn", "800", "1000", "800", "1.25", "0.10", "0.06"]
+
+
+def test_the_other_doorbell_choice_column():
+    """Results since shadow doorbells went off by default on QEMU's model carry perf with them on
+    (poll_shadow); older results carry MMIO-only (poll_mmio): the table names whichever it has."""
+    boot = _boot(1.0)
+    for row, *_ in bench.MATRIX:
+        boot["B"][row]["poll_shadow"] = boot["B"][row].pop("poll_mmio")
+    assert bench.ratios(boot)[bench.MATRIX[0][0]]["poll_shadow"] == 2.25
+    assert "nv shadow" in bench.report([boot]) and "nv mmio" in bench.report([_boot(1.0)])
+
+
+def test_sweep_title_names_the_backing():
+    assert bench.sweep_title({"backing": "null-co", "thread_pool_max": 256}) == (
+        "QEMU 7.2 NVMe behind an emulated IOMMU, TCG guest; null-co (no I/O), thread-pool-max=256")

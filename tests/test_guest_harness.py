@@ -25,6 +25,17 @@ def test_parse_size_and_controllers():
     assert z.options == {"zoned.zasl": "5"}
 
 
+def test_null_co_backing_and_drive_sources(tmp_path):
+    """A namespace backed by QEMU's null-co driver (no image: the device model without a block
+    backend), the image file's options, blkdebug's, and the extra QEMU arguments a run passes."""
+    n = guest.Controller.parse("ns=1G@null-co,ns=8M@./null-co").namespaces
+    assert (n[0].size, n[0].image, n[0].null_backed, n[1].null_backed) == (1 << 30, "null-co", True, False)
+    assert n[0].drive_source(tmp_path / "x.img") == "driver=null-co,size=1073741824,read-zeroes=on"
+    assert guest.Namespace().drive_source(tmp_path / "x.img") == f"file={tmp_path}/x.img,file.locking=off,format=raw"
+    assert guest.Namespace(blkdebug="/c.cfg").drive_source(tmp_path / "x.img") == \
+        f"file=blkdebug:/c.cfg:{tmp_path}/x.img,format=raw"
+
+
 def test_module_closure_orders_dependencies_first():
     _, moddir, _ = guest.kernel_paths()
     order = guest.module_closure(moddir, ["vfio-pci"])

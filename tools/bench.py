@@ -13,8 +13,14 @@ nvmevfio / mean(A, A'), each mode against its match: poll against fio io_uring -
 loop of `dev.read_into` (QD1, 4 KiB random) with a Python loop of `os.preadv` on the O_DIRECT
 kernel block device, the Python user's alternative.
 
-`--sweep` runs randread 4 KiB at QD 1, 2, 4, ... 256 for both drivers (polled) and writes a
-JSON of the figures and a PNG plot (matplotlib) of IOPS and p99 latency against depth.
+`--sweep` runs randread 4 KiB at QD 1, 2, 4, ... 1024 for each driver, polled and with
+interrupts, and writes a JSON of the figures and a PNG plot (matplotlib) of IOPS and p99 latency
+against depth.
+
+`--libvfn DIR` adds the C anchor (issue 26): tools/libvfn-anchor/anchor.c, a closed loop on
+libvfn's C queue code (SamsungDS/libvfn, a checkout in DIR built here with meson and ninja), run
+on the same vfio-bound controller in the same boot, A/B/A around nvmevfio (libvfn, nvmevfio,
+libvfn): the table gains a "C driver" column and the sweep its line.
 
 The guest boots with clocksource=tsc (see vm-notes: the HPET fallback distorts timings).
 Absolute numbers under TCG mean little; the ratios are the point. Host load distorts them:
@@ -43,7 +49,9 @@ MATRIX = [
     ("randwrite-4k-qd32", "randwrite", 4096, 32),
     ("read-128k-qd8", "read", 131072, 8),
 ]
-SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SWEEP_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+SWEEP_DRIVERS = ("kernel", "nvmevfio", "libvfn")
+ANCHOR_SRC = HERE / "libvfn-anchor" / "anchor.c"
 PY_ROW = "python-read_into-4k-qd1"
 SERVICE_ROW = "service-randread-4k-qd32"  # a client of `nvmevfio serve` against in-process perf (issue 9)
 FS_ROW = "ext4-fio-randrw-4k-qd1"  # informational: kernel nvme + ext4 against nvmevfio nbd + nbd + ext4
@@ -177,7 +185,7 @@ def kernel_round(dev: str, seconds: float, size_bytes: int) -> dict:
     return res
 
 
-def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool = True,
+def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow: bool | None = None,
          socket: str | None = None, cpu: int | str | None = None, queues: int = 1,
          extra: tuple[str, ...] = ()) -> dict:
     """`nvmevfio perf` on the controller, or with ``socket`` through `nvmevfio serve` (whose
@@ -188,11 +196,11 @@ def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow
         target += ["--cpu", str(cpu)]
     args = [sys.executable, "-m", "nvmevfio", "perf", *target, "-w", rw, "-q", str(qd), "-s", str(bs), "-t",
             str(seconds), "--ramp", "1", "-o", "json", "--queues", str(queues)]
-    if not shadow:
-        args.append("--no-shadow-doorbells")
+    if shadow is not None:  # None: perf's default (shadow doorbells where they pay: not on QEMU's model)
+        args.append("--shadow-doorbells" if shadow else "--no-shadow-doorbells")
     args += extra
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-    return {k: d[k] for k in ("iops", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
+    return {k: d[k] for k in ("iops", "ios", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
                               "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "ios_per_submit",
                               "ios_per_reap", "cpu_us_per_io", "usr_us_per_io", "sys_us_per_io", "wait_share",
                               "per_queue")}
@@ -220,7 +228,8 @@ def nvmevfio_round(addr: str, seconds: float) -> dict:
     res: dict = {}
     for name, rw, bs, qd in MATRIX:
         res[name] = {"poll": perf(addr, rw, bs, qd, seconds, "poll"), "irq": perf(addr, rw, bs, qd, seconds, "irq"),
-                     "poll_mmio": perf(addr, rw, bs, qd, seconds, "poll", shadow=False)}
+                     # the other doorbell choice than perf's default (which is off on QEMU's model)
+                     "poll_shadow": perf(addr, rw, bs, qd, seconds, "poll", shadow=True)}
     res[PY_ROW] = {"python": python_read_into(addr, seconds)}
     res[SCALING_ROW] = scaling_round(addr, None, seconds)
     # the service against in-process perf run right before and after it (A/B/A inside the row):
@@ -352,6 +361,27 @@ def feature_ratios(rounds: list[dict]) -> dict[str, float]:
             for name, *_ in FEATURE_ROWS for feature, got in zip(FEATURES, middle)}
 
 
+def shadow_report(rounds: list[dict]) -> str:
+    """Shadow doorbells on / off / on: IOPS, and MMIO doorbell writes per command, per driver."""
+    on1, off, on2 = rounds
+    lines = ["shadow doorbells (Doorbell Buffer Config) on, off, on again; polled; IOPS and MMIO doorbell "
+             "writes (SQ + CQ) per command", f"{'row':<20} {'driver':<9} {'on':>8} {'off':>8} {'on again':>8} "
+             f"{'off/on':>7} {'MMIO/IO on':>10} {'MMIO/IO off':>11}"]
+    for name, *_ in SHADOW_ROWS:
+        for driver in ("nvmevfio", "libvfn"):
+            if driver not in off[name]:
+                continue
+            a, b, c = on1[name][driver], off[name][driver], on2[name][driver]
+
+            def per_io(r: dict) -> float:
+                return (r["sq_doorbell_mmio"] + r["cq_doorbell_mmio"]) / r["ios"] if r["ios"] else 0.0
+
+            ratio = b["iops"] / statistics.mean((a["iops"], c["iops"]))
+            lines.append(f"{name:<20} {driver:<9} {a['iops']:>8.0f} {b['iops']:>8.0f} {c['iops']:>8.0f} "
+                         f"{ratio:>7.2f} {per_io(a):>10.2f} {per_io(b):>11.2f}")
+    return "\n".join(lines)
+
+
 # NVMe/TCP (issue 23): fio on the initiator over loopback, nvmet exporting the kernel nvme driver's
 # /dev/nvme0n1 (A, A') against nvmet exporting nvmevfio's ublk device (`nvmevfio export`, B)
 TCP_ROWS = [("randread-4k-qd32", "randread", 4096, 32), ("read-128k-qd8", "read", 131072, 8)]
@@ -415,17 +445,121 @@ def nvmevfio_tcp(addr: str, seconds: float, mode: str) -> dict:
         subprocess.run([*nv, "--stop"], check=True, capture_output=True)
 
 
-def sweep_round(addr: str, dev_of, seconds: float) -> dict:
-    """randread 4 KiB, polled, at every depth: the kernel (io_uring --hipri), then nvmevfio."""
+# ---------------------------------------------------------------------- the C anchor (--libvfn, issue 26)
+def libvfn_build_commands(src: Path, build: Path, meson: str, configured: bool) -> list[list[str]]:
+    """The commands that build libvfn from the checkout ``src`` into ``build`` and install its
+    headers and static library under ``build``/prefix (no libnvme, no docs: only the library is
+    needed); ``configured``: ``build`` has been set up before (then ninja alone)."""
+    setup = [meson, "setup", str(build), str(src), f"--prefix={build / 'prefix'}", "--libdir=lib",
+             "--buildtype=release", "--default-library=static", "-Dlibnvme=disabled", "-Ddocs=disabled",
+             "-Dwerror=false"]
+    return ([] if configured else [setup]) + [["ninja", "-C", str(build), "install"]]
+
+
+def anchor_compile_command(prefix: Path, out: Path, cc: str = "cc") -> list[str]:
+    """Compile tools/libvfn-anchor/anchor.c against libvfn installed under ``prefix``."""
+    return [cc, "-O2", "-std=gnu11", "-Wall", "-o", str(out), str(ANCHOR_SRC), f"-I{prefix / 'include'}",
+            str(prefix / "lib" / "libvfn.a"), "-lpthread"]
+
+
+def anchor_command(binary: str, addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str,
+                   dbbuf: bool = True, ramp: float = 1.0) -> list[str]:
+    """One run of the C anchor: ``rw`` (randread, read, randwrite) of ``bs`` bytes at depth ``qd``."""
+    return [binary, "--device", addr, "--workload", rw, "--size", str(bs), "--depth", str(qd), "--seconds",
+            f"{seconds:g}", "--ramp", f"{ramp:g}", "--mode", mode, *([] if dbbuf else ["--no-dbbuf"])]
+
+
+ANCHOR_KEYS = ("iops", "ios", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio", "cq_doorbell_mmio",
+               "shadow_only_updates", "ios_per_submit", "ios_per_reap", "cpu_us_per_io", "wait_pct", "dbbuf")
+
+
+def parse_anchor(stdout: str) -> dict:
+    """The anchor's result: the JSON object on its last output line, keyed as perf's JSON."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError("the libvfn anchor printed nothing")
+    got = json.loads(lines[-1])
+    missing = [k for k in ANCHOR_KEYS if k not in got]
+    if missing:
+        raise RuntimeError(f"the libvfn anchor's result lacks {', '.join(missing)}")
+    return {k: got[k] for k in ANCHOR_KEYS}
+
+
+def build_anchor(src: Path) -> Path:
+    """Build libvfn in ``src``/build-nvmevfio (meson from PATH or next to this Python) and the
+    anchor against it; the binary's path (under the host's root, which the guest mounts)."""
+    import shutil
+
+    if not (src / "meson.build").is_file() or not (src / "include" / "vfn" / "nvme.h").is_file():
+        raise SystemExit(f"--libvfn {src}: not a libvfn checkout (no meson.build, include/vfn/nvme.h)")
+    meson = shutil.which("meson") or shutil.which("meson", path=str(Path(sys.executable).parent))
+    if meson is None or shutil.which("ninja") is None:
+        raise SystemExit("--libvfn needs meson and ninja: apt-get install ninja-build; pip install meson "
+                         "(e.g. python3 -m venv ~/meson-venv && ~/meson-venv/bin/pip install meson, then put "
+                         "its bin on PATH)")
+    build = src.resolve() / "build-nvmevfio"
+    for cmd in libvfn_build_commands(src.resolve(), build, meson, (build / "build.ninja").exists()):
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    out = build / "anchor"
+    subprocess.run(anchor_compile_command(build / "prefix", out), check=True)
+    return out
+
+
+# The C anchor's doorbells in the matrix and the sweep: MMIO only, the faster choice on QEMU's model
+# and nvmevfio's default there (libvfn itself would use shadow doorbells wherever offered:
+# --libvfn-dbbuf; --only shadow measures both)
+ANCHOR_DBBUF = {"on": False}
+
+
+def anchor(binary: str, addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str,
+           dbbuf: bool | None = None) -> dict:
+    """One run of the C anchor on the vfio-bound controller at ``addr``."""
+    cmd = anchor_command(binary, addr, rw, bs, qd, seconds, mode, ANCHOR_DBBUF["on"] if dbbuf is None else dbbuf)
+    return parse_anchor(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def libvfn_round(binary: str, addr: str, seconds: float) -> dict:
+    """The matrix's rows on the C anchor, polled and with interrupts."""
+    return {name: {mode: anchor(binary, addr, rw, bs, qd, seconds, mode) for mode in ("poll", "irq")}
+            for name, rw, bs, qd in MATRIX}
+
+
+def sweep_round(addr: str, dev_of, seconds: float, depths: list[int], modes: tuple[str, ...],
+                drivers: tuple[str, ...], binary: str | None = None) -> dict:
+    """randread 4 KiB at every depth, per driver and mode (keys ``kernel``, ``nvmevfio``,
+    ``libvfn`` polled, ``..._irq`` with interrupts): the kernel (io_uring, --hipri when polled),
+    then on vfio: the C anchor, nvmevfio, the C anchor again (its entry the mean of the two, each
+    kept under ``runs``)."""
     from nvmevfio import pci
 
-    out: dict = {"kernel": {}, "nvmevfio": {}}
-    dev = dev_of()
-    for qd in SWEEP_DEPTHS:
-        out["kernel"][qd] = fio(dev, "randread", 4096, qd, "io_uring", seconds, True)
+    out: dict = {}
+
+    def key(driver: str, mode: str) -> str:
+        return driver if mode == "poll" else f"{driver}_irq"
+
+    if "kernel" in drivers:
+        dev = dev_of()
+        for mode in modes:
+            out[key("kernel", mode)] = {qd: fio(dev, "randread", 4096, qd, "io_uring", seconds, mode == "poll")
+                                        for qd in depths}
     pci.bind(addr)
-    for qd in SWEEP_DEPTHS:
-        out["nvmevfio"][qd] = perf(addr, "randread", 4096, qd, seconds, "poll")
+
+    def c_driver() -> dict:
+        assert binary is not None
+        return {mode: {qd: anchor(binary, addr, "randread", 4096, qd, seconds, mode) for qd in depths}
+                for mode in modes}
+
+    c1 = c_driver() if binary and "libvfn" in drivers else None
+    if "nvmevfio" in drivers:
+        for mode in modes:
+            out[key("nvmevfio", mode)] = {qd: perf(addr, "randread", 4096, qd, seconds, mode) for qd in depths}
+    if c1 is not None:
+        c2 = c_driver()
+        for mode in modes:
+            out[key("libvfn", mode)] = {qd: {"iops": statistics.mean((c1[mode][qd]["iops"], c2[mode][qd]["iops"])),
+                                             "lat_p99_us": statistics.mean((c1[mode][qd]["lat_p99_us"],
+                                                                            c2[mode][qd]["lat_p99_us"])),
+                                             "runs": [c1[mode][qd], c2[mode][qd]]} for qd in depths}
     pci.unbind(addr)
     return out
 
@@ -584,13 +718,34 @@ def controllers_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = None) -> int:
+# Shadow doorbells (issue 26): the same rows with Doorbell Buffer Config and without, in one boot
+SHADOW_ROWS = [("randread-4k-qd1", "randread", 4096, 1), ("randread-4k-qd32", "randread", 4096, 32),
+               ("read-128k-qd8", "read", 131072, 8), ("randread-4k-qd128", "randread", 4096, 128)]
+
+
+def shadow_round(addr: str, seconds: float, binary: str | None) -> list[dict]:
+    """Shadow doorbells on, off, on again (A/B/A): polled perf on every SHADOW_ROWS row, and the C
+    anchor with and without Doorbell Buffer Config when there is one."""
+    def one(on: bool) -> dict:
+        return {name: {"nvmevfio": perf(addr, rw, bs, qd, seconds, "poll", shadow=on),
+                       **({"libvfn": anchor(binary, addr, rw, bs, qd, seconds, "poll", dbbuf=on)} if binary else {})}
+                for name, rw, bs, qd in SHADOW_ROWS}
+
+    return [one(True), one(False), one(True)]
+
+
+def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = None, binary: str | None = None,
+             sweep_opts: dict | None = None) -> int:
     from nvmevfio import pci
 
     if only == "controllers":
         return controllers_in_guest(seconds, out_path)
     [fn] = list(pci.list_functions())
     addr = fn.address
+    if only == "shadow":  # shadow doorbells on, off, on: in-process perf (and the C anchor)
+        pci.bind(addr)
+        out_path.write_text(json.dumps({"only": shadow_round(addr, seconds, binary)}, indent=2))
+        return 0
     if only == "features":  # PRP, SGL, SQ in the CMB, PRP: in-process perf only
         pci.bind(addr)
         out_path.write_text(json.dumps({"only": features_round(addr, seconds)}, indent=2))
@@ -608,8 +763,10 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
 
     t0 = time.time()
     if sweep:
-        out_path.write_text(json.dumps({"sweep": sweep_round(addr, kernel_dev, seconds),
-                                        "seconds": time.time() - t0}, indent=2))
+        o = sweep_opts or {}
+        got = sweep_round(addr, kernel_dev, seconds, o.get("depths", SWEEP_DEPTHS), tuple(o.get("modes", ("poll",))),
+                          tuple(o.get("drivers", SWEEP_DRIVERS)), binary)
+        out_path.write_text(json.dumps({"sweep": got, "seconds": time.time() - t0, "setup": o}, indent=2))
         return 0
     dev = kernel_dev()
     size = int(Path(f"/sys/class/block/{Path(dev).name}/size").read_text()) * 512
@@ -658,13 +815,15 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
     from nvmevfio.vfio import choose_backend
 
     lane = choose_backend(addr)  # what nvmevfio opens the function with: type1, or iommufd on the custom kernel
+    c1 = libvfn_round(binary, addr, seconds) if binary else None  # the C driver, A/B/A around nvmevfio
     b = nvmevfio_round(addr, seconds)
+    c2 = libvfn_round(binary, addr, seconds) if binary else None
     b[FS_ROW] = nbd_fio_fs(addr)  # after the block rows: it writes a filesystem over the random data
     pci.unbind(addr)
     a2 = kernel_round(kernel_dev(), seconds, size)
     a2[FS_ROW] = fio_fs(kernel_dev())
     out_path.write_text(json.dumps({"A": a1, "B": b, "A2": a2, "lane": lane, "kernel": os.uname().release,
-                                    "seconds": time.time() - t0}, indent=2))
+                                    "seconds": time.time() - t0, **({"C": c1, "C2": c2} if c1 else {})}, indent=2))
     return 0
 
 
@@ -682,9 +841,10 @@ def ratios(boot: dict) -> dict:
         return statistics.mean(boot[r][row][mode]["iops"] for r in ("A", "A2"))
 
     out = {}
+    other = _other_doorbells(boot)
     for row, *_ in MATRIX:
         out[row] = {"poll": boot["B"][row]["poll"]["iops"] / k(row, "io_uring_poll"),
-                    "poll_mmio": boot["B"][row]["poll_mmio"]["iops"] / k(row, "io_uring_poll"),
+                    other: boot["B"][row][other]["iops"] / k(row, "io_uring_poll"),
                     "irq": boot["B"][row]["irq"]["iops"] / k(row, "io_uring_irq"),
                     "poll_vs_irq": boot["B"][row]["poll"]["iops"] / k(row, "io_uring_irq")}
     out[PY_ROW] = {"python": boot["B"][PY_ROW]["python"]["iops"] / k(PY_ROW, "python")}
@@ -693,8 +853,16 @@ def ratios(boot: dict) -> dict:
     return out
 
 
+def _other_doorbells(boot: dict) -> str:
+    """perf's polled run with the doorbells it does not use by default: with shadow doorbells
+    (off by default on QEMU's model since issue 26), or in results from before, MMIO only."""
+    return "poll_shadow" if "poll_shadow" in boot["B"][MATRIX[0][0]] else "poll_mmio"
+
+
 def report(boots: list[dict]) -> str:
     per = [ratios(b) for b in boots]
+    other = _other_doorbells(boots[0])
+    label = "shadow" if other == "poll_shadow" else "mmio"
 
     def med(row: str, key: str) -> float:
         return statistics.median(r[row][key] for r in per)
@@ -707,15 +875,17 @@ def report(boots: list[dict]) -> str:
     lanes = sorted({f"{b.get('lane', 'type1')} on guest kernel {b.get('kernel', '?')}" for b in boots})
     lines = [f"median of {len(boots)} boot(s); IOPS; ratio = nvmevfio / kernel (mean of A and A') in the matching mode",
              f"nvmevfio DMA lane: {', '.join(lanes)}",
-             f"{'workload':<24} {'k irq':>8} {'k poll':>8} {'nv irq':>8} {'nv poll':>8} {'nv mmio':>8} "
-             f"{'irq':>6} {'poll':>6} {'mmio':>6}  A/A' poll spread (per boot)"]
+             f"{'workload':<24} {'k irq':>8} {'k poll':>8} {'nv irq':>8} {'nv poll':>8} {'nv ' + label:>8} "
+             f"{'irq':>6} {'poll':>6} {label:>6}  A/A' poll spread (per boot)"]
     for row, *_ in MATRIX:
         spread = ", ".join(f"{b['A'][row]['io_uring_poll']['iops']:.0f}/{b['A2'][row]['io_uring_poll']['iops']:.0f}"
                            for b in boots)
         figures = " ".join(f"{iops(side, row, mode):>8.0f}" for side, mode in (
-            ("K", "io_uring_irq"), ("K", "io_uring_poll"), ("B", "irq"), ("B", "poll"), ("B", "poll_mmio")))
+            ("K", "io_uring_irq"), ("K", "io_uring_poll"), ("B", "irq"), ("B", "poll"), ("B", other)))
         lines.append(f"{row:<24} {figures} {med(row, 'irq'):>6.2f} {med(row, 'poll'):>6.2f} "
-                     f"{med(row, 'poll_mmio'):>6.2f}  {spread}")
+                     f"{med(row, other):>6.2f}  {spread}")
+    if all("C" in b for b in boots):
+        lines.append(c_driver_report(boots))
     lines.append(f"{PY_ROW:<24} os.preadv loop {iops('K', PY_ROW, 'python'):.0f}, read_into loop "
                  f"{iops('B', PY_ROW, 'python'):.0f}: ratio {med(PY_ROW, 'python'):.2f}")
     fs = [b for b in boots if FS_ROW in b["B"] and FS_ROW in b["A2"]]
@@ -747,6 +917,31 @@ def report(boots: list[dict]) -> str:
             continue
         got = med(row, key)
         lines.append(f"  {row:<24} {what:<34} {got:5.2f} (bar {bar:.1f}) {'met' if got >= bar else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def c_ratios(boot: dict) -> dict[str, dict[str, float]]:
+    """Per matrix row and mode: nvmevfio IOPS / the C driver's (the mean of its runs before and
+    after nvmevfio's, C and C')."""
+    return {row: {mode: boot["B"][row][mode]["iops"] / statistics.mean(boot[c][row][mode]["iops"]
+                                                                       for c in ("C", "C2"))
+                  for mode in ("poll", "irq")} for row, *_ in MATRIX}
+
+
+def c_driver_report(boots: list[dict]) -> str:
+    """The C driver column: libvfn's IOPS (mean of C and C') and nvmevfio's ratio to it, median
+    over boots, each mode against its match."""
+    per = [c_ratios(b) for b in boots]
+    lines = ["C driver (tools/libvfn-anchor on libvfn, same controller, A/B/A around nvmevfio): IOPS, and "
+             "nvmevfio / C driver", f"{'workload':<24} {'C irq':>8} {'C poll':>8} {'nv/C irq':>9} {'nv/C poll':>10}"
+             "  C and C' poll (per boot)"]
+    for row, *_ in MATRIX:
+        c = {mode: statistics.median(statistics.mean(b[k][row][mode]["iops"] for k in ("C", "C2")) for b in boots)
+             for mode in ("poll", "irq")}
+        spread = ", ".join(f"{b['C'][row]['poll']['iops']:.0f}/{b['C2'][row]['poll']['iops']:.0f}" for b in boots)
+        lines.append(f"{row:<24} {c['irq']:>8.0f} {c['poll']:>8.0f} "
+                     f"{statistics.median(r[row]['irq'] for r in per):>9.2f} "
+                     f"{statistics.median(r[row]['poll'] for r in per):>10.2f}  {spread}")
     return "\n".join(lines)
 
 
@@ -803,27 +998,80 @@ def cpu_report(boots: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(sweep: dict, path: Path) -> None:
-    """IOPS and p99 latency against queue depth, both drivers (matplotlib, PNG)."""
+SWEEP_LINES = {"kernel": "kernel nvme, io_uring --hipri", "kernel_irq": "kernel nvme, io_uring (irq)",
+               "nvmevfio": "nvmevfio perf, poll", "nvmevfio_irq": "nvmevfio perf, irq",
+               "libvfn": "C driver (libvfn), poll", "libvfn_irq": "C driver (libvfn), irq"}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _name_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [x for x in text.split(",") if x]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def sweep_title(setup: dict) -> str:
+    """What the sweep's namespace was backed by, for the plot's title."""
+    backing = "null-co (no I/O)" if setup.get("backing") == "null-co" else "1 GiB image in tmpfs"
+    extra = ", ".join(filter(None, [setup.get("drive_opts") or "", setup.get("nvme_opts") or "",
+                                    f"thread-pool-max={setup['thread_pool_max']}" if setup.get("thread_pool_max")
+                                    else ""]))
+    return f"QEMU 7.2 NVMe behind an emulated IOMMU, TCG guest; {backing}{', ' + extra if extra else ''}"
+
+
+def sweep_table(sweep: dict) -> str:
+    """The sweep as text: IOPS (p99 µs) per depth and line, and nvmevfio / C driver per mode."""
+    lines = [name for name in SWEEP_LINES if name in sweep]
+    depths = sorted({int(q) for name in lines for q in sweep[name]})
+    out = [f"{'QD':>5} " + " ".join(f"{name:>20}" for name in lines)
+           + "".join(f" {'nv/C ' + m:>10}" for m in ("poll", "irq") if f"libvfn{'' if m == 'poll' else '_irq'}" in sweep
+                     and f"nvmevfio{'' if m == 'poll' else '_irq'}" in sweep)]
+    for qd in depths:
+        row = [sweep[name].get(str(qd), sweep[name].get(qd)) for name in lines]
+        cells = " ".join(f"{r['iops']:>10.0f} ({r['lat_p99_us']:>6.0f})" if r else f"{'-':>20}" for r in row)
+        ratios = ""
+        for m in ("", "_irq"):
+            nv, c = sweep.get(f"nvmevfio{m}", {}), sweep.get(f"libvfn{m}", {})
+            if nv and c:
+                a, b = nv.get(str(qd), nv.get(qd)), c.get(str(qd), c.get(qd))
+                ratios += f" {a['iops'] / b['iops']:>10.2f}" if a and b else f" {'-':>10}"
+        out.append(f"{qd:>5} {cells}{ratios}")
+    return "\n".join(out)
+
+
+def plot_sweep(sweep: dict, path: Path, title: str = "") -> None:
+    """IOPS and p99 latency against queue depth, every driver and mode (matplotlib, PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, label in (("kernel", "kernel nvme, io_uring --hipri"), ("nvmevfio", "nvmevfio perf, poll")):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = {"kernel": "C0", "nvmevfio": "C1", "libvfn": "C2"}
+    for name, label in SWEEP_LINES.items():
+        if name not in sweep:
+            continue
+        style = dict(color=colours[name.split("_")[0]], linestyle="--" if name.endswith("_irq") else "-",
+                     marker="o", markersize=4, label=label)
         qds = sorted(sweep[name], key=int)  # JSON keys: depths as strings
-        ax1.plot([int(q) for q in qds], [sweep[name][q]["iops"] for q in qds], "o-", label=label)
-        ax2.plot([int(q) for q in qds], [sweep[name][q]["lat_p99_us"] for q in qds], "o-", label=label)
-    for ax, title, unit in ((ax1, "IOPS", "IOPS"), (ax2, "p99 latency", "µs")):
+        ax1.plot([int(q) for q in qds], [sweep[name][q]["iops"] for q in qds], **style)
+        ax2.plot([int(q) for q in qds], [sweep[name][q]["lat_p99_us"] for q in qds], **style)
+    for ax, what, unit in ((ax1, "IOPS", "IOPS"), (ax2, "p99 latency", "µs")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queue depth")
         ax.set_ylabel(unit)
-        ax.set_title(f"randread 4 KiB: {title}")
+        ax.set_title(f"randread 4 KiB: {what}")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     ax2.set_yscale("log")
-    fig.suptitle("QEMU NVMe behind an emulated IOMMU, TCG guest (same boot, same device)")
+    fig.suptitle(title or "QEMU NVMe behind an emulated IOMMU, TCG guest (same boot, same device)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -854,25 +1102,34 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
 
     io_dir = Path(tempfile.mkdtemp(prefix="nvmevfio-bench-"))
     size = guest.parse_size(args.size)
+    null_co = args.backing == guest.NULL_CO
     image = (args.image_dir or image_dir(size, io_dir)) / f"{io_dir.name}.img"
-    rng = np.random.default_rng(0)
-    with image.open("wb") as f:
-        for _ in range(max(1, size // (64 << 20))):
-            f.write(rng.integers(0, 256, min(size, 64 << 20), dtype=np.uint8).tobytes())
+    if not null_co:
+        rng = np.random.default_rng(0)
+        with image.open("wb") as f:
+            for _ in range(max(1, size // (64 << 20))):
+                f.write(rng.integers(0, 256, min(size, 64 << 20), dtype=np.uint8).tobytes())
     # a Controller Memory Buffer for --only features (SQs in it); no other row uses one
-    options = {"serial": "nvmevfio-bench", **({"cmb_size_mb": "4"} if only == "features" else {})}
-    ctrl = guest.Controller([guest.Namespace(size, 512, str(image))], options)
+    options = {"serial": "nvmevfio-bench", **({"cmb_size_mb": "4"} if only == "features" else {}),
+               **dict(kv.partition("=")[::2] for kv in (args.nvme_opts or "").split(",") if kv)}
+    ns = guest.Namespace(size, 512, guest.NULL_CO if null_co else str(image), drive=args.drive_opts or "")
+    ctrl = guest.Controller([ns], options)
     out = io_dir / "results.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
     if sweep:
-        cmd.append("--sweep")
+        cmd += ["--sweep", "--depths", ",".join(map(str, args.depths)), "--modes", ",".join(args.modes),
+                "--drivers", ",".join(args.drivers)]
     if only:
         cmd += ["--only", only]
+    if getattr(args, "anchor_bin", None):
+        cmd += ["--anchor-bin", str(args.anchor_bin), *(["--libvfn-dbbuf"] if args.libvfn_dbbuf else [])]
+    qemu_args = ("-object", f"main-loop,id=bench-main-loop,thread-pool-max={args.thread_pool_max}") \
+        if args.thread_pool_max else ()
     # PYTHONPATH: a worktree benchmarked with PYTHONPATH=<worktree> runs its own package in the guest
     passed = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
     try:
         res = guest.run(cmd, controllers=[ctrl], kernel_driver=True, io_dir=io_dir, nvme_params="poll_queues=1",
-                        timeout=3600, echo=True, **guest.lane_options(args.lane, passed))
+                        timeout=3600, echo=True, qemu_args=qemu_args, **guest.lane_options(args.lane, passed))
         if res.returncode != 0 or not out.exists():
             raise SystemExit(f"benchmark guest failed (exit {res.returncode}):\n{res.output[-4000:]}")
         return json.loads(out.read_text())
@@ -896,14 +1153,35 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     ap.add_argument("--size", default="1G", help="namespace size (filled with random data)")
     ap.add_argument("--boots", type=int, default=3, help="guest boots; the report is the median")
-    ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..256) instead of the matrix")
+    ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..1024) instead of the matrix")
+    ap.add_argument("--depths", type=_int_list, default=SWEEP_DEPTHS, help="with --sweep: the queue depths, "
+                    "comma-separated (default 1,2,4,...,1024)")
+    ap.add_argument("--modes", type=_name_list(("poll", "irq")), default=["poll", "irq"],
+                    help="with --sweep: poll, irq or both (default poll,irq)")
+    ap.add_argument("--drivers", type=_name_list(SWEEP_DRIVERS), default=list(SWEEP_DRIVERS),
+                    help="with --sweep: which of kernel,nvmevfio,libvfn (default all; libvfn needs --libvfn)")
+    ap.add_argument("--libvfn", type=Path, metavar="DIR", help="a libvfn checkout (SamsungDS/libvfn): build it with "
+                    "meson and ninja and run the C anchor (tools/libvfn-anchor) in the same boot, A/B/A around "
+                    "nvmevfio: the table's C driver column, the sweep's libvfn line")
+    ap.add_argument("--libvfn-dbbuf", action="store_true", help="the C anchor with shadow doorbells (libvfn's own "
+                    "default where offered; without this, MMIO doorbells: nvmevfio's default on QEMU's model)")
+    ap.add_argument("--backing", choices=["file", "null-co"], default="file",
+                    help="the namespace's backing: the random-filled image file (default) or QEMU's null-co "
+                         "driver, which does no I/O (the device model's queueing without a block backend)")
+    ap.add_argument("--drive-opts", metavar="OPTS", help="more QEMU -drive options for the namespace, e.g. "
+                    "aio=io_uring (QEMU's default is aio=threads: its thread pool, at most 64 workers)")
+    ap.add_argument("--nvme-opts", metavar="K=V,...", help="more QEMU nvme device options, e.g. ioeventfd=true "
+                    "(QEMU 7.2: the SQ doorbell signals an eventfd that the main loop serves at once, where by "
+                    "default it arms a 500 ns timer)")
+    ap.add_argument("--thread-pool-max", type=int, metavar="N", help="QEMU's main-loop thread pool maximum "
+                    "(-object main-loop,thread-pool-max=N; QEMU's default 64)")
     ap.add_argument("--plot", type=Path, help="with --sweep: the PNG to write (default: sweep.png)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--lane", choices=["type1", "iommufd", "noiommu"], default="type1",
                     help="the DMA lane nvmevfio runs in (the guest boots as the guest tier does for it: type1 on "
                          "the Debian kernel, iommufd and noiommu on the custom 6.12 kernel)")
     ap.add_argument("--only", choices=["service", "python", "randwrite", "ublk", "tcp", "scaling", "features",
-                                       "controllers"],
+                                       "controllers", "shadow"],
                     help="a quick look at one row, A/B/A in one boot: service (in-process perf, the serve client "
                          "with a polled and an MSI-X daemon, perf again) or python (os.preadv, read_into, "
                          "os.preadv) or randwrite (fio, perf, fio; polled and with interrupts) or ublk (fio on "
@@ -914,14 +1192,23 @@ def main() -> int:
                          "numjobs 1 and 2, perf --queues 1 and 2, fio again; polled and with interrupts) or features "
                          "(perf with PRPs, with SGLs --sgl, with the SQ in the Controller Memory Buffer --sq-in-cmb, "
                          "with PRPs again) or controllers (two controllers: randread 4 KiB QD32 on one, on both in "
-                         "one perf, on one again; the kernel's fio on one and on both; QEMU's threads sampled)")
+                         "one perf, on one again; the kernel's fio on one and on both; QEMU's threads sampled) or "
+                         "shadow (polled perf with shadow doorbells, without, with again; and the C anchor likewise "
+                         "with --libvfn)")
     ap.add_argument("--image-dir", type=Path, help="where the namespace's backing image lives (default: /dev/shm "
                     "when it has room, else $TMPDIR: on ext4 the host's write path, not the drivers, limits "
                     "random writes)")
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--anchor-bin", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_guest:
-        return in_guest(args.seconds, args.in_guest, args.sweep, args.only)
+        ANCHOR_DBBUF["on"] = args.libvfn_dbbuf
+        return in_guest(args.seconds, args.in_guest, args.sweep, args.only, args.anchor_bin,
+                        {"depths": args.depths, "modes": args.modes, "drivers": args.drivers})
+    if args.libvfn:
+        args.anchor_bin = build_anchor(args.libvfn)
+    elif args.sweep:
+        args.drivers = [d for d in args.drivers if d != "libvfn"]
     import nvmevfio
 
     package = Path(nvmevfio.__file__).resolve().parent
@@ -1016,15 +1303,20 @@ def main() -> int:
                   f"{got['iops'] / base:.2f} (p50 {got['lat_p50_us']:.0f} us, {got['ios_per_submit']:.1f} per "
                   f"submit, {got['ios_per_reap']:.1f} per reap, client waiting {got['wait_pct']:.0f}%)")
         return 0
+    if args.only == "shadow":
+        rounds = boot_once(args, False, "shadow")["only"]
+        print(shadow_report(rounds))
+        if args.json:
+            args.json.write_text(json.dumps({"boots": [{"only": rounds}]}, indent=2))
+        return 0
     if args.sweep:
         data = boot_once(args, True)
-        plot_sweep(data["sweep"], args.plot or Path("sweep.png"))
-        for name in ("kernel", "nvmevfio"):
-            figures = data["sweep"][name].items()
-            print(f"{name:<9}", " ".join(f"QD{q}: {v['iops']:.0f} IOPS p99 {v['lat_p99_us']:.0f} us"
-                                         for q, v in figures))
+        data["setup"] = {**data.get("setup", {}), "backing": args.backing, "drive_opts": args.drive_opts,
+                         "thread_pool_max": args.thread_pool_max, "nvme_opts": args.nvme_opts}
         if args.json:
             args.json.write_text(json.dumps(data, indent=2))
+        plot_sweep(data["sweep"], args.plot or Path("sweep.png"), sweep_title(data["setup"]))
+        print(sweep_table(data["sweep"]))
         return 0
     boots = []
     for i in range(args.boots):

@@ -61,6 +61,9 @@ MOD_OPTIONAL = ["ublk_drv", "nvmet", "nvmet_tcp", "nvme_tcp"]
 NVME_CLASS = "0x010802"
 
 
+NULL_CO = "null-co"  # Namespace.image: backed by QEMU's null-co block driver, no file
+
+
 class GuestError(RuntimeError):
     """The guest could not be built, booted, or did not finish in time."""
 
@@ -69,17 +72,33 @@ class GuestError(RuntimeError):
 class Namespace:
     size: int = 64 << 20
     block_size: int = 512
-    image: str | None = None  # a host file; a fresh sparse one when None
+    image: str | None = None  # a host file; a fresh sparse one when None; NULL_CO: no file at all
     metadata: int = 0  # bytes of metadata per block (QEMU nvme-ns ms=)
     drive: str = ""  # extra QEMU -drive options, e.g. "throttling.iops-total=20" (slow commands, for timeouts)
     blkdebug: str = ""  # a QEMU blkdebug config file: inject I/O errors (media errors) at chosen sectors
     # more nvme-ns properties, e.g. {"zoned": "true", "zoned.zone_size": "4M"} (a zoned namespace)
     options: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    @property
+    def null_backed(self) -> bool:
+        return self.image == NULL_CO
+
+    def drive_source(self, path: Path) -> str:
+        """The -drive options that name the backing: the image file at ``path`` (raw), through
+        blkdebug when it has a config, or QEMU's null-co block driver (NULL_CO), which does no I/O
+        (reads return zeroes, writes are dropped) and completes every request at once in QEMU's
+        main loop: the device model's queueing without a block backend behind it."""
+        if self.null_backed:
+            return f"driver=null-co,size={self.size},read-zeroes=on"
+        if self.blkdebug:
+            return f"file=blkdebug:{self.blkdebug}:{path},format=raw"
+        return f"file={path},file.locking=off,format=raw"
+
     @classmethod
     def parse(cls, text: str) -> Namespace:
         """``SIZE[:BLOCKSIZE[:MS]][+KEY=VALUE...][@IMAGE]``, e.g. ``64M``, ``32M:4096``, ``8M:512:8``,
-        ``1G@/var/tmp/d.img``, ``64M:4096+zoned=true+zoned.zone_size=4M`` (nvme-ns properties)."""
+        ``1G@/var/tmp/d.img``, ``64M:4096+zoned=true+zoned.zone_size=4M`` (nvme-ns properties),
+        ``1G@null-co`` (no image: QEMU's null-co driver; a file of that name is ``@./null-co``)."""
         image = None
         if "@" in text:
             text, image = text.split("@", 1)
@@ -339,7 +358,7 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         timeout: float = 900.0, boot_timeout: float = 90.0, accel: str = "tcg", memory: str = "2048",
         smp: int = 2, append: str = "", env: dict[str, str] | None = None, cwd: str | None = None,
         io_dir: Path | None = None, echo: bool = False, retries: int = 1, iommu: bool = True,
-        nvme_params: str = "", kernel: str = "debian") -> GuestResult:
+        nvme_params: str = "", kernel: str = "debian", qemu_args: tuple[str, ...] = ()) -> GuestResult:
     """Boot the guest, run ``command`` in it, return its exit status and output.
 
     ``io_dir`` (created when None) is writable from the guest at the same path;
@@ -347,7 +366,8 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
     ``poll_queues=1``). A guest that dies before reaching the payload is
     retried ``retries`` times; one that does not finish within ``timeout`` raises.
     ``kernel``: ``debian`` (the stock 6.1 kernel, the default: it boots fastest) or ``custom``
-    (6.12 with no-IOMMU mode, iommufd and VFIO device cdevs; see kernel_root()).
+    (6.12 with no-IOMMU mode, iommufd and VFIO device cdevs; see kernel_root()). ``qemu_args``:
+    more QEMU options, e.g. ``("-object", "main-loop,id=ml,thread-pool-max=256")``.
     """
     controllers = controllers if controllers is not None else [Controller()]
     kernel_image, moddir, _ = kernel_paths(kernel)
@@ -387,6 +407,7 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
     for tag, path, ro in shares:
         qargs += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
                   + (",readonly=on" if ro else "")]
+    qargs += list(qemu_args)
     qmp_sock = io_dir / "qmp.sock"
     qargs += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     config: dict = {"controllers": [], "io_dir": str(io_dir), "kernel_driver": kernel_driver,
@@ -410,19 +431,19 @@ def run(command: list[str], *, controllers: list[Controller] | None = None, kern
         addresses.append(addr)
         ctrl_cfg = {"address": addr, "id": cid, "options": opts, "namespaces": [], "hotplug": ctrl.hotplug}
         for ni, ns in enumerate(ctrl.namespaces):
-            image = Path(ns.image) if ns.image else io_dir / f"{cid}n{ni + 1}.img"
-            if not image.exists():
+            image = Path(ns.image) if ns.image and not ns.null_backed else io_dir / f"{cid}n{ni + 1}.img"
+            if not image.exists() and not ns.null_backed:
                 with open(image, "wb") as f:
                     f.truncate(ns.size)
             drive = f"{cid}d{ni + 1}"
-            source = f"file=blkdebug:{ns.blkdebug}:{image}" if ns.blkdebug else f"file={image},file.locking=off"
-            qargs += ["-drive", f"{source},if=none,id={drive},format=raw,cache=writeback,discard=unmap"
+            qargs += ["-drive", f"{ns.drive_source(image)},if=none,id={drive},cache=writeback,discard=unmap"
                       + (f",{ns.drive}" if ns.drive else ""),
                       "-device", f"nvme-ns,drive={drive},bus={cid},nsid={ni + 1},"
                       f"logical_block_size={ns.block_size},physical_block_size={ns.block_size}"
                       + (f",ms={ns.metadata}" if ns.metadata else "")
                       + "".join(f",{k}={v}" for k, v in ns.options.items())]
-            ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": str(image), "size": image.stat().st_size,
+            ctrl_cfg["namespaces"].append({"nsid": ni + 1, "image": NULL_CO if ns.null_backed else str(image),
+                                           "size": ns.size if ns.null_backed else image.stat().st_size,
                                            "block_size": ns.block_size, "metadata": ns.metadata,
                                            "options": ns.options})
         config["controllers"].append(ctrl_cfg)
@@ -629,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="boot the guest and run a command in it")
     r.add_argument("--ctrl", action="append", default=[],
                    help="a controller: 'ns=SIZE[:BS][+NS_OPT=V...][@IMAGE],...;QEMU_OPT=V,...' "
-                   "(repeatable; default one 64M ns)")
+                   "(repeatable; default one 64M ns; IMAGE null-co: QEMU's null-co driver, no file)")
     r.add_argument("--kernel-driver", action="store_true", help="leave the controllers with the kernel nvme driver")
     r.add_argument("--nvme-params", default="", help="kernel nvme module parameters, e.g. poll_queues=1")
     r.add_argument("--no-iommu", action="store_true", help="boot without the emulated IOMMU")
@@ -645,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--append", default="", help="extra kernel command line")
     r.add_argument("--io-dir", type=Path, help="the writable folder shared with the guest (default: a new temp dir)")
     r.add_argument("--quiet", action="store_true", help="print the output at the end, not as it comes")
+    r.add_argument("--qemu-arg", action="append", default=[], help="one more QEMU argument (repeatable), e.g. "
+                   "--qemu-arg=-object --qemu-arg=main-loop,id=ml,thread-pool-max=256")
     r.add_argument("command", nargs="+")
     b = sub.add_parser("build", help="build (or check) the initramfs in the cache and print its path")
     b.add_argument("--kernel", choices=KERNELS, default=os.environ.get("NVMEVFIO_GUEST_KERNEL", "debian"))
@@ -659,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             opts.update(lane_options(args.lane))
         opts["append"] = " ".join(filter(None, [opts.get("append", ""), args.append]))
         res = run(args.command, controllers=ctrls, kernel_driver=args.kernel_driver, timeout=args.timeout,
-                  accel=args.accel, io_dir=args.io_dir, echo=not args.quiet, nvme_params=args.nvme_params, **opts)
+                  accel=args.accel, io_dir=args.io_dir, echo=not args.quiet, nvme_params=args.nvme_params,
+                  qemu_args=tuple(args.qemu_arg), **opts)
     except GuestError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 125

@@ -14,6 +14,7 @@ from nvmevfio.broker.state import BrokerState
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import Refused
 from nvmevfio.nvme import builders, prp
+from nvmevfio.nvme.structures import shadow_doorbells_pay
 
 
 class Queues:
@@ -24,9 +25,10 @@ class Queues:
         self.cmb = cmb
 
     def create_io_queues(self, count: int = 1, depth: int = DEFAULT_IO_DEPTH, *, irq: bool = False,
-                         shadow_doorbells: bool = True, sgl: bool = False, sq_in_cmb: bool = False) -> int:
+                         shadow_doorbells: bool | None = None, sgl: bool = False, sq_in_cmb: bool = False) -> int:
         """Set Features Number of Queues, Doorbell Buffer Config when the controller has it (OACS
-        bit 8) and ``shadow_doorbells`` is on, then CREATE I/O CQ before SQ for each pair. Returns
+        bit 8) and ``shadow_doorbells`` is on (None: where they pay, shadow_doorbells_pay: not on
+        QEMU's model), then CREATE I/O CQ before SQ for each pair. Returns
         the depth used. ``sgl``: the queues' READ and WRITE commands carry SGLs (4.1.2) instead of
         PRPs; refused (``sgl-unsupported``) where Identify Controller SGLS does not offer them.
         ``sq_in_cmb``: the submission queues live in the Controller Memory Buffer (8.2; the broker
@@ -52,6 +54,8 @@ class Queues:
             assert core.irq is not None
             core.irq.vectors(count + 1)
             core.irq_mode = True
+        if shadow_doorbells is None:
+            shadow_doorbells = shadow_doorbells_pay(core.id_ctrl or {})
         core.shadow_doorbells = shadow_doorbells
         if shadow_doorbells and (core.id_ctrl or {}).get("oacs", 0) & OACS_DBBUF and core.dbbuf is None:
             self.configure_doorbell_buffer()

@@ -161,8 +161,13 @@ def id_ctrl(address: str, vendor_specific: bool, fmt: str, raw_binary: bool, hum
     if vendor_specific:
         click.echo(_vendor_dump(raw, 3072), nl=False)
     if c["oacs"] & (1 << 8):
-        click.echo("shadow doorbells: supported (OACS bit 8, Doorbell Buffer Config); nvmevfio's I/O queues use "
-                   "them unless --no-shadow-doorbells / open(shadow_doorbells=False)", err=True)
+        from nvmevfio.nvme.structures import shadow_doorbells_pay
+
+        use = ("use them unless --no-shadow-doorbells / open(shadow_doorbells=False)" if shadow_doorbells_pay(c) else
+               "do not use them on QEMU's model, where they are slower, unless --shadow-doorbells / "
+               "open(shadow_doorbells=True)")
+        click.echo(f"shadow doorbells: supported (OACS bit 8, Doorbell Buffer Config); nvmevfio's I/O queues {use}",
+                   err=True)
     else:
         click.echo("shadow doorbells: not supported (OACS bit 8 clear); every doorbell is an MMIO write", err=True)
 

@@ -78,7 +78,7 @@ def _workload_options(f: Any) -> Any:
 
 def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                  seconds: float | None, count: int | None, lba_range: str | None, mode: str, rwmixread: int,
-                 ramp: float, shadow: bool, sgl: bool, sq_in_cmb: bool, verify: bool, queues: int,
+                 ramp: float, shadow: bool | None, sgl: bool, sq_in_cmb: bool, verify: bool, queues: int,
                  cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
     """perf with any of the engine's options: checked, run (or --verify-only), reported."""
     from nvmevfio import workload_engine as wl
@@ -192,8 +192,9 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
               help="percentage of reads for randrw")
 @click.option("--ramp", "ramp", type=float, default=0.0, show_default=True,
               help="seconds to run first, unmeasured (like fio --ramp_time)")
-@click.option("--shadow-doorbells/--no-shadow-doorbells", "shadow", default=True, show_default=True,
-              help="Doorbell Buffer Config when the controller offers it (MMIO doorbells only when needed)")
+@click.option("--shadow-doorbells/--no-shadow-doorbells", "shadow", default=None,
+              help="Doorbell Buffer Config when the controller offers it (MMIO doorbells only when needed); "
+                   "default: where it pays, not on QEMU's nvme model (docs/benchmarks.md)")
 @click.option("--sgl", is_flag=True,
               help="describe each I/O's data with an SGL Data Block descriptor instead of PRPs (where Identify "
                    "Controller SGLS offers SGLs)")
@@ -210,7 +211,7 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @service_socket_opt
 @output_opt
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
-         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool,
+         count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
          sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, cpus: list[int] | None, service_socket: str | None,
          fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).

@@ -269,3 +269,17 @@ def test_exec_rw_builds_the_entry_from_its_fields():
     assert (int(e["prp1"]), int(e["prp2"])) == (0x1000_0200, 0x2000_0000)
     assert (int(e["cdw10"]), int(e["cdw11"]), int(e["cdw12"])) == (9, 5, 15)  # NLB 0's based
     assert mmio.writes == [(SQ_DB, 4, 1)] and qp.in_flight == 1 and qp.buf_slot[0] == 3
+
+
+def test_shadow_doorbells_pay_everywhere_but_on_qemus_model():
+    """The broker's default when the caller does not choose (create_io_queues(shadow_doorbells=None)):
+    off on QEMU's nvme model, by its Identify Controller VID (0x1B36) or its model name (the VID is
+    Intel's with use-intel-id=on), on for any other controller."""
+    from nvmevfio.nvme.structures import shadow_doorbells_pay
+
+    assert shadow_doorbells_pay({"vid": 0x1B36, "mn": "QEMU NVMe Ctrl"}) is False
+    assert shadow_doorbells_pay({"vid": 0x8086, "mn": "QEMU NVMe Ctrl"}) is False
+    assert shadow_doorbells_pay({"vid": 0x1B36, "mn": ""}) is False
+    assert shadow_doorbells_pay({"vid": 0x144D, "mn": "SAMSUNG MZVL21T0HCLR-00B00"}) is True
+    assert shadow_doorbells_pay({"vid": 0x1D0F, "mn": "Amazon Elastic Block Store"}) is True
+    assert shadow_doorbells_pay({}) is True
