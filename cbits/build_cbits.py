@@ -30,7 +30,8 @@ ffibuilder.set_source(
     "nvmevfio._cbits",
     "#include <stdint.h>\n#include <stddef.h>\n#include \"shim.h\"\n",
     sources=[str((HERE / name).relative_to(ROOT))
-             for name in ("shim.c", "iommufd.c", "qpair.c", "perf.c", "workload.c", "service.c", "svc_client.c", "ublk.c")],
+             for name in ("shim.c", "iommufd.c", "qpair.c", "perf.c", "workload.c", "service.c", "svc_client.c",
+                          "ublk.c")],
     # the C files' private headers (barriers, NVMe names, inline queue-pair and perf steps): a
     # change to one rebuilds the module
     depends=[str(path.relative_to(ROOT)) for path in sorted(HERE.glob("*.h"))],

@@ -35,14 +35,14 @@ def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
 
 
 def test_example_file_through_the_plugin(guest, pytester):
-    """The README's three tests (the last a verified mixed workload: ``nvmevfio.workload``) run and
-    pass on the device. Without --nvme-allow-destructive the marked ones are skipped at
+    """The README's four tests (a verified mixed workload: ``nvmevfio.workload``; and one with a
+    controller reset in the middle, its verify map read back after) run and pass on the device. Without --nvme-allow-destructive the marked ones are skipped at
     collection, before any device is touched."""
     addr = controller(guest, "nvmevfio-nbd")["address"]
     r, counts = run(pytester, "--nvme", addr, "--nvme-allow-destructive")
-    assert r.ret == 0 and counts == {"tests": 3, "failures": 0, "errors": 0, "skipped": 0}, r.outlines
+    assert r.ret == 0 and counts == {"tests": 4, "failures": 0, "errors": 0, "skipped": 0}, r.outlines
     r, counts = run(pytester, "--nvme", addr)
-    assert r.ret == 0 and counts == {"tests": 3, "failures": 0, "errors": 0, "skipped": 2}, r.outlines
+    assert r.ret == 0 and counts == {"tests": 4, "failures": 0, "errors": 0, "skipped": 3}, r.outlines
     assert "destructive: pass --nvme-allow-destructive" in r.stdout.str()
 
 
