@@ -36,8 +36,9 @@ def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
 
 def test_example_file_through_the_plugin(guest, pytester):
     """The README's four tests (a verified mixed workload: ``nvmevfio.workload``; and one with a
-    controller reset in the middle, its verify map read back after) run and pass on the device. Without --nvme-allow-destructive the marked ones are skipped at
-    collection, before any device is touched."""
+    controller reset in the middle, its verify map read back after) run and pass on the device.
+    Without --nvme-allow-destructive the marked ones are skipped at collection, before any device
+    is touched."""
     addr = controller(guest, "nvmevfio-nbd")["address"]
     r, counts = run(pytester, "--nvme", addr, "--nvme-allow-destructive")
     assert r.ret == 0 and counts == {"tests": 4, "failures": 0, "errors": 0, "skipped": 0}, r.outlines
