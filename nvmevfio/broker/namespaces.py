@@ -99,12 +99,18 @@ class Namespaces:
 
     def refresh_namespaces(self) -> dict[int, Namespace]:
         """Identify every active namespace (CNS 02h, then CNS 00h for each), so that I/O
-        validation afterwards is a lookup that never touches the device."""
-        self.core.namespaces = {}
-        for nsid in self.active_namespaces():
+        validation afterwards is a lookup that never touches the device. The table is never
+        emptied on the way: each namespace's entry is replaced as it is identified and the ones no
+        longer active are dropped at the end, so that another thread's lookup meanwhile (a reset's
+        re-identify while a workload's thread validates its next request) finds the namespace,
+        not a transient "no namespace" (``namespace-inactive``)."""
+        core = self.core
+        active = self.active_namespaces()
+        for nsid in active:
             self.identify_namespace(nsid)
+        core.namespaces = {n: ns for n, ns in core.namespaces.items() if n in active}
         self.update_hot()
-        return self.core.namespaces
+        return core.namespaces
 
     def reidentify(self, *, vanished_changed: bool = True) -> None:
         """Identify the namespaces again; one whose size or format changed is refused for I/O
