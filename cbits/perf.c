@@ -95,6 +95,7 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
 {
     int64_t start = nv_now_ns();
     int64_t end = start + slice_ns;
+    int64_t next_look = start;  /* when a hybrid nap next reads the stop flag and CSTS */
     for (;;) {
         int finished = drain || (p->max_ios && p->issued >= p->max_ios);
         if (!finished)
@@ -104,6 +105,9 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
             return r;
         if (qp->in_flight == 0 && finished)
             return 1;
+        int stop = qp_stop_flag(qp);  /* a reset or the device's release by another thread: now */
+        if (stop)
+            return stop;
         int64_t now = nv_now_ns();
         if (!drain && now >= end)
             return 0;
@@ -123,6 +127,15 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
                 if (nap > left)
                     nap = left;
                 if (nap >= HYBRID_MIN_NS && !qp_pending(qp)) {
+                    /* A nap ends in no wait of nv_qp_wait's, so look at the stop flag and CSTS
+                     * here as it would, once per AGE_CHECK_NS: a device taken away or gone
+                     * must end the loop now, not when its commands turn late. */
+                    if (now >= next_look) {
+                        next_look = now + AGE_CHECK_NS;
+                        int bad = qp_health(qp);
+                        if (bad)
+                            return bad;
+                    }
                     if (!p->sleeps)
                         prctl(PR_SET_TIMERSLACK, 1000UL);  /* naps of tens of us: 1 us slack, not 50 */
                     struct timespec ts = {.tv_sec = 0, .tv_nsec = nap};

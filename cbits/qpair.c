@@ -325,29 +325,6 @@ int nv_qp_reap(struct nv_qp *qp, struct nv_completion *out, uint32_t max, struct
     return (int)n;
 }
 
-/* CSTS while waiting: all ones means the device is gone (surprise removal), CFS that the
- * controller hit a fatal error; either way no completion will come. The broker's stop flag:
- * 1, the kernel asked for the device back; 2, another thread is resetting the controller. */
-static inline int qp_csts_bad(const struct nv_qp *qp)
-{
-    /* The broker's stop flag, written by the thread that answers VFIO's device request: the
-     * device is about to be released, so no completion will be waited for. volatile: another
-     * thread writes it while this loop runs. */
-    if (qp->stop) {
-        int32_t stop = *(const volatile int32_t *)qp->stop;
-        if (stop == 1)
-            return -ENODEV;
-        if (stop == 2)
-            return -EAGAIN;  /* another thread is resetting the controller: let go of the queue */
-    }
-    if (!qp->csts)
-        return 0;
-    uint32_t v = *(const volatile uint32_t *)qp->csts;
-    if (v == 0xFFFFFFFFu)
-        return -ENODEV;
-    return (v & NVME_CSTS_CFS) ? -EIO : 0;
-}
-
 #define CSTS_EVERY_NS 1000000LL
 
 int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
@@ -363,7 +340,7 @@ int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
             int64_t left = deadline - now;
             if (left <= 0)
                 return qp_pending(qp);
-            int bad = qp_csts_bad(qp);
+            int bad = qp_health(qp);
             if (bad)
                 return qp_pending(qp) ? 1 : bad;
             if ((qp->csts || qp->stop) && left > 100 * CSTS_EVERY_NS)
@@ -388,13 +365,16 @@ int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
             return 1;
         if ((spins & 0x3F) == 0x3F) {
             now = nv_now_ns();
-            if (now >= deadline)
-                return qp_pending(qp);
-            if (now >= next_csts) {
+            /* CSTS and the stop flag before the deadline: a caller's waits are often exactly
+             * CSTS_EVERY_NS long (perf's, the workload's), and one that gave up first would
+             * never look, leaving a device taken away to be found only when a command is late. */
+            if (now >= next_csts || now >= deadline) {
                 next_csts = now + CSTS_EVERY_NS;
-                int bad = qp_csts_bad(qp);
+                int bad = qp_health(qp);
                 if (bad)
                     return qp_pending(qp) ? 1 : bad;
+                if (now >= deadline)
+                    return qp_pending(qp);
             }
         }
     }

@@ -5,6 +5,7 @@
 #ifndef NVMEVFIO_QPAIR_H
 #define NVMEVFIO_QPAIR_H
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -101,6 +102,37 @@ static inline uint16_t qp_cqe_status(const struct nv_qp *qp, uint32_t slot)
 static inline int qp_pending(const struct nv_qp *qp)
 {
     return (qp_cqe_status(qp, qp->cq_head) & 1) == qp->cq_phase;
+}
+
+/* The broker's stop flag (a word in host memory, cheap to read): 1, the kernel asked for the
+ * device back (VFIO's device request), so no completion will be waited for; 2, another thread
+ * is resetting the controller: let go of the queue. The closed loops (perf, the workload) read
+ * it once per turn, since a loop that always finds completions never waits. volatile: another
+ * thread writes it while the loop runs. */
+static inline int qp_stop_flag(const struct nv_qp *qp)
+{
+    if (!qp->stop)
+        return 0;
+    int32_t stop = *(const volatile int32_t *)qp->stop;
+    return stop == 1 ? -ENODEV : stop == 2 ? -EAGAIN : 0;
+}
+
+/* The stop flag, then CSTS (an MMIO read, so at most once a millisecond of waiting): all ones
+ * means the device is gone (surprise removal), CFS that the controller hit a fatal error; either
+ * way no completion will come. Every wait for completions reads both (qpair.c's waits, perf's
+ * and the workload's naps, the ublk server). */
+static inline int qp_health(const struct nv_qp *qp)
+{
+    int stop = qp_stop_flag(qp);
+    if (stop)
+        return stop;
+    if (!qp->csts)
+        return 0;
+    /* CSTS (3.1.4.6); volatile: the device changes it */
+    uint32_t v = *(const volatile uint32_t *)qp->csts;
+    if (v == 0xFFFFFFFFu)
+        return -ENODEV;
+    return (v & NVME_CSTS_CFS) ? -EIO : 0;
 }
 
 /* A standing command's completion, kept in qp->events (cbits/qpair.c). */

@@ -26,7 +26,7 @@
 
 #include "shim.h"
 #include "nvme.h"  /* NVMe opcodes and command bits */
-#include "qpair.h"  /* qp_slot_dptr: a slot's data pointer, as the queue pairs build it */
+#include "qpair.h"  /* qp_slot_dptr, qp_health: as the queue pairs build a slot's data pointer and read CSTS */
 
 /* ---- ublk UAPI (include/uapi/linux/ublk_cmd.h, Linux 6.12), declared here: Debian 12's
  * headers predate the ioctl-encoded opcodes (UBLK_U_*) and user recovery ---- */
@@ -506,25 +506,6 @@ int nv_ublk_queue_complete(struct nv_ublk_queue *q, uint32_t tag, uint16_t statu
     return answer(q, (uint16_t)tag, result);
 }
 
-/* CSTS and the broker's stop flag, as the queue pair's own waits read them (cbits/qpair.c):
- * volatile, since the device and another thread write them while this loop runs. */
-static int device_lost(const struct nv_qp *qp)
-{
-    if (qp->stop) {
-        int32_t stop = *(const volatile int32_t *)qp->stop;
-        if (stop == 1)
-            return -ENODEV;
-        if (stop == 2)
-            return -EAGAIN;
-    }
-    if (!qp->csts)
-        return 0;
-    uint32_t v = *(const volatile uint32_t *)qp->csts;
-    if (v == 0xFFFFFFFFu)
-        return -ENODEV;
-    return (v & 2u) ? -EIO : 0;  /* CSTS.CFS */
-}
-
 /* Take every ready io_uring completion: new requests start, aborted tags are counted. Returns
  * the NVMe commands posted, or -errno. */
 static int take_requests(struct nv_ublk_queue *q, struct nv_qp *qp)
@@ -603,7 +584,7 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
         int64_t now = nv_now_ns();
         if (qp->in_flight && now >= next_look) {
             next_look = now + LOOK_EVERY_NS;
-            int bad = device_lost(qp);
+            int bad = qp_health(qp);
             if (bad && !nv_qp_pending(qp))
                 return bad;
             if (now - nv_qp_oldest_submit(qp) >= q->timeout_ns)

@@ -441,6 +441,7 @@ static int wl_reap(struct nv_qp *qp, struct nv_perf *p, struct nv_wl *w)
 int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp)
 {
     int64_t end = nv_now_ns() + slice_ns;
+    int64_t next_look = 0;  /* when a rate nap next reads the stop flag and CSTS */
     for (;;) {
         int finished = drain || (p->max_ios && p->issued >= p->max_ios);
         int64_t now = nv_now_ns();
@@ -451,6 +452,9 @@ int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, s
             return r;
         if (qp->in_flight == 0 && finished)
             return 1;
+        int stop = qp_stop_flag(qp);  /* a reset or the device's release by another thread: now */
+        if (stop)
+            return stop;
         now = nv_now_ns();
         if (!drain && now >= end)
             return 0;
@@ -463,7 +467,14 @@ int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, s
             left = end - now;
         if (!finished && w->interval_ns && w->next_ns > now && p->nfree && qp->in_flight < p->depth) {
             /* ahead of the rate with room to issue: nap until the next I/O may go (completions
-             * wait in the queue meanwhile) rather than spin */
+             * wait in the queue meanwhile) rather than spin. No wait of nv_qp_wait's follows,
+             * so read the stop flag and CSTS here as it would, once per AGE_CHECK_NS. */
+            if (qp->in_flight && now >= next_look) {
+                next_look = now + AGE_CHECK_NS;
+                int bad = qp_health(qp);
+                if (bad)
+                    return bad;
+            }
             int64_t nap = w->next_ns - now;
             if (nap > left)
                 nap = left;

@@ -77,7 +77,8 @@ class PerfResult:
     rate_cap: int = 0  # --rate (IOPS, all jobs), 0: none
     mismatch_count: int = 0  # every mismatch (``mismatches`` keeps the first ones)
     verify_map: str = ""  # where the verify map was saved
-    resets: int = 0  # queue recoveries (a reset) the jobs went through and carried on after
+    resets: int = 0  # controller resets during the run, whichever thread made them; the jobs carried on
+    loop_recoveries: int = 0  # recoveries the jobs' own loops entered (a late command, a reset seen mid-wait)
     busy_redraws: int = 0  # positions drawn again because a command was in flight there
 
     def to_dict(self) -> dict:

@@ -176,6 +176,13 @@ class Provider:
         buffers are bounced), ``simulated`` for the in-process controller model."""
         return "simulated"
 
+    def recovery_counters(self) -> dict[str, int]:
+        """What the broker's recovery did since the controller was opened, whichever thread caused
+        it: ``resets`` (controller resets of every kind, asked for or after a late command),
+        ``aborts`` (Abort commands sent for late commands), ``retries`` (commands issued again)."""
+        b = self._broker
+        return {"resets": int(b.resets), "aborts": int(b.aborts), "retries": int(b.retries)}
+
     def doorbell_counters(self, qid: int = 1) -> dict[str, int]:
         """MMIO doorbell writes and shadow-only updates of an I/O queue pair, with its ring state."""
         return self._broker._queue(qid).ring.state()

@@ -231,10 +231,12 @@ class Series:
     """The time series: once a second, every job's counters and per-op histograms read and the
     second's difference kept as a point (per op: IOPS, MiB/s, latency p50 and p99)."""
 
-    def __init__(self, loops: list[WorkloadLoop], line: Callable[[str], None] | None) -> None:
-        self.loops, self.line = loops, line
+    def __init__(self, loops: list[WorkloadLoop], line: Callable[[str], None] | None,
+                 resets: Callable[[], int]) -> None:
+        self.loops, self.line, self._resets = loops, line, resets
         self.points: list[dict[str, Any]] = []
         self._last = self._snap()
+        self.resets_at_start = self._last_resets = resets()
 
     def _snap(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ios = np.array([lp.counters()["op_ios"] for lp in self.loops], dtype=np.int64).sum(axis=0)
@@ -247,7 +249,10 @@ class Series:
         dt = elapsed - (self.points[-1]["t"] if self.points else 0.0)
         d_ios, d_bytes, d_hist = ios - self._last[0], nbytes - self._last[1], hist - self._last[2]
         self._last = snap
-        point: dict[str, Any] = {"t": round(elapsed, 3), "iops": float(d_ios.sum() / dt) if dt > 0 else 0.0}
+        resets = self._resets()
+        point: dict[str, Any] = {"t": round(elapsed, 3), "iops": float(d_ios.sum() / dt) if dt > 0 else 0.0,
+                                 "resets": resets - self._last_resets}  # controller resets in this second
+        self._last_resets = resets
         for i, op in enumerate(OPS):
             if not d_ios[i]:
                 continue
@@ -258,7 +263,9 @@ class Series:
         if self.line is not None:
             parts = [f"{op} {v['iops']:.0f} IOPS p99 {v['lat_p99_us']:.0f} us" for op, v in point.items()
                      if isinstance(v, dict)]
-            self.line(f"{elapsed:6.1f} s {point['iops']:9.0f} IOPS: " + ", ".join(parts))
+            n = point["resets"]
+            self.line(f"{elapsed:6.1f} s {point['iops']:9.0f} IOPS: " + ", ".join(parts)
+                      + (f" [{n} controller reset{'s' if n > 1 else ''}, carried on]" if n else ""))
 
 
 def _read_zeroes(dev: BlockDevice) -> bool:
@@ -332,7 +339,8 @@ def run(dev: BlockDevice, spec: Spec, *, queue_depth: int = 1, seconds: float | 
                               depth=queue_depth)
             loops.append(lp)
             qs[-1].loop = lp
-    series = Series(loops, line)
+    counters = dev.provider.recovery_counters
+    series = Series(loops, line, lambda: counters()["resets"])
     usr_s, sys_s = perfmod._run_threads(qs, seconds=seconds, ramp_s=0.0, status=status, tick=series.tick)
     for q in qs:
         q.dev.free_buffer(q.buf)
@@ -381,7 +389,10 @@ def _figures(res: PerfResult, loops: list[WorkloadLoop], spec: Spec, series: Ser
     res.verified_blocks = sum(c["verified_blocks"] for c in cs)
     res.mismatch_count = sum(c["mismatches"] for c in cs)
     res.mismatches = mism
-    res.resets = sum(lp.resets for lp in loops)
+    # the controller's resets while it ran, whichever thread made them (a reset asked for by
+    # another thread or process is not seen by the loops: their queues are only paused)
+    res.resets = series._resets() - series.resets_at_start
+    res.loop_recoveries = sum(lp.resets for lp in loops)
     res.busy_redraws = sum(c["busy_redraws"] for c in cs)
     return res
 

@@ -129,7 +129,7 @@ def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: s
     click.echo(f"{_address(address)} nsid {nsid}: {res.workload}, {res.queues} job(s), QD {res.queue_depth} each, "
                f"{res.mode}, {res.seconds:.2f} s, {res.ios} I/Os, {res.errors} errors"
                + (f", rate cap {res.rate_cap} IOPS" if res.rate_cap else "")
-               + (f", {res.resets} queue recoveries" if res.resets else ""))
+               + (f", {res.resets} controller reset(s) during the run, carried on" if res.resets else ""))
     click.echo(f"{'op':>13} {'I/Os':>10} {'share%':>7} {'mix%':>5} {'IOPS':>10} {'MiB/s':>9} {'avg(us)':>9} "
                f"{'p50(us)':>9} {'p99(us)':>9} {'p99.9(us)':>9} {'errors':>6}")
     for op, v in res.ops.items():

@@ -185,6 +185,37 @@ def test_device_request_ends_waits_and_refuses(rig, p):
     p.close()
 
 
+def test_device_request_ends_a_polled_perf_slice_at_once(rig):
+    """A closed loop polling in C (perf, the workload engine) whose commands will never complete:
+    VFIO's device request ends it within its next millisecond's look at the stop flag, not at its
+    slice's end or when a command turns late, so the release takes the queue (none stuck)."""
+    from nvmevfio.blockdev import BlockDevice
+
+    rig.broker.command_timeout_s = 30.0  # no command turns late meanwhile
+    dev = BlockDevice(rig.p, 1, queue_depth=64)
+    buf = dev.alloc_buffer(8 * 4096)
+    loop = dev.perf_loop(rig.p.register_buffer(buf, 4096), io_size=4096, lba_range=(0, 1024), random=False,
+                         read_pct=100, depth=8)
+    rig.sim.drop_next = 10**6  # nothing completes
+    seen: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.step(20.0)  # one slice of 20 s: the C loop holds the queue all along
+        except BaseException as exc:  # the test inspects it
+            seen.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    stuck = rig.broker.device_removed("the kernel asked for the device back (test)")
+    t.join(5)
+    took = time.monotonic() - t0
+    assert not t.is_alive() and stuck == [] and took < 1, (stuck, took)
+    assert isinstance(seen[0], DeviceGone) and "asked for the device back" in str(seen[0]), seen
+
+
 def test_one_thread_per_queue(rig, p):
     rig.sim.drop_next = 1
     rig.broker.command_timeout_s = 0.5

@@ -126,3 +126,32 @@ def test_refusals(dev, rig):
         wl.run(object(), wl.make_spec(mix="read", bs="4k"), count=1)  # type: ignore[arg-type]
     assert ei.value.reason == "unsupported-workload"
     assert rig.unchanged_since(mark)
+
+
+def test_resets_by_another_thread_are_reported_and_the_run_carries_on(dev, rig):
+    """Controller resets asked for by another thread while the engine runs: the result counts
+    them, each second's point says how many fell in it, the line says so, and the run ends
+    with every block verified and no error (its commands were requeued)."""
+    import threading
+    import time
+
+    lines: list[str] = []
+    out: dict = {}
+
+    def work() -> None:
+        out["r"] = wl.workload(dev, mix="read:50,write:50", bs="4k", queue_depth=8, seconds=3.2,
+                               lba_range=(0, 2048), verify=True, rate=2000, line=lines.append)
+
+    before = rig.sim.resets
+    t = threading.Thread(target=work)
+    t.start()
+    for _ in range(2):
+        time.sleep(0.8)
+        dev.reset_controller("controller")
+    t.join(30)
+    r = out["r"]
+    assert rig.sim.resets - before == 2  # the device saw two CC.EN resets
+    assert r.resets == 2 and sum(p["resets"] for p in r.series) == 2, (r.resets, r.series)
+    assert r.errors == 0 and r.mismatch_count == 0 and r.verified_blocks > 0
+    assert sum("controller reset" in line for line in lines) >= 1, lines
+    assert dev.provider.recovery_counters()["resets"] >= 2
