@@ -43,8 +43,12 @@ def _workload_with_resets(dev, kind: str, resets: int = 5, window: tuple[int, in
         except BaseException as exc:  # the test inspects it
             out["r"] = exc
 
+    posted = dev.doorbell_counters()["posted"]
     t = threading.Thread(target=work)
     t.start()
+    deadline = time.monotonic() + 60  # the engine's first commands: its resets count from there
+    while t.is_alive() and dev.doorbell_counters()["posted"] == posted and time.monotonic() < deadline:
+        time.sleep(0.05)
     done = 0
     while t.is_alive() and done < resets:
         time.sleep(0.4)
@@ -62,7 +66,9 @@ def _workload_with_resets(dev, kind: str, resets: int = 5, window: tuple[int, in
     assert done == resets, f"the workload ended after {done} {kind} resets: {type(r).__name__} {ended}"
     assert not isinstance(r, BaseException), r
     print(f"{kind}: {r.ios} commands ({r.ops['write']['ios']} writes), {r.verified_blocks} blocks checked, "
-          f"{r.resets} recoveries seen by the loop")
+          f"{r.resets} resets reported, {r.loop_recoveries} recoveries entered by the loop")
+    # the workload reports every reset made under it, in its result and in the seconds they fell in
+    assert r.resets == resets and sum(p["resets"] for p in r.series) <= resets, (r.resets, r.series)
     if verify_map:  # the map, read back once the resets are over: nothing lost, nothing corrupted
         rep = verify_only(dev, str(verify_map))
         assert rep["mismatch_count"] == 0 and rep["verified_blocks"] > 0, rep["mismatches"][:3]
