@@ -207,8 +207,9 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
               help="ublk queues, each on its own NVMe I/O queue pair and thread  [default: one per CPU, at most 4]")
 @click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="requests in flight per queue (one DMA buffer slot each)")
-@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
-              help="NVMe completions by polling (while commands are in flight) or MSI-X interrupts")
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default="irq", show_default=True,
+              help="NVMe completions by MSI-X interrupts or by polling (while commands are in flight); either way "
+                   "an idle server spins up to 300 us for the next request or completion before it sleeps")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
 @click.option("--refuse-writes", is_flag=True,
               help="the server fails every write (EROFS) while the disk is not marked read-only: what "
@@ -310,7 +311,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
 
 
 def start_background(address: str, nsid: int, *, queues: int | None = None, depth: int = 64,
-                     mode: str = "poll", readonly: bool = False, refuse_writes: bool = False,
+                     mode: str = "irq", readonly: bool = False, refuse_writes: bool = False,
                      recoverable: bool = False, recover_dev: int | None = None) -> dict[str, Any]:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
     its device is up (nvmevfio export starts its server this way too). The server's last log
