@@ -131,6 +131,13 @@ _Static_assert(sizeof(struct nv_ublk_info) == 64, "nv_ublk_info is ublksrv_ctrl_
 #define LOOK_EVERY_NS 1000000LL         /* how often a busy loop looks at CSTS, the stop flags, late commands */
 #define IDLE_WAIT_NS 100000000LL        /* how long one wait in io_uring lasts before the stop flag is read */
 #define SPIN_NS 300000LL                /* how long an idle server spins before it sleeps (docs/disk.md) */
+#if defined(__x86_64__) || defined(__i386__)
+#define SPIN_PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define SPIN_PAUSE() __asm__ __volatile__("yield")
+#else
+#define SPIN_PAUSE() do {} while (0)
+#endif
 
 /* ---- control commands: one URING_CMD on /dev/ublk-control each ---- */
 
@@ -620,7 +627,7 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
             do {
                 for (int i = 0; i < 64 && !got; i++) {
                     got = io_uring_cq_ready(ring) || (qp->in_flight && qp_pending(qp));
-                    __builtin_ia32_pause();
+                    SPIN_PAUSE();
                 }
             } while (!got && !*(const volatile int32_t *)&q->stop && !qp_stop_flag(qp) && nv_now_ns() < until);
             if (got) {
@@ -636,5 +643,6 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
         int r = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, NULL);
         if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
             return r;
+        turns |= 15;  /* after a wait, the next turn reads the clock: CSTS and the stop flags each wait */
     }
 }
