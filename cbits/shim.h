@@ -705,6 +705,8 @@ struct nv_ublk_queue {
     uint32_t ready;            /* every tag's FETCH_REQ was taken: the device may be started */
     uint32_t gone;             /* tags the kernel ended (UBLK_IO_RES_ABORT) */
     int32_t last_cqe_error;
+    uint32_t null_device;      /* NVMEVFIO_UBLK_NULL (tools/bench.py's anchor): answer without the device */
+    int64_t spin_ns;           /* how long an idle server spins before it sleeps in io_uring (SPIN_NS) */
     /* counters */
     uint64_t requests;
     uint64_t reads;
@@ -719,6 +721,7 @@ struct nv_ublk_queue {
     uint64_t interrupts;
     uint64_t nvme_batches;     /* SQ tail doorbells */
     uint64_t sleeps;
+    uint64_t spin_hits;        /* waits that a request or completion ended while the server spun */
     uint64_t errors;
     struct nv_ublk_error error_log[16];  /* the last NV_UBLK_ERROR_LOG failures, at errors % 16 */
 };

@@ -130,6 +130,14 @@ _Static_assert(sizeof(struct nv_ublk_info) == 64, "nv_ublk_info is ublksrv_ctrl_
 #define USER_DATA_IRQ (1ull << 63)      /* the io_uring read of the queue's MSI-X eventfd */
 #define LOOK_EVERY_NS 1000000LL         /* how often a busy loop looks at CSTS, the stop flags, late commands */
 #define IDLE_WAIT_NS 100000000LL        /* how long one wait in io_uring lasts before the stop flag is read */
+#define SPIN_NS 300000LL                /* how long an idle server spins before it sleeps (docs/disk.md) */
+#if defined(__x86_64__) || defined(__i386__)
+#define SPIN_PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define SPIN_PAUSE() __asm__ __volatile__("yield")
+#else
+#define SPIN_PAUSE() do {} while (0)
+#endif
 
 /* ---- control commands: one URING_CMD on /dev/ublk-control each ---- */
 
@@ -313,6 +321,10 @@ int nv_ublk_queue_open(struct nv_ublk_queue *q, int fetch)
         q->tag_state = NULL;
         return -ENOMEM;
     }
+    /* tools/bench.py's anchor (--only ublk): answer every request at once, no NVMe command */
+    const char *env = getenv("NVMEVFIO_UBLK_NULL");
+    q->null_device = env && *env && strcmp(env, "0") != 0;
+    q->spin_ns = SPIN_NS;
     int r = io_uring_queue_init(q->depth + 2, ring, 0);
     if (r < 0) {
         free(ring);
@@ -472,6 +484,8 @@ static int start(struct nv_ublk_queue *q, struct nv_qp *qp, uint16_t tag, int64_
         log_error(q, tag, op, slba, nlb, 0, -err);
         return answer(q, tag, -err) < 0 ? -EBUSY : 0;
     }
+    if (q->null_device)  /* the anchor: ublk's own cost, no device behind it */
+        return answer(q, tag, op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE ? (int32_t)bytes : 0) < 0 ? -EBUSY : 0;
     uint16_t cid;
     if (nv_qp_take(qp, 1, &cid) < 0)
         return -EBUSY;  /* cannot happen: the queue has an id and an SQ slot for every tag */
@@ -555,6 +569,7 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
     struct io_uring *ring = ring_of(q);
     struct nv_completion done[64];
     int64_t next_look = nv_now_ns() + LOOK_EVERY_NS;
+    uint32_t turns = 0;
     for (;;) {
         int posted = take_requests(q, qp);
         if (posted < 0)
@@ -564,9 +579,9 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
             nv_qp_ring_sq(qp);  /* one SQ tail doorbell for the batch */
         }
         uint32_t nunpin = 0;
-        int n;
+        int n = 0;
         int reaped = 0;
-        while ((n = nv_qp_reap(qp, done, 64, NULL, 0, &nunpin)) > 0) {
+        while (qp_pending(qp) && (n = nv_qp_reap(qp, done, 64, NULL, 0, &nunpin)) > 0) {
             for (int i = 0; i < n; i++)
                 nv_ublk_queue_complete(q, done[i].cookie, done[i].status);
             reaped += n;
@@ -581,8 +596,9 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
             return 0;  /* the device was stopped and everything answered */
         if (*(const volatile int32_t *)&q->stop)
             return -ECANCELED;  /* Python asked this loop to return (volatile: another thread sets it) */
-        int64_t now = nv_now_ns();
-        if (qp->in_flight && now >= next_look) {
+        int64_t now = 0;
+        if (qp->in_flight && (++turns & 15) == 0 && (now = nv_now_ns()) >= next_look) {
+            /* the clock read every 16th turn: under an emulated CPU it costs as much as the turn */
             next_look = now + LOOK_EVERY_NS;
             int bad = qp_health(qp);
             if (bad && !nv_qp_pending(qp))
@@ -599,6 +615,26 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
         }
         if (reaped || posted)
             continue;  /* more may be ready: look again before sleeping */
+        if (q->spin_ns > 0) {
+            /* Spin a while before sleeping: the answers go now, and the next request (its
+             * io_uring completion, posted by task work when the kernel's IPI interrupts this
+             * spin) or the device's completion is taken without a sleep and a wake-up of this
+             * CPU (a halted vCPU wakes slowly). The stop flags end the spin at once. */
+            if (io_uring_sq_ready(ring) && (n = io_uring_submit(ring)) < 0 && n != -EINTR)
+                return n;
+            int64_t until = nv_now_ns() + q->spin_ns;
+            int got = 0;
+            do {
+                for (int i = 0; i < 64 && !got; i++) {
+                    got = io_uring_cq_ready(ring) || (qp->in_flight && qp_pending(qp));
+                    SPIN_PAUSE();
+                }
+            } while (!got && !*(const volatile int32_t *)&q->stop && !qp_stop_flag(qp) && nv_now_ns() < until);
+            if (got) {
+                q->spin_hits++;
+                continue;
+            }
+        }
         /* Nothing at the device to spin for (or interrupts): submit the answers and sleep until a
          * request or the eventfd's read completes, at most IDLE_WAIT_NS. */
         struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = qp->in_flight ? LOOK_EVERY_NS : IDLE_WAIT_NS};
@@ -607,5 +643,6 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
         int r = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, NULL);
         if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
             return r;
+        turns |= 15;  /* after a wait, the next turn reads the clock: CSTS and the stop flags each wait */
     }
 }

@@ -92,6 +92,16 @@ def possible_cpus() -> int:
         return os.cpu_count() or 1
 
 
+DEFAULT_QUEUES_MAX = 4
+
+
+def default_queues() -> int:
+    """--queues by default: one per CPU, at most DEFAULT_QUEUES_MAX. blk-mq hands each CPU's
+    requests to its own queue, so a request is not handed from one CPU's queue to a server
+    thread busy on another's (measured in docs/disk.md: 2 queues on the guest's 2 CPUs)."""
+    return max(1, min(possible_cpus(), os.cpu_count() or 1, DEFAULT_QUEUES_MAX))
+
+
 def _check(r: int, what: str, dev_id: int | None = None) -> int:
     if r < 0:
         target = f"ublk device {dev_id}" if dev_id is not None and dev_id != NEW_DEV_ID else str(UBLK_CONTROL)
@@ -341,7 +351,8 @@ class _Queue:
         q = self.q
         return {k: int(getattr(q, k)) for k in ("requests", "reads", "writes", "flushes", "discards", "write_zeroes",
                                                 "write_zeroes_unmap", "fua", "bytes_read", "bytes_written",
-                                                "interrupts", "nvme_batches", "sleeps", "errors")}
+                                                "interrupts", "nvme_batches", "sleeps", "spin_hits",
+                                                "errors")}
 
     def new_errors(self) -> list[str]:
         """Failed requests since the last call, as log lines with the NVMe status name."""

@@ -284,19 +284,24 @@ UBLK_BARS = {"randread-4k-qd1": 0.8, "randread-4k-qd32": 1.0, "randwrite-4k-qd32
              FS_ROW: 0.9}
 
 
-def block_round(dev: str, seconds: float) -> dict:
+def block_round(dev: str, seconds: float, fs: bool = True) -> dict:
     """The matrix's jobs through fio io_uring (interrupts) on a block device, and ext4 on it."""
     res: dict = {name: fio(dev, rw, bs, qd, "io_uring", seconds, False) for name, rw, bs, qd in MATRIX}
-    fs = fio_fs(dev)
-    res[FS_ROW] = {"iops": fs["read_iops"] + fs["write_iops"], **fs}
+    if fs:
+        got = fio_fs(dev)
+        res[FS_ROW] = {"iops": got["read_iops"] + got["write_iops"], **got}
     return res
 
 
-def ublk_round(addr: str, seconds: float) -> dict:
-    """block_round on the ublk device `nvmevfio ublk` serves (its defaults: one queue, polled)."""
+def ublk_round(addr: str, seconds: float, null: bool = False) -> dict:
+    """block_round on the ublk device `nvmevfio ublk` serves (its defaults: a queue per CPU,
+    polled). ``null``: the anchor, the same C server answering every request at once without an
+    NVMe command (NVMEVFIO_UBLK_NULL, read by cbits/ublk.c): ublk's own cost in this guest. Its
+    reads return no data, so no ext4 row."""
     nv = [sys.executable, "-m", "nvmevfio", "ublk"]
+    env = {**os.environ, **({"NVMEVFIO_UBLK_NULL": "1"} if null else {})}
     info = json.loads(subprocess.run([*nv, addr, "--background", "-o", "json"], check=True, capture_output=True,
-                                     text=True).stdout)
+                                     text=True, env=env).stdout)
     try:
         dev = info["device"]
         deadline = time.monotonic() + 30
@@ -304,29 +309,48 @@ def ublk_round(addr: str, seconds: float) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{dev} did not appear")
             time.sleep(0.05)
-        res = block_round(dev, seconds)
+        res = block_round(dev, seconds, fs=not null)
         res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes")}
         return res
     finally:
         subprocess.run([*nv, "--stop", str(info["dev_id"])], check=True, capture_output=True)
 
 
-def ublk_report(a1: dict, b: dict, a2: dict) -> str:
-    """IOPS per row, kernel A / ublk / kernel A', the ratio against mean(A, A') and its bar."""
-    lines = [f"ublk ({b['server']['queues']} queue, depth {b['server']['depth']}, {b['server']['mode']}) against "
-             "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS",
-             f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  bar"]
+def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
+    """IOPS per row, kernel A / ublk / kernel A', the ratio against mean(A, A') and its bar; with
+    the anchor (the null server, same boot), its IOPS, its ratio to the kernel and ublk's to it."""
+    lines = [f"ublk ({b['server']['queues']} queue(s), depth {b['server']['depth']}, {b['server']['mode']}) against "
+             "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS; null: the same server "
+             "answering without the device (the anchor)",
+             f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  {'bar':<11} "
+             f"{'null':>9} {'null/k':>6} {'ublk/null':>9}"]
     ratio = ublk_ratios(a1, b, a2)
     for row, bar in UBLK_BARS.items():
         got = ratio[row]
-        lines.append(f"{row:<24} {a1[row]['iops']:>9.0f} {b[row]['iops']:>9.0f} {a2[row]['iops']:>9.0f} "
-                     f"{got:>6.2f}  {bar:.1f} {'met' if got >= bar else 'NOT MET'}")
-    lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device)")
+        line = (f"{row:<24} {a1[row]['iops']:>9.0f} {b[row]['iops']:>9.0f} {a2[row]['iops']:>9.0f} "
+                f"{got:>6.2f}  {bar:.1f} {'met' if got >= bar else 'NOT MET':<7}")
+        if null and row in null:
+            k = statistics.mean((a1[row]["iops"], a2[row]["iops"]))
+            n = null[row]["iops"]
+            line += f" {n:>9.0f} {n / k:>6.2f} {b[row]['iops'] / n:>9.2f}"
+        lines.append(line)
+    lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device; the null "
+                 "server has none: its reads return no data)")
     return "\n".join(lines)
 
 def ublk_ratios(a1: dict, b: dict, a2: dict) -> dict[str, float]:
     """Per UBLK_BARS row: ublk IOPS / mean(kernel A, kernel A')."""
     return {row: b[row]["iops"] / statistics.mean((a1[row]["iops"], a2[row]["iops"])) for row in UBLK_BARS}
+
+
+def ublk_anchor_ratios(a1: dict, b: dict, a2: dict, null: dict) -> dict[str, float]:
+    """Per row the null server has: its IOPS / mean(kernel A, A') and ublk's / its."""
+    out = {}
+    for row in UBLK_BARS:
+        if row in null:
+            out[f"{row} null/kernel"] = null[row]["iops"] / statistics.mean((a1[row]["iops"], a2[row]["iops"]))
+            out[f"{row} ublk/null"] = b[row]["iops"] / null[row]["iops"]
+    return out
 
 
 def median_report(what: str, per_boot: list[dict[str, float]], bars: dict[str, float]) -> str:
@@ -792,8 +816,9 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         a1 = block_round(dev, seconds)
         pci.bind(addr)
         b = ublk_round(addr, seconds)
+        null = ublk_round(addr, seconds, null=True)  # the anchor, after B: ublk's own cost here
         pci.unbind(addr)
-        out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)],
+        out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)], "null": null,
                                         "kernel": os.uname().release}, indent=2))
         return 0
     if only == "tcp":  # A/B/A over NVMe/TCP: nvmet over the kernel driver, over nvmevfio's export, again
@@ -1233,11 +1258,14 @@ def main() -> int:
             data = boot_once(args, False, "ublk")
             boots.append(data)
             print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
-            print(ublk_report(*data["only"]), flush=True)
+            print(ublk_report(*data["only"], null=data.get("null")), flush=True)
             if args.json:  # every boot so far: a run cut short keeps what it measured
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
             print(median_report("ublk", [ublk_ratios(*b["only"]) for b in boots], UBLK_BARS))
+            anchors = [ublk_anchor_ratios(*b["only"], b["null"]) for b in boots if b.get("null")]
+            if anchors:  # no bar: what ublk with no device reaches here, and nvmevfio's share of it
+                print(median_report("the anchor (null server)", anchors, dict.fromkeys(anchors[0], 0.0)))
         return 0
     if args.only == "features":
         boots, per_boot = [], []

@@ -203,12 +203,13 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @main.command()
 @click.argument("address", required=False, default=None, shell_complete=_complete_address)
 @nsid_opt
-@click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="ublk queues, each on its own NVMe I/O queue pair and thread")
+@click.option("--queues", type=click.IntRange(1, 64), default=None,
+              help="ublk queues, each on its own NVMe I/O queue pair and thread  [default: one per CPU, at most 4]")
 @click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="requests in flight per queue (one DMA buffer slot each)")
-@click.option("--mode", type=click.Choice(["poll", "irq"]), default="poll", show_default=True,
-              help="NVMe completions by polling (while commands are in flight) or MSI-X interrupts")
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default="irq", show_default=True,
+              help="NVMe completions by MSI-X interrupts or by polling (while commands are in flight); either way "
+                   "an idle server spins up to 300 us for the next request or completion before it sleeps")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
 @click.option("--refuse-writes", is_flag=True,
               help="the server fails every write (EROFS) while the disk is not marked read-only: what "
@@ -222,7 +223,7 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.option("--list", "list_", is_flag=True, help="list ublk devices, their servers, and stale ones")
 @click.option("--notify-fd", type=int, hidden=True)
 @output_opt
-def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, readonly: bool, refuse_writes: bool,
+def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: str, readonly: bool, refuse_writes: bool,
          recoverable: bool, background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool,
          notify_fd: int | None, fmt: str) -> None:
     """Serve a namespace as a Linux ublk block device (/dev/ublkbN): every request in C, one NVMe
@@ -269,6 +270,7 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
         _fail("give the controller's ADDRESS (or --stop DEV, --recover DEV, --list)", EXIT_ERROR)
     assert address is not None
     address = _address(address)
+    queues = queues or ub.default_queues()
     if target is None:
         with errors():
             ub.check_not_served(address, nsid)
@@ -308,8 +310,8 @@ def ublk(address: str | None, nsid: int, queues: int, depth: int, mode: str, rea
         click.echo(f"{address} nsid {nsid}: ublk device stopped; {server.counters()}", err=True)
 
 
-def start_background(address: str, nsid: int, *, queues: int = 1, depth: int = 64,
-                     mode: str = "poll", readonly: bool = False, refuse_writes: bool = False,
+def start_background(address: str, nsid: int, *, queues: int | None = None, depth: int = 64,
+                     mode: str = "irq", readonly: bool = False, refuse_writes: bool = False,
                      recoverable: bool = False, recover_dev: int | None = None) -> dict[str, Any]:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
     its device is up (nvmevfio export starts its server this way too). The server's last log
@@ -327,8 +329,8 @@ def start_background(address: str, nsid: int, *, queues: int = 1, depth: int = 6
             cmd += [f"--{name}", str(_root_option(name))]
     if _root_option("unsafe_noiommu"):
         cmd.append("--unsafe-noiommu")
-    cmd += ["ublk", address, "-n", str(nsid), "--queues", str(queues), "--depth", str(depth), "--mode", mode,
-            "--notify-fd", str(wfd)]
+    cmd += ["ublk", address, "-n", str(nsid), "--queues", str(queues or ub.default_queues()), "--depth", str(depth),
+            "--mode", mode, "--notify-fd", str(wfd)]
     cmd += ["--read-only"] if readonly else []
     cmd += ["--refuse-writes"] if refuse_writes else []
     cmd += ["--recoverable"] if recoverable else []

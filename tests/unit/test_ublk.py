@@ -99,6 +99,13 @@ def test_more_queues_than_ublk_gives_are_refused_before_anything_is_added(monkey
     assert e.value.reason == "count-out-of-range" and "at most 2 queues" in str(e.value)
 
 
+@pytest.mark.parametrize(("possible", "online", "want"), [(1, 1, 1), (2, 2, 2), (64, 2, 2), (8, 8, 4), (2, None, 1)])
+def test_default_queues_is_one_per_cpu_up_to_four(monkeypatch, possible, online, want):
+    monkeypatch.setattr(ublk, "possible_cpus", lambda: possible)
+    monkeypatch.setattr(ublk.os, "cpu_count", lambda: online)
+    assert ublk.default_queues() == want
+
+
 def test_possible_cpus_reads_the_kernels_range():
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     assert ublk.possible_cpus() == int(text.split(",")[-1].split("-")[-1]) + 1 >= 1

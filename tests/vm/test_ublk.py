@@ -161,7 +161,7 @@ else:
 
     @pytest.fixture(scope="module")
     def disk(ublk_ctrl):
-        info = start(ublk_ctrl["address"], "--recoverable")
+        info = start(ublk_ctrl["address"], "--recoverable", "--mode", "poll")  # irq is the default: both covered
         mkfs(info["device"], "-E", "nodiscard", blocks=FS_SIZE // FS_BLOCK)
         mount(info["device"], MNT)
         shared = Disk(ublk_ctrl["address"], info)
