@@ -60,15 +60,25 @@ class BlockDevice:
 
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
                  irq: bool = False, queues: int = 1, shadow_doorbells: bool | None = None, sgl: bool = False,
-                 sq_in_cmb: bool = False) -> None:
+                 sq_in_cmb: bool = False, queues_up_to: bool = False) -> None:
         self.provider = provider
         self.nsid = nsid
         try:
             if provider.state != "ready":
                 provider.enable()
             ctrl = provider.identify_controller()
-            depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
-                                              sgl=sgl, sq_in_cmb=sq_in_cmb)
+            try:
+                depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
+                                                  sgl=sgl, sq_in_cmb=sq_in_cmb)
+            except Refused as exc:
+                # ``queues_up_to``: a default count, not the caller's: as many as the controller
+                # grants (Set Features Number of Queues answered fewer; nothing was created)
+                allowed = int(exc.context.get("allowed", 0))
+                if not (queues_up_to and exc.reason == "count-out-of-range" and 1 <= allowed < queues):
+                    raise
+                queues = allowed
+                depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
+                                                  sgl=sgl, sq_in_cmb=sq_in_cmb)
             ns = provider.namespace(nsid, metadata=True)
         except BaseException:
             provider.close()
@@ -214,7 +224,7 @@ class BlockFile(io.RawIOBase):
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
          reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool | None = None, sgl: bool = False,
          sq_in_cmb: bool = False, command_timeout_s: float | None = None, backend: str | None = None,
-         unsafe_noiommu: bool | None = None) -> BlockDevice:
+         unsafe_noiommu: bool | None = None, queues_up_to: bool = False) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
@@ -231,9 +241,11 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
     interface, ``type1`` (VFIO container), ``iommufd`` (VFIO device cdev, Linux 6.6+) or ``auto``
     (the default, or $NVMEVFIO_BACKEND: iommufd when the function has a cdev); ``unsafe_noiommu``:
     allow a function without an IOMMU (VFIO no-IOMMU mode; also $NVMEVFIO_UNSAFE_NOIOMMU=1), with
-    every caller buffer bounced through the broker's pinned pool."""
+    every caller buffer bounced through the broker's pinned pool; ``queues_up_to``: ``queues`` is
+    a wish, not a requirement: fewer when the controller grants fewer (``info.io_queues`` says
+    how many), where otherwise that is refused ``count-out-of-range``."""
     session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb,
                                                  command_timeout_s=command_timeout_s, backend=backend,
                                                  unsafe_noiommu=unsafe_noiommu)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
-                       shadow_doorbells=shadow_doorbells, sgl=sgl, sq_in_cmb=sq_in_cmb)
+                       shadow_doorbells=shadow_doorbells, sgl=sgl, sq_in_cmb=sq_in_cmb, queues_up_to=queues_up_to)

@@ -204,7 +204,8 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.argument("address", required=False, default=None, shell_complete=_complete_address)
 @nsid_opt
 @click.option("--queues", type=click.IntRange(1, 64), default=None,
-              help="ublk queues, each on its own NVMe I/O queue pair and thread  [default: one per CPU, at most 4]")
+              help="ublk queues, each on its own NVMe I/O queue pair and thread  "
+                   "[default: one per CPU, at most 4 and at most the controller's grant]")
 @click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="requests in flight per queue (one DMA buffer slot each)")
 @click.option("--mode", type=click.Choice(["poll", "irq"]), default="irq", show_default=True,
@@ -270,20 +271,24 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         _fail("give the controller's ADDRESS (or --stop DEV, --recover DEV, --list)", EXIT_ERROR)
     assert address is not None
     address = _address(address)
+    default_count = queues is None  # one per CPU up to four, fewer where the controller grants fewer
     queues = queues or ub.default_queues()
     if target is None:
         with errors():
             ub.check_not_served(address, nsid)
     if background:
         with errors():
-            info = start_background(address, nsid, queues=queues, depth=depth, mode=mode, readonly=readonly,
-                                    refuse_writes=refuse_writes, recoverable=recoverable, recover_dev=recover_dev)
+            info = start_background(address, nsid, queues=None if default_count else queues, depth=depth, mode=mode,
+                                    readonly=readonly, refuse_writes=refuse_writes, recoverable=recoverable,
+                                    recover_dev=recover_dev)
         if fmt == "json":
             _emit_json(info)
         else:
             click.echo(info["device"])
         return
-    with blockdev(address, nsid, irq=mode == "irq", queue_depth=depth + 1, queues=queues) as dev, errors():
+    with blockdev(address, nsid, irq=mode == "irq", queue_depth=depth + 1, queues=queues,
+                  queues_up_to=default_count) as dev, errors():
+        queues = dev.info.io_queues
         server = ub.Server(dev, address=address, queues=queues, depth=depth, read_only=readonly,
                            recoverable=recoverable, refuse_writes=refuse_writes)
         with ub.signals_stop(server):
@@ -329,7 +334,7 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
             cmd += [f"--{name}", str(_root_option(name))]
     if _root_option("unsafe_noiommu"):
         cmd.append("--unsafe-noiommu")
-    cmd += ["ublk", address, "-n", str(nsid), "--queues", str(queues or ub.default_queues()), "--depth", str(depth),
+    cmd += ["ublk", address, "-n", str(nsid), *(["--queues", str(queues)] if queues else []), "--depth", str(depth),
             "--mode", mode, "--notify-fd", str(wfd)]
     cmd += ["--read-only"] if readonly else []
     cmd += ["--refuse-writes"] if refuse_writes else []

@@ -59,3 +59,22 @@ def test_gone_is_for_good(rig):
     with pytest.raises(Refused) as ei:
         p.read(1, 0, 1)
     assert ei.value.reason == "device-gone"
+
+
+def test_queues_up_to_takes_what_the_controller_grants():
+    """A default queue count (`nvmevfio ublk` without --queues: one per CPU) is a wish: where Set
+    Features Number of Queues grants fewer, the device opens with the grant; a count the caller
+    gave is refused by name instead (count-out-of-range, the grant in its context)."""
+    from nvmevfio.blockdev import BlockDevice
+    from nvmevfio.errors import Refused
+    from nvmevfio.sim.rig import Rig
+
+    rig = Rig(max_queues=2)  # Number of Queues grants 2 I/O queue pairs
+    dev = BlockDevice(rig.p, 1, queues=4, queues_up_to=True)
+    assert dev.info.io_queues == 2 and len(rig.broker.io) == 2
+    assert dev.read_blocks(0, 1).size == dev.block_size  # usable on the granted queues
+    dev.close()
+    rig = Rig(max_queues=2)
+    with pytest.raises(Refused) as ei:
+        BlockDevice(rig.p, 1, queues=4)
+    assert ei.value.reason == "count-out-of-range" and ei.value.context["allowed"] == 2
