@@ -129,6 +129,9 @@ def test_no_physical_address_in_output_refusals_or_logs(data_ctrl, lane, monkeyp
     texts.append(caplog.text)
     assert (lane == "noiommu") == bool(pools)
     for text in texts:
+        # a byte count is a size, not an address, whatever range its value falls in ("0x3edb000
+        # bytes free" once fell inside a pool's physical run): those named as sizes are left out
+        text = re.sub(r"(0x[0-9a-fA-F]+|\d+) bytes|'(size|free|length|bytes)': (0x[0-9a-fA-F]+|\d+)", "", text)
         for number in re.findall(r"0x[0-9a-fA-F]+|\b\d{7,}\b", text):
             value = int(number, 16) if number.startswith("0x") else int(number)
             if not number.startswith("0x") and value & (value - 1) == 0:
