@@ -236,7 +236,11 @@ class Series:
         self.loops, self.line, self._resets = loops, line, resets
         self.points: list[dict[str, Any]] = []
         self._last = self._snap()
-        self.resets_at_start = self._last_resets = resets()
+        self._at_start = self._last_resets = resets()
+
+    def resets_since_start(self) -> int:
+        """The controller's resets since the series began, whichever thread made them."""
+        return self._resets() - self._at_start
 
     def _snap(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ios = np.array([lp.counters()["op_ios"] for lp in self.loops], dtype=np.int64).sum(axis=0)
@@ -391,7 +395,7 @@ def _figures(res: PerfResult, loops: list[WorkloadLoop], spec: Spec, series: Ser
     res.mismatches = mism
     # the controller's resets while it ran, whichever thread made them (a reset asked for by
     # another thread or process is not seen by the loops: their queues are only paused)
-    res.resets = series._resets() - series.resets_at_start
+    res.resets = series.resets_since_start()
     res.loop_recoveries = sum(lp.resets for lp in loops)
     res.busy_redraws = sum(c["busy_redraws"] for c in cs)
     return res
