@@ -152,3 +152,62 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
         }
     }
 }
+
+int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32_t n, int64_t slice_ns, int drain,
+                     uint32_t *which)
+{
+    int64_t start = nv_now_ns();
+    int64_t end = start + slice_ns;
+    int64_t next_look = start + AGE_CHECK_NS;
+    *which = 0;
+    if (n == 0)
+        return -EINVAL;
+    for (uint32_t i = 0; i < n; i++) {
+        if (qps[i]->irq_fd >= 0) {
+            *which = i;
+            return -EINVAL;  /* one thread cannot sleep on several queues' interrupts: polled queues only */
+        }
+    }
+    for (;;) {
+        int all_done = 1;
+        for (uint32_t i = 0; i < n; i++) {
+            struct nv_qp *qp = qps[i];
+            struct nv_perf *p = ps[i];
+            int finished = drain || (p->max_ios && p->issued >= p->max_ios);
+            if (!finished)
+                perf_fill(qp, p);
+            int r = perf_reap(qp, p);
+            if (r < 0) {
+                *which = i;
+                return r;
+            }
+            if (qp->in_flight || !finished)
+                all_done = 0;
+            int stop = qp_stop_flag(qp);  /* a reset or the device's release by another thread: now */
+            if (stop) {
+                *which = i;
+                return stop;
+            }
+        }
+        if (all_done)
+            return 1;
+        int64_t now = nv_now_ns();
+        if (!drain && now >= end)
+            return 0;
+        if (now >= next_look) {
+            /* Once per AGE_CHECK_NS, busy or not (one queue's completions must not hide another's
+             * late command): each queue's controller health (CSTS) and its oldest command. */
+            next_look = now + AGE_CHECK_NS;
+            for (uint32_t i = 0; i < n; i++) {
+                struct nv_qp *qp = qps[i];
+                int bad = qp_health(qp);
+                if (!bad && qp->in_flight && now - nv_qp_oldest_submit(qp) >= ps[i]->timeout_ns)
+                    bad = -ETIMEDOUT;
+                if (bad) {
+                    *which = i;
+                    return bad;
+                }
+            }
+        }
+    }
+}

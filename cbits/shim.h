@@ -389,6 +389,13 @@ void nv_perf_done(struct nv_perf *p, uint64_t latency_ns, uint8_t opcode, uint16
  * reap what is in flight. Returns 1 when the workload is finished (max_ios done or
  * drained), 0 when the slice ended, or -errno. */
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain);
+/* Several closed loops in one thread (one poller for the polled queue pairs of several
+ * controllers, as an SPDK reactor): each turn fills and reaps every queue, one SQ tail and one CQ
+ * head doorbell per queue per batch; nothing sleeps. Returns as nv_perf_run for the whole group
+ * (1: every loop finished or drained), a negative result with *which set to the queue it
+ * concerns (the broker answers it for that queue). */
+int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32_t n, int64_t slice_ns, int drain,
+                     uint32_t *which);
 
 /* ==== the workload engine: a mix of operations, sizes and positions, a rate cap, and
  * verification, per command in C (cbits/workload.c; nvmevfio/workload_engine.py validates it) ====

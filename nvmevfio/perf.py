@@ -7,6 +7,7 @@ completion at once (one CQ doorbell), into a log-linear latency histogram.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import NvmeVfioError, Refused
+from nvmevfio.nvme.queue import PerfGroup
 
 if TYPE_CHECKING:
     from nvmevfio.service.client import ServiceDevice
@@ -225,20 +227,25 @@ def _sessions(dev: Any, queues: int) -> list[tuple[Any, int | None]]:
     return [(dev, q + 1 if isinstance(dev, BlockDevice) else None) for q in range(queues)]
 
 
-def _drive(q: _Queue, *, seconds: float | None, ramp_s: float, start: threading.Barrier, stop: threading.Event) -> None:
-    """One queue's thread: pinned to its CPU, ramp, wait for the others, then the measured run and
-    its drain, with this thread's CPU time (getrusage RUSAGE_THREAD) and doorbells around it."""
+def _drive(group: list[_Queue], *, seconds: float | None, ramp_s: float, start: threading.Barrier,
+           stop: threading.Event) -> None:
+    """One thread's queues (one queue, or all of a shared poller's: ``PerfGroup``): pinned to the
+    first one's CPU, ramp, wait for the others, then the measured run and its drain, with this
+    thread's CPU time (getrusage RUSAGE_THREAD) and doorbells around it. A shared poller's CPU
+    time goes to its queues in proportion to the commands each completed."""
     try:
-        if q.cpu is not None:
-            os.sched_setaffinity(0, {q.cpu})  # 0: the calling thread (Linux affinity is per thread)
-        loop = q.loop
+        cpu = group[0].cpu
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread (Linux affinity is per thread)
+        loop: Any = group[0].loop if len(group) == 1 else PerfGroup([q.loop for q in group])
         if ramp_s > 0:
             t_ramp = time.perf_counter() + ramp_s
             while time.perf_counter() < t_ramp and not stop.is_set() and not loop.step(min(0.25, ramp_s)):
                 pass
-            loop.reset_stats()
+            for q in group:
+                q.loop.reset_stats()
         start.wait()
-        before = q.counters()
+        before = [q.counters() for q in group]
         ru0 = resource.getrusage(resource.RUSAGE_THREAD)
         t0 = time.perf_counter()
         end = t0 + seconds if seconds is not None else float("inf")
@@ -249,35 +256,41 @@ def _drive(q: _Queue, *, seconds: float | None, ramp_s: float, start: threading.
                 break
             finished = loop.step(min(1.0, end - now))
         loop.drain()
-        q.wall_s = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_THREAD)
-        q.usr_s, q.sys_s = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
-        after = q.counters()
-        q.doorbells = {k: after[k] - before[k] for k in DOORBELLS}
+        usr, sys_ = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
+        ios = [q.loop.stats()["ios"] for q in group]
+        for q, b, n in zip(group, before, ios):
+            share = n / sum(ios) if sum(ios) else 1 / len(group)
+            q.wall_s, q.usr_s, q.sys_s = wall, usr * share, sys_ * share
+            after = q.counters()
+            q.doorbells = {k: after[k] - b[k] for k in DOORBELLS}
     except BaseException as exc:  # handed to the calling thread, which raises it
-        q.error = exc
+        group[0].error = exc
         stop.set()
         start.abort()
 
 
 def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
                  status: Callable[[float, int], None] | None,
-                 tick: Callable[[float], None] | None = None) -> tuple[float, float]:
+                 tick: Callable[[float], None] | None = None, shared_poller: bool = False) -> tuple[float, float]:
     """Each queue's closed loop on a thread of its own (the C loop releases the GIL: cffi's API
-    mode), measured from one common start; returns the process's user and system CPU seconds
+    mode), or all of them on one thread (``shared_poller``: ``PerfGroup``, polled queues only),
+    measured from one common start; returns the process's user and system CPU seconds
     over the measured part. ``status`` and ``tick`` (a time series' point) are called each
     whole second from the start (1.0, 2.0, ...: no drift)."""
+    groups = [qs] if shared_poller else [[q] for q in qs]
     clock: dict[str, Any] = {}
 
     def started() -> None:
         clock["t0"] = time.perf_counter()
         clock["ru"] = resource.getrusage(resource.RUSAGE_SELF)
 
-    start = threading.Barrier(len(qs) + 1, action=started)
+    start = threading.Barrier(len(groups) + 1, action=started)
     stop = threading.Event()
-    threads = [threading.Thread(target=_drive, args=(q,), kwargs={"seconds": seconds, "ramp_s": ramp_s,
+    threads = [threading.Thread(target=_drive, args=(g,), kwargs={"seconds": seconds, "ramp_s": ramp_s,
                                                                 "start": start, "stop": stop},
-                                name=f"nvmevfio-perf-{i + 1}", daemon=True) for i, q in enumerate(qs)]
+                                name=f"nvmevfio-perf-{i + 1}", daemon=True) for i, g in enumerate(groups)]
     for t in threads:
         t.start()
     try:
@@ -310,11 +323,44 @@ def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
     return ru.ru_utime - clock["ru"].ru_utime, ru.ru_stime - clock["ru"].ru_stime
 
 
+@dataclass
+class Prepared:
+    """A run built and checked, not yet started (:func:`prepare`): its queues, each with its
+    registered buffer and C loop, and what its result will say; ``verify`` instead when the run
+    is perf's verifying loop (in Python, one queue)."""
+
+    qs: list[_Queue]
+    meta: dict[str, Any]
+    zone_starts: range = range(0)
+    first: Any = None
+    verify: Callable[..., PerfResult] | None = None
+
+    def start(self) -> None:
+        """What must happen once the workload is checked and before its first command: a zoned
+        workload's zones emptied, to be filled once."""
+        for z in self.zone_starts:
+            self.first.zone_action("reset", z)
+
+    def result(self, usr_s: float, sys_s: float) -> PerfResult:
+        """The buffers freed (after a failure commands may still hold them: the session's end
+        scrubs them) and the run's figures."""
+        for q in self.qs:
+            q.dev.free_buffer(q.buf)
+        return _result(self.qs, usr_s=usr_s, sys_s=sys_s, **self.meta)
+
+    def free(self) -> None:
+        """A run that will not start: its buffers freed."""
+        for q in self.qs:
+            with contextlib.suppress(NvmeVfioError):
+                q.dev.free_buffer(q.buf)
+
+
 def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,
         queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
         lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1,
         status: Callable[[float, int], None] | None = None, ramp_s: float = 0.0, verify: bool = False,
-        hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None) -> PerfResult:
+        hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
+        shared_poller: bool = False) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
@@ -325,8 +371,28 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     ``queues``: run on this many I/O queue pairs at once (1..the device's), each with its own
     closed loop and thread, ``queue_depth`` deep, ``count`` shared out; with a list of service
     sessions, one queue per session. ``cpus``: pin queue i's thread to ``cpus[i % len(cpus)]``.
+    ``shared_poller``: one thread polls every queue (``nv_perf_run_many``) instead of a thread
+    each; polled queues only, pinned to ``cpus[0]`` when given.
     The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
     time per completed command."""
+    prep = prepare(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
+                   lba_range=lba_range, rwmixread=rwmixread, seed=seed, verify=verify, hybrid=hybrid, queues=queues,
+                   cpus=cpus, shared_poller=shared_poller)
+    if prep.verify is not None:
+        return prep.verify(status=status)
+    prep.start()
+    usr_s, sys_s = _run_threads(prep.qs, seconds=seconds, ramp_s=ramp_s, status=status, shared_poller=shared_poller)
+    return prep.result(usr_s, sys_s)
+
+
+def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread",
+            io_size: int = 4096, queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
+            lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1, verify: bool = False,
+            hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
+            shared_poller: bool = False) -> Prepared:
+    """:func:`run`'s workload checked and built, nothing sent to the device yet: every refusal
+    happens here, before any I/O (several controllers' runs are all prepared before any
+    starts: ``perf_many``)."""
     if workload not in WORKLOADS + ZONED_WORKLOADS:
         raise Refused("unsupported-workload", f"workload {workload!r}: one of {', '.join(WORKLOADS + ZONED_WORKLOADS)}")
     pairs = _sessions(dev, queues)
@@ -355,11 +421,21 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
         raise Refused("invalid-argument", "verify runs its loop in Python: hybrid polling is the C loop's")
     if hybrid and first.info.completion_mode != "poll":
         raise Refused("invalid-argument", "hybrid polling needs a polled device (open it with irq=False)")
+    if shared_poller and (verify or hybrid):
+        raise Refused("invalid-argument", "a shared poller spins over every queue in C: not with verify (a Python "
+                      "loop) or hybrid polling (naps)")
+    if shared_poller and not isinstance(first, BlockDevice):
+        raise Refused("invalid-argument", "a shared poller drives queue pairs of devices opened here, not service "
+                      "sessions (each is its own client loop)")
+    if shared_poller and first.info.completion_mode != "poll":
+        raise Refused("invalid-argument", "a shared poller polls: open the device polled (irq=False); a thread "
+                      "cannot sleep on several queues' interrupts")
     if verify:
         if not isinstance(first, BlockDevice) or len(pairs) > 1:
             raise Refused("invalid-argument", "verify runs in Python on one queue of a device opened here")
-        return _run_verify(first, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
-                           count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed, status=status)
+        return Prepared([], {}, verify=functools.partial(
+            _run_verify, first, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
+            count=count, lo=lo, hi=hi, read_pct=read_pct, seed=seed))
     page = 4096
     slot_size = (io_size + page - 1) // page * page
     zoned, zone_starts = _zoned(first, workload, lo, hi)
@@ -375,14 +451,10 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
             qs[-1].loop = loop
-    for z in zone_starts:  # the workload checked: its zones emptied, to be filled once
-        first.zone_action("reset", z)
-    usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status)
-    for q in qs:  # (after a failure commands may still hold them: the session's end scrubs them)
-        q.dev.free_buffer(q.buf)
-    return _result(qs, workload=workload, io_size=io_size, queue_depth=queue_depth, cpus=cpus, usr_s=usr_s,
-                   sys_s=sys_s, mode="hybrid" if hybrid else first.info.completion_mode,
-                   shadow=first.info.shadow_doorbells, info=first.info)
+    meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
+            "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
+            "info": first.info}
+    return Prepared(qs, meta, zone_starts, first)
 
 
 def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,

@@ -1,7 +1,10 @@
 """Several controllers driven by one process (issue 25 part 3): ``nvmevfio perf ADDR ADDR ...``.
 
 Each controller runs :func:`nvmevfio.perf.run` (its own queue pairs, a thread each, the C loop)
-in a thread of its own, all started together; the result is one row per controller and the
+in a thread of its own, all started together; or, with ``shared_poller``, every controller's
+queues are polled by one thread (``nv_perf_run_many``, as an SPDK reactor), which on a host with
+fewer cores than spinning threads (the test guest: 2 vCPUs, and QEMU's device model wanting a core
+of its own) leaves the cores to the devices. The result is one row per controller and the
 total. Each controller's DMA memory is on its function's NUMA node and its queue threads on that
 node's CPUs where the host has several nodes (``pci.numa_placement``, applied when the controller
 is opened); ``cpus`` given by the user win. A host of one NUMA node (the test guest) has nothing
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nvmevfio.errors import Refused
-from nvmevfio.perf import PerfResult, run
+from nvmevfio.perf import PerfResult, Prepared, _run_threads, prepare, run
 
 
 def choose_cpus(queues: int, user_cpus: list[int] | None,
@@ -51,9 +54,10 @@ class ManyResult:
     controllers: list[dict[str, Any]] = field(default_factory=list)
     total: dict[str, Any] = field(default_factory=dict)
     numa: str = ""  # what the placement was, in words
+    poller: str = "per-queue"  # a thread per queue, or "shared": one thread polls every queue
 
     def to_dict(self) -> dict[str, Any]:
-        return {"controllers": self.controllers, "total": self.total, "numa": self.numa}
+        return {"controllers": self.controllers, "total": self.total, "numa": self.numa, "poller": self.poller}
 
     @property
     def mismatches(self) -> int:
@@ -80,11 +84,12 @@ def totals(results: list[PerfResult]) -> dict[str, Any]:
 
 
 def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, queues: int = 1,
-             **kw: Any) -> ManyResult:
+             shared_poller: bool = False, **kw: Any) -> ManyResult:
     """Run one workload (``perf.run``'s keywords) on every (address, BlockDevice) at once, each
-    controller in its own thread with ``queues`` queue pairs; the result has a row per controller
-    and the total. A controller named twice is refused; the first failure is raised once all
-    have stopped."""
+    controller in its own thread with ``queues`` queue pairs, or every queue of every controller
+    polled by one thread (``shared_poller``: polled devices only, the thread pinned to the first
+    of ``cpus`` when given); the result has a row per controller and the total. A controller
+    named twice is refused; the first failure is raised once all have stopped."""
     if len(devices) < 1:
         raise Refused("invalid-argument", "no controller given")
     seen = [a for a, _ in devices]
@@ -93,6 +98,8 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     places = [getattr(d.provider, "numa", None) for _, d in devices]
     node_cpus = [(p.node, p.cpus) if p is not None else (None, ()) for p in places]
     chosen = choose_cpus(queues, cpus, node_cpus)
+    if shared_poller:
+        return _run_shared(devices, places, chosen, queues=queues, **kw)
     results: list[PerfResult | None] = [None] * len(devices)
     failures: list[BaseException | None] = [None] * len(devices)
     start = threading.Barrier(len(devices))
@@ -120,6 +127,35 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
         out.controllers.append({"address": addr, "numa_node": getattr(place, "node", None),
                                 "numa": getattr(place, "why", "not placed"), "pinned_cpus": pinned or [],
                                 **res.to_dict()})
+    return out
+
+
+def _run_shared(devices: list[tuple[str, Any]], places: list[Any], chosen: list[list[int] | None], *,
+                queues: int, status: Any = None, ramp_s: float = 0.0, **kw: Any) -> ManyResult:
+    """run_many's shared poller: every controller's run prepared (all refusals before any I/O),
+    then one thread drives all their queues, pinned to the first controller's first CPU."""
+    preps: list[Prepared] = []
+    try:
+        for (_, dev), pinned in zip(devices, chosen):
+            preps.append(prepare(dev, queues=queues, cpus=pinned, shared_poller=True, **kw))
+    except BaseException:
+        for p in preps:
+            p.free()
+        raise
+    for p in preps:
+        p.start()
+    qs = [q for p in preps for q in p.qs]
+    seconds = kw.get("seconds", 5.0)
+    if seconds is None and kw.get("count") is None:
+        seconds = 5.0  # as perf.run
+    usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status, shared_poller=True)
+    done = [p.result(usr_s, sys_s) for p in preps]
+    out = ManyResult(total=totals(done), numa=_numa_words(places), poller="shared")
+    first_cpu = chosen[0][0] if chosen and chosen[0] else None
+    for (addr, _), place, res in zip(devices, places, done):
+        out.controllers.append({"address": addr, "numa_node": getattr(place, "node", None),
+                                "numa": getattr(place, "why", "not placed"),
+                                "pinned_cpus": [first_cpu] if first_cpu is not None else [], **res.to_dict()})
     return out
 
 

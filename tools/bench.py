@@ -603,11 +603,13 @@ def _fio_two(devs: list[str], seconds: float, hipri: bool) -> dict:
     return {"iops": sum(j["read"]["iops"] for j in jobs), "per_job": [j["read"]["iops"] for j in jobs]}
 
 
-def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = None) -> dict:
+def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = None, shared: bool = False) -> dict:
     """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each, controller i's thread on vCPU i, or
-    on ``cpus``: "0,0" puts both on vCPU 0 and leaves the other host core to QEMU's main loop)."""
+    on ``cpus``: "0,0" puts both on vCPU 0 and leaves the other host core to QEMU's main loop;
+    ``shared``: one thread polls both, `--shared-poller`, on the first of ``cpus``)."""
     args = [sys.executable, "-m", "nvmevfio", "perf", *addrs, "--mode", mode, "-w", "randread", "-q", "32", "-t",
-            str(seconds), "--ramp", "1", "-o", "json", "--cpu", cpus or ",".join(map(str, range(len(addrs))))]
+            str(seconds), "--ramp", "1", "-o", "json", "--cpu", cpus or ",".join(map(str, range(len(addrs)))),
+            *(["--shared-poller"] if shared else [])]
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {"iops": d["total"]["iops"], "per_controller": [c["iops"] for c in d["controllers"]],
             "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]]}
@@ -654,6 +656,9 @@ def controllers_in_guest(seconds: float, out_path: Path) -> int:
         res[f"nvmevfio_{mode}_both"] = _perf_many(addrs, seconds, mode)
         mark(f"nvmevfio {mode} both 1 vCPU")
         res[f"nvmevfio_{mode}_both_one_cpu"] = _perf_many(addrs, seconds, mode, cpus="0,0")
+        if mode == "poll":
+            mark("nvmevfio poll both, one poller")
+            res["nvmevfio_poll_both_shared"] = _perf_many(addrs, seconds, mode, cpus="0", shared=True)
         mark(f"nvmevfio {mode} one again")
         res[f"nvmevfio_{mode}_one_again"] = perf(addrs[0], "randread", 4096, 32, seconds, mode, cpu=0)
     mark("done")
@@ -737,6 +742,11 @@ def controllers_main(args: argparse.Namespace) -> int:
         if same:
             print(f"nvmevfio {mode}, both threads on vCPU 0: {same['iops']:.0f} "
                   f"({' + '.join(f'{x:.0f}' for x in same['per_controller'])}): ratio {same['iops'] / one:.2f}")
+        shared = r.get(f"nvmevfio_{mode}_both_shared")
+        if shared:
+            print(f"nvmevfio {mode}, one poller thread for both (--shared-poller, vCPU 0): {shared['iops']:.0f} "
+                  f"({' + '.join(f'{x:.0f}' for x in shared['per_controller'])}): ratio {shared['iops'] / one:.2f}"
+                  f" (the kernel's ratio, its anchor: {k2['iops'] / k1:.2f})")
         print(f"kernel {mode}:   one {k1:.0f}, both {k2['iops']:.0f} "
               f"({' + '.join(f'{x:.0f}' for x in k2['per_job'])}): ratio {k2['iops'] / k1:.2f}")
     print("QEMU threads, % of a host CPU, mean over each phase's 1 s samples:")

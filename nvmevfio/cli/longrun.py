@@ -206,14 +206,17 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
               help="I/O queue pairs run at once, each by its own thread, each -q deep, -n shared out (through "
                    "--socket: one service session per queue)")
+@click.option("--shared-poller", "shared_poller", is_flag=True,
+              help="one thread polls every queue of every controller given (as an SPDK reactor) instead of a "
+                   "thread per queue; --mode poll only; pinned to the first --cpu")
 @cpu_list_opt
 @_workload_options
 @service_socket_opt
 @output_opt
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
-         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, cpus: list[int] | None, service_socket: str | None,
-         fmt: str) -> None:
+         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, cpus: list[int] | None,
+         service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -223,6 +226,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
              nvmevfio perf 00:04.0 -w randread -q 32 --queues 2 --cpu 0,1   (two queue pairs, a thread each)
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
              nvmevfio perf 00:04.0 00:05.0 -w randread -q 32   (two controllers: a row each and the total)
+             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32 --shared-poller   (both polled by one thread)
              nvmevfio perf 00:04.0 --mix read:70,write:20,trim:5,flush:5 --bs 4k:50,16k:30,128k:20 -q 16 \\
                  --jobs 2 --verify --verify-map run.map -t 60 --rate 20000   (the workload engine)
              nvmevfio perf 00:04.0 --verify-only --verify-map run.map   (check an earlier run's blocks)
@@ -230,6 +234,9 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     from nvmevfio import perf as perfmod
 
     engine = click.get_current_context().meta.get(_ENGINE, {})
+    if shared_poller and (mode != "poll" or verify or engine or service_socket):
+        _fail("--shared-poller: one thread spins over every queue in perf's C loop: --mode poll, and no --verify, "
+              "workload engine options or --socket", EXIT_ERROR)
     if len(address) > 1:
         if service_socket:
             _fail("--socket serves one controller: give no ADDRESS with it", EXIT_ERROR)
@@ -241,7 +248,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                                                           "sq_in_cmb": sq_in_cmb},
                    workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=_lba_range(lba_range), rwmixread=rwmixread, ramp_s=ramp, verify=verify,
-                   queues=queues, cpus=cpus)
+                   queues=queues, cpus=cpus, shared_poller=shared_poller)
         return
     one = address[0] if address else ""
     if engine:  # the workload engine (--mix, --bs, ...): its own options, run and report
@@ -280,7 +287,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
             stack.enter_context(errors())
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
-                          status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus)
+                          status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus,
+                          shared_poller=shared_poller)
     if live:
         click.echo("", err=True)
     bad = len(res.mismatches)
@@ -349,6 +357,8 @@ def _perf_many(addresses: tuple[str, ...], nsid: int, fmt: str, *, mode: str, op
                    f"QD {first['queue_depth']} x {queues} queue(s) each, {first['mode']}, "
                    f"{res.total['seconds']:.2f} s, {res.total['ios']} I/Os, {res.total['errors']} errors")
         click.echo(f"NUMA: {res.numa}")
+        if res.poller == "shared":
+            click.echo("poller: one thread polls every controller's queues")
         for line in table(res):
             click.echo(line)
         if verify:

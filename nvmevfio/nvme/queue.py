@@ -598,3 +598,53 @@ class PerfLoop(PerfCounters):
             else:
                 p.writes += 1
 
+
+
+class PerfGroup:
+    """Several :class:`PerfLoop` s driven by one thread (``nv_perf_run_many``): one poller for the
+    polled queue pairs of several controllers, as an SPDK reactor, instead of a spinning thread
+    per queue. Each turn fills and reaps every queue; nothing sleeps, so the queues must be
+    polled (a thread cannot sleep on several queues' interrupts: refused by name). ``step`` and
+    ``drain`` are a loop's; a late command, CSTS.CFS, a reset by another thread or a gone device
+    goes to the recovery of the one loop it concerns, with the other loops' guards let go."""
+
+    def __init__(self, loops: list[PerfLoop]) -> None:
+        if not loops:
+            raise Refused("invalid-argument", "a shared poller needs at least one queue")
+        irq = [loop._ring.qid for loop in loops if loop._ring._qp.irq_fd >= 0]
+        if irq:
+            raise Refused("invalid-argument", "a shared poller polls: queue(s) "
+                          f"{', '.join(map(str, irq))} complete by interrupt (open the controllers polled)",
+                          qids=irq)
+        self.loops = loops
+        self._qps = ffi.new("struct nv_qp *[]", [loop._ring._qp for loop in loops])
+        self._ps = ffi.new("struct nv_perf *[]", [loop._p for loop in loops])
+        self._which = ffi.new("uint32_t *")
+
+    def step(self, slice_s: float) -> bool:
+        """Run every loop for up to ``slice_s``; True once all have finished (their I/O count)."""
+        return self._run(slice_s, False)
+
+    def drain(self) -> None:
+        """Stop issuing and reap what every queue has in flight."""
+        while not self._run(0.0, True):
+            pass
+
+    def _run(self, slice_s: float, drain: bool) -> bool:
+        with contextlib.ExitStack() as held:
+            for loop in self.loops:
+                held.enter_context(loop._guard())
+            r = int(lib.nv_perf_run_many(self._qps, self._ps, len(self.loops), int(slice_s * 1e9), int(drain),
+                                         self._which))
+            for loop in self.loops:
+                if loop._ring._hook is not None:
+                    loop._ring._hook.check()
+        if r >= 0:
+            return r == 1
+        if r == -errno.EINVAL:
+            raise ShimError("nv_perf_run_many", f"queue {self.loops[self._which[0]]._ring.qid}", -r,
+                            "a shared poller polls: the queue completes by interrupt")
+        loop = self.loops[self._which[0]]
+        with loop._guard():  # as the loop's own run answers it: under its guard alone
+            loop._answer(r, "perf", loop._ended)
+        return False

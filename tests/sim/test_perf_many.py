@@ -5,10 +5,11 @@ controller's queue threads to its node's CPUs and placing its DMA memory there."
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
-from nvmevfio import dma, pci
+from nvmevfio import dma, pci, perf
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
 from nvmevfio.perf_many import run_many, table
@@ -33,7 +34,8 @@ def test_two_controllers_rows_and_total():
     lines = table(res)
     assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
     d = res.to_dict()
-    assert set(d) == {"controllers", "total", "numa"} and d["total"]["controllers"] == 2
+    assert set(d) == {"controllers", "total", "numa", "poller"} and d["total"]["controllers"] == 2
+    assert d["poller"] == "per-queue"
 
 
 def test_two_controllers_verified():
@@ -82,3 +84,72 @@ def test_refusals():
     with pytest.raises(Refused) as ei:
         run_many(devs, workload="trim", count=10)
     assert ei.value.reason == "unsupported-workload"
+
+
+def _threads_executing(rigs: list[Rig], monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The threads whose doorbells made each simulated controller execute a command (the simulator
+    executes on the doorbell write, in the writing thread)."""
+    seen: set[int] = set()
+    for r in rigs:
+        def execute(*a, _orig=r.sim._execute, **k):
+            seen.add(threading.get_ident())
+            return _orig(*a, **k)
+        monkeypatch.setattr(r.sim, "_execute", execute)
+    return seen
+
+
+def test_shared_poller_one_thread_drives_both_controllers(monkeypatch):
+    rigs, devs = _two()
+    seen = _threads_executing(rigs, monkeypatch)
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000))
+    assert len(seen) == 2 and res.poller == "per-queue"  # the default: a thread per controller's queue
+    seen.clear()
+    before = [len(r.sim.commands) for r in rigs]
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
+                   shared_poller=True)
+    assert len(seen) == 1 and threading.get_ident() not in seen  # one poller thread, not the caller
+    assert [c["ios"] for c in res.controllers] == [400, 400] and res.total["errors"] == 0
+    assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
+    assert res.poller == "shared" and res.to_dict()["poller"] == "shared"
+    # the thread's CPU time shared out by commands: equal counts, equal shares
+    q0, q1 = (c["per_queue"][0] for c in res.controllers)
+    assert q0["seconds"] == q1["seconds"] and q0["cpu_us_per_io"] == pytest.approx(q1["cpu_us_per_io"])
+
+
+def test_shared_poller_recovers_one_controller_and_not_the_other():
+    """A lost completion on one controller of a shared poller: that controller's broker recovers
+    (abort, reset, requeue), the other is not reset, and both runs complete."""
+    rigs, devs = _two()
+    for r in rigs:
+        r.broker.command_timeout_s = 0.2
+    rigs[1].sim.drop_next = 2
+    res = run_many(devs, workload="randwrite", queue_depth=8, count=200, io_size=1024, lba_range=(0, 512),
+                   shared_poller=True)
+    assert [c["ios"] for c in res.controllers] == [200, 200] and res.total["errors"] == 0
+    assert [r.broker.resets for r in rigs] == [0, 1]
+
+
+def test_shared_poller_refusals_before_any_io():
+    rigs, devs = _two()
+    marks = [r.mark() for r in rigs]
+    live = [sum(1 for s in r.ledger._slots if s.mem is not None) for r in rigs]
+    for kw, words in (({"verify": True}, "not with verify"), ({"hybrid": True}, "hybrid polling")):
+        with pytest.raises(Refused) as ei:
+            run_many(devs, count=10, shared_poller=True, **kw)
+        assert ei.value.reason == "invalid-argument" and words in str(ei.value)
+    # the second controller refuses the depth after the first was prepared: the first's buffer is
+    # freed again and neither device saw a command
+    shallow = [devs[0], ("0000:00:12.0", BlockDevice(Rig().p, 1, queue_depth=4))]
+    with pytest.raises(Refused) as ei:
+        run_many(shallow, count=10, queue_depth=8, shared_poller=True)
+    assert ei.value.reason == "count-out-of-range"
+    assert all(r.unchanged_since(m) for r, m in zip(rigs, marks))
+    assert [sum(1 for s in r.ledger._slots if s.mem is not None) for r in rigs] == live  # nothing left held
+
+
+def test_shared_poller_over_two_queues_of_one_controller():
+    rig = Rig()
+    dev = BlockDevice(rig.p, 1, queue_depth=32, queues=2)
+    res = perf.run(dev, workload="randread", queue_depth=8, count=300, io_size=512, queues=2, shared_poller=True)
+    assert [q["ios"] for q in res.per_queue] == [150, 150] and res.errors == 0
+    assert sorted(q for q, _, _ in rig.sim.commands[-300:]) == [1] * 150 + [2] * 150
