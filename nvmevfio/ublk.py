@@ -326,6 +326,10 @@ class _Queue:
 
     def _serve(self) -> None:
         try:
+            cpu = self.server.queue_cpus()[self.q_id]
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})  # 0: this thread (before its first FETCH: the kernel
+                # completes the queue's requests in the task that fetched them)
             r = lib.nv_ublk_queue_open(self.q, 1)
             self.opened.set()
             if r < 0:
@@ -383,17 +387,25 @@ class Server:
     of at least ``depth`` + 1 entries)."""
 
     def __init__(self, dev: Any, *, address: str, queues: int, depth: int, read_only: bool = False,
-                 recoverable: bool = False, refuse_writes: bool = False) -> None:
+                 recoverable: bool = False, refuse_writes: bool = False, cpus: list[int] | None = None) -> None:
+        """``cpus``: queue i's thread pinned to ``cpus[i % len(cpus)]`` (none: where the scheduler
+        puts it). On a host with fewer cores than pollers plus the rest (an emulated guest), one CPU
+        for every polling queue leaves the other cores to the submitters and the device."""
         self.dev = dev
+        allowed = os.sched_getaffinity(0)
+        if cpus is not None and (not cpus or not set(cpus) <= allowed):
+            raise Refused("invalid-argument", f"CPUs {cpus}: this process may run on CPUs "
+                          f"{', '.join(map(str, sorted(allowed)))} only", cpus=cpus)
+        self.cpus = list(cpus) if cpus else None
         self.address = address
         self.queues = queues
         self.depth = depth
         self.read_only, self.mark_read_only = read_only or refuse_writes, read_only
         self.recoverable = recoverable
-        cpus = possible_cpus()
-        if queues > cpus:
-            raise Refused("count-out-of-range", f"--queues {queues}: ublk serves at most {cpus} queues on this "
-                          "machine (one per possible CPU)", queues=queues, cpus=cpus)
+        most = possible_cpus()
+        if queues > most:
+            raise Refused("count-out-of-range", f"--queues {queues}: ublk serves at most {most} queues on this "
+                          "machine (one per possible CPU)", queues=queues, cpus=most)
         self.geometry = geometry(dev)
         self.dev_id: int | None = None
         self.char_fd = -1
@@ -405,6 +417,10 @@ class Server:
     @property
     def block_device(self) -> str:
         return f"/dev/ublkb{self.dev_id}"
+
+    def queue_cpus(self) -> list[int | None]:
+        """Each queue's CPU (None: not pinned)."""
+        return [self.cpus[i % len(self.cpus)] if self.cpus else None for i in range(self.queues)]
 
     def add(self) -> int:
         """ADD_DEV and SET_PARAMS: the device exists (no disk until started)."""

@@ -293,15 +293,15 @@ def block_round(dev: str, seconds: float, fs: bool = True) -> dict:
     return res
 
 
-def ublk_round(addr: str, seconds: float, null: bool = False) -> dict:
+def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, ...] = ()) -> dict:
     """block_round on the ublk device `nvmevfio ublk` serves (its defaults: a queue per CPU,
     polled). ``null``: the anchor, the same C server answering every request at once without an
     NVMe command (NVMEVFIO_UBLK_NULL, read by cbits/ublk.c): ublk's own cost in this guest. Its
-    reads return no data, so no ext4 row."""
+    reads return no data, so no ext4 row. ``extra``: the server's options besides its defaults."""
     nv = [sys.executable, "-m", "nvmevfio", "ublk"]
     env = {**os.environ, **({"NVMEVFIO_UBLK_NULL": "1"} if null else {})}
-    info = json.loads(subprocess.run([*nv, addr, "--background", "-o", "json"], check=True, capture_output=True,
-                                     text=True, env=env).stdout)
+    info = json.loads(subprocess.run([*nv, addr, *extra, "--background", "-o", "json"], check=True,
+                                     capture_output=True, text=True, env=env).stdout)
     try:
         dev = info["device"]
         deadline = time.monotonic() + 30
@@ -310,7 +310,7 @@ def ublk_round(addr: str, seconds: float, null: bool = False) -> dict:
                 raise RuntimeError(f"{dev} did not appear")
             time.sleep(0.05)
         res = block_round(dev, seconds, fs=not null)
-        res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes")}
+        res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes", "cpus")}
         return res
     finally:
         subprocess.run([*nv, "--stop", str(info["dev_id"])], check=True, capture_output=True)
@@ -319,7 +319,9 @@ def ublk_round(addr: str, seconds: float, null: bool = False) -> dict:
 def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
     """IOPS per row, kernel A / ublk / kernel A', the ratio against mean(A, A') and its bar; with
     the anchor (the null server, same boot), its IOPS, its ratio to the kernel and ublk's to it."""
-    lines = [f"ublk ({b['server']['queues']} queue(s), depth {b['server']['depth']}, {b['server']['mode']}) against "
+    pinned = sorted({c for c in b["server"].get("cpus") or [] if c is not None})
+    lines = [f"ublk ({b['server']['queues']} queue(s), depth {b['server']['depth']}, {b['server']['mode']}"
+             f"{', every queue on CPU ' + ','.join(map(str, pinned)) if pinned else ''}) against "
              "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS; null: the same server "
              "answering without the device (the anchor)",
              f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  {'bar':<11} "
@@ -826,10 +828,12 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
         a1 = block_round(dev, seconds)
         pci.bind(addr)
         b = ublk_round(addr, seconds)
+        # polled, every queue's thread on the last CPU: the other cores stay with the submitters
+        poll = ublk_round(addr, seconds, extra=("--mode", "poll", "--cpu", str(max(os.sched_getaffinity(0)))))
         null = ublk_round(addr, seconds, null=True)  # the anchor, after B: ublk's own cost here
         pci.unbind(addr)
-        out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)], "null": null,
-                                        "kernel": os.uname().release}, indent=2))
+        out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)], "poll": poll,
+                                        "null": null, "kernel": os.uname().release}, indent=2))
         return 0
     if only == "tcp":  # A/B/A over NVMe/TCP: nvmet over the kernel driver, over nvmevfio's export, again
         a1 = kernel_tcp(dev, seconds)
@@ -1269,10 +1273,16 @@ def main() -> int:
             boots.append(data)
             print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
             print(ublk_report(*data["only"], null=data.get("null")), flush=True)
+            if data.get("poll"):
+                a1, _, a2 = data["only"]
+                print(ublk_report(a1, data["poll"], a2), flush=True)
             if args.json:  # every boot so far: a run cut short keeps what it measured
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
             print(median_report("ublk", [ublk_ratios(*b["only"]) for b in boots], UBLK_BARS))
+            polled = [ublk_ratios(b["only"][0], b["poll"], b["only"][2]) for b in boots if b.get("poll")]
+            if polled:
+                print(median_report("ublk --mode poll, every queue on the last CPU", polled, UBLK_BARS))
             anchors = [ublk_anchor_ratios(*b["only"], b["null"]) for b in boots if b.get("null")]
             if anchors:  # no bar: what ublk with no device reaches here, and nvmevfio's share of it
                 print(median_report("the anchor (null server)", anchors, dict.fromkeys(anchors[0], 0.0)))

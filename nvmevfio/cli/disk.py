@@ -22,7 +22,9 @@ from nvmevfio.cli.common import (
     _root_option,
     address_arg,
     blockdev,
+    check_cpus,
     controller,
+    cpu_list_opt,
     errors,
     main,
     nsid_opt,
@@ -222,11 +224,12 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.option("--recover", "recover_dev", type=int, metavar="DEV",
               help="serve device DEV again after its --recoverable server died")
 @click.option("--list", "list_", is_flag=True, help="list ublk devices, their servers, and stale ones")
+@cpu_list_opt
 @click.option("--notify-fd", type=int, hidden=True)
 @output_opt
 def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: str, readonly: bool, refuse_writes: bool,
          recoverable: bool, background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool,
-         notify_fd: int | None, fmt: str) -> None:
+         cpus: list[int] | None, notify_fd: int | None, fmt: str) -> None:
     """Serve a namespace as a Linux ublk block device (/dev/ublkbN): every request in C, one NVMe
     command each. Runs until SIGTERM or Ctrl-C (drain, stop, delete, controller shutdown).
 
@@ -234,6 +237,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
     Example: nvmevfio ublk 00:04.0 --background     (prints /dev/ublkb0)
              mkfs.ext4 /dev/ublkb0 && mount /dev/ublkb0 /mnt
              nvmevfio ublk --stop 0
+             nvmevfio ublk 00:04.0 --mode poll --cpu 1 --background   (every queue's poller on CPU 1)
     """
     from nvmevfio import ublk as ub
 
@@ -271,6 +275,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         _fail("give the controller's ADDRESS (or --stop DEV, --recover DEV, --list)", EXIT_ERROR)
     assert address is not None
     address = _address(address)
+    check_cpus(cpus)
     default_count = queues is None  # one per CPU up to four, fewer where the controller grants fewer
     queues = queues or ub.default_queues()
     if target is None:
@@ -280,7 +285,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         with errors():
             info = start_background(address, nsid, queues=None if default_count else queues, depth=depth, mode=mode,
                                     readonly=readonly, refuse_writes=refuse_writes, recoverable=recoverable,
-                                    recover_dev=recover_dev)
+                                    recover_dev=recover_dev, cpus=cpus)
         if fmt == "json":
             _emit_json(info)
         else:
@@ -290,7 +295,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
                   queues_up_to=default_count) as dev, errors():
         queues = dev.info.io_queues
         server = ub.Server(dev, address=address, queues=queues, depth=depth, read_only=readonly,
-                           recoverable=recoverable, refuse_writes=refuse_writes)
+                           recoverable=recoverable, refuse_writes=refuse_writes, cpus=cpus)
         with ub.signals_stop(server):
             try:
                 if target is not None:
@@ -299,7 +304,8 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
                     server.add()
                 server.start(recovering=target is not None)
                 info = {"device": server.block_device, "dev_id": server.dev_id, "address": address, "nsid": nsid,
-                        "pid": os.getpid(), "queues": queues, "depth": depth, "mode": mode, "read_only": readonly,
+                        "pid": os.getpid(), "queues": queues, "depth": depth, "mode": mode,
+                        "cpus": server.queue_cpus(), "read_only": readonly,
                         "refuse_writes": refuse_writes, "serial": dev.info.serial,
                         "recoverable": recoverable, "io_bytes": server.geometry.io_bytes,
                         "block_size": server.geometry.block_size, "size": server.geometry.blocks *
@@ -317,7 +323,8 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
 
 def start_background(address: str, nsid: int, *, queues: int | None = None, depth: int = 64,
                      mode: str = "irq", readonly: bool = False, refuse_writes: bool = False,
-                     recoverable: bool = False, recover_dev: int | None = None) -> dict[str, Any]:
+                     recoverable: bool = False, recover_dev: int | None = None,
+                     cpus: list[int] | None = None) -> dict[str, Any]:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
     its device is up (nvmevfio export starts its server this way too). The server's last log
     line is the error when it ends first."""
@@ -340,6 +347,7 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
     cmd += ["--refuse-writes"] if refuse_writes else []
     cmd += ["--recoverable"] if recoverable else []
     cmd += ["--recover", str(recover_dev)] if recover_dev is not None else []
+    cmd += ["--cpu", ",".join(map(str, cpus))] if cpus else []
     with logpath.open("ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(wfd,),
                                 start_new_session=True)

@@ -424,7 +424,25 @@ class QueuePair:
         return r
 
 
-class PerfCounters:
+class SlicedLoop:
+    """A C closed loop run in slices from Python: ``step`` and ``drain`` over the subclass's
+    ``_run``."""
+
+    def step(self, slice_s: float) -> bool:
+        """Run for ``slice_s`` (kept full). True when the I/O count is reached and drained."""
+        return self._run(slice_s, False)
+
+    def drain(self) -> None:
+        """Stop issuing; reap what is in flight (late commands recovered on the way)."""
+        while not self._run(0.0, True):
+            pass
+
+    def _run(self, slice_s: float, drain: bool) -> bool:
+        """One slice of the C loop (``drain``: issue nothing more). True when finished."""
+        raise NotImplementedError
+
+
+class PerfCounters(SlicedLoop):
     """What a C closed loop (``struct nv_perf``) counts, and its latency histogram: shared by
     :class:`PerfLoop` (on a queue pair) and the service client's loop (over its shared rings)."""
 
@@ -452,19 +470,6 @@ class PerfCounters:
     def _in_flight(self) -> int:
         p = self._p
         return int(p.nslots - p.nfree)
-
-    def step(self, slice_s: float) -> bool:
-        """Run for ``slice_s`` (kept full). True when the I/O count is reached and drained."""
-        return self._run(slice_s, False)
-
-    def drain(self) -> None:
-        """Stop issuing; reap what is in flight (late commands recovered on the way)."""
-        while not self._run(0.0, True):
-            pass
-
-    def _run(self, slice_s: float, drain: bool) -> bool:
-        """One slice of the C loop (``drain``: issue nothing more). True when finished."""
-        raise NotImplementedError
 
     @property
     def hybrid(self) -> bool:
@@ -600,7 +605,7 @@ class PerfLoop(PerfCounters):
 
 
 
-class PerfGroup:
+class PerfGroup(SlicedLoop):
     """Several :class:`PerfLoop` s driven by one thread (``nv_perf_run_many``): one poller for the
     polled queue pairs of several controllers, as an SPDK reactor, instead of a spinning thread
     per queue. Each turn fills and reaps every queue; nothing sleeps, so the queues must be
@@ -620,15 +625,6 @@ class PerfGroup:
         self._qps = ffi.new("struct nv_qp *[]", [loop._ring._qp for loop in loops])
         self._ps = ffi.new("struct nv_perf *[]", [loop._p for loop in loops])
         self._which = ffi.new("uint32_t *")
-
-    def step(self, slice_s: float) -> bool:
-        """Run every loop for up to ``slice_s``; True once all have finished (their I/O count)."""
-        return self._run(slice_s, False)
-
-    def drain(self) -> None:
-        """Stop issuing and reap what every queue has in flight."""
-        while not self._run(0.0, True):
-            pass
 
     def _run(self, slice_s: float, drain: bool) -> bool:
         with contextlib.ExitStack() as held:

@@ -78,3 +78,18 @@ def test_one_daemon_serves_two_controllers(data_ctrl, small_ctrl, tmp_path):
     for addr, lba, d in zip((a, b), (100003, 50003), data):
         with nvmevfio.open(addr, 1) as dev:
             assert np.array_equal(dev.read_blocks(lba, 16), d)
+
+
+def test_one_poller_thread_drives_both_controllers(data_ctrl, small_ctrl):
+    """`perf A B --shared-poller`: one thread polls both controllers' queues; each controller's
+    own SMART counter of read commands moves by what its row says, and interrupts are refused."""
+    a, b = data_ctrl["address"], small_ctrl["address"]
+    before = [int(nvj("smart-log", x)["host_read_commands"]) for x in (a, b)]
+    d = nvj("perf", a, b, "-w", "randread", "-q", 16, "-n", 3000, "--shared-poller", "--cpu", 1)
+    assert d["poller"] == "shared" and [c["address"] for c in d["controllers"]] == [a, b]
+    for c, was, x in zip(d["controllers"], before, (a, b)):
+        assert c["ios"] == 3000 and c["errors"] == 0 and c["mode"] == "poll" and c["pinned_cpus"] == [1]
+        assert c["per_queue"][0]["cpu"] == 1
+        assert int(nvj("smart-log", x)["host_read_commands"]) - was >= 3000
+    r = nv("perf", a, b, "--mode", "irq", "-n", 10, "--shared-poller", check=False)
+    assert r.returncode != 0 and b"--shared-poller" in r.stderr and b"--mode poll" in r.stderr

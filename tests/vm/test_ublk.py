@@ -424,11 +424,20 @@ else:
         assert 2 <= cpus < 4, cpus  # the guest has 2 CPUs: within the grant, past ublk's queue limit
         line = one_line_error(nv("ublk", small["address"], "--queues", str(cpus + 1), check=False))
         assert f"at most {cpus} queues" in line, line
+        line = one_line_error(nv("ublk", small["address"], "--cpu", str(cpus + 3), check=False))
+        assert f"--cpu {cpus + 3}: this process may run on CPUs" in line, line
         assert not any(d["address"] == small["address"] for d in devices())  # nothing was added
 
-        info = start(small["address"], "--queues", str(cpus))
+        # each queue's thread pinned (--cpu): queue i on the i-th CPU of the list, here reversed
+        pins = list(range(cpus))[::-1]
+        info = start(small["address"], "--queues", str(cpus), "--cpu", ",".join(map(str, pins)))
         dev = info["device"]
         assert info["queues"] == cpus and len(os.listdir(f"/sys/block/{Path(dev).name}/mq")) == cpus
+        assert info["cpus"] == pins
+        allowed = [line.split(":")[1].strip() for task in Path(f"/proc/{info['pid']}/task").iterdir()
+                   for line in (task / "status").read_text().splitlines() if line.startswith("Cpus_allowed_list")]
+        singles = {str(c) for c in pins}  # the queue threads; the rest of the process is not pinned
+        assert sorted(a for a in allowed if a in singles) == sorted(singles), allowed
         # one fio job pinned to each CPU: blk-mq sends a CPU's requests to its own queue
         fio_verify(f"--filename={dev}", "--rw=randrw", "--ioengine=psync", "--size=8M", "--offset_increment=8M",
                    f"--numjobs={cpus}", f"--cpus_allowed=0-{cpus - 1}", "--cpus_allowed_policy=split")
