@@ -259,7 +259,7 @@ def _drive(group: list[_Queue], *, seconds: float | None, ramp_s: float, start: 
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_THREAD)
         usr, sys_ = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
-        ios = [q.loop.stats()["ios"] for q in group]
+        ios = [q.loop.stats()["ios"] for q in group] if len(group) > 1 else [1]
         for q, b, n in zip(group, before, ios):
             share = n / sum(ios) if sum(ios) else 1 / len(group)
             q.wall_s, q.usr_s, q.sys_s = wall, usr * share, sys_ * share
@@ -334,6 +334,7 @@ class Prepared:
     zone_starts: range = range(0)
     first: Any = None
     verify: Callable[..., PerfResult] | None = None
+    seconds: float | None = None  # how long it runs (5 s when neither a time nor a count was given)
 
     def start(self) -> None:
         """What must happen once the workload is checked and before its first command: a zoned
@@ -381,7 +382,8 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     if prep.verify is not None:
         return prep.verify(status=status)
     prep.start()
-    usr_s, sys_s = _run_threads(prep.qs, seconds=seconds, ramp_s=ramp_s, status=status, shared_poller=shared_poller)
+    usr_s, sys_s = _run_threads(prep.qs, seconds=prep.seconds, ramp_s=ramp_s, status=status,
+                                shared_poller=shared_poller)
     return prep.result(usr_s, sys_s)
 
 
@@ -454,7 +456,7 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
             "info": first.info}
-    return Prepared(qs, meta, zone_starts, first)
+    return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
 def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,

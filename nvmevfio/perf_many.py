@@ -145,10 +145,7 @@ def _run_shared(devices: list[tuple[str, Any]], places: list[Any], chosen: list[
     for p in preps:
         p.start()
     qs = [q for p in preps for q in p.qs]
-    seconds = kw.get("seconds", 5.0)
-    if seconds is None and kw.get("count") is None:
-        seconds = 5.0  # as perf.run
-    usr_s, sys_s = _run_threads(qs, seconds=seconds, ramp_s=ramp_s, status=status, shared_poller=True)
+    usr_s, sys_s = _run_threads(qs, seconds=preps[0].seconds, ramp_s=ramp_s, status=status, shared_poller=True)
     done = [p.result(usr_s, sys_s) for p in preps]
     out = ManyResult(total=totals(done), numa=_numa_words(places), poller="shared")
     first_cpu = chosen[0][0] if chosen and chosen[0] else None

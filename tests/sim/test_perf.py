@@ -123,3 +123,16 @@ def test_too_many_queues_and_foreign_cpus_refused_before_any_io(rig):
     assert ei.value.reason == "invalid-argument"
     assert rig.unchanged_since(mark)
     assert perf.run(dev, count=10, queues=2).ios == 10  # and nothing was left held
+
+
+def test_prepare_checks_and_builds_without_io_and_defaults_to_five_seconds(dev, rig):
+    mark = rig.mark()
+    prep = perf.prepare(dev, workload="randread", queue_depth=4, seconds=None, count=None)
+    assert prep.seconds == 5.0 and len(prep.qs) == 1 and prep.verify is None
+    counted = perf.prepare(dev, queue_depth=4, seconds=None, count=100)
+    assert counted.seconds is None  # the count bounds it
+    assert rig.unchanged_since(mark)  # built and checked: nothing reached the device
+    prep.free()
+    counted.free()
+    r = perf.run(dev, workload="randread", queue_depth=4, count=50)
+    assert r.ios == 50 and r.errors == 0
