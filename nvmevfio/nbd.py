@@ -303,11 +303,11 @@ def choose_plugin(requested: str, ublk_present: bool) -> tuple[str, str]:
 
 def ublk_present() -> bool:
     """Whether the kernel has ublk (the module loaded if it can be)."""
-    from nvmevfio import ublk
+    from nvmevfio import ublk_devices
 
     try:
-        ublk.require_ublk()
-    except ublk.UblkError:
+        ublk_devices.require_ublk()
+    except ublk_devices.UblkError:
         return False
     return True
 
@@ -321,14 +321,14 @@ def serving_ublk(address: str, nsid: int, claim: Path) -> tuple[dict[str, Any], 
     """The ublk device serving the namespace now, as ``{"device", "dev_id", "pid"}``, and whether
     this export started it (its ``claim`` names that device and server); None when there is none.
     A device waiting for --recover is refused (UblkError, ``namespace-served``)."""
-    from nvmevfio import ublk
+    from nvmevfio import ublk_devices
 
-    for d in ublk.list_devices():
+    for d in ublk_devices.list_devices():
         if d.address == address and d.nsid == nsid and d.server_alive:
             ours = read_claim(claim)
             started = ours is not None and (ours["dev_id"], ours["pid"]) == (d.dev_id, d.server_pid)
             return {"device": f"/dev/ublkb{d.dev_id}", "dev_id": d.dev_id, "pid": d.server_pid}, started
-    ublk.check_not_served(address, nsid)
+    ublk_devices.check_not_served(address, nsid)
     return None
 
 
@@ -346,19 +346,19 @@ def write_claim(claim: Path, ublk_info: dict[str, Any]) -> None:
 def release_ublk(claim: Path) -> str | None:
     """Stop the ublk device ``claim`` records, if it is still the one this export started (same
     number, same server): the device's name, or None when there was nothing of ours to stop."""
-    from nvmevfio import ublk
+    from nvmevfio import ublk_devices
 
     ours = read_claim(claim)
     claim.unlink(missing_ok=True)
     if ours is None:
         return None
     try:
-        d = ublk.device_info(ours["dev_id"])
-    except ublk.UblkError:
+        d = ublk_devices.device_info(ours["dev_id"])
+    except ublk_devices.UblkError:
         return None  # gone already
     if d.server_pid != ours["pid"]:
         return None  # the number went to another device since
-    ublk.stop_device(d.dev_id)
+    ublk_devices.stop_device(d.dev_id)
     return str(ours["device"])
 
 

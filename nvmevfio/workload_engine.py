@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from nvmevfio import perf as perfmod
+from nvmevfio import perf_stats
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
-from nvmevfio.nvme.queue import PerfCounters
+from nvmevfio.nvme.perfloop import PerfCounters
 from nvmevfio.workload_map import MISMATCH, VMAP, MapFile, mismatch_rows
 
 if TYPE_CHECKING:
@@ -260,7 +261,7 @@ class Series:
         for i, op in enumerate(OPS):
             if not d_ios[i]:
                 continue
-            p50, p99 = perfmod.percentiles(np.clip(d_hist[i], 0, None), [50, 99])
+            p50, p99 = perf_stats.percentiles(np.clip(d_hist[i], 0, None), [50, 99])
             point[op] = {"iops": float(d_ios[i] / dt), "mib_per_s": float(d_bytes[i] / dt / (1 << 20)),
                          "lat_p50_us": p50 / 1000, "lat_p99_us": p99 / 1000}
         self.points.append(point)
@@ -332,7 +333,7 @@ def run(dev: BlockDevice, spec: Spec, *, queue_depth: int = 1, seconds: float | 
     qs: list[perfmod._Queue] = []
     loops: list[WorkloadLoop] = []
     with perfmod.freed_on_failure(qs):  # every job's buffer and workload validated before any I/O
-        for i, ((d, qid), n, (start, blocks)) in enumerate(zip(pairs, perfmod.split_count(count, len(pairs)), cuts)):
+        for i, ((d, qid), n, (start, blocks)) in enumerate(zip(pairs, perf_stats.split_count(count, len(pairs)), cuts)):
             reg = perfmod.slot_buffer(qs, d, qid, cpus[i % len(cpus)] if cpus else None, queue_depth, slot_size,
                                       seed + i)
             base = d.perf_loop(reg, io_size=largest, lba_range=(start, start + blocks), random=spec.random,
@@ -372,13 +373,13 @@ def _figures(res: PerfResult, loops: list[WorkloadLoop], spec: Spec, series: Ser
     ops: dict[str, Any] = {}
     for i, op in enumerate(OPS):
         n = int(ios[i])
-        p50, p99, p999 = perfmod.percentiles(hist[i], [50, 99, 99.9]) if n else (0.0, 0.0, 0.0)
+        p50, p99, p999 = perf_stats.percentiles(hist[i], [50, 99, 99.9]) if n else (0.0, 0.0, 0.0)
         nz = np.nonzero(hist[i])[0]
         ops[op] = {"ios": n, "share_pct": 100.0 * n / total if total else 0.0, "mix_pct": spec.mix[op],
                    "iops": n / secs, "mib_per_s": int(nbytes[i]) / secs / (1 << 20), "errors": int(errs[i]),
                    "lat_mean_us": int(lat[i]) / n / 1000 if n else 0.0, "lat_p50_us": p50 / 1000,
                    "lat_p99_us": p99 / 1000, "lat_p999_us": p999 / 1000,
-                   "histogram_ns": [[perfmod.bucket_value(int(b)), int(hist[i][b])] for b in nz]}
+                   "histogram_ns": [[perf_stats.bucket_value(int(b)), int(hist[i][b])] for b in nz]}
     moved = int(nbytes[0] + nbytes[1])
     mism: list[Any] = []
     for lp in loops:

@@ -24,7 +24,8 @@ from nvmevfio.broker.namespaces import Namespaces
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.errors import CommandTimeout, DeviceGone, QueuePaused, Refused
 from nvmevfio.nvme import builders, sgl
-from nvmevfio.nvme.queue import PRP_SLOT, PerfLoop
+from nvmevfio.nvme.perfloop import PerfLoop
+from nvmevfio.nvme.queue import PRP_SLOT
 from nvmevfio.nvme.sgl import PSDT_SGL
 from nvmevfio.nvme.spec import SQE, SQE_STRUCT, IoOpcode
 

@@ -240,6 +240,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
              nvmevfio ublk 00:04.0 --mode poll --cpu 1 --background   (every queue's poller on CPU 1)
     """
     from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
 
     if sum(map(bool, (background or recover_dev is not None, stop_dev is not None, list_))) > 1:
         _fail("--stop, --list and serving (--background, --recover) exclude each other", EXIT_ERROR)
@@ -247,7 +248,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         _need_root()
         with errors():
             if list_:
-                devs = ub.list_devices()
+                devs = ubd.list_devices()
                 if fmt == "json":
                     _emit_json([d.to_dict() for d in devs])
                     return
@@ -258,13 +259,13 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
                     click.echo(f"/dev/ublkb{d.dev_id}: {who}, {d.state}, {srv}, {d.queues} queue(s) x {d.depth}")
                 return
             assert stop_dev is not None
-            d = ub.stop_device(stop_dev)
+            d = ubd.stop_device(stop_dev)
         click.echo(f"/dev/ublkb{stop_dev} stopped ({'server pid ' + str(d.server_pid) if d.server_alive else 'stale'})")
         return
     _need_root()
     with errors():
-        ub.require_ublk()
-        target = ub.recovery_target(recover_dev) if recover_dev is not None else None
+        ubd.require_ublk()
+        target = ubd.recovery_target(recover_dev) if recover_dev is not None else None
     if target is not None:
         assert target.address is not None and target.nsid is not None
         if address is not None and _address(address) != target.address:
@@ -280,7 +281,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
     queues = queues or ub.default_queues()
     if target is None:
         with errors():
-            ub.check_not_served(address, nsid)
+            ubd.check_not_served(address, nsid)
     if background:
         with errors():
             info = start_background(address, nsid, queues=None if default_count else queues, depth=depth, mode=mode,
@@ -330,10 +331,10 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
     line is the error when it ends first."""
     import subprocess
 
-    from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
 
-    ub.RUN_DIR.mkdir(parents=True, exist_ok=True)
-    logpath = ub.RUN_DIR / f"ublk-{address}-n{nsid}.log"
+    ubd.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    logpath = ubd.RUN_DIR / f"ublk-{address}-n{nsid}.log"
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "nvmevfio"]
     for name in ("timeout", "backend"):
@@ -357,8 +358,8 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
     if not line:
         proc.wait(30)
         tail = [s for s in logpath.read_text(errors="replace").splitlines() if s.strip()]
-        raise ub.UblkError(tail[-1].removeprefix("nvmevfio: error: ") if tail
-                           else f"the server exited ({proc.returncode})", reason="server-failed")
+        raise ubd.UblkError(tail[-1].removeprefix("nvmevfio: error: ") if tail
+                            else f"the server exited ({proc.returncode})", reason="server-failed")
     info: dict[str, Any] = json.loads(line)
     info["log"] = str(logpath)
     return info

@@ -126,13 +126,13 @@ def export(address: str | None, nsid: int, tcp: str | None, nqn: str | None, hos
 def _prerequisites() -> Any:
     """ublk, nvmet and nvmet-tcp (loaded when they can be), or one line naming what to load."""
     from nvmevfio import export as ex
-    from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
 
     try:
-        ub.require_ublk()
+        ubd.require_ublk()
     except NvmeVfioError:
         _fail(f"ublk is not available: export serves the namespace through a ublk device and this kernel has no "
-              f"ublk_drv ({ub.UBLK_CONTROL} is missing): modprobe ublk_drv (CONFIG_BLK_DEV_UBLK)", EXIT_SETUP)
+              f"ublk_drv ({ubd.UBLK_CONTROL} is missing): modprobe ublk_drv (CONFIG_BLK_DEV_UBLK)", EXIT_SETUP)
     try:
         return ex.require_nvmet()
     except ex.ExportError as exc:
@@ -144,15 +144,15 @@ def _ublk_device(address: str, nsid: int, readonly: bool, recoverable: bool,
     """The ublk device serving the namespace: the one `nvmevfio ublk` already serves (if it fits),
     else one started here. Returns what its server says and whether it was started here."""
     from nvmevfio import export as ex
-    from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
     from nvmevfio.cli.disk import start_background
 
     with errors():
-        for d in ub.list_devices():
+        for d in ubd.list_devices():
             if (d.address, d.nsid) != (address, nsid):
                 continue
             if not d.server_alive:
-                ub.check_not_served(address, nsid)  # waiting for --recover: its line says what to do
+                ubd.check_not_served(address, nsid)  # waiting for --recover: its line says what to do
                 raise ex.ExportError(f"/dev/ublkb{d.dev_id} serves {address} nsid {nsid} without a server: "
                                      f"nvmevfio ublk --stop {d.dev_id}", reason="namespace-served")
             if Path(f"/sys/block/ublkb{d.dev_id}/ro").read_text().strip() == "1":
@@ -179,10 +179,10 @@ def _wait_block_device(dev: str, timeout_s: float = 30.0) -> None:
 
 
 def _stop_ublk(dev_id: int) -> None:
-    from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
 
     try:
-        ub.stop_device(dev_id)
+        ubd.stop_device(dev_id)
     except NvmeVfioError as exc:
         click.echo(f"nvmevfio: warning: /dev/ublkb{dev_id}: {exc}", err=True)
 
@@ -204,10 +204,10 @@ def _stop(address: str | None, nsid: int, nqn: str | None, fmt: str) -> None:
         if failed:
             raise ex.ExportError(f"{rec.nqn}: nvmet kept {'; '.join(failed)}", reason="teardown-failed")
     if rec.ublk_started:
-        from nvmevfio import ublk as ub
+        from nvmevfio import ublk_devices as ubd
 
         with errors():
-            d = ub.device_info(rec.dev_id) if Path(f"/sys/class/ublk-char/ublkc{rec.dev_id}").exists() else None
+            d = ubd.device_info(rec.dev_id) if Path(f"/sys/class/ublk-char/ublkc{rec.dev_id}").exists() else None
         if d is not None and (d.address, d.nsid) == (rec.address, rec.nsid):
             _stop_ublk(rec.dev_id)
     ex.record_path(rec.nqn).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import numpy as np
 from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockFile, DeviceInfo
 from nvmevfio.errors import NvmeVfioError, Refused
-from nvmevfio.nvme.queue import PerfCounters
+from nvmevfio.nvme.perfloop import PerfCounters
 from nvmevfio.nvme.spec import SQE, command_error
 from nvmevfio.service import DEFAULT_SOCKET
 from nvmevfio.service import ring as rings

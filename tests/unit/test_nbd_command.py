@@ -84,18 +84,18 @@ def test_file_plugin_command_line():
 @pytest.fixture
 def devices(monkeypatch):
     """Fake ublk devices by number (their server's pid); records what was stopped."""
-    from nvmevfio import ublk
+    from nvmevfio import ublk_devices
 
     devs: dict[int, int] = {}
     stopped: list[int] = []
 
     def info(dev_id):
         if dev_id not in devs:
-            raise ublk.UblkError(f"there is no ublk device {dev_id}", reason="unknown-device")
+            raise ublk_devices.UblkError(f"there is no ublk device {dev_id}", reason="unknown-device")
         return SimpleNamespace(dev_id=dev_id, server_pid=devs[dev_id])
 
-    monkeypatch.setattr(ublk, "device_info", info)
-    monkeypatch.setattr(ublk, "stop_device", lambda dev_id: stopped.append(dev_id))
+    monkeypatch.setattr(ublk_devices, "device_info", info)
+    monkeypatch.setattr(ublk_devices, "stop_device", lambda dev_id: stopped.append(dev_id))
     return devs, stopped
 
 

@@ -4,7 +4,7 @@ queues' counters and histograms merged, the CPU cost per command (exact values).
 import numpy as np
 import pytest
 
-from nvmevfio import perf
+from nvmevfio import perf_stats
 from nvmevfio.cli.common import parse_cpu_list
 
 
@@ -20,13 +20,13 @@ def test_cpu_lists_as_taskset_writes_them():
 
 
 def test_count_shared_out():
-    assert perf.split_count(1001, 2) == [501, 500]
-    assert perf.split_count(10, 3) == [4, 3, 3]
-    assert perf.split_count(None, 2) == [0, 0]  # 0: bounded by time only
+    assert perf_stats.split_count(1001, 2) == [501, 500]
+    assert perf_stats.split_count(10, 3) == [4, 3, 3]
+    assert perf_stats.split_count(None, 2) == [0, 0]  # 0: bounded by time only
 
 
 def _stats(**kw: int) -> dict[str, int]:
-    base = dict.fromkeys((*perf.STAT_SUMS, "first_error_status", "first_error_opcode"), 0)
+    base = dict.fromkeys((*perf_stats.STAT_SUMS, "first_error_status", "first_error_opcode"), 0)
     return {**base, "lat_min_ns": 2**64 - 1, "lat_max_ns": 0, **kw}
 
 
@@ -35,7 +35,7 @@ def test_merged_counters_and_histograms():
                wait_ns=7, fills=10, reaps=20, sleeps=1)
     b = _stats(ios=50, reads=50, errors=2, lat_sum_ns=4_000_000, lat_min_ns=30_000, lat_max_ns=200_000, issued=58,
                wait_ns=3, fills=5, reaps=6, first_error_status=0x281, first_error_opcode=2)
-    m = perf.merge_stats([a, b])
+    m = perf_stats.merge_stats([a, b])
     assert m == {"ios": 150, "reads": 110, "writes": 40, "errors": 2, "lat_sum_ns": 9_000_000, "issued": 166,
                  "wait_ns": 10, "fills": 15, "reaps": 26, "sleeps": 1, "lat_min_ns": 20_000, "lat_max_ns": 200_000,
                  "first_error_status": 0x281, "first_error_opcode": 2}
@@ -47,21 +47,21 @@ def test_merged_counters_and_histograms():
     h1[700] = 2
     h2[644] = 49
     h2[760] = 1
-    merged = perf.merge_histograms([h1, h2])
+    merged = perf_stats.merge_histograms([h1, h2])
     assert merged.dtype == np.uint64 and int(merged.sum()) == 150
     assert (int(merged[644]), int(merged[700]), int(merged[760])) == (147, 2, 1)
-    assert (perf.bucket_value(644), perf.bucket_value(700), perf.bucket_value(760)) == (35_072.0, 63_744.0, 123_392.0)
+    assert [perf_stats.bucket_value(b) for b in (644, 700, 760)] == [35_072.0, 63_744.0, 123_392.0]
     # 150 commands: p50 is the 75th (bucket 644), p99 the 149th (bucket 700), p99.9 the 150th (bucket 760)
-    assert perf.percentiles(merged, [50, 99, 99.9]) == [35_072.0, 63_744.0, 123_392.0]
-    lat = perf.latency_figures(m, merged)
+    assert perf_stats.percentiles(merged, [50, 99, 99.9]) == [35_072.0, 63_744.0, 123_392.0]
+    lat = perf_stats.latency_figures(m, merged)
     assert lat["lat_mean_us"] == 60.0 and lat["lat_min_us"] == 20.0 and lat["lat_max_us"] == 200.0
     assert (lat["lat_p50_us"], lat["lat_p99_us"], lat["lat_p999_us"]) == (35.072, 63.744, 123.392)
 
 
 def test_cpu_per_command_and_share_off_cpu():
     # 0.3 s user + 0.1 s system over 2 s of wall time, 20,000 commands: 20 us each, off CPU 80%
-    assert perf.cpu_figures(0.3, 0.1, 2.0, 20_000) == pytest.approx(
+    assert perf_stats.cpu_figures(0.3, 0.1, 2.0, 20_000) == pytest.approx(
         {"cpu_us_per_io": 20.0, "usr_us_per_io": 15.0, "sys_us_per_io": 5.0, "wait_share": 0.8})
-    assert perf.cpu_figures(1.02, 0.0, 1.0, 10)["wait_share"] == 0.0  # a spinning thread, rounding: never below 0
-    assert perf.cpu_figures(0.0, 0.0, 0.0, 0) == {"cpu_us_per_io": 0.0, "usr_us_per_io": 0.0, "sys_us_per_io": 0.0,
-                                                  "wait_share": 0.0}
+    assert perf_stats.cpu_figures(1.02, 0.0, 1.0, 10)["wait_share"] == 0.0  # a spinning thread, rounding: never below 0
+    assert perf_stats.cpu_figures(0.0, 0.0, 0.0, 0) == {"cpu_us_per_io": 0.0, "usr_us_per_io": 0.0,
+                                                        "sys_us_per_io": 0.0, "wait_share": 0.0}

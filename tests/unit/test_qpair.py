@@ -10,7 +10,7 @@ from nvmevfio.errors import ControllerFatal, Refused, ShimError
 from nvmevfio.mmio import ArrayMmio, BarMmio
 from nvmevfio.nvme.queue import CID_TAKE, PRP_SLOT, QueuePair
 from nvmevfio.nvme.spec import CQE, SQE
-from nvmevfio.perf import bucket_value, percentiles
+from nvmevfio.perf_stats import bucket_value, percentiles
 
 SQ_DB, CQ_DB = 0x1008, 0x100C
 

@@ -352,7 +352,7 @@ def _client_perf(r, doorbell, completion, loop, slice_s):
 
 @pytest.mark.parametrize("daemon_polling", [0, 1])
 def test_the_client_loop_rings_only_a_sleeping_daemon_and_reaps_without_an_eventfd(daemon_polling):
-    from nvmevfio.nvme.queue import PerfCounters
+    from nvmevfio.nvme.perfloop import PerfCounters
 
     r = Rig(depth=8)
     r.head = 0
@@ -393,7 +393,7 @@ def test_a_client_that_does_not_reap_does_not_keep_the_daemon_awake():
 def test_the_client_loop_issues_the_in_process_loops_workload():
     """One PRNG and one fill policy (cbits/perf.h): with the same seed the service client's loop
     (cbits/svc_client.c) publishes the LBAs, directions and slots nv_perf_run posts."""
-    from nvmevfio.nvme.queue import PerfCounters
+    from nvmevfio.nvme.perfloop import PerfCounters
 
     def workload():
         loop = PerfCounters()

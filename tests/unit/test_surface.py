@@ -22,7 +22,7 @@ from nvmevfio.broker import Namespace, RegisteredBuffer
 from nvmevfio.dma import DmaBuffer
 from nvmevfio.events import AsyncEvent
 from nvmevfio.nvme.controller import Registers
-from nvmevfio.nvme.queue import PerfLoop
+from nvmevfio.nvme.perfloop import PerfLoop
 from nvmevfio.nvme.zns import Zone
 from nvmevfio.provider import ControllerSession, Provider
 from nvmevfio.service.client import ServiceBuffer, ServiceDevice, ServiceSlots

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nvmevfio import nbd, ublk
+from nvmevfio import nbd, ublk, ublk_devices
 from nvmevfio._ffi import lib
 from nvmevfio.cli import disk as cli_disk
 from nvmevfio.cli import main
@@ -31,13 +31,14 @@ def test_c_errno_is_eio_for_media_and_other_errors(sct, sc):
 
 
 def test_owner_round_trips_through_ublksrv_flags():
-    flags = ublk.encode_owner("0000:00:04.0", 1)
-    assert flags & ublk.SERVER_FLAGS_MARK
-    assert ublk.decode_owner(flags) == ("0000:00:04.0", 1)
-    assert ublk.decode_owner(ublk.encode_owner("7bcd:ff:1f.7", 0xFFFFFFFF)) == ("7bcd:ff:1f.7", 0xFFFFFFFF)
-    with pytest.raises(ublk.UblkError):
-        ublk.encode_owner("8000:00:04.0", 1)
-    assert ublk.decode_owner(0) is None  # a device another server added
+    flags = ublk_devices.encode_owner("0000:00:04.0", 1)
+    assert flags & ublk_devices.SERVER_FLAGS_MARK
+    assert ublk_devices.decode_owner(flags) == ("0000:00:04.0", 1)
+    far = ublk_devices.encode_owner("7bcd:ff:1f.7", 0xFFFFFFFF)
+    assert ublk_devices.decode_owner(far) == ("7bcd:ff:1f.7", 0xFFFFFFFF)
+    with pytest.raises(ublk_devices.UblkError):
+        ublk_devices.encode_owner("8000:00:04.0", 1)
+    assert ublk_devices.decode_owner(0) is None  # a device another server added
 
 
 def test_params_from_identify_with_a_volatile_cache():
@@ -70,15 +71,15 @@ def test_params_without_dsm_or_write_zeroes():
 
 @pytest.fixture
 def no_ublk(monkeypatch, tmp_path):
-    monkeypatch.setattr(ublk, "UBLK_CONTROL", tmp_path / "ublk-control")
+    monkeypatch.setattr(ublk_devices, "UBLK_CONTROL", tmp_path / "ublk-control")
     ran = []
-    monkeypatch.setattr(ublk.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(ublk_devices.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
     return ran
 
 
 def test_missing_ublk_is_one_typed_error_naming_nbd(no_ublk):
-    with pytest.raises(ublk.UblkError) as e:
-        ublk.require_ublk()
+    with pytest.raises(ublk_devices.UblkError) as e:
+        ublk_devices.require_ublk()
     assert e.value.reason == "ublk-missing" and "nvmevfio nbd" in str(e.value)
     assert no_ublk == [["modprobe", "-q", "ublk_drv"]]  # the module was asked for first
 
@@ -111,24 +112,25 @@ def test_possible_cpus_reads_the_kernels_range():
     assert ublk.possible_cpus() == int(text.split(",")[-1].split("-")[-1]) + 1 >= 1
 
 
-def _info(dev_id: int, pid: int, alive: bool) -> ublk.DeviceInfo:
-    return ublk.DeviceInfo(dev_id=dev_id, state="live", server_pid=pid, server_alive=alive, queues=1, depth=8,
-                           max_io_bytes=4096, recoverable=True, address="0000:00:04.0", nsid=1, block_device=None)
+def _info(dev_id: int, pid: int, alive: bool) -> ublk_devices.DeviceInfo:
+    return ublk_devices.DeviceInfo(dev_id=dev_id, state="live", server_pid=pid, server_alive=alive, queues=1,
+                                   depth=8, max_io_bytes=4096, recoverable=True, address="0000:00:04.0", nsid=1,
+                                   block_device=None)
 
 
 def test_stop_returns_only_once_the_server_has_exited(monkeypatch):
     """The device goes before the server has shut the controller down: --stop waits for both."""
-    monkeypatch.setattr(ublk, "require_ublk", lambda: None)
-    monkeypatch.setattr(ublk, "device_info", lambda dev_id: _info(dev_id, 4242, True))
-    monkeypatch.setattr(ublk.os, "kill", lambda pid, sig: None)
-    monkeypatch.setattr(ublk, "_wait_gone", lambda dev_id, timeout_s: True)
+    monkeypatch.setattr(ublk_devices, "require_ublk", lambda: None)
+    monkeypatch.setattr(ublk_devices, "device_info", lambda dev_id: _info(dev_id, 4242, True))
+    monkeypatch.setattr(ublk_devices.os, "kill", lambda pid, sig: None)
+    monkeypatch.setattr(ublk_devices, "_wait_gone", lambda dev_id, timeout_s: True)
     polls = iter([True, True, False])
-    monkeypatch.setattr(ublk, "_alive", lambda pid: next(polls))
-    assert ublk.stop_device(3).server_pid == 4242
+    monkeypatch.setattr(ublk_devices, "_alive", lambda pid: next(polls))
+    assert ublk_devices.stop_device(3).server_pid == 4242
     assert next(polls, "done") == "done"  # asked until the process was gone
-    monkeypatch.setattr(ublk, "_alive", lambda pid: True)
-    with pytest.raises(ublk.UblkError) as e:
-        ublk.stop_device(3, timeout_s=0.2)
+    monkeypatch.setattr(ublk_devices, "_alive", lambda pid: True)
+    with pytest.raises(ublk_devices.UblkError) as e:
+        ublk_devices.stop_device(3, timeout_s=0.2)
     assert e.value.reason == "stop-timeout" and "did not stop within 0.2 s" in str(e.value)
 
 

@@ -192,7 +192,7 @@ def crash_and_recover(root: Path, pid: int, dev_id: int) -> tuple[FsyncWriter, d
     recovery (still there, its I/O held), `nvmevfio ublk --recover` serves it again and the writer
     must carry on (20 more files durable) without an error. Returns the stopped writer and what
     --recover printed."""
-    from nvmevfio import ublk as ub
+    from nvmevfio import ublk_devices as ubd
 
     root.mkdir()
     writer = FsyncWriter(root)
@@ -201,8 +201,8 @@ def crash_and_recover(root: Path, pid: int, dev_id: int) -> tuple[FsyncWriter, d
         os.kill(pid, signal.SIGKILL)  # mid-write: the writer fsyncs all the time
         at_kill = len(writer.durable)
         deadline = time.monotonic() + 30
-        while not ub.device_info(dev_id).waiting_for_recovery:
-            assert time.monotonic() < deadline, ub.device_info(dev_id)
+        while not ubd.device_info(dev_id).waiting_for_recovery:
+            assert time.monotonic() < deadline, ubd.device_info(dev_id)
             time.sleep(0.1)
         assert Path(f"/dev/ublkb{dev_id}").exists()  # the disk stays, its I/O held
         again: dict = json.loads(nv("ublk", "--recover", str(dev_id), "--background", "-o", "json",

@@ -41,7 +41,7 @@ from disk_checks import (
 )
 
 from nvmevfio import export as ex
-from nvmevfio import ublk as ub
+from nvmevfio import ublk_devices as ubd
 
 UBLK = Path("/dev/ublk-control").exists()
 NVMET = Path("/sys/kernel/config/nvmet")
@@ -138,9 +138,9 @@ else:
             nvme("disconnect", "-n", info["nqn"], check=False)
         if any(r.nqn == info["nqn"] for r in ex.load_records()):  # a test failed before --stop
             nv("export", export_ctrl["address"], "--stop", check=False, timeout=300)
-        for d in ub.list_devices():
+        for d in ubd.list_devices():
             if d.address == export_ctrl["address"]:
-                ub.stop_device(d.dev_id)
+                ubd.stop_device(d.dev_id)
 
     def test_discovery_lists_the_subsystem_and_a_host_not_on_the_list_is_refused(exported):
         nqn = exported["nqn"]
@@ -184,7 +184,7 @@ else:
     def test_a_killed_server_is_recovered_and_the_initiator_carries_on(exported):
         if not MNT.is_mount():
             mount(connect(exported["nqn"]), MNT)
-        d = next(d for d in ub.list_devices() if d.dev_id == exported["dev_id"])
+        d = next(d for d in ubd.list_devices() if d.dev_id == exported["dev_id"])
         writer, _ = crash_and_recover(MNT / "crash", d.server_pid, d.dev_id)  # the writer goes through TCP
         assert controllers_of(exported["nqn"])  # the same attachment (reconnected if it had to)
         sh("sync")
@@ -209,7 +209,7 @@ else:
         res = nvme("connect", "-t", "tcp", "-a", ADDR, "-s", PORT, "-n", nqn, "--hostnqn", HOST, "-D", check=False)
         assert res.returncode != 0, res  # nothing listens any more
         assert not Path(exported["device"]).exists()
-        assert all(d.dev_id != exported["dev_id"] for d in ub.list_devices())
+        assert all(d.dev_id != exported["dev_id"] for d in ubd.list_devices())
         assert configfs_holds(exported) == []
         assert ex.load_records() == []  # what --list reads (the CLI's --list is checked above)
         if controllers_of(nqn):

@@ -43,9 +43,9 @@ def ublk_devices(addr: str) -> list:
     """The ublk devices serving ``addr`` (none where the kernel has no ublk)."""
     if not UBLK:
         return []
-    from nvmevfio import ublk
+    from nvmevfio import ublk_devices
 
-    return [d for d in ublk.list_devices() if d.address == addr]
+    return [d for d in ublk_devices.list_devices() if d.address == addr]
 
 
 def start(addr: str) -> dict:

@@ -54,6 +54,7 @@ from disk_checks import (
 )
 
 from nvmevfio import ublk as ub
+from nvmevfio import ublk_devices as ubd
 
 UBLK = Path("/dev/ublk-control").exists()
 MNT = Path("/tmp/ublk-mnt")  # the shared disk's filesystem
@@ -102,7 +103,7 @@ else:
     def devices() -> list[dict]:
         """What `nvmevfio ublk --list -o json` prints, taken in-process: this file's devices only
         (test_nbd.py serves a controller through a ublk device of its own too)."""
-        return [d.to_dict() for d in ub.list_devices() if d.address in OURS]
+        return [d.to_dict() for d in ubd.list_devices() if d.address in OURS]
 
     def listed(info: dict) -> dict:
         return next(d for d in devices() if d["dev_id"] == info["dev_id"])
@@ -126,7 +127,7 @@ else:
         """The server's counters as `--list` shows them, written after this call began (the server
         rewrites them every half second): they count every request completed before it."""
         since = time.time()
-        path = ub.stats_path(info["dev_id"])
+        path = ubd.stats_path(info["dev_id"])
         deadline = time.monotonic() + 10
         while not (path.exists() and path.stat().st_mtime > since):
             assert time.monotonic() < deadline, f"{path} was not rewritten within 10 s"
@@ -168,9 +169,9 @@ else:
         yield shared
         if MNT.is_mount():
             umount_after_crash(MNT)
-        for d in ub.list_devices():
+        for d in ubd.list_devices():
             if d.address == ublk_ctrl["address"]:
-                ub.stop_device(d.dev_id)
+                ubd.stop_device(d.dev_id)
 
     @pytest.fixture
     def cleanup(ublk_ctrl):
@@ -179,9 +180,9 @@ else:
         yield
         if OWN_MNT.is_mount():
             umount_after_crash(OWN_MNT)
-        for d in ub.list_devices():
+        for d in ubd.list_devices():
             if d.address in OURS and d.address != ublk_ctrl["address"]:
-                ub.stop_device(d.dev_id)
+                ubd.stop_device(d.dev_id)
 
     # ---------------------------------------------------------------- the shared disk
     def test_ext4_files_keep_their_sha256_across_a_server_restart_and_fio_verifies(disk):
