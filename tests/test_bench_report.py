@@ -248,3 +248,40 @@ def test_the_other_doorbell_choice_column():
 def test_sweep_title_names_the_backing():
     assert bench.sweep_title({"backing": "null-co", "thread_pool_max": 256}) == (
         "QEMU 7.2 NVMe behind an emulated IOMMU, TCG guest; null-co (no I/O), thread-pool-max=256")
+
+
+def test_paired_rounds_swap_the_order_and_keep_each_pairs_ratio():
+    order: list[str] = []
+
+    def run(name: str, iops: list[float]):
+        it = iter(iops)
+
+        def one() -> dict:
+            order.append(name)
+            return {"iops": next(it), "lat_p99_us": 10.0}
+        return one
+
+    got = bench.paired_rounds(run("C", [100.0, 200.0, 100.0]), run("nv", [110.0, 180.0, 90.0]), 3)
+    assert order == ["C", "nv", "nv", "C", "C", "nv"]  # C first, then nvmevfio first, then C first
+    assert got["ratios"] == pytest.approx([1.1, 0.9, 0.9])
+    assert got["libvfn"]["iops"] == 100.0 and got["nvmevfio"]["iops"] == 110.0  # medians of the runs
+    assert len(got["libvfn"]["runs"]) == 3
+
+
+def test_median_sweep_and_the_paired_report_against_the_bar():
+    def boot(nv: float, ratios: list[float]) -> dict:
+        return {"nvmevfio": {"1": {"iops": nv, "lat_p99_us": 5.0}, "32": {"iops": 2 * nv, "lat_p99_us": 9.0}},
+                "libvfn": {"1": {"iops": 100.0, "lat_p99_us": 6.0}, "32": {"iops": 200.0, "lat_p99_us": 8.0}},
+                "paired": {"1": ratios, "32": [1.0, 1.2, 1.1]}}
+
+    boots = [boot(90.0, [0.8, 0.9, 1.0]), boot(120.0, [1.1, 1.3, 1.2]), boot(100.0, [1.0, 1.0, 0.7])]
+    m = bench.median_sweep(boots)
+    assert m["nvmevfio"]["1"] == {"iops": 100.0, "lat_p99_us": 5.0} and m["nvmevfio"]["32"]["iops"] == 200.0
+    assert len(m["paired"]["1"]) == 9
+    lines = bench.paired_report(boots).splitlines()
+    # QD1: boots' medians 0.9, 1.2, 1.0 -> 1.00 (met at the bar); QD32: 1.1 in every boot
+    assert lines[1].split() == ["poll", "QD1", "1.00", "[0.90,", "1.20,", "1.00]", "met"]
+    assert lines[2].split() == ["poll", "QD32", "1.10", "[1.10,", "1.10,", "1.10]", "met"]
+    boots[2]["paired"]["1"] = [0.5, 0.6, 0.7]
+    assert bench.paired_report(boots).splitlines()[1].split() == ["poll", "QD1", "0.90", "[0.90,", "1.20,", "0.60]",
+                                                                  "NOT", "MET"]

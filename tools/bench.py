@@ -30,6 +30,7 @@ run it on an idle machine. Each boot is a fresh guest; the report is the median 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -550,12 +551,29 @@ def libvfn_round(binary: str, addr: str, seconds: float) -> dict:
             for name, rw, bs, qd in MATRIX}
 
 
+def paired_rounds(c_run, nv_run, rounds: int) -> dict:
+    """``rounds`` pairs of runs, the C anchor and nvmevfio back to back, the order swapped every
+    round (C first, then nvmevfio first) so that a drift within the boot favours neither: each
+    driver's median IOPS and p99 over its runs (the runs kept), and each pair's nvmevfio / C."""
+    runs: dict[str, list[dict]] = {"libvfn": [], "nvmevfio": []}
+    for r in range(rounds):
+        order = (("libvfn", c_run), ("nvmevfio", nv_run)) if r % 2 == 0 else (("nvmevfio", nv_run), ("libvfn", c_run))
+        for name, run in order:
+            runs[name].append(run())
+    out: dict = {name: {"iops": statistics.median(x["iops"] for x in got),
+                        "lat_p99_us": statistics.median(x["lat_p99_us"] for x in got), "runs": got}
+                 for name, got in runs.items()}
+    out["ratios"] = [n["iops"] / c["iops"] for n, c in zip(runs["nvmevfio"], runs["libvfn"])]
+    return out
+
+
 def sweep_round(addr: str, dev_of, seconds: float, depths: list[int], modes: tuple[str, ...],
-                drivers: tuple[str, ...], binary: str | None = None) -> dict:
+                drivers: tuple[str, ...], binary: str | None = None, rounds: int = 1) -> dict:
     """randread 4 KiB at every depth, per driver and mode (keys ``kernel``, ``nvmevfio``,
     ``libvfn`` polled, ``..._irq`` with interrupts): the kernel (io_uring, --hipri when polled),
     then on vfio: the C anchor, nvmevfio, the C anchor again (its entry the mean of the two, each
-    kept under ``runs``)."""
+    kept under ``runs``). ``rounds`` > 1 with both: at each depth that many pairs back to back
+    instead (:func:`paired_rounds`; ``paired``/``paired_irq``: each pair's nvmevfio / C)."""
     from nvmevfio import pci
 
     out: dict = {}
@@ -575,6 +593,16 @@ def sweep_round(addr: str, dev_of, seconds: float, depths: list[int], modes: tup
         return {mode: {qd: anchor(binary, addr, "randread", 4096, qd, seconds, mode) for qd in depths}
                 for mode in modes}
 
+    if rounds > 1 and binary and {"libvfn", "nvmevfio"} <= set(drivers):
+        for mode in modes:
+            for qd in depths:
+                got = paired_rounds(functools.partial(anchor, binary, addr, "randread", 4096, qd, seconds, mode),
+                                    functools.partial(perf, addr, "randread", 4096, qd, seconds, mode), rounds)
+                for driver in ("libvfn", "nvmevfio"):
+                    out.setdefault(key(driver, mode), {})[qd] = got[driver]
+                out.setdefault(key("paired", mode), {})[qd] = got["ratios"]
+        pci.unbind(addr)
+        return out
     c1 = c_driver() if binary and "libvfn" in drivers else None
     if "nvmevfio" in drivers:
         for mode in modes:
@@ -808,7 +836,7 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
     if sweep:
         o = sweep_opts or {}
         got = sweep_round(addr, kernel_dev, seconds, o.get("depths", SWEEP_DEPTHS), tuple(o.get("modes", ("poll",))),
-                          tuple(o.get("drivers", SWEEP_DRIVERS)), binary)
+                          tuple(o.get("drivers", SWEEP_DRIVERS)), binary, o.get("rounds", 1))
         out_path.write_text(json.dumps({"sweep": got, "seconds": time.time() - t0, "setup": o}, indent=2))
         return 0
     dev = kernel_dev()
@@ -1092,6 +1120,43 @@ def sweep_table(sweep: dict) -> str:
     return "\n".join(out)
 
 
+def median_sweep(sweeps: list[dict]) -> dict:
+    """Several boots' sweeps as one: per line and depth the median IOPS and p99 over the boots
+    that measured it (the paired ratios: every boot's pairs together)."""
+    out: dict = {}
+    for name in dict.fromkeys(k for s in sweeps for k in s):
+        depths = dict.fromkeys(str(q) for s in sweeps for q in s.get(name, {}))
+        for q in depths:
+            got = [s[name].get(q, s[name].get(int(q))) for s in sweeps if name in s]
+            got = [g for g in got if g is not None]
+            if name.startswith("paired"):
+                out.setdefault(name, {})[q] = [r for g in got for r in g]
+            else:
+                out.setdefault(name, {})[q] = {"iops": statistics.median(g["iops"] for g in got),
+                                               "lat_p99_us": statistics.median(g["lat_p99_us"] for g in got)}
+    return out
+
+
+PAIRED_BAR = 1.0  # issue 26: randread 4 KiB polled, nvmevfio >= the C driver at every depth
+
+
+def paired_report(sweeps: list[dict]) -> str:
+    """nvmevfio / C driver at each depth from paired rounds: per boot the median of its pairs'
+    ratios, then the median over boots (each boot's in brackets), against the bar."""
+    lines = [f"nvmevfio / C driver, randread 4 KiB, pairs back to back: median of {len(sweeps)} boot(s) of each "
+             "boot's median pair (bar 1.0)"]
+    for key in ("paired", "paired_irq"):
+        depths = sorted({int(q) for s in sweeps for q in s.get(key, {})})
+        for qd in depths:
+            per_boot = [statistics.median(s[key].get(str(qd), s[key].get(qd))) for s in sweeps
+                        if s.get(key, {}).get(str(qd), s.get(key, {}).get(qd))]
+            med = statistics.median(per_boot)
+            mode = "poll" if key == "paired" else "irq"
+            verdict = ("met" if med >= PAIRED_BAR else "NOT MET") if mode == "poll" else "(informational)"
+            lines.append(f"  {mode:<4} QD{qd:<5} {med:5.2f}  [{', '.join(f'{r:.2f}' for r in per_boot)}]  {verdict}")
+    return "\n".join(lines)
+
+
 def plot_sweep(sweep: dict, path: Path, title: str = "") -> None:
     """IOPS and p99 latency against queue depth, every driver and mode (matplotlib, PNG)."""
     import matplotlib
@@ -1163,7 +1228,8 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
     out = io_dir / "results.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--seconds", str(args.seconds), "--in-guest", str(out)]
     if sweep:
-        cmd += ["--sweep", "--depths", ",".join(map(str, args.depths)), "--modes", ",".join(args.modes),
+        cmd += ["--sweep", "--rounds", str(args.rounds), "--depths", ",".join(map(str, args.depths)),
+                "--modes", ",".join(args.modes),
                 "--drivers", ",".join(args.drivers)]
     if only:
         cmd += ["--only", only]
@@ -1198,7 +1264,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     ap.add_argument("--size", default="1G", help="namespace size (filled with random data)")
-    ap.add_argument("--boots", type=int, default=3, help="guest boots; the report is the median")
+    ap.add_argument("--boots", type=int, help="guest boots; the report is the median (default 3; 1 with --sweep)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --sweep and --libvfn: at each depth this many pairs "
+                    "of runs, the C driver and nvmevfio back to back, the order swapped each round; the report "
+                    "is the median of the pairs' ratios per boot, then over boots")
     ap.add_argument("--sweep", action="store_true", help="queue-depth sweep (QD 1..1024) instead of the matrix")
     ap.add_argument("--depths", type=_int_list, default=SWEEP_DEPTHS, help="with --sweep: the queue depths, "
                     "comma-separated (default 1,2,4,...,1024)")
@@ -1247,10 +1316,12 @@ def main() -> int:
     ap.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--anchor-bin", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.boots is None:
+        args.boots = 1 if args.sweep else 3
     if args.in_guest:
         ANCHOR_DBBUF["on"] = args.libvfn_dbbuf
         return in_guest(args.seconds, args.in_guest, args.sweep, args.only, args.anchor_bin,
-                        {"depths": args.depths, "modes": args.modes, "drivers": args.drivers})
+                        {"depths": args.depths, "modes": args.modes, "drivers": args.drivers, "rounds": args.rounds})
     if args.libvfn:
         args.anchor_bin = build_anchor(args.libvfn)
     elif args.sweep:
@@ -1365,13 +1436,23 @@ def main() -> int:
             args.json.write_text(json.dumps({"boots": [{"only": rounds}]}, indent=2))
         return 0
     if args.sweep:
-        data = boot_once(args, True)
-        data["setup"] = {**data.get("setup", {}), "backing": args.backing, "drive_opts": args.drive_opts,
-                         "thread_pool_max": args.thread_pool_max, "nvme_opts": args.nvme_opts}
-        if args.json:
-            args.json.write_text(json.dumps(data, indent=2))
-        plot_sweep(data["sweep"], args.plot or Path("sweep.png"), sweep_title(data["setup"]))
-        print(sweep_table(data["sweep"]))
+        boots = []
+        for i in range(args.boots):
+            data = boot_once(args, True)
+            data["setup"] = {**data.get("setup", {}), "backing": args.backing, "drive_opts": args.drive_opts,
+                             "thread_pool_max": args.thread_pool_max, "nvme_opts": args.nvme_opts}
+            boots.append(data)
+            print(f"boot {i + 1} of {args.boots}", flush=True)
+            print(sweep_table(data["sweep"]), flush=True)
+            if args.json:  # every boot so far: a run cut short keeps what it measured
+                args.json.write_text(json.dumps(data if len(boots) == 1 else {"boots": boots}, indent=2))
+        sweep = median_sweep([b["sweep"] for b in boots])
+        plot_sweep(sweep, args.plot or Path("sweep.png"), sweep_title(boots[0]["setup"]))
+        if len(boots) > 1:
+            print(f"median of {len(boots)} boots")
+            print(sweep_table(sweep))
+        if any(k.startswith("paired") for k in sweep):
+            print(paired_report([b["sweep"] for b in boots]))
         return 0
     boots = []
     for i in range(args.boots):
