@@ -29,6 +29,10 @@ static inline uint32_t perf_batch(const struct nv_perf *p, uint32_t room, uint32
         k = cap;
     if (p->max_ios && p->max_ios - p->issued < k)
         k = (uint32_t)(p->max_ios - p->issued);
+    /* fio's iodepth_batch_submit: wait until batch_min can go with one SQ tail doorbell (Python
+     * keeps batch_min <= depth, so an empty queue always can); a count's last few go as they are. */
+    if (k < p->batch_min && !(p->max_ios && p->max_ios - p->issued == k))
+        return 0;
     return k;
 }
 

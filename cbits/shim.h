@@ -358,6 +358,8 @@ struct nv_perf {
     uint64_t zone_size;        /* a zoned workload (sequential): blocks per zone; 0: not zoned */
     uint64_t zone_ios;         /* its I/Os per zone (the zone's capacity in I/Os) */
     uint32_t zone_append;      /* 1: Zone Append to each zone's start; 0: Write at the zone's write pointer */
+    uint32_t batch_min;        /* issue only when this many can go at once (fio's iodepth_batch_submit);
+                                  0 or 1: whatever is free, at once */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

@@ -66,6 +66,7 @@ class PerfResult:
     wait_pct: float = 0.0  # share of the run the C loop spent waiting for the device (the profile)
     ios_per_submit: float = 0.0  # commands per SQ batch (per SQ tail doorbell)
     ios_per_reap: float = 0.0  # completions per CQ batch
+    iodepth_batch: int = 1  # issued only when this many could go at once (--iodepth-batch)
     verify: bool = False
     verified_blocks: int = 0  # blocks read back whose header and CRC32C were checked
     mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
@@ -289,7 +290,7 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
         lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1,
         status: Callable[[float, int], None] | None = None, ramp_s: float = 0.0, verify: bool = False,
         hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
-        shared_poller: bool = False) -> PerfResult:
+        shared_poller: bool = False, iodepth_batch: int = 1) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
@@ -301,12 +302,14 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     closed loop and thread, ``queue_depth`` deep, ``count`` shared out; with a list of service
     sessions, one queue per session. ``cpus``: pin queue i's thread to ``cpus[i % len(cpus)]``.
     ``shared_poller``: one thread polls every queue (``nv_perf_run_many``) instead of a thread
-    each; polled queues only, pinned to ``cpus[0]`` when given.
+    each; polled queues only, pinned to ``cpus[0]`` when given. ``iodepth_batch``: issue only
+    when that many commands can go with one SQ tail doorbell (fio's iodepth_batch_submit; 1 to
+    ``queue_depth``), fewer doorbells for a shallower queue between batches.
     The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
     time per completed command."""
     prep = prepare(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=lba_range, rwmixread=rwmixread, seed=seed, verify=verify, hybrid=hybrid, queues=queues,
-                   cpus=cpus, shared_poller=shared_poller)
+                   cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch)
     if prep.verify is not None:
         return prep.verify(status=status)
     prep.start()
@@ -319,7 +322,7 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             io_size: int = 4096, queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
             lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1, verify: bool = False,
             hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
-            shared_poller: bool = False) -> Prepared:
+            shared_poller: bool = False, iodepth_batch: int = 1) -> Prepared:
     """:func:`run`'s workload checked and built, nothing sent to the device yet: every refusal
     happens here, before any I/O (several controllers' runs are all prepared before any
     starts: ``perf_many``)."""
@@ -336,6 +339,11 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
                       f"(0..{first.block_count}) or one {io_size}-byte I/O")
     if not 1 <= queue_depth <= first.capacity():
         raise Refused("count-out-of-range", f"queue depth {queue_depth} outside 1..{first.capacity()}")
+    if not 1 <= iodepth_batch <= queue_depth:
+        raise Refused("count-out-of-range", f"I/O depth batch {iodepth_batch} outside 1..{queue_depth} (the queue "
+                      "depth)", iodepth_batch=iodepth_batch, queue_depth=queue_depth)
+    if verify and iodepth_batch > 1:
+        raise Refused("invalid-argument", "verify runs its loop in Python: --iodepth-batch is the C loop's")
     if count is not None and count < len(pairs):
         raise Refused("count-out-of-range", f"I/O count {count} must be at least one per queue ({len(pairs)})")
     allowed = os.sched_getaffinity(0)
@@ -380,10 +388,11 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             loop = d.perf_loop(reg, io_size=io_size, lba_range=(lo, hi), random=workload.startswith("rand"),
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
+            loop.iodepth_batch = iodepth_batch
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
-            "info": first.info}
+            "info": first.info, "iodepth_batch": iodepth_batch}
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
@@ -403,7 +412,8 @@ def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int,
 
 
 def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
-            usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None) -> PerfResult:
+            usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None,
+            iodepth_batch: int = 1) -> PerfResult:
     stats = [q.loop.stats() for q in qs]
     elapsed = max(q.wall_s for q in qs)
     rows = []
@@ -422,7 +432,7 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
     return PerfResult(workload=workload, io_size=io_size, queue_depth=queue_depth, mode=mode, seconds=elapsed,
                       shadow_doorbells=shadow, queues=len(qs), cpus=list(cpus or []), per_queue=rows,
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
-                      sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)),
+                      sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
                       **whole, **cpu)
 
 

@@ -209,14 +209,17 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @click.option("--shared-poller", "shared_poller", is_flag=True,
               help="one thread polls every queue of every controller given (as an SPDK reactor) instead of a "
                    "thread per queue; --mode poll only; pinned to the first --cpu")
+@click.option("--iodepth-batch", "iodepth_batch", type=click.IntRange(1, 4095), default=1, show_default=True,
+              help="issue only when this many I/Os can go with one SQ tail doorbell (fio's iodepth_batch_submit); "
+                   "at most -q")
 @cpu_list_opt
 @_workload_options
 @service_socket_opt
 @output_opt
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
-         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, cpus: list[int] | None,
-         service_socket: str | None, fmt: str) -> None:
+         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, iodepth_batch: int,
+         cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -227,6 +230,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
              nvmevfio perf 00:04.0 00:05.0 -w randread -q 32   (two controllers: a row each and the total)
              nvmevfio perf 00:04.0 00:05.0 -w randread -q 32 --shared-poller   (both polled by one thread)
+             nvmevfio perf 00:04.0 -w randread -q 32 --iodepth-batch 16   (SQ doorbells for 16 or more)
              nvmevfio perf 00:04.0 --mix read:70,write:20,trim:5,flush:5 --bs 4k:50,16k:30,128k:20 -q 16 \\
                  --jobs 2 --verify --verify-map run.map -t 60 --rate 20000   (the workload engine)
              nvmevfio perf 00:04.0 --verify-only --verify-map run.map   (check an earlier run's blocks)
@@ -234,6 +238,9 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     from nvmevfio import perf as perfmod
 
     engine = click.get_current_context().meta.get(_ENGINE, {})
+    if engine and iodepth_batch > 1:
+        _fail("--iodepth-batch is perf's C loop's: the workload engine (--mix, --bs, ...) issues as it goes",
+              EXIT_ERROR)
     if shared_poller and (mode != "poll" or verify or engine or service_socket):
         _fail("--shared-poller: one thread spins over every queue in perf's C loop: --mode poll, and no --verify, "
               "workload engine options or --socket", EXIT_ERROR)
@@ -248,7 +255,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                                                           "sq_in_cmb": sq_in_cmb},
                    workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=_lba_range(lba_range), rwmixread=rwmixread, ramp_s=ramp, verify=verify,
-                   queues=queues, cpus=cpus, shared_poller=shared_poller)
+                   queues=queues, cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch)
         return
     one = address[0] if address else ""
     if engine:  # the workload engine (--mix, --bs, ...): its own options, run and report
@@ -288,7 +295,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
                           status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus,
-                          shared_poller=shared_poller)
+                          shared_poller=shared_poller, iodepth_batch=iodepth_batch)
     if live:
         click.echo("", err=True)
     bad = len(res.mismatches)

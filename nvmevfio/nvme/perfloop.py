@@ -73,6 +73,16 @@ class PerfCounters(SlicedLoop):
     def hybrid(self, on: bool) -> None:
         self._p.hybrid = int(on)
 
+    @property
+    def iodepth_batch(self) -> int:
+        """Issue only when this many commands can go with one SQ tail doorbell (fio's
+        iodepth_batch_submit); 1: whatever is free, at once. The caller keeps it within the depth."""
+        return max(1, int(self._p.batch_min))
+
+    @iodepth_batch.setter
+    def iodepth_batch(self, n: int) -> None:
+        self._p.batch_min = n
+
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
         count towards the I/O count from here on."""

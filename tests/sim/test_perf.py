@@ -136,3 +136,23 @@ def test_prepare_checks_and_builds_without_io_and_defaults_to_five_seconds(dev, 
     counted.free()
     r = perf.run(dev, workload="randread", queue_depth=4, count=50)
     assert r.ios == 50 and r.errors == 0
+
+
+def test_iodepth_batch_counts_exact_and_refusals(dev, rig):
+    """--iodepth-batch (fio's iodepth_batch_submit): a count ends exactly, its last few issued as
+    they are; a batch outside 1..depth or with verify is refused before any command."""
+    before = len(rig.sim.commands)
+    r = perf.run(dev, workload="randread", queue_depth=32, count=100, iodepth_batch=16)
+    assert r.ios == 100 and r.errors == 0 and r.iodepth_batch == 16
+    assert len(rig.sim.commands) - before == 100
+    # the simulator completes a batch at its doorbell: 32, 32, 32, then the last 4 (fewer than 16: the count's end)
+    assert r.ios_per_submit == 25.0
+    r = perf.run(dev, workload="randwrite", queue_depth=8, count=1000, iodepth_batch=8)
+    assert r.ios == 1000 and r.ios_per_submit == 8.0 and r.to_dict()["iodepth_batch"] == 8
+    before = len(rig.sim.commands)
+    for kw, reason in (({"iodepth_batch": 0}, "count-out-of-range"), ({"iodepth_batch": 33}, "count-out-of-range"),
+                       ({"iodepth_batch": 2, "verify": True}, "invalid-argument")):
+        with pytest.raises(Refused) as ei:
+            perf.run(dev, queue_depth=32, count=10, **kw)
+        assert ei.value.reason == reason
+    assert len(rig.sim.commands) == before

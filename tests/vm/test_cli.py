@@ -201,6 +201,18 @@ def test_perf_two_queues(addr, mode):
     assert [line.split()[0] for line in out.splitlines()[-3:]] == ["1", "2", "total"]
 
 
+@pytest.mark.parametrize("mode", ["poll", "irq"])
+def test_perf_iodepth_batch_issues_whole_batches(addr, mode):
+    """--iodepth-batch 32 at -q 32: every SQ tail doorbell carries 32 commands (the loop waits for
+    the whole queue to drain before it refills); a batch above -q is refused before any I/O."""
+    d = nvj("perf", addr, "-w", "randread", "-q", 32, "-n", 3200, "--iodepth-batch", 32, "--mode", mode,
+            "--range", "0:65536")
+    assert (d["ios"], d["errors"], d["iodepth_batch"]) == (3200, 0, 32)
+    assert d["ios_per_submit"] == 32.0 and d["sq_doorbell_mmio"] == 100
+    r = nv("perf", addr, "-q", 8, "-n", 100, "--iodepth-batch", 9, check=False)
+    assert r.returncode == 3 and b"count-out-of-range" in r.stderr and b"I/O depth batch 9 outside 1..8" in r.stderr
+
+
 def test_perf_more_queues_than_the_controller_allows(addr):
     r = nv("perf", addr, "-n", 100, "--queues", 5, check=False)  # max_ioqpairs=4
     assert r.returncode == 3 and b"count-out-of-range" in r.stderr
