@@ -74,7 +74,7 @@ static inline int perf_reap_each(struct nv_qp *qp, struct nv_perf *p, perf_done_
 {
     uint32_t n = 0;
     int64_t now = 0;
-    while (qp_pending(qp)) {
+    while ((!p->reap_max || n < p->reap_max) && qp_pending(qp)) {
         struct nv_cqe cqe;
         int cid = qp_consume(qp, &cqe);
         if (cid == CID_DIVERTED)

@@ -360,6 +360,8 @@ struct nv_perf {
     uint32_t zone_append;      /* 1: Zone Append to each zone's start; 0: Write at the zone's write pointer */
     uint32_t batch_min;        /* issue only when this many can go at once (fio's iodepth_batch_submit);
                                   0 or 1: whatever is free, at once */
+    uint32_t reap_max;         /* at most this many completions per CQ head doorbell (fio's
+                                  iodepth_batch_complete_max); 0: every ready one */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

@@ -65,6 +65,8 @@ static int svc_client_loop(uint8_t *header, struct nv_svc_request *requests,
         uint32_t ready = barrier_load_acquire32(header + CQ_TAIL) - *head;
         if (ready > depth)
             return -EPROTO;  /* the daemon never publishes more than a ring */
+        if (p->reap_max && ready > p->reap_max)
+            ready = p->reap_max;  /* --iodepth-batch-complete-max: the rest on the next turn */
         if (ready) {
             int64_t now = nv_now_ns();
             for (uint32_t i = 0; i < ready; i++) {

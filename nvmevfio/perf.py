@@ -67,6 +67,7 @@ class PerfResult:
     ios_per_submit: float = 0.0  # commands per SQ batch (per SQ tail doorbell)
     ios_per_reap: float = 0.0  # completions per CQ batch
     iodepth_batch: int = 1  # issued only when this many could go at once (--iodepth-batch)
+    iodepth_batch_complete_max: int = 0  # completions reaped at most per CQ doorbell (0: all ready)
     verify: bool = False
     verified_blocks: int = 0  # blocks read back whose header and CRC32C were checked
     mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
@@ -285,12 +286,22 @@ class Prepared:
                 q.dev.free_buffer(q.buf)
 
 
+def default_reap_max(queue_depth: int) -> int:
+    """perf's completion batch by default: every ready one up to QD32, half the depth (at least 32)
+    past it. Reaping a deep queue whole and refilling it whole locks driver and device into waves
+    (QEMU's model completed ~123 of 128 at once and got them back at once: 0.62 of the C driver at
+    QD128, which reaps ~77); capped, refills overlap the device's work (QD128 median 69.5k -> 92.9k
+    IOPS with 64, one boot; docs/benchmarks.md)."""
+    return 0 if queue_depth <= 32 else max(32, queue_depth // 2)
+
+
 def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,
         queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
         lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1,
         status: Callable[[float, int], None] | None = None, ramp_s: float = 0.0, verify: bool = False,
         hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
-        shared_poller: bool = False, iodepth_batch: int = 1) -> PerfResult:
+        shared_poller: bool = False, iodepth_batch: int = 1,
+        iodepth_batch_complete_max: int | None = None) -> PerfResult:
     """Run a workload; ``seconds`` or ``count`` bounds it. Returns throughput and latency figures.
 
     Python validates the workload once; the closed loop runs in C (``nv_perf_run``): it generates
@@ -305,11 +316,14 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     each; polled queues only, pinned to ``cpus[0]`` when given. ``iodepth_batch``: issue only
     when that many commands can go with one SQ tail doorbell (fio's iodepth_batch_submit; 1 to
     ``queue_depth``), fewer doorbells for a shallower queue between batches.
+    ``iodepth_batch_complete_max``: reap at most that many completions before the CQ head
+    doorbell and the next refill (fio's; 0: every ready one; None: :func:`default_reap_max`).
     The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
     time per completed command."""
     prep = prepare(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=lba_range, rwmixread=rwmixread, seed=seed, verify=verify, hybrid=hybrid, queues=queues,
-                   cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch)
+                   cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch,
+                   iodepth_batch_complete_max=iodepth_batch_complete_max)
     if prep.verify is not None:
         return prep.verify(status=status)
     prep.start()
@@ -322,7 +336,8 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             io_size: int = 4096, queue_depth: int = 1, seconds: float | None = 5.0, count: int | None = None,
             lba_range: tuple[int, int] | None = None, rwmixread: int = 50, seed: int = 1, verify: bool = False,
             hybrid: bool = False, queues: int = 1, cpus: list[int] | None = None,
-            shared_poller: bool = False, iodepth_batch: int = 1) -> Prepared:
+            shared_poller: bool = False, iodepth_batch: int = 1,
+            iodepth_batch_complete_max: int | None = None) -> Prepared:
     """:func:`run`'s workload checked and built, nothing sent to the device yet: every refusal
     happens here, before any I/O (several controllers' runs are all prepared before any
     starts: ``perf_many``)."""
@@ -342,7 +357,13 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     if not 1 <= iodepth_batch <= queue_depth:
         raise Refused("count-out-of-range", f"I/O depth batch {iodepth_batch} outside 1..{queue_depth} (the queue "
                       "depth)", iodepth_batch=iodepth_batch, queue_depth=queue_depth)
-    if verify and iodepth_batch > 1:
+    chosen_reap_max = iodepth_batch_complete_max is not None
+    if iodepth_batch_complete_max is None:
+        iodepth_batch_complete_max = default_reap_max(queue_depth)
+    if not 0 <= iodepth_batch_complete_max <= queue_depth:
+        raise Refused("count-out-of-range", f"completion batch {iodepth_batch_complete_max} outside 0..{queue_depth} "
+                      "(0: every ready one)", iodepth_batch_complete_max=iodepth_batch_complete_max)
+    if verify and (iodepth_batch > 1 or (chosen_reap_max and iodepth_batch_complete_max)):
         raise Refused("invalid-argument", "verify runs its loop in Python: --iodepth-batch is the C loop's")
     if count is not None and count < len(pairs):
         raise Refused("count-out-of-range", f"I/O count {count} must be at least one per queue ({len(pairs)})")
@@ -389,10 +410,12 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
             loop.iodepth_batch = iodepth_batch
+            loop.iodepth_batch_complete_max = iodepth_batch_complete_max
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
-            "info": first.info, "iodepth_batch": iodepth_batch}
+            "info": first.info, "iodepth_batch": iodepth_batch,
+            "iodepth_batch_complete_max": iodepth_batch_complete_max}
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
@@ -413,7 +436,7 @@ def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int,
 
 def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
             usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None,
-            iodepth_batch: int = 1) -> PerfResult:
+            iodepth_batch: int = 1, iodepth_batch_complete_max: int = 0) -> PerfResult:
     stats = [q.loop.stats() for q in qs]
     elapsed = max(q.wall_s for q in qs)
     rows = []
@@ -433,6 +456,7 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
                       shadow_doorbells=shadow, queues=len(qs), cpus=list(cpus or []), per_queue=rows,
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
                       sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
+                      iodepth_batch_complete_max=iodepth_batch_complete_max,
                       **whole, **cpu)
 
 

@@ -20,7 +20,11 @@ against depth.
 `--libvfn DIR` adds the C anchor (issue 26): tools/libvfn-anchor/anchor.c, a closed loop on
 libvfn's C queue code (SamsungDS/libvfn, a checkout in DIR built here with meson and ninja), run
 on the same vfio-bound controller in the same boot, A/B/A around nvmevfio (libvfn, nvmevfio,
-libvfn): the table gains a "C driver" column and the sweep its line.
+libvfn): the table gains a "C driver" column and the sweep its line. With `--sweep --rounds N`
+each depth runs N pairs instead, the C driver and nvmevfio back to back with the order swapped
+every round, and the report is each boot's median pair ratio, then the median over `--boots`:
+the drift within a boot (the C driver's own A and A' differ by up to 40 % here) then weighs on
+both sides of every pair alike.
 
 The guest boots with clocksource=tsc (see vm-notes: the HPET fallback distorts timings).
 Absolute numbers under TCG mean little; the ratios are the point. Host load distorts them:

@@ -212,6 +212,10 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @click.option("--iodepth-batch", "iodepth_batch", type=click.IntRange(1, 4095), default=1, show_default=True,
               help="issue only when this many I/Os can go with one SQ tail doorbell (fio's iodepth_batch_submit); "
                    "at most -q")
+@click.option("--iodepth-batch-complete-max", "reap_max", type=click.IntRange(0, 4095), default=None,
+              help="reap at most this many completions before the CQ head doorbell and the next refill (fio's "
+                   "iodepth_batch_complete_max); 0: every ready one; default: every ready one up to -q 32, half "
+                   "of -q (at least 32) past it")
 @cpu_list_opt
 @_workload_options
 @service_socket_opt
@@ -219,7 +223,7 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
          sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, iodepth_batch: int,
-         cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
+         reap_max: int | None, cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -238,8 +242,9 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     from nvmevfio import perf as perfmod
 
     engine = click.get_current_context().meta.get(_ENGINE, {})
-    if engine and iodepth_batch > 1:
-        _fail("--iodepth-batch is perf's C loop's: the workload engine (--mix, --bs, ...) issues as it goes",
+    if engine and (iodepth_batch > 1 or reap_max is not None):
+        _fail("--iodepth-batch and --iodepth-batch-complete-max are perf's C loop's: the workload engine (--mix, "
+              "--bs, ...) issues as it goes",
               EXIT_ERROR)
     if shared_poller and (mode != "poll" or verify or engine or service_socket):
         _fail("--shared-poller: one thread spins over every queue in perf's C loop: --mode poll, and no --verify, "
@@ -255,7 +260,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                                                           "sq_in_cmb": sq_in_cmb},
                    workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=_lba_range(lba_range), rwmixread=rwmixread, ramp_s=ramp, verify=verify,
-                   queues=queues, cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch)
+                   queues=queues, cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch,
+                   iodepth_batch_complete_max=reap_max)
         return
     one = address[0] if address else ""
     if engine:  # the workload engine (--mix, --bs, ...): its own options, run and report
@@ -295,7 +301,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
                           status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus,
-                          shared_poller=shared_poller, iodepth_batch=iodepth_batch)
+                          shared_poller=shared_poller, iodepth_batch=iodepth_batch,
+                          iodepth_batch_complete_max=reap_max)
     if live:
         click.echo("", err=True)
     bad = len(res.mismatches)

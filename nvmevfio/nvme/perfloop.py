@@ -83,6 +83,16 @@ class PerfCounters(SlicedLoop):
     def iodepth_batch(self, n: int) -> None:
         self._p.batch_min = n
 
+    @property
+    def iodepth_batch_complete_max(self) -> int:
+        """Reap at most this many completions before the CQ head doorbell and the next refill
+        (fio's iodepth_batch_complete_max); 0: every ready one."""
+        return int(self._p.reap_max)
+
+    @iodepth_batch_complete_max.setter
+    def iodepth_batch_complete_max(self, n: int) -> None:
+        self._p.reap_max = n
+
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
         count towards the I/O count from here on."""
