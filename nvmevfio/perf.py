@@ -287,12 +287,13 @@ class Prepared:
 
 
 def default_reap_max(queue_depth: int) -> int:
-    """perf's completion batch by default: every ready one up to QD32, half the depth (at least 32)
-    past it. Reaping a deep queue whole and refilling it whole locks driver and device into waves
-    (QEMU's model completed ~123 of 128 at once and got them back at once: 0.62 of the C driver at
-    QD128, which reaps ~77); capped, refills overlap the device's work (QD128 median 69.5k -> 92.9k
-    IOPS with 64, one boot; docs/benchmarks.md)."""
-    return 0 if queue_depth <= 32 else max(32, queue_depth // 2)
+    """perf's completion batch by default: every ready one up to QD64, a quarter of the depth past
+    it. Reaping a deep queue whole and refilling it whole locks the loop and QEMU's model into
+    whole-queue waves (~123 of 128 reaped at once: 0.62 of the C driver at QD128, which reaps ~77);
+    capped, refills overlap the device's work (one boot of pairs against the C driver: QD128 1.09,
+    QD256 1.46, QD1024 1.74; a cap of half the depth locked into two half-waves at QD64, 0.64;
+    docs/benchmarks.md, "The cliff past QD64")."""
+    return 0 if queue_depth <= 64 else queue_depth // 4
 
 
 def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,

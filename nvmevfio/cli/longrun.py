@@ -214,8 +214,8 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
                    "at most -q")
 @click.option("--iodepth-batch-complete-max", "reap_max", type=click.IntRange(0, 4095), default=None,
               help="reap at most this many completions before the CQ head doorbell and the next refill (fio's "
-                   "iodepth_batch_complete_max); 0: every ready one; default: every ready one up to -q 32, half "
-                   "of -q (at least 32) past it")
+                   "iodepth_batch_complete_max); 0: every ready one; default: every ready one up to -q 64, a "
+                   "quarter of -q past it")
 @cpu_list_opt
 @_workload_options
 @service_socket_opt

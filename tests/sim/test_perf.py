@@ -160,7 +160,7 @@ def test_iodepth_batch_counts_exact_and_refusals(dev, rig):
 
 def test_completion_batch_cap_and_its_default(rig):
     """--iodepth-batch-complete-max (fio's iodepth_batch_complete_max): at most N completions per CQ
-    head doorbell; by default every ready one up to QD32 and half the depth (at least 32) past it."""
+    head doorbell; by default every ready one up to QD64 and a quarter of the depth past it."""
     dev = BlockDevice(rig.p, 1, queue_depth=256)
     r = perf.run(dev, workload="randread", queue_depth=32, count=1000, iodepth_batch_complete_max=8)
     assert (r.ios, r.errors, r.iodepth_batch_complete_max) == (1000, 0, 8)
@@ -168,8 +168,8 @@ def test_completion_batch_cap_and_its_default(rig):
     r = perf.run(dev, workload="randread", queue_depth=32, count=640)
     assert r.iodepth_batch_complete_max == 0 and r.ios_per_reap == 32.0
     r = perf.run(dev, workload="randread", queue_depth=128, count=1280)
-    assert r.iodepth_batch_complete_max == 64 and r.ios_per_reap == 64.0 and r.ios == 1280
-    assert [perf.default_reap_max(q) for q in (1, 32, 48, 64, 128, 1024)] == [0, 0, 32, 32, 64, 512]
+    assert r.iodepth_batch_complete_max == 32 and r.ios_per_reap == 32.0 and r.ios == 1280
+    assert [perf.default_reap_max(q) for q in (1, 32, 64, 65, 128, 1024)] == [0, 0, 0, 16, 32, 256]
     with pytest.raises(Refused) as ei:
         perf.run(dev, queue_depth=16, count=10, iodepth_batch_complete_max=17)
     assert ei.value.reason == "count-out-of-range"
