@@ -358,14 +358,13 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     if not 1 <= iodepth_batch <= queue_depth:
         raise Refused("count-out-of-range", f"I/O depth batch {iodepth_batch} outside 1..{queue_depth} (the queue "
                       "depth)", iodepth_batch=iodepth_batch, queue_depth=queue_depth)
-    chosen_reap_max = iodepth_batch_complete_max is not None
-    if iodepth_batch_complete_max is None:
-        iodepth_batch_complete_max = default_reap_max(queue_depth)
-    if not 0 <= iodepth_batch_complete_max <= queue_depth:
-        raise Refused("count-out-of-range", f"completion batch {iodepth_batch_complete_max} outside 0..{queue_depth} "
-                      "(0: every ready one)", iodepth_batch_complete_max=iodepth_batch_complete_max)
-    if verify and (iodepth_batch > 1 or (chosen_reap_max and iodepth_batch_complete_max)):
-        raise Refused("invalid-argument", "verify runs its loop in Python: --iodepth-batch is the C loop's")
+    reap_max = default_reap_max(queue_depth) if iodepth_batch_complete_max is None else iodepth_batch_complete_max
+    if not 0 <= reap_max <= queue_depth:
+        raise Refused("count-out-of-range", f"completion batch {reap_max} outside 0..{queue_depth} "
+                      "(0: every ready one)", iodepth_batch_complete_max=reap_max)
+    if verify and (iodepth_batch > 1 or iodepth_batch_complete_max):
+        raise Refused("invalid-argument", "verify runs its loop in Python: --iodepth-batch and "
+                      "--iodepth-batch-complete-max are the C loop's")
     if count is not None and count < len(pairs):
         raise Refused("count-out-of-range", f"I/O count {count} must be at least one per queue ({len(pairs)})")
     allowed = os.sched_getaffinity(0)
@@ -411,12 +410,12 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
                                read_pct=read_pct, depth=queue_depth, max_ios=n, seed=seed + i, **kw, **zoned)
             loop.hybrid = hybrid
             loop.iodepth_batch = iodepth_batch
-            loop.iodepth_batch_complete_max = iodepth_batch_complete_max
+            loop.iodepth_batch_complete_max = reap_max
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
             "info": first.info, "iodepth_batch": iodepth_batch,
-            "iodepth_batch_complete_max": iodepth_batch_complete_max}
+            "iodepth_batch_complete_max": reap_max}
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 

@@ -244,8 +244,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     engine = click.get_current_context().meta.get(_ENGINE, {})
     if engine and (iodepth_batch > 1 or reap_max is not None):
         _fail("--iodepth-batch and --iodepth-batch-complete-max are perf's C loop's: the workload engine (--mix, "
-              "--bs, ...) issues as it goes",
-              EXIT_ERROR)
+              "--bs, ...) issues as it goes", EXIT_ERROR)
     if shared_poller and (mode != "poll" or verify or engine or service_socket):
         _fail("--shared-poller: one thread spins over every queue in perf's C loop: --mode poll, and no --verify, "
               "workload engine options or --socket", EXIT_ERROR)
