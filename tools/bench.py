@@ -637,16 +637,19 @@ def _fio_two(devs: list[str], seconds: float, hipri: bool) -> dict:
     return {"iops": sum(j["read"]["iops"] for j in jobs), "per_job": [j["read"]["iops"] for j in jobs]}
 
 
-def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = None, shared: bool = False) -> dict:
-    """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each, controller i's thread on vCPU i, or
-    on ``cpus``: "0,0" puts both on vCPU 0 and leaves the other host core to QEMU's main loop;
-    ``shared``: one thread polls both, `--shared-poller`, on the first of ``cpus``)."""
+def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = None,
+               poller: str | None = None) -> dict:
+    """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each): perf's defaults (polled: one
+    poller thread for both; with interrupts: a thread each; not pinned), or ``poller`` "threads"
+    (`--thread-per-queue`: controller i's thread on the i-th of ``cpus``, "0,0" putting both on
+    vCPU 0 and leaving the other host core to QEMU's main loop) or "shared" (`--shared-poller`, on
+    the first of ``cpus``)."""
+    flag = {"threads": ["--thread-per-queue"], "shared": ["--shared-poller"], None: []}[poller]
     args = [sys.executable, "-m", "nvmevfio", "perf", *addrs, "--mode", mode, "-w", "randread", "-q", "32", "-t",
-            str(seconds), "--ramp", "1", "-o", "json", "--cpu", cpus or ",".join(map(str, range(len(addrs)))),
-            *(["--shared-poller"] if shared else [])]
+            str(seconds), "--ramp", "1", "-o", "json", *(["--cpu", cpus] if cpus else []), *flag]
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {"iops": d["total"]["iops"], "per_controller": [c["iops"] for c in d["controllers"]],
-            "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]]}
+            "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]], "poller": d["poller"]}
 
 
 def kernel_block_device(addr: str) -> str:
@@ -687,12 +690,14 @@ def controllers_in_guest(seconds: float, out_path: Path) -> int:
         mark(f"nvmevfio {mode} one")
         res[f"nvmevfio_{mode}_one"] = perf(addrs[0], "randread", 4096, 32, seconds, mode, cpu=0)
         mark(f"nvmevfio {mode} both")
-        res[f"nvmevfio_{mode}_both"] = _perf_many(addrs, seconds, mode)
+        res[f"nvmevfio_{mode}_both"] = _perf_many(addrs, seconds, mode)  # perf's defaults
+        mark(f"nvmevfio {mode} both, threads")
+        res[f"nvmevfio_{mode}_both_threads"] = _perf_many(addrs, seconds, mode, cpus="0,1", poller="threads")
         mark(f"nvmevfio {mode} both 1 vCPU")
-        res[f"nvmevfio_{mode}_both_one_cpu"] = _perf_many(addrs, seconds, mode, cpus="0,0")
+        res[f"nvmevfio_{mode}_both_one_cpu"] = _perf_many(addrs, seconds, mode, cpus="0,0", poller="threads")
         if mode == "poll":
             mark("nvmevfio poll both, one poller")
-            res["nvmevfio_poll_both_shared"] = _perf_many(addrs, seconds, mode, cpus="0", shared=True)
+            res["nvmevfio_poll_both_shared"] = _perf_many(addrs, seconds, mode, cpus="0", poller="shared")
         mark(f"nvmevfio {mode} one again")
         res[f"nvmevfio_{mode}_one_again"] = perf(addrs[0], "randread", 4096, 32, seconds, mode, cpu=0)
     mark("done")
@@ -768,10 +773,15 @@ def controllers_main(args: argparse.Namespace) -> int:
         both = r[f"nvmevfio_{mode}_both"]
         k1, k2 = r[f"kernel_{mode}_one"]["iops"], r[f"kernel_{mode}_both"]
         print(f"nvmevfio {mode}: one {r[f'nvmevfio_{mode}_one']['iops']:.0f} / "
-              f"{r[f'nvmevfio_{mode}_one_again']['iops']:.0f}, both {both['iops']:.0f} "
+              f"{r[f'nvmevfio_{mode}_one_again']['iops']:.0f}, both (perf's defaults: "
+              f"{both.get('poller', 'per-queue')} poller) {both['iops']:.0f} "
               f"({' + '.join(f'{x:.0f}' for x in both['per_controller'])}): ratio {both['iops'] / one:.2f}"
               + (f" (bar {CONTROLLERS_BAR}: {'met' if both['iops'] / one >= CONTROLLERS_BAR else 'NOT MET'})"
                  if mode == "poll" else ""))
+        threads = r.get(f"nvmevfio_{mode}_both_threads")
+        if threads:
+            print(f"nvmevfio {mode}, a thread each on vCPUs 0 and 1: {threads['iops']:.0f} "
+                  f"({' + '.join(f'{x:.0f}' for x in threads['per_controller'])}): ratio {threads['iops'] / one:.2f}")
         same = r.get(f"nvmevfio_{mode}_both_one_cpu")
         if same:
             print(f"nvmevfio {mode}, both threads on vCPU 0: {same['iops']:.0f} "
