@@ -10,11 +10,13 @@ thread each, the C loop) in a thread of its own, all started together. The resul
 total. Each controller's DMA memory is on its function's NUMA node and its queue threads on that
 node's CPUs where the host has several nodes (``pci.numa_placement``, applied when the controller
 is opened); ``cpus`` given by the user win. A host of one NUMA node (the test guest) has nothing
-to choose: the threads are not pinned unless asked.
+to choose: a thread per queue is not pinned unless asked, the one poller goes on the first CPU
+this process may use.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +92,8 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
              shared_poller: bool | None = None, **kw: Any) -> ManyResult:
     """Run one workload (``perf.run``'s keywords) on every (address, BlockDevice) at once: every
     queue of every controller polled by one thread (``shared_poller``: polled devices only, the
-    thread pinned to the first of ``cpus`` when given), or each controller in its own thread with
+    thread pinned to the first of ``cpus`` when given, else to the first controller's NUMA node's
+    first CPU, else to the first CPU this process may use), or each controller in its own thread with
     ``queues`` queue pairs. ``shared_poller=None`` (the default) takes the shared poller wherever
     :func:`shared_poller_fits` says the run allows it. The result has a row per controller and the
     total, and says which it was (``poller``). A controller named twice is refused; the first
@@ -106,6 +109,11 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     if shared_poller is None:
         shared_poller = shared_poller_fits([d for _, d in devices], **kw)
     if shared_poller:
+        if not any(chosen):
+            # Nothing chosen (one NUMA node, no --cpu): the poller on the first CPU this process may
+            # use, as spdk_nvme_perf's default core mask (0x1) does. Left to the scheduler it ran at
+            # half of that in the guest (docs/benchmarks.md, "Several controllers in one process").
+            chosen = [[min(os.sched_getaffinity(0))] * queues for _ in devices]
         return _run_shared(devices, places, chosen, queues=queues, **kw)
     results: list[PerfResult | None] = [None] * len(devices)
     failures: list[BaseException | None] = [None] * len(devices)

@@ -30,7 +30,10 @@ def test_two_controllers_rows_and_total():
     assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
     assert res.total["ios"] == 800 and res.total["errors"] == 0
     assert res.total["iops"] == pytest.approx(sum(c["iops"] for c in res.controllers))
-    assert res.controllers[0]["pinned_cpus"] == [] and "not placed" in res.numa
+    # one poller (the default), pinned to the first CPU this process may use, as spdk_nvme_perf's 0x1
+    first = min(os.sched_getaffinity(0))
+    assert [c["pinned_cpus"] for c in res.controllers] == [[first], [first]] and "not placed" in res.numa
+    assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [first, first]
     lines = table(res)
     assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
     d = res.to_dict()

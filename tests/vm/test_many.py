@@ -32,8 +32,8 @@ def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
     """Rows and the total, with the default poller (one thread for both, the run being polled)
     and with a thread per queue (`--thread-per-queue`): the output says which."""
     a, b = data_ctrl["address"], small_ctrl["address"]
-    for extra, poller in (((), "poller: one thread polls every controller's queues"),
-                          (("--thread-per-queue",), "poller: a thread per queue")):
+    for extra, poller, cpus in (((), "poller: one thread polls every controller's queues", "0"),
+                                (("--thread-per-queue",), "poller: a thread per queue", "-")):
         out = nv("perf", a, b, "-w", "randread", "-q", 16, "-n", 4000, "--queues", 2,
                  *extra).stdout.decode().splitlines()
         rows = {line.split()[0]: line.split() for line in out if line.split() and line.split()[0] in (a, b, "total")}
@@ -41,6 +41,7 @@ def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
         assert float(rows["total"][1]) > 0  # (the total row has no CPUs column)
         assert abs(float(rows["total"][1]) - float(rows[a][2]) - float(rows[b][2])) < 0.2
         assert "NUMA: one NUMA node" in "\n".join(out) and poller in out, out
+        assert rows[a][1] == rows[b][1] == cpus  # the poller on the first CPU; threads left unpinned
 
 
 def test_the_same_controller_twice_is_refused(data_ctrl):
