@@ -1,12 +1,9 @@
 """Several controllers driven by one process (issue 25 part 3): ``nvmevfio perf ADDR ADDR ...``.
 
-By default, where the run allows it (polled devices opened here, no verify, no hybrid polling),
-every controller's queues are polled by one thread (``shared_poller``: ``nv_perf_run_many``, as
-an SPDK reactor, and as spdk_nvme_perf's default of one core for every controller), which on a
-host with fewer cores than spinning threads (the test guest: 2 vCPUs, and QEMU's device model
-wanting a core of its own) leaves the cores to the devices; otherwise, or with
-``shared_poller=False``, each controller runs :func:`nvmevfio.perf.run` (its own queue pairs, a
-thread each, the C loop) in a thread of its own, all started together. The result is one row per controller and the
+Each controller runs :func:`nvmevfio.perf.run` (its own queue pairs, a thread each, the C loop)
+in a thread of its own, all started together; or, with ``shared_poller``, every controller's
+queues are polled by one thread (``nv_perf_run_many``, as an SPDK reactor), one CPU for any
+number of controllers. The result is one row per controller and the
 total. Each controller's DMA memory is on its function's NUMA node and its queue threads on that
 node's CPUs where the host has several nodes (``pci.numa_placement``, applied when the controller
 is opened); ``cpus`` given by the user win. A host of one NUMA node (the test guest) has nothing
@@ -21,7 +18,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
 from nvmevfio.perf import PerfResult, Prepared, _run_threads, prepare, run
 
@@ -89,15 +85,14 @@ def totals(results: list[PerfResult]) -> dict[str, Any]:
 
 
 def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, queues: int = 1,
-             shared_poller: bool | None = None, **kw: Any) -> ManyResult:
-    """Run one workload (``perf.run``'s keywords) on every (address, BlockDevice) at once: every
-    queue of every controller polled by one thread (``shared_poller``: polled devices only, the
-    thread pinned to the first of ``cpus`` when given, else to the first controller's NUMA node's
-    first CPU, else to the first CPU this process may use), or each controller in its own thread with
-    ``queues`` queue pairs. ``shared_poller=None`` (the default) takes the shared poller wherever
-    :func:`shared_poller_fits` says the run allows it. The result has a row per controller and the
-    total, and says which it was (``poller``). A controller named twice is refused; the first
-    failure is raised once all have stopped."""
+             shared_poller: bool = False, **kw: Any) -> ManyResult:
+    """Run one workload (``perf.run``'s keywords) on every (address, BlockDevice) at once, each
+    controller in its own thread with ``queues`` queue pairs, or every queue of every controller
+    polled by one thread (``shared_poller``: polled devices only, the thread pinned to the first
+    of ``cpus`` when given, else to the first controller's NUMA node's first CPU, else to the
+    first CPU this process may use); the result has a row per controller and the total, and says
+    which it was (``poller``). A controller named twice is refused; the first failure is raised
+    once all have stopped."""
     if len(devices) < 1:
         raise Refused("invalid-argument", "no controller given")
     seen = [a for a, _ in devices]
@@ -106,13 +101,10 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     places = [getattr(d.provider, "numa", None) for _, d in devices]
     node_cpus = [(p.node, p.cpus) if p is not None else (None, ()) for p in places]
     chosen = choose_cpus(queues, cpus, node_cpus)
-    if shared_poller is None:
-        shared_poller = shared_poller_fits([d for _, d in devices], **kw)
     if shared_poller:
         if not any(chosen):
             # Nothing chosen (one NUMA node, no --cpu): the poller on the first CPU this process may
-            # use, as spdk_nvme_perf's default core mask (0x1) does. Left to the scheduler it ran at
-            # half of that in the guest (docs/benchmarks.md, "Several controllers in one process").
+            # use, as spdk_nvme_perf's default core mask (0x1) pins its one reactor.
             chosen = [[min(os.sched_getaffinity(0))] * queues for _ in devices]
         return _run_shared(devices, places, chosen, queues=queues, **kw)
     results: list[PerfResult | None] = [None] * len(devices)
@@ -143,15 +135,6 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
                                 "numa": getattr(place, "why", "not placed"), "pinned_cpus": pinned or [],
                                 **res.to_dict()})
     return out
-
-
-def shared_poller_fits(devs: list[Any], *, verify: bool = False, hybrid: bool = False, **_: Any) -> bool:
-    """Whether one thread can poll every queue of ``devs`` (``run_many``'s default): more than one
-    device, each opened here and polled, and a run of perf's C loop (no verify, a Python loop; no
-    hybrid polling, whose naps are per thread). What ``perf.prepare`` refuses for a shared poller
-    is exactly what this leaves out."""
-    return (len(devs) > 1 and not verify and not hybrid
-            and all(isinstance(d, BlockDevice) and d.info.completion_mode == "poll" for d in devs))
 
 
 def _run_shared(devices: list[tuple[str, Any]], places: list[Any], chosen: list[list[int] | None], *,

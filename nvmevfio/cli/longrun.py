@@ -206,11 +206,9 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
               help="I/O queue pairs run at once, each by its own thread, each -q deep, -n shared out (through "
                    "--socket: one service session per queue)")
-@click.option("--shared-poller/--thread-per-queue", "shared_poller", default=None,
-              help="one thread polls every queue of every controller given (as an SPDK reactor), pinned to the "
-                   "first --cpu; or a thread per queue. Default: with several controllers the shared poller where "
-                   "the run allows it (--mode poll, no --verify), as spdk_nvme_perf's one core; with one, a thread "
-                   "per queue")
+@click.option("--shared-poller/--thread-per-queue", "shared_poller", default=False, show_default=True,
+              help="one thread polls every queue of every controller given (as an SPDK reactor; --mode poll only), "
+                   "pinned to the first --cpu or else the first CPU; or a thread per queue (the default)")
 @click.option("--iodepth-batch", "iodepth_batch", type=click.IntRange(1, 4095), default=1, show_default=True,
               help="issue only when this many I/Os can go with one SQ tail doorbell (fio's iodepth_batch_submit); "
                    "at most -q")
@@ -224,7 +222,7 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @output_opt
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
-         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool | None, iodepth_batch: int,
+         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, iodepth_batch: int,
          reap_max: int | None, cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
@@ -234,8 +232,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
              nvmevfio perf 00:04.0 -w randrw -q 16 --verify -t 60 --range 0:65536
              nvmevfio perf 00:04.0 -w randread -q 32 --queues 2 --cpu 0,1   (two queue pairs, a thread each)
              nvmevfio perf --socket /run/nvmevfio/nvmevfio.sock -w randread -q 32   (through the daemon)
-             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32   (two controllers, one poller: a row each, the total)
-             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32 --thread-per-queue --cpu 0,1   (a thread each)
+             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32   (two controllers: a row each and the total)
+             nvmevfio perf 00:04.0 00:05.0 -w randread -q 32 --shared-poller   (both polled by one thread)
              nvmevfio perf 00:04.0 -w randread -q 32 --iodepth-batch 16   (SQ doorbells for 16 or more)
              nvmevfio perf 00:04.0 --mix read:70,write:20,trim:5,flush:5 --bs 4k:50,16k:30,128k:20 -q 16 \\
                  --jobs 2 --verify --verify-map run.map -t 60 --rate 20000   (the workload engine)
@@ -302,7 +300,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
                           status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus,
-                          shared_poller=bool(shared_poller), iodepth_batch=iodepth_batch,
+                          shared_poller=shared_poller, iodepth_batch=iodepth_batch,
                           iodepth_batch_complete_max=reap_max)
     if live:
         click.echo("", err=True)

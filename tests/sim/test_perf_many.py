@@ -12,7 +12,7 @@ import pytest
 from nvmevfio import dma, pci, perf
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
-from nvmevfio.perf_many import run_many, shared_poller_fits, table
+from nvmevfio.perf_many import run_many, table
 from nvmevfio.sim.rig import Rig
 
 
@@ -30,22 +30,24 @@ def test_two_controllers_rows_and_total():
     assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
     assert res.total["ios"] == 800 and res.total["errors"] == 0
     assert res.total["iops"] == pytest.approx(sum(c["iops"] for c in res.controllers))
-    # one poller (the default), pinned to the first CPU this process may use, as spdk_nvme_perf's 0x1
-    first = min(os.sched_getaffinity(0))
-    assert [c["pinned_cpus"] for c in res.controllers] == [[first], [first]] and "not placed" in res.numa
-    assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [first, first]
+    assert res.controllers[0]["pinned_cpus"] == [] and "not placed" in res.numa
     lines = table(res)
     assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
     d = res.to_dict()
     assert set(d) == {"controllers", "total", "numa", "poller"} and d["total"]["controllers"] == 2
-    assert d["poller"] == "shared"  # the default where the run allows it: one thread polls both
+    assert d["poller"] == "per-queue"
+    # one poller, pinned to the first CPU this process may use (nothing chosen: one node, no cpus),
+    # as spdk_nvme_perf's core mask 0x1
+    res = run_many(devs, workload="randread", queue_depth=8, count=100, io_size=512, shared_poller=True)
+    first = min(os.sched_getaffinity(0))
+    assert res.poller == "shared" and [c["pinned_cpus"] for c in res.controllers] == [[first], [first]]
+    assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [first, first]
 
 
 def test_two_controllers_verified():
     _, devs = _two()
     res = run_many(devs, workload="randrw", queue_depth=4, count=300, io_size=1024, lba_range=(0, 256),
                    verify=True)
-    assert res.poller == "per-queue"  # verify is a Python loop per queue: no shared poller by default
     assert all(c["verify"] and c["verified_blocks"] > 0 for c in res.controllers)
     assert res.mismatches == 0 and res.total["verified_blocks"] == sum(c["verified_blocks"] for c in res.controllers)
 
@@ -67,15 +69,15 @@ def test_numa_choice_pins_each_controller_to_its_node(tmp_path):
     for rig, (addr, _dev) in zip(rigs, devs):
         rig.p.numa = pci.numa_placement(addr, sysfs=root)  # as open_controller does
         rig.ledger.numa_node = 0  # the host has one node: node 0 stands for the function's
-    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, queues=1, shared_poller=False)
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, queues=1)
     assert [c["pinned_cpus"] for c in res.controllers] == [[b], [a]]
     assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [b, a]
     assert [c["numa_node"] for c in res.controllers] == [1, 0] and res.numa == "node 1 of 2; node 0 of 2"
     # the user's --cpu wins
-    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, cpus=[a], shared_poller=False)
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, cpus=[a])
     assert [c["pinned_cpus"] for c in res.controllers] == [[a], [a]]
-    # the default, one poller: on the first controller's node's CPU
-    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512)
+    # one poller: on the first controller's node's CPU
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, shared_poller=True)
     assert res.poller == "shared" and [c["pinned_cpus"] for c in res.controllers] == [[b], [b]]
     # the buffers perf allocated after the choice were placed (MPOL_PREFERRED) before their mapping
     buf = devs[0][1].alloc_buffer(4096)
@@ -108,35 +110,19 @@ def _threads_executing(rigs: list[Rig], monkeypatch: pytest.MonkeyPatch) -> set[
 def test_shared_poller_one_thread_drives_both_controllers(monkeypatch):
     rigs, devs = _two()
     seen = _threads_executing(rigs, monkeypatch)
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000))
+    assert len(seen) == 2 and res.poller == "per-queue"  # the default: a thread per controller's queue
+    seen.clear()
+    before = [len(r.sim.commands) for r in rigs]
     res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
-                   shared_poller=False)
-    assert len(seen) == 2 and res.poller == "per-queue"  # asked for: a thread per controller's queue
-    for asked in (True, None):  # None, the default: the shared poller, the run allowing it
-        seen.clear()
-        before = [len(r.sim.commands) for r in rigs]
-        res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
-                       shared_poller=asked)
-        assert len(seen) == 1 and threading.get_ident() not in seen  # one poller thread, not the caller
-        assert res.poller == "shared" and [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
+                   shared_poller=True)
+    assert len(seen) == 1 and threading.get_ident() not in seen  # one poller thread, not the caller
+    assert res.poller == "shared" and [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
     assert [c["ios"] for c in res.controllers] == [400, 400] and res.total["errors"] == 0
     assert res.to_dict()["poller"] == "shared"
     # the thread's CPU time shared out by commands: equal counts, equal shares
     q0, q1 = (c["per_queue"][0] for c in res.controllers)
     assert q0["seconds"] == q1["seconds"] and q0["cpu_us_per_io"] == pytest.approx(q1["cpu_us_per_io"])
-
-
-def test_shared_poller_default_only_where_the_run_allows_it():
-    """run_many's default: one poller for several polled devices opened here running perf's C loop;
-    a thread per queue for one device, verify (Python), hybrid polling (naps per thread), or
-    devices that are not opened here (service sessions: each its own client loop)."""
-    _, devs = _two()
-    both = [d for _, d in devs]
-    assert shared_poller_fits(both) is True
-    assert shared_poller_fits(both[:1]) is False
-    assert shared_poller_fits(both, verify=True) is False
-    assert shared_poller_fits(both, hybrid=True) is False
-    assert shared_poller_fits([both[0], object()]) is False
-    assert shared_poller_fits(both, workload="randread", queue_depth=8) is True  # perf's other keywords
 
 
 def test_shared_poller_recovers_one_controller_and_not_the_other():

@@ -29,11 +29,11 @@ def test_two_controllers_in_one_perf_verified(data_ctrl, small_ctrl):
 
 
 def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
-    """Rows and the total, with the default poller (one thread for both, the run being polled)
-    and with a thread per queue (`--thread-per-queue`): the output says which."""
+    """Rows and the total, with a thread per queue (the default) and one poller for both
+    (`--shared-poller`, on the first CPU when no --cpu is given): the output says which."""
     a, b = data_ctrl["address"], small_ctrl["address"]
-    for extra, poller, cpus in (((), "poller: one thread polls every controller's queues", "0"),
-                                (("--thread-per-queue",), "poller: a thread per queue", "-")):
+    for extra, poller, cpus in (((), "poller: a thread per queue", "-"),
+                                (("--shared-poller",), "poller: one thread polls every controller's queues", "0")):
         out = nv("perf", a, b, "-w", "randread", "-q", 16, "-n", 4000, "--queues", 2,
                  *extra).stdout.decode().splitlines()
         rows = {line.split()[0]: line.split() for line in out if line.split() and line.split()[0] in (a, b, "total")}
@@ -41,7 +41,7 @@ def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
         assert float(rows["total"][1]) > 0  # (the total row has no CPUs column)
         assert abs(float(rows["total"][1]) - float(rows[a][2]) - float(rows[b][2])) < 0.2
         assert "NUMA: one NUMA node" in "\n".join(out) and poller in out, out
-        assert rows[a][1] == rows[b][1] == cpus  # the poller on the first CPU; threads left unpinned
+        assert rows[a][1] == rows[b][1] == cpus  # threads left unpinned; the poller on the first CPU
 
 
 def test_the_same_controller_twice_is_refused(data_ctrl):
@@ -99,7 +99,7 @@ def test_one_poller_thread_drives_both_controllers(data_ctrl, small_ctrl):
         assert int(nvj("smart-log", x)["host_read_commands"]) - was >= 3000
     r = nv("perf", a, b, "--mode", "irq", "-n", 10, "--shared-poller", check=False)
     assert r.returncode != 0 and b"--shared-poller" in r.stderr and b"--mode poll" in r.stderr
-    # with interrupts the default is a thread per queue (a thread cannot sleep on both queues)
-    d = nvj("perf", a, b, "--mode", "irq", "-w", "randread", "-q", 4, "-n", 500)
+    # with interrupts, a thread per queue (a thread cannot sleep on both queues)
+    d = nvj("perf", a, b, "--mode", "irq", "-w", "randread", "-q", 4, "-n", 500, "--thread-per-queue")
     assert d["poller"] == "per-queue" and [c["mode"] for c in d["controllers"]] == ["irq", "irq"]
     assert [c["ios"] for c in d["controllers"]] == [500, 500]
