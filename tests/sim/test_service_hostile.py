@@ -347,7 +347,9 @@ def test_a_huge_deallocate_batch_leaves_room_for_others(serve_hostile):
     print(f"DSM batch: {len(rig.sim.commands) - before} device commands")
     assert sorted(done["tag"].tolist()) == list(range(1, 17)) and not done["status"].any()
     assert not ns.data[1000 * 512 : 2800 * 512].any() and (ns.data[2800 * 512 : 2900 * 512] == 0x11).all()
-    assert slowest < min(CYCLE_BOUND_S, took / 4)  # held for the batch, it was ~all of it (0.97 of 0.97 s)
+    # held for the batch, it was ~all of it (0.97 of 0.97 s); half leaves room for one stall of the
+    # 2-core host (a 0.11 s cycle beside a 0.41 s batch failed a quarter once)
+    assert slowest < min(CYCLE_BOUND_S, took / 2)
 
 
 # ---------------------------------------------------------------- 6: quotas of the grant
