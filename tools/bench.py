@@ -770,33 +770,29 @@ def controllers_main(args: argparse.Namespace) -> int:
     r = json.loads(out.read_text())["only"]
     print(f"two controllers in one process, randread 4 KiB QD32 each (lane {args.lane}); bar: nvmevfio poll "
           f"both >= {CONTROLLERS_BAR}x one alone")
+    def split(row: dict, key: str = "per_controller") -> str:
+        return f"{row['iops']:.0f} ({' + '.join(f'{x:.0f}' for x in row[key])})"
+
     for mode in ("poll", "irq"):
         one = statistics.mean((r[f"nvmevfio_{mode}_one"]["iops"], r[f"nvmevfio_{mode}_one_again"]["iops"]))
         both, again = r[f"nvmevfio_{mode}_both"], r.get(f"nvmevfio_{mode}_both_again")
         both_iops = statistics.mean((both["iops"], again["iops"])) if again else both["iops"]
         k1, k2 = r[f"kernel_{mode}_one"]["iops"], r[f"kernel_{mode}_both"]
+        anchor = f"the kernel's ratio, its anchor: {k2['iops'] / k1:.2f}"
         print(f"nvmevfio {mode}: one {r[f'nvmevfio_{mode}_one']['iops']:.0f} / "
               f"{r[f'nvmevfio_{mode}_one_again']['iops']:.0f}, both (perf's defaults: "
-              f"{both.get('poller', 'per-queue')} poller) {both['iops']:.0f} "
-              f"({' + '.join(f'{x:.0f}' for x in both['per_controller'])})"
+              f"{both.get('poller', 'per-queue')} poller) {split(both)}"
               + (f" / again {again['iops']:.0f}" if again else "") + f": ratio {both_iops / one:.2f}"
               + (f" (bar {CONTROLLERS_BAR}: {'met' if both_iops / one >= CONTROLLERS_BAR else 'NOT MET'}; "
-                 f"the kernel's ratio, its anchor: {k2['iops'] / k1:.2f})" if mode == "poll" else ""))
-        threads = r.get(f"nvmevfio_{mode}_both_threads")
-        if threads:
-            print(f"nvmevfio {mode}, a thread each on vCPUs 0 and 1: {threads['iops']:.0f} "
-                  f"({' + '.join(f'{x:.0f}' for x in threads['per_controller'])}): ratio {threads['iops'] / one:.2f}")
-        same = r.get(f"nvmevfio_{mode}_both_one_cpu")
-        if same:
-            print(f"nvmevfio {mode}, both threads on vCPU 0: {same['iops']:.0f} "
-                  f"({' + '.join(f'{x:.0f}' for x in same['per_controller'])}): ratio {same['iops'] / one:.2f}")
-        shared = r.get(f"nvmevfio_{mode}_both_shared")
-        if shared:
-            print(f"nvmevfio {mode}, one poller thread for both (--shared-poller, vCPU 0): {shared['iops']:.0f} "
-                  f"({' + '.join(f'{x:.0f}' for x in shared['per_controller'])}): ratio {shared['iops'] / one:.2f}"
-                  f" (the kernel's ratio, its anchor: {k2['iops'] / k1:.2f})")
-        print(f"kernel {mode}:   one {k1:.0f}, both {k2['iops']:.0f} "
-              f"({' + '.join(f'{x:.0f}' for x in k2['per_job'])}): ratio {k2['iops'] / k1:.2f}")
+                 f"{anchor})" if mode == "poll" else ""))
+        for key, label, tail in (("both_threads", "a thread each on vCPUs 0 and 1", ""),
+                                 ("both_one_cpu", "both threads on vCPU 0", ""),
+                                 ("both_shared", "one poller thread for both (--shared-poller, vCPU 0)",
+                                  f" ({anchor})")):
+            row = r.get(f"nvmevfio_{mode}_{key}")
+            if row:
+                print(f"nvmevfio {mode}, {label}: {split(row)}: ratio {row['iops'] / one:.2f}{tail}")
+        print(f"kernel {mode}:   one {k1:.0f}, both {split(k2, 'per_job')}: ratio {k2['iops'] / k1:.2f}")
     print("QEMU threads, % of a host CPU, mean over each phase's 1 s samples:")
     names = sorted({n for rows in samples.values() for row in rows for n, v in row.items() if v > 5})
     print(f"{'phase':<26}" + "".join(f"{n:>18}" for n in names))
