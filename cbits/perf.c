@@ -91,7 +91,7 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
 #define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */
 #define HYBRID_MIN_NS 2000LL    /* hybrid polling: shorter naps than this spin instead */
 
-int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
+static int perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
 {
     int64_t start = nv_now_ns();
     int64_t end = start + slice_ns;
@@ -153,7 +153,14 @@ int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain
     }
 }
 
-int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32_t n, int64_t slice_ns, int drain,
+int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
+{
+    int r = perf_run(qp, p, slice_ns, drain);
+    perf_cq_release(qp);
+    return r;
+}
+
+static int perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32_t n, int64_t slice_ns, int drain,
                      uint32_t *which)
 {
     int64_t start = nv_now_ns();
@@ -210,4 +217,13 @@ int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32
             }
         }
     }
+}
+
+int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32_t n, int64_t slice_ns, int drain,
+                     uint32_t *which)
+{
+    int r = perf_run_many(qps, ps, n, slice_ns, drain, which);
+    for (uint32_t i = 0; i < n; i++)
+        perf_cq_release(qps[i]);
+    return r;
 }

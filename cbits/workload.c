@@ -438,7 +438,7 @@ static int wl_reap(struct nv_qp *qp, struct nv_perf *p, struct nv_wl *w)
 
 #define AGE_CHECK_NS 1000000LL
 
-int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp)
+static int wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp)
 {
     int64_t end = nv_now_ns() + slice_ns;
     int64_t next_look = 0;  /* when a rate nap next reads the stop flag and CSTS */
@@ -492,4 +492,11 @@ int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, s
         if (wr < 0)
             return wr;
     }
+}
+
+int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp)
+{
+    int r = wl_run(w, slice_ns, drain, p, qp);
+    perf_cq_release(qp);
+    return r;
 }

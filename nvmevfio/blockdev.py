@@ -60,13 +60,15 @@ class BlockDevice:
 
     def __init__(self, provider: Provider, nsid: int = 1, *, address: str = "", queue_depth: int | None = None,
                  irq: bool = False, queues: int = 1, shadow_doorbells: bool | None = None, sgl: bool = False,
-                 sq_in_cmb: bool = False, queues_up_to: bool = False) -> None:
+                 sq_in_cmb: bool = False, queues_up_to: bool = False, queue_depth_up_to: bool = False) -> None:
         self.provider = provider
         self.nsid = nsid
         try:
             if provider.state != "ready":
                 provider.enable()
             ctrl = provider.identify_controller()
+            if queue_depth_up_to and queue_depth:
+                queue_depth = min(queue_depth, provider.mqes)  # a wish: at most CAP.MQES+1 entries
             try:
                 depth = provider.create_io_queues(queues, queue_depth, irq=irq, shadow_doorbells=shadow_doorbells,
                                                   sgl=sgl, sq_in_cmb=sq_in_cmb)
@@ -224,7 +226,8 @@ class BlockFile(io.RawIOBase):
 def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | None = None, queues: int = 1,
          reset: bool = False, hugetlb: bool = False, shadow_doorbells: bool | None = None, sgl: bool = False,
          sq_in_cmb: bool = False, command_timeout_s: float | None = None, backend: str | None = None,
-         unsafe_noiommu: bool | None = None, queues_up_to: bool = False) -> BlockDevice:
+         unsafe_noiommu: bool | None = None, queues_up_to: bool = False,
+         queue_depth_up_to: bool = False) -> BlockDevice:
     """Open namespace ``nsid`` of the controller at ``address`` (bound to vfio-pci).
 
     ``irq``: completions by MSI-X instead of polling; ``queue_depth``: I/O queue entries (up to
@@ -243,9 +246,11 @@ def open(address: str, nsid: int = 1, *, irq: bool = False, queue_depth: int | N
     allow a function without an IOMMU (VFIO no-IOMMU mode; also $NVMEVFIO_UNSAFE_NOIOMMU=1), with
     every caller buffer bounced through the broker's pinned pool; ``queues_up_to``: ``queues`` is
     a wish, not a requirement: fewer when the controller grants fewer (``info.io_queues`` says
-    how many), where otherwise that is refused ``count-out-of-range``."""
+    how many), where otherwise that is refused ``count-out-of-range``; ``queue_depth_up_to``
+    likewise for ``queue_depth``: at most CAP.MQES+1 entries (``info.queue_depth`` says how many)."""
     session: ControllerSession = open_controller(address, reset=reset, hugetlb=hugetlb,
                                                  command_timeout_s=command_timeout_s, backend=backend,
                                                  unsafe_noiommu=unsafe_noiommu)
     return BlockDevice(session, nsid, address=session.address, queue_depth=queue_depth, irq=irq, queues=queues,
-                       shadow_doorbells=shadow_doorbells, sgl=sgl, sq_in_cmb=sq_in_cmb, queues_up_to=queues_up_to)
+                       shadow_doorbells=shadow_doorbells, sgl=sgl, sq_in_cmb=sq_in_cmb, queues_up_to=queues_up_to,
+                       queue_depth_up_to=queue_depth_up_to)

@@ -79,7 +79,7 @@ def _workload_options(f: Any) -> Any:
 def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: str, queue_depth: int, io_size: int,
                  seconds: float | None, count: int | None, lba_range: str | None, mode: str, rwmixread: int,
                  ramp: float, shadow: bool | None, sgl: bool, sq_in_cmb: bool, verify: bool, queues: int,
-                 cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
+                 cpus: list[int] | None, service_socket: str | None, fmt: str, entries: dict[str, Any]) -> None:
     """perf with any of the engine's options: checked, run (or --verify-only), reported."""
     from nvmevfio import workload_engine as wl
     from nvmevfio import workload_map
@@ -115,8 +115,7 @@ def _perf_engine(engine: dict[str, Any], *, address: str, nsid: int, workload: s
                             deac=bool(engine.get("deac")), verify=verify)
     with contextlib.ExitStack() as stack:
         dev = stack.enter_context(blockdev(address, nsid, None, irq=mode == "irq",
-                                           queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
-                                           queues=jobs, **opened))
+                                           shadow_doorbells=shadow, queues=jobs, **entries, **opened))
         stack.enter_context(errors())
         res = wl.run(dev, spec, queue_depth=queue_depth, seconds=seconds, count=count, lba_range=rng,
                      seed=engine.get("seed") or 1, queues=jobs, cpus=cpus, verify_map=engine.get("verify_map"),
@@ -216,6 +215,10 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
               help="reap at most this many completions before the CQ head doorbell and the next refill (fio's "
                    "iodepth_batch_complete_max); 0: every ready one; default: every ready one up to -q 64, a "
                    "quarter of -q past it")
+@click.option("--io-queue-size", "io_queue_size", type=click.IntRange(2, 65536), default=None,
+              help="entries of each I/O queue pair (spdk_nvme_perf's --io-queue-size), more than -q; default: "
+                   "2 x -q + 1, up to CAP.MQES+1: the completion queue's room to spare lets the C loop write the "
+                   "CQ head doorbell about once every -q completions instead of once a batch")
 @cpu_list_opt
 @_workload_options
 @service_socket_opt
@@ -223,7 +226,8 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
          sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, iodepth_batch: int,
-         reap_max: int | None, cpus: list[int] | None, service_socket: str | None, fmt: str) -> None:
+         reap_max: int | None, io_queue_size: int | None, cpus: list[int] | None, service_socket: str | None,
+         fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
 
     \b
@@ -242,6 +246,9 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     from nvmevfio import perf as perfmod
 
     engine = click.get_current_context().meta.get(_ENGINE, {})
+    if service_socket and io_queue_size:
+        _fail("--socket: the daemon sizes its queues (serve --queue-depth): no --io-queue-size", EXIT_ERROR)
+    entries = _io_queue_entries(queue_depth, io_queue_size)
     if engine and (iodepth_batch > 1 or reap_max is not None):
         _fail("--iodepth-batch and --iodepth-batch-complete-max are perf's C loop's: the workload engine (--mix, "
               "--bs, ...) issues as it goes", EXIT_ERROR)
@@ -256,7 +263,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                   "give one ADDRESS", EXIT_ERROR)
         check_cpus(cpus)
         _perf_many(address, nsid, fmt, mode=mode, opened={"shadow_doorbells": shadow, "sgl": sgl,
-                                                          "sq_in_cmb": sq_in_cmb},
+                                                          "sq_in_cmb": sq_in_cmb, **entries},
                    workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
                    lba_range=_lba_range(lba_range), rwmixread=rwmixread, ramp_s=ramp, verify=verify,
                    queues=queues, cpus=cpus, shared_poller=shared_poller, iodepth_batch=iodepth_batch,
@@ -267,7 +274,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         _perf_engine(engine, address=one, nsid=nsid, workload=workload, queue_depth=queue_depth,
                      io_size=io_size, seconds=seconds, count=count, lba_range=lba_range, mode=mode,
                      rwmixread=rwmixread, ramp=ramp, shadow=shadow, sgl=sgl, sq_in_cmb=sq_in_cmb, verify=verify,
-                     queues=queues, cpus=cpus, service_socket=service_socket, fmt=fmt)
+                     queues=queues, cpus=cpus, service_socket=service_socket, fmt=fmt, entries=entries)
         return
 
     if service_socket and (verify or mode != "poll" or sgl or sq_in_cmb):
@@ -276,7 +283,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     if verify and queues > 1:
         _fail("--verify runs in Python on one queue: no --queues", EXIT_ERROR)
     check_cpus(cpus)
-    opened = {"sgl": True} if sgl else {}
+    opened: dict[str, Any] = {"sgl": True} if sgl else {}
     opened.update({"sq_in_cmb": True} if sq_in_cmb else {})
 
     rng = _lba_range(lba_range)
@@ -293,9 +300,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
             dev: Any = [stack.enter_context(connect(service_socket, nsid, queue_depth=queue_depth))
                         for _ in range(queues)]
         else:
-            dev = stack.enter_context(blockdev(one, nsid, service_socket, irq=mode == "irq",
-                                               queue_depth=min(queue_depth + 1, 4096), shadow_doorbells=shadow,
-                                               queues=queues, **opened))
+            dev = stack.enter_context(blockdev(one, nsid, service_socket, irq=mode == "irq", shadow_doorbells=shadow,
+                                               queues=queues, **({} if service_socket else entries), **opened))
             stack.enter_context(errors())
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
@@ -316,7 +322,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                f"{res.errors} errors")
     if not res.verify:  # the verify loop runs in Python: these figures are the C loop's
         click.echo(f"data: {res.data_descriptors.upper()}s; submission queue in "
-                   f"{'the Controller Memory Buffer' if res.sq_in_cmb else 'host memory'}")
+                   f"{'the Controller Memory Buffer' if res.sq_in_cmb else 'host memory'}; "
+                   f"{res.io_queue_size or '?'} entries a queue")
         click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "
                    f"{res.sq_doorbell_mmio} SQ tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} "
                    "updates without MMIO")
@@ -332,6 +339,19 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_MISMATCH)
+
+
+def _io_queue_entries(queue_depth: int, io_queue_size: int | None) -> dict[str, Any]:
+    """How perf opens its I/O queue pairs: ``--io-queue-size`` as given (more than -q; the broker
+    refuses more than CAP.MQES+1), or by default 2 x -q + 1 entries, as many as the controller
+    has when fewer (``queue_depth_up_to``): the CQ room beyond -q is what lets the C loop put off
+    the CQ head doorbell (cbits/perf.h, perf_cq_must_ring)."""
+    if io_queue_size is not None:
+        if io_queue_size <= queue_depth:
+            _fail(f"--io-queue-size {io_queue_size}: a queue keeps one entry empty, so it needs more than -q "
+                  f"{queue_depth} entries", EXIT_ERROR)
+        return {"queue_depth": io_queue_size}
+    return {"queue_depth": 2 * queue_depth + 1, "queue_depth_up_to": True}
 
 
 def _lba_range(text: str | None) -> tuple[int, int] | None:
@@ -357,8 +377,7 @@ def _perf_many(addresses: tuple[str, ...], nsid: int, fmt: str, *, mode: str, op
     if len(set(named)) != len(named):
         _fail(f"a controller named twice: {' '.join(named)}", EXIT_ERROR)
     with contextlib.ExitStack() as stack:
-        devs = [(a, stack.enter_context(blockdev(a, nsid, irq=mode == "irq", queues=queues,
-                                                          queue_depth=min(kw["queue_depth"] + 1, 4096), **opened)))
+        devs = [(a, stack.enter_context(blockdev(a, nsid, irq=mode == "irq", queues=queues, **opened)))
                 for a in named]
         stack.enter_context(errors())
         res = run_many(devs, hybrid=mode == "hybrid", verify=verify, queues=queues, **kw)

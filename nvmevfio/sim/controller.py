@@ -91,6 +91,7 @@ class _Queue:
     head: int = 0
     tail: int = 0
     phase: int = 1  # CQ only
+    full_waits: list[np.ndarray] = field(default_factory=list)  # CQ only: entries held while it was full
 
 
 class SimController:
@@ -138,6 +139,7 @@ class SimController:
         self.over_temp_threshold = 343
         self.changed_nsids: list[int] = []  # the Changed Namespace List log (04h)
         self.detached: set[int] = set()  # namespace ids detached from this controller
+        self.cq_full_holds = 0  # completions held because their CQ was full (the host's head doorbell late)
 
     # ------------------------------------------------------------------ registers
     def _reg(self, off: int) -> int:
@@ -200,8 +202,11 @@ class SimController:
         index = (off - regs.DOORBELL_BASE) // (4 << self.dstrd)
         qid, is_cq = divmod(index, 2)
         if is_cq:
-            if qid in self.cqs:
-                self.cqs[qid].head = value
+            cq = self.cqs.get(qid)
+            if cq is not None:
+                cq.head = value
+                while cq.full_waits and not self._cq_full(cq):  # the room given back: post what waited
+                    self._post(cq, cq.full_waits.pop(0))
             return
         sq = self.sqs.get(qid)
         if sq is None:
@@ -222,13 +227,28 @@ class SimController:
             self.held.append((sq, sqid, cid))
             return
         cq = self.cqs[sq.cqid]
-        ring = self.dma.view(cq.base, cq.depth * 16, write=True).view(CQE)
         entry = np.zeros(1, dtype=CQE)
         entry["dw0"] = dw0
         entry["sqhd"] = sq.head
         entry["sqid"] = sqid
         entry["cid"] = cid
-        entry["status"] = (sct << 9) | (sc << 1) | cq.phase
+        entry["status"] = (sct << 9) | (sc << 1)
+        if cq.full_waits or self._cq_full(cq):
+            # A controller posts no entry into a full CQ (one slot always empty, 3.3.1.5): it
+            # waits for the host's CQ head doorbell. A host that waits for this completion
+            # before ringing it hangs, as on a real controller.
+            self.cq_full_holds += 1
+            cq.full_waits.append(entry)
+            return
+        self._post(cq, entry)
+
+    @staticmethod
+    def _cq_full(cq: _Queue) -> bool:
+        return (cq.tail + 1) % cq.depth == cq.head
+
+    def _post(self, cq: _Queue, entry: np.ndarray) -> None:
+        ring = self.dma.view(cq.base, cq.depth * 16, write=True).view(CQE)
+        entry["status"] |= cq.phase
         ring[cq.tail] = entry[0]
         cq.tail = (cq.tail + 1) % cq.depth
         if cq.tail == 0:

@@ -173,3 +173,51 @@ def test_completion_batch_cap_and_its_default(rig):
     with pytest.raises(Refused) as ei:
         perf.run(dev, queue_depth=16, count=10, iodepth_batch_complete_max=17)
     assert ei.value.reason == "count-out-of-range"
+
+
+@pytest.mark.parametrize(("entries", "qd", "cap", "cq_rings"), [
+    (33, 32, None, 100),  # no room to spare (-q + 1 entries): a CQ head doorbell every batch of 32
+    (65, 32, None, 50),  # room for a second depth: every second batch
+    (257, 128, None, 20),  # batches of 32 (the cap past QD64), 160 consumed between doorbells
+    (2, 1, None, 3200),
+    (3, 1, None, 1600),
+    (40, 32, 5, 320),  # batches of 5: a doorbell once 8 are unrung (8 + 32 would fill 40), every 2nd batch
+])
+def test_cq_head_doorbell_waits_while_the_cq_has_room(rig, entries, qd, cap, cq_rings):
+    """cbits/perf.h perf_cq_must_ring: the CQ head doorbell is written only when the entries
+    consumed since the last one and a depth more could fill the CQ; the simulator holds back a
+    completion its CQ has no room for, as a controller does, so a rule that let the CQ fill would
+    count holds (or hang). The loop gives the whole CQ back when it ends."""
+    dev = BlockDevice(rig.p, 1, queue_depth=entries)
+    before = len(rig.sim.commands)
+    r = perf.run(dev, workload="randread", queue_depth=qd, count=3200, iodepth_batch_complete_max=cap)
+    assert (r.ios, r.errors, r.io_queue_size) == (3200, 0, entries)
+    assert len(rig.sim.commands) - before == 3200
+    assert r.cq_doorbell_mmio == cq_rings
+    assert rig.sim.cq_full_holds == 0
+    cq = rig.sim.cqs[1]
+    assert cq.head == cq.tail  # every entry consumed and its room given back (perf_cq_release)
+
+
+def test_simulator_holds_a_completion_its_cq_has_no_room_for():
+    """The simulator's side of the rule above: a CQ of 3 entries takes 2 (one slot stays empty,
+    3.3.1.5); a third completion waits for the CQ head doorbell, then is posted with the phase
+    tag of its slot."""
+    from nvmevfio.nvme import regs
+    from nvmevfio.nvme.spec import CQE
+    from nvmevfio.sim.controller import SimController, _Queue
+
+    sim = SimController()
+    ring = np.zeros(3, dtype=CQE)
+    sim.dma.map_dma(int(ring.ctypes.data), 0x10000, ring.nbytes)
+    sim.cqs[1] = _Queue(0x10000, 3)
+    sq = _Queue(0x20000, 8, cqid=1)
+    for cid in (7, 8, 9):
+        sim._complete(sq, 1, cid)
+    assert ring["cid"].tolist() == [7, 8, 0] and sim.cq_full_holds == 1
+    sim._doorbell(regs.doorbell_offset(1, True, 0), 1)  # the host consumed entry 0
+    assert ring["cid"].tolist() == [7, 8, 9] and [s & 1 for s in ring["status"].tolist()] == [1, 1, 1]
+    sim._complete(sq, 1, 10)  # slot 0 is free, but the CQ is full again (tail 0, head 1)
+    assert sim.cq_full_holds == 2 and ring["cid"][0] == 7
+    sim._doorbell(regs.doorbell_offset(1, True, 0), 0)  # consumed 1 and 2: the wrapped slot gets phase 0
+    assert ring["cid"][0] == 10 and ring["status"][0] & 1 == 0
