@@ -156,7 +156,7 @@ static int perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int d
 int nv_perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int drain)
 {
     int r = perf_run(qp, p, slice_ns, drain);
-    perf_cq_release(qp);
+    nv_qp_ring_cq(qp);  /* the head consumed so far: its next user starts with all its room */
     return r;
 }
 
@@ -224,6 +224,6 @@ int nv_perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, uint32
 {
     int r = perf_run_many(qps, ps, n, slice_ns, drain, which);
     for (uint32_t i = 0; i < n; i++)
-        perf_cq_release(qps[i]);
+        nv_qp_ring_cq(qps[i]);  /* the head consumed so far: its next user starts with all its room */
     return r;
 }

@@ -68,27 +68,6 @@ static inline struct perf_io perf_next(struct nv_perf *p)
  * Inline, with done a constant at each call: the compiler inlines it too. For the loops on a queue
  * pair of this process (qpair.h included first), not the service client's. */
 #ifdef NVMEVFIO_QPAIR_H
-/* Must the CQ head doorbell be written now, or can it wait for a later batch? A CQ is full with
- * one entry fewer than its size in use (3.3.1.5), and the entries it holds for the controller
- * are those after the head last written: the ones consumed since (unrung) and up to one for each
- * command outstanding, which the loop keeps at p->depth or fewer. While those cannot fill it
- * before the next batch, the doorbell (an MMIO write, on an emulated controller an exit to its
- * model under its lock) waits: a queue twice as deep as the workload (the CLI's perf) writes
- * it about once every depth completions instead of once per batch. A queue of depth + 1 entries
- * (no room to spare) writes it every batch, as before. */
-static inline int perf_cq_must_ring(const struct nv_qp *qp, const struct nv_perf *p)
-{
-    uint32_t unrung = (qp->cq_head + qp->depth - qp->cq_rung) % qp->depth;
-    return unrung + p->depth >= qp->depth;
-}
-
-/* The head consumed so far, written before a loop hands the queue back (its next user, the
- * broker's reaps or another loop, starts from a CQ with all its room). */
-static inline void perf_cq_release(struct nv_qp *qp)
-{
-    nv_qp_ring_cq(qp);
-}
-
 typedef void (*perf_done_fn)(void *ctx, uint32_t slot, uint8_t opcode, uint16_t status, uint64_t latency_ns);
 
 static inline int perf_reap_each(struct nv_qp *qp, struct nv_perf *p, perf_done_fn done, void *ctx)
@@ -111,8 +90,8 @@ static inline int perf_reap_each(struct nv_qp *qp, struct nv_perf *p, perf_done_
     }
     if (n) {
         p->reaps++;
-        if (perf_cq_must_ring(qp, p))
-            nv_qp_ring_cq(qp);  /* one CQ head doorbell per batch, when the CQ needs its room back */
+        if (qp_cq_must_ring(qp, p->depth))  /* the loop keeps p->depth or fewer outstanding */
+            nv_qp_ring_cq(qp);  /* one CQ head doorbell for the batch, when the CQ needs its room back */
     }
     return (int)n;
 }

@@ -162,6 +162,20 @@ static inline int qp_consume(struct nv_qp *qp, struct nv_cqe *cqe)
     return cqe->cid;
 }
 
+/* Must the CQ head doorbell be written now, or can it wait for a later batch? A CQ is full with
+ * one entry fewer than its size in use (3.3.1.5), and the entries it holds for the controller
+ * are those after the head last written: the ones consumed since (unrung) and up to one for
+ * each command outstanding, of which the caller has at most ``most``. While those cannot fill
+ * it before the caller's next batch, the doorbell (an MMIO write; on an emulated controller an
+ * exit to its model under its lock) waits: a queue of twice ``most`` entries and one is written
+ * about once every ``most`` completions instead of once a batch; a queue of ``most`` + 1 (no
+ * room to spare) every batch. */
+static inline int qp_cq_must_ring(const struct nv_qp *qp, uint32_t most)
+{
+    uint32_t unrung = (qp->cq_head + qp->depth - qp->cq_rung) % qp->depth;
+    return unrung + most >= qp->depth;
+}
+
 /* A consumed command's id is free again. */
 static inline void qp_retire(struct nv_qp *qp, uint16_t cid)
 {

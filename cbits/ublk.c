@@ -558,7 +558,7 @@ static int take_requests(struct nv_ublk_queue *q, struct nv_qp *qp)
     return err ? err : posted;
 }
 
-int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp)
+static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp)
 {
     q->prps = w->prps;
     q->buf_slot = w->buf_slot;
@@ -587,8 +587,8 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
                 nv_ublk_queue_complete(q, done[i].cookie, done[i].status);
             reaped += n;
         }
-        if (reaped)
-            nv_qp_ring_cq(qp);  /* one CQ head doorbell for the batch */
+        if (reaped && qp_cq_must_ring(qp, q->depth))  /* one command a tag: q->depth at most outstanding */
+            nv_qp_ring_cq(qp);  /* one CQ head doorbell for the batch, when the CQ needs its room back */
         if (n < 0)
             return n;  /* -EPROTO: a completion for an id not in flight (the broker names it) */
         if (q->gone == q->depth && qp->in_flight == 0)
@@ -658,4 +658,11 @@ int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct n
         woke_empty = 1;
         turns |= 15;  /* after a wait, the next turn reads the clock: CSTS and the stop flags each wait */
     }
+}
+
+int nv_ublk_queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp)
+{
+    int r = queue_run(q, w, qp);
+    nv_qp_ring_cq(qp);  /* the head consumed so far: the broker's recovery or shutdown finds a CQ with all its room */
+    return r;
 }

@@ -497,6 +497,6 @@ static int wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *
 int nv_wl_run(struct nv_wl *w, int64_t slice_ns, int drain, struct nv_perf *p, struct nv_qp *qp)
 {
     int r = wl_run(w, slice_ns, drain, p, qp);
-    perf_cq_release(qp);
+    nv_qp_ring_cq(qp);  /* the head consumed so far: its next user starts with all its room */
     return r;
 }

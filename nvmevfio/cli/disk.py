@@ -26,6 +26,8 @@ from nvmevfio.cli.common import (
     controller,
     cpu_list_opt,
     errors,
+    io_queue_entries,
+    io_queue_size_opt,
     main,
     nsid_opt,
     output_opt,
@@ -224,12 +226,13 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @click.option("--recover", "recover_dev", type=int, metavar="DEV",
               help="serve device DEV again after its --recoverable server died")
 @click.option("--list", "list_", is_flag=True, help="list ublk devices, their servers, and stale ones")
+@io_queue_size_opt
 @cpu_list_opt
 @click.option("--notify-fd", type=int, hidden=True)
 @output_opt
 def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: str, readonly: bool, refuse_writes: bool,
          recoverable: bool, background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool,
-         cpus: list[int] | None, notify_fd: int | None, fmt: str) -> None:
+         io_queue_size: int | None, cpus: list[int] | None, notify_fd: int | None, fmt: str) -> None:
     """Serve a namespace as a Linux ublk block device (/dev/ublkbN): every request in C, one NVMe
     command each. Runs until SIGTERM or Ctrl-C (drain, stop, delete, controller shutdown).
 
@@ -277,6 +280,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
     assert address is not None
     address = _address(address)
     check_cpus(cpus)
+    entries = io_queue_entries(depth, io_queue_size, "--depth")
     default_count = queues is None  # one per CPU up to four, fewer where the controller grants fewer
     queues = queues or ub.default_queues()
     if target is None:
@@ -286,14 +290,14 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         with errors():
             info = start_background(address, nsid, queues=None if default_count else queues, depth=depth, mode=mode,
                                     readonly=readonly, refuse_writes=refuse_writes, recoverable=recoverable,
-                                    recover_dev=recover_dev, cpus=cpus)
+                                    recover_dev=recover_dev, cpus=cpus, io_queue_size=io_queue_size)
         if fmt == "json":
             _emit_json(info)
         else:
             click.echo(info["device"])
         return
-    with blockdev(address, nsid, irq=mode == "irq", queue_depth=depth + 1, queues=queues,
-                  queues_up_to=default_count) as dev, errors():
+    with blockdev(address, nsid, irq=mode == "irq", queues=queues, queues_up_to=default_count,
+                  **entries) as dev, errors():
         queues = dev.info.io_queues
         server = ub.Server(dev, address=address, queues=queues, depth=depth, read_only=readonly,
                            recoverable=recoverable, refuse_writes=refuse_writes, cpus=cpus)
@@ -305,7 +309,8 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
                     server.add()
                 server.start(recovering=target is not None)
                 info = {"device": server.block_device, "dev_id": server.dev_id, "address": address, "nsid": nsid,
-                        "pid": os.getpid(), "queues": queues, "depth": depth, "mode": mode,
+                        "pid": os.getpid(), "queues": queues, "depth": depth,
+                        "io_queue_size": dev.info.queue_depth, "mode": mode,
                         "cpus": server.queue_cpus(), "read_only": readonly,
                         "refuse_writes": refuse_writes, "serial": dev.info.serial,
                         "recoverable": recoverable, "io_bytes": server.geometry.io_bytes,
@@ -325,7 +330,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
 def start_background(address: str, nsid: int, *, queues: int | None = None, depth: int = 64,
                      mode: str = "irq", readonly: bool = False, refuse_writes: bool = False,
                      recoverable: bool = False, recover_dev: int | None = None,
-                     cpus: list[int] | None = None) -> dict[str, Any]:
+                     cpus: list[int] | None = None, io_queue_size: int | None = None) -> dict[str, Any]:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
     its device is up (nvmevfio export starts its server this way too). The server's last log
     line is the error when it ends first."""
@@ -349,6 +354,7 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
     cmd += ["--recoverable"] if recoverable else []
     cmd += ["--recover", str(recover_dev)] if recover_dev is not None else []
     cmd += ["--cpu", ",".join(map(str, cpus))] if cpus else []
+    cmd += ["--io-queue-size", str(io_queue_size)] if io_queue_size else []
     with logpath.open("ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(wfd,),
                                 start_new_session=True)

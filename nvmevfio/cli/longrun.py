@@ -25,6 +25,8 @@ from nvmevfio.cli.common import (
     cpu_list_opt,
     cpu_opt,
     errors,
+    io_queue_entries,
+    io_queue_size_opt,
     main,
     output_opt,
     service_socket_opt,
@@ -215,10 +217,7 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
               help="reap at most this many completions before the CQ head doorbell and the next refill (fio's "
                    "iodepth_batch_complete_max); 0: every ready one; default: every ready one up to -q 64, a "
                    "quarter of -q past it")
-@click.option("--io-queue-size", "io_queue_size", type=click.IntRange(2, 65536), default=None,
-              help="entries of each I/O queue pair (spdk_nvme_perf's --io-queue-size), more than -q; default: "
-                   "2 x -q + 1, up to CAP.MQES+1: the completion queue's room to spare lets the C loop write the "
-                   "CQ head doorbell about once every -q completions instead of once a batch")
+@io_queue_size_opt
 @cpu_list_opt
 @_workload_options
 @service_socket_opt
@@ -248,7 +247,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
     engine = click.get_current_context().meta.get(_ENGINE, {})
     if service_socket and io_queue_size:
         _fail("--socket: the daemon sizes its queues (serve --queue-depth): no --io-queue-size", EXIT_ERROR)
-    entries = _io_queue_entries(queue_depth, io_queue_size)
+    entries = io_queue_entries(queue_depth, io_queue_size, "-q")
     if engine and (iodepth_batch > 1 or reap_max is not None):
         _fail("--iodepth-batch and --iodepth-batch-complete-max are perf's C loop's: the workload engine (--mix, "
               "--bs, ...) issues as it goes", EXIT_ERROR)
@@ -339,19 +338,6 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                        f"{found[0]:#010x} lba {found[1]} seq {found[2]} crc32c {found[3]:#010x}")
         if bad:
             _fail(f"verify: {bad} blocks did not hold what was written", EXIT_MISMATCH)
-
-
-def _io_queue_entries(queue_depth: int, io_queue_size: int | None) -> dict[str, Any]:
-    """How perf opens its I/O queue pairs: ``--io-queue-size`` as given (more than -q; the broker
-    refuses more than CAP.MQES+1), or by default 2 x -q + 1 entries, as many as the controller
-    has when fewer (``queue_depth_up_to``): the CQ room beyond -q is what lets the C loop put off
-    the CQ head doorbell (cbits/perf.h, perf_cq_must_ring)."""
-    if io_queue_size is not None:
-        if io_queue_size <= queue_depth:
-            _fail(f"--io-queue-size {io_queue_size}: a queue keeps one entry empty, so it needs more than -q "
-                  f"{queue_depth} entries", EXIT_ERROR)
-        return {"queue_depth": io_queue_size}
-    return {"queue_depth": 2 * queue_depth + 1, "queue_depth_up_to": True}
 
 
 def _lba_range(text: str | None) -> tuple[int, int] | None:

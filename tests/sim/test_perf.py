@@ -184,7 +184,7 @@ def test_completion_batch_cap_and_its_default(rig):
     (40, 32, 5, 320),  # batches of 5: a doorbell once 8 are unrung (8 + 32 would fill 40), every 2nd batch
 ])
 def test_cq_head_doorbell_waits_while_the_cq_has_room(rig, entries, qd, cap, cq_rings):
-    """cbits/perf.h perf_cq_must_ring: the CQ head doorbell is written only when the entries
+    """cbits/qpair.h qp_cq_must_ring (perf's loop): the CQ head doorbell is written only when the entries
     consumed since the last one and a depth more could fill the CQ; the simulator holds back a
     completion its CQ has no room for, as a controller does, so a rule that let the CQ fill would
     count holds (or hang). The loop gives the whole CQ back when it ends."""
@@ -196,7 +196,7 @@ def test_cq_head_doorbell_waits_while_the_cq_has_room(rig, entries, qd, cap, cq_
     assert r.cq_doorbell_mmio == cq_rings
     assert rig.sim.cq_full_holds == 0
     cq = rig.sim.cqs[1]
-    assert cq.head == cq.tail  # every entry consumed and its room given back (perf_cq_release)
+    assert cq.head == cq.tail  # every entry consumed and its room given back when the loop returned
 
 
 def test_simulator_holds_a_completion_its_cq_has_no_room_for():
