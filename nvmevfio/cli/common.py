@@ -347,21 +347,26 @@ cpu_list_opt = click.option("--cpu", "cpus", metavar="LIST", callback=_cpu_list,
                                  "LIST[i mod its length]")
 
 
+# perf's and ublk's default NVMe I/O queue: at least SPDK's io_queue_size default (256 entries)
+MIN_IO_QUEUE_ENTRIES = 256
+
 io_queue_size_opt = click.option(
     "--io-queue-size", "io_queue_size", type=click.IntRange(2, 65536), default=None,
     help="entries of each NVMe I/O queue pair (spdk_nvme_perf's --io-queue-size), more than the depth; default: "
-         "twice the depth and one, up to CAP.MQES+1: the completion queue's room to spare lets the C loop write the "
-         "CQ head doorbell about once every depth's worth of completions instead of once a batch")
+         f"twice the depth and one, at least {MIN_IO_QUEUE_ENTRIES} (SPDK's default), up to CAP.MQES+1: the "
+         "completion queue's room to spare lets the C loop put off the CQ head doorbell until the entries it "
+         "consumed and a depth more could fill it, instead of writing it every batch")
 
 
 def io_queue_entries(depth: int, io_queue_size: int | None, depth_flag: str) -> dict[str, Any]:
     """How a C loop's queue pairs are opened (``blockdev`` keywords): ``--io-queue-size`` as
     given (more than the depth; the broker refuses more than CAP.MQES+1), or by default twice
-    the depth and one, as many as the controller has when fewer (``queue_depth_up_to``). The CQ
-    room beyond the depth is what lets the loop put off the CQ head doorbell (cbits/qpair.h,
-    qp_cq_must_ring)."""
+    the depth and one, at least MIN_IO_QUEUE_ENTRIES, as many as the controller has when fewer
+    (``queue_depth_up_to``). The CQ room beyond the depth is what lets the loop put off the CQ
+    head doorbell (cbits/qpair.h, qp_cq_must_ring): with 256 entries at QD1, one in 255 commands
+    writes it."""
     if io_queue_size is None:
-        return {"queue_depth": 2 * depth + 1, "queue_depth_up_to": True}
+        return {"queue_depth": max(2 * depth + 1, MIN_IO_QUEUE_ENTRIES), "queue_depth_up_to": True}
     if io_queue_size <= depth:
         _fail(f"--io-queue-size {io_queue_size}: a queue keeps one entry empty, so it needs more than {depth_flag} "
               f"{depth} entries", EXIT_ERROR)

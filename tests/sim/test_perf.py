@@ -221,3 +221,13 @@ def test_simulator_holds_a_completion_its_cq_has_no_room_for():
     assert sim.cq_full_holds == 2 and ring["cid"][0] == 7
     sim._doorbell(regs.doorbell_offset(1, True, 0), 0)  # consumed 1 and 2: the wrapped slot gets phase 0
     assert ring["cid"][0] == 10 and ring["status"][0] & 1 == 0
+
+
+def test_queue_depth_up_to_takes_what_the_controller_has(rig):
+    """open(queue_depth_up_to=True) (perf's and ublk's default queue of twice the depth and one):
+    a wish capped at CAP.MQES+1, where a depth asked as such is refused."""
+    dev = BlockDevice(rig.p, 1, queue_depth=5000, queue_depth_up_to=True)
+    mqes = rig.p.mqes  # read at enable: the simulator's CAP.MQES is 1023 (0's based)
+    assert mqes == 1024 and dev.info.queue_depth == mqes and rig.broker.io[0].ring.depth == mqes
+    r = perf.run(dev, workload="randread", queue_depth=600, count=2400)
+    assert (r.ios, r.errors, r.io_queue_size) == (2400, 0, mqes) and rig.sim.cq_full_holds == 0

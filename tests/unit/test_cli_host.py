@@ -258,3 +258,20 @@ def test_a_refusal_of_an_nvme_cli_command_exits_1_and_names_its_reason(monkeypat
         r = CliRunner().invoke(main, args)
         assert r.exit_code == code, (args, r.output)
         assert r.stderr.count("\n") == 1 and "[reset-kind-unavailable]" in r.stderr and "refused:" in r.stderr
+
+
+def test_io_queue_size_default_and_refusals_before_anything_opens():
+    """--io-queue-size (perf, ublk): by default twice the depth and one, at least 256 (SPDK's
+    default), capped at CAP.MQES+1 when opened; given, it must be above the depth (a queue keeps
+    one entry empty); not with --socket."""
+    from nvmevfio.cli.common import io_queue_entries
+
+    assert io_queue_entries(128, None, "-q") == {"queue_depth": 257, "queue_depth_up_to": True}
+    assert io_queue_entries(1, None, "-q") == {"queue_depth": 256, "queue_depth_up_to": True}
+    assert io_queue_entries(1024, None, "-q") == {"queue_depth": 2049, "queue_depth_up_to": True}
+    assert io_queue_entries(32, 33, "-q") == {"queue_depth": 33}
+    r = CliRunner().invoke(main, ["perf", "00:10.0", "-q", "8", "--io-queue-size", "8"])
+    assert r.exit_code == 1
+    assert "--io-queue-size 8: a queue keeps one entry empty, so it needs more than -q 8 entries" in r.stderr
+    r = CliRunner().invoke(main, ["perf", "--socket", "/nonexistent.sock", "--io-queue-size", "9"])
+    assert r.exit_code == 1 and "the daemon sizes its queues" in r.stderr

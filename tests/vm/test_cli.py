@@ -214,15 +214,43 @@ def test_perf_iodepth_batch_issues_whole_batches(addr, mode):
 
 
 def test_perf_completion_batch_cap_and_its_default_at_depth(addr):
-    """--iodepth-batch-complete-max 8 at -q 32: never more than 8 completions per CQ head doorbell;
-    at -q 128 the default takes at most 32 (a quarter of the depth) and says so."""
+    """--iodepth-batch-complete-max 8 at -q 32: never more than 8 completions per reap (and refill);
+    the CQ head doorbell waits while the default 256-entry queue has room, so it is written once
+    every 224 to 231 completions; at -q 128 the default takes at most 32 (a quarter of the depth)
+    and says so."""
     d = nvj("perf", addr, "-w", "randread", "-q", 32, "-n", 4000, "--iodepth-batch-complete-max", 8, "--range",
             "0:65536")
-    assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"]) == (4000, 0, 8)
-    assert 1.0 <= d["ios_per_reap"] <= 8.0 and d["cq_doorbell_mmio"] >= 500
+    assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"], d["io_queue_size"]) == (4000, 0, 8, 256)
+    assert 1.0 <= d["ios_per_reap"] <= 8.0 and 4000 // 231 <= d["cq_doorbell_mmio"] <= 4000 // 224 + 8
     d = nvj("perf", addr, "-w", "randread", "-q", 128, "-n", 6400, "--range", "0:65536")
-    assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"]) == (6400, 0, 32)
+    assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"], d["io_queue_size"]) == (6400, 0, 32, 257)
     assert d["ios_per_reap"] <= 32.0
+
+
+def test_perf_cq_head_doorbell_waits_while_the_cq_has_room(addr):
+    """perf's queue (by default twice -q and one, at least 256 entries) lets the CQ head doorbell
+    wait until the entries consumed and a depth more could fill the CQ (cbits/qpair.h,
+    qp_cq_must_ring): at -q 1, once every 255 commands where the SQ tail's is every command; with
+    --io-queue-size 3, every second command; with 2 (no room), every command, as before; a size
+    not above -q, or above CAP.MQES+1 (QEMU's 2048), is refused before any I/O. Every command
+    completes either way."""
+    d = nvj("perf", addr, "-w", "randread", "-q", 1, "-n", 2000, "--range", "0:65536")
+    assert (d["ios"], d["errors"], d["io_queue_size"], d["sq_doorbell_mmio"]) == (2000, 0, 256, 2000)
+    assert 7 <= d["cq_doorbell_mmio"] <= 12  # one each time 255 are unrung, and one as each slice ends
+    d = nvj("perf", addr, "-w", "randread", "-q", 1, "-n", 2000, "--range", "0:65536", "--io-queue-size", 3)
+    assert (d["ios"], d["errors"], d["io_queue_size"], d["sq_doorbell_mmio"]) == (2000, 0, 3, 2000)
+    assert 1000 <= d["cq_doorbell_mmio"] <= 1005
+    d = nvj("perf", addr, "-w", "randread", "-q", 1, "-n", 2000, "--range", "0:65536", "--io-queue-size", 2)
+    assert (d["ios"], d["errors"], d["io_queue_size"], d["sq_doorbell_mmio"], d["cq_doorbell_mmio"]) == (
+        2000, 0, 2, 2000, 2000)
+    d = nvj("perf", addr, "-w", "randwrite", "-q", 16, "-n", 3000, "--range", "0:65536", "--io-queue-size", 1000,
+            "--mode", "irq")
+    # once each 984 are unrung (984 + 16 would fill 1000): 3, and one as each 1-s slice and the drain end
+    assert (d["ios"], d["errors"], d["io_queue_size"]) == (3000, 0, 1000) and 3 <= d["cq_doorbell_mmio"] <= 8
+    r = nv("perf", addr, "-q", 8, "-n", 100, "--io-queue-size", 8, check=False)
+    assert r.returncode == 1 and b"--io-queue-size 8: a queue keeps one entry empty" in r.stderr
+    r = nv("perf", addr, "-q", 8, "-n", 100, "--io-queue-size", 4096, check=False)
+    assert r.returncode == 3 and b"count-out-of-range" in r.stderr and b"queue depth 4096 outside 2..2048" in r.stderr
 
 
 def test_perf_more_queues_than_the_controller_allows(addr):

@@ -163,6 +163,7 @@ else:
     @pytest.fixture(scope="module")
     def disk(ublk_ctrl):
         info = start(ublk_ctrl["address"], "--recoverable", "--mode", "poll")  # irq is the default: both covered
+        assert info["io_queue_size"] == 256  # at least 256 (2 x --depth 64 + 1): room for the CQ head doorbell to wait
         mkfs(info["device"], "-E", "nodiscard", blocks=FS_SIZE // FS_BLOCK)
         mount(info["device"], MNT)
         shared = Disk(ublk_ctrl["address"], info)
@@ -408,7 +409,8 @@ else:
     def test_bytes_written_in_irq_mode_land_at_their_lba_on_the_namespace(guest, cleanup):
         """The shared disk serves in poll mode (its restart test checks the same there)."""
         small = controller(guest, "nvmevfio-small")
-        info = start(small["address"], "--mode", "irq", "--depth", "16")
+        info = start(small["address"], "--mode", "irq", "--depth", "16", "--io-queue-size", "17")  # no room spare
+        assert info["io_queue_size"] == 17
         data = np.random.default_rng(8).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
         offset = 77 * 4096  # LBA 616
         write_direct(info["device"], data, offset)
@@ -427,6 +429,8 @@ else:
         assert f"at most {cpus} queues" in line, line
         line = one_line_error(nv("ublk", small["address"], "--cpu", str(cpus + 3), check=False))
         assert f"--cpu {cpus + 3}: this process may run on CPUs" in line, line
+        line = one_line_error(nv("ublk", small["address"], "--depth", "16", "--io-queue-size", "16", check=False))
+        assert "--io-queue-size 16: a queue keeps one entry empty, so it needs more than --depth 16" in line, line
         assert not any(d["address"] == small["address"] for d in devices())  # nothing was added
 
         # each queue's thread pinned (--cpu): queue i on the i-th CPU of the list, here reversed
