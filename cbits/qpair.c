@@ -340,7 +340,15 @@ int nv_qp_wait(struct nv_qp *qp, int64_t timeout_ns)
             int64_t left = deadline - now;
             if (left <= 0)
                 return qp_pending(qp);
-            int bad = qp_health(qp);
+            /* The stop flag (host memory) every time; CSTS, an MMIO read (on an emulated controller
+             * an exit into its model, as dear as a doorbell), once a millisecond across waits: at
+             * QD1 a wait per command read it per command. A device gone is seen within the 100 ms
+             * a sleep lasts at most. */
+            int bad = qp_stop_flag(qp);
+            if (!bad && now >= qp->csts_next_ns) {
+                qp->csts_next_ns = now + CSTS_EVERY_NS;
+                bad = qp_health(qp);
+            }
             if (bad)
                 return qp_pending(qp) ? 1 : bad;
             if ((qp->csts || qp->stop) && left > 100 * CSTS_EVERY_NS)

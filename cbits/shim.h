@@ -239,6 +239,7 @@ struct nv_qp {
     uint64_t cq_mmio;          /* CQ head doorbell MMIO writes */
     uint64_t sq_shadow_only;   /* SQ tail updates the EventIdx rule let go without MMIO */
     uint64_t cq_shadow_only;
+    int64_t csts_next_ns;      /* when a wait on the interrupt next reads CSTS (nv_qp_wait): at most once a ms */
     /* the in-flight table, ncids entries each */
     uint16_t *free_stack;
     uint8_t *busy;             /* 0: free, 1: taken (not yet posted), 2: in flight, 3: standing */
