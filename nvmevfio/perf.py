@@ -68,7 +68,8 @@ class PerfResult:
     ios_per_reap: float = 0.0  # completions per CQ batch
     iodepth_batch: int = 1  # issued only when this many could go at once (--iodepth-batch)
     iodepth_batch_complete_max: int = 0  # completions reaped at most per CQ doorbell (0: all ready)
-    io_queue_size: int = 0  # entries of each I/O queue pair (--io-queue-size); past -q + 1 the CQ head doorbell waits
+    io_queue_size: int = 0  # entries of each I/O queue pair (--io-queue-size); past -q + 1 the CQ head doorbell
+    # waits; 0 through the service (its daemon's queues, whose sessions' depth is what info.queue_depth says)
     verify: bool = False
     verified_blocks: int = 0  # blocks read back whose header and CRC32C were checked
     mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
@@ -458,7 +459,8 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
                       sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
                       iodepth_batch_complete_max=iodepth_batch_complete_max,
-                      io_queue_size=int(getattr(info, "queue_depth", 0) or 0), **whole, **cpu)
+                      io_queue_size=qs[0].dev.info.queue_depth if isinstance(qs[0].dev, BlockDevice) else 0,
+                      **whole, **cpu)
 
 
 def _zoned(dev: BlockDevice | ServiceDevice, workload: str, lo: int, hi: int) -> tuple[dict[str, Any], range]:

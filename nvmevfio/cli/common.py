@@ -372,6 +372,7 @@ def io_queue_entries(depth: int, io_queue_size: int | None, depth_flag: str) -> 
               f"{depth} entries", EXIT_ERROR)
     return {"queue_depth": io_queue_size}
 
+
 def _pin(cpu: int | None) -> None:
     """Keep this process on ``cpu`` (--cpu); refused when it is not one this process may use."""
     if cpu is None:

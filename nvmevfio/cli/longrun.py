@@ -321,8 +321,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                f"{res.errors} errors")
     if not res.verify:  # the verify loop runs in Python: these figures are the C loop's
         click.echo(f"data: {res.data_descriptors.upper()}s; submission queue in "
-                   f"{'the Controller Memory Buffer' if res.sq_in_cmb else 'host memory'}; "
-                   f"{res.io_queue_size or '?'} entries a queue")
+                   f"{'the Controller Memory Buffer' if res.sq_in_cmb else 'host memory'}"
+                   + (f"; {res.io_queue_size} entries a queue" if res.io_queue_size else ""))
         click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "
                    f"{res.sq_doorbell_mmio} SQ tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} "
                    "updates without MMIO")

@@ -204,7 +204,8 @@ def bob_perf_two_sessions(sock, out):
     """`nvmevfio perf --socket --queues 2` as Bob: two sessions (a queue pair of the daemon each,
     4 of his grant's depth of 8 each), a thread each."""
     d = nvj("perf", "--socket", sock, "-w", "randread", "-q", 4, "-n", 3001, "--queues", 2)
-    return {k: d[k] for k in ("queues", "ios", "reads", "errors", "iops", "cpu_us_per_io", "wait_share")} | {
+    return {k: d[k] for k in ("queues", "ios", "reads", "errors", "iops", "cpu_us_per_io", "wait_share",
+                              "io_queue_size")} | {
         "rows": [(q["queue"], q["ios"], q["errors"]) for q in d["per_queue"]],
         "row_iops": sum(q["iops"] for q in d["per_queue"])}
 
@@ -406,6 +407,7 @@ def test_perf_through_the_service_on_two_sessions(service):
     assert (b["queues"], b["ios"], b["reads"], b["errors"]) == (2, 3001, 3001, 0), b
     assert b["rows"] == [[1, 1501, 0], [2, 1500, 0]] and b["row_iops"] == pytest.approx(b["iops"], rel=1e-9)
     assert 0 < b["cpu_us_per_io"] < 1e5 and 0 <= b["wait_share"] <= 1
+    assert b["io_queue_size"] == 0  # the daemon's queues are not the client's to size (not the session's depth, 4)
 
 
 def validated_refused(sock, out):
