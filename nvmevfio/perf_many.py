@@ -3,12 +3,13 @@
 Each controller runs :func:`nvmevfio.perf.run` (its own queue pairs, a thread each, the C loop)
 in a thread of its own, all started together; or, with ``shared_poller``, every controller's
 queues are polled by one thread (``nv_perf_run_many``, as an SPDK reactor), one CPU for any
-number of controllers. The result is one row per controller and the
-total. Each controller's DMA memory is on its function's NUMA node and its queue threads on that
-node's CPUs where the host has several nodes (``pci.numa_placement``, applied when the controller
-is opened); ``cpus`` given by the user win. A host of one NUMA node (the test guest) has nothing
-to choose: a thread per queue is not pinned unless asked, the one poller goes on the first CPU
-this process may use.
+number of controllers. Unless the caller chooses, the shared poller is taken where a spinning
+thread per queue would take every CPU this process may use (:func:`choose_poller`). The result is
+one row per controller and the total. Each controller's DMA memory is on its function's NUMA node
+and its queue threads on that node's CPUs where the host has several nodes
+(``pci.numa_placement``, applied when the controller is opened); ``cpus`` given by the user win.
+A host of one NUMA node (the test guest) has nothing to choose: a thread per queue is not pinned
+unless asked, the one poller goes on the first CPU this process may use.
 """
 
 from __future__ import annotations
@@ -45,6 +46,34 @@ def choose_cpus(queues: int, user_cpus: list[int] | None,
     return out
 
 
+def cpus_allowed() -> set[int]:
+    """The CPUs this process may run on (its affinity mask, sched_getaffinity(2))."""
+    return os.sched_getaffinity(0)
+
+
+def choose_poller(shared_poller: bool | None, *, pollers: int, allowed_cpus: int, user_cpus: list[int] | None,
+                  polled: bool, verify: bool, hybrid: bool) -> tuple[bool, str]:
+    """Whether one thread polls every queue (True) or each queue has its own thread, and why.
+
+    ``shared_poller`` given (True / False): the caller's choice. None (perf's default): the shared
+    poller where ``pollers`` spinning threads (controllers x queues) would take every one of the
+    ``allowed_cpus`` this process may use, leaving no CPU to the rest of the system (in a VM, to
+    the hypervisor's device model as well): as spdk_nvme_perf's default core mask (0x1) runs one
+    reactor for every controller. Not where it cannot run (interrupts, hybrid naps, verify's
+    Python loop) or where ``user_cpus`` (--cpu) place the threads."""
+    if shared_poller is not None:
+        return shared_poller, "asked for" if shared_poller else "asked for (--thread-per-queue)"
+    if not polled or verify or hybrid:
+        why = "interrupts" if not polled else "verify runs in Python" if verify else "hybrid polling naps"
+        return False, f"the default ({why}: no shared poller)"
+    if user_cpus:
+        return False, "the default (--cpu places the threads)"
+    if pollers >= allowed_cpus:
+        return True, (f"the default: {pollers} spinning threads would take all {allowed_cpus} CPUs this process "
+                      "may use (--thread-per-queue for a thread each)")
+    return False, f"the default: {pollers} spinning threads leave CPUs free of the {allowed_cpus} this process may use"
+
+
 @dataclass
 class ManyResult:
     """Each controller's run (``controllers``: its address, NUMA placement, pinned CPUs and
@@ -56,9 +85,11 @@ class ManyResult:
     total: dict[str, Any] = field(default_factory=dict)
     numa: str = ""  # what the placement was, in words
     poller: str = "per-queue"  # a thread per queue, or "shared": one thread polls every queue
+    poller_why: str = ""  # asked for, or why the default chose it (choose_poller)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"controllers": self.controllers, "total": self.total, "numa": self.numa, "poller": self.poller}
+        return {"controllers": self.controllers, "total": self.total, "numa": self.numa, "poller": self.poller,
+                "poller_why": self.poller_why}
 
     @property
     def mismatches(self) -> int:
@@ -85,14 +116,14 @@ def totals(results: list[PerfResult]) -> dict[str, Any]:
 
 
 def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, queues: int = 1,
-             shared_poller: bool = False, **kw: Any) -> ManyResult:
+             shared_poller: bool | None = None, **kw: Any) -> ManyResult:
     """Run one workload (``perf.run``'s keywords) on every (address, BlockDevice) at once, each
     controller in its own thread with ``queues`` queue pairs, or every queue of every controller
     polled by one thread (``shared_poller``: polled devices only, the thread pinned to the first
     of ``cpus`` when given, else to the first controller's NUMA node's first CPU, else to the
-    first CPU this process may use); the result has a row per controller and the total, and says
-    which it was (``poller``). A controller named twice is refused; the first failure is raised
-    once all have stopped."""
+    first CPU this process may use; None: :func:`choose_poller` decides); the result has a row
+    per controller and the total, and says which it was and why (``poller``, ``poller_why``). A
+    controller named twice is refused; the first failure is raised once all have stopped."""
     if len(devices) < 1:
         raise Refused("invalid-argument", "no controller given")
     seen = [a for a, _ in devices]
@@ -101,12 +132,18 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     places = [getattr(d.provider, "numa", None) for _, d in devices]
     node_cpus = [(p.node, p.cpus) if p is not None else (None, ()) for p in places]
     chosen = choose_cpus(queues, cpus, node_cpus)
+    polled = all(getattr(getattr(d, "info", None), "completion_mode", "poll") == "poll" for _, d in devices)
+    shared_poller, why = choose_poller(shared_poller, pollers=len(devices) * queues,
+                                       allowed_cpus=len(cpus_allowed()), user_cpus=cpus, polled=polled,
+                                       verify=bool(kw.get("verify")), hybrid=bool(kw.get("hybrid")))
     if shared_poller:
         if not any(chosen):
             # Nothing chosen (one NUMA node, no --cpu): the poller on the first CPU this process may
             # use, as spdk_nvme_perf's default core mask (0x1) pins its one reactor.
-            chosen = [[min(os.sched_getaffinity(0))] * queues for _ in devices]
-        return _run_shared(devices, places, chosen, queues=queues, **kw)
+            chosen = [[min(cpus_allowed())] * queues for _ in devices]
+        out = _run_shared(devices, places, chosen, queues=queues, **kw)
+        out.poller_why = why
+        return out
     results: list[PerfResult | None] = [None] * len(devices)
     failures: list[BaseException | None] = [None] * len(devices)
     start = threading.Barrier(len(devices))
@@ -129,7 +166,7 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
         if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
             raise exc
     done = [r for r in results if r is not None]
-    out = ManyResult(total=totals(done), numa=_numa_words(places))
+    out = ManyResult(total=totals(done), numa=_numa_words(places), poller_why=why)
     for (addr, _), place, pinned, res in zip(devices, places, chosen, done):
         out.controllers.append({"address": addr, "numa_node": getattr(place, "node", None),
                                 "numa": getattr(place, "why", "not placed"), "pinned_cpus": pinned or [],

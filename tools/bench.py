@@ -639,8 +639,8 @@ def _fio_two(devs: list[str], seconds: float, hipri: bool) -> dict:
 
 def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = None,
                poller: str | None = None) -> dict:
-    """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each): perf's defaults (a thread per
-    queue, not pinned), or ``poller`` "threads"
+    """`nvmevfio perf A B` (randread 4 KiB QD32, one queue each): perf's defaults (in the guest's two
+    vCPUs, the shared poller on vCPU 0: two spinning threads would take both), or ``poller`` "threads"
     (`--thread-per-queue`: controller i's thread on the i-th of ``cpus``, "0,0" putting both on
     vCPU 0 and leaving the other host core to QEMU's main loop) or "shared" (`--shared-poller`, on
     the first of ``cpus``)."""

@@ -207,9 +207,10 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
               help="I/O queue pairs run at once, each by its own thread, each -q deep, -n shared out (through "
                    "--socket: one service session per queue)")
-@click.option("--shared-poller/--thread-per-queue", "shared_poller", default=False, show_default=True,
+@click.option("--shared-poller/--thread-per-queue", "shared_poller", default=None,
               help="one thread polls every queue of every controller given (as an SPDK reactor; --mode poll only), "
-                   "pinned to the first --cpu or else the first CPU; or a thread per queue (the default)")
+                   "pinned to the first --cpu or else the first CPU; or a thread per queue. Default: a thread per "
+                   "queue, except with several controllers polled where those threads would take every CPU")
 @click.option("--iodepth-batch", "iodepth_batch", type=click.IntRange(1, 4095), default=1, show_default=True,
               help="issue only when this many I/Os can go with one SQ tail doorbell (fio's iodepth_batch_submit); "
                    "at most -q")
@@ -224,7 +225,7 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
 @output_opt
 def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, io_size: int, seconds: float | None,
          count: int | None, lba_range: str | None, mode: str, rwmixread: int, ramp: float, shadow: bool | None,
-         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool, iodepth_batch: int,
+         sgl: bool, sq_in_cmb: bool, verify: bool, queues: int, shared_poller: bool | None, iodepth_batch: int,
          reap_max: int | None, io_queue_size: int | None, cpus: list[int] | None, service_socket: str | None,
          fmt: str) -> None:
     """Measure IOPS, bandwidth and latency (like spdk_nvme_perf / fio).
@@ -305,7 +306,7 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         res = perfmod.run(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds,
                           hybrid=mode == "hybrid", count=count, lba_range=rng, rwmixread=rwmixread,
                           status=status if live else None, ramp_s=ramp, verify=verify, queues=queues, cpus=cpus,
-                          shared_poller=shared_poller, iodepth_batch=iodepth_batch,
+                          shared_poller=bool(shared_poller), iodepth_batch=iodepth_batch,
                           iodepth_batch_complete_max=reap_max)
     if live:
         click.echo("", err=True)
@@ -375,8 +376,8 @@ def _perf_many(addresses: tuple[str, ...], nsid: int, fmt: str, *, mode: str, op
                    f"QD {first['queue_depth']} x {queues} queue(s) each, {first['mode']}, "
                    f"{res.total['seconds']:.2f} s, {res.total['ios']} I/Os, {res.total['errors']} errors")
         click.echo(f"NUMA: {res.numa}")
-        click.echo("poller: one thread polls every controller's queues" if res.poller == "shared"
-                   else "poller: a thread per queue")
+        click.echo(("poller: one thread polls every controller's queues" if res.poller == "shared"
+                    else "poller: a thread per queue") + f" ({res.poller_why})")
         for line in table(res):
             click.echo(line)
         if verify:

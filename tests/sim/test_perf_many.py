@@ -4,6 +4,7 @@ controller's queue threads to its node's CPUs and placing its DMA memory there."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -12,7 +13,7 @@ import pytest
 from nvmevfio import dma, pci, perf
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
-from nvmevfio.perf_many import run_many, table
+from nvmevfio.perf_many import choose_poller, run_many, table
 from nvmevfio.sim.rig import Rig
 
 
@@ -24,7 +25,8 @@ def _two() -> tuple[list[Rig], list[tuple[str, BlockDevice]]]:
 def test_two_controllers_rows_and_total():
     rigs, devs = _two()
     before = [len(r.sim.commands) for r in rigs]
-    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000))
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
+                   shared_poller=False)
     assert [c["address"] for c in res.controllers] == ["0000:00:10.0", "0000:00:11.0"]
     assert [c["ios"] for c in res.controllers] == [400, 400]
     assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
@@ -34,8 +36,8 @@ def test_two_controllers_rows_and_total():
     lines = table(res)
     assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
     d = res.to_dict()
-    assert set(d) == {"controllers", "total", "numa", "poller"} and d["total"]["controllers"] == 2
-    assert d["poller"] == "per-queue"
+    assert set(d) == {"controllers", "total", "numa", "poller", "poller_why"} and d["total"]["controllers"] == 2
+    assert d["poller"] == "per-queue" and d["poller_why"] == "asked for (--thread-per-queue)"
     # one poller, pinned to the first CPU this process may use (nothing chosen: one node, no cpus),
     # as spdk_nvme_perf's core mask 0x1
     res = run_many(devs, workload="randread", queue_depth=8, count=100, io_size=512, shared_poller=True)
@@ -69,13 +71,14 @@ def test_numa_choice_pins_each_controller_to_its_node(tmp_path):
     for rig, (addr, _dev) in zip(rigs, devs):
         rig.p.numa = pci.numa_placement(addr, sysfs=root)  # as open_controller does
         rig.ledger.numa_node = 0  # the host has one node: node 0 stands for the function's
-    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, queues=1)
+    res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, queues=1, shared_poller=False)
     assert [c["pinned_cpus"] for c in res.controllers] == [[b], [a]]
     assert [c["per_queue"][0]["cpu"] for c in res.controllers] == [b, a]
     assert [c["numa_node"] for c in res.controllers] == [1, 0] and res.numa == "node 1 of 2; node 0 of 2"
     # the user's --cpu wins
     res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, cpus=[a])
     assert [c["pinned_cpus"] for c in res.controllers] == [[a], [a]]
+    assert res.poller == "per-queue" and res.poller_why == "the default (--cpu places the threads)"
     # one poller: on the first controller's node's CPU
     res = run_many(devs, workload="randread", queue_depth=4, count=200, io_size=512, shared_poller=True)
     assert res.poller == "shared" and [c["pinned_cpus"] for c in res.controllers] == [[b], [b]]
@@ -110,8 +113,9 @@ def _threads_executing(rigs: list[Rig], monkeypatch: pytest.MonkeyPatch) -> set[
 def test_shared_poller_one_thread_drives_both_controllers(monkeypatch):
     rigs, devs = _two()
     seen = _threads_executing(rigs, monkeypatch)
-    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000))
-    assert len(seen) == 2 and res.poller == "per-queue"  # the default: a thread per controller's queue
+    res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
+                   shared_poller=False)
+    assert len(seen) == 2 and res.poller == "per-queue"  # a thread per controller's queue
     seen.clear()
     before = [len(r.sim.commands) for r in rigs]
     res = run_many(devs, workload="randrw", queue_depth=8, count=400, io_size=512, lba_range=(0, 1000),
@@ -162,3 +166,53 @@ def test_shared_poller_over_two_queues_of_one_controller():
     res = perf.run(dev, workload="randread", queue_depth=8, count=300, io_size=512, queues=2, shared_poller=True)
     assert [q["ios"] for q in res.per_queue] == [150, 150] and res.errors == 0
     assert sorted(q for q, _, _ in rig.sim.commands[-300:]) == [1] * 150 + [2] * 150
+
+
+def test_choose_poller_exact():
+    """The default: the shared poller only where a spinning thread per queue would take every CPU
+    this process may use, and only where one thread can poll (no interrupts, naps or verify)."""
+    auto = dict(user_cpus=None, polled=True, verify=False, hybrid=False)
+    assert choose_poller(None, pollers=2, allowed_cpus=2, **auto) == (
+        True, "the default: 2 spinning threads would take all 2 CPUs this process may use "
+              "(--thread-per-queue for a thread each)")
+    assert choose_poller(None, pollers=4, allowed_cpus=2, **auto)[0] is True
+    assert choose_poller(None, pollers=2, allowed_cpus=3, **auto) == (
+        False, "the default: 2 spinning threads leave CPUs free of the 3 this process may use")
+    assert choose_poller(None, pollers=2, allowed_cpus=2, **{**auto, "polled": False}) == (
+        False, "the default (interrupts: no shared poller)")
+    assert choose_poller(None, pollers=2, allowed_cpus=2, **{**auto, "verify": True}) == (
+        False, "the default (verify runs in Python: no shared poller)")
+    assert choose_poller(None, pollers=2, allowed_cpus=2, **{**auto, "hybrid": True}) == (
+        False, "the default (hybrid polling naps: no shared poller)")
+    assert choose_poller(None, pollers=2, allowed_cpus=2, **{**auto, "user_cpus": [0, 0]}) == (
+        False, "the default (--cpu places the threads)")
+    assert choose_poller(True, pollers=2, allowed_cpus=64, **auto) == (True, "asked for")
+    assert choose_poller(False, pollers=8, allowed_cpus=2, **auto) == (False, "asked for (--thread-per-queue)")
+
+
+def test_default_poller_follows_the_cpus_this_process_may_use(monkeypatch):
+    """run_many with no choice: two polled controllers on a one-CPU process share one poller,
+    pinned to that CPU; given 64 CPUs, a thread each; with interrupts, a thread each whatever the
+    CPUs."""
+    import nvmevfio.perf_many as pm
+
+    rigs, devs = _two()
+    seen = _threads_executing(rigs, monkeypatch)
+    first = min(os.sched_getaffinity(0))
+    monkeypatch.setattr(pm, "cpus_allowed", lambda: {first})
+    res = run_many(devs, workload="randread", queue_depth=8, count=300, io_size=512)
+    assert res.poller == "shared" and len(seen) == 1
+    assert res.poller_why.startswith("the default: 2 spinning threads would take all 1 CPUs")
+    assert [c["pinned_cpus"] for c in res.controllers] == [[first], [first]]
+    assert [c["ios"] for c in res.controllers] == [300, 300] and res.total["errors"] == 0
+    seen.clear()
+    monkeypatch.setattr(pm, "cpus_allowed", lambda: set(range(first, first + 64)))
+    res = run_many(devs, workload="randread", queue_depth=8, count=300, io_size=512)
+    assert res.poller == "per-queue" and len(seen) == 2 and res.controllers[0]["pinned_cpus"] == []
+    seen.clear()
+    monkeypatch.setattr(pm, "cpus_allowed", lambda: {first})
+    for _, d in devs:  # as a device opened with interrupts says of itself
+        monkeypatch.setattr(d, "info", dataclasses.replace(d.info, completion_mode="irq"))
+    res = run_many(devs, workload="randread", queue_depth=8, count=300, io_size=512)
+    assert res.poller == "per-queue" and len(seen) == 2
+    assert res.poller_why == "the default (interrupts: no shared poller)"

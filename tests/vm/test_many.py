@@ -29,11 +29,18 @@ def test_two_controllers_in_one_perf_verified(data_ctrl, small_ctrl):
 
 
 def test_two_controllers_rows_and_total(data_ctrl, small_ctrl):
-    """Rows and the total, with a thread per queue (the default) and one poller for both
-    (`--shared-poller`, on the first CPU when no --cpu is given): the output says which."""
+    """Rows and the total, with a thread per queue (`--thread-per-queue`) and one poller for both
+    (`--shared-poller`, on the first CPU when no --cpu is given), and perf's default here: the
+    guest's two vCPUs would both spin under four threads (two controllers, two queues each), so one
+    poller; the output says which and why."""
     a, b = data_ctrl["address"], small_ctrl["address"]
-    for extra, poller, cpus in (((), "poller: a thread per queue", "-"),
-                                (("--shared-poller",), "poller: one thread polls every controller's queues", "0")):
+    assert len(os.sched_getaffinity(0)) == 2  # the guest's vCPUs: what the default is chosen from
+    shared = "poller: one thread polls every controller's queues"
+    for extra, poller, cpus in (
+            (("--thread-per-queue",), "poller: a thread per queue (asked for (--thread-per-queue))", "-"),
+            (("--shared-poller",), f"{shared} (asked for)", "0"),
+            ((), f"{shared} (the default: 4 spinning threads would take all 2 CPUs this process may use "
+                 "(--thread-per-queue for a thread each))", "0")):
         out = nv("perf", a, b, "-w", "randread", "-q", 16, "-n", 4000, "--queues", 2,
                  *extra).stdout.decode().splitlines()
         rows = {line.split()[0]: line.split() for line in out if line.split() and line.split()[0] in (a, b, "total")}
@@ -99,7 +106,8 @@ def test_one_poller_thread_drives_both_controllers(data_ctrl, small_ctrl):
         assert int(nvj("smart-log", x)["host_read_commands"]) - was >= 3000
     r = nv("perf", a, b, "--mode", "irq", "-n", 10, "--shared-poller", check=False)
     assert r.returncode != 0 and b"--shared-poller" in r.stderr and b"--mode poll" in r.stderr
-    # with interrupts, a thread per queue (a thread cannot sleep on both queues)
-    d = nvj("perf", a, b, "--mode", "irq", "-w", "randread", "-q", 4, "-n", 500, "--thread-per-queue")
+    # with interrupts, a thread per queue by default (a thread cannot sleep on both queues)
+    d = nvj("perf", a, b, "--mode", "irq", "-w", "randread", "-q", 4, "-n", 500)
     assert d["poller"] == "per-queue" and [c["mode"] for c in d["controllers"]] == ["irq", "irq"]
+    assert d["poller_why"] == "the default (interrupts: no shared poller)"
     assert [c["ios"] for c in d["controllers"]] == [500, 500]
