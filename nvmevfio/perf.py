@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from nvmevfio.blockdev import BlockDevice
-from nvmevfio.cpus import current_cpu, release_cpu, stay_cpu
 from nvmevfio.errors import NvmeVfioError, Refused
 from nvmevfio.nvme.perfloop import PerfGroup
 from nvmevfio.perf_stats import (
     DOORBELLS,
     cpu_figures,
+    latency_figures,
     merge_histograms,
     merge_stats,
-    run_figures,
     split_count,
 )
 
@@ -76,9 +75,6 @@ class PerfResult:
     mismatches: list = field(default_factory=list)  # (lba, expected (lba, seq, crc), found (magic, lba, seq, crc))
     queues: int = 1  # I/O queue pairs run at once, each by its own thread (--queues)
     cpus: list = field(default_factory=list)  # the CPUs the queues' threads were pinned to (--cpu), queue i on [i % n]
-    # the loops' CPUs: "chosen" (--cpu, a NUMA node's, the shared poller's), "stayed where started" (polling,
-    # none chosen: cpus.stay_cpu) or "not pinned" (interrupts, naps, sessions, more loops than CPUs)
-    placement: str = ""
     # CPU time of the whole process per completed command (getrusage), and the share of the queue
     # threads' time off the CPU: waiting on the completion eventfd (irq), napping (hybrid), ~0 polling
     cpu_us_per_io: float = 0.0
@@ -163,26 +159,14 @@ def _sessions(dev: Any, queues: int) -> list[tuple[Any, int | None]]:
     return [(dev, q + 1 if isinstance(dev, BlockDevice) else None) for q in range(queues)]
 
 
-def _spins(group: list[_Queue]) -> bool:
-    """The loop spins: polled queue pairs opened here (no interrupts, hybrid naps, service sessions)."""
-    return all(isinstance(q.dev, BlockDevice) and q.dev.info.completion_mode == "poll"
-               and not getattr(q.loop, "hybrid", False) for q in group)
-
-
 def _drive(group: list[_Queue], *, seconds: float | None, ramp_s: float, start: threading.Barrier,
            stop: threading.Event) -> None:
     """One thread's queues (one queue, or all of a shared poller's: ``PerfGroup``): pinned to the
-    first one's CPU (chosen, or for a polling loop where it started: ``cpus.stay_cpu``), ramp, wait
-    for the others, then the measured run and its drain, with this thread's CPU time (getrusage
-    RUSAGE_THREAD) and doorbells around it. A shared poller's CPU time goes to its queues in
-    proportion to the commands each completed."""
-    held = None
+    first one's CPU, ramp, wait for the others, then the measured run and its drain, with this
+    thread's CPU time (getrusage RUSAGE_THREAD) and doorbells around it. A shared poller's CPU
+    time goes to its queues in proportion to the commands each completed."""
     try:
         cpu = group[0].cpu
-        if cpu is None and _spins(group):
-            held = cpu = stay_cpu(current_cpu(), os.sched_getaffinity(0))
-            for q in group:  # each row says where its loop ran
-                q.cpu = cpu
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # 0: the calling thread (Linux affinity is per thread)
         loop: Any = group[0].loop if len(group) == 1 else PerfGroup([q.loop for q in group])
@@ -217,9 +201,6 @@ def _drive(group: list[_Queue], *, seconds: float | None, ramp_s: float, start: 
         group[0].error = exc
         stop.set()
         start.abort()
-    finally:
-        if held is not None:
-            release_cpu(held)
 
 
 def _run_threads(qs: list[_Queue], *, seconds: float | None, ramp_s: float,
@@ -440,6 +421,21 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
+def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,
+             doorbells: dict[str, int]) -> dict[str, Any]:
+    """The figures a queue and the whole run share: throughput over ``elapsed`` (the run's window,
+    so the queues' IOPS add up to the run's), latency, the loop's profile over ``wall_s``, doorbells."""
+    n = st["ios"]
+    return {"ios": n, "reads": st["reads"], "writes": st["writes"], "errors": st["errors"],
+            "iops": n / elapsed if elapsed else 0.0,
+            "mib_per_s": n * io_size / elapsed / (1 << 20) if elapsed else 0.0, **latency_figures(st, hist),
+            "wait_pct": 100.0 * st["wait_ns"] / 1e9 / wall_s if wall_s else 0.0,
+            "ios_per_submit": n / st["fills"] if st["fills"] else 0.0,
+            "ios_per_reap": n / st["reaps"] if st["reaps"] else 0.0,
+            "sq_doorbell_mmio": doorbells["sq_mmio"], "cq_doorbell_mmio": doorbells["cq_mmio"],
+            "shadow_only_updates": doorbells["sq_shadow_only"] + doorbells["cq_shadow_only"]}
+
+
 def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
             usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None,
             iodepth_batch: int = 1, iodepth_batch_complete_max: int = 0) -> PerfResult:
@@ -448,21 +444,18 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
     rows = []
     for i, (q, st) in enumerate(zip(qs, stats)):
         rows.append({"queue": q.qid if q.qid is not None else i + 1, "cpu": q.cpu, "seconds": q.wall_s,
-                     **run_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
+                     **_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
                      **cpu_figures(q.usr_s, q.sys_s, q.wall_s, st["ios"])})
     total = merge_stats(stats)
     db = {k: sum(q.doorbells[k] for q in qs) for k in DOORBELLS}
-    whole = run_figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
+    whole = _figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
                      sum(q.wall_s for q in qs), db)
     cpu: dict[str, Any] = dict(cpu_figures(usr_s, sys_s, elapsed, total["ios"]))
     # off CPU: the queue threads' share, not the process's (whose other threads sleep)
     cpu["wait_share"] = cpu_figures(sum(q.usr_s for q in qs), sum(q.sys_s for q in qs),
                                     sum(q.wall_s for q in qs), total["ios"])["wait_share"]
-    placement = "chosen" if cpus else ("stayed where started" if all(q.cpu is not None for q in qs)
-                                       else "not pinned")
     return PerfResult(workload=workload, io_size=io_size, queue_depth=queue_depth, mode=mode, seconds=elapsed,
                       shadow_doorbells=shadow, queues=len(qs), cpus=list(cpus or []), per_queue=rows,
-                      placement=placement,
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
                       sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
                       iodepth_batch_complete_max=iodepth_batch_complete_max,

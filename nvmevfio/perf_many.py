@@ -14,11 +14,11 @@ unless asked, the one poller goes on the first CPU this process may use.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvmevfio.cpus import cpus_allowed
 from nvmevfio.errors import Refused
 from nvmevfio.perf import PerfResult, Prepared, _run_threads, prepare, run
 
@@ -44,6 +44,11 @@ def choose_cpus(queues: int, user_cpus: list[int] | None,
         out.append([cpus[(first + i) % len(cpus)] for i in range(queues)])
         used[node] = first + queues
     return out
+
+
+def cpus_allowed() -> set[int]:
+    """The CPUs this process may run on (its affinity mask, sched_getaffinity(2))."""
+    return os.sched_getaffinity(0)
 
 
 def choose_poller(shared_poller: bool | None, *, pollers: int, allowed_cpus: int, user_cpus: list[int] | None,
@@ -163,10 +168,8 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     done = [r for r in results if r is not None]
     out = ManyResult(total=totals(done), numa=_numa_words(places), poller_why=why)
     for (addr, _), place, pinned, res in zip(devices, places, chosen, done):
-        # none chosen: the CPUs the polling loops stayed on (perf.stay_cpu), if any
-        where = pinned or [q["cpu"] for q in res.per_queue if q["cpu"] is not None]
         out.controllers.append({"address": addr, "numa_node": getattr(place, "node", None),
-                                "numa": getattr(place, "why", "not placed"), "pinned_cpus": where,
+                                "numa": getattr(place, "why", "not placed"), "pinned_cpus": pinned or [],
                                 **res.to_dict()})
     return out
 

@@ -4,8 +4,6 @@ over queues. Nothing here touches a device; split from perf.py."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 # fio's log-linear latency histogram (stat.h FIO_IO_U_PLAT_*): values below 128 ns exact, then
@@ -87,18 +85,3 @@ def split_count(count: int | None, queues: int) -> list[int]:
         return [0] * queues
     return [count // queues + (1 if i < count % queues else 0) for i in range(queues)]
 
-
-def run_figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,
-                doorbells: dict[str, int]) -> dict[str, Any]:
-    """The figures a queue of perf's run and the whole run share: throughput over ``elapsed``
-    (the run's window, so the queues' IOPS add up to the run's), latency, the loop's profile over
-    ``wall_s``, doorbells."""
-    n = st["ios"]
-    return {"ios": n, "reads": st["reads"], "writes": st["writes"], "errors": st["errors"],
-            "iops": n / elapsed if elapsed else 0.0,
-            "mib_per_s": n * io_size / elapsed / (1 << 20) if elapsed else 0.0, **latency_figures(st, hist),
-            "wait_pct": 100.0 * st["wait_ns"] / 1e9 / wall_s if wall_s else 0.0,
-            "ios_per_submit": n / st["fills"] if st["fills"] else 0.0,
-            "ios_per_reap": n / st["reaps"] if st["reaps"] else 0.0,
-            "sq_doorbell_mmio": doorbells["sq_mmio"], "cq_doorbell_mmio": doorbells["cq_mmio"],
-            "shadow_only_updates": doorbells["sq_shadow_only"] + doorbells["cq_shadow_only"]}

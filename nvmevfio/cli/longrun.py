@@ -329,10 +329,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                    "updates without MMIO")
         click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.ios_per_submit:.1f} "
                    f"commands per submit, {res.ios_per_reap:.1f} per reap")
-        where = ",".join("-" if q["cpu"] is None else str(q["cpu"]) for q in res.per_queue)
         click.echo(f"cpu: {res.cpu_us_per_io:.1f} us per I/O ({res.usr_us_per_io:.1f} user, {res.sys_us_per_io:.1f} "
-                   f"system), the loop threads off CPU {100 * res.wait_share:.0f}% of the time; loops on CPU "
-                   f"{where} ({res.placement})")
+                   f"system), the loop threads off CPU {100 * res.wait_share:.0f}% of the time")
     _perf_table(res)
     if res.verify:
         click.echo(f"verify: {res.verified_blocks} blocks read back and checked, {bad} mismatches")

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from nvmevfio import cpus as placement
 from nvmevfio import perf
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import Refused
@@ -232,34 +231,3 @@ def test_queue_depth_up_to_takes_what_the_controller_has(rig):
     assert mqes == 1024 and dev.info.queue_depth == mqes and rig.broker.io[0].ring.depth == mqes
     r = perf.run(dev, workload="randread", queue_depth=600, count=2400)
     assert (r.ios, r.errors, r.io_queue_size) == (2400, 0, mqes) and rig.sim.cq_full_holds == 0
-
-
-def test_stay_cpu_exact():
-    """A polling loop with no CPU chosen stays where it started, unless another loop of this
-    process holds that CPU: then the lowest free one; none free: unpinned (None)."""
-    assert placement.stay_cpu(5, {4, 5}) == 5
-    try:
-        assert placement.stay_cpu(5, {4, 5}) == 4  # 5 is held: the lowest free
-        assert placement.stay_cpu(5, {4, 5}) is None  # both held
-        placement.release_cpu(4)
-        assert placement.stay_cpu(9, {4, 5}) == 4  # started outside the allowed set: the lowest free
-    finally:
-        placement.release_cpu(4)
-        placement.release_cpu(5)
-    assert placement.stay_cpu(4, {4, 5}) == 4
-    placement.release_cpu(4)
-
-
-def test_polling_loops_stay_on_their_cpus(rig):
-    """--queues 2 with no --cpu on a polled device: each loop thread pinned where it started, two
-    loops never on one CPU (while CPUs are free), the rows saying which; the CPUs given back."""
-    dev = BlockDevice(rig.p, 1, queue_depth=64, queues=2)
-    allowed = os.sched_getaffinity(0)
-    r = perf.run(dev, workload="randread", queue_depth=8, count=600, io_size=1024, queues=2)
-    cpus = [q["cpu"] for q in r.per_queue]
-    assert r.ios == 600 and r.cpus == []
-    if len(allowed) >= 2:
-        assert r.placement == "stayed where started" and len(set(cpus)) == 2 and set(cpus) <= allowed
-    assert placement._held_cpus == set()  # released when the threads ended
-    r = perf.run(dev, workload="randread", queue_depth=8, count=100, io_size=1024, cpus=[min(allowed)])
-    assert r.placement == "chosen" and [q["cpu"] for q in r.per_queue] == [min(allowed)]

@@ -32,12 +32,7 @@ def test_two_controllers_rows_and_total():
     assert [len(r.sim.commands) - b for r, b in zip(rigs, before)] == [400, 400]
     assert res.total["ios"] == 800 and res.total["errors"] == 0
     assert res.total["iops"] == pytest.approx(sum(c["iops"] for c in res.controllers))
-    assert "not placed" in res.numa
-    # no CPU chosen: each polling loop stayed on the CPU it started on, never two on one CPU
-    stayed = [c["pinned_cpus"] for c in res.controllers]
-    assert all(len(x) <= 1 for x in stayed) and len({x[0] for x in stayed if x}) == len([x for x in stayed if x])
-    placements = [c["placement"] for c in res.controllers]
-    assert placements.count("stayed where started") == min(2, len(os.sched_getaffinity(0)))
+    assert res.controllers[0]["pinned_cpus"] == [] and "not placed" in res.numa
     lines = table(res)
     assert lines[1].startswith("0000:00:10.0") and lines[3].startswith("total") and len(lines) == 4
     d = res.to_dict()
@@ -213,7 +208,7 @@ def test_default_poller_follows_the_cpus_this_process_may_use(monkeypatch):
     seen.clear()
     monkeypatch.setattr(pm, "cpus_allowed", lambda: set(range(first, first + 64)))
     res = run_many(devs, workload="randread", queue_depth=8, count=300, io_size=512)
-    assert res.poller == "per-queue" and len(seen) == 2
+    assert res.poller == "per-queue" and len(seen) == 2 and res.controllers[0]["pinned_cpus"] == []
     seen.clear()
     monkeypatch.setattr(pm, "cpus_allowed", lambda: {first})
     for _, d in devs:  # as a device opened with interrupts says of itself

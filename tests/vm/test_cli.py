@@ -3,7 +3,6 @@ data and exit codes as nvme-cli on one controller: test_nvme_cli_compat.py)."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,21 +199,6 @@ def test_perf_two_queues(addr, mode):
     out = nv("perf", addr, "-w", "randread", "-q", 4, "-n", 400, "--queues", 2).stdout.decode()
     assert "cpu: " in out and " us per I/O (" in out and "queue  cpu" in out
     assert [line.split()[0] for line in out.splitlines()[-3:]] == ["1", "2", "total"]
-
-
-def test_perf_polling_loops_stay_where_they_start(addr):
-    """No --cpu: a polling loop thread is pinned to the CPU it started on (two loops never on one),
-    with interrupts none is pinned, --cpu chooses; the JSON and the text say which."""
-    allowed = sorted(os.sched_getaffinity(0))
-    d = nvj("perf", addr, "-w", "randread", "-q", 8, "-n", 2000, "--queues", 2)
-    cpus = [q["cpu"] for q in d["per_queue"]]
-    assert d["placement"] == "stayed where started" and sorted(cpus) == allowed[:2] and d["cpus"] == []
-    d = nvj("perf", addr, "-w", "randread", "-q", 8, "-n", 500, "--mode", "irq")
-    assert d["placement"] == "not pinned" and d["per_queue"][0]["cpu"] is None
-    d = nvj("perf", addr, "-w", "randread", "-q", 8, "-n", 500, "--cpu", allowed[-1])
-    assert d["placement"] == "chosen" and d["per_queue"][0]["cpu"] == allowed[-1]
-    out = nv("perf", addr, "-w", "randread", "-q", 8, "-n", 500).stdout.decode()
-    assert re.search(r"; loops on CPU \d+ \(stayed where started\)", out), out
 
 
 @pytest.mark.parametrize("mode", ["poll", "irq"])
