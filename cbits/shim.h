@@ -239,6 +239,9 @@ struct nv_qp {
     uint64_t cq_mmio;          /* CQ head doorbell MMIO writes */
     uint64_t sq_shadow_only;   /* SQ tail updates the EventIdx rule let go without MMIO */
     uint64_t cq_shadow_only;
+    uint64_t sq_mmio_ns;       /* time spent in the SQ tail doorbell MMIO writes (each an exit into the
+                                  device's emulation or a posted PCIe write): the profile's doorbell share */
+    uint64_t cq_mmio_ns;
     int64_t csts_next_ns;      /* when a wait on the interrupt next reads CSTS (nv_qp_wait): at most once a ms */
     /* the in-flight table, ncids entries each */
     uint16_t *free_stack;

@@ -206,7 +206,8 @@ def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow
     args += extra
     d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     return {k: d[k] for k in ("iops", "ios", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
-                              "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "ios_per_submit",
+                              "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "doorbell_pct",
+                              "sq_doorbell_us", "cq_doorbell_us", "ios_per_submit",
                               "ios_per_reap", "cpu_us_per_io", "usr_us_per_io", "sys_us_per_io", "wait_share",
                               "per_queue")}
 
@@ -501,7 +502,8 @@ def anchor_command(binary: str, addr: str, rw: str, bs: int, qd: int, seconds: f
 
 
 ANCHOR_KEYS = ("iops", "ios", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio", "cq_doorbell_mmio",
-               "shadow_only_updates", "ios_per_submit", "ios_per_reap", "cpu_us_per_io", "wait_pct", "dbbuf")
+               "shadow_only_updates", "ios_per_submit", "ios_per_reap", "cpu_us_per_io", "wait_pct", "doorbell_pct",
+               "sq_doorbell_us", "cq_doorbell_us", "dbbuf")
 
 
 def parse_anchor(stdout: str) -> dict:

@@ -327,8 +327,9 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
         click.echo(f"doorbells: shadow {'on' if res.shadow_doorbells else 'off'}, MMIO writes "
                    f"{res.sq_doorbell_mmio} SQ tail / {res.cq_doorbell_mmio} CQ head, {res.shadow_only_updates} "
                    "updates without MMIO")
-        click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.ios_per_submit:.1f} "
-                   f"commands per submit, {res.ios_per_reap:.1f} per reap")
+        click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.doorbell_pct:.0f}% in "
+                   f"MMIO doorbell writes ({res.sq_doorbell_us:.1f} us an SQ tail, {res.cq_doorbell_us:.1f} us a CQ "
+                   f"head), {res.ios_per_submit:.1f} commands per submit, {res.ios_per_reap:.1f} per reap")
         click.echo(f"cpu: {res.cpu_us_per_io:.1f} us per I/O ({res.usr_us_per_io:.1f} user, {res.sys_us_per_io:.1f} "
                    f"system), the loop threads off CPU {100 * res.wait_share:.0f}% of the time")
     _perf_table(res)

@@ -204,7 +204,8 @@ class QueuePair:
         return {k: int(getattr(q, k)) for k in (
             "sq_tail", "sq_head", "sq_rung", "cq_head", "cq_phase", "cq_rung", "free_top", "in_flight", "standing",
             "nevents", "next_tag",
-            "posted", "completed", "sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only")}
+            "posted", "completed", "sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only", "sq_mmio_ns",
+            "cq_mmio_ns")}
 
     def busy_cids(self) -> np.ndarray:
         """Command ids in flight."""

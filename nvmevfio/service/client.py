@@ -382,7 +382,7 @@ class ServiceDevice:
     @staticmethod
     def doorbell_counters() -> dict[str, int]:
         """The device's doorbells are the daemon's: nothing is counted on this side."""
-        return dict.fromkeys(("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only"), 0)
+        return dict.fromkeys(("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only", "sq_mmio_ns", "cq_mmio_ns"), 0)
 
     def file(self) -> BlockFile:
         """A seekable binary file over the window."""

@@ -153,6 +153,10 @@ def test_perf(addr, workload, mode):
     # doorbells are off by default on QEMU's model (nvme.structures.shadow_doorbells_pay)
     assert not d["shadow_doorbells"] and d["shadow_only_updates"] == 0
     assert 0 < d["sq_doorbell_mmio"] <= 1500
+    # each MMIO doorbell write timed: an exit into QEMU's model takes microseconds, and the writes
+    # and the waits are parts of one loop's time
+    assert d["sq_doorbell_us"] > 0.1 and d["sq_doorbell_us"] * d["sq_doorbell_mmio"] < d["seconds"] * 1e6
+    assert d["doorbell_pct"] > 0 and d["doorbell_pct"] + d["wait_pct"] <= 100.5
 
 
 @pytest.mark.parametrize("mode", ["poll", "irq"])

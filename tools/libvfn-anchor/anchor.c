@@ -17,7 +17,8 @@
  *
  * One JSON object on stdout, keyed as `nvmevfio perf -o json`: iops, mib_per_s, lat_p50_us,
  * lat_p99_us, lat_mean_us, ios, seconds, sq_doorbell_mmio, cq_doorbell_mmio, shadow_only_updates,
- * ios_per_submit, ios_per_reap, cpu_us_per_io, wait_pct, dbbuf, mode, workload, queue_depth, io_size.
+ * ios_per_submit, ios_per_reap, cpu_us_per_io, wait_pct, doorbell_pct, sq_doorbell_us, cq_doorbell_us, dbbuf,
+ * mode, workload, queue_depth, io_size.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,6 +48,7 @@
 static struct nvme_ctrl ctrl;
 static struct {
     unsigned long sq_mmio, cq_mmio, shadow_only, submits, reaps;
+    int64_t sq_ns, cq_ns; /* time inside the MMIO doorbell writes (as nvmevfio's sq_mmio_ns, cq_mmio_ns) */
 } db;
 
 static void die(const char *what)
@@ -80,7 +82,9 @@ static void ring_sq(struct nvme_sq *sq)
     db.submits++;
     if (nvme_try_dbbuf(sq->tail, &sq->dbbuf)) {
         wmb();
+        int64_t t0 = now_ns();
         mmio_write32(sq->doorbell, cpu_to_le32(sq->tail));
+        db.sq_ns += now_ns() - t0;
         db.sq_mmio++;
     } else {
         db.shadow_only++;
@@ -92,7 +96,9 @@ static void ring_cq(struct nvme_cq *cq)
 {
     db.reaps++;
     if (nvme_try_dbbuf(cq->head, &cq->dbbuf)) {
+        int64_t t0 = now_ns();
         mmio_write32(cq->doorbell, cpu_to_le32(cq->head));
+        db.cq_ns += now_ns() - t0;
         db.cq_mmio++;
     } else {
         db.shadow_only++;
@@ -304,13 +310,17 @@ int main(int argc, char **argv)
     printf("{\"iops\": %.1f, \"mib_per_s\": %.2f, \"lat_p50_us\": %.2f, \"lat_p99_us\": %.2f, "
            "\"lat_mean_us\": %.2f, \"ios\": %llu, \"seconds\": %.3f, \"sq_doorbell_mmio\": %lu, "
            "\"cq_doorbell_mmio\": %lu, \"shadow_only_updates\": %lu, \"ios_per_submit\": %.2f, "
-           "\"ios_per_reap\": %.2f, \"cpu_us_per_io\": %.2f, \"wait_pct\": %.1f, \"dbbuf\": %s, "
+           "\"ios_per_reap\": %.2f, \"cpu_us_per_io\": %.2f, \"wait_pct\": %.1f, \"doorbell_pct\": %.1f, "
+           "\"sq_doorbell_us\": %.2f, \"cq_doorbell_us\": %.2f, \"dbbuf\": %s, "
            "\"mode\": \"%s\", \"workload\": \"%s\", \"queue_depth\": %lu, \"io_size\": %lu}\n",
            iops, iops * (double)size / (1 << 20), p50, p99, ios ? (double)lat_sum / (double)ios / 1e3 : 0,
            (unsigned long long)ios, elapsed, counted.sq_mmio, counted.cq_mmio, counted.shadow_only,
            counted.submits ? (double)ios / (double)counted.submits : 0,
            counted.reaps ? (double)ios / (double)counted.reaps : 0,
            ios ? cpu * 1e6 / (double)ios : 0, 100.0 * (double)waited / 1e9 / elapsed,
+           100.0 * (double)(counted.sq_ns + counted.cq_ns) / 1e9 / elapsed,
+           counted.sq_mmio ? (double)counted.sq_ns / (double)counted.sq_mmio / 1e3 : 0,
+           counted.cq_mmio ? (double)counted.cq_ns / (double)counted.cq_mmio / 1e3 : 0,
            ctrl.dbbuf.doorbells.vaddr ? "true" : "false", mode, workload, depth, size);
     nvme_close(&ctrl);
     return 0;
