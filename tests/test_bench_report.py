@@ -184,13 +184,13 @@ def test_parse_anchor_output():
     line = ('{"iops": 91234.5, "mib_per_s": 356.38, "lat_p50_us": 320.10, "lat_p99_us": 910.00, "lat_mean_us": 350.7, '
             '"ios": 456172, "seconds": 5.000, "sq_doorbell_mmio": 20000, "cq_doorbell_mmio": 20001, '
             '"shadow_only_updates": 0, "ios_per_submit": 22.81, "ios_per_reap": 22.81, "cpu_us_per_io": 10.96, '
-            '"wait_pct": 0.0, "dbbuf": false, "mode": "poll", "workload": "randread", "queue_depth": 32, '
-            '"io_size": 4096}')
+            '"wait_pct": 0.0, "doorbell_pct": 4.4, "sq_doorbell_us": 2.31, "cq_doorbell_us": 25.9, "dbbuf": false, '
+            '"mode": "poll", "workload": "randread", "queue_depth": 32, "io_size": 4096}')
     got = bench.parse_anchor("libvfn: some log line\n" + line + "\n")
     assert got == {"iops": 91234.5, "ios": 456172, "mib_per_s": 356.38, "lat_p50_us": 320.1, "lat_p99_us": 910.0,
                    "sq_doorbell_mmio": 20000, "cq_doorbell_mmio": 20001, "shadow_only_updates": 0,
                    "ios_per_submit": 22.81, "ios_per_reap": 22.81, "cpu_us_per_io": 10.96, "wait_pct": 0.0,
-                   "dbbuf": False}
+                   "doorbell_pct": 4.4, "sq_doorbell_us": 2.31, "cq_doorbell_us": 25.9, "dbbuf": False}
     with pytest.raises(RuntimeError, match="printed nothing"):
         bench.parse_anchor("\n")
     with pytest.raises(RuntimeError, match="lacks ios, mib_per_s"):
