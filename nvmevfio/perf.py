@@ -19,8 +19,8 @@ import numpy as np
 from nvmevfio.blockdev import BlockDevice
 from nvmevfio.errors import NvmeVfioError, Refused
 from nvmevfio.nvme.perfloop import PerfGroup
+from nvmevfio.nvme.queue import DOORBELL_COUNTERS
 from nvmevfio.perf_stats import (
-    DOORBELLS,
     cpu_figures,
     latency_figures,
     merge_histograms,
@@ -196,7 +196,7 @@ def _drive(group: list[_Queue], *, seconds: float | None, ramp_s: float, start: 
             share = n / sum(ios) if sum(ios) else 1 / len(group)
             q.wall_s, q.usr_s, q.sys_s = wall, usr * share, sys_ * share
             after = q.counters()
-            q.doorbells = {k: after[k] - b[k] for k in DOORBELLS}
+            q.doorbells = {k: after[k] - b[k] for k in DOORBELL_COUNTERS}
     except BaseException as exc:  # handed to the calling thread, which raises it
         group[0].error = exc
         stop.set()
@@ -452,7 +452,7 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
                      **_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
                      **cpu_figures(q.usr_s, q.sys_s, q.wall_s, st["ios"])})
     total = merge_stats(stats)
-    db = {k: sum(q.doorbells[k] for q in qs) for k in DOORBELLS}
+    db = {k: sum(q.doorbells[k] for q in qs) for k in DOORBELL_COUNTERS}
     whole = _figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
                      sum(q.wall_s for q in qs), db)
     cpu: dict[str, Any] = dict(cpu_figures(usr_s, sys_s, elapsed, total["ios"]))

@@ -132,7 +132,7 @@ def run_many(devices: list[tuple[str, Any]], *, cpus: list[int] | None = None, q
     places = [getattr(d.provider, "numa", None) for _, d in devices]
     node_cpus = [(p.node, p.cpus) if p is not None else (None, ()) for p in places]
     chosen = choose_cpus(queues, cpus, node_cpus)
-    polled = all(getattr(getattr(d, "info", None), "completion_mode", "poll") == "poll" for _, d in devices)
+    polled = all(d.info.completion_mode == "poll" for _, d in devices)
     shared_poller, why = choose_poller(shared_poller, pollers=len(devices) * queues,
                                        allowed_cpus=len(cpus_allowed()), user_cpus=cpus, polled=polled,
                                        verify=bool(kw.get("verify")), hybrid=bool(kw.get("hybrid")))

@@ -38,7 +38,6 @@ def percentiles(hist: np.ndarray, pcts: list[float]) -> list[float]:
 # The C loops' counters that several queues' runs add up (merge_stats); the rest are a minimum,
 # a maximum and the first error.
 STAT_SUMS = ("ios", "reads", "writes", "errors", "lat_sum_ns", "issued", "wait_ns", "fills", "reaps", "sleeps")
-DOORBELLS = ("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only", "sq_mmio_ns", "cq_mmio_ns")
 
 
 def merge_stats(stats: list[dict[str, int]]) -> dict[str, int]:

@@ -25,6 +25,7 @@ from nvmevfio._ffi import ffi, lib
 from nvmevfio.blockdev import BlockFile, DeviceInfo
 from nvmevfio.errors import NvmeVfioError, Refused
 from nvmevfio.nvme.perfloop import PerfCounters
+from nvmevfio.nvme.queue import DOORBELL_COUNTERS
 from nvmevfio.nvme.spec import SQE, command_error
 from nvmevfio.service import DEFAULT_SOCKET
 from nvmevfio.service import ring as rings
@@ -382,7 +383,7 @@ class ServiceDevice:
     @staticmethod
     def doorbell_counters() -> dict[str, int]:
         """The device's doorbells are the daemon's: nothing is counted on this side."""
-        return dict.fromkeys(("sq_mmio", "cq_mmio", "sq_shadow_only", "cq_shadow_only", "sq_mmio_ns", "cq_mmio_ns"), 0)
+        return dict.fromkeys(DOORBELL_COUNTERS, 0)
 
     def file(self) -> BlockFile:
         """A seekable binary file over the window."""
