@@ -738,6 +738,11 @@ struct nv_ublk_queue {
     uint64_t sleeps;
     uint64_t spin_hits;        /* waits that a request or completion ended while the server spun */
     uint64_t errors;
+    /* where the loop's time goes (ns): inside io_uring submissions (the kernel's side of each
+     * answer: COMMIT_AND_FETCH, a READ's copy into the request's pages), spinning, asleep */
+    uint64_t submit_ns;
+    uint64_t spun_ns;
+    uint64_t slept_ns;
     struct nv_ublk_error error_log[16];  /* the last NV_UBLK_ERROR_LOG failures, at errors % 16 */
 };
 

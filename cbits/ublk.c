@@ -558,6 +558,16 @@ static int take_requests(struct nv_ublk_queue *q, struct nv_qp *qp)
     return err ? err : posted;
 }
 
+/* io_uring_submit, its time counted: the kernel's side of the answers (COMMIT_AND_FETCH, and for
+ * a READ the copy from the tag's buffer into the request's pages). */
+static int submit_timed(struct nv_ublk_queue *q, struct io_uring *ring)
+{
+    int64_t t0 = nv_now_ns();
+    int n = io_uring_submit(ring);
+    q->submit_ns += (uint64_t)(nv_now_ns() - t0);
+    return n;
+}
+
 static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv_qp *qp)
 {
     q->prps = w->prps;
@@ -608,7 +618,7 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
         if (qp->in_flight && qp->irq_fd < 0) {
             /* Polling: spin on the CQ, with the new requests' io_uring completions, submitting
              * only when there are answers to send. */
-            if (io_uring_sq_ready(ring) && (n = io_uring_submit(ring)) < 0 && n != -EINTR)
+            if (io_uring_sq_ready(ring) && (n = submit_timed(q, ring)) < 0 && n != -EINTR)
                 return n;
             continue;
         }
@@ -621,9 +631,10 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
              * io_uring completion, posted by task work when the kernel's IPI interrupts this
              * spin) or the device's completion is taken without a sleep and a wake-up of this
              * CPU (a halted vCPU wakes slowly). The stop flags end the spin at once. */
-            if (io_uring_sq_ready(ring) && (n = io_uring_submit(ring)) < 0 && n != -EINTR)
+            if (io_uring_sq_ready(ring) && (n = submit_timed(q, ring)) < 0 && n != -EINTR)
                 return n;
-            int64_t until = nv_now_ns() + q->spin_ns;
+            int64_t spun_from = nv_now_ns();
+            int64_t until = spun_from + q->spin_ns;
             int got = 0;
             do {
                 for (int i = 0; i < 64 && !got; i++) {
@@ -631,6 +642,7 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
                     SPIN_PAUSE();
                 }
             } while (!got && !*(const volatile int32_t *)&q->stop && !qp_stop_flag(qp) && nv_now_ns() < until);
+            q->spun_ns += (uint64_t)(nv_now_ns() - spun_from);
             if (got) {
                 q->spin_hits++;
                 continue;
@@ -652,7 +664,9 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
         struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = qp->in_flight ? LOOK_EVERY_NS : IDLE_WAIT_NS};
         struct io_uring_cqe *cqe;
         q->sleeps++;
+        int64_t slept_from = nv_now_ns();
         int r = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, NULL);
+        q->slept_ns += (uint64_t)(nv_now_ns() - slept_from);
         if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
             return r;
         woke_empty = 1;

@@ -81,6 +81,48 @@ def default_queues() -> int:
     return max(1, min(possible_cpus(), os.cpu_count() or 1, DEFAULT_QUEUES_MAX))
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How a server serves: its ublk queues (None: one per CPU, at most DEFAULT_QUEUES_MAX and at
+    most the controller's grant), NVMe completions (``poll`` or ``irq``), each queue thread's CPU
+    (None: not pinned), and why (``nvmevfio ublk`` says it in its JSON, ``shape_why``)."""
+
+    queues: int | None
+    mode: str
+    cpus: list[int] | None
+    why: str
+
+
+def choose_shape(queues: int | None, mode: str | None, cpus: list[int] | None, *, allowed: set[int],
+                 per_cpu: int, fixed_queues: int | None = None) -> Shape:
+    """The server's shape: what was asked for (``queues``, ``mode``, ``cpus``: --queues, --mode,
+    --cpu; any of them given, the rest take their plain defaults: a queue per CPU, interrupts,
+    threads not pinned), else the default for the machine. ``allowed``: the CPUs this process may
+    use; ``per_cpu``: the queues a queue per CPU gives (:func:`default_queues`); ``fixed_queues``:
+    the queue count of a device being recovered.
+
+    The default: where a server thread per CPU would take every CPU this process may use (at
+    most DEFAULT_QUEUES_MAX of them, more than one), one queue, polled, its thread on the last
+    allowed CPU: blk-mq hands every CPU's requests to it and the other CPUs stay with the
+    applications, as SPDK's ublk target serves every queue from its one reactor core. Measured
+    on the 2-CPU guest against a queue per CPU with interrupts, in one boot (docs/disk.md,
+    session 22): randread 4 KiB QD1 0.97 of the kernel driver against 0.80, QD32 1.05 against
+    0.91, randwrite QD32 1.07 against 0.85, ext4 0.90 against 0.75, two fio jobs at QD1 0.69
+    against 0.47. With one CPU there is nothing to leave (interrupts); with more CPUs than
+    queues, a queue per CPU with interrupts."""
+    if queues is not None or mode is not None or cpus is not None:
+        return Shape(fixed_queues or queues, mode or "irq", cpus, "asked for")
+    n = len(allowed)
+    if n >= 2 and per_cpu >= n and (fixed_queues or 1) == 1:
+        last = max(allowed)
+        return Shape(1, "poll", [last], f"the default: a server thread per CPU would take all {n} CPUs this process "
+                     f"may use, so one queue, polled, on CPU {last} (--mode irq: a queue per CPU, interrupts)")
+    why = ("one CPU: a polled server would take it from the applications" if n < 2
+           else f"{fixed_queues} queues of the device recovered" if fixed_queues
+           else f"{per_cpu} queues leave CPUs free of the {n} this process may use")
+    return Shape(fixed_queues, "irq", None, f"the default: a queue per CPU with interrupts ({why})")
+
+
 # ------------------------------------------------------------------ the server
 @dataclass
 class Geometry:
@@ -119,6 +161,12 @@ def geometry(dev: Any) -> Geometry:
     io_bytes = 1 << (io_bytes.bit_length() - 1)  # a power of two (io_opt is given as a shift)
     return Geometry(block_size=dev.block_size, blocks=dev.block_count, io_bytes=io_bytes,
                     volatile_cache=bool(int(ctrl.get("vwc", 0)) & VWC_PRESENT), oncs=int(ctrl.get("oncs", 0)))
+
+
+# struct nv_ublk_queue's counters; the *_ns: where the loop's time went (cbits/ublk.c)
+QUEUE_COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "write_zeroes_unmap", "fua",
+                  "bytes_read", "bytes_written", "interrupts", "nvme_batches", "sleeps", "spin_hits", "errors",
+                  "submit_ns", "spun_ns", "slept_ns")
 
 
 class _Queue:
@@ -177,11 +225,15 @@ class _Queue:
             lib.nv_ublk_queue_complete(self.q, tag, status)
 
     def counters(self) -> dict[str, int]:
+        from nvmevfio.nvme.queue import DOORBELL_COUNTERS  # numpy's import kept off --list and --stop
+
         q = self.q
-        return {k: int(getattr(q, k)) for k in ("requests", "reads", "writes", "flushes", "discards", "write_zeroes",
-                                                "write_zeroes_unmap", "fua", "bytes_read", "bytes_written",
-                                                "interrupts", "nvme_batches", "sleeps", "spin_hits",
-                                                "errors")}
+        try:  # its NVMe queue pair's MMIO doorbells (none while a reset has the queues down)
+            ring = self.server.dev.provider.doorbell_counters(self.q_id + 1)
+        except NvmeVfioError:
+            ring = dict.fromkeys(DOORBELL_COUNTERS, 0)
+        own = {k: int(getattr(q, k)) for k in QUEUE_COUNTERS}
+        return {**own, **{f"nvme_{k}": int(ring[k]) for k in DOORBELL_COUNTERS}}
 
     def new_errors(self) -> list[str]:
         """Failed requests since the last call, as log lines with the NVMe status name."""

@@ -212,9 +212,11 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
                    "[default: one per CPU, at most 4 and at most the controller's grant]")
 @click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="requests in flight per queue (one DMA buffer slot each)")
-@click.option("--mode", type=click.Choice(["poll", "irq"]), default="irq", show_default=True,
+@click.option("--mode", type=click.Choice(["poll", "irq"]), default=None,
               help="NVMe completions by MSI-X interrupts or by polling (while commands are in flight); either way "
-                   "an idle server spins up to 300 us for the next request or completion before it sleeps")
+                   "an idle server spins up to 300 us for the next request or completion before it sleeps  "
+                   "[default: where a thread per CPU would take every CPU (2 to 4 CPUs), one queue, polled, on the "
+                   "last CPU; otherwise irq, a queue per CPU; --queues, --mode or --cpu given: irq]")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
 @click.option("--refuse-writes", is_flag=True,
               help="the server fails every write (EROFS) while the disk is not marked read-only: what "
@@ -230,7 +232,8 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @cpu_list_opt
 @click.option("--notify-fd", type=int, hidden=True)
 @output_opt
-def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: str, readonly: bool, refuse_writes: bool,
+def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: str | None, readonly: bool,
+         refuse_writes: bool,
          recoverable: bool, background: bool, stop_dev: int | None, recover_dev: int | None, list_: bool,
          io_queue_size: int | None, cpus: list[int] | None, notify_fd: int | None, fmt: str) -> None:
     """Serve a namespace as a Linux ublk block device (/dev/ublkbN): every request in C, one NVMe
@@ -240,6 +243,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
     Example: nvmevfio ublk 00:04.0 --background     (prints /dev/ublkb0)
              mkfs.ext4 /dev/ublkb0 && mount /dev/ublkb0 /mnt
              nvmevfio ublk --stop 0
+             nvmevfio ublk 00:04.0 --mode irq --background   (a queue per CPU, interrupts)
              nvmevfio ublk 00:04.0 --mode poll --cpu 1 --background   (every queue's poller on CPU 1)
     """
     from nvmevfio import ublk as ub
@@ -273,7 +277,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         assert target.address is not None and target.nsid is not None
         if address is not None and _address(address) != target.address:
             _fail(f"/dev/ublkb{recover_dev} serves {target.address}, not {_address(address)}", EXIT_ERROR)
-        address, nsid, queues, depth = target.address, target.nsid, target.queues, target.depth
+        address, nsid, depth = target.address, target.nsid, target.depth
         recoverable = True
     if not address:
         _fail("give the controller's ADDRESS (or --stop DEV, --recover DEV, --list)", EXIT_ERROR)
@@ -281,14 +285,12 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
     address = _address(address)
     check_cpus(cpus)
     entries = io_queue_entries(depth, io_queue_size, "--depth")
-    default_count = queues is None  # one per CPU up to four, fewer where the controller grants fewer
-    queues = queues or ub.default_queues()
     if target is None:
         with errors():
             ubd.check_not_served(address, nsid)
-    if background:
+    if background:  # the server process chooses its shape from the same options
         with errors():
-            info = start_background(address, nsid, queues=None if default_count else queues, depth=depth, mode=mode,
+            info = start_background(address, nsid, queues=queues, depth=depth, mode=mode,
                                     readonly=readonly, refuse_writes=refuse_writes, recoverable=recoverable,
                                     recover_dev=recover_dev, cpus=cpus, io_queue_size=io_queue_size)
         if fmt == "json":
@@ -296,11 +298,14 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
         else:
             click.echo(info["device"])
         return
-    with blockdev(address, nsid, irq=mode == "irq", queues=queues, queues_up_to=default_count,
-                  **entries) as dev, errors():
+    shape = ub.choose_shape(queues, mode, cpus, allowed=os.sched_getaffinity(0), per_cpu=ub.default_queues(),
+                            fixed_queues=target.queues if target is not None else None)
+    default_count = shape.queues is None  # one per CPU up to four, fewer where the controller grants fewer
+    with blockdev(address, nsid, irq=shape.mode == "irq", queues=shape.queues or ub.default_queues(),
+                  queues_up_to=default_count, **entries) as dev, errors():
         queues = dev.info.io_queues
         server = ub.Server(dev, address=address, queues=queues, depth=depth, read_only=readonly,
-                           recoverable=recoverable, refuse_writes=refuse_writes, cpus=cpus)
+                           recoverable=recoverable, refuse_writes=refuse_writes, cpus=shape.cpus)
         with ub.signals_stop(server):
             try:
                 if target is not None:
@@ -310,14 +315,17 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
                 server.start(recovering=target is not None)
                 info = {"device": server.block_device, "dev_id": server.dev_id, "address": address, "nsid": nsid,
                         "pid": os.getpid(), "queues": queues, "depth": depth,
-                        "io_queue_size": dev.info.queue_depth, "mode": mode,
-                        "cpus": server.queue_cpus(), "read_only": readonly,
+                        "io_queue_size": dev.info.queue_depth, "mode": shape.mode,
+                        "cpus": server.queue_cpus(), "shape_why": shape.why, "read_only": readonly,
                         "refuse_writes": refuse_writes, "serial": dev.info.serial,
                         "recoverable": recoverable, "io_bytes": server.geometry.io_bytes,
                         "block_size": server.geometry.block_size, "size": server.geometry.blocks *
                         server.geometry.block_size}
                 click.echo(json.dumps(info) if fmt == "json" else server.block_device)
                 sys.stdout.flush()
+                pins = sorted({c for c in server.queue_cpus() if c is not None})
+                click.echo(f"{server.block_device}: {queues} queue(s), {shape.mode}"
+                           f"{', on CPU ' + ','.join(map(str, pins)) if pins else ''}; {shape.why}", err=True)
                 if notify_fd is not None:
                     os.write(notify_fd, (json.dumps(info) + "\n").encode())
                     os.close(notify_fd)
@@ -328,7 +336,7 @@ def ublk(address: str | None, nsid: int, queues: int | None, depth: int, mode: s
 
 
 def start_background(address: str, nsid: int, *, queues: int | None = None, depth: int = 64,
-                     mode: str = "irq", readonly: bool = False, refuse_writes: bool = False,
+                     mode: str | None = None, readonly: bool = False, refuse_writes: bool = False,
                      recoverable: bool = False, recover_dev: int | None = None,
                      cpus: list[int] | None = None, io_queue_size: int | None = None) -> dict[str, Any]:
     """Start `nvmevfio ublk` detached (its log in /run/nvmevfio) and return what it printed once
@@ -348,7 +356,7 @@ def start_background(address: str, nsid: int, *, queues: int | None = None, dept
     if _root_option("unsafe_noiommu"):
         cmd.append("--unsafe-noiommu")
     cmd += ["ublk", address, "-n", str(nsid), *(["--queues", str(queues)] if queues else []), "--depth", str(depth),
-            "--mode", mode, "--notify-fd", str(wfd)]
+            *(["--mode", mode] if mode else []), "--notify-fd", str(wfd)]
     cmd += ["--read-only"] if readonly else []
     cmd += ["--refuse-writes"] if refuse_writes else []
     cmd += ["--recoverable"] if recoverable else []

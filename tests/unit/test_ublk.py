@@ -107,6 +107,33 @@ def test_default_queues_is_one_per_cpu_up_to_four(monkeypatch, possible, online,
     assert ublk.default_queues() == want
 
 
+def test_the_default_shape_follows_the_cpus_this_process_may_use():
+    """One polled queue on the last allowed CPU where a queue per CPU would take every CPU (2 to
+    DEFAULT_QUEUES_MAX of them); interrupts and a queue per CPU otherwise; any option given: asked."""
+    two = ublk.choose_shape(None, None, None, allowed={0, 1}, per_cpu=2)
+    assert (two.queues, two.mode, two.cpus) == (1, "poll", [1])
+    assert two.why == ("the default: a server thread per CPU would take all 2 CPUs this process may use, so one queue, "
+                       "polled, on CPU 1 (--mode irq: a queue per CPU, interrupts)")
+    four = ublk.choose_shape(None, None, None, allowed={2, 5, 6, 7}, per_cpu=4)
+    assert (four.queues, four.mode, four.cpus) == (1, "poll", [7])
+    many = ublk.choose_shape(None, None, None, allowed=set(range(8)), per_cpu=4)
+    assert (many.queues, many.mode, many.cpus) == (None, "irq", None)
+    assert many.why == ("the default: a queue per CPU with interrupts (4 queues leave CPUs free of the 8 this "
+                        "process may use)")
+    one = ublk.choose_shape(None, None, None, allowed={3}, per_cpu=1)
+    assert (one.queues, one.mode, one.cpus) == (None, "irq", None) and "one CPU" in one.why
+    for asked, want in (((None, "poll", None), (None, "poll", None)), ((None, None, [0]), (None, "irq", [0])),
+                        ((2, None, None), (2, "irq", None)), ((None, "irq", None), (None, "irq", None))):
+        got = ublk.choose_shape(*asked, allowed={0, 1}, per_cpu=2)
+        assert ((got.queues, got.mode, got.cpus), got.why) == (want, "asked for"), asked
+    # --recover: the device's queue count stays; one queue takes the polled shape, more take interrupts
+    assert ublk.choose_shape(None, None, None, allowed={0, 1}, per_cpu=2, fixed_queues=1).mode == "poll"
+    two_q = ublk.choose_shape(None, None, None, allowed={0, 1}, per_cpu=2, fixed_queues=2)
+    assert (two_q.queues, two_q.mode, two_q.cpus) == (2, "irq", None)
+    assert "2 queues of the device recovered" in two_q.why
+    assert ublk.choose_shape(None, "poll", None, allowed={0, 1}, per_cpu=2, fixed_queues=2).queues == 2
+
+
 def test_possible_cpus_reads_the_kernels_range():
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     assert ublk.possible_cpus() == int(text.split(",")[-1].split("-")[-1]) + 1 >= 1

@@ -162,7 +162,8 @@ else:
 
     @pytest.fixture(scope="module")
     def disk(ublk_ctrl):
-        info = start(ublk_ctrl["address"], "--recoverable", "--mode", "poll")  # irq is the default: both covered
+        # polled with a queue per CPU (asked for); the default shape and irq have tests of their own
+        info = start(ublk_ctrl["address"], "--recoverable", "--mode", "poll")
         assert info["io_queue_size"] == 256  # at least 256 (2 x --depth 64 + 1): room for the CQ head doorbell to wait
         mkfs(info["device"], "-E", "nodiscard", blocks=FS_SIZE // FS_BLOCK)
         mount(info["device"], MNT)
@@ -284,6 +285,27 @@ else:
         after = stats(disk.info)
         assert after["flushes"] >= before + 5, (before, after)
         assert after["fua"] > 0  # the journal's commit blocks go with FUA
+
+    def test_the_servers_time_and_its_nvme_doorbells_are_counted(disk):
+        """128 KiB direct reads: each is one NVMe command (one SQ tail doorbell a batch), and the
+        server counts its time inside io_uring submissions (the kernel's copy of each READ into
+        the request's pages), spinning and asleep, beside its queue pair's MMIO doorbell time."""
+        dev = disk.info["device"]
+        before = stats(disk.info)
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = aligned(128 << 10)
+            for i in range(64):
+                assert os.preadv(fd, [buf], i * (128 << 10)) == 128 << 10
+        finally:
+            os.close(fd)
+        after = stats(disk.info)
+        got = {k: after[k] - before[k] for k in after if isinstance(after[k], int)}
+        assert got["reads"] >= 64 and got["bytes_read"] >= 64 * (128 << 10), got
+        assert 1 <= got["nvme_sq_mmio"] <= got["requests"] and got["nvme_sq_mmio_ns"] > 0, got
+        assert got["nvme_batches"] == got["nvme_sq_mmio"], got  # polled, no shadow doorbells: each batch an MMIO write
+        assert got["submit_ns"] > 0 and got["spun_ns"] + got["slept_ns"] > 0, got
+        assert listed(disk.info)["stats"]["per_queue"][0].keys() >= {"submit_ns", "nvme_sq_mmio_ns"}
 
     @ONE_LANE
     def test_a_namespace_already_served_is_refused_in_one_line(disk):
@@ -450,6 +472,30 @@ else:
         assert st["errors"] == 0 and len(st["per_queue"]) == cpus
         for q, per in enumerate(st["per_queue"]):
             assert per["reads"] > 0 and per["writes"] > 0, (q, st["per_queue"])
+        stop(info)
+
+    def test_the_default_shape_here_is_one_polled_queue_on_the_last_cpu(guest, cleanup):
+        """On the guest's 2 CPUs a thread per CPU would take them all: by default one queue,
+        polled, its thread on the last CPU, serving requests from every CPU; --mode irq gives a
+        queue per CPU with interrupts, threads not pinned."""
+        small = controller(guest, "nvmevfio-small")
+        last = max(os.sched_getaffinity(0))
+        info = start(small["address"])
+        dev = info["device"]
+        assert (info["queues"], info["mode"], info["cpus"]) == (1, "poll", [last]), info
+        assert info["shape_why"].startswith("the default: a server thread per CPU would take all 2 CPUs"), info
+        assert len(os.listdir(f"/sys/block/{Path(dev).name}/mq")) == 1
+        allowed = [line.split(":")[1].strip() for task in Path(f"/proc/{info['pid']}/task").iterdir()
+                   for line in (task / "status").read_text().splitlines() if line.startswith("Cpus_allowed_list")]
+        assert allowed.count(str(last)) == 1, allowed  # the queue's thread alone is pinned
+        fio_verify(f"--filename={dev}", "--rw=randrw", "--ioengine=psync", "--size=8M", "--offset_increment=8M",
+                   "--numjobs=2", f"--cpus_allowed=0-{last}", "--cpus_allowed_policy=split")
+        st = stats(info)
+        assert st["errors"] == 0 and st["reads"] > 0 and st["writes"] > 0 and len(st["per_queue"]) == 1
+        assert st["interrupts"] == 0 and st["nvme_sq_mmio"] > 0  # polled: no MSI-X eventfd reads
+        stop(info)
+        info = start(small["address"], "--mode", "irq")
+        assert (info["queues"], info["mode"], info["cpus"], info["shape_why"]) == (2, "irq", [None, None], "asked for")
         stop(info)
 
     @ONE_LANE
