@@ -105,11 +105,11 @@ def choose_shape(queues: int | None, mode: str | None, cpus: list[int] | None, *
     most DEFAULT_QUEUES_MAX of them, more than one), one queue, polled, its thread on the last
     allowed CPU: blk-mq hands every CPU's requests to it and the other CPUs stay with the
     applications, as SPDK's ublk target serves every queue from its one reactor core. Measured
-    on the 2-CPU guest against a queue per CPU with interrupts, in one boot (docs/disk.md,
-    session 22): randread 4 KiB QD1 0.97 of the kernel driver against 0.80, QD32 1.05 against
-    0.91, randwrite QD32 1.07 against 0.85, ext4 0.90 against 0.75, two fio jobs at QD1 0.69
-    against 0.47. With one CPU there is nothing to leave (interrupts); with more CPUs than
-    queues, a queue per CPU with interrupts."""
+    on the 2-CPU guest against a queue per CPU with interrupts (docs/disk.md, session 22; ratios
+    to the kernel driver, median of 3 boots): randread 4 KiB QD1 0.91 against 0.78, QD32 1.02
+    against 0.82, randwrite QD32 0.96 against 0.84, ext4 0.83 against 0.75, 128 KiB reads 0.62
+    against 0.67; two fio jobs at QD1 0.69 against 0.47 (one boot). With one CPU there is
+    nothing to leave (interrupts); with more CPUs than queues, a queue per CPU with interrupts."""
     if queues is not None or mode is not None or cpus is not None:
         return Shape(fixed_queues or queues, mode or "irq", cpus, "asked for")
     n = len(allowed)

@@ -209,14 +209,14 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
 @nsid_opt
 @click.option("--queues", type=click.IntRange(1, 64), default=None,
               help="ublk queues, each on its own NVMe I/O queue pair and thread  "
-                   "[default: one per CPU, at most 4 and at most the controller's grant]")
+                   "[default: see --mode; else one per CPU, at most 4 and at most the controller's grant]")
 @click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="requests in flight per queue (one DMA buffer slot each)")
 @click.option("--mode", type=click.Choice(["poll", "irq"]), default=None,
               help="NVMe completions by MSI-X interrupts or by polling (while commands are in flight); either way "
                    "an idle server spins up to 300 us for the next request or completion before it sleeps  "
                    "[default: where a thread per CPU would take every CPU (2 to 4 CPUs), one queue, polled, on the "
-                   "last CPU; otherwise irq, a queue per CPU; --queues, --mode or --cpu given: irq]")
+                   "last CPU; otherwise, or with --queues or --cpu, irq and a queue per CPU]")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
 @click.option("--refuse-writes", is_flag=True,
               help="the server fails every write (EROFS) while the disk is not marked read-only: what "
