@@ -22,9 +22,9 @@ from nvmevfio.nvme.perfloop import PerfGroup
 from nvmevfio.nvme.queue import DOORBELL_COUNTERS
 from nvmevfio.perf_stats import (
     cpu_figures,
-    latency_figures,
     merge_histograms,
     merge_stats,
+    run_figures,
     split_count,
 )
 
@@ -421,26 +421,6 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
-def _figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,
-             doorbells: dict[str, int]) -> dict[str, Any]:
-    """The figures a queue and the whole run share: throughput over ``elapsed`` (the run's window,
-    so the queues' IOPS add up to the run's), latency, the loop's profile over ``wall_s``, doorbells."""
-    n = st["ios"]
-    return {"ios": n, "reads": st["reads"], "writes": st["writes"], "errors": st["errors"],
-            "iops": n / elapsed if elapsed else 0.0,
-            "mib_per_s": n * io_size / elapsed / (1 << 20) if elapsed else 0.0, **latency_figures(st, hist),
-            "wait_pct": 100.0 * st["wait_ns"] / 1e9 / wall_s if wall_s else 0.0,
-            "ios_per_submit": n / st["fills"] if st["fills"] else 0.0,
-            "ios_per_reap": n / st["reaps"] if st["reaps"] else 0.0,
-            "sq_doorbell_mmio": doorbells["sq_mmio"], "cq_doorbell_mmio": doorbells["cq_mmio"],
-            # the MMIO doorbell writes' own time: each write's mean (us) and their share of the loop's time
-            "sq_doorbell_us": doorbells["sq_mmio_ns"] / doorbells["sq_mmio"] / 1e3 if doorbells["sq_mmio"] else 0.0,
-            "cq_doorbell_us": doorbells["cq_mmio_ns"] / doorbells["cq_mmio"] / 1e3 if doorbells["cq_mmio"] else 0.0,
-            "doorbell_pct": (100.0 * (doorbells["sq_mmio_ns"] + doorbells["cq_mmio_ns"]) / 1e9 / wall_s
-                             if wall_s else 0.0),
-            "shadow_only_updates": doorbells["sq_shadow_only"] + doorbells["cq_shadow_only"]}
-
-
 def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
             usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None,
             iodepth_batch: int = 1, iodepth_batch_complete_max: int = 0) -> PerfResult:
@@ -449,11 +429,11 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
     rows = []
     for i, (q, st) in enumerate(zip(qs, stats)):
         rows.append({"queue": q.qid if q.qid is not None else i + 1, "cpu": q.cpu, "seconds": q.wall_s,
-                     **_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
+                     **run_figures(st, q.loop.hist, elapsed, io_size, q.wall_s, q.doorbells),
                      **cpu_figures(q.usr_s, q.sys_s, q.wall_s, st["ios"])})
     total = merge_stats(stats)
     db = {k: sum(q.doorbells[k] for q in qs) for k in DOORBELL_COUNTERS}
-    whole = _figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
+    whole = run_figures(total, merge_histograms([q.loop.hist for q in qs]), elapsed, io_size,
                      sum(q.wall_s for q in qs), db)
     cpu: dict[str, Any] = dict(cpu_figures(usr_s, sys_s, elapsed, total["ios"]))
     # off CPU: the queue threads' share, not the process's (whose other threads sleep)

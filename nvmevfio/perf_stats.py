@@ -4,6 +4,8 @@ over queues. Nothing here touches a device; split from perf.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 # fio's log-linear latency histogram (stat.h FIO_IO_U_PLAT_*): values below 128 ns exact, then
@@ -84,3 +86,23 @@ def split_count(count: int | None, queues: int) -> list[int]:
         return [0] * queues
     return [count // queues + (1 if i < count % queues else 0) for i in range(queues)]
 
+
+def run_figures(st: dict[str, int], hist: np.ndarray, elapsed: float, io_size: int, wall_s: float,
+                doorbells: dict[str, int]) -> dict[str, Any]:
+    """The figures a queue of perf's run and the whole run share: throughput over ``elapsed`` (the
+    run's window, so the queues' IOPS add up to the run's), latency, the loop's profile over
+    ``wall_s``, doorbells (struct nv_qp's DOORBELL_COUNTERS, taken over the run)."""
+    n = st["ios"]
+    return {"ios": n, "reads": st["reads"], "writes": st["writes"], "errors": st["errors"],
+            "iops": n / elapsed if elapsed else 0.0,
+            "mib_per_s": n * io_size / elapsed / (1 << 20) if elapsed else 0.0, **latency_figures(st, hist),
+            "wait_pct": 100.0 * st["wait_ns"] / 1e9 / wall_s if wall_s else 0.0,
+            "ios_per_submit": n / st["fills"] if st["fills"] else 0.0,
+            "ios_per_reap": n / st["reaps"] if st["reaps"] else 0.0,
+            "sq_doorbell_mmio": doorbells["sq_mmio"], "cq_doorbell_mmio": doorbells["cq_mmio"],
+            # the MMIO doorbell writes' own time: each write's mean (us) and their share of the loop's time
+            "sq_doorbell_us": doorbells["sq_mmio_ns"] / doorbells["sq_mmio"] / 1e3 if doorbells["sq_mmio"] else 0.0,
+            "cq_doorbell_us": doorbells["cq_mmio_ns"] / doorbells["cq_mmio"] / 1e3 if doorbells["cq_mmio"] else 0.0,
+            "doorbell_pct": (100.0 * (doorbells["sq_mmio_ns"] + doorbells["cq_mmio_ns"]) / 1e9 / wall_s
+                             if wall_s else 0.0),
+            "shadow_only_updates": doorbells["sq_shadow_only"] + doorbells["cq_shadow_only"]}

@@ -1,5 +1,5 @@
 """perf's pure logic for several queues at once: the CPU list option, the count shared out, the
-queues' counters and histograms merged, the CPU cost per command (exact values)."""
+queues' counters and histograms merged, the CPU cost per command, a run's figures (exact values)."""
 
 import numpy as np
 import pytest
@@ -65,3 +65,25 @@ def test_cpu_per_command_and_share_off_cpu():
     assert perf_stats.cpu_figures(1.02, 0.0, 1.0, 10)["wait_share"] == 0.0  # a spinning thread, rounding: never below 0
     assert perf_stats.cpu_figures(0.0, 0.0, 0.0, 0) == {"cpu_us_per_io": 0.0, "usr_us_per_io": 0.0,
                                                         "sys_us_per_io": 0.0, "wait_share": 0.0}
+
+
+def test_run_figures_throughput_profile_and_doorbell_times():
+    # 40,000 commands of 4 KiB in a 2 s window; the loop ran 2.5 s and waited 0.5 s of it; 2,000 SQ tail
+    # writes took 0.1 s (50 us each), 500 CQ head writes 0.025 s (50 us each): 5% of the loop's time
+    st = _stats(ios=40_000, reads=30_000, writes=10_000, lat_sum_ns=40_000 * 80_000, lat_min_ns=10_000,
+                lat_max_ns=900_000, wait_ns=500_000_000, fills=2_000, reaps=500)
+    hist = np.zeros(29 * 64, dtype=np.uint64)
+    hist[644] = 40_000
+    db = {"sq_mmio": 2_000, "cq_mmio": 500, "sq_shadow_only": 7, "cq_shadow_only": 3,
+          "sq_mmio_ns": 100_000_000, "cq_mmio_ns": 25_000_000}
+    got = perf_stats.run_figures(st, hist, 2.0, 4096, 2.5, db)
+    want = {"ios": 40_000, "reads": 30_000, "writes": 10_000, "errors": 0, "iops": 20_000.0,
+            "mib_per_s": 40_000 * 4096 / 2.0 / (1 << 20), "wait_pct": 20.0, "ios_per_submit": 20.0,
+            "ios_per_reap": 80.0, "sq_doorbell_mmio": 2_000, "cq_doorbell_mmio": 500, "sq_doorbell_us": 50.0,
+            "cq_doorbell_us": 50.0, "doorbell_pct": 5.0, "shadow_only_updates": 10}
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    assert got["lat_mean_us"] == 80.0 and got["lat_p50_us"] == 35.072
+    # nothing measured: no division by zero anywhere
+    none = perf_stats.run_figures(_stats(), np.zeros_like(hist), 0.0, 4096, 0.0, dict.fromkeys(db, 0))
+    assert (none["iops"], none["wait_pct"], none["sq_doorbell_us"], none["doorbell_pct"], none["ios_per_reap"]) == (
+        0.0, 0.0, 0.0, 0.0, 0.0)
