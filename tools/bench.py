@@ -1360,10 +1360,9 @@ def main() -> int:
             boots.append(data)
             print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
             print(ublk_report(*data["only"], null=data.get("null")), flush=True)
-            for other in ("irq", "poll"):  # the other shape measured ("poll": boots before session 22)
-                if data.get(other):
-                    a1, _, a2 = data["only"]
-                    print(ublk_report(a1, data[other], a2), flush=True)
+            if data.get("irq"):  # the other shape: a queue per CPU, interrupts
+                a1, _, a2 = data["only"]
+                print(ublk_report(a1, data["irq"], a2), flush=True)
             if args.json:  # every boot so far: a run cut short keeps what it measured
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:

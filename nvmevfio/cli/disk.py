@@ -216,7 +216,7 @@ def _nbd_file(address: str, nsid: int, socket_path: Path | None, port: int | Non
               help="NVMe completions by MSI-X interrupts or by polling (while commands are in flight); either way "
                    "an idle server spins up to 300 us for the next request or completion before it sleeps  "
                    "[default: where a thread per CPU would take every CPU (2 to 4 CPUs), one queue, polled, on the "
-                   "last CPU; otherwise, or with --queues or --cpu, irq and a queue per CPU]")
+                   "last CPU; otherwise irq and a queue per CPU; with --queues or --cpu alone, irq]")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only disk")
 @click.option("--refuse-writes", is_flag=True,
               help="the server fails every write (EROFS) while the disk is not marked read-only: what "
