@@ -722,6 +722,7 @@ struct nv_ublk_queue {
     int32_t last_cqe_error;
     uint32_t null_device;      /* NVMEVFIO_UBLK_NULL (tools/bench.py's anchor): answer without the device */
     int64_t spin_ns;           /* how long an idle server spins before it sleeps in io_uring (SPIN_NS) */
+    uint32_t coop_taskrun;     /* the ring has IORING_SETUP_COOP_TASKRUN: no IPI per new request (ublk.c) */
     /* counters */
     uint64_t requests;
     uint64_t reads;
@@ -738,6 +739,7 @@ struct nv_ublk_queue {
     uint64_t sleeps;
     uint64_t spin_hits;        /* waits that a request or completion ended while the server spun */
     uint64_t errors;
+    uint64_t taskrun_enters;   /* entries into the kernel to run new requests' task work (IORING_SQ_TASKRUN) */
     /* where the loop's time goes (ns): inside io_uring submissions (the kernel's side of each
      * answer: COMMIT_AND_FETCH, a READ's copy into the request's pages), spinning, asleep */
     uint64_t submit_ns;

@@ -5,7 +5,9 @@
  * START_DEV, STOP_DEV, DEL_DEV, GET_DEV_INFO, START/END_USER_RECOVERY); each queue's server
  * thread keeps one FETCH_REQ per tag outstanding on /dev/ublkcN, reads the request from the
  * queue's mmapped descriptor array, and answers with COMMIT_AND_FETCH_REQ, which also fetches
- * the tag's next request.
+ * the tag's next request. The queue's io_uring is cooperative (IORING_SETUP_COOP_TASKRUN): a new
+ * request reaches the thread as task work without an IPI, and the loop enters the kernel for it
+ * when the ring's IORING_SQ_TASKRUN flag says so.
  *
  * A tag's I/O buffer (the kernel copies a request's data in and out of it) is a slot of a
  * registered DMA buffer whose PRP entries and PRP-list page the broker authored once
@@ -325,7 +327,22 @@ int nv_ublk_queue_open(struct nv_ublk_queue *q, int fetch)
     const char *env = getenv("NVMEVFIO_UBLK_NULL");
     q->null_device = env && *env && strcmp(env, "0") != 0;
     q->spin_ns = SPIN_NS;
-    int r = io_uring_queue_init(q->depth + 2, ring, 0);
+    /* IORING_SETUP_COOP_TASKRUN (Linux 5.19): the kernel hands this thread each new request as
+     * task work (ublk_queue_rq -> io_uring_cmd_complete_in_task); by default it kicks a running
+     * thread with an IPI so that the work runs at once. Cooperative: no IPI, and with
+     * IORING_SETUP_TASKRUN_FLAG the ring's IORING_SQ_TASKRUN flag says work waits, which the loop
+     * reads each turn and in its spin (a sleeping thread is still woken). Under TCG an IPI is a
+     * write to the emulated APIC, in QEMU's model under its big lock, on the submitting CPU, and
+     * an interrupt on the server's: randread QD1 and ext4 QD1 came out ahead with it in 5 of 6
+     * pairs (docs/disk.md). NVMEVFIO_UBLK_TASKRUN=ipi keeps the kernel's default, for A/B runs. */
+    const char *tr = getenv("NVMEVFIO_UBLK_TASKRUN");
+    int r = -EINVAL;
+    if (!(tr && !strcmp(tr, "ipi"))) {
+        r = io_uring_queue_init(q->depth + 2, ring, IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
+        q->coop_taskrun = r == 0;
+    }
+    if (r == -EINVAL)  /* a kernel before 5.19 (ublk needs 6.0), or asked for the default */
+        r = io_uring_queue_init(q->depth + 2, ring, 0);
     if (r < 0) {
         free(ring);
         free(q->tag_state);
@@ -558,6 +575,14 @@ static int take_requests(struct nv_ublk_queue *q, struct nv_qp *qp)
     return err ? err : posted;
 }
 
+/* IORING_SQ_TASKRUN: task work for this thread waits (COOP_TASKRUN, TASKRUN_FLAG). A relaxed
+ * load (no barrier): nothing is read after it but the kernel's own CQEs, which io_uring_get_events
+ * posts; a flag seen late costs one turn of the loop. */
+static inline int task_work_waits(struct io_uring *ring)
+{
+    return (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_TASKRUN) != 0;
+}
+
 /* io_uring_submit, its time counted: the kernel's side of the answers (COMMIT_AND_FETCH, and for
  * a READ the copy from the tag's buffer into the request's pages). */
 static int submit_timed(struct nv_ublk_queue *q, struct io_uring *ring)
@@ -582,6 +607,16 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
     uint32_t turns = 0;
     int woke_empty = 0;  /* the last sleep ended and this turn found nothing: sleep again, no spin */
     for (;;) {
+        if (task_work_waits(ring)) {
+            /* new requests' task work (no IPI was sent): enter the kernel to run it, which posts
+             * their FETCH completions; the time counts as submission time */
+            int64_t t0 = nv_now_ns();
+            int r = io_uring_get_events(ring);
+            q->submit_ns += (uint64_t)(nv_now_ns() - t0);
+            q->taskrun_enters++;
+            if (r < 0 && r != -EINTR && r != -EBUSY)
+                return r;
+        }
         int posted = take_requests(q, qp);
         if (posted < 0)
             return posted;
@@ -638,7 +673,8 @@ static int queue_run(struct nv_ublk_queue *q, const struct nv_perf *w, struct nv
             int got = 0;
             do {
                 for (int i = 0; i < 64 && !got; i++) {
-                    got = io_uring_cq_ready(ring) || (qp->in_flight && qp_pending(qp));
+                    got = io_uring_cq_ready(ring) || (qp->in_flight && qp_pending(qp)) ||
+                          task_work_waits(ring);
                     SPIN_PAUSE();
                 }
             } while (!got && !*(const volatile int32_t *)&q->stop && !qp_stop_flag(qp) && nv_now_ns() < until);

@@ -166,7 +166,7 @@ def geometry(dev: Any) -> Geometry:
 # struct nv_ublk_queue's counters; the *_ns: where the loop's time went (cbits/ublk.c)
 QUEUE_COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "write_zeroes_unmap", "fua",
                   "bytes_read", "bytes_written", "interrupts", "nvme_batches", "sleeps", "spin_hits", "errors",
-                  "submit_ns", "spun_ns", "slept_ns")
+                  "taskrun_enters", "submit_ns", "spun_ns", "slept_ns")
 
 
 class _Queue:
@@ -233,6 +233,7 @@ class _Queue:
         except NvmeVfioError:
             ring = dict.fromkeys(DOORBELL_COUNTERS, 0)
         own = {k: int(getattr(q, k)) for k in QUEUE_COUNTERS}
+        own["coop_taskrun"] = int(q.coop_taskrun)  # new requests come without an IPI (cbits/ublk.c)
         return {**own, **{f"nvme_{k}": int(ring[k]) for k in DOORBELL_COUNTERS}}
 
     def new_errors(self) -> list[str]:

@@ -123,6 +123,13 @@ else:
         assert not Path(info["device"]).exists()
         assert all(d["dev_id"] != info["dev_id"] for d in devices())
 
+    def rescheduling_ipis(cpu: int) -> int:
+        """The rescheduling IPIs CPU ``cpu`` has taken since boot (/proc/interrupts, RES)."""
+        for line in Path("/proc/interrupts").read_text().splitlines():
+            if line.split(":")[0].strip() == "RES":
+                return int(line.split()[1 + cpu])
+        raise AssertionError("no RES line in /proc/interrupts")
+
     def stats(info: dict) -> dict:
         """The server's counters as `--list` shows them, written after this call began (the server
         rewrites them every half second): they count every request completed before it."""
@@ -497,6 +504,37 @@ else:
         info = start(small["address"], "--mode", "irq")
         assert (info["queues"], info["mode"], info["cpus"], info["shape_why"]) == (2, "irq", [None, None], "asked for")
         stop(info)
+
+    @ONE_LANE
+    def test_new_requests_reach_the_polled_server_without_an_ipi(guest, cleanup, monkeypatch):
+        """The server's io_uring is cooperative (IORING_SETUP_COOP_TASKRUN): a request submitted on
+        another CPU reaches the polling thread as task work without a rescheduling IPI, and the
+        thread enters the kernel for it when the ring's IORING_SQ_TASKRUN flag says so. With the
+        kernel's default (NVMEVFIO_UBLK_TASKRUN=ipi) each request interrupts the server's CPU."""
+        small = controller(guest, "nvmevfio-small")
+        cpus = sorted(os.sched_getaffinity(0))
+        reads = 400
+        seen = {}
+        for how in ("coop", "ipi"):
+            if how == "ipi":
+                monkeypatch.setenv("NVMEVFIO_UBLK_TASKRUN", "ipi")
+            info = start(small["address"])
+            assert info["cpus"] == [cpus[-1]], info
+            before, ipis = stats(info), rescheduling_ipis(cpus[-1])
+            # QD1 direct reads from the other CPU: each request a wake of the server's queue
+            sh("taskset", "-c", str(cpus[0]), "dd", f"if={info['device']}", "of=/dev/null", "bs=4k",
+               f"count={reads}", "iflag=direct", "status=none")
+            after = stats(info)
+            seen[how] = {"ipis": rescheduling_ipis(cpus[-1]) - ipis, "coop": after["per_queue"][0]["coop_taskrun"],
+                         "enters": after["taskrun_enters"] - before["taskrun_enters"],
+                         "reads": after["reads"] - before["reads"]}
+            stop(info)
+        print("rescheduling IPIs on the server's CPU, task-work entries:", seen)
+        coop, ipi = seen["coop"], seen["ipi"]
+        assert coop["reads"] >= reads and ipi["reads"] >= reads, seen
+        assert coop["coop"] == 1 and ipi["coop"] == 0 and ipi["enters"] == 0, seen
+        assert coop["enters"] >= reads // 2, seen  # the requests came through the flag
+        assert ipi["ipis"] >= reads // 2 and coop["ipis"] <= reads // 8, seen
 
     @ONE_LANE
     def test_a_media_error_is_eio_with_the_nvme_status_in_the_log(guest, cleanup):
