@@ -533,8 +533,11 @@ else:
         coop, ipi = seen["coop"], seen["ipi"]
         assert coop["reads"] >= reads and ipi["reads"] >= reads, seen
         assert coop["coop"] == 1 and ipi["coop"] == 0 and ipi["enters"] == 0, seen
-        assert coop["enters"] >= reads // 2, seen  # the requests came through the flag
-        assert ipi["ipis"] >= reads // 2 and coop["ipis"] <= reads // 8, seen
+        # The requests came through the flag (393 of 400 in one run; a request that finds the
+        # server asleep, its 300 µs spin over, wakes it instead, which may take an IPI to the
+        # halted vCPU: hence the margins)
+        assert coop["enters"] >= reads // 4, seen
+        assert ipi["ipis"] >= reads // 2 and coop["ipis"] <= reads // 4, seen
 
     @ONE_LANE
     def test_a_media_error_is_eio_with_the_nvme_status_in_the_log(guest, cleanup):
