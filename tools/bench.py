@@ -320,7 +320,10 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
         res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes", "cpus")}
         return res
     finally:
-        subprocess.run([*nv, "--stop", str(info["dev_id"])], check=True, capture_output=True)
+        stopped = subprocess.run([*nv, "--stop", str(info["dev_id"])], capture_output=True, text=True)
+        if stopped.returncode:  # what the server or --stop said, not only the exit status
+            raise RuntimeError(f"nvmevfio ublk --stop {info['dev_id']} (exit {stopped.returncode}): "
+                               f"{stopped.stderr.strip() or stopped.stdout.strip()}")
 
 
 def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
