@@ -321,9 +321,11 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
         return res
     finally:
         stopped = subprocess.run([*nv, "--stop", str(info["dev_id"])], capture_output=True, text=True)
-        if stopped.returncode:  # what the server or --stop said, not only the exit status
+        if stopped.returncode:  # what --stop and the server's log said, not only the exit status
+            log = Path(info["log"]).read_text(errors="replace").splitlines()[-20:] if info.get("log") else []
             raise RuntimeError(f"nvmevfio ublk --stop {info['dev_id']} (exit {stopped.returncode}): "
-                               f"{stopped.stderr.strip() or stopped.stdout.strip()}")
+                               f"{stopped.stderr.strip() or stopped.stdout.strip()}; the server's log "
+                               f"({info.get('log')}) ends: " + " | ".join(log))
 
 
 def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
