@@ -333,9 +333,9 @@ int nv_ublk_queue_open(struct nv_ublk_queue *q, int fetch)
      * IORING_SETUP_TASKRUN_FLAG the ring's IORING_SQ_TASKRUN flag says work waits, which the loop
      * reads each turn and in its spin (a sleeping thread is still woken). Under TCG an IPI is a
      * write to the emulated APIC, in QEMU's model under its big lock, on the submitting CPU, and
-     * an interrupt on the server's. Three boots, each both ways (docs/disk.md, "Session 23"):
-     * randread QD1 1.11 of the kernel driver against 1.03, ext4 1.03 against 0.92, QD32 0.97
-     * against 1.01. NVMEVFIO_UBLK_TASKRUN=ipi keeps the kernel's default, for A/B runs. */
+     * an interrupt on the server's. Four boots, each both ways (docs/disk.md, "Session 23"):
+     * randread QD1 1.13 of the kernel driver against 1.04, ext4 0.99 against 0.90, QD32 0.94
+     * against 0.95. NVMEVFIO_UBLK_TASKRUN=ipi keeps the kernel's default, for A/B runs. */
     const char *tr = getenv("NVMEVFIO_UBLK_TASKRUN");
     int r = -EINVAL;
     if (!(tr && !strcmp(tr, "ipi"))) {
