@@ -285,3 +285,13 @@ def test_median_sweep_and_the_paired_report_against_the_bar():
     boots[2]["paired"]["1"] = [0.5, 0.6, 0.7]
     assert bench.paired_report(boots).splitlines()[1].split() == ["poll", "QD1", "0.90", "[0.90,", "1.20,", "0.60]",
                                                                   "NOT", "MET"]
+
+
+def test_a_failed_command_says_what_it_printed():
+    assert bench.run_checked(["sh", "-c", "echo fine"]).stdout == "fine\n"
+    with pytest.raises(bench.CommandFailed) as e:
+        bench.run_checked(["sh", "-c", "echo 'no ublk device 0' >&2; exit 1"])
+    assert e.value.returncode == 1 and str(e.value).endswith("returned non-zero exit status 1.: no ublk device 0")
+    with pytest.raises(bench.CommandFailed) as e:  # nothing on stderr: its stdout
+        bench.run_checked(["sh", "-c", "echo only-stdout; exit 2"])
+    assert str(e.value).endswith(": only-stdout")

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -76,6 +77,23 @@ BARS = [
 
 
 # ---------------------------------------------------------------------- inside the guest
+class CommandFailed(subprocess.CalledProcessError):
+    """A command that exited non-zero, said with what it printed (CalledProcessError's message has
+    only the exit status)."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or self.output or "").strip()
+        return f"{super().__str__()}: {said}" if said else super().__str__()
+
+
+def run_checked(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with its output captured as text; CommandFailed (with that output) if it fails."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if r.returncode:
+        raise CommandFailed(r.returncode, cmd, r.stdout, r.stderr)
+    return r
+
+
 def fio(dev: str, rw: str, bs: int, qd: int, engine: str, seconds: float, hipri: bool, numjobs: int = 1) -> dict:
     """One fio run on the kernel driver's block device: IOPS and MiB/s summed over its
     ``numjobs`` jobs, the first job's latency percentiles, and CPU time per I/O (fio_cpu)."""
@@ -84,7 +102,7 @@ def fio(dev: str, rw: str, bs: int, qd: int, engine: str, seconds: float, hipri:
             f"--ioengine={engine}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={numjobs}"]
     if hipri:
         args.append("--hipri=1")
-    out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    out = json.loads(run_checked(args).stdout)
     jobs = out["jobs"]
     sides = [job["read"] if "read" in rw else job["write"] for job in jobs]
     pct = sides[0]["lat_ns"].get("percentile", {})
@@ -204,7 +222,7 @@ def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow
     if shadow is not None:  # None: perf's default (shadow doorbells where they pay: not on QEMU's model)
         args.append("--shadow-doorbells" if shadow else "--no-shadow-doorbells")
     args += extra
-    d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    d = json.loads(run_checked(args).stdout)
     return {k: d[k] for k in ("iops", "ios", "mib_per_s", "lat_p50_us", "lat_p99_us", "sq_doorbell_mmio",
                               "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "doorbell_pct",
                               "sq_doorbell_us", "cq_doorbell_us", "ios_per_submit",
@@ -260,8 +278,7 @@ def fio_fs(dev: str) -> dict:
     os.makedirs(MNT, exist_ok=True)
     subprocess.run(["mount", "-t", "ext4", dev, MNT], check=True)
     try:
-        out = subprocess.run(["fio", "--name=fs", f"--directory={MNT}", *FS_JOB, "--output-format=json"],
-                             check=True, capture_output=True, text=True).stdout
+        out = run_checked(["fio", "--name=fs", f"--directory={MNT}", *FS_JOB, "--output-format=json"]).stdout
     finally:
         subprocess.run(["umount", MNT], check=True)
     job = json.loads(out)["jobs"][0]
@@ -270,17 +287,15 @@ def fio_fs(dev: str) -> dict:
 
 def nbd_fio_fs(addr: str) -> dict:
     """fio_fs through `nvmevfio nbd` (nbdkit + the plugin) and the kernel's nbd driver."""
-    info = json.loads(subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--background", "-o", "json"],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(run_checked([sys.executable, "-m", "nvmevfio", "nbd", addr, "--background", "-o", "json"]).stdout)
     try:
-        subprocess.run(["nbd-client", "-unix", info["socket"], "/dev/nbd0", "-b", "512"], check=True,
-                       capture_output=True)
+        run_checked(["nbd-client", "-unix", info["socket"], "/dev/nbd0", "-b", "512"])
         try:
             return fio_fs("/dev/nbd0")
         finally:
-            subprocess.run(["nbd-client", "-d", "/dev/nbd0"], check=True, capture_output=True)
+            run_checked(["nbd-client", "-d", "/dev/nbd0"])
     finally:
-        subprocess.run([sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop"], check=True, capture_output=True)
+        run_checked([sys.executable, "-m", "nvmevfio", "nbd", addr, "--stop"])
 
 
 # ---------------------------------------------------------------------- ublk (--only ublk, issue 28)
@@ -307,8 +322,7 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
     server's options besides its defaults."""
     nv = [sys.executable, "-m", "nvmevfio", "ublk"]
     env = {**os.environ, **({"NVMEVFIO_UBLK_NULL": "1"} if null else {})}
-    info = json.loads(subprocess.run([*nv, addr, *extra, "--background", "-o", "json"], check=True,
-                                     capture_output=True, text=True, env=env).stdout)
+    info = json.loads(run_checked([*nv, addr, *extra, "--background", "-o", "json"], env=env).stdout)
     try:
         dev = info["device"]
         deadline = time.monotonic() + 30
@@ -320,12 +334,11 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
         res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes", "cpus")}
         return res
     finally:
-        stopped = subprocess.run([*nv, "--stop", str(info["dev_id"])], capture_output=True, text=True)
-        if stopped.returncode:  # what --stop and the server's log said, not only the exit status
-            log = Path(info["log"]).read_text(errors="replace").splitlines()[-20:] if info.get("log") else []
-            raise RuntimeError(f"nvmevfio ublk --stop {info['dev_id']} (exit {stopped.returncode}): "
-                               f"{stopped.stderr.strip() or stopped.stdout.strip()}; the server's log "
-                               f"({info.get('log')}) ends: " + " | ".join(log))
+        try:
+            run_checked([*nv, "--stop", str(info["dev_id"])])
+        except CommandFailed as e:  # and what the server itself logged
+            log = Path(info["log"]).read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError(f"{e}; the server's log ({info['log']}) ends: " + " | ".join(log)) from e
 
 
 def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
@@ -438,8 +451,7 @@ def tcp_fio(nqn: str, seconds: float) -> dict:
     """Attach ``nqn`` with the kernel's NVMe/TCP initiator, fio each TCP_ROWS row (io_uring,
     interrupts: nvme-tcp has no polled queues here), detach."""
     host, port = TCP_AT.split(":")
-    subprocess.run(["nvme", "connect", "-t", "tcp", "-a", host, "-s", port, "-n", nqn, "--hostnqn", TCP_HOST],
-                   check=True, capture_output=True)
+    run_checked(["nvme", "connect", "-t", "tcp", "-a", host, "-s", port, "-n", nqn, "--hostnqn", TCP_HOST])
     try:
         deadline = time.monotonic() + 30
         dev = None
@@ -454,7 +466,7 @@ def tcp_fio(nqn: str, seconds: float) -> dict:
                 time.sleep(0.1)
         return {name: fio(dev, rw, bs, qd, "io_uring", seconds, False) for name, rw, bs, qd in TCP_ROWS}
     finally:
-        subprocess.run(["nvme", "disconnect", "-n", nqn], check=True, capture_output=True)
+        run_checked(["nvme", "disconnect", "-n", nqn])
 
 
 def kernel_tcp(dev: str, seconds: float) -> dict:
@@ -475,12 +487,12 @@ def kernel_tcp(dev: str, seconds: float) -> dict:
 def nvmevfio_tcp(addr: str, seconds: float, mode: str) -> dict:
     """`nvmevfio export`, its ublk server in ``mode`` (poll or irq)."""
     nv = [sys.executable, "-m", "nvmevfio", "export", addr]
-    info = json.loads(subprocess.run([*nv, "--tcp", TCP_AT, "--allow-host", TCP_HOST, "--mode", mode, "-o", "json"],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(run_checked([*nv, "--tcp", TCP_AT, "--allow-host", TCP_HOST, "--mode", mode, "-o",
+                                   "json"]).stdout)
     try:
         return tcp_fio(info["nqn"], seconds)
     finally:
-        subprocess.run([*nv, "--stop"], check=True, capture_output=True)
+        run_checked([*nv, "--stop"])
 
 
 # ---------------------------------------------------------------------- the C anchor (--libvfn, issue 26)
@@ -554,7 +566,7 @@ def anchor(binary: str, addr: str, rw: str, bs: int, qd: int, seconds: float, mo
            dbbuf: bool | None = None) -> dict:
     """One run of the C anchor on the vfio-bound controller at ``addr``."""
     cmd = anchor_command(binary, addr, rw, bs, qd, seconds, mode, ANCHOR_DBBUF["on"] if dbbuf is None else dbbuf)
-    return parse_anchor(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return parse_anchor(run_checked(cmd).stdout)
 
 
 def libvfn_round(binary: str, addr: str, seconds: float) -> dict:
@@ -641,7 +653,7 @@ def _fio_two(devs: list[str], seconds: float, hipri: bool) -> dict:
             "--iodepth=32", *(["--hipri=1"] if hipri else [])]
     for i, dev in enumerate(devs):
         args += [f"--name=job{i}", f"--filename={dev}"]
-    jobs = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["jobs"]
+    jobs = json.loads(run_checked(args).stdout)["jobs"]
     return {"iops": sum(j["read"]["iops"] for j in jobs), "per_job": [j["read"]["iops"] for j in jobs]}
 
 
@@ -655,7 +667,7 @@ def _perf_many(addrs: list[str], seconds: float, mode: str, cpus: str | None = N
     flag = {"threads": ["--thread-per-queue"], "shared": ["--shared-poller"], None: []}[poller]
     args = [sys.executable, "-m", "nvmevfio", "perf", *addrs, "--mode", mode, "-w", "randread", "-q", "32", "-t",
             str(seconds), "--ramp", "1", "-o", "json", *(["--cpu", cpus] if cpus else []), *flag]
-    d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    d = json.loads(run_checked(args).stdout)
     return {"iops": d["total"]["iops"], "per_controller": [c["iops"] for c in d["controllers"]],
             "cpu_us_per_io": [c["cpu_us_per_io"] for c in d["controllers"]], "poller": d["poller"]}
 
