@@ -66,6 +66,25 @@ def test_ublk_report_ratios_and_bars():
     assert f"{bench.FS_ROW:<24}" in text
 
 
+def test_ublk_report_with_the_c_ublk_server():
+    """--only ublk --ublksrv: the C ublk server's IOPS are the mean of its runs before and after
+    nvmevfio's; its ratio to the kernel and nvmevfio's to it, per row and as a median over boots."""
+    def side(iops: float) -> dict:
+        return {row: {"iops": iops} for row in bench.UBLK_BARS}
+
+    b = side(900) | {"server": {"queues": 1, "depth": 64, "mode": "poll", "io_bytes": 262144}}
+    c_ublk = {"before": side(700), "after": side(500)}  # mean 600
+    r = bench.ublk_c_ratios(side(800), b, side(1000), c_ublk)
+    assert r["read-128k-qd8 C/kernel"] == pytest.approx(600 / 900) and r["read-128k-qd8 ublk/C"] == 1.5
+    assert len(r) == 2 * len(bench.UBLK_BARS)
+    text = bench.ublk_report(side(800), b, side(1000), c_ublk=c_ublk)
+    assert "C ublk: ublksrv's nvme_vfio target" in text
+    assert "randread-4k-qd32               800       900      1000   1.00  1.0 met     " in text
+    assert text.splitlines()[3].endswith("       600  0.67   1.50")  # C ublk, C/k, ublk/C
+    text = bench.median_report("the C ublk server (ublksrv nvme_vfio)", [r, r, r], dict.fromkeys(r, 0.0))
+    assert "read-128k-qd8 ublk/C" in text and "1.50  [1.50, 1.50, 1.50]" in text
+
+
 def test_ublk_and_tcp_ratios_and_their_median_over_boots():
     def rows(iops: float) -> dict:
         return {row: {"iops": iops} for row in bench.UBLK_BARS}

@@ -325,11 +325,7 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
     info = json.loads(run_checked([*nv, addr, *extra, "--background", "-o", "json"], env=env).stdout)
     try:
         dev = info["device"]
-        deadline = time.monotonic() + 30
-        while not (Path(dev).exists() and int(Path(f"/sys/block/{Path(dev).name}/size").read_text()) > 0):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{dev} did not appear")
-            time.sleep(0.05)
+        wait_for_block_device(dev)
         res = block_round(dev, seconds, fs=not null)
         res["server"] = {k: info[k] for k in ("queues", "depth", "mode", "io_bytes", "cpus")}
         return res
@@ -341,29 +337,83 @@ def ublk_round(addr: str, seconds: float, null: bool = False, extra: tuple[str, 
             raise RuntimeError(f"{e}; the server's log ({info['log']}) ends: " + " | ".join(log)) from e
 
 
-def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None) -> str:
+def wait_for_block_device(dev: str, timeout: float = 30.0) -> None:
+    """Until ``dev`` exists with a non-zero size (a ublk device is usable once START_DEV is done)."""
+    deadline = time.monotonic() + timeout
+    while not (Path(dev).exists() and int(Path(f"/sys/block/{Path(dev).name}/size").read_text()) > 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dev} did not appear")
+        time.sleep(0.05)
+
+
+def ublk_default_shape(addr: str) -> dict:
+    """The queues, depth and request size `nvmevfio ublk` takes by default on this machine: its
+    server started and stopped (the C ublk server's first round runs before nvmevfio's)."""
+    nv = [sys.executable, "-m", "nvmevfio", "ublk"]
+    info = json.loads(run_checked([*nv, addr, "--background", "-o", "json"]).stdout)
+    run_checked([*nv, "--stop", str(info["dev_id"])])
+    return {k: info[k] for k in ("queues", "depth", "io_bytes")}
+
+
+# ublksrv's device number for the C ublk server (nvmevfio's own server takes the lowest free one)
+UBLKSRV_DEV_ID = 7
+
+
+def ublksrv_round(ublk: str, addr: str, seconds: float, shape: dict) -> dict:
+    """block_round on a device served by ublksrv's nvme_vfio target (``ublk`` is ublksrv's `ublk`
+    program, ublk-org/ublksrv, with `ublk.nvme_vfio` beside it): a C ublk server that drives the
+    controller through VFIO itself, polling its completion queue while requests are in flight.
+    The C anchor for ublk, with nvmevfio's shape (``shape``: queues, depth, io_bytes of the
+    default server measured in the same round); on a guest without an IOMMU, its --noiommu."""
+    noiommu = not any(Path("/sys/class/iommu").glob("*"))
+    dev_id = str(UBLKSRV_DEV_ID)
+    run_checked([ublk, "add", "-t", "nvme_vfio", "-n", dev_id, "-q", str(shape["queues"]), "-d", str(shape["depth"]),
+                 "--max_io_buf_bytes", str(shape["io_bytes"]), "--pci", addr, *(["--noiommu"] if noiommu else [])])
+    try:
+        dev = f"/dev/ublkb{dev_id}"
+        wait_for_block_device(dev)
+        res = block_round(dev, seconds)
+        res["server"] = {"queues": shape["queues"], "depth": shape["depth"], "io_bytes": shape["io_bytes"],
+                         "noiommu": noiommu}
+        return res
+    finally:
+        run_checked([ublk, "del", "-n", dev_id])
+
+
+def ublk_report(a1: dict, b: dict, a2: dict, null: dict | None = None, c_ublk: dict | None = None) -> str:
     """IOPS per row, kernel A / ublk / kernel A', the ratio against mean(A, A') and its bar; with
-    the anchor (the null server, same boot), its IOPS, its ratio to the kernel and ublk's to it."""
+    the anchors of the same boot: the null server (its IOPS, its ratio to the kernel and ublk's to
+    it) and the C ublk server (``c_ublk``: ublksrv's nvme_vfio target before and after nvmevfio's
+    server; the mean of the two, its ratio to the kernel and ublk's to it)."""
     pinned = sorted({c for c in b["server"].get("cpus") or [] if c is not None})
     lines = [f"ublk ({b['server']['queues']} queue(s), depth {b['server']['depth']}, {b['server']['mode']}"
              f"{', every queue on CPU ' + ','.join(map(str, pinned)) if pinned else ''}) against "
              "the kernel nvme driver, fio io_uring direct=1, one boot (A/B/A); IOPS; null: the same server "
-             "answering without the device (the anchor)",
+             "answering without the device (the anchor)"
+             + ("; C ublk: ublksrv's nvme_vfio target, the same shape, before and after (mean)" if c_ublk else ""),
              f"{'workload':<24} {'kernel A':>9} {'ublk':>9} {'kernel A2':>9} {'ratio':>6}  {'bar':<11} "
-             f"{'null':>9} {'null/k':>6} {'ublk/null':>9}"]
+             f"{'null':>9} {'null/k':>6} {'ublk/null':>9}" + (f" {'C ublk':>9} {'C/k':>5} {'ublk/C':>6}"
+                                                                if c_ublk else "")]
     ratio = ublk_ratios(a1, b, a2)
+    anchor = ublk_c_ratios(a1, b, a2, c_ublk) if c_ublk else {}
     for row, bar in UBLK_BARS.items():
         got = ratio[row]
+        k = statistics.mean((a1[row]["iops"], a2[row]["iops"]))
         line = (f"{row:<24} {a1[row]['iops']:>9.0f} {b[row]['iops']:>9.0f} {a2[row]['iops']:>9.0f} "
                 f"{got:>6.2f}  {bar:.1f} {'met' if got >= bar else 'NOT MET':<7}")
         if null and row in null:
-            k = statistics.mean((a1[row]["iops"], a2[row]["iops"]))
             n = null[row]["iops"]
             line += f" {n:>9.0f} {n / k:>6.2f} {b[row]['iops'] / n:>9.2f}"
+        elif c_ublk:
+            line += f" {'':>9} {'':>6} {'':>9}"
+        if c_ublk:
+            line += (f" {anchor[f'{row} C/kernel'] * k:>9.0f} {anchor[f'{row} C/kernel']:>5.2f} "
+                     f"{anchor[f'{row} ublk/C']:>6.2f}")
         lines.append(line)
     lines.append(f"({FS_ROW}: read + write IOPS of fio verify=crc32c on a file in ext4 on each device; the null "
                  "server has none: its reads return no data)")
     return "\n".join(lines)
+
 
 def ublk_ratios(a1: dict, b: dict, a2: dict) -> dict[str, float]:
     """Per UBLK_BARS row: ublk IOPS / mean(kernel A, kernel A')."""
@@ -377,6 +427,17 @@ def ublk_anchor_ratios(a1: dict, b: dict, a2: dict, null: dict) -> dict[str, flo
         if row in null:
             out[f"{row} null/kernel"] = null[row]["iops"] / statistics.mean((a1[row]["iops"], a2[row]["iops"]))
             out[f"{row} ublk/null"] = b[row]["iops"] / null[row]["iops"]
+    return out
+
+
+def ublk_c_ratios(a1: dict, b: dict, a2: dict, c_ublk: dict) -> dict[str, float]:
+    """Per UBLK_BARS row, the C ublk server (mean of its runs before and after nvmevfio's): its
+    IOPS / mean(kernel A, A') and nvmevfio's ublk IOPS / its."""
+    out = {}
+    for row in UBLK_BARS:
+        c = statistics.mean((c_ublk["before"][row]["iops"], c_ublk["after"][row]["iops"]))
+        out[f"{row} C/kernel"] = c / statistics.mean((a1[row]["iops"], a2[row]["iops"]))
+        out[f"{row} ublk/C"] = b[row]["iops"] / c
     return out
 
 
@@ -840,7 +901,7 @@ def shadow_round(addr: str, seconds: float, binary: str | None) -> list[dict]:
 
 
 def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = None, binary: str | None = None,
-             sweep_opts: dict | None = None) -> int:
+             sweep_opts: dict | None = None, ublksrv: str | None = None) -> int:
     from nvmevfio import pci
 
     if only == "controllers":
@@ -889,12 +950,17 @@ def in_guest(seconds: float, out_path: Path, sweep: bool, only: str | None = Non
     if only == "ublk":  # A/B/A: the kernel driver's block device, nvmevfio's ublk device, the kernel's again
         a1 = block_round(dev, seconds)
         pci.bind(addr)
+        # the C ublk server (--ublksrv) right before and after nvmevfio's default, in its shape
+        c_before = ublksrv_round(ublksrv, addr, seconds, ublk_default_shape(addr)) if ublksrv else None
         b = ublk_round(addr, seconds)  # the server's default shape (here: one queue, polled, on the last CPU)
+        c_after = ublksrv_round(ublksrv, addr, seconds, b["server"]) if ublksrv else None
         irq = ublk_round(addr, seconds, extra=("--mode", "irq"))  # the other shape: a queue per CPU, interrupts
         null = ublk_round(addr, seconds, null=True)  # the anchor, after B: ublk's own cost here
         pci.unbind(addr)
         out_path.write_text(json.dumps({"only": [a1, b, block_round(kernel_dev(), seconds)], "irq": irq,
-                                        "null": null, "kernel": os.uname().release}, indent=2))
+                                        "null": null, "kernel": os.uname().release,
+                                        **({"c_ublk": {"before": c_before, "after": c_after}} if ublksrv else {})},
+                                       indent=2))
         return 0
     if only == "tcp":  # A/B/A over NVMe/TCP: nvmet over the kernel driver, over nvmevfio's export, again
         a1 = kernel_tcp(dev, seconds)
@@ -1268,6 +1334,8 @@ def boot_once(args: argparse.Namespace, sweep: bool, only: str | None = None) ->
         cmd += ["--only", only]
     if getattr(args, "anchor_bin", None):
         cmd += ["--anchor-bin", str(args.anchor_bin), *(["--libvfn-dbbuf"] if args.libvfn_dbbuf else [])]
+    if getattr(args, "ublksrv", None):
+        cmd += ["--ublksrv", str(args.ublksrv)]
     qemu_args = ("-object", f"main-loop,id=bench-main-loop,thread-pool-max={args.thread_pool_max}") \
         if args.thread_pool_max else ()
     # PYTHONPATH: a worktree benchmarked with PYTHONPATH=<worktree> runs its own package in the guest
@@ -1311,6 +1379,10 @@ def main() -> int:
     ap.add_argument("--libvfn", type=Path, metavar="DIR", help="a libvfn checkout (SamsungDS/libvfn): build it with "
                     "meson and ninja and run the C anchor (tools/libvfn-anchor) in the same boot, A/B/A around "
                     "nvmevfio: the table's C driver column, the sweep's libvfn line")
+    ap.add_argument("--ublksrv", metavar="UBLK", help="with --only ublk: ublksrv's `ublk` program (ublk-org/ublksrv, "
+                    "built with its nvme_vfio target, `ublk.nvme_vfio`, beside it): the C ublk server, driving the "
+                    "controller through VFIO itself, run with nvmevfio's shape right before and after nvmevfio's "
+                    "server: the report's C ublk column and nvmevfio's ratio to it")
     ap.add_argument("--libvfn-dbbuf", action="store_true", help="the C anchor with shadow doorbells (libvfn's own "
                     "default where offered; without this, MMIO doorbells: nvmevfio's default on QEMU's model)")
     ap.add_argument("--backing", choices=["file", "null-co"], default="file",
@@ -1354,7 +1426,8 @@ def main() -> int:
     if args.in_guest:
         ANCHOR_DBBUF["on"] = args.libvfn_dbbuf
         return in_guest(args.seconds, args.in_guest, args.sweep, args.only, args.anchor_bin,
-                        {"depths": args.depths, "modes": args.modes, "drivers": args.drivers, "rounds": args.rounds})
+                        {"depths": args.depths, "modes": args.modes, "drivers": args.drivers, "rounds": args.rounds},
+                        args.ublksrv)
     if args.libvfn:
         args.anchor_bin = build_anchor(args.libvfn)
     elif args.sweep:
@@ -1368,6 +1441,13 @@ def main() -> int:
                          "(tools/setup-host.sh)")
     if args.only == "controllers":
         return controllers_main(args)
+    if args.ublksrv:
+        if args.only != "ublk":
+            raise SystemExit("--ublksrv: the C ublk server runs with --only ublk")
+        ublk = Path(args.ublksrv).resolve()
+        if not (ublk.is_file() and Path(f"{ublk}.nvme_vfio").is_file()):
+            raise SystemExit(f"--ublksrv {args.ublksrv}: want ublksrv's `ublk` program with `ublk.nvme_vfio` beside it")
+        args.ublksrv = str(ublk)
     if args.only == "ublk":
         if args.lane == "type1":
             raise SystemExit("--only ublk: Debian's 6.1 guest kernel has no ublk; use --lane iommufd (or noiommu)")
@@ -1376,7 +1456,7 @@ def main() -> int:
             data = boot_once(args, False, "ublk")
             boots.append(data)
             print(f"boot {i + 1} of {args.boots}, guest kernel {data['kernel']}, lane {args.lane}")
-            print(ublk_report(*data["only"], null=data.get("null")), flush=True)
+            print(ublk_report(*data["only"], null=data.get("null"), c_ublk=data.get("c_ublk")), flush=True)
             if data.get("irq"):  # the other shape: a queue per CPU, interrupts
                 a1, _, a2 = data["only"]
                 print(ublk_report(a1, data["irq"], a2), flush=True)
@@ -1390,6 +1470,9 @@ def main() -> int:
             anchors = [ublk_anchor_ratios(*b["only"], b["null"]) for b in boots if b.get("null")]
             if anchors:  # no bar: what ublk with no device reaches here, and nvmevfio's share of it
                 print(median_report("the anchor (null server)", anchors, dict.fromkeys(anchors[0], 0.0)))
+            c_ublk = [ublk_c_ratios(*b["only"], b["c_ublk"]) for b in boots if b.get("c_ublk")]
+            if c_ublk:  # no bar: the C ublk server against the kernel, and nvmevfio's ublk against it
+                print(median_report("the C ublk server (ublksrv nvme_vfio)", c_ublk, dict.fromkeys(c_ublk[0], 0.0)))
         return 0
     if args.only == "features":
         boots, per_boot = [], []
