@@ -81,8 +81,11 @@ def test_ublk_report_with_the_c_ublk_server():
     assert "C ublk: ublksrv's nvme_vfio target" in text
     assert "randread-4k-qd32               800       900      1000   1.00  1.0 met     " in text
     assert text.splitlines()[3].endswith("       600  0.67   1.50")  # C ublk, C/k, ublk/C
-    text = bench.median_report("the C ublk server (ublksrv nvme_vfio)", [r, r, r], dict.fromkeys(r, 0.0))
+    text = bench.median_report("the C ublk server (ublksrv nvme_vfio)", [r, r, r], dict.fromkeys(r))
     assert "read-128k-qd8 ublk/C" in text and "1.50  [1.50, 1.50, 1.50]" in text
+    assert "bar" not in text and "met" not in text  # an anchor's ratios: no bar, no verdict
+    width = len("ext4-fio-randrw-4k-qd1 C/kernel")  # the longest row's name sets the column
+    assert f"{'read-128k-qd8 ublk/C':<{width}}   1.50  [1.50, 1.50, 1.50]" in text.splitlines()
 
 
 def test_ublk_and_tcp_ratios_and_their_median_over_boots():

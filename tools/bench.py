@@ -441,13 +441,16 @@ def ublk_c_ratios(a1: dict, b: dict, a2: dict, c_ublk: dict) -> dict[str, float]
     return out
 
 
-def median_report(what: str, per_boot: list[dict[str, float]], bars: dict[str, float]) -> str:
-    """The median over boots of each row's ratio (what a bar is judged on), with every boot's."""
+def median_report(what: str, per_boot: list[dict[str, float]], bars: dict[str, float | None]) -> str:
+    """The median over boots of each row's ratio (what a bar is judged on), with every boot's;
+    a row whose bar is None (an anchor's ratios) has no verdict."""
     lines = [f"{what}: median of {len(per_boot)} boots (each boot's ratio in brackets)"]
+    width = max(28, *(len(row) for row in bars))
     for row, bar in bars.items():
         got = statistics.median(r[row] for r in per_boot)
         each = ", ".join(f"{r[row]:.2f}" for r in per_boot)
-        lines.append(f"{row:<28} {got:>6.2f}  [{each}]  bar {bar:.1f} {'met' if got >= bar else 'NOT MET'}")
+        verdict = "" if bar is None else f"  bar {bar:.1f} {'met' if got >= bar else 'NOT MET'}"
+        lines.append(f"{row:<{width}} {got:>6.2f}  [{each}]{verdict}")
     return "\n".join(lines)
 
 
@@ -1469,10 +1472,10 @@ def main() -> int:
                 print(median_report("ublk --mode irq, a queue per CPU", irq, UBLK_BARS))
             anchors = [ublk_anchor_ratios(*b["only"], b["null"]) for b in boots if b.get("null")]
             if anchors:  # no bar: what ublk with no device reaches here, and nvmevfio's share of it
-                print(median_report("the anchor (null server)", anchors, dict.fromkeys(anchors[0], 0.0)))
+                print(median_report("the anchor (null server)", anchors, dict.fromkeys(anchors[0])))
             c_ublk = [ublk_c_ratios(*b["only"], b["c_ublk"]) for b in boots if b.get("c_ublk")]
             if c_ublk:  # no bar: the C ublk server against the kernel, and nvmevfio's ublk against it
-                print(median_report("the C ublk server (ublksrv nvme_vfio)", c_ublk, dict.fromkeys(c_ublk[0], 0.0)))
+                print(median_report("the C ublk server (ublksrv nvme_vfio)", c_ublk, dict.fromkeys(c_ublk[0])))
         return 0
     if args.only == "features":
         boots, per_boot = [], []
@@ -1490,7 +1493,7 @@ def main() -> int:
             if args.json:
                 args.json.write_text(json.dumps({"boots": boots}, indent=2))
         if len(boots) > 1:
-            print(median_report("features against PRPs in host memory", per_boot, dict.fromkeys(per_boot[0], 0.0)))
+            print(median_report("features against PRPs in host memory", per_boot, dict.fromkeys(per_boot[0])))
         return 0
     if args.only == "scaling":
         boots = []
