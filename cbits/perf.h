@@ -63,6 +63,33 @@ static inline struct perf_io perf_next(struct nv_perf *p)
     return io;
 }
 
+/* Whole-queue waves: a loop that reaps every ready completion and refills every free slot can
+ * lock itself and the device into rounds of the whole queue (QEMU's model takes the whole SQ in
+ * one round and posts its answers in one: ~253 of 256 per reap), the device idle between them.
+ * Past the first WAVE_SKIP reaps (the first fill is one wave whatever the device does), each
+ * window of WAVE_SAMPLE reaps is averaged: at 7/8 of the depth or more, reap_max becomes wave_cap
+ * for the rest of the run, so that refills overlap the device's work; a loop can fall into waves
+ * after a good start, so every window is judged until one is. Below it the loop keeps taking
+ * every ready one, which on a device that answers in smaller rounds is the faster choice (the C
+ * driver does the same). docs/benchmarks.md, "Session 24". */
+#define WAVE_SKIP 16u
+#define WAVE_SAMPLE 64u
+
+static inline void perf_wave_check(struct nv_perf *p, uint32_t n)
+{
+    if (p->wave_reaps < WAVE_SKIP) {
+        p->wave_reaps++;
+        return;
+    }
+    p->wave_reaped += n;
+    if (++p->wave_reaps < WAVE_SKIP + WAVE_SAMPLE)
+        return;
+    if (p->wave_reaped * 8 >= (uint64_t)7 * WAVE_SAMPLE * p->depth)
+        p->reap_max = p->wave_cap;
+    p->wave_reaps = WAVE_SKIP;  /* the next window */
+    p->wave_reaped = 0;
+}
+
 /* Take every ready completion of qp, each into done(ctx, slot, opcode, status, latency), then one CQ head
  * doorbell for the batch. Returns how many, or -EPROTO (a completion for no command in flight).
  * Inline, with done a constant at each call: the compiler inlines it too. For the loops on a queue
@@ -92,6 +119,8 @@ static inline int perf_reap_each(struct nv_qp *qp, struct nv_perf *p, perf_done_
         p->reaps++;
         if (qp_cq_must_ring(qp, p->depth))  /* the loop keeps p->depth or fewer outstanding */
             nv_qp_ring_cq(qp);  /* one CQ head doorbell for the batch, when the CQ needs its room back */
+        if (p->wave_cap && !p->reap_max)
+            perf_wave_check(p, n);
     }
     return (int)n;
 }

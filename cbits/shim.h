@@ -366,6 +366,10 @@ struct nv_perf {
                                   0 or 1: whatever is free, at once */
     uint32_t reap_max;         /* at most this many completions per CQ head doorbell (fio's
                                   iodepth_batch_complete_max); 0: every ready one */
+    uint32_t wave_cap;         /* with reap_max 0: the cap reap_max takes once the loop's reaps show
+                                  whole-queue waves (perf.h perf_reap_each); 0: never */
+    uint32_t wave_reaps;       /* reaps counted for that test (perf.h: the first few, then a window's) */
+    uint64_t wave_reaped;      /* completions in the window's reaps */
     /* state kept between slices */
     uint64_t rng;
     uint64_t seq;

@@ -289,12 +289,15 @@ class Prepared:
 
 
 def default_reap_max(queue_depth: int) -> int:
-    """perf's completion batch by default: every ready one up to QD64, a quarter of the depth past
-    it. Reaping a deep queue whole and refilling it whole locks the loop and QEMU's model into
-    whole-queue waves (~123 of 128 reaped at once: 0.62 of the C driver at QD128, which reaps ~77);
-    capped, refills overlap the device's work (one boot of pairs against the C driver: QD128 1.09,
-    QD256 1.46, QD1024 1.74; a cap of half the depth locked into two half-waves at QD64, 0.64;
-    docs/benchmarks.md, "The cliff past QD64")."""
+    """perf's completion batch cap past QD64: a quarter of the depth (0 up to QD64: every ready
+    one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h): the
+    loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
+    model answers the whole queue in one round (~253 of 256 at QD256: 0.7 of the capped loop);
+    capped, refills overlap the device's work (QD256 1.3, QD1024 2.7 of the C driver). A fixed cap
+    at QD128 wrote its SQ tail doorbells into the model's rounds where the device answered in
+    rounds of 61-91 (0.43-0.95 of the C driver, every ready one 0.93-1.11; docs/benchmarks.md,
+    "Session 24"); a cap of half the depth locked into half-waves at QD64. The service's client
+    loops take the cap from the start."""
     return 0 if queue_depth <= 64 else queue_depth // 4
 
 
@@ -320,7 +323,8 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     when that many commands can go with one SQ tail doorbell (fio's iodepth_batch_submit; 1 to
     ``queue_depth``), fewer doorbells for a shallower queue between batches.
     ``iodepth_batch_complete_max``: reap at most that many completions before the CQ head
-    doorbell and the next refill (fio's; 0: every ready one; None: :func:`default_reap_max`).
+    doorbell and the next refill (fio's; 0: every ready one; None: every ready one, and
+    :func:`default_reap_max` once whole-queue waves show, or from the start through the service).
     The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
     time per completed command."""
     prep = prepare(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
@@ -360,7 +364,11 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     if not 1 <= iodepth_batch <= queue_depth:
         raise Refused("count-out-of-range", f"I/O depth batch {iodepth_batch} outside 1..{queue_depth} (the queue "
                       "depth)", iodepth_batch=iodepth_batch, queue_depth=queue_depth)
-    reap_max = default_reap_max(queue_depth) if iodepth_batch_complete_max is None else iodepth_batch_complete_max
+    # by default a loop of this process reaps every ready completion and caps itself when whole-queue
+    # waves show (cbits/perf.h); a service session's client loop takes the cap at once
+    waves = iodepth_batch_complete_max is None and isinstance(first, BlockDevice)
+    reap_max = (0 if waves else default_reap_max(queue_depth)) if iodepth_batch_complete_max is None \
+        else iodepth_batch_complete_max
     if not 0 <= reap_max <= queue_depth:
         raise Refused("count-out-of-range", f"completion batch {reap_max} outside 0..{queue_depth} "
                       "(0: every ready one)", iodepth_batch_complete_max=reap_max)
@@ -413,6 +421,7 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             loop.hybrid = hybrid
             loop.iodepth_batch = iodepth_batch
             loop.iodepth_batch_complete_max = reap_max
+            loop.wave_cap = default_reap_max(queue_depth) if waves else 0
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
@@ -426,6 +435,8 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
             iodepth_batch: int = 1, iodepth_batch_complete_max: int = 0) -> PerfResult:
     stats = [q.loop.stats() for q in qs]
     elapsed = max(q.wall_s for q in qs)
+    # the cap in force at the end: whole-queue waves may have engaged one (cbits/perf.h)
+    iodepth_batch_complete_max = max(int(q.loop.iodepth_batch_complete_max) for q in qs)
     rows = []
     for i, (q, st) in enumerate(zip(qs, stats)):
         rows.append({"queue": q.qid if q.qid is not None else i + 1, "cpu": q.cpu, "seconds": q.wall_s,

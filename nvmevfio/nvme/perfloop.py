@@ -93,6 +93,16 @@ class PerfCounters(SlicedLoop):
     def iodepth_batch_complete_max(self, n: int) -> None:
         self._p.reap_max = n
 
+    @property
+    def wave_cap(self) -> int:
+        """With iodepth_batch_complete_max 0: the cap it takes for the rest of the run once the
+        loop's reaps show whole-queue waves (cbits/perf.h, perf_wave_check); 0: never."""
+        return int(self._p.wave_cap)
+
+    @wave_cap.setter
+    def wave_cap(self, n: int) -> None:
+        self._p.wave_cap = n
+
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
         count towards the I/O count from here on."""
