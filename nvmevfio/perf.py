@@ -367,8 +367,11 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
     # by default a loop of this process reaps every ready completion and caps itself when whole-queue
     # waves show (cbits/perf.h); a service session's client loop takes the cap at once
     waves = iodepth_batch_complete_max is None and isinstance(first, BlockDevice)
-    reap_max = (0 if waves else default_reap_max(queue_depth)) if iodepth_batch_complete_max is None \
-        else iodepth_batch_complete_max
+    wave_cap = default_reap_max(queue_depth) if waves else 0
+    if iodepth_batch_complete_max is not None:
+        reap_max = iodepth_batch_complete_max
+    else:
+        reap_max = 0 if waves else default_reap_max(queue_depth)
     if not 0 <= reap_max <= queue_depth:
         raise Refused("count-out-of-range", f"completion batch {reap_max} outside 0..{queue_depth} "
                       "(0: every ready one)", iodepth_batch_complete_max=reap_max)
@@ -421,21 +424,20 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             loop.hybrid = hybrid
             loop.iodepth_batch = iodepth_batch
             loop.iodepth_batch_complete_max = reap_max
-            loop.wave_cap = default_reap_max(queue_depth) if waves else 0
+            loop.wave_cap = wave_cap
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
-            "info": first.info, "iodepth_batch": iodepth_batch,
-            "iodepth_batch_complete_max": reap_max}
+            "info": first.info, "iodepth_batch": iodepth_batch}
     return Prepared(qs, meta, zone_starts, first, seconds=seconds)
 
 
 def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, cpus: list[int] | None,
             usr_s: float, sys_s: float, mode: str, shadow: bool, info: Any = None,
-            iodepth_batch: int = 1, iodepth_batch_complete_max: int = 0) -> PerfResult:
+            iodepth_batch: int = 1) -> PerfResult:
     stats = [q.loop.stats() for q in qs]
     elapsed = max(q.wall_s for q in qs)
-    # the cap in force at the end: whole-queue waves may have engaged one (cbits/perf.h)
+    # the cap in force at the end, as the loops have it: whole-queue waves may have engaged one (cbits/perf.h)
     iodepth_batch_complete_max = max(int(q.loop.iodepth_batch_complete_max) for q in qs)
     rows = []
     for i, (q, st) in enumerate(zip(qs, stats)):
