@@ -227,7 +227,7 @@ def perf(addr: str, rw: str, bs: int, qd: int, seconds: float, mode: str, shadow
                               "cq_doorbell_mmio", "shadow_only_updates", "wait_pct", "doorbell_pct",
                               "sq_doorbell_us", "cq_doorbell_us", "ios_per_submit",
                               "ios_per_reap", "cpu_us_per_io", "usr_us_per_io", "sys_us_per_io", "wait_share",
-                              "per_queue")}
+                              "per_queue", "iodepth_batch_complete_max")}
 
 
 def scaling_round(addr: str | None, dev: str | None, seconds: float) -> dict:
