@@ -66,8 +66,6 @@ static inline struct perf_io perf_next(struct nv_perf *p)
 /* Whole-queue waves: a loop that reaps every ready completion and refills every free slot can
  * lock itself and the device into rounds of the whole queue (QEMU's model takes the whole SQ in
  * one round and posts its answers in one: ~253 of 256 per reap), the device idle between them.
- * The loop is given a wave_cap past QD128 only (nvmevfio/perf.py default_reap_max): at QD128
- * waves cost nothing on this project's host, the cap did (docs/benchmarks.md, "Session 25").
  * Past the first WAVE_SKIP reaps (the first fill is one wave whatever the device does), each
  * window of WAVE_SAMPLE reaps is averaged: at 7/8 of the depth or more, reap_max becomes wave_cap
  * for the rest of the run, so that refills overlap the device's work; a loop can fall into waves

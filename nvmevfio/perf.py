@@ -289,17 +289,16 @@ class Prepared:
 
 
 def default_reap_max(queue_depth: int) -> int:
-    """perf's completion batch cap past QD128: a quarter of the depth (0 up to QD128: every
-    ready one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h):
-    the loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
-    model answers the whole queue in one round (~255 of 256 at QD256: 0.75-0.8 of the capped
-    loop); capped, refills overlap the device's work (QD256 1.3-1.6, QD1024 1.8-2.7 of the C
-    driver). At QD128 waves cost nothing on this project's host and the cap did: every ready one
-    ran 1.05-1.25x the capped loop in 13 same-boot pairs, in waves (107-123 a reap) or not, where
-    the cap writes the SQ tail doorbell into the model's rounds (docs/benchmarks.md, "Session
-    25"); a cap of half the depth locked into half-waves at QD64. The service's client loops
-    take the cap from the start."""
-    return 0 if queue_depth <= 128 else queue_depth // 4
+    """perf's completion batch cap past QD64: a quarter of the depth (0 up to QD64: every ready
+    one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h): the
+    loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
+    model answers the whole queue in one round (~253 of 256 at QD256: 0.7 of the capped loop);
+    capped, refills overlap the device's work (QD256 1.3, QD1024 2.7 of the C driver). A fixed cap
+    at QD128 wrote its SQ tail doorbells into the model's rounds where the device answered in
+    rounds of 61-91 (0.43-0.95 of the C driver, every ready one 0.93-1.11; docs/benchmarks.md,
+    "Session 24"); a cap of half the depth locked into half-waves at QD64. The service's client
+    loops take the cap from the start."""
+    return 0 if queue_depth <= 64 else queue_depth // 4
 
 
 def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,
