@@ -368,6 +368,8 @@ struct nv_perf {
                                   iodepth_batch_complete_max); 0: every ready one */
     uint32_t wave_cap;         /* with reap_max 0: the cap reap_max takes once the loop's reaps show
                                   whole-queue waves (perf.h perf_reap_each); 0: never */
+    uint32_t refill;           /* 1: while reap_max is 0, re-post each completion's command as it is reaped,
+                                  then the CQ head and SQ tail doorbells back to back (perf.c) */
     uint32_t wave_reaps;       /* reaps counted for that test (perf.h: the first few, then a window's) */
     uint64_t wave_reaped;      /* completions in the window's reaps */
     /* state kept between slices */

@@ -69,6 +69,8 @@ class PerfResult:
     ios_per_reap: float = 0.0  # completions per CQ batch
     iodepth_batch: int = 1  # issued only when this many could go at once (--iodepth-batch)
     iodepth_batch_complete_max: int = 0  # completions reaped at most per CQ doorbell (0: all ready)
+    refill_as_reaped: bool = False  # each command re-posted as its completion is reaped, the CQ head and
+    # SQ tail doorbells back to back (past -q 64 by default; cbits/perf.c perf_reap_refill)
     io_queue_size: int = 0  # entries of each I/O queue pair (--io-queue-size); past -q + 1 the CQ head doorbell
     # waits; 0 through the service (its daemon's queues, whose sessions' depth is what info.queue_depth says)
     verify: bool = False
@@ -289,16 +291,28 @@ class Prepared:
 
 
 def default_reap_max(queue_depth: int) -> int:
-    """perf's completion batch cap past QD64: a quarter of the depth (0 up to QD64: every ready
-    one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h): the
-    loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
-    model answers the whole queue in one round (~253 of 256 at QD256: 0.7 of the capped loop);
-    capped, refills overlap the device's work (QD256 1.3, QD1024 2.7 of the C driver). A fixed cap
-    at QD128 wrote its SQ tail doorbells into the model's rounds where the device answered in
-    rounds of 61-91 (0.43-0.95 of the C driver, every ready one 0.93-1.11; docs/benchmarks.md,
-    "Session 24"); a cap of half the depth locked into half-waves at QD64. The service's client
-    loops take the cap from the start."""
-    return 0 if queue_depth <= 64 else queue_depth // 4
+    """perf's completion batch cap past QD128: a quarter of the depth (0 up to QD128: every
+    ready one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h):
+    the loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
+    model answers the whole queue in one round (~255 of 256 at QD256: 0.75-0.9 of the capped
+    loop); capped, refills overlap the device's work (QD256 1.2-1.5, QD1024 1.8-2.7 of the C
+    driver). At QD128 the loop's waves, re-posted as reaped with the doorbells back to back
+    (:func:`refills_as_reaped`), ran 1.01-1.26x the C driver, where the cap's SQ tail doorbell
+    waits 0.1-0.37 ms for QEMU's lock (0.5-0.95x; docs/benchmarks.md, "Session 25"); a cap of
+    half the depth locked into half-waves at QD64. The service's client loops take the cap from
+    the start."""
+    return 0 if queue_depth <= 128 else queue_depth // 4
+
+
+def refills_as_reaped(queue_depth: int) -> bool:
+    """Does perf's loop (in this process, no completion cap in force, ``--iodepth-batch`` 1)
+    re-post each completion's command as it reaps it and then write the CQ head and SQ tail
+    doorbells back to back (cbits/perf.c perf_reap_refill)? Past QD64: there the loop that refilled
+    after its reap wrote its SQ tail doorbell into QEMU's next round (60-230 us a write) and fell
+    into slow whole-queue waves in some runs (0.64-0.91 of the C driver at QD128 over three sweep
+    boots); up to QD64 the CQ head doorbell waits while the CQ has room, one MMIO write a
+    command fewer at QD1 (docs/benchmarks.md, "Session 20", "Session 25")."""
+    return queue_depth > 64
 
 
 def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str = "randread", io_size: int = 4096,
@@ -425,6 +439,7 @@ def prepare(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload:
             loop.iodepth_batch = iodepth_batch
             loop.iodepth_batch_complete_max = reap_max
             loop.wave_cap = wave_cap
+            loop.refill = waves and iodepth_batch == 1 and refills_as_reaped(queue_depth)
             qs[-1].loop = loop
     meta = {"workload": workload, "io_size": io_size, "queue_depth": queue_depth, "cpus": cpus,
             "mode": "hybrid" if hybrid else first.info.completion_mode, "shadow": first.info.shadow_doorbells,
@@ -457,6 +472,7 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
                       sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
                       iodepth_batch_complete_max=iodepth_batch_complete_max,
+                      refill_as_reaped=any(bool(getattr(q.loop, "refill", False)) for q in qs),
                       io_queue_size=qs[0].dev.info.queue_depth if isinstance(qs[0].dev, BlockDevice) else 0,
                       **whole, **cpu)
 

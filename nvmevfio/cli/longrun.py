@@ -216,9 +216,10 @@ def _verify_report(rep: dict[str, Any], fmt: str) -> None:
                    "at most -q")
 @click.option("--iodepth-batch-complete-max", "reap_max", type=click.IntRange(0, 4095), default=None,
               help="reap at most this many completions before the CQ head doorbell and the next refill (fio's "
-                   "iodepth_batch_complete_max); 0: every ready one; default: every ready one, and past -q 64 a "
-                   "quarter of -q once the reaps show whole-queue waves (through the service: that quarter from "
-                   "the start); the JSON's iodepth_batch_complete_max is the cap in force at the end")
+                   "iodepth_batch_complete_max); 0: every ready one; default: every ready one (past -q 64 each "
+                   "command re-posted as it is reaped, the CQ head and SQ tail doorbells back to back), and past "
+                   "-q 128 a quarter of -q once the reaps show whole-queue waves (through the service: that "
+                   "quarter from the start); the JSON's iodepth_batch_complete_max is the cap in force at the end")
 @io_queue_size_opt
 @cpu_list_opt
 @_workload_options

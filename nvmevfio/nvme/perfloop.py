@@ -103,6 +103,16 @@ class PerfCounters(SlicedLoop):
     def wave_cap(self, n: int) -> None:
         self._p.wave_cap = n
 
+    @property
+    def refill(self) -> bool:
+        """While no completion cap is in force: re-post each completion's command as it is reaped,
+        then the CQ head and SQ tail doorbells back to back (cbits/perf.c perf_reap_refill)."""
+        return bool(self._p.refill)
+
+    @refill.setter
+    def refill(self, on: bool) -> None:
+        self._p.refill = int(on)
+
     def reset_stats(self) -> None:
         """Zero the counters and histogram (after a ramp), keeping the commands in flight: they
         count towards the I/O count from here on."""
