@@ -160,23 +160,35 @@ def test_iodepth_batch_counts_exact_and_refusals(dev, rig):
 
 def test_completion_batch_cap_and_its_default(rig):
     """--iodepth-batch-complete-max (fio's iodepth_batch_complete_max): at most N completions per CQ
-    head doorbell; by default every ready one, and past QD64 a quarter of the depth once the reaps
-    show whole-queue waves (cbits/perf.h: a window of 64 reaps after the first 16 averaging 7/8 of
-    the depth). The simulator answers every command at once, a whole-queue wave each time."""
-    dev = BlockDevice(rig.p, 1, queue_depth=256)
+    head doorbell; by default every ready one, past QD64 each command re-posted as it is reaped
+    with the CQ head and SQ tail doorbells back to back (cbits/perf.c perf_reap_refill), and past
+    QD128 a quarter of the depth once the reaps show whole-queue waves (cbits/perf.h: a window of 64
+    reaps after the first 16 averaging 7/8 of the depth). The simulator answers every command at
+    once, a whole-queue wave each time, so the counts are exact."""
+    dev = BlockDevice(rig.p, 1, queue_depth=513)
     r = perf.run(dev, workload="randread", queue_depth=32, count=1000, iodepth_batch_complete_max=8)
-    assert (r.ios, r.errors, r.iodepth_batch_complete_max) == (1000, 0, 8)
+    assert (r.ios, r.errors, r.iodepth_batch_complete_max, r.refill_as_reaped) == (1000, 0, 8, False)
     assert r.ios_per_reap == 8.0  # the simulator has all 32 ready at once: 8 taken each time
     r = perf.run(dev, workload="randread", queue_depth=32, count=640)
-    assert r.iodepth_batch_complete_max == 0 and r.ios_per_reap == 32.0
-    r = perf.run(dev, workload="randread", queue_depth=128, count=1280)  # 10 reaps: too few to judge
-    assert r.iodepth_batch_complete_max == 0 and r.ios_per_reap == 128.0 and r.ios == 1280
+    assert (r.iodepth_batch_complete_max, r.ios_per_reap, r.refill_as_reaped) == (0, 32.0, False)
     r = perf.run(dev, workload="randread", queue_depth=128, count=128 * 120)
-    # 80 reaps of 128 (10,240), then the cap: 5,120 in 160 reaps of 32; 15,360 in 240 reaps
-    assert r.iodepth_batch_complete_max == 32 and r.ios_per_reap == 64.0 and r.ios == 128 * 120
+    # 120 reaps of 128, no cap at QD128; each reap's CQ head doorbell, then its SQ tail doorbell for
+    # the 128 re-posted (the first fill has its own, the last reap re-posts nothing)
+    assert (r.iodepth_batch_complete_max, r.refill_as_reaped, r.ios, r.errors) == (0, True, 128 * 120, 0)
+    assert (r.ios_per_reap, r.cq_doorbell_mmio, r.sq_doorbell_mmio) == (128.0, 120, 120)
+    r = perf.run(dev, workload="randread", queue_depth=256, count=2560)  # 10 reaps: too few to judge
+    assert r.iodepth_batch_complete_max == 0 and r.ios_per_reap == 256.0 and r.ios == 2560
+    r = perf.run(dev, workload="randread", queue_depth=256, count=256 * 120)
+    # 80 reaps of 256 (20,480), then the cap: 10,240 in 160 reaps of 64; 30,720 in 240 reaps
+    assert r.iodepth_batch_complete_max == 64 and r.ios_per_reap == 128.0 and r.ios == 256 * 120
+    # with a submit batch rule the loop refills after its reap, as before: the CQ head doorbell only
+    # once the 513-entry CQ could fill (every third reap of 128), the SQ tail's every batch
+    r = perf.run(dev, workload="randread", queue_depth=128, count=1280, iodepth_batch=2)
+    assert (r.refill_as_reaped, r.ios, r.cq_doorbell_mmio, r.sq_doorbell_mmio) == (False, 1280, 3, 10)
     r = perf.run(dev, workload="randread", queue_depth=64, count=64 * 120)  # no cap up to QD64, waves or not
-    assert r.iodepth_batch_complete_max == 0 and r.ios_per_reap == 64.0
-    assert [perf.default_reap_max(q) for q in (1, 32, 64, 65, 128, 1024)] == [0, 0, 0, 16, 32, 256]
+    assert (r.iodepth_batch_complete_max, r.ios_per_reap, r.refill_as_reaped) == (0, 64.0, False)
+    assert [perf.default_reap_max(q) for q in (1, 32, 64, 65, 128, 129, 256, 1024)] == [0, 0, 0, 0, 0, 32, 64, 256]
+    assert [perf.refills_as_reaped(q) for q in (1, 64, 65, 128, 1024)] == [False, False, True, True, True]
     with pytest.raises(Refused) as ei:
         perf.run(dev, queue_depth=16, count=10, iodepth_batch_complete_max=17)
     assert ei.value.reason == "count-out-of-range"
@@ -185,8 +197,8 @@ def test_completion_batch_cap_and_its_default(rig):
 @pytest.mark.parametrize(("entries", "qd", "cap", "cq_rings"), [
     (33, 32, None, 100),  # no room to spare (-q + 1 entries): a CQ head doorbell every batch of 32
     (65, 32, None, 50),  # room for a second depth: every second batch
-    (257, 128, 32, 20),  # batches of 32 (the cap whole-queue waves engage past QD64), 160 consumed between doorbells
-    (257, 128, None, 13),  # 25 reaps of 128 (too few to engage the cap): a doorbell every second batch
+    (257, 128, 32, 20),  # batches of 32, 160 consumed between doorbells
+    (257, 128, None, 25),  # 25 reaps of 128, re-posted as reaped: the CQ head doorbell every reap
     (2, 1, None, 3200),
     (3, 1, None, 1600),
     (40, 32, 5, 320),  # batches of 5: a doorbell once 8 are unrung (8 + 32 would fill 40), every 2nd batch

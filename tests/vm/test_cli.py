@@ -220,7 +220,9 @@ def test_perf_iodepth_batch_issues_whole_batches(addr, mode):
 def test_perf_completion_batch_cap_and_its_default_at_depth(addr):
     """--iodepth-batch-complete-max 8 at -q 32: never more than 8 completions per reap (and refill);
     the CQ head doorbell waits while the default 256-entry queue has room, so it is written once
-    every 224 to 231 completions; -q 128 with a cap of 32 takes at most 32; by default at -q 256,
+    every 224 to 231 completions; -q 128 with a cap of 32 takes at most 32; by default at -q 128
+    each command is re-posted as it is reaped and every reap writes the CQ head doorbell (then the
+    SQ tail's), with no cap; by default at -q 256,
     where QEMU's model answers the whole queue in one round, the reaps show whole-queue waves and
     the loop caps itself at a quarter of the depth (cbits/perf.h) and says so."""
     d = nvj("perf", addr, "-w", "randread", "-q", 32, "-n", 4000, "--iodepth-batch-complete-max", 8, "--range",
@@ -230,7 +232,12 @@ def test_perf_completion_batch_cap_and_its_default_at_depth(addr):
     d = nvj("perf", addr, "-w", "randread", "-q", 128, "-n", 6400, "--range", "0:65536",
             "--iodepth-batch-complete-max", 32)
     assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"], d["io_queue_size"]) == (6400, 0, 32, 257)
-    assert d["ios_per_reap"] <= 32.0
+    assert d["ios_per_reap"] <= 32.0 and not d["refill_as_reaped"]
+    d = nvj("perf", addr, "-w", "randread", "-q", 128, "-n", 12800, "--range", "0:65536")
+    assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"], d["refill_as_reaped"], d["io_queue_size"]) == (
+        12800, 0, 0, True, 257)
+    reaps = round(12800 / d["ios_per_reap"])
+    assert d["cq_doorbell_mmio"] == reaps and 1 <= d["sq_doorbell_mmio"] <= reaps + 1
     d = nvj("perf", addr, "-w", "randread", "-q", 256, "-n", 256 * 160, "--range", "0:65536")
     assert (d["ios"], d["errors"], d["iodepth_batch_complete_max"], d["io_queue_size"]) == (256 * 160, 0, 64, 513)
     assert 64.0 < d["ios_per_reap"] < 256.0  # whole waves first, then reaps of at most 64
