@@ -87,8 +87,8 @@ static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
  * libvfn's and SPDK's perf loops do. On QEMU's model the first write waits for the emulator's
  * lock while the model finishes its round and the second finds it free (1-14 us against 60-230
  * us for the SQ tail doorbell written after a separate refill); the loop that refilled after its
- * reap ran 0.64-0.91 of the C driver at QD128 over three sweep boots, this order 1.01-1.26 in
- * twelve same-boot rounds (docs/benchmarks.md, "Session 25"). */
+ * reap ran 0.64-0.91 of the C driver at QD128 over three sweep boots, this order 1.01-1.36 in
+ * sixteen same-boot rounds (docs/benchmarks.md, "Session 25"). */
 static int perf_reap_refill(struct nv_qp *qp, struct nv_perf *p, int finished)
 {
     uint32_t n = 0, k = 0;
@@ -135,6 +135,12 @@ static int perf_reap(struct nv_qp *qp, struct nv_perf *p)
     return perf_reap_each(qp, p, perf_one_done, p);
 }
 
+/* A turn's reap: re-posting as it reaps (p->refill) while no completion cap is in force. */
+static inline int perf_turn_reap(struct nv_qp *qp, struct nv_perf *p, int finished)
+{
+    return p->refill && !p->reap_max ? perf_reap_refill(qp, p, finished) : perf_reap(qp, p);
+}
+
 #define AGE_CHECK_NS 1000000LL  /* how often a waiting loop looks for a late command */
 #define HYBRID_MIN_NS 2000LL    /* hybrid polling: shorter naps than this spin instead */
 
@@ -147,7 +153,7 @@ static int perf_run(struct nv_qp *qp, struct nv_perf *p, int64_t slice_ns, int d
         int finished = drain || (p->max_ios && p->issued >= p->max_ios);
         if (!finished)
             perf_fill(qp, p);
-        int r = p->refill && !p->reap_max ? perf_reap_refill(qp, p, finished) : perf_reap(qp, p);
+        int r = perf_turn_reap(qp, p, finished);
         if (r < 0)
             return r;
         if (qp->in_flight == 0 && finished)
@@ -230,7 +236,7 @@ static int perf_run_many(struct nv_qp *const *qps, struct nv_perf *const *ps, ui
             int finished = drain || (p->max_ios && p->issued >= p->max_ios);
             if (!finished)
                 perf_fill(qp, p);
-            int r = perf_reap(qp, p);
+            int r = perf_turn_reap(qp, p, finished);
             if (r < 0) {
                 *which = i;
                 return r;

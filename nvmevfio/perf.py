@@ -291,27 +291,20 @@ class Prepared:
 
 
 def default_reap_max(queue_depth: int) -> int:
-    """perf's completion batch cap past QD128: a quarter of the depth (0 up to QD128: every
-    ready one). In this process's loops it is the cap whole-queue waves engage (cbits/perf.h):
-    the loop reaps every ready completion until its reaps average 7/8 of the depth, as when QEMU's
-    model answers the whole queue in one round (~255 of 256 at QD256: 0.75-0.9 of the capped
-    loop); capped, refills overlap the device's work (QD256 1.2-1.5, QD1024 1.8-2.7 of the C
-    driver). At QD128 the loop's waves, re-posted as reaped with the doorbells back to back
-    (:func:`refills_as_reaped`), ran 1.01-1.26x the C driver, where the cap's SQ tail doorbell
-    waits 0.1-0.37 ms for QEMU's lock (0.5-0.95x; docs/benchmarks.md, "Session 25"); a cap of
-    half the depth locked into half-waves at QD64. The service's client loops take the cap from
-    the start."""
+    """perf's completion batch cap past QD128: a quarter of the depth (0 up to QD128). In this
+    process's loops, the cap whole-queue waves engage (cbits/perf.h; QD256 1.2-1.6x the C driver
+    capped). At QD128 the cap's SQ tail doorbell waited 0.1-0.37 ms for QEMU's lock (0.5-0.95x)
+    where the loop re-posting as it reaps ran 1.01-1.36x (docs/benchmarks.md, "Session 25");
+    the service's client loops take the cap from the start."""
     return 0 if queue_depth <= 128 else queue_depth // 4
 
 
 def refills_as_reaped(queue_depth: int) -> bool:
     """Does perf's loop (in this process, no completion cap in force, ``--iodepth-batch`` 1)
-    re-post each completion's command as it reaps it and then write the CQ head and SQ tail
-    doorbells back to back (cbits/perf.c perf_reap_refill)? Past QD64: there the loop that refilled
-    after its reap wrote its SQ tail doorbell into QEMU's next round (60-230 us a write) and fell
-    into slow whole-queue waves in some runs (0.64-0.91 of the C driver at QD128 over three sweep
-    boots); up to QD64 the CQ head doorbell waits while the CQ has room, one MMIO write a
-    command fewer at QD1 (docs/benchmarks.md, "Session 20", "Session 25")."""
+    re-post each command as its completion is reaped, then write the CQ head and SQ tail
+    doorbells back to back (cbits/perf.c perf_reap_refill)? Past QD64, where refilling after the
+    reap fell into slow whole-queue waves (QD128: 0.64-0.91 of the C driver); up to it the CQ
+    head doorbell waits while the CQ has room (docs/benchmarks.md, "Session 20", "Session 25")."""
     return queue_depth > 64
 
 

@@ -331,7 +331,8 @@ def perf(address: tuple[str, ...], nsid: int, workload: str, queue_depth: int, i
                    "updates without MMIO")
         click.echo(f"profile: {res.wait_pct:.0f}% of the time waiting for the device, {res.doorbell_pct:.0f}% in "
                    f"MMIO doorbell writes ({res.sq_doorbell_us:.1f} us an SQ tail, {res.cq_doorbell_us:.1f} us a CQ "
-                   f"head), {res.ios_per_submit:.1f} commands per submit, {res.ios_per_reap:.1f} per reap")
+                   f"head), {res.ios_per_submit:.1f} commands per submit, {res.ios_per_reap:.1f} per reap"
+                   + ("; each command re-posted as it was reaped" if res.refill_as_reaped else ""))
         click.echo(f"cpu: {res.cpu_us_per_io:.1f} us per I/O ({res.usr_us_per_io:.1f} user, {res.sys_us_per_io:.1f} "
                    f"system), the loop threads off CPU {100 * res.wait_share:.0f}% of the time")
     _perf_table(res)
