@@ -89,39 +89,39 @@ static void perf_fill(struct nv_qp *qp, struct nv_perf *p)
  * us for the SQ tail doorbell written after a separate refill); the loop that refilled after its
  * reap ran 0.64-0.91 of the C driver at QD128 over three sweep boots, this order 1.01-1.36 in
  * sixteen same-boot rounds (docs/benchmarks.md, "Session 25"). */
+struct refill {
+    struct nv_qp *qp;
+    struct nv_perf *p;
+    int finished;
+    uint32_t posted;
+    int64_t now;  /* the reap's time, read at its first completion: the re-posted commands' submission */
+};
+
+/* One completion into p, then its replacement posted (no doorbell) unless the workload is done. */
+static inline void perf_refill_done(void *ctx, uint32_t slot, uint8_t opcode, uint16_t status, uint64_t latency_ns)
+{
+    struct refill *r = ctx;
+    nv_perf_done(r->p, latency_ns, opcode, status, slot);
+    if (!r->finished && perf_batch(r->p, qp_capacity(r->qp), r->qp->in_flight)) {
+        if (!r->now)
+            r->now = nv_now_ns();
+        perf_post(r->qp, r->p, 1, r->now);
+        r->posted++;
+    }
+}
+
 static int perf_reap_refill(struct nv_qp *qp, struct nv_perf *p, int finished)
 {
-    uint32_t n = 0, k = 0;
-    int64_t now = 0;
-    while (qp_pending(qp)) {
-        struct nv_cqe cqe;
-        int cid = qp_consume(qp, &cqe);
-        if (cid == CID_DIVERTED)
-            continue;
-        if (cid < 0) {
-            nv_qp_ring_cq(qp);
-            return -EPROTO;
-        }
-        if (n++ == 0)
-            now = nv_now_ns();
-        nv_perf_done(p, (uint64_t)(now - qp->submit_ns[cid]), qp->opcode[cid], cqe.status >> 1, qp->cookie[cid]);
-        qp_retire(qp, (uint16_t)cid);
-        if (!finished && perf_batch(p, qp_capacity(qp), qp->in_flight)) {
-            perf_post(qp, p, 1, now);
-            k++;
-        }
-    }
-    if (!n)
-        return 0;
-    p->reaps++;
-    nv_qp_ring_cq(qp);  /* the CQ head doorbell first, */
-    if (k) {
+    struct refill r = {qp, p, finished, 0, 0};
+    int n = perf_reap_each(qp, p, perf_refill_done, &r);
+    if (n <= 0)
+        return n;
+    nv_qp_ring_cq(qp);  /* the CQ head doorbell first (perf_reap_each may have written it already), */
+    if (r.posted) {
         p->fills++;
         nv_qp_ring_sq(qp);  /* then the SQ tail doorbell for every command re-posted */
     }
-    if (p->wave_cap)
-        perf_wave_check(p, n);  /* whole-queue waves: the cap, and the loop below, from here on */
-    return (int)n;
+    return n;
 }
 
 /* Take every ready completion into p (nv_perf_done), then one CQ head doorbell for the batch. */

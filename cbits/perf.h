@@ -90,8 +90,8 @@ static inline void perf_wave_check(struct nv_perf *p, uint32_t n)
     p->wave_reaped = 0;
 }
 
-/* Take every ready completion of qp, each into done(ctx, slot, opcode, status, latency), then one CQ head
- * doorbell for the batch. Returns how many, or -EPROTO (a completion for no command in flight).
+/* Take every ready completion of qp, each into done(ctx, slot, opcode, status, latency) once its
+ * command id is free again (done may post into the SQ), then one CQ head doorbell for the batch. Returns how many, or -EPROTO (a completion for no command in flight).
  * Inline, with done a constant at each call: the compiler inlines it too. For the loops on a queue
  * pair of this process (qpair.h included first), not the service client's. */
 #ifdef NVMEVFIO_QPAIR_H
@@ -112,8 +112,11 @@ static inline int perf_reap_each(struct nv_qp *qp, struct nv_perf *p, perf_done_
         }
         if (n++ == 0)
             now = nv_now_ns();
-        done(ctx, qp->cookie[cid], qp->opcode[cid], cqe.status >> 1, (uint64_t)(now - qp->submit_ns[cid]));
+        uint32_t slot = qp->cookie[cid];
+        uint8_t opcode = qp->opcode[cid];
+        uint64_t latency = (uint64_t)(now - qp->submit_ns[cid]);
         qp_retire(qp, (uint16_t)cid);
+        done(ctx, slot, opcode, cqe.status >> 1, latency);
     }
     if (n) {
         p->reaps++;
