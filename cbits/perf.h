@@ -91,9 +91,10 @@ static inline void perf_wave_check(struct nv_perf *p, uint32_t n)
 }
 
 /* Take every ready completion of qp, each into done(ctx, slot, opcode, status, latency) once its
- * command id is free again (done may post into the SQ), then one CQ head doorbell for the batch. Returns how many, or -EPROTO (a completion for no command in flight).
- * Inline, with done a constant at each call: the compiler inlines it too. For the loops on a queue
- * pair of this process (qpair.h included first), not the service client's. */
+ * command id is free again (done may post into the SQ), then one CQ head doorbell for the batch.
+ * Returns how many, or -EPROTO (a completion for no command in flight). Inline, with done a
+ * constant at each call: the compiler inlines it too. For the loops on a queue pair of this
+ * process (qpair.h included first), not the service client's. */
 #ifdef NVMEVFIO_QPAIR_H
 typedef void (*perf_done_fn)(void *ctx, uint32_t slot, uint8_t opcode, uint16_t status, uint64_t latency_ns);
 
