@@ -330,8 +330,8 @@ def run(dev: BlockDevice | ServiceDevice | list[ServiceDevice], *, workload: str
     when that many commands can go with one SQ tail doorbell (fio's iodepth_batch_submit; 1 to
     ``queue_depth``), fewer doorbells for a shallower queue between batches.
     ``iodepth_batch_complete_max``: reap at most that many completions before the CQ head
-    doorbell and the next refill (fio's; 0: every ready one; None: every ready one, and
-    :func:`default_reap_max` once whole-queue waves show, or from the start through the service).
+    doorbell and the next refill (fio's; 0: every ready one; None: every ready one, re-posted as reaped
+    past QD64, :func:`default_reap_max` once whole-queue waves show or through the service).
     The result has every queue's own figures (``per_queue``) and the whole run's, and the CPU
     time per completed command."""
     prep = prepare(dev, workload=workload, io_size=io_size, queue_depth=queue_depth, seconds=seconds, count=count,
@@ -465,7 +465,7 @@ def _result(qs: list[_Queue], *, workload: str, io_size: int, queue_depth: int, 
                       data_descriptors=getattr(info, "data_descriptors", "prp"),
                       sq_in_cmb=bool(getattr(info, "sq_in_cmb", False)), iodepth_batch=iodepth_batch,
                       iodepth_batch_complete_max=iodepth_batch_complete_max,
-                      refill_as_reaped=any(bool(getattr(q.loop, "refill", False)) for q in qs),
+                      refill_as_reaped=any(q.loop.refill for q in qs),
                       io_queue_size=qs[0].dev.info.queue_depth if isinstance(qs[0].dev, BlockDevice) else 0,
                       **whole, **cpu)
 
